@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench lint clean venv
+
+venv: $(STAMP)
+
+# torch first and pinned: on these machines 2.13.0 is a local CPU wheel, while a bare
+# `torch` requirement would pull a multi-GB CUDA build. pyproject keeps a range for GPU users.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test,hf,dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m chatlearn.cli bench transport
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m chatlearn.cli bench transport
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check chatlearn tests examples
+	$(VENV)/bin/ruff format --check chatlearn tests examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info

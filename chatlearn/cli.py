@@ -1,0 +1,45 @@
+"""The `chatlearn` command line: benchmarks, launching, and run inspection.
+
+Each subcommand lives in its own module and is imported lazily, so `chatlearn --help` stays fast
+and a subcommand's heavy imports (torch, transformers) happen only when it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# name -> "module:attribute" of a click command; imported only when the command is used.
+_BENCH_COMMANDS: dict[str, str] = {
+    "transport": "chatlearn.benchmarks.transport:command",
+}
+
+
+class _LazyGroup(click.Group):
+    def __init__(self, *args, lazy: dict[str, str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self._lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self._lazy:
+            module_name, attr = self._lazy[cmd_name].split(":")
+            return getattr(importlib.import_module(module_name), attr)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group()
+def main() -> None:
+    """chatlearn: DPO training on an asyncio + ZeroMQ actor runtime."""
+
+
+@main.group(cls=_LazyGroup, lazy=_BENCH_COMMANDS)
+def bench() -> None:
+    """Throughput benchmarks (figures are ratios measured side by side in one run)."""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Package-wide promises: a light `import chatlearn`, and no pickle anywhere in the package."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "chatlearn"
+FORBIDDEN = {"pickle", "cPickle", "cloudpickle", "dill", "_pickle"}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_pickle_in_package() -> None:
+    # The naive pickle baseline of `chatlearn bench transport` is the one allowed exception: it
+    # lives in its own module, which nothing on the wire path imports.
+    allowed = {PACKAGE / "benchmarks" / "pickle_baseline.py"}
+    offenders = [
+        str(path.relative_to(PACKAGE.parent))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path not in allowed and _imported_modules(path) & FORBIDDEN
+    ]
+    assert offenders == []
+
+
+def test_import_chatlearn_does_not_import_torch() -> None:
+    # Actor processes import chatlearn before they are pinned to their devices.
+    code = "import sys, chatlearn; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_cli_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "chatlearn.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "bench" in out.stdout
