@@ -1,0 +1,1 @@
+"""The engine: Engine/DPOEngine, sampler and batching with ChatLearn semantics, the pipeline."""

@@ -1,0 +1,406 @@
+"""Which dataset samples each episode draws: the coordinator's deterministic, resumable sampler.
+
+The coordinator owns one :class:`EpisodeSampler`. Every episode it calls
+:meth:`EpisodeSampler.next_episode`, gets the episode's ``sample_per_episode`` indices (each a
+:class:`SampleIndex` naming a dataset and a row of it), splits them into one contiguous
+:class:`ReplicaShare` per reference replica with :meth:`Episode.shares`, and sends each replica its
+share as a work order. A sample's *buffer position* is its place in the episode (0-based); the
+reference outputs are keyed by it and the training plan (``training_plan.py``) names positions.
+
+Semantics follow ChatLearn's ``MultiDatasetSampler`` / ``RLHFSingleSampler``
+(``chatlearn/data/sampler.py``, the version whose ``build_dataloader`` in
+``chatlearn/models/base_module.py`` passes ``sample_per_episode``, ``data_shuffle`` and
+``drop_last="drop" if drop_last else "cycle"``):
+
+* Pass ``k`` over a dataset (its ``k``-th epoch) visits the rows in order, or with shuffle in the
+  order ``torch.randperm(size, generator=torch.Generator().manual_seed(seed + k))``. ChatLearn
+  never passes a seed to its sampler, so its seed is always 0: ``seed=0`` here reproduces it.
+* ``drop_last="cycle"`` (default): an episode that reaches the end of a pass continues with the
+  start of the next pass. ``"drop"`` (single dataset only): the rows of a pass that cannot fill a
+  whole episode are skipped and the episode starts the next pass.
+* Several datasets (``set_multiple_datasets``) are mixed by ``data_ratio``: the draw walks a cycle
+  of ``ratio[0]`` samples of dataset 0, then ``ratio[1]`` of dataset 1, ... and repeats. The cycle
+  continues across episode boundaries. Each dataset has its own passes. ``data_ratio`` ``None``,
+  ``0`` or ``[]`` means 1 for every dataset; an int means that value for every dataset. With
+  several datasets ChatLearn always uses ``"cycle"`` (it ignores ``drop_last``); so do we.
+* The whole state is ``consumed_samples``: ChatLearn rebuilds the sampler from it on resume, and
+  so can we (``EpisodeSampler(..., consumed_samples=n)``). Resuming at 32 with 35 rows and 16 per
+  episode continues with ``[32, 33, 34, 0, ..., 12]``.
+* With ``R`` reference replicas replica ``r`` takes the ``r``-th contiguous ``1/R`` of the episode
+  (ChatLearn's ``Environment.setup_dataset`` requires ``sample_per_episode % R == 0``).
+
+Deliberate deviations: ChatLearn's ``"retain"`` mode is not offered (its config cannot select it,
+and it can yield an empty episode); non-integer ``data_ratio`` values raise a clear error (ChatLearn
+fails with a ``TypeError`` deep in slicing); ``num_inference_per_prompt`` (a GRPO feature) is not
+part of DPO and not supported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+logger = logging.getLogger("chatlearn.engine")
+
+DropLast = Literal["cycle", "drop"]
+_STATE_VERSION = 1
+
+
+class SampleIndex(NamedTuple):
+    """Row ``row`` of dataset ``dataset_id`` (order of ``set_multiple_datasets``; 0 for one)."""
+
+    dataset_id: int
+    row: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaShare:
+    """The contiguous part of an episode one reference replica computes.
+
+    ``start`` is the buffer position of ``indices[0]``; ``indices[i]`` is at ``start + i``.
+    """
+
+    replica_id: int
+    start: int
+    indices: tuple[SampleIndex, ...]
+
+    @property
+    def positions(self) -> range:
+        return range(self.start, self.start + len(self.indices))
+
+
+@dataclass(frozen=True, slots=True)
+class Episode:
+    """The samples of one episode, in buffer-position order."""
+
+    episode_id: int
+    consumed_samples_before: int
+    indices: tuple[SampleIndex, ...]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def shares(self, num_replicas: int) -> list[ReplicaShare]:
+        return split_among_replicas(self.indices, num_replicas)
+
+
+def split_among_replicas(
+    indices: Sequence[SampleIndex], num_replicas: int, *, start: int = 0
+) -> list[ReplicaShare]:
+    """Equal contiguous shares, replica ``r`` taking the ``r``-th (ChatLearn's order)."""
+    if num_replicas < 1:
+        raise ValueError(f"the number of reference replicas must be >= 1, got {num_replicas}")
+    if len(indices) % num_replicas != 0:
+        raise ValueError(
+            f"sample_per_episode ({len(indices)}) must be divisible by the number of reference "
+            f"replicas ({num_replicas}): set runtime.sample_per_episode to a multiple of "
+            f"{num_replicas}, or change the reference's devices so the replica count divides it"
+        )
+    size = len(indices) // num_replicas
+    return [
+        ReplicaShare(r, start + r * size, tuple(indices[r * size : (r + 1) * size]))
+        for r in range(num_replicas)
+    ]
+
+
+def normalize_data_ratio(data_ratio: Any, num_datasets: int) -> list[int]:
+    """ChatLearn's reading of ``runtime.data_ratio`` as one whole number per dataset."""
+    if data_ratio is None or data_ratio == 0 or data_ratio == []:
+        return [1] * num_datasets
+    if isinstance(data_ratio, bool):
+        raise ValueError(f"runtime.data_ratio must be an int or a list of ints, got {data_ratio!r}")
+    if isinstance(data_ratio, int):
+        ratios = [data_ratio] * num_datasets
+    elif isinstance(data_ratio, (list, tuple)):
+        if len(data_ratio) != num_datasets:
+            raise ValueError(
+                f"runtime.data_ratio has {len(data_ratio)} entries but {num_datasets} datasets "
+                f"were set: give one weight per dataset of set_multiple_datasets"
+            )
+        ratios = list(data_ratio)
+    else:
+        raise ValueError(
+            f"runtime.data_ratio must be an int or a list of ints, got {type(data_ratio).__name__}"
+        )
+    for i, r in enumerate(ratios):
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise ValueError(
+                f"runtime.data_ratio[{i}] = {r!r}: weights are whole numbers of samples per "
+                f"mixing cycle, e.g. [7, 3] rather than [0.7, 0.3]"
+            )
+        if r < 0:
+            raise ValueError(f"runtime.data_ratio[{i}] = {r} must not be negative")
+    if sum(ratios) == 0:
+        raise ValueError("runtime.data_ratio must give at least one dataset a positive weight")
+    return ratios
+
+
+def permutation(size: int, pass_index: int, *, shuffle: bool, seed: int = 0) -> list[int]:
+    """The row order of pass ``pass_index`` over a dataset of ``size`` rows (ChatLearn's)."""
+    if not shuffle:
+        return list(range(size))
+    # imported here so the coordinator can draw unshuffled episodes without loading torch
+    import torch
+
+    generator = torch.Generator()
+    generator.manual_seed(seed + pass_index)
+    return torch.randperm(size, generator=generator).tolist()
+
+
+class _DatasetCursor:
+    """Position in one dataset's sequence of passes; rebuilt from the rows drawn so far."""
+
+    def __init__(self, size: int, drawn: int, *, shuffle: bool, seed: int, pass_length: int):
+        self.size = size
+        self.shuffle = shuffle
+        self.seed = seed
+        # rows of each pass actually used: `size` in cycle mode, whole episodes in drop mode
+        self.pass_length = pass_length
+        self.pass_index = drawn // pass_length
+        self.offset = drawn % pass_length
+        self._order: list[int] | None = None
+
+    def _current_order(self) -> list[int]:
+        if self._order is None:
+            self._order = permutation(
+                self.size, self.pass_index, shuffle=self.shuffle, seed=self.seed
+            )
+        return self._order
+
+    def _next_pass(self) -> None:
+        self.pass_index += 1
+        self.offset = 0
+        self._order = None
+
+    def take_cycle(self, count: int) -> list[int]:
+        rows: list[int] = []
+        while count > 0:
+            step = min(count, self.size - self.offset)
+            rows.extend(self._current_order()[self.offset : self.offset + step])
+            self.offset += step
+            count -= step
+            if self.offset == self.size:
+                self._next_pass()
+        return rows
+
+    def take_whole(self, count: int) -> list[int]:
+        if count > self.pass_length - self.offset:
+            self._next_pass()
+        rows = self._current_order()[self.offset : self.offset + count]
+        self.offset += count
+        if self.offset == self.pass_length:
+            self._next_pass()
+        return rows
+
+
+class EpisodeSampler:
+    """Deterministic, seeded, resumable episode sampler over one or several datasets.
+
+    ``dataset_sizes`` is one int (one dataset) or a list (``set_multiple_datasets``). The sampler
+    holds no randomness beyond ``seed`` and its state is ``consumed_samples``: two samplers built
+    with the same arguments and ``consumed_samples`` draw the same episodes.
+    """
+
+    def __init__(
+        self,
+        dataset_sizes: int | Sequence[int],
+        sample_per_episode: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        data_ratio: Any = None,
+        drop_last: DropLast = "cycle",
+        consumed_samples: int = 0,
+    ) -> None:
+        sizes = [dataset_sizes] if isinstance(dataset_sizes, int) else list(dataset_sizes)
+        if not sizes:
+            raise ValueError("no dataset was set: call engine.set_dataset(samples) before learn()")
+        for i, size in enumerate(sizes):
+            if size < 1:
+                name = "the dataset" if len(sizes) == 1 else f"dataset {i}"
+                raise ValueError(f"{name} is empty: it must hold at least one sample")
+        if sample_per_episode < 1:
+            raise ValueError(f"runtime.sample_per_episode must be >= 1, got {sample_per_episode}")
+        if drop_last not in ("cycle", "drop"):
+            raise ValueError(f"drop_last must be 'cycle' or 'drop', got {drop_last!r}")
+        if drop_last == "drop" and len(sizes) > 1:
+            # ChatLearn's MultiDatasetSampler silently cycles with several datasets
+            logger.warning("drop_last is ignored with several datasets: samples cycle instead")
+            drop_last = "cycle"
+        if drop_last == "drop" and sample_per_episode > sizes[0]:
+            raise ValueError(
+                f"drop_last needs sample_per_episode ({sample_per_episode}) <= the dataset size "
+                f"({sizes[0]}): lower runtime.sample_per_episode or turn drop_last off"
+            )
+        if consumed_samples < 0:
+            raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
+        self.dataset_sizes = sizes
+        self.sample_per_episode = sample_per_episode
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.data_ratio = normalize_data_ratio(data_ratio, len(sizes))
+        self.drop_last: DropLast = drop_last
+        self._reset(consumed_samples)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _reset(self, consumed_samples: int) -> None:
+        self._consumed = consumed_samples
+        drawn = self.consumed_per_dataset(consumed_samples)
+        self._cursors = [
+            _DatasetCursor(
+                size,
+                drawn[d],
+                shuffle=self.shuffle,
+                seed=self.seed,
+                pass_length=self._pass_length(size),
+            )
+            for d, size in enumerate(self.dataset_sizes)
+        ]
+
+    def _pass_length(self, size: int) -> int:
+        if self.drop_last == "drop":
+            return size // self.sample_per_episode * self.sample_per_episode
+        return size
+
+    @property
+    def consumed_samples(self) -> int:
+        return self._consumed
+
+    @property
+    def episode_id(self) -> int:
+        """The id of the episode :meth:`next_episode` returns next (episodes start at 0)."""
+        return self._consumed // self.sample_per_episode
+
+    def consumed_per_dataset(self, consumed_samples: int) -> list[int]:
+        """Rows drawn from each dataset after ``consumed_samples`` (ChatLearn's split)."""
+        cycle = sum(self.data_ratio)
+        drawn = [r * (consumed_samples // cycle) for r in self.data_ratio]
+        rest = consumed_samples % cycle
+        for d, r in enumerate(self.data_ratio):
+            take = min(rest, r)
+            drawn[d] += take
+            rest -= take
+        return drawn
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain types only (msgpack/JSON-able) for the coordinator's checkpoint."""
+        return {
+            "version": _STATE_VERSION,
+            "consumed_samples": self._consumed,
+            "dataset_sizes": list(self.dataset_sizes),
+            "sample_per_episode": self.sample_per_episode,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "data_ratio": list(self.data_ratio),
+            "drop_last": self.drop_last,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
+        """Continue from a saved state. With ``strict`` the data settings must be unchanged."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported sampler state version {state.get('version')!r}")
+        if strict:
+            mine = self.state_dict()
+            changed = [
+                key
+                for key in ("dataset_sizes", "sample_per_episode", "shuffle", "seed")
+                + ("data_ratio", "drop_last")
+                if key in state and state[key] != mine[key]
+            ]
+            if changed:
+                details = ", ".join(f"{k}: saved {state[k]!r}, now {mine[k]!r}" for k in changed)
+                raise ValueError(
+                    f"the data checkpoint was written with other data settings ({details}); "
+                    f"restore them, or resume with strict=False to continue from "
+                    f"consumed_samples alone"
+                )
+        self._reset(int(state["consumed_samples"]))
+
+    # -- drawing -----------------------------------------------------------------------------
+
+    def _mixing_plan(self, count: int) -> list[tuple[int, int]]:
+        """(dataset_id, rows) runs of the next ``count`` samples in the ratio cycle."""
+        cycle = sum(self.data_ratio)
+        point = self._consumed % cycle
+        runs: list[tuple[int, int]] = []
+        while count > 0:
+            block_start = 0
+            for d, r in enumerate(self.data_ratio):
+                if block_start <= point < block_start + r:
+                    take = min(block_start + r - point, count)
+                    runs.append((d, take))
+                    count -= take
+                    point = (point + take) % cycle
+                    break
+                block_start += r
+        return runs
+
+    def next_episode(self) -> Episode:
+        """Draw the next ``sample_per_episode`` indices and advance ``consumed_samples``."""
+        episode_id = self.episode_id
+        before = self._consumed
+        indices: list[SampleIndex] = []
+        if self.drop_last == "drop":
+            rows = self._cursors[0].take_whole(self.sample_per_episode)
+            indices.extend(SampleIndex(0, row) for row in rows)
+        else:
+            for dataset_id, count in self._mixing_plan(self.sample_per_episode):
+                rows = self._cursors[dataset_id].take_cycle(count)
+                indices.extend(SampleIndex(dataset_id, row) for row in rows)
+        self._consumed += self.sample_per_episode
+        return Episode(episode_id, before, tuple(indices))
+
+
+class EvalSampler:
+    """The whole evaluation set once, in order, in rounds of at most ``batch_size`` samples.
+
+    Datasets are concatenated in order; the position of a sample is its place in that
+    concatenation. Each round is split into contiguous, balanced shares over the replicas (the
+    first ``size % R`` replicas take one more), as ChatLearn's ``MultiDatasetSampler`` does in
+    eval mode; unlike it, the last, shorter round is split by its own size (ChatLearn slices it
+    with the full round's boundaries, which can leave replicas empty and others short). Replicas
+    whose share of a round is empty are left out of it.
+    """
+
+    def __init__(self, dataset_sizes: int | Sequence[int], batch_size: int, num_replicas: int = 1):
+        sizes = [dataset_sizes] if isinstance(dataset_sizes, int) else list(dataset_sizes)
+        if any(size < 0 for size in sizes):
+            raise ValueError(f"dataset sizes must be >= 0, got {sizes}")
+        if batch_size < 1:
+            raise ValueError(f"the eval batch size must be >= 1, got {batch_size}")
+        if num_replicas < 1:
+            raise ValueError(f"the number of replicas must be >= 1, got {num_replicas}")
+        self.dataset_sizes = sizes
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.dataset_sizes)
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def _all_indices(self) -> list[SampleIndex]:
+        return [SampleIndex(d, i) for d, size in enumerate(self.dataset_sizes) for i in range(size)]
+
+    def rounds(self) -> list[list[ReplicaShare]]:
+        indices = self._all_indices()
+        result: list[list[ReplicaShare]] = []
+        for start in range(0, len(indices), self.batch_size):
+            chunk = indices[start : start + self.batch_size]
+            base, extra = divmod(len(chunk), self.num_replicas)
+            shares: list[ReplicaShare] = []
+            offset = 0
+            for r in range(self.num_replicas):
+                size = base + (1 if r < extra else 0)
+                if size:
+                    shares.append(
+                        ReplicaShare(r, start + offset, tuple(chunk[offset : offset + size]))
+                    )
+                offset += size
+            result.append(shares)
+        return result
