@@ -12,7 +12,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 # public name -> module that defines it
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "init": "chatlearn.config",
+    "get_args": "chatlearn.config",
+    "set_args": "chatlearn.config",
+    "Config": "chatlearn.config",
+    "ConfigError": "chatlearn.config",
+}
 
 __all__ = sorted(_EXPORTS)
 

@@ -1,0 +1,347 @@
+"""Typed config sections with ChatLearn's feel: attribute access, `.get()`, unknown keys kept.
+
+`RuntimeConfig` (the `runtime:` section), `ModelConfig` (one `models.<name>:` entry) and
+`RuntimeEnvConfig` (`runtime_env:`) share `Section`: known keys (see `chatlearn.config.schema`)
+are checked when set — from YAML or by assignment in code — and have defaults; other keys are
+kept as given, readable as attributes and with `.get(key)` (absent → None and a warning, like
+ChatLearn). Values the user did not set are not stored, so defaults that depend on other keys
+(`train_global_batch_size` = micro, a model's `generation_batch_size` = the runtime's) follow
+changes made in code until `learn()`. `to_dict()` holds only what was set; `to_dict(resolved=True)`
+shows every known key with its effective value.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+from .errors import IN_CODE, ConfigError, ValueProblem, logger
+from .schema import ENV_KEYS, MODEL_KEYS, PARALLEL_KEYS, RUNTIME_KEYS, KeySpec, check_value
+
+_MISSING: Any = object()
+
+
+class Locator:
+    """Where each key path came from ("file:line" or "config built in code"), for messages."""
+
+    def __init__(self, origins: Mapping[str, str] | None = None, config_file: str | None = None):
+        self.origins: dict[str, str] = dict(origins or {})
+        self.config_file = config_file
+
+    def where(self, path: str) -> str:
+        # the key itself, else the closest enclosing section, else the file
+        while path:
+            if path in self.origins:
+                return self.origins[path]
+            path = path.rpartition(".")[0]
+        return self.config_file or IN_CODE
+
+    def mark_code(self, path: str) -> None:
+        self.origins[path] = IN_CODE
+        for key in [k for k in self.origins if k.startswith(path + ".")]:
+            del self.origins[key]
+
+    def error(self, path: str, problem: str, fix: str) -> ConfigError:
+        return ConfigError(problem, where=self.where(path), key=path, fix=fix)
+
+
+class Section:
+    """Base of the config sections: known keys checked, unknown keys kept."""
+
+    _KEYS: ClassVar[dict[str, KeySpec]] = {}
+    _ALIASES: ClassVar[dict[str, str]] = {}
+    _PATH: ClassVar[str] = ""
+
+    def __init__(self, values: Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
+        object.__setattr__(self, "_values", {})
+        object.__setattr__(self, "_path", self._PATH)
+        object.__setattr__(self, "_locator", Locator())
+        for key, value in {**(values or {}), **kwargs}.items():
+            setattr(self, key, value)
+
+    # -- loading (keeps the file locations) and attaching to a Config --------------------------
+    def _attach(self, path: str, locator: Locator) -> None:
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_locator", locator)
+
+    def _load(self, values: Mapping[str, Any]) -> None:
+        for key, value in values.items():
+            self._store(key, value)
+
+    def _key_path(self, key: str) -> str:
+        return f"{self._path}.{key}"
+
+    def _error(self, key: str, problem: str, fix: str) -> ConfigError:
+        return self._locator.error(self._key_path(key), problem, fix)
+
+    def _store(self, key: Any, value: Any) -> None:
+        if not isinstance(key, str) or not key:
+            raise self._locator.error(
+                self._path, f"key {key!r} is not a name", "write keys as plain names (strings)"
+            )
+        key = self._ALIASES.get(key, key)
+        if isinstance(getattr(type(self), key, None), property):
+            logger.warning(
+                "%s: %s is derived from other keys; ignoring the value given",
+                self._locator.where(self._key_path(key)),
+                self._key_path(key),
+            )
+            return
+        spec = self._KEYS.get(key)
+        if spec is not None:
+            try:
+                value = check_value(key, spec, value)
+            except ValueProblem as problem:
+                raise self._error(key, problem.problem, problem.fix) from None
+        self._values[key] = value
+
+    def _recheck(self) -> None:
+        """Check every stored known value again (lists may have been changed in place)."""
+        for key in list(self._values):
+            if key in self._KEYS:
+                self._store(key, self._values[key])
+
+    # -- attribute access ------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        key = self._ALIASES.get(name, name)
+        if key in self.__dict__["_values"] or key in self._KEYS:
+            return self._resolve(key)
+        raise AttributeError(
+            f"{self._path} has no key {name!r}; use .get({name!r}) for keys that may be absent"
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        attr = getattr(type(self), name, None)
+        if name.startswith("_") or isinstance(attr, property):
+            if isinstance(attr, property) and attr.fset is None:
+                raise AttributeError(f"{self._path}.{name} is derived from other keys; set those")
+            object.__setattr__(self, name, value)
+            return
+        self._store(name, value)
+        self._locator.mark_code(self._key_path(self._ALIASES.get(name, name)))
+
+    def __delattr__(self, name: str) -> None:
+        key = self._ALIASES.get(name, name)
+        if key not in self._values:
+            raise AttributeError(name)
+        del self._values[key]  # back to the default
+
+    def _resolve(self, key: str) -> Any:
+        if key in self._values:
+            return self._values[key]
+        return self._default(key)
+
+    def _default(self, key: str) -> Any:
+        default = self._KEYS[key].default
+        if isinstance(default, list | dict):
+            # materialize mutable defaults so that in-place changes are kept
+            self._values[key] = copy.deepcopy(default)
+            return self._values[key]
+        return default
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        """The value of `key`; an absent key gives `default`, or None with a warning."""
+        canonical = self._ALIASES.get(key, key)
+        if canonical in self._values or canonical in self._KEYS:
+            return self._resolve(canonical)
+        if default is _MISSING:
+            logger.warning("%s not found in %s; using None", key, self._path)
+            return None
+        return default
+
+    def __contains__(self, key: object) -> bool:
+        key = self._ALIASES.get(key, key) if isinstance(key, str) else key
+        return key in self._values or key in self._KEYS
+
+    def keys(self) -> list[str]:
+        return [*self._KEYS, *(k for k in self._values if k not in self._KEYS)]
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        return ((key, self._resolve(key)) for key in self.keys())
+
+    def is_set(self, key: str) -> bool:
+        """Whether `key` was given (in a file or in code) rather than left at its default."""
+        return self._ALIASES.get(key, key) in self._values
+
+    def to_dict(self, resolved: bool = False) -> dict[str, Any]:
+        """The keys that were set (or, resolved, every key with its effective value)."""
+        if resolved:
+            return {key: copy.deepcopy(value) for key, value in self.items()}
+        return copy.deepcopy(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.to_dict(resolved=True) == other.to_dict(resolved=True)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.to_dict(resolved=True)!r})"
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *self.keys()})
+
+
+class RuntimeConfig(Section):
+    """The `runtime:` section: episodes, batch sizes, data, outputs, and runtime knobs."""
+
+    _KEYS = RUNTIME_KEYS
+    _PATH = "runtime"
+
+    def _store(self, key: Any, value: Any) -> None:
+        if key == "save_interval":
+            raise self._error(
+                key, "save_interval is no longer supported", "use save_episode_interval (episodes)"
+            )
+        super()._store(key, value)
+
+    def _default(self, key: str) -> Any:
+        if key == "train_global_batch_size":
+            return self.train_micro_batch_size
+        if key == "pipeline_window":
+            return 2 * self.micro_batches_per_step
+        return super()._default(key)
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches in one optimizer step over all data-parallel ranks (global / micro)."""
+        return max(1, self.train_global_batch_size // self.train_micro_batch_size)
+
+    @property
+    def output_path(self) -> str:
+        """Where outputs go: output_dir/exp_name (output_dir itself if it already ends so)."""
+        output_dir, exp_name = self.output_dir, self.exp_name
+        if not exp_name or os.path.basename(os.path.normpath(output_dir)) == exp_name:
+            return output_dir
+        return os.path.join(output_dir, exp_name)
+
+    def resolve_data_ratio(self, num_datasets: int) -> list[int]:
+        """Per-dataset mixing counts for `num_datasets` datasets (ChatLearn's sampler rules)."""
+        ratio = self.data_ratio
+        if ratio is None or ratio == []:
+            return [1] * num_datasets
+        if isinstance(ratio, int):
+            return [ratio] * num_datasets
+        if len(ratio) != num_datasets:
+            raise self._error(
+                "data_ratio",
+                f"has {len(ratio)} entries but {num_datasets} datasets were given",
+                f"give one entry per dataset, e.g. data_ratio: {[1] * num_datasets}",
+            )
+        return list(ratio)
+
+
+class ModelConfig(Section):
+    """One `models.<name>:` entry: devices, processes, parallelism, and `model_args`."""
+
+    _KEYS = MODEL_KEYS
+    _ALIASES = {"num_device": "num_gpu"}
+    _PATH = "models.?"
+
+    def __init__(self, values: Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
+        object.__setattr__(self, "_model_args", {})
+        object.__setattr__(self, "_runtime", None)
+        super().__init__(values, **kwargs)
+
+    def _store(self, key: Any, value: Any) -> None:
+        if key in ("model_args", "args_dict"):
+            self.model_args = value
+            return
+        super()._store(key, value)
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """The model's own settings, read from `model_config_file` (module.model_args)."""
+        return self._model_args
+
+    @model_args.setter
+    def model_args(self, value: Mapping[str, Any]) -> None:
+        if not isinstance(value, Mapping):
+            raise self._error(
+                "model_args", f"expected a mapping, got {type(value).__name__}", "pass a dict"
+            )
+        object.__setattr__(self, "_model_args", dict(value))
+
+    @property
+    def args_dict(self) -> dict[str, Any]:
+        """ChatLearn's name of `model_args`."""
+        return self._model_args
+
+    def _runtime_args(self) -> RuntimeConfig:
+        return self._runtime if self._runtime is not None else RuntimeConfig()
+
+    def _default(self, key: str) -> Any:
+        if key in PARALLEL_KEYS:
+            # ChatLearn reads Megatron parallel sizes from the model's own config file
+            from_file = self._model_args.get(key)
+            return from_file if from_file is not None else 1
+        if key == "generation_batch_size":
+            return self._runtime_args().generation_batch_size
+        if key == "cpu_per_process":
+            return self.num_cpu or None
+        return super()._default(key)
+
+    def _resolve(self, key: str) -> Any:
+        value = super()._resolve(key)
+        # a null in YAML for these means "unset": fall back to the derived default
+        if value is None and key in (*PARALLEL_KEYS, "generation_batch_size", "cpu_per_process"):
+            return self._default(key)
+        return value
+
+    # -- derived values (read-only) --------------------------------------------------------------
+    @property
+    def uses_gpu(self) -> bool:
+        return self.num_gpu > 0
+
+    @property
+    def num_processes(self) -> int:
+        """Processes (ranks) of the model: devices / devices per process."""
+        if self.num_gpu > 0:
+            return self.num_gpu // self.gpu_per_process
+        return self.num_cpu // self.cpu_per_process if self.num_cpu > 0 else 0
+
+    @property
+    def model_parallel_size(self) -> int:
+        return (
+            self.tensor_model_parallel_size
+            * self.pipeline_model_parallel_size
+            * self.expert_model_parallel_size
+        )
+
+    @property
+    def _parallel_units(self) -> int:
+        # GPUs for GPU models (ChatLearn: replicas = GPUs / (tp·pp)); processes for CPU models
+        return self.num_gpu if self.num_gpu > 0 else self.num_processes
+
+    @property
+    def num_replica(self) -> int:
+        """Inference replicas = devices / (tp·pp·ep) (or / zero_size); a trainer is one replica."""
+        if self.trainable:
+            return 1
+        group = self.zero_size if self.zero_size > 1 else self.model_parallel_size
+        return max(1, self._parallel_units // group)
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Data-parallel ranks inside one replica (a trainer's ranks / (tp·pp·ep))."""
+        if self.trainable:
+            return max(1, self._parallel_units // self.model_parallel_size)
+        return self.zero_size if self.zero_size > 1 else 1
+
+    @property
+    def forward_chunk_size(self) -> int | None:
+        """Rows per `forward_step` call; None means the whole batch in one call."""
+        size = self.generation_batch_size
+        return size if size is not None and size > 0 else None
+
+
+class RuntimeEnvConfig(Section):
+    """The `runtime_env:` section (Ray's runtime_env in ChatLearn; env_vars reach actors)."""
+
+    _KEYS = ENV_KEYS
+    _PATH = "runtime_env"
