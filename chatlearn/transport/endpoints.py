@@ -1,0 +1,104 @@
+"""Where sockets live: ipc:// files in a private runtime directory, or tcp:// on loopback.
+
+Same-host traffic uses ``ipc://`` endpoints (Unix domain sockets) inside a `RuntimeDir`: a
+directory only our user can enter (mode 0700), so no other local user can connect to an actor,
+and which is removed with everything in it on `close()` (or at interpreter exit, as a fallback).
+Cross-host endpoints are ``tcp://`` with an ephemeral port chosen by the kernel at bind time;
+`tcp_endpoint` binds to loopback unless a host is given, so nothing is exposed by accident.
+
+The coordinator owns the runtime directory; actors get its path and use
+`RuntimeDir.attach(path)`, which never deletes it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+import weakref
+from pathlib import Path
+
+# sun_path is 108 bytes on Linux (104 on macOS) including the terminating NUL.
+MAX_IPC_PATH_BYTES = 103
+
+
+def _default_base() -> str:
+    """$XDG_RUNTIME_DIR (a per-user tmpfs) when usable, else the temp dir, else /tmp."""
+    candidates = [os.environ.get("XDG_RUNTIME_DIR", ""), tempfile.gettempdir(), "/tmp"]
+    for candidate in candidates:
+        # Leave room in sun_path for "/chatlearn-XXXXXXXX/<name>".
+        if candidate and len(candidate) <= 48 and os.path.isdir(candidate):
+            if os.access(candidate, os.W_OK | os.X_OK):
+                return candidate
+    return tempfile.gettempdir()
+
+
+class RuntimeDir:
+    """A private directory (mode 0700) for ipc sockets; removed on `close()`.
+
+    Use as a context manager, or call `close()` in a ``finally``. A handle from `attach` refers
+    to a directory someone else owns and leaves it in place.
+    """
+
+    def __init__(self, *, base: str | os.PathLike[str] | None = None, prefix: str = "chatlearn-"):
+        path = tempfile.mkdtemp(prefix=prefix, dir=os.fspath(base) if base else _default_base())
+        os.chmod(path, 0o700)  # mkdtemp already does; say it, since it is the security boundary
+        self.path = Path(path)
+        self._finalizer: weakref.finalize | None = weakref.finalize(
+            self, shutil.rmtree, path, ignore_errors=True
+        )
+
+    @classmethod
+    def attach(cls, path: str | os.PathLike[str]) -> RuntimeDir:
+        """A handle on an existing private directory (created by another process's RuntimeDir)."""
+        resolved = Path(path)
+        info = resolved.stat()
+        if not stat.S_ISDIR(info.st_mode):
+            raise ValueError(f"runtime dir {resolved} is not a directory")
+        if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+            raise ValueError(f"runtime dir {resolved} must be owned by us with mode 0700")
+        handle = cls.__new__(cls)
+        handle.path = resolved
+        handle._finalizer = None
+        return handle
+
+    def ipc_endpoint(self, name: str) -> str:
+        """``ipc://<dir>/<name>``: an endpoint to bind or connect, private to this directory."""
+        if not name or "/" in name or "\0" in name or name in (".", ".."):
+            raise ValueError(f"ipc endpoint name must be a plain file name, got {name!r}")
+        path = self.path / name
+        if len(os.fsencode(path)) > MAX_IPC_PATH_BYTES:
+            raise ValueError(
+                f"ipc path {path} is longer than {MAX_IPC_PATH_BYTES} bytes; use a shorter name"
+                " or a RuntimeDir with a shorter base"
+            )
+        return f"ipc://{path}"
+
+    @property
+    def closed(self) -> bool:
+        return self._finalizer is not None and not self._finalizer.alive
+
+    def close(self) -> None:
+        """Remove the directory and every socket file in it (owned handles only)."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> RuntimeDir:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RuntimeDir({str(self.path)!r})"
+
+
+def tcp_endpoint(host: str = "127.0.0.1") -> str:
+    """A ``tcp://`` endpoint to bind on ``host`` with a kernel-chosen (ephemeral) port.
+
+    Read the resolved port back from the channel's ``endpoint`` attribute after binding.
+    """
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6 literal (the socket also needs zmq.IPV6 set)
+    return f"tcp://{host}:*"

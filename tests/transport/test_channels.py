@@ -1,0 +1,337 @@
+"""Channels in one process, real sockets: requests, errors, robustness, backpressure, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+
+import msgpack
+import psutil
+import pytest
+import torch
+import zmq
+import zmq.asyncio
+
+from chatlearn.transport import (
+    ChannelClosedError,
+    ControlClient,
+    ControlServer,
+    DataReceiver,
+    DataSender,
+    DecodeError,
+    Message,
+    MessageKind,
+    PeerUnreachableError,
+    RemoteError,
+    RequestTimeoutError,
+    RuntimeDir,
+    encode,
+    error_message,
+    new_event_loop,
+    run,
+    tcp_endpoint,
+)
+
+
+@pytest.fixture
+def runtime_dir():
+    with RuntimeDir() as directory:
+        yield directory
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def echo_actor(client: ControlClient) -> Callable[[], Awaitable[None]]:
+    """An in-process actor loop: REPLY with the payload, ERROR for payload "boom"."""
+
+    async def serve() -> None:
+        await client.send(Message(kind=MessageKind.HELLO, payload="hi"))
+        while True:
+            msg = await client.recv()
+            if msg.kind is MessageKind.SHUTDOWN:
+                return
+            if msg.payload == "boom":
+                reply = error_message(msg.request_id, ValueError("boom!"), {"rank": 3})
+            elif msg.payload == "ignore":
+                continue
+            else:
+                reply = Message(
+                    kind=MessageKind.REPLY, request_id=msg.request_id, payload=msg.payload
+                )
+            await client.send(reply)
+
+    return serve
+
+
+async def test_requests_replies_errors_and_unsolicited(runtime_dir: RuntimeDir) -> None:
+    async with ControlServer(runtime_dir.ipc_endpoint("ctl")) as server:
+        async with ControlClient(server.endpoint, b"actor") as client:
+            actor = asyncio.create_task(echo_actor(client)())
+            identity, hello = await asyncio.wait_for(server.recv_unsolicited(), 30)
+            assert (identity, hello.kind, hello.payload) == (b"actor", MessageKind.HELLO, "hi")
+
+            payload = {"t": torch.randn(1000, 100), "n": [1, (2, 3)]}
+            out = await server.request(identity, MessageKind.CALL, payload, timeout=30)
+            assert torch.equal(out["t"], payload["t"]) and out["n"] == [1, (2, 3)]
+
+            with pytest.raises(RemoteError) as info:
+                await server.request(identity, MessageKind.CALL, "boom", timeout=30)
+            assert (info.value.type_name, info.value.message) == ("ValueError", "boom!")
+            assert info.value.context == {"rank": 3} and "boom!" in info.value.remote_traceback
+            assert "rank=3" in str(info.value)
+
+            results = await asyncio.gather(
+                *(server.request(identity, MessageKind.PING, i, timeout=30) for i in range(200))
+            )
+            assert results == list(range(200)) and server.num_pending == 0
+
+            await server.send(identity, Message(kind=MessageKind.SHUTDOWN))
+            await asyncio.wait_for(actor, 30)
+
+
+async def test_timeout_late_reply_and_wrong_identity(runtime_dir: RuntimeDir) -> None:
+    async with ControlServer(runtime_dir.ipc_endpoint("ctl")) as server:
+        async with ControlClient(server.endpoint, b"a") as client:
+            await client.send(Message(kind=MessageKind.HELLO))
+            identity, _ = await asyncio.wait_for(server.recv_unsolicited(), 30)
+            with pytest.raises(RequestTimeoutError):
+                await server.request(identity, MessageKind.CALL, "x", timeout=0.2)
+            assert server.num_pending == 0
+            late = await asyncio.wait_for(client.recv(), 30)
+            await client.send(Message(kind=MessageKind.REPLY, request_id=late.request_id))
+            # Nobody waits for that id any more: it is unsolicited, not lost and not an error.
+            _, msg = await asyncio.wait_for(server.recv_unsolicited(), 30)
+            assert (msg.kind, msg.request_id) == (MessageKind.REPLY, late.request_id)
+
+            # A reply carrying another peer's request id does not resolve that request.
+            async with ControlClient(server.endpoint, b"b") as intruder:
+                await intruder.send(Message(kind=MessageKind.HELLO))
+                await asyncio.wait_for(server.recv_unsolicited(), 30)
+                pending = asyncio.ensure_future(server.request(b"a", MessageKind.CALL, 1))
+                request = await asyncio.wait_for(client.recv(), 30)
+                forged = Message(kind=MessageKind.REPLY, request_id=request.request_id, payload=2)
+                await intruder.send(forged)
+                identity, msg = await asyncio.wait_for(server.recv_unsolicited(), 30)
+                assert identity == b"b" and not pending.done()
+                await client.send(
+                    Message(kind=MessageKind.REPLY, request_id=request.request_id, payload=1)
+                )
+                assert await asyncio.wait_for(pending, 30) == 1
+
+
+async def test_unreachable_peer_fail_pending_and_close(runtime_dir: RuntimeDir) -> None:
+    server = ControlServer(runtime_dir.ipc_endpoint("ctl"))
+    client = ControlClient(server.endpoint, b"actor")
+    try:
+        with pytest.raises(PeerUnreachableError):
+            await server.request(b"nobody", MessageKind.CALL, None, timeout=5)
+        await client.send(Message(kind=MessageKind.HELLO))
+        await asyncio.wait_for(server.recv_unsolicited(), 30)
+
+        died = RuntimeError("actor died")
+        first = asyncio.ensure_future(server.request(b"actor", MessageKind.CALL, "ignore"))
+        await wait_until(lambda: server.num_pending == 1)
+        server.fail_pending(b"actor", died)
+        with pytest.raises(RuntimeError, match="actor died"):
+            await first
+
+        second = asyncio.ensure_future(server.request(b"actor", MessageKind.CALL, "ignore"))
+        waiter = asyncio.ensure_future(server.recv_unsolicited())
+        await wait_until(lambda: server.num_pending == 1)
+        await server.aclose()
+        for task in (second, waiter):
+            with pytest.raises(ChannelClosedError):
+                await asyncio.wait_for(task, 10)
+        with pytest.raises(ChannelClosedError):
+            await server.request(b"actor", MessageKind.CALL, None)
+        server.close()  # idempotent
+    finally:
+        client.close()
+        await server.aclose()
+
+
+async def test_malformed_messages_never_stop_the_server(runtime_dir: RuntimeDir) -> None:
+    ctx = zmq.asyncio.Context.instance()
+    async with ControlServer(runtime_dir.ipc_endpoint("ctl")) as server:
+        raw = ctx.socket(zmq.DEALER)
+        raw.setsockopt(zmq.ROUTING_ID, b"evil")
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(server.endpoint)
+        try:
+            garbage = [
+                [b""],
+                [b"\xc1"],
+                [b"\x94\x09\x01\x00\xc0"],  # wrong protocol version
+                [msgpack.packb([1, 77, 0, None])],  # unknown kind
+                [msgpack.packb([1, 5, 1, msgpack.ExtType(2, msgpack.packb(["f32", [1], 1]))])],
+                [encode({"t": torch.ones(10_000)})[0]],  # references a missing frame
+                [b"\x94\x01\x05\x00\xdd\xff\xff\xff\xff"],  # claims 4 billion elements
+            ]
+            for frames in garbage:
+                await raw.send_multipart(frames)
+            await raw.send_multipart([msgpack.packb([1, int(MessageKind.HELLO), 0, "still ok"])])
+            identity, msg = await asyncio.wait_for(server.recv_unsolicited(), 30)
+            assert (identity, msg.payload) == (b"evil", "still ok")
+            assert server.num_malformed == len(garbage)
+            # ... and requests still work afterwards.
+            reply = asyncio.ensure_future(server.request(b"evil", MessageKind.PING, 7, timeout=30))
+            request = await asyncio.wait_for(raw.recv_multipart(), 30)
+            rid = msgpack.unpackb(request[0])[2]
+            await raw.send_multipart([msgpack.packb([1, int(MessageKind.REPLY), rid, 8])])
+            assert await reply == 8
+        finally:
+            raw.close()
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+async def test_data_channel_roundtrip_and_bad_message(
+    runtime_dir: RuntimeDir, transport: str
+) -> None:
+    where = runtime_dir.ipc_endpoint("data") if transport == "ipc" else tcp_endpoint()
+    async with DataReceiver(where) as receiver:
+        assert "*" not in receiver.endpoint
+        async with DataSender(receiver.endpoint) as sender:
+            batches = [{"x": torch.randn(64, 512), "i": i} for i in range(10)]
+            for batch in batches:
+                await sender.send(batch)
+            for batch in batches:
+                got = await asyncio.wait_for(receiver.recv(), 30)
+                assert got["i"] == batch["i"] and torch.equal(got["x"], batch["x"])
+            # A malformed message raises a typed error; the channel keeps working.
+            await sender._socket.send([b"\x94\x01\x0a\x00\xc1"])
+            with pytest.raises(DecodeError):
+                await asyncio.wait_for(receiver.recv(), 30)
+            await sender.send("after")
+            assert await asyncio.wait_for(receiver.recv(), 30) == "after"
+
+
+async def test_slow_consumer_bounds_the_producer(runtime_dir: RuntimeDir) -> None:
+    hwm, size, count = 2, 1 << 20, 24
+    # In flight at most: the sender's and receiver's queues, plus what the kernel's socket
+    # buffer and each side's I/O thread hold of 1 MiB messages (< 1 message each).
+    bound = 2 * hwm + 3
+    async with DataReceiver(runtime_dir.ipc_endpoint("data"), hwm=hwm) as receiver:
+        async with DataSender(receiver.endpoint, hwm=hwm) as sender:
+            payload = torch.zeros(size // 4)
+            num_sent = num_received = max_in_flight = 0
+
+            async def produce() -> None:
+                nonlocal num_sent, max_in_flight
+                for _ in range(count):
+                    await sender.send(payload)
+                    num_sent += 1
+                    max_in_flight = max(max_in_flight, num_sent - num_received)
+
+            producer = asyncio.create_task(produce())
+            try:
+                # Not consuming at all: the producer stalls after a bounded number of sends.
+                await asyncio.sleep(1.0)
+                assert hwm <= num_sent <= bound and not producer.done()
+                # A slow consumer: the producer advances only as fast as it is consumed.
+                while num_received < count:
+                    await asyncio.wait_for(receiver.recv(), 30)
+                    num_received += 1
+                    await asyncio.sleep(0.01)
+                await asyncio.wait_for(producer, 30)
+            finally:
+                producer.cancel()
+            assert num_sent == count and max_in_flight <= bound
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+async def test_nothing_remains_after_close() -> None:
+    ctx = zmq.asyncio.Context()
+    fds_before = _open_fds()
+    runtime_dir = RuntimeDir()
+    try:
+        assert stat.S_IMODE(runtime_dir.path.stat().st_mode) == 0o700
+        server = ControlServer(runtime_dir.ipc_endpoint("ctl"), context=ctx)
+        client = ControlClient(server.endpoint, b"a", context=ctx)
+        receiver = DataReceiver(runtime_dir.ipc_endpoint("data"), context=ctx)
+        sender = DataSender(receiver.endpoint, context=ctx)
+        tcp_receiver = DataReceiver(tcp_endpoint(), context=ctx)
+        tcp_sender = DataSender(tcp_receiver.endpoint, context=ctx)
+        port = int(tcp_receiver.endpoint.rsplit(":", 1)[1])
+        assert tcp_receiver.endpoint.startswith("tcp://127.0.0.1:")
+        await client.send(Message(kind=MessageKind.HELLO))
+        await asyncio.wait_for(server.recv_unsolicited(), 30)
+        for s, r in ((sender, receiver), (tcp_sender, tcp_receiver)):
+            await s.send({"x": torch.ones(100_000)})
+            await asyncio.wait_for(r.recv(), 30)
+        assert {p.name for p in runtime_dir.path.iterdir()} == {"ctl", "data"}
+
+        for channel in (client, sender, receiver, tcp_sender, tcp_receiver):
+            channel.close()
+        await server.aclose()
+        assert not any(runtime_dir.path.iterdir())  # ipc socket files are gone with the sockets
+        # libzmq closes the tcp listener in its I/O thread, right after close.
+        me = psutil.Process()
+        await wait_until(lambda: all(c.laddr.port != port for c in me.net_connections("tcp")))
+        ctx.term()  # returns promptly: every socket is closed and lingers are bounded
+        assert _open_fds() <= fds_before
+    finally:
+        runtime_dir.close()
+        if not ctx.closed:
+            ctx.destroy(linger=0)
+    assert not runtime_dir.path.exists() and runtime_dir.closed
+
+
+async def test_close_wakes_a_pending_recv(runtime_dir: RuntimeDir) -> None:
+    receiver = DataReceiver(runtime_dir.ipc_endpoint("data"))
+    client = ControlClient(runtime_dir.ipc_endpoint("nobody"), b"x")
+    waiters = [asyncio.ensure_future(receiver.recv()), asyncio.ensure_future(client.recv())]
+    await asyncio.sleep(0.05)
+    receiver.close()
+    client.close()
+    for waiter in waiters:
+        with pytest.raises(ChannelClosedError):
+            await asyncio.wait_for(waiter, 10)
+    with pytest.raises(ChannelClosedError):
+        await receiver.recv()
+
+
+def test_runtime_dir_and_endpoints(tmp_path) -> None:
+    with RuntimeDir() as owner:
+        attached = RuntimeDir.attach(owner.path)
+        assert attached.ipc_endpoint("x") == owner.ipc_endpoint("x") == f"ipc://{owner.path}/x"
+        attached.close()  # not the owner: the directory stays
+        assert owner.path.is_dir()
+        for bad in ["", "a/b", "..", "x" * 200]:
+            with pytest.raises(ValueError):
+                owner.ipc_endpoint(bad)
+    assert not owner.path.exists()
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    with pytest.raises(ValueError):
+        RuntimeDir.attach(shared)  # readable by others: not a private runtime directory
+    assert tcp_endpoint() == "tcp://127.0.0.1:*"
+    assert tcp_endpoint("::1") == "tcp://[::1]:*"
+
+
+def test_uvloop_and_run() -> None:
+    loop = new_event_loop()
+    try:
+        assert type(loop).__module__.startswith("uvloop")
+    finally:
+        loop.close()
+
+    async def roundtrip() -> object:
+        with RuntimeDir() as directory:
+            async with DataReceiver(directory.ipc_endpoint("d")) as receiver:
+                async with DataSender(receiver.endpoint) as sender:
+                    await sender.send((1, "two"))
+                    return await asyncio.wait_for(receiver.recv(), 30)
+
+    assert run(roundtrip()) == (1, "two")
+    assert asyncio.run(roundtrip()) == (1, "two")  # the standard loop works too

@@ -1,0 +1,339 @@
+"""Codec: exact round-trips, zero-copy aliasing, and one test per strict-decoding check."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from chatlearn.transport import (
+    DEFAULT_INLINE_THRESHOLD,
+    DecodeError,
+    EncodeError,
+    FrameIndexError,
+    FrameSizeError,
+    HeaderTooLargeError,
+    Limits,
+    Message,
+    MessageKind,
+    MessageTooLargeError,
+    ProtocolVersionError,
+    TooManyFramesError,
+    UnknownDtypeError,
+    UnknownKindError,
+    decode,
+    decode_message,
+    encode,
+    encode_message,
+)
+
+ALL_DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.complex64,
+    torch.complex128,
+]
+BIG = DEFAULT_INLINE_THRESHOLD  # elements: above the threshold for every dtype
+
+
+def make_tensor(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.rand(shape) > 0.5
+    if dtype.is_complex:
+        return torch.randn(shape, dtype=dtype)
+    if dtype.is_floating_point:
+        return torch.randn(shape).to(dtype)
+    return torch.randint(-100 if dtype != torch.uint8 else 0, 100, shape).to(dtype)
+
+
+def assert_same(a: object, b: object) -> None:
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(
+            a.view(torch.uint8) if a.dim() else a, b.view(torch.uint8) if b.dim() else b
+        )
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    else:
+        assert a == b or (a != a and b != b)  # NaN
+
+
+def roundtrip(obj: object, **kwargs: object) -> object:
+    return decode(encode(obj, **kwargs))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2), (5,), (4, 7), (BIG,)], ids=str)
+def test_tensor_roundtrip_every_dtype_and_shape(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    t = make_tensor(dtype, shape)
+    assert_same(t, roundtrip({"t": t})["t"])
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_non_contiguous_tensors_roundtrip(dtype: torch.dtype) -> None:
+    base = make_tensor(dtype, (64, 80))
+    for view in (base.t(), base[::3, 1::2], base[:, 5], base[:, None].expand(64, 3, 80)):
+        assert not view.is_contiguous()
+        out = roundtrip(view)
+        assert out.is_contiguous()
+        assert_same(view.contiguous(), out)
+
+
+def test_conjugate_and_grad_tensors_are_sent_as_values() -> None:
+    z = torch.randn(100, dtype=torch.complex64)
+    assert_same(z.conj().resolve_conj(), roundtrip(z.conj()))
+    w = torch.randn(10, requires_grad=True)
+    out = roundtrip(w * 2)
+    assert not out.requires_grad and torch.equal(out, (w * 2).detach())
+
+
+def test_numpy_arrays_roundtrip() -> None:
+    for dtype in [
+        "bool",
+        "uint8",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
+    ]:
+        for shape in [(), (0,), (7, 3), (3000,)]:
+            a = np.asarray(np.random.random_sample(shape) * 50).astype(dtype)
+            assert_same(a, roundtrip(a))
+    big_endian = np.arange(5000, dtype=">i4")
+    assert np.array_equal(roundtrip(big_endian), big_endian)
+    strided = np.arange(10000, dtype=np.float64).reshape(100, 100)[::2, ::3]
+    assert_same(strided.copy(), roundtrip(strided))
+    assert roundtrip(np.float32(1.5)) == 1.5  # numpy scalars travel as Python numbers
+
+
+def test_plain_values_and_nesting_roundtrip() -> None:
+    obj = {
+        "ints": [0, -1, 2**63 - 1, -(2**63), 2**64 - 1],
+        "floats": [0.0, -1.5, float("inf"), 1e-300],
+        "bools": (True, False),
+        "str": "héllo ✓",
+        "bytes": b"\x00\xff" * 10,
+        "none": None,
+        "tuple": (1, (2, (3, [4, (5,)])), ()),
+        "empty": {"l": [], "t": (), "d": {}},
+        3: "int key",
+        (1, "a"): "tuple key",
+        "tensors": [torch.ones(2), {"deep": (torch.zeros(BIG),)}],
+    }
+    assert_same(obj, roundtrip(obj))
+    for scalar in [None, 1, "x", b"y", 2.5, True, ()]:
+        assert_same(scalar, roundtrip(scalar))
+
+
+def test_subclasses_travel_as_their_base_type() -> None:
+    from collections import OrderedDict, namedtuple
+
+    point = namedtuple("point", "x y")
+    out = roundtrip([MessageKind.CALL, OrderedDict(a=1), point(1, 2), bytearray(b"ab")])
+    assert_same([4, {"a": 1}, (1, 2), b"ab"], out)
+
+
+def test_unsupported_objects_raise_encode_error() -> None:
+    for bad in [object(), {1, 2}, 2**64, torch.ones(3).to_sparse(), np.array(["a"])]:
+        with pytest.raises(EncodeError):
+            encode({"x": bad})
+    with pytest.raises(EncodeError):
+        encode_message(Message(kind=MessageKind.CALL, request_id=-1))
+
+
+def test_decoded_tensor_aliases_the_frame_memory() -> None:
+    t = torch.arange(100_000, dtype=torch.float32)
+    frames = encode({"t": t})
+    assert len(frames) == 2
+    # Sender side: the frame is the tensor's own memory (zero-copy send).
+    assert np.frombuffer(frames[1], np.uint8).ctypes.data == t.data_ptr()
+    # Receiver side, through a real socket: the decoded tensor's memory is the zmq.Frame.
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    try:
+        pull.bind("tcp://127.0.0.1:*")
+        push.connect(pull.getsockopt_string(zmq.LAST_ENDPOINT))
+        push.send_multipart(frames, copy=False)
+        received = pull.recv_multipart(copy=False)
+        out = decode(received)["t"]
+        address = np.frombuffer(received[1].buffer, np.uint8).ctypes.data
+        assert out.data_ptr() == address
+        assert torch.equal(out, t)
+        out[0] = 42.0  # writable, and writes land in the frame (it is the same memory)
+        assert np.frombuffer(received[1].buffer, np.float32)[0] == 42.0
+    finally:
+        push.close(0)
+        pull.close(0)
+        ctx.term()
+
+
+def test_small_tensors_are_inlined_and_writable() -> None:
+    frames = encode({"t": torch.ones(10)})
+    assert len(frames) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = decode(frames)["t"]
+    out += 1  # a private writable copy, not the header's bytes
+    assert torch.equal(out, torch.full((10,), 2.0))
+
+
+def test_read_only_and_unaligned_buffers_are_copied_not_aliased() -> None:
+    t = torch.arange(10_000, dtype=torch.float64)
+    header, data = encode(t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when aliasing read-only memory
+        out = decode([header, bytes(data)])
+    assert torch.equal(out, t)
+    shifted = bytearray(len(data) + 1)
+    shifted[1:] = data
+    unaligned = memoryview(shifted)[1:]
+    out = decode([header, unaligned])
+    assert out.data_ptr() % 8 == 0 and torch.equal(out, t)
+
+
+def test_messages_roundtrip_and_kinds_are_checked() -> None:
+    for kind in MessageKind:
+        msg = Message(kind=kind, request_id=12345, payload={"x": torch.ones(BIG)})
+        out = decode_message(encode_message(msg))
+        assert out.kind is kind and out.request_id == 12345
+        assert torch.equal(out.payload["x"], msg.payload["x"])
+    with pytest.raises(UnknownKindError):
+        decode(encode_message(Message(kind=MessageKind.CALL)))
+    with pytest.raises(UnknownKindError):
+        decode_message([msgpack.packb([1, 99, 0, None])])
+
+
+# --- strict decoding: one test per typed error -----------------------------------------------
+
+
+def tensor_header(ref: object, dtype: str = "float32", shape: object = (4,)) -> bytes:
+    ext = msgpack.ExtType(2, msgpack.packb([dtype, list(shape), ref]))
+    return msgpack.packb([1, 10, 0, {"t": ext}])
+
+
+def test_bad_msgpack_and_bad_structure_are_decode_errors() -> None:
+    good = encode({"a": 1})[0]
+    for header in [b"", b"\x94", good[:-1], good + b"\x00", b"\x94\x01\x0a\x00\xc1", b"\x93\x01"]:
+        with pytest.raises(DecodeError):
+            decode([header])
+    with pytest.raises(DecodeError):
+        decode([])
+    with pytest.raises(DecodeError):
+        decode([object()])
+    with pytest.raises(DecodeError):
+        decode([msgpack.packb([1, 10, -1, None])])  # negative request id
+    with pytest.raises(DecodeError):  # unknown ext type
+        decode([msgpack.packb([1, 10, 0, msgpack.ExtType(9, b"")])])
+    with pytest.raises(DecodeError):  # msgpack's timestamp ext is not ours either
+        decode([msgpack.packb([1, 10, 0, [msgpack.Timestamp(1, 0)]])])
+    with pytest.raises(DecodeError):  # bool tensors hold only 0 and 1
+        decode([tensor_header(b"\x02", "bool", (1,))])
+    nested = msgpack.packb([])
+    for _ in range(100):
+        nested = msgpack.packb(msgpack.ExtType(1, nested))
+    with pytest.raises(DecodeError):
+        decode([msgpack.packb([1, 10, 0, msgpack.ExtType(1, nested)])])
+
+
+def test_protocol_version_and_kind() -> None:
+    with pytest.raises(ProtocolVersionError):
+        decode([msgpack.packb([2, 10, 0, None])])
+    with pytest.raises(UnknownKindError):
+        decode_message([msgpack.packb([1, 0, 0, None])])
+
+
+def test_unknown_dtype() -> None:
+    with pytest.raises(UnknownDtypeError):
+        decode([tensor_header(b"\x00" * 16, dtype="float128")])
+    with pytest.raises(UnknownDtypeError):
+        decode([tensor_header(b"\x00" * 16, dtype=7)])  # type: ignore[arg-type]
+
+
+def test_frame_size_mismatch() -> None:
+    with pytest.raises(FrameSizeError):
+        decode([tensor_header(1), b"\x00" * 15])
+    with pytest.raises(FrameSizeError):
+        decode([tensor_header(b"\x00" * 17)])
+
+
+def test_frame_index_errors() -> None:
+    for ref in (0, 2, -1, 2**40):
+        with pytest.raises(FrameIndexError):
+            decode([tensor_header(ref), b"\x00" * 16])
+    with pytest.raises(FrameIndexError):  # an unreferenced extra frame
+        decode([encode({"a": 1})[0], b"\x00" * 16])
+    twice = msgpack.packb([1, 10, 0, [msgpack.ExtType(2, msgpack.packb(["uint8", [4], 1]))] * 2])
+    with pytest.raises(FrameIndexError):
+        decode([twice, b"\x00" * 4])
+
+
+def test_limits() -> None:
+    frames = encode([torch.ones(BIG) for _ in range(5)])
+    assert len(frames) == 6
+    with pytest.raises(TooManyFramesError):
+        decode(frames, limits=Limits(max_frames=5))
+    assert len(decode(frames, limits=Limits(max_frames=6))) == 5
+    header = encode({"s": "x" * 1000})
+    with pytest.raises(HeaderTooLargeError):
+        decode(header, limits=Limits(max_header_bytes=1000))
+    with pytest.raises(MessageTooLargeError):
+        decode(frames, limits=Limits(max_message_bytes=5 * BIG * 4))
+    with pytest.raises(ValueError):
+        Limits(max_frames=0)
+
+
+def test_hostile_lengths_cannot_allocate() -> None:
+    # An array header claiming 2**32-1 elements in a 10-byte message: refused, not allocated.
+    claim = b"\x94\x01\x0a\x00\xdd\xff\xff\xff\xff\xc0"
+    with pytest.raises(DecodeError):
+        decode([claim])
+    with pytest.raises(DecodeError):
+        decode([tensor_header(b"", shape=(2**62, 2**62))])
+
+
+def test_import_transport_does_not_import_torch_or_numpy() -> None:
+    code = (
+        "import sys, chatlearn.transport as t\n"
+        "m = t.decode_message(t.encode_message(t.Message(kind=t.MessageKind.HELLO, payload=[1])))\n"
+        "print('torch' in sys.modules, 'numpy' in sys.modules, m.payload)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "[1]"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tensors_are_copied_to_host() -> None:
+    t = torch.arange(BIG * 2, dtype=torch.float32, device="cuda")
+    out = roundtrip({"t": t[::2]})["t"]
+    assert out.device.type == "cpu" and torch.equal(out, t[::2].cpu())
