@@ -1,0 +1,358 @@
+"""The live module inside an actor: startup, the compute thread, and dispatch by method name.
+
+`ActorCore` is shared by both ways of running an actor: the worker process (worker.py, behind a
+socket) and the in-process mode (runtime.py, no sockets). Given an `ActorSpec` it loads the user's
+class, installs the config, builds the module, sets its rank and world size, pins torch's thread
+count, forms the torch.distributed group, runs `setup()`, then builds the worker services.
+
+Calls are dispatched by name. `"forward_step"` etc. go to the module through `invoke` (which
+passes `iteration` only if declared); `"svc.method"` goes to service `svc`: an `async def` method
+runs on the event loop, a plain one in the compute thread. All compute runs on one thread, in the
+order the calls arrived, so the event loop stays free to receive the next request and send
+finished results while a step computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import os
+import queue
+import socket
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from chatlearn.actors.loader import ClassRef, load_object
+from chatlearn.actors.module import BaseModule, invoke
+
+__all__ = [
+    "USER_CODE_ERRORS",
+    "ActorCore",
+    "ActorSpec",
+    "ComputeThread",
+    "WorkerContext",
+    "user_error",
+]
+
+# What user code may raise and the runtime reports as an error of the call (`sys.exit()` in a
+# step must not end the actor's event loop); CancelledError is ours and is never caught as such.
+USER_CODE_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
+
+# Frames from these directories at the start of a call's traceback are the runtime's plumbing.
+_PLUMBING_DIRS = tuple(
+    str(Path(p).resolve().parent) for p in (__file__, asyncio.__file__, concurrent.futures.__file__)
+)
+
+
+def user_error(exc: BaseException, context: dict[str, Any]) -> Any:
+    """A `RemoteError` for `exc` whose traceback starts at the user's code.
+
+    The runtime's own frames (worker loop, compute thread, dispatch) come first in the traceback
+    of every failed call and say nothing about the bug, so they are dropped.
+    """
+    import traceback
+
+    from chatlearn.transport import RemoteError
+
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(_PLUMBING_DIRS):
+            break
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    return RemoteError(type(exc).__qualname__, str(exc), text, context)
+
+
+class ComputeThread:
+    """One daemon thread that runs submitted callables strictly in submission order.
+
+    Daemon, so that an actor can exit (os._exit after SHUTDOWN, or on a fatal error) while user
+    code is still running in it: a hung step must never keep a process alive.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.current: str | None = None  # what runs now (reported in heartbeats)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, label, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            self.current = label
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:  # delivered to the caller, never kills the thread
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            finally:
+                self.current = None
+                del item, fn, args, kwargs
+
+    def submit(
+        self,
+        label: str,
+        fn: Callable[..., Any],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> concurrent.futures.Future[Any]:
+        """Queue `fn(*args, **kwargs)`; `label` is what heartbeats report while it runs."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put((future, label, fn, tuple(args), dict(kwargs or {})))
+        return future
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run `fn(*args, **kwargs)` on this thread and wait for its result."""
+        label = getattr(fn, "__name__", "?")
+        return await asyncio.wrap_future(self.submit(label, fn, args, kwargs))
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+
+@dataclass(kw_only=True)
+class ActorSpec:
+    """Everything an actor needs to become its model's rank (the CONFIG message's payload)."""
+
+    name: str
+    class_ref: ClassRef | None
+    replica_id: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_replica: int = 1
+    host: str = field(default_factory=socket.gethostname)
+    config: dict[str, Any] | None = None  # Config.to_dict(); None in-process (shared object)
+    argv: list[str] = field(default_factory=list)
+    sys_path: list[str] = field(default_factory=list)
+    pinning: dict[str, Any] = field(default_factory=dict)
+    services: dict[str, str] = field(default_factory=dict)
+    runtime_dir: str | None = None
+    dist_timeout: float = 600.0
+    nice: int = 0
+
+    def to_payload(self) -> dict[str, Any]:
+        payload = {k: v for k, v in self.__dict__.items() if k != "class_ref"}
+        payload["class_ref"] = self.class_ref.to_payload() if self.class_ref else None
+        return payload
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> ActorSpec:
+        data = dict(payload)
+        ref = data.get("class_ref")
+        data["class_ref"] = ClassRef.from_payload(ref) if ref is not None else None
+        return cls(**data)
+
+
+class WorkerContext:
+    """What a worker service gets next to the module: where it runs and how to compute."""
+
+    def __init__(
+        self,
+        spec: ActorSpec,
+        *,
+        identity: bytes,
+        loop: asyncio.AbstractEventLoop,
+        compute: ComputeThread,
+        zmq_context: Any,
+        in_process: bool,
+    ) -> None:
+        self.model = spec.name
+        self.replica_id = spec.replica_id
+        self.rank = spec.rank
+        self.world_size = spec.world_size
+        self.local_rank = spec.rank
+        self.num_replica = spec.num_replica
+        self.host = spec.host
+        self.identity = identity
+        self.runtime_dir = Path(spec.runtime_dir) if spec.runtime_dir else None
+        self.cpus = tuple(spec.pinning.get("cpus") or ())
+        self.gpus = tuple(spec.pinning.get("gpus") or ())
+        self.loop = loop
+        self.zmq_context = zmq_context
+        self.in_process = in_process
+        self._compute = compute
+
+    async def run_compute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run `fn` on the actor's compute thread (after the calls queued before it)."""
+        return await self._compute.run(fn, *args, **kwargs)
+
+    def ipc_endpoint(self, name: str) -> str:
+        """An `ipc://` endpoint in the run's private runtime directory."""
+        if self.runtime_dir is None:
+            raise RuntimeError("this actor has no runtime directory")
+        from chatlearn.transport import RuntimeDir
+
+        return RuntimeDir.attach(self.runtime_dir).ipc_endpoint(name)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "replica_id": self.replica_id,
+            "rank": self.rank,
+            "host": self.host,
+            "pid": os.getpid(),
+        }
+
+
+class ActorCore:
+    """Builds the live module from an `ActorSpec` and runs calls on it by name."""
+
+    def __init__(
+        self,
+        spec: ActorSpec,
+        ctx: WorkerContext,
+        *,
+        config_args: Any = None,
+        klass: type | None = None,
+    ) -> None:
+        """`config_args`/`klass`: the config object and class to use as they are (in-process)."""
+        self.spec = spec
+        self.ctx = ctx
+        self.phase = "starting"  # names the startup step in an error
+        self.module: BaseModule | None = None
+        self.services: dict[str, Any] = {}
+        self._config_args = config_args
+        self._klass = klass
+        self._dist_initialized = False
+
+    # -- startup (compute thread) ----------------------------------------------------------
+    def start(self) -> dict[str, Any]:
+        """Load, construct, pin threads, form the dist group, `setup()`. Returns READY info."""
+        spec = self.spec
+        self.phase = "import"
+        if spec.nice and not self.ctx.in_process:
+            try:
+                os.nice(spec.nice)
+            except OSError as exc:  # raising priority needs privileges; not worth failing for
+                print(f"chatlearn: cannot apply nice {spec.nice}: {exc}", file=sys.stderr)
+        args = self._config_args
+        if spec.config is not None:
+            args = self._install_config(spec.config)
+        if spec.argv:
+            sys.argv = list(spec.argv)  # as multiprocessing's spawn does for the main script
+        for entry in reversed(spec.sys_path):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        if self._klass is not None:
+            klass = self._klass
+        else:
+            assert spec.class_ref is not None, "an actor process needs its class reference"
+            klass = spec.class_ref.load()
+        if spec.config is not None:
+            args = self._install_config(spec.config)  # again: the script may have run init()
+        self.phase = "__init__"
+        module = klass(spec.name, args=args, replica_id=spec.replica_id)
+        module._rank = spec.rank
+        module._world_size = spec.world_size
+        module._num_replica = spec.num_replica
+        self.module = module
+        self.phase = "init_process_group"
+        self._init_torch()
+        self.phase = "setup"
+        invoke(module, "setup")
+        self.phase = "ready"
+        return self.ready_info()
+
+    def _install_config(self, config: dict[str, Any]) -> Any:
+        from chatlearn.config import Config, set_args
+
+        cfg = Config.from_dict(config)
+        set_args(cfg)
+        return cfg
+
+    def _init_torch(self) -> None:
+        spec = self.spec
+        num_threads = spec.pinning.get("num_threads")
+        gpus = spec.pinning.get("gpus") or []
+        if spec.world_size <= 1 and not gpus and "torch" not in sys.modules:
+            return  # a module that does not use torch does not pay for importing it
+        import torch
+
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        if gpus:
+            visible = list(spec.pinning.get("visible_gpus") or gpus)
+            torch.cuda.set_device(visible.index(gpus[0]))
+        if spec.world_size > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group(
+                backend="nccl" if gpus else "gloo",
+                init_method="env://",
+                rank=spec.rank,
+                world_size=spec.world_size,
+                timeout=timedelta(seconds=spec.dist_timeout),
+            )
+            self._dist_initialized = True
+
+    def ready_info(self) -> dict[str, Any]:
+        torch = sys.modules.get("torch")
+        return {
+            "pid": os.getpid(),
+            "host": self.spec.host,
+            "cpus": sorted(os.sched_getaffinity(0)) if self.spec.pinning.get("cpus") else [],
+            "gpus": list(self.spec.pinning.get("gpus") or []),
+            "torch_threads": torch.get_num_threads() if torch is not None else None,
+            "services": sorted(self.services),
+        }
+
+    def build_services(self) -> None:
+        """Build `Class(module, ctx)` for each service (on the event loop thread, after setup)."""
+        self.phase = "services"
+        for name, target in self.spec.services.items():
+            if not name or "." in name:
+                raise ValueError(f"service name must be a plain identifier, got {name!r}")
+            self.services[name] = load_object(target)(self.module, self.ctx)
+        self.phase = "ready"
+
+    # -- calls -----------------------------------------------------------------------------
+    async def call(self, method: str, args: Any, kwargs: Any) -> Any:
+        """Run one call: a service coroutine on the loop, anything else on the compute thread."""
+        return await self.submit_in_order(method, args, kwargs)
+
+    def submit_in_order(self, method: str, args: Any, kwargs: Any) -> Awaitable[Any]:
+        """Start one call *now* and return what to await for its result.
+
+        Compute-thread work (module methods, plain service methods) is queued here, at once, so
+        it runs in the order the calls arrived; an `async def` service method is returned as a
+        coroutine for the caller to run on the event loop.
+        """
+        assert self.module is not None, "call before the actor started"
+        kwargs = kwargs or {}
+        service_name, dot, attr = method.partition(".")
+        if not dot:
+            future = self.ctx._compute.submit(method, invoke, (self.module, method, args, kwargs))
+            return asyncio.wrap_future(future)
+        service = self.services.get(service_name)
+        if service is None:
+            raise AttributeError(
+                f"no service {service_name!r} in this actor (services: "
+                f"{', '.join(sorted(self.services)) or 'none'})"
+            )
+        if not attr or attr.startswith("_"):
+            raise AttributeError(f"service method {method!r} is private or empty")
+        fn = getattr(service, attr)
+        if inspect.iscoroutinefunction(fn):
+            return fn(*args, **kwargs)
+        return asyncio.wrap_future(self.ctx._compute.submit(method, fn, args, kwargs))
+
+    def close(self) -> None:
+        """Leave the torch.distributed group (best effort; called on the compute thread)."""
+        if self._dist_initialized:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self._dist_initialized = False

@@ -1,0 +1,171 @@
+"""Errors of the actor runtime, as the coordinator sees them.
+
+Two kinds of failure reach a caller of an actor:
+
+- `ActorError`: the user's code raised inside an actor (in a step, in `setup()`, while the
+  user's module was imported). The wire worked; the error carries the remote traceback and where
+  it happened (model, rank, replica, host, method). It is a `RemoteError`, so code that already
+  handles transport-level remote errors handles it too.
+- `ActorDeadError`: the actor process is gone or no longer answers (crash, `os._exit`, kill -9,
+  OOM, a hang noticed by the heartbeat, a call that exceeded its timeout). It names the model,
+  rank, host, pid, and the exit code or signal, with the last lines the process wrote to stderr.
+
+`PlacementError` is a configuration error: the models' device requests do not fit the host.
+`ModuleError` is what `BaseModule.error()` raises inside an actor.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from chatlearn.config.errors import ConfigError
+from chatlearn.transport.errors import RemoteError
+
+__all__ = [
+    "ActorDeadError",
+    "ActorError",
+    "ActorSystemClosedError",
+    "ActorTimeoutError",
+    "ModuleError",
+    "PlacementError",
+    "describe_exit_code",
+]
+
+
+def describe_exit_code(exit_code: int | None) -> str:
+    """Human text for a `Popen.returncode` (negative means killed by that signal)."""
+    if exit_code is None:
+        return "still running"
+    if exit_code < 0:
+        try:
+            name = signal.Signals(-exit_code).name
+        except ValueError:
+            name = f"signal {-exit_code}"
+        return f"killed by {name} (exit code {exit_code})"
+    return f"exit code {exit_code}"
+
+
+class ActorError(RemoteError):
+    """The user's code raised inside an actor; carries the remote traceback and its location."""
+
+    def __init__(
+        self,
+        type_name: str,
+        message: str,
+        remote_traceback: str = "",
+        context: dict[str, Any] | None = None,
+        *,
+        exit_code: int | None = None,
+    ) -> None:
+        super().__init__(type_name, message, remote_traceback, context)
+        # Set for startup failures, after which the actor process exits.
+        self.exit_code = exit_code
+
+    @classmethod
+    def from_remote(cls, err: RemoteError, **context: Any) -> ActorError:
+        """Wrap a transport `RemoteError`, filling in location keys the peer did not send."""
+        merged = {**{k: v for k, v in context.items() if v is not None}, **err.context}
+        return cls(err.type_name, err.message, err.remote_traceback, merged)
+
+    @property
+    def model(self) -> str | None:
+        return self.context.get("model")
+
+    @property
+    def rank(self) -> int | None:
+        return self.context.get("rank")
+
+    @property
+    def replica_id(self) -> int | None:
+        return self.context.get("replica_id")
+
+    @property
+    def host(self) -> str | None:
+        return self.context.get("host")
+
+    @property
+    def method(self) -> str | None:
+        return self.context.get("method")
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.exit_code is not None:
+            text += f"\n(the actor process then exited: {describe_exit_code(self.exit_code)})"
+        return text
+
+
+class ActorDeadError(RuntimeError):
+    """An actor process died or stopped answering; every other actor of the run is stopped."""
+
+    def __init__(
+        self,
+        model: str,
+        rank: int,
+        host: str,
+        *,
+        replica_id: int = 0,
+        pid: int | None = None,
+        exit_code: int | None = None,
+        reason: str = "",
+        stderr_tail: str = "",
+        remote_traceback: str = "",
+    ) -> None:
+        self.model = model
+        self.rank = rank
+        self.replica_id = replica_id
+        self.host = host
+        self.pid = pid
+        self.exit_code = exit_code
+        self.reason = reason
+        self.stderr_tail = stderr_tail
+        self.remote_traceback = remote_traceback
+        super().__init__(self._headline())
+
+    @property
+    def signal(self) -> int | None:
+        """The signal that killed the process, if it was killed by one."""
+        if self.exit_code is not None and self.exit_code < 0:
+            return -self.exit_code
+        return None
+
+    def _headline(self) -> str:
+        where = f"model {self.model!r} replica {self.replica_id} rank {self.rank}"
+        proc = f"pid {self.pid} on {self.host}" if self.pid else f"on {self.host}"
+        what = self.reason or describe_exit_code(self.exit_code)
+        if self.reason and self.exit_code is not None:
+            what += f"; {describe_exit_code(self.exit_code)}"
+        return f"actor {where} ({proc}) is dead: {what}"
+
+    def __str__(self) -> str:
+        parts = [self._headline()]
+        if self.remote_traceback:
+            parts.append("--- remote traceback ---\n" + self.remote_traceback.rstrip())
+        if self.stderr_tail:
+            parts.append("--- last lines of its stderr ---\n" + self.stderr_tail.rstrip())
+        return "\n".join(parts)
+
+
+class ActorTimeoutError(ActorDeadError, TimeoutError):
+    """A call did not finish within its timeout; the actor is considered hung and is stopped."""
+
+    def __init__(self, model: str, rank: int, host: str, *, method: str, timeout: float, **kw):
+        self.method = method
+        self.timeout = timeout
+        kw.setdefault("reason", f"call {method!r} did not finish within {timeout:g} s (hung)")
+        super().__init__(model, rank, host, **kw)
+
+
+class ActorSystemClosedError(RuntimeError):
+    """The actor system was shut down (normally); no more calls can be made."""
+
+
+class PlacementError(ConfigError):
+    """The models' `num_gpu` / `num_cpu` / `*_per_process` requests do not fit the host.
+
+    A `ConfigError` (so a `ValueError`): the message names the keys and what to change.
+    """
+
+
+class ModuleError(RuntimeError):
+    """Raised by `BaseModule.error(msg)`: the module reports a fatal error of its own."""

@@ -1,0 +1,202 @@
+"""In-process actors: modules run inside the coordinator, with the same handles and errors.
+
+For debugging and unit tests (`ActorSystem(in_process=True)`): no processes, no sockets, no
+pinning. Each actor still has its own compute thread (calls run in order, off the event loop),
+services get a `WorkerContext` on the coordinator's loop, and user exceptions come back as
+`ActorError` with the traceback. Arguments and results go through an encode/decode round trip
+of the wire codec, so a value that could not cross a process boundary fails here too, and the
+actor never shares mutable objects with the caller.
+
+Differences from real actors: the module shares the coordinator's config object (changes are
+visible both ways), a replica must have a single rank (no torch.distributed group), and a call
+that times out leaves its compute thread running (the run is still stopped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from chatlearn.actors.core import (
+    USER_CODE_ERRORS,
+    ActorCore,
+    ActorSpec,
+    ComputeThread,
+    WorkerContext,
+    user_error,
+)
+from chatlearn.actors.errors import ActorError, ActorSystemClosedError, ActorTimeoutError
+from chatlearn.actors.handles import ActorHandle, ModelGroup
+from chatlearn.actors.module import BaseModule
+from chatlearn.actors.placement import ModelResources
+from chatlearn.transport import EncodeError, decode, encode
+
+if TYPE_CHECKING:
+    from chatlearn.actors.runtime import ActorSystem
+
+__all__ = ["LocalActor", "launch_in_process"]
+
+
+def _wire_copy(obj: Any) -> Any:
+    """What the other side of a socket would get (bytes copied: no aliasing with the sender)."""
+    return decode([bytes(frame) for frame in encode(obj)])
+
+
+class LocalActor:
+    """One in-process actor (the backend of its `ActorHandle`)."""
+
+    def __init__(
+        self,
+        system: ActorSystem,
+        template: BaseModule,
+        *,
+        replica_id: int,
+        num_replica: int,
+        services: Mapping[str, str],
+    ) -> None:
+        self.system = system
+        self.model = template.name
+        self.replica_id = replica_id
+        self.rank = 0
+        self.world_size = 1
+        self.num_replica = num_replica
+        self.host = socket.gethostname()
+        self.info: dict[str, Any] = {}
+        self._failure: BaseException | None = None
+        self._closed = False
+        self.compute = ComputeThread(f"chatlearn-inproc-{self.model}-{replica_id}")
+        spec = ActorSpec(
+            name=template.name,
+            class_ref=None,  # type: ignore[arg-type]  # the class object is used directly
+            replica_id=replica_id,
+            num_replica=num_replica,
+            host=self.host,
+            services=dict(services),
+        )
+        import zmq.asyncio
+
+        ctx = WorkerContext(
+            spec,
+            identity=f"{self.model}.{replica_id}.0.inproc".encode(),
+            loop=asyncio.get_running_loop(),
+            compute=self.compute,
+            zmq_context=zmq.asyncio.Context.instance(),
+            in_process=True,
+        )
+        self.core = ActorCore(spec, ctx, config_args=template.global_args, klass=type(template))
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    def where(self, method: str) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "replica_id": self.replica_id,
+            "rank": self.rank,
+            "host": self.host,
+            "pid": self.pid,
+            "method": method,
+        }
+
+    async def start(self) -> None:
+        try:
+            self.info = await asyncio.wrap_future(self.compute.submit("setup", self.core.start))
+            self.core.build_services()
+            self.info["services"] = sorted(self.core.services)
+        except USER_CODE_ERRORS as exc:
+            err = ActorError.from_remote(user_error(exc, self.where(self.core.phase)))
+            self.system.record("error", self, f"{err.type_name} in {err.method}")
+            self.system.fail(err)
+            raise err from None
+        self.system.record("ready", self)
+
+    async def request(
+        self, method: str, args: list[Any], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        if self._failure is not None:
+            raise self._failure
+        if self._closed:
+            raise ActorSystemClosedError(f"in-process actor {self.model} is closed")
+        if timeout is None:
+            timeout = self.system.options.call_timeout
+        args, kwargs = _wire_copy([args, kwargs])
+        call = asyncio.ensure_future(self.core.call(method, args, kwargs))
+        try:
+            result = await asyncio.wait_for(asyncio.shield(call), timeout)
+            try:
+                return _wire_copy(result)
+            except EncodeError as exc:
+                raise EncodeError(
+                    f"the return value of {method!r} cannot be sent back: {exc}"
+                ) from None
+        except TimeoutError:
+            assert timeout is not None
+            timed_out = ActorTimeoutError(
+                self.model,
+                self.rank,
+                self.host,
+                method=method,
+                timeout=timeout,
+                replica_id=self.replica_id,
+                pid=self.pid,
+            )
+            self.system.fail(timed_out)
+            raise timed_out from None
+        except USER_CODE_ERRORS as exc:
+            if self._failure is not None and exc is self._failure:
+                raise
+            err = ActorError.from_remote(user_error(exc, self.where(method)))
+            if self.system.options.fail_fast:
+                self.system.fail(err)
+            raise err from None
+
+    def fail(self, exc: BaseException) -> None:
+        self._failure = exc
+
+    def close(self) -> None:
+        self._closed = True
+        self.compute.stop()
+
+
+async def launch_in_process(
+    system: ActorSystem,
+    modules: Sequence[BaseModule],
+    services: Mapping[str, Mapping[str, str]],
+) -> list[ModelGroup]:
+    """Build and start every replica of `modules` in this process."""
+    planned: list[tuple[BaseModule, int]] = []
+    for module in modules:
+        resources = ModelResources.from_config(module.name, module.module_args)
+        num_processes, per_replica = resources.layout()
+        if per_replica > 1:
+            raise ValueError(
+                f"model {module.name!r} has {per_replica} ranks per replica, which need a "
+                "torch.distributed group across processes; in-process mode runs single-rank "
+                "replicas only (use in_process=False, or give the model one process)"
+            )
+        planned.append((module, num_processes))
+    groups: list[ModelGroup] = []
+    actors: list[LocalActor] = []
+    for module, num_replica in planned:
+        replicas = [
+            LocalActor(
+                system,
+                module,
+                replica_id=r,
+                num_replica=num_replica,
+                services=services.get(module.name, {}),
+            )
+            for r in range(num_replica)
+        ]
+        system._local.extend(replicas)
+        actors.extend(replicas)
+        groups.append(ModelGroup(module.name, [ActorHandle(a) for a in replicas]))
+    results = await asyncio.gather(*(a.start() for a in actors), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise system.failure or errors[0]
+    return groups

@@ -1,0 +1,305 @@
+"""ChatLearn's module API: `BaseModule` and `TorchModule`, which user models subclass.
+
+A module object created in the user's script (the coordinator) is a *template*: its constructor
+only reads config, and the runtime uses it for the model's name, class and config. The live
+instance is built in the model's actor process(es) with the same `(name, args, replica_id)`
+constructor, after the config shipped from the coordinator has been installed; there the runtime
+sets its rank and world size, forms the torch.distributed group, and then calls `setup()`.
+
+Lifecycle methods a subclass overrides: `setup()`, `build_dataset(samples, is_eval=False)`,
+`forward_step(data, iteration)`, `train_step(data_list, iteration)`, `save_checkpoint(iteration)`,
+`load_checkpoint(iteration)`, `before_episode()`, `after_episode()`, `validate()`, and
+`onload()`/`offload()` for colocated models. The runtime calls them through `invoke`, which passes
+`iteration` only if the method declares it (so `forward_step(self, data)` works too) and keeps the
+`_iteration` / `_train_iteration` counters.
+
+This module must not import torch at import time: actor processes import it before they are
+pinned to their devices. `TorchModule` imports torch inside its methods.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import resource
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from chatlearn.actors.errors import ModuleError
+from chatlearn.actors.placement import ModelResources, config_value
+
+__all__ = ["BaseModule", "TorchModule", "invoke"]
+
+# lifecycle method -> the counter that supplies (and counts) its `iteration` argument
+_ITERATION_COUNTERS: dict[str, str | None] = {
+    "forward_step": "_iteration",
+    "eval_step": None,
+    "train_step": "_train_iteration",
+    "save_checkpoint": None,
+    "load_checkpoint": None,
+}
+
+
+class BaseModule:
+    """Base class of every model: ChatLearn's attributes, helpers and lifecycle hooks."""
+
+    def __init__(self, name: str, args: Any = None, replica_id: int = 0) -> None:
+        self.name = name
+        if args is None:
+            from chatlearn.config import get_args
+
+            args = get_args()
+        self.global_args = args
+        self._module_args = _model_section(args, name)
+        self.replica_id = replica_id
+        self.trainable = bool(config_value(self._module_args, "trainable", False))
+        self._logger = logging.getLogger(f"ChatLearn-{name}")
+        self._padding_config: dict[str, dict[str, Any]] = {}
+        # Counters the runtime keeps: forward calls, optimizer steps, current episode.
+        self._iteration = 0
+        self._train_iteration = 0
+        self._episode_id = 0
+        self._resume_training = False
+        # Set by the runtime in the actor process (the template keeps the defaults).
+        self._rank = 0
+        self._world_size = 1
+        self._num_replica: int | None = None
+        self._peak_memory = 0.0
+
+    # -- config views ----------------------------------------------------------------------
+    @property
+    def runtime_args(self) -> Any:
+        """The `runtime:` section of the config."""
+        return config_value(self.global_args, "runtime_args")
+
+    @property
+    def module_args(self) -> Any:
+        """This model's `models.<name>` section (num_gpu, trainable, ...)."""
+        return self._module_args
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """The parsed `models.<name>.model_config_file` (a dict; empty without one)."""
+        value = config_value(self._module_args, "model_args", None)
+        return value if value is not None else {}
+
+    # -- placement views -------------------------------------------------------------------
+    @property
+    def num_replica(self) -> int:
+        if self._num_replica is None:
+            self._num_replica = ModelResources.from_config(
+                self.name, self._module_args
+            ).num_replica()
+        return self._num_replica
+
+    @property
+    def rank(self) -> int:
+        """Rank within this replica's torch.distributed group."""
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Data-parallel ranks inside this replica (its world size over tensor × pipeline)."""
+        return max(1, self._world_size // self._model_parallel_size())
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self._rank // self._model_parallel_size()
+
+    def _model_parallel_size(self) -> int:
+        tp = config_value(self._module_args, "tensor_model_parallel_size", 1)
+        pp = config_value(self._module_args, "pipeline_model_parallel_size", 1)
+        return max(1, min(self._world_size, int(tp) * int(pp)))
+
+    def is_last_rank(self) -> bool:
+        return self._rank == self._world_size - 1
+
+    @property
+    def resume_training(self) -> bool:
+        return self._resume_training
+
+    # -- helpers ---------------------------------------------------------------------------
+    def add_padding_config(
+        self,
+        key: str,
+        value: float = 0.0,
+        padding_type: str = "right",
+        *,
+        padding_value: float | None = None,
+    ) -> None:
+        """Pad `key` with `value` on the `padding_type` side when batching (default: right, 0).
+
+        `padding_value=` is accepted as ChatLearn's spelling of `value`.
+        """
+        if padding_type not in ("right", "left"):
+            raise ValueError(f"padding_type must be 'right' or 'left', got {padding_type!r}")
+        pad = value if padding_value is None else padding_value
+        self._padding_config[key] = {"padding_value": pad, "padding_type": padding_type}
+
+    def padding_config(self) -> dict[str, dict[str, Any]]:
+        return dict(self._padding_config)
+
+    def peak_memory(self) -> float:
+        """Peak memory of this process in GiB (resident set size; CUDA memory in TorchModule)."""
+        # ru_maxrss is KiB on Linux, bytes on macOS.
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        gib = rss / (1024**3 if sys.platform == "darwin" else 1024**2)
+        self._peak_memory = max(self._peak_memory, gib)
+        return self._peak_memory
+
+    def error(self, msg: str = "") -> None:
+        """Report a fatal error of this module: logged, then raised to the coordinator."""
+        self._logger.error(msg)
+        raise ModuleError(f"{self.name}: {msg}")
+
+    def _set_runtime_state(
+        self,
+        *,
+        episode_id: int | None = None,
+        iteration: int | None = None,
+        train_iteration: int | None = None,
+        resume_training: bool | None = None,
+    ) -> None:
+        """Set the counters from the coordinator (episode start, resume)."""
+        if episode_id is not None:
+            self._episode_id = episode_id
+        if iteration is not None:
+            self._iteration = iteration
+        if train_iteration is not None:
+            self._train_iteration = train_iteration
+        if resume_training is not None:
+            self._resume_training = resume_training
+
+    def _runtime_state(self) -> dict[str, Any]:
+        return {
+            "iteration": self._iteration,
+            "train_iteration": self._train_iteration,
+            "episode_id": self._episode_id,
+            "resume_training": self._resume_training,
+            "padding_config": self.padding_config(),
+        }
+
+    # -- lifecycle hooks (override in subclasses) -----------------------------------------
+    def setup(self) -> None:
+        """Build the model, tokenizer, optimizer. Runs in the actor, after the dist group."""
+
+    def build_dataset(self, train_prompts: list[Any], is_eval: bool = False) -> Any:
+        """Return a `torch.utils.data.Dataset` (optionally with `collate_fn`) over the samples."""
+
+    def forward_step(self, data: dict[str, Any], iteration: int = 0) -> dict[str, Any] | None:
+        """Inference on one batch; returns batch-first tensors or lists (not merged with input)."""
+
+    def train_step(self, data: list[dict[str, Any]], iteration: int = 0) -> Any:
+        """One optimizer step over a list of micro-batches; may return a dict of float metrics."""
+
+    def eval_step(self, data: dict[str, Any]) -> dict[str, Any] | None:
+        """Evaluation on one batch."""
+
+    def save_checkpoint(self, iteration: int) -> None:
+        """Save model (and optimizer) state for `iteration`."""
+
+    def load_checkpoint(self, iteration: int) -> None:
+        """Load the state saved for `iteration`."""
+
+    def before_episode(self) -> None:
+        """Called at the start of every episode."""
+
+    def after_episode(self) -> None:
+        """Called at the end of every episode."""
+
+    def validate(self) -> None:
+        """Optional checks after setup."""
+
+    def onload(self) -> None:
+        """Bring state back to the device (colocated models)."""
+
+    def offload(self) -> None:
+        """Free device memory while a colocated model runs."""
+
+
+def _model_section(args: Any, name: str) -> Any:
+    """`models.<name>` of the config; a `ConfigError` naming the known models if absent."""
+    lookup = getattr(args, "model", None)
+    if callable(lookup):
+        return lookup(name)  # chatlearn.config.Config: its error names the file and the fix
+    models = config_value(args, "models", {})
+    if name not in models:
+        from chatlearn.config import ConfigError
+
+        raise ConfigError(
+            f"no model named {name!r}; known models: {', '.join(sorted(models)) or 'none'}",
+            key=f"models.{name}",
+            fix=f"add `{name}:` under `models:`, or construct the module with a known name",
+        )
+    return models[name]
+
+
+class TorchModule(BaseModule):
+    """A module whose model is plain PyTorch (DDP/FSDP inside the module if it likes)."""
+
+    def peak_memory(self) -> float:
+        """Peak CUDA memory allocated in GiB when CUDA is in use, else peak resident memory."""
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            gib = torch.cuda.max_memory_allocated() / 1024**3
+            self._peak_memory = max(self._peak_memory, gib)
+            return self._peak_memory
+        return super().peak_memory()
+
+    def is_last_rank(self) -> bool:
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.distributed.is_available():
+            dist = torch.distributed
+            if dist.is_initialized():
+                return dist.get_rank() == dist.get_world_size() - 1
+        return super().is_last_rank()
+
+    def empty_cache(self) -> None:
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+
+@functools.lru_cache(maxsize=256)
+def _iteration_position(func: Callable[..., Any]) -> int | None:
+    """Index of the `iteration` parameter among a method's arguments after self, or None."""
+    try:
+        names = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("iteration") - 1 if "iteration" in names else None
+
+
+def invoke(module: Any, method: str, args: Any = (), kwargs: Mapping[str, Any] | None = None):
+    """Call `module.<method>(*args, **kwargs)` as the runtime does.
+
+    For the lifecycle steps (`forward_step`, `train_step`, `eval_step`, `save_checkpoint`,
+    `load_checkpoint`) an `iteration` keyword is passed only if the method declares it; when the
+    caller gives none, forward/train steps get the module's own counter, which then advances.
+    """
+    if not method or method.startswith("__"):
+        raise AttributeError(f"{type(module).__name__} has no callable method {method!r}")
+    fn = getattr(module, method)
+    if not callable(fn):
+        raise TypeError(f"{type(module).__name__}.{method} is not callable")
+    kwargs = dict(kwargs or {})
+    if method in _ITERATION_COUNTERS and isinstance(module, BaseModule):
+        counter = _ITERATION_COUNTERS[method]
+        iteration = kwargs.pop("iteration", None)
+        if iteration is None and counter is not None:
+            iteration = getattr(module, counter)
+        position = _iteration_position(getattr(fn, "__func__", fn))
+        # Passed only if declared, and not when the caller already gave it positionally.
+        if iteration is not None and position is not None and position >= len(args):
+            kwargs["iteration"] = iteration
+        result = fn(*args, **kwargs)
+        if counter is not None:
+            setattr(module, counter, getattr(module, counter) + 1)
+        return result
+    return fn(*args, **kwargs)

@@ -1,0 +1,394 @@
+"""Placement: which process of which model runs on which devices.
+
+`plan_placement` turns every model's `models.<name>` resource keys and the host's resources into
+one `ProcessAssignment` per actor process, or raises `PlacementError` saying what to change.
+
+Keys read from `models.<name>`:
+- `num_gpu` (alias `num_device`), `num_cpu`: the model's devices (at least one must be > 0).
+- `gpu_per_process` (default 1): GPUs per process; `num_gpu / gpu_per_process` processes.
+- `cpu_per_process` (extension; default: all of `num_cpu` in one process) for CPU-only models.
+- `trainable`: a trainer is one replica whose processes form one torch.distributed group (data
+  parallelism inside); an inference model has one replica per `tensor_model_parallel_size ×
+  pipeline_model_parallel_size` devices (ChatLearn's rule), each replica its own group.
+
+Mapping to hardware:
+- GPU host: GPU models get disjoint GPUs. Every process of a replica sees the replica's GPUs
+  (`CUDA_VISIBLE_DEVICES`, in rank order) and uses the ones at `LOCAL_RANK × gpu_per_process`
+  (torchrun's convention, so user DDP/FSDP code works as is). CPU models get pinned cores and
+  `CUDA_VISIBLE_DEVICES=""`.
+- CPU-only host: every process is pinned to its own cores. A model that asks for GPUs falls back
+  to cores: one process per `gpu_per_process` "devices" as on a GPU host, each process getting
+  `num_cpu / num_processes` cores if `num_cpu` is set, else one core per requested GPU.
+- Colocation (`runtime.colocation`, e.g. `["reference,policy_trainer"]`): the models of a group
+  share one range of devices (sized for the largest) instead of getting disjoint ones; the OS
+  scheduler then gives the trainer the time the reference leaves idle.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatlearn.actors.errors import PlacementError
+
+__all__ = [
+    "HostResources",
+    "ModelResources",
+    "PlacementPlan",
+    "ProcessAssignment",
+    "parse_colocation",
+    "plan_placement",
+]
+
+
+PARALLEL_SIZE_KEYS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "expert_model_parallel_size",
+)
+
+
+def config_value(obj: Any, key: str, default: Any = None) -> Any:
+    """Read `key` from a config section that is a mapping or an attribute-style object."""
+    if obj is None:
+        return default
+    if isinstance(obj, Mapping):
+        value = obj.get(key, default)
+    else:
+        try:
+            value = getattr(obj, key)
+        except AttributeError:
+            return default
+    return default if value is None else value
+
+
+def _positive_int(model: str, key: str, value: Any, *, allow_zero: bool = True) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        lowest = "0" if allow_zero else "1"
+        raise PlacementError(f"models.{model}.{key} must be an integer >= {lowest}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class HostResources:
+    """What one host offers: its name, the CPU cores this process may use, and its GPUs."""
+
+    host: str
+    cpus: tuple[int, ...]
+    gpus: tuple[int, ...] = ()
+
+    @classmethod
+    def detect(cls) -> HostResources:
+        """This host: cores from our own affinity, GPUs from CUDA (only if torch sees one)."""
+        return cls(
+            host=socket.gethostname(),
+            cpus=tuple(sorted(os.sched_getaffinity(0))),
+            gpus=_detect_gpus(),
+        )
+
+
+def _detect_gpus() -> tuple[int, ...]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return ()
+    if "torch" not in sys.modules and _no_nvidia_driver():
+        return ()  # importing torch just to count zero GPUs costs a second or more
+    try:
+        import torch  # only the coordinator needs this, and only here
+    except ImportError:
+        return ()
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible:
+        ids = [part.strip() for part in visible.split(",") if part.strip()]
+        return (
+            tuple(int(i) for i in ids[:count])
+            if all(i.isdigit() for i in ids)
+            else tuple(range(count))
+        )
+    return tuple(range(count))
+
+
+def _no_nvidia_driver() -> bool:
+    """True on Linux hosts without the NVIDIA kernel driver (so CUDA cannot see a GPU)."""
+    return sys.platform.startswith("linux") and not (
+        os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidia0")
+    )
+
+
+@dataclass(frozen=True)
+class ModelResources:
+    """A model's resource request, parsed and checked from its `models.<name>` section."""
+
+    name: str
+    num_gpu: int = 0
+    num_cpu: int = 0
+    gpu_per_process: int = 1
+    cpu_per_process: int | None = None
+    trainable: bool = False
+    model_parallel_size: int = 1  # devices per inference replica (tp × pp × ep, or zero_size)
+
+    @classmethod
+    def from_config(cls, name: str, model_cfg: Any) -> ModelResources:
+        num_gpu = config_value(model_cfg, "num_gpu", 0) or config_value(model_cfg, "num_device", 0)
+        # ChatLearn's replica size: zero_size if set, else tensor × pipeline × expert parallel.
+        zero = _positive_int(
+            name, "zero_size", config_value(model_cfg, "zero_size", 1), allow_zero=False
+        )
+        group = 1
+        for key in PARALLEL_SIZE_KEYS:
+            group *= _positive_int(name, key, config_value(model_cfg, key, 1), allow_zero=False)
+        res = cls(
+            name=name,
+            num_gpu=_positive_int(name, "num_gpu", num_gpu),
+            num_cpu=_positive_int(name, "num_cpu", config_value(model_cfg, "num_cpu", 0)),
+            gpu_per_process=_positive_int(
+                name,
+                "gpu_per_process",
+                config_value(model_cfg, "gpu_per_process", 1),
+                allow_zero=False,
+            ),
+            cpu_per_process=config_value(model_cfg, "cpu_per_process", None),
+            trainable=bool(config_value(model_cfg, "trainable", False)),
+            model_parallel_size=zero if zero > 1 else group,
+        )
+        res.layout()  # validate now, so a bad config fails at launch, before any process starts
+        return res
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.num_gpu > 0
+
+    def layout(self) -> tuple[int, int]:
+        """(number of processes, ranks per replica); raises `PlacementError` if inconsistent."""
+        key = f"models.{self.name}"
+        if self.num_gpu == 0 and self.num_cpu == 0:
+            raise PlacementError(f"{key}: set num_gpu (alias num_device) or num_cpu to at least 1")
+        if self.uses_gpu:
+            if self.num_gpu % self.gpu_per_process:
+                raise PlacementError(
+                    f"{key}.num_gpu ({self.num_gpu}) must be a multiple of "
+                    f"{key}.gpu_per_process ({self.gpu_per_process})"
+                )
+            num_processes = self.num_gpu // self.gpu_per_process
+            per_replica = max(1, self.model_parallel_size // self.gpu_per_process)
+        else:
+            per_process = self.cpu_per_process or self.num_cpu
+            per_process = _positive_int(self.name, "cpu_per_process", per_process, allow_zero=False)
+            if self.num_cpu % per_process:
+                raise PlacementError(
+                    f"{key}.num_cpu ({self.num_cpu}) must be a multiple of "
+                    f"{key}.cpu_per_process ({per_process})"
+                )
+            num_processes = self.num_cpu // per_process
+            per_replica = self.model_parallel_size
+        if self.trainable:
+            return num_processes, num_processes
+        if num_processes % per_replica:
+            raise PlacementError(
+                f"{key}: {num_processes} processes cannot be split into replicas of "
+                f"{per_replica} (tensor × pipeline × expert parallel size, or zero_size)"
+            )
+        return num_processes, per_replica
+
+    def num_replica(self) -> int:
+        num_processes, per_replica = self.layout()
+        return num_processes // per_replica
+
+    def cores_per_process(self, host_has_gpus: bool) -> int:
+        """Cores each process is pinned to (0: not pinned, on GPU hosts for GPU models)."""
+        num_processes, _ = self.layout()
+        if not self.uses_gpu:
+            return self.num_cpu // num_processes
+        if host_has_gpus:
+            return 0
+        if self.num_cpu:
+            if self.num_cpu < num_processes:
+                raise PlacementError(
+                    f"models.{self.name}: on this CPU-only host its {num_processes} processes "
+                    f"need at least one core each, but num_cpu is {self.num_cpu}"
+                )
+            return self.num_cpu // num_processes
+        return self.gpu_per_process
+
+
+@dataclass(frozen=True)
+class ProcessAssignment:
+    """One actor process: its place in the model and the devices it is pinned to."""
+
+    model: str
+    replica_id: int
+    rank: int  # rank within the replica's torch.distributed group
+    world_size: int
+    num_replica: int
+    host: str
+    cpus: tuple[int, ...] = ()  # pinned cores (empty: not pinned)
+    gpus: tuple[int, ...] = ()  # this process's GPUs (host numbering)
+    visible_gpus: tuple[int, ...] = ()  # the replica's GPUs: CUDA_VISIBLE_DEVICES
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def local_rank(self) -> int:
+        return self.rank  # one host: the rank within the replica is the local rank
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus else "cpu"
+
+    @property
+    def num_threads(self) -> int | None:
+        return len(self.cpus) or None
+
+    def pinning_payload(self) -> dict[str, Any]:
+        return {
+            "cpus": list(self.cpus),
+            "gpus": list(self.gpus),
+            "visible_gpus": list(self.visible_gpus),
+            "num_threads": self.num_threads,
+            "device": self.device,
+        }
+
+
+def _pinning_env(cpus: Sequence[int], visible_gpus: Sequence[int], host_has_gpus: bool) -> dict:
+    env: dict[str, str] = {}
+    if visible_gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in visible_gpus)
+    elif host_has_gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU model must not grab a GPU by accident
+    if cpus:
+        # Read by the worker before it imports anything heavy; the thread counts make torch,
+        # OpenMP and MKL use exactly the pinned cores instead of one thread per host core.
+        env["CHATLEARN_CPU_AFFINITY"] = ",".join(str(c) for c in cpus)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(len(cpus))
+    return env
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    """Per model (in the order given), its process assignments ordered by (replica, rank)."""
+
+    host: HostResources
+    assignments: dict[str, list[ProcessAssignment]]
+
+    def used_cpus(self) -> set[int]:
+        return {c for procs in self.assignments.values() for p in procs for c in p.cpus}
+
+    def used_gpus(self) -> set[int]:
+        return {g for procs in self.assignments.values() for p in procs for g in p.gpus}
+
+
+def parse_colocation(value: Any) -> list[list[str]]:
+    """`runtime.colocation` (`["a,b", ...]` or `[["a", "b"], ...]`) as lists of model names."""
+    groups: list[list[str]] = []
+    for item in value or []:
+        names = item.split(",") if isinstance(item, str) else list(item)
+        names = [n.strip() for n in names if n and n.strip()]
+        if names:
+            groups.append(names)
+    return groups
+
+
+def _device_groups(
+    models: Sequence[ModelResources], colocation: Iterable[Sequence[str]]
+) -> list[list[ModelResources]]:
+    by_name = {m.name: m for m in models}
+    seen: set[str] = set()
+    groups: list[list[ModelResources]] = []
+    for names in colocation:
+        for name in names:
+            if name in seen:
+                raise PlacementError(f"runtime.colocation lists model {name!r} twice")
+            seen.add(name)
+        members = [by_name[n] for n in names if n in by_name]
+        if members:
+            groups.append(members)
+    groups.extend([m] for m in models if m.name not in seen)
+    return groups
+
+
+def plan_placement(
+    models: Sequence[ModelResources],
+    host: HostResources,
+    *,
+    colocation: Iterable[Sequence[str]] = (),
+    reserved_cpus: Iterable[int] = (),
+    reserved_gpus: Iterable[int] = (),
+) -> PlacementPlan:
+    """Assign devices to every process of `models`; `reserved_*` are taken by earlier launches.
+
+    Raises `PlacementError` naming the models and what they need when the request does not fit.
+    """
+    host_has_gpus = bool(host.gpus)
+    free_cpus = [c for c in host.cpus if c not in set(reserved_cpus)]
+    free_gpus = [g for g in host.gpus if g not in set(reserved_gpus)]
+    groups = _device_groups(models, colocation)
+
+    def need(m: ModelResources) -> tuple[int, int]:  # (gpus, cpus) of the whole model
+        num_processes, _ = m.layout()
+        gpus = m.num_gpu if (m.uses_gpu and host_has_gpus) else 0
+        return gpus, num_processes * m.cores_per_process(host_has_gpus)
+
+    group_needs = [tuple(max(need(m)[i] for m in g) for i in (0, 1)) for g in groups]
+    total_gpus = sum(n[0] for n in group_needs)
+    total_cpus = sum(n[1] for n in group_needs)
+    if total_gpus > len(free_gpus) or total_cpus > len(free_cpus):
+        detail = "; ".join(
+            f"{'+'.join(m.name for m in g)} needs {n[0]} GPU(s), {n[1]} core(s)"
+            for g, n in zip(groups, group_needs, strict=True)
+        )
+        raise PlacementError(
+            f"the models do not fit this host ({host.host}: {len(free_gpus)} free GPU(s), "
+            f"{len(free_cpus)} free CPU core(s)): {detail}. Lower models.<name>.num_gpu / "
+            "num_cpu, or let models share devices with runtime.colocation"
+        )
+
+    assignments: dict[str, list[ProcessAssignment]] = {}
+    gpu_offset = cpu_offset = 0
+    for group, (group_gpus, group_cpus) in zip(groups, group_needs, strict=True):
+        for m in group:  # colocated models all start at the group's offset: they share devices
+            assignments[m.name] = _assign_model(
+                m, host, free_gpus[gpu_offset:], free_cpus[cpu_offset:], host_has_gpus
+            )
+        gpu_offset += group_gpus
+        cpu_offset += group_cpus
+    ordered = {m.name: assignments[m.name] for m in models}
+    return PlacementPlan(host=host, assignments=ordered)
+
+
+def _assign_model(
+    m: ModelResources,
+    host: HostResources,
+    gpus: Sequence[int],
+    cpus: Sequence[int],
+    host_has_gpus: bool,
+) -> list[ProcessAssignment]:
+    num_processes, per_replica = m.layout()
+    num_replica = num_processes // per_replica
+    cores = m.cores_per_process(host_has_gpus)
+    gpp = m.gpu_per_process if (m.uses_gpu and host_has_gpus) else 0
+    procs: list[ProcessAssignment] = []
+    for index in range(num_processes):
+        replica_id, rank = divmod(index, per_replica)
+        first = replica_id * per_replica
+        my_gpus = tuple(gpus[index * gpp : (index + 1) * gpp])
+        visible = tuple(gpus[first * gpp : (first + per_replica) * gpp])
+        my_cpus = tuple(cpus[index * cores : (index + 1) * cores])
+        procs.append(
+            ProcessAssignment(
+                model=m.name,
+                replica_id=replica_id,
+                rank=rank,
+                world_size=per_replica,
+                num_replica=num_replica,
+                host=host.host,
+                cpus=my_cpus,
+                gpus=my_gpus,
+                visible_gpus=visible,
+                env=_pinning_env(my_cpus, visible, host_has_gpus),
+            )
+        )
+    return procs

@@ -1,0 +1,200 @@
+"""OS-process plumbing for actors: spawn, watch stderr, terminate trees, notice parent death.
+
+Used on both sides: the coordinator spawns workers from a clean interpreter
+(`python -m chatlearn.actors.worker`, never fork) and tears whole process trees down with
+terminate → bounded wait → kill; the worker asks the kernel to signal it when its parent dies.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import IO
+
+import psutil
+
+__all__ = [
+    "StderrTail",
+    "free_tcp_port",
+    "set_parent_death_signal",
+    "spawn_worker",
+    "terminate_processes",
+]
+
+# The directory that holds the `chatlearn` package, so a worker imports the same code even when
+# the package is used from a source tree that is not installed.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def worker_environment(extra: Mapping[str, str]) -> dict[str, str]:
+    """The coordinator's environment plus `extra` (pinning, distributed rendezvous)."""
+    env = dict(os.environ)
+    path = env.get("PYTHONPATH", "")
+    if _PACKAGE_ROOT not in path.split(os.pathsep):
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, path) if p)
+    env["PYTHONUNBUFFERED"] = "1"  # tracebacks and logs reach us before a crash, not after
+    env.update(extra)
+    return env
+
+
+def spawn_worker(args: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """Start `python -m chatlearn.actors.worker ARGS` with stderr piped (see `StderrTail`)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "chatlearn.actors.worker", *args],
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        close_fds=True,
+    )
+
+
+class StderrTail:
+    """Forwards a child's stderr to ours, line by line, and keeps the last lines for errors."""
+
+    def __init__(self, stream: IO[bytes], prefix: str, *, max_lines: int = 40) -> None:
+        self._stream = stream
+        self._prefix = prefix
+        self._lines: deque[str] = deque(maxlen=max_lines)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"stderr {prefix}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for raw in iter(self._stream.readline, b""):
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                with self._lock:
+                    self._lines.append(line)
+                with contextlib.suppress(Exception):
+                    sys.stderr.write(f"{self._prefix} {line}\n")
+        with contextlib.suppress(OSError):
+            self._stream.close()
+
+    def text(self) -> str:
+        with self._lock:
+            return "\n".join(self._lines)
+
+    def join(self, timeout: float) -> None:
+        """Wait (bounded) until the child's stderr is drained; it ends when the child exits."""
+        self._thread.join(timeout)
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        parent = psutil.Process(pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def terminate_processes(
+    popens: Iterable[subprocess.Popen[bytes]], *, grace: float = 3.0, kill_wait: float = 3.0
+) -> None:
+    """Stop every process and all its descendants: SIGTERM → wait `grace` → SIGKILL.
+
+    Descendants are collected before anything is signalled: once a parent dies its children are
+    re-parented and can no longer be found from it. The direct children are reaped through their
+    `Popen` so that their exit codes stay readable.
+    """
+    popens = list(popens)
+    extra: dict[int, psutil.Process] = {}
+    for popen in popens:
+        for proc in _tree(popen.pid)[1:]:
+            extra[proc.pid] = proc
+    descendants = list(extra.values())
+    for popen in popens:
+        if popen.poll() is None:
+            with contextlib.suppress(OSError):
+                popen.send_signal(signal.SIGTERM)
+                popen.send_signal(signal.SIGCONT)  # a stopped process acts on SIGTERM only then
+    for proc in descendants:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+            proc.resume()
+    _wait(popens, descendants, grace)
+    for popen in popens:
+        if popen.poll() is None:
+            with contextlib.suppress(OSError):
+                popen.kill()
+    for proc in descendants:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    _wait(popens, descendants, kill_wait)
+
+
+def _wait(popens: list[subprocess.Popen[bytes]], procs: list[psutil.Process], timeout: float):
+    import time
+
+    deadline = time.monotonic() + timeout
+    for popen in popens:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(max(0.0, deadline - time.monotonic()))
+    with contextlib.suppress(psutil.Error):
+        psutil.wait_procs(procs, timeout=max(0.0, deadline - time.monotonic()))
+
+
+def kill_own_children(grace: float = 1.0) -> None:
+    """In a worker about to exit: stop the processes it started (DataLoader workers, ...)."""
+    children = _tree(os.getpid())[1:]
+    for proc in children:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    with contextlib.suppress(psutil.Error):
+        _, alive = psutil.wait_procs(children, timeout=grace)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+_PR_SET_PDEATHSIG = 1
+
+# The signal a worker gets when its coordinator dies. Not SIGTERM: the kernel sends it when the
+# *thread* that forked us exits, and while a killed coordinator's other threads are still being
+# torn down our parent pid has not changed yet, so a SIGTERM from the dying coordinator would
+# look just like the SIGTERM of an orderly stop. A real-time signal of our own is unambiguous.
+PARENT_DEATH_SIGNAL: int = (
+    int(signal.SIGRTMIN) + 1 if hasattr(signal, "SIGRTMIN") else int(signal.SIGTERM)
+)
+
+
+def set_parent_death_signal(sig: int = PARENT_DEATH_SIGNAL) -> bool:
+    """Ask Linux to send `sig` to this process when its parent dies; False where unsupported.
+
+    Note the kernel's notion of "parent" is the thread that forked us, which is why the
+    coordinator spawns workers from its event-loop thread, never from a short-lived thread.
+    Until a handler is installed, the signal's default action (terminate) applies.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now (for torch.distributed's MASTER_PORT; it binds it itself)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def apply_cpu_affinity_from_env() -> tuple[int, ...]:
+    """Pin this process to `CHATLEARN_CPU_AFFINITY` (set by the spawner); returns the cores."""
+    spec = os.environ.get("CHATLEARN_CPU_AFFINITY", "")
+    cpus = tuple(int(c) for c in spec.split(",") if c.strip())
+    if cpus:
+        psutil.Process().cpu_affinity(list(cpus))
+    return cpus

@@ -1,0 +1,246 @@
+"""The coordinator's side of one worker process: spawn it, handshake with it, call it.
+
+`RemoteActor` is the record the `ActorSystem` keeps per process (its `Popen`, stderr tail,
+liveness timestamps, state) and the backend of the process's `ActorHandle`. `spawn_model` starts
+a model's processes with their pinning and torch.distributed environment; `RemoteActor.start`
+runs the HELLO → CONFIG → READY handshake within `startup_timeout`, while the system's
+supervisor watches the process so that a crash ends the wait at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from chatlearn.actors.core import ActorSpec
+from chatlearn.actors.errors import (
+    ActorDeadError,
+    ActorError,
+    ActorSystemClosedError,
+    ActorTimeoutError,
+)
+from chatlearn.actors.loader import ClassRef
+from chatlearn.actors.module import BaseModule
+from chatlearn.actors.placement import ProcessAssignment, config_value
+from chatlearn.actors.process import StderrTail, free_tcp_port, spawn_worker, worker_environment
+from chatlearn.transport import (
+    ChannelClosedError,
+    MessageKind,
+    PeerUnreachableError,
+    RemoteError,
+    RequestTimeoutError,
+)
+
+if TYPE_CHECKING:
+    from chatlearn.actors.runtime import ActorSystem
+
+__all__ = ["RemoteActor", "spawn_model"]
+
+# How long a call to a peer that is no longer connected waits for the supervisor to name the
+# cause (the process exit it is about to notice) before reporting a generic death.
+_UNREACHABLE_WAIT = 2.0
+
+
+class RemoteActor:
+    """The coordinator's record of one worker process (the backend of its `ActorHandle`)."""
+
+    def __init__(self, system: ActorSystem, assignment: ProcessAssignment, spec: ActorSpec):
+        self.system = system
+        self.assignment = assignment
+        self.spec = spec
+        self.model = assignment.model
+        self.replica_id = assignment.replica_id
+        self.rank = assignment.rank
+        self.world_size = assignment.world_size
+        self.num_replica = assignment.num_replica
+        self.host = assignment.host
+        token = secrets.token_hex(4)
+        self.identity = f"{self.model}.{self.replica_id}.{self.rank}.{token}".encode()
+        self.info: dict[str, Any] = {}
+        self.state = "spawning"  # spawning, starting, ready, failed, stopping, exited
+        self.hello: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.last_seen = time.monotonic()
+        self.busy: str | None = None  # what its compute thread runs (from heartbeats)
+        self.exit_seen_at: float | None = None
+        self.dead_payload: Any = None
+        self.dead_at: float | None = None
+        self.popen: Any = None
+        self.stderr: StderrTail | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
+
+    def where(self, method: str | None = None) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "replica_id": self.replica_id,
+            "rank": self.rank,
+            "host": self.host,
+            "pid": self.pid,
+            "method": method,
+        }
+
+    def dead_error(self, reason: str = "") -> ActorDeadError:
+        """An `ActorDeadError` with everything known: exit code, DEAD traceback, stderr tail."""
+        tb = ""
+        if isinstance(self.dead_payload, dict):
+            tb = str(self.dead_payload.get("traceback", ""))
+        return ActorDeadError(
+            self.model,
+            self.rank,
+            self.host,
+            replica_id=self.replica_id,
+            pid=self.pid,
+            exit_code=self.popen.poll() if self.popen is not None else None,
+            reason=reason,
+            stderr_tail=self.stderr.text() if self.stderr is not None else "",
+            remote_traceback=tb,
+        )
+
+    async def start(self) -> None:
+        """HELLO → CONFIG → READY within `startup_timeout`; a failure stops the whole run."""
+        system = self.system
+        timeout = system.options.startup_timeout
+        deadline = time.monotonic() + timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await self.hello  # failed by the supervisor if the process exits first
+            remaining = max(0.1, deadline - time.monotonic())
+            info = await system.server.request(
+                self.identity, MessageKind.CONFIG, self.spec.to_payload(), timeout=remaining
+            )
+        except RemoteError as err:  # the actor reported a startup failure (import, setup, ...)
+            self.state = "failed"  # its exit is expected now: not a second failure
+            exc = ActorError.from_remote(err, **self.where(None))
+            exc.exit_code = await self._wait_exit(system.options.kill_timeout)
+            system.record("error", self, f"{exc.type_name} in {exc.method}")
+            system.fail(exc)
+            raise exc from None
+        except (TimeoutError, RequestTimeoutError):
+            late = self.dead_error(f"did not become ready within startup_timeout={timeout:g} s")
+            system.fail(late)
+            raise late from None
+        self.info = dict(info or {})
+        self.state = "ready"
+        system.record("ready", self)
+
+    async def _wait_exit(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while self.popen.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.popen.poll()
+
+    async def request(
+        self, method: str, args: list[Any], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """One CALL; user errors become `ActorError`, a hang `ActorTimeoutError` (fatal)."""
+        system = self.system
+        if system.failure is not None:
+            raise system.failure
+        if self.state != "ready":
+            raise ActorSystemClosedError(f"actor {self.model} rank {self.rank} is {self.state}")
+        if timeout is None:
+            timeout = system.options.call_timeout
+        payload = {"method": method, "args": args, "kwargs": kwargs}
+        try:
+            return await system.server.request(
+                self.identity, MessageKind.CALL, payload, timeout=timeout
+            )
+        except RemoteError as err:
+            if isinstance(err, ActorError):  # the run's failure, set by fail_pending
+                raise
+            exc = ActorError.from_remote(err, **self.where(method))
+            system.record("error", self, f"{exc.type_name} in {method}")
+            if system.options.fail_fast:
+                system.fail(exc)
+            raise exc from None
+        except RequestTimeoutError:
+            assert timeout is not None
+            timed_out = ActorTimeoutError(
+                self.model,
+                self.rank,
+                self.host,
+                method=method,
+                timeout=timeout,
+                replica_id=self.replica_id,
+                pid=self.pid,
+            )
+            system.fail(timed_out)
+            raise timed_out from None
+        except ChannelClosedError:
+            if system.failure is not None:
+                raise system.failure from None
+            raise ActorSystemClosedError("the actor system shut down during the call") from None
+        except PeerUnreachableError:
+            deadline = time.monotonic() + _UNREACHABLE_WAIT
+            while time.monotonic() < deadline:
+                if system.failure is not None:
+                    raise system.failure from None
+                await asyncio.sleep(0.05)
+            raise self.dead_error("not connected to the coordinator") from None
+
+
+def spawn_model(
+    system: ActorSystem,
+    module: BaseModule,
+    assignments: list[ProcessAssignment],
+    *,
+    config_dict: dict[str, Any],
+    services: dict[str, str],
+    env_vars: dict[str, str],
+) -> list[RemoteActor]:
+    """Start one worker per assignment (not yet configured: see `RemoteActor.start`)."""
+    class_ref = ClassRef.of(type(module))
+    nice = int(config_value(module.module_args, "nice", 0) or 0)
+    options = system.options
+    ports: dict[int, int] = {}
+    actors = []
+    for a in assignments:
+        dist_env: dict[str, str] = {}
+        if a.world_size > 1:
+            port = ports.setdefault(a.replica_id, free_tcp_port())
+            dist_env = {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "RANK": str(a.rank),
+                "WORLD_SIZE": str(a.world_size),
+                "LOCAL_RANK": str(a.local_rank),
+                "LOCAL_WORLD_SIZE": str(a.world_size),
+            }
+        spec = ActorSpec(
+            name=module.name,
+            class_ref=class_ref,
+            replica_id=a.replica_id,
+            rank=a.rank,
+            world_size=a.world_size,
+            num_replica=a.num_replica,
+            host=a.host,
+            config=config_dict,
+            argv=list(sys.argv),
+            sys_path=[p for p in sys.path if p],
+            pinning=a.pinning_payload(),
+            services=services,
+            runtime_dir=str(system.runtime_dir.path) if system.runtime_dir else None,
+            dist_timeout=options.dist_timeout,
+            nice=nice,
+        )
+        actor = RemoteActor(system, a, spec)
+        argv = [
+            *("--endpoint", system.server.endpoint),
+            *("--identity", actor.identity.decode()),
+            *("--coordinator-pid", str(os.getpid())),
+            *("--heartbeat-interval", str(options.heartbeat_interval)),
+            *("--startup-timeout", str(options.startup_timeout)),
+        ]
+        env = worker_environment({**env_vars, **a.env, **dist_env})
+        # Spawned from the event loop's thread: PR_SET_PDEATHSIG follows the forking thread.
+        actor.popen = spawn_worker(argv, env)
+        actor.stderr = StderrTail(actor.popen.stderr, f"[{module.name} r{a.replica_id}.{a.rank}]")
+        actor.state = "starting"
+        actors.append(actor)
+    return actors

@@ -1,0 +1,449 @@
+"""The coordinator's actor runtime: spawns model processes, supervises them, stops them.
+
+    async with ActorSystem(config) as system:
+        reference, policy = await system.launch(reference_template, policy_template)
+        out = await reference.call(0, "forward_step", batch)
+
+`ActorSystem.launch` plans placement for the given module templates (placement.py), spawns one
+`python -m chatlearn.actors.worker` per process with its pinning and torch.distributed
+environment, and waits — with `startup_timeout`, while watching every process — until each has
+said HELLO and answered CONFIG with READY (after `setup()`). It returns a `ModelGroup` per model.
+With `in_process=True` modules run inside the coordinator instead (inprocess.py), with the same
+handles and errors.
+
+Two loops run beside the caller's code:
+- `_control_loop` consumes the actors' unsolicited messages (HELLO, HEARTBEAT, DEAD) and
+  produces arrivals and liveness timestamps.
+- `_supervise_loop` waits on nothing but a 0.1 s tick: it polls every process for an exit and
+  checks heartbeat silence (`heartbeat_timeout`), and produces the run's failure.
+
+Any failure (a dead or hung actor, a call timeout, and by default an error raised by user code)
+is fatal for the whole run: every pending call fails with it, and every process tree is stopped
+with terminate → bounded wait → kill; the runtime directory with its ipc files is removed.
+`shutdown()` (or leaving `async with`) stops a healthy run in order: SHUTDOWN to every actor,
+bounded wait for them to exit, then the same terminate/kill for stragglers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from chatlearn.actors.errors import ActorSystemClosedError
+from chatlearn.actors.handles import ActorHandle, ModelGroup
+from chatlearn.actors.module import BaseModule
+from chatlearn.actors.placement import (
+    HostResources,
+    ModelResources,
+    config_value,
+    parse_colocation,
+    plan_placement,
+)
+from chatlearn.actors.process import terminate_processes
+from chatlearn.actors.remote import RemoteActor, spawn_model
+from chatlearn.transport import ControlServer, MessageKind, RuntimeDir
+
+__all__ = ["ActorEvent", "ActorSystem", "SupervisionOptions"]
+
+logger = logging.getLogger("chatlearn.actors")
+
+# After a process exit is seen, wait this long for its last messages (ERROR, DEAD) to arrive,
+# so the error names the real cause rather than just the exit code.
+_EXIT_GRACE = 0.3
+_TICK = 0.1
+
+
+@dataclass(frozen=True)
+class SupervisionOptions:
+    """Timeouts of the runtime; defaults come from the `runtime:` config section."""
+
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 5.0
+    startup_timeout: float = 60.0  # spawn → READY, including setup()
+    call_timeout: float | None = None
+    shutdown_timeout: float = 5.0  # graceful stop, then terminate → kill_timeout → kill
+    kill_timeout: float = 3.0
+    dist_timeout: float = 600.0  # torch.distributed collectives
+    fail_fast: bool = True  # an ActorError also stops the run
+    in_process: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> SupervisionOptions:
+        runtime = config_value(config, "runtime_args")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            value = config_value(runtime, f.name, None)
+            if value is not None:
+                values[f.name] = value
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        options = cls(**values)
+        if options.heartbeat_timeout <= options.heartbeat_interval:
+            raise ValueError(
+                f"heartbeat_timeout ({options.heartbeat_timeout}) must be larger than "
+                f"heartbeat_interval ({options.heartbeat_interval})"
+            )
+        return options
+
+
+@dataclass(frozen=True)
+class ActorEvent:
+    """One entry of the runtime's event log (`ActorSystem.events`)."""
+
+    time: float
+    kind: str  # spawn, hello, ready, error, dead, failure, shutdown, exit, stopped
+    model: str = ""
+    replica_id: int = 0
+    rank: int = 0
+    detail: str = ""
+
+
+class ActorSystem:
+    """Spawns, supervises and stops the actor processes of one run (see module docstring)."""
+
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        host: HostResources | None = None,
+        **options: Any,
+    ) -> None:
+        """`config`: a `chatlearn.config.Config` (default: the modules' own config at launch).
+
+        `options` override `SupervisionOptions` fields (heartbeat_interval, heartbeat_timeout,
+        startup_timeout, call_timeout, shutdown_timeout, kill_timeout, dist_timeout, fail_fast,
+        in_process).
+        """
+        self._config = config
+        self._option_overrides = options
+        self.options = SupervisionOptions.from_config(config, **options)
+        self._host = host
+        self.groups: dict[str, ModelGroup] = {}
+        self.failure: BaseException | None = None
+        self.events: deque[ActorEvent] = deque(maxlen=10_000)
+        self.server: ControlServer = None  # type: ignore[assignment]
+        self.runtime_dir: RuntimeDir | None = None
+        self._actors: list[RemoteActor] = []
+        self._by_identity: dict[bytes, RemoteActor] = {}
+        self._local: list[Any] = []  # in-process actors
+        self._popens: list[Any] = []  # shared with the exit-time finalizer
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stop_task: asyncio.Task[Any] | None = None
+        self._closing = False
+        self._closed = False
+        # A coordinator that exits without shutdown() still leaves no processes behind.
+        self._finalizer = weakref.finalize(self, terminate_processes, self._popens, grace=1.0)
+
+    # -- context manager -----------------------------------------------------------------
+    async def __aenter__(self) -> ActorSystem:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def host(self) -> HostResources:
+        """The resources placement plans with (detected on first use unless given)."""
+        if self._host is None:
+            self._host = HostResources.detect()
+        return self._host
+
+    def record(self, kind: str, actor: Any = None, detail: str = "") -> None:
+        if actor is None:
+            self.events.append(ActorEvent(time.monotonic(), kind, detail=detail))
+        else:
+            self.events.append(
+                ActorEvent(
+                    time.monotonic(), kind, actor.model, actor.replica_id, actor.rank, detail
+                )
+            )
+
+    def event_kinds(self, model: str | None = None) -> list[str]:
+        """The kinds of recorded events, optionally of one model only (for tests and logs)."""
+        return [e.kind for e in self.events if model is None or e.model in ("", model)]
+
+    # -- launch --------------------------------------------------------------------------
+    async def launch(
+        self,
+        *modules: BaseModule,
+        services: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> list[ModelGroup]:
+        """Start every process of the given module templates; one `ModelGroup` per module.
+
+        `services` maps a model name to its worker services, `{"name": "pkg.mod:Class"}`.
+        Raises the first startup failure (`ActorError` from user code, `ActorDeadError` for a
+        process that died or did not start in time), after stopping the whole run.
+        """
+        if self._closing or self._closed:
+            raise ActorSystemClosedError("the actor system is shut down")
+        if self.failure is not None:
+            raise self.failure
+        if not modules:
+            return []
+        for module in modules:
+            if not isinstance(module, BaseModule):
+                raise TypeError(f"launch() takes module templates, got {type(module).__name__}")
+            if module.name in self.groups:
+                raise ValueError(f"model {module.name!r} is already launched")
+        config = self._config if self._config is not None else modules[0].global_args
+        if self._config is None:
+            self._config = config
+            self.options = SupervisionOptions.from_config(config, **self._option_overrides)
+        services = services or {}
+        if self.options.in_process:
+            from chatlearn.actors.inprocess import launch_in_process
+
+            groups = await launch_in_process(self, modules, services)
+        else:
+            groups = await self._launch_processes(modules, services, config)
+        for group in groups:
+            self.groups[group.name] = group
+        return groups
+
+    async def _launch_processes(
+        self, modules: Sequence[BaseModule], services: Mapping[str, Mapping[str, str]], config: Any
+    ) -> list[ModelGroup]:
+        resources = [ModelResources.from_config(m.name, m.module_args) for m in modules]
+        runtime = config_value(config, "runtime_args")
+        plan = plan_placement(
+            resources,
+            self.host,
+            colocation=parse_colocation(config_value(runtime, "colocation", [])),
+            reserved_cpus=self._used("cpus"),
+            reserved_gpus=self._used("gpus"),
+        )
+        self._ensure_started()
+        env_vars = dict(config_value(config_value(config, "env_args"), "env_vars", {}) or {})
+        config_dict = config.to_dict()
+        new: dict[str, list[RemoteActor]] = {}
+        for module in modules:
+            actors = spawn_model(
+                self,
+                module,
+                plan.assignments[module.name],
+                config_dict=config_dict,
+                services=dict(services.get(module.name, {})),
+                env_vars=env_vars,
+            )
+            for actor in actors:
+                self._popens.append(actor.popen)
+                self._actors.append(actor)
+                self._by_identity[actor.identity] = actor
+                self.record("spawn", actor, f"pid {actor.pid}")
+            new[module.name] = actors
+        everyone = [a for group in new.values() for a in group]
+        results = await asyncio.gather(*(a.start() for a in everyone), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            root = self.failure or errors[0]
+            self.fail(root)
+            if self._stop_task is not None:
+                await asyncio.shield(self._stop_task)
+            raise root
+        return [ModelGroup(name, [ActorHandle(a) for a in group]) for name, group in new.items()]
+
+    def _used(self, kind: str) -> set[int]:
+        return {d for a in self._actors for d in getattr(a.assignment, kind)}
+
+    def _ensure_started(self) -> None:
+        if self.server is not None:
+            return
+        self.runtime_dir = RuntimeDir()
+        self.server = ControlServer(self.runtime_dir.ipc_endpoint("control"))
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._control_loop(), name="ActorSystem._control_loop"),
+            loop.create_task(self._supervise_loop(), name="ActorSystem._supervise_loop"),
+        ]
+
+    # -- loops ---------------------------------------------------------------------------
+    async def _control_loop(self) -> None:
+        """Consumes the actors' HELLO, HEARTBEAT and DEAD messages; updates their records."""
+        while True:
+            identity, msg = await self.server.recv_unsolicited()
+            actor = self._by_identity.get(identity)
+            if actor is None:
+                logger.warning("message %s from unknown actor %r", msg.kind.name, identity)
+                continue
+            actor.last_seen = time.monotonic()
+            if msg.kind == MessageKind.HELLO:
+                self.record("hello", actor)
+                if not actor.hello.done():
+                    actor.hello.set_result(msg.payload)
+            elif msg.kind == MessageKind.HEARTBEAT:
+                if isinstance(msg.payload, dict):
+                    actor.busy = msg.payload.get("busy")
+            elif msg.kind == MessageKind.DEAD:
+                actor.dead_payload = msg.payload
+                actor.dead_at = time.monotonic()
+                self.record("dead", actor, "reported a fatal error")
+            else:
+                logger.debug("ignoring %s from %r", msg.kind.name, identity)
+
+    async def _supervise_loop(self) -> None:
+        """Every tick: notice exited processes and silent (hung or stopped) actors."""
+        last_tick = time.monotonic()
+        while True:
+            await asyncio.sleep(_TICK)
+            now = time.monotonic()
+            # If our own loop was blocked (by the caller's code), actors were not silent: we
+            # were deaf. Restart their silence clocks instead of declaring them dead.
+            deaf = now - last_tick > max(1.0, self.options.heartbeat_timeout / 2)
+            last_tick = now
+            for actor in list(self._actors):
+                self._check(actor, now, deaf)
+
+    def _check(self, actor: RemoteActor, now: float, deaf: bool) -> None:
+        if actor.state == "exited":
+            return
+        code = actor.popen.poll()
+        if code is not None:
+            if actor.exit_seen_at is None:
+                actor.exit_seen_at = now
+            if now - actor.exit_seen_at >= _EXIT_GRACE or self._closing:
+                self._on_exit(actor, code)
+            return
+        if self._closing or actor.state not in ("starting", "ready"):
+            return
+        if deaf:
+            actor.last_seen = now
+        elif actor.dead_at is not None and now - actor.dead_at > 2.0:
+            self.fail(actor.dead_error("reported a fatal error but did not exit"))
+        elif actor.hello.done() and now - actor.last_seen > self.options.heartbeat_timeout:
+            silent = now - actor.last_seen
+            self.record("hung", actor, f"silent for {silent:.1f} s")
+            running = f" (last seen running {actor.busy!r})" if actor.busy else ""
+            self.fail(
+                actor.dead_error(
+                    f"no heartbeat for {silent:.1f} s (heartbeat_timeout="
+                    f"{self.options.heartbeat_timeout:g} s): the process is hung or "
+                    f"stopped{running}"
+                )
+            )
+
+    def _on_exit(self, actor: RemoteActor, code: int) -> None:
+        previous = actor.state
+        actor.state = "exited"
+        self.record("exit", actor, f"exit code {code}")
+        if self._closing or self.failure is not None or previous == "failed":
+            return
+        reason = "exited during startup" if previous == "starting" else "exited unexpectedly"
+        exc = actor.dead_error(reason)
+        if not actor.hello.done():
+            actor.hello.set_exception(exc)
+        self.fail(exc)
+
+    # -- failure and shutdown ------------------------------------------------------------
+    def fail(self, exc: BaseException) -> None:
+        """Make `exc` the run's failure: fail every pending call and stop every process."""
+        if self.failure is not None or self._closed:
+            return
+        self.failure = exc
+        self.record("failure", detail=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+        logger.error("stopping all actors: %s", str(exc).splitlines()[0])
+        for actor in self._actors:
+            if self.server is not None:
+                self.server.fail_pending(actor.identity, exc)
+            if not actor.hello.done():
+                actor.hello.set_exception(exc)
+                actor.hello.exception()  # retrieved: nobody may be waiting any more
+        for local in self._local:
+            local.fail(exc)
+        self._stop_task = asyncio.get_running_loop().create_task(self._stop_processes())
+
+    async def _stop_processes(self) -> None:
+        """Terminate → bounded wait → kill every process tree (off the event loop)."""
+        popens = [a.popen for a in self._actors if a.popen is not None]
+        for actor in self._actors:
+            if actor.state not in ("exited",):
+                actor.state = "stopping" if actor.popen.poll() is None else actor.state
+        await asyncio.to_thread(
+            terminate_processes,
+            popens,
+            grace=self.options.kill_timeout,
+            kill_wait=self.options.kill_timeout,
+        )
+        for actor in self._actors:
+            if actor.state != "exited" and actor.popen.poll() is not None:
+                actor.state = "exited"
+                self.record("exit", actor, f"exit code {actor.popen.returncode}")
+        self.record("stopped")
+
+    async def shutdown(self) -> None:
+        """Stop the run: SHUTDOWN to healthy actors, wait (bounded), then terminate/kill."""
+        if self._closed or self._closing:
+            return
+        self._closing = True
+        self.record("shutdown")
+        try:
+            ready = [a for a in self._actors if a.state == "ready" and a.popen.poll() is None]
+            if self.failure is None and ready:
+                await asyncio.gather(
+                    *(self._request_shutdown(a) for a in ready), return_exceptions=True
+                )
+                await asyncio.to_thread(
+                    _wait_all, [a.popen for a in ready], self.options.shutdown_timeout
+                )
+            if self._stop_task is not None:
+                await asyncio.shield(self._stop_task)
+            else:
+                await self._stop_processes()
+            for local in self._local:
+                local.close()
+        finally:
+            await self._close_runtime()
+
+    async def _request_shutdown(self, actor: RemoteActor) -> None:
+        actor.state = "stopping"
+        with contextlib.suppress(Exception):
+            await self.server.request(
+                actor.identity, MessageKind.SHUTDOWN, timeout=self.options.shutdown_timeout
+            )
+
+    async def _close_runtime(self) -> None:
+        if self._stop_task is not None:  # a failure may have come in during shutdown
+            await asyncio.gather(self._stop_task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for actor in self._actors:
+            if actor.stderr is not None:
+                await asyncio.to_thread(actor.stderr.join, 1.0)
+        if self.server is not None:
+            await self.server.aclose(0)
+        if self.runtime_dir is not None:
+            self.runtime_dir.close()
+        self._closed = True
+        self._finalizer.detach()
+        self.record("closed")
+
+    def raise_if_failed(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    async def send_ping(self, handle: ActorHandle, timeout: float = 5.0) -> float:
+        """Round trip of a PING to one actor's socket loop (not its compute thread), in s."""
+        backend = handle._backend
+        if not isinstance(backend, RemoteActor):
+            return 0.0
+        start = time.perf_counter()
+        await self.server.request(backend.identity, MessageKind.PING, timeout=timeout)
+        return time.perf_counter() - start
+
+
+def _wait_all(popens: list[Any], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for popen in popens:
+        with contextlib.suppress(Exception):
+            popen.wait(max(0.0, deadline - time.monotonic()))

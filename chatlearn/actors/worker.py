@@ -1,0 +1,372 @@
+"""The actor process: `python -m chatlearn.actors.worker --endpoint ... --identity ...`.
+
+One process per model rank, started by the coordinator from a clean interpreter. Its life:
+
+1. Pin itself to the cores in `CHATLEARN_CPU_AFFINITY` before importing anything heavy (the
+   spawner already set `CUDA_VISIBLE_DEVICES` and the thread-count variables), ignore Ctrl-C (the
+   coordinator stops us in order), and ask the kernel for a signal when the coordinator dies
+   (`PARENT_DEATH_SIGNAL`: then we stop our own children, remove the run's ipc directory, exit).
+2. HELLO → wait for CONFIG → start the module on the compute thread (import, construct, dist
+   group, `setup()`, services) → READY. A startup failure is answered with ERROR (traceback and
+   the failing step) and the process exits with `EXIT_STARTUP_FAILED`.
+3. Serve CALLs by method name until SHUTDOWN. The socket loop keeps receiving and replying while
+   the compute thread works, and sends a HEARTBEAT every interval; a parent-watch loop exits if
+   the coordinator is gone (re-parented, or silent for `--orphan-timeout` when set).
+
+`serve` is the one entry function that owns the process's try/except/finally: any fatal error is
+reported to the coordinator as DEAD with its traceback before the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Any
+
+from chatlearn.actors.core import USER_CODE_ERRORS
+from chatlearn.actors.process import (
+    PARENT_DEATH_SIGNAL,
+    apply_cpu_affinity_from_env,
+    kill_own_children,
+    set_parent_death_signal,
+)
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_STARTUP_FAILED = 3
+EXIT_ORPHANED = 4
+
+_FLUSH_LINGER_MS = 1000
+
+logger = logging.getLogger("chatlearn.actors.worker")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m chatlearn.actors.worker")
+    parser.add_argument("--endpoint", required=True, help="the coordinator's control endpoint")
+    parser.add_argument("--identity", required=True, help="this actor's routing identity")
+    parser.add_argument("--coordinator-pid", type=int, default=0)
+    parser.add_argument("--heartbeat-interval", type=float, default=0.5)
+    parser.add_argument("--startup-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--orphan-timeout",
+        type=float,
+        default=0.0,
+        help="exit after this long without a message from the coordinator (0: off; for actors "
+        "whose coordinator is not their parent process)",
+    )
+    return parser.parse_args(argv)
+
+
+class Worker:
+    """The actor's socket side: handshake, call serving, heartbeats, parent watch."""
+
+    def __init__(self, client: Any, opts: argparse.Namespace, zmq_context: Any) -> None:
+        from chatlearn.actors.core import ComputeThread
+
+        self.client = client
+        self.zmq_context = zmq_context
+        self.opts = opts
+        self.identity = opts.identity.encode()
+        self.host = socket.gethostname()
+        self.compute = ComputeThread("chatlearn-compute")
+        self.core: Any = None
+        self.fatal: BaseException | None = None  # a helper task's failure, reported as DEAD
+        self._main_task: asyncio.Task[Any] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._last_heard = time.monotonic()
+
+    def where(self, method: str | None = None) -> dict[str, Any]:
+        """Location keys of every error this actor reports."""
+        if self.core is not None:
+            ctx = self.core.ctx.describe()
+        else:
+            ctx = {"identity": self.opts.identity, "host": self.host, "pid": os.getpid()}
+        if method is not None:
+            ctx["method"] = method
+        return ctx
+
+    async def run(self) -> int:
+        from chatlearn.transport import Message, MessageKind
+
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._exit_on_sigterm)
+        if PARENT_DEATH_SIGNAL != signal.SIGTERM:
+            loop.add_signal_handler(PARENT_DEATH_SIGNAL, self._exit_orphaned, EXIT_ORPHANED)
+        hello = {"pid": os.getpid(), "host": self.host, "ppid": os.getppid()}
+        await self.client.send(Message(kind=MessageKind.HELLO, payload=hello))
+        self._spawn(self._heartbeat_loop())
+        self._spawn(self._parent_watch_loop())
+        if not await self._startup():
+            return EXIT_STARTUP_FAILED
+        return await self._serve_loop()
+
+    async def _startup(self) -> bool:
+        from chatlearn.actors.core import ActorCore, ActorSpec, WorkerContext
+        from chatlearn.transport import Message, MessageKind
+
+        msg = await asyncio.wait_for(
+            self._next_message(MessageKind.CONFIG), self.opts.startup_timeout
+        )
+        try:
+            spec = ActorSpec.from_payload(msg.payload)
+            _configure_logging(f"{spec.name} r{spec.replica_id}.{spec.rank}")
+            ctx = WorkerContext(
+                spec,
+                identity=self.identity,
+                loop=asyncio.get_running_loop(),
+                compute=self.compute,
+                zmq_context=self.zmq_context,
+                in_process=False,
+            )
+            self.core = ActorCore(spec, ctx)
+            info = await asyncio.wrap_future(self.compute.submit("setup", self.core.start))
+            self.core.build_services()
+            info["services"] = sorted(self.core.services)
+        except USER_CODE_ERRORS as exc:
+            phase = self.core.phase if self.core is not None else "config"
+            print(f"chatlearn actor: startup failed in {phase}:", file=sys.stderr)
+            traceback.print_exception(exc, file=sys.stderr)  # also in the coordinator's log
+            await self._send_error(msg.request_id, exc, phase)
+            return False
+        await self.client.send(
+            Message(kind=MessageKind.READY, request_id=msg.request_id, payload=info)
+        )
+        return True
+
+    async def _next_message(self, kind: Any) -> Any:
+        """The next message of `kind`, answering PINGs meanwhile (bounded by the caller)."""
+        while True:
+            msg = await self.client.recv()
+            self._last_heard = time.monotonic()
+            if msg.kind == kind:
+                return msg
+            await self._answer_ping(msg)
+
+    async def _answer_ping(self, msg: Any) -> None:
+        from chatlearn.transport import Message, MessageKind
+
+        if msg.kind == MessageKind.PING and msg.request_id:
+            await self.client.send(Message(kind=MessageKind.REPLY, request_id=msg.request_id))
+        elif msg.kind != MessageKind.PING:
+            logger.warning("ignoring unexpected %s message", msg.kind.name)
+
+    async def _serve_loop(self) -> int:
+        """Consumes CALL / PING / SHUTDOWN from the coordinator until SHUTDOWN."""
+        from chatlearn.transport import DecodeError, Message, MessageKind
+
+        while True:
+            try:
+                msg = await self.client.recv()
+            except DecodeError as exc:  # a malformed message must not kill the actor
+                logger.warning("dropping a malformed control message: %s", exc)
+                continue
+            self._last_heard = time.monotonic()
+            if msg.kind == MessageKind.CALL:
+                self._start_call(msg)
+            elif msg.kind == MessageKind.SHUTDOWN:
+                await self._close_core()
+                await self.client.send(Message(kind=MessageKind.REPLY, request_id=msg.request_id))
+                return EXIT_OK
+            else:
+                await self._answer_ping(msg)
+
+    def _start_call(self, msg: Any) -> None:
+        payload = msg.payload if isinstance(msg.payload, dict) else {}
+        method = str(payload.get("method", ""))
+        try:
+            args = list(payload.get("args") or ())
+            kwargs = dict(payload.get("kwargs") or {})
+            # Queued on the compute thread here, synchronously, so calls run in arrival order.
+            pending = self.core.submit_in_order(method, args, kwargs)
+        except Exception as exc:
+            pending = _raise_later(exc)
+        self._spawn(self._finish_call(msg.request_id, method, pending))
+
+    async def _finish_call(self, request_id: int, method: str, pending: Any) -> None:
+        """Waits for one call's result and sends it back as REPLY (or ERROR)."""
+        from chatlearn.transport import EncodeError, Message, MessageKind
+
+        try:
+            result = await pending
+        except USER_CODE_ERRORS as exc:
+            await self._send_error(request_id, exc, method)
+            return
+        try:
+            await self.client.send(
+                Message(kind=MessageKind.REPLY, request_id=request_id, payload=result)
+            )
+        except EncodeError as exc:
+            err = EncodeError(f"the return value of {method!r} cannot be sent back: {exc}")
+            await self._send_error(request_id, err, method)
+
+    async def _send_error(self, request_id: int, exc: BaseException, method: str) -> None:
+        from chatlearn.actors.core import user_error
+        from chatlearn.transport import Message, MessageKind
+
+        payload = user_error(exc, self.where(method)).to_payload()
+        await self.client.send(
+            Message(kind=MessageKind.ERROR, request_id=request_id, payload=payload)
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        """Sends a HEARTBEAT every interval, saying what the compute thread is running."""
+        from chatlearn.transport import Message, MessageKind
+
+        while True:
+            await asyncio.sleep(self.opts.heartbeat_interval)
+            payload = {"busy": self.compute.current}
+            await self.client.send(Message(kind=MessageKind.HEARTBEAT, payload=payload))
+
+    async def _parent_watch_loop(self) -> None:
+        """Exits the process when the coordinator is gone (backs up PR_SET_PDEATHSIG)."""
+        while True:
+            await asyncio.sleep(0.25)
+            orphaned = self.opts.coordinator_pid and os.getppid() != self.opts.coordinator_pid
+            silent = (
+                self.opts.orphan_timeout > 0
+                and time.monotonic() - self._last_heard > self.opts.orphan_timeout
+            )
+            if orphaned or silent:
+                with contextlib.suppress(OSError):  # stderr is a pipe to the dead coordinator
+                    print("chatlearn actor: coordinator is gone; exiting", file=sys.stderr)
+                self._exit_orphaned(EXIT_ORPHANED)
+
+    def _orphaned(self) -> bool:
+        return bool(self.opts.coordinator_pid) and os.getppid() != self.opts.coordinator_pid
+
+    def _exit_on_sigterm(self) -> None:
+        """SIGTERM (the coordinator stops us, or someone else does): leave at once."""
+        if self._orphaned():
+            self._exit_orphaned(128 + signal.SIGTERM)
+        kill_own_children(grace=0.5)
+        _hard_exit(128 + signal.SIGTERM)
+
+    def _exit_orphaned(self, code: int) -> None:
+        """The coordinator died without cleaning up: stop our children, remove the run's ipc
+        directory (every actor tries; the first one wins), exit."""
+        kill_own_children(grace=0.5)
+        runtime_dir = self.core.spec.runtime_dir if self.core is not None else None
+        if runtime_dir:
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+        _hard_exit(code)
+
+    async def _close_core(self) -> None:
+        if self.core is None:
+            return
+        # Bounded: a step may still be running (we stop anyway) or a peer may be gone.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                asyncio.wrap_future(self.compute.submit("close", self.core.close)), 2.0
+            )
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A helper loop failed (e.g. the socket broke): that is fatal for the actor.
+            exc = task.exception()
+            logger.error("actor task failed: %r", exc)
+            self.fatal = exc
+            if self._main_task is not None and not self._main_task.done():
+                self._main_task.cancel()
+
+    def cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+async def _raise_later(exc: BaseException) -> Any:
+    raise exc
+
+
+def _hard_exit(code: int) -> None:
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def _configure_logging(label: str) -> None:
+    level = os.environ.get("CHATLEARN_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s [{label}] %(name)s: %(message)s",
+    )
+
+
+async def serve(opts: argparse.Namespace) -> int:
+    """The actor's life, owning its try/except/finally: returns the process exit code.
+
+    A fatal error (a broken socket, a bug here, an unexpected exception) is reported as DEAD with
+    its traceback before the process exits; user errors in calls are not fatal (ERROR replies).
+    """
+    import zmq.asyncio
+
+    from chatlearn.transport import ControlClient, Message, MessageKind, RemoteError
+
+    zmq_context = zmq.asyncio.Context.instance()
+    client = ControlClient(opts.endpoint, opts.identity.encode(), context=zmq_context)
+    worker: Worker | None = None
+    try:
+        worker = Worker(client, opts, zmq_context)
+        worker._main_task = asyncio.current_task()
+        return await worker.run()
+    except BaseException as caught:
+        # If a helper loop failed, the main task was cancelled for it: report the real cause.
+        exc = worker.fatal if worker is not None and worker.fatal is not None else caught
+        traceback.print_exception(exc, file=sys.stderr)
+        where = worker.where() if worker is not None else {"identity": opts.identity}
+        payload = RemoteError.from_exception(exc, where).to_payload()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(
+                client.send(Message(kind=MessageKind.DEAD, payload=payload)), 1.0
+            )
+        return EXIT_FATAL
+    finally:
+        if worker is not None:
+            worker.cancel_tasks()
+        client.close()
+        # Flush what is still queued (the last ERROR, REPLY or DEAD) before the process exits:
+        # closing a socket does not wait for that, terminating the context does (bounded).
+        zmq_context.destroy(linger=_FLUSH_LINGER_MS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Process entry: pin, arm the parent-death signal, run `serve`, exit with its code."""
+    opts = _parse_args(argv)
+    apply_cpu_affinity_from_env()  # before torch (or anything that starts threads) is imported
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    set_parent_death_signal(PARENT_DEATH_SIGNAL)
+    if opts.coordinator_pid and os.getppid() != opts.coordinator_pid:
+        _hard_exit(EXIT_ORPHANED)  # the coordinator died before the signal was armed
+    from chatlearn.transport.loop import run
+
+    code = EXIT_FATAL
+    try:
+        code = run(serve(opts))
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        logging.shutdown()
+        # os._exit: the compute thread may still be inside user code, and interpreter shutdown
+        # must not wait for it (or for atexit handlers of libraries whose peers are gone).
+        _hard_exit(code)
+
+
+if __name__ == "__main__":
+    main()

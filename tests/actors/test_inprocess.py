@@ -1,0 +1,102 @@
+"""In-process mode: the same handles, services and errors, with the module in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+import actors_testlib as lib
+import pytest
+
+from chatlearn.actors import ActorError, ActorSystem, ActorTimeoutError
+from chatlearn.transport import EncodeError
+
+pytestmark = pytest.mark.timeout(30)
+
+SERVICES = {"echo": "actors_testlib:EchoService"}
+
+
+async def test_in_process_calls_run_here_on_a_compute_thread(tmp_path):
+    events = tmp_path / "events.txt"
+    cfg = lib.make_config(
+        {"m": {"num_cpu": 2, "cpu_per_process": 1, "model_args": {"events_file": str(events)}}}
+    )
+    system = ActorSystem(cfg, in_process=True)
+    async with system:
+        (group,) = await system.launch(lib.Recorder("m", cfg), services={"m": SERVICES})
+        assert (len(group), group.num_replica) == (2, 2)
+        assert group[0].pid == os.getpid()
+        assert await group.call(0, "forward_step", {"x": [1]}) == {"x": [2], "iteration": 0}
+        assert await group.call(0, "forward_step", {"x": [1]}, iteration=9) == {
+            "x": [2],
+            "iteration": 9,
+        }
+        assert await group.scatter("add", [1, 2]) == [1, 2]
+        thread = await group.call(1, "thread_name")
+        assert (
+            thread.startswith("chatlearn-inproc-m-1") and thread != threading.current_thread().name
+        )
+        pong = await group.call(0, "echo.ping", 1)
+        assert pong["in_process"] is True and pong["thread"] == threading.current_thread().name
+        assert await group.call(0, "echo.offload", 5) == 6
+        wheres = await group.call_all("where")
+        assert [w["replica_id"] for w in wheres] == [0, 1]
+    assert system.event_kinds() == ["ready", "ready", "shutdown", "stopped", "closed"]
+    lines = lib.read_events(events)
+    assert lines.count("m 0 init") == 3  # the template, then one live instance per replica
+    assert lines.count("m 0 setup") == 2
+    assert lines[-2:] == ["m 0 forward_step 0", "m 0 forward_step 9"]
+
+
+async def test_in_process_values_cross_a_wire_copy():
+    cfg = lib.make_config({"m": {"num_cpu": 1}})
+    async with ActorSystem(cfg, in_process=True, fail_fast=False) as system:
+        (group,) = await system.launch(lib.Recorder("m", cfg))
+        payload = {"x": [1, 2]}
+        out = await group.call(0, "echo", payload)
+        assert out == {"args": [payload], "kwargs": {}}
+        assert out["args"][0] is not payload  # the actor got a copy, as over a socket
+        with pytest.raises(ActorError) as info:
+            await group.call(0, "unsendable")
+        assert info.value.type_name == "EncodeError"
+        with pytest.raises(EncodeError):
+            await group.call(0, "echo", threading.Lock())  # arguments are checked too
+
+
+async def test_in_process_errors_match_remote_errors():
+    cfg = lib.make_config({"m": {"num_cpu": 1}})
+    system = ActorSystem(cfg, in_process=True)
+    async with system:
+        (group,) = await system.launch(lib.Recorder("m", cfg))
+        with pytest.raises(ActorError) as info:
+            await group.call(0, "fail", "inproc bad")
+        err = info.value
+        assert (err.type_name, err.method, err.model, err.rank) == ("ValueError", "fail", "m", 0)
+        assert "actors_testlib.py" in err.remote_traceback.splitlines()[1]
+        with pytest.raises(ActorError):
+            await group.call(0, "noop")  # fail-fast: the run is stopped
+    assert "failure" in system.event_kinds()
+
+
+async def test_in_process_setup_error_and_call_timeout():
+    cfg = lib.make_config({"m": {"num_cpu": 1}})
+    async with ActorSystem(cfg, in_process=True) as system:
+        with pytest.raises(ActorError) as info:
+            await system.launch(lib.FailingSetup("m", cfg))
+        assert info.value.method == "setup"
+    async with ActorSystem(cfg, in_process=True) as system:
+        (group,) = await system.launch(lib.Recorder("m", cfg))
+        with pytest.raises(ActorTimeoutError):
+            await group[0].options(timeout=0.2).call("sleep", 1.0)
+        await asyncio.sleep(1.0)  # let the abandoned compute thread finish its sleep
+
+
+async def test_in_process_rejects_multi_rank_replicas():
+    cfg = lib.make_config(
+        {"d": {"num_cpu": 2, "cpu_per_process": 1, "trainable": True}},
+        {"train_micro_batch_size": 1, "train_global_batch_size": 2},
+    )
+    async with ActorSystem(cfg, in_process=True) as system:
+        with pytest.raises(ValueError, match="in-process mode runs single-rank"):
+            await system.launch(lib.Recorder("d", cfg))

@@ -1,0 +1,252 @@
+"""Lifecycle of real actor processes: the order of events after success and after each failure.
+
+Every test starts real worker processes over real ipc sockets. The autouse fixture in
+tests/conftest.py fails a test that leaves a process or a runtime file behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import actors_testlib as lib
+import pytest
+
+from chatlearn.actors import (
+    ActorDeadError,
+    ActorError,
+    ActorSystem,
+    ActorSystemClosedError,
+    ActorTimeoutError,
+    HostResources,
+    PlacementError,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+# Detection bound of the issue: a dead process is noticed within 2 s.
+DEATH_NOTICE_SECONDS = 2.0
+
+
+def _config(tmp_path, cls_models=None, runtime=None, env_vars=None):
+    models = cls_models or {"m": {"num_cpu": 1}}
+    for values in models.values():
+        values.setdefault("model_args", {"events_file": str(tmp_path / "events.txt")})
+    return lib.make_config(models, runtime, env_vars)
+
+
+def _order(kinds: list[str], *expected: str) -> None:
+    """`expected` occur in `kinds` in this order (other events may sit between them)."""
+    positions = [kinds.index(kind) for kind in expected]
+    assert positions == sorted(positions), kinds
+
+
+async def test_success_lifecycle(tmp_path):
+    cfg = _config(tmp_path)
+    system = ActorSystem(cfg)
+    async with system:
+        (group,) = await system.launch(lib.Recorder("m", cfg))
+        handle = group[0]
+        assert handle.pid != os.getpid()
+        assert await group.call(0, "forward_step", {"x": [1, 2]}) == {"x": [2, 4], "iteration": 0}
+        assert (await handle.call("forward_step", {"x": [3]}))["iteration"] == 1
+        metrics = await handle.call("train_step", [{"a": 1}, {"a": 2}])
+        assert metrics == {"num_micro_batches": 2.0, "train_iteration": 0}
+        assert (await handle.call("train_step", []))["train_iteration"] == 1
+    kinds = system.event_kinds()
+    assert kinds == ["spawn", "hello", "ready", "shutdown", "exit", "stopped", "closed"]
+    assert [e.detail for e in system.events if e.kind == "exit"] == ["exit code 0"]
+    # The template was built in this process; the live instance only in the actor.
+    with open(tmp_path / "events.txt") as f:
+        pids = [int(line.split()[0]) for line in f]
+    assert pids[0] == os.getpid() and set(pids[1:]) == {handle.pid}
+    assert lib.read_events(tmp_path / "events.txt") == [
+        "m 0 init",
+        "m 0 init",
+        "m 0 setup",
+        "m 0 forward_step 0",
+        "m 0 forward_step 1",
+        "m 0 train_step",
+        "m 0 train_step",
+    ]
+    assert system.failure is None
+    with pytest.raises(ActorSystemClosedError):
+        await handle.call("noop")
+
+
+async def test_exception_in_setup(tmp_path):
+    cfg = _config(tmp_path)
+    system = ActorSystem(cfg)
+    async with system:
+        with pytest.raises(ActorError) as info:
+            await system.launch(lib.FailingSetup("m", cfg))
+    err = info.value
+    assert (err.type_name, err.method, err.model, err.rank) == ("RuntimeError", "setup", "m", 0)
+    assert err.host and "boom in setup" in err.message
+    assert 'raise RuntimeError("boom in setup")' in err.remote_traceback
+    assert err.exit_code == 3  # the worker's EXIT_STARTUP_FAILED
+    kinds = system.event_kinds()
+    _order(kinds, "spawn", "hello", "error", "failure", "stopped", "shutdown", "closed")
+    assert "ready" not in kinds
+    assert lib.read_events(tmp_path / "events.txt") == ["m 0 init", "m 0 init", "m 0 setup"]
+
+
+async def test_exception_in_step_stops_the_run(tmp_path):
+    cfg = _config(tmp_path)
+    system = ActorSystem(cfg)
+    async with system:
+        (group,) = await system.launch(lib.Recorder("m", cfg))
+        pid = group[0].pid
+        with pytest.raises(ActorError) as info:
+            await group.call(0, "fail", "bad input")
+        err = info.value
+        assert (err.type_name, err.message, err.method) == ("ValueError", "bad input", "fail")
+        assert (err.model, err.rank, err.replica_id, err.context["pid"]) == ("m", 0, 0, pid)
+        # The traceback starts at the user's code, not in the runtime's loops.
+        assert err.remote_traceback.splitlines()[1].strip().startswith('File "')
+        assert "actors_testlib.py" in err.remote_traceback.splitlines()[1]
+        assert system.failure is err
+        with pytest.raises(ActorError):  # the run is stopped: later calls raise the cause
+            await group.call(0, "noop")
+    kinds = system.event_kinds()
+    _order(kinds, "ready", "error", "failure", "exit", "stopped", "closed")
+    _order(kinds, "failure", "shutdown", "closed")
+
+
+async def test_exception_in_step_without_fail_fast_keeps_running(tmp_path):
+    cfg = _config(tmp_path)
+    async with ActorSystem(cfg, fail_fast=False) as system:
+        (group,) = await system.launch(lib.Recorder("m", cfg))
+        with pytest.raises(ActorError):
+            await group.call(0, "fail", "recoverable")
+        assert await group.call(0, "add", 2) == 2
+        assert system.failure is None
+
+
+async def test_import_error_in_user_module(tmp_path):
+    cfg = _config(tmp_path, env_vars={"ACTORS_TEST_BREAK_IMPORT": "1"})
+    system = ActorSystem(cfg)
+    async with system:
+        with pytest.raises(ActorError) as info:
+            await system.launch(lib.Recorder("m", cfg))
+    err = info.value
+    assert err.type_name == "ModuleNotFoundError" and err.method == "import"
+    assert "chatlearn_test_no_such_dependency" in err.message
+    assert "actors_testlib.py" in err.remote_traceback
+    assert err.exit_code == 3
+    _order(system.event_kinds(), "spawn", "hello", "error", "failure", "stopped", "closed")
+
+
+async def test_crash_during_setup_reports_exit_code_and_stderr(tmp_path):
+    cfg = _config(tmp_path)
+    system = ActorSystem(cfg)
+    async with system:
+        with pytest.raises(ActorDeadError) as info:
+            await system.launch(lib.CrashingSetup("m", cfg))
+    err = info.value
+    assert err.exit_code == 9 and err.model == "m" and err.rank == 0
+    assert "during startup" in str(err)
+    assert "about to os._exit(9)" in err.stderr_tail
+    _order(system.event_kinds(), "spawn", "hello", "exit", "failure", "stopped", "closed")
+
+
+async def test_startup_timeout(tmp_path):
+    cfg = _config(tmp_path)
+    system = ActorSystem(cfg, startup_timeout=1.5)
+    async with system:
+        with pytest.raises(ActorDeadError) as info:
+            await system.launch(lib.SlowSetup("m", cfg))
+    assert "startup_timeout=1.5" in str(info.value)
+    _order(system.event_kinds(), "spawn", "hello", "failure", "exit", "stopped", "closed")
+
+
+async def test_os_exit_mid_call(tmp_path):
+    cfg = _config(tmp_path)
+    system = ActorSystem(cfg)
+    async with system:
+        (group,) = await system.launch(lib.Recorder("m", cfg))
+        start = time.monotonic()
+        with pytest.raises(ActorDeadError) as info:
+            await group.call(0, "exit_now", 7)
+        elapsed = time.monotonic() - start
+    err = info.value
+    assert err.exit_code == 7 and err.signal is None
+    assert (err.model, err.rank, err.pid) == ("m", 0, group[0].pid)
+    assert "exit code 7" in str(err)
+    assert elapsed < DEATH_NOTICE_SECONDS, elapsed
+    _order(system.event_kinds(), "ready", "exit", "failure", "stopped", "closed")
+
+
+async def _wait_until_busy(path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any("sleeping" in line for line in lib.read_events(path)):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the actor never started the call")
+
+
+async def test_kill9_mid_call_fails_every_pending_call(tmp_path):
+    models = {"a": {"num_cpu": 1}, "b": {"num_cpu": 1}}
+    cfg = _config(tmp_path, models)
+    system = ActorSystem(cfg)
+    async with system:
+        ga, gb = await system.launch(lib.Recorder("a", cfg), lib.Recorder("b", cfg))
+        victim = asyncio.ensure_future(ga.call(0, "sleep", 30))
+        bystander = asyncio.ensure_future(gb.call(0, "sleep", 30))
+        await asyncio.sleep(0.3)  # both calls are running on their compute threads
+        start = time.monotonic()
+        os.kill(ga[0].pid, signal.SIGKILL)
+        with pytest.raises(ActorDeadError) as info:
+            await victim
+        elapsed = time.monotonic() - start
+        with pytest.raises(ActorDeadError) as other:
+            await bystander  # the other model's call fails with the root cause
+    err = info.value
+    assert err.exit_code == -signal.SIGKILL and err.signal == signal.SIGKILL
+    assert "SIGKILL" in str(err) and err.model == "a"
+    assert other.value is err
+    assert elapsed < DEATH_NOTICE_SECONDS, elapsed
+    exits = [e for e in system.events if e.kind == "exit"]
+    assert {e.model for e in exits} == {"a", "b"}
+
+
+async def test_hung_actor_is_noticed_by_heartbeat(tmp_path):
+    cfg = _config(tmp_path)
+    system = ActorSystem(cfg, heartbeat_interval=0.2, heartbeat_timeout=1.5)
+    async with system:
+        (group,) = await system.launch(lib.Recorder("m", cfg))
+        pending = asyncio.ensure_future(group.call(0, "sleep", 30))
+        await asyncio.sleep(0.2)
+        os.kill(group[0].pid, signal.SIGSTOP)  # alive for the OS, silent for us
+        start = time.monotonic()
+        with pytest.raises(ActorDeadError) as info:
+            await pending
+        elapsed = time.monotonic() - start
+    assert "no heartbeat" in str(info.value) and "hung or stopped" in str(info.value)
+    assert 1.0 < elapsed < 1.5 + DEATH_NOTICE_SECONDS, elapsed
+    _order(system.event_kinds(), "ready", "hung", "failure", "exit", "stopped", "closed")
+
+
+async def test_call_timeout_for_user_code_that_hangs(tmp_path):
+    cfg = _config(tmp_path)
+    system = ActorSystem(cfg)
+    async with system:
+        (group,) = await system.launch(lib.Recorder("m", cfg))
+        assert await group[0].options(timeout=10).call("add", 1) == 1
+        with pytest.raises(ActorTimeoutError) as info:
+            await group[0].options(timeout=1.0).call("sleep", 1000)
+        assert isinstance(info.value, ActorDeadError) and isinstance(info.value, TimeoutError)
+        assert info.value.method == "sleep" and info.value.timeout == 1.0
+    _order(system.event_kinds(), "ready", "failure", "exit", "stopped", "closed")
+
+
+async def test_placement_error_starts_nothing(tmp_path):
+    cfg = _config(tmp_path, {"big": {"num_cpu": 3}})
+    system = ActorSystem(cfg, host=HostResources("h", cpus=(0, 1)))
+    async with system:
+        with pytest.raises(PlacementError, match="do not fit"):
+            await system.launch(lib.Recorder("big", cfg))
+    assert "spawn" not in system.event_kinds()

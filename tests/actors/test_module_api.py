@@ -1,0 +1,149 @@
+"""ChatLearn's module API on the template (coordinator) side, the iteration rule, and loading."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import textwrap
+
+import actors_testlib as lib
+import pytest
+
+from chatlearn.actors import BaseModule, ModuleError, TorchModule
+from chatlearn.actors.loader import MAIN_ALIAS, ClassRef, load_object
+from chatlearn.actors.module import invoke
+from chatlearn.config import ConfigError, reset_args, set_args
+
+
+@pytest.fixture
+def config():
+    cfg = lib.make_config(
+        {
+            "reference": {"num_gpu": 2, "model_args": {"hidden": 8}},
+            "policy": {"num_cpu": 2, "cpu_per_process": 1, "trainable": True},
+        },
+        {"train_micro_batch_size": 1, "train_global_batch_size": 2, "seed": 7},
+    )
+    yield cfg
+    reset_args()
+
+
+def test_template_attributes(config):
+    ref = BaseModule("reference", config)
+    assert ref.name == "reference" and ref.global_args is config and ref.replica_id == 0
+    assert ref.model_args == {"hidden": 8}
+    assert ref.runtime_args.seed == 7 and ref.module_args.num_gpu == 2
+    assert ref.trainable is False and ref.num_replica == 2
+    assert ref._logger.name == "ChatLearn-reference" and isinstance(ref._logger, logging.Logger)
+    assert (ref._iteration, ref._train_iteration, ref._episode_id) == (0, 0, 0)
+    assert ref.resume_training is False
+    assert (ref.rank, ref.world_size, ref.data_parallel_rank, ref.data_parallel_size) == (
+        0,
+        1,
+        0,
+        1,
+    )
+    assert ref.is_last_rank()
+    pol = TorchModule("policy", config, replica_id=0)
+    assert pol.trainable is True and pol.num_replica == 1
+    pol._rank, pol._world_size = 0, 2  # what the runtime sets in the actor
+    assert not pol.is_last_rank() and (pol.data_parallel_rank, pol.data_parallel_size) == (0, 2)
+
+
+def test_constructor_reads_the_global_config_and_names_unknown_models(config):
+    set_args(config)
+    assert BaseModule("policy").global_args is config
+    with pytest.raises(ConfigError, match="no model named 'polcy'"):
+        BaseModule("polcy")
+
+
+def test_padding_config_error_and_peak_memory(config):
+    module = BaseModule("reference", config)
+    module.add_padding_config("input_ids", 3)
+    module.add_padding_config("mask", padding_value=1.0, padding_type="left")
+    assert module.padding_config() == {
+        "input_ids": {"padding_value": 3, "padding_type": "right"},
+        "mask": {"padding_value": 1.0, "padding_type": "left"},
+    }
+    with pytest.raises(ValueError, match="'right' or 'left'"):
+        module.add_padding_config("x", padding_type="middle")
+    with pytest.raises(ModuleError, match="reference: out of data"):
+        module.error("out of data")
+    assert 0 < module.peak_memory() < 1024  # GiB of this process
+    assert TorchModule("policy", config).peak_memory() > 0
+
+
+class Steps(BaseModule):
+    def forward_step(self, data, iteration):
+        return ("fwd", data, iteration)
+
+    def train_step(self, data):  # does not declare iteration
+        return ("train", data)
+
+    def save_checkpoint(self, iteration):
+        return ("save", iteration)
+
+    def load_checkpoint(self):  # no iteration either
+        return "load"
+
+
+def test_iteration_is_passed_only_if_declared(config):
+    module = Steps("reference", config)
+    assert invoke(module, "forward_step", [{"a": 1}]) == ("fwd", {"a": 1}, 0)
+    assert invoke(module, "forward_step", [{"a": 1}], {"iteration": 5}) == ("fwd", {"a": 1}, 5)
+    assert invoke(module, "forward_step", [{"a": 1}, 9]) == ("fwd", {"a": 1}, 9)  # positional
+    assert module._iteration == 3
+    assert invoke(module, "train_step", [[1, 2]], {"iteration": 4}) == ("train", [1, 2])
+    assert module._train_iteration == 1
+    assert invoke(module, "save_checkpoint", [], {"iteration": 12}) == ("save", 12)
+    assert invoke(module, "save_checkpoint", [13]) == ("save", 13)
+    assert invoke(module, "load_checkpoint", [], {"iteration": 12}) == "load"
+    invoke(module, "_set_runtime_state", [], {"episode_id": 2, "iteration": 40})
+    assert (module._episode_id, module._iteration) == (2, 40)
+    with pytest.raises(AttributeError):
+        invoke(module, "__class__")
+
+
+def test_class_refs():
+    assert ClassRef.of(lib.Recorder) == ClassRef("actors_testlib", "Recorder")
+    assert ClassRef.parse("actors_testlib:EchoService").load() is lib.EchoService
+    assert load_object("actors_testlib.EchoService") is lib.EchoService
+
+    class Local(BaseModule):
+        pass
+
+    with pytest.raises(ValueError, match="inside a function"):
+        ClassRef.of(Local)
+    with pytest.raises(ImportError, match="NoSuchClass"):
+        ClassRef("actors_testlib", "NoSuchClass").load()
+    with pytest.raises(ValueError, match="package.module:Class"):
+        ClassRef.parse("nodots")
+
+
+def test_main_script_runs_under_another_name_without_its_main_block(tmp_path):
+    script = tmp_path / "user_script.py"
+    marker = tmp_path / "marker"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            from chatlearn.actors import BaseModule
+
+            class FromScript(BaseModule):
+                pass
+
+            SEEN_NAME = __name__
+
+            if __name__ == "__main__":
+                open({str(marker)!r}, "w").write("ran")
+            """
+        )
+    )
+    try:
+        klass = ClassRef(MAIN_ALIAS, "FromScript", str(script)).load()
+        assert klass.__name__ == "FromScript" and klass.__module__ == MAIN_ALIAS
+        assert sys.modules[MAIN_ALIAS].SEEN_NAME == MAIN_ALIAS
+        assert not marker.exists()
+    finally:
+        sys.modules.pop(MAIN_ALIAS, None)
+        if str(tmp_path) in sys.path:
+            sys.path.remove(str(tmp_path))
