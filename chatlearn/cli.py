@@ -13,6 +13,7 @@ import click
 # name -> "module:attribute" of a click command; imported only when the command is used.
 _BENCH_COMMANDS: dict[str, str] = {
     "transport": "chatlearn.benchmarks.transport:command",
+    "pipeline": "chatlearn.benchmarks.pipeline:command",
 }
 
 

@@ -1,0 +1,337 @@
+"""The coordinator's DPO pipeline: reference inference runs ahead of policy training.
+
+A few asyncio loops joined by a credit window (``schedule.CreditWindow``):
+
+- one ``_reference_loop`` per reference replica: consumes the replica's chunks of each episode
+  (``schedule.EpisodeLayout``), waits for credit, and keeps up to ``max_inflight`` work orders at
+  the replica so its compute thread never idles; the replica pushes outputs straight to the
+  trainer ranks. Produces busy intervals and "episode produced" events.
+- ``_train_loop``: consumes the episode training plans (``training_plan.plan_episode``), sends
+  every step's micro-batches (buffer positions) to the trainer ranks, keeping one step queued
+  behind the running one so the trainer never waits on the coordinator; as first-pass steps
+  finish it releases credit. Produces metrics, progress, evaluation and episode summaries.
+
+The window lets the reference produce global position ``p`` (``episode * sample_per_episode +
+position``) once ``p < released + window``; ``released`` is the end of what completed training
+steps needed. So the reference computes steps k+1.. while the trainer runs step k, continues into
+the next episode while the trainer finishes this one (later passes need no reference work), and
+the outputs held ahead of training stay bounded whatever the dataset size. ``pipeline_window: 0``
+gives ChatLearn's schedule instead: the whole episode's inference, then its training.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatlearn.engine.metrics import MetricsSink, Timers
+from chatlearn.engine.replica import EVAL
+from chatlearn.engine.sampler import EpisodeSampler, SampleIndex
+from chatlearn.engine.schedule import ChunkOrder, CreditWindow, EpisodeLayout
+from chatlearn.engine.training_plan import EpisodePlan, plan_episode
+
+logger = logging.getLogger("chatlearn.engine")
+
+
+@dataclass(slots=True, kw_only=True)
+class PipelineSettings:
+    num_episode: int
+    sample_per_episode: int
+    micro_batch_size: int
+    global_batch_size: int
+    num_training_epoch: int
+    training_shuffle_mode: str
+    seed: int
+    window_micro_batches: int  # 0: ChatLearn's episode-synchronous schedule
+    generation_batch_size: int | None
+    eval_episode_interval: int = 0
+    enable_eval_before_training: bool = False
+    max_inflight_orders: int = 2
+
+    @property
+    def window_samples(self) -> int | None:
+        if self.window_micro_batches <= 0:
+            return None
+        # Less than a global batch ahead would starve the step the trainer waits for.
+        return max(self.window_micro_batches * self.micro_batch_size, self.global_batch_size)
+
+
+@dataclass(slots=True)
+class RunState:
+    """The coordinator's counters (what a checkpoint of the coordinator holds)."""
+
+    episode: int = 0
+    consumed_samples: int = 0
+    iteration: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class DPOPipeline:
+    """Drives reference replicas and trainer ranks through the episodes (module docstring)."""
+
+    def __init__(
+        self,
+        settings: PipelineSettings,
+        *,
+        reference: Any,
+        trainer: Any,
+        sampler: EpisodeSampler,
+        state: RunState,
+        trainer_dp: list[tuple[int, int]],
+        sink: MetricsSink | None = None,
+        eval_size: int = 0,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.reference = reference
+        self.trainer = trainer
+        self.sampler = sampler
+        self.state = state
+        self.trainer_dp = trainer_dp  # (data-parallel rank, size) of every trainer rank
+        self.sink = sink
+        self.eval_size = eval_size
+        self.on_step = on_step
+        self.first_episode = state.episode
+        self.timers = Timers([reference.name, trainer.name])
+        self.episode_timers = self.timers
+        self._layouts: dict[int, EpisodeLayout] = {}
+        self._next_layout = state.episode
+        self._produced: dict[int, asyncio.Event] = {}
+        self._trained: dict[int, asyncio.Event] = {}
+        self._remaining: dict[int, int] = {}
+        self._window = CreditWindow(settings.window_samples)
+        self._eval_ready = False
+        self.eval_history: list[dict[str, float]] = []
+
+    # -- episode bookkeeping ---------------------------------------------------------------
+    def _global(self, episode: int, position: int) -> int:
+        return (episode - self.first_episode) * self.settings.sample_per_episode + position
+
+    def layout(self, episode: int) -> EpisodeLayout:
+        """The layout of ``episode``; the sampler advances the first time it is asked."""
+        while self._next_layout <= episode:
+            number = self._next_layout
+            self._layouts[number] = EpisodeLayout(
+                self.sampler.next_episode(),
+                len(self.reference.replicas),
+                self.settings.generation_batch_size,
+            )
+            self._remaining[number] = sum(len(c) for c in self._layouts[number].chunks)
+            self._next_layout += 1
+        return self._layouts[episode]
+
+    def _event(self, table: dict[int, asyncio.Event], episode: int) -> asyncio.Event:
+        return table.setdefault(episode, asyncio.Event())
+
+    # -- loops -----------------------------------------------------------------------------
+    async def run(self) -> RunState:
+        episodes = range(self.first_episode, self.settings.num_episode)
+        if not episodes:
+            return self.state
+        async with asyncio.TaskGroup() as tasks:
+            for replica_id, ranks in enumerate(self.reference.replicas):
+                tasks.create_task(self._reference_loop(replica_id, ranks, episodes))
+            tasks.create_task(self._train_loop(episodes))
+        return self.state
+
+    async def _reference_loop(self, replica_id: int, ranks: list[Any], episodes: range) -> None:
+        """Consumes this replica's chunks; produces reference outputs at the trainers."""
+        inflight = asyncio.Semaphore(self.settings.max_inflight_orders)
+        async with asyncio.TaskGroup() as orders:
+            for episode in episodes:
+                if self.settings.window_samples is None and episode > self.first_episode:
+                    await self._event(self._trained, episode - 1).wait()
+                layout = self.layout(episode)
+                # queued at the replica behind the previous episode's orders, not awaited
+                orders.create_task(_call_ranks(ranks, "ref.begin_episode", episode))
+                for chunk in layout.chunks[replica_id]:
+                    await self._window.acquire(self._global(episode, chunk.positions[-1]))
+                    await inflight.acquire()
+                    orders.create_task(self._forward(ranks, chunk, inflight))
+                orders.create_task(_call_ranks(ranks, "ref.end_episode"))
+
+    async def _forward(self, ranks: list[Any], chunk: ChunkOrder, inflight: asyncio.Semaphore):
+        try:
+            order = _order_payload(chunk.episode_id, chunk.positions, chunk.indices, "train")
+            results = await _call_ranks(ranks, "ref.forward", order)
+        finally:
+            inflight.release()
+        for result in results:
+            self.timers[self.reference.name].add(result["start"], result["end"])
+        self._remaining[chunk.episode_id] -= 1
+        if self._remaining[chunk.episode_id] == 0:
+            self._event(self._produced, chunk.episode_id).set()
+
+    async def _train_loop(self, episodes: range) -> None:
+        """Consumes training plans; produces steps, metrics, evaluations, credit."""
+        settings = self.settings
+        if settings.enable_eval_before_training and self.eval_size:
+            await self.evaluate()
+        for episode in episodes:
+            started = time.time()
+            layout = self.layout(episode)
+            plan = plan_episode(
+                layout.num_samples,
+                train_micro_batch_size=settings.micro_batch_size,
+                train_global_batch_size=settings.global_batch_size,
+                data_parallel_size=self.trainer_dp[0][1],
+                num_training_epoch=settings.num_training_epoch,
+                training_shuffle_mode=settings.training_shuffle_mode,  # type: ignore[arg-type]
+                seed=settings.seed,
+                episode_id=episode,
+            )
+            logger.info("start train episode_id: %d/%d", episode + 1, settings.num_episode)
+            await self.trainer.call_all("train.begin_episode", episode)
+            if settings.window_samples is None:
+                await self._event(self._produced, episode).wait()
+            await self._train_episode(episode, plan)
+            self.state.episode = episode + 1
+            self.state.consumed_samples += layout.num_samples
+            await self._window.release_through(self._global(episode + 1, 0))
+            self._event(self._trained, episode).set()
+            del self._layouts[episode]
+            await self.trainer.call_all("train.end_episode")
+            evaluated = None
+            interval = settings.eval_episode_interval
+            if self.eval_size and interval and (episode + 1) % interval == 0:
+                evaluated = await self.evaluate()
+            self._episode_summary(episode, started, evaluated)
+
+    async def _train_episode(self, episode: int, plan: EpisodePlan) -> None:
+        pending: deque[tuple[Any, asyncio.Task[list[Any]]]] = deque()
+        for step in plan.steps:
+            release_before = episode if step.step_in_episode == 0 else None
+            calls = [
+                handle.call(
+                    "train.train",
+                    episode,
+                    [list(mb) for mb in step.for_rank(dp_rank)],
+                    self.state.iteration + len(pending),
+                    release_before,
+                )
+                for handle, (dp_rank, _) in zip(self.trainer, self.trainer_dp, strict=True)
+            ]
+            pending.append((step, asyncio.ensure_future(asyncio.gather(*calls))))
+            if len(pending) >= 2:
+                await self._finish_step(*pending.popleft())
+        while pending:
+            await self._finish_step(*pending.popleft())
+
+    async def _finish_step(self, step: Any, task: asyncio.Task[list[Any]]) -> None:
+        results = await task
+        timer = self.timers[self.trainer.name]
+        for result in results:
+            timer.add(result["start"], result["end"])
+        timer.wait_seconds += max(result["wait"] for result in results)
+        if step.epoch == 0:
+            await self._window.release_through(
+                self._global(step.episode_id, step.max_required_position + 1)
+            )
+        metrics = _mean_over_ranks([r["metrics"] for r in results])
+        self.state.iteration += 1
+        if self.sink is not None:
+            self.sink.write("train", self.state.iteration, metrics, episode=step.episode_id)
+        if self.on_step is not None:
+            self.on_step(self.settings.global_batch_size, metrics)
+        self.state.history.append({"iteration": self.state.iteration, **metrics})
+
+    # -- evaluation ------------------------------------------------------------------------
+    async def evaluate(self) -> dict[str, float]:
+        """Reference outputs for the eval set (once per run), then ``eval_step`` on every rank."""
+        if not self._eval_ready:
+            await self._eval_reference()
+            self._eval_ready = True
+        size, micro = self.eval_size, self.settings.micro_batch_size
+        dp_size = self.trainer_dp[0][1]
+        shares = [list(range(size))[r::dp_size] for r in range(dp_size)]
+        calls = []
+        for handle, (dp_rank, _) in zip(self.trainer, self.trainer_dp, strict=True):
+            share = shares[dp_rank]
+            calls.append(handle.call("train.evaluate", [share[i : i + micro] for i in range(0, len(share), micro)]))
+        results = await asyncio.gather(*calls)
+        # every rank of a data-parallel group evaluates the same share: count each share once
+        seen: set[int] = set()
+        sums: dict[str, float] = {}
+        count = 0
+        for result, (dp_rank, _) in zip(results, self.trainer_dp, strict=True):
+            if dp_rank in seen:
+                continue
+            seen.add(dp_rank)
+            count += result["count"]
+            for key, value in result["sums"].items():
+                sums[key] = sums.get(key, 0.0) + value
+        metrics = {key: value / max(count, 1) for key, value in sums.items()}
+        self.eval_history.append({"iteration": self.state.iteration, **metrics})
+        if self.sink is not None:
+            self.sink.write("eval", self.state.iteration, metrics, episode=self.state.episode)
+        return metrics
+
+    async def _eval_reference(self) -> None:
+        chunk = self.settings.generation_batch_size or self.eval_size
+        replicas = self.reference.replicas
+        orders: list[list[dict[str, Any]]] = [[] for _ in replicas]
+        for number, start in enumerate(range(0, self.eval_size, chunk)):
+            positions = tuple(range(start, min(start + chunk, self.eval_size)))
+            indices = tuple(SampleIndex(0, p) for p in positions)
+            orders[number % len(replicas)].append(_order_payload(EVAL, positions, indices, EVAL))
+
+        async def run(ranks: list[Any], work: list[dict[str, Any]]) -> None:
+            for order in work:
+                await _call_ranks(ranks, "ref.forward", order)
+
+        await asyncio.gather(*(run(r, w) for r, w in zip(replicas, orders, strict=True)))
+
+    def _episode_summary(self, episode: int, started: float, evaluated: dict | None) -> None:
+        now = time.time()
+        summary = self.timers.summary(now)
+        overlap = self.timers.overlap(self.reference.name, self.trainer.name)
+        last = self.state.history[-1] if self.state.history else {}
+        text = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "iteration")
+        logger.info(
+            "episode %d/%d done in %.1fs: iteration %d%s; overlap %.0f%%%s",
+            episode + 1,
+            self.settings.num_episode,
+            now - started,
+            self.state.iteration,
+            f", {text}" if text else "",
+            100 * overlap,
+            "" if evaluated is None else "; eval " + ", ".join(f"{k} {v:.4g}" for k, v in evaluated.items()),
+        )
+        if self.sink is not None:
+            self.sink.write(
+                "episode",
+                self.state.iteration,
+                {**summary, "overlap": overlap, "episode_s": now - started},
+                episode=episode,
+            )
+
+
+async def _call_ranks(ranks: list[Any], method: str, *args: Any) -> list[Any]:
+    """Call every rank of one replica (model-parallel ranks all take part in a step)."""
+    return await asyncio.gather(*(handle.call(method, *args) for handle in ranks))
+
+
+def _order_payload(
+    episode: Any, positions: tuple[int, ...], indices: tuple[SampleIndex, ...], kind: str
+) -> dict[str, Any]:
+    return {
+        "episode": episode,
+        "positions": list(positions),
+        "indices": [[i.dataset_id, i.row] for i in indices],
+        "kind": kind,
+    }
+
+
+def _mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Average each metric over the ranks that reported it (identical values stay as they are)."""
+    keys = {key for metrics in per_rank for key in metrics}
+    out = {}
+    for key in sorted(keys):
+        values = [metrics[key] for metrics in per_rank if key in metrics]
+        out[key] = sum(values) / len(values)
+    return out

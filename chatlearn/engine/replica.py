@@ -1,0 +1,268 @@
+"""The engine's code inside actor processes: reference replicas and trainer ranks.
+
+The coordinator (``pipeline.py``) starts these as worker services (``chatlearn.actors``), so they
+live next to the user's module in its process and are called as ``"ref.<method>"`` and
+``"train.<method>"``.
+
+- :class:`ReferenceService` builds the datasets (the module's ``build_dataset``), and for every
+  work order collates the samples it names (the dataset's ``collate_fn`` if it has one), runs
+  ``forward_step`` on the compute thread, and pushes the output, keyed by episode and buffer
+  positions, straight to every trainer rank's inbox. The send runs on the event loop while the
+  compute thread already works on the next order.
+- :class:`TrainerService` owns the rank's inbox (a PULL socket) and the episode buffers
+  (position → per-sample dict). A train order names micro-batches as lists of positions; the
+  service waits until they have arrived, collates them (padding config from the module), and
+  calls ``train_step`` on the compute thread. Evaluation batches are kept apart, for good: the
+  reference is frozen, so its outputs for the eval set are computed once per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from chatlearn.actors.module import invoke
+from chatlearn.engine.batching import (
+    batch_size_of,
+    collate_samples,
+    concat_outputs,
+    gather_micro_batch,
+    split_per_sample,
+)
+from chatlearn.transport import DataReceiver, DataSender, DecodeError
+
+logger = logging.getLogger("chatlearn.engine")
+
+EVAL = "eval"  # buffer key of the evaluation outputs
+
+
+class _EpisodeHooks:
+    """Episode hooks as ``async`` service calls, so that they reach the compute thread in the
+    same order as the (also ``async``) forward and train orders sent before them: a plain call
+    is queued the moment it arrives, ahead of async calls that arrived earlier."""
+
+    module: Any
+    ctx: Any
+
+    async def begin_episode(self, episode: int) -> None:
+        """Set the module's episode counter and run its ``before_episode``."""
+        await self.ctx.run_compute(self._begin_episode, episode)
+
+    async def end_episode(self) -> None:
+        await self.ctx.run_compute(self.module.after_episode)
+
+    def _begin_episode(self, episode: int) -> None:
+        self.module._episode_id = episode
+        self.module.before_episode()
+
+
+class ReferenceService(_EpisodeHooks):
+    """A reference replica's side of the pipeline (service name ``ref``)."""
+
+    def __init__(self, module: Any, ctx: Any) -> None:
+        self.module = module
+        self.ctx = ctx
+        self.datasets: dict[str, list[Any]] = {}
+        self.senders: list[DataSender] = []
+
+    def build_datasets(self, sample_lists: Sequence[Sequence[Any]], kind: str = "train") -> list[int]:
+        """``build_dataset`` over each list of raw samples; returns the dataset sizes."""
+        datasets = []
+        for samples in sample_lists:
+            dataset = self.module.build_dataset(list(samples), is_eval=kind == EVAL)
+            if dataset is None:
+                raise TypeError(
+                    f"{type(self.module).__name__}.build_dataset returned None; it must return "
+                    "a dataset (len() and indexing), e.g. a torch.utils.data.Dataset"
+                )
+            datasets.append(dataset)
+        self.datasets[kind] = datasets
+        return [len(d) for d in datasets]
+
+    async def connect(self, endpoints: Sequence[str], hwm: int = 64) -> None:
+        """Connect one PUSH socket to every trainer rank's inbox."""
+        for sender in self.senders:
+            sender.close()
+        self.senders = [
+            DataSender(endpoint, bind=False, hwm=hwm, context=self.ctx.zmq_context)
+            for endpoint in endpoints
+        ]
+
+    async def forward(self, order: Mapping[str, Any]) -> dict[str, float]:
+        """Run one work order (one ``forward_step`` chunk) and send its output to the trainers.
+
+        ``order``: ``episode`` (an int, or "eval"), ``positions``, ``indices`` ([dataset, row]
+        pairs), ``kind`` ("train" or "eval"). Returns the compute interval for the timers.
+        """
+        start, output, end = await self.ctx.run_compute(self._compute, order)
+        if not self.module.is_last_rank():
+            return {"start": start, "end": end, "sent": end}  # model-parallel peers: no output
+        message = {"episode": order["episode"], "positions": order["positions"], "data": output}
+        for sender in self.senders:
+            await sender.send(message)
+        return {"start": start, "end": end, "sent": time.time()}
+
+    def _compute(self, order: Mapping[str, Any]) -> tuple[float, dict[str, Any], float]:
+        start = time.time()
+        datasets = self.datasets[order.get("kind", "train")]
+        samples = [datasets[dataset_id][row] for dataset_id, row in order["indices"]]
+        collate = getattr(datasets[0], "collate_fn", None)
+        batch = collate(samples) if callable(collate) else collate_samples(samples)
+        output = invoke(self.module, "forward_step", (batch,))
+        what = f"{type(self.module).__name__}.forward_step output"
+        if not isinstance(output, Mapping):
+            raise TypeError(f"{what} must be a dict of batch-first tensors or lists, got {output!r}")
+        output = concat_outputs([dict(output)], what=what)
+        size = batch_size_of(output, what=what)
+        if size != len(order["positions"]):
+            raise ValueError(
+                f"{what} has batch size {size} for a chunk of {len(order['positions'])} samples; "
+                "every value must be batch-first (row i belongs to sample i)"
+            )
+        return start, output, time.time()
+
+    def data_parallel(self) -> tuple[int, int]:
+        return self.module.data_parallel_rank, self.module.data_parallel_size
+
+    def close(self) -> None:
+        for sender in self.senders:
+            sender.close()
+        self.senders = []
+
+
+class TrainerService(_EpisodeHooks):
+    """A trainer rank's side of the pipeline (service name ``train``)."""
+
+    def __init__(self, module: Any, ctx: Any) -> None:
+        self.module = module
+        self.ctx = ctx
+        self.buffers: dict[Any, dict[int, dict[str, Any]]] = {}
+        self.receiver: DataReceiver | None = None
+        self._arrived = asyncio.Condition()
+        self._receive_task: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+
+    async def open_inbox(self, hwm: int = 64) -> str:
+        """Bind this rank's inbox and start receiving; returns the endpoint to connect to."""
+        if self.receiver is None:
+            name = f"inbox-{self.ctx.model}-{self.ctx.rank}"
+            self.receiver = DataReceiver(
+                self.ctx.ipc_endpoint(name), bind=True, hwm=hwm, context=self.ctx.zmq_context
+            )
+            self._receive_task = asyncio.create_task(self._receive_loop(), name="inbox")
+        return self.receiver.endpoint
+
+    async def _receive_loop(self) -> None:
+        """Consumes the inbox; produces buffer entries; wakes the train calls that wait."""
+        assert self.receiver is not None
+        while True:
+            try:
+                message = await self.receiver.recv()
+            except DecodeError as exc:  # a malformed message is dropped, never fatal
+                logger.error("trainer inbox dropped a malformed message: %s", exc)
+                continue
+            try:
+                positions = list(message["positions"])
+                samples = split_per_sample(message["data"], expected_size=len(positions))
+                buffer = self.buffers.setdefault(message["episode"], {})
+                buffer.update(zip(positions, samples, strict=True))
+            except Exception as exc:  # a broken message must fail the waiting step, not hang it
+                self._failure = exc
+            async with self._arrived:
+                self._arrived.notify_all()
+
+    async def _wait_for(self, episode: Any, positions: Iterable[int]) -> float:
+        """Wait until every position of ``episode`` has arrived; returns the seconds waited."""
+        needed = set(positions)
+        start = time.time()
+
+        def ready() -> bool:
+            return self._failure is not None or needed <= self.buffers.get(episode, {}).keys()
+
+        if not ready():
+            async with self._arrived:
+                await self._arrived.wait_for(ready)
+        if self._failure is not None:
+            raise RuntimeError(f"the trainer inbox got a broken message: {self._failure}")
+        return time.time() - start
+
+    async def train(
+        self,
+        episode: int,
+        micro_batches: Sequence[Sequence[int]],
+        iteration: int,
+        release_before: int | None = None,
+    ) -> dict[str, Any]:
+        """One ``train_step`` over the micro-batches (lists of buffer positions) of ``episode``.
+
+        ``release_before``: drop the buffers of episodes before it (they are fully trained).
+        """
+        if release_before is not None:
+            for key in [k for k in self.buffers if isinstance(k, int) and k < release_before]:
+                del self.buffers[key]
+        waited = await self._wait_for(episode, (p for mb in micro_batches for p in mb))
+        start, metrics, end = await self.ctx.run_compute(
+            self._train, episode, micro_batches, iteration
+        )
+        return {"start": start, "end": end, "wait": waited, "metrics": metrics}
+
+    def _train(
+        self, episode: int, micro_batches: Sequence[Sequence[int]], iteration: int
+    ) -> tuple[float, dict[str, float], float]:
+        start = time.time()
+        buffer = self.buffers[episode]
+        padding = self.module.padding_config()
+        data = [gather_micro_batch(buffer, mb, padding=padding) for mb in micro_batches]
+        result = invoke(self.module, "train_step", (data,), {"iteration": iteration})
+        self.module._train_iteration = iteration + 1
+        return start, _numeric_metrics(result), time.time()
+
+    async def evaluate(self, batches: Sequence[Sequence[int]]) -> dict[str, Any]:
+        """``eval_step`` on each batch of eval positions; returns sample-weighted sums."""
+        await self._wait_for(EVAL, (p for batch in batches for p in batch))
+        return await self.ctx.run_compute(self._evaluate, batches)
+
+    def _evaluate(self, batches: Sequence[Sequence[int]]) -> dict[str, Any]:
+        start = time.time()
+        buffer = self.buffers[EVAL]
+        padding = self.module.padding_config()
+        sums: dict[str, float] = {}
+        count = 0
+        for positions in batches:
+            batch = gather_micro_batch(buffer, positions, padding=padding)
+            metrics = _numeric_metrics(self.module.eval_step(batch))
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value * len(positions)
+            count += len(positions)
+        return {"sums": sums, "count": count, "start": start, "end": time.time()}
+
+    def data_parallel(self) -> tuple[int, int]:
+        return self.module.data_parallel_rank, self.module.data_parallel_size
+
+    async def close(self) -> None:
+        if self._receive_task is not None:
+            self._receive_task.cancel()
+            await asyncio.gather(self._receive_task, return_exceptions=True)
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
+
+
+def _numeric_metrics(result: Any) -> dict[str, float]:
+    """The numbers of a returned dict (one-element tensors and numpy scalars included).
+
+    NaN and inf are kept on purpose: a diverging loss must show in the metrics.
+    """
+    if not isinstance(result, Mapping):
+        return {}
+    metrics = {}
+    for key, value in result.items():
+        item = getattr(value, "item", None)
+        if callable(item) and getattr(value, "numel", lambda: 1)() == 1:
+            value = item()
+        if isinstance(value, bool | int | float):
+            metrics[str(key)] = float(value)
+    return metrics

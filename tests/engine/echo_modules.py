@@ -1,0 +1,71 @@
+"""Small modules for engine tests: rows are integers, every call is logged to a JSON-lines file.
+
+The log path is `runtime.echo_log`; `runtime.echo_cost` (seconds) is the busy time of every
+forward chunk and train step (spent spinning, not sleeping, so it really occupies a core).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+from chatlearn.actors import BaseModule
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+class _Logged(BaseModule):
+    def log(self, **record) -> None:
+        path = self.runtime_args.get("echo_log")
+        if path:
+            record.update(model=self.name, replica=self.replica_id, rank=self.rank, pid=os.getpid())
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def after_episode(self) -> None:
+        self.log(
+            event="after_episode",
+            episode=self._episode_id,
+            iteration=self._iteration,
+            train_iteration=self._train_iteration,
+        )
+
+
+class EchoReference(_Logged):
+    def build_dataset(self, samples, is_eval=False):
+        return [{"row": torch.tensor(int(s)), "tokens": torch.arange(int(s) % 3 + 1)} for s in samples]
+
+    def forward_step(self, data, iteration):
+        start = time.time()
+        _spin(self.runtime_args.get("echo_cost", 0.0))
+        rows = data["row"].tolist()
+        self.log(event="forward", rows=rows, iteration=iteration, start=start, end=time.time())
+        return {"row": data["row"], "tokens": data["tokens"], "double": data["row"] * 2}
+
+
+class EchoTrainer(_Logged):
+    def setup(self) -> None:
+        self.add_padding_config("tokens", -1)
+
+    def train_step(self, data, iteration):
+        start = time.time()
+        _spin(self.runtime_args.get("echo_cost", 0.0))
+        batches = [mb["row"].tolist() for mb in data]
+        for mb in data:
+            assert torch.equal(mb["double"], mb["row"] * 2)
+        widths = [list(mb["tokens"].shape) for mb in data]
+        self.log(
+            event="train", batches=batches, widths=widths, iteration=iteration,
+            start=start, end=time.time(),
+        )
+        return {"rows": float(sum(sum(b) for b in batches)), "num_micro_batches": len(data)}
+
+    def eval_step(self, data):
+        return {"mean_row": float(data["row"].float().mean())}
