@@ -18,6 +18,12 @@ _EXPORTS: dict[str, str] = {
     "set_args": "chatlearn.config",
     "Config": "chatlearn.config",
     "ConfigError": "chatlearn.config",
+    "BaseModule": "chatlearn.actors.module",
+    "TorchModule": "chatlearn.actors.module",
+    "MegatronModule": "chatlearn.megatron.module",
+    "Engine": "chatlearn.engine.engine",
+    "DPOEngine": "chatlearn.engine.engine",
+    "TrainingInterrupted": "chatlearn.engine.interrupts",
 }
 
 __all__ = sorted(_EXPORTS)

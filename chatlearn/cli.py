@@ -32,7 +32,7 @@ class _LazyGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
-@click.group()
+@click.group(cls=_LazyGroup, lazy={"inspect": "chatlearn.engine.inspect_cli:command"})
 def main() -> None:
     """chatlearn: DPO training on an asyncio + ZeroMQ actor runtime."""
 

@@ -13,6 +13,12 @@ Lifecycle methods a subclass overrides: `setup()`, `build_dataset(samples, is_ev
 `iteration` only if the method declares it (so `forward_step(self, data)` works too) and keeps the
 `_iteration` / `_train_iteration` counters.
 
+Checkpoints: the engine calls `save_checkpoint(iteration)` / `load_checkpoint(iteration)` on every
+trainer rank with `checkpoint_dir()` set to this rank's own directory of the checkpoint being
+written or read (`chatlearn/engine/checkpoint.py` has the layout and the atomic commit). A module
+saves whatever it likes there; `TorchModule` saves `self.model`, `self.optimizer`,
+`self.scheduler` (those it has) and the torch, numpy and Python RNG states by default.
+
 This module must not import torch at import time: actor processes import it before they are
 pinned to their devices. `TorchModule` imports torch inside its methods.
 """
@@ -22,9 +28,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import random
 import resource
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from chatlearn.actors.errors import ModuleError
@@ -67,6 +75,7 @@ class BaseModule:
         self._world_size = 1
         self._num_replica: int | None = None
         self._peak_memory = 0.0
+        self._checkpoint_dir: Path | None = None  # set by the engine around save/load calls
 
     # -- config views ----------------------------------------------------------------------
     @property
@@ -152,6 +161,27 @@ class BaseModule:
         gib = rss / (1024**3 if sys.platform == "darwin" else 1024**2)
         self._peak_memory = max(self._peak_memory, gib)
         return self._peak_memory
+
+    def checkpoint_dir(self, iteration: int | None = None) -> Path:
+        """This rank's directory in the checkpoint of `iteration` (default: the current one).
+
+        Inside `save_checkpoint`/`load_checkpoint` run by the engine it is the directory being
+        written (a staging directory that becomes the checkpoint once every rank is done) or read.
+        Elsewhere it is where that checkpoint is:
+        `<checkpoint root>/iter_<iteration:07d>/<name>/rank_<rank>`, the root being
+        `runtime.data_checkpoint_path` or `output_dir/exp_name/checkpoints`.
+        """
+        if self._checkpoint_dir is not None:
+            return self._checkpoint_dir
+        from chatlearn.engine.checkpoint import (  # no torch: fine in an unpinned process
+            checkpoint_name,
+            checkpoint_root,
+            module_checkpoint_dir,
+        )
+
+        number = self._train_iteration if iteration is None else iteration
+        checkpoint = checkpoint_root(self.runtime_args) / checkpoint_name(number)
+        return module_checkpoint_dir(checkpoint, self.name, self.rank)
 
     def error(self, msg: str = "") -> None:
         """Report a fatal error of this module: logged, then raised to the coordinator."""
@@ -264,6 +294,102 @@ class TorchModule(BaseModule):
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    _CHECKPOINTED = ("model", "optimizer", "scheduler")
+
+    def _checkpointed(self) -> Iterator[tuple[str, Any]]:
+        """(name, object) of `self.model/optimizer/scheduler` that have state dicts."""
+        for name in self._CHECKPOINTED:
+            obj = getattr(self, name, None)
+            if callable(getattr(obj, "state_dict", None)) and callable(
+                getattr(obj, "load_state_dict", None)
+            ):
+                yield name, obj
+
+    def save_checkpoint(self, iteration: int) -> None:
+        """Save `model.pt`, `optimizer.pt`, `scheduler.pt` (for the attributes the module has)
+        and `rng.pt` (torch, CUDA, numpy and Python RNG states) in `checkpoint_dir(iteration)`.
+
+        Every rank saves its own files (ranks' RNG states, and model-parallel shards, differ).
+        Override it (and `load_checkpoint`) for other state; call super() to keep this part.
+        """
+        import torch
+
+        directory = self.checkpoint_dir(iteration)
+        directory.mkdir(parents=True, exist_ok=True)
+        saved = dict(self._checkpointed())
+        if "model" not in saved:  # a resume would silently start from fresh weights
+            self._logger.warning(
+                "%s: no self.model with a state_dict(); the checkpoint holds no weights "
+                "(override save_checkpoint/load_checkpoint for other layouts)",
+                self.name,
+            )
+        for name, obj in saved.items():
+            torch.save(obj.state_dict(), directory / f"{name}.pt")
+        torch.save(_rng_state(), directory / "rng.pt")
+
+    def load_checkpoint(self, iteration: int) -> None:
+        """Load what `save_checkpoint` saved (tensors only: `torch.load(weights_only=True)`)."""
+        import torch
+
+        directory = self.checkpoint_dir(iteration)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{self.name}: no checkpoint directory {directory}")
+        for name, obj in self._checkpointed():
+            path = directory / f"{name}.pt"
+            if not path.is_file():
+                if name == "model":
+                    raise FileNotFoundError(f"{self.name}: the checkpoint has no {path}")
+                # e.g. a scheduler added after the checkpoint was written
+                self._logger.warning(
+                    "%s: no %s in the checkpoint; it starts fresh", self.name, path
+                )
+                continue
+            obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        rng = directory / "rng.pt"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every random generator a training step may draw from, in tensors and plain types."""
+    import torch
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        kind, keys, pos, has_gauss, cached = numpy.random.get_state()
+        # as a tensor: weights_only loading accepts tensors, not numpy arrays
+        state["numpy"] = {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(numpy.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    python = state.get("python")
+    if python is not None:
+        version, internal, gauss = python
+        random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("numpy")
+    numpy = sys.modules.get("numpy")
+    if saved is not None and numpy is not None:
+        keys = saved["keys"].numpy().astype(numpy.uint32)
+        numpy.random.set_state(
+            (saved["kind"], keys, saved["pos"], saved["has_gauss"], saved["cached_gaussian"])
+        )
 
 
 @functools.lru_cache(maxsize=256)

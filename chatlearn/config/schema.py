@@ -49,6 +49,12 @@ Runtime extensions of this project:
 | tensorboard | bool | false | write TensorBoard event files |
 | reference_cache | bool | true | reuse reference outputs when the same samples come back |
 | max_reference_cache_mb | float ≥ 0 | 1024 | memory budget of that cache |
+| shutdown_timeout | float > 0 | 5.0 | seconds actors get to exit after SHUTDOWN |
+| kill_timeout | float > 0 | 3.0 | seconds between terminate and kill when stopping processes |
+| dist_timeout | float > 0 | 600 | torch.distributed collective timeout |
+| stop_timeout | float > 0 | 120 | after Ctrl-C/SIGTERM: seconds running steps get to finish |
+| fail_fast | bool | true | an error raised by user code stops the whole run |
+| in_process | bool | false | run every module in the coordinator (debugging, tests) |
 
 (2) pipeline_window: reference micro-batches produced ahead of training (null: the default);
 0 is ChatLearn's schedule (the reference runs the whole episode, then training starts).
@@ -321,6 +327,12 @@ RUNTIME_KEYS: dict[str, KeySpec] = {
     "tensorboard": KeySpec("bool", False),
     "reference_cache": KeySpec("bool", True),
     "max_reference_cache_mb": KeySpec("float", 1024.0, min_value=0),
+    "shutdown_timeout": KeySpec("float", 5.0, min_value=0, min_inclusive=False),
+    "kill_timeout": KeySpec("float", 3.0, min_value=0, min_inclusive=False),
+    "dist_timeout": KeySpec("float", 600.0, min_value=0, min_inclusive=False),
+    "stop_timeout": KeySpec("float", 120.0, min_value=0, min_inclusive=False),
+    "fail_fast": KeySpec("bool", True),
+    "in_process": KeySpec("bool", False),
 }  # fmt: skip
 
 MODEL_KEYS: dict[str, KeySpec] = {

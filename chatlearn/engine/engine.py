@@ -14,6 +14,14 @@ model with bounded in-flight calls.
 ``DPOEngine`` adds the DPO flow: reference replicas build the datasets, the coordinator's sampler
 draws episodes, and the pipeline (``pipeline.py``) overlaps reference inference with training.
 ``learn()`` runs it on a uvloop event loop; ``await learn_async()`` runs it inside an existing one.
+
+Checkpoints (``run_checkpoints.py``, layout in ``checkpoint.py``): every
+``save_episode_interval`` episodes, at the end of training and on a graceful stop when that is
+set, and whenever ``await engine.save_checkpoint()`` asks. A new run with the same output path
+resumes from the newest complete checkpoint (``enable_resume_training``, default on) and repeats
+the uninterrupted run exactly. SIGINT/SIGTERM (``interrupts.py``): the first stops after the
+running steps and saves, a second stops at once; ``learn()`` then raises ``TrainingInterrupted``
+(exit code 130 / 143).
 """
 
 from __future__ import annotations
@@ -25,11 +33,14 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from chatlearn.actors import ActorSystem, BaseModule, ModelGroup
+from chatlearn.actors import ActorDeadError, ActorSystem, BaseModule, ModelGroup
+from chatlearn.engine.checkpoint import CheckpointManager, checkpoint_root
+from chatlearn.engine.interrupts import Interrupts, SignalGuard, interrupted
 from chatlearn.engine.metrics import MetricsSink
 from chatlearn.engine.pipeline import DPOPipeline, PipelineSettings, RunState
 from chatlearn.engine.progress import Progress, setup_logging
 from chatlearn.engine.replica import EVAL
+from chatlearn.engine.run_checkpoints import RunCheckpoints
 from chatlearn.engine.sampler import EpisodeSampler
 
 logger = logging.getLogger("chatlearn.engine")
@@ -127,6 +138,9 @@ class _TrainerView:
 class DPOEngine(Engine):
     """ChatLearn's DPO engine: ``reference`` runs ``forward_step``, ``policy_trainer`` trains."""
 
+    #: seconds from the first SIGINT/SIGTERM to a forced stop (``runtime.stop_timeout`` wins)
+    stop_timeout: float = 120.0
+
     def __init__(self, reference: BaseModule, policy_trainer: BaseModule) -> None:
         super().__init__(reference, policy_trainer)
         self.reference = reference
@@ -140,6 +154,11 @@ class DPOEngine(Engine):
         self._eval_dataset: list[Any] | None = None
         self.state = RunState()
         self.pipeline: DPOPipeline | None = None
+        self.checkpoints: RunCheckpoints | None = None
+        self._phase = "idle"  # starting, training, stopping: what a signal may interrupt
+        self._interrupts: Interrupts | None = None
+        self._cancelled_by_signal = False
+        self._stop_error: BaseException | None = None  # what a forced stop fails the run with
 
     # -- data ------------------------------------------------------------------------------
     def set_dataset(self, dataset: Sequence[Any]) -> DPOEngine:
@@ -161,28 +180,127 @@ class DPOEngine(Engine):
 
     # -- training --------------------------------------------------------------------------
     def learn(self) -> None:
-        """Train to the end (blocking). Inside a running event loop use ``await learn_async()``."""
+        """Train to the end (blocking). Inside a running event loop use ``await learn_async()``.
+
+        Raises ``TrainingInterrupted`` (a ``SystemExit`` with code 130 / 143) after a stop on
+        SIGINT / SIGTERM; the event loop is closed by then.
+        """
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             pass
         else:
             raise RuntimeError("learn() called inside a running event loop; use learn_async()")
+        from chatlearn.engine.interrupts import TrainingInterrupted
         from chatlearn.transport import run
 
-        run(self.learn_async())
+        async def learn_or_interrupted() -> TrainingInterrupted | None:
+            try:
+                await self.learn_async()
+            except TrainingInterrupted as stop:  # raised outside the loop, once it is closed
+                return stop
+            return None
+
+        stop = run(learn_or_interrupted())
+        if stop is not None:
+            raise stop
 
     async def learn_async(self) -> RunState:
+        """Train to the end inside the running event loop (see ``learn``)."""
         if self._datasets is None:
             raise ValueError("call engine.set_dataset(samples) before learn()")
         setup_logging()
         runtime = self.global_args.runtime_args
         started = time.time()
+        task = asyncio.current_task()
+        interrupts = Interrupts(
+            graceful=self._stop_gracefully,
+            hard=lambda reason: self._stop_at_once(task, reason),
+            stop_timeout=float(runtime.get("stop_timeout", None) or self.stop_timeout),
+        )
+        self._interrupts = interrupts
+        self._cancelled_by_signal = False
+        self._stop_error = None
+        self.pipeline = None
+        self.checkpoints = None
+        failure: BaseException | None = None
+        state = self.state
         try:
-            await self.start()
-            return await self._run(runtime, started)
+            with SignalGuard(interrupts.handle):
+                try:
+                    self._phase = "starting"
+                    await self.start()
+                    self._phase = "training"
+                    state = await self._run(runtime, started)
+                except (Exception, asyncio.CancelledError) as exc:
+                    if not interrupts.requested:
+                        raise
+                    if self._cancelled_by_signal and task is not None:
+                        task.uncancel()
+                    failure = exc  # usually the stop's own doing (calls failed, task cancelled)
+                finally:
+                    self._phase = "stopping"
+                    await self.stop()
         finally:
-            await self.stop()
+            interrupts.close()
+            self._phase = "idle"
+        if interrupts.signum is not None:
+            if isinstance(failure, ActorDeadError):
+                logger.warning(
+                    "an actor exited during the stop, so no final checkpoint was written (a "
+                    "signal sent to the whole process group reaches the actors too): %s",
+                    str(failure).splitlines()[0],
+                )
+            elif failure is not None and not isinstance(failure, asyncio.CancelledError):
+                if failure is not self._stop_error:  # not the stop's own doing: say so
+                    logger.error("the run failed while stopping", exc_info=failure)
+            last = self.checkpoints.last if self.checkpoints is not None else None
+            stop = interrupted(interrupts.signum, last)
+            logger.warning(
+                "training stopped by %s at iteration %d (exit code %d); %s",
+                stop.signal_name,
+                self.state.iteration,
+                stop.code,
+                f"the newest checkpoint is {last}" if last else "there is no checkpoint",
+            )
+            raise stop from failure
+        return state
+
+    async def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the running ``learn`` and return its directory.
+
+        During training it is taken at the next boundary between two steps (the running steps
+        finish first, training goes on after); the state is exact there, so a run resumed from
+        it repeats the uninterrupted one. Needs a running ``learn_async()``.
+        """
+        if self.pipeline is not None and self.pipeline.running:
+            return await self.pipeline.request_checkpoint()
+        if self.checkpoints is None or self.system is None or self._phase != "training":
+            raise RuntimeError(
+                "save_checkpoint() needs a running training: call it while learn_async() runs"
+            )
+        return await self.checkpoints.save(self.state, "request", self._eval_history())
+
+    def _eval_history(self) -> list[dict[str, Any]]:
+        return self.pipeline.eval_history if self.pipeline is not None else []
+
+    # -- signals ---------------------------------------------------------------------------
+    def _stop_gracefully(self) -> bool:
+        """First signal: no new steps, the sent ones finish, save, stop (False: not possible)."""
+        if self._phase == "starting":
+            return False  # processes still starting: nothing trained, nothing to save
+        if self.pipeline is not None:
+            self.pipeline.request_stop()
+        return True
+
+    def _stop_at_once(self, task: asyncio.Task[Any] | None, reason: str) -> None:
+        """Second signal (or the stop timeout): kill every process, abandon the run."""
+        if self.system is not None:
+            self._stop_error = RuntimeError(f"training stopped: {reason}")
+            self.system.fail(self._stop_error)
+        if self._phase in ("starting", "training") and task is not None and not task.done():
+            self._cancelled_by_signal = True
+            task.cancel()
 
     async def _run(self, runtime: Any, started: float) -> RunState:
         reference = self.group(self.reference.name)
@@ -192,25 +310,61 @@ class DPOEngine(Engine):
         sizes = (await reference.call_all("ref.build_datasets", self._datasets))[0]
         eval_size = 0
         if self._eval_dataset:
-            eval_size = (await reference.call_all("ref.build_datasets", [self._eval_dataset], EVAL))[0][0]
-        dp = [tuple(x) for x in await trainer.call_all("train.data_parallel")]
-        if self.state.consumed_samples == 0 and runtime.consumed_samples:
-            self.state.consumed_samples = int(runtime.consumed_samples)
+            eval_size = (
+                await reference.call_all("ref.build_datasets", [self._eval_dataset], EVAL)
+            )[0][0]
+        dp: list[tuple[int, int]] = [
+            (int(x[0]), int(x[1])) for x in await trainer.call_all("train.data_parallel")
+        ]
         sampler = EpisodeSampler(
             sizes,
             runtime.sample_per_episode,
             shuffle=runtime.data_shuffle,
             data_ratio=runtime.resolve_data_ratio(len(sizes)) if len(sizes) > 1 else None,
             drop_last=runtime.drop_last,
-            consumed_samples=self.state.consumed_samples,
         )
         settings = _settings(runtime, self.global_args.model(self.reference.name))
-        self.state.episode = self.state.consumed_samples // settings.sample_per_episode
-        self.state.iteration = self.state.episode * _steps_per_episode(settings)
         output = Path(runtime.output_path)
+        checkpoints = RunCheckpoints(
+            CheckpointManager(checkpoint_root(runtime), keep_last=runtime.save_keep_last),
+            reference=reference,
+            trainer=trainer,
+            sampler=sampler,
+            settings=settings,
+            trainer_dp=dp,
+            config=self.global_args,
+        )
+        self.checkpoints = checkpoints
+        resume = None
+        if runtime.enable_resume_training:
+            resume = await checkpoints.find(runtime.load_data_checkpoint_iteration)
+        if resume is not None:
+            self.state = await checkpoints.restore(resume, output / "metrics.jsonl")
+        else:
+            if self.state.consumed_samples == 0 and runtime.consumed_samples:
+                self.state.consumed_samples = int(runtime.consumed_samples)
+            position = {**sampler.state_dict(), "consumed_samples": self.state.consumed_samples}
+            sampler.load_state_dict(position)
+            self.state.episode = self.state.consumed_samples // settings.sample_per_episode
+            self.state.iteration = self.state.episode * _steps_per_episode(settings)
+            self.state.step_in_episode = 0
         sink = MetricsSink(output, tensorboard=bool(runtime.tensorboard))
-        total = (settings.num_episode - self.state.episode) * _steps_per_episode(settings)
-        progress = Progress(total * settings.global_batch_size)
+        checkpoints.metrics_path = sink.path
+        if resume is not None:
+            sink.write(
+                "resume",
+                self.state.iteration,
+                {"episode": self.state.episode, "step_in_episode": self.state.step_in_episode},
+                checkpoint=str(resume.path),
+            )
+        steps_per_episode = _steps_per_episode(settings)
+        total = (settings.num_episode - self.state.episode) * steps_per_episode
+        progress = Progress(max(0, total - self.state.step_in_episode) * settings.global_batch_size)
+
+        async def save(reason: str) -> Path:
+            assert self.pipeline is not None
+            return await checkpoints.save(self.state, reason, self.pipeline.eval_history)
+
         self.pipeline = DPOPipeline(
             settings,
             reference=reference,
@@ -221,15 +375,25 @@ class DPOEngine(Engine):
             sink=sink,
             eval_size=eval_size,
             on_step=progress.update,
+            checkpoint=save,
+            resumed=resume is not None,
         )
+        if resume is not None and resume.state is not None:
+            self.pipeline.eval_history = list(resume.state.eval_history)
+        if self._interrupts is not None and self._interrupts.requested:
+            # a signal came while the run was being prepared
+            self.pipeline.request_stop()
         try:
             await self.pipeline.run()
+            if settings.save_episode_interval and self.state.iteration > 0:
+                await save("signal" if self.pipeline.stopped else "end")
         finally:
             progress.close()
             sink.close()
             self.trainer.iteration = self.state.iteration
         logger.info(
-            "training done: %d iterations in %.1fs; metrics in %s",
+            "training %s: %d iterations in %.1fs; metrics in %s",
+            "stopped" if self.pipeline.stopped else "done",
             self.state.iteration,
             time.time() - started,
             sink.path,
@@ -259,4 +423,5 @@ def _settings(runtime: Any, reference_config: Any) -> PipelineSettings:
         generation_batch_size=reference_config.forward_chunk_size,
         eval_episode_interval=runtime.eval_episode_interval or 0,
         enable_eval_before_training=bool(runtime.enable_eval_before_training),
+        save_episode_interval=runtime.save_episode_interval or 0,
     )

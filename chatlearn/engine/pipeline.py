@@ -17,6 +17,16 @@ steps needed. So the reference computes steps k+1.. while the trainer runs step 
 the next episode while the trainer finishes this one (later passes need no reference work), and
 the outputs held ahead of training stay bounded whatever the dataset size. ``pipeline_window: 0``
 gives ChatLearn's schedule instead: the whole episode's inference, then its training.
+
+Checkpoints and stops happen *between* training steps, never inside one. Every
+``save_episode_interval`` episodes, once the episode's last step is done, the train loop awaits
+the ``checkpoint`` hook (the engine's writer) before it sends the next step; the reference loops
+keep running ahead meanwhile, which is harmless: the state saved (``RunState``) describes the
+trained steps, not the reference's position. ``request_checkpoint()`` does the same at the next
+step boundary, and ``request_stop()`` makes the train loop send no new step, wait for the ones
+already sent, and return with ``stopped`` set; ``run()`` then cancels the reference loops. A run
+restarted from a state with ``step_in_episode > 0`` draws that episode again (the reference
+recomputes it: its outputs do not depend on the policy) and skips the steps already trained.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +61,7 @@ class PipelineSettings:
     generation_batch_size: int | None
     eval_episode_interval: int = 0
     enable_eval_before_training: bool = False
+    save_episode_interval: int = 0  # 0: no periodic checkpoints
     max_inflight_orders: int = 2
 
     @property
@@ -63,11 +74,18 @@ class PipelineSettings:
 
 @dataclass(slots=True)
 class RunState:
-    """The coordinator's counters (what a checkpoint of the coordinator holds)."""
+    """The coordinator's counters (what a checkpoint of the coordinator holds).
+
+    Between two steps: ``episode`` is the episode in progress (the next one at a boundary),
+    ``step_in_episode`` its steps already trained, ``consumed_samples`` the samples of the
+    completed episodes (so a sampler rebuilt from it draws ``episode`` next), ``iteration`` the
+    optimizer steps of the whole run.
+    """
 
     episode: int = 0
     consumed_samples: int = 0
     iteration: int = 0
+    step_in_episode: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -86,7 +104,11 @@ class DPOPipeline:
         sink: MetricsSink | None = None,
         eval_size: int = 0,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
+        checkpoint: Callable[[str], Awaitable[Any]] | None = None,
+        resumed: bool = False,
     ) -> None:
+        """``checkpoint(reason)`` writes a checkpoint of ``state`` (reason: interval, request);
+        ``resumed``: the run continues a checkpoint (no evaluation "before training")."""
         self.settings = settings
         self.reference = reference
         self.trainer = trainer
@@ -107,6 +129,12 @@ class DPOPipeline:
         self._window = CreditWindow(settings.window_samples)
         self._eval_ready = False
         self.eval_history: list[dict[str, float]] = []
+        self.checkpoint = checkpoint
+        self.resumed = resumed
+        self.running = False
+        self.stopped = False  # the train loop returned early on request_stop()
+        self._stop = asyncio.Event()
+        self._checkpoint_requests: list[asyncio.Future[Any]] = []
 
     # -- episode bookkeeping ---------------------------------------------------------------
     def _global(self, episode: int, position: int) -> int:
@@ -128,15 +156,92 @@ class DPOPipeline:
     def _event(self, table: dict[int, asyncio.Event], episode: int) -> asyncio.Event:
         return table.setdefault(episode, asyncio.Event())
 
+    # -- control from outside ---------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Send no new training step; the train loop returns once the sent ones are done."""
+        self._stop.set()
+
+    def request_checkpoint(self) -> asyncio.Future[Any]:
+        """A checkpoint at the next step boundary; the future gets the hook's result (a path)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self.running:
+            future.set_exception(RuntimeError("the pipeline is not running"))
+        else:
+            self._checkpoint_requests.append(future)
+        return future
+
+    async def _serve_checkpoint_requests(self) -> None:
+        if not self._checkpoint_requests:
+            return
+        requests, self._checkpoint_requests = self._checkpoint_requests, []
+        try:
+            result = await self._save("request")
+        except BaseException as exc:
+            for future in requests:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        for future in requests:
+            if not future.done():
+                future.set_result(result)
+
+    async def _save(self, reason: str) -> Any:
+        return None if self.checkpoint is None else await self.checkpoint(reason)
+
+    async def _until(self, event: asyncio.Event) -> bool:
+        """Wait for ``event`` unless a stop is requested first; whether it is set."""
+        if not event.is_set() and not self._stop.is_set():
+            waiters = [
+                asyncio.ensure_future(event.wait()),
+                asyncio.ensure_future(self._stop.wait()),
+            ]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+        return event.is_set()
+
     # -- loops -----------------------------------------------------------------------------
     async def run(self) -> RunState:
+        """Train the remaining episodes (or until ``request_stop()``); the first error raises."""
         episodes = range(self.first_episode, self.settings.num_episode)
         if not episodes:
             return self.state
-        async with asyncio.TaskGroup() as tasks:
-            for replica_id, ranks in enumerate(self.reference.replicas):
-                tasks.create_task(self._reference_loop(replica_id, ranks, episodes))
-            tasks.create_task(self._train_loop(episodes))
+        self.running = True
+        tasks = [
+            asyncio.create_task(
+                self._reference_loop(replica_id, ranks, episodes),
+                name=f"DPOPipeline._reference_loop[{replica_id}]",
+            )
+            for replica_id, ranks in enumerate(self.reference.replicas)
+        ]
+        train = asyncio.create_task(self._train_loop(episodes), name="DPOPipeline._train_loop")
+        tasks.append(train)
+        try:
+            for _ in range(len(tasks)):  # every round ends at least one task
+                if train.done() and self.stopped:
+                    break  # the reference loops are waiting for credit that will not come
+                running = [t for t in tasks if not t.done()]
+                if not running:
+                    break
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if not task.cancelled() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+            if not self.stopped:
+                await self._serve_checkpoint_requests()  # asked for after the last step
+        finally:
+            self.running = False
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for future in self._checkpoint_requests:
+                if not future.done():
+                    future.set_exception(
+                        RuntimeError("training stopped before the requested checkpoint")
+                    )
+            self._checkpoint_requests = []
         return self.state
 
     async def _reference_loop(self, replica_id: int, ranks: list[Any], episodes: range) -> None:
@@ -170,9 +275,12 @@ class DPOPipeline:
     async def _train_loop(self, episodes: range) -> None:
         """Consumes training plans; produces steps, metrics, evaluations, credit."""
         settings = self.settings
-        if settings.enable_eval_before_training and self.eval_size:
+        if settings.enable_eval_before_training and self.eval_size and not self.resumed:
             await self.evaluate()
         for episode in episodes:
+            if self._stop.is_set():
+                self.stopped = True
+                return
             started = time.time()
             layout = self.layout(episode)
             plan = plan_episode(
@@ -185,12 +293,24 @@ class DPOPipeline:
                 seed=settings.seed,
                 episode_id=episode,
             )
-            logger.info("start train episode_id: %d/%d", episode + 1, settings.num_episode)
+            skip = self.state.step_in_episode
+            logger.info(
+                "start train episode_id: %d/%d%s",
+                episode + 1,
+                settings.num_episode,
+                f" (resuming after step {skip} of {len(plan.steps)})" if skip else "",
+            )
             await self.trainer.call_all("train.begin_episode", episode)
-            if settings.window_samples is None:
-                await self._event(self._produced, episode).wait()
-            await self._train_episode(episode, plan)
+            if settings.window_samples is None and not await self._until(
+                self._event(self._produced, episode)
+            ):
+                self.stopped = True
+                return
+            if not await self._train_episode(episode, plan):
+                self.stopped = True
+                return
             self.state.episode = episode + 1
+            self.state.step_in_episode = 0
             self.state.consumed_samples += layout.num_samples
             await self._window.release_through(self._global(episode + 1, 0))
             self._event(self._trained, episode).set()
@@ -201,26 +321,49 @@ class DPOPipeline:
             if self.eval_size and interval and (episode + 1) % interval == 0:
                 evaluated = await self.evaluate()
             self._episode_summary(episode, started, evaluated)
+            interval = settings.save_episode_interval
+            if interval and (episode + 1) % interval == 0:
+                await self._save("interval")
+            await self._serve_checkpoint_requests()
 
-    async def _train_episode(self, episode: int, plan: EpisodePlan) -> None:
+    async def _train_episode(self, episode: int, plan: EpisodePlan) -> bool:
+        """The episode's steps after ``state.step_in_episode``; False if stopped before the end."""
+        skip = self.state.step_in_episode
+        if skip:
+            # the skipped steps were trained before the restart: their credit is free
+            needed = plan.steps[skip - 1].max_required_position + 1
+            await self._window.release_through(self._global(episode, needed))
         pending: deque[tuple[Any, asyncio.Task[list[Any]]]] = deque()
-        for step in plan.steps:
-            release_before = episode if step.step_in_episode == 0 else None
-            calls = [
-                handle.call(
-                    "train.train",
-                    episode,
-                    [list(mb) for mb in step.for_rank(dp_rank)],
-                    self.state.iteration + len(pending),
-                    release_before,
-                )
-                for handle, (dp_rank, _) in zip(self.trainer, self.trainer_dp, strict=True)
-            ]
-            pending.append((step, asyncio.ensure_future(asyncio.gather(*calls))))
-            if len(pending) >= 2:
+        try:
+            for step in plan.steps[skip:]:
+                if self._stop.is_set() or self._checkpoint_requests:
+                    while pending:
+                        await self._finish_step(*pending.popleft())
+                    if self._stop.is_set():
+                        return False
+                    await self._serve_checkpoint_requests()
+                release_before = episode if step.step_in_episode == 0 else None
+                calls = [
+                    handle.call(
+                        "train.train",
+                        episode,
+                        [list(mb) for mb in step.for_rank(dp_rank)],
+                        self.state.iteration + len(pending),
+                        release_before,
+                    )
+                    for handle, (dp_rank, _) in zip(self.trainer, self.trainer_dp, strict=True)
+                ]
+                pending.append((step, asyncio.ensure_future(asyncio.gather(*calls))))
+                if len(pending) >= 2:
+                    await self._finish_step(*pending.popleft())
+            while pending:
                 await self._finish_step(*pending.popleft())
-        while pending:
-            await self._finish_step(*pending.popleft())
+            return True
+        finally:
+            # after a failure: the step queued behind the failed one fails too; nobody awaits it
+            for _, task in pending:
+                task.cancel()
+                task.add_done_callback(_retrieve)
 
     async def _finish_step(self, step: Any, task: asyncio.Task[list[Any]]) -> None:
         results = await task
@@ -234,6 +377,7 @@ class DPOPipeline:
             )
         metrics = _mean_over_ranks([r["metrics"] for r in results])
         self.state.iteration += 1
+        self.state.step_in_episode += 1
         if self.sink is not None:
             self.sink.write("train", self.state.iteration, metrics, episode=step.episode_id)
         if self.on_step is not None:
@@ -252,7 +396,11 @@ class DPOPipeline:
         calls = []
         for handle, (dp_rank, _) in zip(self.trainer, self.trainer_dp, strict=True):
             share = shares[dp_rank]
-            calls.append(handle.call("train.evaluate", [share[i : i + micro] for i in range(0, len(share), micro)]))
+            calls.append(
+                handle.call(
+                    "train.evaluate", [share[i : i + micro] for i in range(0, len(share), micro)]
+                )
+            )
         results = await asyncio.gather(*calls)
         # every rank of a data-parallel group evaluates the same share: count each share once
         seen: set[int] = set()
@@ -300,7 +448,9 @@ class DPOPipeline:
             self.state.iteration,
             f", {text}" if text else "",
             100 * overlap,
-            "" if evaluated is None else "; eval " + ", ".join(f"{k} {v:.4g}" for k, v in evaluated.items()),
+            ""
+            if evaluated is None
+            else "; eval " + ", ".join(f"{k} {v:.4g}" for k, v in evaluated.items()),
         )
         if self.sink is not None:
             self.sink.write(
@@ -325,6 +475,12 @@ def _order_payload(
         "indices": [[i.dataset_id, i.row] for i in indices],
         "kind": kind,
     }
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark an abandoned task's outcome as seen (no "exception was never retrieved")."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:

@@ -13,7 +13,9 @@ live next to the user's module in its process and are called as ``"ref.<method>"
   (position → per-sample dict). A train order names micro-batches as lists of positions; the
   service waits until they have arrived, collates them (padding config from the module), and
   calls ``train_step`` on the compute thread. Evaluation batches are kept apart, for good: the
-  reference is frozen, so its outputs for the eval set are computed once per run.
+  reference is frozen, so its outputs for the eval set are computed once per run. It also runs
+  the module's ``save_checkpoint`` / ``load_checkpoint`` with ``checkpoint_dir()`` pointing at
+  this rank's directory of the checkpoint being written or read (``checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from chatlearn.actors.module import invoke
@@ -68,7 +71,9 @@ class ReferenceService(_EpisodeHooks):
         self.datasets: dict[str, list[Any]] = {}
         self.senders: list[DataSender] = []
 
-    def build_datasets(self, sample_lists: Sequence[Sequence[Any]], kind: str = "train") -> list[int]:
+    def build_datasets(
+        self, sample_lists: Sequence[Sequence[Any]], kind: str = "train"
+    ) -> list[int]:
         """``build_dataset`` over each list of raw samples; returns the dataset sizes."""
         datasets = []
         for samples in sample_lists:
@@ -114,7 +119,9 @@ class ReferenceService(_EpisodeHooks):
         output = invoke(self.module, "forward_step", (batch,))
         what = f"{type(self.module).__name__}.forward_step output"
         if not isinstance(output, Mapping):
-            raise TypeError(f"{what} must be a dict of batch-first tensors or lists, got {output!r}")
+            raise TypeError(
+                f"{what} must be a dict of batch-first tensors or lists, got {output!r}"
+            )
         output = concat_outputs([dict(output)], what=what)
         size = batch_size_of(output, what=what)
         if size != len(order["positions"]):
@@ -126,6 +133,15 @@ class ReferenceService(_EpisodeHooks):
 
     def data_parallel(self) -> tuple[int, int]:
         return self.module.data_parallel_rank, self.module.data_parallel_size
+
+    async def resume(self, episode: int, forward_calls: int) -> None:
+        """The run continues a checkpoint: set ``resume_training`` and the counters."""
+        await self.ctx.run_compute(
+            self.module._set_runtime_state,
+            episode_id=episode,
+            iteration=forward_calls,
+            resume_training=True,
+        )
 
     def close(self) -> None:
         for sender in self.senders:
@@ -241,6 +257,35 @@ class TrainerService(_EpisodeHooks):
 
     def data_parallel(self) -> tuple[int, int]:
         return self.module.data_parallel_rank, self.module.data_parallel_size
+
+    # -- checkpoints -----------------------------------------------------------------------
+    async def save_checkpoint(self, checkpoint: str, iteration: int) -> dict[str, float]:
+        """The module's ``save_checkpoint(iteration)`` into its directory of ``checkpoint``."""
+        return await self.ctx.run_compute(self._checkpoint_call, "save", checkpoint, iteration)
+
+    async def load_checkpoint(self, checkpoint: str, iteration: int, episode: int) -> None:
+        """Continue from ``checkpoint``: counters, ``resume_training``, ``load_checkpoint``."""
+        await self.ctx.run_compute(
+            self.module._set_runtime_state,
+            episode_id=episode,
+            train_iteration=iteration,
+            resume_training=True,
+        )
+        await self.ctx.run_compute(self._checkpoint_call, "load", checkpoint, iteration)
+
+    def _checkpoint_call(self, kind: str, checkpoint: str, iteration: int) -> dict[str, float]:
+        from chatlearn.engine.checkpoint import module_checkpoint_dir
+
+        start = time.time()
+        directory = module_checkpoint_dir(Path(checkpoint), self.module.name, self.ctx.rank)
+        if kind == "save":
+            directory.mkdir(parents=True, exist_ok=True)
+        self.module._checkpoint_dir = directory
+        try:
+            invoke(self.module, f"{kind}_checkpoint", (), {"iteration": iteration})
+        finally:
+            self.module._checkpoint_dir = None
+        return {"start": start, "end": time.time()}
 
     async def close(self) -> None:
         if self._receive_task is not None:

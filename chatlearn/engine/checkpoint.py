@@ -1,0 +1,371 @@
+"""Checkpoints of a run on disk: layout, atomic commit, verification, retention, and resume.
+
+One checkpoint is one directory under the *checkpoint root* (``runtime.data_checkpoint_path``, or
+``output_dir/exp_name/checkpoints`` when that is not set)::
+
+    <root>/iter_0000008/               the checkpoint of trainer iteration 8
+        coordinator.json               the coordinator's state (CoordinatorState)
+        policy_trainer/rank_0/...      what each trainer rank's save_checkpoint wrote
+        MANIFEST.json                  written last: every file with its size and sha256
+    <root>/.staging-iter_0000012-PID/  a checkpoint being written (never resumed from)
+
+A checkpoint is written in a staging directory, every file is fsynced, the manifest goes in last,
+and only then is the directory renamed to its final name (and the root fsynced). A directory named
+``iter_*`` therefore always held a manifest when it appeared; a checkpoint whose files no longer
+match it (truncated, edited, missing) is *broken*: resume warns naming it and takes the previous
+complete one. Staging directories of dead processes are removed at the next save.
+
+The coordinator's state describes a point between two optimizer steps: ``episode`` (the episode in
+progress, or the next one at a boundary), ``step_in_episode`` (its steps already trained: 0 at an
+episode boundary), ``iteration`` and ``consumed_samples`` (samples of the *completed* episodes, so
+the sampler rebuilt from it draws ``episode`` again). The reference runs ahead of training, so the
+sampler's own position is past that; the state never uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("chatlearn.engine")
+
+FORMAT = "chatlearn-checkpoint"
+VERSION = 1
+MANIFEST = "MANIFEST.json"
+COORDINATOR = "coordinator.json"
+_NAME = re.compile(r"^iter_(\d{7,})$")
+_STAGING_PREFIX = ".staging-"
+_HASH_CHUNK = 1 << 20
+HISTORY_KEPT = 1000  # per-step metrics kept in a checkpoint (for summaries, not for analysis)
+
+
+def checkpoint_root(runtime: Any) -> Path:
+    """Where a run's checkpoints live: ``data_checkpoint_path`` or ``output_path/checkpoints``."""
+    explicit = runtime.get("data_checkpoint_path", None)
+    if explicit:
+        return Path(explicit)
+    output = getattr(runtime, "output_path", None)
+    if output is None:  # a plain mapping rather than chatlearn's RuntimeConfig
+        output = os.path.join(runtime.get("output_dir", "./"), runtime.get("exp_name", "CHATLEARN"))
+    return Path(output) / "checkpoints"
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def module_checkpoint_dir(checkpoint: Path, model: str, rank: int) -> Path:
+    """The directory one model rank saves to inside a checkpoint (see ``checkpoint_dir()``)."""
+    return checkpoint / model / f"rank_{rank}"
+
+
+@dataclass(slots=True, kw_only=True)
+class CoordinatorState:
+    """What the coordinator needs to continue a run exactly (``coordinator.json``)."""
+
+    iteration: int
+    episode: int
+    step_in_episode: int
+    consumed_samples: int
+    sampler: dict[str, Any]
+    training: dict[str, Any]  # the settings that shape the steps (batch sizes, seed, ...)
+    trainer: dict[str, Any]  # model name, ranks, data-parallel layout
+    reason: str = "interval"  # interval, end, signal, request
+    metrics: dict[str, Any] = field(default_factory=dict)  # metrics.jsonl path and its size
+    history: list[dict[str, Any]] = field(default_factory=list)
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+    format: str = FORMAT
+    version: int = VERSION
+
+    @property
+    def at_episode_boundary(self) -> bool:
+        return self.step_in_episode == 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, default=str, allow_nan=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CoordinatorState:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError("not a chatlearn coordinator state")
+        if data.get("version") != VERSION:
+            raise ValueError(f"unsupported coordinator state version {data.get('version')!r}")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(slots=True)
+class CheckpointInfo:
+    """One checkpoint directory as found on disk."""
+
+    path: Path
+    iteration: int
+    status: str  # complete, broken
+    problem: str = ""
+    state: CoordinatorState | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+
+# -- durable writes --------------------------------------------------------------------------
+def fsync_path(path: Path) -> None:
+    """Flush a file's or directory's data and metadata to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- the manager -----------------------------------------------------------------------------
+class CheckpointManager:
+    """Writes, finds, verifies and prunes the checkpoints under one root (module docstring)."""
+
+    def __init__(self, root: str | Path, *, keep_last: int = 0) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def path(self, iteration: int) -> Path:
+        return self.root / checkpoint_name(iteration)
+
+    # -- writing ------------------------------------------------------------------------------
+    def begin(self, iteration: int) -> Path:
+        """A fresh staging directory for the checkpoint of ``iteration``."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_staging()
+        staging = self.root / f"{_STAGING_PREFIX}{checkpoint_name(iteration)}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        return staging
+
+    def commit(self, staging: Path, state: CoordinatorState) -> Path:
+        """Make ``staging`` the complete checkpoint of ``state.iteration`` (blocking IO)."""
+        (staging / COORDINATOR).write_text(state.to_json(), encoding="utf-8")
+        files = _files(staging)
+        for path in files:
+            fsync_path(path)
+        for directory in sorted({p.parent for p in files}, key=lambda p: -len(p.parts)):
+            fsync_path(directory)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "iteration": state.iteration,
+            "created": time.time(),
+            "files": {
+                p.relative_to(staging).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                for p in files
+            },
+        }
+        write_durably(staging / MANIFEST, json.dumps(manifest, indent=1))
+        final = self.path(state.iteration)
+        if final.exists():  # saved again at the same iteration (e.g. a broken one replaced)
+            old = self.root / f"{_STAGING_PREFIX}replaced-{final.name}-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(staging, final)
+        fsync_path(self.root)
+        self.prune()
+        return final
+
+    def remove_stale_staging(self) -> None:
+        """Remove staging directories of processes that are gone (crashed mid-save)."""
+        if not self.root.is_dir():
+            return
+        for path in self.staging():
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+                continue  # another live run writes here; not ours to touch
+            shutil.rmtree(path, ignore_errors=True)
+
+    def staging(self) -> list[Path]:
+        """Checkpoints being written, or whose writer died before it finished."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.name.startswith(_STAGING_PREFIX))
+
+    def prune(self) -> list[Path]:
+        """Keep the newest ``keep_last`` complete checkpoints (0: all); returns what was removed.
+
+        Broken checkpoints older than the oldest kept one go too; newer broken ones stay (a
+        person may want to look at them; a later save of the same iteration replaces them).
+        """
+        if self.keep_last <= 0:
+            return []
+        found = self.scan(verify=False)
+        complete = [c for c in found if c.complete]
+        if len(complete) <= self.keep_last:
+            return []
+        oldest_kept = complete[-self.keep_last].iteration
+        removed = []
+        for info in found:
+            if info.iteration < oldest_kept:
+                shutil.rmtree(info.path, ignore_errors=True)
+                removed.append(info.path)
+        return removed
+
+    # -- reading ------------------------------------------------------------------------------
+    def scan(self, *, verify: bool = False) -> list[CheckpointInfo]:
+        """Every ``iter_*`` directory, oldest first; ``verify`` also checks the file hashes."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.iterdir():
+            match = _NAME.match(path.name)
+            if match and path.is_dir():
+                found.append(self.inspect(path, int(match.group(1)), verify=verify))
+        return sorted(found, key=lambda c: c.iteration)
+
+    def inspect(self, path: Path, iteration: int, *, verify: bool = False) -> CheckpointInfo:
+        problem = check_manifest(path, hashes=verify)
+        state = None
+        if not problem:
+            try:
+                state = CoordinatorState.from_json((path / COORDINATOR).read_text("utf-8"))
+            except (OSError, ValueError, TypeError) as exc:
+                problem = f"{COORDINATOR} is unreadable: {exc}"
+        if state is not None and state.iteration != iteration:
+            problem = f"{COORDINATOR} is of iteration {state.iteration}, not {iteration}"
+        status = "broken" if problem else "complete"
+        return CheckpointInfo(path, iteration, status, problem, None if problem else state)
+
+    def find_resume(self, iteration: int | None = None) -> CheckpointInfo | None:
+        """The checkpoint to resume from: ``iteration``'s, or the newest complete one.
+
+        Every file is verified against its hash. A broken newer checkpoint is skipped with a
+        warning naming it; a requested iteration that is missing or broken is an error.
+        """
+        if iteration is not None:
+            path = self.path(iteration)
+            if not path.is_dir():
+                known = [c.iteration for c in self.scan()]
+                raise ValueError(
+                    f"runtime.load_data_checkpoint_iteration is {iteration}, but there is no "
+                    f"checkpoint {path} (checkpoints in {self.root}: {known or 'none'}); "
+                    f"set it to one of them, or to null for the newest"
+                )
+            info = self.inspect(path, iteration, verify=True)
+            if not info.complete:
+                raise ValueError(
+                    f"checkpoint {path} (runtime.load_data_checkpoint_iteration) is broken: "
+                    f"{info.problem}; pick another iteration, or null for the newest complete one"
+                )
+            return info
+        for candidate in reversed(self.scan(verify=False)):
+            info = (
+                self.inspect(candidate.path, candidate.iteration, verify=True)
+                if candidate.complete
+                else candidate
+            )
+            if info.complete:
+                return info
+            logger.warning(
+                "checkpoint %s is broken (%s); falling back to the previous one",
+                info.path,
+                info.problem,
+            )
+        return None
+
+
+def check_manifest(path: Path, *, hashes: bool = True) -> str:
+    """What is wrong with the checkpoint directory ``path`` ("" if nothing)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text("utf-8"))
+        files = manifest["files"]
+        if manifest.get("format") != FORMAT or not isinstance(files, dict):
+            return f"{MANIFEST} is not a chatlearn manifest"
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the save did not finish)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{MANIFEST} is unreadable: {exc}"
+    if COORDINATOR not in files:
+        return f"{COORDINATOR} is not in the manifest"
+    for name, entry in files.items():
+        file = path / name
+        try:
+            size = file.stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if size != entry.get("size"):
+            return f"{name} has {size} bytes, the manifest says {entry.get('size')}"
+        if hashes and _sha256(file) != entry.get("sha256"):
+            return f"{name} does not match its sha256 in the manifest"
+    return ""
+
+
+def rewind_metrics(path: Path, offset: int) -> int:
+    """Cut ``metrics.jsonl`` back to ``offset`` bytes (its size when the checkpoint was taken).
+
+    Records written after the checkpoint belong to steps that the resumed run trains again; they
+    are moved to ``metrics.superseded.jsonl`` beside it rather than lost. Returns the bytes moved.
+    """
+    if not path.is_file() or path.stat().st_size <= offset:
+        return 0
+    with path.open("r+b") as f:
+        f.seek(offset)
+        tail = f.read()
+        with path.with_name("metrics.superseded.jsonl").open("ab") as superseded:
+            superseded.write(tail)
+        f.truncate(offset)
+    return len(tail)
+
+
+def describe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved a, now b`` for every setting that differs."""
+    return [
+        f"{key}: saved {saved[key]!r}, now {current.get(key)!r}"
+        for key in sorted(saved)
+        if key in current and saved[key] != current[key]
+    ]
+
+
+def tail(records: Iterable[dict[str, Any]], count: int = HISTORY_KEPT) -> list[dict[str, Any]]:
+    items = list(records)
+    return items[-count:]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -1,0 +1,163 @@
+"""``chatlearn inspect RUN_DIR``: what a run directory holds, without starting anything.
+
+    chatlearn inspect ./output/CHATLEARN            # checkpoints and the last metrics
+    chatlearn inspect ./output/CHATLEARN --verify   # also check every file's sha256
+    chatlearn inspect ./output/CHATLEARN --json     # the same, as one JSON object
+
+``RUN_DIR`` is the run's ``output_dir/exp_name``. Checkpoints are looked for in
+``RUN_DIR/checkpoints`` (``--checkpoints DIR`` when ``data_checkpoint_path`` put them elsewhere;
+a checkpoint root given as ``RUN_DIR`` works too). Each is listed with its iteration, how far
+training had got (episodes done, steps into the next), why it was written, and whether it is
+complete or broken (and why); unfinished saves are listed apart. The checkpoint a new run would
+resume from is named, and so are the last train, eval and episode records of ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from chatlearn.engine.checkpoint import COORDINATOR, CheckpointInfo, CheckpointManager
+from chatlearn.engine.metrics import read_metrics
+
+_SHOWN_KINDS = ("train", "eval", "episode")
+_MAX_VALUES = 8  # metrics shown per record line
+_EPISODE_KEYS = ("episode_s", "overlap", "span_s")
+
+
+def locate(run_dir: Path, checkpoints: Path | None) -> tuple[Path, Path]:
+    """(checkpoint root, metrics.jsonl path) for a run directory."""
+    if checkpoints is not None:
+        return checkpoints, run_dir / "metrics.jsonl"
+    if (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").is_file():
+        return run_dir / "checkpoints", run_dir / "metrics.jsonl"
+    if any(p.name.startswith("iter_") for p in run_dir.iterdir()):  # given the root itself
+        return run_dir, run_dir.parent / "metrics.jsonl"
+    return run_dir / "checkpoints", run_dir / "metrics.jsonl"
+
+
+def _coordinator_fields(info: CheckpointInfo) -> dict[str, Any]:
+    """The state's counters; read even from a broken checkpoint when its state is readable."""
+    state: Any = info.state
+    if state is None:
+        try:
+            state = json.loads((info.path / COORDINATOR).read_text("utf-8"))
+        except (OSError, ValueError):
+            return {}
+    get = state.get if isinstance(state, dict) else lambda key: getattr(state, key, None)
+    keys = ("episode", "step_in_episode", "consumed_samples", "reason", "created")
+    return {key: get(key) for key in keys}
+
+
+def summarize(run_dir: Path, checkpoints: Path | None = None, verify: bool = False) -> dict:
+    """Everything ``inspect`` shows, as plain data."""
+    root, metrics_path = locate(run_dir, checkpoints)
+    manager = CheckpointManager(root)
+    found = manager.scan(verify=verify)
+    rows = [
+        {
+            "iteration": info.iteration,
+            "path": str(info.path),
+            "status": info.status,
+            "problem": info.problem,
+            **_coordinator_fields(info),
+        }
+        for info in found
+    ]
+    complete = [info for info in found if info.complete]
+    metrics: dict[str, Any] = {"path": str(metrics_path), "records": 0, "last": {}}
+    if metrics_path.is_file():
+        records = read_metrics(metrics_path)
+        metrics["records"] = len(records)
+        for record in records:
+            if record.get("kind") in (*_SHOWN_KINDS, "resume"):
+                metrics["last"][record["kind"]] = record
+        metrics["resumes"] = sum(1 for r in records if r.get("kind") == "resume")
+    return {
+        "run_dir": str(run_dir),
+        "checkpoint_root": str(root),
+        "checkpoints": rows,
+        "unfinished": [str(p) for p in manager.staging()],
+        "resume_from": complete[-1].iteration if complete else None,
+        "metrics": metrics,
+    }
+
+
+def _format_values(record: dict[str, Any]) -> str:
+    if record.get("kind") == "resume":
+        return f"from {record.get('checkpoint')}"
+    skip = {"kind", "step", "time", "episode", "checkpoint"}
+    values = [(k, v) for k, v in record.items() if k not in skip]
+    if record.get("kind") == "episode":  # timers of every model: the headline ones only
+        values = [(k, v) for k, v in values if k in _EPISODE_KEYS]
+    shown = ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values[:_MAX_VALUES]
+    )
+    more = len(values) - _MAX_VALUES
+    return shown + (f", ... ({more} more)" if more > 0 else "")
+
+
+def render(summary: dict[str, Any]) -> str:
+    lines = [f"run directory: {summary['run_dir']}", f"checkpoints: {summary['checkpoint_root']}"]
+    rows = summary["checkpoints"]
+    if rows:
+        header = f"  {'ITERATION':>9}  {'EPISODES':>8}  {'+STEPS':>6}  {'CONSUMED':>8}  "
+        lines.append(header + f"{'REASON':<8}  {'SAVED':<19}  STATUS")
+        for row in rows:
+            created = row.get("created")
+            saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if created else "?"
+            status = "complete" if row["status"] == "complete" else f"BROKEN: {row['problem']}"
+            lines.append(
+                f"  {row['iteration']:>9}  {_cell(row.get('episode')):>8}  "
+                f"{_cell(row.get('step_in_episode')):>6}  {_cell(row.get('consumed_samples')):>8}  "
+                f"{_cell(row.get('reason')):<8}  {saved:<19}  {status}"
+            )
+    else:
+        lines.append("  none")
+    for path in summary["unfinished"]:
+        lines.append(f"  unfinished save (never resumed from): {path}")
+    resume = summary["resume_from"]
+    lines.append(
+        f"a new run resumes from iteration {resume}"
+        if resume is not None
+        else "a new run starts from the beginning (no complete checkpoint)"
+    )
+    metrics = summary["metrics"]
+    lines.append(f"metrics: {metrics['path']} ({metrics['records']} records)")
+    for kind in (*_SHOWN_KINDS, "resume"):
+        record = metrics["last"].get(kind)
+        if record is None:
+            continue
+        where = f"iteration {record.get('step')}"
+        if record.get("episode") is not None and kind != "resume":
+            where += f", episode {record['episode']}"
+        lines.append(f"  last {kind:<8} {where}: {_format_values(record)}")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return "?" if value is None else str(value)
+
+
+@click.command("inspect")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--checkpoints",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="the checkpoint root, when runtime.data_checkpoint_path put it outside RUN_DIR",
+)
+@click.option("--verify", is_flag=True, help="check every file's sha256, not only its size")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def command(run_dir: Path, checkpoints: Path | None, verify: bool, as_json: bool) -> None:
+    """Checkpoints (complete or broken) and the last metrics of the run in RUN_DIR."""
+    summary = summarize(run_dir, checkpoints, verify)
+    if not summary["checkpoints"] and not summary["metrics"]["records"]:
+        click.echo(f"{run_dir}: no checkpoints and no metrics.jsonl here", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(summary, indent=1, default=str) if as_json else render(summary))

@@ -1,0 +1,159 @@
+"""Ctrl-C and SIGTERM in the coordinator: a graceful stop first, an immediate one on repeat.
+
+``DPOEngine.learn_async`` installs :class:`SignalGuard` (``loop.add_signal_handler``, on the
+main thread only; the previous handlers come back when it leaves) and routes both signals to
+:class:`Interrupts`:
+
+1. The first signal asks for a graceful stop: no new training step is sent, the running ones
+   finish, a checkpoint is written if checkpoints are configured, every process is stopped. A
+   watchdog turns it into an immediate stop after ``stop_timeout`` seconds.
+2. A second signal (or the watchdog) stops at once: every actor process is killed and the run
+   ends without a new checkpoint (the last complete one stays as it was).
+
+Either way ``learn()`` then raises :class:`TrainingInterrupted`, a ``SystemExit`` whose code is
+``128 + signal`` (130 for SIGINT, 143 for SIGTERM), so an uncaught one ends the script with the
+exit code shells and schedulers expect. The SIGINT one is also a ``KeyboardInterrupt``, so
+scripts that already catch that keep working. (Python turns an uncaught *plain*
+``KeyboardInterrupt`` into death by SIGINT, not exit code 130; the subclass exits with 130.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+logger = logging.getLogger("chatlearn.engine")
+
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(SystemExit):
+    """Training stopped on a signal. ``code`` is the exit code (128 + signal number).
+
+    ``checkpoint`` is the newest complete checkpoint when the run stopped (None without one).
+    """
+
+    def __init__(self, signum: int, checkpoint: Path | None = None) -> None:
+        super().__init__(128 + int(signum))
+        self.signum = int(signum)
+        self.checkpoint = checkpoint
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class TrainingKeyboardInterrupt(TrainingInterrupted, KeyboardInterrupt):
+    """``TrainingInterrupted`` by SIGINT: also a ``KeyboardInterrupt`` (module docstring)."""
+
+
+def interrupted(signum: int, checkpoint: Path | None = None) -> TrainingInterrupted:
+    """The exception ``learn()`` raises after stopping on ``signum``."""
+    if signum == signal.SIGINT:
+        return TrainingKeyboardInterrupt(signum, checkpoint)
+    return TrainingInterrupted(signum, checkpoint)
+
+
+class Interrupts:
+    """Counts signals and escalates: graceful stop, then immediate stop (module docstring).
+
+    ``graceful()`` starts a graceful stop and returns True, or returns False when there is
+    nothing to stop gracefully (e.g. processes are still starting): then the stop is immediate.
+    ``hard(reason)`` stops at once. Both are called on the event loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        graceful: Callable[[], bool],
+        hard: Callable[[str], None],
+        stop_timeout: float,
+    ) -> None:
+        self.graceful = graceful
+        self.hard = hard
+        self.stop_timeout = stop_timeout
+        self.signum: int | None = None  # the first signal: it decides the exit code
+        self.count = 0
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def handle(self, signum: int) -> None:
+        self.count += 1
+        name = signal.Signals(signum).name
+        if self.signum is None:
+            self.signum = signum
+        if self.count == 1 and self.graceful():
+            logger.warning(
+                "%s received: finishing the running training steps (at most %.0f s), then "
+                "saving and stopping; send it again to stop at once",
+                name,
+                self.stop_timeout,
+            )
+            loop = asyncio.get_running_loop()
+            self._watchdog = loop.call_later(self.stop_timeout, self._expired)
+            return
+        if self.count == 1:
+            logger.warning("%s received: stopping at once", name)
+        else:
+            logger.warning(
+                "%s received (a second signal): stopping at once, without a checkpoint", name
+            )
+        self.hard(f"interrupted by {name}")
+
+    def _expired(self) -> None:
+        logger.error(
+            "the run did not stop within %.0f s of the signal; stopping at once", self.stop_timeout
+        )
+        self.hard(f"no graceful stop within {self.stop_timeout:g} s")
+
+    def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+
+class SignalGuard:
+    """``with SignalGuard(callback):`` routes SIGINT/SIGTERM to ``callback(signum)`` on the
+    running loop, when on the main thread (elsewhere signals cannot be handled: a no-op)."""
+
+    def __init__(self, callback: Callable[[int], None]) -> None:
+        self.callback = callback
+        self._previous: dict[int, Any] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __enter__(self) -> SignalGuard:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self._loop = asyncio.get_running_loop()
+        for signum in HANDLED_SIGNALS:
+            previous = signal.getsignal(signum)
+            try:
+                self._loop.add_signal_handler(signum, self.callback, int(signum))
+            except (NotImplementedError, RuntimeError, ValueError):  # no signals on this loop
+                continue
+            self._previous[int(signum)] = previous
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._loop is not None or not self._previous
+        for signum, previous in self._previous.items():
+            if self._loop is not None:
+                self._loop.remove_signal_handler(signum)
+            # remove_signal_handler leaves the default; give back what was there (e.g. the
+            # SIGINT handler of asyncio.Runner) so the program behaves as before learn()
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()

@@ -1,0 +1,209 @@
+"""The coordinator's side of checkpoints during one ``learn()``: save, find, restore.
+
+``DPOEngine`` builds one :class:`RunCheckpoints` per run, once the models are up and the datasets
+are built. To save, it asks every trainer rank to run its module's ``save_checkpoint`` into a
+staging directory (``train.save_checkpoint``), then writes the coordinator's state beside it and
+commits the directory atomically (``checkpoint.CheckpointManager.commit``). To resume, it picks
+the checkpoint (the newest complete one, or ``load_data_checkpoint_iteration``), checks that the
+data settings did not change (the sampler refuses otherwise) and warns about changed training
+settings, rewinds ``metrics.jsonl`` to the checkpoint, and has every trainer rank load its part
+(``train.load_checkpoint``) and every reference replica set ``resume_training``.
+
+The state saved is the pipeline's ``RunState`` between two steps (see ``checkpoint.py``): the
+sampler's own position is ahead of it (the reference runs ahead), so the sampler state is written
+with the state's ``consumed_samples``, which rebuilds the sampler at the episode in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from chatlearn.engine.checkpoint import (
+    CheckpointInfo,
+    CheckpointManager,
+    CoordinatorState,
+    describe_changes,
+    rewind_metrics,
+    tail,
+)
+from chatlearn.engine.counters import reference_iteration
+from chatlearn.engine.pipeline import PipelineSettings, RunState
+from chatlearn.engine.sampler import EpisodeSampler
+
+logger = logging.getLogger("chatlearn.engine")
+
+
+def training_settings(settings: PipelineSettings, trainer_dp: list[tuple[int, int]]) -> dict:
+    """The settings that decide which samples every step trains on, and in which order."""
+    return {
+        "sample_per_episode": settings.sample_per_episode,
+        "train_micro_batch_size": settings.micro_batch_size,
+        "train_global_batch_size": settings.global_batch_size,
+        "num_training_epoch": settings.num_training_epoch,
+        "training_shuffle_mode": settings.training_shuffle_mode,
+        "seed": settings.seed,  # the training-pass shuffles are seeded from it
+        "generation_batch_size": settings.generation_batch_size,
+        "data_parallel_size": trainer_dp[0][1] if trainer_dp else 1,
+    }
+
+
+class RunCheckpoints:
+    """Saves and restores one run's checkpoints (module docstring)."""
+
+    def __init__(
+        self,
+        manager: CheckpointManager,
+        *,
+        reference: Any,
+        trainer: Any,
+        sampler: EpisodeSampler,
+        settings: PipelineSettings,
+        trainer_dp: list[tuple[int, int]],
+        config: Any,
+    ) -> None:
+        self.manager = manager
+        self.reference = reference
+        self.trainer = trainer
+        self.sampler = sampler
+        self.settings = settings
+        self.trainer_dp = trainer_dp
+        self.config = config
+        self.metrics_path: Path | None = None
+        self.last: Path | None = None  # the newest complete checkpoint of this run
+        self.last_iteration: int | None = None
+        self._lock = asyncio.Lock()
+
+    # -- saving ---------------------------------------------------------------------------
+    async def save(
+        self, state: RunState, reason: str, eval_history: list[dict[str, Any]] | None = None
+    ) -> Path:
+        """Checkpoint ``state`` (trainer ranks, then the coordinator); returns the directory.
+
+        A state already saved (same iteration) is not written again.
+        """
+        async with self._lock:
+            if self.last is not None and self.last_iteration == state.iteration:
+                return self.last
+            started = time.time()
+            staging = await asyncio.to_thread(self.manager.begin, state.iteration)
+            await self.trainer.call_all("train.save_checkpoint", str(staging), state.iteration)
+            coordinator = self.coordinator_state(state, reason, eval_history or [])
+            path = await asyncio.to_thread(self.manager.commit, staging, coordinator)
+            self.last, self.last_iteration = path, state.iteration
+            where = (
+                f"episode {state.episode + 1} step {state.step_in_episode}"
+                if state.step_in_episode
+                else f"end of episode {state.episode}"
+            )
+            logger.info(
+                "checkpoint of iteration %d (%s, %s) saved in %.1fs: %s",
+                state.iteration,
+                where,
+                reason,
+                time.time() - started,
+                path,
+            )
+            return path
+
+    def coordinator_state(
+        self, state: RunState, reason: str, eval_history: list[dict[str, Any]]
+    ) -> CoordinatorState:
+        sampler = self.sampler.state_dict()
+        sampler["consumed_samples"] = state.consumed_samples  # not the sampler's (it is ahead)
+        metrics: dict[str, Any] = {}
+        if self.metrics_path is not None and self.metrics_path.is_file():
+            metrics = {"path": str(self.metrics_path), "size": self.metrics_path.stat().st_size}
+        return CoordinatorState(
+            iteration=state.iteration,
+            episode=state.episode,
+            step_in_episode=state.step_in_episode,
+            consumed_samples=state.consumed_samples,
+            sampler=sampler,
+            training=training_settings(self.settings, self.trainer_dp),
+            trainer={
+                "model": self.trainer.name,
+                "num_ranks": len(self.trainer),
+                "data_parallel": [list(x) for x in self.trainer_dp],
+            },
+            reason=reason,
+            metrics=metrics,
+            history=tail(state.history),
+            eval_history=tail(eval_history),
+            config=_plain_config(self.config),
+        )
+
+    # -- resuming -------------------------------------------------------------------------
+    async def find(self, iteration: int | None) -> CheckpointInfo | None:
+        """The checkpoint to resume from (verifying hashes off the event loop), or None."""
+        info = await asyncio.to_thread(self.manager.find_resume, iteration)
+        if info is None and self.manager.scan():
+            logger.warning(
+                "no complete checkpoint in %s: training starts from the beginning",
+                self.manager.root,
+            )
+        return info
+
+    async def restore(self, info: CheckpointInfo, metrics_path: Path) -> RunState:
+        """Continue from ``info``: sampler, modules, metrics file; returns the run state."""
+        saved = info.state
+        assert saved is not None, "only complete checkpoints are restored"
+        changed = describe_changes(
+            saved.training, training_settings(self.settings, self.trainer_dp)
+        )
+        if changed:
+            logger.warning(
+                "resuming from %s with changed training settings, so the run will not repeat "
+                "an uninterrupted one exactly: %s",
+                info.path,
+                "; ".join(changed),
+            )
+        self.sampler.load_state_dict(saved.sampler)  # raises if the data settings changed
+        previous = saved.metrics.get("path")
+        if previous and Path(previous) == metrics_path and "size" in saved.metrics:
+            moved = await asyncio.to_thread(
+                rewind_metrics, metrics_path, int(saved.metrics["size"])
+            )
+            if moved:
+                logger.info(
+                    "metrics.jsonl rewound to the checkpoint; %d bytes of later records moved "
+                    "to metrics.superseded.jsonl",
+                    moved,
+                )
+        await self.trainer.call_all(
+            "train.load_checkpoint", str(info.path), saved.iteration, saved.episode
+        )
+        forward_calls = reference_iteration(
+            saved.episode,
+            self.settings.sample_per_episode,
+            len(self.reference.replicas),
+            self.settings.generation_batch_size,
+        )
+        await self.reference.call_all("ref.resume", saved.episode, forward_calls)
+        self.last, self.last_iteration = info.path, saved.iteration
+        logger.info(
+            "resuming from %s: iteration %d, consumed_samples %d; continuing %s",
+            info.path,
+            saved.iteration,
+            saved.consumed_samples,
+            f"episode {saved.episode + 1} after its step {saved.step_in_episode}"
+            if saved.step_in_episode
+            else f"with episode {saved.episode + 1}"
+            if saved.episode < self.settings.num_episode
+            else "with nothing: every episode is trained",
+        )
+        return RunState(
+            episode=saved.episode,
+            consumed_samples=saved.consumed_samples,
+            iteration=saved.iteration,
+            step_in_episode=saved.step_in_episode,
+            history=list(saved.history),
+        )
+
+
+def _plain_config(config: Any) -> dict[str, Any]:
+    to_dict = getattr(config, "to_dict", None)
+    return to_dict() if callable(to_dict) else {}

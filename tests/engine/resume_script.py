@@ -1,0 +1,59 @@
+"""A user's DPO training script for the checkpoint tests, run as a subprocess.
+
+    python resume_script.py OUTPUT_DIR PROBE_DIR [GATE_ITERATION]
+
+Trains ``torch_modules.TinyReference``/``TinyTrainer`` for 3 episodes of 8 samples (4 optimizer
+steps each: 2 per pass, 2 passes), with a checkpoint after every episode. Run again with the same
+OUTPUT_DIR it resumes from the newest complete checkpoint. See ``torch_modules`` for the gate.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from torch_modules import TinyReference, TinyTrainer  # noqa: E402
+
+import chatlearn  # noqa: E402
+from chatlearn import DPOEngine  # noqa: E402
+
+NUM_SAMPLES = 20  # not a multiple of the episode: episodes wrap into the next shuffled pass
+
+
+def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
+    return {
+        "models": {
+            "reference": {"num_cpu": 1},
+            "policy_trainer": {"num_cpu": 1, "trainable": True},
+        },
+        "runtime": {
+            "output_dir": output_dir,
+            "num_episode": 3,
+            "sample_per_episode": 8,
+            "generation_batch_size": 4,
+            "train_micro_batch_size": 2,
+            "train_global_batch_size": 4,
+            "num_training_epoch": 2,
+            "data_shuffle": True,
+            "save_episode_interval": 1,
+            "save_keep_last": 3,
+            "seed": 7,
+            "probe_dir": probe_dir,
+            "gate_iteration": gate,
+        },
+    }
+
+
+def main() -> None:
+    output_dir, probe_dir = sys.argv[1], sys.argv[2]
+    gate = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    chatlearn.init(config(output_dir, probe_dir, gate))
+    engine = DPOEngine(TinyReference("reference"), TinyTrainer("policy_trainer"))
+    engine.set_dataset(list(range(NUM_SAMPLES)))
+    engine.learn()
+
+
+if __name__ == "__main__":
+    main()

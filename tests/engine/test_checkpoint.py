@@ -1,0 +1,219 @@
+"""Checkpoints on disk (atomic commit, verification, fallback, retention), TorchModule's default
+save/load with RNG states, and the ``chatlearn inspect`` command. No processes here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import chatlearn
+from chatlearn.cli import main as cli
+from chatlearn.config import reset_args
+from chatlearn.engine.checkpoint import (
+    COORDINATOR,
+    MANIFEST,
+    CheckpointManager,
+    CoordinatorState,
+    rewind_metrics,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from torch_modules import TinyTrainer  # noqa: E402
+
+
+def _state(iteration: int, **extra) -> CoordinatorState:
+    episode, step = divmod(iteration, 4)
+    return CoordinatorState(
+        iteration=iteration,
+        episode=episode,
+        step_in_episode=step,
+        consumed_samples=8 * episode,
+        sampler={"version": 1, "consumed_samples": 8 * episode},
+        training={"seed": 1},
+        trainer={"model": "policy_trainer"},
+        **extra,
+    )
+
+
+def _save(manager: CheckpointManager, iteration: int, payload: bytes = b"weights") -> Path:
+    staging = manager.begin(iteration)
+    rank = staging / "policy_trainer" / "rank_0"
+    rank.mkdir(parents=True)
+    (rank / "model.pt").write_bytes(payload * 100)
+    return manager.commit(staging, _state(iteration))
+
+
+def test_commit_writes_manifest_last_and_renames(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "ckpt")
+    path = _save(manager, 4)
+    assert path == tmp_path / "ckpt" / "iter_0000004"
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert set(manifest["files"]) == {COORDINATOR, "policy_trainer/rank_0/model.pt"}
+    assert manifest["files"]["policy_trainer/rank_0/model.pt"]["size"] == 700
+    assert not list((tmp_path / "ckpt").glob(".staging-*"))
+    (info,) = manager.scan(verify=True)
+    assert info.complete and info.state is not None and info.state.iteration == 4
+
+
+def test_unfinished_saves_are_never_resumed_from_and_are_cleaned(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path)
+    _save(manager, 4)
+    unfinished = manager.begin(8)  # a writer that died before its commit
+    (unfinished / "policy_trainer").mkdir()
+    (tmp_path / "iter_0000012").mkdir()  # a final name without a manifest: broken
+    assert [c.iteration for c in manager.scan()] == [4, 12]
+    info = manager.find_resume()
+    assert info is not None and info.iteration == 4
+    assert manager.staging() == [unfinished]
+    manager.remove_stale_staging()  # our own pid's leftovers go too
+    assert manager.staging() == []
+
+
+def test_truncated_newest_falls_back_with_a_warning_naming_it(tmp_path, caplog) -> None:
+    manager = CheckpointManager(tmp_path)
+    for iteration in (4, 8):
+        _save(manager, iteration)
+    model = tmp_path / "iter_0000008" / "policy_trainer" / "rank_0" / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="chatlearn.engine"):
+        info = manager.find_resume()
+    assert info is not None and info.iteration == 4
+    assert any(str(tmp_path / "iter_0000008") in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="is broken"):
+        manager.find_resume(8)
+    with pytest.raises(ValueError, match=r"no checkpoint .*iter_0000006.*\[4, 8\]"):
+        manager.find_resume(6)
+
+
+def test_same_size_corruption_is_caught_by_the_hash(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path)
+    _save(manager, 4)
+    _save(manager, 8)
+    model = tmp_path / "iter_0000008" / "policy_trainer" / "rank_0" / "model.pt"
+    model.write_bytes(b"x" * model.stat().st_size)
+    assert manager.scan(verify=False)[-1].complete  # sizes alone cannot tell
+    assert "sha256" in manager.scan(verify=True)[-1].problem
+    info = manager.find_resume()
+    assert info is not None and info.iteration == 4
+
+
+def test_keep_last_prunes_old_checkpoints_and_a_resave_replaces(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for iteration in (4, 8, 12):
+        _save(manager, iteration)
+    assert [c.iteration for c in manager.scan()] == [8, 12]
+    _save(manager, 12, payload=b"other")
+    (latest,) = [c for c in manager.scan(verify=True) if c.iteration == 12]
+    assert latest.complete
+    assert (latest.path / "policy_trainer/rank_0/model.pt").read_bytes() == b"other" * 100
+
+
+def test_rewind_metrics_moves_later_records_aside(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1}\n')
+    offset = metrics.stat().st_size
+    with metrics.open("a") as f:
+        f.write('{"step": 2}\n{"step": 3}\n')
+    assert rewind_metrics(metrics, offset) == 24
+    assert metrics.read_text() == '{"step": 1}\n'
+    assert (tmp_path / "metrics.superseded.jsonl").read_text() == '{"step": 2}\n{"step": 3}\n'
+    assert rewind_metrics(metrics, offset) == 0
+
+
+def _trainer(tmp_path: Path) -> TinyTrainer:
+    chatlearn.init(
+        {
+            "models": {"policy_trainer": {"num_cpu": 1, "trainable": True}},
+            "runtime": {"output_dir": str(tmp_path), "seed": 3},
+        }
+    )
+    module = TinyTrainer("policy_trainer")
+    module.setup()
+    return module
+
+
+def test_torch_module_saves_and_restores_model_optimizer_scheduler_and_rngs(tmp_path):
+    try:
+        module = _trainer(tmp_path)
+        module.model(torch.randn(2, 6)).sum().backward()
+        module.optimizer.step()
+        module.scheduler.step()
+        module.save_checkpoint(3)
+        directory = tmp_path / "CHATLEARN" / "checkpoints" / "iter_0000003" / "policy_trainer"
+        assert module.checkpoint_dir(3) == directory / "rank_0"
+        assert {p.name for p in (directory / "rank_0").iterdir()} == {
+            "model.pt",
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng.pt",
+        }
+        expected = (torch.rand(3), random.random(), float(np.random.rand()))
+        saved = {k: v.clone() for k, v in module.model.state_dict().items()}
+        saved_optimizer = module.optimizer.state_dict()
+
+        fresh = TinyTrainer("policy_trainer")
+        fresh.setup()
+        torch.manual_seed(99)  # moves every generator away from the saved state
+        random.seed(99)
+        np.random.seed(99)
+        fresh.load_checkpoint(3)
+        for key, value in fresh.model.state_dict().items():
+            assert torch.equal(value, saved[key])
+        state = fresh.optimizer.state_dict()["state"][0]
+        assert torch.equal(state["exp_avg"], saved_optimizer["state"][0]["exp_avg"])
+        assert fresh.scheduler.last_epoch == module.scheduler.last_epoch == 1
+        got = (torch.rand(3), random.random(), float(np.random.rand()))
+        assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+    finally:
+        reset_args()
+
+
+def test_load_without_a_model_file_names_the_path(tmp_path: Path) -> None:
+    try:
+        module = _trainer(tmp_path)
+        module.save_checkpoint(5)
+        (module.checkpoint_dir(5) / "model.pt").unlink()
+        with pytest.raises(FileNotFoundError, match="model.pt"):
+            module.load_checkpoint(5)
+    finally:
+        reset_args()
+
+
+def test_inspect_lists_checkpoints_problems_and_last_metrics(tmp_path: Path) -> None:
+    run_dir = tmp_path / "CHATLEARN"
+    manager = CheckpointManager(run_dir / "checkpoints")
+    for iteration in (4, 7):
+        _save(manager, iteration)
+    (run_dir / "checkpoints" / "iter_0000007" / COORDINATOR).write_text("{}")  # size changed
+    manager.begin(8)
+    records = [
+        {"kind": "train", "step": 7, "episode": 1, "loss": 0.25},
+        {"kind": "episode", "step": 4, "episode": 0, "overlap": 0.5},
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = CliRunner().invoke(cli, ["inspect", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    (row4,) = [line for line in lines if line.split()[:1] == ["4"]]
+    assert row4.split()[1:4] == ["1", "0", "8"] and row4.endswith("complete")
+    (row7,) = [line for line in lines if line.split()[:1] == ["7"]]
+    assert "BROKEN: coordinator.json has 2 bytes" in row7
+    assert any("unfinished save" in line and "iter_0000008" in line for line in lines)
+    assert "a new run resumes from iteration 4" in lines
+    assert any(line.strip().startswith("last train") and "loss 0.25" in line for line in lines)
+
+    as_json = CliRunner().invoke(cli, ["inspect", str(run_dir), "--json", "--verify"])
+    summary = json.loads(as_json.output)
+    assert [c["status"] for c in summary["checkpoints"]] == ["complete", "broken"]
+    assert summary["resume_from"] == 4 and summary["metrics"]["records"] == 2
+
+    empty = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
+    assert empty.exit_code == 1

@@ -1,0 +1,142 @@
+"""Exact resume after SIGKILL (coordinator, trainer), SIGINT, and a corrupted checkpoint.
+
+Each trial runs ``resume_script.py`` (a real user script with a tiny torch DPO pair, see
+``torch_modules.py``) as a subprocess, interrupts it while the trainer is held at a gate
+(iteration 5: after the checkpoint of episode 1, in the middle of episode 2), then runs it again
+with the same output directory. The resumed run must end with the same policy and optimizer state,
+bit for bit, as the uninterrupted run, and log the same metrics for every step.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from resume_trials import (  # noqa: E402
+    FINAL,
+    GATE,
+    Trial,
+    assert_all_exit,
+    assert_identical,
+    stop,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> Trial:
+    """The uninterrupted run."""
+    trial = Trial(tmp_path_factory.mktemp("baseline"))
+    trial.run()
+    return trial
+
+
+def _assert_resumed_like(trial: Trial, baseline: Trial, resumed_at: int) -> None:
+    first = trial.events("first_step")[-1]
+    assert first["iteration"] == resumed_at and first["resume"] is True
+    assert_identical(trial.final_state(), baseline.final_state())
+    # one record per step, the ones after the resume point included, equal to the baseline's
+    assert trial.train_records() == baseline.train_records()
+
+
+def test_uninterrupted_run_checkpoints_every_episode(baseline: Trial) -> None:
+    assert baseline.complete() == [4, 8, 12]
+    states = [baseline.state(f"iter_{i:07d}") for i in (4, 8, 12)]
+    assert [(s.episode, s.step_in_episode, s.consumed_samples) for s in states] == [
+        (1, 0, 8),
+        (2, 0, 16),
+        (3, 0, 24),
+    ]
+    assert [s.sampler["consumed_samples"] for s in states] == [8, 16, 24]
+    assert [s.reason for s in states] == ["interval", "interval", "interval"]
+    assert states[0].training["seed"] == 7 and states[0].config["runtime"]["num_episode"] == 3
+    assert [step for step, _, _ in baseline.train_records()] == list(range(1, 13))
+    assert not list(baseline.checkpoints.glob(".staging-*"))
+
+
+def test_coordinator_sigkill_then_resume_is_bit_identical(baseline: Trial, tmp_path: Path):
+    trial = Trial(tmp_path)
+    proc, _ = trial.start(gate=GATE)
+    try:
+        trial.wait_at_gate(proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        stop(proc)
+    assert_all_exit(trial.worker_pids())
+    assert trial.complete() == [4]
+    trial.run()
+    _assert_resumed_like(trial, baseline, resumed_at=4)
+
+
+def test_trainer_sigkill_is_a_clear_error_and_resume_is_bit_identical(
+    baseline: Trial, tmp_path: Path
+) -> None:
+    trial = Trial(tmp_path)
+    proc, log = trial.start(gate=GATE)
+    try:
+        trainer = trial.wait_at_gate(proc)
+        assert trainer in [p.pid for p in psutil.Process(proc.pid).children()]
+        os.kill(trainer, signal.SIGKILL)
+        killed = time.monotonic()
+        proc.wait(20)
+        elapsed = time.monotonic() - killed
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert proc.returncode not in (0, None), text
+    assert elapsed < 10, f"the coordinator took {elapsed:.1f} s to fail"
+    assert "ActorDeadError" in text and "policy_trainer" in text, text
+    assert_all_exit(trial.worker_pids())
+    assert trial.complete() == [4]
+    trial.run()
+    _assert_resumed_like(trial, baseline, resumed_at=4)
+
+
+def test_sigint_finishes_running_steps_saves_and_exits_130(baseline: Trial, tmp_path: Path):
+    trial = Trial(tmp_path)
+    proc, log = trial.start(gate=GATE)
+    try:
+        trial.wait_at_gate(proc)
+        os.kill(proc.pid, signal.SIGINT)
+        deadline = time.monotonic() + 20
+        while "SIGINT received" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the signal must be seen while the step at the gate still runs
+        (trial.probe / "go").touch()
+        proc.wait(40)
+    finally:
+        stop(proc)
+    assert proc.returncode == 130, log.read_text()
+    assert_all_exit(trial.worker_pids())
+    # the step at the gate and the one queued behind it finished; no new one was sent
+    assert trial.complete() == [4, 7]
+    saved = trial.state("iter_0000007")
+    assert (saved.reason, saved.episode, saved.step_in_episode) == ("signal", 1, 3)
+    assert saved.consumed_samples == 8  # the episode in progress is drawn again on resume
+    trial.run()
+    _assert_resumed_like(trial, baseline, resumed_at=7)
+
+
+def test_corrupted_newest_checkpoint_falls_back_with_a_warning(baseline: Trial, tmp_path: Path):
+    trial = Trial(tmp_path)
+    shutil.copytree(baseline.output, trial.output)
+    model = trial.checkpoints / FINAL / "policy_trainer" / "rank_0" / "model.pt"
+    with model.open("r+b") as f:
+        f.truncate(model.stat().st_size // 2)
+    text = trial.run()
+    warnings = [line for line in text.splitlines() if "broken" in line]
+    assert warnings and str(trial.checkpoints / FINAL) in warnings[0], text
+    assert "falling back" in warnings[0]
+    first = trial.events("first_step")[-1]
+    assert first["iteration"] == 8 and first["resume"] is True
+    assert trial.complete() == [4, 8, 12]  # the broken one was written again
+    assert_identical(trial.final_state(), baseline.final_state())

@@ -1,0 +1,161 @@
+"""Stopping on signals (escalation, handler install/restore, exit codes, a second signal) and
+checkpoints taken on request from a custom flow, resumed mid-episode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import chatlearn
+from chatlearn.config import reset_args
+from chatlearn.engine.checkpoint import COORDINATOR, CheckpointManager, CoordinatorState
+from chatlearn.engine.engine import DPOEngine
+from chatlearn.engine.interrupts import (
+    Interrupts,
+    SignalGuard,
+    TrainingInterrupted,
+    interrupted,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from echo_modules import EchoReference, EchoTrainer  # noqa: E402
+from resume_trials import GATE, Trial, assert_all_exit, stop  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_interrupted_is_a_system_exit_with_the_shell_exit_code() -> None:
+    sigint, sigterm = interrupted(signal.SIGINT), interrupted(signal.SIGTERM)
+    assert isinstance(sigint, SystemExit) and sigint.code == 130
+    assert isinstance(sigint, KeyboardInterrupt)  # `except KeyboardInterrupt` still catches it
+    assert isinstance(sigterm, TrainingInterrupted) and sigterm.code == 143
+    assert not isinstance(sigterm, KeyboardInterrupt)
+
+
+async def test_first_signal_is_graceful_then_the_watchdog_or_a_second_one_is_not() -> None:
+    calls: list[str] = []
+
+    def graceful() -> bool:
+        calls.append("graceful")
+        return True
+
+    interrupts = Interrupts(graceful=graceful, hard=calls.append, stop_timeout=0.05)
+    interrupts.handle(signal.SIGTERM)
+    assert calls == ["graceful"]
+    await asyncio.sleep(0.3)
+    assert calls[1].startswith("no graceful stop within")
+    interrupts.handle(signal.SIGINT)
+    assert calls[2] == "interrupted by SIGINT"
+    assert interrupts.signum == signal.SIGTERM  # the first signal decides the exit code
+    interrupts.close()
+
+    calls.clear()
+    nothing_to_save = Interrupts(graceful=lambda: False, hard=calls.append, stop_timeout=5)
+    nothing_to_save.handle(signal.SIGINT)
+    assert calls == ["interrupted by SIGINT"]
+    nothing_to_save.close()
+
+
+async def test_signal_guard_routes_signals_and_restores_the_previous_handler() -> None:
+    previous = signal.getsignal(signal.SIGTERM)
+    seen: list[int] = []
+    with SignalGuard(seen.append):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # bounded: the loop runs the handler on its next iteration
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+    assert seen == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_second_signal_stops_at_once_without_a_new_checkpoint(tmp_path: Path) -> None:
+    trial = Trial(tmp_path)
+    proc, log = trial.start(gate=GATE)
+    try:
+        trial.wait_at_gate(proc)  # the step at the gate never finishes: only a hard stop ends it
+        os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(20)
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert proc.returncode == 143, text  # SIGTERM came first
+    assert "SIGINT received (a second signal): stopping at once" in text
+    assert_all_exit(trial.worker_pids())
+    assert trial.complete() == [4]
+
+
+def _config(tmp_path: Path, **runtime) -> dict:
+    return {
+        "models": {
+            "reference": {"num_cpu": 1},
+            "policy_trainer": {"num_cpu": 1, "trainable": True},
+        },
+        "runtime": {
+            "output_dir": str(tmp_path),
+            "echo_log": str(tmp_path / "log.jsonl"),
+            "data_shuffle": False,
+            "num_episode": 2,
+            "sample_per_episode": 8,
+            "generation_batch_size": 4,
+            "train_micro_batch_size": 2,
+            "train_global_batch_size": 2,
+            **runtime,
+        },
+    }
+
+
+def _trains(tmp_path: Path) -> list[dict]:
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == "train"]
+
+
+async def test_checkpoint_on_request_from_a_custom_flow_resumes_mid_episode(tmp_path: Path):
+    chatlearn.init(_config(tmp_path, echo_cost=0.05))
+    try:
+        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        engine.set_dataset(range(16))
+        training = asyncio.create_task(engine.learn_async())
+        try:
+            for _ in range(400):  # bounded wait for the second step
+                if engine.pipeline is not None and engine.state.iteration >= 2 or training.done():
+                    break
+                await asyncio.sleep(0.02)
+            path = await engine.save_checkpoint()
+            await training
+        finally:  # a failed assertion must not leave the run's processes behind
+            training.cancel()
+            await asyncio.gather(training, return_exceptions=True)
+        with pytest.raises(RuntimeError, match="needs a running training"):
+            await engine.save_checkpoint()
+    finally:
+        reset_args()
+    saved = CoordinatorState.from_json((path / COORDINATOR).read_text())
+    assert saved.reason == "request" and 2 <= saved.iteration < 8
+    assert saved.episode == saved.iteration // 4 and saved.step_in_episode == saved.iteration % 4
+    assert saved.consumed_samples == 8 * saved.episode
+    checkpoints = CheckpointManager(tmp_path / "CHATLEARN" / "checkpoints").scan(verify=True)
+    assert [c.iteration for c in checkpoints] == [saved.iteration]  # no interval: no others
+    first_run = _trains(tmp_path)
+    assert [t["iteration"] for t in first_run] == list(range(8))
+
+    chatlearn.init(_config(tmp_path))  # same output path: resumes from the request checkpoint
+    try:
+        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        engine.set_dataset(range(16))
+        await engine.learn_async()
+    finally:
+        reset_args()
+    resumed = _trains(tmp_path)[len(first_run) :]
+    assert [t["iteration"] for t in resumed] == list(range(saved.iteration, 8))
+    assert [t["batches"] for t in resumed] == [t["batches"] for t in first_run[saved.iteration :]]
+    assert engine.trainer.iteration == 8

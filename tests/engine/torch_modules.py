@@ -1,0 +1,121 @@
+"""A tiny real torch DPO pair for checkpoint tests: deterministic on CPU, every RNG in use.
+
+Samples are integers; sample ``s`` becomes a feature vector drawn from a generator seeded with
+``s`` and a "chosen" class ``s % CLASSES`` (the "rejected" one is the next class). The reference
+is a frozen ``nn.Linear`` initialised from ``runtime.seed``; the policy starts as the same layer
+and trains with dropout, AdamW and a LambdaLR schedule on a DPO loss against the reference's
+log-probabilities. The loss is also scaled by draws from Python's and numpy's RNGs, so a resumed
+run matches the uninterrupted one only if all three RNG states were restored.
+
+Test hooks (``runtime`` keys): ``probe_dir`` gets one JSON line per event (``setup`` with the pid,
+``first_step`` with ``resume_training``); at ``gate_iteration`` the trainer writes
+``probe_dir/waiting`` (its pid) and waits until ``probe_dir/go`` exists (60 s at most).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from chatlearn.actors import TorchModule
+
+FEATURES = 6
+CLASSES = 3
+BETA = 0.5
+
+
+class _Probed(TorchModule):
+    def probe(self, **record) -> None:
+        directory = self.runtime_args.get("probe_dir", None)
+        if directory:
+            record.update(model=self.name, rank=self.rank, pid=os.getpid())
+            with open(Path(directory) / "events.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def build_layer(self) -> torch.nn.Linear:
+        torch.manual_seed(int(self.runtime_args.seed))
+        return torch.nn.Linear(FEATURES, CLASSES)
+
+
+class TinyReference(_Probed):
+    def setup(self) -> None:
+        self.model = self.build_layer().eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.probe(event="setup")
+
+    def build_dataset(self, samples, is_eval=False):
+        rows = []
+        for s in samples:
+            generator = torch.Generator().manual_seed(int(s))
+            x = torch.randn(FEATURES, generator=generator)
+            rows.append({"x": x, "chosen": torch.tensor(int(s) % CLASSES)})
+        return rows
+
+    def forward_step(self, data, iteration):
+        with torch.no_grad():
+            logp = F.log_softmax(self.model(data["x"]), dim=-1)
+        chosen = data["chosen"]
+        rejected = (chosen + 1) % CLASSES
+        return {
+            "x": data["x"],
+            "chosen": chosen,
+            "ref_chosen": logp.gather(1, chosen[:, None])[:, 0],
+            "ref_rejected": logp.gather(1, rejected[:, None])[:, 0],
+        }
+
+
+class TinyTrainer(_Probed):
+    def setup(self) -> None:
+        self.model = self.build_layer()
+        self.dropout = torch.nn.Dropout(0.2)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.05, weight_decay=0.01)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _decay)
+        torch.manual_seed(int(self.runtime_args.seed) + 1)  # the dropout stream
+        random.seed(11)
+        np.random.seed(12)
+        self._stepped = False
+        self.probe(event="setup")
+
+    def train_step(self, data, iteration):
+        if not self._stepped:
+            self._stepped = True
+            self.probe(event="first_step", iteration=iteration, resume=self.resume_training)
+        self._gate(iteration)
+        self.optimizer.zero_grad()
+        losses, margins = [], []
+        for mb in data:
+            logp = F.log_softmax(self.model(self.dropout(mb["x"])), dim=-1)
+            chosen = mb["chosen"]
+            rejected = (chosen + 1) % CLASSES
+            pc = logp.gather(1, chosen[:, None])[:, 0]
+            pr = logp.gather(1, rejected[:, None])[:, 0]
+            margin = BETA * ((pc - mb["ref_chosen"]) - (pr - mb["ref_rejected"]))
+            losses.append(-F.logsigmoid(margin).mean())
+            margins.append(margin.mean())
+        noise = 1.0 + 0.01 * random.random() + 0.01 * float(np.random.rand())
+        loss = torch.stack(losses).mean() * noise
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"loss": loss.item(), "rewards/margins": torch.stack(margins).mean().item()}
+
+    def _gate(self, iteration: int) -> None:
+        directory = self.runtime_args.get("probe_dir", None)
+        if directory is None or iteration != self.runtime_args.get("gate_iteration", None):
+            return
+        (Path(directory) / "waiting").write_text(str(os.getpid()))
+        deadline = time.monotonic() + 60
+        while not (Path(directory) / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def _decay(step: int) -> float:
+    return 1.0 / (1.0 + 0.1 * step)
