@@ -1,11 +1,12 @@
-"""Async channels on `zmq.asyncio`: control plane (ROUTER/DEALER) and data plane (PUSH/PULL).
+"""Async channels for asyncio (uvloop): control plane (ROUTER/DEALER), data plane (PUSH/PULL).
 
 - `ControlServer` (ROUTER, the coordinator, one for all actors) and `ControlClient` (DEALER, one
   per actor, its identity is its name). The server allocates request ids and maps each one to a
   future: `request()` resolves with the peer's REPLY/READY payload or raises `RemoteError` for
   its ERROR; many requests may be in flight per peer. Everything else the peers send (HELLO,
-  HEARTBEAT, DEAD, late replies) is queued for `recv_unsolicited()`. One receive loop task reads
-  the socket; a malformed message is logged, counted (`num_malformed`) and dropped, never fatal.
+  HEARTBEAT, DEAD, late replies) is queued for `recv_unsolicited()`. Incoming messages are
+  dispatched straight from the socket's reader callback (no receive task, no task switch); a
+  malformed one is logged, counted (`num_malformed`) and dropped, never fatal.
 - `DataSender` (PUSH) and `DataReceiver` (PULL) carry codec-encoded objects (micro-batches).
   Both ends set a high-water mark of ``hwm`` messages, so a slow consumer makes ``send()`` wait
   (backpressure) instead of letting queues grow: at most about ``2 * hwm`` messages plus what
@@ -17,9 +18,13 @@ tensors alias the received frames). Receiving sockets enforce ``Limits.max_messa
 frame in libzmq too (``ZMQ_MAXMSGSIZE``: a peer sending more is disconnected before we buffer it).
 Every socket is closed with a bounded linger, and a bound ipc endpoint's socket file is removed.
 
-All channels of a process must be used from one event loop (`zmq.asyncio` sockets are bound to
-the loop they are first used on); `close()` is synchronous so it can run in ``finally`` blocks,
-`aclose()` also waits for the receive loop task to finish.
+Closing a `DataSender` while its receiver is still a full queue behind can drop the queued tail
+even within the linger (libzmq #4660 / pyzmq #1934, reproduced here): close a sender only after
+the receiver has confirmed what it needs (the engine's credits do exactly that).
+
+Sockets come from a `zmq.asyncio.Context` (the process-wide instance unless one is given) and
+are driven by `sockets.AsyncSocket`. All channels of a process must be used from one event loop;
+`close()` is synchronous so it can run in ``finally`` blocks.
 """
 
 from __future__ import annotations
@@ -94,7 +99,7 @@ class ControlServer:
         self._pending: dict[int, tuple[bytes, asyncio.Future[Any]]] = {}
         self._request_ids = itertools.count(1)
         self._unsolicited: asyncio.Queue[Any] = asyncio.Queue()
-        self._recv_task: asyncio.Task[None] | None = None
+        self._started = False
         self._closed = False
         self.num_malformed = 0
 
@@ -164,27 +169,14 @@ class ControlServer:
     def _start(self) -> None:
         if self._closed:
             raise ChannelClosedError("control server is closed")
-        if self._recv_task is None:
-            self._recv_task = asyncio.get_running_loop().create_task(
-                self._recv_loop(), name=f"ControlServer({self.endpoint})._recv_loop"
-            )
-
-    async def _recv_loop(self) -> None:
-        """Consumes every incoming message; resolves pending requests, queues the rest.
-
-        Runs until close; bad input never ends it (see `_dispatch`). Anything else that escapes
-        is a bug: the server closes so that waiters get an error instead of hanging.
-        """
-        try:
-            while True:
-                self._dispatch(await self._socket.recv())
-        except ChannelClosedError:
-            return
-        except Exception:
-            log.exception("control server %s: receive loop failed; closing", self.endpoint)
-            self.close()
+        if not self._started:
+            self._started = True
+            self._socket.set_handler(self._dispatch)
 
     def _dispatch(self, frames: list[zmq.Frame]) -> None:
+        """Handles each incoming message, from the socket's reader callback (no task switch):
+        resolves the pending request it answers, or queues it as unsolicited. Bad input is
+        logged, counted and dropped; nothing raises out of here."""
         identity = frames[0].bytes
         try:
             if len(frames) < 2:
@@ -220,14 +212,10 @@ class ControlServer:
         )
 
     def close(self, linger: int | None = None) -> None:
-        """Stop the receive loop, fail pending requests, close the socket (bounded linger)."""
+        """Fail pending requests and waiters, close the socket (bounded linger)."""
         if self._closed:
             return
         self._closed = True
-        task = self._recv_task
-        if task is not None and not task.done() and task is not _current_task():
-            with contextlib.suppress(RuntimeError):  # the loop may already be closed
-                task.cancel()
         closed = ChannelClosedError("control server closed")
         for _, future in list(self._pending.values()):
             _set_exception(future, closed)
@@ -235,12 +223,8 @@ class ControlServer:
         self._socket.close(linger)
 
     async def aclose(self, linger: int | None = None) -> None:
-        """`close()`, then wait for the receive loop task to finish."""
+        """`close()` (kept async for symmetry with other closables; nothing to wait for)."""
         self.close(linger)
-        task = self._recv_task
-        if task is not None and task is not _current_task():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     def __enter__(self) -> ControlServer:
         return self
@@ -407,13 +391,6 @@ class DataReceiver:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _current_task() -> asyncio.Task[Any] | None:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:  # no running loop (close() from synchronous code)
-        return None
 
 
 def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:

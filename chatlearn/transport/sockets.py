@@ -1,11 +1,23 @@
-"""One ZeroMQ socket on asyncio, with fast paths; the building block of every channel.
+"""One ZeroMQ socket driven by the asyncio (uvloop) event loop: the building block of every channel.
 
-`zmq.asyncio` creates a future and polls EVENTS several times per operation. When the socket is
-ready we send or receive directly on a synchronous shadow of the same socket with DONTWAIT
-instead (what zmq.asyncio would do, minus the bookkeeping), and fall back to the awaitable path
-on EAGAIN; on the control plane's small messages this is a sizeable part of the round trip.
-Errors come out as the transport's typed errors, and closing also removes the socket file of a
-bound ipc endpoint, which libzmq 4.3 leaves behind.
+`zmq.asyncio` sockets wrap every operation in a future plus several EVENTS polls and deferred
+callbacks. Measured between two processes on the 2-core target machine that bookkeeping costs
+~25-30 µs per side of a control round trip (see BENCHMARKS.md), so the channels drive a plain
+ZeroMQ socket (created from the same `zmq.asyncio.Context`) with a minimal reactor instead:
+
+- an operation is first tried directly with DONTWAIT; only on EAGAIN does the caller wait, on a
+  future resolved by the reader callback the loop runs when the socket's fd becomes readable;
+- a socket can instead have a *handler* (`set_handler`): the reader callback then hands every
+  incoming message to it as it arrives, without a task switch (the control server resolves
+  request futures this way).
+
+ZeroMQ's fd is edge-like: it signals "state may have changed", and any operation or EVENTS read
+consumes the signal. So after every operation that can consume it, `_rearm` reads EVENTS and, if
+a waiter can now proceed, schedules the reader callback; and the callback always reads EVENTS,
+which also tells libzmq to signal again for the next message. Errors come out as the
+transport's typed errors. Closing removes the reader before the socket (and its fd) goes away,
+fails the waiters, and removes the socket file of a bound ipc endpoint, which libzmq 4.3 leaves
+behind. One socket must be used from one event loop.
 """
 
 from __future__ import annotations
@@ -13,8 +25,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import stat
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -22,30 +37,23 @@ import zmq.asyncio
 
 from chatlearn.transport.errors import ChannelClosedError, PeerUnreachableError, TransportError
 
+log = logging.getLogger(__name__)
 
-def async_context(context: zmq.Context | None) -> zmq.asyncio.Context:
+# Messages handled per reader callback before yielding to other tasks (fairness under floods).
+_MAX_BATCH = 256
+
+
+def async_context(context: zmq.Context | None) -> zmq.Context:
+    """The given context, or the process-wide `zmq.asyncio.Context` instance."""
     if context is None:
         return zmq.asyncio.Context.instance()
-    if isinstance(context, zmq.asyncio.Context):
-        return context
     if isinstance(context, zmq.Context):
-        return zmq.asyncio.Context.shadow(context)
+        return context
     raise TypeError(f"context must be a zmq.Context, got {type(context).__qualname__}")
 
 
-def _cancelled_by_us() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
 class AsyncSocket:
-    """A `zmq.asyncio` socket plus a synchronous shadow for fast paths (see the module doc).
-
-    A direct operation can consume the edge of ZeroMQ's edge-triggered fd, so afterwards we read
-    EVENTS through the async socket, which makes it reschedule any waiter that is now ready.
-    """
-
-    __slots__ = ("sock", "sync", "closed", "_num_send_waiting", "_ipc_paths")
+    """A ZeroMQ socket with awaitable `send`/`recv` (or a message handler); see the module doc."""
 
     def __init__(
         self,
@@ -55,7 +63,7 @@ class AsyncSocket:
         linger_ms: int,
         options: dict[int, int | bytes],
     ) -> None:
-        self.sock = async_context(context).socket(socket_type)
+        self.sock = zmq.Socket(async_context(context), socket_type)
         try:
             self.sock.setsockopt(zmq.LINGER, linger_ms)
             for option, value in options.items():
@@ -63,9 +71,13 @@ class AsyncSocket:
         except BaseException:
             self.sock.close(linger=0)
             raise
-        self.sync = zmq.Socket.shadow(self.sock.underlying)
         self.closed = False
-        self._num_send_waiting = 0
+        self._fd: int = self.sock.FD
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._recv_waiters: deque[asyncio.Future[list[zmq.Frame]]] = deque()
+        self._send_waiters: deque[tuple[asyncio.Future[None], list[Any]]] = deque()
+        self._handler: Callable[[list[zmq.Frame]], None] | None = None
+        self._scheduled = False
         self._ipc_paths: list[str] = []
 
     def bind_or_connect(self, endpoint: str, *, bind: bool) -> str:
@@ -83,47 +95,143 @@ class AsyncSocket:
             self.close(0)
             raise
 
+    # -- operations ---------------------------------------------------------------------------
+
     async def send(self, frames: list[Any]) -> None:
+        """Send one multipart message (``copy=False``); waits while the peer's queue is full."""
         if self.closed:
             raise ChannelClosedError("socket is closed")
-        try:
-            # Keep order: only jump ahead if no earlier send is still waiting for room.
-            if not self._num_send_waiting:
-                try:
-                    self.sync.send_multipart(frames, zmq.DONTWAIT, copy=False)
-                except zmq.Again:
-                    pass
-                else:
-                    self.sock.get(zmq.EVENTS)
-                    return
-            self._num_send_waiting += 1
+        if not self._send_waiters:  # never overtake an earlier send that is still waiting
             try:
-                await self.sock.send_multipart(frames, copy=False)
-            finally:
-                self._num_send_waiting -= 1
-        except asyncio.CancelledError:
-            if self.closed and not _cancelled_by_us():
-                raise ChannelClosedError("socket closed during send") from None
-            raise
-        except zmq.ZMQError as exc:
-            raise self._translate(exc) from exc
+                self.sock.send_multipart(frames, zmq.DONTWAIT, copy=False)
+            except zmq.Again:
+                pass
+            except zmq.ZMQError as exc:
+                raise self._translate(exc) from exc
+            else:
+                self._rearm()
+                return
+        future: asyncio.Future[None] = self._attach().create_future()
+        self._send_waiters.append((future, frames))
+        self._rearm()
+        await self._wait(future, "send")
 
     async def recv(self) -> list[zmq.Frame]:
+        """Receive one multipart message as `zmq.Frame` objects (``copy=False``)."""
         if self.closed:
             raise ChannelClosedError("socket is closed")
-        try:
+        if self._handler is not None:
+            raise RuntimeError("this socket hands its messages to a handler")
+        if not self._recv_waiters:
             try:
-                frames = self.sync.recv_multipart(zmq.DONTWAIT, copy=False)
+                frames = self.sock.recv_multipart(zmq.DONTWAIT, copy=False)
             except zmq.Again:
-                return await self.sock.recv_multipart(copy=False)
-            self.sock.get(zmq.EVENTS)
-            return frames
+                pass
+            except zmq.ZMQError as exc:
+                raise self._translate(exc) from exc
+            else:
+                self._rearm()
+                return frames
+        future: asyncio.Future[list[zmq.Frame]] = self._attach().create_future()
+        self._recv_waiters.append(future)
+        self._rearm()
+        return await self._wait(future, "recv")
+
+    def set_handler(self, handler: Callable[[list[zmq.Frame]], None]) -> None:
+        """Hand every incoming message to ``handler`` from the reader callback (must not raise)."""
+        self._handler = handler
+        self._attach()
+        self._schedule()  # messages may already be queued
+
+    async def _wait(self, future: asyncio.Future[Any], what: str) -> Any:
+        try:
+            return await future
         except asyncio.CancelledError:
             if self.closed and not _cancelled_by_us():
-                raise ChannelClosedError("socket closed during recv") from None
+                raise ChannelClosedError(f"socket closed during {what}") from None
             raise
+
+    # -- the reactor --------------------------------------------------------------------------
+
+    def _attach(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            loop.add_reader(self._fd, self._on_events)
+        return loop
+
+    def _rearm(self) -> None:
+        """After an operation: if a waiter can proceed now, run the reader callback soon."""
+        if self._scheduled or self.closed:
+            return
+        if self._recv_waiters or self._send_waiters or self._handler is not None:
+            events = self.sock.get(zmq.EVENTS)
+            if (events & zmq.POLLIN and (self._recv_waiters or self._handler is not None)) or (
+                events & zmq.POLLOUT and self._send_waiters
+            ):
+                self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled and self._loop is not None:
+            self._scheduled = True
+            self._loop.call_soon(self._on_events)
+
+    def _on_events(self) -> None:
+        """Reader callback: serve waiters (or the handler) while the socket is ready."""
+        self._scheduled = False
+        for _ in range(_MAX_BATCH):
+            if self.closed:
+                return
+            events = self.sock.get(zmq.EVENTS)  # also re-arms the fd for the next change
+            progressed = False
+            if events & zmq.POLLIN:
+                progressed = self._deliver_one()
+            if events & zmq.POLLOUT and self._send_waiters:
+                progressed = self._send_one() or progressed
+            if not progressed:
+                return
+        self._schedule()  # more to do: let other tasks run first
+
+    def _deliver_one(self) -> bool:
+        handler = self._handler
+        if handler is None:
+            while self._recv_waiters and self._recv_waiters[0].done():
+                self._recv_waiters.popleft()  # cancelled
+            if not self._recv_waiters:
+                return False
+        try:
+            frames = self.sock.recv_multipart(zmq.DONTWAIT, copy=False)
+        except zmq.Again:
+            return False
         except zmq.ZMQError as exc:
-            raise self._translate(exc) from exc
+            self._fail_all(self._translate(exc))
+            return False
+        if handler is not None:
+            try:
+                handler(frames)
+            except Exception:  # a handler bug must not stop the socket
+                log.exception("message handler failed")
+        else:
+            self._recv_waiters.popleft().set_result(frames)
+        return True
+
+    def _send_one(self) -> bool:
+        while self._send_waiters and self._send_waiters[0][0].done():
+            self._send_waiters.popleft()  # cancelled
+        if not self._send_waiters:
+            return False
+        future, frames = self._send_waiters[0]
+        try:
+            self.sock.send_multipart(frames, zmq.DONTWAIT, copy=False)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            self._send_waiters.popleft()
+            future.set_exception(self._translate(exc))
+            return True
+        self._send_waiters.popleft()
+        future.set_result(None)
+        return True
 
     def _translate(self, exc: zmq.ZMQError) -> TransportError:
         if exc.errno == errno.EHOSTUNREACH:
@@ -132,19 +240,32 @@ class AsyncSocket:
             return ChannelClosedError(f"socket closed: {exc}")
         return TransportError(f"zmq error: {exc}")
 
+    def _fail_all(self, exc: BaseException) -> None:
+        waiters = [*self._recv_waiters, *(future for future, _ in self._send_waiters)]
+        self._recv_waiters.clear()
+        self._send_waiters.clear()
+        for future in waiters:
+            if not future.done():
+                with contextlib.suppress(RuntimeError):  # the loop may already be closed
+                    future.set_exception(exc)
+
     def close(self, linger: int | None = None) -> None:
+        """Close with the socket's (bounded) linger; pending operations fail."""
         if self.closed:
             return
         self.closed = True
-        try:
-            self.sock.close(linger=linger)
-        except RuntimeError:
-            # The event loop is already closed and cannot unregister the fd: close the socket
-            # itself, which is what matters (no fd, no ipc file left behind).
-            zmq.Socket.close(self.sock, linger=linger)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)  # before the fd can be closed and reused
+        self._fail_all(ChannelClosedError("socket closed"))
+        self.sock.close(linger=linger)
         # libzmq 4.3 leaves the socket file of a bound ipc endpoint behind; remove it (only if
         # it is still a socket: never delete anything else that took its name).
         for path in self._ipc_paths:
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(os.lstat(path).st_mode):
                     os.unlink(path)
+
+
+def _cancelled_by_us() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

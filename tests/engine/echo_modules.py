@@ -40,7 +40,9 @@ class _Logged(BaseModule):
 
 class EchoReference(_Logged):
     def build_dataset(self, samples, is_eval=False):
-        return [{"row": torch.tensor(int(s)), "tokens": torch.arange(int(s) % 3 + 1)} for s in samples]
+        return [
+            {"row": torch.tensor(int(s)), "tokens": torch.arange(int(s) % 3 + 1)} for s in samples
+        ]
 
     def forward_step(self, data, iteration):
         start = time.time()
@@ -62,8 +64,12 @@ class EchoTrainer(_Logged):
             assert torch.equal(mb["double"], mb["row"] * 2)
         widths = [list(mb["tokens"].shape) for mb in data]
         self.log(
-            event="train", batches=batches, widths=widths, iteration=iteration,
-            start=start, end=time.time(),
+            event="train",
+            batches=batches,
+            widths=widths,
+            iteration=iteration,
+            start=start,
+            end=time.time(),
         )
         return {"rows": float(sum(sum(b) for b in batches)), "num_micro_batches": len(data)}
 

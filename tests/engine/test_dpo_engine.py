@@ -38,7 +38,9 @@ def _config(tmp_path: Path, runtime: dict, reference: dict | None = None) -> dic
     }
 
 
-async def _learn(tmp_path: Path, runtime: dict, samples=range(35), *, reference=None, eval_set=None):
+async def _learn(
+    tmp_path: Path, runtime: dict, samples=range(35), *, reference=None, eval_set=None
+):
     chatlearn.init(_config(tmp_path, runtime, reference))
     try:
         engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
@@ -144,7 +146,9 @@ async def test_shuffled_episodes_follow_seeded_passes(tmp_path: Path) -> None:
         "data_shuffle": True,
     }
     _, log = await _learn(tmp_path, await_args)
-    passes = [torch.randperm(35, generator=torch.Generator().manual_seed(k)).tolist() for k in (0, 1)]
+    passes = [
+        torch.randperm(35, generator=torch.Generator().manual_seed(k)).tolist() for k in (0, 1)
+    ]
     expected = (passes[0] + passes[1])[:48]
     assert [row for f in _events(log, "forward") for row in f["rows"]] == expected
 
@@ -205,7 +209,9 @@ async def test_evaluation_runs_eval_step_on_held_out_samples(tmp_path: Path) -> 
     )
     assert engine.pipeline is not None
     assert [e["mean_row"] for e in engine.pipeline.eval_history] == [30.0, 30.0, 30.0]
-    records = [json.loads(x) for x in (tmp_path / "CHATLEARN" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(x) for x in (tmp_path / "CHATLEARN" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert {r["kind"] for r in records} == {"train", "eval", "episode"}
 
 

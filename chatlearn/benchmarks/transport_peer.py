@@ -1,0 +1,106 @@
+"""The sending process of `chatlearn bench transport`.
+
+Run as ``python -m chatlearn.benchmarks.transport_peer CONTROL_ENDPOINT``. It connects a
+`ControlClient` to the benchmark's `ControlServer`, says HELLO, then serves until SHUTDOWN:
+
+- PING: REPLY with the same payload (the round-trip latency measurement);
+- CALL ``{"mode", "endpoint", "size", "count", "hwm"}``: builds one float32 tensor of ``size``
+  bytes and sends ``{"x": tensor}`` ``count`` times to ``endpoint`` — through our `DataSender`
+  ("ours"), raw pyzmq zero-copy multipart ("raw"), or pickle over pyzmq ("pickle") — then
+  REPLYs with the count.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import zmq
+
+from chatlearn.transport import (
+    ControlClient,
+    DataSender,
+    Message,
+    MessageKind,
+    error_message,
+    run,
+)
+
+PEER_IDENTITY = b"bench-peer"
+
+
+class Sender:
+    """Runs send orders; keeps each order's socket open until the next order arrives.
+
+    Closing a PUSH socket while the receiver is still a full queue behind drops the queued tail
+    even with a linger (libzmq #4660, pyzmq #1934), so a socket is closed only once the
+    benchmark has confirmed it received everything, which it does by sending the next order.
+    """
+
+    def __init__(self) -> None:
+        self._open: list[Any] = []
+
+    def close(self) -> None:
+        for sock in self._open:
+            sock.close()
+        self._open.clear()
+
+    async def run(self, order: dict[str, Any]) -> int:
+        import torch
+
+        self.close()
+        tensor = torch.ones(order["size"] // 4, dtype=torch.float32)
+        count, endpoint, hwm, mode = order["count"], order["endpoint"], order["hwm"], order["mode"]
+        if mode == "ours":
+            sender = DataSender(endpoint, hwm=hwm)
+            self._open.append(sender)
+            payload = {"x": tensor}
+            for _ in range(count):
+                await sender.send(payload)
+            return count
+        # The baselines use plain blocking pyzmq, the fastest way to drive it; the peer has
+        # nothing else to do meanwhile.
+        sock = zmq.Context.instance().socket(zmq.PUSH)
+        self._open.append(sock)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(endpoint)
+        if mode == "raw":
+            frames = [b"float32", memoryview(tensor.numpy())]
+            for _ in range(count):
+                sock.send_multipart(frames, copy=False)
+        elif mode == "pickle":
+            from chatlearn.benchmarks.pickle_baseline import send_pickled
+
+            send_pickled(sock, {"x": tensor}, count)
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+        return count
+
+
+async def serve(control_endpoint: str) -> None:
+    sender = Sender()
+    try:
+        with ControlClient(control_endpoint, PEER_IDENTITY) as client:
+            await client.send(Message(kind=MessageKind.HELLO))
+            while True:
+                msg = await client.recv()
+                if msg.kind is MessageKind.SHUTDOWN:
+                    return
+                rid = msg.request_id
+                if msg.kind is MessageKind.PING:
+                    reply = Message(kind=MessageKind.REPLY, request_id=rid, payload=msg.payload)
+                else:
+                    try:
+                        result = await sender.run(msg.payload)
+                    except Exception as exc:
+                        reply = error_message(rid, exc, {"role": "bench peer"})
+                    else:
+                        reply = Message(kind=MessageKind.REPLY, request_id=rid, payload=result)
+                await client.send(reply)
+    finally:
+        sender.close()
+
+
+if __name__ == "__main__":
+    run(serve(sys.argv[1]))
