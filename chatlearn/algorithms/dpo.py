@@ -1,0 +1,298 @@
+"""Direct Preference Optimization: response log-probs, the loss, and exact metrics.
+
+How a trainer uses this module, one optimizer step over micro-batches:
+
+    metrics = DPOMetrics(with_nll=rpo_alpha is not None)
+    for micro_batch in data_list:
+        policy = concatenated_logps(model, micro_batch)        # one forward: chosen + rejected
+        out = compute_dpo(policy, micro_batch["ref_chosen_logps"],     # from reference_outputs
+                          micro_batch["ref_rejected_logps"], beta=0.1, loss_type="sigmoid")
+        accumulation_loss(out.losses, num_samples_global=n, world_size=dp).backward()
+        metrics.update(out)
+    optimizer.step()
+    return metrics.all_reduce().compute()                    # {"loss": ..., "rewards/...": ...}
+
+Batch convention (what the dataset's collate_fn produces and the reference passes on). One row is
+one preference pair; chosen and rejected are separate right-padded tensors:
+`chosen_input_ids`, `chosen_attention_mask`, `chosen_loss_mask` and the same three `rejected_*`.
+`loss_mask[i, t] == 1` marks response tokens: token t's log-prob (predicted from position t - 1)
+counts. Prompt and padding are 0. A mask instead of labels = -100 because the engine pads
+re-batched tensors with 0 by default, and 0 is the right padding for a mask: the value of a padded
+input id then never matters.
+
+Formulas follow TRL's DPOTrainer (loss types sigmoid with label smoothing = cDPO, ipo, hinge; RPO
+adds alpha times the chosen response's NLL). Differences, both chosen for exact aggregation:
+- `nll_loss` is per sample (the mean over that sample's response tokens), then averaged over
+  samples; TRL averages over all chosen tokens of a batch, weighting long responses more.
+- All metrics are means over samples of the whole step, exact across micro-batches and ranks of
+  unequal sizes (TRL averages per-batch means).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+# Metric names as TRL logs them; `nll_loss` only when the RPO term is used.
+METRIC_NAMES = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+NLL_METRIC = "nll_loss"
+
+PAIR_KEYS = ("input_ids", "attention_mask", "loss_mask")
+REF_CHOSEN_KEY = "ref_chosen_logps"
+REF_REJECTED_KEY = "ref_rejected_logps"
+
+
+class PairLogps(NamedTuple):
+    """Per-pair summed response log-probs and response token counts of one forward."""
+
+    chosen: torch.Tensor  # [B] sum of log-probs of the chosen response tokens
+    rejected: torch.Tensor  # [B]
+    chosen_num_tokens: torch.Tensor  # [B] number of chosen response tokens
+    rejected_num_tokens: torch.Tensor  # [B]
+
+
+@dataclass(frozen=True, slots=True)
+class DPOOutput:
+    """Per-sample results of one micro-batch; `losses` is what to reduce and backpropagate."""
+
+    losses: torch.Tensor  # DPO loss, plus rpo_alpha * nll when RPO is on
+    chosen_rewards: torch.Tensor  # detached
+    rejected_rewards: torch.Tensor  # detached
+    chosen_logps: torch.Tensor  # the log-probs the loss used (length-averaged for ipo), detached
+    rejected_logps: torch.Tensor
+    nll: torch.Tensor | None = None  # detached per-sample NLL of the chosen response
+
+
+# ---------------------------------------------------------------------------------------------
+# Concatenated forward
+
+
+def concatenate_pairs(batch: Mapping[str, torch.Tensor], *, pad_token_id: int = 0) -> dict:
+    """Stack chosen rows over rejected rows ([2B, L], chosen first), right-padded to one length.
+
+    One forward over both halves costs less than two (one kernel launch chain, better GEMM shapes).
+    """
+    chosen = [batch[f"chosen_{key}"] for key in PAIR_KEYS]
+    rejected = [batch[f"rejected_{key}"] for key in PAIR_KEYS]
+    if chosen[0].shape[0] != rejected[0].shape[0]:
+        raise ValueError(
+            f"chosen and rejected must have the same number of rows, got "
+            f"{chosen[0].shape[0]} and {rejected[0].shape[0]}"
+        )
+    length = max(chosen[0].shape[1], rejected[0].shape[1])
+    out: dict[str, torch.Tensor] = {}
+    for key, c, r in zip(PAIR_KEYS, chosen, rejected, strict=True):
+        pad = pad_token_id if key == "input_ids" else 0
+        out[key] = torch.cat([_right_pad(c, length, pad), _right_pad(r, length, pad)], dim=0)
+    return out
+
+
+def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `concatenate_pairs` on dim 0: (chosen half, rejected half)."""
+    if values.shape[0] % 2:
+        raise ValueError(f"expected an even number of rows, got {values.shape[0]}")
+    half = values.shape[0] // 2
+    return values[:half], values[half:]
+
+
+def _right_pad(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    if x.shape[1] == length:
+        return x
+    return F.pad(x, (0, length - x.shape[1]), value=value)
+
+
+def sequence_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log p(token t | tokens < t) over positions where loss_mask is 1, and their count.
+
+    logits: [N, L, V] from a causal LM over input_ids [N, L]. Computed in float32 whatever the
+    model dtype (float64 stays float64), as gather minus logsumexp, so no [N, L, V] log-softmax
+    tensor is kept.
+    """
+    if logits.shape[:2] != input_ids.shape or loss_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"shape mismatch: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, "
+            f"loss_mask {tuple(loss_mask.shape)}"
+        )
+    # the logit at position t - 1 predicts token t: the first token is never scored
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    targets = input_ids[:, 1:]
+    mask = loss_mask[:, 1:].to(logits.dtype)
+    token_logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1)
+    token_logps = token_logps - torch.logsumexp(logits, dim=-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def concatenated_logps(
+    model: Callable[..., Any], batch: Mapping[str, torch.Tensor], *, pad_token_id: int = 0
+) -> PairLogps:
+    """Run `model` once over chosen + rejected and return per-pair response log-probs.
+
+    `model` is called as `model(input_ids=..., attention_mask=...)` and may return a tensor of
+    logits or an object with `.logits` (Hugging Face causal LMs). Tensors are moved to the device
+    of the model's first parameter when it has one.
+    """
+    cat = concatenate_pairs(batch, pad_token_id=pad_token_id)
+    device = _model_device(model)
+    if device is not None:
+        cat = {key: value.to(device, non_blocking=True) for key, value in cat.items()}
+    output = model(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"])
+    logits = output if isinstance(output, torch.Tensor) else output.logits
+    logps, num_tokens = sequence_logps(logits, cat["input_ids"], cat["loss_mask"])
+    chosen, rejected = split_pairs(logps)
+    chosen_num, rejected_num = split_pairs(num_tokens)
+    return PairLogps(chosen, rejected, chosen_num, rejected_num)
+
+
+def reference_outputs(
+    model: Callable[..., Any], batch: Mapping[str, torch.Tensor], *, pad_token_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """What a reference's `forward_step` returns: the pair tensors the trainer needs plus
+    `ref_chosen_logps` / `ref_rejected_logps` (summed, [B]), all on CPU.
+
+    The engine does not merge a forward output with its input, hence the batch is passed on here.
+    """
+    with torch.no_grad():
+        logps = concatenated_logps(model, batch, pad_token_id=pad_token_id)
+    out = {
+        f"{side}_{key}": batch[f"{side}_{key}"].cpu()
+        for side in ("chosen", "rejected")
+        for key in PAIR_KEYS
+    }
+    out[REF_CHOSEN_KEY] = logps.chosen.float().cpu()
+    out[REF_REJECTED_KEY] = logps.rejected.float().cpu()
+    return out
+
+
+def _model_device(model: Any) -> torch.device | None:
+    parameters = getattr(model, "parameters", None)
+    if parameters is None:
+        return None
+    first = next(iter(parameters()), None)
+    return None if first is None else first.device
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample `(losses, chosen_rewards, rejected_rewards)`; rewards are detached.
+
+    With h = (pc - pr) - (rc - rr), the policy's log-ratio margin over the reference's:
+    - sigmoid: -(1 - ε)·log σ(β·h) - ε·log σ(-β·h)   (ε = label_smoothing: cDPO; ε = 0: DPO)
+    - ipo:     (h - 1/(2β))²                          (pass length-averaged log-probs, as TRL)
+    - hinge:   max(0, 1 - β·h)
+    Rewards: β·(pc - rc) and β·(pr - rr).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing applies to loss_type 'sigmoid' only, not {loss_type!r}")
+    shape = policy_chosen_logps.shape
+    for other in (policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+        if other.shape != shape:
+            raise ValueError(f"log-prob shapes differ: {tuple(shape)} vs {tuple(other.shape)}")
+    ref_chosen_logps = ref_chosen_logps.to(policy_chosen_logps)
+    ref_rejected_logps = ref_rejected_logps.to(policy_chosen_logps)
+
+    margin = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * margin) * (1.0 - label_smoothing)
+        if label_smoothing:
+            losses = losses - F.logsigmoid(-beta * margin) * label_smoothing
+    elif loss_type == "ipo":
+        losses = (margin - 1.0 / (2.0 * beta)) ** 2
+    else:
+        losses = torch.relu(1.0 - beta * margin)
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def nll_loss(chosen_logps: torch.Tensor, chosen_num_tokens: torch.Tensor) -> torch.Tensor:
+    """Per-sample negative log-likelihood of the chosen response, averaged over its tokens."""
+    return -chosen_logps / chosen_num_tokens.clamp(min=1)
+
+
+def compute_dpo(
+    policy: PairLogps,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    rpo_alpha: float | None = None,
+) -> DPOOutput:
+    """The full per-sample objective of one micro-batch from summed log-probs.
+
+    The reference always provides summed log-probs; for ipo both sides are divided by the
+    response length here (the same token counts: policy and reference score the same tokens).
+    """
+    pc, pr = policy.chosen, policy.rejected
+    ref_c = ref_chosen_logps.to(pc)
+    ref_r = ref_rejected_logps.to(pc)
+    if loss_type == "ipo":
+        chosen_len = policy.chosen_num_tokens.clamp(min=1)
+        rejected_len = policy.rejected_num_tokens.clamp(min=1)
+        pc, pr = pc / chosen_len, pr / rejected_len
+        ref_c, ref_r = ref_c / chosen_len, ref_r / rejected_len
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        pc, pr, ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
+    )
+    nll = None
+    if rpo_alpha is not None:
+        nll_with_grad = nll_loss(policy.chosen, policy.chosen_num_tokens)
+        losses = losses + rpo_alpha * nll_with_grad
+        nll = nll_with_grad.detach()
+    return DPOOutput(
+        losses=losses,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        chosen_logps=pc.detach(),
+        rejected_logps=pr.detach(),
+        nll=nll,
+    )
+
+
+def accumulation_loss(
+    losses: torch.Tensor, *, num_samples_global: int, world_size: int = 1
+) -> torch.Tensor:
+    """The scalar to backpropagate for one micro-batch so that a whole step's gradient is the
+    gradient of the mean loss over all `num_samples_global` samples of the step (every micro-batch
+    on every data-parallel rank), whatever the micro-batch sizes.
+
+    DDP averages gradients over ranks, hence the factor `world_size`.
+    """
+    if num_samples_global <= 0:
+        raise ValueError(f"num_samples_global must be > 0, got {num_samples_global}")
+    return losses.sum() * (world_size / num_samples_global)
