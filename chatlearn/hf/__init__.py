@@ -1,0 +1,45 @@
+"""Hugging Face helpers: tokenizers, causal LMs and preference data for DPO.
+
+transformers and tokenizers are imported only when a tokenizer or a model is built, so importing
+this package costs torch alone.
+"""
+
+from __future__ import annotations
+
+from chatlearn.hf.data import (
+    PairTokenizer,
+    PreferenceCollator,
+    PreferenceDataset,
+    load_preference_data,
+)
+from chatlearn.hf.model import (
+    SMALL_LLAMA,
+    build_causal_lm,
+    causal_lm_from_args,
+    load_causal_lm,
+    num_parameters,
+    resolve_dtype,
+)
+from chatlearn.hf.tokenizer import (
+    BYTE_VOCAB_SIZE,
+    byte_tokenizer,
+    has_chat_template,
+    load_tokenizer,
+)
+
+__all__ = [
+    "BYTE_VOCAB_SIZE",
+    "SMALL_LLAMA",
+    "PairTokenizer",
+    "PreferenceCollator",
+    "PreferenceDataset",
+    "build_causal_lm",
+    "byte_tokenizer",
+    "causal_lm_from_args",
+    "has_chat_template",
+    "load_causal_lm",
+    "load_preference_data",
+    "load_tokenizer",
+    "num_parameters",
+    "resolve_dtype",
+]

@@ -1,0 +1,292 @@
+"""Preference data: JSONL or a list of dicts → tokenized pairs → padded batches for DPO.
+
+A record is `{"prompt": str, "chosen": str, "rejected": str}`, or conversational: `prompt` a list
+of messages (`{"role", "content"}`) and `chosen`/`rejected` an assistant message list (or a
+string, taken as one assistant message); without `prompt`, chosen and rejected are whole
+conversations and their common leading messages are the prompt. Conversational records need a
+tokenizer with a chat template.
+
+Tokenization:
+- string records: the prompt is `prompt_template` with `{prompt}` replaced, tokenized with the
+  tokenizer's special tokens (a leading `<s>` where the tokenizer adds one); each response is
+  tokenized without special tokens and ends with eos.
+- conversational records: the prompt is the chat template over the prompt messages with the
+  generation prompt; a response is what the template adds for its messages (its end-of-turn
+  tokens included, no extra eos). Prompt and responses are tokenized separately, so a merge across
+  their boundary never hides where the response starts.
+
+Truncation, applied in this order (cf. TRL's `max_prompt_length` / `max_length`):
+1. a prompt longer than `max_prompt_length` keeps its last `max_prompt_length` tokens (the end of
+   a prompt is what the response answers);
+2. if prompt + the longer response exceeds `max_length`, the prompt loses tokens from the left,
+   but keeps at least `min_prompt_length` tokens (default max_length // 2) or all it has;
+3. each response is then cut from the right to fit `max_length` (it then has no eos).
+Left truncation of the prompt keeps a leading bos token. A pair whose responses are identical
+after truncation is kept (its DPO gradient is zero), and counted in `num_identical`.
+
+Batches (see chatlearn.algorithms.dpo for the convention): `chosen_input_ids`,
+`chosen_attention_mask`, `chosen_loss_mask` and the same `rejected_*`, right-padded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from chatlearn.hf.tokenizer import has_chat_template
+
+PROMPT_PLACEHOLDER = "{prompt}"
+
+
+def load_preference_data(source: str | Path | Iterable[Mapping[str, Any]]) -> list[dict]:
+    """Records from a JSONL file (one JSON object a line; blank lines skipped) or an iterable."""
+    if isinstance(source, str | Path):
+        path = Path(source)
+        records = []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from None
+                records.append(_check_record(record, f"{path}:{number}"))
+        return records
+    return [_check_record(dict(r), f"record {i}") for i, r in enumerate(source)]
+
+
+def _check_record(record: Any, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected an object with prompt/chosen/rejected")
+    missing = [key for key in ("chosen", "rejected") if key not in record]
+    conversational = isinstance(record.get("chosen"), list)
+    if "prompt" not in record and not conversational:
+        missing.insert(0, "prompt")
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing} (have {sorted(record)})")
+    return record
+
+
+def _as_messages(value: Any) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    return list(value)
+
+
+def _split_conversation(record: Mapping[str, Any]) -> tuple[list, list, list]:
+    """(prompt messages, chosen messages, rejected messages)."""
+    chosen, rejected = _as_messages(record["chosen"]), _as_messages(record["rejected"])
+    if "prompt" in record:
+        prompt = record["prompt"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return prompt, chosen, rejected
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _is_conversational(record: Mapping[str, Any]) -> bool:
+    return any(isinstance(record.get(key), list) for key in ("prompt", "chosen", "rejected"))
+
+
+class PairTokenizer:
+    """Turns one record into token ids and loss masks under the rules of this module."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        max_length: int = 512,
+        max_prompt_length: int | None = None,
+        min_prompt_length: int | None = None,
+        prompt_template: str = PROMPT_PLACEHOLDER,
+    ) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        if min_prompt_length is None:
+            min_prompt_length = max_length // 2
+        if not 0 <= min_prompt_length < max_length:
+            raise ValueError(
+                f"min_prompt_length must be in [0, max_length={max_length}), "
+                f"got {min_prompt_length}"
+            )
+        if max_prompt_length is not None and max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
+        if PROMPT_PLACEHOLDER not in prompt_template:
+            raise ValueError(
+                f"prompt_template must contain {PROMPT_PLACEHOLDER!r}: {prompt_template!r}"
+            )
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos token")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.min_prompt_length = min_prompt_length
+        self.prompt_template = prompt_template
+
+    def encode(self, record: Mapping[str, Any]) -> tuple[list[int], list[int], list[int]]:
+        """Untruncated (prompt, chosen, rejected) ids."""
+        tok = self.tokenizer
+        if _is_conversational(record):
+            if not has_chat_template(tok):
+                raise ValueError(
+                    "conversational records (message lists) need a tokenizer with a chat "
+                    "template; use string prompt/chosen/rejected with this tokenizer"
+                )
+            prompt_msgs, chosen_msgs, rejected_msgs = _split_conversation(record)
+            prompt_text = tok.apply_chat_template(
+                prompt_msgs, tokenize=False, add_generation_prompt=True
+            )
+            responses = []
+            for msgs in (chosen_msgs, rejected_msgs):
+                full = tok.apply_chat_template(prompt_msgs + msgs, tokenize=False)
+                if not full.startswith(prompt_text):
+                    raise ValueError(
+                        "the chat template renders the prompt differently inside the whole "
+                        "conversation, so the response cannot be located"
+                    )
+                responses.append(self._ids(full[len(prompt_text) :]))
+            return self._ids(prompt_text), responses[0], responses[1]
+        prompt_text = self.prompt_template.replace(PROMPT_PLACEHOLDER, str(record["prompt"]))
+        prompt = self._ids(prompt_text, special=True)
+        eos = [tok.eos_token_id]
+        return (
+            prompt,
+            self._ids(str(record["chosen"])) + eos,
+            self._ids(str(record["rejected"])) + eos,
+        )
+
+    def _ids(self, text: str, *, special: bool = False) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def truncate(
+        self, prompt: list[int], chosen: list[int], rejected: list[int]
+    ) -> tuple[list[int], list[int], list[int]]:
+        if self.max_prompt_length is not None:
+            prompt = self._keep_prompt_end(prompt, self.max_prompt_length)
+        longest = max(len(chosen), len(rejected))
+        if len(prompt) + longest > self.max_length:
+            keep = max(self.max_length - longest, min(len(prompt), self.min_prompt_length))
+            prompt = self._keep_prompt_end(prompt, keep)
+        room = self.max_length - len(prompt)
+        return prompt, chosen[:room], rejected[:room]
+
+    def _keep_prompt_end(self, prompt: list[int], keep: int) -> list[int]:
+        if len(prompt) <= keep:
+            return prompt
+        bos = self.tokenizer.bos_token_id
+        if keep >= 2 and bos is not None and prompt[0] == bos:
+            return [bos, *prompt[len(prompt) - keep + 1 :]]
+        return prompt[len(prompt) - keep :]
+
+    def encode_many(
+        self, records: Sequence[Mapping[str, Any]]
+    ) -> list[tuple[list[int], list[int], list[int]]]:
+        """`encode` over many records; string records go through the tokenizer in one batch call
+        (the fast tokenizers' batch path is quicker than a call per text)."""
+        encoded: list[tuple[list[int], list[int], list[int]] | None] = [None] * len(records)
+        plain = [i for i, record in enumerate(records) if not _is_conversational(record)]
+        for i, record in enumerate(records):
+            if _is_conversational(record):
+                encoded[i] = self.encode(record)
+        if plain:
+            template = self.prompt_template
+            prompts = [
+                template.replace(PROMPT_PLACEHOLDER, str(records[i]["prompt"])) for i in plain
+            ]
+            responses = [str(records[i][key]) for i in plain for key in ("chosen", "rejected")]
+            prompt_ids = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+            response_ids = self.tokenizer(responses, add_special_tokens=False)["input_ids"]
+            eos = [self.tokenizer.eos_token_id]
+            for k, i in enumerate(plain):
+                chosen, rejected = response_ids[2 * k], response_ids[2 * k + 1]
+                encoded[i] = (list(prompt_ids[k]), list(chosen) + eos, list(rejected) + eos)
+        return [item for item in encoded if item is not None]
+
+    def __call__(self, record: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return self.to_item(*self.encode(record))
+
+    def to_item(
+        self, prompt: list[int], chosen: list[int], rejected: list[int]
+    ) -> dict[str, torch.Tensor]:
+        """Truncate and build one dataset item (ids and loss masks of both sides)."""
+        prompt, chosen, rejected = self.truncate(prompt, chosen, rejected)
+        item: dict[str, torch.Tensor] = {}
+        for side, response in (("chosen", chosen), ("rejected", rejected)):
+            item[f"{side}_input_ids"] = torch.tensor(prompt + response, dtype=torch.long)
+            mask = torch.zeros(len(prompt) + len(response), dtype=torch.long)
+            mask[len(prompt) :] = 1
+            item[f"{side}_loss_mask"] = mask
+        return item
+
+
+class PreferenceCollator:
+    """Pads a list of tokenized pairs into the DPO batch (right padding)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise ValueError("cannot collate an empty list of pairs")
+        batch: dict[str, torch.Tensor] = {}
+        for side in ("chosen", "rejected"):
+            ids = [item[f"{side}_input_ids"] for item in items]
+            length = max(len(x) for x in ids)
+            input_ids = torch.full((len(ids), length), self.pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(ids), length), dtype=torch.long)
+            loss_mask = torch.zeros((len(ids), length), dtype=torch.long)
+            for row, item in enumerate(items):
+                n = len(ids[row])
+                input_ids[row, :n] = ids[row]
+                attention[row, :n] = 1
+                loss_mask[row, :n] = item[f"{side}_loss_mask"]
+            batch[f"{side}_input_ids"] = input_ids
+            batch[f"{side}_attention_mask"] = attention
+            batch[f"{side}_loss_mask"] = loss_mask
+        return batch
+
+
+class PreferenceDataset(Dataset):
+    """Tokenized preference pairs (tokenized once, up front) with a `collate_fn` for DPO batches.
+
+    `max_length` counts prompt + response tokens of one side; see the module docstring for the
+    truncation rules.
+    """
+
+    def __init__(
+        self,
+        records: str | Path | Iterable[Mapping[str, Any]],
+        tokenizer: Any,
+        *,
+        max_length: int = 512,
+        max_prompt_length: int | None = None,
+        min_prompt_length: int | None = None,
+        prompt_template: str = PROMPT_PLACEHOLDER,
+    ) -> None:
+        self.pair_tokenizer = PairTokenizer(
+            tokenizer,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            min_prompt_length=min_prompt_length,
+            prompt_template=prompt_template,
+        )
+        encoded = self.pair_tokenizer.encode_many(load_preference_data(records))
+        self.items = [self.pair_tokenizer.to_item(*pair) for pair in encoded]
+        self.num_identical = sum(
+            torch.equal(item["chosen_input_ids"], item["rejected_input_ids"]) for item in self.items
+        )
+        self.collate_fn = PreferenceCollator(tokenizer.pad_token_id)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.items[index]

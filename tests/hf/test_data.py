@@ -1,0 +1,143 @@
+"""Preference data: loading, tokenization with templates, the documented truncation rules, chat
+templates for conversational records, and the padded batch for the concatenated forward."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatlearn.algorithms import concatenate_pairs
+from chatlearn.hf import PairTokenizer, PreferenceDataset, byte_tokenizer, load_preference_data
+
+BOS, EOS, PAD = 257, 258, 256
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _b(text: str) -> list[int]:
+    return list(text.encode())
+
+
+def test_load_jsonl_and_list(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    rows = [
+        {"prompt": "p", "chosen": "c", "rejected": "r"},
+        {"prompt": "q", "chosen": "d", "rejected": "s"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert load_preference_data(path) == rows
+    assert load_preference_data(str(path)) == rows
+    assert load_preference_data(iter(rows)) == rows
+
+
+def test_load_errors_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        '{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": "c"}\n'
+    )
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing key\(s\) \['rejected'\]"):
+        load_preference_data(path)
+    path.write_text("{not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: not valid JSON"):
+        load_preference_data(path)
+
+
+def test_string_record_with_template() -> None:
+    pairs = PairTokenizer(byte_tokenizer(), max_length=64, prompt_template="Q: {prompt}\nA: ")
+    item = pairs({"prompt": "max(1,2)=", "chosen": "2", "rejected": "1"})
+    prompt = [BOS, *_b("Q: max(1,2)=\nA: ")]
+    assert item["chosen_input_ids"].tolist() == [*prompt, *_b("2"), EOS]
+    assert item["rejected_input_ids"].tolist() == [*prompt, *_b("1"), EOS]
+    assert item["chosen_loss_mask"].tolist() == [0] * len(prompt) + [1, 1]
+
+
+def test_truncation_rules() -> None:
+    pairs = PairTokenizer(byte_tokenizer(), max_length=12, min_prompt_length=4)
+    record = {"prompt": "abcdefghij", "chosen": "xyz", "rejected": "uvwxyz0123456"}
+    prompt, chosen, rejected = pairs.encode(record)
+    assert len(prompt) == 11 and len(chosen) == 4 and len(rejected) == 14
+    prompt, chosen, rejected = pairs.truncate(prompt, chosen, rejected)
+    # rule 2: the prompt shrinks from the left to its minimum of 4 (bos kept), rule 3: responses
+    # are cut from the right to the 8 tokens left
+    assert prompt == [BOS, *_b("hij")]
+    assert chosen == [*_b("xyz"), EOS]
+    assert rejected == _b("uvwxyz01")
+
+    # rule 2 stops as soon as everything fits
+    short = PairTokenizer(byte_tokenizer(), max_length=12, min_prompt_length=2)
+    prompt, chosen, _ = short.truncate(
+        *short.encode({"prompt": "abcdefghij", "chosen": "xy", "rejected": "z"})
+    )
+    assert prompt == [BOS, *_b("cdefghij")] and chosen == [*_b("xy"), EOS]
+
+    # rule 1: max_prompt_length keeps the end of the prompt
+    capped = PairTokenizer(byte_tokenizer(), max_length=64, max_prompt_length=3)
+    prompt, _, _ = capped.truncate(
+        *capped.encode({"prompt": "abcdef", "chosen": "x", "rejected": "y"})
+    )
+    assert prompt == [BOS, *_b("ef")]
+
+
+def test_invalid_settings() -> None:
+    tok = byte_tokenizer()
+    with pytest.raises(ValueError, match="min_prompt_length"):
+        PairTokenizer(tok, max_length=8, min_prompt_length=8)
+    with pytest.raises(ValueError, match="prompt_template"):
+        PairTokenizer(tok, prompt_template="no placeholder")
+
+
+def test_conversational_records_use_the_chat_template() -> None:
+    tok = byte_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    pairs = PairTokenizer(tok, max_length=128)
+    prompt_msgs = [{"role": "user", "content": "hi"}]
+    explicit = pairs(
+        {
+            "prompt": prompt_msgs,
+            "chosen": [{"role": "assistant", "content": "hello"}],
+            "rejected": "go away",
+        }
+    )
+    prompt = [BOS, *_b("<|user|>hi"), EOS, *_b("<|assistant|>")]
+    chosen_ids = explicit["chosen_input_ids"].tolist()
+    assert chosen_ids[: len(prompt)] == prompt
+    assert chosen_ids[len(prompt) :] == [*_b("hello"), EOS]
+    assert explicit["rejected_input_ids"].tolist()[len(prompt) :] == [*_b("go away"), EOS]
+    assert explicit["chosen_loss_mask"].sum().item() == len(_b("hello")) + 1
+
+    # implicit prompt: the shared leading messages
+    implicit = pairs(
+        {
+            "chosen": [*prompt_msgs, {"role": "assistant", "content": "hello"}],
+            "rejected": [*prompt_msgs, {"role": "assistant", "content": "go away"}],
+        }
+    )
+    for key in explicit:
+        assert torch.equal(implicit[key], explicit[key]), key
+
+    with pytest.raises(ValueError, match="chat template"):
+        PairTokenizer(byte_tokenizer())({"prompt": prompt_msgs, "chosen": "a", "rejected": "b"})
+
+
+def test_dataset_collate_gives_the_dpo_batch() -> None:
+    records = [
+        {"prompt": "max(1,22)=", "chosen": "22", "rejected": "1"},
+        {"prompt": "min(5,3)=", "chosen": "3", "rejected": "5"},
+        {"prompt": "same", "chosen": "x", "rejected": "x"},
+    ]
+    ds = PreferenceDataset(records, byte_tokenizer(), max_length=32)
+    assert len(ds) == 3 and ds.num_identical == 1
+    batch = ds.collate_fn([ds[0], ds[1]])
+    assert batch["chosen_input_ids"].shape == (2, 14)  # bos + 10 + "22" + eos
+    assert batch["rejected_input_ids"].shape == (2, 13)
+    assert batch["chosen_input_ids"][1].tolist()[-3:] == [EOS, PAD, PAD]
+    assert batch["chosen_attention_mask"][1].tolist() == [1] * 12 + [0, 0]
+    assert batch["chosen_loss_mask"][0].tolist() == [0] * 11 + [1, 1, 1]
+    cat = concatenate_pairs(batch, pad_token_id=PAD)
+    assert cat["input_ids"].shape == (4, 14)
+    assert cat["loss_mask"].sum(-1).tolist() == [3, 2, 2, 2]

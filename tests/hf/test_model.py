@@ -1,0 +1,74 @@
+"""Small Llama-style models: seeded construction, dtype, and a round trip through a local
+checkpoint directory (from_pretrained, offline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatlearn.hf import (
+    build_causal_lm,
+    byte_tokenizer,
+    causal_lm_from_args,
+    load_causal_lm,
+    num_parameters,
+    resolve_dtype,
+)
+
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
+
+
+def test_same_seed_same_weights_and_global_rng_untouched() -> None:
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_causal_lm(TINY, seed=7)
+    after = torch.rand(1)
+    b = build_causal_lm(TINY, seed=7)
+    c = build_causal_lm(TINY, seed=8)
+    assert torch.equal(before, after)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    assert not all(
+        torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True)
+    )
+
+
+def test_from_args_uses_the_tokenizer_and_dtype() -> None:
+    tok = byte_tokenizer()
+    model = causal_lm_from_args({"model_config": TINY, "dtype": "bfloat16", "seed": 1}, tok)
+    assert model.config.vocab_size == len(tok)
+    assert model.config.pad_token_id == tok.pad_token_id
+    assert next(model.parameters()).dtype == torch.bfloat16
+    logits = model(input_ids=torch.tensor([[257, 97, 98]])).logits
+    assert logits.shape == (1, 3, len(tok))
+    assert num_parameters(model) > 0
+
+
+def test_save_and_load_local_checkpoint(tmp_path: Path) -> None:
+    model = build_causal_lm(TINY, seed=3)
+    model.save_pretrained(tmp_path)
+    loaded = causal_lm_from_args({"model_path": str(tmp_path)}, byte_tokenizer())
+    ids = torch.tensor([[257, 1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    half = load_causal_lm(tmp_path, dtype="float16")
+    assert next(half.parameters()).dtype == torch.float16
+
+
+def test_dtype_names() -> None:
+    assert resolve_dtype("bf16") is torch.bfloat16
+    assert resolve_dtype("torch.float32") is torch.float32
+    assert resolve_dtype("auto") is None and resolve_dtype(None) is None
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int3")
+    with pytest.raises(ValueError, match="not a directory"):
+        load_causal_lm("/nonexistent/checkpoint")
