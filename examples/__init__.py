@@ -1,0 +1,1 @@
+"""Runnable chatlearn programs (importable as `examples.*` from the repository root)."""

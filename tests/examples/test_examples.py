@@ -1,0 +1,113 @@
+"""The example programs, run as a user runs them (subprocesses, from the repository root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _run(args: list[str], *, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout=240):
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def test_dpo_example_learns(tmp_path: Path) -> None:
+    env = {"NUM_EPISODE": "3", "OUTPUT_DIR": str(tmp_path)}
+    proc = _run(["-m", "examples.dpo.train_dpo", "-c", "examples/dpo/dpo.yaml"], env=env)
+    out = proc.stdout
+    loss = re.search(r"train loss\s+([\d.]+) -> ([\d.]+)", out)
+    accuracy = re.search(r"eval reward acc\.\s+([\d.]+) -> ([\d.]+)", out)
+    assert loss and accuracy, out
+    assert float(loss.group(2)) < float(loss.group(1)) - 0.05
+    assert float(accuracy.group(2)) >= float(accuracy.group(1)) + 0.3
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "dpo_example" / "metrics.jsonl").read_text().splitlines()
+    ]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert len(evals) == 4  # before training and after each of the 3 episodes
+    assert evals[-1]["rewards/accuracies"] > evals[0]["rewards/accuracies"]
+
+
+MAIN_SCRIPT = """
+import sys, time
+import chatlearn
+from chatlearn import DPOEngine
+from chatlearn.actors import BaseModule
+
+MARKER = sys.argv[-1]
+
+
+class PolicyReference(BaseModule):
+    def build_dataset(self, samples, is_eval=False):
+        import torch
+        return [{"x": torch.tensor(float(s))} for s in samples]
+
+    def forward_step(self, data):
+        return {"x": data["x"], "ref": data["x"] * 2}
+
+
+class PolicyTrainer(BaseModule):
+    def train_step(self, data, iteration):
+        return {"total": float(sum(mb["ref"].sum() for mb in data))}
+
+
+if __name__ == "__main__":
+    open(MARKER, "a").write("main ran\\n")  # must happen once: not in the actors
+    chatlearn.init()
+    engine = DPOEngine(PolicyReference("reference"), PolicyTrainer("policy_trainer"))
+    engine.set_dataset(list(range(20)))
+    engine.learn()
+    print("iteration", engine.trainer.iteration)
+"""
+
+CONFIG = """
+models:
+  reference: {num_cpu: 1}
+  policy_trainer: {num_cpu: 1, trainable: true}
+runtime:
+  num_episode: 2
+  sample_per_episode: 8
+  train_micro_batch_size: 2
+  train_global_batch_size: 4
+  output_dir: OUT
+"""
+
+
+def test_chatlearn_shaped_main_file_with_modules_in_the_script(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(MAIN_SCRIPT))
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG.replace("OUT", str(tmp_path / "out")))
+    marker = tmp_path / "marker"
+    proc = _run([str(script), "-c", str(config), str(marker)], cwd=tmp_path)
+    assert "iteration 4" in proc.stdout  # 2 episodes × ceil(8 / 4)
+    assert marker.read_text() == "main ran\n"
+
+
+def test_custom_flow_example() -> None:
+    proc = _run(["-m", "examples.custom_flow.flow"], timeout=120)
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("0.33  'chatlearn'")
+    served = [int(re.search(r"served (\d+) calls", line).group(1)) for line in lines[-2:]]
+    assert sorted(served) == [2, 3]
