@@ -1,0 +1,91 @@
+"""The modules of ChatLearn's Megatron DPO example: `PolicyReference` and `PolicyTrainer`.
+
+Both are `MegatronModule`s over a megatron-core GPTModel (local layer spec, no TransformerEngine),
+so they run on GPUs with NCCL or, through chatlearn's CPU compatibility layer, on CPU cores with
+gloo — at any tensor-parallel size that divides the heads and the vocabulary, and with data
+parallelism in the trainer. The main file (`train_dpo.py`) names them `reference` and
+`ppo_policy`:
+
+    reference_model = PolicyReference("reference")
+    ppo_policy_model = PolicyTrainer("ppo_policy")
+    engine = DPOEngine(reference_model, ppo_policy_model)
+
+Model config file keys (`model_config_file`, read into `model_args`): the `GPTConfig` fields
+(`vocab_size`, `hidden_size`, `num_layers`, `num_attention_heads`, ...), `max_length` (tokens per
+sequence), and for the trainer `lr`, `weight_decay`, `beta`, `loss_type`, `label_smoothing`,
+`rpo_alpha`. Both models build their initial weights from the same seed, so the reference is the
+policy's starting point, as DPO wants.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from chatlearn.megatron import MegatronModule
+from chatlearn.megatron.dpo import dpo_train_step, reference_logps, wrap_data_parallel
+from chatlearn.megatron.gpt import GPTConfig, build_gpt_model
+from examples.megatron.data import CharTokenizer, PreferenceDataset
+
+
+class _GPTModule(MegatronModule):
+    """What both models share: the tokenizer, the GPTModel, the dataset."""
+
+    def build_model(self) -> torch.nn.Module:
+        self.tokenizer = CharTokenizer()
+        self.gpt_config = GPTConfig.from_model_args(self.model_args)
+        if self.gpt_config.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(
+                f"vocab_size {self.gpt_config.vocab_size} in the model config is smaller than the "
+                f"tokenizer's {self.tokenizer.vocab_size}; set vocab_size: "
+                f"{self.tokenizer.vocab_size}"
+            )
+        return build_gpt_model(self.gpt_config)
+
+    def build_dataset(self, train_prompts: list[Any], is_eval: bool = False) -> PreferenceDataset:
+        max_length = int(self.model_args.get("max_length", 64))
+        return PreferenceDataset(train_prompts, self.tokenizer, max_length=max_length)
+
+
+class PolicyReference(_GPTModule):
+    """The frozen reference: per-pair log-probs of the chosen and rejected responses."""
+
+    def setup(self) -> None:
+        self.model = self.build_model()
+        self.model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+    def forward_step(self, data: dict[str, Any], iteration: int = 0) -> dict[str, Any]:
+        # Every tensor-parallel rank computes the same log-probs; the engine keeps the outputs
+        # of the ranks whose is_last_rank() is true.
+        return reference_logps(self.model, data, pad_token_id=self.tokenizer.pad_token_id)
+
+
+class PolicyTrainer(_GPTModule):
+    """The policy: one DPO optimizer step per train_step over its data-parallel share."""
+
+    def setup(self) -> None:
+        self.model = wrap_data_parallel(self.build_model())
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=float(self.model_args.get("lr", 1e-3)),
+            weight_decay=float(self.model_args.get("weight_decay", 0.0)),
+        )
+        rpo_alpha = self.model_args.get("rpo_alpha")
+        self.dpo_options = {
+            "beta": float(self.model_args.get("beta", 0.1)),
+            "loss_type": str(self.model_args.get("loss_type", "sigmoid")),
+            "label_smoothing": float(self.model_args.get("label_smoothing", 0.0)),
+            "rpo_alpha": None if rpo_alpha is None else float(rpo_alpha),
+        }
+
+    def train_step(self, data: list[dict[str, Any]], iteration: int = 0) -> dict[str, float]:
+        return dpo_train_step(
+            self.model,
+            self.optimizer,
+            data,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **self.dpo_options,
+        )
