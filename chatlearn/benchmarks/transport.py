@@ -13,7 +13,9 @@ For each endpoint kind (ipc, tcp) the benchmark starts a peer process
 Each figure is the best of ``--repeat`` runs, with the modes interleaved so that load from other
 processes on the machine hits them alike. GB/s are 10^9 bytes of payload per second measured at
 the receiver, after a warm-up. The control round trip is a 100-byte PING request through
-`ControlServer.request` to the peer's `ControlClient` and back.
+`ControlServer.request` to the peer's `ControlClient` and back; beside it, the same round trip
+over blocking pyzmq DEALER sockets (no asyncio, no envelope): the floor of any pyzmq-based
+control plane on the machine at hand.
 """
 
 from __future__ import annotations
@@ -114,6 +116,28 @@ def _receive_blocking(endpoint: str, mode: str, warmup: int, count: int, ready: 
         sock.close()
 
 
+def _raw_round_trips(endpoint: str, warmup: int, count: int, ready: Any) -> list[float]:
+    """Bind a plain DEALER, then time ``count`` blocking 100-byte round trips to the peer."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVTIMEO, int(RECV_TIMEOUT * 1000))
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.bind(endpoint)
+        ready(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        samples = []
+        for i in range(warmup + count):
+            started = time.perf_counter_ns()
+            sock.send(RTT_PAYLOAD)
+            sock.recv(copy=False)
+            if i >= warmup:
+                samples.append((time.perf_counter_ns() - started) / 1000)
+        return samples
+    finally:
+        sock.close()
+
+
 class Bench:
     """Drives one peer process over one endpoint kind."""
 
@@ -175,6 +199,28 @@ class Bench:
         await self.server.request(self.identity, MessageKind.CALL, order)
         return await receiving
 
+    async def raw_rtt_us(self, num_requests: int) -> list[float]:
+        """Round trips (µs) of 100-byte messages over blocking pyzmq, echoed by the peer."""
+        warmup = max(50, num_requests // 10)
+        loop = asyncio.get_running_loop()
+        bound: asyncio.Future[str] = loop.create_future()
+
+        def ready(endpoint: str) -> None:
+            loop.call_soon_threadsafe(bound.set_result, endpoint)
+
+        timing = asyncio.ensure_future(
+            asyncio.to_thread(_raw_round_trips, self.data_endpoint(), warmup, num_requests, ready)
+        )
+        await asyncio.wait([bound, timing], return_when=asyncio.FIRST_COMPLETED)
+        if not bound.done():
+            return timing.result()  # raises the thread's error
+        order = {"mode": "echo", "endpoint": bound.result(), "count": warmup + num_requests}
+        echo = asyncio.ensure_future(self.server.request(self.identity, MessageKind.CALL, order))
+        try:
+            return await timing
+        finally:
+            await echo
+
     async def rtt_us(self, num_requests: int) -> list[float]:
         """Round-trip times (µs) of ``num_requests`` sequential 100-byte PING requests."""
         request = self.server.request
@@ -205,12 +251,19 @@ async def bench_endpoint(kind: str, quick: bool, repeat: int, log: Any) -> dict[
             bench = Bench(server, identity, runtime_dir, kind)
             rtts = [await bench.rtt_us(500 if quick else 2000) for _ in range(repeat)]
             best = min(rtts, key=lambda samples: percentile(samples, 0.5))
+            raws = [await bench.raw_rtt_us(500 if quick else 2000) for _ in range(repeat)]
+            best_raw = min(raws, key=lambda samples: percentile(samples, 0.5))
             rtt = {
                 "p50": percentile(best, 0.5),
                 "p99": percentile(best, 0.99),
                 "p50_runs": [round(percentile(samples, 0.5), 1) for samples in rtts],
+                "raw_p50": percentile(best_raw, 0.5),
+                "raw_p99": percentile(best_raw, 0.99),
             }
-            log(f"{kind}: control RTT p50 {rtt['p50']:.1f} µs, p99 {rtt['p99']:.1f} µs")
+            log(
+                f"{kind}: control RTT p50 {rtt['p50']:.1f} µs, p99 {rtt['p99']:.1f} µs; "
+                f"raw pyzmq p50 {rtt['raw_p50']:.1f} µs, p99 {rtt['raw_p99']:.1f} µs"
+            )
             rows = []
             for size in SIZES:
                 rows.append(await bench_size(bench, kind, size, quick, repeat))
@@ -277,6 +330,8 @@ async def bench_all(kinds: tuple[str, ...], quick: bool, repeat: int, log: Any) 
         "rows": rows,
         "rtt_us_p50": round(first["p50"], 1),
         "rtt_us_p99": round(first["p99"], 1),
+        "raw_rtt_us_p50": round(first["raw_p50"], 1),
+        "raw_rtt_us_p99": round(first["raw_p99"], 1),
         "rtt_endpoint": kinds[0],
         "rtt_us": rtt,
         "repeat": repeat,
@@ -315,5 +370,6 @@ def command(as_json: bool, quick: bool, repeat: int | None, endpoints: tuple[str
     for kind in kinds:
         spread = ", ".join(f"{p:.0f}" for p in rtt[kind]["p50_runs"])
         log(f"control RTT ({kind}, 100-byte request): p50 {rtt[kind]['p50']:.1f} µs, "
-            f"p99 {rtt[kind]['p99']:.1f} µs (p50 of each run: {spread})")  # fmt: skip
+            f"p99 {rtt[kind]['p99']:.1f} µs (p50 of each run: {spread}); raw blocking pyzmq "
+            f"p50 {rtt[kind]['raw_p50']:.1f} µs, p99 {rtt[kind]['raw_p99']:.1f} µs")  # fmt: skip
     log(f"best of {repeat} run(s) per figure; {result['seconds']:.0f} s in total")

@@ -7,7 +7,9 @@ Run as ``python -m chatlearn.benchmarks.transport_peer CONTROL_ENDPOINT``. It co
 - CALL ``{"mode", "endpoint", "size", "count", "hwm"}``: builds one float32 tensor of ``size``
   bytes and sends ``{"x": tensor}`` ``count`` times to ``endpoint`` — through our `DataSender`
   ("ours"), raw pyzmq zero-copy multipart ("raw"), or pickle over pyzmq ("pickle") — then
-  REPLYs with the count.
+  REPLYs with the count;
+- CALL ``{"mode": "echo", "endpoint", "count"}``: connects a blocking DEALER and echoes
+  ``count`` messages (the raw round-trip baseline).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class Sender:
         import torch
 
         self.close()
+        if order["mode"] == "echo":
+            return _echo(order["endpoint"], order["count"])
         tensor = torch.ones(order["size"] // 4, dtype=torch.float32)
         count, endpoint, hwm, mode = order["count"], order["endpoint"], order["hwm"], order["mode"]
         if mode == "ours":
@@ -76,6 +80,19 @@ class Sender:
         else:
             raise ValueError(f"unknown mode {mode!r}")
         return count
+
+
+def _echo(endpoint: str, count: int) -> int:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVTIMEO, 60_000)  # the benchmark side failed: give up, don't hang
+    sock.setsockopt(zmq.LINGER, 1000)
+    try:
+        sock.connect(endpoint)
+        for _ in range(count):
+            sock.send(sock.recv(copy=False), copy=False)
+    finally:
+        sock.close()
+    return count
 
 
 async def serve(control_endpoint: str) -> None:

@@ -1,0 +1,39 @@
+"""`chatlearn bench transport --json` runs end to end (two processes) and reports every figure.
+
+A smoke test of the program, not of the machine's speed: the timing targets are checked by
+running the benchmark itself (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.timeout(180)
+def test_bench_transport_json_has_every_figure():
+    completed = subprocess.run(
+        [sys.executable, "-m", "chatlearn.cli", "bench", "transport", "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result = json.loads(completed.stdout)
+    rows = result["rows"]
+    assert {(r["size_bytes"], r["endpoint"]) for r in rows} == {
+        (size, endpoint)
+        for size in (4096, 1 << 20, 16 << 20, 128 << 20)
+        for endpoint in ("ipc", "tcp")
+    }
+    for row in rows:
+        for key in ("ours_gbps", "raw_gbps", "pickle_gbps", "memcpy_gbps", "ratio_vs_raw"):
+            assert row[key] > 0, (key, row)
+        ratio = row["ours_msgs_per_s"] / row["raw_msgs_per_s"]
+        assert row["ratio_vs_raw"] == pytest.approx(ratio, abs=0.002)
+    for key in ("rtt_us_p50", "rtt_us_p99", "raw_rtt_us_p50", "raw_rtt_us_p99"):
+        assert result[key] > 0, key
+    assert result["rtt_us_p50"] <= result["rtt_us_p99"]
