@@ -17,14 +17,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,hf,dev,megatron]'
 	touch $(STAMP)
 
+# The DPO example end to end on the CPU (data generated on first use into examples/dpo/data).
 run: $(STAMP)
-	$(PY) -m chatlearn.cli bench transport
+	PYTHONPATH=. $(PY) -m examples.dpo.train_dpo -c examples/dpo/dpo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The figures of BENCHMARKS.md, each benchmark measuring its variants side by side.
 bench: $(STAMP)
 	$(PY) -m chatlearn.cli bench transport
+	$(PY) -m chatlearn.cli bench pipeline
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check chatlearn tests examples

@@ -424,4 +424,5 @@ def _settings(runtime: Any, reference_config: Any) -> PipelineSettings:
         eval_episode_interval=runtime.eval_episode_interval or 0,
         enable_eval_before_training=bool(runtime.enable_eval_before_training),
         save_episode_interval=runtime.save_episode_interval or 0,
+        reference_cache_mb=runtime.max_reference_cache_mb if runtime.reference_cache else 0.0,
     )

@@ -27,6 +27,10 @@ step boundary, and ``request_stop()`` makes the train loop send no new step, wai
 already sent, and return with ``stopped`` set; ``run()`` then cancels the reference loops. A run
 restarted from a state with ``step_in_episode > 0`` draws that episode again (the reference
 recomputes it: its outputs do not depend on the policy) and skips the steps already trained.
+
+When the run draws more samples than its datasets hold, the trainers keep reference outputs
+(``reference_cache.py``): a chunk's samples already cached are sent to the trainers as a fill
+order, and only the rest goes to the reference.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatlearn.engine.metrics import MetricsSink, Timers
+from chatlearn.engine.reference_cache import MIB, ReferenceCache, repeats_samples
 from chatlearn.engine.replica import EVAL
 from chatlearn.engine.sampler import EpisodeSampler, SampleIndex
 from chatlearn.engine.schedule import ChunkOrder, CreditWindow, EpisodeLayout
@@ -63,6 +68,7 @@ class PipelineSettings:
     enable_eval_before_training: bool = False
     save_episode_interval: int = 0  # 0: no periodic checkpoints
     max_inflight_orders: int = 2
+    reference_cache_mb: float = 0.0  # 0: recompute reference outputs of samples that come back
 
     @property
     def window_samples(self) -> int | None:
@@ -127,6 +133,11 @@ class DPOPipeline:
         self._trained: dict[int, asyncio.Event] = {}
         self._remaining: dict[int, int] = {}
         self._window = CreditWindow(settings.window_samples)
+        to_draw = (settings.num_episode - state.episode) * settings.sample_per_episode
+        self.reference_cache = ReferenceCache(
+            int(settings.reference_cache_mb * MIB),
+            enabled=repeats_samples(sampler.dataset_sizes, to_draw),
+        )
         self._eval_ready = False
         self.eval_history: list[dict[str, float]] = []
         self.checkpoint = checkpoint
@@ -256,21 +267,54 @@ class DPOPipeline:
                 orders.create_task(_call_ranks(ranks, "ref.begin_episode", episode))
                 for chunk in layout.chunks[replica_id]:
                     await self._window.acquire(self._global(episode, chunk.positions[-1]))
-                    await inflight.acquire()
-                    orders.create_task(self._forward(ranks, chunk, inflight))
+                    hits, misses = self.reference_cache.split(chunk.positions, chunk.indices)
+                    if hits:
+                        self.reference_cache.reused += len(hits)
+                        orders.create_task(self._fill(chunk.episode_id, hits, last=not misses))
+                    if misses:
+                        await inflight.acquire()
+                        flagged = self.reference_cache.admit(index for _, index in misses)
+                        orders.create_task(self._forward(ranks, chunk, misses, flagged, inflight))
                 orders.create_task(_call_ranks(ranks, "ref.end_episode"))
 
-    async def _forward(self, ranks: list[Any], chunk: ChunkOrder, inflight: asyncio.Semaphore):
+    async def _forward(
+        self,
+        ranks: list[Any],
+        chunk: ChunkOrder,
+        work: list[tuple[int, SampleIndex]],
+        flagged: bool,
+        inflight: asyncio.Semaphore,
+    ) -> None:
+        """One ``forward_step`` over ``work`` (the chunk's samples not in the cache); the
+        trainers keep its outputs if ``flagged``."""
+        positions = tuple(position for position, _ in work)
+        indices = tuple(index for _, index in work)
         try:
-            order = _order_payload(chunk.episode_id, chunk.positions, chunk.indices, "train")
+            order = _order_payload(chunk.episode_id, positions, indices, "train")
+            order["cache"] = flagged
             results = await _call_ranks(ranks, "ref.forward", order)
         finally:
             inflight.release()
         for result in results:
             self.timers[self.reference.name].add(result["start"], result["end"])
-        self._remaining[chunk.episode_id] -= 1
-        if self._remaining[chunk.episode_id] == 0:
-            self._event(self._produced, chunk.episode_id).set()
+        nbytes = max(result.get("nbytes", 0) for result in results)
+        self.reference_cache.reported(len(work), nbytes, flagged=flagged)
+        self._chunk_done(chunk.episode_id)
+
+    async def _fill(self, episode: int, work: list[tuple[int, SampleIndex]], last: bool) -> None:
+        """Trainers copy cached reference outputs into ``episode``'s buffer."""
+        positions = [position for position, _ in work]
+        indices = [[index.dataset_id, index.row] for _, index in work]
+        await asyncio.gather(
+            *(handle.call("train.fill", episode, positions, indices) for handle in self.trainer)
+        )
+        if last:
+            self._chunk_done(episode)
+
+    def _chunk_done(self, episode: int) -> None:
+        self._remaining[episode] -= 1
+        if self._remaining[episode] == 0:
+            self._event(self._produced, episode).set()
 
     async def _train_loop(self, episodes: range) -> None:
         """Consumes training plans; produces steps, metrics, evaluations, credit."""
@@ -439,7 +483,7 @@ class DPOPipeline:
         summary = self.timers.summary(now)
         overlap = self.timers.overlap(self.reference.name, self.trainer.name)
         last = self.state.history[-1] if self.state.history else {}
-        text = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "iteration")
+        text = _brief({k: v for k, v in last.items() if k != "iteration"})
         logger.info(
             "episode %d/%d done in %.1fs: iteration %d%s; overlap %.0f%%%s",
             episode + 1,
@@ -448,17 +492,30 @@ class DPOPipeline:
             self.state.iteration,
             f", {text}" if text else "",
             100 * overlap,
-            ""
-            if evaluated is None
-            else "; eval " + ", ".join(f"{k} {v:.4g}" for k, v in evaluated.items()),
+            "" if evaluated is None else f"; eval {_brief(evaluated)}",
         )
         if self.sink is not None:
             self.sink.write(
                 "episode",
                 self.state.iteration,
-                {**summary, "overlap": overlap, "episode_s": now - started},
+                {
+                    **summary,
+                    "overlap": overlap,
+                    "episode_s": now - started,
+                    "reference_reused": self.reference_cache.reused,
+                },
                 episode=episode,
             )
+
+
+# The metrics an episode's log line shows when a step reports them (all go to metrics.jsonl).
+_HEADLINE = ("loss", "rewards/accuracies", "rewards/margins", "grad_norm")
+
+
+def _brief(metrics: dict[str, float], at_most: int = 4) -> str:
+    """A few metrics for a log line: the headline ones if present, else the first ones."""
+    keys = [k for k in _HEADLINE if k in metrics] or list(metrics)
+    return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys[:at_most])
 
 
 async def _call_ranks(ranks: list[Any], method: str, *args: Any) -> list[Any]:

@@ -13,7 +13,10 @@ live next to the user's module in its process and are called as ``"ref.<method>"
   (position → per-sample dict). A train order names micro-batches as lists of positions; the
   service waits until they have arrived, collates them (padding config from the module), and
   calls ``train_step`` on the compute thread. Evaluation batches are kept apart, for good: the
-  reference is frozen, so its outputs for the eval set are computed once per run. It also runs
+  reference is frozen, so its outputs for the eval set are computed once per run; for the same
+  reason, outputs of orders flagged ``cache`` are kept by sample index and copied into a later
+  episode's buffer by a ``fill`` order when the sample comes back (``reference_cache.py``).
+  It also runs
   the module's ``save_checkpoint`` / ``load_checkpoint`` with ``checkpoint_dir()`` pointing at
   this rank's directory of the checkpoint being written or read (``checkpoint.py``).
 """
@@ -106,9 +109,11 @@ class ReferenceService(_EpisodeHooks):
         if not self.module.is_last_rank():
             return {"start": start, "end": end, "sent": end}  # model-parallel peers: no output
         message = {"episode": order["episode"], "positions": order["positions"], "data": output}
+        if order.get("cache"):
+            message["cache"] = order["indices"]  # the trainers keep these outputs for reuse
         for sender in self.senders:
             await sender.send(message)
-        return {"start": start, "end": end, "sent": time.time()}
+        return {"start": start, "end": end, "sent": time.time(), "nbytes": _nbytes(output)}
 
     def _compute(self, order: Mapping[str, Any]) -> tuple[float, dict[str, Any], float]:
         start = time.time()
@@ -156,6 +161,8 @@ class TrainerService(_EpisodeHooks):
         self.module = module
         self.ctx = ctx
         self.buffers: dict[Any, dict[int, dict[str, Any]]] = {}
+        # reference outputs kept for samples that come back (reference_cache.py)
+        self.cache: dict[tuple[int, int], dict[str, Any]] = {}
         self.receiver: DataReceiver | None = None
         self._arrived = asyncio.Condition()
         self._receive_task: asyncio.Task[None] | None = None
@@ -185,6 +192,10 @@ class TrainerService(_EpisodeHooks):
                 samples = split_per_sample(message["data"], expected_size=len(positions))
                 buffer = self.buffers.setdefault(message["episode"], {})
                 buffer.update(zip(positions, samples, strict=True))
+                keep = message.get("cache")
+                if keep is not None:
+                    keys = [(int(d), int(r)) for d, r in keep]
+                    self.cache.update(zip(keys, samples, strict=True))
             except Exception as exc:  # a broken message must fail the waiting step, not hang it
                 self._failure = exc
             async with self._arrived:
@@ -204,6 +215,27 @@ class TrainerService(_EpisodeHooks):
         if self._failure is not None:
             raise RuntimeError(f"the trainer inbox got a broken message: {self._failure}")
         return time.time() - start
+
+    async def fill(
+        self, episode: int, positions: Sequence[int], indices: Sequence[Sequence[int]]
+    ) -> None:
+        """Put cached reference outputs (of ``indices``) at ``positions`` of ``episode``.
+
+        The outputs may still be on their way (the order that computes them was sent just
+        before): wait for them like a train step waits for its positions.
+        """
+        keys = [(int(d), int(r)) for d, r in indices]
+        if not self.cache.keys() >= set(keys):
+            async with self._arrived:
+                await self._arrived.wait_for(
+                    lambda: self._failure is not None or self.cache.keys() >= set(keys)
+                )
+        if self._failure is not None:
+            raise RuntimeError(f"the trainer inbox got a broken message: {self._failure}")
+        buffer = self.buffers.setdefault(episode, {})
+        buffer.update(zip(positions, (self.cache[key] for key in keys), strict=True))
+        async with self._arrived:
+            self._arrived.notify_all()
 
     async def train(
         self,
@@ -294,6 +326,19 @@ class TrainerService(_EpisodeHooks):
         if self.receiver is not None:
             self.receiver.close()
             self.receiver = None
+
+
+def _nbytes(output: Mapping[str, Any]) -> int:
+    """Bytes of a reference output's tensors and arrays (what keeping it in a cache costs)."""
+    total = 0
+    for value in output.values():
+        if hasattr(value, "element_size") and hasattr(value, "numel"):
+            total += value.element_size() * value.numel()
+        elif hasattr(value, "nbytes"):
+            total += int(value.nbytes)
+        elif isinstance(value, list | tuple):
+            total += 8 * len(value)
+    return total
 
 
 def _numeric_metrics(result: Any) -> dict[str, float]:

@@ -67,6 +67,7 @@ async def test_episodes_chunks_batches_and_counters(tmp_path: Path) -> None:
             "generation_batch_size": 5,
             "train_micro_batch_size": 2,
             "train_global_batch_size": 4,
+            "reference_cache": False,  # ChatLearn's chunks (reuse: test_reference_reuse...)
         },
     )
     forwards = _events(log, "forward")
@@ -144,6 +145,7 @@ async def test_shuffled_episodes_follow_seeded_passes(tmp_path: Path) -> None:
         "train_micro_batch_size": 4,
         "train_global_batch_size": 8,
         "data_shuffle": True,
+        "reference_cache": False,  # every drawn sample goes through forward_step
     }
     _, log = await _learn(tmp_path, await_args)
     passes = [
@@ -151,6 +153,54 @@ async def test_shuffled_episodes_follow_seeded_passes(tmp_path: Path) -> None:
     ]
     expected = (passes[0] + passes[1])[:48]
     assert [row for f in _events(log, "forward") for row in f["rows"]] == expected
+
+
+async def test_reference_reuse_across_data_epochs(tmp_path: Path) -> None:
+    """Samples that come back are not recomputed, and training sees exactly the same data."""
+    runtime = {
+        "num_episode": 3,
+        "sample_per_episode": 12,
+        "generation_batch_size": 4,
+        "train_micro_batch_size": 2,
+        "train_global_batch_size": 4,
+        "data_shuffle": True,
+    }
+    logs = {}
+    for cache in (True, False):
+        out = tmp_path / str(cache)
+        out.mkdir()
+        _, logs[cache] = await _learn(out, {**runtime, "reference_cache": cache}, range(12))
+    forwarded = sorted(row for f in _events(logs[True], "forward") for row in f["rows"])
+    assert forwarded == list(range(12))  # once each: episodes 2 and 3 come from the cache
+    assert len([row for f in _events(logs[False], "forward") for row in f["rows"]]) == 36
+    # same micro-batches in the same order (train_step also checks "double" == 2 * row)
+    trained = {cache: [t["batches"] for t in _events(logs[cache], "train")] for cache in logs}
+    assert trained[True] == trained[False]
+    episodes = [
+        json.loads(line)
+        for line in next((tmp_path / "True").rglob("metrics.jsonl")).read_text().splitlines()
+        if json.loads(line)["kind"] == "episode"
+    ]
+    assert [e["reference_reused"] for e in episodes][-1] == 24
+
+
+async def test_reference_cache_respects_its_budget(tmp_path: Path) -> None:
+    """A budget smaller than one sample: after the first report, nothing more is kept."""
+    _, log = await _learn(
+        tmp_path,
+        {
+            "num_episode": 2,
+            "sample_per_episode": 12,
+            "generation_batch_size": 2,
+            "train_micro_batch_size": 2,
+            "train_global_batch_size": 4,
+            "max_reference_cache_mb": 1e-6,
+        },
+        range(12),
+    )
+    rows = [row for f in _events(log, "forward") for row in f["rows"]]
+    # at most the orders in flight before the first report (2 of 2 samples) were kept
+    assert 24 - 4 <= len(rows) < 24
 
 
 async def test_resume_at_consumed_samples(tmp_path: Path) -> None:
