@@ -32,7 +32,13 @@ class _LazyGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
-@click.group(cls=_LazyGroup, lazy={"inspect": "chatlearn.engine.inspect_cli:command"})
+@click.group(
+    cls=_LazyGroup,
+    lazy={
+        "inspect": "chatlearn.engine.inspect_cli:command",
+        "launch": "chatlearn.launch.cli:command",
+    },
+)
 def main() -> None:
     """chatlearn: DPO training on an asyncio + ZeroMQ actor runtime."""
 

@@ -189,12 +189,11 @@ class WorkerContext:
         return await self._compute.run(fn, *args, **kwargs)
 
     def ipc_endpoint(self, name: str) -> str:
-        """An `ipc://` endpoint in the run's private runtime directory."""
-        if self.runtime_dir is None:
-            raise RuntimeError("this actor has no runtime directory")
-        from chatlearn.transport import RuntimeDir
+        """An endpoint private to the run: `ipc://` in its runtime directory, or in a multi-host
+        run tcp on this host's address with the run's CURVE keys (`private_endpoint`)."""
+        from chatlearn.transport.endpoints import private_endpoint
 
-        return RuntimeDir.attach(self.runtime_dir).ipc_endpoint(name)
+        return private_endpoint(self.runtime_dir, name)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -41,6 +41,7 @@ __all__ = [
     "PlacementPlan",
     "ProcessAssignment",
     "parse_colocation",
+    "plan_hosts",
     "plan_placement",
 ]
 
@@ -229,9 +230,12 @@ class ProcessAssignment:
     gpus: tuple[int, ...] = ()  # this process's GPUs (host numbering)
     visible_gpus: tuple[int, ...] = ()  # the replica's GPUs: CUDA_VISIBLE_DEVICES
     env: Mapping[str, str] = field(default_factory=dict)
+    host_local_rank: int | None = None  # set when the replica spans hosts (plan_hosts)
 
     @property
     def local_rank(self) -> int:
+        if self.host_local_rank is not None:
+            return self.host_local_rank
         return self.rank  # one host: the rank within the replica is the local rank
 
     @property
@@ -389,6 +393,116 @@ def _assign_model(
                 gpus=my_gpus,
                 visible_gpus=visible,
                 env=_pinning_env(my_cpus, visible, host_has_gpus),
+            )
+        )
+    return procs
+
+
+def plan_hosts(
+    models: Sequence[ModelResources],
+    hosts: Sequence[HostResources],
+    *,
+    colocation: Iterable[Sequence[str]] = (),
+    reserved: Mapping[str, tuple[Iterable[int], Iterable[int]]] | None = None,
+) -> PlacementPlan:
+    """Multi-host placement: each device group goes whole onto the first host (in host file
+    order) with room for it, planned there by `plan_placement`; a single model too large for any
+    one host has its processes spread over the hosts in order (its replicas then span hosts).
+
+    `reserved` maps a host name to its (cpus, gpus) taken by earlier launches.
+    """
+    reserved = dict(reserved or {})
+    free = {
+        h.host: (
+            [c for c in h.cpus if c not in set(reserved.get(h.host, ((), ()))[0])],
+            [g for g in h.gpus if g not in set(reserved.get(h.host, ((), ()))[1])],
+        )
+        for h in hosts
+    }
+    assignments: dict[str, list[ProcessAssignment]] = {}
+    for group in _device_groups(models, colocation):
+        placed = None
+        for host in hosts:
+            cpus, gpus = free[host.host]
+            try:
+                plan = plan_placement(
+                    group,
+                    HostResources(host.host, tuple(cpus), tuple(gpus)),
+                    colocation=[] if len(group) == 1 else [[m.name for m in group]],
+                )
+            except PlacementError:
+                continue
+            placed = plan
+            break
+        if placed is None:
+            if len(group) > 1:
+                names = "+".join(m.name for m in group)
+                raise PlacementError(
+                    f"colocated models {names} fit on no single host; give the hosts more "
+                    "slots or do not colocate them"
+                )
+            placed = PlacementPlan(hosts[0], {group[0].name: _spread(group[0], hosts, free)})
+        for name, procs in placed.assignments.items():
+            assignments[name] = procs
+            for proc in procs:
+                cpus, gpus = free[proc.host]
+                free[proc.host] = (
+                    [c for c in cpus if c not in proc.cpus],
+                    [g for g in gpus if g not in proc.gpus],
+                )
+    return PlacementPlan(hosts[0], {m.name: assignments[m.name] for m in models})
+
+
+def _spread(
+    m: ModelResources,
+    hosts: Sequence[HostResources],
+    free: Mapping[str, tuple[list[int], list[int]]],
+) -> list[ProcessAssignment]:
+    """One model's processes over several hosts, filling each host in order."""
+    num_processes, per_replica = m.layout()
+    slots: list[tuple[HostResources, tuple[int, ...], tuple[int, ...]]] = []
+    for host in hosts:
+        has_gpus = bool(host.gpus)
+        cores = m.cores_per_process(has_gpus)
+        gpp = m.gpu_per_process if (m.uses_gpu and has_gpus) else 0
+        cpus, gpus = free[host.host]
+        fit = min(
+            len(cpus) // cores if cores else num_processes,
+            len(gpus) // gpp if gpp else num_processes,
+        )
+        for i in range(fit):
+            slots.append(
+                (
+                    host,
+                    tuple(cpus[i * cores : (i + 1) * cores]),
+                    tuple(gpus[i * gpp : (i + 1) * gpp]),
+                )
+            )
+    if len(slots) < num_processes:
+        raise PlacementError(
+            f"models.{m.name}: its {num_processes} processes do not fit the hosts' free slots "
+            f"({', '.join(h.host for h in hosts)}); add hosts or slots, or lower num_gpu/num_cpu"
+        )
+    procs: list[ProcessAssignment] = []
+    for index in range(num_processes):
+        replica_id, rank = divmod(index, per_replica)
+        host, my_cpus, my_gpus = slots[index]
+        first = replica_id * per_replica
+        peers = [i for i in range(first, first + per_replica) if slots[i][0] is host]
+        visible = tuple(g for i in peers for g in slots[i][2])
+        procs.append(
+            ProcessAssignment(
+                model=m.name,
+                replica_id=replica_id,
+                rank=rank,
+                world_size=per_replica,
+                num_replica=num_processes // per_replica,
+                host=host.host,
+                cpus=my_cpus,
+                gpus=my_gpus,
+                visible_gpus=visible,
+                env=_pinning_env(my_cpus, visible, bool(host.gpus)),
+                host_local_rank=peers.index(index),
             )
         )
     return procs

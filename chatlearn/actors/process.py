@@ -36,9 +36,11 @@ __all__ = [
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
-def worker_environment(extra: Mapping[str, str]) -> dict[str, str]:
-    """The coordinator's environment plus `extra` (pinning, distributed rendezvous)."""
-    env = dict(os.environ)
+def worker_environment(
+    extra: Mapping[str, str], base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The coordinator's environment (or `base`) plus `extra` (pinning, distributed rendezvous)."""
+    env = dict(os.environ if base is None else base)
     path = env.get("PYTHONPATH", "")
     if _PACKAGE_ROOT not in path.split(os.pathsep):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, path) if p)

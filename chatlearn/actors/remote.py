@@ -198,20 +198,27 @@ def spawn_model(
     class_ref = ClassRef.of(type(module))
     nice = int(config_value(module.module_args, "nice", 0) or 0)
     options = system.options
-    ports: dict[int, int] = {}
+    cluster = system.cluster
+    rendezvous: dict[int, tuple[str, int]] = {}
     actors = []
     for a in assignments:
         dist_env: dict[str, str] = {}
         if a.world_size > 1:
-            port = ports.setdefault(a.replica_id, free_tcp_port())
+            if a.replica_id not in rendezvous:
+                rendezvous[a.replica_id] = _rendezvous(cluster, assignments, a.replica_id)
+            addr, port = rendezvous[a.replica_id]
+            peers_here = [
+                p for p in assignments if p.replica_id == a.replica_id and p.host == a.host
+            ]
             dist_env = {
-                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_ADDR": addr,
                 "MASTER_PORT": str(port),
                 "RANK": str(a.rank),
                 "WORLD_SIZE": str(a.world_size),
                 "LOCAL_RANK": str(a.local_rank),
-                "LOCAL_WORLD_SIZE": str(a.world_size),
+                "LOCAL_WORLD_SIZE": str(len(peers_here)),
             }
+        local = cluster is None or _is_local(a.host)
         spec = ActorSpec(
             name=module.name,
             class_ref=class_ref,
@@ -225,22 +232,52 @@ def spawn_model(
             sys_path=[p for p in sys.path if p],
             pinning=a.pinning_payload(),
             services=services,
-            runtime_dir=str(system.runtime_dir.path) if system.runtime_dir else None,
+            # A remote actor has no access to our directory (and must never remove it).
+            runtime_dir=str(system.runtime_dir.path) if system.runtime_dir and local else None,
             dist_timeout=options.dist_timeout,
             nice=nice,
         )
         actor = RemoteActor(system, a, spec)
+        endpoint = system.server.endpoint if local else system.remote_endpoint
+        assert endpoint is not None
         argv = [
-            *("--endpoint", system.server.endpoint),
+            *("--endpoint", endpoint),
             *("--identity", actor.identity.decode()),
-            *("--coordinator-pid", str(os.getpid())),
+            # A remote actor's parent is not us: it watches its stdin (the ssh channel) instead.
+            *("--coordinator-pid", str(os.getpid() if local else 0)),
             *("--heartbeat-interval", str(options.heartbeat_interval)),
             *("--startup-timeout", str(options.startup_timeout)),
         ]
-        env = worker_environment({**env_vars, **a.env, **dist_env})
+        extra_env = {**env_vars, **a.env, **dist_env}
         # Spawned from the event loop's thread: PR_SET_PDEATHSIG follows the forking thread.
-        actor.popen = spawn_worker(argv, env)
-        actor.stderr = StderrTail(actor.popen.stderr, f"[{module.name} r{a.replica_id}.{a.rank}]")
+        if cluster is None:
+            actor.popen = spawn_worker(argv, worker_environment(extra_env))
+        else:
+            actor.popen = cluster.spawn(a.host, argv, extra_env)
+        where = f" @{a.host}" if cluster is not None else ""
+        actor.stderr = StderrTail(
+            actor.popen.stderr, f"[{module.name} r{a.replica_id}.{a.rank}{where}]"
+        )
         actor.state = "starting"
         actors.append(actor)
     return actors
+
+
+def _is_local(host: str) -> bool:
+    from chatlearn.launch.cluster import is_local_host
+
+    return is_local_host(host)
+
+
+def _rendezvous(
+    cluster: Any, assignments: list[ProcessAssignment], replica_id: int
+) -> tuple[str, int]:
+    """torch.distributed's MASTER_ADDR/PORT for a replica: on its rank 0's host, at an address
+    every rank can reach (loopback on a single host)."""
+    if cluster is None:
+        return "127.0.0.1", free_tcp_port()
+    first = next(p for p in assignments if p.replica_id == replica_id and p.rank == 0)
+    hosts = {p.host for p in assignments if p.replica_id == replica_id}
+    if len(hosts) == 1 and _is_local(first.host):
+        return "127.0.0.1", free_tcp_port()
+    return cluster.address_of(first.host), cluster.rendezvous_port(first.host)

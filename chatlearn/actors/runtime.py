@@ -44,11 +44,13 @@ from chatlearn.actors.placement import (
     ModelResources,
     config_value,
     parse_colocation,
+    plan_hosts,
     plan_placement,
 )
 from chatlearn.actors.process import terminate_processes
 from chatlearn.actors.remote import RemoteActor, spawn_model
-from chatlearn.transport import ControlServer, MessageKind, RuntimeDir
+from chatlearn.transport import ControlServer, MessageKind, RuntimeDir, tcp_endpoint
+from chatlearn.transport.sockets import configure_tcp_security
 
 __all__ = ["ActorEvent", "ActorSystem", "SupervisionOptions"]
 
@@ -112,9 +114,13 @@ class ActorSystem:
         config: Any = None,
         *,
         host: HostResources | None = None,
+        cluster: Any = None,
         **options: Any,
     ) -> None:
         """`config`: a `chatlearn.config.Config` (default: the modules' own config at launch).
+
+        `cluster`: the hosts of a multi-host run (`chatlearn.launch.Cluster`); by default the one
+        `chatlearn launch --hostfile` set up for this process, else this host only.
 
         `options` override `SupervisionOptions` fields (heartbeat_interval, heartbeat_timeout,
         startup_timeout, call_timeout, shutdown_timeout, kill_timeout, dist_timeout, fail_fast,
@@ -124,6 +130,10 @@ class ActorSystem:
         self._option_overrides = options
         self.options = SupervisionOptions.from_config(config, **options)
         self._host = host
+        if cluster is None and not self.options.in_process:
+            cluster = _cluster_from_environment()
+        self.cluster = cluster
+        self.remote_endpoint: str | None = None  # the control socket's tcp side (multi-host)
         self.groups: dict[str, ModelGroup] = {}
         self.failure: BaseException | None = None
         self.events: deque[ActorEvent] = deque(maxlen=10_000)
@@ -215,13 +225,25 @@ class ActorSystem:
     ) -> list[ModelGroup]:
         resources = [ModelResources.from_config(m.name, m.module_args) for m in modules]
         runtime = config_value(config, "runtime_args")
-        plan = plan_placement(
-            resources,
-            self.host,
-            colocation=parse_colocation(config_value(runtime, "colocation", [])),
-            reserved_cpus=self._used("cpus"),
-            reserved_gpus=self._used("gpus"),
-        )
+        colocation = parse_colocation(config_value(runtime, "colocation", []))
+        if self.cluster is not None:
+            plan = plan_hosts(
+                resources,
+                self.cluster.host_resources(self.host),
+                colocation=colocation,
+                reserved={
+                    h: (self._used("cpus", h), self._used("gpus", h))
+                    for h in {a.host for a in self._actors}
+                },
+            )
+        else:
+            plan = plan_placement(
+                resources,
+                self.host,
+                colocation=colocation,
+                reserved_cpus=self._used("cpus"),
+                reserved_gpus=self._used("gpus"),
+            )
         self._ensure_started()
         env_vars = dict(config_value(config_value(config, "env_args"), "env_vars", {}) or {})
         config_dict = config.to_dict()
@@ -252,14 +274,25 @@ class ActorSystem:
             raise root
         return [ModelGroup(name, [ActorHandle(a) for a in group]) for name, group in new.items()]
 
-    def _used(self, kind: str) -> set[int]:
-        return {d for a in self._actors for d in getattr(a.assignment, kind)}
+    def _used(self, kind: str, host: str | None = None) -> set[int]:
+        return {
+            d
+            for a in self._actors
+            if host is None or a.host == host
+            for d in getattr(a.assignment, kind)
+        }
 
     def _ensure_started(self) -> None:
         if self.server is not None:
             return
         self.runtime_dir = RuntimeDir()
+        if self.cluster is not None:
+            # Before any socket: every tcp socket of this process is CURVE from now on.
+            configure_tcp_security(self.cluster.keys)
         self.server = ControlServer(self.runtime_dir.ipc_endpoint("control"))
+        if self.cluster is not None:
+            # Same-host actors stay on ipc; remote ones connect here, to one address only.
+            self.remote_endpoint = self.server.bind(tcp_endpoint(self.cluster.master_addr))
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._control_loop(), name="ActorSystem._control_loop"),
@@ -338,6 +371,8 @@ class ActorSystem:
         if self._closing or self.failure is not None or previous == "failed":
             return
         reason = "exited during startup" if previous == "starting" else "exited unexpectedly"
+        if self.cluster is not None:
+            reason = self.cluster.describe_exit(actor.host, code) or reason
         exc = actor.dead_error(reason)
         if not actor.hello.done():
             actor.hello.set_exception(exc)
@@ -424,6 +459,8 @@ class ActorSystem:
             await self.server.aclose(0)
         if self.runtime_dir is not None:
             self.runtime_dir.close()
+        if self.cluster is not None and self.server is not None:
+            configure_tcp_security(None)
         self._closed = True
         self._finalizer.detach()
         self.record("closed")
@@ -440,6 +477,17 @@ class ActorSystem:
         start = time.perf_counter()
         await self.server.request(backend.identity, MessageKind.PING, timeout=timeout)
         return time.perf_counter() - start
+
+
+def _cluster_from_environment() -> Any:
+    """The multi-host cluster `chatlearn launch` set up, if any (imported only then)."""
+    import os
+
+    if not os.environ.get("CHATLEARN_LAUNCH"):
+        return None
+    from chatlearn.launch.cluster import Cluster
+
+    return Cluster.from_environment()
 
 
 def _wait_all(popens: list[Any], timeout: float) -> None:

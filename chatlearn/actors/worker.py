@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -57,6 +58,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--coordinator-pid", type=int, default=0)
     parser.add_argument("--heartbeat-interval", type=float, default=0.5)
     parser.add_argument("--startup-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--secrets-stdin",
+        action="store_true",
+        help="read the run's CURVE keys as one JSON line from stdin, then exit when stdin "
+        "closes (multi-host runs: the coordinator or its ssh connection is gone)",
+    )
+    parser.add_argument(
+        "--network-host",
+        default=None,
+        help="bind this actor's endpoints with tcp on this address instead of ipc (multi-host)",
+    )
     parser.add_argument(
         "--orphan-timeout",
         type=float,
@@ -300,6 +312,35 @@ def _hard_exit(code: int) -> None:
     os._exit(code)
 
 
+_MAX_SECRETS_LINE = 4096
+
+
+def _read_secrets() -> Any:
+    """The run's CURVE keys from the first stdin line; then watch stdin for its end."""
+    from chatlearn.transport.sockets import TcpSecurity
+
+    line = sys.stdin.buffer.readline(_MAX_SECRETS_LINE)
+    if not line.endswith(b"\n"):
+        print("chatlearn actor: no CURVE keys on stdin; exiting", file=sys.stderr)
+        _hard_exit(EXIT_FATAL)
+    import json
+
+    keys = TcpSecurity.from_payload(json.loads(line))
+    threading.Thread(target=_stdin_watch, name="chatlearn-stdin-watch", daemon=True).start()
+    return keys
+
+
+def _stdin_watch() -> None:
+    """Blocks on stdin; its end means our coordinator (or the ssh link to it) is gone."""
+    with contextlib.suppress(OSError):
+        while os.read(0, 4096):
+            pass
+    with contextlib.suppress(OSError):
+        print("chatlearn actor: coordinator connection closed; exiting", file=sys.stderr)
+    kill_own_children(grace=0.5)
+    _hard_exit(EXIT_ORPHANED)
+
+
 def _configure_logging(label: str) -> None:
     level = os.environ.get("CHATLEARN_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(
@@ -320,6 +361,14 @@ async def serve(opts: argparse.Namespace) -> int:
     from chatlearn.transport import ControlClient, Message, MessageKind, RemoteError
 
     zmq_context = zmq.asyncio.Context.instance()
+    if getattr(opts, "secrets", None) is not None:
+        from chatlearn.transport.sockets import configure_tcp_security
+
+        configure_tcp_security(opts.secrets, zmq_context)  # before any tcp socket
+    if opts.network_host:
+        from chatlearn.transport.endpoints import set_network_host
+
+        set_network_host(opts.network_host)
     client = ControlClient(opts.endpoint, opts.identity.encode(), context=zmq_context)
     worker: Worker | None = None
     try:
@@ -354,6 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     set_parent_death_signal(PARENT_DEATH_SIGNAL)
     if opts.coordinator_pid and os.getppid() != opts.coordinator_pid:
         _hard_exit(EXIT_ORPHANED)  # the coordinator died before the signal was armed
+    opts.secrets = _read_secrets() if opts.secrets_stdin else None
     from chatlearn.transport.loop import run
 
     code = EXIT_FATAL

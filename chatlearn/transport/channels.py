@@ -107,6 +107,10 @@ class ControlServer:
     def closed(self) -> bool:
         return self._closed
 
+    def bind(self, endpoint: str) -> str:
+        """Also accept peers on `endpoint` (e.g. tcp for remote hosts); returns it resolved."""
+        return self._socket.bind_or_connect(endpoint, bind=True)
+
     @property
     def num_pending(self) -> int:
         """Requests sent and not yet answered (or timed out)."""

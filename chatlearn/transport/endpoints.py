@@ -8,6 +8,10 @@ Cross-host endpoints are ``tcp://`` with an ephemeral port chosen by the kernel 
 
 The coordinator owns the runtime directory; actors get its path and use
 `RuntimeDir.attach(path)`, which never deletes it.
+
+`private_endpoint` is what an actor binds for its peers: the ipc endpoint in the runtime
+directory, or — in a multi-host run, after `set_network_host(address)` — a tcp endpoint on this
+host's address (secured with the run's CURVE keys, see `sockets.configure_tcp_security`).
 """
 
 from __future__ import annotations
@@ -102,3 +106,27 @@ def tcp_endpoint(host: str = "127.0.0.1") -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # IPv6 literal (the socket also needs zmq.IPV6 set)
     return f"tcp://{host}:*"
+
+
+_network_host: str | None = None
+
+
+def set_network_host(address: str | None) -> None:
+    """Make `private_endpoint` bind tcp on `address` (this host as peers reach it); None: ipc."""
+    global _network_host
+    if address in ("0.0.0.0", "::", "*"):
+        raise ValueError(f"refusing to bind every interface ({address}); give one address")
+    _network_host = address
+
+
+def network_host() -> str | None:
+    return _network_host
+
+
+def private_endpoint(runtime_dir: str | os.PathLike[str] | None, name: str) -> str:
+    """An endpoint to bind that only this run's peers can use (see the module docstring)."""
+    if _network_host is not None:
+        return tcp_endpoint(_network_host)
+    if runtime_dir is None:
+        raise RuntimeError("this process has neither a runtime directory nor a network host")
+    return RuntimeDir.attach(runtime_dir).ipc_endpoint(name)

@@ -1,0 +1,31 @@
+"""Multi-host runs: host files, the hosts' environment, CURVE keys and spawning over ssh.
+
+`chatlearn launch --hostfile FILE script.py` (cli.py) prepares a run; the coordinator's
+`ActorSystem` picks it up through `Cluster.from_environment` (cluster.py).
+"""
+
+from chatlearn.launch.cluster import Cluster, LaunchSpec
+from chatlearn.launch.curve import generate_keys, load_keys, write_keys
+from chatlearn.launch.env import exported_environment, read_env_file
+from chatlearn.launch.hostfile import (
+    HostfileError,
+    HostSlots,
+    parse_hostfile,
+    read_hostfile,
+    select_hosts,
+)
+
+__all__ = [
+    "Cluster",
+    "HostSlots",
+    "HostfileError",
+    "LaunchSpec",
+    "exported_environment",
+    "generate_keys",
+    "load_keys",
+    "parse_hostfile",
+    "read_env_file",
+    "read_hostfile",
+    "select_hosts",
+    "write_keys",
+]

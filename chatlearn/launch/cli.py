@@ -1,0 +1,150 @@
+"""`chatlearn launch [--hostfile FILE] [--include/--exclude SPEC] script.py [args]`.
+
+Runs the user's script as the coordinator, in this process (``python script.py args`` as far as
+the script can tell). Without a host file it is exactly that: one machine, ipc sockets. With one,
+the hosts are parsed and selected (hostfile.py), the run's CURVE keys are generated into a file
+of mode 0600 in a private directory (mode 0700), and a `LaunchSpec` beside it is named by
+``CHATLEARN_LAUNCH``; the `ActorSystem` of the script then places and starts actors over the hosts
+(cluster.py). The directory is removed when the script ends.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from chatlearn.launch.cluster import (
+    DEFAULT_SSH_COMMAND,
+    LAUNCH_ENV_VAR,
+    LAUNCHERS,
+    LaunchSpec,
+    is_local_host,
+    local_address_towards,
+)
+from chatlearn.launch.curve import generate_keys, write_keys
+from chatlearn.launch.env import exported_environment
+from chatlearn.launch.hostfile import HostfileError, read_hostfile, select_hosts
+
+__all__ = ["command", "prepare_launch"]
+
+
+def prepare_launch(
+    hostfile: str,
+    *,
+    directory: Path,
+    include: str | None = None,
+    exclude: str | None = None,
+    master_addr: str | None = None,
+    launcher: str = "ssh",
+    ssh_command: str | None = None,
+    env_file: str | None = None,
+    export: tuple[str, ...] = (),
+    slots_are: str = "auto",
+) -> Path:
+    """Write the keys and the `LaunchSpec` of a multi-host run into `directory` (mode 0700);
+    returns the spec's path, the value of ``CHATLEARN_LAUNCH``."""
+    hosts = select_hosts(read_hostfile(hostfile), include, exclude)
+    if master_addr is None:
+        remote = [h.name for h in hosts if not is_local_host(h.name)]
+        master_addr = local_address_towards(remote[0]) if remote else "127.0.0.1"
+    os.chmod(directory, 0o700)
+    keys_file = write_keys(generate_keys(), directory / "curve-keys.json")
+    spec = LaunchSpec(
+        hosts=hosts,
+        master_addr=master_addr,
+        keys_file=str(keys_file),
+        launcher=launcher,
+        ssh_command=shlex.split(ssh_command) if ssh_command else list(DEFAULT_SSH_COMMAND),
+        env=exported_environment(prefixes=export, env_file=env_file),
+        cwd=os.getcwd(),
+        slots_are=slots_are,
+    )
+    path = directory / "launch.json"
+    spec.save(path)
+    return path
+
+
+def run_script(script: str, args: list[str]) -> None:
+    """Run `script` as ``__main__`` with `args`, like ``python script args``."""
+    sys.argv = [script, *args]
+    script_dir = str(Path(script).resolve().parent)
+    if script_dir not in sys.path:
+        sys.path.insert(0, script_dir)
+    runpy.run_path(script, run_name="__main__")
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--hostfile", type=click.Path(dir_okay=False), help="lines of 'hostname slots=N'")
+@click.option("--include", help="only these hosts/slots, e.g. 'host1@host2:0,2'")
+@click.option("--exclude", help="all hosts/slots but these, e.g. 'host1:1'")
+@click.option("--master-addr", help="the coordinator's address the hosts connect to")
+@click.option(
+    "--launcher",
+    type=click.Choice(LAUNCHERS),
+    default="ssh",
+    show_default=True,
+    help="how actors start on other hosts ('local': this machine's other addresses)",
+)
+@click.option(
+    "--ssh-command",
+    help=f"command to reach a host ({{host}} is replaced, else the host is appended); "
+    f"default: {shlex.join(DEFAULT_SSH_COMMAND)}",
+)
+@click.option("--env-file", type=click.Path(dir_okay=False), help="KEY=VALUE lines for actors")
+@click.option("--export", multiple=True, help="another variable prefix to pass to actors")
+@click.option(
+    "--slots-are",
+    type=click.Choice(["auto", "gpus", "cpus"]),
+    default="auto",
+    show_default=True,
+    help="what a slot is (auto: GPUs if this machine has any)",
+)
+@click.argument("script", type=click.Path(exists=True, dir_okay=False))
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+def command(
+    hostfile: str | None,
+    include: str | None,
+    exclude: str | None,
+    master_addr: str | None,
+    launcher: str,
+    ssh_command: str | None,
+    env_file: str | None,
+    export: tuple[str, ...],
+    slots_are: str,
+    script: str,
+    script_args: tuple[str, ...],
+) -> None:
+    """Run SCRIPT as the coordinator, with actors on the hosts of --hostfile (default: here)."""
+    if hostfile is None:
+        if include or exclude:
+            raise click.UsageError("--include/--exclude need a --hostfile")
+        run_script(script, list(script_args))
+        return
+    from chatlearn.transport import RuntimeDir
+
+    with RuntimeDir(prefix="chatlearn-launch-") as directory:
+        try:
+            spec_path = prepare_launch(
+                hostfile,
+                directory=directory.path,
+                include=include,
+                exclude=exclude,
+                master_addr=master_addr,
+                launcher=launcher,
+                ssh_command=ssh_command,
+                env_file=env_file,
+                export=export,
+                slots_are=slots_are,
+            )
+        except (HostfileError, ValueError) as exc:
+            raise click.UsageError(str(exc)) from None
+        os.environ[LAUNCH_ENV_VAR] = str(spec_path)
+        try:
+            run_script(script, list(script_args))
+        finally:
+            os.environ.pop(LAUNCH_ENV_VAR, None)

@@ -1,0 +1,198 @@
+"""The hosts of a multi-host run, as the coordinator's `ActorSystem` uses them.
+
+`chatlearn launch --hostfile ...` writes a `LaunchSpec` (hosts, master address, how to reach
+hosts, the exported environment, the path of the run's CURVE key file) into a private directory
+and points ``CHATLEARN_LAUNCH`` at it; `Cluster.from_environment` reads it back in the
+coordinator. The `ActorSystem` then plans placement over `Cluster.hosts` and starts each actor
+with `Cluster.spawn`:
+
+- on this machine: ``python -m chatlearn.actors.worker`` as in a single-host run (ipc control);
+- on another host: ``ssh HOST 'cd CWD && exec env K=V... PYTHON -m chatlearn.actors.worker ...'``
+  (the ssh command is configurable; ``launcher="local"`` runs the same shell command here, for
+  hosts that are other addresses of this machine). The actor connects back to the coordinator's
+  tcp endpoint on `LaunchSpec.master_addr`.
+
+Every actor of a multi-host run reads the run's CURVE keys as one JSON line from its stdin (never
+from its command line) and then keeps watching stdin: end of file means its coordinator (or the
+ssh connection to it) is gone, and it exits. Stopping the ssh client therefore stops the remote
+actor too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from chatlearn.actors.placement import HostResources
+from chatlearn.actors.process import free_tcp_port, worker_environment
+from chatlearn.launch.curve import load_keys
+from chatlearn.launch.hostfile import HostSlots
+from chatlearn.transport.sockets import TcpSecurity
+
+__all__ = ["LAUNCH_ENV_VAR", "Cluster", "LaunchSpec", "local_address_towards"]
+
+LAUNCH_ENV_VAR = "CHATLEARN_LAUNCH"
+DEFAULT_SSH_COMMAND = ("ssh", "-T", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10")
+LAUNCHERS = ("ssh", "local")
+SSH_FAILED = 255  # ssh's exit code for its own failures (unreachable host, auth, ...)
+_LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+@dataclass(kw_only=True)
+class LaunchSpec:
+    """What `chatlearn launch` hands the coordinator (JSON, no secrets in it)."""
+
+    hosts: list[HostSlots]
+    master_addr: str
+    keys_file: str
+    launcher: str = "ssh"
+    ssh_command: list[str] = field(default_factory=lambda: list(DEFAULT_SSH_COMMAND))
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = field(default_factory=os.getcwd)
+    slots_are: str = "auto"  # "gpus", "cpus", or "auto" (gpus if this machine has any)
+    python: str = sys.executable
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
+        if self.slots_are not in ("auto", "gpus", "cpus"):
+            raise ValueError(f"slots_are must be auto, gpus or cpus, got {self.slots_are!r}")
+        if self.master_addr in ("0.0.0.0", "::", "*", ""):
+            raise ValueError("master_addr must be one address reachable from every host")
+
+    def save(self, path: str | Path) -> None:
+        data = asdict(self)
+        data["hosts"] = [{"name": h.name, "slots": list(h.slots)} for h in self.hosts]
+        Path(path).write_text(json.dumps(data))
+
+    @classmethod
+    def load(cls, path: str | Path) -> LaunchSpec:
+        data = json.loads(Path(path).read_text())
+        data["hosts"] = [HostSlots(h["name"], tuple(h["slots"])) for h in data["hosts"]]
+        return cls(**data)
+
+
+def local_address_towards(host: str) -> str:
+    """This machine's address on the route to `host` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect((socket.gethostbyname(host), 9))
+        except OSError:
+            return "127.0.0.1"
+        return str(sock.getsockname()[0])
+
+
+def is_local_host(name: str) -> bool:
+    return name in _LOCAL_NAMES or name == socket.gethostname()
+
+
+class Cluster:
+    """The run's hosts, keys and spawn commands (see the module docstring)."""
+
+    def __init__(self, spec: LaunchSpec, keys: TcpSecurity) -> None:
+        self.spec = spec
+        self.keys = keys
+
+    @classmethod
+    def from_environment(cls) -> Cluster | None:
+        """The cluster `chatlearn launch` set up for this process, or None (single host)."""
+        path = os.environ.get(LAUNCH_ENV_VAR)
+        if not path:
+            return None
+        spec = LaunchSpec.load(path)
+        return cls(spec, load_keys(spec.keys_file))
+
+    @property
+    def master_addr(self) -> str:
+        return self.spec.master_addr
+
+    def host_resources(self, local: HostResources) -> list[HostResources]:
+        """Each host's usable devices: its slot indices as GPUs or as CPU cores."""
+        gpus = self.spec.slots_are == "gpus" or (self.spec.slots_are == "auto" and local.gpus)
+        result = []
+        for host in self.spec.hosts:
+            if is_local_host(host.name):
+                if gpus:
+                    result.append(HostResources(host.name, local.cpus, host.slots))
+                else:
+                    cpus = tuple(c for i, c in enumerate(local.cpus) if i in host.slots)
+                    result.append(HostResources(host.name, cpus, ()))
+            elif gpus:
+                # Cores of GPU hosts are not pinned: GPU processes are not pinned to cores.
+                result.append(HostResources(host.name, tuple(range(len(host.slots))), host.slots))
+            else:
+                result.append(HostResources(host.name, host.slots, ()))
+        return result
+
+    def address_of(self, host: str) -> str:
+        """The address peers reach `host` at (the coordinator's for this machine)."""
+        return self.master_addr if is_local_host(host) else host
+
+    def rendezvous_port(self, host: str) -> int:
+        """A port for torch.distributed's store on `host` (probed when it is ours)."""
+        address = self.address_of(host)
+        try:
+            return free_tcp_port(address)
+        except OSError:  # not an address of this machine: pick one, collisions are unlikely
+            return random.randint(20000, 29999)
+
+    def spawn(
+        self, host: str, worker_args: Sequence[str], extra_env: Mapping[str, str]
+    ) -> subprocess.Popen[bytes]:
+        """Start one actor on `host` and hand it the run's keys on stdin (kept open)."""
+        worker_args = [*worker_args, "--secrets-stdin"]
+        worker_args += ["--network-host", self.address_of(host)]
+        if is_local_host(host):
+            argv = [sys.executable, "-m", "chatlearn.actors.worker", *worker_args]
+            env = worker_environment(extra_env)
+        else:
+            remote_env = worker_environment(extra_env, base=self.spec.env)
+            command = self.remote_command(worker_args, remote_env)
+            if self.spec.launcher == "local":
+                argv = ["/bin/sh", "-c", command]
+                env = {
+                    k: os.environ[k] for k in ("PATH", "HOME", "USER", "LANG") if k in os.environ
+                }
+            else:
+                argv = self.ssh_argv(host, command)
+                env = dict(os.environ)
+        popen = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            close_fds=True,
+            start_new_session=True,  # as spawn_worker: the coordinator stops actors in order
+        )
+        assert popen.stdin is not None
+        popen.stdin.write(json.dumps(self.keys.to_payload()).encode() + b"\n")
+        popen.stdin.flush()
+        return popen
+
+    def remote_command(self, worker_args: Sequence[str], env: Mapping[str, str]) -> str:
+        """The shell command a remote host runs: same directory, explicit environment."""
+        assignments = [f"{k}={v}" for k, v in sorted(env.items())]
+        argv = ["env", *assignments, self.spec.python, "-m", "chatlearn.actors.worker"]
+        return f"cd {shlex.quote(self.spec.cwd)} && exec {shlex.join([*argv, *worker_args])}"
+
+    def ssh_argv(self, host: str, command: str) -> list[str]:
+        """The ssh command line: ``{host}`` in the configured command is replaced, else the host
+        is appended; the remote command comes last."""
+        template = list(self.spec.ssh_command)
+        if any("{host}" in part for part in template):
+            return [part.replace("{host}", host) for part in template] + [command]
+        return [*template, host, command]
+
+    def describe_exit(self, host: str, code: int | None) -> str:
+        """Why an actor's launcher process ended, as said in its error."""
+        if code == SSH_FAILED and self.spec.launcher == "ssh" and not is_local_host(host):
+            return f"ssh to host {host} failed or the connection was lost (exit code 255)"
+        return ""

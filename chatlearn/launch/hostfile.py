@@ -1,0 +1,154 @@
+"""Host files and host selection, in the conventions of DeepSpeed and OpenMPI.
+
+A host file lists one host per line with its number of device slots::
+
+    # comments and blank lines are ignored
+    worker-1 slots=4
+    worker-2 slots=4   # a trailing comment too
+
+A slot is one device: a GPU on GPU hosts, a CPU core on CPU-only hosts. `--include` and
+`--exclude` narrow the list with DeepSpeed's syntax: hosts joined by ``@``, each optionally with
+``:`` and a comma-separated list of slot indices, e.g. ``worker-1@worker-2:0,2``. Every mistake is a
+`HostfileError` (a `ValueError`) that names the file and line, or the selection, and what to fix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["HostSlots", "HostfileError", "parse_hostfile", "read_hostfile", "select_hosts"]
+
+# A host name or an IPv4/IPv6 address: no spaces, no shell metacharacters.
+_HOST_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]%]+$")
+_SLOTS_RE = re.compile(r"^slots=(\S*)$")
+
+
+class HostfileError(ValueError):
+    """A malformed host file line or host selection; the message says where and what to fix."""
+
+
+@dataclass(frozen=True)
+class HostSlots:
+    """One host and the indices of the slots (devices) the run may use on it."""
+
+    name: str
+    slots: tuple[int, ...]
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slots)
+
+
+def parse_hostfile(text: str, source: str = "<hostfile>") -> list[HostSlots]:
+    """The hosts of a host file's `text`, in file order; `source` names the file in errors."""
+    hosts: list[HostSlots] = []
+    seen: dict[str, int] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{source}:{lineno}"
+        parts = line.split()
+        if len(parts) != 2:
+            raise HostfileError(f"{where}: expected 'hostname slots=N', got {raw.strip()!r}")
+        name, slots_text = parts
+        if not _HOST_RE.match(name):
+            raise HostfileError(f"{where}: {name!r} is not a valid host name or address")
+        match = _SLOTS_RE.match(slots_text)
+        if match is None:
+            raise HostfileError(
+                f"{where}: expected 'slots=N' after the host name, got {slots_text!r}"
+            )
+        value = match.group(1)
+        if not value.isdigit() or int(value) < 1:
+            raise HostfileError(f"{where}: slots must be an integer >= 1, got {value!r}")
+        if name in seen:
+            raise HostfileError(
+                f"{where}: host {name!r} is listed twice (first on line {seen[name]}); "
+                "list each host once with its total slots"
+            )
+        seen[name] = lineno
+        hosts.append(HostSlots(name, tuple(range(int(value)))))
+    if not hosts:
+        raise HostfileError(f"{source}: no hosts (expected lines of 'hostname slots=N')")
+    return hosts
+
+
+def read_hostfile(path: str | Path) -> list[HostSlots]:
+    """`parse_hostfile` of a file; a missing file is a `HostfileError` too."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise HostfileError(f"cannot read host file {path}: {exc.strerror or exc}") from None
+    return parse_hostfile(text, str(path))
+
+
+def _parse_selection(spec: str, option: str) -> dict[str, tuple[int, ...] | None]:
+    """``host1@host2:0,2`` → {host1: None (all slots), host2: (0, 2)}."""
+    selection: dict[str, tuple[int, ...] | None] = {}
+    if not spec.strip():
+        raise HostfileError(f"{option}: empty host selection")
+    for item in spec.split("@"):
+        item = item.strip()
+        name, sep, slot_text = item.partition(":")
+        if not name or not _HOST_RE.match(name):
+            raise HostfileError(f"{option} {spec!r}: {item!r} is not 'host' or 'host:0,1'")
+        if name in selection:
+            raise HostfileError(f"{option} {spec!r}: host {name!r} appears twice")
+        if not sep:
+            selection[name] = None
+            continue
+        slots = []
+        for part in slot_text.split(","):
+            if not part.strip().isdigit():
+                raise HostfileError(
+                    f"{option} {spec!r}: slot {part!r} of host {name!r} is not an integer"
+                )
+            slots.append(int(part))
+        selection[name] = tuple(sorted(set(slots)))
+    return selection
+
+
+def select_hosts(
+    hosts: list[HostSlots], include: str | None = None, exclude: str | None = None
+) -> list[HostSlots]:
+    """Apply `--include` or `--exclude` (not both) to `hosts`; keeps host file order.
+
+    Hosts left without slots are dropped; naming a host or slot that is not in the host file is
+    an error, and so is a selection that leaves nothing.
+    """
+    if include and exclude:
+        raise HostfileError("--include and --exclude are mutually exclusive; use one of them")
+    if not include and not exclude:
+        return list(hosts)
+    option = "--include" if include else "--exclude"
+    selection = _parse_selection(include or exclude or "", option)
+    by_name = {h.name: h for h in hosts}
+    for name, slots in selection.items():
+        if name not in by_name:
+            known = ", ".join(by_name)
+            raise HostfileError(f"{option}: host {name!r} is not in the host file ({known})")
+        bad = [s for s in slots or () if s not in by_name[name].slots]
+        if bad:
+            raise HostfileError(
+                f"{option}: host {name!r} has slots 0..{by_name[name].num_slots - 1}, not {bad}"
+            )
+    result: list[HostSlots] = []
+    for host in hosts:
+        chosen = selection.get(host.name, ()) if include else None
+        if include:
+            if host.name not in selection:
+                continue
+            slots = host.slots if chosen is None else chosen
+        else:
+            dropped = selection.get(host.name, ())
+            if host.name in selection and dropped is None:
+                continue
+            slots = tuple(s for s in host.slots if s not in (dropped or ()))
+        if slots:
+            result.append(HostSlots(host.name, tuple(slots)))
+    if not result:
+        raise HostfileError(f"{option} {include or exclude!r} leaves no host to run on")
+    return result

@@ -1,0 +1,64 @@
+"""A user's DPO script for the launch tests: ``chatlearn launch ... dpo_script.py OUTPUT_DIR``.
+
+Echo modules (tests/engine/echo_modules.py) for one episode; each actor appends the address it
+serves on (its host's) to OUTPUT_DIR/hosts.jsonl, so the test can see where it was placed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "engine"))
+
+from echo_modules import EchoReference, EchoTrainer  # noqa: E402
+
+import chatlearn  # noqa: E402
+from chatlearn import DPOEngine  # noqa: E402
+from chatlearn.transport.endpoints import network_host  # noqa: E402
+
+
+def log_host(module) -> None:
+    with open(os.path.join(module.runtime_args.get("output_dir"), "hosts.jsonl"), "a") as f:
+        f.write(json.dumps({"model": module.name, "host": network_host()}) + "\n")
+
+
+class Reference(EchoReference):
+    def setup(self) -> None:
+        super().setup()
+        log_host(self)
+
+
+class Trainer(EchoTrainer):
+    def setup(self) -> None:
+        super().setup()
+        log_host(self)
+
+
+def main() -> None:
+    output_dir = sys.argv[1]
+    chatlearn.init(
+        {
+            "models": {
+                "reference": {"num_cpu": 1},
+                "policy_trainer": {"num_cpu": 1, "trainable": True},
+            },
+            "runtime": {
+                "output_dir": output_dir,
+                "echo_log": os.path.join(output_dir, "log.jsonl"),
+                "num_episode": 1,
+                "sample_per_episode": 8,
+                "generation_batch_size": 4,
+                "train_micro_batch_size": 2,
+                "train_global_batch_size": 4,
+            },
+        }
+    )
+    engine = DPOEngine(Reference("reference"), Trainer("policy_trainer"))
+    engine.set_dataset(list(range(8)))
+    engine.learn()
+
+
+if __name__ == "__main__":
+    main()

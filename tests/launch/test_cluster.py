@@ -1,0 +1,194 @@
+"""Multi-"host" runs on one machine: actors on 127.0.0.2 and 127.0.0.3, started through the
+launcher's shell command, connected back to the coordinator over tcp with CURVE."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+
+import actors_testlib as lib
+import psutil
+import pytest
+import zmq
+from launch_testlib import HOST_A, HOST_B, make_cluster
+
+from chatlearn.actors import ActorDeadError, ActorSystem
+from chatlearn.actors.process import free_tcp_port
+from chatlearn.transport import Message, MessageKind
+from chatlearn.transport.messages import encode_message
+from chatlearn.transport.sockets import num_refused_connections
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_models_placed_on_two_hosts_talk_over_tcp(tmp_path):
+    cfg = lib.make_config({"a": {"num_cpu": 1}, "b": {"num_cpu": 1}})
+    cluster = make_cluster(tmp_path / "run")
+    async with ActorSystem(cfg, cluster=cluster) as system:
+        a, b = await system.launch(lib.Recorder("a", cfg), lib.Recorder("b", cfg))
+        assert [a[0].host, b[0].host] == [HOST_A, HOST_B]
+        assert system.remote_endpoint.startswith("tcp://127.0.0.1:")
+        assert await a.call(0, "add", 2) == 2
+        assert await b.call(0, "echo", 1) == {"args": [1], "kwargs": {}}
+        secrets = [cluster.keys.client_secret.decode(), cluster.keys.server_secret.decode()]
+        for proc in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                listing = " ".join(proc.cmdline()) + " ".join(proc.environ().values())
+                assert not any(secret in listing for secret in secrets)
+    assert system.event_kinds().count("exit") == 2
+
+
+async def test_a_group_spanning_hosts_forms_one_torch_distributed_group(tmp_path):
+    cfg = lib.make_config(
+        {"d": {"num_cpu": 2, "cpu_per_process": 1, "trainable": True}},
+        {"train_micro_batch_size": 1, "train_global_batch_size": 2},
+    )
+    async with ActorSystem(cfg, cluster=make_cluster(tmp_path / "run")) as system:
+        (group,) = await system.launch(lib.DistModule("d", cfg))
+        assert [h.host for h in group] == [HOST_A, HOST_B]
+        reports = await group.call_all("report")
+        assert [r["setup_sum"] for r in reports] == [3.0, 3.0]  # all-reduce across the hosts
+        assert [r["env"]["RANK"] for r in reports] == ["0", "1"]
+        assert [r["env"]["LOCAL_RANK"] for r in reports] == ["0", "0"]  # one rank per host
+
+
+async def test_client_without_the_run_keys_gets_nothing_accepted(tmp_path, caplog):
+    cfg = lib.make_config({"a": {"num_cpu": 1}})
+    async with ActorSystem(cfg, cluster=make_cluster(tmp_path / "run")) as system:
+        (group,) = await system.launch(lib.Recorder("a", cfg))
+        endpoint = system.remote_endpoint
+        keys = system.cluster.keys
+        hello = encode_message(Message(kind=MessageKind.HELLO, payload={"pid": 1}))
+        attackers = []
+        context = zmq.Context()
+        try:
+            plain = context.socket(zmq.DEALER)  # no CURVE at all
+            own_public, own_secret = zmq.curve_keypair()
+            impostor = context.socket(zmq.DEALER)  # knows the server key, not the run's keys
+            impostor.curve_serverkey = keys.server_public
+            impostor.curve_publickey, impostor.curve_secretkey = own_public, own_secret
+            attackers = [plain, impostor]
+            for sock in attackers:
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.ROUTING_ID, b"attacker")
+                sock.connect(endpoint)
+            with caplog.at_level(logging.WARNING):
+                deadline = time.monotonic() + 1.5
+                while time.monotonic() < deadline:
+                    for sock in attackers:
+                        with contextlib.suppress(zmq.Again):
+                            sock.send_multipart(hello, zmq.DONTWAIT)
+                    await asyncio.sleep(0.1)
+                assert all(sock.poll(0) == 0 for sock in attackers)  # and nothing comes back
+        finally:
+            for sock in attackers:
+                sock.close(0)
+            context.term()
+        assert num_refused_connections() >= 1  # the impostor's handshake reached ZAP
+        assert "unknown actor" not in caplog.text  # no message got through to the runtime
+        assert system.server.num_malformed == 0
+        assert system.failure is None
+        assert await group.call(0, "add", 5) == 5  # the run is unaffected
+
+
+async def test_a_client_with_the_run_keys_does_get_through(tmp_path, caplog):
+    # The control for the test above: the same attack with the run's keys is seen.
+    cfg = lib.make_config({"a": {"num_cpu": 1}})
+    async with ActorSystem(cfg, cluster=make_cluster(tmp_path / "run")) as system:
+        await system.launch(lib.Recorder("a", cfg))
+        keys = system.cluster.keys
+        context = zmq.Context()
+        sock = context.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.curve_serverkey = keys.server_public
+            sock.curve_publickey, sock.curve_secretkey = keys.client_public, keys.client_secret
+            sock.setsockopt(zmq.ROUTING_ID, b"insider")
+            sock.connect(system.remote_endpoint)
+            sock.send_multipart(encode_message(Message(kind=MessageKind.HEARTBEAT)))
+            with caplog.at_level(logging.WARNING):
+                deadline = time.monotonic() + 5
+                while "unknown actor" not in caplog.text and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+            assert "unknown actor" in caplog.text
+        finally:
+            sock.close(0)
+            context.term()
+
+
+async def test_a_killed_remote_actor_is_reported_with_its_host(tmp_path):
+    cfg = lib.make_config({"a": {"num_cpu": 1}, "b": {"num_cpu": 1}}, {"heartbeat_timeout": 3})
+    system = ActorSystem(cfg, cluster=make_cluster(tmp_path / "run"))
+    try:
+        _, b = await system.launch(lib.Recorder("a", cfg), lib.Recorder("b", cfg))
+        pid = (await b.call(0, "where"))["pid"]
+        start = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ActorDeadError) as info:
+            while time.monotonic() - start < 10:
+                await b.call(0, "noop")
+                await asyncio.sleep(0.05)
+        assert time.monotonic() - start < 3
+        assert info.value.host == HOST_B
+        assert f"on {HOST_B}" in str(info.value)
+    finally:
+        await system.shutdown()
+
+
+async def test_an_unreachable_host_fails_the_launch_naming_it(tmp_path):
+    # Real ssh to a loopback port nothing listens on: ssh exits 255 at once.
+    port = free_tcp_port()
+    ssh = ["ssh", "-p", str(port), "-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]
+    cluster = make_cluster(tmp_path / "run", [(HOST_A, 1)], launcher="ssh", ssh_command=ssh)
+    cfg = lib.make_config({"a": {"num_cpu": 1}})
+    start = time.monotonic()
+    async with ActorSystem(cfg, cluster=cluster) as system:
+        with pytest.raises(ActorDeadError) as info:
+            await system.launch(lib.Recorder("a", cfg))
+    assert time.monotonic() - start < 10
+    assert info.value.host == HOST_A
+    assert f"ssh to host {HOST_A} failed" in str(info.value)
+    assert "Connection refused" in info.value.stderr_tail
+
+
+async def test_over_ssh_a_dead_remote_actor_stops_the_run_and_its_remote_peers(tmp_path, sshd):
+    cfg = lib.make_config({"a": {"num_cpu": 1}, "b": {"num_cpu": 1}}, {"heartbeat_timeout": 3})
+    cluster = make_cluster(tmp_path / "run", launcher="ssh", ssh_command=sshd.ssh_command())
+    system = ActorSystem(cfg, cluster=cluster)
+    try:
+        a, b = await system.launch(lib.Recorder("a", cfg), lib.Recorder("b", cfg))
+        a_pid = (await a.call(0, "where"))["pid"]
+        b_pid = (await b.call(0, "where"))["pid"]
+        # Remote actors are children of sshd, not of the coordinator: only ssh links them.
+        assert psutil.Process(a_pid).ppid() != os.getpid()
+        start = time.monotonic()
+        os.kill(b_pid, signal.SIGKILL)
+        with pytest.raises(ActorDeadError) as info:
+            while time.monotonic() - start < 10:
+                await b.call(0, "noop")
+                await asyncio.sleep(0.05)
+        assert time.monotonic() - start < 3
+        assert info.value.host == HOST_B and f"on {HOST_B}" in str(info.value)
+    finally:
+        await system.shutdown()
+    # Stopping a's ssh client ended its remote process (stdin EOF), bounded.
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(a_pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not psutil.pid_exists(a_pid) or psutil.Process(a_pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_this_machine_in_the_host_file_keeps_ipc_control(tmp_path):
+    cfg = lib.make_config({"a": {"num_cpu": 1}, "b": {"num_cpu": 1}})
+    cluster = make_cluster(tmp_path / "run", [("localhost", 1), (HOST_B, 1)])
+    async with ActorSystem(cfg, cluster=cluster) as system:
+        a, b = await system.launch(lib.Recorder("a", cfg), lib.Recorder("b", cfg))
+        assert [a[0].host, b[0].host] == ["localhost", HOST_B]
+        local, remote = system._actors
+        assert local.popen.args[local.popen.args.index("--endpoint") + 1].startswith("ipc://")
+        assert (await a.call(0, "where"))["pid"] == local.pid  # our own child, no shell
+        assert await a.call(0, "add", 1) == 1 and await b.call(0, "add", 2) == 2

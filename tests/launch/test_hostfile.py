@@ -1,0 +1,122 @@
+"""Host files, --include/--exclude and env files: every mistake names its line or selection."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatlearn.launch.env import exported_environment, read_env_file
+from chatlearn.launch.hostfile import (
+    HostfileError,
+    HostSlots,
+    parse_hostfile,
+    read_hostfile,
+    select_hosts,
+)
+
+GOOD = """
+# cluster of two
+worker-1 slots=4   # trailing comment
+
+10.0.0.7 slots=2
+"""
+
+
+def test_parse_comments_blank_lines_and_order():
+    assert parse_hostfile(GOOD) == [
+        HostSlots("worker-1", (0, 1, 2, 3)),
+        HostSlots("10.0.0.7", (0, 1)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ("a slots=1\nb slots=2\na slots=3\n", 3, "listed twice (first on line 1)"),
+        ("a slots=1\nb\n", 2, "expected 'hostname slots=N'"),
+        ("a slots=1\n\nb slots=1 extra\n", 3, "expected 'hostname slots=N'"),
+        ("# c\nb slot=2\n", 2, "expected 'slots=N'"),
+        ("b slots=two\n", 1, "slots must be an integer >= 1, got 'two'"),
+        ("b slots=0\n", 1, "slots must be an integer >= 1, got '0'"),
+        ("b slots=-1\n", 1, "slots must be an integer >= 1"),
+        ("a slots=1\nb;rm slots=1\n", 2, "not a valid host name"),
+    ],
+)
+def test_each_malformed_line_is_named(text, line, message):
+    with pytest.raises(HostfileError) as info:
+        parse_hostfile(text, "hosts.txt")
+    assert f"hosts.txt:{line}:" in str(info.value)
+    assert message in str(info.value)
+
+
+def test_empty_and_missing_files(tmp_path):
+    with pytest.raises(HostfileError, match="no hosts"):
+        parse_hostfile("# nothing\n\n")
+    with pytest.raises(HostfileError, match="cannot read host file"):
+        read_hostfile(tmp_path / "absent")
+    (tmp_path / "h").write_text("x slots=2\n")
+    assert read_hostfile(tmp_path / "h") == [HostSlots("x", (0, 1))]
+
+
+HOSTS = [HostSlots("h1", (0, 1, 2, 3)), HostSlots("h2", (0, 1)), HostSlots("h3", (0,))]
+
+
+def test_include_hosts_and_slots_in_host_file_order():
+    assert select_hosts(HOSTS, include="h3@h1:0,2") == [
+        HostSlots("h1", (0, 2)),
+        HostSlots("h3", (0,)),
+    ]
+    assert select_hosts(HOSTS, include="h2") == [HostSlots("h2", (0, 1))]
+    assert select_hosts(HOSTS) == HOSTS
+
+
+def test_exclude_hosts_and_slots():
+    assert select_hosts(HOSTS, exclude="h2@h1:1,3") == [
+        HostSlots("h1", (0, 2)),
+        HostSlots("h3", (0,)),
+    ]
+    assert select_hosts(HOSTS, exclude="h3:0") == HOSTS[:2]  # a host left without slots goes
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "message"),
+    [
+        ("h1", "h2", "mutually exclusive"),
+        ("h9", None, "host 'h9' is not in the host file"),
+        ("h2:5", None, "host 'h2' has slots 0..1, not [5]"),
+        ("h1:x", None, "slot 'x' of host 'h1' is not an integer"),
+        ("h1@h1", None, "appears twice"),
+        (None, "h1@h2@h3", "leaves no host"),
+        ("@", None, "is not 'host' or 'host:0,1'"),
+    ],
+)
+def test_bad_selections(include, exclude, message):
+    with pytest.raises(HostfileError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        select_hosts(HOSTS, include=include, exclude=exclude)
+
+
+def test_env_allow_list_and_env_file(tmp_path):
+    env_file = tmp_path / "env"
+    env_file.write_text("# site settings\nNCCL_IB_DISABLE=1\nMY_FLAG = on\n\n")
+    environ = {
+        "NCCL_DEBUG": "INFO",
+        "PYTHONPATH": "/src",
+        "CUDA_HOME": "/cuda",
+        "PATH": "/bin",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "HOME": "/root",
+        "CHATLEARN_LAUNCH": "/tmp/spec",
+        "MYAPP_X": "1",
+    }
+    env = exported_environment(environ, prefixes=("MYAPP_",), env_file=env_file)
+    assert env == {
+        "NCCL_DEBUG": "INFO",
+        "PYTHONPATH": "/src",
+        "CUDA_HOME": "/cuda",
+        "PATH": "/bin",
+        "MYAPP_X": "1",
+        "NCCL_IB_DISABLE": "1",
+        "MY_FLAG": "on",
+    }
+    env_file.write_text("A=1\nnot a pair\n")
+    with pytest.raises(HostfileError, match=r"env:2: expected KEY=VALUE"):
+        read_env_file(env_file)
