@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,hf,dev,megatron]'
 	touch $(STAMP)
 
-# The DPO example end to end on the CPU (data generated on first use into examples/dpo/data).
+# The DPO example end to end on the CPU. Each run gets its own output directory; give the
+# RUN_ID of an earlier run to resume it from its last checkpoint instead.
+RUN_ID ?= $(shell date +%Y%m%d-%H%M%S)
 run: $(STAMP)
-	PYTHONPATH=. $(PY) -m examples.dpo.train_dpo -c examples/dpo/dpo.yaml
+	OUTPUT_DIR=output/$(RUN_ID) PYTHONPATH=. $(PY) -m examples.dpo.train_dpo -c examples/dpo/dpo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

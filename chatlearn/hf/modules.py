@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -195,7 +196,21 @@ class HFDPOTrainer(_HFModule):
         super().save_checkpoint(iteration)
         if self.arg("save_hf_model", True) and self.data_parallel_rank == 0:
             target = self.checkpoint_dir(iteration) / "hf_model"
-            self.model.save_pretrained(target, safe_serialization=True)
+            with _quiet_progress_bars():  # a bar per save would clutter the run's log
+                self.model.save_pretrained(target, safe_serialization=True)
             save_tokenizer = getattr(self.tokenizer, "save_pretrained", None)
             if callable(save_tokenizer):
                 save_tokenizer(str(target))
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

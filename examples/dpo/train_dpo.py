@@ -46,16 +46,25 @@ def summarize(engine: DPOEngine) -> str:
             f"eval reward acc.  {first['rewards/accuracies']:.3f} -> "
             f"{last['rewards/accuracies']:.3f}  (held-out; 0 at first: policy = reference)"
         )
-    if pipeline is not None:
-        timers = pipeline.timers
-        busy = [i for timer in timers.models.values() for i in timer.busy]
+    timers = pipeline.timers if pipeline is not None else None
+    busy = [i for timer in timers.models.values() for i in timer.busy] if timers else []
+    if not busy:
+        lines.append("nothing was left to train: this run had already completed")
+    else:
         span = max(end for _, end in busy) - min(start for start, _ in busy)
-        trained = len(history) * pipeline.settings.global_batch_size
+        trainer = timers[engine.policy_trainer.name]
+        steps = len(trainer.busy) // max(1, len(pipeline.trainer))  # one interval per rank
+        trained = steps * pipeline.settings.global_batch_size
         overlap = timers.overlap(engine.reference.name, engine.policy_trainer.name)
         lines.append(f"throughput        {trained / span:.1f} samples/s trained")
         lines.append(f"overlap           {100 * overlap:.0f}% of reference time hidden by training")
     output = Path(chatlearn.get_args().runtime_args.output_path)
     lines.append(f"metrics           {output / 'metrics.jsonl'}")
+    last = engine.checkpoints.last if engine.checkpoints is not None else None
+    if last is not None:
+        lines.append(f"checkpoint        {last}")
+        for hf_dir in sorted(Path(last).glob("**/hf_model")):
+            lines.append(f"policy (HF)       {hf_dir}  (AutoModelForCausalLM.from_pretrained)")
     return "\n".join(lines)
 
 
