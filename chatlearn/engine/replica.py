@@ -167,6 +167,7 @@ class TrainerService(_EpisodeHooks):
         self._arrived = asyncio.Condition()
         self._receive_task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
+        self._compute_free_since = 0.0  # end of the last train/eval compute
 
     async def open_inbox(self, hwm: int = 64) -> str:
         """Bind this rank's inbox and start receiving; returns the endpoint to connect to."""
@@ -251,22 +252,29 @@ class TrainerService(_EpisodeHooks):
         if release_before is not None:
             for key in [k for k in self.buffers if isinstance(k, int) and k < release_before]:
                 del self.buffers[key]
-        waited = await self._wait_for(episode, (p for mb in micro_batches for p in mb))
-        start, metrics, end = await self.ctx.run_compute(
+        arrived = time.time()
+        await self._wait_for(episode, (p for mb in micro_batches for p in mb))
+        ready = time.time()
+        start, metrics, end, free_since = await self.ctx.run_compute(
             self._train, episode, micro_batches, iteration
         )
+        # Data wait that left the compute thread idle: the call arrives while the previous step
+        # still runs (the coordinator keeps one queued), and waiting then costs nothing.
+        waited = max(0.0, ready - max(arrived, free_since))
         return {"start": start, "end": end, "wait": waited, "metrics": metrics}
 
     def _train(
         self, episode: int, micro_batches: Sequence[Sequence[int]], iteration: int
-    ) -> tuple[float, dict[str, float], float]:
-        start = time.time()
+    ) -> tuple[float, dict[str, float], float, float]:
+        """``train_step`` on the compute thread; also returns when that thread became free."""
+        start, free_since = time.time(), self._compute_free_since
         buffer = self.buffers[episode]
         padding = self.module.padding_config()
         data = [gather_micro_batch(buffer, mb, padding=padding) for mb in micro_batches]
         result = invoke(self.module, "train_step", (data,), {"iteration": iteration})
         self.module._train_iteration = iteration + 1
-        return start, _numeric_metrics(result), time.time()
+        self._compute_free_since = end = time.time()
+        return start, _numeric_metrics(result), end, free_since
 
     async def evaluate(self, batches: Sequence[Sequence[int]]) -> dict[str, Any]:
         """``eval_step`` on each batch of eval positions; returns sample-weighted sums."""
@@ -285,7 +293,8 @@ class TrainerService(_EpisodeHooks):
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * len(positions)
             count += len(positions)
-        return {"sums": sums, "count": count, "start": start, "end": time.time()}
+        self._compute_free_since = end = time.time()
+        return {"sums": sums, "count": count, "start": start, "end": end}
 
     def data_parallel(self) -> tuple[int, int]:
         return self.module.data_parallel_rank, self.module.data_parallel_size
