@@ -14,6 +14,7 @@ import click
 _BENCH_COMMANDS: dict[str, str] = {
     "transport": "chatlearn.benchmarks.transport:command",
     "pipeline": "chatlearn.benchmarks.pipeline:command",
+    "dpo": "chatlearn.benchmarks.dpo:command",
 }
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "ActorSpec",
     "ComputeThread",
     "WorkerContext",
+    "apply_nice",
     "user_error",
 ]
 
@@ -120,6 +121,27 @@ class ComputeThread:
 
     def stop(self) -> None:
         self._queue.put(None)
+
+
+def apply_nice(nice: int) -> None:
+    """Change this actor's CPU priority by ``nice`` (best effort: a failure is printed).
+
+    Linux nice values belong to threads: this applies to the calling thread (the compute thread,
+    so also the torch threads it starts). With autogroup scheduling (``sched_autogroup_enabled``,
+    the default of most distributions) a nice value only ranks threads inside one session, and
+    every actor has its own session (``spawn_worker``): the kernel would share a core equally
+    between a niced actor and another one. So the session's autogroup gets the value too.
+    """
+    try:
+        value = os.nice(nice)
+    except OSError as exc:  # raising priority needs privileges; not worth failing for
+        print(f"chatlearn: cannot apply nice {nice}: {exc}", file=sys.stderr)
+        return
+    try:
+        with open("/proc/self/autogroup", "w") as autogroup:
+            autogroup.write(str(value))
+    except OSError:
+        pass  # no autogroups (then nice alone ranks the actors), or not allowed to raise it
 
 
 @dataclass(kw_only=True)
@@ -232,10 +254,7 @@ class ActorCore:
         spec = self.spec
         self.phase = "import"
         if spec.nice and not self.ctx.in_process:
-            try:
-                os.nice(spec.nice)
-            except OSError as exc:  # raising priority needs privileges; not worth failing for
-                print(f"chatlearn: cannot apply nice {spec.nice}: {exc}", file=sys.stderr)
+            apply_nice(spec.nice)
         args = self._config_args
         if spec.config is not None:
             args = self._install_config(spec.config)

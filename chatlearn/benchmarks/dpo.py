@@ -1,0 +1,460 @@
+"""`chatlearn bench dpo`: real DPO throughput, pipelined vs the single-process schedule.
+
+On the same model (a Llama-style model built in code, about 6M parameters by default), the same
+data (min/max pairs as in the DPO example behind a long instruction, so that every sequence is
+``--seq-len`` tokens) and the same total cores, in one invocation:
+
+- (a) single process: one process on all cores (torch threads = cores) runs the reference forward
+  then the policy step for every batch — the schedule of a plain training loop (and of TRL);
+- (b) chatlearn: ``DPOEngine``, reference and trainer in their own processes, the reference
+  running ahead of training;
+- (c) train-only: the policy steps alone, reference log-probs computed beforehand, on the cores
+  the trainer has in (b): the most (b) can reach;
+- second epoch: (b) on a dataset of one episode, run for two episodes; the figure is episode 2,
+  where the reference outputs come from the engine's reference cache (``runtime.reference_cache``),
+  against (c) on all cores.
+
+(a) and (c) run in an actor process launched like (b)'s (same pinning, thread counts), calling
+the same code as (b): ``HFReference.forward_step``'s ``reference_outputs`` and
+``HFDPOTrainer.train_step`` (AdamW, clipping, the DPO loss of ``chatlearn.algorithms.dpo``).
+
+Throughput is samples over the span from the end of the last warm-up step to the end of the last
+step, so process start-up, model building and the first steps are excluded.
+
+Layouts of (b) (``--layout``):
+
+- ``colocated`` (default): reference and trainer share all cores, each with one torch thread per
+  core; the reference runs at ``--reference-nice`` (19), so the kernel gives it only the time the
+  trainer leaves (``chatlearn.actors.core.apply_nice`` also sets the actor's autogroup, without
+  which nice does nothing between actors), and it computes with all cores while the trainer waits.
+- ``colocated-1``: the same, the reference with one thread on one core;
+- ``split``: the reference on one core, the trainer on the others.
+
+Measured on 2 cores (6.5M parameters, figures in BENCHMARKS.md): the trainer alone scales to 2
+threads at about 90% efficiency, so (a) already keeps both cores busy and a first epoch cannot
+beat it by much: ``split`` gives b/c about 1 but b/a about 0.75 (the trainer on one core), the
+colocated layouts b/a about 0.9-1.0 but b/c about 0.7 ((c) has both cores and the reference's work
+must fit somewhere). ``--wait-policy passive`` (OpenMP threads sleep at once instead of spinning)
+lets the reference use more of the trainer's gaps, but slows the trainer alone by about 13%, which
+the second epoch (reference outputs from the cache) pays in full; OMP_WAIT_POLICY=ACTIVE starves
+the reference completely.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from typing import Any
+
+import click
+
+from chatlearn.hf.modules import HFDPOTrainer
+from chatlearn.transport import run
+
+# The default model: about 6M parameters with the byte-level vocabulary.
+BENCH_MODEL: dict[str, Any] = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "tie_word_embeddings": False,
+}
+
+# Prepended to every prompt; prompt truncation (from the left) then makes each pair's longer side
+# exactly --seq-len tokens.
+_PREAMBLE = (
+    "Read the operation and the two numbers, then answer with one of them: the larger one for "
+    "max, the smaller one for min. "
+) * 16
+
+LAYOUTS = ("colocated", "colocated-1", "split")
+
+
+class SingleProcessDPO(HFDPOTrainer):
+    """(a) and (c): the reference model and the policy in one process, steps timed here."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.reference_model = self.build_model()  # same seed: starts equal to the policy
+        self.reference_model.eval()
+        self.reference_model.requires_grad_(False)
+
+    def run_steps(self, records: list[dict[str, Any]], batch_size: int, precompute: bool) -> dict:
+        """Train on ``records`` in batches; returns each step's end time (``time.time()``).
+
+        ``precompute``: reference outputs of every batch before the first step (train-only).
+        """
+        from chatlearn.algorithms.dpo import reference_outputs
+
+        dataset = self.build_dataset(records)
+        batches = [
+            dataset.collate_fn([dataset[i] for i in range(start, start + batch_size)])
+            for start in range(0, len(dataset) - batch_size + 1, batch_size)
+        ]
+
+        def reference(batch: dict[str, Any]) -> dict[str, Any]:
+            return reference_outputs(self.reference_model, batch, pad_token_id=self.pad_token_id)
+
+        outputs = [reference(batch) for batch in batches] if precompute else None
+        ends = []
+        for step, batch in enumerate(batches):
+            data = outputs[step] if outputs is not None else reference(batch)
+            self.train_step([data], iteration=step)
+            ends.append(time.time())
+        return {"ends": ends, "torch_threads": _torch_threads()}
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def bench_records(num_pairs: int, seed: int = 0) -> list[dict[str, str]]:
+    """``num_pairs`` min/max preference pairs (the task of the DPO example), deterministic."""
+    rng = random.Random(seed)
+    records = []
+    while len(records) < num_pairs:
+        op, x, y = rng.choice(("max", "min")), rng.randint(0, 999), rng.randint(0, 999)
+        if x == y:
+            continue
+        high, low = str(max(x, y)), str(min(x, y))
+        chosen, rejected = (high, low) if op == "max" else (low, high)
+        records.append({"prompt": f"{op}({x},{y})=", "chosen": chosen, "rejected": rejected})
+    return records
+
+
+def model_args(options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "seed": 0,
+        "dtype": "float32",
+        "model_config": {
+            **BENCH_MODEL,
+            "hidden_size": options["hidden_size"],
+            "intermediate_size": options["intermediate_size"],
+            "num_hidden_layers": options["num_layers"],
+            "max_position_embeddings": max(256, options["seq_len"] + 8),
+        },
+        "max_length": options["seq_len"],
+        "prompt_template": _PREAMBLE + "{prompt}",
+        "beta": 0.1,
+        "learning_rate": 1e-4,
+        "max_grad_norm": 1.0,
+    }
+
+
+def throughput(ends: list[float], batch_size: int, warmup: int) -> float:
+    """Samples/s over the steps after ``warmup`` (from the end of the last warm-up step)."""
+    ends = sorted(ends)
+    if warmup < 1 or len(ends) <= warmup:
+        raise ValueError(f"need at least one warm-up step and one timed step, got {len(ends)}")
+    return (len(ends) - warmup) * batch_size / (ends[-1] - ends[warmup - 1])
+
+
+def _runtime(options: dict[str, Any], output_dir: str, **overrides: Any) -> dict[str, Any]:
+    batch = options["batch_size"]
+    return {
+        "num_episode": 1,
+        "sample_per_episode": batch * (options["steps"] + options["warmup"]),
+        "generation_batch_size": options["generation_batch_size"],
+        "train_micro_batch_size": batch,
+        "train_global_batch_size": batch,
+        "data_shuffle": False,
+        "output_dir": output_dir,
+        "log_interval": 1000,
+        **overrides,
+    }
+
+
+async def measure_single(
+    options: dict[str, Any], records: list[dict], num_cpu: int, precompute: bool, output_dir: str
+) -> dict[str, Any]:
+    """(a) (``precompute=False``) or (c): one process on ``num_cpu`` cores."""
+    import chatlearn
+    from chatlearn.config import reset_args
+    from chatlearn.engine.engine import Engine
+
+    chatlearn.init(
+        {
+            "models": {
+                "single": {"num_cpu": num_cpu, "trainable": True, "model_args": model_args(options)}
+            },
+            "runtime": _runtime(options, output_dir),
+        }
+    )
+    try:
+        async with Engine(SingleProcessDPO("single")) as engine:
+            result = await engine.group("single").call(
+                0, "run_steps", records, options["batch_size"], precompute
+            )
+    finally:
+        reset_args()
+    return {
+        "samples_per_s": throughput(result["ends"], options["batch_size"], options["warmup"]),
+        "cores": num_cpu,
+        "torch_threads": result["torch_threads"],
+    }
+
+
+def layout_models(layout: str, cores: int, nice: int, args: dict[str, Any]) -> dict[str, Any]:
+    """The ``models:`` and ``colocation`` of (b) for ``layout`` on ``cores`` cores."""
+    if layout == "colocated":
+        reference = {"num_cpu": cores, "nice": nice}
+        trainer_cores = cores
+    elif layout == "colocated-1":
+        reference = {"num_cpu": 1, "nice": nice}
+        trainer_cores = cores
+    elif layout == "split":
+        if cores < 2:
+            raise click.UsageError("--layout split needs at least 2 cores")
+        reference = {"num_cpu": 1, "nice": nice}
+        trainer_cores = cores - 1
+    else:
+        raise click.UsageError(f"unknown layout {layout!r}: choose one of {LAYOUTS}")
+    return {
+        "models": {
+            "reference": {**reference, "model_args": args},
+            "policy_trainer": {"num_cpu": trainer_cores, "trainable": True, "model_args": args},
+        },
+        "colocation": [["reference", "policy_trainer"]] if layout.startswith("colocated") else [],
+        "trainer_cores": trainer_cores,
+    }
+
+
+async def measure_pipelined(
+    options: dict[str, Any], records: list[dict], output_dir: str, *, episodes: int = 1
+) -> dict[str, Any]:
+    """(b): ``DPOEngine`` with the ``--layout`` placement; with ``episodes`` > 1 the records are
+    one episode and the figure is the last episode's (its reference outputs come again)."""
+    import chatlearn
+    from chatlearn.config import reset_args
+    from chatlearn.engine.engine import DPOEngine
+    from chatlearn.hf.modules import HFReference
+
+    batch = options["batch_size"]
+    layout = layout_models(
+        options["layout"], options["cores"], options["reference_nice"], model_args(options)
+    )
+    runtime = _runtime(options, output_dir, colocation=layout["colocation"])
+    if episodes > 1:
+        runtime.update(num_episode=episodes, sample_per_episode=len(records))
+    policy = options["wait_policy"]
+    env_vars = {} if policy == "default" else {"OMP_WAIT_POLICY": policy.upper()}
+    chatlearn.init(
+        {"models": layout["models"], "runtime": runtime, "runtime_env": {"env_vars": env_vars}}
+    )
+    try:
+        engine = DPOEngine(HFReference("reference"), HFDPOTrainer("policy_trainer"))
+        engine.set_dataset(records)
+        await engine.learn_async()
+    finally:
+        reset_args()
+    assert engine.pipeline is not None
+    timers = engine.pipeline.timers
+    ends = sorted(end for _, end in timers[engine.policy_trainer.name].busy)
+    if episodes > 1:
+        per_episode = len(records) // batch
+        # the last episode's steps, timed from the end of the episode before
+        warmup = len(ends) - per_episode
+    else:
+        warmup = options["warmup"]
+    return {
+        "samples_per_s": throughput(ends, batch, warmup),
+        "trainer_cores": layout["trainer_cores"],
+        "overlap": timers.overlap(engine.reference.name, engine.policy_trainer.name),
+    }
+
+
+def _trl_message() -> str | None:
+    if importlib.util.find_spec("trl") is None:
+        return "trl is not installed (pip install 'chatlearn[bench]'); --vs-trl skipped"
+    return None
+
+
+async def measure_trl(options: dict[str, Any], records: list[dict], output_dir: str) -> dict:
+    """TRL's DPOTrainer on the same model, data and cores, in an actor process like (a)."""
+    import chatlearn
+    from chatlearn.config import reset_args
+    from chatlearn.engine.engine import Engine
+
+    chatlearn.init(
+        {
+            "models": {
+                "trl": {
+                    "num_cpu": options["cores"],
+                    "trainable": True,
+                    "model_args": model_args(options),
+                }
+            },
+            "runtime": _runtime(options, output_dir),
+        }
+    )
+    try:
+        async with Engine(TRLRunner("trl")) as engine:
+            result = await engine.group("trl").call(
+                0, "run_trl", records, options["batch_size"], output_dir
+            )
+    finally:
+        reset_args()
+    return {"samples_per_s": throughput(result["ends"], options["batch_size"], options["warmup"])}
+
+
+class TRLRunner(SingleProcessDPO):
+    """TRL's DPOTrainer with the bench's model, tokenizer and DPO settings."""
+
+    def run_trl(self, records: list[dict[str, Any]], batch_size: int, output_dir: str) -> dict:
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl import DPOConfig, DPOTrainer
+
+        ends: list[float] = []
+
+        class StepEnds(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                ends.append(time.time())
+
+        template = str(self.model_args["prompt_template"])
+        data = [{**r, "prompt": template.replace("{prompt}", r["prompt"])} for r in records]
+        config = DPOConfig(
+            output_dir=os.path.join(output_dir, "trl"),
+            per_device_train_batch_size=batch_size,
+            max_steps=len(records) // batch_size,
+            learning_rate=float(self.model_args["learning_rate"]),
+            beta=float(self.model_args["beta"]),
+            max_length=int(self.model_args["max_length"]),
+            max_grad_norm=float(self.model_args["max_grad_norm"]),
+            lr_scheduler_type="constant",
+            logging_steps=10**6,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            dataloader_num_workers=0,
+        )
+        trainer = DPOTrainer(
+            model=self.model,
+            ref_model=self.reference_model,
+            args=config,
+            train_dataset=Dataset.from_list(data),
+            processing_class=self.tokenizer,
+            callbacks=[StepEnds()],
+        )
+        trainer.train()
+        return {"ends": ends}
+
+
+async def _measure_all(options: dict[str, Any], output_dir: str) -> dict[str, Any]:
+    batch, cores = options["batch_size"], options["cores"]
+    records = bench_records(batch * (options["steps"] + options["warmup"]))
+    single = await measure_single(options, records, cores, False, output_dir)
+    pipelined = await measure_pipelined(options, records, output_dir)
+    trainer_cores = pipelined["trainer_cores"]
+    train_only = await measure_single(options, records, trainer_cores, True, output_dir)
+    result: dict[str, Any] = {
+        "single_process_samples_per_s": single["samples_per_s"],
+        "pipelined_samples_per_s": pipelined["samples_per_s"],
+        "train_only_samples_per_s": train_only["samples_per_s"],
+        "ratio_pipelined_vs_single": pipelined["samples_per_s"] / single["samples_per_s"],
+        "ratio_pipelined_vs_train_only": pipelined["samples_per_s"] / train_only["samples_per_s"],
+        "trainer_cores": trainer_cores,
+        "overlap": pipelined["overlap"],
+    }
+    if options["second_epoch"]:
+        one_episode = records[: batch * max(options["steps"], 2)]
+        second = await measure_pipelined(options, one_episode, output_dir, episodes=2)
+        train_all = train_only
+        if trainer_cores != cores:
+            train_all = await measure_single(options, records, cores, True, output_dir)
+        result["second_epoch_samples_per_s"] = second["samples_per_s"]
+        result["train_only_all_cores_samples_per_s"] = train_all["samples_per_s"]
+        result["ratio_second_epoch_vs_train_only_all_cores"] = (
+            second["samples_per_s"] / train_all["samples_per_s"]
+        )
+    if options["vs_trl"]:
+        message = _trl_message()
+        if message is None:
+            trl = await measure_trl(options, records, output_dir)
+            result["trl_samples_per_s"] = trl["samples_per_s"]
+            result["ratio_pipelined_vs_trl"] = pipelined["samples_per_s"] / trl["samples_per_s"]
+        else:
+            result["trl_skipped"] = message
+    return result
+
+
+def _num_parameters(options: dict[str, Any]) -> int:
+    from chatlearn.hf.model import build_causal_lm, num_parameters
+
+    return num_parameters(build_causal_lm(model_args(options)["model_config"]))
+
+
+@click.command("dpo")
+@click.option("--hidden-size", default=256, show_default=True)
+@click.option("--intermediate-size", default=688, show_default=True)
+@click.option("--num-layers", default=8, show_default=True)
+@click.option("--seq-len", default=128, show_default=True, help="tokens per sequence")
+@click.option("--batch-size", default=8, show_default=True, help="pairs per training step")
+@click.option("--generation-batch-size", default=8, show_default=True, help="reference chunk")
+@click.option("--steps", default=30, show_default=True, help="timed training steps")
+@click.option("--warmup", default=4, show_default=True, help="steps before timing starts")
+@click.option("--cores", type=int, default=None, help="total cores [default: all usable]")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="colocated", show_default=True)
+@click.option("--reference-nice", default=19, show_default=True, help="reference priority")
+@click.option(
+    "--wait-policy",
+    type=click.Choice(("passive", "default")),
+    default="default",
+    show_default=True,
+    help="OMP_WAIT_POLICY of (b)'s processes (default: not set, OpenMP's own)",
+)
+@click.option("--second-epoch/--no-second-epoch", default=True, show_default=True)
+@click.option("--vs-trl", is_flag=True, help="also TRL's DPOTrainer (needs trl installed)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def command(as_json: bool, **options: Any) -> None:
+    """Samples/s of DPO: single process (a), chatlearn pipelined (b), train-only (c)."""
+    available = len(os.sched_getaffinity(0))
+    options["cores"] = options["cores"] or available
+    if not 1 <= options["cores"] <= available:
+        raise click.UsageError(f"--cores must be between 1 and {available}")
+    if options["warmup"] < 1 or options["steps"] < 1:
+        raise click.UsageError("--warmup and --steps must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="chatlearn-bench-") as output_dir:
+        result = {
+            **options,
+            "num_parameters": _num_parameters(options),
+            **run(_measure_all(options, output_dir)),
+        }
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(
+        f"{result['num_parameters'] / 1e6:.1f}M parameters, {options['batch_size']} pairs × "
+        f"{options['seq_len']} tokens per step, {options['cores']} cores, {options['steps']} "
+        f"timed steps after {options['warmup']}; (b): {options['layout']} layout, trainer on "
+        f"{result['trainer_cores']} core(s)",
+        file=sys.stderr,
+    )
+    rows = [
+        ("(a) single process", result["single_process_samples_per_s"]),
+        ("(b) chatlearn pipelined", result["pipelined_samples_per_s"]),
+        ("(c) train-only", result["train_only_samples_per_s"]),
+    ]
+    if "second_epoch_samples_per_s" in result:
+        rows.append(("(b) second epoch", result["second_epoch_samples_per_s"]))
+        rows.append(("(c) on all cores", result["train_only_all_cores_samples_per_s"]))
+    if "trl_samples_per_s" in result:
+        rows.append(("TRL DPOTrainer", result["trl_samples_per_s"]))
+    click.echo(f"{'run':<26}{'samples/s':>10}")
+    for name, value in rows:
+        click.echo(f"{name:<26}{value:>10.2f}")
+    click.echo(f"b/a {result['ratio_pipelined_vs_single']:.3f}")
+    click.echo(f"b/c {result['ratio_pipelined_vs_train_only']:.3f}")
+    if "ratio_second_epoch_vs_train_only_all_cores" in result:
+        ratio = result["ratio_second_epoch_vs_train_only_all_cores"]
+        click.echo(f"second epoch / (c) on all cores {ratio:.3f}")
+    if "trl_skipped" in result:
+        click.echo(result["trl_skipped"])

@@ -1,0 +1,60 @@
+"""`chatlearn bench dpo --json` end to end on a tiny model: every figure is there and positive.
+
+Timing targets are not checked here (they need the default model and a quiet machine; see
+BENCHMARKS.md); this checks that the three runs, the second epoch and the ratios are produced.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from chatlearn.benchmarks.dpo import bench_records, layout_models, throughput
+
+FIGURES = (
+    "single_process_samples_per_s",
+    "pipelined_samples_per_s",
+    "train_only_samples_per_s",
+    "ratio_pipelined_vs_single",
+    "ratio_pipelined_vs_train_only",
+    "second_epoch_samples_per_s",
+    "train_only_all_cores_samples_per_s",
+    "ratio_second_epoch_vs_train_only_all_cores",
+)
+
+
+def test_bench_dpo_json_has_every_figure() -> None:
+    tiny = "--hidden-size 32 --intermediate-size 64 --num-layers 1 --seq-len 32 --batch-size 4"
+    command = [sys.executable, "-m", "chatlearn.cli", "bench", "dpo", *tiny.split()]
+    command += ["--generation-batch-size", "4", "--steps", "2", "--warmup", "1", "--vs-trl"]
+    done = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in FIGURES:
+        assert result[key] > 0, key
+    assert result["trainer_cores"] >= 1 and result["num_parameters"] > 0
+    assert "trl_samples_per_s" in result or "trl" in result["trl_skipped"]
+
+
+def test_throughput_counts_the_steps_after_warmup() -> None:
+    # 4 samples a step; steps end at 1, 2, 4, 6 s: after 1 warm-up step, 12 samples in 5 s
+    assert throughput([2.0, 1.0, 4.0, 6.0], 4, 1) == pytest.approx(12 / 5)
+    with pytest.raises(ValueError):
+        throughput([1.0], 4, 1)
+
+
+def test_layouts_share_or_split_the_cores() -> None:
+    colocated = layout_models("colocated", 2, 19, {})
+    assert colocated["colocation"] == [["reference", "policy_trainer"]]
+    assert colocated["models"]["reference"] == {"num_cpu": 2, "nice": 19, "model_args": {}}
+    split = layout_models("split", 2, 0, {})
+    assert split["colocation"] == [] and split["trainer_cores"] == 1
+
+
+def test_bench_records_are_deterministic_pairs() -> None:
+    records = bench_records(16)
+    assert records == bench_records(16) and len(records) == 16
+    assert all(r["chosen"] != r["rejected"] for r in records)
