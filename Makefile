@@ -30,6 +30,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m chatlearn.cli bench transport
 	$(PY) -m chatlearn.cli bench pipeline
+	$(PY) -m chatlearn.cli bench dpo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check chatlearn tests examples
