@@ -320,7 +320,16 @@ class TRLRunner(SingleProcessDPO):
                 ends.append(time.time())
 
         template = str(self.model_args["prompt_template"])
-        data = [{**r, "prompt": template.replace("{prompt}", r["prompt"])} for r in records]
+        max_length = int(self.model_args["max_length"])
+        data = [
+            {
+                **r,
+                "prompt": self._fit_prompt(
+                    template.replace("{prompt}", r["prompt"]), r, max_length
+                ),
+            }
+            for r in records
+        ]
         config = DPOConfig(
             output_dir=os.path.join(output_dir, "trl"),
             per_device_train_batch_size=batch_size,
@@ -346,6 +355,18 @@ class TRLRunner(SingleProcessDPO):
         )
         trainer.train()
         return {"ends": ends}
+
+    def _fit_prompt(self, prompt: str, record: dict[str, Any], max_length: int) -> str:
+        """Cut the prompt's start so prompt + response + EOS fit ``max_length`` tokens, as our
+        data pipeline does (TRL would cut the response and drop the pair instead)."""
+        count = lambda text: len(self.tokenizer(text)["input_ids"])  # noqa: E731
+        response = max(count(record["chosen"]), count(record["rejected"])) + 1  # + EOS
+        for _ in range(8):  # bounded: each round removes the measured excess
+            excess = count(prompt) + response - max_length
+            if excess <= 0:
+                break
+            prompt = prompt[excess:]
+        return prompt
 
 
 async def _measure_all(options: dict[str, Any], output_dir: str) -> dict[str, Any]:
