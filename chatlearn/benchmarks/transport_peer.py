@@ -74,9 +74,9 @@ class Sender:
             for _ in range(count):
                 sock.send_multipart(frames, copy=False)
         elif mode == "pickle":
-            from chatlearn.benchmarks.pickle_baseline import send_pickled
+            from chatlearn.benchmarks.transport import pickle_baseline
 
-            send_pickled(sock, {"x": tensor}, count)
+            pickle_baseline().send_pickled(sock, {"x": tensor}, count)
         else:
             raise ValueError(f"unknown mode {mode!r}")
         return count

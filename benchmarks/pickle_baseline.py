@@ -1,9 +1,9 @@
 """The naive baseline of `chatlearn bench transport`: pickle over a plain ZeroMQ socket.
 
-This is the one module in the package that imports pickle, on purpose: it measures what our
-pickle-free codec is compared against (what a straightforward implementation would do). Nothing
-on the wire path imports it; the benchmark loads it lazily, only to run this baseline, and
-tests/test_package.py allows exactly this file.
+It measures what our pickle-free codec is compared against (what a straightforward
+implementation would do). It lives outside the `chatlearn` package on purpose: the package never
+imports pickle (tests/test_package.py). The benchmark loads this file by path from a source
+checkout, only to run this baseline; without it the pickle columns are skipped.
 """
 
 from __future__ import annotations
