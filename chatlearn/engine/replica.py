@@ -226,10 +226,11 @@ class TrainerService(_EpisodeHooks):
         before): wait for them like a train step waits for its positions.
         """
         keys = [(int(d), int(r)) for d, r in indices]
-        if not self.cache.keys() >= set(keys):
+        needed = set(keys)
+        if not self.cache.keys() >= needed:
             async with self._arrived:
                 await self._arrived.wait_for(
-                    lambda: self._failure is not None or self.cache.keys() >= set(keys)
+                    lambda: self._failure is not None or self.cache.keys() >= needed
                 )
         if self._failure is not None:
             raise RuntimeError(f"the trainer inbox got a broken message: {self._failure}")
