@@ -74,7 +74,9 @@ _EXT_NDARRAY: Final = 3
 
 # msgpack's built-in timestamp (ext -1) is decoded by msgpack itself, bypassing ext_hook. Its
 # three encodings start with these bytes; only if one occurs do we pay for a walk of the result.
-_TIMESTAMP_BYTES = re.compile(rb"[\xd6\xd7]\xff|\xc7\x0c\xff")
+# The pattern starts with the literal 0xff, which lets `re` scan with memchr; written as the
+# alternation of the three prefixes it scanned byte by byte, ~70 µs for a 4 KiB inline tensor.
+_TIMESTAMP_BYTES = re.compile(rb"\xff(?:(?<=[\xd6\xd7]\xff)|(?<=\xc7\x0c\xff))")
 
 # What msgpack, torch and numpy raise on input they reject (torch raises RuntimeError for e.g.
 # sizes it cannot allocate); inside `decode` each of these means a malformed message.

@@ -255,8 +255,12 @@ def test_bad_msgpack_and_bad_structure_are_decode_errors() -> None:
         decode([msgpack.packb([1, 10, -1, None])])  # negative request id
     with pytest.raises(DecodeError):  # unknown ext type
         decode([msgpack.packb([1, 10, 0, msgpack.ExtType(9, b"")])])
-    with pytest.raises(DecodeError):  # msgpack's timestamp ext is not ours either
-        decode([msgpack.packb([1, 10, 0, [msgpack.Timestamp(1, 0)]])])
+    # msgpack's timestamp ext is not ours either, in each of its three encodings
+    # (timestamp 32, 64 and 96 bits), after bytes that resemble them
+    for stamp in (msgpack.Timestamp(1, 0), msgpack.Timestamp(1, 5), msgpack.Timestamp(2**40, 0)):
+        body = {"pad": b"\xff\x0c\xff\xd6", "t": [stamp]}
+        with pytest.raises(DecodeError):
+            decode([msgpack.packb([1, 10, 0, body])])
     with pytest.raises(DecodeError):  # bool tensors hold only 0 and 1
         decode([tensor_header(b"\x02", "bool", (1,))])
     nested = msgpack.packb([])
