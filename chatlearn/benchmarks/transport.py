@@ -10,19 +10,29 @@ For each endpoint kind (ipc, tcp) the benchmark starts a peer process
 - pickle: ``pickle.dumps`` over blocking pyzmq — the naive way;
 - memcpy: one thread copying the payload in memory, for scale.
 
-Each figure is the best of ``--repeat`` runs, with the modes interleaved so that load from other
-processes on the machine hits them alike. GB/s are 10^9 bytes of payload per second measured at
-the receiver, after a warm-up. The control round trip is a 100-byte PING request through
-`ControlServer.request` to the peer's `ControlClient` and back; beside it, the same round trip
-over blocking pyzmq DEALER sockets (no asyncio, no envelope): the floor of any pyzmq-based
-control plane on the machine at hand.
+Each figure is the median of ``--repeat`` rounds; a round measures every mode back to back (in
+alternating order), and ours/raw is the median of the rounds' own ratios, so that the machine's
+drift (tens of percent on a shared VM) hits both sides of a ratio alike. GB/s are 10^9 bytes of
+payload per second measured at the receiver, after a warm-up.
+
+The control round trip is a 100-byte PING request through `ControlServer.request` to the peer's
+`ControlClient` and back; beside it, the same round trip over blocking pyzmq DEALER sockets (no
+asyncio, no envelope): the floor of any pyzmq-based control plane on the machine at hand. Over
+ipc, two more floors: 100 bytes echoed over a plain unix stream socket with blocking calls (the
+least any two processes need to answer each other) and with both processes' uvloop event loops
+(the least for any asyncio control plane).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import importlib.util
 import json
+import os
+import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -66,7 +76,8 @@ class Row:
     ours_msgs_per_s: float = 0.0
     raw_msgs_per_s: float = 0.0
     pickle_msgs_per_s: float = 0.0
-    # every repetition's GB/s per mode, to show the spread behind the best-of
+    # every round's ours/raw and GB/s per mode: the spread behind the medians
+    ratio_runs: list[float] = field(default_factory=list)
     runs_gbps: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -154,6 +165,46 @@ def _raw_round_trips(endpoint: str, warmup: int, count: int, ready: Any) -> list
         sock.close()
 
 
+def _stream_round_trips_blocking(conn: socket.socket, warmup: int, count: int) -> list[float]:
+    """Time 100-byte round trips over a connected unix stream socket; runs in a worker thread."""
+    conn.settimeout(RECV_TIMEOUT)
+    samples = []
+    for i in range(warmup + count):
+        started = time.perf_counter_ns()
+        conn.sendall(RTT_PAYLOAD)
+        _recv_exactly(conn, len(RTT_PAYLOAD))
+        if i >= warmup:
+            samples.append((time.perf_counter_ns() - started) / 1000)
+    return samples
+
+
+def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("the echoing peer closed the stream")
+        data += chunk
+    return data
+
+
+async def _stream_round_trips_async(conn: socket.socket, warmup: int, count: int) -> list[float]:
+    """The same round trips driven by this process's event loop (uvloop)."""
+    reader, writer = await asyncio.open_unix_connection(sock=conn)
+    samples = []
+    try:
+        async with asyncio.timeout(RECV_TIMEOUT):
+            for i in range(warmup + count):
+                started = time.perf_counter_ns()
+                writer.write(RTT_PAYLOAD)
+                await reader.readexactly(len(RTT_PAYLOAD))
+                if i >= warmup:
+                    samples.append((time.perf_counter_ns() - started) / 1000)
+    finally:
+        writer.close()
+    return samples
+
+
 class Bench:
     """Drives one peer process over one endpoint kind."""
 
@@ -237,6 +288,54 @@ class Bench:
         finally:
             await echo
 
+    async def stream_rtt_us(self, num_requests: int, *, blocking: bool) -> list[float]:
+        """Round trips (µs) of 100 bytes over a plain unix stream socket, echoed by the peer,
+        with blocking calls on both sides (the least any two processes on this machine need to
+        answer each other) or on both processes' event loops (the least for asyncio)."""
+        warmup = max(50, num_requests // 10)
+        self._num_endpoints += 1
+        path = str(self.runtime_dir.path / f"stream-{self._num_endpoints}.sock")
+        loop = asyncio.get_running_loop()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        echo: asyncio.Future[Any] | None = None
+        try:
+            listener.bind(path)
+            listener.listen(1)
+            listener.setblocking(False)
+            order = {"mode": "stream-echo", "endpoint": path, "count": warmup + num_requests}
+            order.update(size=len(RTT_PAYLOAD), blocking=blocking)
+            echo = asyncio.ensure_future(
+                self.server.request(self.identity, MessageKind.CALL, order)
+            )
+            accept = asyncio.ensure_future(loop.sock_accept(listener))
+            await asyncio.wait(
+                [accept, echo], timeout=PEER_START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not accept.done():
+                accept.cancel()
+                if echo.done():
+                    echo.result()  # raises the peer's error
+                raise TimeoutError("the benchmark peer did not connect its stream socket")
+            conn, _ = accept.result()
+            try:
+                if blocking:
+                    conn.setblocking(True)
+                    samples = await asyncio.to_thread(
+                        _stream_round_trips_blocking, conn, warmup, num_requests
+                    )
+                else:
+                    samples = await _stream_round_trips_async(conn, warmup, num_requests)
+            finally:
+                conn.close()
+            await echo
+            return samples
+        finally:
+            if echo is not None:
+                echo.cancel()
+            listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
     async def rtt_us(self, num_requests: int) -> list[float]:
         """Round-trip times (µs) of ``num_requests`` sequential 100-byte PING requests."""
         request = self.server.request
@@ -265,20 +364,16 @@ async def bench_endpoint(kind: str, quick: bool, repeat: int, log: Any) -> dict[
         try:
             identity, _ = await asyncio.wait_for(server.recv_unsolicited(), PEER_START_TIMEOUT)
             bench = Bench(server, identity, runtime_dir, kind)
-            rtts = [await bench.rtt_us(500 if quick else 2000) for _ in range(repeat)]
-            best = min(rtts, key=lambda samples: percentile(samples, 0.5))
-            raws = [await bench.raw_rtt_us(500 if quick else 2000) for _ in range(repeat)]
-            best_raw = min(raws, key=lambda samples: percentile(samples, 0.5))
-            rtt = {
-                "p50": percentile(best, 0.5),
-                "p99": percentile(best, 0.99),
-                "p50_runs": [round(percentile(samples, 0.5), 1) for samples in rtts],
-                "raw_p50": percentile(best_raw, 0.5),
-                "raw_p99": percentile(best_raw, 0.99),
-            }
+            rtt = await bench_rtt(bench, kind, 500 if quick else 2000, repeat)
+            floors = ""
+            if "stream_p50" in rtt:
+                floors = (
+                    f"; unix stream socket: blocking p50 {rtt['stream_p50']:.1f} µs, "
+                    f"uvloop p50 {rtt['stream_uvloop_p50']:.1f} µs"
+                )
             log(
                 f"{kind}: control RTT p50 {rtt['p50']:.1f} µs, p99 {rtt['p99']:.1f} µs; "
-                f"raw pyzmq p50 {rtt['raw_p50']:.1f} µs, p99 {rtt['raw_p99']:.1f} µs"
+                f"raw pyzmq p50 {rtt['raw_p50']:.1f} µs, p99 {rtt['raw_p99']:.1f} µs{floors}"
             )
             rows = []
             for size in SIZES:
@@ -295,25 +390,58 @@ async def bench_endpoint(kind: str, quick: bool, repeat: int, log: Any) -> dict[
     return {"rows": rows, "rtt": rtt}
 
 
+async def bench_rtt(bench: Bench, kind: str, num_requests: int, repeat: int) -> dict[str, Any]:
+    """Control round trips, ours beside raw pyzmq (and, over ipc, a plain unix stream socket
+    with blocking calls and with uvloop: the machine's floors); ``repeat`` interleaved rounds,
+    each figure from the round with the median p50."""
+    measures = {
+        "": bench.rtt_us,
+        "raw_": bench.raw_rtt_us,
+    }
+    if kind == "ipc":
+        measures["stream_"] = functools.partial(bench.stream_rtt_us, blocking=True)
+        measures["stream_uvloop_"] = functools.partial(bench.stream_rtt_us, blocking=False)
+    runs: dict[str, list[list[float]]] = {prefix: [] for prefix in measures}
+    for _ in range(repeat):
+        for prefix, measure in measures.items():
+            runs[prefix].append(await measure(num_requests))
+    rtt: dict[str, Any] = {}
+    for prefix, samples in runs.items():
+        ordered = sorted(samples, key=lambda run: percentile(run, 0.5))
+        middle = ordered[(len(ordered) - 1) // 2]
+        rtt[f"{prefix}p50"] = percentile(middle, 0.5)
+        rtt[f"{prefix}p99"] = percentile(middle, 0.99)
+        rtt[f"{prefix}p50_runs"] = [round(percentile(run, 0.5), 1) for run in samples]
+    return rtt
+
+
 async def bench_size(bench: Bench, kind: str, size: int, quick: bool, repeat: int) -> Row:
+    """One payload size: ``repeat`` rounds, each measuring every mode back to back.
+
+    The machine's speed drifts by tens of percent from one second to the next (a shared VM), so
+    ours and raw are compared within each round, where they see the same conditions (the order
+    alternates from round to round), and the reported ratio is the median of the rounds' ratios.
+    GB/s and msg/s are medians too.
+    """
     warmup, count = message_counts(size, quick)
     modes = MODES if PICKLE_BASELINE.is_file() else tuple(m for m in MODES if m != "pickle")
     runs: dict[str, list[float]] = {mode: [] for mode in modes}
-    for _ in range(repeat):
-        for mode in modes:
+    for round_ in range(repeat):
+        for mode in modes if round_ % 2 == 0 else modes[::-1]:
             # pickle is slow on big payloads; fewer messages give the same figure
             n = count if mode != "pickle" else max(4, count // 4)
             elapsed = await bench.throughput(mode, size, warmup, n)
             runs[mode].append(n / elapsed)
-    best = {mode: max(rates) for mode, rates in runs.items()}
+    rates = {mode: statistics.median(values) for mode, values in runs.items()}
     row = Row(size_bytes=size, endpoint=kind)
     for mode in modes:
-        setattr(row, f"{mode}_msgs_per_s", round(best[mode], 1))
-        setattr(row, f"{mode}_gbps", round(best[mode] * size / 1e9, 3))
-    row.memcpy_gbps = round(max(memcpy_gbps(size) for _ in range(repeat)), 3)
-    row.ratio_vs_raw = round(best["ours"] / best["raw"], 3)
+        setattr(row, f"{mode}_msgs_per_s", round(rates[mode], 1))
+        setattr(row, f"{mode}_gbps", round(rates[mode] * size / 1e9, 3))
+    row.memcpy_gbps = round(statistics.median(memcpy_gbps(size) for _ in range(repeat)), 3)
+    row.ratio_runs = [round(o / r, 3) for o, r in zip(runs["ours"], runs["raw"], strict=True)]
+    row.ratio_vs_raw = round(statistics.median(row.ratio_runs), 3)
     row.runs_gbps = {
-        mode: [round(r * size / 1e9, 3) for r in rates] for mode, rates in runs.items()
+        mode: [round(r * size / 1e9, 3) for r in values] for mode, values in runs.items()
     }
     return row
 
@@ -349,6 +477,12 @@ async def bench_all(kinds: tuple[str, ...], quick: bool, repeat: int, log: Any) 
         "rtt_us_p99": round(first["p99"], 1),
         "raw_rtt_us_p50": round(first["raw_p50"], 1),
         "raw_rtt_us_p99": round(first["raw_p99"], 1),
+        **{
+            f"{name}_rtt_us_p50": round(rtt[kind][f"{name}_p50"], 1)
+            for kind in kinds[:1]
+            for name in ("stream", "stream_uvloop")
+            if f"{name}_p50" in rtt[kind]
+        },
         "rtt_endpoint": kinds[0],
         "rtt_us": rtt,
         "repeat": repeat,
@@ -360,7 +494,7 @@ async def bench_all(kinds: tuple[str, ...], quick: bool, repeat: int, log: Any) 
 @click.command(name="transport")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--quick", is_flag=True, help="Fewer messages and one repetition (a smoke run).")
-@click.option("--repeat", type=click.IntRange(1, 20), default=None, help="Runs per figure [3].")
+@click.option("--repeat", type=click.IntRange(1, 20), default=None, help="Rounds per figure [5].")
 @click.option(
     "--endpoint",
     "endpoints",
@@ -371,7 +505,7 @@ async def bench_all(kinds: tuple[str, ...], quick: bool, repeat: int, log: Any) 
 def command(as_json: bool, quick: bool, repeat: int | None, endpoints: tuple[str, ...]) -> None:
     """Throughput (GB/s, msg/s) of our channel vs raw pyzmq, pickle and memcpy; control RTT."""
     kinds = endpoints or ENDPOINT_KINDS
-    repeat = repeat or (1 if quick else 3)
+    repeat = repeat or (1 if quick else 5)
 
     def log(line: str) -> None:
         # With --json, progress goes to stderr so stdout is exactly one JSON object.
@@ -387,6 +521,13 @@ def command(as_json: bool, quick: bool, repeat: int | None, endpoints: tuple[str
     for kind in kinds:
         spread = ", ".join(f"{p:.0f}" for p in rtt[kind]["p50_runs"])
         log(f"control RTT ({kind}, 100-byte request): p50 {rtt[kind]['p50']:.1f} µs, "
-            f"p99 {rtt[kind]['p99']:.1f} µs (p50 of each run: {spread}); raw blocking pyzmq "
+            f"p99 {rtt[kind]['p99']:.1f} µs (p50 of each round: {spread}); raw blocking pyzmq "
             f"p50 {rtt[kind]['raw_p50']:.1f} µs, p99 {rtt[kind]['raw_p99']:.1f} µs")  # fmt: skip
-    log(f"best of {repeat} run(s) per figure; {result['seconds']:.0f} s in total")
+        if "stream_p50" in rtt[kind]:
+            log(f"  floors: 100 bytes over a unix stream socket, blocking p50 "
+                f"{rtt[kind]['stream_p50']:.1f} µs, uvloop p50 "
+                f"{rtt[kind]['stream_uvloop_p50']:.1f} µs")  # fmt: skip
+    for row in result["rows"]:
+        spread = ", ".join(f"{r:.2f}" for r in row["ratio_runs"])
+        log(f"ours/raw {format_size(row['size_bytes'])} {row['endpoint']}: rounds {spread}")
+    log(f"medians of {repeat} round(s) per figure; {result['seconds']:.0f} s in total")

@@ -9,11 +9,16 @@ Run as ``python -m chatlearn.benchmarks.transport_peer CONTROL_ENDPOINT``. It co
   ("ours"), raw pyzmq zero-copy multipart ("raw"), or pickle over pyzmq ("pickle") — then
   REPLYs with the count;
 - CALL ``{"mode": "echo", "endpoint", "count"}``: connects a blocking DEALER and echoes
-  ``count`` messages (the raw round-trip baseline).
+  ``count`` messages (the raw round-trip baseline);
+- CALL ``{"mode": "stream-echo", "endpoint", "count", "size", "blocking"}``: connects to the unix
+  stream socket at path ``endpoint`` and echoes ``count`` messages of ``size`` bytes, with
+  blocking calls or on the event loop (the machine's round-trip floors).
 """
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import sys
 from typing import Any
 
@@ -53,6 +58,8 @@ class Sender:
         self.close()
         if order["mode"] == "echo":
             return _echo(order["endpoint"], order["count"])
+        if order["mode"] == "stream-echo":
+            return await _stream_echo(order)
         tensor = torch.ones(order["size"] // 4, dtype=torch.float32)
         count, endpoint, hwm, mode = order["count"], order["endpoint"], order["hwm"], order["mode"]
         if mode == "ours":
@@ -92,6 +99,28 @@ def _echo(endpoint: str, count: int) -> int:
             sock.send(sock.recv(copy=False), copy=False)
     finally:
         sock.close()
+    return count
+
+
+async def _stream_echo(order: dict[str, Any]) -> int:
+    count, size = order["count"], order["size"]
+    if order["blocking"]:
+        from chatlearn.benchmarks.transport import _recv_exactly
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(60)  # the benchmark side failed: give up, don't hang
+            sock.connect(order["endpoint"])
+            for _ in range(count):
+                sock.sendall(_recv_exactly(sock, size))
+        return count
+    reader, writer = await asyncio.open_unix_connection(order["endpoint"])
+    try:
+        async with asyncio.timeout(60):
+            for _ in range(count):
+                writer.write(await reader.readexactly(size))
+            await writer.drain()
+    finally:
+        writer.close()
     return count
 
 
