@@ -127,16 +127,25 @@ def apply_nice(nice: int) -> None:
     """Change this actor's CPU priority by ``nice`` (best effort: a failure is printed).
 
     Linux nice values belong to threads: this applies to the calling thread (the compute thread,
-    so also the torch threads it starts). With autogroup scheduling (``sched_autogroup_enabled``,
-    the default of most distributions) a nice value only ranks threads inside one session, and
-    every actor has its own session (``spawn_worker``): the kernel would share a core equally
-    between a niced actor and another one. So the session's autogroup gets the value too.
+    so also the torch threads it starts), not to the event loop's thread, which keeps answering
+    requests and sending heartbeats at full priority: a niced compute thread yields the cores to
+    the other actors, a niced heartbeat would let the actor be declared dead under load.
+
+    With autogroup scheduling (``sched_autogroup_enabled``, the default of most distributions)
+    the kernel first shares the cores between sessions, and nice values only rank threads inside
+    one. Local actors stay in the coordinator's session (`spawn_worker` gives them their own
+    process group, not their own session), so their threads are ranked against each other as
+    set. A process that leads its own session (an actor started over ssh) has the autogroup to
+    itself: then the autogroup gets the value too, or the niced actor would still get an equal
+    share of the host's cores.
     """
     try:
         value = os.nice(nice)
     except OSError as exc:  # raising priority needs privileges; not worth failing for
         print(f"chatlearn: cannot apply nice {nice}: {exc}", file=sys.stderr)
         return
+    if os.getsid(0) != os.getpid():
+        return  # the autogroup is shared with the coordinator and the other actors
     try:
         with open("/proc/self/autogroup", "w") as autogroup:
             autogroup.write(str(value))

@@ -57,10 +57,12 @@ def spawn_worker(args: Sequence[str], env: Mapping[str, str]) -> subprocess.Pope
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         close_fds=True,
-        # Own session: a signal sent to the coordinator's process group (a terminal's Ctrl-C,
+        # Own process group: a signal sent to the coordinator's (a terminal's Ctrl-C,
         # `kill -TERM -PGID`) reaches the coordinator, which stops actors in order; actors of a
-        # coordinator that dies are stopped by their parent-death signal.
-        start_new_session=True,
+        # coordinator that dies are stopped by their parent-death signal. Not a new session:
+        # the actors share the coordinator's autogroup, so their nice values rank their
+        # threads against each other (see `core.apply_nice`).
+        process_group=0,
     )
 
 

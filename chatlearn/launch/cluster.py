@@ -170,7 +170,7 @@ class Cluster:
             stdin=subprocess.PIPE,
             stderr=subprocess.PIPE,
             close_fds=True,
-            start_new_session=True,  # as spawn_worker: the coordinator stops actors in order
+            process_group=0,  # as spawn_worker: the coordinator stops actors in order
         )
         assert popen.stdin is not None
         popen.stdin.write(json.dumps(self.keys.to_payload()).encode() + b"\n")

@@ -1,7 +1,9 @@
-"""`models.<name>.nice` lowers an actor's priority even with autogroup scheduling.
+"""`models.<name>.nice` lowers an actor's compute priority, also with autogroup scheduling.
 
-Every actor has its own session, hence its own autogroup when the kernel has them enabled; nice
-alone then would not rank it against the other actors, so its autogroup must get the value too.
+Local actors share the coordinator's session (their own process group, not their own session),
+hence its autogroup: the nice value of the compute thread ranks it against the other actors, and
+the autogroup is left alone (changing it would lower the coordinator and every actor). A process
+leading its own session (an actor started over ssh) has the autogroup to itself and sets it too.
 """
 
 from __future__ import annotations
@@ -12,29 +14,64 @@ import sys
 
 import pytest
 
+# Nices the main thread from a compute-like thread: only that thread (and threads it starts)
+# change; then prints both threads' priorities and the autogroup's nice.
 _PROBE = """
-import os
+import os, threading
 from chatlearn.actors.core import apply_nice
-apply_nice(7)
-print(os.getpriority(os.PRIO_PROCESS, 0))
-try:
-    print(open("/proc/self/autogroup").read().split()[-1])
-except OSError:
-    print("none")
+def autogroup():
+    try:
+        return open("/proc/self/autogroup").read().split()[-1]
+    except OSError:
+        return "none"
+before = autogroup()
+seen = {}
+def compute():
+    apply_nice(7)
+    seen["compute"] = os.getpriority(os.PRIO_PROCESS, 0)
+    child = threading.Thread(target=lambda: seen.update(child=os.getpriority(os.PRIO_PROCESS, 0)))
+    child.start()
+    child.join()
+thread = threading.Thread(target=compute)
+thread.start()
+thread.join()
+main = os.getpriority(os.PRIO_PROCESS, 0)
+print(seen["compute"], seen["child"], main, before, autogroup())
 """
 
 
-def test_apply_nice_sets_the_thread_and_its_session_autogroup() -> None:
+def _probe(**popen: object) -> tuple[int, int, int, str, str]:
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        start_new_session=True,  # as spawn_worker does: its own session, its own autogroup
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=60, **popen
     )
     assert done.returncode == 0, done.stderr
-    priority, autogroup = done.stdout.split()
-    assert int(priority) == os.getpriority(os.PRIO_PROCESS, 0) + 7
-    if autogroup == "none":
+    compute, child, main, before, after = done.stdout.split()
+    return int(compute), int(child), int(main), before, after
+
+
+def test_apply_nice_lowers_the_compute_thread_only_and_keeps_a_shared_autogroup() -> None:
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    compute, child, main, before, after = _probe(process_group=0)  # as spawn_worker does
+    assert compute == own + 7
+    assert child == compute  # torch's threads, started by the compute thread
+    assert main == own  # the event loop (heartbeats, replies) keeps its priority
+    assert after == before  # the coordinator's autogroup is not lowered with the actor
+
+
+def test_apply_nice_sets_the_autogroup_of_a_session_leader() -> None:
+    compute, _, _, _, after = _probe(start_new_session=True)  # e.g. an actor started by sshd
+    if after == "none":
         pytest.skip("this kernel has no autogroups")
-    assert int(autogroup) == int(priority)
+    assert int(after) == compute
+
+
+def test_spawned_workers_share_the_coordinators_session() -> None:
+    from chatlearn.actors.process import spawn_worker
+
+    worker = spawn_worker(["--help"], dict(os.environ))
+    try:
+        assert os.getsid(worker.pid) == os.getsid(0)
+        assert os.getpgid(worker.pid) == worker.pid  # their own group: no terminal Ctrl-C
+    finally:
+        worker.kill()
+        worker.communicate(timeout=30)
