@@ -25,8 +25,9 @@ Layouts of (b) (``--layout``):
 
 - ``colocated`` (default): reference and trainer share all cores, each with one torch thread per
   core; the reference runs at ``--reference-nice`` (19), so the kernel gives it only the time the
-  trainer leaves (``chatlearn.actors.core.apply_nice`` also sets the actor's autogroup, without
-  which nice does nothing between actors), and it computes with all cores while the trainer waits.
+  trainer leaves (its compute threads only: ``chatlearn.actors.core.apply_nice``; local actors
+  share the coordinator's autogroup, so nice ranks them), and it computes with all cores while
+  the trainer waits.
 - ``colocated-1``: the same, the reference with one thread on one core;
 - ``split``: the reference on one core, the trainer on the others.
 
@@ -302,11 +303,30 @@ async def measure_trl(options: dict[str, Any], records: list[dict], output_dir: 
             )
     finally:
         reset_args()
-    return {"samples_per_s": throughput(result["ends"], options["batch_size"], options["warmup"])}
+    return {
+        "samples_per_s": throughput(result["ends"], options["batch_size"], options["warmup"]),
+        "torch_threads": result["torch_threads"],
+    }
 
 
 class TRLRunner(SingleProcessDPO):
-    """TRL's DPOTrainer with the bench's model, tokenizer and DPO settings."""
+    """TRL's DPOTrainer with the bench's model, tokenizer and DPO settings.
+
+    TRL's own training loop, collator, loss and metrics are used as they are, but not two TRL
+    config defaults that would make it compute something else than (a):
+
+    - ``bf16``: TRL's configs default it to True when ``fp16`` is not set, which on CPU makes
+      accelerate run every forward under bf16 autocast. Our model and (a) compute in the
+      ``dtype`` of ``model_args`` (float32); without native bf16 matmuls (AVX2-only CPUs) a bf16
+      ``mm`` is about 10x slower than a float32 one, and a step of the default bench model took
+      25-34 s instead of about 1 s. Off here: TRL computes in the model's own dtype, like (a).
+    - ``gradient_checkpointing``: TRL's default is True (transformers' is False); it recomputes
+      the forward in the backward (about 30% slower on the default model). It follows
+      ``model_args`` as our trainer does (off in the bench).
+
+    Thread count: the actor sets it from its pinning as for (a); ``torch_threads`` is read on
+    the thread that runs TRL's steps and returned.
+    """
 
     def run_trl(self, records: list[dict[str, Any]], batch_size: int, output_dir: str) -> dict:
         from datasets import Dataset
@@ -314,10 +334,12 @@ class TRLRunner(SingleProcessDPO):
         from trl import DPOConfig, DPOTrainer
 
         ends: list[float] = []
+        threads: list[int] = []
 
         class StepEnds(TrainerCallback):
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 ends.append(time.time())
+                threads.append(_torch_threads())
 
         template = str(self.model_args["prompt_template"])
         max_length = int(self.model_args["max_length"])
@@ -344,6 +366,10 @@ class TRLRunner(SingleProcessDPO):
             report_to=[],
             use_cpu=True,
             dataloader_num_workers=0,
+            # the model's own dtype, no autocast (TRL defaults bf16 to True): see the class doc
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=bool(self.arg("gradient_checkpointing", False)),
         )
         trainer = DPOTrainer(
             model=self.model,
@@ -354,15 +380,21 @@ class TRLRunner(SingleProcessDPO):
             callbacks=[StepEnds()],
         )
         trainer.train()
-        return {"ends": ends}
+        return {"ends": ends, "torch_threads": max(threads, default=_torch_threads())}
 
     def _fit_prompt(self, prompt: str, record: dict[str, Any], max_length: int) -> str:
         """Cut the prompt's start so prompt + response + EOS fit ``max_length`` tokens, as our
         data pipeline does (TRL would cut the response and drop the pair instead)."""
-        count = lambda text: len(self.tokenizer(text)["input_ids"])  # noqa: E731
-        response = max(count(record["chosen"]), count(record["rejected"])) + 1  # + EOS
+
+        def count(text: str, special: bool) -> int:
+            return len(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+        # TRL tokenizes the prompt with the tokenizer's special tokens (bos) and the response
+        # after it, without them, plus EOS
+        responses = (count(record["chosen"], False), count(record["rejected"], False))
+        response = max(responses) + 1
         for _ in range(8):  # bounded: each round removes the measured excess
-            excess = count(prompt) + response - max_length
+            excess = count(prompt, True) + response - max_length
             if excess <= 0:
                 break
             prompt = prompt[excess:]

@@ -58,3 +58,18 @@ def test_bench_records_are_deterministic_pairs() -> None:
     records = bench_records(16)
     assert records == bench_records(16) and len(records) == 16
     assert all(r["chosen"] != r["rejected"] for r in records)
+
+
+def test_trl_prompts_fill_seq_len_like_our_pipeline() -> None:
+    # TRL's sequence = prompt with bos + response without special tokens + eos: exactly --seq-len
+    from chatlearn.benchmarks.dpo import TRLRunner, model_args
+    from chatlearn.hf.tokenizer import load_tokenizer
+
+    runner = TRLRunner.__new__(TRLRunner)  # no actor: only the tokenizer is used
+    runner.tokenizer = load_tokenizer(None)
+    options = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "seq_len": 64}
+    template = str(model_args(options)["prompt_template"])
+    for record in bench_records(32):
+        prompt = runner._fit_prompt(template.replace("{prompt}", record["prompt"]), record, 64)
+        response = max(len(record["chosen"]), len(record["rejected"])) + 1  # bytes + eos
+        assert len(runner.tokenizer(prompt)["input_ids"]) + response == 64
