@@ -61,7 +61,7 @@ def spawn_worker(args: Sequence[str], env: Mapping[str, str]) -> subprocess.Pope
         # `kill -TERM -PGID`) reaches the coordinator, which stops actors in order; actors of a
         # coordinator that dies are stopped by their parent-death signal. Not a new session:
         # the actors share the coordinator's autogroup, so their nice values rank their
-        # threads against each other (see `core.apply_nice`).
+        # threads against each other (see `core.apply_priority`).
         process_group=0,
     )
 

@@ -197,6 +197,7 @@ def spawn_model(
     """Start one worker per assignment (not yet configured: see `RemoteActor.start`)."""
     class_ref = ClassRef.of(type(module))
     nice = int(config_value(module.module_args, "nice", 0) or 0)
+    idle_priority = bool(config_value(module.module_args, "idle_priority", False))
     options = system.options
     cluster = system.cluster
     rendezvous: dict[int, tuple[str, int]] = {}
@@ -236,6 +237,7 @@ def spawn_model(
             runtime_dir=str(system.runtime_dir.path) if system.runtime_dir and local else None,
             dist_timeout=options.dist_timeout,
             nice=nice,
+            idle_priority=idle_priority,
         )
         actor = RemoteActor(system, a, spec)
         endpoint = system.server.endpoint if local else system.remote_endpoint

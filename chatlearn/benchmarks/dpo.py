@@ -24,10 +24,10 @@ step, so process start-up, model building and the first steps are excluded.
 Layouts of (b) (``--layout``):
 
 - ``colocated`` (default): reference and trainer share all cores, each with one torch thread per
-  core; the reference runs at ``--reference-nice`` (19), so the kernel gives it only the time the
-  trainer leaves (its compute threads only: ``chatlearn.actors.core.apply_nice``; local actors
-  share the coordinator's autogroup, so nice ranks them), and it computes with all cores while
-  the trainer waits.
+  core; the reference's compute threads run under SCHED_IDLE (``--reference-priority idle``, the
+  model key ``idle_priority``) or at ``--reference-nice`` (``--reference-priority nice``), so the
+  kernel gives them only the time the trainer leaves (``chatlearn.actors.core.apply_priority``),
+  and the reference computes with all cores while the trainer waits.
 - ``colocated-1``: the same, the reference with one thread on one core;
 - ``split``: the reference on one core, the trainer on the others.
 
@@ -203,18 +203,21 @@ async def measure_single(
     }
 
 
-def layout_models(layout: str, cores: int, nice: int, args: dict[str, Any]) -> dict[str, Any]:
-    """The ``models:`` and ``colocation`` of (b) for ``layout`` on ``cores`` cores."""
+def layout_models(
+    layout: str, cores: int, priority: dict[str, Any], args: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``models:`` and ``colocation`` of (b) for ``layout`` on ``cores`` cores; ``priority``
+    is the reference's ``nice``/``idle_priority`` keys."""
     if layout == "colocated":
-        reference = {"num_cpu": cores, "nice": nice}
+        reference = {"num_cpu": cores, **priority}
         trainer_cores = cores
     elif layout == "colocated-1":
-        reference = {"num_cpu": 1, "nice": nice}
+        reference = {"num_cpu": 1, **priority}
         trainer_cores = cores
     elif layout == "split":
         if cores < 2:
             raise click.UsageError("--layout split needs at least 2 cores")
-        reference = {"num_cpu": 1, "nice": nice}
+        reference = {"num_cpu": 1, **priority}
         trainer_cores = cores - 1
     else:
         raise click.UsageError(f"unknown layout {layout!r}: choose one of {LAYOUTS}")
@@ -239,9 +242,11 @@ async def measure_pipelined(
     from chatlearn.hf.modules import HFReference
 
     batch = options["batch_size"]
-    layout = layout_models(
-        options["layout"], options["cores"], options["reference_nice"], model_args(options)
-    )
+    if options["reference_priority"] == "idle":
+        priority: dict[str, Any] = {"idle_priority": True}
+    else:
+        priority = {"nice": options["reference_nice"]}
+    layout = layout_models(options["layout"], options["cores"], priority, model_args(options))
     runtime = _runtime(options, output_dir, colocation=layout["colocation"])
     if episodes > 1:
         runtime.update(num_episode=episodes, sample_per_episode=len(records))
@@ -456,7 +461,16 @@ def _num_parameters(options: dict[str, Any]) -> int:
 @click.option("--warmup", default=4, show_default=True, help="steps before timing starts")
 @click.option("--cores", type=int, default=None, help="total cores [default: all usable]")
 @click.option("--layout", type=click.Choice(LAYOUTS), default="colocated", show_default=True)
-@click.option("--reference-nice", default=19, show_default=True, help="reference priority")
+@click.option(
+    "--reference-priority",
+    type=click.Choice(("idle", "nice")),
+    default="idle",
+    show_default=True,
+    help="the reference's compute threads: SCHED_IDLE, or --reference-nice",
+)
+@click.option(
+    "--reference-nice", default=19, show_default=True, help="with --reference-priority nice"
+)
 @click.option(
     "--wait-policy",
     type=click.Choice(("passive", "default")),

@@ -80,7 +80,8 @@ Models section (`models.<name>:`):
 | model_config_file | str | "" | YAML read into `model_args` |
 | free_memory | bool | false | offload when colocated |
 | generation_batch_size | int or null | runtime's | this model's chunk size (≤ 0: no split) |
-| nice | int in [-20, 19] | 0 | scheduling priority offset of the model's processes |
+| nice | int in [-20, 19] | 0 | scheduling priority offset of the model's compute threads |
+| idle_priority | bool | false | compute only on CPU time no other thread wants (Linux SCHED_IDLE) |
 
 `runtime_env:` — pip, py_modules, excludes (lists of str), working_dir (str or null), platform
 (str), env_vars (mapping of environment variables for actor processes).
@@ -349,6 +350,7 @@ MODEL_KEYS: dict[str, KeySpec] = {
     "free_memory": KeySpec("bool", False),
     "generation_batch_size": _int(None, optional=True, example=4),
     "nice": _int(0, -20, max_value=19),
+    "idle_priority": KeySpec("bool", False),
 }
 
 # Parallel sizes that a Megatron-style model_config_file may set instead (ChatLearn reads them

@@ -18,7 +18,7 @@ import pytest
 # change; then prints both threads' priorities and the autogroup's nice.
 _PROBE = """
 import os, threading
-from chatlearn.actors.core import apply_nice
+from chatlearn.actors.core import apply_priority
 def autogroup():
     try:
         return open("/proc/self/autogroup").read().split()[-1]
@@ -27,8 +27,9 @@ def autogroup():
 before = autogroup()
 seen = {}
 def compute():
-    apply_nice(7)
+    apply_priority(int(os.environ.get("NICE", "0")), idle=bool(os.environ.get("IDLE")))
     seen["compute"] = os.getpriority(os.PRIO_PROCESS, 0)
+    seen["policy"] = os.sched_getscheduler(0)
     child = threading.Thread(target=lambda: seen.update(child=os.getpriority(os.PRIO_PROCESS, 0)))
     child.start()
     child.join()
@@ -37,21 +38,27 @@ thread.start()
 thread.join()
 main = os.getpriority(os.PRIO_PROCESS, 0)
 print(seen["compute"], seen["child"], main, before, autogroup())
+print(seen["policy"], os.sched_getscheduler(0))
 """
 
 
-def _probe(**popen: object) -> tuple[int, int, int, str, str]:
+def _probe(env: dict[str, str], **popen: object) -> tuple[int, int, int, str, str, int, int]:
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=60, **popen
+        [sys.executable, "-c", _PROBE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+        **popen,
     )
     assert done.returncode == 0, done.stderr
-    compute, child, main, before, after = done.stdout.split()
-    return int(compute), int(child), int(main), before, after
+    compute, child, main, before, after, policy, main_policy = done.stdout.split()
+    return int(compute), int(child), int(main), before, after, int(policy), int(main_policy)
 
 
 def test_apply_nice_lowers_the_compute_thread_only_and_keeps_a_shared_autogroup() -> None:
     own = os.getpriority(os.PRIO_PROCESS, 0)
-    compute, child, main, before, after = _probe(process_group=0)  # as spawn_worker does
+    compute, child, main, before, after, _, _ = _probe({"NICE": "7"}, process_group=0)
     assert compute == own + 7
     assert child == compute  # torch's threads, started by the compute thread
     assert main == own  # the event loop (heartbeats, replies) keeps its priority
@@ -59,10 +66,19 @@ def test_apply_nice_lowers_the_compute_thread_only_and_keeps_a_shared_autogroup(
 
 
 def test_apply_nice_sets_the_autogroup_of_a_session_leader() -> None:
-    compute, _, _, _, after = _probe(start_new_session=True)  # e.g. an actor started by sshd
+    compute, _, _, _, after, _, _ = _probe({"NICE": "7"}, start_new_session=True)  # as sshd
     if after == "none":
         pytest.skip("this kernel has no autogroups")
     assert int(after) == compute
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="needs Linux SCHED_IDLE")
+def test_idle_priority_puts_the_compute_thread_under_sched_idle() -> None:
+    compute, child, main, before, after, policy, main_policy = _probe({"IDLE": "1"})
+    assert policy == os.SCHED_IDLE
+    assert main_policy == os.sched_getscheduler(0)  # the event loop's thread is unchanged
+    assert compute == 19 and child == 19  # and nice 19, for a session leader's autogroup
+    assert after == before
 
 
 def test_spawned_workers_share_the_coordinators_session() -> None:

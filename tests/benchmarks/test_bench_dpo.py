@@ -47,10 +47,12 @@ def test_throughput_counts_the_steps_after_warmup() -> None:
 
 
 def test_layouts_share_or_split_the_cores() -> None:
-    colocated = layout_models("colocated", 2, 19, {})
+    colocated = layout_models("colocated", 2, {"idle_priority": True}, {})
     assert colocated["colocation"] == [["reference", "policy_trainer"]]
-    assert colocated["models"]["reference"] == {"num_cpu": 2, "nice": 19, "model_args": {}}
-    split = layout_models("split", 2, 0, {})
+    reference = {"num_cpu": 2, "idle_priority": True, "model_args": {}}
+    assert colocated["models"]["reference"] == reference
+    split = layout_models("split", 2, {"nice": 19}, {})
+    assert split["models"]["reference"]["nice"] == 19
     assert split["colocation"] == [] and split["trainer_cores"] == 1
 
 
