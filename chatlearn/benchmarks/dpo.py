@@ -43,6 +43,7 @@ the reference completely.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -371,6 +372,7 @@ class TRLRunner(SingleProcessDPO):
             report_to=[],
             use_cpu=True,
             dataloader_num_workers=0,
+            disable_tqdm=True,  # a carriage-return bar, unreadable through an actor's stderr
             # the model's own dtype, no autocast (TRL defaults bf16 to True): see the class doc
             bf16=False,
             fp16=False,
@@ -384,7 +386,9 @@ class TRLRunner(SingleProcessDPO):
             processing_class=self.tokenizer,
             callbacks=[StepEnds()],
         )
-        trainer.train()
+        # The Trainer prints its final metrics to stdout, which is the benchmark's JSON output.
+        with contextlib.redirect_stdout(sys.stderr):
+            trainer.train()
         return {"ends": ends, "torch_threads": max(threads, default=_torch_threads())}
 
     def _fit_prompt(self, prompt: str, record: dict[str, Any], max_length: int) -> str:
