@@ -19,7 +19,9 @@ the same code as (b): ``HFReference.forward_step``'s ``reference_outputs`` and
 ``HFDPOTrainer.train_step`` (AdamW, clipping, the DPO loss of ``chatlearn.algorithms.dpo``).
 
 Throughput is samples over the span from the end of the last warm-up step to the end of the last
-step, so process start-up, model building and the first steps are excluded.
+step, so process start-up, model building and the first steps are excluded. The machine's speed
+drifts between runs; ``--repeat N`` measures everything N times in rounds and reports medians
+(a ratio: the median of the rounds' own ratios).
 
 Layouts of (b) (``--layout``):
 
@@ -48,6 +50,7 @@ import importlib.util
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -411,6 +414,26 @@ class TRLRunner(SingleProcessDPO):
 
 
 async def _measure_all(options: dict[str, Any], output_dir: str) -> dict[str, Any]:
+    """``--repeat`` rounds of every run; with several, each figure is the median over rounds,
+    a ratio the median of the rounds' own ratios (runs of one round see the same machine)."""
+    rounds = [await _measure_round(options, output_dir) for _ in range(options["repeat"])]
+    return rounds[0] if len(rounds) == 1 else median_of_rounds(rounds)
+
+
+def median_of_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every float figure's median over ``rounds`` (other values from the first), plus the
+    rounds themselves under ``"rounds"``."""
+    result: dict[str, Any] = {}
+    for key, value in rounds[0].items():
+        if isinstance(value, float) and all(key in r for r in rounds):
+            result[key] = statistics.median(r[key] for r in rounds)
+        else:
+            result[key] = value
+    result["rounds"] = rounds
+    return result
+
+
+async def _measure_round(options: dict[str, Any], output_dir: str) -> dict[str, Any]:
     batch, cores = options["batch_size"], options["cores"]
     records = bench_records(batch * (options["steps"] + options["warmup"]))
     single = await measure_single(options, records, cores, False, output_dir)
@@ -483,6 +506,13 @@ def _num_parameters(options: dict[str, Any]) -> int:
     help="OMP_WAIT_POLICY of (b)'s processes (default: not set, OpenMP's own)",
 )
 @click.option("--second-epoch/--no-second-epoch", default=True, show_default=True)
+@click.option(
+    "--repeat",
+    type=click.IntRange(1, 20),
+    default=1,
+    show_default=True,
+    help="rounds of every run; figures are medians over rounds",
+)
 @click.option("--vs-trl", is_flag=True, help="also TRL's DPOTrainer (needs trl installed)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def command(as_json: bool, **options: Any) -> None:
@@ -529,3 +559,8 @@ def command(as_json: bool, **options: Any) -> None:
         click.echo(f"second epoch / (c) on all cores {ratio:.3f}")
     if "trl_skipped" in result:
         click.echo(result["trl_skipped"])
+    if "rounds" in result:
+        click.echo(f"medians of {len(result['rounds'])} rounds; each round's ratios:")
+        for key in (k for k in result if k.startswith("ratio_")):
+            spread = ", ".join(f"{r[key]:.3f}" for r in result["rounds"])
+            click.echo(f"  {key}: {spread}")

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from chatlearn.benchmarks.dpo import bench_records, layout_models, throughput
+from chatlearn.benchmarks.dpo import bench_records, layout_models, median_of_rounds, throughput
 
 FIGURES = (
     "single_process_samples_per_s",
@@ -44,6 +44,17 @@ def test_throughput_counts_the_steps_after_warmup() -> None:
     assert throughput([2.0, 1.0, 4.0, 6.0], 4, 1) == pytest.approx(12 / 5)
     with pytest.raises(ValueError):
         throughput([1.0], 4, 1)
+
+
+def test_rounds_give_medians_and_ratios_of_the_same_round() -> None:
+    rounds = [
+        {"pipelined_samples_per_s": b, "ratio_pipelined_vs_single": r, "trainer_cores": 2}
+        for b, r in ((8.0, 1.1), (6.0, 0.9), (7.0, 0.8))
+    ]
+    result = median_of_rounds(rounds)
+    assert result["pipelined_samples_per_s"] == 7.0
+    assert result["ratio_pipelined_vs_single"] == 0.9  # the rounds' ratios, not b's median / a's
+    assert result["trainer_cores"] == 2 and result["rounds"] == rounds
 
 
 def test_layouts_share_or_split_the_cores() -> None:
