@@ -22,7 +22,7 @@ import queue
 import socket
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -123,8 +123,9 @@ class ComputeThread:
         self._queue.put(None)
 
 
-def apply_priority(nice: int, *, idle: bool = False) -> None:
-    """Lower this actor's CPU priority (best effort: a failure is printed).
+def apply_priority(nice: int, *, idle: bool = False, threads: Iterable[int] | None = None) -> None:
+    """Lower the CPU priority of ``threads`` (native ids; default: the calling thread), best
+    effort: a failure is printed.
 
     ``nice``: a nice offset. ``idle``: the SCHED_IDLE policy, under which a thread runs only on
     CPU time that no other thread wants, and a waking normal thread takes its core at once (the
@@ -134,10 +135,11 @@ def apply_priority(nice: int, *, idle: bool = False) -> None:
     (4 interleaved runs each): the trainer's threads, which sleep between torch operations, get
     their cores back faster. Where SCHED_IDLE does not exist, ``idle`` falls back to nice 19.
 
-    Both belong to threads on Linux: they apply to the calling thread (the compute thread, so
-    also the torch threads it starts), not to the event loop's thread, which keeps answering
-    requests and sending heartbeats at full priority: a lowered compute thread yields the cores
-    to the other actors, a lowered heartbeat would let the actor be declared dead under load.
+    Both belong to threads on Linux, and a thread inherits them from the thread that starts it.
+    An actor lowers its compute thread and the threads its start-up created (torch's pools), not
+    the event loop's thread, which keeps answering requests and sending heartbeats at full
+    priority: a lowered compute thread yields the cores to the other actors, a lowered heartbeat
+    would let the actor be declared dead under load.
 
     With autogroup scheduling (``sched_autogroup_enabled``, the default of most distributions)
     the kernel first shares the cores between sessions, and priorities only rank threads inside
@@ -147,25 +149,38 @@ def apply_priority(nice: int, *, idle: bool = False) -> None:
     itself: then the autogroup gets the nice value too (19 for ``idle``), or the lowered actor
     would still get an equal share of the host's cores.
     """
-    if idle and hasattr(os, "SCHED_IDLE"):
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except OSError as exc:
-            print(f"chatlearn: cannot apply SCHED_IDLE: {exc}", file=sys.stderr)
+    tids = [0] if threads is None else sorted(threads)
     if idle:
         nice = 19
+        if hasattr(os, "SCHED_IDLE"):
+            try:
+                for tid in tids:
+                    os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            except OSError as exc:
+                print(f"chatlearn: cannot apply SCHED_IDLE: {exc}", file=sys.stderr)
+    value = os.getpriority(os.PRIO_PROCESS, 0)
     try:
-        value = os.nice(nice) if nice else os.getpriority(os.PRIO_PROCESS, 0)
+        for tid in tids:
+            value = max(-20, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+            os.setpriority(os.PRIO_PROCESS, tid, value)
     except OSError as exc:  # raising priority needs privileges; not worth failing for
         print(f"chatlearn: cannot apply nice {nice}: {exc}", file=sys.stderr)
         return
-    if os.getsid(0) != os.getpid():
-        return  # the autogroup is shared with the coordinator and the other actors
+    if not nice or os.getsid(0) != os.getpid():
+        return  # nothing to rank, or the autogroup is shared with the coordinator and actors
     try:
         with open("/proc/self/autogroup", "w") as autogroup:
             autogroup.write(str(value))
     except OSError:
         pass  # no autogroups (then nice alone ranks the actors), or not allowed to raise it
+
+
+def _thread_ids() -> set[int]:
+    """Native ids of this process's threads (Linux; elsewhere only the calling thread's)."""
+    try:
+        return {int(tid) for tid in os.listdir("/proc/self/task")}
+    except OSError:
+        return {threading.get_native_id()}
 
 
 @dataclass(kw_only=True)
@@ -278,8 +293,7 @@ class ActorCore:
         """Load, construct, pin threads, form the dist group, `setup()`. Returns READY info."""
         spec = self.spec
         self.phase = "import"
-        if (spec.nice or spec.idle_priority) and not self.ctx.in_process:
-            apply_priority(spec.nice, idle=spec.idle_priority)
+        threads_before = _thread_ids()
         args = self._config_args
         if spec.config is not None:
             args = self._install_config(spec.config)
@@ -305,6 +319,12 @@ class ActorCore:
         self._init_torch()
         self.phase = "setup"
         invoke(module, "setup")
+        if (spec.nice or spec.idle_priority) and not self.ctx.in_process:
+            # After start-up, which runs at full priority (a starved start-up would hit the
+            # startup timeout): this thread and the threads start-up created (torch's pools);
+            # threads it starts later inherit the priority.
+            threads = {threading.get_native_id()} | (_thread_ids() - threads_before)
+            apply_priority(spec.nice, idle=spec.idle_priority, threads=threads)
         self.phase = "ready"
         return self.ready_info()
 

@@ -18,6 +18,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -25,9 +26,12 @@ import psutil
 
 __all__ = [
     "StderrTail",
+    "CpuSample",
+    "cpu_sample",
     "free_tcp_port",
     "set_parent_death_signal",
     "spawn_worker",
+    "starved",
     "terminate_processes",
 ]
 
@@ -47,6 +51,57 @@ def worker_environment(
     env["PYTHONUNBUFFERED"] = "1"  # tracebacks and logs reach us before a crash, not after
     env.update(extra)
     return env
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """What the threads of one process did with the CPU, from ``/proc/<pid>/task/*``: total
+    time on a CPU and total time runnable but waiting for one (ns), and whether one of them is
+    runnable right now."""
+
+    on_cpu_ns: int
+    waiting_ns: int
+    runnable: bool
+
+
+def cpu_sample(pid: int) -> CpuSample | None:
+    """A `CpuSample` of process ``pid``, or None where that is unknown (not Linux, no
+    schedstats, the process is gone).
+
+    A silent actor that wants CPU and does not get it is starved by other load (its compute
+    thread runs at a low priority and holds the interpreter lock the heartbeat needs), not hung:
+    a hung or stopped process sleeps and wants nothing. (A thread the kernel never picks has its
+    waiting time counted only once it runs, hence also ``runnable``.)
+    """
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    on_cpu = waiting = 0
+    runnable = seen = False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                fields = f.read().split()
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            continue  # the thread exited meanwhile
+        if len(fields) >= 2 and fields[0].isdigit() and fields[1].isdigit():
+            on_cpu += int(fields[0])
+            waiting += int(fields[1])
+            runnable = runnable or state == "R"
+            seen = True
+    return CpuSample(on_cpu, waiting, runnable) if seen else None
+
+
+def starved(before: CpuSample, after: CpuSample, seconds: float) -> bool:
+    """Whether a process wanted CPU and mostly did not get it between two samples
+    ``seconds`` apart: its threads waited for a CPU at least half the time, or one is runnable
+    now and together they ran less than half the time (a busy loop runs; a hang sleeps)."""
+    waited = (after.waiting_ns - before.waiting_ns) / 1e9
+    ran = (after.on_cpu_ns - before.on_cpu_ns) / 1e9
+    return waited >= 0.5 * seconds or (after.runnable and ran < 0.5 * seconds)
 
 
 def spawn_worker(args: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:

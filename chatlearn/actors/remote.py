@@ -26,7 +26,13 @@ from chatlearn.actors.errors import (
 from chatlearn.actors.loader import ClassRef
 from chatlearn.actors.module import BaseModule
 from chatlearn.actors.placement import ProcessAssignment, config_value
-from chatlearn.actors.process import StderrTail, free_tcp_port, spawn_worker, worker_environment
+from chatlearn.actors.process import (
+    CpuSample,
+    StderrTail,
+    free_tcp_port,
+    spawn_worker,
+    worker_environment,
+)
 from chatlearn.transport import (
     ChannelClosedError,
     MessageKind,
@@ -69,6 +75,9 @@ class RemoteActor:
         self.dead_payload: Any = None
         self.dead_at: float | None = None
         self.popen: Any = None
+        self.local_pid: int | None = None  # the worker's own pid when it runs on this host
+        self.cpu_sample: tuple[float, CpuSample] | None = None  # see ActorSystem._starved
+        self.starved_logged = False
         self.stderr: StderrTail | None = None
 
     @property
@@ -254,6 +263,7 @@ def spawn_model(
         # Spawned from the event loop's thread: PR_SET_PDEATHSIG follows the forking thread.
         if cluster is None:
             actor.popen = spawn_worker(argv, worker_environment(extra_env))
+            actor.local_pid = actor.popen.pid
         else:
             actor.popen = cluster.spawn(a.host, argv, extra_env)
         where = f" @{a.host}" if cluster is not None else ""

@@ -47,7 +47,7 @@ from chatlearn.actors.placement import (
     plan_hosts,
     plan_placement,
 )
-from chatlearn.actors.process import terminate_processes
+from chatlearn.actors.process import cpu_sample, starved, terminate_processes
 from chatlearn.actors.remote import RemoteActor, spawn_model
 from chatlearn.transport import ControlServer, MessageKind, RuntimeDir, tcp_endpoint
 from chatlearn.transport.sockets import configure_tcp_security
@@ -309,6 +309,7 @@ class ActorSystem:
                 logger.warning("message %s from unknown actor %r", msg.kind.name, identity)
                 continue
             actor.last_seen = time.monotonic()
+            actor.cpu_sample = None
             if msg.kind == MessageKind.HELLO:
                 self.record("hello", actor)
                 if not actor.hello.done():
@@ -350,9 +351,15 @@ class ActorSystem:
             return
         if deaf:
             actor.last_seen = now
+            actor.cpu_sample = None
         elif actor.dead_at is not None and now - actor.dead_at > 2.0:
             self.fail(actor.dead_error("reported a fatal error but did not exit"))
-        elif actor.hello.done() and now - actor.last_seen > self.options.heartbeat_timeout:
+        elif actor.hello.done():
+            self._sample_cpu(actor, now)
+            if now - actor.last_seen <= self.options.heartbeat_timeout:
+                return
+            if self._starved(actor, now):
+                return
             silent = now - actor.last_seen
             self.record("hung", actor, f"silent for {silent:.1f} s")
             running = f" (last seen running {actor.busy!r})" if actor.busy else ""
@@ -363,6 +370,48 @@ class ActorSystem:
                     f"stopped{running}"
                 )
             )
+
+    def _starved(self, actor: RemoteActor, now: float) -> bool:
+        """Whether a silent local actor is starved of CPU rather than hung (`process.starved`)
+        since the last sample, which is taken when it has been silent for half the timeout and
+        again at each positive answer.
+
+        So a starved actor stays alive as long as it keeps wanting CPU, and one that stops
+        (hung, stopped) is still declared dead within 1.5 timeouts of its last message.
+        """
+        previous = actor.cpu_sample
+        if actor.local_pid is None or previous is None:
+            return False
+        taken, before = previous
+        if now - taken < self.options.heartbeat_timeout / 2:
+            return True  # still inside the window a positive answer granted
+        after = cpu_sample(actor.local_pid)
+        if after is None:
+            return False
+        actor.cpu_sample = (now, after)
+        if not starved(before, after, now - taken):
+            return False
+        if not actor.starved_logged:
+            actor.starved_logged = True
+            logger.warning(
+                "actor %s replica %d rank %d (pid %s): no heartbeat for %.1f s, but it is "
+                "waiting for CPU time (other programs are using the cores): starved, not hung; "
+                "waiting on",
+                actor.model,
+                actor.replica_id,
+                actor.rank,
+                actor.pid,
+                now - actor.last_seen,
+            )
+        return True
+
+    def _sample_cpu(self, actor: RemoteActor, now: float) -> None:
+        """Once silent for half the timeout, note the actor's CPU use for `_starved`."""
+        if actor.cpu_sample is None and actor.local_pid is not None:
+            if now - actor.last_seen > self.options.heartbeat_timeout / 2:
+                sample = cpu_sample(actor.local_pid)
+                if sample is not None:
+                    actor.cpu_sample = (now, sample)
 
     def _on_exit(self, actor: RemoteActor, code: int) -> None:
         previous = actor.state

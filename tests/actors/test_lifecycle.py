@@ -250,3 +250,68 @@ async def test_placement_error_starts_nothing(tmp_path):
         with pytest.raises(PlacementError, match="do not fit"):
             await system.launch(lib.Recorder("big", cfg))
     assert "spawn" not in system.event_kinds()
+
+
+async def test_a_silent_actor_that_waits_for_cpu_is_starved_not_hung(tmp_path, monkeypatch):
+    # Heavy load from other programs can keep a low-priority actor off the cores for longer than
+    # the heartbeat timeout. The supervisor then asks the kernel (the actor's threads' run-queue
+    # wait and state): while it keeps wanting CPU it is not declared dead; once it stops (hung,
+    # stopped) it is, within 1.5 timeouts. The kernel's figures are simulated here: the actor
+    # is stopped (silent) and "waits" for a CPU all the time for 3 s, then not at all.
+    import chatlearn.actors.runtime as runtime_module
+    from chatlearn.actors.process import CpuSample
+
+    started = time.monotonic()
+
+    def fake_cpu_sample(pid: int) -> CpuSample:
+        elapsed = time.monotonic() - started
+        return CpuSample(on_cpu_ns=0, waiting_ns=int(min(elapsed, 3.0) * 1e9), runnable=False)
+
+    monkeypatch.setattr(runtime_module, "cpu_sample", fake_cpu_sample)
+    cfg = _config(tmp_path)
+    system = ActorSystem(cfg, heartbeat_interval=0.2, heartbeat_timeout=1.0)
+    async with system:
+        (group,) = await system.launch(lib.Recorder("m", cfg))
+        pending = asyncio.ensure_future(group.call(0, "sleep", 30))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        os.kill(group[0].pid, signal.SIGSTOP)
+        with pytest.raises(ActorDeadError) as info:
+            await pending
+        elapsed = time.monotonic() - started
+    assert "no heartbeat" in str(info.value)
+    # alive while "starved" (3 s, three timeouts), dead within 1.5 timeouts after
+    assert 3.0 < elapsed < 3.0 + 1.5 + DEATH_NOTICE_SECONDS, elapsed
+
+
+def test_cpu_samples_tell_starved_from_sleeping_and_running() -> None:
+    import subprocess
+    import sys
+
+    from chatlearn.actors.process import cpu_sample, starved
+
+    if not hasattr(os, "SCHED_IDLE") or cpu_sample(os.getpid()) is None:
+        pytest.skip("needs Linux schedstats")
+    cpu = min(os.sched_getaffinity(0))
+
+    def spinner(idle: bool) -> subprocess.Popen[bytes]:
+        policy = "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))" if idle else ""
+        code = f"import os\nos.sched_setaffinity(0, [{cpu}])\n{policy}\nwhile True: pass"
+        return subprocess.Popen([sys.executable, "-c", code])
+
+    # on one core: the normal spinner runs, the idle one wants the core and does not get it
+    running, idle = spinner(idle=False), spinner(idle=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    procs = {"running": running, "idle": idle, "sleeper": sleeper}
+    try:
+        time.sleep(1.0)  # started, pinned, idle policy set
+        before = {name: cpu_sample(p.pid) for name, p in procs.items()}
+        time.sleep(1.0)
+        after = {name: cpu_sample(p.pid) for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait(10)
+    verdict = {name: starved(before[name], after[name], 1.0) for name in procs}
+    assert verdict == {"running": False, "idle": True, "sleeper": False}, (before, after)
+    assert cpu_sample(sleeper.pid) is None  # gone

@@ -81,6 +81,32 @@ def test_idle_priority_puts_the_compute_thread_under_sched_idle() -> None:
     assert after == before
 
 
+def test_apply_priority_to_other_threads_by_native_id() -> None:
+    # what an actor does after start-up: the compute thread and the pools start-up created
+    probe = """
+import os, threading
+from chatlearn.actors.core import apply_priority
+ready, done = threading.Event(), threading.Event()
+ids = {}
+def pool_thread():
+    ids["tid"] = threading.get_native_id()
+    ready.set()
+    done.wait()
+    ids["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
+thread = threading.Thread(target=pool_thread)
+thread.start()
+ready.wait()
+apply_priority(5, threads=[ids["tid"]])
+done.set()
+thread.join()
+print(ids["nice"], os.getpriority(os.PRIO_PROCESS, 0))
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert [int(v) for v in done.stdout.split()] == [min(19, own + 5), own]
+
+
 def test_spawned_workers_share_the_coordinators_session() -> None:
     from chatlearn.actors.process import spawn_worker
 
