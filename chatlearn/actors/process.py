@@ -25,8 +25,8 @@ from typing import IO
 import psutil
 
 __all__ = [
-    "StderrTail",
     "CpuSample",
+    "StderrTail",
     "cpu_sample",
     "free_tcp_port",
     "set_parent_death_signal",
