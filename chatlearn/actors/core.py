@@ -152,19 +152,18 @@ def apply_priority(nice: int, *, idle: bool = False, threads: Iterable[int] | No
     tids = [0] if threads is None else sorted(threads)
     if idle:
         nice = 19
-        if hasattr(os, "SCHED_IDLE"):
-            try:
-                for tid in tids:
-                    os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-            except OSError as exc:
-                print(f"chatlearn: cannot apply SCHED_IDLE: {exc}", file=sys.stderr)
     value = os.getpriority(os.PRIO_PROCESS, 0)
     try:
         for tid in tids:
-            value = max(-20, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-            os.setpriority(os.PRIO_PROCESS, tid, value)
+            try:
+                if idle and hasattr(os, "SCHED_IDLE"):
+                    os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+                value = max(-20, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+                os.setpriority(os.PRIO_PROCESS, tid, value)
+            except ProcessLookupError:
+                continue  # a start-up thread that has exited since
     except OSError as exc:  # raising priority needs privileges; not worth failing for
-        print(f"chatlearn: cannot apply nice {nice}: {exc}", file=sys.stderr)
+        print(f"chatlearn: cannot change the priority by {nice}: {exc}", file=sys.stderr)
         return
     if not nice or os.getsid(0) != os.getpid():
         return  # nothing to rank, or the autogroup is shared with the coordinator and actors

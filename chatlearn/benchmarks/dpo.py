@@ -177,31 +177,40 @@ def _runtime(options: dict[str, Any], output_dir: str, **overrides: Any) -> dict
     }
 
 
-async def measure_single(
-    options: dict[str, Any], records: list[dict], num_cpu: int, precompute: bool, output_dir: str
-) -> dict[str, Any]:
-    """(a) (``precompute=False``) or (c): one process on ``num_cpu`` cores."""
+async def _call_in_actor(
+    options: dict[str, Any], output_dir: str, klass: type, num_cpu: int, method: str, *args: Any
+) -> Any:
+    """``method(*args)`` of a ``klass`` actor (the bench's model_args) on ``num_cpu`` cores."""
     import chatlearn
     from chatlearn.config import reset_args
     from chatlearn.engine.engine import Engine
 
+    name = "single"
     chatlearn.init(
         {
             "models": {
-                "single": {"num_cpu": num_cpu, "trainable": True, "model_args": model_args(options)}
+                name: {"num_cpu": num_cpu, "trainable": True, "model_args": model_args(options)}
             },
             "runtime": _runtime(options, output_dir),
         }
     )
     try:
-        async with Engine(SingleProcessDPO("single")) as engine:
-            result = await engine.group("single").call(
-                0, "run_steps", records, options["batch_size"], precompute
-            )
+        async with Engine(klass(name)) as engine:
+            return await engine.group(name).call(0, method, *args)
     finally:
         reset_args()
+
+
+async def measure_single(
+    options: dict[str, Any], records: list[dict], num_cpu: int, precompute: bool, output_dir: str
+) -> dict[str, Any]:
+    """(a) (``precompute=False``) or (c): one process on ``num_cpu`` cores."""
+    batch = options["batch_size"]
+    result = await _call_in_actor(
+        options, output_dir, SingleProcessDPO, num_cpu, "run_steps", records, batch, precompute
+    )
     return {
-        "samples_per_s": throughput(result["ends"], options["batch_size"], options["warmup"]),
+        "samples_per_s": throughput(result["ends"], batch, options["warmup"]),
         "cores": num_cpu,
         "torch_threads": result["torch_threads"],
     }
@@ -289,31 +298,12 @@ def _trl_message() -> str | None:
 
 async def measure_trl(options: dict[str, Any], records: list[dict], output_dir: str) -> dict:
     """TRL's DPOTrainer on the same model, data and cores, in an actor process like (a)."""
-    import chatlearn
-    from chatlearn.config import reset_args
-    from chatlearn.engine.engine import Engine
-
-    chatlearn.init(
-        {
-            "models": {
-                "trl": {
-                    "num_cpu": options["cores"],
-                    "trainable": True,
-                    "model_args": model_args(options),
-                }
-            },
-            "runtime": _runtime(options, output_dir),
-        }
+    batch = options["batch_size"]
+    result = await _call_in_actor(
+        options, output_dir, TRLRunner, options["cores"], "run_trl", records, batch, output_dir
     )
-    try:
-        async with Engine(TRLRunner("trl")) as engine:
-            result = await engine.group("trl").call(
-                0, "run_trl", records, options["batch_size"], output_dir
-            )
-    finally:
-        reset_args()
     return {
-        "samples_per_s": throughput(result["ends"], options["batch_size"], options["warmup"]),
+        "samples_per_s": throughput(result["ends"], batch, options["warmup"]),
         "torch_threads": result["torch_threads"],
     }
 
@@ -343,12 +333,10 @@ class TRLRunner(SingleProcessDPO):
         from trl import DPOConfig, DPOTrainer
 
         ends: list[float] = []
-        threads: list[int] = []
 
         class StepEnds(TrainerCallback):
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 ends.append(time.time())
-                threads.append(_torch_threads())
 
         template = str(self.model_args["prompt_template"])
         max_length = int(self.model_args["max_length"])
@@ -392,7 +380,7 @@ class TRLRunner(SingleProcessDPO):
         # The Trainer prints its final metrics to stdout, which is the benchmark's JSON output.
         with contextlib.redirect_stdout(sys.stderr):
             trainer.train()
-        return {"ends": ends, "torch_threads": max(threads, default=_torch_threads())}
+        return {"ends": ends, "torch_threads": _torch_threads()}  # TRL's steps ran on this thread
 
     def _fit_prompt(self, prompt: str, record: dict[str, Any], max_length: int) -> str:
         """Cut the prompt's start so prompt + response + EOS fit ``max_length`` tokens, as our

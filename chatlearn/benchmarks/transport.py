@@ -172,13 +172,13 @@ def _stream_round_trips_blocking(conn: socket.socket, warmup: int, count: int) -
     for i in range(warmup + count):
         started = time.perf_counter_ns()
         conn.sendall(RTT_PAYLOAD)
-        _recv_exactly(conn, len(RTT_PAYLOAD))
+        recv_exactly(conn, len(RTT_PAYLOAD))
         if i >= warmup:
             samples.append((time.perf_counter_ns() - started) / 1000)
     return samples
 
 
-def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+def recv_exactly(conn: socket.socket, size: int) -> bytes:
     data = b""
     while len(data) < size:
         chunk = conn.recv(size - len(data))

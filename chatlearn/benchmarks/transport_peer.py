@@ -105,13 +105,13 @@ def _echo(endpoint: str, count: int) -> int:
 async def _stream_echo(order: dict[str, Any]) -> int:
     count, size = order["count"], order["size"]
     if order["blocking"]:
-        from chatlearn.benchmarks.transport import _recv_exactly
+        from chatlearn.benchmarks.transport import recv_exactly
 
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(60)  # the benchmark side failed: give up, don't hang
             sock.connect(order["endpoint"])
             for _ in range(count):
-                sock.sendall(_recv_exactly(sock, size))
+                sock.sendall(recv_exactly(sock, size))
         return count
     reader, writer = await asyncio.open_unix_connection(order["endpoint"])
     try:

@@ -213,19 +213,28 @@ async def test_kill9_mid_call_fails_every_pending_call(tmp_path):
     assert {e.model for e in exits} == {"a", "b"}
 
 
-async def test_hung_actor_is_noticed_by_heartbeat(tmp_path):
+async def _stop_actor_during_call(tmp_path, heartbeat_timeout, stopping=lambda: None):
+    """Launch an actor and SIGSTOP it (alive for the OS, silent for us) during a long call,
+    right after ``stopping()``; returns the system, the call's error and the seconds from the
+    stop to that error."""
     cfg = _config(tmp_path)
-    system = ActorSystem(cfg, heartbeat_interval=0.2, heartbeat_timeout=1.5)
+    system = ActorSystem(cfg, heartbeat_interval=0.2, heartbeat_timeout=heartbeat_timeout)
     async with system:
         (group,) = await system.launch(lib.Recorder("m", cfg))
         pending = asyncio.ensure_future(group.call(0, "sleep", 30))
         await asyncio.sleep(0.2)
-        os.kill(group[0].pid, signal.SIGSTOP)  # alive for the OS, silent for us
+        stopping()
         start = time.monotonic()
+        os.kill(group[0].pid, signal.SIGSTOP)
         with pytest.raises(ActorDeadError) as info:
             await pending
         elapsed = time.monotonic() - start
-    assert "no heartbeat" in str(info.value) and "hung or stopped" in str(info.value)
+    return system, info.value, elapsed
+
+
+async def test_hung_actor_is_noticed_by_heartbeat(tmp_path):
+    system, error, elapsed = await _stop_actor_during_call(tmp_path, 1.5)
+    assert "no heartbeat" in str(error) and "hung or stopped" in str(error)
     assert 1.0 < elapsed < 1.5 + DEATH_NOTICE_SECONDS, elapsed
     _order(system.event_kinds(), "ready", "hung", "failure", "exit", "stopped", "closed")
 
@@ -261,25 +270,18 @@ async def test_a_silent_actor_that_waits_for_cpu_is_starved_not_hung(tmp_path, m
     import chatlearn.actors.runtime as runtime_module
     from chatlearn.actors.process import CpuSample
 
-    started = time.monotonic()
+    stopped_at = [float("inf")]
 
     def fake_cpu_sample(pid: int) -> CpuSample:
-        elapsed = time.monotonic() - started
-        return CpuSample(on_cpu_ns=0, waiting_ns=int(min(elapsed, 3.0) * 1e9), runnable=False)
+        waited = min(max(time.monotonic() - stopped_at[0], 0.0), 3.0)
+        return CpuSample(on_cpu_ns=0, waiting_ns=int(waited * 1e9), runnable=False)
+
+    def stopping() -> None:
+        stopped_at[0] = time.monotonic()
 
     monkeypatch.setattr(runtime_module, "cpu_sample", fake_cpu_sample)
-    cfg = _config(tmp_path)
-    system = ActorSystem(cfg, heartbeat_interval=0.2, heartbeat_timeout=1.0)
-    async with system:
-        (group,) = await system.launch(lib.Recorder("m", cfg))
-        pending = asyncio.ensure_future(group.call(0, "sleep", 30))
-        await asyncio.sleep(0.2)
-        started = time.monotonic()
-        os.kill(group[0].pid, signal.SIGSTOP)
-        with pytest.raises(ActorDeadError) as info:
-            await pending
-        elapsed = time.monotonic() - started
-    assert "no heartbeat" in str(info.value)
+    _, error, elapsed = await _stop_actor_during_call(tmp_path, 1.0, stopping)
+    assert "no heartbeat" in str(error)
     # alive while "starved" (3 s, three timeouts), dead within 1.5 timeouts after
     assert 3.0 < elapsed < 3.0 + 1.5 + DEATH_NOTICE_SECONDS, elapsed
 
