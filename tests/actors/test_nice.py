@@ -21,9 +21,10 @@ import os, threading
 from chatlearn.actors.core import apply_priority
 def autogroup():
     try:
-        return open("/proc/self/autogroup").read().split()[-1]
+        words = open("/proc/self/autogroup").read().split()
     except OSError:
         return "none"
+    return words[-1] if words else "none"  # empty in a cgroup with its own cpu controller
 before = autogroup()
 seen = {}
 def compute():
@@ -68,7 +69,7 @@ def test_apply_nice_lowers_the_compute_thread_only_and_keeps_a_shared_autogroup(
 def test_apply_nice_sets_the_autogroup_of_a_session_leader() -> None:
     compute, _, _, _, after, _, _ = _probe({"NICE": "7"}, start_new_session=True)  # as sshd
     if after == "none":
-        pytest.skip("this kernel has no autogroups")
+        pytest.skip("no autogroup here (kernel without them, or a cgroup with its own cpu share)")
     assert int(after) == compute
 
 
