@@ -249,6 +249,12 @@ class WorkerContext:
         """Run `fn` on the actor's compute thread (after the calls queued before it)."""
         return await self._compute.run(fn, *args, **kwargs)
 
+    def submit_compute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        """Queue `fn` on the compute thread now (not when the caller is next scheduled, as
+        `run_compute` does); await the result to get what `fn` returned."""
+        label = getattr(fn, "__name__", "?")
+        return asyncio.wrap_future(self._compute.submit(label, fn, args, kwargs))
+
     def ipc_endpoint(self, name: str) -> str:
         """An endpoint private to the run: `ipc://` in its runtime directory, or in a multi-host
         run tcp on this host's address with the run's CURVE keys (`private_endpoint`)."""

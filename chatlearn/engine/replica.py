@@ -168,6 +168,7 @@ class TrainerService(_EpisodeHooks):
         self._receive_task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._compute_free_since = 0.0  # end of the last train/eval compute
+        self._last_step_queued: asyncio.Future[None] | None = None  # done once it is queued
 
     async def open_inbox(self, hwm: int = 64) -> str:
         """Bind this rank's inbox and start receiving; returns the endpoint to connect to."""
@@ -253,12 +254,21 @@ class TrainerService(_EpisodeHooks):
         if release_before is not None:
             for key in [k for k in self.buffers if isinstance(k, int) and k < release_before]:
                 del self.buffers[key]
-        arrived = time.time()
-        await self._wait_for(episode, (p for mb in micro_batches for p in mb))
-        ready = time.time()
-        start, metrics, end, free_since = await self.ctx.run_compute(
-            self._train, episode, micro_batches, iteration
-        )
+        # Steps reach the compute thread in the order they were sent, whichever one's data
+        # arrives first: the coordinator keeps one step queued behind the running one, and the
+        # reference fills positions in its own order (a resumed run most of all).
+        previous, queued = self._last_step_queued, asyncio.get_running_loop().create_future()
+        self._last_step_queued = queued
+        try:
+            arrived = time.time()
+            await self._wait_for(episode, (p for mb in micro_batches for p in mb))
+            ready = time.time()
+            if previous is not None:
+                await previous
+            compute = self.ctx.submit_compute(self._train, episode, micro_batches, iteration)
+        finally:
+            queued.set_result(None)
+        start, metrics, end, free_since = await compute
         # Data wait that left the compute thread idle: the call arrives while the previous step
         # still runs (the coordinator keeps one queued), and waiting then costs nothing.
         waited = max(0.0, ready - max(arrived, free_since))
