@@ -370,29 +370,52 @@ def _assign_model(
     cpus: Sequence[int],
     host_has_gpus: bool,
 ) -> list[ProcessAssignment]:
-    num_processes, per_replica = m.layout()
-    num_replica = num_processes // per_replica
+    num_processes, _ = m.layout()
     cores = m.cores_per_process(host_has_gpus)
     gpp = m.gpu_per_process if (m.uses_gpu and host_has_gpus) else 0
+    slots = [
+        _Slot(host, tuple(cpus[i * cores : (i + 1) * cores]), tuple(gpus[i * gpp : (i + 1) * gpp]))
+        for i in range(num_processes)
+    ]
+    return _assign_slots(m, slots)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one process of a model goes: a host and the cores and GPUs it gets there."""
+
+    host: HostResources
+    cpus: tuple[int, ...]
+    gpus: tuple[int, ...]
+
+
+def _assign_slots(m: ModelResources, slots: Sequence[_Slot]) -> list[ProcessAssignment]:
+    """The model's processes, in rank order, on ``slots`` (one per process, in that order).
+
+    A process sees the GPUs of its replica's processes on the same host (CUDA_VISIBLE_DEVICES);
+    its local rank counts only those, when the replica spans hosts.
+    """
+    num_processes, per_replica = m.layout()
     procs: list[ProcessAssignment] = []
     for index in range(num_processes):
         replica_id, rank = divmod(index, per_replica)
-        first = replica_id * per_replica
-        my_gpus = tuple(gpus[index * gpp : (index + 1) * gpp])
-        visible = tuple(gpus[first * gpp : (first + per_replica) * gpp])
-        my_cpus = tuple(cpus[index * cores : (index + 1) * cores])
+        slot = slots[index]
+        replica = range(replica_id * per_replica, (replica_id + 1) * per_replica)
+        peers = [i for i in replica if slots[i].host is slot.host]
+        visible = tuple(g for i in peers for g in slots[i].gpus)
         procs.append(
             ProcessAssignment(
                 model=m.name,
                 replica_id=replica_id,
                 rank=rank,
                 world_size=per_replica,
-                num_replica=num_replica,
-                host=host.host,
-                cpus=my_cpus,
-                gpus=my_gpus,
+                num_replica=num_processes // per_replica,
+                host=slot.host.host,
+                cpus=slot.cpus,
+                gpus=slot.gpus,
                 visible_gpus=visible,
-                env=_pinning_env(my_cpus, visible, host_has_gpus),
+                env=_pinning_env(slot.cpus, visible, bool(slot.host.gpus)),
+                host_local_rank=peers.index(index) if len(peers) < per_replica else None,
             )
         )
     return procs
@@ -459,8 +482,8 @@ def _spread(
     free: Mapping[str, tuple[list[int], list[int]]],
 ) -> list[ProcessAssignment]:
     """One model's processes over several hosts, filling each host in order."""
-    num_processes, per_replica = m.layout()
-    slots: list[tuple[HostResources, tuple[int, ...], tuple[int, ...]]] = []
+    num_processes, _ = m.layout()
+    slots: list[_Slot] = []
     for host in hosts:
         has_gpus = bool(host.gpus)
         cores = m.cores_per_process(has_gpus)
@@ -470,39 +493,15 @@ def _spread(
             len(cpus) // cores if cores else num_processes,
             len(gpus) // gpp if gpp else num_processes,
         )
-        for i in range(fit):
-            slots.append(
-                (
-                    host,
-                    tuple(cpus[i * cores : (i + 1) * cores]),
-                    tuple(gpus[i * gpp : (i + 1) * gpp]),
-                )
+        slots.extend(
+            _Slot(
+                host, tuple(cpus[i * cores : (i + 1) * cores]), tuple(gpus[i * gpp : (i + 1) * gpp])
             )
+            for i in range(fit)
+        )
     if len(slots) < num_processes:
         raise PlacementError(
             f"models.{m.name}: its {num_processes} processes do not fit the hosts' free slots "
             f"({', '.join(h.host for h in hosts)}); add hosts or slots, or lower num_gpu/num_cpu"
         )
-    procs: list[ProcessAssignment] = []
-    for index in range(num_processes):
-        replica_id, rank = divmod(index, per_replica)
-        host, my_cpus, my_gpus = slots[index]
-        first = replica_id * per_replica
-        peers = [i for i in range(first, first + per_replica) if slots[i][0] is host]
-        visible = tuple(g for i in peers for g in slots[i][2])
-        procs.append(
-            ProcessAssignment(
-                model=m.name,
-                replica_id=replica_id,
-                rank=rank,
-                world_size=per_replica,
-                num_replica=num_processes // per_replica,
-                host=host.host,
-                cpus=my_cpus,
-                gpus=my_gpus,
-                visible_gpus=visible,
-                env=_pinning_env(my_cpus, visible, bool(host.gpus)),
-                host_local_rank=peers.index(index),
-            )
-        )
-    return procs
+    return _assign_slots(m, slots)
