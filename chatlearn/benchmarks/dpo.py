@@ -124,7 +124,7 @@ def _torch_threads() -> int:
 def bench_records(num_pairs: int, seed: int = 0) -> list[dict[str, str]]:
     """``num_pairs`` min/max preference pairs (the task of the DPO example), deterministic."""
     rng = random.Random(seed)
-    records = []
+    records: list[dict[str, str]] = []
     while len(records) < num_pairs:
         op, x, y = rng.choice(("max", "min")), rng.randint(0, 999), rng.randint(0, 999)
         if x == y:

@@ -123,7 +123,7 @@ def _receive_blocking(endpoint: str, mode: str, warmup: int, count: int, ready: 
     """Bind a plain PULL socket and receive (raw or pickle); runs in a worker thread."""
     import zmq
 
-    sock = zmq.Context.instance().socket(zmq.PULL)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, BENCH_HWM)
     sock.setsockopt(zmq.RCVTIMEO, int(RECV_TIMEOUT * 1000))  # a stall is an error, not a hang
     sock.setsockopt(zmq.LINGER, 0)
@@ -147,7 +147,7 @@ def _raw_round_trips(endpoint: str, warmup: int, count: int, ready: Any) -> list
     """Bind a plain DEALER, then time ``count`` blocking 100-byte round trips to the peer."""
     import zmq
 
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.RCVTIMEO, int(RECV_TIMEOUT * 1000))
     sock.setsockopt(zmq.LINGER, 0)
     try:
@@ -259,7 +259,8 @@ class Bench:
         receiving = asyncio.ensure_future(
             asyncio.to_thread(_receive_blocking, self.data_endpoint(), mode, warmup, count, ready)
         )
-        await asyncio.wait([bound, receiving], return_when=asyncio.FIRST_COMPLETED)
+        waiting: list[asyncio.Future[Any]] = [bound, receiving]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if not bound.done():
             return receiving.result()  # raises the receiver's error
         order = self._order(mode, bound.result(), size, warmup + count)
@@ -278,7 +279,8 @@ class Bench:
         timing = asyncio.ensure_future(
             asyncio.to_thread(_raw_round_trips, self.data_endpoint(), warmup, num_requests, ready)
         )
-        await asyncio.wait([bound, timing], return_when=asyncio.FIRST_COMPLETED)
+        waiting: list[asyncio.Future[Any]] = [bound, timing]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if not bound.done():
             return timing.result()  # raises the thread's error
         order = {"mode": "echo", "endpoint": bound.result(), "count": warmup + num_requests}

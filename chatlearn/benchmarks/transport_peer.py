@@ -71,13 +71,15 @@ class Sender:
             return count
         # The baselines use plain blocking pyzmq, the fastest way to drive it; the peer has
         # nothing else to do meanwhile.
-        sock = zmq.Context.instance().socket(zmq.PUSH)
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
         self._open.append(sock)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.connect(endpoint)
         if mode == "raw":
-            frames = [b"float32", memoryview(tensor.numpy())]
+            # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12
+            memory = memoryview(tensor.numpy())  # type: ignore[arg-type]
+            frames: list[bytes | memoryview] = [b"float32", memory]
             for _ in range(count):
                 sock.send_multipart(frames, copy=False)
         elif mode == "pickle":
@@ -90,7 +92,7 @@ class Sender:
 
 
 def _echo(endpoint: str, count: int) -> int:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.RCVTIMEO, 60_000)  # the benchmark side failed: give up, don't hang
     sock.setsockopt(zmq.LINGER, 1000)
     try:

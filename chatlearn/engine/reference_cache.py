@@ -46,7 +46,8 @@ class ReferenceCache:
         self, positions: Sequence[int], indices: Sequence[SampleIndex]
     ) -> tuple[list[tuple[int, SampleIndex]], list[tuple[int, SampleIndex]]]:
         """(cached, to compute) pairs of (position, index) of one chunk, in chunk order."""
-        hits, misses = [], []
+        hits: list[tuple[int, SampleIndex]] = []
+        misses: list[tuple[int, SampleIndex]] = []
         for pair in zip(positions, indices, strict=True):
             (hits if pair[1] in self.cached else misses).append(pair)
         return hits, misses

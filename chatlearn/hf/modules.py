@@ -86,7 +86,7 @@ class HFReference(_HFModule):
         self.model.eval()
         self.model.requires_grad_(False)
 
-    def forward_step(self, data: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def forward_step(self, data: dict[str, Any], iteration: int = 0) -> dict[str, torch.Tensor]:
         return reference_outputs(self.model, data, pad_token_id=self.pad_token_id)
 
 
@@ -146,7 +146,7 @@ class HFDPOTrainer(_HFModule):
             rpo_alpha=None if rpo_alpha is None else float(rpo_alpha),
         )
 
-    def train_step(self, data: list[dict[str, Any]], iteration: int) -> dict[str, float]:
+    def train_step(self, data: list[dict[str, Any]], iteration: int = 0) -> dict[str, float]:
         dp = self.data_parallel_size
         num_local = sum(int(mb[REF_CHOSEN_KEY].shape[0]) for mb in data)
         metrics = DPOMetrics(with_nll=self.model_args.get("rpo_alpha") is not None)

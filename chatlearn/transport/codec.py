@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
-from collections.abc import Container, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -257,7 +257,7 @@ def decode(
 
 
 def decode_envelope(
-    frames: Sequence[Any], *, limits: Limits = DEFAULT_LIMITS, kinds: Container[int]
+    frames: Sequence[Any], *, limits: Limits = DEFAULT_LIMITS, kinds: Collection[int]
 ) -> tuple[int, int, Any]:
     """Decode and check a whole message; returns ``(kind, request_id, body)``."""
     num_frames = len(frames)

@@ -325,7 +325,8 @@ class AsyncSocket:
         (e.g. at process exit) while a callback was scheduled. Then it is closed right away,
         which is also what the terminating context waits for."""
         try:
-            return self.sock.get(zmq.EVENTS)
+            # pyzmq's stubs type get() as int | bytes for every option; EVENTS is an int
+            return self.sock.get(zmq.EVENTS)  # type: ignore[return-value]
         except zmq.ZMQError:
             with contextlib.suppress(zmq.ZMQError):
                 self.close(0)
@@ -401,7 +402,10 @@ class AsyncSocket:
         return TransportError(f"zmq error: {exc}")
 
     def _fail_all(self, exc: BaseException) -> None:
-        waiters = [*self._recv_waiters, *(future for future, _ in self._send_waiters)]
+        waiters: list[asyncio.Future[Any]] = [
+            *self._recv_waiters,
+            *(future for future, _ in self._send_waiters),
+        ]
         self._recv_waiters.clear()
         self._send_waiters.clear()
         for future in waiters:
