@@ -35,6 +35,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check chatlearn tests examples
 	$(VENV)/bin/ruff format --check chatlearn tests examples
+	$(VENV)/bin/mypy chatlearn
 
 clean:
 	rm -rf $(VENV) build *.egg-info
