@@ -255,8 +255,9 @@ class TrainerService(_EpisodeHooks):
             for key in [k for k in self.buffers if isinstance(k, int) and k < release_before]:
                 del self.buffers[key]
         # Steps reach the compute thread in the order they were sent, whichever one's data
-        # arrives first: the coordinator keeps one step queued behind the running one, and the
-        # reference fills positions in its own order (a resumed run most of all).
+        # arrives first: the coordinator keeps one step queued behind the running one, and a
+        # step whose samples all come from the cache (a fill) is ready before the step ahead of
+        # it that waits for a forward. Out of order, the run would depend on timing.
         previous, queued = self._last_step_queued, asyncio.get_running_loop().create_future()
         self._last_step_queued = queued
         try:

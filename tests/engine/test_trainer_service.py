@@ -48,7 +48,7 @@ async def test_a_step_whose_data_arrives_first_still_waits_for_the_step_before_i
         first = asyncio.create_task(service.train(0, [[0, 1]], 4))
         second = asyncio.create_task(service.train(0, [[2, 3]], 5))
         await asyncio.sleep(0.01)
-        await _arrive(service, 0, [2, 3])  # the second step's samples come first (a resume)
+        await _arrive(service, 0, [2, 3])  # the second step's samples come first (cache fills)
         await asyncio.sleep(0.2)
         assert module.steps == []  # step 5 must not overtake step 4
         await _arrive(service, 0, [0, 1])
