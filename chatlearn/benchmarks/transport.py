@@ -108,8 +108,9 @@ def memcpy_gbps(size: int, min_seconds: float = 0.2) -> float:
 PICKLE_BASELINE = Path(__file__).resolve().parents[2] / "benchmarks" / "pickle_baseline.py"
 
 
+@functools.lru_cache(maxsize=1)
 def pickle_baseline() -> Any:
-    """The pickle baseline module, or None when this is not a source checkout."""
+    """The pickle baseline module (loaded once), or None when this is not a source checkout."""
     if not PICKLE_BASELINE.is_file():
         return None
     spec = importlib.util.spec_from_file_location("chatlearn_pickle_baseline", PICKLE_BASELINE)

@@ -302,10 +302,13 @@ def test_cpu_samples_tell_starved_from_sleeping_and_running() -> None:
         return subprocess.Popen([sys.executable, "-c", code])
 
     # on one core: the normal spinner runs, the idle one wants the core and does not get it
-    running, idle = spinner(idle=False), spinner(idle=True)
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    procs = {"running": running, "idle": idle, "sleeper": sleeper}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
+        procs["running"] = spinner(idle=False)
+        procs["idle"] = spinner(idle=True)
+        procs["sleeper"] = sleeper = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(30)"]
+        )
         time.sleep(1.0)  # started, pinned, idle policy set
         before = {name: cpu_sample(p.pid) for name, p in procs.items()}
         time.sleep(1.0)
