@@ -104,12 +104,16 @@ def starved(before: CpuSample, after: CpuSample, seconds: float) -> bool:
     return waited >= 0.5 * seconds or (after.runnable and ran < 0.5 * seconds)
 
 
-def spawn_worker(args: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
-    """Start `python -m chatlearn.actors.worker ARGS` with stderr piped (see `StderrTail`)."""
-    return subprocess.Popen(
+def spawn_worker(
+    args: Sequence[str], env: Mapping[str, str], startup_line: bytes = b""
+) -> subprocess.Popen[bytes]:
+    """Start `python -m chatlearn.actors.worker ARGS` with stderr piped (see `StderrTail`),
+    write `startup_line` (bootstrap.py) to its stdin and keep the pipe open: its end tells the
+    worker that we are gone. Close it (`close_stdin`) only once the worker has exited."""
+    popen = subprocess.Popen(
         [sys.executable, "-m", "chatlearn.actors.worker", *args],
         env=dict(env),
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
         close_fds=True,
         # Own process group: a signal sent to the coordinator's (a terminal's Ctrl-C,
@@ -119,6 +123,24 @@ def spawn_worker(args: Sequence[str], env: Mapping[str, str]) -> subprocess.Pope
         # threads against each other (see `core.apply_priority`).
         process_group=0,
     )
+    write_startup_line(popen, startup_line)
+    return popen
+
+
+def write_startup_line(popen: subprocess.Popen[bytes], line: bytes) -> None:
+    """Hand a just-started worker its start-up line (a pipe buffer holds it: no blocking)."""
+    assert popen.stdin is not None
+    with contextlib.suppress(OSError):  # it died at once: its exit code tells why
+        popen.stdin.write(line)
+        popen.stdin.flush()
+
+
+def close_stdin(popens: Iterable[subprocess.Popen[bytes]]) -> None:
+    """Close the stdin pipes of exited workers (a live one would take it as our death)."""
+    for popen in popens:
+        if popen.stdin is not None and popen.poll() is not None:
+            with contextlib.suppress(OSError):
+                popen.stdin.close()
 
 
 class StderrTail:

@@ -14,8 +14,10 @@ import os
 import secrets
 import sys
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from chatlearn.actors.bootstrap import Bootstrap, split_environment
 from chatlearn.actors.core import ActorSpec
 from chatlearn.actors.errors import (
     ActorDeadError,
@@ -64,7 +66,8 @@ class RemoteActor:
         self.world_size = assignment.world_size
         self.num_replica = assignment.num_replica
         self.host = assignment.host
-        token = secrets.token_hex(4)
+        # The random part makes the identity unguessable (it is never on a command line).
+        token = secrets.token_hex(8)
         self.identity = f"{self.model}.{self.replica_id}.{self.rank}.{token}".encode()
         self.info: dict[str, Any] = {}
         self.state = "spawning"  # spawning, starting, ready, failed, stopping, exited
@@ -253,19 +256,25 @@ def spawn_model(
         assert endpoint is not None
         argv = [
             *("--endpoint", endpoint),
-            *("--identity", actor.identity.decode()),
             # A remote actor's parent is not us: it watches its stdin (the ssh channel) instead.
             *("--coordinator-pid", str(os.getpid() if local else 0)),
             *("--heartbeat-interval", str(options.heartbeat_interval)),
             *("--startup-timeout", str(options.startup_timeout)),
         ]
         extra_env = {**env_vars, **a.env, **dist_env}
+        boot = Bootstrap(
+            identity=actor.identity.decode(),
+            security=system.security,
+            # Removed by the actor if we die first (`Cluster.spawn` drops it for other hosts).
+            cleanup=[str(system.runtime_dir.path)] if system.runtime_dir else [],
+        )
         # Spawned from the event loop's thread: PR_SET_PDEATHSIG follows the forking thread.
         if cluster is None:
-            actor.popen = spawn_worker(argv, worker_environment(extra_env))
+            env, boot_env = split_environment(worker_environment(extra_env), remote=False)
+            actor.popen = spawn_worker(argv, env, replace(boot, env=boot_env).to_line())
             actor.local_pid = actor.popen.pid
         else:
-            actor.popen = cluster.spawn(a.host, argv, extra_env)
+            actor.popen = cluster.spawn(a.host, argv, extra_env, boot)
         where = f" @{a.host}" if cluster is not None else ""
         actor.stderr = StderrTail(
             actor.popen.stderr, f"[{module.name} r{a.replica_id}.{a.rank}{where}]"

@@ -47,10 +47,9 @@ from chatlearn.actors.placement import (
     plan_hosts,
     plan_placement,
 )
-from chatlearn.actors.process import cpu_sample, starved, terminate_processes
+from chatlearn.actors.process import close_stdin, cpu_sample, starved, terminate_processes
 from chatlearn.actors.remote import RemoteActor, spawn_model
-from chatlearn.transport import ControlServer, MessageKind, RuntimeDir, tcp_endpoint
-from chatlearn.transport.sockets import configure_tcp_security
+from chatlearn.transport import ControlServer, MessageKind, RuntimeDir, security, tcp_endpoint
 
 __all__ = ["ActorEvent", "ActorSystem", "SupervisionOptions"]
 
@@ -139,6 +138,9 @@ class ActorSystem:
         self.events: deque[ActorEvent] = deque(maxlen=10_000)
         self.server: ControlServer = None  # type: ignore[assignment]
         self.runtime_dir: RuntimeDir | None = None
+        # What proves a process belongs to this run (handed to actors on stdin, security.py).
+        self.security = security.RunSecurity(curve=cluster.keys if cluster is not None else None)
+        self._num_unknown = 0
         self._actors: list[RemoteActor] = []
         self._by_identity: dict[bytes, RemoteActor] = {}
         self._local: list[Any] = []  # in-process actors
@@ -286,9 +288,9 @@ class ActorSystem:
         if self.server is not None:
             return
         self.runtime_dir = RuntimeDir()
-        if self.cluster is not None:
-            # Before any socket: every tcp socket of this process is CURVE from now on.
-            configure_tcp_security(self.cluster.keys)
+        # Before any socket: every connection to this process must present the run's secret
+        # (ipc) or keys (tcp). Added to any other run this process coordinates at the moment.
+        security.configure(self.security, add=True)
         self.server = ControlServer(self.runtime_dir.ipc_endpoint("control"))
         if self.cluster is not None:
             # Same-host actors stay on ipc; remote ones connect here, to one address only.
@@ -306,7 +308,7 @@ class ActorSystem:
             identity, msg = await self.server.recv_unsolicited()
             actor = self._by_identity.get(identity)
             if actor is None:
-                logger.warning("message %s from unknown actor %r", msg.kind.name, identity)
+                self._unknown_peer(identity, msg.kind.name)
                 continue
             actor.last_seen = time.monotonic()
             actor.cpu_sample = None
@@ -323,6 +325,19 @@ class ActorSystem:
                 self.record("dead", actor, "reported a fatal error")
             else:
                 logger.debug("ignoring %s from %r", msg.kind.name, identity)
+
+    def _unknown_peer(self, identity: bytes, kind: str) -> None:
+        """A message from a peer with the run's credentials but no actor's identity (an actor of
+        a run that ended, say): dropped, counted, and logged at a capped rate."""
+        self._num_unknown += 1
+        count = self._num_unknown
+        if count <= 10 or count & (count - 1) == 0:  # the first ten, then at powers of two
+            logger.warning(
+                "dropped message %s from unknown peer %r (%d such messages so far)",
+                kind,
+                identity[:64],
+                count,
+            )
 
     async def _supervise_loop(self) -> None:
         """Every tick: notice exited processes and silent (hung or stopped) actors."""
@@ -508,11 +523,19 @@ class ActorSystem:
             await self.server.aclose(0)
         if self.runtime_dir is not None:
             self.runtime_dir.close()
-        if self.cluster is not None and self.server is not None:
-            configure_tcp_security(None)
+        if self.server is not None:
+            security.remove(self.security)
+        close_stdin(a.popen for a in self._actors if a.popen is not None)
         self._closed = True
         self._finalizer.detach()
         self.record("closed")
+
+    def identities(self) -> dict[str, list[bytes]]:
+        """Each model's actors' routing identities (secret to the run: for diagnostics)."""
+        result: dict[str, list[bytes]] = {}
+        for actor in self._actors:
+            result.setdefault(actor.model, []).append(actor.identity)
+        return result
 
     def raise_if_failed(self) -> None:
         if self.failure is not None:

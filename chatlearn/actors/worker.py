@@ -1,15 +1,18 @@
-"""The actor process: `python -m chatlearn.actors.worker --endpoint ... --identity ...`.
+"""The actor process: `python -m chatlearn.actors.worker --endpoint ... --coordinator-pid ...`.
 
 One process per model rank, started by the coordinator from a clean interpreter. Its life:
 
-1. Pin itself to the cores in `CHATLEARN_CPU_AFFINITY` before importing anything heavy (the
-   spawner already set `CUDA_VISIBLE_DEVICES` and the thread-count variables), ignore Ctrl-C (the
-   coordinator stops us in order), and ask the kernel for a signal when the coordinator dies
-   (`PARENT_DEATH_SIGNAL`: then we stop our own children, remove the run's ipc directory, exit).
+1. Read its start-up line from stdin (bootstrap.py: identity, the run's credentials, forwarded
+   variables, the directory to remove if orphaned; none of it is on the command line), pin
+   itself to the cores in `CHATLEARN_CPU_AFFINITY` before importing anything heavy, ignore
+   Ctrl-C (the coordinator stops us in order), and ask the kernel for a signal when the
+   coordinator dies (`PARENT_DEATH_SIGNAL`; the end of stdin says the same): then we stop our
+   own children, remove the run's ipc directory, exit.
 2. HELLO → wait for CONFIG → start the module on the compute thread (import, construct, dist
    group, `setup()`, services) → READY. A startup failure is answered with ERROR (traceback and
    the failing step) and the process exits with `EXIT_STARTUP_FAILED`.
-3. Serve CALLs by method name until SHUTDOWN. The socket loop keeps receiving and replying while
+3. Serve CALLs by method name until SHUTDOWN, which closes the services' sockets and exits 0 at
+   once. The socket loop keeps receiving and replying while
    the compute thread works, and sends a HEARTBEAT every interval; a parent-watch loop exits if
    the coordinator is gone (re-parented, or silent for `--orphan-timeout` when set).
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import shutil
@@ -54,16 +58,9 @@ logger = logging.getLogger("chatlearn.actors.worker")
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m chatlearn.actors.worker")
     parser.add_argument("--endpoint", required=True, help="the coordinator's control endpoint")
-    parser.add_argument("--identity", required=True, help="this actor's routing identity")
     parser.add_argument("--coordinator-pid", type=int, default=0)
     parser.add_argument("--heartbeat-interval", type=float, default=0.5)
     parser.add_argument("--startup-timeout", type=float, default=60.0)
-    parser.add_argument(
-        "--secrets-stdin",
-        action="store_true",
-        help="read the run's CURVE keys as one JSON line from stdin, then exit when stdin "
-        "closes (multi-host runs: the coordinator or its ssh connection is gone)",
-    )
     parser.add_argument(
         "--network-host",
         default=None,
@@ -88,7 +85,7 @@ class Worker:
         self.client = client
         self.zmq_context = zmq_context
         self.opts = opts
-        self.identity = opts.identity.encode()
+        self.identity = opts.bootstrap.identity.encode()
         self.host = socket.gethostname()
         self.compute = ComputeThread("chatlearn-compute")
         self.core: Any = None
@@ -102,7 +99,7 @@ class Worker:
         if self.core is not None:
             ctx = self.core.ctx.describe()
         else:
-            ctx = {"identity": self.opts.identity, "host": self.host, "pid": os.getpid()}
+            ctx = {"identity": self.opts.bootstrap.identity, "host": self.host, "pid": os.getpid()}
         if method is not None:
             ctx["method"] = method
         return ctx
@@ -113,7 +110,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._exit_on_sigterm)
         if PARENT_DEATH_SIGNAL != signal.SIGTERM:
-            loop.add_signal_handler(PARENT_DEATH_SIGNAL, self._exit_orphaned, EXIT_ORPHANED)
+            loop.add_signal_handler(PARENT_DEATH_SIGNAL, _exit_orphaned, EXIT_ORPHANED)
         hello = {"pid": os.getpid(), "host": self.host, "ppid": os.getppid()}
         await self.client.send(Message(kind=MessageKind.HELLO, payload=hello))
         self._spawn(self._heartbeat_loop())
@@ -251,7 +248,7 @@ class Worker:
             if orphaned or silent:
                 with contextlib.suppress(OSError):  # stderr is a pipe to the dead coordinator
                     print("chatlearn actor: coordinator is gone; exiting", file=sys.stderr)
-                self._exit_orphaned(EXIT_ORPHANED)
+                _exit_orphaned(EXIT_ORPHANED)
 
     def _orphaned(self) -> bool:
         return bool(self.opts.coordinator_pid) and os.getppid() != self.opts.coordinator_pid
@@ -259,27 +256,33 @@ class Worker:
     def _exit_on_sigterm(self) -> None:
         """SIGTERM (the coordinator stops us, or someone else does): leave at once."""
         if self._orphaned():
-            self._exit_orphaned(128 + signal.SIGTERM)
+            _exit_orphaned(128 + signal.SIGTERM)
         kill_own_children(grace=0.5)
         _hard_exit(128 + signal.SIGTERM)
-
-    def _exit_orphaned(self, code: int) -> None:
-        """The coordinator died without cleaning up: stop our children, remove the run's ipc
-        directory (every actor tries; the first one wins), exit."""
-        kill_own_children(grace=0.5)
-        runtime_dir = self.core.spec.runtime_dir if self.core is not None else None
-        if runtime_dir:
-            shutil.rmtree(runtime_dir, ignore_errors=True)
-        _hard_exit(code)
 
     async def _close_core(self) -> None:
         if self.core is None:
             return
+        await self._close_services()
         # Bounded: a step may still be running (we stop anyway) or a peer may be gone.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
                 asyncio.wrap_future(self.compute.submit("close", self.core.close)), 2.0
             )
+
+    async def _close_services(self) -> None:
+        """Close the services' sockets (inboxes, senders) on the event loop that owns them:
+        an open socket would keep the final context termination waiting."""
+        for name, service in list(self.core.services.items()):
+            close = getattr(service, "close", None)
+            if close is None:
+                continue
+            try:
+                result = close()
+                if inspect.isawaitable(result):
+                    await asyncio.wait_for(result, 1.0)
+            except Exception as exc:  # closing is best effort; the process exits next
+                logger.warning("closing service %s failed: %r", name, exc)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -305,6 +308,13 @@ async def _raise_later(exc: BaseException) -> Any:
     raise exc
 
 
+def _terminate_context(context: Any, timeout: float) -> None:
+    """`context.term()` that returns after at most `timeout` seconds (the process exits next)."""
+    thread = threading.Thread(target=context.term, name="chatlearn-zmq-term", daemon=True)
+    thread.start()
+    thread.join(timeout)
+
+
 def _hard_exit(code: int) -> None:
     with contextlib.suppress(Exception):
         sys.stdout.flush()
@@ -312,22 +322,34 @@ def _hard_exit(code: int) -> None:
     os._exit(code)
 
 
-_MAX_SECRETS_LINE = 4096
+# Directories to remove if the coordinator dies without removing them (from the bootstrap).
+_cleanup_dirs: list[str] = []
 
 
-def _read_secrets() -> Any:
-    """The run's CURVE keys from the first stdin line; then watch stdin for its end."""
-    from chatlearn.transport.sockets import TcpSecurity
+def _exit_orphaned(code: int = EXIT_ORPHANED) -> None:
+    """The coordinator died without cleaning up: stop our children, remove the run's ipc
+    directory (every actor tries; the first one wins), exit."""
+    kill_own_children(grace=0.5)
+    for path in _cleanup_dirs:
+        shutil.rmtree(path, ignore_errors=True)
+    _hard_exit(code)
 
-    line = sys.stdin.buffer.readline(_MAX_SECRETS_LINE)
-    if not line.endswith(b"\n"):
-        print("chatlearn actor: no CURVE keys on stdin; exiting", file=sys.stderr)
+
+def _read_bootstrap() -> Any:
+    """The start-up line from stdin (bootstrap.py); then watch stdin for its end."""
+    from chatlearn.actors.bootstrap import Bootstrap
+
+    try:
+        boot = Bootstrap.read(sys.stdin.buffer)
+    except ValueError as exc:
+        print(f"chatlearn actor: {exc}; exiting", file=sys.stderr)
         _hard_exit(EXIT_FATAL)
-    import json
-
-    keys = TcpSecurity.from_payload(json.loads(line))
+    _cleanup_dirs[:] = boot.cleanup
+    # Before user code or torch is imported: they read variables like HF_TOKEN at import time.
+    # Set here, they never appear in this process's /proc/<pid>/environ.
+    os.environ.update(boot.env)
     threading.Thread(target=_stdin_watch, name="chatlearn-stdin-watch", daemon=True).start()
-    return keys
+    return boot
 
 
 def _stdin_watch() -> None:
@@ -337,8 +359,7 @@ def _stdin_watch() -> None:
             pass
     with contextlib.suppress(OSError):
         print("chatlearn actor: coordinator connection closed; exiting", file=sys.stderr)
-    kill_own_children(grace=0.5)
-    _hard_exit(EXIT_ORPHANED)
+    _exit_orphaned(EXIT_ORPHANED)
 
 
 def _configure_logging(label: str) -> None:
@@ -361,15 +382,17 @@ async def serve(opts: argparse.Namespace) -> int:
     from chatlearn.transport import ControlClient, Message, MessageKind, RemoteError
 
     zmq_context = zmq.asyncio.Context.instance()
-    if getattr(opts, "secrets", None) is not None:
-        from chatlearn.transport.sockets import configure_tcp_security
+    boot = opts.bootstrap
+    if boot.security is not None:
+        from chatlearn.transport import security
 
-        configure_tcp_security(opts.secrets, zmq_context)  # before any tcp socket
+        # Before any socket: every connection of this process presents the run's credentials.
+        security.configure(boot.security, zmq_context, identity=boot.identity.encode())
     if opts.network_host:
         from chatlearn.transport.endpoints import set_network_host
 
         set_network_host(opts.network_host)
-    client = ControlClient(opts.endpoint, opts.identity.encode(), context=zmq_context)
+    client = ControlClient(opts.endpoint, boot.identity.encode(), context=zmq_context)
     worker: Worker | None = None
     try:
         worker = Worker(client, opts, zmq_context)
@@ -379,7 +402,7 @@ async def serve(opts: argparse.Namespace) -> int:
         # If a helper loop failed, the main task was cancelled for it: report the real cause.
         exc = worker.fatal if worker is not None and worker.fatal is not None else caught
         traceback.print_exception(exc, file=sys.stderr)
-        where = worker.where() if worker is not None else {"identity": opts.identity}
+        where = worker.where() if worker is not None else {"identity": boot.identity}
         payload = RemoteError.from_exception(exc, where).to_payload()
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(
@@ -389,21 +412,29 @@ async def serve(opts: argparse.Namespace) -> int:
     finally:
         if worker is not None:
             worker.cancel_tasks()
-        client.close()
-        # Flush what is still queued (the last ERROR, REPLY or DEAD) before the process exits:
-        # closing a socket does not wait for that, terminating the context does (bounded).
-        zmq_context.destroy(linger=_FLUSH_LINGER_MS)
+        # The last ERROR, REPLY or DEAD is still queued: closing a socket does not wait for it,
+        # terminating the context does, up to the linger. Every other socket is closed by now
+        # (services on SHUTDOWN); one that is not (a user module's own) must not keep the
+        # process alive, so the termination itself is bounded too.
+        client.close(linger=_FLUSH_LINGER_MS)
+        _terminate_context(zmq_context, _FLUSH_LINGER_MS / 1000 + 0.5)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Process entry: pin, arm the parent-death signal, run `serve`, exit with its code."""
     opts = _parse_args(argv)
-    apply_cpu_affinity_from_env()  # before torch (or anything that starts threads) is imported
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The start-up line is in the pipe even if the coordinator died since writing it: read it
+    # first, so that an orphan knows which directories to remove. It also sets variables the
+    # pinning reads (a remote actor gets its CHATLEARN_CPU_AFFINITY there).
+    opts.bootstrap = _read_bootstrap()
+    apply_cpu_affinity_from_env()  # before torch (or anything that starts threads) is imported
+    # Until the event loop's handler replaces it, the parent-death signal's default action
+    # would kill us without removing anything.
+    signal.signal(PARENT_DEATH_SIGNAL, lambda *_: _exit_orphaned())
     set_parent_death_signal(PARENT_DEATH_SIGNAL)
     if opts.coordinator_pid and os.getppid() != opts.coordinator_pid:
-        _hard_exit(EXIT_ORPHANED)  # the coordinator died before the signal was armed
-    opts.secrets = _read_secrets() if opts.secrets_stdin else None
+        _exit_orphaned()  # the coordinator died before the signal was armed
     from chatlearn.transport.loop import run
 
     code = EXIT_FATAL

@@ -5,7 +5,7 @@
 """
 
 from chatlearn.launch.cluster import Cluster, LaunchSpec
-from chatlearn.launch.curve import generate_keys, load_keys, write_keys
+from chatlearn.launch.curve import generate_keys
 from chatlearn.launch.env import exported_environment, read_env_file
 from chatlearn.launch.hostfile import (
     HostfileError,
@@ -22,10 +22,8 @@ __all__ = [
     "LaunchSpec",
     "exported_environment",
     "generate_keys",
-    "load_keys",
     "parse_hostfile",
     "read_env_file",
     "read_hostfile",
     "select_hosts",
-    "write_keys",
 ]

@@ -2,10 +2,10 @@
 
 Runs the user's script as the coordinator, in this process (``python script.py args`` as far as
 the script can tell). Without a host file it is exactly that: one machine, ipc sockets. With one,
-the hosts are parsed and selected (hostfile.py), the run's CURVE keys are generated into a file
-of mode 0600 in a private directory (mode 0700), and a `LaunchSpec` beside it is named by
-``CHATLEARN_LAUNCH``; the `ActorSystem` of the script then places and starts actors over the hosts
-(cluster.py). The directory is removed when the script ends.
+the hosts are parsed and selected (hostfile.py), the run's CURVE keys are generated, and the
+script runs in this process with the resulting `Cluster` (no file holds the keys: nothing is left
+behind whatever kills the run); the `ActorSystem` of the script then places and starts actors over
+the hosts (cluster.py).
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ import sys
 from pathlib import Path
 
 import click
-
 from chatlearn.launch.cluster import (
     DEFAULT_SSH_COMMAND,
     LAUNCH_ENV_VAR,
     LAUNCHERS,
+    Cluster,
     LaunchSpec,
     is_local_host,
     local_address_towards,
+    set_launched,
 )
-from chatlearn.launch.curve import generate_keys, write_keys
+from chatlearn.launch.curve import generate_keys
 from chatlearn.launch.env import exported_environment
 from chatlearn.launch.hostfile import HostfileError, read_hostfile, select_hosts
 
@@ -36,7 +37,6 @@ __all__ = ["command", "prepare_launch"]
 def prepare_launch(
     hostfile: str,
     *,
-    directory: Path,
     include: str | None = None,
     exclude: str | None = None,
     master_addr: str | None = None,
@@ -45,28 +45,23 @@ def prepare_launch(
     env_file: str | None = None,
     export: tuple[str, ...] = (),
     slots_are: str = "auto",
-) -> Path:
-    """Write the keys and the `LaunchSpec` of a multi-host run into `directory` (mode 0700);
-    returns the spec's path, the value of ``CHATLEARN_LAUNCH``."""
+) -> Cluster:
+    """The hosts, new CURVE keys and the `LaunchSpec` of a multi-host run (kept in memory: no
+    file holds the keys, so no kill can leave them behind)."""
     hosts = select_hosts(read_hostfile(hostfile), include, exclude)
     if master_addr is None:
         remote = [h.name for h in hosts if not is_local_host(h.name)]
         master_addr = local_address_towards(remote[0]) if remote else "127.0.0.1"
-    os.chmod(directory, 0o700)
-    keys_file = write_keys(generate_keys(), directory / "curve-keys.json")
     spec = LaunchSpec(
         hosts=hosts,
         master_addr=master_addr,
-        keys_file=str(keys_file),
         launcher=launcher,
         ssh_command=shlex.split(ssh_command) if ssh_command else list(DEFAULT_SSH_COMMAND),
         env=exported_environment(prefixes=export, env_file=env_file),
         cwd=os.getcwd(),
         slots_are=slots_are,
     )
-    path = directory / "launch.json"
-    spec.save(path)
-    return path
+    return Cluster(spec, generate_keys())
 
 
 def run_script(script: str, args: list[str]) -> None:
@@ -125,26 +120,26 @@ def command(
             raise click.UsageError("--include/--exclude need a --hostfile")
         run_script(script, list(script_args))
         return
-    from chatlearn.transport import RuntimeDir
-
-    with RuntimeDir(prefix="chatlearn-launch-") as directory:
-        try:
-            spec_path = prepare_launch(
-                hostfile,
-                directory=directory.path,
-                include=include,
-                exclude=exclude,
-                master_addr=master_addr,
-                launcher=launcher,
-                ssh_command=ssh_command,
-                env_file=env_file,
-                export=export,
-                slots_are=slots_are,
-            )
-        except (HostfileError, ValueError) as exc:
-            raise click.UsageError(str(exc)) from None
-        os.environ[LAUNCH_ENV_VAR] = str(spec_path)
-        try:
-            run_script(script, list(script_args))
-        finally:
-            os.environ.pop(LAUNCH_ENV_VAR, None)
+    try:
+        cluster = prepare_launch(
+            hostfile,
+            include=include,
+            exclude=exclude,
+            master_addr=master_addr,
+            launcher=launcher,
+            ssh_command=ssh_command,
+            env_file=env_file,
+            export=export,
+            slots_are=slots_are,
+        )
+    except (HostfileError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    # The script runs in this process: its ActorSystem takes the cluster from here
+    # (`Cluster.from_environment`); the variable says a launch is in progress.
+    set_launched(cluster)
+    os.environ[LAUNCH_ENV_VAR] = "1"
+    try:
+        run_script(script, list(script_args))
+    finally:
+        set_launched(None)
+        os.environ.pop(LAUNCH_ENV_VAR, None)

@@ -1,10 +1,10 @@
 """The hosts of a multi-host run, as the coordinator's `ActorSystem` uses them.
 
-`chatlearn launch --hostfile ...` writes a `LaunchSpec` (hosts, master address, how to reach
-hosts, the exported environment, the path of the run's CURVE key file) into a private directory
-and points ``CHATLEARN_LAUNCH`` at it; `Cluster.from_environment` reads it back in the
-coordinator. The `ActorSystem` then plans placement over `Cluster.hosts` and starts each actor
-with `Cluster.spawn`:
+`chatlearn launch --hostfile ...` makes a `Cluster` (a `LaunchSpec`: hosts, master address, how to
+reach hosts, the exported environment; and the run's CURVE keys, in memory only), sets
+``CHATLEARN_LAUNCH`` and runs the script in its own process, where `Cluster.from_environment`
+returns it to the coordinator. The `ActorSystem` then plans placement over `Cluster.hosts` and
+starts each actor with `Cluster.spawn`:
 
 - on this machine: ``python -m chatlearn.actors.worker`` as in a single-host run (ipc control);
 - on another host: ``ssh HOST 'cd CWD && exec env K=V... PYTHON -m chatlearn.actors.worker ...'``
@@ -12,10 +12,10 @@ with `Cluster.spawn`:
   hosts that are other addresses of this machine). The actor connects back to the coordinator's
   tcp endpoint on `LaunchSpec.master_addr`.
 
-Every actor of a multi-host run reads the run's CURVE keys as one JSON line from its stdin (never
-from its command line) and then keeps watching stdin: end of file means its coordinator (or the
-ssh connection to it) is gone, and it exits. Stopping the ssh client therefore stops the remote
-actor too.
+Every actor reads its start-up line (identity, the run's credentials, the forwarded environment:
+actors/bootstrap.py) from its stdin, never from its command line, and then keeps watching stdin: end
+of file means its coordinator (or the ssh connection to it) is gone, and it exits. Stopping the ssh
+client therefore stops the remote actor too.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from chatlearn.actors.bootstrap import Bootstrap, split_environment
 from chatlearn.actors.placement import HostResources
-from chatlearn.actors.process import free_tcp_port, worker_environment
-from chatlearn.launch.curve import load_keys
+from chatlearn.actors.process import free_tcp_port, worker_environment, write_startup_line
 from chatlearn.launch.hostfile import HostSlots
-from chatlearn.transport.sockets import TcpSecurity
+from chatlearn.transport.security import TcpSecurity
 
 __all__ = ["LAUNCH_ENV_VAR", "Cluster", "LaunchSpec", "local_address_towards"]
 
@@ -52,7 +52,6 @@ class LaunchSpec:
 
     hosts: list[HostSlots]
     master_addr: str
-    keys_file: str
     launcher: str = "ssh"
     ssh_command: list[str] = field(default_factory=lambda: list(DEFAULT_SSH_COMMAND))
     env: dict[str, str] = field(default_factory=dict)
@@ -80,6 +79,15 @@ class LaunchSpec:
         return cls(**data)
 
 
+_launched: Cluster | None = None
+
+
+def set_launched(cluster: Cluster | None) -> None:
+    """The cluster of the `chatlearn launch` running in this process (None: it ended)."""
+    global _launched
+    _launched = cluster
+
+
 def local_address_towards(host: str) -> str:
     """This machine's address on the route to `host` (no packet is sent)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -104,11 +112,14 @@ class Cluster:
     @classmethod
     def from_environment(cls) -> Cluster | None:
         """The cluster `chatlearn launch` set up for this process, or None (single host)."""
-        path = os.environ.get(LAUNCH_ENV_VAR)
-        if not path:
+        if not os.environ.get(LAUNCH_ENV_VAR):
             return None
-        spec = LaunchSpec.load(path)
-        return cls(spec, load_keys(spec.keys_file))
+        if _launched is None:
+            raise RuntimeError(
+                f"{LAUNCH_ENV_VAR} is set, but this process was not started by `chatlearn "
+                "launch`: run the script with `chatlearn launch --hostfile ...`, or unset it"
+            )
+        return _launched
 
     @property
     def master_addr(self) -> str:
@@ -145,17 +156,24 @@ class Cluster:
             return random.randint(20000, 29999)
 
     def spawn(
-        self, host: str, worker_args: Sequence[str], extra_env: Mapping[str, str]
+        self, host: str, worker_args: Sequence[str], extra_env: Mapping[str, str], boot: Bootstrap
     ) -> subprocess.Popen[bytes]:
-        """Start one actor on `host` and hand it the run's keys on stdin (kept open)."""
-        worker_args = [*worker_args, "--secrets-stdin"]
-        worker_args += ["--network-host", self.address_of(host)]
+        """Start one actor on `host` and hand it `boot` (bootstrap.py) on stdin (kept open).
+
+        Forwarded variables travel in `boot`, not in the command, but for those the interpreter
+        needs to start (`bootstrap.STARTUP_NAMES`); the run's directory is left to actors on
+        this machine to remove.
+        """
+        worker_args = [*worker_args, "--network-host", self.address_of(host)]
+        here = is_local_host(host) or self.spec.launcher == "local"
+        boot = replace(boot, cleanup=boot.cleanup if here else [])
         if is_local_host(host):
             argv = [sys.executable, "-m", "chatlearn.actors.worker", *worker_args]
-            env = worker_environment(extra_env)
+            env, boot_env = split_environment(worker_environment(extra_env), remote=False)
         else:
             remote_env = worker_environment(extra_env, base=self.spec.env)
-            command = self.remote_command(worker_args, remote_env)
+            command_env, boot_env = split_environment(remote_env, remote=True)
+            command = self.remote_command(worker_args, command_env)
             if self.spec.launcher == "local":
                 argv = ["/bin/sh", "-c", command]
                 env = {
@@ -172,9 +190,7 @@ class Cluster:
             close_fds=True,
             process_group=0,  # as spawn_worker: the coordinator stops actors in order
         )
-        assert popen.stdin is not None
-        popen.stdin.write(json.dumps(self.keys.to_payload()).encode() + b"\n")
-        popen.stdin.flush()
+        write_startup_line(popen, replace(boot, env=boot_env).to_line())
         return popen
 
     def remote_command(self, worker_args: Sequence[str], env: Mapping[str, str]) -> str:

@@ -9,9 +9,12 @@ Cross-host endpoints are ``tcp://`` with an ephemeral port chosen by the kernel 
 The coordinator owns the runtime directory; actors get its path and use
 `RuntimeDir.attach(path)`, which never deletes it.
 
+A coordinator killed with SIGKILL cannot remove its directory: its actors do (they are told its
+path at start-up), and failing that the next coordinator's `sweep_stale` does.
+
 `private_endpoint` is what an actor binds for its peers: the ipc endpoint in the runtime
 directory, or — in a multi-host run, after `set_network_host(address)` — a tcp endpoint on this
-host's address (secured with the run's CURVE keys, see `sockets.configure_tcp_security`).
+host's address (secured with the run's CURVE keys, see security.py).
 """
 
 from __future__ import annotations
@@ -46,8 +49,11 @@ class RuntimeDir:
     """
 
     def __init__(self, *, base: str | os.PathLike[str] | None = None, prefix: str = "chatlearn-"):
-        path = tempfile.mkdtemp(prefix=prefix, dir=os.fspath(base) if base else _default_base())
+        base = os.fspath(base) if base else _default_base()
+        sweep_stale(base, prefix)
+        path = tempfile.mkdtemp(prefix=prefix, dir=base)
         os.chmod(path, 0o700)  # mkdtemp already does; say it, since it is the security boundary
+        _write_owner(Path(path))
         self.path = Path(path)
         self._finalizer: weakref.finalize | None = weakref.finalize(
             self, shutil.rmtree, path, ignore_errors=True
@@ -96,6 +102,65 @@ class RuntimeDir:
 
     def __repr__(self) -> str:
         return f"RuntimeDir({str(self.path)!r})"
+
+
+# Who created a runtime directory: "<pid> <start time of that pid>" (the pair survives pid reuse).
+_OWNER_FILE = ".owner"
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks since boot), or None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        if not os.path.isdir("/proc"):  # not Linux: existence is all we can tell
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                pass
+            return "?"
+        return None
+
+
+def _write_owner(path: Path) -> None:
+    pid = os.getpid()
+    (path / _OWNER_FILE).write_text(f"{pid} {_process_start(pid)}")
+
+
+def sweep_stale(base: str | os.PathLike[str], prefix: str = "chatlearn-") -> list[Path]:
+    """Remove the runtime directories in `base` whose creator is dead (a coordinator killed with
+    SIGKILL, whose actors could not remove it either); returns them.
+
+    Only directories that prove they are ours count: the name has `prefix`, the owner is this
+    user, the mode is 0700, and an owner file names a process that no longer runs (a pid that
+    was reused shows another start time). Anything else is left alone.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            if stat.S_IMODE(info.st_mode) != 0o700:
+                continue
+            pid_text, _, started = (Path(entry.path) / _OWNER_FILE).read_text().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue
+        current = _process_start(pid)
+        if current is None or (started not in ("?", "None") and current not in ("?", started)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
 
 
 def tcp_endpoint(host: str = "127.0.0.1") -> str:

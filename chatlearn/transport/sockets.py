@@ -19,11 +19,9 @@ transport's typed errors. Closing removes the reader before the socket (and its 
 fails the waiters, and removes the socket file of a bound ipc endpoint, which libzmq 4.3 leaves
 behind. One socket must be used from one event loop.
 
-Security of tcp sockets (multi-host runs): `configure_tcp_security` sets the run's CURVE keys
-for the whole process. From then on every socket that binds a ``tcp://`` endpoint is a CURVE
-server and every socket that connects to one is a CURVE client, and a ZAP handler thread accepts
-only the run's client public key, so a peer without the run's keys gets nothing accepted
-(`ipc://` sockets are unchanged). Without it, tcp may only be bound on loopback addresses.
+Every socket takes the options of the process's security (security.py) when it binds or
+connects: once a run's credentials are configured, no connection without them delivers anything.
+Without them, tcp may only be bound on loopback addresses.
 """
 
 from __future__ import annotations
@@ -31,163 +29,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import logging
 import os
 import stat
-import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import zmq
 import zmq.asyncio
-from zmq.utils import z85
-
 from chatlearn.transport.errors import ChannelClosedError, PeerUnreachableError, TransportError
+from chatlearn.transport.security import socket_options
 
 log = logging.getLogger(__name__)
 
 # Messages handled per reader callback before yielding to other tasks (fairness under floods).
 _MAX_BATCH = 256
-_ZAP_ENDPOINT = "inproc://zeromq.zap.01"
-_ZAP_DOMAIN = b"chatlearn"
-
-
-@dataclass(frozen=True, kw_only=True)
-class TcpSecurity:
-    """A run's CURVE keys (Z85 bytes): one pair for binding sockets, one for connecting ones."""
-
-    server_public: bytes
-    server_secret: bytes
-    client_public: bytes
-    client_secret: bytes
-
-    def to_payload(self) -> dict[str, str]:
-        return {k: v.decode("ascii") for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_payload(cls, payload: Any) -> TcpSecurity:
-        names = ("server_public", "server_secret", "client_public", "client_secret")
-        if not isinstance(payload, dict) or set(payload) != set(names):
-            raise ValueError(f"CURVE keys must be a mapping of exactly {names}")
-        values = {k: str(payload[k]).encode("ascii") for k in names}
-        if any(len(v) != 40 for v in values.values()):
-            raise ValueError("CURVE keys must be 40-character Z85 strings")
-        return cls(**values)
-
-    def __repr__(self) -> str:  # never print secrets in logs or tracebacks
-        return f"TcpSecurity(server_public={self.server_public!r}, ...)"
-
-
-class _ZapHandler:
-    """ZeroMQ's ZAP protocol (RFC 27) on a thread: accepts CURVE only for the run's client key.
-
-    NULL (ipc, or tcp without security) is accepted as before; anything else is refused.
-    """
-
-    def __init__(self, context: zmq.Context, client_public: bytes) -> None:
-        self._client_key = z85.decode(client_public)
-        # A plain (non-asyncio) socket on the same libzmq context: inproc endpoints are shared.
-        self._sock: zmq.Socket[Any] = zmq.Context.shadow(context.underlying).socket(zmq.REP)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(_ZAP_ENDPOINT)
-        self._stop = threading.Event()
-        self.num_refused = 0
-        self._thread = threading.Thread(target=self._run, name="chatlearn-zap", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                if self._sock.poll(100):
-                    self._sock.send_multipart(self._answer(self._sock.recv_multipart()))
-        except zmq.ZMQError:  # context terminated: the process is exiting
-            pass
-        finally:
-            self._sock.close(linger=0)
-
-    def _answer(self, request: list[bytes]) -> list[bytes]:
-        version, request_id = (request + [b"", b""])[:2]
-        mechanism = request[5] if len(request) > 5 else b""
-        ok = mechanism == b"NULL" or (
-            mechanism == b"CURVE" and len(request) > 6 and request[6] == self._client_key
-        )
-        if not ok:
-            self.num_refused += 1
-            log.warning("refused a %s connection without the run's keys", mechanism.decode())
-        status = (b"200", b"OK") if ok else (b"400", b"not a peer of this run")
-        return [version, request_id, *status, b"", b""]
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(2.0)
-
-
-_security: TcpSecurity | None = None
-_zap: _ZapHandler | None = None
-
-
-def configure_tcp_security(
-    security: TcpSecurity | None, context: zmq.Context | None = None
-) -> None:
-    """Use `security` for every tcp socket of this process from now on (None: back to plain).
-
-    Call it before creating the run's sockets, with the context they use.
-    """
-    global _security, _zap
-    if _zap is not None:
-        _zap.stop()
-        _zap = None
-    _security = security
-    if security is not None:
-        _zap = _ZapHandler(async_context(context), security.client_public)
-
-
-def tcp_security() -> TcpSecurity | None:
-    """The process's tcp security (`configure_tcp_security`), if any."""
-    return _security
-
-
-def num_refused_connections() -> int:
-    """Connections the ZAP handler refused since security was configured (for tests/logs)."""
-    return _zap.num_refused if _zap is not None else 0
-
-
-def _tcp_options(endpoint: str, *, bind: bool) -> dict[int, int | bytes]:
-    """The socket options a tcp endpoint needs under this process's security."""
-    if not endpoint.startswith("tcp://"):
-        return {}
-    security = _security
-    if security is None:
-        if bind and not _is_loopback(endpoint):
-            raise ValueError(
-                f"refusing to bind {endpoint} without CURVE security: only loopback addresses "
-                "may carry plain tcp (multi-host runs configure keys with `chatlearn launch`)"
-            )
-        return {}
-    if bind:
-        return {
-            zmq.CURVE_SERVER: 1,
-            zmq.CURVE_SECRETKEY: security.server_secret,
-            zmq.ZAP_DOMAIN: _ZAP_DOMAIN,
-        }
-    return {
-        zmq.CURVE_SERVERKEY: security.server_public,
-        zmq.CURVE_PUBLICKEY: security.client_public,
-        zmq.CURVE_SECRETKEY: security.client_secret,
-    }
-
-
-def _is_loopback(endpoint: str) -> bool:
-    host = endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def async_context(context: zmq.Context | None) -> zmq.Context:
@@ -230,7 +87,7 @@ class AsyncSocket:
     def bind_or_connect(self, endpoint: str, *, bind: bool) -> str:
         """Bind (returning the resolved endpoint, e.g. the ephemeral port) or connect."""
         try:
-            for option, value in _tcp_options(endpoint, bind=bind).items():
+            for option, value in socket_options(endpoint, bind=bind).items():
                 self.sock.setsockopt(option, value)
             if bind:
                 self.sock.bind(endpoint)

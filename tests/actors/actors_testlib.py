@@ -48,6 +48,9 @@ class Recorder(BaseModule):
     def noop(self) -> None:
         return None
 
+    def env(self, name: str) -> str | None:
+        return os.environ.get(name)
+
     def echo(self, *args: Any, **kwargs: Any) -> Any:
         return {"args": list(args), "kwargs": kwargs}
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from chatlearn.actors.bootstrap import Bootstrap
 from chatlearn.transport import ControlServer, MessageKind, RuntimeDir
 
 pytestmark = pytest.mark.timeout(60)
@@ -25,8 +26,6 @@ async def test_worker_hello_ping_and_dead_report_on_a_fatal_error():
                 "chatlearn.actors.worker",
                 "--endpoint",
                 server.endpoint,
-                "--identity",
-                "probe.0.0",
                 "--coordinator-pid",
                 str(os.getpid()),
                 "--heartbeat-interval",
@@ -34,8 +33,12 @@ async def test_worker_hello_ping_and_dead_report_on_a_fatal_error():
                 "--startup-timeout",
                 "1.5",
             ],
+            stdin=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
+        assert proc.stdin is not None
+        proc.stdin.write(Bootstrap(identity="probe.0.0").to_line())
+        proc.stdin.flush()
         try:
             identity, hello = await asyncio.wait_for(server.recv_unsolicited(), 30)
             assert (identity, hello.kind) == (b"probe.0.0", MessageKind.HELLO)
@@ -58,6 +61,7 @@ async def test_worker_hello_ping_and_dead_report_on_a_fatal_error():
             proc.wait(10)
             assert proc.stderr is not None
             proc.stderr.close()
+            proc.stdin.close()
             await server.aclose(0)
 
 
@@ -70,11 +74,10 @@ def test_worker_exits_at_once_when_started_by_someone_else():
             "chatlearn.actors.worker",
             "--endpoint",
             "ipc:///nonexistent/control",
-            "--identity",
-            "x.0.0",
             "--coordinator-pid",
             "1",
         ],
+        input=Bootstrap(identity="x.0.0").to_line(),
         capture_output=True,
         timeout=30,
     )

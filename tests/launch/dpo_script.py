@@ -19,9 +19,28 @@ from chatlearn import DPOEngine  # noqa: E402
 from chatlearn.transport.endpoints import network_host  # noqa: E402
 
 
+def _proc(pid: int, name: str) -> str:
+    with open(f"/proc/{pid}/{name}", "rb") as f:
+        return f.read().decode(errors="replace")
+
+
 def log_host(module) -> None:
+    """Where the actor runs, and what of HF_TOKEN it got and shows (the tests set it)."""
+    token = os.environ.get("HF_TOKEN", "")
+    # The parent is the coordinator itself here (launcher "local" execs into the actor), whose
+    # environment is the user's own; its command line and ours must not show the token.
+    places = [("self", os.getpid(), "cmdline"), ("self", os.getpid(), "environ")]
+    places.append(("parent", os.getppid(), "cmdline"))
+    shown = [f"{who} {name}" for who, pid, name in places if token and token in _proc(pid, name)]
+    record = {
+        "model": module.name,
+        "host": network_host(),
+        "pid": os.getpid(),
+        "hf_token": token,
+        "token_shown_in": shown,
+    }
     with open(os.path.join(module.runtime_args.get("output_dir"), "hosts.jsonl"), "a") as f:
-        f.write(json.dumps({"model": module.name, "host": network_host()}) + "\n")
+        f.write(json.dumps(record) + "\n")
 
 
 class Reference(EchoReference):
@@ -47,7 +66,8 @@ def main() -> None:
             "runtime": {
                 "output_dir": output_dir,
                 "echo_log": os.path.join(output_dir, "log.jsonl"),
-                "num_episode": 1,
+                "num_episode": int(os.environ.get("DPO_SCRIPT_EPISODES", "1")),
+                "echo_cost": float(os.environ.get("DPO_SCRIPT_ECHO_COST", "0")),
                 "sample_per_episode": 8,
                 "generation_batch_size": 4,
                 "train_micro_batch_size": 2,

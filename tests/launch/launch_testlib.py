@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from chatlearn.launch.cluster import Cluster, LaunchSpec
-from chatlearn.launch.curve import generate_keys, load_keys, write_keys
+from chatlearn.launch.curve import generate_keys
 from chatlearn.launch.env import exported_environment
 from chatlearn.launch.hostfile import HostSlots
 
@@ -21,14 +21,12 @@ def make_cluster(
     ssh_command: list[str] | None = None,
 ) -> Cluster:
     directory.mkdir(mode=0o700, exist_ok=True)
-    keys_file = write_keys(generate_keys(), directory / "keys.json")
     spec = LaunchSpec(
         hosts=[HostSlots(name, tuple(range(n))) for name, n in hosts],
         master_addr="127.0.0.1",
-        keys_file=str(keys_file),
         launcher=launcher,
         env=exported_environment(env_file=os.devnull),
         slots_are="cpus",
         **({"ssh_command": ssh_command} if ssh_command else {}),
     )
-    return Cluster(spec, load_keys(keys_file))
+    return Cluster(spec, generate_keys())

@@ -20,7 +20,7 @@ from chatlearn.actors import ActorDeadError, ActorSystem
 from chatlearn.actors.process import free_tcp_port
 from chatlearn.transport import Message, MessageKind
 from chatlearn.transport.messages import encode_message
-from chatlearn.transport.sockets import num_refused_connections
+from chatlearn.transport.security import num_refused_connections
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -89,7 +89,7 @@ async def test_client_without_the_run_keys_gets_nothing_accepted(tmp_path, caplo
                 sock.close(0)
             context.term()
         assert num_refused_connections() >= 1  # the impostor's handshake reached ZAP
-        assert "unknown actor" not in caplog.text  # no message got through to the runtime
+        assert "unknown peer" not in caplog.text  # no message got through to the runtime
         assert system.server.num_malformed == 0
         assert system.failure is None
         assert await group.call(0, "add", 5) == 5  # the run is unaffected
@@ -112,9 +112,9 @@ async def test_a_client_with_the_run_keys_does_get_through(tmp_path, caplog):
             sock.send_multipart(encode_message(Message(kind=MessageKind.HEARTBEAT)))
             with caplog.at_level(logging.WARNING):
                 deadline = time.monotonic() + 5
-                while "unknown actor" not in caplog.text and time.monotonic() < deadline:
+                while "unknown peer" not in caplog.text and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
-            assert "unknown actor" in caplog.text
+            assert "unknown peer" in caplog.text
         finally:
             sock.close(0)
             context.term()

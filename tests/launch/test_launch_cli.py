@@ -6,23 +6,27 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import stat
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 
+import psutil
 import pytest
 from launch_testlib import HOST_A, HOST_B
 
 from chatlearn.launch.cli import prepare_launch
-from chatlearn.launch.cluster import LaunchSpec
-from chatlearn.launch.curve import load_keys
 from chatlearn.launch.hostfile import HostSlots
 
 pytestmark = pytest.mark.timeout(90)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+
+
+SECRET = "hf_launch_secret_789"
 
 
 def run_launch(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -33,6 +37,7 @@ def run_launch(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[s
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        env={**os.environ, "HF_TOKEN": SECRET},
     )
 
 
@@ -43,6 +48,9 @@ def check_dpo_run(result: subprocess.CompletedProcess[str], output: Path) -> Non
         ("policy_trainer", HOST_B),
         ("reference", HOST_A),
     ]
+    # HF_TOKEN is forwarded (HF_*), on the actors' stdin: in no command line (the actor's or
+    # its launching shell's / ssh's) and in no environment block
+    assert [(h["hf_token"], h["token_shown_in"]) for h in hosts] == [(SECRET, [])] * 2
     log = [json.loads(x) for x in (output / "log.jsonl").read_text().splitlines()]
     trained = sorted(r for t in log if t["event"] == "train" for b in t["batches"] for r in b)
     assert trained == list(range(8))  # every sample went reference@A → trainer@B over tcp
@@ -58,25 +66,22 @@ def test_dpo_completes_across_two_local_hosts(tmp_path):
     check_dpo_run(result, tmp_path)
 
 
-def test_prepare_launch_selects_hosts_and_keeps_secrets_private(tmp_path, monkeypatch):
+def test_prepare_launch_selects_hosts_and_writes_no_secret(tmp_path, monkeypatch):
     hostfile = tmp_path / "hosts"
     hostfile.write_text(f"{HOST_A} slots=2\n127.0.0.4 slots=4\n{HOST_B} slots=1\n")
     monkeypatch.setenv("NCCL_DEBUG", "INFO")
     monkeypatch.setenv("SOME_TOKEN", "do-not-forward")
-    directory = tmp_path / "run"
-    directory.mkdir()
-    path = prepare_launch(
-        str(hostfile), directory=directory, exclude=f"127.0.0.4@{HOST_A}:1", launcher="local"
-    )
-    spec = LaunchSpec.load(path)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cluster = prepare_launch(str(hostfile), exclude=f"127.0.0.4@{HOST_A}:1", launcher="local")
+    spec = cluster.spec
     assert spec.hosts == [HostSlots(HOST_A, (0,)), HostSlots(HOST_B, (0,))]
     assert spec.master_addr == "127.0.0.1"  # this machine's address towards 127.0.0.2
     assert spec.env["NCCL_DEBUG"] == "INFO" and "SOME_TOKEN" not in spec.env
-    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(spec.keys_file).st_mode) == 0o600
-    keys = load_keys(spec.keys_file)
-    assert keys.client_secret.decode() not in path.read_text()
-    assert keys.server_secret.decode() not in path.read_text()
+    assert len(cluster.keys.client_secret) == 40
+    # The keys live in memory only: nothing is written where a kill could leave it behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert cluster.keys.client_secret.decode() not in json.dumps(asdict(spec))
 
 
 def test_host_file_errors_name_the_line(tmp_path):
@@ -96,3 +101,53 @@ def test_dpo_completes_across_two_hosts_over_real_ssh(tmp_path, sshd):
         *(str(HERE / "dpo_script.py"), str(tmp_path)),
     )
     check_dpo_run(result, tmp_path)
+
+
+def test_kill9_under_launch_leaves_no_process_directory_or_key(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(f"{HOST_A} slots=1\n{HOST_B} slots=1\n")
+    base = os.environ["XDG_RUNTIME_DIR"]
+    before = set(os.listdir(base))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatlearn.cli", "launch", "--hostfile", str(hostfile)]
+        + [
+            "--launcher",
+            "local",
+            "--slots-are",
+            "cpus",
+            str(HERE / "dpo_script.py"),
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "DPO_SCRIPT_EPISODES": "100", "DPO_SCRIPT_ECHO_COST": "0.05"},
+    )
+    pids: list[int] = []
+    try:
+        hosts_file = tmp_path / "hosts.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if hosts_file.exists() and len(hosts_file.read_text().splitlines()) == 2:
+                break
+            time.sleep(0.05)
+        pids = [json.loads(x)["pid"] for x in hosts_file.read_text().splitlines()]
+        assert len(pids) == 2 and proc.poll() is None
+        time.sleep(0.5)  # mid-run
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], 10)
+        assert not alive
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and set(os.listdir(base)) - before:
+            time.sleep(0.05)
+        assert not set(os.listdir(base)) - before
+        assert not [p for p in tmp_path.rglob("*") if "key" in p.name]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pid in pids:
+            if psutil.pid_exists(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,217 @@
+"""A run against its surroundings: clean and quick shutdowns, same-user intruders, secrets in
+command lines and environment blocks, directories left behind by a killed coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import actors_testlib as lib
+import psutil
+import pytest
+
+import chatlearn
+from chatlearn.actors import ActorSystem
+from chatlearn.config import reset_args
+from chatlearn.engine import engine as engine_module
+from chatlearn.engine.engine import DPOEngine
+from chatlearn.transport import RuntimeDir
+from chatlearn.transport.endpoints import sweep_stale
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "engine"))
+from echo_modules import EchoReference, EchoTrainer  # noqa: E402
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def systems(monkeypatch: pytest.MonkeyPatch) -> list[ActorSystem]:
+    """The ActorSystems the engine creates during the test (its own is dropped at the end)."""
+    created: list[ActorSystem] = []
+
+    class Recorded(ActorSystem):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(engine_module, "ActorSystem", Recorded)
+    return created
+
+
+def _init(tmp_path: Path, **runtime) -> None:
+    chatlearn.init(
+        {
+            "models": {
+                "reference": {"num_cpu": 1},
+                "policy_trainer": {"num_cpu": 1, "trainable": True},
+            },
+            "runtime": {
+                "output_dir": str(tmp_path),
+                "echo_log": str(tmp_path / "log.jsonl"),
+                "data_shuffle": False,
+                "train_micro_batch_size": 2,
+                "train_global_batch_size": 4,
+                **runtime,
+            },
+        }
+    )
+
+
+def _trained_rows(tmp_path: Path) -> list[int]:
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    return sorted(r for t in log if t["event"] == "train" for b in t["batches"] for r in b)
+
+
+async def test_a_healthy_run_exits_0_within_a_second_of_its_end(tmp_path, systems):
+    _init(tmp_path, num_episode=1, sample_per_episode=8)
+    try:
+        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        engine.set_dataset(list(range(8)))
+        await engine.learn_async()
+    finally:
+        reset_args()
+    events = list(systems[0].events)
+    shutdown = next(e.time for e in events if e.kind == "shutdown")
+    exits = [e for e in events if e.kind == "exit"]
+    assert [e.detail for e in exits] == ["exit code 0", "exit code 0"]
+    assert max(e.time for e in exits) - shutdown < 1.0, [(e.kind, e.time) for e in events]
+
+
+async def test_a_same_user_process_without_the_run_secret_changes_nothing(tmp_path, systems):
+    _init(tmp_path, num_episode=2, sample_per_episode=16, echo_cost=0.05)
+    try:
+        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        engine.set_dataset(list(range(16)))
+        run = asyncio.ensure_future(engine.learn_async())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not run.done():
+            system = systems[0] if systems else None
+            if system is not None and system.runtime_dir is not None:
+                names = os.listdir(system.runtime_dir.path)
+                if any(n.startswith("inbox") for n in names) and "control" in names:
+                    break
+            await asyncio.sleep(0.02)
+        system = systems[0]
+        assert system.runtime_dir is not None
+        (identity,) = system.identities()["reference"]
+        intruder = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(HERE / "intruder.py"),
+            str(system.runtime_dir.path),
+            identity.decode(),
+            stdout=subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(intruder.communicate(), 30)
+        await asyncio.wait_for(run, 60)
+    finally:
+        reset_args()
+    report = json.loads(out)
+    assert not run.done() or report["sockets"] >= 2, "the run ended before the intruder came"
+    assert report["connected"] == 0 and report["failed"] >= report["sockets"], report
+    assert system.failure is None
+    assert _trained_rows(tmp_path) == sorted(list(range(16)) * 2)  # no fake sample trained
+
+
+async def test_secrets_are_in_no_command_line_or_environment_block(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-456")
+    cfg = lib.make_config({"m": {"num_cpu": 1}})
+    async with ActorSystem(cfg) as system:
+        (group,) = await system.launch(lib.Recorder("m", cfg))
+        assert await group.call(0, "env", "HF_TOKEN") == "hf_secret_value_123"
+        assert await group.call(0, "env", "WANDB_API_KEY") == "wandb-secret-456"
+        (identity,) = system.identities()["m"]
+        secrets = [
+            b"hf_secret_value_123",
+            b"wandb-secret-456",
+            identity,
+            system.security.secret.hex().encode(),
+        ]
+        pid = group[0].pid
+        for name in ("cmdline", "environ"):
+            block = Path(f"/proc/{pid}/{name}").read_bytes()
+            assert not [s for s in secrets if s in block], name
+
+
+def _workers() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "chatlearn.actors.worker" in cmdline:
+            found.append(proc)
+    return found
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.5])
+def test_kill9_of_the_coordinator_during_startup_leaves_nothing(tmp_path, delay):
+    """Killed while its actors are still starting: they remove the run's directory and exit."""
+    base = os.environ["XDG_RUNTIME_DIR"]
+    before = set(os.listdir(base))
+    already = {p.pid for p in _workers()}
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "coordinator_script.py"), "--slow-setup"],
+        stdout=subprocess.DEVNULL,
+    )
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            workers = [p for p in _workers() if p.pid not in already]
+            if len(workers) == 2:
+                break
+            time.sleep(0.01)
+        assert len(workers) == 2
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and set(os.listdir(base)) - before:
+            time.sleep(0.05)
+        assert not set(os.listdir(base)) - before
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for worker in workers:
+            if worker.is_running():
+                worker.kill()
+
+
+def test_a_new_coordinator_sweeps_directories_of_dead_ones(tmp_path):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout.strip()
+    stale = tmp_path / "chatlearn-stale"
+    stale.mkdir(mode=0o700)
+    (stale / ".owner").write_text(f"{dead} 1")
+    (stale / "control").write_text("")
+    reused = tmp_path / "chatlearn-reused"  # a live pid, but started at another time: reused
+    reused.mkdir(mode=0o700)
+    (reused / ".owner").write_text(f"{os.getpid()} 1")
+    kept = []
+    for name, mode in (("chatlearn-no-owner-file", 0o700), ("chatlearn-shared", 0o755)):
+        kept.append(tmp_path / name)
+        kept[-1].mkdir(mode=mode)
+    (kept[1] / ".owner").write_text(f"{dead} 1")  # not private: not one of ours
+    (tmp_path / "other-stale").mkdir(mode=0o700)  # not our prefix
+    (tmp_path / "other-stale" / ".owner").write_text(f"{dead} 1")
+    live = RuntimeDir(base=tmp_path)  # sweeps before it creates its own
+    try:
+        assert not stale.exists() and not reused.exists()
+        assert all(p.is_dir() for p in kept) and (tmp_path / "other-stale").is_dir()
+        assert sweep_stale(tmp_path) == []  # a live coordinator's directory stays
+        assert live.path.is_dir()
+    finally:
+        live.close()
