@@ -12,6 +12,10 @@ Two kinds of failure reach a caller of an actor:
 
 `PlacementError` is a configuration error: the models' device requests do not fit the host.
 `ModuleError` is what `BaseModule.error()` raises inside an actor.
+
+An `ActorError` whose remote type was a `ConfigError` (a module's `setup()` rejecting its model
+arguments, say) is a config error too: `config_error_line()` gives its one line, which is what
+the user sees when it stops the run (`chatlearn.config.report`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from chatlearn.config.errors import ConfigError
+from chatlearn.config.errors import ConfigError, one_line
 from chatlearn.transport.errors import RemoteError
 
 __all__ = [
@@ -44,6 +48,10 @@ def describe_exit_code(exit_code: int | None) -> str:
             name = f"signal {-exit_code}"
         return f"killed by {name} (exit code {exit_code})"
     return f"exit code {exit_code}"
+
+
+# Remote type names that mean a config error (ConfigError and its subclasses, by convention).
+_CONFIG_ERROR_NAMES = ("ConfigError", "PlacementError")
 
 
 class ActorError(RemoteError):
@@ -87,6 +95,23 @@ class ActorError(RemoteError):
     @property
     def method(self) -> str | None:
         return self.context.get("method")
+
+    @property
+    def is_config_error(self) -> bool:
+        """Whether the remote error was a ConfigError (or a subclass named so)."""
+        return self.type_name.rpartition(".")[2].endswith(_CONFIG_ERROR_NAMES)
+
+    def config_error_line(self) -> str | None:
+        """`file:line: key: problem (fix: ...) [model ..., rank ..., in ...]`, for config errors."""
+        if not self.is_config_error:
+            return None
+        where = [
+            f"model {self.model}" if self.model else "",
+            f"rank {self.rank}" if self.rank is not None else "",
+            f"in {self.method}" if self.method else "",
+        ]
+        context = ", ".join(part for part in where if part)
+        return f"{one_line(self.message)} [{context}]" if context else one_line(self.message)
 
     def __str__(self) -> str:
         text = super().__str__()

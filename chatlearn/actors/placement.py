@@ -1,7 +1,10 @@
 """Placement: which process of which model runs on which devices.
 
 `plan_placement` turns every model's `models.<name>` resource keys and the host's resources into
-one `ProcessAssignment` per actor process, or raises `PlacementError` saying what to change.
+one `ProcessAssignment` per actor process, or raises `PlacementError` (a `ConfigError`) naming the
+key to change and, for a config read from YAML, the file and line it was written at. Placement
+runs in the coordinator before any process starts, so "more cores or GPUs than the host has"
+stops the run at once.
 
 Keys read from `models.<name>`:
 - `num_gpu` (alias `num_device`), `num_cpu`: the model's devices (at least one must be > 0).
@@ -67,10 +70,50 @@ def config_value(obj: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def _positive_int(model: str, key: str, value: Any, *, allow_zero: bool = True) -> int:
+# keys of models.<name> that placement reads, for locating its errors in the config files
+RESOURCE_KEYS = (
+    "num_gpu",
+    "num_cpu",
+    "gpu_per_process",
+    "cpu_per_process",
+    "zero_size",
+    *PARALLEL_SIZE_KEYS,
+)
+
+
+def _key_locations(model_cfg: Any) -> dict[str, str]:
+    """The "file:line" of each resource key of a `chatlearn.config.ModelConfig` (else none)."""
+    locator, key_path = getattr(model_cfg, "_locator", None), getattr(model_cfg, "_key_path", None)
+    if locator is None or key_path is None:
+        return {}
+    return {key: locator.where(key_path(key)) for key in ("", *RESOURCE_KEYS)}
+
+
+def _error(
+    model: str, key: str, problem: str, fix: str, locations: Mapping[str, str] | None = None
+) -> PlacementError:
+    where = (locations or {}).get(key) or (locations or {}).get("")
+    path = f"models.{model}.{key}" if key else f"models.{model}"
+    return PlacementError(problem, where=where, key=path, fix=fix)
+
+
+def _positive_int(
+    model: str,
+    key: str,
+    value: Any,
+    *,
+    allow_zero: bool = True,
+    locations: Mapping[str, str] | None = None,
+) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
         lowest = "0" if allow_zero else "1"
-        raise PlacementError(f"models.{model}.{key} must be an integer >= {lowest}, got {value!r}")
+        raise _error(
+            model,
+            key,
+            f"must be an integer >= {lowest}, got {value!r}",
+            f"set {key}: {lowest if allow_zero else 1} or more",
+            locations,
+        )
     return value
 
 
@@ -131,30 +174,32 @@ class ModelResources:
     cpu_per_process: int | None = None
     trainable: bool = False
     model_parallel_size: int = 1  # devices per inference replica (tp × pp × ep, or zero_size)
+    # "file:line" of each resource key ("" for the model's own entry), for errors
+    locations: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, name: str, model_cfg: Any) -> ModelResources:
+        locations = _key_locations(model_cfg)
+
+        def number(key: str, default: int, *, allow_zero: bool = True) -> int:
+            value = config_value(model_cfg, key, default)
+            return _positive_int(name, key, value, allow_zero=allow_zero, locations=locations)
+
         num_gpu = config_value(model_cfg, "num_gpu", 0) or config_value(model_cfg, "num_device", 0)
         # ChatLearn's replica size: zero_size if set, else tensor × pipeline × expert parallel.
-        zero = _positive_int(
-            name, "zero_size", config_value(model_cfg, "zero_size", 1), allow_zero=False
-        )
+        zero = number("zero_size", 1, allow_zero=False)
         group = 1
         for key in PARALLEL_SIZE_KEYS:
-            group *= _positive_int(name, key, config_value(model_cfg, key, 1), allow_zero=False)
+            group *= number(key, 1, allow_zero=False)
         res = cls(
             name=name,
-            num_gpu=_positive_int(name, "num_gpu", num_gpu),
-            num_cpu=_positive_int(name, "num_cpu", config_value(model_cfg, "num_cpu", 0)),
-            gpu_per_process=_positive_int(
-                name,
-                "gpu_per_process",
-                config_value(model_cfg, "gpu_per_process", 1),
-                allow_zero=False,
-            ),
+            num_gpu=_positive_int(name, "num_gpu", num_gpu, locations=locations),
+            num_cpu=number("num_cpu", 0),
+            gpu_per_process=number("gpu_per_process", 1, allow_zero=False),
             cpu_per_process=config_value(model_cfg, "cpu_per_process", None),
             trainable=bool(config_value(model_cfg, "trainable", False)),
             model_parallel_size=zero if zero > 1 else group,
+            locations=locations,
         )
         res.layout()  # validate now, so a bad config fails at launch, before any process starts
         return res
@@ -163,35 +208,54 @@ class ModelResources:
     def uses_gpu(self) -> bool:
         return self.num_gpu > 0
 
+    def error(self, key: str, problem: str, fix: str) -> PlacementError:
+        """A PlacementError about `models.<name>.<key>` ("" for the whole entry), located."""
+        return _error(self.name, key, problem, fix, self.locations)
+
     def layout(self) -> tuple[int, int]:
         """(number of processes, ranks per replica); raises `PlacementError` if inconsistent."""
-        key = f"models.{self.name}"
         if self.num_gpu == 0 and self.num_cpu == 0:
-            raise PlacementError(f"{key}: set num_gpu (alias num_device) or num_cpu to at least 1")
+            raise self.error(
+                "",
+                "neither num_gpu nor num_cpu is set",
+                "set num_gpu (alias num_device) or num_cpu to at least 1",
+            )
         if self.uses_gpu:
             if self.num_gpu % self.gpu_per_process:
-                raise PlacementError(
-                    f"{key}.num_gpu ({self.num_gpu}) must be a multiple of "
-                    f"{key}.gpu_per_process ({self.gpu_per_process})"
+                raise self.error(
+                    "num_gpu",
+                    f"num_gpu ({self.num_gpu}) must be a multiple of "
+                    f"gpu_per_process ({self.gpu_per_process})",
+                    "make num_gpu a multiple of gpu_per_process",
                 )
             num_processes = self.num_gpu // self.gpu_per_process
             per_replica = max(1, self.model_parallel_size // self.gpu_per_process)
         else:
             per_process = self.cpu_per_process or self.num_cpu
-            per_process = _positive_int(self.name, "cpu_per_process", per_process, allow_zero=False)
+            per_process = _positive_int(
+                self.name,
+                "cpu_per_process",
+                per_process,
+                allow_zero=False,
+                locations=self.locations,
+            )
             if self.num_cpu % per_process:
-                raise PlacementError(
-                    f"{key}.num_cpu ({self.num_cpu}) must be a multiple of "
-                    f"{key}.cpu_per_process ({per_process})"
+                raise self.error(
+                    "cpu_per_process",
+                    f"num_cpu ({self.num_cpu}) must be a multiple of "
+                    f"cpu_per_process ({per_process})",
+                    f"set cpu_per_process to a divisor of {self.num_cpu}",
                 )
             num_processes = self.num_cpu // per_process
             per_replica = self.model_parallel_size
         if self.trainable:
             return num_processes, num_processes
         if num_processes % per_replica:
-            raise PlacementError(
-                f"{key}: {num_processes} processes cannot be split into replicas of "
-                f"{per_replica} (tensor × pipeline × expert parallel size, or zero_size)"
+            raise self.error(
+                "tensor_model_parallel_size",
+                f"{num_processes} processes cannot be split into replicas of "
+                f"{per_replica} (tensor × pipeline × expert parallel size, or zero_size)",
+                f"use a multiple of {per_replica} devices, or smaller parallel sizes",
             )
         return num_processes, per_replica
 
@@ -208,9 +272,11 @@ class ModelResources:
             return 0
         if self.num_cpu:
             if self.num_cpu < num_processes:
-                raise PlacementError(
-                    f"models.{self.name}: on this CPU-only host its {num_processes} processes "
-                    f"need at least one core each, but num_cpu is {self.num_cpu}"
+                raise self.error(
+                    "num_cpu",
+                    f"on this CPU-only host its {num_processes} processes "
+                    f"need at least one core each, but num_cpu is {self.num_cpu}",
+                    f"set num_cpu to {num_processes} or more, or lower num_gpu",
                 )
             return self.num_cpu // num_processes
         return self.gpu_per_process
@@ -305,7 +371,11 @@ def _device_groups(
     for names in colocation:
         for name in names:
             if name in seen:
-                raise PlacementError(f"runtime.colocation lists model {name!r} twice")
+                raise PlacementError(
+                    f"lists model {name!r} twice",
+                    key="runtime.colocation",
+                    fix="put each model in at most one colocation group",
+                )
             seen.add(name)
         members = [by_name[n] for n in names if n in by_name]
         if members:
@@ -340,15 +410,7 @@ def plan_placement(
     total_gpus = sum(n[0] for n in group_needs)
     total_cpus = sum(n[1] for n in group_needs)
     if total_gpus > len(free_gpus) or total_cpus > len(free_cpus):
-        detail = "; ".join(
-            f"{'+'.join(m.name for m in g)} needs {n[0]} GPU(s), {n[1]} core(s)"
-            for g, n in zip(groups, group_needs, strict=True)
-        )
-        raise PlacementError(
-            f"the models do not fit this host ({host.host}: {len(free_gpus)} free GPU(s), "
-            f"{len(free_cpus)} free CPU core(s)): {detail}. Lower models.<name>.num_gpu / "
-            "num_cpu, or let models share devices with runtime.colocation"
-        )
+        raise _not_fitting(groups, group_needs, need, host, len(free_gpus), len(free_cpus))
 
     assignments: dict[str, list[ProcessAssignment]] = {}
     gpu_offset = cpu_offset = 0
@@ -361,6 +423,43 @@ def plan_placement(
         cpu_offset += group_cpus
     ordered = {m.name: assignments[m.name] for m in models}
     return PlacementPlan(host=host, assignments=ordered)
+
+
+def _not_fitting(
+    groups: Sequence[Sequence[ModelResources]],
+    group_needs: Sequence[tuple[int, ...]],
+    need: Any,
+    host: HostResources,
+    free_gpus: int,
+    free_cpus: int,
+) -> PlacementError:
+    """The error of requests that exceed the host, naming the key of the model that overflows."""
+    detail = "; ".join(
+        f"{'+'.join(m.name for m in g)} needs {n[0]} GPU(s), {n[1]} core(s)"
+        for g, n in zip(groups, group_needs, strict=True)
+    )
+    problem = (
+        f"the models do not fit this host ({host.host}: {free_gpus} free GPU(s), "
+        f"{free_cpus} free CPU core(s)): {detail}"
+    )
+    # blame the largest model of the first group that does not fit beside the ones before it
+    used_gpus = used_cpus = 0
+    culprit, kind = groups[-1][0], 1
+    for group, group_need in zip(groups, group_needs, strict=True):
+        used_gpus, used_cpus = used_gpus + group_need[0], used_cpus + group_need[1]
+        if used_gpus > free_gpus or used_cpus > free_cpus:
+            kind = 0 if used_gpus > free_gpus else 1
+            culprit = max(group, key=lambda m: need(m)[kind])
+            break
+    # a GPU request on a CPU-only host is met with cores: num_gpu is still the key to lower
+    key = "num_gpu" if kind == 0 or (culprit.uses_gpu and not culprit.num_cpu) else "num_cpu"
+    free = f"{free_gpus} GPU(s)" if kind == 0 else f"{free_cpus} core(s)"
+    return culprit.error(
+        key,
+        problem,
+        f"lower {key} so that all the models fit in {free}, or let models share devices with "
+        "runtime.colocation",
+    )
 
 
 def _assign_model(
@@ -461,8 +560,9 @@ def plan_hosts(
             if len(group) > 1:
                 names = "+".join(m.name for m in group)
                 raise PlacementError(
-                    f"colocated models {names} fit on no single host; give the hosts more "
-                    "slots or do not colocate them"
+                    f"colocated models {names} fit on no single host",
+                    key="runtime.colocation",
+                    fix="give the hosts more slots, or do not colocate these models",
                 )
             placed = PlacementPlan(hosts[0], {group[0].name: _spread(group[0], hosts, free)})
         for name, procs in placed.assignments.items():
@@ -500,8 +600,10 @@ def _spread(
             for i in range(fit)
         )
     if len(slots) < num_processes:
-        raise PlacementError(
-            f"models.{m.name}: its {num_processes} processes do not fit the hosts' free slots "
-            f"({', '.join(h.host for h in hosts)}); add hosts or slots, or lower num_gpu/num_cpu"
+        raise m.error(
+            "",
+            f"its {num_processes} processes do not fit the hosts' free slots "
+            f"({', '.join(h.host for h in hosts)})",
+            "add hosts or slots, or lower num_gpu/num_cpu",
         )
     return _assign_slots(m, slots)

@@ -143,8 +143,7 @@ class Worker:
             info["services"] = sorted(self.core.services)
         except USER_CODE_ERRORS as exc:
             phase = self.core.phase if self.core is not None else "config"
-            print(f"chatlearn actor: startup failed in {phase}:", file=sys.stderr)
-            traceback.print_exception(exc, file=sys.stderr)  # also in the coordinator's log
+            _print_startup_failure(exc, phase)
             await self._send_error(msg.request_id, exc, phase)
             return False
         await self.client.send(
@@ -302,6 +301,19 @@ class Worker:
     def cancel_tasks(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+def _print_startup_failure(exc: BaseException, phase: str) -> None:
+    """The failure on our stderr (the coordinator's log): a config error as its one line (the
+    coordinator reports it that way too), anything else with its traceback."""
+    from chatlearn.config.errors import ConfigError
+    from chatlearn.config.report import debug_enabled
+
+    if isinstance(exc, ConfigError) and not debug_enabled():
+        print(f"chatlearn actor: startup failed in {phase}: {exc.one_line()}", file=sys.stderr)
+        return
+    print(f"chatlearn actor: startup failed in {phase}:", file=sys.stderr)
+    traceback.print_exception(exc, file=sys.stderr)
 
 
 async def _raise_later(exc: BaseException) -> Any:

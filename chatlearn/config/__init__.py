@@ -7,8 +7,9 @@
 
 Modules: `schema` (every known key, its type and default — the tables are in its docstring),
 `loader` (YAML, `${NAME:default}`, includes), `sections` (RuntimeConfig, ModelConfig,
-RuntimeEnvConfig), `core` (Config, wire form), `checks` (cross-key rules), `entry` (init,
-get_args, set_args).
+RuntimeEnvConfig), `core` (Config, wire form), `checks` (cross-key rules, output paths),
+`model_args` (types of the model_args keys the ready-made modules read), `entry` (init,
+get_args, set_args), `report` (an uncaught ConfigError as one line on stderr, exit code 2).
 """
 
 from __future__ import annotations

@@ -3,14 +3,19 @@
 One value at a time is checked in `schema`; here: batch sizes that must divide, the global batch
 against the episode, devices against processes and parallel sizes, replicas against the episode,
 data-parallel trainers against the micro-batches of a step, colocation groups, data_ratio against
-data_path, the pipeline window, heartbeats. The first problem raises a `ConfigError`.
+data_path, the pipeline window, heartbeats, the types of the model_args keys the ready-made
+modules read (`model_args`), and — in the coordinator only — that the output paths can be
+created. The first problem raises a `ConfigError`.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+from .model_args import check_model_args
 from .schema import PARALLEL_KEYS
 from .sections import ModelConfig
 
@@ -115,6 +120,7 @@ def _check_model(config: Config, name: str, model: ModelConfig) -> None:
     _check_parallel_sources(config, path, model)
     _check_processes(config, path, model)
     _check_parallel_sizes(config, path, model)
+    check_model_args(model.model_args, f"{path}.model_args", config._locator.error)
     rt = config.runtime_args
     if not model.trainable and rt.sample_per_episode % model.num_replica:
         replicas = model.num_replica
@@ -201,3 +207,48 @@ def _check_parallel_sizes(config: Config, path: str, model: ModelConfig) -> None
                 f"{model.zero_size} does not divide {unit_name} = {units}",
                 f"set zero_size to a divisor of {units}",
             )
+
+
+def check_output_paths(config: Config) -> None:
+    """The run's output directories can be created (not under a file, not read-only).
+
+    Checked in the coordinator only: actors on other hosts see other file systems.
+    """
+    rt = config.runtime_args
+    # output_dir first: when it is fine but output_dir/exp_name is not, exp_name is to blame
+    paths = [("output_dir", rt.output_dir), ("exp_name", rt.output_path)]
+    if rt.data_checkpoint_path:
+        paths.append(("data_checkpoint_path", rt.data_checkpoint_path))
+    for key, path in paths:
+        problem = _directory_problem(path)
+        if problem:
+            raise _error(
+                config,
+                f"runtime.{key}",
+                problem,
+                f"set {key} so that the path names a directory that can be created and "
+                "written, e.g. output/my_run",
+            )
+
+
+def _directory_problem(path: str) -> str | None:
+    """Why a directory cannot be created (or written) at `path`; None when it can."""
+    target = Path(os.path.abspath(path))
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is an existing file" if existing == target else f"is under a file ({existing})"
+        return f"{path!r} {what}, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK) or _read_only(existing):
+        where = "" if existing == target else f" (the nearest existing directory {existing})"
+        return f"{path!r} is not writable{where}"
+    return None
+
+
+def _read_only(path: Path) -> bool:
+    """A read-only mount; `os.access` says yes to root even there."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

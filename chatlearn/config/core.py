@@ -198,6 +198,11 @@ class Config:
                     )
 
     # -- access ------------------------------------------------------------------------------------
+    def error(self, key: str, problem: str, fix: str) -> ConfigError:
+        """A ConfigError about key path `key` (e.g. `models.policy.model_args.beta`), located at
+        the file and line the key was written (or the closest enclosing section)."""
+        return self._locator.error(key, problem, fix)
+
     @property
     def rlhf_args(self) -> RuntimeConfig:
         """ChatLearn's old name of `runtime_args`."""
@@ -315,13 +320,15 @@ class Config:
     # -- validation --------------------------------------------------------------------------------
     def validate(self) -> Config:
         """Check the whole config (again); raise a ConfigError for the first problem found."""
-        from .checks import check_config  # the cross-key rules live beside this class
+        from .checks import check_config, check_output_paths  # the rules beside this class
 
         self._attach_models()
         for section in (self.runtime_args, self.env_args, *self.models.values()):
             section._recheck()
         self.to_dict()  # everything must be shippable to the actor processes
         check_config(self)
+        if not self._shipped:  # the coordinator's config: outputs are written from here
+            check_output_paths(self)
         return self
 
 

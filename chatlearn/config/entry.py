@@ -5,6 +5,9 @@ every other argument alone, so a user's own argparse keeps working. Without the 
 the default config (no models). `init(args)` takes a mapping, a `Config`, or a path instead.
 Actor processes receive the coordinator's config as `Config.to_dict()` and install it with
 `set_args()`, so `get_args()` answers the same everywhere.
+
+`init()` also installs the hook that prints an uncaught `ConfigError` as one line and exits with
+code 2 (`chatlearn.config.report`); `init()` itself raises, so scripts that catch it still can.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 from . import loader
 from .core import Config
 from .errors import ConfigError, logger
+from .report import install_excepthook
 
 _config: Config | None = None
 
@@ -81,7 +85,9 @@ def init(args: Config | Mapping[str, Any] | str | os.PathLike[str] | None = None
 
     `args` None: the `-c/--config` file from `sys.argv` (or defaults without the flag); a mapping:
     YAML-shaped sections built in code; a Config: used as is (validated); a path: that file.
+    From now on a ConfigError that the script does not catch is printed as one line (exit 2).
     """
+    install_excepthook()
     if args is None:
         path = config_path_from_argv()
         config = load_config(path) if path is not None else Config()

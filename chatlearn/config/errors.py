@@ -4,6 +4,7 @@ Every user-facing config problem is a `ConfigError`: one line saying where (file
 the value came from YAML, else "config built in code"), which key (a dotted path such as
 `runtime.train_global_batch_size`) and what is wrong, then a second line saying what to change.
 It subclasses `ValueError` so code written against ChatLearn's asserts/ValueErrors still catches it.
+What the user sees at the end of a run is `one_line()`: `where: key: problem (fix: ...)`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ class ConfigError(ValueError):
         self.fix = fix
         head = ": ".join(part for part in (where, key, problem) if part)
         super().__init__(f"{head}\n  fix: {fix}" if fix else head)
+
+    def one_line(self) -> str:
+        """`file:line: key: what is wrong (fix: ...)`, the form printed when a run stops."""
+        return one_line(str(self))
+
+
+def one_line(message: str) -> str:
+    """A ConfigError's two-line text (`head` + `  fix: ...`) as one line; other text joined."""
+    head, sep, fix = message.partition("\n  fix: ")
+    head = " ".join(head.split())
+    return f"{head} (fix: {' '.join(fix.split())})" if sep else head
 
 
 class ValueProblem(Exception):

@@ -89,6 +89,7 @@ Models section (`models.<name>:`):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -156,6 +157,18 @@ def _check_float(name: str, value: Any, spec: KeySpec) -> float:
         f"expected a number, got {describe(value)}",
         f"write a number without quotes, e.g. {_example(name, spec)}",
     )
+
+
+def _check_number(name: str, value: Any, spec: KeySpec) -> float:
+    """A number, or a string `float()` reads: YAML 1.1 leaves `1e-6` (no dot) a string."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number):
+            return number
+    return _check_float(name, value, spec)
 
 
 def _check_bool(name: str, value: Any, spec: KeySpec) -> bool:
@@ -252,6 +265,7 @@ def _check_data_ratio(name: str, value: Any, spec: KeySpec) -> int | list[int]:
 _CHECKERS: dict[str, Callable[[str, Any, KeySpec], Any]] = {
     "int": _check_int,
     "float": _check_float,
+    "number": _check_number,
     "bool": _check_bool,
     "str": _check_str,
     "str_list": _check_str_list,

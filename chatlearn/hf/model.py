@@ -5,17 +5,19 @@ checkpoint directory loaded with `from_pretrained` (never a download).
     model = load_causal_lm("/path/to/checkpoint", dtype="bfloat16")
     model = causal_lm_from_args(model_args, tokenizer)   # either, from a model's config
 
-transformers is imported only when a model is built.
+transformers is imported only when a model is built. `validate_model_args` (at the end) turns
+model arguments these modules cannot use into a one-line `ConfigError` naming the key and file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from chatlearn.config.errors import ConfigError
 from chatlearn.hf.tokenizer import BYTE_VOCAB_SIZE
 
 # The default small model: about 1.4M parameters with the byte-level vocabulary; a DPO step on
@@ -109,6 +111,7 @@ def causal_lm_from_args(model_args: Mapping[str, Any], tokenizer: Any) -> Any:
     Keys read: `model_path` (a local checkpoint; when set the other keys but `dtype` are ignored),
     `model_config` (overrides of `SMALL_LLAMA`), `seed` (default 0), `dtype` (default float32).
     """
+    validate_model_args(model_args)
     dtype = model_args.get("dtype")
     model_path = model_args.get("model_path")
     if model_path:
@@ -126,3 +129,60 @@ def causal_lm_from_args(model_args: Mapping[str, Any], tokenizer: Any) -> Any:
 
 def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# -- validation of model args ----------------------------------------------------------------------
+def validate_model_args(model_args: Mapping[str, Any]) -> None:
+    """Raise a ConfigError naming the key (and its file:line) of model args the HF modules reject.
+
+    Run by `causal_lm_from_args`, i.e. in `setup()`: the types of the common keys were checked by
+    `Config.validate()` in the coordinator already (again here: model_args can be set in code);
+    what only these modules require is checked here — dtype names, the DPO loss type, a
+    model_path that is a directory, and the attention heads of `model_config` over `SMALL_LLAMA`.
+    """
+    from chatlearn.algorithms.dpo import LOSS_TYPES
+    from chatlearn.config.model_args import check_heads, check_model_args
+
+    prefix, error = _locate(model_args)
+    check_model_args(model_args, prefix, error)
+    dtype = model_args.get("dtype")
+    if dtype is not None and str(dtype).lower().removeprefix("torch.") not in (*_DTYPES, "auto"):
+        raise error(
+            f"{prefix}.dtype", f"unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}, auto"
+        )
+    loss_type = model_args.get("loss_type")
+    if loss_type is not None and loss_type not in LOSS_TYPES:
+        raise error(
+            f"{prefix}.loss_type",
+            f"unknown loss type {loss_type!r}",
+            f"use {', '.join(LOSS_TYPES)}",
+        )
+    model_path = model_args.get("model_path")
+    if model_path:
+        if not Path(model_path).is_dir():
+            raise error(
+                f"{prefix}.model_path",
+                f"{str(model_path)!r} is not a directory (checkpoints are never downloaded)",
+                "give the local directory of a Hugging Face checkpoint, or remove model_path",
+            )
+        return  # the checkpoint's own config is used
+    merged = {**SMALL_LLAMA, **dict(model_args.get("model_config") or {})}
+    check_heads(merged, f"{prefix}.model_config", error)
+
+
+def _locate(model_args: Mapping[str, Any]) -> tuple[str, Callable[[str, str, str], ConfigError]]:
+    """The key path of these model args in the process-wide config and its error factory."""
+    from chatlearn.config import get_args
+
+    try:
+        config = get_args()
+    except ConfigError:
+        return "model_args", _unlocated
+    for name, model in config.models.items():
+        if model.model_args is model_args:  # what BaseModule.model_args hands out
+            return f"models.{name}.model_args", config.error
+    return "model_args", _unlocated
+
+
+def _unlocated(key: str, problem: str, fix: str) -> ConfigError:
+    return ConfigError(problem, key=key, fix=fix)

@@ -6,6 +6,10 @@ the hosts are parsed and selected (hostfile.py), the run's CURVE keys are genera
 script runs in this process with the resulting `Cluster` (no file holds the keys: nothing is left
 behind whatever kills the run); the `ActorSystem` of the script then places and starts actors over
 the hosts (cluster.py).
+
+A config error of the script (a `ConfigError` it does not catch, also one raised in an actor) is
+printed as one line, `file:line: key: what is wrong (fix: ...)`, and the command exits with code
+2; `--debug` (or ``CHATLEARN_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ import sys
 from pathlib import Path
 
 import click
+
+from chatlearn.config.report import (
+    DEBUG_ENV_VAR,
+    config_error_line,
+    debug_enabled,
+    report_and_exit,
+)
 from chatlearn.launch.cluster import (
     DEFAULT_SSH_COMMAND,
     LAUNCH_ENV_VAR,
@@ -65,12 +76,18 @@ def prepare_launch(
 
 
 def run_script(script: str, args: list[str]) -> None:
-    """Run `script` as ``__main__`` with `args`, like ``python script args``."""
+    """Run `script` as ``__main__`` with `args`, like ``python script args``; an uncaught config
+    error ends it as one line on stderr and exit code 2 (unless debugging)."""
     sys.argv = [script, *args]
     script_dir = str(Path(script).resolve().parent)
     if script_dir not in sys.path:
         sys.path.insert(0, script_dir)
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except Exception as exc:
+        if config_error_line(exc) is None or debug_enabled():
+            raise
+        report_and_exit(exc)
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -99,6 +116,11 @@ def run_script(script: str, args: list[str]) -> None:
     show_default=True,
     help="what a slot is (auto: GPUs if this machine has any)",
 )
+@click.option(
+    "--debug",
+    is_flag=True,
+    help=f"show the traceback of config errors (also {DEBUG_ENV_VAR}=1)",
+)
 @click.argument("script", type=click.Path(exists=True, dir_okay=False))
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 def command(
@@ -111,10 +133,13 @@ def command(
     env_file: str | None,
     export: tuple[str, ...],
     slots_are: str,
+    debug: bool,
     script: str,
     script_args: tuple[str, ...],
 ) -> None:
     """Run SCRIPT as the coordinator, with actors on the hosts of --hostfile (default: here)."""
+    if debug:
+        os.environ[DEBUG_ENV_VAR] = "1"  # read by the script's chatlearn.init() hook too
     if hostfile is None:
         if include or exclude:
             raise click.UsageError("--include/--exclude need a --hostfile")

@@ -1,0 +1,149 @@
+"""Types of the `model_args` keys that `chatlearn.hf`'s ready-made modules read.
+
+A model's `model_args` (its `model_config_file` and inline `model_args:`) belong to the module,
+so most keys are the module's business. The keys below are read as numbers, booleans or strings
+by `chatlearn.hf.modules`, and mean the same in any module that uses the name, so
+`Config.validate()` checks them for every model, in the coordinator before any actor starts
+(`learning_rate: fast` would otherwise fail in `setup()` with "could not convert string to
+float", naming neither file nor key). Only types and signs are checked here; what only the HF
+modules require (dtype names, loss types, the Llama config as a whole) is checked by
+`chatlearn.hf.model.validate_model_args` when the module builds its model.
+
+`model_config` (the config of a model built from scratch, as in `examples/dpo/model.yaml`) must be
+a mapping whose sizes are whole numbers ≥ 1, with `num_attention_heads` dividing `hidden_size`
+and `num_key_value_heads` dividing `num_attention_heads` (the attention heads split the hidden
+state; grouped-query heads share key/value heads) — true of every transformer config using the
+names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import ConfigError, ValueProblem
+from .schema import KeySpec, check_value
+
+Locate = Callable[[str, str, str], ConfigError]  # (key path, problem, fix) -> error
+
+
+# null is allowed everywhere: the modules read a null key as absent (their default)
+def _number(default: Any, minimum: float | None = None, **kw: Any) -> KeySpec:
+    return KeySpec("number", default, optional=True, min_value=minimum, **kw)
+
+
+def _int(default: Any, minimum: int | None = None, **kw: Any) -> KeySpec:
+    return KeySpec("int", default, optional=True, min_value=minimum, **kw)
+
+
+def _kind(kind: str, default: Any, **kw: Any) -> KeySpec:
+    return KeySpec(kind, default, optional=True, **kw)
+
+
+MODEL_ARG_KEYS: dict[str, KeySpec] = {
+    "model_path": _kind("str", None, example="/path/to/checkpoint"),
+    "seed": _int(0),
+    "dtype": _kind("str", None, example="float32"),
+    "max_length": _int(512, 2),
+    "max_prompt_length": _int(None, 1, example=256),
+    "min_prompt_length": _int(None, 0, example=64),
+    "prompt_template": _kind("str", "{prompt}"),
+    "beta": _number(0.1, 0, min_inclusive=False),
+    "loss_type": _kind("str", "sigmoid"),
+    "label_smoothing": _number(0.0, 0, max_value=0.5),
+    "rpo_alpha": _number(None, 0, example=1.0),
+    "learning_rate": _number(1e-6, 0, example=1e-5),
+    "weight_decay": _number(0.0, 0),
+    "adam_eps": _number(1e-8, 0, min_inclusive=False),
+    "warmup_steps": _int(0, 0),
+    "warmup_ratio": _number(0.0, 0, max_value=1),
+    "min_lr_ratio": _number(0.0, 0, max_value=1),
+    "max_grad_norm": _number(1.0, 0),
+    "gradient_checkpointing": _kind("bool", False),
+    "save_hf_model": _kind("bool", True),
+    "logps_chunk_size": _int(512, 0),
+}
+
+# Sizes of `model_config`, whole numbers ≥ 1 where given.
+_SIZE = KeySpec("int", None, min_value=1, example=8)
+MODEL_CONFIG_SIZES = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "vocab_size",
+    "head_dim",
+)
+
+
+def check_model_args(model_args: Mapping[str, Any], prefix: str, error: Locate) -> None:
+    """Raise the ConfigError of the first mistyped key of `model_args` (key paths `prefix.key`)."""
+    for key, spec in MODEL_ARG_KEYS.items():
+        if key not in model_args:
+            continue
+        try:
+            check_value(key, spec, model_args[key])
+        except ValueProblem as problem:
+            raise error(f"{prefix}.{key}", problem.problem, problem.fix) from None
+    if "adam_betas" in model_args:
+        _check_betas(model_args["adam_betas"], f"{prefix}.adam_betas", error)
+    model_config = model_args.get("model_config")
+    if model_config is not None:
+        check_model_config(model_config, f"{prefix}.model_config", error)
+
+
+def _check_betas(value: Any, path: str, error: Locate) -> None:
+    fix = "write two numbers in [0, 1), e.g. adam_betas: [0.9, 0.999]"
+    if value is None:
+        return
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise error(path, f"expected a list of two numbers, got {value!r}", fix)
+    for beta in value:
+        if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < 1:
+            raise error(path, f"each beta must be a number in [0, 1), got {beta!r}", fix)
+
+
+def check_model_config(model_config: Any, path: str, error: Locate) -> None:
+    """Sizes of a model config: whole numbers ≥ 1, heads dividing the hidden size."""
+    if not isinstance(model_config, Mapping):
+        raise error(
+            path,
+            f"expected a mapping of config keys, got {type(model_config).__name__}",
+            "write `model_config:` followed by indented keys such as hidden_size: 128",
+        )
+    for key in MODEL_CONFIG_SIZES:
+        if key in model_config:
+            try:
+                check_value(key, _SIZE, model_config[key])
+            except ValueProblem as problem:
+                raise error(f"{path}.{key}", problem.problem, problem.fix) from None
+    check_heads(model_config, path, error)
+
+
+def check_heads(values: Mapping[str, Any], path: str, error: Locate) -> None:
+    """`num_attention_heads` divides `hidden_size`, `num_key_value_heads` divides the heads."""
+    hidden = values.get("hidden_size")
+    heads = values.get("num_attention_heads")
+    kv_heads = values.get("num_key_value_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads:
+        raise error(
+            f"{path}.num_attention_heads",
+            f"{heads} heads do not divide hidden_size ({hidden})",
+            f"set num_attention_heads to a divisor of {hidden}, "
+            f"e.g. {_divisor_near(hidden, heads)}, or change hidden_size",
+        )
+    if isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads > 0 and heads % kv_heads:
+        raise error(
+            f"{path}.num_key_value_heads",
+            f"{kv_heads} key/value heads do not divide num_attention_heads ({heads})",
+            f"set num_key_value_heads to a divisor of {heads}, "
+            f"e.g. {_divisor_near(heads, kv_heads)}",
+        )
+
+
+def _divisor_near(number: int, wanted: int) -> int:
+    """The divisor of `number` closest to `wanted` (the smaller one on a tie)."""
+    divisors = [d for d in range(1, number + 1) if number % d == 0]
+    return min(divisors, key=lambda d: (abs(d - wanted), d))
