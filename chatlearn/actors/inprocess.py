@@ -15,6 +15,8 @@ that times out leaves its compute thread running (the run is still stopped).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import os
 import socket
 from collections.abc import Mapping, Sequence
@@ -32,7 +34,7 @@ from chatlearn.actors.errors import ActorError, ActorSystemClosedError, ActorTim
 from chatlearn.actors.handles import ActorHandle, ModelGroup
 from chatlearn.actors.module import BaseModule
 from chatlearn.actors.placement import ModelResources
-from chatlearn.transport import EncodeError, decode, encode
+from chatlearn.transport import EncodeError, RuntimeDir, decode, encode
 
 if TYPE_CHECKING:
     from chatlearn.actors.runtime import ActorSystem
@@ -75,6 +77,8 @@ class LocalActor:
             num_replica=num_replica,
             host=self.host,
             services=dict(services),
+            # Services bind their ipc endpoints (trainer inboxes) in the run's directory.
+            runtime_dir=str(system.runtime_dir.path) if system.runtime_dir else None,
         )
         import zmq.asyncio
 
@@ -157,6 +161,17 @@ class LocalActor:
     def fail(self, exc: BaseException) -> None:
         self._failure = exc
 
+    async def close_services(self) -> None:
+        """Close the services' sockets (trainer inboxes, senders) on this event loop."""
+        for service in list(self.core.services.values()):
+            close = getattr(service, "close", None)
+            if close is None:
+                continue
+            with contextlib.suppress(Exception):  # best effort: the run is ending
+                result = close()
+                if inspect.isawaitable(result):
+                    await asyncio.wait_for(result, 1.0)
+
     def close(self) -> None:
         self._closed = True
         self.compute.stop()
@@ -179,6 +194,8 @@ async def launch_in_process(
                 "replicas only (use in_process=False, or give the model one process)"
             )
         planned.append((module, num_processes))
+    if system.runtime_dir is None:
+        system.runtime_dir = RuntimeDir()  # removed by the system's shutdown
     groups: list[ModelGroup] = []
     actors: list[LocalActor] = []
     for module, num_replica in planned:

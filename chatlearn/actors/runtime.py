@@ -499,6 +499,7 @@ class ActorSystem:
             else:
                 await self._stop_processes()
             for local in self._local:
+                await local.close_services()
                 local.close()
         finally:
             await self._close_runtime()

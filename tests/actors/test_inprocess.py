@@ -100,3 +100,46 @@ async def test_in_process_rejects_multi_rank_replicas():
     async with ActorSystem(cfg, in_process=True) as system:
         with pytest.raises(ValueError, match="in-process mode runs single-rank"):
             await system.launch(lib.Recorder("d", cfg))
+
+
+async def test_dpo_engine_runs_end_to_end_in_process(tmp_path):
+    """What a user debugging a module with pdb runs: no processes, the whole DPO flow."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import chatlearn
+    from chatlearn.config import reset_args
+    from chatlearn.engine.engine import DPOEngine
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+    from echo_modules import EchoReference, EchoTrainer
+
+    chatlearn.init(
+        {
+            "models": {
+                "reference": {"num_cpu": 1},
+                "policy_trainer": {"num_cpu": 1, "trainable": True},
+            },
+            "runtime": {
+                "output_dir": str(tmp_path),
+                "echo_log": str(tmp_path / "log.jsonl"),
+                "num_episode": 2,
+                "sample_per_episode": 8,
+                "train_micro_batch_size": 2,
+                "train_global_batch_size": 4,
+                "data_shuffle": False,
+                "in_process": True,
+            },
+        }
+    )
+    try:
+        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        engine.set_dataset(list(range(8)))
+        await engine.learn_async()
+    finally:
+        reset_args()
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert {r["pid"] for r in log} == {os.getpid()}  # everything ran in this process
+    trained = sorted(r for t in log if t["event"] == "train" for b in t["batches"] for r in b)
+    assert trained == sorted(list(range(8)) * 2)
