@@ -25,6 +25,7 @@ from chatlearn.actors.errors import (
     ActorSystemClosedError,
     ActorTimeoutError,
 )
+from chatlearn.actors.hosts import Hosts, is_local_host
 from chatlearn.actors.loader import ClassRef
 from chatlearn.actors.module import BaseModule
 from chatlearn.actors.placement import ProcessAssignment, config_value
@@ -231,7 +232,7 @@ def spawn_model(
                 "LOCAL_RANK": str(a.local_rank),
                 "LOCAL_WORLD_SIZE": str(len(peers_here)),
             }
-        local = cluster is None or _is_local(a.host)
+        local = cluster is None or is_local_host(a.host)
         spec = ActorSpec(
             name=module.name,
             class_ref=class_ref,
@@ -284,14 +285,8 @@ def spawn_model(
     return actors
 
 
-def _is_local(host: str) -> bool:
-    from chatlearn.launch.cluster import is_local_host
-
-    return is_local_host(host)
-
-
 def _rendezvous(
-    cluster: Any, assignments: list[ProcessAssignment], replica_id: int
+    cluster: Hosts | None, assignments: list[ProcessAssignment], replica_id: int
 ) -> tuple[str, int]:
     """torch.distributed's MASTER_ADDR/PORT for a replica: on its rank 0's host, at an address
     every rank can reach (loopback on a single host)."""
@@ -299,6 +294,6 @@ def _rendezvous(
         return "127.0.0.1", free_tcp_port()
     first = next(p for p in assignments if p.replica_id == replica_id and p.rank == 0)
     hosts = {p.host for p in assignments if p.replica_id == replica_id}
-    if len(hosts) == 1 and _is_local(first.host):
+    if len(hosts) == 1 and is_local_host(first.host):
         return "127.0.0.1", free_tcp_port()
     return cluster.address_of(first.host), cluster.rendezvous_port(first.host)

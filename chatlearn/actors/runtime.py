@@ -38,6 +38,7 @@ from typing import Any
 
 from chatlearn.actors.errors import ActorSystemClosedError
 from chatlearn.actors.handles import ActorHandle, ModelGroup
+from chatlearn.actors.hosts import Hosts, default_hosts
 from chatlearn.actors.module import BaseModule
 from chatlearn.actors.placement import (
     HostResources,
@@ -113,7 +114,7 @@ class ActorSystem:
         config: Any = None,
         *,
         host: HostResources | None = None,
-        cluster: Any = None,
+        cluster: Hosts | None = None,
         **options: Any,
     ) -> None:
         """`config`: a `chatlearn.config.Config` (default: the modules' own config at launch).
@@ -130,7 +131,7 @@ class ActorSystem:
         self.options = SupervisionOptions.from_config(config, **options)
         self._host = host
         if cluster is None and not self.options.in_process:
-            cluster = _cluster_from_environment()
+            cluster = default_hosts()
         self.cluster = cluster
         self.remote_endpoint: str | None = None  # the control socket's tcp side (multi-host)
         self.groups: dict[str, ModelGroup] = {}
@@ -551,17 +552,6 @@ class ActorSystem:
         start = time.perf_counter()
         await self.server.request(backend.identity, MessageKind.PING, timeout=timeout)
         return time.perf_counter() - start
-
-
-def _cluster_from_environment() -> Any:
-    """The multi-host cluster `chatlearn launch` set up, if any (imported only then)."""
-    import os
-
-    if not os.environ.get("CHATLEARN_LAUNCH"):
-        return None
-    from chatlearn.launch.cluster import Cluster
-
-    return Cluster.from_environment()
 
 
 def _wait_all(popens: list[Any], timeout: float) -> None:

@@ -1,7 +1,7 @@
 """Multi-host runs: host files, the hosts' environment, CURVE keys and spawning over ssh.
 
 `chatlearn launch --hostfile FILE script.py` (cli.py) prepares a run; the coordinator's
-`ActorSystem` picks it up through `Cluster.from_environment` (cluster.py).
+`ActorSystem` picks it up as its default hosts (`chatlearn.actors.hosts`).
 """
 
 from chatlearn.launch.cluster import Cluster, LaunchSpec

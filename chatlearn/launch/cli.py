@@ -22,6 +22,7 @@ from pathlib import Path
 
 import click
 
+from chatlearn.actors.hosts import set_default_hosts
 from chatlearn.config.report import (
     DEBUG_ENV_VAR,
     config_error_line,
@@ -36,7 +37,6 @@ from chatlearn.launch.cluster import (
     LaunchSpec,
     is_local_host,
     local_address_towards,
-    set_launched,
 )
 from chatlearn.launch.curve import generate_keys
 from chatlearn.launch.env import exported_environment
@@ -159,12 +159,12 @@ def command(
         )
     except (HostfileError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
-    # The script runs in this process: its ActorSystem takes the cluster from here
-    # (`Cluster.from_environment`); the variable says a launch is in progress.
-    set_launched(cluster)
+    # The script runs in this process: its ActorSystem takes the cluster from here; the
+    # variable says a launch is in progress.
+    set_default_hosts(cluster)
     os.environ[LAUNCH_ENV_VAR] = "1"
     try:
         run_script(script, list(script_args))
     finally:
-        set_launched(None)
+        set_default_hosts(None)
         os.environ.pop(LAUNCH_ENV_VAR, None)

@@ -2,9 +2,9 @@
 
 `chatlearn launch --hostfile ...` makes a `Cluster` (a `LaunchSpec`: hosts, master address, how to
 reach hosts, the exported environment; and the run's CURVE keys, in memory only), sets
-``CHATLEARN_LAUNCH`` and runs the script in its own process, where `Cluster.from_environment`
-returns it to the coordinator. The `ActorSystem` then plans placement over `Cluster.hosts` and
-starts each actor with `Cluster.spawn`:
+``CHATLEARN_LAUNCH`` and runs the script in its own process, where it is the default hosts of
+every `ActorSystem` (`chatlearn.actors.hosts.set_default_hosts`). The `ActorSystem` then plans
+placement over `Cluster.hosts` and starts each actor with `Cluster.spawn`:
 
 - on this machine: ``python -m chatlearn.actors.worker`` as in a single-host run (ipc control);
 - on another host: ``ssh HOST 'cd CWD && exec env K=V... PYTHON -m chatlearn.actors.worker ...'``
@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from chatlearn.actors.bootstrap import Bootstrap, split_environment
+from chatlearn.actors.hosts import LAUNCH_ENV_VAR, is_local_host
 from chatlearn.actors.placement import HostResources
 from chatlearn.actors.process import free_tcp_port, worker_environment, write_startup_line
 from chatlearn.launch.hostfile import HostSlots
@@ -39,11 +40,9 @@ from chatlearn.transport.security import TcpSecurity
 
 __all__ = ["LAUNCH_ENV_VAR", "Cluster", "LaunchSpec", "local_address_towards"]
 
-LAUNCH_ENV_VAR = "CHATLEARN_LAUNCH"
 DEFAULT_SSH_COMMAND = ("ssh", "-T", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10")
 LAUNCHERS = ("ssh", "local")
 SSH_FAILED = 255  # ssh's exit code for its own failures (unreachable host, auth, ...)
-_LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
 @dataclass(kw_only=True)
@@ -79,15 +78,6 @@ class LaunchSpec:
         return cls(**data)
 
 
-_launched: Cluster | None = None
-
-
-def set_launched(cluster: Cluster | None) -> None:
-    """The cluster of the `chatlearn launch` running in this process (None: it ended)."""
-    global _launched
-    _launched = cluster
-
-
 def local_address_towards(host: str) -> str:
     """This machine's address on the route to `host` (no packet is sent)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -98,28 +88,13 @@ def local_address_towards(host: str) -> str:
         return str(sock.getsockname()[0])
 
 
-def is_local_host(name: str) -> bool:
-    return name in _LOCAL_NAMES or name == socket.gethostname()
-
-
 class Cluster:
-    """The run's hosts, keys and spawn commands (see the module docstring)."""
+    """The run's hosts, keys and spawn commands (see the module docstring); the runtime's
+    `chatlearn.actors.hosts.Hosts`."""
 
     def __init__(self, spec: LaunchSpec, keys: TcpSecurity) -> None:
         self.spec = spec
         self.keys = keys
-
-    @classmethod
-    def from_environment(cls) -> Cluster | None:
-        """The cluster `chatlearn launch` set up for this process, or None (single host)."""
-        if not os.environ.get(LAUNCH_ENV_VAR):
-            return None
-        if _launched is None:
-            raise RuntimeError(
-                f"{LAUNCH_ENV_VAR} is set, but this process was not started by `chatlearn "
-                "launch`: run the script with `chatlearn launch --hostfile ...`, or unset it"
-            )
-        return _launched
 
     @property
     def master_addr(self) -> str:

@@ -51,19 +51,26 @@ def main() -> None:
                 break
         sockets.append((sock, monitor))
     connected = failed = 0
-    deadline = time.monotonic() + 1.5  # a few reconnect attempts (100 ms apart)
-    while time.monotonic() < deadline:
-        for _, monitor in sockets:
+    refused = set()
+    # until every socket was refused twice (reconnects are 100 ms apart), at most 5 s
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (
+        len(refused) < len(sockets) or failed < 2 * len(sockets)
+    ):
+        for index, (_, monitor) in enumerate(sockets):
             while monitor.poll(0):
                 event = recv_monitor_message(monitor)["event"]
                 connected += event == zmq.EVENT_HANDSHAKE_SUCCEEDED
-                failed += event in (
+                if event in (
                     zmq.EVENT_HANDSHAKE_FAILED_AUTH,
                     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
                     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
-                )
+                ):
+                    failed += 1
+                    refused.add(index)
         time.sleep(0.02)
-    print(json.dumps({"sockets": len(sockets), "connected": connected, "failed": failed}))
+    report = {"sockets": len(sockets), "refused": len(refused), "connected": connected}
+    print(json.dumps({**report, "failed": failed}))
     for sock, monitor in sockets:
         sock.disable_monitor()
         monitor.close(0)
