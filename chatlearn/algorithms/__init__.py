@@ -20,9 +20,11 @@ from chatlearn.algorithms.dpo import (
     sequence_logps,
     split_pairs,
 )
+from chatlearn.algorithms.logps import DEFAULT_CHUNK_SIZE, SequenceLogps, chunked_sequence_logps
 from chatlearn.algorithms.metrics import DPOMetrics
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "LOSS_TYPES",
     "METRIC_NAMES",
     "NLL_METRIC",
@@ -31,7 +33,9 @@ __all__ = [
     "DPOMetrics",
     "DPOOutput",
     "PairLogps",
+    "SequenceLogps",
     "accumulation_loss",
+    "chunked_sequence_logps",
     "compute_dpo",
     "concatenate_pairs",
     "concatenated_logps",

@@ -144,16 +144,25 @@ def concatenated_logps(
     """Run `model` once over chosen + rejected and return per-pair response log-probs.
 
     `model` is called as `model(input_ids=..., attention_mask=...)` and may return a tensor of
-    logits or an object with `.logits` (Hugging Face causal LMs). Tensors are moved to the device
+    logits or an object with `.logits` (Hugging Face causal LMs); a
+    `chatlearn.algorithms.logps.SequenceLogps` (bare or inside DDP) is called with the loss mask
+    too and returns the summed log-probs itself, chunk by chunk. Tensors are moved to the device
     of the model's first parameter when it has one.
     """
     cat = concatenate_pairs(batch, pad_token_id=pad_token_id)
     device = _model_device(model)
     if device is not None:
         cat = {key: value.to(device, non_blocking=True) for key, value in cat.items()}
-    output = model(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"])
-    logits = output if isinstance(output, torch.Tensor) else output.logits
-    logps, num_tokens = sequence_logps(logits, cat["input_ids"], cat["loss_mask"])
+    if getattr(getattr(model, "module", model), "returns_sequence_logps", False):
+        logps, num_tokens = model(
+            input_ids=cat["input_ids"],
+            attention_mask=cat["attention_mask"],
+            loss_mask=cat["loss_mask"],
+        )
+    else:
+        output = model(input_ids=cat["input_ids"], attention_mask=cat["attention_mask"])
+        logits = output if isinstance(output, torch.Tensor) else output.logits
+        logps, num_tokens = sequence_logps(logits, cat["input_ids"], cat["loss_mask"])
     chosen, rejected = split_pairs(logps)
     chosen_num, rejected_num = split_pairs(num_tokens)
     return PairLogps(chosen, rejected, chosen_num, rejected_num)
