@@ -314,8 +314,6 @@ class TorchModule(BaseModule):
         Every rank saves its own files (ranks' RNG states, and model-parallel shards, differ).
         Override it (and `load_checkpoint`) for other state; call super() to keep this part.
         """
-        import torch
-
         directory = self.checkpoint_dir(iteration)
         directory.mkdir(parents=True, exist_ok=True)
         saved = dict(self._checkpointed())
@@ -325,31 +323,48 @@ class TorchModule(BaseModule):
                 "(override save_checkpoint/load_checkpoint for other layouts)",
                 self.name,
             )
-        for name, obj in saved.items():
-            torch.save(obj.state_dict(), directory / f"{name}.pt")
-        torch.save(_rng_state(), directory / "rng.pt")
+        save_rank_state(directory, saved)
 
     def load_checkpoint(self, iteration: int) -> None:
         """Load what `save_checkpoint` saved (tensors only: `torch.load(weights_only=True)`)."""
-        import torch
-
         directory = self.checkpoint_dir(iteration)
         if not directory.is_dir():
             raise FileNotFoundError(f"{self.name}: no checkpoint directory {directory}")
-        for name, obj in self._checkpointed():
-            path = directory / f"{name}.pt"
-            if not path.is_file():
-                if name == "model":
-                    raise FileNotFoundError(f"{self.name}: the checkpoint has no {path}")
-                # e.g. a scheduler added after the checkpoint was written
-                self._logger.warning(
-                    "%s: no %s in the checkpoint; it starts fresh", self.name, path
-                )
-                continue
-            obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        rng = directory / "rng.pt"
-        if rng.is_file():
-            _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+        objects = dict(self._checkpointed())
+        if "model" in objects and not (directory / "model.pt").is_file():
+            raise FileNotFoundError(f"{self.name}: the checkpoint has no {directory / 'model.pt'}")
+        load_rank_state(directory, objects, logger=self._logger)
+
+
+def save_rank_state(directory: Path, objects: Mapping[str, Any]) -> None:
+    """`<name>.pt` with each object's `state_dict()`, and `rng.pt`, in `directory`: what one
+    rank saves of its own (modules with other layouts, e.g. sharded models, use it for the rest)."""
+    import torch
+
+    for name, obj in objects.items():
+        torch.save(obj.state_dict(), directory / f"{name}.pt")
+    torch.save(_rng_state(), directory / "rng.pt")
+
+
+def load_rank_state(
+    directory: Path, objects: Mapping[str, Any], *, logger: logging.Logger | None = None
+) -> None:
+    """Inverse of `save_rank_state` (tensors only: `torch.load(weights_only=True)`); an object
+    without its file starts fresh, with a warning."""
+    import torch
+
+    for name, obj in objects.items():
+        path = directory / f"{name}.pt"
+        if not path.is_file():
+            # e.g. a scheduler added after the checkpoint was written
+            (logger or logging.getLogger(__name__)).warning(
+                "no %s in the checkpoint; it starts fresh", path
+            )
+            continue
+        obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    rng = directory / "rng.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
 
 
 def _rng_state() -> dict[str, Any]:

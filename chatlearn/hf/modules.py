@@ -18,13 +18,24 @@
 | warmup_steps, warmup_ratio, min_lr_ratio | 0, 0.0, 0.0 | linear warm-up then cosine decay |
 | max_grad_norm | 1.0 | gradient clipping (None or 0: off) |
 | gradient_checkpointing | False | recompute activations in backward |
+| parallel | "ddp" | "none", "ddp" or "fsdp" (FSDP2: shard per decoder layer, then the root) |
+| hsdp | True | with fsdp across hosts: shard within a host, replicate across hosts |
+| mixed_precision | "no" | "bf16" or "fp16" (CUDA only): low-precision compute, fp32 master state |
+| lora, enable_lora | None, False | peft LoRA {r, alpha, dropout, target_modules}, defaults below |
+| logps_chunk_size | 512 | response tokens per chunk of the log-prob computation (0: whole logits) |
+| save_hf_model, merge_lora | True, True | checkpoints hold an HF dir (LoRA: adapter + merged) |
+
+LoRA's defaults (``chatlearn.hf.lora``): r 16, alpha 32, dropout 0, target_modules "all-linear".
 
 The reference returns what the trainer needs — the pair tensors and its summed log-probs
 (``chatlearn.algorithms.dpo.reference_outputs``) — since ChatLearn does not merge a module's
 output with its input. The trainer accumulates gradients over the micro-batches of a step (the
 gradient of the mean loss over every sample of the step, on all data-parallel ranks), steps the
 optimizer once, and returns the standard DPO metrics, exact over micro-batches and ranks.
-Several trainer ranks train data-parallel with torch's DDP (gloo on CPU, NCCL on GPU).
+Several trainer ranks train data-parallel with torch's DDP (gloo on CPU, NCCL on GPU), or, with
+``parallel: fsdp``, sharded with FSDP2 (``chatlearn.hf.parallel``). A sharded reference splits each
+batch's rows over its ranks and gathers the log-probs. The reference ignores ``lora``: it is the
+frozen base model. The trainer logs its ``memory_report()`` at setup.
 """
 
 from __future__ import annotations
@@ -38,19 +49,31 @@ import torch
 
 from chatlearn.actors.module import TorchModule
 from chatlearn.algorithms import DPOMetrics, accumulation_loss, compute_dpo, concatenated_logps
-from chatlearn.algorithms.dpo import REF_CHOSEN_KEY, REF_REJECTED_KEY, reference_outputs
+from chatlearn.algorithms.dpo import (
+    PAIR_KEYS,
+    REF_CHOSEN_KEY,
+    REF_REJECTED_KEY,
+    reference_outputs,
+)
+from chatlearn.algorithms.logps import DEFAULT_CHUNK_SIZE, SequenceLogps
+from chatlearn.hf.checkpoint import export_hf, full_state_dict, load_sharded, save_sharded
 from chatlearn.hf.data import PreferenceDataset
+from chatlearn.hf.lora import apply_lora, lora_settings
+from chatlearn.hf.memory import format_memory_report, memory_report, out_of_memory_message
 from chatlearn.hf.model import causal_lm_from_args
+from chatlearn.hf.parallel import Layout, set_gradient_sync, trainable_parameters, unwrap
 from chatlearn.hf.tokenizer import load_tokenizer
 
 _DATA_KEYS = ("max_length", "max_prompt_length", "min_prompt_length", "prompt_template")
+SHARDED_DIR = "sharded"  # beside the rank directories: one DCP checkpoint for all ranks
 
 
 class _HFModule(TorchModule):
-    """Tokenizer, model and dataset shared by the reference and the trainer."""
+    """Tokenizer, model, layout and dataset shared by the reference and the trainer."""
 
     tokenizer: Any
     model: Any
+    layout: Layout
 
     def arg(self, key: str, default: Any = None) -> Any:
         value = self.model_args.get(key, default)
@@ -65,8 +88,23 @@ class _HFModule(TorchModule):
             model = model.to(torch.device("cuda", torch.cuda.current_device()))
         return model
 
+    def build_layout(self) -> Layout:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return Layout.from_args(
+            self.model_args,
+            world_size=self.data_parallel_size if distributed else 1,
+            device_type="cuda" if torch.cuda.is_available() else "cpu",
+        )
+
+    def build_network(self, *, trainable: bool) -> Any:
+        """`self.model` as the module that returns summed log-probs, wrapped for the layout."""
+        chunk_size = int(self.arg("logps_chunk_size", DEFAULT_CHUNK_SIZE))
+        network = SequenceLogps.from_causal_lm(self.model, chunk_size=chunk_size)
+        return self.layout.wrap(network, trainable=trainable)
+
     def setup(self) -> None:
         self.tokenizer = self.build_tokenizer()
+        self.layout = self.build_layout()
         self.model = self.build_model()
 
     def build_dataset(self, samples: list[Any], is_eval: bool = False) -> PreferenceDataset:
@@ -85,9 +123,52 @@ class HFReference(_HFModule):
         super().setup()
         self.model.eval()
         self.model.requires_grad_(False)
+        self.network = self.build_network(trainable=False)
 
     def forward_step(self, data: dict[str, Any], iteration: int = 0) -> dict[str, torch.Tensor]:
-        return reference_outputs(self.model, data, pad_token_id=self.pad_token_id)
+        with self.layout.autocast():
+            if not self.layout.sharded:
+                return reference_outputs(self.network, data, pad_token_id=self.pad_token_id)
+            return self._sharded_forward(data)
+
+    def _sharded_forward(self, data: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Each rank scores its share of the rows (every rank must run the sharded forward),
+        then the shares are all-gathered so the rank that sends has them all."""
+        rows = int(data["chosen_input_ids"].shape[0])
+        world, rank = self.layout.world_size, self.data_parallel_rank
+        share = -(-rows // world)
+        lo, hi = min(rows, rank * share), min(rows, (rank + 1) * share)
+        if hi == lo:  # fewer rows than ranks: this rank scores row 0 again, then drops it
+            lo, hi = 0, min(1, rows)
+        part = {
+            f"{side}_{key}": data[f"{side}_{key}"][lo:hi]
+            for side in ("chosen", "rejected")
+            for key in PAIR_KEYS
+        }
+        local = reference_outputs(self.network, part, pad_token_id=self.pad_token_id)
+        out = _pair_tensors(data)
+        for key in (REF_CHOSEN_KEY, REF_REJECTED_KEY):
+            out[key] = _gather_rows(local[key], share, rows, world)
+        return out
+
+
+def _pair_tensors(data: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {
+        f"{side}_{key}": data[f"{side}_{key}"].cpu()
+        for side in ("chosen", "rejected")
+        for key in PAIR_KEYS
+    }
+
+
+def _gather_rows(local: torch.Tensor, share: int, rows: int, world: int) -> torch.Tensor:
+    """Rank r's rows [r·share, (r+1)·share) of a [rows] tensor, all-gathered (padded to share)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    padded = torch.zeros(share, dtype=local.dtype, device=device)
+    mine = min(share, max(0, rows - torch.distributed.get_rank() * share))
+    padded[:mine] = local[:mine].to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat(parts)[:rows].cpu()
 
 
 class HFDPOTrainer(_HFModule):
@@ -98,24 +179,27 @@ class HFDPOTrainer(_HFModule):
         if self.arg("gradient_checkpointing", False):
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False
+        lora = lora_settings(self.model_args)
+        if lora is not None:
+            self.model = apply_lora(self.model, lora, seed=int(self.arg("seed", 0)))
         self.model.train()
-        self.network = self._wrap_data_parallel(self.model)
+        self.network = self.build_network(trainable=True)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            list(trainable_parameters(self.network)),
             lr=float(self.arg("learning_rate", 1e-6)),
             weight_decay=float(self.arg("weight_decay", 0.0)),
             betas=tuple(self.arg("adam_betas", (0.9, 0.999))),
             eps=float(self.arg("adam_eps", 1e-8)),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.grad_scaler = self.layout.grad_scaler()
+        if self.data_parallel_rank == 0:
+            report = format_memory_report(self.memory_report(), self.layout.describe())
+            self._logger.info("%s: %s", self.name, report)
 
-    def _wrap_data_parallel(self, model: Any) -> Any:
-        if self.data_parallel_size <= 1 or not torch.distributed.is_initialized():
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+    def memory_report(self) -> dict[str, Any]:
+        """This rank's parameter, gradient and optimizer-state bytes (``chatlearn.hf.memory``)."""
+        return memory_report(self.network, self.optimizer)
 
     def total_steps(self) -> int:
         """Optimizer steps of the whole run (ChatLearn's trainer iteration formula)."""
@@ -133,8 +217,13 @@ class HFDPOTrainer(_HFModule):
         floor = float(self.arg("min_lr_ratio", 0.0))
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def _objective(self, micro_batch: dict[str, Any]) -> Any:
-        policy = concatenated_logps(self.network, micro_batch, pad_token_id=self.pad_token_id)
+    def _objective(self, micro_batch: dict[str, Any], network: Any = None) -> Any:
+        with self.layout.autocast():
+            policy = concatenated_logps(
+                self.network if network is None else network,
+                micro_batch,
+                pad_token_id=self.pad_token_id,
+            )
         rpo_alpha = self.model_args.get("rpo_alpha")
         return compute_dpo(
             policy,
@@ -147,60 +236,108 @@ class HFDPOTrainer(_HFModule):
         )
 
     def train_step(self, data: list[dict[str, Any]], iteration: int = 0) -> dict[str, float]:
+        try:
+            return self._train_step(data)
+        except torch.OutOfMemoryError as error:
+            report = self.memory_report()
+            raise torch.OutOfMemoryError(
+                out_of_memory_message(error, report, self.layout.describe())
+            ) from error
+
+    def _train_step(self, data: list[dict[str, Any]]) -> dict[str, float]:
         dp = self.data_parallel_size
         num_local = sum(int(mb[REF_CHOSEN_KEY].shape[0]) for mb in data)
         metrics = DPOMetrics(with_nll=self.model_args.get("rpo_alpha") is not None)
+        scaler = self.grad_scaler
         self.optimizer.zero_grad(set_to_none=True)
         for index, micro_batch in enumerate(data):
-            last = index == len(data) - 1
             # DDP all-reduces gradients once per step, on the last micro-batch's backward
-            sync = contextlib.nullcontext() if last or dp == 1 else self.network.no_sync()
-            with sync:
+            with set_gradient_sync(self.network, index == len(data) - 1 or dp == 1):
                 out = self._objective(micro_batch)
-                accumulation_loss(
+                loss = accumulation_loss(
                     out.losses, num_samples_global=num_local * dp, world_size=dp
-                ).backward()
+                )
+                (loss if scaler is None else scaler.scale(loss)).backward()
             metrics.update(out)
         result = metrics.all_reduce().compute()
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
         max_norm = self.arg("max_grad_norm", 1.0)
         if max_norm:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(max_norm))
-            result["grad_norm"] = float(norm)
+            params = list(trainable_parameters(self.network))
+            norm = torch.nn.utils.clip_grad_norm_(params, float(max_norm))
+            full = getattr(norm, "full_tensor", None)  # FSDP2: the norm of the whole gradient
+            result["grad_norm"] = float(full() if callable(full) else norm)
         result["learning_rate"] = float(self.scheduler.get_last_lr()[0])
-        self.optimizer.step()
+        if scaler is None:
+            self.optimizer.step()
+        else:
+            scaler.step(self.optimizer)
+            scaler.update()
         self.scheduler.step()
         return result
 
     def eval_step(self, data: dict[str, Any]) -> dict[str, float]:
-        """DPO metrics of the current policy on one held-out batch (no collectives)."""
+        """DPO metrics of the current policy on one held-out batch (no collectives but FSDP2's
+        parameter gathering, so every rank must evaluate the same number of batches)."""
         self.model.eval()
         try:
             with torch.no_grad():
-                out = self._objective_eval(data)
+                # no DDP hooks outside a train step; FSDP2's are needed (sharded parameters)
+                network = self.network if self.layout.sharded else unwrap(self.network)
+                out = self._objective(data, network)
         finally:
             self.model.train()
         metrics = DPOMetrics(with_nll=out.nll is not None)
         metrics.update(out)
         return metrics.compute()
 
-    def _objective_eval(self, data: dict[str, Any]) -> Any:
-        network, self.network = self.network, self.model  # no DDP hooks outside a train step
-        try:
-            return self._objective(data)
-        finally:
-            self.network = network
-
+    # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, iteration: int) -> None:
-        """TorchModule's exact-resume state, plus (rank 0) an HF-loadable ``hf_model`` directory
-        with the tokenizer: ``AutoModelForCausalLM.from_pretrained(<dir>/hf_model)``."""
-        super().save_checkpoint(iteration)
-        if self.arg("save_hf_model", True) and self.data_parallel_rank == 0:
-            target = self.checkpoint_dir(iteration) / "hf_model"
-            with _quiet_progress_bars():  # a bar per save would clutter the run's log
-                self.model.save_pretrained(target, safe_serialization=True)
-            save_tokenizer = getattr(self.tokenizer, "save_pretrained", None)
-            if callable(save_tokenizer):
-                save_tokenizer(str(target))
+        """TorchModule's exact-resume state (or, under FSDP2, a sharded
+        ``torch.distributed.checkpoint`` of model and optimizer beside the rank directories,
+        plus scheduler and RNG per rank), and an HF-loadable ``hf_model`` directory with the
+        tokenizer written by rank 0: ``AutoModelForCausalLM.from_pretrained(<dir>/hf_model)``;
+        with LoRA also ``hf_model/adapter`` (``PeftModel.from_pretrained``)."""
+        if not self.layout.sharded:
+            super().save_checkpoint(iteration)
+        else:
+            directory = self.checkpoint_dir(iteration)
+            directory.mkdir(parents=True, exist_ok=True)
+            save_sharded(directory.parent / SHARDED_DIR, self.network, self.optimizer)
+            self._save_rank_state(directory)
+        if self.arg("save_hf_model", True):
+            self.export_hf_model(self.checkpoint_dir(iteration) / "hf_model")
+
+    def _save_rank_state(self, directory: Any) -> None:
+        from chatlearn.actors.module import save_rank_state
+
+        save_rank_state(directory, {"scheduler": self.scheduler})
+
+    def load_checkpoint(self, iteration: int) -> None:
+        if not self.layout.sharded:
+            super().load_checkpoint(iteration)
+            return
+        from chatlearn.actors.module import load_rank_state
+
+        directory = self.checkpoint_dir(iteration)
+        load_sharded(directory.parent / SHARDED_DIR, self.network, self.optimizer)
+        load_rank_state(directory, {"scheduler": self.scheduler})
+
+    def export_hf_model(self, target: Any) -> None:
+        """The policy as a Hugging Face directory (collective under FSDP2: call it on every
+        rank; only rank 0 writes, from a state dict gathered parameter by parameter)."""
+        state = full_state_dict(self.model, sharded=self.layout.sharded)
+        if self.data_parallel_rank != 0:
+            return
+        with _quiet_progress_bars():  # a bar per save would clutter the run's log
+            export_hf(
+                self.model,
+                state,
+                target,
+                tokenizer=self.tokenizer,
+                merge_lora=bool(self.arg("merge_lora", True)),
+            )
 
 
 @contextlib.contextmanager

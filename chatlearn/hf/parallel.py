@@ -1,0 +1,190 @@
+"""How the Hugging Face modules lay a model out over its processes: DDP or FSDP2, mixed precision.
+
+    layout = Layout.from_args(model_args, world_size=2, device_type="cpu")
+    network = layout.wrap(SequenceLogps.from_causal_lm(model), trainable=True)
+    with layout.autocast():
+        logps, num_tokens = network(input_ids, attention_mask, loss_mask)
+
+- ``parallel: ddp`` (default): every rank holds the whole model; gradients are all-reduced (one
+  process: nothing to wrap).
+- ``parallel: fsdp``: ``torch.distributed.fsdp.fully_shard`` on every decoder layer, then on the
+  root (the ``SequenceLogps`` wrapper, so its pre-forward hook gathers the embeddings, norm and
+  head), over the model's own process group (gloo on CPU, NCCL on CUDA). When the model's ranks
+  span hosts (``LOCAL_WORLD_SIZE`` < world size, as ``chatlearn launch`` sets it), parameters are
+  sharded within a host and replicated across hosts (HSDP, a 2-D device mesh); ``hsdp: false``
+  shards over all ranks instead.
+- ``mixed_precision: bf16|fp16``: compute in the low precision, keep fp32 master weights,
+  optimizer state and gradient reduction: FSDP2's ``MixedPrecisionPolicy`` under FSDP, autocast
+  otherwise. fp16 needs a loss scaler (``GradScaler``) and so CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+PARALLEL_MODES = ("none", "ddp", "fsdp")
+MIXED_PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """A model's parallel layout and precision on its `world_size` processes."""
+
+    parallel: str = "ddp"
+    mixed_precision: str = "no"
+    world_size: int = 1
+    device_type: str = "cpu"
+    num_hosts: int = 1  # > 1: HSDP (shard within a host, replicate across hosts)
+
+    @classmethod
+    def from_args(
+        cls, model_args: Mapping[str, Any], *, world_size: int, device_type: str
+    ) -> Layout:
+        parallel = str(model_args.get("parallel") or "ddp").lower()
+        if parallel not in PARALLEL_MODES:
+            modes = ", ".join(PARALLEL_MODES)
+            raise ValueError(f"parallel must be one of {modes}, not {parallel!r}")
+        precision = str(model_args.get("mixed_precision") or "no").lower()
+        precision = {"false": "no", "none": "no", "bfloat16": "bf16", "float16": "fp16"}.get(
+            precision, precision
+        )
+        if precision not in MIXED_PRECISIONS:
+            raise ValueError(
+                f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, not {precision!r}"
+            )
+        if precision == "fp16" and device_type != "cuda":
+            raise ValueError(
+                "mixed_precision: fp16 needs a loss scaler, which needs CUDA; "
+                "on CPU use mixed_precision: bf16 (or no)"
+            )
+        hosts = _num_hosts(world_size) if model_args.get("hsdp", True) else 1
+        return cls(parallel, precision, world_size, device_type, hosts if parallel == "fsdp" else 1)
+
+    @property
+    def sharded(self) -> bool:
+        return self.parallel == "fsdp" and self.world_size > 1
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        return MIXED_PRECISIONS[self.mixed_precision]
+
+    def describe(self) -> str:
+        if self.sharded:
+            how = f"FSDP2 over {self.world_size} ranks"
+            if self.num_hosts > 1:
+                how += f" (HSDP: {self.num_hosts} hosts × {self.world_size // self.num_hosts})"
+        elif self.parallel == "ddp" and self.world_size > 1:
+            how = f"DDP over {self.world_size} ranks"
+        else:
+            how = "one process"
+        return f"{how}, mixed precision {self.mixed_precision}, {self.device_type}"
+
+    # -- wrapping --------------------------------------------------------------------------
+    def wrap(self, network: nn.Module, *, trainable: bool) -> nn.Module:
+        """`network` sharded (FSDP2, in place) or DDP-wrapped as the layout says."""
+        if self.sharded:
+            _fully_shard(network, self._mesh(), self._mp_policy(), trainable=trainable)
+            return network
+        if trainable and self.parallel == "none" and self.world_size > 1:
+            raise ValueError(
+                f"parallel: none cannot train on {self.world_size} ranks (their gradients would "
+                "never meet): use parallel: ddp or fsdp, or one process"
+            )
+        if trainable and self.parallel != "none" and self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            cuda = self.device_type == "cuda"
+            device_ids = [torch.cuda.current_device()] if cuda else None
+            return DistributedDataParallel(network, device_ids=device_ids)
+        return network
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Low-precision compute outside FSDP2 (whose policy casts the parameters itself)."""
+        dtype = self.compute_dtype
+        if dtype is None or self.sharded:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=dtype)
+
+    def grad_scaler(self) -> Any:
+        """fp16's loss scaler (None otherwise). Under FSDP2 ranks hold different gradient shards,
+        so the scaler that agrees on infs across ranks is the sharded one."""
+        if self.mixed_precision != "fp16":
+            return None
+        if self.sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler("cuda")
+        return torch.amp.GradScaler("cuda")
+
+    def _mesh(self) -> Any:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if self.num_hosts > 1:
+            shape = (self.num_hosts, self.world_size // self.num_hosts)
+            return init_device_mesh(self.device_type, shape, mesh_dim_names=("replicate", "shard"))
+        return init_device_mesh(self.device_type, (self.world_size,), mesh_dim_names=("shard",))
+
+    def _mp_policy(self) -> Any:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # fp32 reduction: gradients are averaged over ranks at full precision
+        return MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+
+
+def _num_hosts(world_size: int) -> int:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
+    if 0 < local < world_size and world_size % local == 0:
+        return world_size // local
+    return 1
+
+
+def decoder_layers(network: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: Hugging Face names their classes in
+    `_no_split_modules` (e.g. `LlamaDecoderLayer`)."""
+    names: set[str] = set()
+    for module in network.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return [m for m in network.modules() if type(m).__name__ in names]
+
+
+def _fully_shard(network: nn.Module, mesh: Any, mp_policy: Any, *, trainable: bool) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    layers = decoder_layers(network)
+    if not layers:
+        raise ValueError(
+            f"parallel: fsdp found no decoder layers in {type(network).__name__} "
+            "(no `_no_split_modules`); use parallel: ddp for this model"
+        )
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    # The root keeps its parameters gathered between forward and backward when training (they
+    # are needed again at once); a forward-only reference frees them too.
+    fully_shard(
+        network, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=None if trainable else True
+    )
+
+
+def set_gradient_sync(network: nn.Module, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """DDP's `no_sync()` for a micro-batch that is not the last of a step; FSDP2 reduce-scatters
+    every micro-batch (accumulating unsharded gradients would cost the memory it saves)."""
+    no_sync = getattr(network, "no_sync", None)
+    if enabled or not callable(no_sync):
+        return contextlib.nullcontext()
+    return no_sync()
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The module under a DDP wrapper (FSDP2 shards in place: the same object)."""
+    return getattr(network, "module", network)
+
+
+def trainable_parameters(network: nn.Module) -> Iterator[nn.Parameter]:
+    return (p for p in network.parameters() if p.requires_grad)

@@ -1,0 +1,76 @@
+"""The layout, LoRA and memory options of the HF modules: parsing, errors users see, and the
+out-of-memory message (pure logic; the layouts themselves run in test_layouts.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatlearn.hf.lora import DEFAULTS, lora_settings
+from chatlearn.hf.memory import memory_report, out_of_memory_message
+from chatlearn.hf.parallel import Layout
+
+
+def test_layout_defaults_to_ddp_in_full_precision() -> None:
+    layout = Layout.from_args({}, world_size=2, device_type="cpu")
+    assert (layout.parallel, layout.mixed_precision, layout.sharded) == ("ddp", "no", False)
+    assert layout.describe() == "DDP over 2 ranks, mixed precision no, cpu"
+    fsdp = Layout.from_args({"parallel": "FSDP", "mixed_precision": "bfloat16"}, world_size=2,
+                            device_type="cpu")  # fmt: skip
+    assert fsdp.sharded and fsdp.compute_dtype == torch.bfloat16
+    assert Layout.from_args({"parallel": "fsdp"}, world_size=1, device_type="cpu").sharded is False
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"parallel": "zero3"}, "parallel must be one of none, ddp, fsdp"),
+        ({"mixed_precision": "fp8"}, "mixed_precision must be one of no, bf16, fp16"),
+        ({"mixed_precision": "fp16"}, "fp16 needs a loss scaler, which needs CUDA"),
+    ],
+)
+def test_layout_errors_say_what_to_change(args: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Layout.from_args(args, world_size=1, device_type="cpu")
+
+
+def test_hsdp_when_ranks_span_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert Layout.from_args({"parallel": "fsdp"}, world_size=8, device_type="cuda").num_hosts == 2
+    layout = Layout.from_args({"parallel": "fsdp", "hsdp": False}, world_size=8, device_type="cuda")
+    assert layout.num_hosts == 1
+    assert Layout.from_args({"parallel": "ddp"}, world_size=8, device_type="cuda").num_hosts == 1
+
+
+def test_lora_settings() -> None:
+    assert lora_settings({}) is None
+    assert lora_settings({"enable_lora": True}) == DEFAULTS
+    assert lora_settings({"lora": {"r": 4}})["r"] == 4
+    with pytest.raises(ValueError, match="unknown lora keys"):
+        lora_settings({"lora": {"rank": 4}})
+    with pytest.raises(ValueError, match="lora must be a mapping"):
+        lora_settings({"lora": 16})
+
+
+def test_memory_report_estimates_before_the_first_step_and_measures_after() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    model[1].requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    before = memory_report(model, optimizer)
+    assert before["estimated"] and before["num_parameters"] == 72 + 18
+    assert before["num_trainable_parameters"] == 72
+    assert before["param_bytes"] == 90 * 4 and before["optimizer_bytes"] == 2 * 72 * 4
+    model(torch.randn(3, 8)).sum().backward()
+    optimizer.step()
+    after = memory_report(model, optimizer)
+    assert not after["estimated"]
+    assert (after["grad_bytes"], after["optimizer_bytes"]) == (72 * 4, 2 * 72 * 4)
+    message = out_of_memory_message(RuntimeError("CUDA out of memory"), after, "one process")
+    assert "parallel: fsdp" in message and "lora" in message and "one process" in message
+
+
+def test_training_without_a_parallel_wrapper_on_several_ranks_is_an_error() -> None:
+    layout = Layout.from_args({"parallel": "none"}, world_size=2, device_type="cpu")
+    with pytest.raises(ValueError, match="parallel: none cannot train on 2 ranks"):
+        layout.wrap(torch.nn.Linear(2, 2), trainable=True)
+    assert isinstance(layout.wrap(torch.nn.Linear(2, 2), trainable=False), torch.nn.Linear)

@@ -1,0 +1,202 @@
+"""The HF modules in every layout train the same model: FSDP2 over two gloo processes equals one
+process, sharded checkpoints resume bit for bit and export loadable HF directories, LoRA trains
+only its adapters, bf16 mixed precision runs on the CPU.
+
+Three real processes (one single-process run, one 2-rank gloo group) start together once for this
+module; each writes its results as JSON (see layout_worker.py) and the tests below check them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.timeout(400)
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "layout_worker.py"
+REPO_ROOT = HERE.parents[1]
+RUN_TIMEOUT = 300.0  # all three processes; about 25 s on an idle 2-core machine
+TOLERANCE = 1e-5
+
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(name: str, rank: int, world: int, port: int, runs: str, tmp: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [
+        sys.executable, str(WORKER), "--rank", str(rank), "--world-size", str(world),
+        "--port", str(port), "--out", str(tmp / f"{name}.json"), "--tmp", str(tmp / f"w{world}"),
+        "--runs", runs,
+    ]  # fmt: skip
+    with open(tmp / f"{name}.log", "wb") as log:
+        return subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + 10
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("layouts")
+    jobs = [("single", 0, 1, "train,lora,bf16"), ("rank0", 0, 2, "train,ddp,lora,bf16")]
+    jobs.append(("rank1", 1, 2, jobs[1][3]))
+    port = _free_port()
+    procs: list[subprocess.Popen] = []
+    try:
+        for name, rank, world, what in jobs:
+            procs.append(_start(name, rank, world, port, what, tmp))
+        deadline = time.monotonic() + RUN_TIMEOUT
+        for (name, *_), proc in zip(jobs, procs, strict=True):
+            try:
+                code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                code = None
+            if code != 0:
+                log = (tmp / f"{name}.log").read_text(errors="replace")[-4000:]
+                pytest.fail(f"worker {name} ended with {code} (None: timed out)\n{log}")
+    finally:
+        _stop(procs)
+    return {name: json.loads((tmp / f"{name}.json").read_text()) for name, *_ in jobs}
+
+
+def _max_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) and a
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def _logps(model: Any) -> list[float]:
+    from layout_worker import first_batch
+
+    from chatlearn.algorithms import concatenated_logps
+
+    with torch.no_grad():
+        logps = concatenated_logps(model, first_batch())
+    return torch.cat([logps.chosen, logps.rejected]).tolist()
+
+
+def _base_model() -> Any:
+    from layout_worker import TINY
+
+    from chatlearn.hf import causal_lm_from_args, load_tokenizer
+
+    return causal_lm_from_args({"model_config": TINY, "seed": 0}, load_tokenizer(None))
+
+
+def test_fsdp2_over_two_processes_trains_like_one_process(runs: dict[str, Any]) -> None:
+    single = runs["single"]["train"]
+    for rank in ("rank0", "rank1"):
+        sharded = runs[rank]["train"]
+        assert sharded["layout"].startswith("FSDP2 over 2 ranks")
+        assert _max_diff(single["losses"], sharded["losses"]) < TOLERANCE
+        assert _max_diff(single["grad_norms"], sharded["grad_norms"]) < TOLERANCE
+    assert single["losses"][0] == pytest.approx(0.693147, abs=1e-5)  # policy == reference
+    assert single["losses"][-1] < single["losses"][0]
+
+
+def test_sharded_reference_logps_equal_unsharded(runs: dict[str, Any]) -> None:
+    single = [x for batch in runs["single"]["train"]["ref_logps"] for x in batch]
+    sharded = [x for batch in runs["rank1"]["train"]["ref_logps"] for x in batch]  # it sends
+    assert _max_diff(single, sharded) < TOLERANCE
+
+
+def test_fsdp2_per_rank_state_bytes_are_about_half_of_ddp(runs: dict[str, Any]) -> None:
+    def total(memory: dict[str, Any]) -> int:
+        assert not memory["estimated"]  # measured after a step, from the tensors' storage
+        return memory["param_bytes"] + memory["grad_bytes"] + memory["optimizer_bytes"]
+
+    for rank in ("rank0", "rank1"):
+        ddp, fsdp = runs[rank]["ddp"]["memory"], runs[rank]["train"]["memory"]
+        assert ddp["num_parameters"] == fsdp["num_parameters"]
+        assert total(fsdp) <= 0.55 * total(ddp), (fsdp, ddp)
+    # a DDP rank holds what one process holds: the whole model, gradients and both moments
+    assert runs["rank0"]["ddp"]["memory"] == runs["single"]["train"]["memory"]
+
+
+def test_checkpoints_resume_bit_identically(runs: dict[str, Any]) -> None:
+    for name in ("single", "rank0", "rank1"):
+        result = runs[name]["train"]
+        assert result["resumed_losses"] == result["losses"][5:]
+        assert result["resumed_weights"] == result["final_weights"]
+    sharded_dir = Path(runs["rank0"]["train"]["checkpoint"]).parent / "sharded"
+    assert (sharded_dir / ".metadata").is_file()
+    assert not (Path(runs["rank0"]["train"]["checkpoint"]) / "model.pt").exists()
+
+
+def test_exported_hf_directory_loads_to_the_same_logps(runs: dict[str, Any]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    for name in ("single", "rank0"):
+        result = runs[name]["train"]
+        model = AutoModelForCausalLM.from_pretrained(Path(result["checkpoint"]) / "hf_model")
+        assert _max_diff(_logps(model), result["logps_at_checkpoint"]) < TOLERANCE
+    assert not (Path(runs["rank1"]["train"]["checkpoint"]) / "hf_model").exists()
+
+
+def test_lora_trains_only_adapters_and_its_exports_reproduce_the_trainer(
+    runs: dict[str, Any],
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = runs["single"]["lora"]
+    assert lora["changed"] and all(".lora_A." in n or ".lora_B." in n for n in lora["changed"])
+    assert len(lora["changed"]) == lora["optimizer_params"] == 2 * 4 * 2  # 4 targets, 2 layers
+    losses = lora["losses"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.02, losses
+    memory = lora["memory"]
+    assert memory["optimizer_bytes"] == 2 * 4 * memory["num_trainable_parameters"]
+    assert memory["num_trainable_parameters"] < memory["num_parameters"] // 5
+
+    adapter = PeftModel.from_pretrained(_base_model(), Path(lora["export"]) / "adapter")
+    assert _max_diff(_logps(adapter), lora["logps"]) < TOLERANCE
+    merged = AutoModelForCausalLM.from_pretrained(lora["export"])
+    assert _max_diff(_logps(merged), lora["logps"]) < TOLERANCE
+
+
+def test_lora_with_fsdp2_matches_one_process(runs: dict[str, Any]) -> None:
+    single = runs["single"]["lora"]["losses"]
+    for rank in ("rank0", "rank1"):
+        sharded = runs[rank]["lora"]
+        assert _max_diff(single[: len(sharded["losses"])], sharded["losses"]) < TOLERANCE
+        assert sharded["changed"] == runs["single"]["lora"]["changed"]
+    adapter_dir = Path(runs["rank0"]["lora"]["export"]) / "adapter"
+    adapter = __import__("peft").PeftModel.from_pretrained(_base_model(), adapter_dir)
+    assert _max_diff(_logps(adapter), runs["rank0"]["lora"]["logps"]) < TOLERANCE
+
+
+def test_bf16_mixed_precision_runs_on_cpu(runs: dict[str, Any]) -> None:
+    fp32 = runs["single"]["train"]["losses"]
+    for name in ("single", "rank0"):
+        bf16 = runs[name]["bf16"]
+        assert bf16["param_dtypes"] == ["torch.float32"]  # fp32 master weights
+        assert bf16["losses"][0] == pytest.approx(0.6931, abs=1e-3)
+        assert _max_diff(bf16["losses"], fp32[: len(bf16["losses"])]) < 2e-2
