@@ -216,7 +216,7 @@ def check_output_paths(config: Config) -> None:
     """
     rt = config.runtime_args
     # output_dir first: when it is fine but output_dir/exp_name is not, exp_name is to blame
-    paths = [("output_dir", rt.output_dir), ("exp_name", rt.output_path)]
+    paths = [("output_dir", rt.output_dir_as_given), ("exp_name", rt.output_path)]
     if rt.data_checkpoint_path:
         paths.append(("data_checkpoint_path", rt.data_checkpoint_path))
     for key, path in paths:

@@ -18,10 +18,13 @@ from typing import Any
 
 from . import loader
 from .errors import ConfigError, logger
-from .schema import SECTIONS
+from .schema import CHATLEARN_ONLY_KEYS, LORA_MODEL_KEYS, PROGRAM_KEYS, SECTIONS
 from .sections import Locator, ModelConfig, RuntimeConfig, RuntimeEnvConfig, Section
 
 _PLAIN_SCALARS = (str, int, float, bool, bytes, type(None))
+# (file:line, key path) of the unknown keys already warned about: once per process, however
+# often the config is built again (init, validate, actors)
+_warned_keys: set[tuple[str, str]] = set()
 
 
 class Config:
@@ -112,7 +115,7 @@ class Config:
         for name, values in self._section(data, "models").items():
             self._add_model(name, values)
         if warn:
-            self._warn_near_misses()
+            self._warn_unknown_keys()
 
     def _section(self, data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
         value = data.get(key)
@@ -179,23 +182,39 @@ class Config:
             self._locator.origins[f"{path}.model_args.{sub_path}"] = origin
         return data
 
-    def _warn_near_misses(self) -> None:
-        """A typo in a key silently falls back to the default; say so when it looks like one."""
+    def _warn_unknown_keys(self) -> None:
+        """Unknown keys are kept (programs read their own settings) but logged once each, with
+        the place they were written: a typo would otherwise silently leave the default."""
         sections: list[Section] = [self.runtime_args, self.env_args, *self.models.values()]
         for section in sections:
-            known = [*section._KEYS, *section._ALIASES]
             for key in section._values:
-                if key in section._KEYS:
-                    continue
-                near = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
-                if near:
-                    path = section._key_path(key)
-                    logger.warning(
-                        "%s: unknown key %s kept as given; did you mean %s?",
-                        self._locator.where(path),
-                        path,
-                        near[0],
-                    )
+                if key not in section._KEYS:
+                    self._warn_unknown_key(section, key)
+
+    def _warn_unknown_key(self, section: Section, key: str) -> None:
+        kind = section._path.partition(".")[0]
+        if key in PROGRAM_KEYS.get(kind, ()):
+            return
+        path = section._key_path(key)
+        where = self._locator.where(path)
+        if (where, path) in _warned_keys:
+            return
+        _warned_keys.add((where, path))
+        if kind == "models" and key in LORA_MODEL_KEYS:
+            why = (
+                "ChatLearn's LoRA setting is not read here; the ready-made HF modules read "
+                "`lora: {r, alpha, dropout, target_modules}` from the model's model_args "
+                "(its model_config_file)"
+            )
+        elif key in CHATLEARN_ONLY_KEYS.get(kind, ()):
+            why = "a ChatLearn setting that has no effect in this runtime; kept as given"
+        else:
+            near = difflib.get_close_matches(
+                key, [*section._KEYS, *section._ALIASES], n=1, cutoff=0.8
+            )
+            hint = f"; did you mean {near[0]}?" if near else " (readable with .get())"
+            why = f"not a known key, kept as given{hint}"
+        logger.warning("%s: %s: %s", where, path, why)
 
     # -- access ------------------------------------------------------------------------------------
     def error(self, key: str, problem: str, fix: str) -> ConfigError:

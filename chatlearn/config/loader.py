@@ -12,7 +12,12 @@ Rules (ChatLearn's, with its rough edges made into errors):
 - `includes:` (a list, in the main file or a model file): paths are resolved against the main
   config's directory, recursively; later includes override earlier ones, the file's own keys
   override its includes, nested mappings merge key by key. A cycle is an error.
-- Duplicate keys in one mapping are an error (plain YAML would keep the last one silently).
+- Numbers as ChatLearn reads them: YAML 1.1 (PyYAML) leaves `5e-3`, `1e5`, `-1E-4` and `1.0e5`
+  strings (its floats need a dot and a signed exponent); here they are floats, so an optimizer gets
+  `learning_rate: 5e-3` as a number. Only this module's Loader subclass has the rule, never
+  PyYAML's global loaders. (`.5`, `1_000` and `0x10` are numbers in YAML 1.1 already.)
+- Duplicate keys in one mapping keep the last value, as ChatLearn (PyYAML) does, with a warning
+  naming both places; with `CHATLEARN_STRICT_CONFIG=1` in the environment they are an error.
 """
 
 from __future__ import annotations
@@ -30,8 +35,29 @@ from .errors import ConfigError, logger
 
 Origins = dict[str, str]  # dotted key path -> "file:line"
 
+STRICT_ENV = "CHATLEARN_STRICT_CONFIG"
+
 _PLACEHOLDER = re.compile(r"\$\{([^:}]*)(?::(.*))?\}", re.DOTALL)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+# A mantissa (digits with an optional fraction, or a bare fraction) and an exponent whose sign
+# may be left out: the scientific forms YAML 1.1 does not read as floats but Python does.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader plus `_EXPONENT_FLOAT` as floats (a class-local resolver)."""
+
+
+# add_implicit_resolver copies the resolver table into the subclass first, so SafeLoader (and
+# every other user of PyYAML in the process) is unchanged.
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789.")
+)
+
+
+def strict_config() -> bool:
+    """Whether duplicate keys are errors (`CHATLEARN_STRICT_CONFIG=1`), not warnings."""
+    return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def read_yaml(path: Path, display: str) -> tuple[Any, Origins]:
@@ -48,7 +74,7 @@ def read_yaml(path: Path, display: str) -> tuple[Any, Origins]:
         raise ConfigError(
             "the file is not UTF-8 text", where=display, fix="save the config as UTF-8 YAML"
         ) from None
-    loader = yaml.SafeLoader(text)
+    loader = ConfigLoader(text)
     origins: Origins = {}
     try:
         node = loader.get_single_node()
@@ -78,7 +104,7 @@ def read_yaml(path: Path, display: str) -> tuple[Any, Origins]:
 
 
 def _record_keys(node: yaml.Node, prefix: str, display: str, origins: Origins) -> None:
-    """Record "file:line" for every key path, and reject duplicate keys."""
+    """Record "file:line" for every key path; warn about duplicate keys (strict: reject them)."""
     if not isinstance(node, yaml.MappingNode):
         return
     first_line: dict[str, int] = {}
@@ -88,15 +114,29 @@ def _record_keys(node: yaml.Node, prefix: str, display: str, origins: Origins) -
         key, line = key_node.value, key_node.start_mark.line + 1
         path = f"{prefix}.{key}" if prefix else key
         if key in first_line:
-            raise ConfigError(
-                f"duplicate key (first set at line {first_line[key]})",
-                where=f"{display}:{line}",
-                key=path,
-                fix="keep one of the two entries (YAML would silently use the last)",
-            )
+            _duplicate_key(path, f"{display}:{first_line[key]}", f"{display}:{line}")
         first_line[key] = line
         origins[path] = f"{display}:{line}"
         _record_keys(value_node, path, display, origins)
+
+
+def _duplicate_key(path: str, first: str, last: str) -> None:
+    if strict_config():
+        raise ConfigError(
+            f"duplicate key (first set at {first})",
+            where=last,
+            key=path,
+            fix=f"keep one of the two entries ({STRICT_ENV} is set; without it the last one wins "
+            "with a warning)",
+        )
+    logger.warning(
+        "%s: duplicate key %s (also set at %s); using the last value, as ChatLearn does "
+        "(set %s=1 to make this an error)",
+        last,
+        path,
+        first,
+        STRICT_ENV,
+    )
 
 
 def literal(text: str) -> Any:

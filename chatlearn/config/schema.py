@@ -29,7 +29,7 @@ Runtime section (`runtime:`; `rlhf:` is read as a deprecated alias) — ChatLear
 | training_shuffle_mode | "batch" / "sample" | batch | shuffle of passes after the first |
 | drop_last | cycle / drop / retain | cycle | dataset end: wrap, drop, or short episode (1) |
 | exp_name | str | CHATLEARN | run name |
-| output_dir | str | ./ | outputs go to `RuntimeConfig.output_path` = output_dir/exp_name |
+| output_dir | str | ./ | reads as output_dir/exp_name (ChatLearn's rule; `output_path` too) |
 | log_interval | int ≥ 1 | 1 | log metrics every N steps |
 
 (1) ChatLearn's sampler modes, set on its engine rather than in config; with several datasets the
@@ -139,6 +139,8 @@ def _example(name: str, spec: KeySpec) -> str:
 def _check_int(name: str, value: Any, spec: KeySpec) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # `1e3` is a float in YAML and in ChatLearn's literal reading
     if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
         raise ValueProblem(
             f"expected a whole number, got {describe(value)}",
@@ -384,6 +386,29 @@ ENV_KEYS: dict[str, KeySpec] = {
     "excludes": KeySpec("str_list", []),
     "env_vars": KeySpec("str_dict", {}),
 }
+
+# Keys that are not ours are kept as given (programs read their own settings from the sections)
+# and logged once as a warning naming file:line. Keys of ChatLearn's config classes that this
+# runtime does not act on get a warning saying so; ChatLearn keys that only programs read (data
+# paths) get none.
+PROGRAM_KEYS = {"runtime": ("eval_data_path", "query_key")}
+CHATLEARN_ONLY_KEYS: dict[str, tuple[str, ...]] = {
+    "runtime": (
+        "debug", "nsys", "profiler_dir", "log_config_file", "log_args_dict", "concurrent_setup",
+        "coalesce_param", "coalesced_buffer_mb", "concurrent_comm", "param_sync_comm_type",
+        "param_sync_max_workers", "validate_param_sync", "free_sync_collective_group",
+        "bucket_size_mb_in_memory_manager", "max_relay_episode", "relay_episode_offset",
+        "stream_data_loader_type", "max_data_ckpt_nums", "cpu_schedule_strategy", "data_rerank",
+        "policy_to_regroup_queue", "training_data_num_limit", "eval_data_num_limit",
+    ),
+    "models": (
+        "num_replica", "batch_generation", "offload_optimizer_states", "offload_weights",
+        "free_grad_buffers", "sync_frequency", "fsdp_size", "sp", "packing",
+        "max_token_in_packing", "model_type", "force_push_params",
+    ),
+}  # fmt: skip
+# ChatLearn's per-model LoRA switch; ours is in model_args (see chatlearn.hf.lora).
+LORA_MODEL_KEYS = ("lora", "enable_lora")
 
 # Top-level sections of a config file; `rlhf` is ChatLearn's deprecated name of `runtime`.
 SECTIONS = ("runtime_env", "models", "runtime")

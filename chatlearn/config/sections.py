@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any, ClassVar
 
 from .errors import IN_CODE, ConfigError, ValueProblem, logger
@@ -186,6 +186,43 @@ class Section:
     def __dir__(self) -> list[str]:
         return sorted({*super().__dir__(), *self.keys()})
 
+    @property
+    def _args_dict(self) -> ArgsDict:
+        """ChatLearn's dict of a section (`args.runtime_args._args_dict["data_path"]`): a live
+        view over every key, known ones with their effective values; writes go through the
+        same checks as attribute assignment."""
+        return ArgsDict(self)
+
+
+class ArgsDict(MutableMapping[str, Any]):
+    """A section seen as a dict (see `Section._args_dict`)."""
+
+    def __init__(self, section: Section) -> None:
+        self._section = section
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._section:
+            raise KeyError(key)
+        return self._section._resolve(self._section._ALIASES.get(key, key))
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        setattr(self._section, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        try:
+            delattr(self._section, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._section.keys())
+
+    def __len__(self) -> int:
+        return len(self._section.keys())
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
 
 class RuntimeConfig(Section):
     """The `runtime:` section: episodes, batch sizes, data, outputs, and runtime knobs."""
@@ -212,10 +249,22 @@ class RuntimeConfig(Section):
         """Micro-batches in one optimizer step over all data-parallel ranks (global / micro)."""
         return max(1, self.train_global_batch_size // self.train_micro_batch_size)
 
+    def _resolve(self, key: str) -> Any:
+        if key == "output_dir":
+            return self.output_path  # as ChatLearn, which rewrites output_dir at init
+        return super()._resolve(key)
+
+    @property
+    def output_dir_as_given(self) -> str:
+        """`output_dir` as written, before ChatLearn's `/exp_name` is appended."""
+        return str(super()._resolve("output_dir"))
+
     @property
     def output_path(self) -> str:
-        """Where outputs go: output_dir/exp_name (output_dir itself if it already ends so)."""
-        output_dir, exp_name = self.output_dir, self.exp_name
+        """Where outputs go: output_dir/exp_name (output_dir itself if it already ends so).
+
+        Reading `output_dir` gives this path too, as in ChatLearn."""
+        output_dir, exp_name = self.output_dir_as_given, self.exp_name
         if not exp_name or os.path.basename(os.path.normpath(output_dir)) == exp_name:
             return output_dir
         return os.path.join(output_dir, exp_name)

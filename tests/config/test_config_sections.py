@@ -68,6 +68,9 @@ EXTENSION_DEFAULTS = {
 def test_spec_defaults() -> None:
     rt = RuntimeConfig()
     for key, default in {**SPEC_RUNTIME_DEFAULTS, **EXTENSION_DEFAULTS}.items():
+        if key == "output_dir":  # reads as output_dir/exp_name (test_output_path)
+            assert rt.output_dir_as_given == default
+            continue
         assert getattr(rt, key) == default, key
     model = ModelConfig()
     for key, default in SPEC_MODEL_DEFAULTS.items():
@@ -152,7 +155,14 @@ def test_output_path() -> None:
     assert RuntimeConfig().output_path == "./CHATLEARN"
     rt = RuntimeConfig(output_dir="/runs", exp_name="dpo")
     assert rt.output_path == "/runs/dpo"
-    assert rt.output_dir == "/runs"  # not rewritten in place
+    # as ChatLearn: output_dir reads as output_dir/exp_name, once (not /runs/dpo/dpo)
+    assert rt.output_dir == rt.get("output_dir") == rt._args_dict["output_dir"] == "/runs/dpo"
+    assert rt.output_dir_as_given == "/runs"
+    assert rt.to_dict() == {"output_dir": "/runs", "exp_name": "dpo"}  # shipped as written
+    shipped = RuntimeConfig(rt.to_dict(resolved=True))
+    assert shipped.output_dir == shipped.output_path == "/runs/dpo"
+    rt.exp_name = "other"  # both follow exp_name until learn()
+    assert rt.output_dir == rt.output_path == "/runs/other"
     assert RuntimeConfig(output_dir="/runs/dpo/", exp_name="dpo").output_path == "/runs/dpo/"
     with pytest.raises(AttributeError, match="derived"):
         rt.output_path = "/elsewhere"
