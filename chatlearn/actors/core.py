@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from chatlearn.actors.loader import ClassRef, load_object
-from chatlearn.actors.module import BaseModule, invoke
+from chatlearn.actors.module import BaseModule, construct_module, invoke
 
 __all__ = [
     "USER_CODE_ERRORS",
@@ -315,7 +315,8 @@ class ActorCore:
         if spec.config is not None:
             args = self._install_config(spec.config)  # again: the script may have run init()
         self.phase = "__init__"
-        module = klass(spec.name, args=args, replica_id=spec.replica_id)
+        module = construct_module(klass, spec.name, args, spec.replica_id)
+        module._runtime_dir = self.ctx.runtime_dir  # put/get's shared store (None off-host)
         module._rank = spec.rank
         module._world_size = spec.world_size
         module._num_replica = spec.num_replica

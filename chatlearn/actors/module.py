@@ -37,8 +37,10 @@ from typing import Any
 
 from chatlearn.actors.errors import ModuleError
 from chatlearn.actors.placement import ModelResources, config_value
+from chatlearn.actors.storage import RunStorage, StorageUnavailableError
+from chatlearn.actors.timers import Timers
 
-__all__ = ["BaseModule", "TorchModule", "invoke"]
+__all__ = ["BaseModule", "ParallelSize", "TorchModule", "construct_module", "invoke"]
 
 # lifecycle method -> the counter that supplies (and counts) its `iteration` argument
 _ITERATION_COUNTERS: dict[str, str | None] = {
@@ -215,6 +217,77 @@ class BaseModule:
             "padding_config": self.padding_config(),
         }
 
+    # -- ChatLearn's module helpers (issue 16; docs/chatlearn-compat.md) -------------------
+    # the run's private directory, set by the runtime in actors on the coordinator's host
+    _runtime_dir: Path | None = None
+
+    @property
+    def tensor_model_parallel_size(self) -> ParallelSize:
+        """Callable, as ChatLearn's method (`self.tensor_model_parallel_size()`), and an int."""
+        return ParallelSize(config_value(self._module_args, "tensor_model_parallel_size", 1))
+
+    @property
+    def pipeline_model_parallel_size(self) -> ParallelSize:
+        return ParallelSize(config_value(self._module_args, "pipeline_model_parallel_size", 1))
+
+    @property
+    def expert_model_parallel_size(self) -> ParallelSize:
+        return ParallelSize(config_value(self._module_args, "expert_model_parallel_size", 1))
+
+    def get_data_parallel_rank(self) -> int:
+        return self.data_parallel_rank
+
+    def get_data_parallel_size(self) -> int:
+        return self.data_parallel_size
+
+    @property
+    def total_gpu(self) -> int:
+        """GPUs of the model (`num_gpu`); 0 for a model on CPU cores."""
+        return int(config_value(self._module_args, "num_gpu", 0))
+
+    @property
+    def gpu_per_process(self) -> int:
+        return int(config_value(self._module_args, "gpu_per_process", 1))
+
+    @property
+    def num_gpu_per_replica(self) -> int:
+        """GPUs of one replica: all of a trainer's (one replica, data parallel inside), tp × pp
+        (× ep, or zero_size) of an inference model's."""
+        return self.total_gpu // max(1, self.num_replica)
+
+    @property
+    def config_dir(self) -> str | None:
+        """The main config file's directory (None for a config built in code)."""
+        return config_value(self.global_args, "config_dir", None)
+
+    @property
+    def timers(self) -> Timers:
+        """This module's named timers: `self.timers("name").start()` / `.stop()`, `.log()`."""
+        timers = self.__dict__.get("_timers")
+        if timers is None:
+            timers = self.__dict__["_timers"] = Timers()
+        return timers
+
+    def put(self, key: str, data: Any) -> None:
+        """Store `data` under `key` for every module of the run (see chatlearn.actors.storage)."""
+        self._run_storage().put(key, data)
+
+    def get(self, key: str) -> Any:
+        """What any module of the run stored under `key` with `put`; KeyError if nothing."""
+        return self._run_storage().get(key)
+
+    def _run_storage(self) -> RunStorage:
+        runtime_dir = self._runtime_dir
+        if runtime_dir is None:
+            # the runtime sets _num_replica in every actor; the user's template has none
+            where = "on another host than the coordinator" if self._num_replica else "yet"
+            raise StorageUnavailableError(
+                f"{self.name}: put/get share values through the run's directory on the "
+                f"coordinator's host, which this process cannot reach {where}; call them in "
+                "the model's methods (setup, forward_step, ...) of a run on one host"
+            )
+        return RunStorage(runtime_dir)
+
     # -- lifecycle hooks (override in subclasses) -----------------------------------------
     def setup(self) -> None:
         """Build the model, tokenizer, optimizer. Runs in the actor, after the dist group."""
@@ -268,6 +341,55 @@ def _model_section(args: Any, name: str) -> Any:
             fix=f"add `{name}:` under `models:`, or construct the module with a known name",
         )
     return models[name]
+
+
+class ParallelSize(int):
+    """A parallel size that is an int and also callable: ChatLearn's modules call
+    `self.tensor_model_parallel_size()`, code written here reads it as a number."""
+
+    def __call__(self) -> int:
+        return int(self)
+
+
+def construct_module(klass: type, name: str, args: Any, replica_id: int) -> BaseModule:
+    """Build the live module in its actor as `klass(name, args=args, replica_id=replica_id)`, or
+    as `klass(name)` for a ChatLearn guide's `__init__(self, name)` (the config is installed
+    process-wide, so `super().__init__(name)` finds it); otherwise a TypeError that says which
+    signature is expected."""
+    expected = (
+        "define `def __init__(self, name, args=None, replica_id=0)` calling "
+        "`super().__init__(name, args, replica_id)` (or `__init__(self, name)` calling "
+        "`super().__init__(name)`, or no __init__ at all): the runtime builds each model's "
+        "module again in its processes from the name and the config alone"
+    )
+    try:
+        signature: inspect.Signature | None = inspect.signature(klass)
+    except (TypeError, ValueError):
+        signature = None
+    full_call = True
+    if signature is not None:
+        try:
+            signature.bind(name, args=args, replica_id=replica_id)
+        except TypeError:
+            try:
+                signature.bind(name)
+            except TypeError:
+                raise TypeError(
+                    f"{klass.__qualname__}.__init__{signature} cannot be called as "
+                    f"{klass.__qualname__}(name, args=..., replica_id=...) nor as "
+                    f"{klass.__qualname__}(name); {expected}"
+                ) from None
+            full_call = False
+    if full_call:
+        module = klass(name, args=args, replica_id=replica_id)
+    else:
+        module = klass(name)
+    if "_module_args" not in getattr(module, "__dict__", {}):
+        raise TypeError(
+            f"{klass.__qualname__}.__init__ did not call BaseModule.__init__; {expected}"
+        )
+    module.replica_id = replica_id
+    return module
 
 
 class TorchModule(BaseModule):

@@ -29,7 +29,7 @@ import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from chatlearn.actors.module import TorchModule
+from chatlearn.actors.module import ParallelSize, TorchModule
 from chatlearn.actors.placement import config_value
 from chatlearn.megatron.requirement import (
     MEGATRON_EXTRA,
@@ -124,16 +124,17 @@ class MegatronModule(TorchModule):
         return [patch.name for patch in self._compat_patches]
 
     @property
-    def tensor_model_parallel_size(self) -> int:
+    def tensor_model_parallel_size(self) -> ParallelSize:
+        """An int, and callable as ChatLearn's `self.tensor_model_parallel_size()`."""
         if self._megatron_state is not None:
-            return self._megatron_state.tensor_model_parallel_size
-        return int(config_value(self.module_args, "tensor_model_parallel_size", 1))
+            return ParallelSize(self._megatron_state.tensor_model_parallel_size)
+        return ParallelSize(config_value(self.module_args, "tensor_model_parallel_size", 1))
 
     @property
-    def pipeline_model_parallel_size(self) -> int:
+    def pipeline_model_parallel_size(self) -> ParallelSize:
         if self._megatron_state is not None:
-            return self._megatron_state.pipeline_model_parallel_size
-        return int(config_value(self.module_args, "pipeline_model_parallel_size", 1))
+            return ParallelSize(self._megatron_state.pipeline_model_parallel_size)
+        return ParallelSize(config_value(self.module_args, "pipeline_model_parallel_size", 1))
 
     def tensor_parallel_rank(self) -> int:
         return self.megatron_parallel_state.tensor_model_parallel_rank

@@ -39,7 +39,8 @@ def log_host(module) -> None:
         "hf_token": token,
         "token_shown_in": shown,
     }
-    with open(os.path.join(module.runtime_args.get("output_dir"), "hosts.jsonl"), "a") as f:
+    output_dir = os.path.dirname(module.runtime_args.get("echo_log"))  # the test's directory
+    with open(os.path.join(output_dir, "hosts.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
 
 

@@ -1,0 +1,180 @@
+"""ChatLearn programs run unchanged (issue 16): the module helpers ChatLearn's modules call, the
+constructor signatures the runtime accepts, and a ChatLearn-style DPO program end to end in real
+processes (`chatlearn_program/`: `_args_dict`, `learning_rate: 5e-3`, a duplicate key,
+`self.tensor_model_parallel_size()`, `__init__`-less and `__init__(self, name)` modules, put/get
+across models, `output_dir/exp_name`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import actors_testlib as lib
+import pytest
+import torch
+
+from chatlearn.actors import BaseModule, TorchModule
+from chatlearn.actors.module import ParallelSize, construct_module
+from chatlearn.actors.storage import RunStorage, StorageUnavailableError
+from chatlearn.actors.timers import Timers
+from chatlearn.config import reset_args, set_args
+
+PROGRAM = Path(__file__).resolve().parent / "chatlearn_program"
+
+
+@pytest.fixture
+def config():
+    cfg = lib.make_config(
+        {
+            "reference": {"num_gpu": 4, "tensor_model_parallel_size": 2},
+            "policy": {"num_gpu": 4, "gpu_per_process": 1, "trainable": True},
+            "cpu_model": {"num_cpu": 2, "cpu_per_process": 1, "trainable": True},
+        },
+        {"train_micro_batch_size": 1, "train_global_batch_size": 8},
+    )
+    set_args(cfg)
+    yield cfg
+    reset_args()
+
+
+def test_parallel_sizes_are_callable_ints(config) -> None:
+    reference = BaseModule("reference", config)
+    assert reference.tensor_model_parallel_size() == 2 == reference.tensor_model_parallel_size
+    assert reference.pipeline_model_parallel_size() == 1
+    assert reference.expert_model_parallel_size() == 1
+    size = reference.tensor_model_parallel_size
+    assert isinstance(size, int) and type(size()) is int and size * 3 == 6
+    assert isinstance(ParallelSize(4), int) and ParallelSize(4)() == 4
+
+
+def test_device_and_data_parallel_helpers(config) -> None:
+    reference = BaseModule("reference", config)
+    assert (reference.total_gpu, reference.gpu_per_process) == (4, 1)
+    assert reference.num_replica == 2 and reference.num_gpu_per_replica == 2  # tp 2
+    policy = TorchModule("policy", config)
+    assert policy.num_replica == 1 and policy.num_gpu_per_replica == 4  # dp inside
+    policy._rank, policy._world_size = 3, 4  # what the runtime sets in the actor
+    assert (policy.get_data_parallel_rank(), policy.get_data_parallel_size()) == (3, 4)
+    cpu = BaseModule("cpu_model", config)
+    assert (cpu.total_gpu, cpu.num_gpu_per_replica) == (0, 0)
+    assert reference.config_dir == config.config_dir
+
+
+def test_timers() -> None:
+    timers = Timers()
+    timers("step").start()
+    timers("step").stop()
+    timers("step").start()
+    assert timers("step").running
+    with pytest.raises(RuntimeError, match="already running"):
+        timers("step").start()
+    timers("step").stop()
+    assert timers("step").elapsed(reset=False) > 0
+    text = timers.log()
+    assert isinstance(text, str) and text.startswith("step: ") and text.endswith(" ms")
+    assert timers.log(["step"], return_dict=True) == {"step": 0.0}  # log() reset it
+    with pytest.raises(RuntimeError, match="not started"):
+        timers("other").stop()
+
+
+def test_run_storage_round_trip(tmp_path: Path) -> None:
+    storage, other = RunStorage(tmp_path), RunStorage(tmp_path)  # e.g. two models' processes
+    value = {"t": torch.arange(6.0).view(2, 3), "n": [1, (2, "x")], "s": "text"}
+    storage.put("a/../key with spaces", value)
+    got = other.get("a/../key with spaces")
+    assert torch.equal(got["t"], value["t"]) and got["n"] == [1, (2, "x")] and got["s"] == "text"
+    storage.put("a/../key with spaces", 7)
+    assert other.get("a/../key with spaces") == 7  # replaced whole
+    with pytest.raises(KeyError, match="nothing was put under 'absent'"):
+        other.get("absent")
+    assert [p.name for p in (tmp_path / "storage").iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_put_get_on_the_template_say_where_they_work(config) -> None:
+    with pytest.raises(StorageUnavailableError, match="put/get share values through"):
+        BaseModule("reference", config).put("k", 1)
+
+
+class NoInit(BaseModule):
+    pass
+
+
+class GuideInit(BaseModule):
+    def __init__(self, name):
+        super().__init__(name)
+        self.built = True
+
+
+class FullInit(BaseModule):
+    def __init__(self, name, args=None, replica_id=0):
+        super().__init__(name, args, replica_id)
+
+
+class ExtraArg(BaseModule):
+    def __init__(self, name, model_path):
+        super().__init__(name)
+
+
+class ForgotSuper(BaseModule):
+    def __init__(self, name):
+        self.name = name
+
+
+@pytest.mark.parametrize("klass", [NoInit, GuideInit, FullInit])
+def test_constructor_signatures_the_runtime_accepts(config, klass: type) -> None:
+    module = construct_module(klass, "reference", config, 1)
+    assert module.name == "reference" and module.replica_id == 1
+    assert module.global_args is config and module.tensor_model_parallel_size() == 2
+
+
+@pytest.mark.parametrize(
+    ("klass", "problem"),
+    [
+        (ExtraArg, r"ExtraArg.__init__\(name, model_path\) cannot be called as"),
+        (ForgotSuper, "ForgotSuper.__init__ did not call BaseModule.__init__"),
+    ],
+)
+def test_a_wrong_constructor_says_which_signature_is_expected(
+    config, klass: type, problem: str
+) -> None:
+    with pytest.raises(TypeError, match=problem) as info:
+        construct_module(klass, "reference", config, 0)
+    assert "def __init__(self, name, args=None, replica_id=0)" in str(info.value)
+
+
+@pytest.mark.timeout(60)
+def test_a_chatlearn_style_program_runs_unchanged(tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"x": [i, 1.0, -i, 0.5]}) + "\n" for i in range(8)))
+    result = tmp_path / "result.json"
+    env = {**os.environ, "data_path": str(data), "output_dir": str(tmp_path / "out")}
+    env.pop("CHATLEARN_STRICT_CONFIG", None)
+    proc = subprocess.run(
+        [sys.executable, str(PROGRAM / "train_dpo.py"), "-c", str(PROGRAM / "dpo.yaml"),
+         str(result)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output_dir = tmp_path / "out" / "chatlearn"  # output_dir/exp_name, as ChatLearn
+    summary = json.loads(result.read_text())
+    assert summary["output_dir"] == str(output_dir)
+    records = [json.loads(line) for line in (output_dir / "report.jsonl").read_text().splitlines()]
+    setup, got, *episodes = records
+    assert setup["event"] == "setup" and setup["pid"] != summary["coordinator_pid"]
+    assert (setup["tp"], setup["pp"], setup["dp"]) == (1, 1, [0, 1])
+    assert setup["lr"] == pytest.approx(5e-3)  # the last of the duplicate learning_rate keys
+    assert setup["gpus"] == [0, 1, 0] and setup["config_dir"] == str(PROGRAM)
+    assert setup["output_dir"] == str(output_dir)
+    assert got["event"] == "get" and got["reference"]["rank"] == 0
+    assert got["reference"]["pid"] not in (setup["pid"], summary["coordinator_pid"])
+    assert [e["steps"] for e in episodes] == [2, 4]  # 8 samples / global batch 4, 2 episodes
+    assert all(e["timed"] == ["train_step"] for e in episodes)
+    # the config's oddities were reported, not fatal
+    assert "policy_trainer.yaml:7: duplicate key learning_rate" in proc.stderr
+    assert "runtime.debug: a ChatLearn setting that has no effect" in proc.stderr
