@@ -44,7 +44,10 @@ PROMPT_PLACEHOLDER = "{prompt}"
 
 
 def load_preference_data(source: str | Path | Iterable[Mapping[str, Any]]) -> list[dict]:
-    """Records from a JSONL file (one JSON object a line; blank lines skipped) or an iterable."""
+    """Records from a JSONL file (one JSON object a line; blank lines skipped) or an iterable.
+
+    Anything that is not a prompt/chosen/rejected record is a ValueError naming the first bad
+    record, where it is, and what the whole input was (e.g. the guide's `["test"] * 4096`)."""
     if isinstance(source, str | Path):
         path = Path(source)
         records = []
@@ -58,19 +61,50 @@ def load_preference_data(source: str | Path | Iterable[Mapping[str, Any]]) -> li
                     raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from None
                 records.append(_check_record(record, f"{path}:{number}"))
         return records
-    return [_check_record(dict(r), f"record {i}") for i, r in enumerate(source)]
+    samples = list(source)
+    given = f"the {_describe_samples(samples)} given to build_dataset"
+    return [_check_record(r, f"sample {i} of {given}") for i, r in enumerate(samples)]
+
+
+_RECORD_SHAPE = (
+    'DPO data must be preference records: {"prompt": ..., "chosen": ..., "rejected": ...} '
+    "(strings, or message lists)"
+)
+_RECORD_FIX = (
+    "pass engine.set_dataset() a list of such dicts (or read them from a JSONL file with "
+    "chatlearn.hf.data.load_preference_data)"
+)
 
 
 def _check_record(record: Any, where: str) -> dict:
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected an object with prompt/chosen/rejected")
+    if not isinstance(record, Mapping):
+        raise ValueError(
+            f"{_RECORD_SHAPE}; {where} is {_short(record)} (a {type(record).__name__}); "
+            f"{_RECORD_FIX}"
+        )
+    record = dict(record)
     missing = [key for key in ("chosen", "rejected") if key not in record]
     conversational = isinstance(record.get("chosen"), list)
     if "prompt" not in record and not conversational:
         missing.insert(0, "prompt")
     if missing:
-        raise ValueError(f"{where}: missing key(s) {missing} (have {sorted(record)})")
+        raise ValueError(
+            f"{_RECORD_SHAPE}; {where} is missing {missing} (it has {sorted(map(str, record))}: "
+            f"{_short(record)}); {_RECORD_FIX}"
+        )
     return record
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe_samples(samples: Sequence[Any]) -> str:
+    """'4096 samples (all str)' / '3 samples (dict, str)': what build_dataset was given."""
+    kinds = sorted({type(sample).__name__ for sample in samples})
+    shown = f"all {kinds[0]}" if len(kinds) == 1 else ", ".join(kinds[:4])
+    return f"{len(samples)} samples ({shown})"
 
 
 def _as_messages(value: Any) -> list[dict]:

@@ -40,11 +40,34 @@ def test_load_errors_name_the_line(tmp_path: Path) -> None:
     path.write_text(
         '{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": "c"}\n'
     )
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing key\(s\) \['rejected'\]"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2 is missing \['rejected'\]"):
         load_preference_data(path)
     path.write_text("{not json\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: not valid JSON"):
         load_preference_data(path)
+    path.write_text('["p", "c", "r"]\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1 is \['p', 'c', 'r'\] \(a list\)"):
+        load_preference_data(path)
+
+
+def test_the_guides_string_prompts_are_a_clear_error() -> None:
+    """ChatLearn's DPO guide passes `["test"] * 4096`: say what DPO data is, show the first bad
+    sample and what build_dataset was given."""
+    with pytest.raises(ValueError) as info:
+        PreferenceDataset(["test"] * 4096, byte_tokenizer())
+    message = str(info.value)
+    assert message.startswith("DPO data must be preference records")
+    assert "sample 0 of the 4096 samples (all str) given to build_dataset is 'test' (a str)" in (
+        message
+    )
+    assert "engine.set_dataset()" in message
+    good = {"prompt": "p", "chosen": "c", "rejected": "r"}
+    with pytest.raises(ValueError, match=r"sample 2 of the 3 samples \(all dict\) .* is missing"):
+        load_preference_data([good, good, {"prompt": "p", "chosen": "c"}])
+    with pytest.raises(
+        ValueError, match=r"sample 1 of the 2 samples \(dict, int\) .* is 7 \(a int\)"
+    ):
+        load_preference_data([good, 7])
 
 
 def test_string_record_with_template() -> None:
