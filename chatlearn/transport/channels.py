@@ -6,11 +6,18 @@
   its ERROR; many requests may be in flight per peer. Everything else the peers send (HELLO,
   HEARTBEAT, DEAD, late replies) is queued for `recv_unsolicited()`. Incoming messages are
   dispatched straight from the socket's reader callback (no receive task, no task switch); a
-  malformed one is logged, counted (`num_malformed`) and dropped, never fatal.
+  malformed one is counted (`num_malformed`), logged at a capped rate and dropped, never fatal.
 - `DataSender` (PUSH) and `DataReceiver` (PULL) carry codec-encoded objects (micro-batches).
   Both ends set a high-water mark of ``hwm`` messages, so a slow consumer makes ``send()`` wait
   (backpressure) instead of letting queues grow: at most about ``2 * hwm`` messages plus what
   fits in the kernel's socket buffer are in flight.
+
+Decoding never stalls the event loop: a message whose header is larger than
+``DECODE_IN_STEPS_ABOVE`` bytes (e.g. 16 MiB of prompts) is decoded in steps that yield to the
+loop every couple of milliseconds, so heartbeats and control go on meanwhile; later messages of
+the same channel wait for it (the order of messages is kept). What a header may hold is bounded
+by `Limits` (see codec.py). Malformed messages are dropped, counted and logged: the first few in
+full, then one summary line per interval, so a flood of garbage cannot flood the log.
 
 Frames are sent with ``copy=False`` (tensor memory goes to ZeroMQ as is: do not modify a tensor
 in place after sending it until the send has completed) and received with ``copy=False`` (decoded
@@ -33,7 +40,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from typing import Any
+import time
+from collections import deque
+from collections.abc import Generator
+from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -43,6 +53,7 @@ from chatlearn.transport.codec import (
     DEFAULT_LIMITS,
     Limits,
     decode,
+    decode_steps,
     encode,
 )
 from chatlearn.transport.errors import (
@@ -56,6 +67,7 @@ from chatlearn.transport.messages import (
     Message,
     MessageKind,
     decode_message,
+    decode_message_steps,
     encode_message,
 )
 from chatlearn.transport.sockets import AsyncSocket
@@ -66,9 +78,80 @@ log = logging.getLogger(__name__)
 DEFAULT_LINGER_MS = 1000
 # Data-plane messages are micro-batches of megabytes: a few in flight keep the pipe busy.
 DEFAULT_DATA_HWM = 8
-# Malformed messages logged at WARNING before we drop to DEBUG (a flood must not flood the log).
-_NUM_MALFORMED_LOGGED = 10
+# Malformed messages logged one by one; after that, one summary line per interval.
+NUM_MALFORMED_LOGGED = 10
+MALFORMED_SUMMARY_SECONDS = 10.0
+# Headers above this many bytes are decoded in steps, yielding to the event loop at least every
+# _STEP_SECONDS. Decoding 64 KiB takes well under a millisecond for real payloads and at most a
+# few for hostile ones (the `Limits` bound the rest), so smaller headers decode inline.
+DECODE_IN_STEPS_ABOVE = 64 * 1024
+_STEP_SECONDS = 0.002
 _CLOSED = object()
+T = TypeVar("T")
+
+
+async def _run_steps(steps: Generator[None, None, T]) -> T:
+    """Drive a stepped decode, letting the loop run other callbacks every _STEP_SECONDS."""
+    clock = time.perf_counter
+    deadline = clock() + _STEP_SECONDS
+    try:
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value
+            if clock() >= deadline:
+                await asyncio.sleep(0)
+                deadline = clock() + _STEP_SECONDS
+    finally:
+        steps.close()  # cancelled midway: end the decode (and its pause of the collector) now
+
+
+class MalformedLog:
+    """Counts the malformed messages a channel dropped and logs them at a capped rate.
+
+    The first `NUM_MALFORMED_LOGGED` are logged one by one (at WARNING, with the traceback if
+    the codec itself failed); after that, one line per `MALFORMED_SUMMARY_SECONDS` says how many
+    more were dropped, so 5,000 garbage messages make about a dozen lines, not 5,000.
+    """
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.count = 0
+        self._unlogged = 0
+        self._summary: asyncio.TimerHandle | None = None
+
+    def record(self, peer: bytes | None, exc: BaseException) -> None:
+        self.count += 1
+        if self.count <= NUM_MALFORMED_LOGGED:
+            log.warning(
+                "%s: dropped malformed message #%d%s: %s: %s",
+                self.channel,
+                self.count,
+                f" from {peer!r}" if peer is not None else "",
+                type(exc).__name__,
+                exc,
+                exc_info=not isinstance(exc, DecodeError),
+            )
+            return
+        self._unlogged += 1
+        if self._summary is None:
+            loop = asyncio.get_running_loop()
+            self._summary = loop.call_later(MALFORMED_SUMMARY_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        """Log the summary of what was dropped since the last line (also at close)."""
+        if self._summary is not None:
+            self._summary.cancel()
+            self._summary = None
+        if self._unlogged:
+            log.warning(
+                "%s: dropped %d more malformed messages (%d in all)",
+                self.channel,
+                self._unlogged,
+                self.count,
+            )
+            self._unlogged = 0
 
 
 class ControlServer:
@@ -101,7 +184,15 @@ class ControlServer:
         self._unsolicited: asyncio.Queue[Any] = asyncio.Queue()
         self._started = False
         self._closed = False
-        self.num_malformed = 0
+        self._malformed = MalformedLog(f"control server {self.endpoint}")
+        # While a large message is decoded in steps, later ones wait here (their order is kept).
+        self._backlog: deque[list[zmq.Frame]] | None = None
+        self._decoding: asyncio.Task[None] | None = None
+
+    @property
+    def num_malformed(self) -> int:
+        """Messages dropped because they could not be decoded."""
+        return self._malformed.count
 
     @property
     def closed(self) -> bool:
@@ -175,20 +266,57 @@ class ControlServer:
             raise ChannelClosedError("control server is closed")
         if not self._started:
             self._started = True
-            self._socket.set_handler(self._dispatch)
+            self._socket.set_handler(self._on_message)
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        """Handles each incoming message, from the socket's reader callback (no task switch);
+        a large one is decoded in steps by a task, and what arrives meanwhile waits for it."""
+        if self._backlog is not None:
+            self._backlog.append(frames)
+        elif _is_large(frames, 1):
+            self._backlog = deque()
+            self._decoding = asyncio.get_running_loop().create_task(self._decode_large(frames))
+        else:
+            self._dispatch(frames)
 
     def _dispatch(self, frames: list[zmq.Frame]) -> None:
-        """Handles each incoming message, from the socket's reader callback (no task switch):
-        resolves the pending request it answers, or queues it as unsolicited. Bad input is
-        logged, counted and dropped; nothing raises out of here."""
+        """Decodes and delivers one message. Bad input is counted, logged at a capped rate and
+        dropped; nothing raises out of here."""
         identity = frames[0].bytes
         try:
             if len(frames) < 2:
                 raise DecodeError("no message frames after the identity")
             msg = decode_message(frames[1:], limits=self._limits)
         except Exception as exc:  # DecodeError, or a codec bug: neither may kill the loop
-            self._malformed(identity, exc)
+            self._malformed.record(identity, exc)
             return
+        self._deliver(identity, msg)
+
+    async def _decode_large(self, frames: list[zmq.Frame]) -> None:
+        """Decodes large messages in steps, then delivers those that waited behind them, in
+        order of arrival, until none is left (the reader callback then dispatches again)."""
+        backlog = self._backlog
+        assert backlog is not None
+        while True:
+            identity = frames[0].bytes
+            try:
+                msg = await _run_steps(decode_message_steps(frames[1:], limits=self._limits))
+            except Exception as exc:  # as in _dispatch
+                self._malformed.record(identity, exc)
+            else:
+                self._deliver(identity, msg)
+            while backlog:
+                frames = backlog.popleft()
+                if _is_large(frames, 1):
+                    break
+                self._dispatch(frames)
+            else:
+                self._backlog = None
+                self._decoding = None
+                return
+
+    def _deliver(self, identity: bytes, msg: Message) -> None:
+        """Resolves the pending request ``msg`` answers, or queues it as unsolicited."""
         if msg.kind in REPLY_KINDS:
             entry = self._pending.get(msg.request_id)
             if entry is not None and entry[0] == identity:
@@ -201,20 +329,6 @@ class ControlServer:
                 return
         self._unsolicited.put_nowait((identity, msg))
 
-    def _malformed(self, identity: bytes, exc: Exception) -> None:
-        self.num_malformed += 1
-        level = logging.WARNING if self.num_malformed <= _NUM_MALFORMED_LOGGED else logging.DEBUG
-        log.log(
-            level,
-            "control server %s: dropped malformed message #%d from %r: %s: %s",
-            self.endpoint,
-            self.num_malformed,
-            identity,
-            type(exc).__name__,
-            exc,
-            exc_info=not isinstance(exc, DecodeError),
-        )
-
     def close(self, linger: int | None = None) -> None:
         """Fail pending requests and waiters, close the socket (bounded linger)."""
         if self._closed:
@@ -224,6 +338,9 @@ class ControlServer:
         for _, future in list(self._pending.values()):
             _set_exception(future, closed)
         self._unsolicited.put_nowait(_CLOSED)
+        if self._decoding is not None:
+            self._decoding.cancel()
+        self._malformed.flush()
         self._socket.close(linger)
 
     async def aclose(self, linger: int | None = None) -> None:
@@ -254,6 +371,7 @@ class ControlClient:
         context: zmq.Context | None = None,
         limits: Limits = DEFAULT_LIMITS,
         linger_ms: int = DEFAULT_LINGER_MS,
+        drop_malformed: bool = True,
     ) -> None:
         if not identity or identity.startswith(b"\0"):
             raise ValueError("identity must be non-empty and must not start with a NUL byte")
@@ -266,20 +384,39 @@ class ControlClient:
             options={zmq.ROUTING_ID: identity, zmq.MAXMSGSIZE: limits.max_message_bytes},
         )
         self.endpoint = self._socket.bind_or_connect(endpoint, bind=False)
+        self._drop_malformed = drop_malformed
+        self._malformed = MalformedLog(f"control client {identity!r}")
 
     @property
     def closed(self) -> bool:
         return self._socket.closed
+
+    @property
+    def num_malformed(self) -> int:
+        """Messages dropped because they could not be decoded."""
+        return self._malformed.count
 
     async def send(self, msg: Message) -> None:
         """Send one message (an answer copies the request's ``request_id``)."""
         await self._socket.send(encode_message(msg))
 
     async def recv(self) -> Message:
-        """The next message from the server; a malformed one raises a `DecodeError`."""
-        return decode_message(await self._socket.recv(), limits=self._limits)
+        """The next message from the server. A malformed one is dropped (counted, logged at a
+        capped rate), or raises a `DecodeError` if the client was made with
+        ``drop_malformed=False``."""
+        while True:
+            frames = await self._socket.recv()
+            try:
+                if _is_large(frames, 0):
+                    return await _run_steps(decode_message_steps(frames, limits=self._limits))
+                return decode_message(frames, limits=self._limits)
+            except DecodeError as exc:
+                if not self._drop_malformed:
+                    raise
+                self._malformed.record(None, exc)
 
     def close(self, linger: int | None = None) -> None:
+        self._malformed.flush()
         self._socket.close(linger)
 
     async def aclose(self, linger: int | None = None) -> None:
@@ -358,10 +495,12 @@ class DataReceiver:
         context: zmq.Context | None = None,
         limits: Limits = DEFAULT_LIMITS,
         linger_ms: int = DEFAULT_LINGER_MS,
+        drop_malformed: bool = True,
     ) -> None:
         if hwm < 1:
             raise ValueError(f"hwm must be >= 1 (0 would mean unbounded), got {hwm}")
         self._limits = limits
+        self._drop_malformed = drop_malformed
         self._socket = AsyncSocket(
             context,
             zmq.PULL,
@@ -369,16 +508,35 @@ class DataReceiver:
             options={zmq.RCVHWM: hwm, zmq.MAXMSGSIZE: limits.max_message_bytes},
         )
         self.endpoint = self._socket.bind_or_connect(endpoint, bind=bind)
+        self._malformed = MalformedLog(f"data receiver {self.endpoint}")
 
     @property
     def closed(self) -> bool:
         return self._socket.closed
 
+    @property
+    def num_malformed(self) -> int:
+        """Messages dropped because they could not be decoded."""
+        return self._malformed.count
+
     async def recv(self) -> Any:
-        """The next object; a malformed message raises `DecodeError` (the channel stays usable)."""
-        return decode(await self._socket.recv(), limits=self._limits)
+        """The next object. A malformed message is dropped (counted, logged at a capped rate),
+        or raises `DecodeError` if the receiver was made with ``drop_malformed=False`` (the
+        channel stays usable). One task at a time should receive: messages are decoded in the
+        order they are received, but a large one finishes after a small one received later."""
+        while True:
+            frames = await self._socket.recv()
+            try:
+                if _is_large(frames, 0):
+                    return await _run_steps(decode_steps(frames, limits=self._limits))
+                return decode(frames, limits=self._limits)
+            except DecodeError as exc:
+                if not self._drop_malformed:
+                    raise
+                self._malformed.record(None, exc)
 
     def close(self, linger: int | None = None) -> None:
+        self._malformed.flush()
         self._socket.close(linger)
 
     async def aclose(self, linger: int | None = None) -> None:
@@ -395,6 +553,10 @@ class DataReceiver:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _is_large(frames: list[zmq.Frame], header_index: int) -> bool:
+    return len(frames) > header_index and len(frames[header_index]) > DECODE_IN_STEPS_ABOVE
 
 
 def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:

@@ -56,6 +56,14 @@ class MessageTooLargeError(DecodeError):
     """All frames together are longer than `Limits.max_message_bytes`."""
 
 
+class TooManyObjectsError(DecodeError):
+    """The header holds more values, containers, tuples or tensors than `Limits` allow."""
+
+
+class NestingTooDeepError(DecodeError):
+    """Tuples or tensors nest deeper than `Limits.max_depth`."""
+
+
 class ChannelClosedError(TransportError):
     """The channel was closed (locally) while an operation was pending or after it closed."""
 

@@ -15,7 +15,7 @@ cheap request for latency checks. DATA is the kind of data-plane messages (`code
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from chatlearn.transport.codec import (
     DEFAULT_LIMITS,
     Limits,
     decode_envelope,
+    decode_envelope_steps,
     encode_envelope,
 )
 from chatlearn.transport.errors import RemoteError
@@ -74,6 +75,15 @@ def encode_message(
 def decode_message(frames: Sequence[Any], *, limits: Limits = DEFAULT_LIMITS) -> Message:
     """Decode and check a message; every failure is a `DecodeError` subclass."""
     kind, request_id, payload = decode_envelope(frames, limits=limits, kinds=_KIND_BY_VALUE)
+    return Message(kind=_KIND_BY_VALUE[kind], request_id=request_id, payload=payload)
+
+
+def decode_message_steps(
+    frames: Sequence[Any], *, limits: Limits = DEFAULT_LIMITS
+) -> Generator[None, None, Message]:
+    """`decode_message` in steps, for large headers (see `codec.decode_envelope_steps`)."""
+    steps = decode_envelope_steps(frames, limits=limits, kinds=_KIND_BY_VALUE)
+    kind, request_id, payload = yield from steps
     return Message(kind=_KIND_BY_VALUE[kind], request_id=request_id, payload=payload)
 
 

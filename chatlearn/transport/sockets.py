@@ -5,7 +5,8 @@ callbacks. Measured between two processes on the 2-core target machine that book
 ~25-30 µs per side of a control round trip (see BENCHMARKS.md), so the channels drive a plain
 ZeroMQ socket (created from the same `zmq.asyncio.Context`) with a minimal reactor instead:
 
-- an operation is first tried directly with DONTWAIT; only on EAGAIN does the caller wait, on a
+- a send is first tried directly with DONTWAIT, a receive first reads EVENTS (a receive that
+  fails costs more: pyzmq raises); only if they cannot proceed does the caller wait, on a
   future resolved by the reader callback the loop runs when the socket's fd becomes readable;
 - a socket can instead have a *handler* (`set_handler`): the reader callback then hands every
   incoming message to it as it arrives, without a task switch (the control server resolves
@@ -14,7 +15,11 @@ ZeroMQ socket (created from the same `zmq.asyncio.Context`) with a minimal react
 ZeroMQ's fd is edge-like: it signals "state may have changed", and any operation or EVENTS read
 consumes the signal. So after every operation that can consume it, `_rearm` reads EVENTS and, if
 a waiter can now proceed, schedules the reader callback; and the callback always reads EVENTS,
-which also tells libzmq to signal again for the next message. Errors come out as the
+which also tells libzmq to signal again for the next message (except when no one waits any more:
+the next receive reads EVENTS first anyway). Per message that is one or two EVENTS reads, each
+~1-2 µs in pyzmq (it converts the option to an enum); the reactor calls pyzmq's Cython methods
+directly with plain-int flags (with the codec's fast path for small messages, a third less CPU
+per control round trip). Errors come out as the
 transport's typed errors. Closing removes the reader before the socket (and its fd) goes away,
 fails the waiters, and removes the socket file of a bound ipc endpoint, which libzmq 4.3 leaves
 behind. One socket must be used from one event loop.
@@ -34,10 +39,11 @@ import os
 import stat
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import zmq
 import zmq.asyncio
+
 from chatlearn.transport.errors import ChannelClosedError, PeerUnreachableError, TransportError
 from chatlearn.transport.security import socket_options
 
@@ -45,6 +51,19 @@ log = logging.getLogger(__name__)
 
 # Messages handled per reader callback before yielding to other tasks (fairness under floods).
 _MAX_BATCH = 256
+# pyzmq's constants are enum.IntFlag members: `events & zmq.POLLIN` runs two Python-level enum
+# calls (~1 µs each), several per message. Plain ints keep the reactor's arithmetic in C.
+_POLLIN: Final = int(zmq.POLLIN)
+_POLLOUT: Final = int(zmq.POLLOUT)
+_EVENTS: Final = int(zmq.EVENTS)
+_DONTWAIT: Final = int(zmq.DONTWAIT)
+_SNDMORE_DONTWAIT: Final = int(zmq.SNDMORE | zmq.DONTWAIT)
+# The Cython methods under pyzmq's Python wrappers: send_multipart/recv_multipart check every
+# frame in Python and read ZMQ_RCVMORE once more per frame although each received frame already
+# carries `more`; the reactor calls the base methods directly.
+_base_send = zmq.backend.Socket.send
+_base_recv = zmq.backend.Socket.recv
+_base_get = zmq.backend.Socket.get
 
 
 def async_context(context: zmq.Context | None) -> zmq.Context:
@@ -67,7 +86,9 @@ class AsyncSocket:
         linger_ms: int,
         options: dict[int, int | bytes],
     ) -> None:
-        self.sock = zmq.Socket(async_context(context), socket_type)
+        # Created through the context so that it tracks the socket: `Context.destroy` can then
+        # close it (a socket the context does not know would make its termination hang).
+        self.sock = async_context(context).socket(socket_type, socket_class=zmq.Socket)
         try:
             self.sock.setsockopt(zmq.LINGER, linger_ms)
             for option, value in options.items():
@@ -109,7 +130,7 @@ class AsyncSocket:
             raise ChannelClosedError("socket is closed")
         if not self._send_waiters:  # never overtake an earlier send that is still waiting
             try:
-                self.sock.send_multipart(frames, zmq.DONTWAIT, copy=False)
+                self._send_frames(frames)
             except zmq.Again:
                 pass
             except zmq.ZMQError as exc:
@@ -128,9 +149,15 @@ class AsyncSocket:
             raise ChannelClosedError("socket is closed")
         if self._handler is not None:
             raise RuntimeError("this socket hands its messages to a handler")
-        if not self._recv_waiters:
+        loop = self._attach()
+        # Reading ZMQ_EVENTS first is cheaper than a receive that fails (pyzmq raises an Again
+        # that costs several µs), and it re-arms the fd: nothing else needs to be checked before
+        # waiting.
+        tried = False
+        if not self._recv_waiters and self._events() & _POLLIN:
+            tried = True
             try:
-                frames = self.sock.recv_multipart(zmq.DONTWAIT, copy=False)
+                frames = self._recv_frames()
             except zmq.Again:
                 pass
             except zmq.ZMQError as exc:
@@ -138,9 +165,10 @@ class AsyncSocket:
             else:
                 self._rearm()
                 return frames
-        future: asyncio.Future[list[zmq.Frame]] = self._attach().create_future()
+        future: asyncio.Future[list[zmq.Frame]] = loop.create_future()
         self._recv_waiters.append(future)
-        self._rearm()
+        if tried or self._send_waiters:
+            self._rearm()
         return await self._wait(future, "recv")
 
     def set_handler(self, handler: Callable[[list[zmq.Frame]], None]) -> None:
@@ -172,8 +200,8 @@ class AsyncSocket:
             return
         if self._recv_waiters or self._send_waiters or self._handler is not None:
             events = self._events()
-            if (events & zmq.POLLIN and (self._recv_waiters or self._handler is not None)) or (
-                events & zmq.POLLOUT and self._send_waiters
+            if (events & _POLLIN and (self._recv_waiters or self._handler is not None)) or (
+                events & _POLLOUT and self._send_waiters
             ):
                 self._schedule()
 
@@ -183,7 +211,7 @@ class AsyncSocket:
         which is also what the terminating context waits for."""
         try:
             # pyzmq's stubs type get() as int | bytes for every option; EVENTS is an int
-            return self.sock.get(zmq.EVENTS)  # type: ignore[return-value]
+            return _base_get(self.sock, _EVENTS)  # type: ignore[return-value]
         except zmq.ZMQError:
             with contextlib.suppress(zmq.ZMQError):
                 self.close(0)
@@ -202,11 +230,15 @@ class AsyncSocket:
                 return
             events = self._events()  # also re-arms the fd for the next change
             progressed = False
-            if events & zmq.POLLIN:
+            if events & _POLLIN:
                 progressed = self._deliver_one()
-            if events & zmq.POLLOUT and self._send_waiters:
+            if events & _POLLOUT and self._send_waiters:
                 progressed = self._send_one() or progressed
             if not progressed:
+                return
+            if self._handler is None and not self._recv_waiters and not self._send_waiters:
+                # Nobody waits: whoever waits next reads ZMQ_EVENTS itself (see recv), so the
+                # read that would find nothing to do can be skipped.
                 return
         self._schedule()  # more to do: let other tasks run first
 
@@ -218,7 +250,7 @@ class AsyncSocket:
             if not self._recv_waiters:
                 return False
         try:
-            frames = self.sock.recv_multipart(zmq.DONTWAIT, copy=False)
+            frames = self._recv_frames()
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:
@@ -240,7 +272,7 @@ class AsyncSocket:
             return False
         future, frames = self._send_waiters[0]
         try:
-            self.sock.send_multipart(frames, zmq.DONTWAIT, copy=False)
+            self._send_frames(frames)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:
@@ -250,6 +282,24 @@ class AsyncSocket:
         self._send_waiters.popleft()
         future.set_result(None)
         return True
+
+    def _send_frames(self, frames: list[Any]) -> None:
+        """Send a multipart message without waiting (zmq.Again if the queue is full: libzmq
+        queues all parts of a message once it has accepted the first)."""
+        sock = self.sock
+        last = len(frames) - 1
+        for index, frame in enumerate(frames):
+            _base_send(sock, frame, _SNDMORE_DONTWAIT if index < last else _DONTWAIT, False)
+
+    def _recv_frames(self) -> list[zmq.Frame]:
+        """Receive a multipart message without waiting (zmq.Again if there is none)."""
+        sock = self.sock
+        frame = _base_recv(sock, _DONTWAIT, False)
+        frames = [frame]
+        while frame.more:
+            frame = _base_recv(sock, _DONTWAIT, False)
+            frames.append(frame)
+        return frames
 
     def _translate(self, exc: zmq.ZMQError) -> TransportError:
         if exc.errno == errno.EHOSTUNREACH:

@@ -44,3 +44,8 @@ def test_bench_transport_json_has_every_figure():
     for key in ("stream_rtt_us_p50", "stream_uvloop_rtt_us_p50"):
         assert result[key] > 0, key
     assert result["rtt_us_p50"] <= result["rtt_us_p99"]
+    # ours/raw of the round trip, from each round's own p50s
+    rtt = result["rtt_us"]["ipc"]
+    assert len(rtt["ratio_runs"]) == 1 == len(rtt["raw_p50_runs"]) == len(rtt["stream_p50_runs"])
+    assert result["rtt_ratio_vs_raw"] == rtt["ratio_runs"][0]
+    assert rtt["ratio_runs"][0] == pytest.approx(rtt["p50_runs"][0] / rtt["raw_p50_runs"][0], 0.01)

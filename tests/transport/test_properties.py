@@ -7,6 +7,7 @@ errors: no other exception, no hang, no unbounded allocation.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -31,6 +32,7 @@ from chatlearn.transport import (
     encode,
     encode_message,
 )
+from chatlearn.transport.codec import decode_envelope, decode_envelope_steps
 
 TORCH_DTYPES = [
     torch.bool,
@@ -317,3 +319,38 @@ def test_fuzz_every_failure_is_a_typed_error() -> None:
 
 def _subclasses(cls: type) -> set[type]:
     return {cls}.union(*(_subclasses(sub) for sub in cls.__subclasses__()))
+
+
+def _outcome(decoder: Any) -> tuple[str, Any]:
+    try:
+        return "ok", decoder()
+    except DecodeError as exc:
+        return type(exc).__name__, None
+
+
+def _run_steps(steps: Any) -> Any:
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+@pytest.mark.timeout(120)
+def test_stepped_decoding_agrees_with_whole_decoding() -> None:
+    """Large headers are decoded in steps on the event loop: same results, same errors."""
+    rng = random.Random(20261201)
+    seeds = seed_messages()
+    kinds = [int(kind) for kind in MessageKind]
+    for case in range(3000):
+        frames = mutate(rng, rng.choice(seeds)) if case % 2 else rng.choice(seeds)
+        limits = SMALL_LIMITS if case % 3 == 0 else Limits()
+        step_bytes = rng.choice([1, 7, 64, 4096])
+        whole = _outcome(functools.partial(decode_envelope, frames, limits=limits, kinds=kinds))
+        steps = decode_envelope_steps(frames, limits=limits, kinds=kinds, step_bytes=step_bytes)
+        stepped = _outcome(functools.partial(_run_steps, steps))
+        # both decode, or both refuse (the check that fires first may differ on garbage)
+        assert (whole[0] == "ok") == (stepped[0] == "ok"), (case, whole, stepped, frames)
+        if whole[0] == "ok":
+            assert whole[1][:2] == stepped[1][:2]
+            assert_identical(whole[1][2], stepped[1][2])
