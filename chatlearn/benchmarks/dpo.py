@@ -276,7 +276,8 @@ async def measure_pipelined(
         reset_args()
     assert engine.pipeline is not None
     timers = engine.pipeline.timers
-    ends = sorted(end for _, end in timers[engine.policy_trainer.name].busy)
+    # a bench run is far shorter than what Timers keeps unfolded: every step is in ``recent``
+    ends = sorted(end for _, end in timers[engine.policy_trainer.name].recent)
     if episodes > 1:
         per_episode = len(records) // batch
         # the last episode's steps, timed from the end of the episode before

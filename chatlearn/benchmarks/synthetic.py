@@ -38,3 +38,22 @@ class SpinTrainer(BaseModule):
     def train_step(self, data: list[dict[str, Any]]) -> dict[str, float]:
         spin(float(self.runtime_args.get("bench_train_cost", 0.0)))
         return {"rows": float(sum(int(mb["row"].sum()) for mb in data))}
+
+
+class NoOpReference(BaseModule):
+    """Returns its input: the soak (`bench pipeline --soak`) measures the coordinator alone."""
+
+    def build_dataset(self, samples: list[Any], is_eval: bool = False) -> _Samples:
+        import torch
+
+        return _Samples({"row": torch.tensor(int(s))} for s in samples)
+
+    def forward_step(self, data: dict[str, Any]) -> dict[str, Any]:
+        return {"row": data["row"]}
+
+
+class NoOpTrainer(BaseModule):
+    """Trains nothing and reports no metric."""
+
+    def train_step(self, data: list[dict[str, Any]]) -> dict[str, float]:
+        return {}

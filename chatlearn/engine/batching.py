@@ -54,19 +54,30 @@ def batch_size_of(batch: Mapping[str, Any], *, what: str = "batch") -> int | Non
 
     Raises ``ValueError`` naming two keys whose lengths differ, or a key holding a dict.
     """
-    if not isinstance(batch, Mapping):
+    # exact type checks first: isinstance against the Mapping ABC is slow, and this runs for
+    # every chunk and sample
+    if type(batch) is not dict and not isinstance(batch, Mapping):
         raise ValueError(f"{what} must be a dict of tensors and lists, got {type(batch).__name__}")
     size: int | None = None
     first_key: str | None = None
     for key, value in batch.items():
-        if isinstance(value, Mapping):
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 0:
+                continue
+            length = value.shape[0]
+        elif isinstance(value, (list, tuple)):
+            length = len(value)
+        elif isinstance(value, np.ndarray):
+            if value.ndim == 0:
+                continue
+            length = len(value)
+        elif isinstance(value, Mapping):
             raise ValueError(
                 f"{what}: key {key!r} holds a dict; values must be batch-first tensors or lists "
                 f"(flatten nested dicts into top-level keys)"
             )
-        if not is_batch_first(value):
+        else:
             continue
-        length = len(value)
         if size is None:
             size, first_key = length, key
         elif length != size:

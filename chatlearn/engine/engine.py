@@ -350,6 +350,7 @@ class DPOEngine(Engine):
             self.state.step_in_episode = 0
         sink = MetricsSink(output, tensorboard=bool(runtime.tensorboard))
         checkpoints.metrics_path = sink.path
+        checkpoints.flush_metrics = sink.flush
         if resume is not None:
             sink.write(
                 "resume",

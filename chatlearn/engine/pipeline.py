@@ -11,6 +11,17 @@ A few asyncio loops joined by a credit window (``schedule.CreditWindow``):
   behind the running one so the trainer never waits on the coordinator; as first-pass steps
   finish it releases credit. Produces metrics, progress, evaluation and episode summaries.
 
+An order carries one chunk and a training call one step, unless they are cheap: then several
+travel together (``schedule.GroupSizer``: about 5 ms of work per order by the measured cost),
+since messaging would otherwise cost more than the work (a no-op step costs tens of
+microseconds, an order a few hundred). Only message boundaries move: every chunk is still one
+``forward_step`` and every step one ``train_step``, in the same order on the same data, so
+runs and resumes are the same either way. A training group never needs more new samples than
+half the credit window, so the reference can fill the next group while the trainer runs one.
+
+The statistics are kept incrementally (``metrics.Timers``) and the history holds the last
+steps only (``RunState``): the coordinator's cost per step does not grow over a run.
+
 The window lets the reference produce global position ``p`` (``episode * sample_per_episode +
 position``) once ``p < released + window``; ``released`` is the end of what completed training
 steps needed. So the reference computes steps k+1.. while the trainer runs step k, continues into
@@ -43,12 +54,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatlearn.engine.checkpoint import HISTORY_KEPT
 from chatlearn.engine.metrics import MetricsSink, Timers
 from chatlearn.engine.reference_cache import MIB, ReferenceCache, repeats_samples
 from chatlearn.engine.replica import EVAL
 from chatlearn.engine.sampler import EpisodeSampler, SampleIndex
-from chatlearn.engine.schedule import ChunkOrder, CreditWindow, EpisodeLayout
-from chatlearn.engine.training_plan import EpisodePlan, plan_episode
+from chatlearn.engine.schedule import ChunkOrder, CreditWindow, EpisodeLayout, GroupSizer
+from chatlearn.engine.training_plan import EpisodePlan, TrainStep, plan_episode
 
 logger = logging.getLogger("chatlearn.engine")
 
@@ -85,14 +97,20 @@ class RunState:
     Between two steps: ``episode`` is the episode in progress (the next one at a boundary),
     ``step_in_episode`` its steps already trained, ``consumed_samples`` the samples of the
     completed episodes (so a sampler rebuilt from it draws ``episode`` next), ``iteration`` the
-    optimizer steps of the whole run.
+    optimizer steps of the whole run. ``history`` holds the metrics of the last
+    ``HISTORY_KEPT`` steps only: every step's are in metrics.jsonl, and a run of 100k steps must
+    not keep them all in memory.
     """
 
     episode: int = 0
     consumed_samples: int = 0
     iteration: int = 0
     step_in_episode: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY_KEPT))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.history, deque) or self.history.maxlen != HISTORY_KEPT:
+            self.history = deque(self.history, maxlen=HISTORY_KEPT)
 
 
 class DPOPipeline:
@@ -133,6 +151,10 @@ class DPOPipeline:
         self._trained: dict[int, asyncio.Event] = {}
         self._remaining: dict[int, int] = {}
         self._window = CreditWindow(settings.window_samples)
+        self._forward_sizes = GroupSizer()  # chunks per reference order
+        self._train_sizes = GroupSizer()  # steps per training call
+        self.num_forward_orders = 0  # per replica (its ranks get the same order)
+        self.num_train_calls = 0  # per trainer rank
         to_draw = (settings.num_episode - state.episode) * settings.sample_per_episode
         self.reference_cache = ReferenceCache(
             int(settings.reference_cache_mb * MIB),
@@ -265,55 +287,92 @@ class DPOPipeline:
                 layout = self.layout(episode)
                 # queued at the replica behind the previous episode's orders, not awaited
                 orders.create_task(_call_ranks(ranks, "ref.begin_episode", episode))
-                for chunk in layout.chunks[replica_id]:
-                    await self._window.acquire(self._global(episode, chunk.positions[-1]))
-                    hits, misses = self.reference_cache.split(chunk.positions, chunk.indices)
-                    if hits:
-                        self.reference_cache.reused += len(hits)
-                        orders.create_task(self._fill(chunk.episode_id, hits, last=not misses))
-                    if misses:
-                        await inflight.acquire()
-                        flagged = self.reference_cache.admit(index for _, index in misses)
-                        orders.create_task(self._forward(ranks, chunk, misses, flagged, inflight))
+                chunks = layout.chunks[replica_id]
+                next_chunk = 0
+                while next_chunk < len(chunks):
+                    first = chunks[next_chunk]
+                    await self._window.acquire(self._global(episode, first.positions[-1]))
+                    group = self._ready_chunks(episode, chunks, next_chunk)
+                    next_chunk += len(group)
+                    # admitted once in flight: the cache's budget counts the reports of the
+                    # orders before; chunk by chunk, so a chunk's hits include the samples an
+                    # earlier chunk of the group admitted
+                    await inflight.acquire()
+                    work, filled, num_filled = [], [], 0
+                    for chunk in group:
+                        hits, misses = self.reference_cache.split(chunk.positions, chunk.indices)
+                        filled.extend(hits)
+                        num_filled += not misses
+                        if misses:
+                            flagged = self.reference_cache.admit(i for _, i in misses)
+                            work.append((chunk, misses, flagged))
+                    if filled:
+                        self.reference_cache.reused += len(filled)
+                        orders.create_task(self._fill(episode, filled, num_filled))
+                    if work:
+                        orders.create_task(self._forward(ranks, work, inflight))
+                    else:
+                        inflight.release()
                 orders.create_task(_call_ranks(ranks, "ref.end_episode"))
+
+    def _ready_chunks(self, episode: int, chunks: list[ChunkOrder], first: int) -> list[ChunkOrder]:
+        """``chunks[first]`` (its credit acquired) and the next ones whose credit is there too,
+        as many as one order should carry."""
+        end = min(len(chunks), first + self._forward_sizes.size())
+        last = first + 1
+        while last < end and self._window.allows(self._global(episode, chunks[last].positions[-1])):
+            last += 1
+        return chunks[first:last]
 
     async def _forward(
         self,
         ranks: list[Any],
-        chunk: ChunkOrder,
-        work: list[tuple[int, SampleIndex]],
-        flagged: bool,
+        work: list[tuple[ChunkOrder, list[tuple[int, SampleIndex]], bool]],
         inflight: asyncio.Semaphore,
     ) -> None:
-        """One ``forward_step`` over ``work`` (the chunk's samples not in the cache); the
-        trainers keep its outputs if ``flagged``."""
-        positions = tuple(position for position, _ in work)
-        indices = tuple(index for _, index in work)
+        """One order of ``forward_step`` calls, one per chunk of ``work``: (chunk, its samples
+        not in the cache, whether the trainers keep their outputs)."""
         try:
-            order = _order_payload(chunk.episode_id, positions, indices, "train")
-            order["cache"] = flagged
-            results = await _call_ranks(ranks, "ref.forward", order)
+            orders = []
+            for chunk, misses, flagged in work:
+                positions = tuple(position for position, _ in misses)
+                indices = tuple(index for _, index in misses)
+                order = _order_payload(chunk.episode_id, positions, indices, "train")
+                order["cache"] = flagged
+                orders.append(order)
+            self.num_forward_orders += 1
+            results = await _call_ranks(ranks, "ref.forward_chunks", orders)
         finally:
             inflight.release()
-        for result in results:
-            self.timers[self.reference.name].add(result["start"], result["end"])
-        nbytes = max(result.get("nbytes", 0) for result in results)
-        self.reference_cache.reported(len(work), nbytes, flagged=flagged)
-        self._chunk_done(chunk.episode_id)
+        timer = self.timers[self.reference.name]
+        for per_chunk in results:
+            # the chunks ran back to back in one trip to the compute thread: one interval
+            timer.add(per_chunk[0]["start"], per_chunk[-1]["end"])
+        self._forward_sizes.observe(
+            sum(r["end"] - r["start"] for r in results[-1]), len(results[-1])
+        )
+        for number, (chunk, misses, flagged) in enumerate(work):
+            nbytes = max(per_chunk[number].get("nbytes", 0) for per_chunk in results)
+            self.reference_cache.reported(len(misses), nbytes, flagged=flagged)
+            self._chunk_done(chunk.episode_id)
 
-    async def _fill(self, episode: int, work: list[tuple[int, SampleIndex]], last: bool) -> None:
-        """Trainers copy cached reference outputs into ``episode``'s buffer."""
+    async def _fill(
+        self, episode: int, work: list[tuple[int, SampleIndex]], num_chunks_done: int
+    ) -> None:
+        """Trainers copy cached reference outputs into ``episode``'s buffer; that completes
+        ``num_chunks_done`` chunks (those with nothing to compute)."""
         positions = [position for position, _ in work]
         indices = [[index.dataset_id, index.row] for _, index in work]
         await asyncio.gather(
             *(handle.call("train.fill", episode, positions, indices) for handle in self.trainer)
         )
-        if last:
+        for _ in range(num_chunks_done):
             self._chunk_done(episode)
 
     def _chunk_done(self, episode: int) -> None:
         self._remaining[episode] -= 1
         if self._remaining[episode] == 0:
+            del self._remaining[episode]
             self._event(self._produced, episode).set()
 
     async def _train_loop(self, episodes: range) -> None:
@@ -358,6 +417,9 @@ class DPOPipeline:
             self.state.consumed_samples += layout.num_samples
             await self._window.release_through(self._global(episode + 1, 0))
             self._event(self._trained, episode).set()
+            # only the previous episode's event is still awaited (by the reference loops)
+            self._trained.pop(episode - 1, None)
+            self._produced.pop(episode, None)
             del self._layouts[episode]
             await self.trainer.call_all("train.end_episode")
             evaluated = None
@@ -373,52 +435,79 @@ class DPOPipeline:
     async def _train_episode(self, episode: int, plan: EpisodePlan) -> bool:
         """The episode's steps after ``state.step_in_episode``; False if stopped before the end."""
         skip = self.state.step_in_episode
+        produced = 0  # first-pass positions that the steps sent so far need
         if skip:
             # the skipped steps were trained before the restart: their credit is free
-            needed = plan.steps[skip - 1].max_required_position + 1
-            await self._window.release_through(self._global(episode, needed))
-        pending: deque[tuple[Any, asyncio.Task[list[Any]]]] = deque()
+            produced = plan.steps[skip - 1].max_required_position + 1
+            await self._window.release_through(self._global(episode, produced))
+        steps = plan.steps[skip:]
+        pending: deque[tuple[tuple[TrainStep, ...], asyncio.Future[list[Any]]]] = deque()
         try:
-            for step in plan.steps[skip:]:
+            next_step = 0
+            while next_step < len(steps):
                 if self._stop.is_set() or self._checkpoint_requests:
                     while pending:
-                        await self._finish_step(*pending.popleft())
+                        await self._finish_steps(*pending.popleft())
                     if self._stop.is_set():
                         return False
                     await self._serve_checkpoint_requests()
-                release_before = episode if step.step_in_episode == 0 else None
+                group = self._step_group(steps, next_step, produced)
+                next_step += len(group)
+                produced = max(produced, group[-1].max_required_position + 1)
+                release_before = episode if group[0].step_in_episode == 0 else None
+                iteration = self.state.iteration + sum(len(g) for g, _ in pending)
                 calls = [
                     handle.call(
-                        "train.train",
+                        "train.train_steps",
                         episode,
-                        [list(mb) for mb in step.for_rank(dp_rank)],
-                        self.state.iteration + len(pending),
+                        [
+                            [[list(mb) for mb in step.for_rank(dp_rank)], iteration + number]
+                            for number, step in enumerate(group)
+                        ],
                         release_before,
                     )
                     for handle, (dp_rank, _) in zip(self.trainer, self.trainer_dp, strict=True)
                 ]
-                pending.append((step, asyncio.ensure_future(asyncio.gather(*calls))))
+                self.num_train_calls += 1
+                pending.append((group, asyncio.ensure_future(asyncio.gather(*calls))))
                 if len(pending) >= 2:
-                    await self._finish_step(*pending.popleft())
+                    await self._finish_steps(*pending.popleft())
             while pending:
-                await self._finish_step(*pending.popleft())
+                await self._finish_steps(*pending.popleft())
             return True
         finally:
-            # after a failure: the step queued behind the failed one fails too; nobody awaits it
+            # after a failure: the steps queued behind the failed one fail too; nobody awaits them
             for _, task in pending:
                 task.cancel()
                 task.add_done_callback(_retrieve)
 
-    async def _finish_step(self, step: Any, task: asyncio.Task[list[Any]]) -> None:
-        results = await task
+    def _step_group(
+        self, steps: tuple[TrainStep, ...], first: int, produced: int
+    ) -> tuple[TrainStep, ...]:
+        window = self.settings.window_samples
+        room = None if window is None else max(window // 2, self.settings.global_batch_size)
+        return step_group(steps, first, produced, most=self._train_sizes.size(), room=room)
+
+    async def _finish_steps(
+        self, group: tuple[TrainStep, ...], task: asyncio.Future[list[Any]]
+    ) -> None:
+        per_rank = await task  # per rank: one result per step of the group
         timer = self.timers[self.trainer.name]
-        for result in results:
-            timer.add(result["start"], result["end"])
-        timer.wait_seconds += max(result["wait"] for result in results)
-        if step.epoch == 0:
+        self._train_sizes.observe(sum(r["end"] - r["start"] for r in per_rank[0]), len(per_rank[0]))
+        for number, step in enumerate(group):
+            results = [rank_results[number] for rank_results in per_rank]
+            for result in results:
+                timer.add(result["start"], result["end"])
+            timer.wait_seconds += max(result["wait"] for result in results)
+            self._step_done(step, results)
+        first_pass = [step for step in group if step.epoch == 0]
+        if first_pass:
+            last = first_pass[-1]
             await self._window.release_through(
-                self._global(step.episode_id, step.max_required_position + 1)
+                self._global(last.episode_id, last.max_required_position + 1)
             )
+
+    def _step_done(self, step: TrainStep, results: list[dict[str, Any]]) -> None:
         metrics = _mean_over_ranks([r["metrics"] for r in results])
         self.state.iteration += 1
         self.state.step_in_episode += 1
@@ -480,8 +569,10 @@ class DPOPipeline:
 
     def _episode_summary(self, episode: int, started: float, evaluated: dict | None) -> None:
         now = time.time()
+        clock = time.perf_counter()
         summary = self.timers.summary(now)
         overlap = self.timers.overlap(self.reference.name, self.trainer.name)
+        stats_ms = 1e3 * (time.perf_counter() - clock)
         last = self.state.history[-1] if self.state.history else {}
         text = _brief({k: v for k, v in last.items() if k != "iteration"})
         logger.info(
@@ -503,6 +594,7 @@ class DPOPipeline:
                     "overlap": overlap,
                     "episode_s": now - started,
                     "reference_reused": self.reference_cache.reused,
+                    "stats_ms": stats_ms,  # what the timing statistics cost (issue 17)
                 },
                 episode=episode,
             )
@@ -532,6 +624,23 @@ def _order_payload(
         "indices": [[i.dataset_id, i.row] for i in indices],
         "kind": kind,
     }
+
+
+def step_group(
+    steps: tuple[TrainStep, ...], first: int, produced: int, *, most: int, room: int | None
+) -> tuple[TrainStep, ...]:
+    """``steps[first]`` and the next ones one training call should carry: at most ``most``,
+    whose first-pass samples beyond ``produced`` (what the steps sent before need) number at
+    most ``room`` (half the credit window; None: no window). So the reference can produce the
+    next group while the trainer runs this one, and no group needs more samples than the window
+    lets the reference produce before the group's own credit comes back (it never would)."""
+    end = min(len(steps), first + most)
+    last = first + 1
+    while last < end:
+        if room is not None and steps[last].max_required_position + 1 - produced > room:
+            break
+        last += 1
+    return steps[first:last]
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

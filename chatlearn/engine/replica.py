@@ -105,15 +105,37 @@ class ReferenceService(_EpisodeHooks):
         ``order``: ``episode`` (an int, or "eval"), ``positions``, ``indices`` ([dataset, row]
         pairs), ``kind`` ("train" or "eval"). Returns the compute interval for the timers.
         """
-        start, output, end = await self.ctx.run_compute(self._compute, order)
-        if not self.module.is_last_rank():
-            return {"start": start, "end": end, "sent": end}  # model-parallel peers: no output
-        message = {"episode": order["episode"], "positions": order["positions"], "data": output}
-        if order.get("cache"):
-            message["cache"] = order["indices"]  # the trainers keep these outputs for reuse
+        return (await self.forward_chunks([order]))[0]
+
+    async def forward_chunks(self, orders: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
+        """Several work orders of one episode, one ``forward_step`` each, in one call.
+
+        The coordinator groups chunks only when they are cheap (``schedule.GroupSizer``): one
+        trip to the compute thread and one message to each trainer then carry them all, since
+        per-message costs would otherwise exceed the work. Returns one result per order.
+        """
+        computed = await self.ctx.run_compute(self._compute_all, orders)
+        if not self.module.is_last_rank():  # model-parallel peers: no output
+            return [{"start": start, "end": end, "sent": end} for start, _, end in computed]
+        parts = []
+        for order, (_, output, _) in zip(orders, computed, strict=True):
+            part = {"positions": order["positions"], "data": output}
+            if order.get("cache"):
+                part["cache"] = order["indices"]  # the trainers keep these outputs for reuse
+            parts.append(part)
+        message = {"episode": orders[0]["episode"], "parts": join_parts(parts)}
         for sender in self.senders:
             await sender.send(message)
-        return {"start": start, "end": end, "sent": time.time(), "nbytes": _nbytes(output)}
+        sent = time.time()
+        return [
+            {"start": start, "end": end, "sent": sent, "nbytes": _nbytes(output)}
+            for start, output, end in computed
+        ]
+
+    def _compute_all(
+        self, orders: Sequence[Mapping[str, Any]]
+    ) -> list[tuple[float, dict[str, Any], float]]:
+        return [self._compute(order) for order in orders]
 
     def _compute(self, order: Mapping[str, Any]) -> tuple[float, dict[str, Any], float]:
         start = time.time()
@@ -190,18 +212,23 @@ class TrainerService(_EpisodeHooks):
                 logger.error("trainer inbox dropped a malformed message: %s", exc)
                 continue
             try:
-                positions = list(message["positions"])
-                samples = split_per_sample(message["data"], expected_size=len(positions))
                 buffer = self.buffers.setdefault(message["episode"], {})
-                buffer.update(zip(positions, samples, strict=True))
-                keep = message.get("cache")
-                if keep is not None:
-                    keys = [(int(d), int(r)) for d, r in keep]
-                    self.cache.update(zip(keys, samples, strict=True))
+                for part in message["parts"]:  # one per forward_step chunk
+                    self._store(buffer, part)
             except Exception as exc:  # a broken message must fail the waiting step, not hang it
                 self._failure = exc
             async with self._arrived:
                 self._arrived.notify_all()
+
+    def _store(self, buffer: dict[int, dict[str, Any]], part: Mapping[str, Any]) -> None:
+        """One chunk's output into the episode buffer (and the cache if it is to be kept)."""
+        positions = list(part["positions"])
+        samples = split_per_sample(part["data"], expected_size=len(positions))
+        buffer.update(zip(positions, samples, strict=True))
+        keep = part.get("cache")
+        if keep is not None:
+            keys = [(int(d), int(r)) for d, r in keep]
+            self.cache.update(zip(keys, samples, strict=True))
 
     async def _wait_for(self, episode: Any, positions: Iterable[int]) -> float:
         """Wait until every position of ``episode`` has arrived; returns the seconds waited."""
@@ -251,6 +278,20 @@ class TrainerService(_EpisodeHooks):
 
         ``release_before``: drop the buffers of episodes before it (they are fully trained).
         """
+        return (await self.train_steps(episode, [[micro_batches, iteration]], release_before))[0]
+
+    async def train_steps(
+        self,
+        episode: int,
+        steps: Sequence[Sequence[Any]],
+        release_before: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Consecutive steps of ``episode`` in one call, each ``[micro_batches, iteration]``.
+
+        The coordinator groups steps only when they are cheap (``schedule.GroupSizer``): they
+        then wait for all their samples and run in one trip to the compute thread. Returns one
+        result per step; the group's data wait is the first step's.
+        """
         if release_before is not None:
             for key in [k for k in self.buffers if isinstance(k, int) and k < release_before]:
                 del self.buffers[key]
@@ -262,31 +303,48 @@ class TrainerService(_EpisodeHooks):
         self._last_step_queued = queued
         try:
             arrived = time.time()
-            await self._wait_for(episode, (p for mb in micro_batches for p in mb))
+            await self._wait_for(
+                episode, (p for micro_batches, _ in steps for mb in micro_batches for p in mb)
+            )
             ready = time.time()
             if previous is not None:
                 await previous
-            compute = self.ctx.submit_compute(self._train, episode, micro_batches, iteration)
+            compute = self.ctx.submit_compute(self._train_all, episode, steps)
         finally:
             queued.set_result(None)
-        start, metrics, end, free_since = await compute
+        results, free_since = await compute
         # Data wait that left the compute thread idle: the call arrives while the previous step
         # still runs (the coordinator keeps one queued), and waiting then costs nothing.
         waited = max(0.0, ready - max(arrived, free_since))
-        return {"start": start, "end": end, "wait": waited, "metrics": metrics}
+        return [
+            {"start": start, "end": end, "wait": waited if i == 0 else 0.0, "metrics": metrics}
+            for i, (start, metrics, end) in enumerate(results)
+        ]
 
-    def _train(
-        self, episode: int, micro_batches: Sequence[Sequence[int]], iteration: int
-    ) -> tuple[float, dict[str, float], float, float]:
-        """``train_step`` on the compute thread; also returns when that thread became free."""
-        start, free_since = time.time(), self._compute_free_since
+    def _train_all(
+        self, episode: int, steps: Sequence[Sequence[Any]]
+    ) -> tuple[list[tuple[float, dict[str, float], float]], float]:
+        """The steps on the compute thread; also returns when that thread became free."""
+        free_since = self._compute_free_since
         buffer = self.buffers[episode]
         padding = self.module.padding_config()
+        results = [self._train(buffer, padding, mbs, iteration) for mbs, iteration in steps]
+        return results, free_since
+
+    def _train(
+        self,
+        buffer: Mapping[int, Mapping[str, Any]],
+        padding: Any,
+        micro_batches: Sequence[Sequence[int]],
+        iteration: int,
+    ) -> tuple[float, dict[str, float], float]:
+        """One ``train_step`` on the compute thread."""
+        start = time.time()
         data = [gather_micro_batch(buffer, mb, padding=padding) for mb in micro_batches]
         result = invoke(self.module, "train_step", (data,), {"iteration": iteration})
         self.module._train_iteration = iteration + 1
         self._compute_free_since = end = time.time()
-        return start, _numeric_metrics(result), end, free_since
+        return start, _numeric_metrics(result), end
 
     async def evaluate(self, batches: Sequence[Sequence[int]]) -> dict[str, Any]:
         """``eval_step`` on each batch of eval positions; returns sample-weighted sums."""
@@ -347,6 +405,36 @@ class TrainerService(_EpisodeHooks):
         if self.receiver is not None:
             self.receiver.close()
             self.receiver = None
+
+
+def join_parts(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive chunk outputs joined into one where they can be (same keys and trailing
+    shapes, all kept in the cache or none): a few tensors to encode and decode instead of one
+    per chunk and key. Outputs that cannot be joined (other sequence lengths) stay apart."""
+    if len(parts) < 2:
+        return parts
+    joined: list[dict[str, Any]] = []
+    run: list[dict[str, Any]] = []
+    for part in [*parts, None]:
+        if run and (part is None or ("cache" in part) != ("cache" in run[0])):
+            joined.extend(_join_run(run))
+            run = []
+        if part is not None:
+            run.append(part)
+    return joined
+
+
+def _join_run(run: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if len(run) == 1:
+        return run
+    try:
+        data = concat_outputs([part["data"] for part in run])
+    except ValueError:  # e.g. chunks padded to other lengths
+        return run
+    part = {"positions": [p for part in run for p in part["positions"]], "data": data}
+    if "cache" in run[0]:
+        part["cache"] = [index for part in run for index in part["cache"]]
+    return [part]
 
 
 def _nbytes(output: Mapping[str, Any]) -> int:

@@ -19,10 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from chatlearn.engine.checkpoint import (
+    HISTORY_KEPT,
     CheckpointInfo,
     CheckpointManager,
     CoordinatorState,
@@ -73,6 +76,7 @@ class RunCheckpoints:
         self.trainer_dp = trainer_dp
         self.config = config
         self.metrics_path: Path | None = None
+        self.flush_metrics: Callable[[], None] | None = None  # the sink's, before its size is read
         self.last: Path | None = None  # the newest complete checkpoint of this run
         self.last_iteration: int | None = None
         self._lock = asyncio.Lock()
@@ -115,6 +119,8 @@ class RunCheckpoints:
         sampler = self.sampler.state_dict()
         sampler["consumed_samples"] = state.consumed_samples  # not the sampler's (it is ahead)
         metrics: dict[str, Any] = {}
+        if self.flush_metrics is not None:
+            self.flush_metrics()  # the checkpoint records how far metrics.jsonl goes
         if self.metrics_path is not None and self.metrics_path.is_file():
             metrics = {"path": str(self.metrics_path), "size": self.metrics_path.stat().st_size}
         return CoordinatorState(
@@ -200,7 +206,7 @@ class RunCheckpoints:
             consumed_samples=saved.consumed_samples,
             iteration=saved.iteration,
             step_in_episode=saved.step_in_episode,
-            history=list(saved.history),
+            history=deque(saved.history, maxlen=HISTORY_KEPT),
         )
 
 

@@ -47,13 +47,13 @@ def summarize(engine: DPOEngine) -> str:
             f"{last['rewards/accuracies']:.3f}  (held-out; 0 at first: policy = reference)"
         )
     timers = pipeline.timers if pipeline is not None else None
-    busy = [i for timer in timers.models.values() for i in timer.busy] if timers else []
-    if not busy:
+    first_last = timers.span() if timers else None
+    if first_last is None:
         lines.append("nothing was left to train: this run had already completed")
     else:
-        span = max(end for _, end in busy) - min(start for start, _ in busy)
+        span = first_last[1] - first_last[0]
         trainer = timers[engine.policy_trainer.name]
-        steps = len(trainer.busy) // max(1, len(pipeline.trainer))  # one interval per rank
+        steps = trainer.num_intervals // max(1, len(pipeline.trainer))  # one interval per rank
         trained = steps * pipeline.settings.global_batch_size
         overlap = timers.overlap(engine.reference.name, engine.policy_trainer.name)
         lines.append(f"throughput        {trained / span:.1f} samples/s trained")

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
+from chatlearn.engine.checkpoint import HISTORY_KEPT
 from chatlearn.engine.metrics import (
     MetricsSink,
     Timers,
@@ -12,6 +14,7 @@ from chatlearn.engine.metrics import (
     read_metrics,
     total_length,
 )
+from chatlearn.engine.pipeline import RunState
 
 
 def test_merge_and_lengths() -> None:
@@ -42,3 +45,77 @@ def test_sink_appends_json_lines(tmp_path) -> None:
     assert [r["step"] for r in records] == [1, 2]
     assert records[0]["loss"] == 0.5 and records[0]["episode"] == 0
     assert json.dumps(records[0])
+
+
+def _arrivals(count: int, seed: int) -> list[tuple[str, float, float]]:
+    """Two models' busy intervals in report order: roughly chronological, locally shuffled,
+    overlapping each other, some empty (as a pipeline reports them)."""
+    rng = random.Random(seed)
+    out = []
+    clock = 0.0
+    for _ in range(count):
+        clock += rng.random() * 0.5
+        start = clock + rng.choice((0.0, rng.random()))
+        end = start + rng.choice((0.0, rng.random() * 2))
+        out.append((rng.choice(("reference", "trainer")), start, end))
+    for block in range(0, count, 8):  # reported up to 8 out of order
+        part = out[block : block + 8]
+        rng.shuffle(part)
+        out[block : block + 8] = part
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_incremental_timers_match_the_exact_statistics(seed: int) -> None:
+    arrivals = _arrivals(5000, seed)
+    timers = Timers(["reference", "trainer"], keep=32)
+    for name, start, end in arrivals:
+        timers[name].add(start, end)
+    exact = {n: [(s, e) for m, s, e in arrivals if m == n] for n in ("reference", "trainer")}
+    assert timers.cutoff > 0  # it did fold
+    for name, intervals in exact.items():
+        assert timers[name].busy_seconds() == pytest.approx(total_length(intervals))
+        assert timers[name].process_seconds() == pytest.approx(sum(e - s for s, e in intervals))
+        assert timers[name].num_intervals == len(intervals)
+    both = intersection_length(exact["reference"], exact["trainer"])
+    assert timers.intersection_seconds("trainer", "reference") == pytest.approx(both)
+    assert timers.overlap("reference", "trainer") == pytest.approx(
+        both / total_length(exact["reference"])
+    )
+    starts = [s for _, s, e in arrivals if e > s]
+    ends = [e for _, s, e in arrivals if e > s]
+    assert timers.span() == (min(starts), max(ends))
+
+
+def test_timers_keep_a_bounded_number_of_intervals() -> None:
+    """The work of a summary is over the unfolded intervals only, and they stay below
+    ``2 * keep + 1`` however many were added: the cost per episode end does not grow."""
+    timers = Timers(["reference", "trainer"], keep=16)
+    most = 0
+    for name, start, end in _arrivals(20_000, seed=3):
+        timers[name].add(start, end)
+        most = max(most, sum(len(t.recent) for t in timers.models.values()))
+    assert most <= 2 * 16 + 1
+    assert timers["reference"].num_intervals + timers["trainer"].num_intervals == 20_000
+
+
+def test_a_late_interval_counts_only_after_the_cutoff() -> None:
+    timers = Timers(["a", "b"], keep=1)
+    for t in range(4):
+        timers["a"].add(10.0 * t, 10.0 * t + 1)
+    cutoff = timers.cutoff
+    assert cutoff == 20.0
+    timers["a"].add(5.0, 25.0)  # started before the cutoff: [5, 20) is left out of the union
+    assert timers["a"].busy_seconds() == pytest.approx(1 + 1 + 5 + 1)
+    assert timers["a"].process_seconds() == pytest.approx(4 + 20)
+
+
+def test_run_state_keeps_the_last_steps_only() -> None:
+    state = RunState(history=[{"iteration": i} for i in range(HISTORY_KEPT + 10)])
+    assert len(state.history) == HISTORY_KEPT
+    assert state.history[0] == {"iteration": 10}
+    fresh = RunState()
+    for i in range(3 * HISTORY_KEPT):
+        fresh.history.append({"iteration": i})
+    assert len(fresh.history) == HISTORY_KEPT
+    assert fresh.history[-1] == {"iteration": 3 * HISTORY_KEPT - 1}

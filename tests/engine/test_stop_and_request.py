@@ -126,7 +126,7 @@ async def test_checkpoint_on_request_from_a_custom_flow_resumes_mid_episode(tmp_
         engine.set_dataset(range(16))
         training = asyncio.create_task(engine.learn_async())
         try:
-            for _ in range(400):  # bounded wait for the second step
+            for _ in range(3000):  # bounded (60 s) wait for the second step: start-up included
                 if engine.pipeline is not None and engine.state.iteration >= 2 or training.done():
                     break
                 await asyncio.sleep(0.02)
