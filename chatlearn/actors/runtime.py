@@ -291,8 +291,10 @@ class ActorSystem:
         self.runtime_dir = RuntimeDir()
         # Before any socket: every connection to this process must present the run's secret
         # (ipc) or keys (tcp). Added to any other run this process coordinates at the moment.
-        security.configure(self.security, add=True)
-        self.server = ControlServer(self.runtime_dir.ipc_endpoint("control"))
+        security.configure(self.security, add=True, identity=b"coordinator")
+        self.server = ControlServer(
+            self.runtime_dir.ipc_endpoint("control"), on_malformed=self._malformed_from
+        )
         if self.cluster is not None:
             # Same-host actors stay on ipc; remote ones connect here, to one address only.
             self.remote_endpoint = self.server.bind(tcp_endpoint(self.cluster.master_addr))
@@ -326,6 +328,18 @@ class ActorSystem:
                 self.record("dead", actor, "reported a fatal error")
             else:
                 logger.debug("ignoring %s from %r", msg.kind.name, identity)
+
+    def _malformed_from(self, identity: bytes, exc: Exception) -> None:
+        """An actor of this run sent a message that cannot be decoded: it broke the protocol
+        (only the run's processes get through, security.py), so the run stops naming it."""
+        actor = self._by_identity.get(identity)
+        if actor is not None and self.failure is None and not self._closing:
+            self.fail(
+                actor.dead_error(
+                    f"broke the protocol: sent a message that cannot be decoded "
+                    f"({type(exc).__name__}: {exc})"
+                )
+            )
 
     def _unknown_peer(self, identity: bytes, kind: str) -> None:
         """A message from a peer with the run's credentials but no actor's identity (an actor of

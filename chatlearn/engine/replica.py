@@ -38,7 +38,7 @@ from chatlearn.engine.batching import (
     gather_micro_batch,
     split_per_sample,
 )
-from chatlearn.transport import DataReceiver, DataSender, DecodeError
+from chatlearn.transport import DataReceiver, DataSender
 
 logger = logging.getLogger("chatlearn.engine")
 
@@ -196,8 +196,14 @@ class TrainerService(_EpisodeHooks):
         """Bind this rank's inbox and start receiving; returns the endpoint to connect to."""
         if self.receiver is None:
             name = f"inbox-{self.ctx.model}-{self.ctx.rank}"
+            # Only the run's processes can reach it (security.py): a message it cannot use is
+            # a bug of one of them, which must stop the run naming it, not be skipped.
             self.receiver = DataReceiver(
-                self.ctx.ipc_endpoint(name), bind=True, hwm=hwm, context=self.ctx.zmq_context
+                self.ctx.ipc_endpoint(name),
+                bind=True,
+                hwm=hwm,
+                context=self.ctx.zmq_context,
+                drop_malformed=False,
             )
             self._receive_task = asyncio.create_task(self._receive_loop(), name="inbox")
         return self.receiver.endpoint
@@ -208,15 +214,12 @@ class TrainerService(_EpisodeHooks):
         while True:
             try:
                 message = await self.receiver.recv()
-            except DecodeError as exc:  # a malformed message is dropped, never fatal
-                logger.error("trainer inbox dropped a malformed message: %s", exc)
-                continue
-            try:
                 buffer = self.buffers.setdefault(message["episode"], {})
                 for part in message["parts"]:  # one per forward_step chunk
                     self._store(buffer, part)
             except Exception as exc:  # a broken message must fail the waiting step, not hang it
-                self._failure = exc
+                sender = self.receiver.last_peer or "an unknown sender"
+                self._failure = RuntimeError(f"{type(exc).__name__}: {exc} (sent by {sender})")
             async with self._arrived:
                 self._arrived.notify_all()
 

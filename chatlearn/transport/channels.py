@@ -42,7 +42,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
 import zmq
@@ -70,6 +70,7 @@ from chatlearn.transport.messages import (
     decode_message_steps,
     encode_message,
 )
+from chatlearn.transport.security import peer_name
 from chatlearn.transport.sockets import AsyncSocket
 
 log = logging.getLogger(__name__)
@@ -164,8 +165,12 @@ class ControlServer:
         context: zmq.Context | None = None,
         limits: Limits = DEFAULT_LIMITS,
         linger_ms: int = DEFAULT_LINGER_MS,
+        on_malformed: Callable[[bytes, Exception], None] | None = None,
     ) -> None:
+        """`on_malformed(identity, error)` is told of every message that cannot be decoded
+        (after it is counted and logged): the owner decides whether that peer broke the run."""
         self._limits = limits
+        self._on_malformed = on_malformed
         self._socket = AsyncSocket(
             context,
             zmq.ROUTER,
@@ -288,9 +293,17 @@ class ControlServer:
                 raise DecodeError("no message frames after the identity")
             msg = decode_message(frames[1:], limits=self._limits)
         except Exception as exc:  # DecodeError, or a codec bug: neither may kill the loop
-            self._malformed.record(identity, exc)
+            self._bad_message(identity, exc)
             return
         self._deliver(identity, msg)
+
+    def _bad_message(self, identity: bytes, exc: Exception) -> None:
+        self._malformed.record(identity, exc)
+        if self._on_malformed is not None:
+            try:
+                self._on_malformed(identity, exc)
+            except Exception:  # the owner's bug must not stop the socket
+                log.exception("on_malformed handler failed")
 
     async def _decode_large(self, frames: list[zmq.Frame]) -> None:
         """Decodes large messages in steps, then delivers those that waited behind them, in
@@ -302,7 +315,7 @@ class ControlServer:
             try:
                 msg = await _run_steps(decode_message_steps(frames[1:], limits=self._limits))
             except Exception as exc:  # as in _dispatch
-                self._malformed.record(identity, exc)
+                self._bad_message(identity, exc)
             else:
                 self._deliver(identity, msg)
             while backlog:
@@ -406,6 +419,7 @@ class ControlClient:
         ``drop_malformed=False``."""
         while True:
             frames = await self._socket.recv()
+            self.last_peer = peer_name(frames[0]) if frames else None
             try:
                 if _is_large(frames, 0):
                     return await _run_steps(decode_message_steps(frames, limits=self._limits))
@@ -501,6 +515,8 @@ class DataReceiver:
             raise ValueError(f"hwm must be >= 1 (0 would mean unbounded), got {hwm}")
         self._limits = limits
         self._drop_malformed = drop_malformed
+        # the authenticated name of the sender of the message `recv` last returned or refused
+        self.last_peer: str | None = None
         self._socket = AsyncSocket(
             context,
             zmq.PULL,
@@ -526,6 +542,7 @@ class DataReceiver:
         order they are received, but a large one finishes after a small one received later."""
         while True:
             frames = await self._socket.recv()
+            self.last_peer = peer_name(frames[0]) if frames else None
             try:
                 if _is_large(frames, 0):
                     return await _run_steps(decode_steps(frames, limits=self._limits))

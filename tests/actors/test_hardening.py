@@ -143,6 +143,68 @@ async def test_secrets_are_in_no_command_line_or_environment_block(tmp_path, mon
             assert not [s for s in secrets if s in block], name
 
 
+async def test_a_run_member_that_breaks_the_protocol_stops_the_run_naming_it(tmp_path):
+    """Garbage from inside the run (this process holds the run's secret) is not dropped: the
+    run stops, naming the actor whose identity sent it."""
+    import zmq
+
+    from chatlearn.actors import ActorDeadError
+    from chatlearn.transport import security
+
+    cfg = lib.make_config({"m": {"num_cpu": 1}})
+    system = ActorSystem(cfg)
+    async with system:
+        (group,) = await system.launch(lib.Recorder("m", cfg))
+        (identity,) = system.identities()["m"]
+        assert system.runtime_dir is not None
+        ctx = zmq.Context.instance()
+        impostor = ctx.socket(zmq.DEALER)
+        try:
+            for option, value in security.socket_options("ipc://x", bind=False).items():
+                impostor.setsockopt(option, value)
+            impostor.setsockopt(zmq.ROUTING_ID, identity)
+            impostor.setsockopt(zmq.LINGER, 0)
+            impostor.connect(system.server.endpoint)
+            impostor.send(b"not a chatlearn message")
+            deadline = time.monotonic() + 10
+            while system.failure is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        finally:
+            impostor.close(0)
+    assert isinstance(system.failure, ActorDeadError)
+    assert system.failure.model == "m" and "broke the protocol" in str(system.failure)
+
+
+async def test_a_broken_batch_from_inside_the_run_fails_the_trainer_naming_the_sender(
+    tmp_path, systems
+):
+    from chatlearn.actors import ActorError
+    from chatlearn.transport import DataSender
+
+    _init(tmp_path, num_episode=8, sample_per_episode=16, echo_cost=0.1)
+    try:
+        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        engine.set_dataset(list(range(16)))
+        run = asyncio.ensure_future(engine.learn_async())
+        inbox = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and inbox is None and not run.done():
+            directory = systems[0].runtime_dir if systems else None
+            names = os.listdir(directory.path) if directory is not None else []
+            inbox = next((directory.path / n for n in names if n.startswith("inbox")), None)
+            await asyncio.sleep(0.02)
+        assert inbox is not None
+        sender = DataSender(f"ipc://{inbox}")  # this process holds the run's secret
+        try:
+            await sender.send({"hello": 1})
+            with pytest.raises(ActorError, match="sent by coordinator"):
+                await asyncio.wait_for(run, 60)
+        finally:
+            sender.close(0)
+    finally:
+        reset_args()
+
+
 def _workers() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
