@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint clean venv
+.PHONY: run test bench gpu-check lint clean venv
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ bench: $(STAMP)
 	$(PY) -m chatlearn.cli bench transport
 	$(PY) -m chatlearn.cli bench pipeline
 	$(PY) -m chatlearn.cli bench dpo
+
+# The CUDA paths on this machine's GPUs, one PASS/FAIL line per check (at most 5 minutes);
+# without a GPU it says so and exits 0.
+gpu-check: $(STAMP)
+	$(PY) -m chatlearn.cli gpu-check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check chatlearn tests examples

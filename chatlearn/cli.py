@@ -15,6 +15,7 @@ _BENCH_COMMANDS: dict[str, str] = {
     "transport": "chatlearn.benchmarks.transport:command",
     "pipeline": "chatlearn.benchmarks.pipeline:command",
     "dpo": "chatlearn.benchmarks.dpo:command",
+    "memory": "chatlearn.benchmarks.memory:command",
 }
 
 
@@ -37,6 +38,7 @@ class _LazyGroup(click.Group):
     cls=_LazyGroup,
     lazy={
         "inspect": "chatlearn.engine.inspect_cli:command",
+        "gpu-check": "chatlearn.gpu_check:command",
         "launch": "chatlearn.launch.cli:command",
     },
 )

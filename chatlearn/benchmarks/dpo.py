@@ -177,6 +177,14 @@ def _runtime(options: dict[str, Any], output_dir: str, **overrides: Any) -> dict
     }
 
 
+def on_device(model: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """A model's resource keys for ``--device``: cuda puts each process on one GPU (colocated
+    models share it) instead of cores."""
+    if options.get("device", "cpu") != "cuda":
+        return model
+    return {**{k: v for k, v in model.items() if k != "num_cpu"}, "num_gpu": 1}
+
+
 async def _call_in_actor(
     options: dict[str, Any], output_dir: str, klass: type, num_cpu: int, method: str, *args: Any
 ) -> Any:
@@ -189,7 +197,10 @@ async def _call_in_actor(
     chatlearn.init(
         {
             "models": {
-                name: {"num_cpu": num_cpu, "trainable": True, "model_args": model_args(options)}
+                name: on_device(
+                    {"num_cpu": num_cpu, "trainable": True, "model_args": model_args(options)},
+                    options,
+                )
             },
             "runtime": _runtime(options, output_dir),
         }
@@ -260,6 +271,7 @@ async def measure_pipelined(
     else:
         priority = {"nice": options["reference_nice"]}
     layout = layout_models(options["layout"], options["cores"], priority, model_args(options))
+    layout["models"] = {name: on_device(m, options) for name, m in layout["models"].items()}
     runtime = _runtime(options, output_dir, colocation=layout["colocation"])
     if episodes > 1:
         runtime.update(num_episode=episodes, sample_per_episode=len(records))
@@ -476,6 +488,13 @@ def _num_parameters(options: dict[str, Any]) -> int:
 @click.option("--steps", default=30, show_default=True, help="timed training steps")
 @click.option("--warmup", default=4, show_default=True, help="steps before timing starts")
 @click.option("--cores", type=int, default=None, help="total cores [default: all usable]")
+@click.option(
+    "--device",
+    type=click.Choice(("cpu", "cuda")),
+    default="cpu",
+    show_default=True,
+    help="cuda: each model process on one GPU (used by `chatlearn gpu-check`)",
+)
 @click.option("--layout", type=click.Choice(LAYOUTS), default="colocated", show_default=True)
 @click.option(
     "--reference-priority",

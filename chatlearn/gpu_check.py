@@ -1,0 +1,474 @@
+"""`make gpu-check` (`chatlearn gpu-check`): verify every CUDA path of the project on this machine.
+
+Run it on a machine with NVIDIA GPUs (a rented one will do: clone, ``make gpu-check``); nothing is
+downloaded (models are built from configs), it takes a few minutes at most, prints one line per
+check with its figure, and exits 1 if any check failed:
+
+    PASS  gpu                      1 × NVIDIA L4 (sm 8.9, bf16), torch 2.x, CUDA 12.x
+    PASS  actors pinned to GPUs    reference on GPU 0, policy_trainer on GPU 0 (colocated)
+    ...
+
+Checks (``chatlearn.gpu_probe`` is the module the actors run):
+
+- ``gpu``: torch sees the GPUs;
+- ``actors pinned to GPUs``: each actor process sees and uses the GPU its placement gave it (the
+  same one for the colocated reference and trainer on a 1-GPU machine; distinct GPUs for the
+  trainer's ranks);
+- ``CUDA tensor ref → trainer``: a CUDA tensor returned by the reference actor is staged through
+  pinned host memory by the codec, arrives intact, and the trainer actor moves it onto its GPU;
+- ``NCCL group`` (≥ 2 GPUs): the trainer's 2 processes all-reduce over NCCL;
+- ``DPO example``: ``examples/dpo/train_dpo.py`` on the GPU (reference and trainer on one GPU),
+  a few steps, loss falling, a checkpoint written at the end;
+- ``DPO example FSDP2 bf16`` (≥ 2 GPUs): the same with the trainer sharded over 2 GPUs
+  (``parallel: fsdp``, ``mixed_precision: bf16``, NCCL, a sharded checkpoint);
+- ``Megatron example``: ``examples/megatron/train_dpo.py`` on the GPU with megatron-core's own
+  CUDA code (not the CPU compatibility layer), tensor parallel over 2 GPUs when there are 2;
+- ``bench dpo`` and ``bench memory``: both benchmarks, short, with their models on the GPU.
+
+Without a GPU it says so in one line and exits 0 at once: the check for one reads ``/proc`` and
+``/dev`` only (torch is imported after it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+BUDGET_SECONDS = 300.0  # the whole check on a GPU machine
+PAYLOAD_BYTES = 64 * 2**20
+REPO = Path(__file__).resolve().parent.parent  # the checkout (make installs it editable)
+
+
+def no_gpu_reason() -> str | None:
+    """Why this machine has no usable NVIDIA GPU, from cheap checks only (None: it may have)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    if sys.platform.startswith("linux"):
+        if not (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidia0")):
+            return "no NVIDIA driver: neither /proc/driver/nvidia nor /dev/nvidia0 exists"
+    elif sys.platform != "win32":
+        return f"no CUDA on {sys.platform}"
+    return None
+
+
+@dataclass(slots=True, kw_only=True)
+class CheckResult:
+    name: str
+    passed: bool
+    figure: str
+
+
+class CheckFailed(Exception):
+    """A check's own verdict: what it found instead of what it expected."""
+
+
+class Deadline:
+    """The time left of ``BUDGET_SECONDS``; subprocess checks get at most that as timeout."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self, at_most: float) -> float:
+        left = self.end - time.monotonic()
+        if left <= 1:
+            raise CheckFailed("out of time (the whole check is limited to 5 minutes)")
+        return min(at_most, left)
+
+
+def run_check(name: str, check: Callable[[], str]) -> CheckResult:
+    """Run one check, print its PASS/FAIL line at once and return it."""
+    started = time.monotonic()
+    try:
+        figure, passed = check(), True
+    except Exception as error:  # any failure is this check's FAIL line, the others still run
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        figure, passed = f"{type(error).__name__}: {lines[-1]}"[:300], False
+    seconds = time.monotonic() - started
+    line = f"{'PASS' if passed else 'FAIL'}  {name:<26} {figure}  ({seconds:.0f}s)"
+    click.echo(line)
+    sys.stdout.flush()
+    return CheckResult(name=name, passed=passed, figure=figure)
+
+
+# -- the checks ------------------------------------------------------------------------------
+def check_gpu() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CheckFailed(
+            f"the NVIDIA driver is there but torch {torch.__version__} sees no GPU "
+            "(a CPU build of torch? install a CUDA build)"
+        )
+    count = torch.cuda.device_count()
+    names = sorted({torch.cuda.get_device_name(i) for i in range(count)})
+    major, minor = torch.cuda.get_device_capability(0)
+    bf16 = ", bf16" if torch.cuda.is_bf16_supported() else ", no bf16"
+    return (
+        f"{count} × {' / '.join(names)} (sm {major}.{minor}{bf16}), torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}"
+    )
+
+
+def probe_config(num_gpus: int) -> dict[str, Any]:
+    """Reference on 1 GPU; trainer on 2 GPUs when there are 2 (an NCCL group), else 1. They
+    share GPUs (colocation) unless there are enough for all three processes."""
+    trainer_gpus = 2 if num_gpus >= 2 else 1
+    colocated = num_gpus < 1 + trainer_gpus
+    return {
+        "models": {
+            "reference": {"num_gpu": 1},
+            "policy_trainer": {"num_gpu": trainer_gpus, "trainable": True},
+        },
+        "runtime": {
+            "colocation": [["reference", "policy_trainer"]] if colocated else [],
+            # not used (no training), but the config must be one a trainer of that size can run
+            "train_micro_batch_size": 1,
+            "train_global_batch_size": trainer_gpus,
+            "sample_per_episode": trainer_gpus,
+        },
+    }
+
+
+def host_gpu_uuid(host_gpu: int) -> str:
+    """The UUID of GPU ``host_gpu`` in the placement's numbering (this process's
+    ``CUDA_VISIBLE_DEVICES`` entries, or torch's indices when it is not set)."""
+    import torch
+
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    index = host_gpu
+    if all(v.isdigit() for v in visible if v) and str(host_gpu) in visible:
+        index = visible.index(str(host_gpu))
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def check_placement(
+    where: dict[str, list[dict[str, Any]]],
+    colocated: bool,
+    *,
+    uuid_of: Callable[[int], str] = host_gpu_uuid,
+) -> str:
+    """Each process uses its assigned GPU; colocated models share, trainer ranks do not."""
+    for model, ranks in where.items():
+        for info in ranks:
+            if not info["allocated_on_cuda"]:
+                raise CheckFailed(f"{model} rank {info['rank']} could not allocate on CUDA")
+            expected = uuid_of(info["assigned"][0])
+            if info["uuid"] != expected:
+                raise CheckFailed(
+                    f"{model} rank {info['rank']} runs on GPU {info['uuid']}, placement gave "
+                    f"host GPU {info['assigned'][0]} ({expected})"
+                )
+    trainer = [info["uuid"] for info in where["policy_trainer"]]
+    if len(set(trainer)) != len(trainer):
+        raise CheckFailed("the trainer's ranks share a GPU")
+    reference = where["reference"][0]["uuid"]
+    if colocated and reference not in trainer:
+        raise CheckFailed("colocated reference and trainer are on different GPUs")
+    if not colocated and reference in trainer:
+        raise CheckFailed("reference and trainer share a GPU though they were not colocated")
+
+    def gpus(model: str) -> str:
+        return ",".join(str(info["assigned"][0]) for info in where[model])
+
+    how = "colocated" if colocated else "disjoint"
+    return f"reference on GPU {gpus('reference')}, trainer on GPU {gpus('policy_trainer')} ({how})"
+
+
+async def _probe_actors(num_gpus: int) -> dict[str, Any]:
+    """Start the probe actors and run the placement, transfer and NCCL checks on them."""
+    import chatlearn
+    from chatlearn.config import reset_args
+    from chatlearn.engine.engine import Engine
+    from chatlearn.gpu_probe import GPUProbe
+
+    config = probe_config(num_gpus)
+    colocated = bool(config["runtime"]["colocation"])
+    chatlearn.init(config)
+    results: dict[str, Any] = {}
+    try:
+        async with Engine(GPUProbe("reference"), GPUProbe("policy_trainer")) as engine:
+            where = {}
+            for model in ("reference", "policy_trainer"):
+                group = engine.group(model)
+                infos = await group.call_all("where")
+                for handle, info in zip(group, infos, strict=True):
+                    info["assigned"] = list(handle.info.get("gpus") or [])
+                where[model] = infos
+            results["placement"] = lambda: check_placement(where, colocated)
+            reference, trainer = engine.group("reference"), engine.group("policy_trainer")
+            sent = await reference.call(0, "cuda_payload", PAYLOAD_BYTES)
+            received = await trainer.call(0, "checksum", sent["tensor"])
+            results["transfer"] = lambda: check_transfer(sent, received)
+            if num_gpus >= 2:
+                reduced = await trainer.call_all("all_reduce_check", PAYLOAD_BYTES)
+                results["nccl"] = lambda: check_nccl(reduced)
+    finally:
+        reset_args()
+    return results
+
+
+def check_transfer(sent: dict[str, Any], received: dict[str, Any]) -> str:
+    from chatlearn.gpu_probe import payload
+
+    expected = payload(PAYLOAD_BYTES)
+    tensor = sent["tensor"]
+    if not sent["device"].startswith("cuda"):
+        raise CheckFailed(f"the reference's tensor was on {sent['device']}, not CUDA")
+    if not sent["staged_pinned"]:
+        raise CheckFailed("codec staging buffer is not pinned memory")
+    if not (
+        sent["staged_equal"] and tensor.device.type == "cpu" and bool((tensor == expected).all())
+    ):
+        raise CheckFailed("the tensor changed on its way from the reference")
+    if not received["device"].startswith("cuda") or received["sum"] != int(expected.sum()):
+        raise CheckFailed(f"the trainer got {received} instead of the payload on CUDA")
+    return (
+        f"{PAYLOAD_BYTES >> 20} MiB {sent['device']} → pinned host at "
+        f"{sent['staging_gb_per_s']:.1f} GB/s → trainer {received['device']}, intact"
+    )
+
+
+def check_nccl(reduced: list[dict[str, Any]]) -> str:
+    for result in reduced:
+        if result["backend"] != "nccl":
+            raise CheckFailed(f"the trainer's process group uses {result['backend']}, not nccl")
+        if not result["correct"]:
+            raise CheckFailed("all-reduce gave a wrong sum")
+    bandwidth = min(r["bus_gb_per_s"] for r in reduced)
+    world = reduced[0]["world_size"]
+    return f"all-reduce of {PAYLOAD_BYTES >> 20} MiB over {world} GPUs, {bandwidth:.1f} GB/s bus"
+
+
+def example_config(
+    workdir: Path, trainer: dict[str, Any], reference: dict[str, Any], colocated: bool
+) -> Path:
+    """``examples/dpo/dpo.yaml`` with the given model resources (and extra trainer
+    ``model_args``), written into ``workdir``; data paths made absolute."""
+    import yaml
+
+    example = REPO / "examples" / "dpo"
+    if not (example / "train_dpo.py").exists():
+        raise CheckFailed(f"{example} not found: run this from a checkout of the project")
+    config = yaml.safe_load((example / "dpo.yaml").read_text())
+    model_file = str(example / "model.yaml")
+    config["models"] = {
+        "reference": {**reference, "model_config_file": model_file},
+        "policy_trainer": {**trainer, "trainable": True, "model_config_file": model_file},
+    }
+    runtime = config["runtime"]
+    for key in ("data_path", "eval_data_path"):
+        runtime[key] = str(example / runtime[key])
+    runtime["colocation"] = [["reference", "policy_trainer"]] if colocated else []
+    path = workdir / "dpo_gpu_check.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_example(config: Path, workdir: Path, timeout: float) -> str:
+    """The DPO example for 2 episodes (24 steps): its loss must fall; a checkpoint at the end."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "NUM_EPISODE": "2",
+        "SAVE_EPISODE_INTERVAL": "2",
+        "OUTPUT_DIR": str(workdir / "output"),
+    }
+    command = [sys.executable, "-m", "examples.dpo.train_dpo", "-c", str(config)]
+    done = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if done.returncode != 0:
+        raise CheckFailed(f"exit code {done.returncode}: {_last_line(done.stderr)}")
+    loss = re.search(r"train loss\s+([\d.]+) -> ([\d.]+)", done.stdout)
+    if loss is None:
+        raise CheckFailed(f"no 'train loss' line in the summary: {_last_line(done.stdout)}")
+    first, last = float(loss.group(1)), float(loss.group(2))
+    if not last < first - 0.02:
+        raise CheckFailed(f"loss did not fall: {first:.4f} -> {last:.4f}")
+    if "checkpoint" not in done.stdout:
+        raise CheckFailed("no checkpoint was written at the end")
+    throughput = re.search(r"throughput\s+([\d.]+) samples/s", done.stdout)
+    rate = f", {throughput.group(1)} samples/s" if throughput else ""
+    return f"loss {first:.4f} -> {last:.4f} in 24 steps{rate}, checkpoint written"
+
+
+def megatron_config(
+    workdir: Path, reference: dict[str, Any], policy: dict[str, Any], colocated: bool
+) -> Path:
+    """``examples/megatron/configs/dpo.yaml`` with the given model resources and parallel sizes,
+    written into ``workdir``."""
+    import yaml
+
+    configs = REPO / "examples" / "megatron" / "configs"
+    if not (configs / "dpo.yaml").exists():
+        raise CheckFailed(f"{configs} not found: run this from a checkout of the project")
+    config = yaml.safe_load((configs / "dpo.yaml").read_text())
+    for name, resources in (("reference", reference), ("ppo_policy", policy)):
+        model = {
+            k: v for k, v in config["models"][name].items() if not k.startswith(("num_", "cpu_"))
+        }
+        model["model_config_file"] = str(configs / model["model_config_file"])
+        config["models"][name] = {**model, **resources}
+    config["runtime"]["colocation"] = [["reference", "ppo_policy"]] if colocated else []
+    config["runtime"]["output_dir"] = str(workdir / "output")
+    path = workdir / "megatron_gpu_check.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_megatron_example(config: Path, workdir: Path, timeout: float) -> str:
+    """The Megatron example for 10 episodes (40 steps of a tiny GPTModel): its loss (from
+    metrics.jsonl) must fall. Single steps are noisy (0.69 ± 0.03 over the first 12 on CPU), so
+    the mean of the last 8 is compared with the mean of the first 4 (0.70 -> 0.57 on CPU)."""
+    command = [sys.executable, "examples/megatron/train_dpo.py", "-c", str(config)]
+    env = {**os.environ, "num_episode": "10"}
+    done = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if done.returncode != 0:
+        raise CheckFailed(f"exit code {done.returncode}: {_last_line(done.stderr)}")
+    losses = [
+        float(record["loss"])
+        for path in sorted(workdir.glob("output/**/metrics.jsonl"))
+        for record in map(json.loads, path.read_text().splitlines())
+        if record.get("kind") == "train"
+    ]
+    if len(losses) < 12:
+        raise CheckFailed(f"only {len(losses)} training steps in metrics.jsonl")
+    first, last = sum(losses[:4]) / 4, sum(losses[-8:]) / 8
+    if not last < first - 0.03:
+        raise CheckFailed(f"loss did not fall: mean {first:.4f} (first 4) -> {last:.4f} (last 8)")
+    return f"loss {first:.4f} -> {last:.4f} (means of the first 4 / last 8 of {len(losses)} steps)"
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][-240:] if lines else "(no output)"
+
+
+def run_bench(args: list[str], timeout: float) -> dict[str, Any]:
+    command = [sys.executable, "-m", "chatlearn.cli", "bench", *args, "--json"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise CheckFailed(f"exit code {done.returncode}: {_last_line(done.stderr)}")
+    return dict(json.loads(done.stdout))
+
+
+def check_bench_dpo(timeout: float) -> str:
+    args = ["dpo", "--device", "cuda", "--steps", "6", "--warmup", "2", "--no-second-epoch"]
+    result = run_bench(args, timeout)
+    for key in ("single_process_samples_per_s", "pipelined_samples_per_s"):
+        if not result[key] > 0:
+            raise CheckFailed(f"{key} is {result[key]}")
+    return (
+        f"(a) {result['single_process_samples_per_s']:.0f}, (b) "
+        f"{result['pipelined_samples_per_s']:.0f}, (c) {result['train_only_samples_per_s']:.0f} "
+        f"samples/s, b/a {result['ratio_pipelined_vs_single']:.2f}"
+    )
+
+
+def check_bench_memory(timeout: float) -> str:
+    result = run_bench(["memory", "--device", "cuda", "--steps", "2", "--warmup", "2"], timeout)
+    if not result["layouts"]:
+        raise CheckFailed(f"no layout ran: {result['skipped']}")
+    parts = []
+    for name, figures in result["layouts"].items():
+        if not (figures["trainer_peak_torch_bytes"] > 0 and figures["samples_per_s"] > 0):
+            raise CheckFailed(f"{name}: no memory or throughput figure")
+        gib = figures["trainer_peak_torch_bytes"] / 2**30
+        parts.append(f"{name} {gib:.2f} GiB {figures['tokens_per_s']:.0f} tok/s")
+    parts += [f"{key} {value:.2f}" for key, value in result["ratios"].items()]
+    parts += [f"{name} skipped ({reason})" for name, reason in result["skipped"].items()]
+    return f"{result['num_parameters'] / 1e6:.0f}M params: " + ", ".join(parts)
+
+
+# -- the command -----------------------------------------------------------------------------
+def run_checks() -> list[CheckResult]:
+    from chatlearn.transport import run
+
+    deadline = Deadline(BUDGET_SECONDS)
+    results = [run_check("gpu", check_gpu)]
+    if not results[0].passed:
+        return results
+    import torch
+
+    num_gpus = torch.cuda.device_count()
+    probes: dict[str, Callable[[], str]] = {}
+
+    def start_probes() -> str:
+        import asyncio
+
+        probes.update(run(asyncio.wait_for(_probe_actors(num_gpus), deadline.left(90))))
+        return f"started on {num_gpus} GPU(s)"
+
+    results.append(run_check("probe actors", start_probes))
+    for key, name in (
+        ("placement", "actors pinned to GPUs"),
+        ("transfer", "CUDA tensor ref → trainer"),
+        ("nccl", "NCCL group"),
+    ):
+        if key in probes:
+            results.append(run_check(name, probes[key]))
+
+    with tempfile.TemporaryDirectory(prefix="chatlearn-gpu-check-") as tmp:
+        workdir = Path(tmp)
+
+        def example() -> str:
+            config = example_config(workdir / "one", {"num_gpu": 1}, {"num_gpu": 1}, True)
+            return run_example(config, workdir / "one", deadline.left(90))
+
+        def example_fsdp() -> str:
+            trainer = {"num_gpu": 2, "model_args": {"parallel": "fsdp", "mixed_precision": "bf16"}}
+            config = example_config(workdir / "fsdp", trainer, {"num_gpu": 1}, True)
+            return run_example(config, workdir / "fsdp", deadline.left(90))
+
+        def megatron() -> str:
+            if importlib.util.find_spec("megatron.core") is None:
+                raise CheckFailed("megatron-core is not installed (the `megatron` extra)")
+            tp = 2 if num_gpus >= 2 else 1  # tensor parallel over NCCL when there are 2 GPUs
+            policy = {"num_gpu": tp, "tensor_model_parallel_size": tp}
+            config = megatron_config(workdir / "megatron", {"num_gpu": 1}, policy, True)
+            return run_megatron_example(config, workdir / "megatron", deadline.left(60))
+
+        for name in ("one", "fsdp", "megatron"):
+            (workdir / name).mkdir()
+        results.append(run_check("DPO example", example))
+        if num_gpus >= 2:
+            results.append(run_check("DPO example FSDP2 bf16", example_fsdp))
+        results.append(run_check("Megatron example", megatron))
+    results.append(run_check("bench dpo", lambda: check_bench_dpo(deadline.left(60))))
+    results.append(run_check("bench memory", lambda: check_bench_memory(deadline.left(120))))
+    return results
+
+
+@click.command("gpu-check")
+def command() -> None:
+    """Verify the CUDA paths on this machine's GPUs: one PASS/FAIL line per check."""
+    reason = no_gpu_reason()
+    if reason is not None:
+        click.echo(f"gpu-check: no GPU here, nothing to check ({reason})")
+        return
+    started = time.monotonic()
+    results = run_checks()
+    failed = [r.name for r in results if not r.passed]
+    seconds = time.monotonic() - started
+    if failed:
+        names = ", ".join(failed)
+        click.echo(
+            f"gpu-check: {len(failed)} of {len(results)} checks FAILED ({names}) in {seconds:.0f}s"
+        )
+        sys.exit(1)
+    click.echo(f"gpu-check: all {len(results)} checks passed in {seconds:.0f}s")

@@ -1,0 +1,128 @@
+"""`chatlearn gpu-check` (`make gpu-check`): without a GPU, one line and exit 0 at once; the
+checks' own logic on made-up actor reports (the checks themselves need GPUs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chatlearn.gpu_check import (
+    CheckFailed,
+    check_placement,
+    example_config,
+    no_gpu_reason,
+    probe_config,
+)
+
+_HAS_DRIVER = os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidia0")
+
+
+def _gpu_check(env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
+    command = [sys.executable, "-X", "importtime", "-m", "chatlearn.cli", "gpu-check"]
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+    return done, time.perf_counter() - started
+
+
+@pytest.mark.parametrize(
+    "hide",
+    [
+        pytest.param(True, id="CUDA_VISIBLE_DEVICES-empty"),
+        pytest.param(
+            False,
+            id="no-driver",
+            marks=pytest.mark.skipif(_HAS_DRIVER, reason="this machine has an NVIDIA driver"),
+        ),
+    ],
+)
+def test_without_a_gpu_one_line_and_exit_0_within_a_second(hide: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if hide:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    done, seconds = _gpu_check(env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("\n") == 1 and done.stdout.startswith("gpu-check: no GPU here")
+    assert seconds < 1.0
+    # what keeps it fast: torch is never imported (-X importtime lists every import on stderr)
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert "click" in imported and "torch" not in imported
+
+
+def test_no_gpu_reason_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert "CUDA_VISIBLE_DEVICES" in str(no_gpu_reason())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert (no_gpu_reason() is None) == (_HAS_DRIVER or not sys.platform.startswith("linux"))
+
+
+def _where(model: str, gpus: list[int], uuids: list[str]) -> list[dict[str, Any]]:
+    return [
+        {"rank": rank, "assigned": [gpu], "uuid": uuid, "allocated_on_cuda": True}
+        for rank, (gpu, uuid) in enumerate(zip(gpus, uuids, strict=True))
+    ]
+
+
+def _uuid(gpu: int) -> str:
+    return f"uuid-{gpu}"
+
+
+def test_placement_check_accepts_what_the_placement_asked_for() -> None:
+    one_gpu = {
+        "reference": _where("r", [0], ["uuid-0"]),
+        "policy_trainer": _where("t", [0], ["uuid-0"]),
+    }
+    assert "colocated" in check_placement(one_gpu, True, uuid_of=_uuid)
+    three = {
+        "reference": _where("r", [0], ["uuid-0"]),
+        "policy_trainer": _where("t", [1, 2], ["uuid-1", "uuid-2"]),
+    }
+    assert "trainer on GPU 1,2 (disjoint)" in check_placement(three, False, uuid_of=_uuid)
+
+
+@pytest.mark.parametrize(
+    ("where", "colocated", "message"),
+    [
+        # the process runs on another GPU than the one it was given
+        ({"reference": [0], "policy_trainer": [1]}, False, "placement gave"),
+        # two trainer ranks on one GPU
+        ({"reference": [0], "policy_trainer": [1, 1]}, False, "share a GPU"),
+        # not colocated, yet on the same GPU
+        ({"reference": [0], "policy_trainer": [0]}, False, "not colocated"),
+    ],
+)
+def test_placement_check_fails_on_wrong_gpus(
+    where: dict[str, list[int]], colocated: bool, message: str
+) -> None:
+    reports = {
+        model: _where(model, gpus, [_uuid(g) for g in gpus]) for model, gpus in where.items()
+    }
+    if message == "placement gave":
+        reports["policy_trainer"][0]["uuid"] = "uuid-7"
+    with pytest.raises(CheckFailed, match=message):
+        check_placement(reports, colocated, uuid_of=_uuid)
+
+
+def test_probe_config_colocates_only_when_gpus_are_short() -> None:
+    assert probe_config(1)["runtime"]["colocation"] == [["reference", "policy_trainer"]]
+    assert probe_config(2)["models"]["policy_trainer"]["num_gpu"] == 2
+    assert probe_config(2)["runtime"]["colocation"]  # 3 processes on 2 GPUs
+    assert probe_config(4)["runtime"]["colocation"] == []
+
+
+def test_example_config_is_the_example_on_gpus(tmp_path: Path) -> None:
+    from chatlearn.config import load_config
+
+    trainer = {"num_gpu": 2, "model_args": {"parallel": "fsdp", "mixed_precision": "bf16"}}
+    path = example_config(tmp_path, trainer, {"num_gpu": 1}, True)
+    config = load_config(path)
+    policy = config.model("policy_trainer")
+    assert (policy.num_gpu, config.model("reference").num_gpu) == (2, 1)
+    assert policy.model_args["parallel"] == "fsdp"
+    assert policy.model_args["learning_rate"] == 3.0e-3  # the example's model.yaml
+    assert Path(config.runtime_args.data_path).is_absolute()
