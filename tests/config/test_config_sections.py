@@ -17,7 +17,7 @@ from chatlearn.config import (
 )
 from chatlearn.config import schema as schema_module
 
-# The DPO keys and defaults of CHATLEARN_SPEC.md ("Config keys for DPO").
+# The DPO keys and defaults ChatLearn has (docs/chatlearn-compat.md, "The rules we reproduce").
 SPEC_RUNTIME_DEFAULTS = {
     "num_episode": 5000,
     "sample_per_episode": 1000,

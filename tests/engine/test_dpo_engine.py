@@ -1,6 +1,6 @@
 """Acceptance tests of DPOEngine with echo modules in real actor processes.
 
-Expected values are written out from ChatLearn's rules (CHATLEARN_SPEC.md), not computed with the
+Expected values are written out from ChatLearn's rules (docs/chatlearn-compat.md, "The rules we reproduce"), not computed with the
 engine's own planning code.
 """
 
