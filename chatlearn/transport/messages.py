@@ -6,10 +6,11 @@ a receiver knows what it got before it looks at the payload, and a decoder rejec
 not know. Request ids are allocated by the side that asks (the coordinator's `ControlServer`);
 the side that answers copies the id into its REPLY / READY / ERROR.
 
-The conversation (docs/architecture.md, "The wire"): an actor says HELLO; the coordinator requests CONFIG and the
-actor answers READY; then CALLs are answered by REPLY or ERROR; the actor sends HEARTBEATs, and
-DEAD with a traceback before it exits on a fatal error; SHUTDOWN asks it to stop; PING is a
-cheap request for latency checks. DATA is the kind of data-plane messages (`codec.encode`).
+The conversation (docs/architecture.md, "The wire"): an actor says HELLO; the coordinator requests
+CONFIG and the actor answers READY; then CALLs are answered by REPLY or ERROR; the actor sends
+HEARTBEATs, and DEAD with a traceback before it exits on a fatal error; SHUTDOWN asks it to stop;
+PING is a cheap request for latency checks. DATA is the kind of data-plane messages
+(`codec.encode`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Acceptance tests of DPOEngine with echo modules in real actor processes.
 
-Expected values are written out from ChatLearn's rules (docs/chatlearn-compat.md, "The rules we reproduce"), not computed with the
-engine's own planning code.
+Expected values are written out from ChatLearn's rules (docs/chatlearn-compat.md, "The rules we
+reproduce"), not computed with the engine's own planning code.
 """
 
 from __future__ import annotations
