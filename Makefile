@@ -30,6 +30,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m chatlearn.cli bench transport
 	$(PY) -m chatlearn.cli bench pipeline
+	$(PY) -m chatlearn.cli bench pipeline --soak
 	$(PY) -m chatlearn.cli bench dpo
 
 # The CUDA paths on this machine's GPUs, one PASS/FAIL line per check (at most 5 minutes);
