@@ -20,8 +20,14 @@ from chatlearn.algorithms.dpo import (
     sequence_logps,
     split_pairs,
 )
-from chatlearn.algorithms.logps import DEFAULT_CHUNK_SIZE, SequenceLogps, chunked_sequence_logps
+from chatlearn.algorithms.logps import (
+    DEFAULT_CHUNK_SIZE,
+    SequenceLogps,
+    chunked_sequence_logps,
+    scored_logps,
+)
 from chatlearn.algorithms.metrics import DPOMetrics
+from chatlearn.algorithms.packing import Packed, pack_pairs, pack_sequences, real_tokens
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -32,6 +38,7 @@ __all__ = [
     "REF_REJECTED_KEY",
     "DPOMetrics",
     "DPOOutput",
+    "Packed",
     "PairLogps",
     "SequenceLogps",
     "accumulation_loss",
@@ -41,7 +48,11 @@ __all__ = [
     "concatenated_logps",
     "dpo_loss",
     "nll_loss",
+    "pack_pairs",
+    "pack_sequences",
+    "real_tokens",
     "reference_outputs",
+    "scored_logps",
     "sequence_logps",
     "split_pairs",
 ]

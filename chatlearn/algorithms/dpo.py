@@ -30,12 +30,15 @@ adds alpha times the chosen response's NLL). Differences, both chosen for exact 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from chatlearn.algorithms.packing import Packed, pack_pairs, real_tokens
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -63,6 +66,8 @@ class PairLogps(NamedTuple):
     rejected: torch.Tensor  # [B]
     chosen_num_tokens: torch.Tensor  # [B] number of chosen response tokens
     rejected_num_tokens: torch.Tensor  # [B]
+    num_real_tokens: int = 0  # neither padding nor a repeated prompt (packing.real_tokens)
+    num_computed_tokens: int = 0  # what the forward ran over: rows × row length
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +144,14 @@ def sequence_logps(
 
 
 def concatenated_logps(
-    model: Callable[..., Any], batch: Mapping[str, torch.Tensor], *, pad_token_id: int = 0
+    model: Callable[..., Any],
+    batch: Mapping[str, torch.Tensor],
+    *,
+    pad_token_id: int = 0,
+    packing: bool = False,
+    prefix_sharing: bool = False,
+    max_tokens_per_row: int | None = None,
+    mask_format: str | None = None,
 ) -> PairLogps:
     """Run `model` once over chosen + rejected and return per-pair response log-probs.
 
@@ -148,7 +160,23 @@ def concatenated_logps(
     `chatlearn.algorithms.logps.SequenceLogps` (bare or inside DDP) is called with the loss mask
     too and returns the summed log-probs itself, chunk by chunk. Tensors are moved to the device
     of the model's first parameter when it has one.
+
+    `packing` / `prefix_sharing` (`chatlearn.algorithms.packing`): the sequences in one row (or
+    rows of at most `max_tokens_per_row` tokens) without padding / each pair's prompt computed
+    once; the model then also gets `position_ids` and a 4-D `attention_mask` (`mask_format`
+    "bool" for SDPA, "additive" for eager attention; None: from the model's config), so it must
+    honour both (see `chatlearn.hf.packing.packing_support` for Hugging Face models).
     """
+    if packing or prefix_sharing:
+        return _packed_logps(
+            model,
+            batch,
+            packing=packing,
+            prefix_sharing=prefix_sharing,
+            max_tokens_per_row=max_tokens_per_row,
+            pad_token_id=pad_token_id,
+            mask_format=mask_format or _mask_format(model),
+        )
     cat = concatenate_pairs(batch, pad_token_id=pad_token_id)
     device = _model_device(model)
     if device is not None:
@@ -165,19 +193,108 @@ def concatenated_logps(
         logps, num_tokens = sequence_logps(logits, cat["input_ids"], cat["loss_mask"])
     chosen, rejected = split_pairs(logps)
     chosen_num, rejected_num = split_pairs(num_tokens)
-    return PairLogps(chosen, rejected, chosen_num, rejected_num)
+    computed = int(cat["input_ids"].numel())
+    return PairLogps(chosen, rejected, chosen_num, rejected_num, real_tokens(batch), computed)
+
+
+def _packed_logps(
+    model: Callable[..., Any],
+    batch: Mapping[str, torch.Tensor],
+    *,
+    packing: bool,
+    prefix_sharing: bool,
+    max_tokens_per_row: int | None,
+    pad_token_id: int,
+    mask_format: str,
+) -> PairLogps:
+    packed = pack_pairs(
+        batch,
+        packing=packing,
+        prefix_sharing=prefix_sharing,
+        max_tokens_per_row=max_tokens_per_row,
+        pad_token_id=pad_token_id,
+        mask_format=mask_format,
+    )
+    device = _model_device(model)
+    if device is not None:
+        packed = packed.to(device)
+    if mask_format == "additive":  # the model adds it to its scores: its dtype, its minimum
+        packed = _additive_in(packed, _model_dtype(model))
+    inputs = {
+        "input_ids": packed.input_ids,
+        "attention_mask": packed.attention_mask,
+        "position_ids": packed.position_ids,
+    }
+    if getattr(getattr(model, "module", model), "returns_sequence_logps", False):
+        logps, num_tokens = model(**inputs, packed=packed)
+    else:
+        output = model(**inputs)
+        logits = output if isinstance(output, torch.Tensor) else output.logits
+        from chatlearn.algorithms.logps import scored_logps  # logps imports this module
+
+        logps, num_tokens = scored_logps(None, logits, packed)
+    chosen, rejected = split_pairs(logps)
+    chosen_num, rejected_num = split_pairs(num_tokens)
+    return PairLogps(
+        chosen,
+        rejected,
+        chosen_num,
+        rejected_num,
+        real_tokens(batch),
+        packed.num_computed_tokens,
+    )
+
+
+def _mask_format(model: Any) -> str:
+    """ "additive" for a model whose attention adds the mask to its scores (HF eager)."""
+    inner = getattr(model, "module", model)  # DDP
+    for candidate in (inner, getattr(inner, "body", None)):  # SequenceLogps: its decoder
+        config = getattr(candidate, "config", None)
+        if config is not None:
+            return "additive" if config._attn_implementation == "eager" else "bool"
+    return "bool"
+
+
+def _model_dtype(model: Any) -> torch.dtype:
+    parameters = getattr(model, "parameters", None)
+    first = None if parameters is None else next(iter(parameters()), None)
+    if first is None or not first.is_floating_point():
+        return torch.float32
+    return first.dtype
+
+
+def _additive_in(packed: Packed, dtype: torch.dtype) -> Packed:
+    blocked = packed.attention_mask < 0
+    mask = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device)
+    return dataclasses.replace(
+        packed, attention_mask=mask.masked_fill_(blocked, torch.finfo(dtype).min)
+    )
 
 
 def reference_outputs(
-    model: Callable[..., Any], batch: Mapping[str, torch.Tensor], *, pad_token_id: int = 0
+    model: Callable[..., Any],
+    batch: Mapping[str, torch.Tensor],
+    *,
+    pad_token_id: int = 0,
+    packing: bool = False,
+    prefix_sharing: bool = False,
+    max_tokens_per_row: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """What a reference's `forward_step` returns: the pair tensors the trainer needs plus
     `ref_chosen_logps` / `ref_rejected_logps` (summed, [B]), all on CPU.
 
     The engine does not merge a forward output with its input, hence the batch is passed on here.
+    The packing options are `concatenated_logps`'s.
     """
     with torch.no_grad():
-        logps = concatenated_logps(model, batch, pad_token_id=pad_token_id)
+        logps = concatenated_logps(
+            model,
+            batch,
+            pad_token_id=pad_token_id,
+            packing=packing,
+            prefix_sharing=prefix_sharing,
+            max_tokens_per_row=max_tokens_per_row,
+        )
     out = {
         f"{side}_{key}": batch[f"{side}_{key}"].cpu()
         for side in ("chosen", "rejected")

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from chatlearn.algorithms.dpo import sequence_logps
+from chatlearn.algorithms.packing import Packed
 
 # Response tokens per chunk: 512 × 152k (Qwen2.5's vocabulary) × 4 bytes ≈ 0.3 GB of logits.
 DEFAULT_CHUNK_SIZE = 512
@@ -57,22 +58,67 @@ def chunked_sequence_logps(
     states = hidden[:, :-1][selected]  # [T, H]: the states that predict a response token
     targets = input_ids[:, 1:][selected]  # [T]
     out_dtype = torch.promote_types(hidden.dtype, torch.float32)
-    sums = hidden.new_zeros(hidden.shape[0], dtype=out_dtype)
-    for start in range(0, targets.shape[0], chunk_size):
-        end = start + chunk_size
-        token_logps = checkpoint(
-            _token_logps, head, states[start:end], targets[start:end], use_reentrant=False
-        )
-        sums = sums.index_add(0, rows[start:end], token_logps)
+    token_logps = token_logps_chunked(head, states, targets, chunk_size=chunk_size)
+    sums = hidden.new_zeros(hidden.shape[0], dtype=out_dtype).index_add(0, rows, token_logps)
     num_tokens = loss_mask[:, 1:].to(out_dtype).sum(-1)
     return sums, num_tokens
 
 
-def _token_logps(head: nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(states)
+def token_logps_chunked(
+    head: nn.Module | None, states: torch.Tensor, targets: torch.Tensor, *, chunk_size: int
+) -> torch.Tensor:
+    """log p(target) for each of the [K, H] `states` ([K] in float32 or wider): `chunk_size` of
+    them at a time through `head`, each chunk checkpointed; chunk_size 0: all at once, no
+    checkpoint. head None: `states` are logits already."""
+    if head is None or chunk_size == 0:
+        return _token_logps(head, states, targets)
+    pieces = [
+        checkpoint(
+            _token_logps,
+            head,
+            states[start : start + chunk_size],
+            targets[start : start + chunk_size],
+            use_reentrant=False,
+        )
+        for start in range(0, targets.shape[0], chunk_size)
+    ]
+    if not pieces:
+        dtype = torch.promote_types(states.dtype, torch.float32)
+        return states.new_zeros(0, dtype=dtype)
+    return torch.cat(pieces)
+
+
+def _token_logps(
+    head: nn.Module | None, states: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    logits = states if head is None else head(states)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     picked = torch.gather(logits, 1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def scored_logps(
+    head: torch.nn.Module | None,
+    hidden: torch.Tensor,
+    packed: Packed,
+    *,
+    chunk_size: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed log-probs and scored-token counts ([num_sequences] each).
+
+    hidden: [R, T, H] states for `head` (None: `hidden` already holds the logits [R, T, V]).
+    chunk_size > 0 runs the head chunk by chunk under checkpointing, as
+    `chatlearn.algorithms.logps.chunked_sequence_logps`.
+    """
+    sources, targets, owners = packed.scoring.to(hidden.device)
+    states = hidden.reshape(-1, hidden.shape[-1])[sources]
+    out_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    token_logps = token_logps_chunked(head, states, targets, chunk_size=chunk_size)
+    sums = hidden.new_zeros(packed.num_sequences, dtype=out_dtype).index_add(
+        0, owners, token_logps.to(out_dtype)
+    )
+    counts = torch.bincount(owners, minlength=packed.num_sequences).to(out_dtype)
+    return sums, counts
 
 
 class SequenceLogps(nn.Module):
@@ -102,10 +148,28 @@ class SequenceLogps(nn.Module):
         return cls(body, head, chunk_size=chunk_size)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        packed: Packed | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        output = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        """Padded rows (`loss_mask` [N, L]: per-row sums) or a packed layout (`packed`, from
+        `chatlearn.algorithms.packing`: per-sequence sums; its tensors are the other arguments,
+        passed separately so that DDP/FSDP2 see them as the forward's inputs)."""
+        output = self.body(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        if packed is not None:
+            return scored_logps(self.head, hidden, packed, chunk_size=self.chunk_size)
+        if loss_mask is None:
+            raise ValueError("SequenceLogps needs a loss_mask (padded rows) or packed")
         if self.chunk_size == 0:
             return sequence_logps(self.head(hidden), input_ids, loss_mask)
         return chunked_sequence_logps(

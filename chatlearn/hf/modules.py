@@ -23,6 +23,9 @@
 | mixed_precision | "no" | "bf16" or "fp16" (CUDA only): low-precision compute, fp32 master state |
 | lora, enable_lora | None, False | peft LoRA {r, alpha, dropout, target_modules}, defaults below |
 | logps_chunk_size | 512 | response tokens per chunk of the log-prob computation (0: whole logits) |
+| packing | on where exact | a micro-batch's sequences in one row, no padding (below) |
+| prefix_sharing | on where exact | each pair as ``[prompt, chosen, rejected]``: the prompt once |
+| max_tokens_per_row | None | with packing: start a new row past this many tokens (None: one) |
 | save_hf_model, merge_lora | True, True | checkpoints hold an HF dir (LoRA: adapter + merged) |
 
 LoRA's defaults (``chatlearn.hf.lora``): r 16, alpha 32, dropout 0, target_modules "all-linear".
@@ -36,6 +39,16 @@ Several trainer ranks train data-parallel with torch's DDP (gloo on CPU, NCCL on
 ``parallel: fsdp``, sharded with FSDP2 (``chatlearn.hf.parallel``). A sharded reference splits each
 batch's rows over its ranks and gathers the log-probs. The reference ignores ``lora``: it is the
 frozen base model. The trainer logs its ``memory_report()`` at setup.
+
+Packing and prefix sharing (``chatlearn.algorithms.packing``) compute neither padding nor a
+pair's prompt twice; the log-probs are those of the padded forward (to float rounding). They are
+on by default where that is exact — ``sdpa``/``eager`` attention of Llama/Qwen2-style models
+without sliding windows (``chatlearn.hf.packing``) — and otherwise off with one log line. Each
+packed row carries a ``T × T`` mask: fine for a few thousand tokens, 1 GB of booleans at 16k; set
+``max_tokens_per_row`` to bound it. ChatLearn's sample-count micro-batches stay as they are (a
+token budget per micro-batch would need the engine to cut micro-batches by tokens). The trainer
+adds ``tokens/real`` (neither padding nor a repeated prompt) and ``tokens/computed`` (what the
+forwards ran over) of the step, summed over ranks, to its metrics.
 """
 
 from __future__ import annotations
@@ -61,6 +74,7 @@ from chatlearn.hf.data import PreferenceDataset
 from chatlearn.hf.lora import apply_lora, lora_settings
 from chatlearn.hf.memory import format_memory_report, memory_report, out_of_memory_message
 from chatlearn.hf.model import causal_lm_from_args
+from chatlearn.hf.packing import PackingOptions, packing_options
 from chatlearn.hf.parallel import Layout, set_gradient_sync, trainable_parameters, unwrap
 from chatlearn.hf.tokenizer import load_tokenizer
 
@@ -74,6 +88,7 @@ class _HFModule(TorchModule):
     tokenizer: Any
     model: Any
     layout: Layout
+    packing: PackingOptions
 
     def arg(self, key: str, default: Any = None) -> Any:
         value = self.model_args.get(key, default)
@@ -106,6 +121,11 @@ class _HFModule(TorchModule):
         self.tokenizer = self.build_tokenizer()
         self.layout = self.build_layout()
         self.model = self.build_model()
+        self.packing = packing_options(self.model_args, self.model, log=self._log_packing)
+
+    def _log_packing(self, message: str) -> None:
+        if self.data_parallel_rank == 0:
+            self._logger.info("%s: %s", self.name, message)
 
     def build_dataset(self, samples: list[Any], is_eval: bool = False) -> PreferenceDataset:
         options = {key: self.model_args[key] for key in _DATA_KEYS if key in self.model_args}
@@ -128,7 +148,9 @@ class HFReference(_HFModule):
     def forward_step(self, data: dict[str, Any], iteration: int = 0) -> dict[str, torch.Tensor]:
         with self.layout.autocast():
             if not self.layout.sharded:
-                return reference_outputs(self.network, data, pad_token_id=self.pad_token_id)
+                return reference_outputs(
+                    self.network, data, pad_token_id=self.pad_token_id, **self.packing.kwargs()
+                )
             return self._sharded_forward(data)
 
     def _sharded_forward(self, data: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -145,7 +167,9 @@ class HFReference(_HFModule):
             for side in ("chosen", "rejected")
             for key in PAIR_KEYS
         }
-        local = reference_outputs(self.network, part, pad_token_id=self.pad_token_id)
+        local = reference_outputs(
+            self.network, part, pad_token_id=self.pad_token_id, **self.packing.kwargs()
+        )
         out = _pair_tensors(data)
         for key in (REF_CHOSEN_KEY, REF_REJECTED_KEY):
             out[key] = _gather_rows(local[key], share, rows, world)
@@ -158,6 +182,17 @@ def _pair_tensors(data: dict[str, Any]) -> dict[str, torch.Tensor]:
         for side in ("chosen", "rejected")
         for key in PAIR_KEYS
     }
+
+
+def _token_metrics(tokens: torch.Tensor) -> dict[str, float]:
+    """The step's real and computed tokens summed over the data-parallel ranks."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        tokens = tokens.to(device)
+        dist.all_reduce(tokens)
+    real, computed = tokens.tolist()
+    return {"tokens/real": real, "tokens/computed": computed}
 
 
 def _gather_rows(local: torch.Tensor, share: int, rows: int, world: int) -> torch.Tensor:
@@ -173,6 +208,8 @@ def _gather_rows(local: torch.Tensor, share: int, rows: int, world: int) -> torc
 
 class HFDPOTrainer(_HFModule):
     """The policy: one AdamW step per ``train_step`` on the DPO objective."""
+
+    last_tokens: tuple[int, int] = (0, 0)
 
     def setup(self) -> None:
         super().setup()
@@ -218,12 +255,15 @@ class HFDPOTrainer(_HFModule):
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def _objective(self, micro_batch: dict[str, Any], network: Any = None) -> Any:
+        """The micro-batch's DPOOutput; its (real, computed) token counts in `self.last_tokens`."""
         with self.layout.autocast():
             policy = concatenated_logps(
                 self.network if network is None else network,
                 micro_batch,
                 pad_token_id=self.pad_token_id,
+                **self.packing.kwargs(),
             )
+        self.last_tokens = (policy.num_real_tokens, policy.num_computed_tokens)
         rpo_alpha = self.model_args.get("rpo_alpha")
         return compute_dpo(
             policy,
@@ -248,18 +288,21 @@ class HFDPOTrainer(_HFModule):
         dp = self.data_parallel_size
         num_local = sum(int(mb[REF_CHOSEN_KEY].shape[0]) for mb in data)
         metrics = DPOMetrics(with_nll=self.model_args.get("rpo_alpha") is not None)
+        tokens = torch.zeros(2, dtype=torch.float64)  # (real, computed) of the step
         scaler = self.grad_scaler
         self.optimizer.zero_grad(set_to_none=True)
         for index, micro_batch in enumerate(data):
             # DDP all-reduces gradients once per step, on the last micro-batch's backward
             with set_gradient_sync(self.network, index == len(data) - 1 or dp == 1):
                 out = self._objective(micro_batch)
+                tokens += torch.tensor(self.last_tokens, dtype=torch.float64)
                 loss = accumulation_loss(
                     out.losses, num_samples_global=num_local * dp, world_size=dp
                 )
                 (loss if scaler is None else scaler.scale(loss)).backward()
             metrics.update(out)
         result = metrics.all_reduce().compute()
+        result.update(_token_metrics(tokens))
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         max_norm = self.arg("max_grad_norm", 1.0)

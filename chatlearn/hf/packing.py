@@ -1,0 +1,117 @@
+"""When the padding-free and shared-prompt forwards are exact for a Hugging Face model.
+
+`chatlearn.algorithms.packing` lays sequences out with restarting `position_ids` and a 4-D
+block-diagonal causal `attention_mask`. That gives the log-probs of the padded forward only when
+the model's attention applies the given mask as it is and its positions come from `position_ids`:
+
+- qualifies: ``sdpa`` (boolean mask) and ``eager`` (additive mask) attention of the decoder-only
+  models verified here (Llama, Qwen2, and their structural twins Mistral and Qwen3), every layer
+  with full attention (no sliding window);
+- falls back to padded rows: FlashAttention (it takes no 4-D mask; its varlen path could pack
+  without prefix sharing on CUDA, not implemented), FlexAttention (takes a BlockMask, not a
+  tensor), sliding-window layers (the 4-D mask would drop the window), ALiBi models, and model
+  types not verified above.
+
+    support = packing_support(model)       # PackingSupport(exact=True, reason="")
+    options = packing_options(model_args, model, log=logger.info)
+    concatenated_logps(network, batch, **options.kwargs())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MASKED_ATTENTION = ("sdpa", "eager")
+VERIFIED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
+
+
+@dataclass(frozen=True, slots=True)
+class PackingSupport:
+    exact: bool
+    reason: str = ""  # why not, when not exact
+
+
+@dataclass(frozen=True, slots=True)
+class PackingOptions:
+    """The forward layout of a module: `concatenated_logps`'s keyword arguments."""
+
+    packing: bool = False
+    prefix_sharing: bool = False
+    max_tokens_per_row: int | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "packing": self.packing,
+            "prefix_sharing": self.prefix_sharing,
+            "max_tokens_per_row": self.max_tokens_per_row,
+        }
+
+    def describe(self) -> str:
+        if not (self.packing or self.prefix_sharing):
+            return "padded rows"
+        parts = [name for name in ("packing", "prefix_sharing") if getattr(self, name)]
+        if self.max_tokens_per_row is not None:
+            parts.append(f"max_tokens_per_row={self.max_tokens_per_row}")
+        return " + ".join(parts)
+
+
+def packing_support(model: Any) -> PackingSupport:
+    """Whether a (peft-wrapped or plain) HF causal LM gives exact log-probs when packed."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None:
+        return PackingSupport(False, f"{type(base).__name__} has no Hugging Face config")
+    model_type = str(getattr(config, "model_type", ""))
+    implementation = str(getattr(config, "_attn_implementation", None))
+    if model_type not in VERIFIED_MODEL_TYPES:
+        return PackingSupport(False, f"model_type {model_type!r} is not verified for packing")
+    if implementation not in MASKED_ATTENTION:
+        return PackingSupport(
+            False, f"attn_implementation {implementation!r} does not take a 4-D mask"
+        )
+    if _sliding_window(config):
+        return PackingSupport(False, "the model has sliding-window attention layers")
+    if getattr(config, "alibi", False):
+        return PackingSupport(False, "the model uses ALiBi position biases")
+    return PackingSupport(True)
+
+
+def _sliding_window(config: Any) -> bool:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return any(kind != "full_attention" for kind in layer_types)
+    if hasattr(config, "use_sliding_window"):  # Qwen2/Qwen3: a window only when enabled
+        return bool(config.use_sliding_window and getattr(config, "sliding_window", None))
+    return getattr(config, "sliding_window", None) is not None
+
+
+def packing_options(
+    model_args: Mapping[str, Any], model: Any, *, log: Callable[[str], None]
+) -> PackingOptions:
+    """`packing` / `prefix_sharing` (default: on where exact), `max_tokens_per_row` (None).
+
+    A default that is not exact falls back to padded rows with one log line; asking for it
+    explicitly on such a model is a ValueError saying why.
+    """
+    support = packing_support(model)
+    chosen = {}
+    for key in ("packing", "prefix_sharing"):
+        value = model_args.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"model_args {key} must be true or false, got {value!r}")
+        if value and not support.exact:
+            raise ValueError(
+                f"model_args {key}: true is not exact for this model ({support.reason}); "
+                f"set {key}: false"
+            )
+        chosen[key] = support.exact if value is None else value
+    budget = model_args.get("max_tokens_per_row")
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
+    ):
+        raise ValueError(f"model_args max_tokens_per_row must be an integer >= 1, got {budget!r}")
+    if not support.exact and any(model_args.get(k) is None for k in ("packing", "prefix_sharing")):
+        log(f"packing and prefix sharing off (padded rows): {support.reason}")
+    return PackingOptions(chosen["packing"], chosen["prefix_sharing"], budget)
