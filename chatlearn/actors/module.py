@@ -175,7 +175,7 @@ class BaseModule:
         """
         if self._checkpoint_dir is not None:
             return self._checkpoint_dir
-        from chatlearn.engine.checkpoint import (  # no torch: fine in an unpinned process
+        from chatlearn.actors.checkpoint_paths import (
             checkpoint_name,
             checkpoint_root,
             module_checkpoint_dir,

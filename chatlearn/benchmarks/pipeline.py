@@ -65,13 +65,11 @@ async def _measure(window: int | None, options: dict[str, Any], output_dir: str)
     try:
         engine = DPOEngine(SpinReference("reference"), SpinTrainer("policy_trainer"))
         engine.set_dataset(range(options["sample_per_episode"] * 2))
-        await engine.learn_async()
+        result = await engine.learn_async()
     finally:
         reset_args()
-    assert engine.pipeline is not None
-    first_last = engine.pipeline.timers.span()
-    assert first_last is not None
-    return options["episodes"] * options["sample_per_episode"] / (first_last[1] - first_last[0])
+    assert result.seconds is not None
+    return options["episodes"] * options["sample_per_episode"] / result.seconds
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")

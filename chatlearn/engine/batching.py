@@ -27,7 +27,7 @@ outputs must still be batch-first (the spec), so :func:`concat_outputs` rejects 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -157,15 +157,14 @@ def concat_outputs(
             )
         batch_size_of(out, what=f"{what} of chunk {i}")
         checked.append(out)
-    keys = list(checked[0].keys())
-    for i, out in enumerate(checked[1:], start=1):
-        if set(out.keys()) != set(keys):
-            missing = sorted(set(keys) - set(out.keys()))
-            extra = sorted(set(out.keys()) - set(keys))
-            raise ValueError(
-                f"{what} of chunk {i} has other keys than chunk 0 (missing {missing}, extra "
-                f"{extra}): every forward_step call must return the same keys"
-            )
+    keys = common_keys(
+        checked,
+        lambda i, keys: (
+            f"{what} of chunk {i} has other keys than chunk 0 (missing "
+            f"{sorted(set(keys) - set(checked[i]))}, extra {sorted(set(checked[i]) - set(keys))}"
+            "): every forward_step call must return the same keys"
+        ),
+    )
     joined: dict[str, Any] = {}
     for key in keys:
         values = [out[key] for out in checked]
@@ -326,13 +325,13 @@ def collate_samples(
     if not samples:
         raise ValueError("cannot collate an empty micro-batch")
     specs = normalize_padding_config(padding)
-    keys = list(samples[0].keys())
-    for i, sample in enumerate(samples[1:], start=1):
-        if set(sample.keys()) != set(keys):
-            raise ValueError(
-                f"sample {i} of the micro-batch has keys {sorted(sample)} but sample 0 has "
-                f"{sorted(keys)}: every reference output must have the same keys"
-            )
+    keys = common_keys(
+        samples,
+        lambda i, keys: (
+            f"sample {i} of the micro-batch has keys {sorted(samples[i])} but sample 0 has "
+            f"{sorted(keys)}: every reference output must have the same keys"
+        ),
+    )
     batch: dict[str, Any] = {}
     for key in keys:
         values = [sample[key] for sample in samples]
@@ -364,3 +363,16 @@ def gather_micro_batch(
     if missing:
         raise KeyError(f"buffer positions {missing} have not arrived")
     return collate_samples([buffer[p] for p in positions], padding)
+
+
+def common_keys(
+    items: Sequence[Mapping[str, Any]], mismatch: Callable[[int, list[str]], str]
+) -> list[str]:
+    """The keys of ``items[0]``, which every item must have exactly; else a ValueError with
+    ``mismatch(index of the first item that differs, those keys)``."""
+    keys = list(items[0].keys())
+    expected = set(keys)
+    for i in range(1, len(items)):
+        if items[i].keys() != expected:
+            raise ValueError(mismatch(i, keys))
+    return keys

@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatlearn.actors.checkpoint_paths import checkpoint_name
+
 logger = logging.getLogger("chatlearn.engine")
 
 FORMAT = "chatlearn-checkpoint"
@@ -46,26 +48,6 @@ _NAME = re.compile(r"^iter_(\d{7,})$")
 _STAGING_PREFIX = ".staging-"
 _HASH_CHUNK = 1 << 20
 HISTORY_KEPT = 1000  # per-step metrics kept in a checkpoint (for summaries, not for analysis)
-
-
-def checkpoint_root(runtime: Any) -> Path:
-    """Where a run's checkpoints live: ``data_checkpoint_path`` or ``output_path/checkpoints``."""
-    explicit = runtime.get("data_checkpoint_path", None)
-    if explicit:
-        return Path(explicit)
-    output = getattr(runtime, "output_path", None)
-    if output is None:  # a plain mapping rather than chatlearn's RuntimeConfig
-        output = os.path.join(runtime.get("output_dir", "./"), runtime.get("exp_name", "CHATLEARN"))
-    return Path(output) / "checkpoints"
-
-
-def checkpoint_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
-def module_checkpoint_dir(checkpoint: Path, model: str, rank: int) -> Path:
-    """The directory one model rank saves to inside a checkpoint (see ``checkpoint_dir()``)."""
-    return checkpoint / model / f"rank_{rank}"
 
 
 @dataclass(slots=True, kw_only=True)
@@ -82,6 +64,7 @@ class CoordinatorState:
     reason: str = "interval"  # interval, end, signal, request
     metrics: dict[str, Any] = field(default_factory=dict)  # metrics.jsonl path and its size
     history: list[dict[str, Any]] = field(default_factory=list)
+    first_step: dict[str, Any] = field(default_factory=dict)  # the run's first step's metrics
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)

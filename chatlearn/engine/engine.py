@@ -30,16 +30,18 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from chatlearn.actors import ActorDeadError, ActorSystem, BaseModule, ModelGroup
-from chatlearn.engine.checkpoint import CheckpointManager, checkpoint_root
+from chatlearn.actors.checkpoint_paths import checkpoint_root
+from chatlearn.engine.checkpoint import CheckpointManager
 from chatlearn.engine.interrupts import Interrupts, SignalGuard, interrupted
 from chatlearn.engine.metrics import MetricsSink
 from chatlearn.engine.pipeline import DPOPipeline, PipelineSettings, RunState
 from chatlearn.engine.progress import Progress, setup_logging
-from chatlearn.engine.replica import EVAL
+from chatlearn.engine.protocol import EVAL, ReferenceGroup, TrainerGroup
 from chatlearn.engine.run_checkpoints import RunCheckpoints
 from chatlearn.engine.sampler import EpisodeSampler
 
@@ -128,6 +130,41 @@ async def stream(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@dataclass(slots=True, kw_only=True, frozen=True)
+class LearnResult:
+    """What ``learn()`` returns: the run's figures, without reading the engine's internals.
+
+    ``steps`` and ``samples`` count the whole run (a resumed run includes what was trained
+    before the restart); ``throughput`` and ``overlap`` measure this process's training only
+    (None when nothing was left to train). ``train_first`` / ``train_last``: the metrics of the
+    run's first and last steps (empty if none); ``eval_first`` / ``eval_last`` likewise for the
+    evaluations.
+    """
+
+    steps: int
+    samples: int
+    train_first: dict[str, float] = field(default_factory=dict)
+    train_last: dict[str, float] = field(default_factory=dict)
+    eval_first: dict[str, float] = field(default_factory=dict)
+    eval_last: dict[str, float] = field(default_factory=dict)
+    samples_trained: int = 0  # by this process (steps it ran × global batch size)
+    seconds: float | None = None  # from the first reference chunk to the last step
+    throughput: float | None = None  # samples trained per second
+    overlap: float | None = None  # fraction of reference time hidden behind training
+    stopped: bool = False  # ended early on request_stop / a signal
+    checkpoint: Path | None = None  # the newest complete checkpoint of the run
+    output_path: Path | None = None
+    metrics_path: Path | None = None
+
+    @property
+    def train_loss_first(self) -> float | None:
+        return self.train_first.get("loss")
+
+    @property
+    def train_loss_last(self) -> float | None:
+        return self.train_last.get("loss")
+
+
 class _TrainerView:
     """``engine.trainer.iteration`` as in ChatLearn: optimizer steps so far."""
 
@@ -179,8 +216,9 @@ class DPOEngine(Engine):
         return self
 
     # -- training --------------------------------------------------------------------------
-    def learn(self) -> None:
-        """Train to the end (blocking). Inside a running event loop use ``await learn_async()``.
+    def learn(self) -> LearnResult:
+        """Train to the end (blocking) and return the run's figures. Inside a running event loop
+        use ``await learn_async()``.
 
         Raises ``TrainingInterrupted`` (a ``SystemExit`` with code 130 / 143) after a stop on
         SIGINT / SIGTERM; the event loop is closed by then.
@@ -194,18 +232,18 @@ class DPOEngine(Engine):
         from chatlearn.engine.interrupts import TrainingInterrupted
         from chatlearn.transport import run
 
-        async def learn_or_interrupted() -> TrainingInterrupted | None:
+        async def learn_or_interrupted() -> LearnResult | TrainingInterrupted:
             try:
-                await self.learn_async()
+                return await self.learn_async()
             except TrainingInterrupted as stop:  # raised outside the loop, once it is closed
                 return stop
-            return None
 
-        stop = run(learn_or_interrupted())
-        if stop is not None:
-            raise stop
+        outcome = run(learn_or_interrupted())
+        if isinstance(outcome, TrainingInterrupted):
+            raise outcome
+        return outcome
 
-    async def learn_async(self) -> RunState:
+    async def learn_async(self) -> LearnResult:
         """Train to the end inside the running event loop (see ``learn``)."""
         if self._datasets is None:
             raise ValueError("call engine.set_dataset(samples) before learn()")
@@ -224,14 +262,13 @@ class DPOEngine(Engine):
         self.pipeline = None
         self.checkpoints = None
         failure: BaseException | None = None
-        state = self.state
         try:
             with SignalGuard(interrupts.handle):
                 try:
                     self._phase = "starting"
                     await self.start()
                     self._phase = "training"
-                    state = await self._run(runtime, started)
+                    await self._run(runtime, started)
                 except (Exception, asyncio.CancelledError) as exc:
                     if not interrupts.requested:
                         raise
@@ -264,7 +301,41 @@ class DPOEngine(Engine):
                 f"the newest checkpoint is {last}" if last else "there is no checkpoint",
             )
             raise stop from failure
-        return state
+        return self.result()
+
+    def result(self) -> LearnResult:
+        """The figures of the last ``learn()`` (also what it returns)."""
+        state, pipeline = self.state, self.pipeline
+        runtime = self.global_args.runtime_args
+        output = Path(runtime.output_path)
+        evals = pipeline.eval_history if pipeline is not None else []
+        figures: dict[str, Any] = {}
+        span = pipeline.timers.span() if pipeline is not None else None
+        if pipeline is not None and span is not None:
+            timers = pipeline.timers
+            # one interval per step and rank
+            steps = timers[pipeline.trainer.name].num_intervals // max(1, len(pipeline.trainer))
+            trained = steps * pipeline.settings.global_batch_size
+            seconds = span[1] - span[0]
+            figures = {
+                "samples_trained": trained,
+                "seconds": seconds,
+                "throughput": trained / seconds if seconds > 0 else None,
+                "overlap": timers.overlap(pipeline.reference.name, pipeline.trainer.name),
+            }
+        return LearnResult(
+            steps=state.iteration,
+            samples=state.consumed_samples,
+            train_first=_metrics(state.first_step),
+            train_last=_metrics(state.history[-1] if state.history else {}),
+            eval_first=_metrics(evals[0] if evals else {}),
+            eval_last=_metrics(evals[-1] if evals else {}),
+            stopped=pipeline is not None and pipeline.stopped,
+            checkpoint=self.checkpoints.last if self.checkpoints is not None else None,
+            output_path=output,
+            metrics_path=output / "metrics.jsonl",
+            **figures,
+        )
 
     async def save_checkpoint(self) -> Path:
         """Write a checkpoint of the running ``learn`` and return its directory.
@@ -303,19 +374,15 @@ class DPOEngine(Engine):
             task.cancel()
 
     async def _run(self, runtime: Any, started: float) -> RunState:
-        reference = self.group(self.reference.name)
-        trainer = self.group(self.policy_trainer.name)
-        endpoints = await trainer.call_all("train.open_inbox")
-        await reference.call_all("ref.connect", endpoints)
-        sizes = (await reference.call_all("ref.build_datasets", self._datasets))[0]
+        reference = ReferenceGroup(self.group(self.reference.name))
+        trainer = TrainerGroup(self.group(self.policy_trainer.name))
+        await reference.connect(await trainer.open_inbox())
+        assert self._datasets is not None
+        sizes = await reference.build_datasets(self._datasets, "train")
         eval_size = 0
         if self._eval_dataset:
-            eval_size = (
-                await reference.call_all("ref.build_datasets", [self._eval_dataset], EVAL)
-            )[0][0]
-        dp: list[tuple[int, int]] = [
-            (int(x[0]), int(x[1])) for x in await trainer.call_all("train.data_parallel")
-        ]
+            eval_size = (await reference.build_datasets([self._eval_dataset], EVAL))[0]
+        dp = await trainer.data_parallel()
         sampler = EpisodeSampler(
             sizes,
             runtime.sample_per_episode,
@@ -372,7 +439,7 @@ class DPOEngine(Engine):
             trainer=trainer,
             sampler=sampler,
             state=self.state,
-            trainer_dp=dp,  # type: ignore[arg-type]
+            trainer_dp=dp,
             sink=sink,
             eval_size=eval_size,
             on_step=progress.update,
@@ -400,6 +467,10 @@ class DPOEngine(Engine):
             sink.path,
         )
         return self.state
+
+
+def _metrics(record: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in record.items() if k != "iteration"}
 
 
 def _steps_per_episode(settings: PipelineSettings) -> int:

@@ -56,8 +56,16 @@ from typing import Any
 
 from chatlearn.engine.checkpoint import HISTORY_KEPT
 from chatlearn.engine.metrics import MetricsSink, Timers
+from chatlearn.engine.protocol import (
+    EVAL,
+    Chunk,
+    ChunkDone,
+    ReferenceGroup,
+    Step,
+    StepDone,
+    TrainerGroup,
+)
 from chatlearn.engine.reference_cache import MIB, ReferenceCache, repeats_samples
-from chatlearn.engine.replica import EVAL
 from chatlearn.engine.sampler import EpisodeSampler, SampleIndex
 from chatlearn.engine.schedule import ChunkOrder, CreditWindow, EpisodeLayout, GroupSizer
 from chatlearn.engine.training_plan import EpisodePlan, TrainStep, plan_episode
@@ -99,7 +107,7 @@ class RunState:
     completed episodes (so a sampler rebuilt from it draws ``episode`` next), ``iteration`` the
     optimizer steps of the whole run. ``history`` holds the metrics of the last
     ``HISTORY_KEPT`` steps only: every step's are in metrics.jsonl, and a run of 100k steps must
-    not keep them all in memory.
+    not keep them all in memory; ``first_step`` keeps the run's first step (for its summary).
     """
 
     episode: int = 0
@@ -107,6 +115,7 @@ class RunState:
     iteration: int = 0
     step_in_episode: int = 0
     history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY_KEPT))
+    first_step: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.history, deque) or self.history.maxlen != HISTORY_KEPT:
@@ -120,8 +129,8 @@ class DPOPipeline:
         self,
         settings: PipelineSettings,
         *,
-        reference: Any,
-        trainer: Any,
+        reference: ReferenceGroup,
+        trainer: TrainerGroup,
         sampler: EpisodeSampler,
         state: RunState,
         trainer_dp: list[tuple[int, int]],
@@ -244,10 +253,10 @@ class DPOPipeline:
         self.running = True
         tasks = [
             asyncio.create_task(
-                self._reference_loop(replica_id, ranks, episodes),
+                self._reference_loop(replica_id, episodes),
                 name=f"DPOPipeline._reference_loop[{replica_id}]",
             )
-            for replica_id, ranks in enumerate(self.reference.replicas)
+            for replica_id in range(len(self.reference.replicas))
         ]
         train = asyncio.create_task(self._train_loop(episodes), name="DPOPipeline._train_loop")
         tasks.append(train)
@@ -277,7 +286,7 @@ class DPOPipeline:
             self._checkpoint_requests = []
         return self.state
 
-    async def _reference_loop(self, replica_id: int, ranks: list[Any], episodes: range) -> None:
+    async def _reference_loop(self, replica_id: int, episodes: range) -> None:
         """Consumes this replica's chunks; produces reference outputs at the trainers."""
         inflight = asyncio.Semaphore(self.settings.max_inflight_orders)
         async with asyncio.TaskGroup() as orders:
@@ -286,7 +295,7 @@ class DPOPipeline:
                     await self._event(self._trained, episode - 1).wait()
                 layout = self.layout(episode)
                 # queued at the replica behind the previous episode's orders, not awaited
-                orders.create_task(_call_ranks(ranks, "ref.begin_episode", episode))
+                orders.create_task(self.reference.begin_episode(replica_id, episode))
                 chunks = layout.chunks[replica_id]
                 next_chunk = 0
                 while next_chunk < len(chunks):
@@ -310,10 +319,10 @@ class DPOPipeline:
                         self.reference_cache.reused += len(filled)
                         orders.create_task(self._fill(episode, filled, num_filled))
                     if work:
-                        orders.create_task(self._forward(ranks, work, inflight))
+                        orders.create_task(self._forward(replica_id, work, inflight))
                     else:
                         inflight.release()
-                orders.create_task(_call_ranks(ranks, "ref.end_episode"))
+                orders.create_task(self.reference.end_episode(replica_id))
 
     def _ready_chunks(self, episode: int, chunks: list[ChunkOrder], first: int) -> list[ChunkOrder]:
         """``chunks[first]`` (its credit acquired) and the next ones whose credit is there too,
@@ -326,33 +335,28 @@ class DPOPipeline:
 
     async def _forward(
         self,
-        ranks: list[Any],
+        replica_id: int,
         work: list[tuple[ChunkOrder, list[tuple[int, SampleIndex]], bool]],
         inflight: asyncio.Semaphore,
     ) -> None:
         """One order of ``forward_step`` calls, one per chunk of ``work``: (chunk, its samples
         not in the cache, whether the trainers keep their outputs)."""
         try:
-            orders = []
-            for chunk, misses, flagged in work:
-                positions = tuple(position for position, _ in misses)
-                indices = tuple(index for _, index in misses)
-                order = _order_payload(chunk.episode_id, positions, indices, "train")
-                order["cache"] = flagged
-                orders.append(order)
+            chunks = [
+                _chunk(chunk.episode_id, misses, "train", cache=flagged)
+                for chunk, misses, flagged in work
+            ]
             self.num_forward_orders += 1
-            results = await _call_ranks(ranks, "ref.forward_chunks", orders)
+            results: list[list[ChunkDone]] = await self.reference.forward(replica_id, chunks)
         finally:
             inflight.release()
         timer = self.timers[self.reference.name]
         for per_chunk in results:
             # the chunks ran back to back in one trip to the compute thread: one interval
-            timer.add(per_chunk[0]["start"], per_chunk[-1]["end"])
-        self._forward_sizes.observe(
-            sum(r["end"] - r["start"] for r in results[-1]), len(results[-1])
-        )
+            timer.add(per_chunk[0].start, per_chunk[-1].end)
+        self._forward_sizes.observe(sum(r.end - r.start for r in results[-1]), len(results[-1]))
         for number, (chunk, misses, flagged) in enumerate(work):
-            nbytes = max(per_chunk[number].get("nbytes", 0) for per_chunk in results)
+            nbytes = max(per_chunk[number].nbytes for per_chunk in results)
             self.reference_cache.reported(len(misses), nbytes, flagged=flagged)
             self._chunk_done(chunk.episode_id)
 
@@ -363,9 +367,7 @@ class DPOPipeline:
         ``num_chunks_done`` chunks (those with nothing to compute)."""
         positions = [position for position, _ in work]
         indices = [[index.dataset_id, index.row] for _, index in work]
-        await asyncio.gather(
-            *(handle.call("train.fill", episode, positions, indices) for handle in self.trainer)
-        )
+        await self.trainer.fill(episode, positions, indices)
         for _ in range(num_chunks_done):
             self._chunk_done(episode)
 
@@ -403,7 +405,7 @@ class DPOPipeline:
                 settings.num_episode,
                 f" (resuming after step {skip} of {len(plan.steps)})" if skip else "",
             )
-            await self.trainer.call_all("train.begin_episode", episode)
+            await self.trainer.begin_episode(episode)
             if settings.window_samples is None and not await self._until(
                 self._event(self._produced, episode)
             ):
@@ -421,7 +423,7 @@ class DPOPipeline:
             self._trained.pop(episode - 1, None)
             self._produced.pop(episode, None)
             del self._layouts[episode]
-            await self.trainer.call_all("train.end_episode")
+            await self.trainer.end_episode()
             evaluated = None
             interval = settings.eval_episode_interval
             if self.eval_size and interval and (episode + 1) % interval == 0:
@@ -441,7 +443,7 @@ class DPOPipeline:
             produced = plan.steps[skip - 1].max_required_position + 1
             await self._window.release_through(self._global(episode, produced))
         steps = plan.steps[skip:]
-        pending: deque[tuple[tuple[TrainStep, ...], asyncio.Future[list[Any]]]] = deque()
+        pending: deque[tuple[tuple[TrainStep, ...], asyncio.Future[list[list[StepDone]]]]] = deque()
         try:
             next_step = 0
             while next_step < len(steps):
@@ -456,20 +458,19 @@ class DPOPipeline:
                 produced = max(produced, group[-1].max_required_position + 1)
                 release_before = episode if group[0].step_in_episode == 0 else None
                 iteration = self.state.iteration + sum(len(g) for g, _ in pending)
-                calls = [
-                    handle.call(
-                        "train.train_steps",
-                        episode,
-                        [
-                            [[list(mb) for mb in step.for_rank(dp_rank)], iteration + number]
-                            for number, step in enumerate(group)
-                        ],
-                        release_before,
-                    )
-                    for handle, (dp_rank, _) in zip(self.trainer, self.trainer_dp, strict=True)
+                per_rank = [
+                    [
+                        Step(
+                            micro_batches=[list(mb) for mb in step.for_rank(dp_rank)],
+                            iteration=iteration + number,
+                        )
+                        for number, step in enumerate(group)
+                    ]
+                    for dp_rank, _ in self.trainer_dp
                 ]
+                sent = self.trainer.train(episode, per_rank, release_before)
                 self.num_train_calls += 1
-                pending.append((group, asyncio.ensure_future(asyncio.gather(*calls))))
+                pending.append((group, asyncio.ensure_future(sent)))
                 if len(pending) >= 2:
                     await self._finish_steps(*pending.popleft())
             while pending:
@@ -489,16 +490,16 @@ class DPOPipeline:
         return step_group(steps, first, produced, most=self._train_sizes.size(), room=room)
 
     async def _finish_steps(
-        self, group: tuple[TrainStep, ...], task: asyncio.Future[list[Any]]
+        self, group: tuple[TrainStep, ...], task: asyncio.Future[list[list[StepDone]]]
     ) -> None:
         per_rank = await task  # per rank: one result per step of the group
         timer = self.timers[self.trainer.name]
-        self._train_sizes.observe(sum(r["end"] - r["start"] for r in per_rank[0]), len(per_rank[0]))
+        self._train_sizes.observe(sum(r.end - r.start for r in per_rank[0]), len(per_rank[0]))
         for number, step in enumerate(group):
             results = [rank_results[number] for rank_results in per_rank]
             for result in results:
-                timer.add(result["start"], result["end"])
-            timer.wait_seconds += max(result["wait"] for result in results)
+                timer.add(result.start, result.end)
+            timer.wait_seconds += max(result.wait for result in results)
             self._step_done(step, results)
         first_pass = [step for step in group if step.epoch == 0]
         if first_pass:
@@ -507,8 +508,8 @@ class DPOPipeline:
                 self._global(last.episode_id, last.max_required_position + 1)
             )
 
-    def _step_done(self, step: TrainStep, results: list[dict[str, Any]]) -> None:
-        metrics = _mean_over_ranks([r["metrics"] for r in results])
+    def _step_done(self, step: TrainStep, results: list[StepDone]) -> None:
+        metrics = _mean_over_ranks([r.metrics for r in results])
         self.state.iteration += 1
         self.state.step_in_episode += 1
         if self.sink is not None:
@@ -516,6 +517,8 @@ class DPOPipeline:
         if self.on_step is not None:
             self.on_step(self.settings.global_batch_size, metrics)
         self.state.history.append({"iteration": self.state.iteration, **metrics})
+        if not self.state.first_step:
+            self.state.first_step = self.state.history[-1]
 
     # -- evaluation ------------------------------------------------------------------------
     async def evaluate(self) -> dict[str, float]:
@@ -526,15 +529,11 @@ class DPOPipeline:
         size, micro = self.eval_size, self.settings.micro_batch_size
         dp_size = self.trainer_dp[0][1]
         shares = [list(range(size))[r::dp_size] for r in range(dp_size)]
-        calls = []
-        for handle, (dp_rank, _) in zip(self.trainer, self.trainer_dp, strict=True):
-            share = shares[dp_rank]
-            calls.append(
-                handle.call(
-                    "train.evaluate", [share[i : i + micro] for i in range(0, len(share), micro)]
-                )
-            )
-        results = await asyncio.gather(*calls)
+        per_rank = [
+            [shares[dp_rank][i : i + micro] for i in range(0, len(shares[dp_rank]), micro)]
+            for dp_rank, _ in self.trainer_dp
+        ]
+        results = await self.trainer.evaluate(per_rank)
         # every rank of a data-parallel group evaluates the same share: count each share once
         seen: set[int] = set()
         sums: dict[str, float] = {}
@@ -543,8 +542,8 @@ class DPOPipeline:
             if dp_rank in seen:
                 continue
             seen.add(dp_rank)
-            count += result["count"]
-            for key, value in result["sums"].items():
+            count += result.count
+            for key, value in result.sums.items():
                 sums[key] = sums.get(key, 0.0) + value
         metrics = {key: value / max(count, 1) for key, value in sums.items()}
         self.eval_history.append({"iteration": self.state.iteration, **metrics})
@@ -554,18 +553,19 @@ class DPOPipeline:
 
     async def _eval_reference(self) -> None:
         chunk = self.settings.generation_batch_size or self.eval_size
-        replicas = self.reference.replicas
-        orders: list[list[dict[str, Any]]] = [[] for _ in replicas]
+        num_replicas = len(self.reference.replicas)
+        orders: list[list[Chunk]] = [[] for _ in range(num_replicas)]
         for number, start in enumerate(range(0, self.eval_size, chunk)):
-            positions = tuple(range(start, min(start + chunk, self.eval_size)))
-            indices = tuple(SampleIndex(0, p) for p in positions)
-            orders[number % len(replicas)].append(_order_payload(EVAL, positions, indices, EVAL))
+            samples = [
+                (p, SampleIndex(0, p)) for p in range(start, min(start + chunk, self.eval_size))
+            ]
+            orders[number % num_replicas].append(_chunk(EVAL, samples, EVAL))
 
-        async def run(ranks: list[Any], work: list[dict[str, Any]]) -> None:
+        async def run(replica: int, work: list[Chunk]) -> None:
             for order in work:
-                await _call_ranks(ranks, "ref.forward", order)
+                await self.reference.forward(replica, [order])
 
-        await asyncio.gather(*(run(r, w) for r, w in zip(replicas, orders, strict=True)))
+        await asyncio.gather(*(run(r, w) for r, w in enumerate(orders)))
 
     def _episode_summary(self, episode: int, started: float, evaluated: dict | None) -> None:
         now = time.time()
@@ -610,20 +610,17 @@ def _brief(metrics: dict[str, float], at_most: int = 4) -> str:
     return ", ".join(f"{k} {metrics[k]:.4g}" for k in keys[:at_most])
 
 
-async def _call_ranks(ranks: list[Any], method: str, *args: Any) -> list[Any]:
-    """Call every rank of one replica (model-parallel ranks all take part in a step)."""
-    return await asyncio.gather(*(handle.call(method, *args) for handle in ranks))
-
-
-def _order_payload(
-    episode: Any, positions: tuple[int, ...], indices: tuple[SampleIndex, ...], kind: str
-) -> dict[str, Any]:
-    return {
-        "episode": episode,
-        "positions": list(positions),
-        "indices": [[i.dataset_id, i.row] for i in indices],
-        "kind": kind,
-    }
+def _chunk(
+    episode: int | str, samples: list[tuple[int, SampleIndex]], split: str, cache: bool = False
+) -> Chunk:
+    """A ``forward_step`` chunk of ``samples`` (buffer position, sample index)."""
+    return Chunk(
+        episode=episode,
+        positions=[position for position, _ in samples],
+        indices=[[index.dataset_id, index.row] for _, index in samples],
+        split=split,
+        cache=cache,
+    )
 
 
 def step_group(

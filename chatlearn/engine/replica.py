@@ -1,8 +1,9 @@
 """The engine's code inside actor processes: reference replicas and trainer ranks.
 
 The coordinator (``pipeline.py``) starts these as worker services (``chatlearn.actors``), so they
-live next to the user's module in its process and are called as ``"ref.<method>"`` and
-``"train.<method>"``.
+live next to the user's module in its process. Each has one entry point, ``handle``, which takes
+an order of the engine protocol (``protocol.py``), decodes it strictly (a malformed or unknown
+order raises ``ProtocolError`` naming the message type) and dispatches on its type.
 
 - :class:`ReferenceService` builds the datasets (the module's ``build_dataset``), and for every
   work order collates the samples it names (the dataset's ``collate_fn`` if it has one), runs
@@ -26,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from chatlearn.actors.checkpoint_paths import module_checkpoint_dir
 from chatlearn.actors.module import invoke
 from chatlearn.engine.batching import (
     batch_size_of,
@@ -38,14 +40,64 @@ from chatlearn.engine.batching import (
     gather_micro_batch,
     split_per_sample,
 )
+from chatlearn.engine.protocol import (
+    EVAL,
+    REFERENCE_ORDERS,
+    TRAINER_ORDERS,
+    BeginEpisode,
+    BuildDatasets,
+    Chunk,
+    ChunkDone,
+    Connect,
+    DataParallel,
+    DatasetSizes,
+    EndEpisode,
+    Evaluate,
+    Evaluated,
+    Fill,
+    Forward,
+    ForwardDone,
+    Inbox,
+    Interval,
+    LoadCheckpoint,
+    Message,
+    OpenInbox,
+    QueryDataParallel,
+    Resume,
+    SaveCheckpoint,
+    Step,
+    StepDone,
+    Train,
+    Trained,
+    decode,
+    encode,
+)
 from chatlearn.transport import DataReceiver, DataSender
 
 logger = logging.getLogger("chatlearn.engine")
 
-EVAL = "eval"  # buffer key of the evaluation outputs
+Handler = Callable[[Any], Awaitable[Message | None]]
 
 
-class _EpisodeHooks:
+class _Dispatch:
+    """One entry point per service: ``handle(order)`` decodes and runs the order's handler."""
+
+    orders: tuple[type[Message], ...]
+    role: str
+    handlers: dict[type[Message], Handler]
+
+    async def handle(self, payload: Any) -> dict[str, Any] | None:
+        """Run one order of the engine protocol (``protocol.py``); returns its encoded result.
+
+        Decoding and dispatch do not suspend: the handler starts as the order arrives, so what
+        it queues on the compute thread is queued in arrival order, as before any typed layer.
+        """
+        order = decode(payload, self.orders, where=self.role)
+        result = await self.handlers[type(order)](order)
+        return None if result is None else encode(result)
+
+
+class _EpisodeHooks(_Dispatch):
     """Episode hooks as ``async`` service calls, so that they reach the compute thread in the
     same order as the (also ``async``) forward and train orders sent before them: a plain call
     is queued the moment it arrives, ahead of async calls that arrived earlier."""
@@ -53,12 +105,20 @@ class _EpisodeHooks:
     module: Any
     ctx: Any
 
-    async def begin_episode(self, episode: int) -> None:
+    async def begin_episode(self, order: BeginEpisode) -> None:
         """Set the module's episode counter and run its ``before_episode``."""
-        await self.ctx.run_compute(self._begin_episode, episode)
+        await self.ctx.run_compute(self._begin_episode, order.episode)
 
-    async def end_episode(self) -> None:
+    async def end_episode(self, order: EndEpisode) -> None:
         await self.ctx.run_compute(self.module.after_episode)
+
+    async def data_parallel(self, order: QueryDataParallel) -> DataParallel:
+        return await self.ctx.run_compute(self._data_parallel)
+
+    def _data_parallel(self) -> DataParallel:
+        return DataParallel(
+            rank=int(self.module.data_parallel_rank), size=int(self.module.data_parallel_size)
+        )
 
     def _begin_episode(self, episode: int) -> None:
         self.module._episode_id = episode
@@ -68,16 +128,30 @@ class _EpisodeHooks:
 class ReferenceService(_EpisodeHooks):
     """A reference replica's side of the pipeline (service name ``ref``)."""
 
+    orders = REFERENCE_ORDERS
+    role = "an order to a reference replica"
+
     def __init__(self, module: Any, ctx: Any) -> None:
         self.module = module
         self.ctx = ctx
         self.datasets: dict[str, list[Any]] = {}
         self.senders: list[DataSender] = []
+        self.handlers = {
+            Connect: self.connect,
+            BuildDatasets: self.build_datasets,
+            QueryDataParallel: self.data_parallel,
+            BeginEpisode: self.begin_episode,
+            EndEpisode: self.end_episode,
+            Forward: self.forward,
+            Resume: self.resume,
+        }
 
-    def build_datasets(
-        self, sample_lists: Sequence[Sequence[Any]], kind: str = "train"
-    ) -> list[int]:
+    async def build_datasets(self, order: BuildDatasets) -> DatasetSizes:
         """``build_dataset`` over each list of raw samples; returns the dataset sizes."""
+        sizes = await self.ctx.run_compute(self._build_datasets, order.sample_lists, order.split)
+        return DatasetSizes(sizes=sizes)
+
+    def _build_datasets(self, sample_lists: Sequence[Sequence[Any]], kind: str) -> list[int]:
         datasets = []
         for samples in sample_lists:
             dataset = self.module.build_dataset(list(samples), is_eval=kind == EVAL)
@@ -90,57 +164,53 @@ class ReferenceService(_EpisodeHooks):
         self.datasets[kind] = datasets
         return [len(d) for d in datasets]
 
-    async def connect(self, endpoints: Sequence[str], hwm: int = 64) -> None:
+    async def connect(self, order: Connect) -> None:
         """Connect one PUSH socket to every trainer rank's inbox."""
         for sender in self.senders:
             sender.close()
         self.senders = [
-            DataSender(endpoint, bind=False, hwm=hwm, context=self.ctx.zmq_context)
-            for endpoint in endpoints
+            DataSender(endpoint, bind=False, hwm=order.hwm, context=self.ctx.zmq_context)
+            for endpoint in order.endpoints
         ]
 
-    async def forward(self, order: Mapping[str, Any]) -> dict[str, float]:
-        """Run one work order (one ``forward_step`` chunk) and send its output to the trainers.
-
-        ``order``: ``episode`` (an int, or "eval"), ``positions``, ``indices`` ([dataset, row]
-        pairs), ``kind`` ("train" or "eval"). Returns the compute interval for the timers.
-        """
-        return (await self.forward_chunks([order]))[0]
-
-    async def forward_chunks(self, orders: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
-        """Several work orders of one episode, one ``forward_step`` each, in one call.
+    async def forward(self, order: Forward) -> ForwardDone:
+        """The order's chunks of one episode, one ``forward_step`` each, in one call; their
+        outputs go to every trainer's inbox in one message.
 
         The coordinator groups chunks only when they are cheap (``schedule.GroupSizer``): one
         trip to the compute thread and one message to each trainer then carry them all, since
-        per-message costs would otherwise exceed the work. Returns one result per order.
+        per-message costs would otherwise exceed the work. Returns one result per chunk.
         """
-        computed = await self.ctx.run_compute(self._compute_all, orders)
+        chunks = order.chunks
+        computed = await self.ctx.run_compute(self._compute_all, chunks)
         if not self.module.is_last_rank():  # model-parallel peers: no output
-            return [{"start": start, "end": end, "sent": end} for start, _, end in computed]
+            return ForwardDone(
+                chunks=[ChunkDone(start=start, end=end, sent=end) for start, _, end in computed]
+            )
         parts = []
-        for order, (_, output, _) in zip(orders, computed, strict=True):
-            part = {"positions": order["positions"], "data": output}
-            if order.get("cache"):
-                part["cache"] = order["indices"]  # the trainers keep these outputs for reuse
+        for chunk, (_, output, _) in zip(chunks, computed, strict=True):
+            part = {"positions": chunk.positions, "data": output}
+            if chunk.cache:
+                part["cache"] = chunk.indices  # the trainers keep these outputs for reuse
             parts.append(part)
-        message = {"episode": orders[0]["episode"], "parts": join_parts(parts)}
+        message = {"episode": chunks[0].episode, "parts": join_parts(parts)}
         for sender in self.senders:
             await sender.send(message)
         sent = time.time()
-        return [
-            {"start": start, "end": end, "sent": sent, "nbytes": _nbytes(output)}
-            for start, output, end in computed
-        ]
+        return ForwardDone(
+            chunks=[
+                ChunkDone(start=start, end=end, sent=sent, nbytes=_nbytes(output))
+                for start, output, end in computed
+            ]
+        )
 
-    def _compute_all(
-        self, orders: Sequence[Mapping[str, Any]]
-    ) -> list[tuple[float, dict[str, Any], float]]:
-        return [self._compute(order) for order in orders]
+    def _compute_all(self, chunks: Sequence[Chunk]) -> list[tuple[float, dict[str, Any], float]]:
+        return [self._compute(chunk) for chunk in chunks]
 
-    def _compute(self, order: Mapping[str, Any]) -> tuple[float, dict[str, Any], float]:
+    def _compute(self, chunk: Chunk) -> tuple[float, dict[str, Any], float]:
         start = time.time()
-        datasets = self.datasets[order.get("kind", "train")]
-        samples = [datasets[dataset_id][row] for dataset_id, row in order["indices"]]
+        datasets = self.datasets[chunk.split]
+        samples = [datasets[dataset_id][row] for dataset_id, row in chunk.indices]
         collate = getattr(datasets[0], "collate_fn", None)
         batch = collate(samples) if callable(collate) else collate_samples(samples)
         output = invoke(self.module, "forward_step", (batch,))
@@ -151,22 +221,19 @@ class ReferenceService(_EpisodeHooks):
             )
         output = concat_outputs([dict(output)], what=what)
         size = batch_size_of(output, what=what)
-        if size != len(order["positions"]):
+        if size != len(chunk.positions):
             raise ValueError(
-                f"{what} has batch size {size} for a chunk of {len(order['positions'])} samples; "
+                f"{what} has batch size {size} for a chunk of {len(chunk.positions)} samples; "
                 "every value must be batch-first (row i belongs to sample i)"
             )
         return start, output, time.time()
 
-    def data_parallel(self) -> tuple[int, int]:
-        return self.module.data_parallel_rank, self.module.data_parallel_size
-
-    async def resume(self, episode: int, forward_calls: int) -> None:
+    async def resume(self, order: Resume) -> None:
         """The run continues a checkpoint: set ``resume_training`` and the counters."""
         await self.ctx.run_compute(
             self.module._set_runtime_state,
-            episode_id=episode,
-            iteration=forward_calls,
+            episode_id=order.episode,
+            iteration=order.forward_calls,
             resume_training=True,
         )
 
@@ -179,9 +246,23 @@ class ReferenceService(_EpisodeHooks):
 class TrainerService(_EpisodeHooks):
     """A trainer rank's side of the pipeline (service name ``train``)."""
 
+    orders = TRAINER_ORDERS
+    role = "an order to a trainer rank"
+
     def __init__(self, module: Any, ctx: Any) -> None:
         self.module = module
         self.ctx = ctx
+        self.handlers = {
+            OpenInbox: self.open_inbox,
+            QueryDataParallel: self.data_parallel,
+            BeginEpisode: self.begin_episode,
+            EndEpisode: self.end_episode,
+            Fill: self.fill,
+            Train: self.train,
+            Evaluate: self.evaluate,
+            SaveCheckpoint: self.save_checkpoint,
+            LoadCheckpoint: self.load_checkpoint,
+        }
         self.buffers: dict[Any, dict[int, dict[str, Any]]] = {}
         # reference outputs kept for samples that come back (reference_cache.py)
         self.cache: dict[tuple[int, int], dict[str, Any]] = {}
@@ -192,7 +273,7 @@ class TrainerService(_EpisodeHooks):
         self._compute_free_since = 0.0  # end of the last train/eval compute
         self._last_step_queued: asyncio.Future[None] | None = None  # done once it is queued
 
-    async def open_inbox(self, hwm: int = 64) -> str:
+    async def open_inbox(self, order: OpenInbox) -> Inbox:
         """Bind this rank's inbox and start receiving; returns the endpoint to connect to."""
         if self.receiver is None:
             name = f"inbox-{self.ctx.model}-{self.ctx.rank}"
@@ -201,12 +282,12 @@ class TrainerService(_EpisodeHooks):
             self.receiver = DataReceiver(
                 self.ctx.ipc_endpoint(name),
                 bind=True,
-                hwm=hwm,
+                hwm=order.hwm,
                 context=self.ctx.zmq_context,
                 drop_malformed=False,
             )
             self._receive_task = asyncio.create_task(self._receive_loop(), name="inbox")
-        return self.receiver.endpoint
+        return Inbox(endpoint=self.receiver.endpoint)
 
     async def _receive_loop(self) -> None:
         """Consumes the inbox; produces buffer entries; wakes the train calls that wait."""
@@ -248,15 +329,14 @@ class TrainerService(_EpisodeHooks):
             raise RuntimeError(f"the trainer inbox got a broken message: {self._failure}")
         return time.time() - start
 
-    async def fill(
-        self, episode: int, positions: Sequence[int], indices: Sequence[Sequence[int]]
-    ) -> None:
+    async def fill(self, order: Fill) -> None:
         """Put cached reference outputs (of ``indices``) at ``positions`` of ``episode``.
 
         The outputs may still be on their way (the order that computes them was sent just
         before): wait for them like a train step waits for its positions.
         """
-        keys = [(int(d), int(r)) for d, r in indices]
+        episode, positions = order.episode, order.positions
+        keys = [(int(d), int(r)) for d, r in order.indices]
         needed = set(keys)
         if not self.cache.keys() >= needed:
             async with self._arrived:
@@ -270,31 +350,15 @@ class TrainerService(_EpisodeHooks):
         async with self._arrived:
             self._arrived.notify_all()
 
-    async def train(
-        self,
-        episode: int,
-        micro_batches: Sequence[Sequence[int]],
-        iteration: int,
-        release_before: int | None = None,
-    ) -> dict[str, Any]:
-        """One ``train_step`` over the micro-batches (lists of buffer positions) of ``episode``.
-
-        ``release_before``: drop the buffers of episodes before it (they are fully trained).
-        """
-        return (await self.train_steps(episode, [[micro_batches, iteration]], release_before))[0]
-
-    async def train_steps(
-        self,
-        episode: int,
-        steps: Sequence[Sequence[Any]],
-        release_before: int | None = None,
-    ) -> list[dict[str, Any]]:
-        """Consecutive steps of ``episode`` in one call, each ``[micro_batches, iteration]``.
+    async def train(self, order: Train) -> Trained:
+        """Consecutive ``train_step`` calls of one episode, each over its micro-batches (lists
+        of buffer positions); ``release_before``: drop the buffers of the episodes before it.
 
         The coordinator groups steps only when they are cheap (``schedule.GroupSizer``): they
         then wait for all their samples and run in one trip to the compute thread. Returns one
         result per step; the group's data wait is the first step's.
         """
+        episode, steps, release_before = order.episode, order.steps, order.release_before
         if release_before is not None:
             for key in [k for k in self.buffers if isinstance(k, int) and k < release_before]:
                 del self.buffers[key]
@@ -307,7 +371,7 @@ class TrainerService(_EpisodeHooks):
         try:
             arrived = time.time()
             await self._wait_for(
-                episode, (p for micro_batches, _ in steps for mb in micro_batches for p in mb)
+                episode, (p for step in steps for mb in step.micro_batches for p in mb)
             )
             ready = time.time()
             if previous is not None:
@@ -319,19 +383,21 @@ class TrainerService(_EpisodeHooks):
         # Data wait that left the compute thread idle: the call arrives while the previous step
         # still runs (the coordinator keeps one queued), and waiting then costs nothing.
         waited = max(0.0, ready - max(arrived, free_since))
-        return [
-            {"start": start, "end": end, "wait": waited if i == 0 else 0.0, "metrics": metrics}
-            for i, (start, metrics, end) in enumerate(results)
-        ]
+        return Trained(
+            steps=[
+                StepDone(start=start, end=end, wait=waited if i == 0 else 0.0, metrics=metrics)
+                for i, (start, metrics, end) in enumerate(results)
+            ]
+        )
 
     def _train_all(
-        self, episode: int, steps: Sequence[Sequence[Any]]
+        self, episode: int, steps: Sequence[Step]
     ) -> tuple[list[tuple[float, dict[str, float], float]], float]:
         """The steps on the compute thread; also returns when that thread became free."""
         free_since = self._compute_free_since
         buffer = self.buffers[episode]
         padding = self.module.padding_config()
-        results = [self._train(buffer, padding, mbs, iteration) for mbs, iteration in steps]
+        results = [self._train(buffer, padding, s.micro_batches, s.iteration) for s in steps]
         return results, free_since
 
     def _train(
@@ -349,12 +415,12 @@ class TrainerService(_EpisodeHooks):
         self._compute_free_since = end = time.time()
         return start, _numeric_metrics(result), end
 
-    async def evaluate(self, batches: Sequence[Sequence[int]]) -> dict[str, Any]:
+    async def evaluate(self, order: Evaluate) -> Evaluated:
         """``eval_step`` on each batch of eval positions; returns sample-weighted sums."""
-        await self._wait_for(EVAL, (p for batch in batches for p in batch))
-        return await self.ctx.run_compute(self._evaluate, batches)
+        await self._wait_for(EVAL, (p for batch in order.batches for p in batch))
+        return await self.ctx.run_compute(self._evaluate, order.batches)
 
-    def _evaluate(self, batches: Sequence[Sequence[int]]) -> dict[str, Any]:
+    def _evaluate(self, batches: Sequence[Sequence[int]]) -> Evaluated:
         start = time.time()
         buffer = self.buffers[EVAL]
         padding = self.module.padding_config()
@@ -367,29 +433,26 @@ class TrainerService(_EpisodeHooks):
                 sums[key] = sums.get(key, 0.0) + value * len(positions)
             count += len(positions)
         self._compute_free_since = end = time.time()
-        return {"sums": sums, "count": count, "start": start, "end": end}
-
-    def data_parallel(self) -> tuple[int, int]:
-        return self.module.data_parallel_rank, self.module.data_parallel_size
+        return Evaluated(sums=sums, count=count, start=start, end=end)
 
     # -- checkpoints -----------------------------------------------------------------------
-    async def save_checkpoint(self, checkpoint: str, iteration: int) -> dict[str, float]:
-        """The module's ``save_checkpoint(iteration)`` into its directory of ``checkpoint``."""
-        return await self.ctx.run_compute(self._checkpoint_call, "save", checkpoint, iteration)
+    async def save_checkpoint(self, order: SaveCheckpoint) -> Interval:
+        """The module's ``save_checkpoint(iteration)`` into its directory of the checkpoint."""
+        return await self.ctx.run_compute(
+            self._checkpoint_call, "save", order.path, order.iteration
+        )
 
-    async def load_checkpoint(self, checkpoint: str, iteration: int, episode: int) -> None:
-        """Continue from ``checkpoint``: counters, ``resume_training``, ``load_checkpoint``."""
+    async def load_checkpoint(self, order: LoadCheckpoint) -> None:
+        """Continue from the checkpoint: counters, ``resume_training``, ``load_checkpoint``."""
         await self.ctx.run_compute(
             self.module._set_runtime_state,
-            episode_id=episode,
-            train_iteration=iteration,
+            episode_id=order.episode,
+            train_iteration=order.iteration,
             resume_training=True,
         )
-        await self.ctx.run_compute(self._checkpoint_call, "load", checkpoint, iteration)
+        await self.ctx.run_compute(self._checkpoint_call, "load", order.path, order.iteration)
 
-    def _checkpoint_call(self, kind: str, checkpoint: str, iteration: int) -> dict[str, float]:
-        from chatlearn.engine.checkpoint import module_checkpoint_dir
-
+    def _checkpoint_call(self, kind: str, checkpoint: str, iteration: int) -> Interval:
         start = time.time()
         directory = module_checkpoint_dir(Path(checkpoint), self.module.name, self.ctx.rank)
         if kind == "save":
@@ -399,7 +462,7 @@ class TrainerService(_EpisodeHooks):
             invoke(self.module, f"{kind}_checkpoint", (), {"iteration": iteration})
         finally:
             self.module._checkpoint_dir = None
-        return {"start": start, "end": time.time()}
+        return Interval(start=start, end=time.time())
 
     async def close(self) -> None:
         if self._receive_task is not None:

@@ -2,12 +2,12 @@
 
 ``DPOEngine`` builds one :class:`RunCheckpoints` per run, once the models are up and the datasets
 are built. To save, it asks every trainer rank to run its module's ``save_checkpoint`` into a
-staging directory (``train.save_checkpoint``), then writes the coordinator's state beside it and
+staging directory (``protocol.SaveCheckpoint``), then writes the coordinator's state beside it and
 commits the directory atomically (``checkpoint.CheckpointManager.commit``). To resume, it picks
 the checkpoint (the newest complete one, or ``load_data_checkpoint_iteration``), checks that the
 data settings did not change (the sampler refuses otherwise) and warns about changed training
 settings, rewinds ``metrics.jsonl`` to the checkpoint, and has every trainer rank load its part
-(``train.load_checkpoint``) and every reference replica set ``resume_training``.
+(``protocol.LoadCheckpoint``) and every reference replica set ``resume_training``.
 
 The state saved is the pipeline's ``RunState`` between two steps (see ``checkpoint.py``): the
 sampler's own position is ahead of it (the reference runs ahead), so the sampler state is written
@@ -35,6 +35,7 @@ from chatlearn.engine.checkpoint import (
 )
 from chatlearn.engine.counters import reference_iteration
 from chatlearn.engine.pipeline import PipelineSettings, RunState
+from chatlearn.engine.protocol import ReferenceGroup, TrainerGroup
 from chatlearn.engine.sampler import EpisodeSampler
 
 logger = logging.getLogger("chatlearn.engine")
@@ -61,8 +62,8 @@ class RunCheckpoints:
         self,
         manager: CheckpointManager,
         *,
-        reference: Any,
-        trainer: Any,
+        reference: ReferenceGroup,
+        trainer: TrainerGroup,
         sampler: EpisodeSampler,
         settings: PipelineSettings,
         trainer_dp: list[tuple[int, int]],
@@ -94,7 +95,7 @@ class RunCheckpoints:
                 return self.last
             started = time.time()
             staging = await asyncio.to_thread(self.manager.begin, state.iteration)
-            await self.trainer.call_all("train.save_checkpoint", str(staging), state.iteration)
+            await self.trainer.save_checkpoint(str(staging), state.iteration)
             coordinator = self.coordinator_state(state, reason, eval_history or [])
             path = await asyncio.to_thread(self.manager.commit, staging, coordinator)
             self.last, self.last_iteration = path, state.iteration
@@ -138,6 +139,7 @@ class RunCheckpoints:
             reason=reason,
             metrics=metrics,
             history=tail(state.history),
+            first_step=state.first_step,
             eval_history=tail(eval_history),
             config=_plain_config(self.config),
         )
@@ -179,16 +181,14 @@ class RunCheckpoints:
                     "to metrics.superseded.jsonl",
                     moved,
                 )
-        await self.trainer.call_all(
-            "train.load_checkpoint", str(info.path), saved.iteration, saved.episode
-        )
+        await self.trainer.load_checkpoint(str(info.path), saved.iteration, saved.episode)
         forward_calls = reference_iteration(
             saved.episode,
             self.settings.sample_per_episode,
             len(self.reference.replicas),
             self.settings.generation_batch_size,
         )
-        await self.reference.call_all("ref.resume", saved.episode, forward_calls)
+        await self.reference.resume(saved.episode, forward_calls)
         self.last, self.last_iteration = info.path, saved.iteration
         logger.info(
             "resuming from %s: iteration %d, consumed_samples %d; continuing %s",
@@ -207,6 +207,8 @@ class RunCheckpoints:
             iteration=saved.iteration,
             step_in_episode=saved.step_in_episode,
             history=deque(saved.history, maxlen=HISTORY_KEPT),
+            # older checkpoints lack it; their history starts at the first step when it is short
+            first_step=saved.first_step or (saved.history[0] if saved.history else {}),
         )
 
 

@@ -74,9 +74,6 @@ class EpisodeLayout:
                 )
         assert position == self.num_samples
 
-    def in_buffer_order(self) -> list[ChunkOrder]:
-        return sorted((c for chunks in self.chunks for c in chunks), key=lambda c: c.positions[0])
-
 
 class CreditWindow:
     """Lets reference work through global position ``p`` start once ``p < released + size``.

@@ -98,19 +98,6 @@ class EpisodePlan:
         start = epoch * self.steps_per_epoch
         return self.steps[start : start + self.steps_per_epoch]
 
-    def max_position_needed(self, step_in_episode: int) -> int:
-        """The largest buffer position any step up to ``step_in_episode`` needs."""
-        return self.steps[step_in_episode].max_required_position
-
-    def steps_ready(self, num_arrived: int) -> int:
-        """How many leading steps need only positions below ``num_arrived``."""
-        count = 0
-        for step in self.steps:
-            if step.max_required_position >= num_arrived:
-                break
-            count += 1
-        return count
-
 
 def shuffle_seed(seed: int, episode_id: int, epoch: int) -> int:
     """A stable 64-bit seed for the shuffle of (episode, epoch); same on every host and run."""

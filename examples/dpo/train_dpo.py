@@ -12,6 +12,7 @@ from pathlib import Path
 
 import chatlearn
 from chatlearn import DPOEngine
+from chatlearn.engine.engine import LearnResult
 from chatlearn.hf import load_preference_data
 from examples.dpo.make_data import make_pairs, write_jsonl
 from examples.dpo.models import PolicyReference, PolicyTrainer
@@ -32,38 +33,29 @@ def ensure_data(train_path: Path, eval_path: Path) -> None:
     write_jsonl(held_out, eval_path)
 
 
-def summarize(engine: DPOEngine) -> str:
-    state, pipeline = engine.state, engine.pipeline
-    history = state.history
-    evals = pipeline.eval_history if pipeline is not None else []
-    lines = [f"trained {state.iteration} steps on {state.consumed_samples} samples"]
-    if history:
-        lines.append(f"train loss        {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}")
-    if evals:
-        first, last = evals[0], evals[-1]
+def summarize(result: LearnResult) -> str:
+    lines = [f"trained {result.steps} steps on {result.samples} samples"]
+    if result.train_first and result.train_last:
+        first, last = result.train_loss_first, result.train_loss_last
+        lines.append(f"train loss        {first:.4f} -> {last:.4f}")
+    if result.eval_first:
+        first, last = result.eval_first, result.eval_last
         lines.append(f"eval loss         {first['loss']:.4f} -> {last['loss']:.4f}")
         lines.append(
             f"eval reward acc.  {first['rewards/accuracies']:.3f} -> "
             f"{last['rewards/accuracies']:.3f}  (held-out; 0 at first: policy = reference)"
         )
-    timers = pipeline.timers if pipeline is not None else None
-    first_last = timers.span() if timers else None
-    if first_last is None:
+    if result.throughput is None or result.overlap is None:
         lines.append("nothing was left to train: this run had already completed")
     else:
-        span = first_last[1] - first_last[0]
-        trainer = timers[engine.policy_trainer.name]
-        steps = trainer.num_intervals // max(1, len(pipeline.trainer))  # one interval per rank
-        trained = steps * pipeline.settings.global_batch_size
-        overlap = timers.overlap(engine.reference.name, engine.policy_trainer.name)
-        lines.append(f"throughput        {trained / span:.1f} samples/s trained")
-        lines.append(f"overlap           {100 * overlap:.0f}% of reference time hidden by training")
-    output = Path(chatlearn.get_args().runtime_args.output_path)
-    lines.append(f"metrics           {output / 'metrics.jsonl'}")
-    last = engine.checkpoints.last if engine.checkpoints is not None else None
-    if last is not None:
-        lines.append(f"checkpoint        {last}")
-        for hf_dir in sorted(Path(last).glob("**/hf_model")):
+        lines.append(f"throughput        {result.throughput:.1f} samples/s trained")
+        lines.append(
+            f"overlap           {100 * result.overlap:.0f}% of reference time hidden by training"
+        )
+    lines.append(f"metrics           {result.metrics_path}")
+    if result.checkpoint is not None:
+        lines.append(f"checkpoint        {result.checkpoint}")
+        for hf_dir in sorted(result.checkpoint.glob("**/hf_model")):
             lines.append(f"policy (HF)       {hf_dir}  (AutoModelForCausalLM.from_pretrained)")
     return "\n".join(lines)
 
@@ -81,5 +73,4 @@ if __name__ == "__main__":
     engine = DPOEngine(reference, policy)
     engine.set_dataset(load_preference_data(train_path))
     engine.set_eval_dataset(load_preference_data(eval_path))
-    engine.learn()
-    print(summarize(engine))
+    print(summarize(engine.learn()))

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from chatlearn.engine.sampler import (
     EpisodeSampler,
-    EvalSampler,
     ReplicaShare,
     SampleIndex,
     normalize_data_ratio,
@@ -300,29 +299,3 @@ def test_normalize_data_ratio_reads_like_chatlearn():
     assert normalize_data_ratio([0, 2], 2) == [0, 2]
     with pytest.raises(ValueError, match="positive"):
         normalize_data_ratio([0, 0], 2)
-
-
-# -- evaluation ----------------------------------------------------------------------------------
-
-
-def test_eval_sampler_walks_the_whole_set_in_order():
-    sampler = EvalSampler([5, 3], batch_size=4, num_replicas=2)
-    assert len(sampler) == 2
-    rounds = sampler.rounds()
-    assert [
-        [(s.replica_id, s.start, [tuple(i) for i in s.indices]) for s in r] for r in rounds
-    ] == [
-        [(0, 0, [(0, 0), (0, 1)]), (1, 2, [(0, 2), (0, 3)])],
-        [(0, 4, [(0, 4), (1, 0)]), (1, 6, [(1, 1), (1, 2)])],
-    ]
-
-
-def test_eval_sampler_balances_a_short_last_round():
-    rounds = EvalSampler(7, batch_size=4, num_replicas=3).rounds()
-    assert [[len(s.indices) for s in r] for r in rounds] == [[2, 1, 1], [1, 1, 1]]
-    assert [[s.start for s in r] for r in rounds] == [[0, 2, 3], [4, 5, 6]]
-    tiny = EvalSampler(1, batch_size=4, num_replicas=2).rounds()
-    assert [[s.replica_id for s in r] for r in tiny] == [[0]]
-    assert EvalSampler([0], batch_size=4).rounds() == []
-    with pytest.raises(ValueError, match="batch size"):
-        EvalSampler(3, batch_size=0)

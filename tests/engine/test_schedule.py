@@ -27,7 +27,8 @@ def test_two_replicas_interleave_chunks_round_robin() -> None:
     # ChatLearn's shares: replica 0 rows 0..7, replica 1 rows 8..15, chunks of 3, 3, 2
     assert [_rows(c) for c in layout.chunks[0]] == [[0, 1, 2], [3, 4, 5], [6, 7]]
     assert [_rows(c) for c in layout.chunks[1]] == [[8, 9, 10], [11, 12, 13], [14, 15]]
-    order = layout.in_buffer_order()
+    # in buffer order the replicas take turns: chunk i of replica 0, then of replica 1
+    order = sorted((c for chunks in layout.chunks for c in chunks), key=lambda c: c.positions[0])
     assert [(c.replica_id, c.chunk_id) for c in order] == [
         (0, 0),
         (1, 0),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from chatlearn.actors.core import ActorSpec, ComputeThread, WorkerContext
+from chatlearn.engine.protocol import Step, Train, encode
 from chatlearn.engine.replica import TrainerService
 
 pytestmark = pytest.mark.timeout(30)
@@ -32,6 +33,11 @@ async def _arrive(service: TrainerService, episode: int, positions: list[int]) -
         service._arrived.notify_all()
 
 
+def _train(micro_batches: list[list[int]], iteration: int) -> dict:
+    """A one-step train order of episode 0, as it arrives on the wire."""
+    return encode(Train(episode=0, steps=[Step(micro_batches=micro_batches, iteration=iteration)]))
+
+
 async def test_a_step_whose_data_arrives_first_still_waits_for_the_step_before_it() -> None:
     compute = ComputeThread("compute")
     ctx = WorkerContext(
@@ -45,8 +51,8 @@ async def test_a_step_whose_data_arrives_first_still_waits_for_the_step_before_i
     module = _Recorder()
     service = TrainerService(module, ctx)
     try:
-        first = asyncio.create_task(service.train(0, [[0, 1]], 4))
-        second = asyncio.create_task(service.train(0, [[2, 3]], 5))
+        first = asyncio.create_task(service.handle(_train([[0, 1]], 4)))
+        second = asyncio.create_task(service.handle(_train([[2, 3]], 5)))
         await asyncio.sleep(0.01)
         await _arrive(service, 0, [2, 3])  # the second step's samples come first (cache fills)
         await asyncio.sleep(0.2)
@@ -56,4 +62,4 @@ async def test_a_step_whose_data_arrives_first_still_waits_for_the_step_before_i
     finally:
         compute.stop()
     assert module.steps == [(4, [0.0, 1.0]), (5, [2.0, 3.0])]
-    assert results[0]["end"] <= results[1]["start"]
+    assert results[0]["steps"][0]["end"] <= results[1]["steps"][0]["start"]
