@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import time
 
@@ -27,8 +28,8 @@ def main() -> None:
     sockets = []
     for name in sorted(os.listdir(runtime_dir)):
         path = os.path.join(runtime_dir, name)
-        if name.startswith("."):
-            continue
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            continue  # the owner record, the run's shared store, ...
         if name == "control":
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.ROUTING_ID, identity)

@@ -1,0 +1,71 @@
+"""The package's layers import only downward (docs/architecture.md, "Layers").
+
+transport ← config, algorithms ← actors ← engine, launch, hf, megatron ← benchmarks, cli, gpu
+checks. A module may import its own package and packages of lower layers, never a package of its
+own layer or of a higher one; imports inside functions count too (they are real dependencies,
+only deferred). The test reads the source, so it also holds for code no test imports.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "chatlearn"
+
+LAYERS: dict[str, int] = {
+    "transport": 0,
+    "config": 1,
+    "algorithms": 1,
+    "actors": 2,
+    "engine": 3,
+    "launch": 3,
+    "hf": 3,
+    "megatron": 3,
+    "benchmarks": 4,
+    "cli": 4,
+    "gpu_check": 4,
+    "gpu_probe": 3,  # the modules the GPU check runs in actors
+    "__init__": 5,  # the public API re-exports everything
+}
+
+
+def _unit(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return parts[0]
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name.startswith("chatlearn."):
+                found.append((node.lineno, name.split(".")[1]))
+    return found
+
+
+def test_every_unit_has_a_layer() -> None:
+    units = {_unit(p) for p in PACKAGE.rglob("*.py")}
+    assert units <= set(LAYERS), f"add {sorted(units - set(LAYERS))} to LAYERS"
+
+
+def test_no_module_imports_its_own_layer_or_a_higher_one() -> None:
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        unit = _unit(path)
+        for line, target in _imports(path):
+            if target != unit and LAYERS.get(target, 99) >= LAYERS[unit]:
+                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {unit} -> {target}")
+    assert not wrong, "imports against the layers:\n" + "\n".join(wrong)
+
+
+def test_the_check_sees_a_violation(tmp_path: Path) -> None:
+    bad = tmp_path / "m.py"
+    bad.write_text("def f():\n    from chatlearn.engine import engine\n")
+    assert _imports(bad) == [(2, "engine")]
