@@ -5,6 +5,8 @@
 - The CPU compatibility layer for megatron-core, a no-op with CUDA (compat.py).
 - `GPTConfig` / `build_gpt_model` / `gpt_logits`: a GPTModel on the local layer spec (gpt.py).
 - Vocab-parallel log-probs and the DPO train step (dpo.py).
+- HF Llama/Qwen2 checkpoints ↔ GPTModel with tensor-parallel splitting (convert.py).
+- `megatron_args`: Megatron-LM's argument namespace from the model config (args.py).
 - `MegatronNotInstalledError`, `require_megatron` (requirement.py): megatron-core is the optional
   extra `chatlearn[megatron]`.
 
@@ -41,6 +43,12 @@ _EXPORTS: dict[str, str] = {
     "concatenated_logps": "chatlearn.megatron.dpo",
     "reference_logps": "chatlearn.megatron.dpo",
     "dpo_train_step": "chatlearn.megatron.dpo",
+    "HFConversionError": "chatlearn.megatron.convert",
+    "load_hf_checkpoint": "chatlearn.megatron.convert",
+    "save_hf_checkpoint": "chatlearn.megatron.convert",
+    "gather_hf_state_dict": "chatlearn.megatron.convert",
+    "build_gpt_model_from_hf": "chatlearn.megatron.convert",
+    "build_megatron_args": "chatlearn.megatron.args",
     "wrap_data_parallel": "chatlearn.megatron.dpo",
 }
 

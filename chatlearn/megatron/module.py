@@ -16,6 +16,14 @@ setup. Then `data_parallel_rank` / `data_parallel_size` come from megatron's gro
 `is_last_rank()` is true on the one rank per data-parallel rank that returns outputs (the last
 tensor-parallel rank of the last pipeline stage).
 
+As in ChatLearn, `model_args` is the model config file plus the defaults of the arguments the
+module's `add_extra_args(parser)` adds, with `micro_batch_size` / `global_batch_size` taken from
+the runtime (`train_micro_batch_size` / `train_global_batch_size` for a trainable model, the
+model's `generation_batch_size` otherwise); `megatron_args` is the Megatron-LM argument
+namespace built from it (chatlearn.megatron.args). A `load` key naming a Hugging Face directory
+(Llama, Qwen2) makes `load_pretrained_model()` start from it, and `save_hf_checkpoint()` writes
+the trained weights back as an HF directory (chatlearn.megatron.convert).
+
 The coordinator's object is a template: it never initializes anything, and before setup the
 properties fall back to BaseModule's formulas (which the rank layout matches). Constructing one
 without megatron-core installed raises `MegatronNotInstalledError` naming the `megatron` extra.
@@ -25,8 +33,10 @@ pinning).
 
 from __future__ import annotations
 
+import argparse
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chatlearn.actors.module import ParallelSize, TorchModule
@@ -59,6 +69,9 @@ class MegatronModule(TorchModule):
         super().__init__(name, args, replica_id)
         self._megatron_state: ParallelState | None = None
         self._compat_patches: list[CompatPatch] = []
+        self._own_model_args: dict[str, Any] | None = None
+        self._megatron_args: argparse.Namespace | None = None
+        self._hf_config: Any = None  # the HF config of the checkpoint load_pretrained_model read
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -89,6 +102,7 @@ class MegatronModule(TorchModule):
 
         layout = ParallelLayout.from_config(self.module_args, dist.get_world_size())
         self._megatron_state = initialize_parallel_state(layout, seed=self.seed)
+        self._megatron_args = self._build_megatron_args()
         self._logger.info(
             "megatron parallel state: tp=%d pp=%d dp=%d (rank %d: tp %d, pp %d, dp %d); "
             "CPU compat patches: %s",
@@ -102,6 +116,103 @@ class MegatronModule(TorchModule):
             [patch.name for patch in self._compat_patches] or "none",
         )
         return self._megatron_state
+
+    # -- Megatron-LM arguments ---------------------------------------------------------------
+    def add_extra_args(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Override to add the module's own arguments (ChatLearn's hook); return the parser.
+
+        Their defaults fill `model_args` and `megatron_args` where the model config has no value.
+        """
+        return parser
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """The model config, `add_extra_args` defaults and the runtime's batch sizes (a copy)."""
+        if self._own_model_args is None:
+            from chatlearn.megatron.args import extra_arg_defaults
+
+            values = {**extra_arg_defaults(self), **super().model_args}
+            values.update(self._runtime_batch_sizes(values))
+            self._own_model_args = values
+        return self._own_model_args
+
+    def _runtime_batch_sizes(self, values: dict[str, Any]) -> dict[str, int]:
+        if self.trainable:
+            sizes = {
+                "micro_batch_size": config_value(self.runtime_args, "train_micro_batch_size"),
+                "global_batch_size": config_value(self.runtime_args, "train_global_batch_size"),
+            }
+        else:
+            generation = config_value(self.module_args, "generation_batch_size")
+            if generation is None:
+                generation = config_value(self.runtime_args, "generation_batch_size")
+            sizes = {"micro_batch_size": generation}
+        resolved = {key: int(value) for key, value in sizes.items() if value is not None}
+        for key, value in resolved.items():
+            if values.get(key) not in (None, value):
+                self._logger.info(
+                    "%s: %s %s of the model config is replaced by the runtime's %d",
+                    self.name, key, values[key], value,
+                )  # fmt: skip
+        return resolved
+
+    @property
+    def megatron_args(self) -> argparse.Namespace:
+        """Megatron-LM's arguments for this model (ChatLearn's `get_args()`); see args.py."""
+        if self._megatron_args is not None:
+            return self._megatron_args
+        return self._build_megatron_args()  # the template: from the config only
+
+    def _build_megatron_args(self) -> argparse.Namespace:
+        from chatlearn.megatron.args import build_megatron_args
+
+        return build_megatron_args(
+            {**self.model_args, "seed": self.seed},
+            tensor_model_parallel_size=int(self.tensor_model_parallel_size),
+            pipeline_model_parallel_size=int(self.pipeline_model_parallel_size),
+            world_size=max(1, self._world_size),
+            rank=self._rank,
+        )
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def load_pretrained_model(self, params_dtype: str | None = None) -> Any:
+        """A GPTModel holding this rank's shards of the HF checkpoint named by `load`.
+
+        The architecture comes from the checkpoint's config.json (Llama, Qwen2). Call it in
+        `setup()`; the HF config is kept for `save_hf_checkpoint`.
+        """
+        from chatlearn.megatron.convert import is_hf_checkpoint, load_hf_checkpoint
+
+        load = self.megatron_args.load
+        if not load:
+            raise ValueError(f"{self.name}: set `load` in the model config to an HF directory")
+        if not is_hf_checkpoint(load):
+            raise ValueError(
+                f"{self.name}: load={load!r} is not a Hugging Face checkpoint directory "
+                "(no config.json with a model_type); Megatron torch_dist checkpoints are not "
+                "supported yet"
+            )
+        dtype = params_dtype or str(self.megatron_args.params_dtype).removeprefix("torch.")
+        model, self._hf_config = load_hf_checkpoint(
+            load, dtype, int(self.model_args.get("make_vocab_size_divisible_by", 1))
+        )
+        return model
+
+    @property
+    def hf_config(self) -> Any:
+        """The transformers config of the checkpoint `load_pretrained_model` read, or None."""
+        return self._hf_config
+
+    def save_hf_checkpoint(self, model: Any, path: str | Path | None = None) -> Path | None:
+        """Write `model` as an HF directory at `path` (default: `save`); every TP rank calls."""
+        from chatlearn.megatron.convert import save_hf_checkpoint
+
+        if self._hf_config is None:
+            raise RuntimeError(f"{self.name}: save_hf_checkpoint needs load_pretrained_model first")
+        target = path or self.megatron_args.save
+        if not target:
+            raise ValueError(f"{self.name}: give a path or set `save` in the model config")
+        return save_hf_checkpoint(model, self._hf_config, target, source=self.megatron_args.load)
 
     # -- views -----------------------------------------------------------------------------
     @property

@@ -14,7 +14,9 @@ Model config file keys (`model_config_file`, read into `model_args`): the `GPTCo
 (`vocab_size`, `hidden_size`, `num_layers`, `num_attention_heads`, ...), `max_length` (tokens per
 sequence), and for the trainer `lr`, `weight_decay`, `beta`, `loss_type`, `label_smoothing`,
 `rpo_alpha`. Both models build their initial weights from the same seed, so the reference is the
-policy's starting point, as DPO wants.
+policy's starting point, as DPO wants. With `load: <HF Llama/Qwen2 directory>` both start from
+that checkpoint instead (the architecture comes from its config.json); the trained policy goes
+back to an HF directory with `self.save_hf_checkpoint(self.model)` (to `save:`, on every TP rank).
 """
 
 from __future__ import annotations
@@ -34,14 +36,21 @@ class _GPTModule(MegatronModule):
 
     def build_model(self) -> torch.nn.Module:
         self.tokenizer = CharTokenizer()
-        self.gpt_config = GPTConfig.from_model_args(self.model_args)
-        if self.gpt_config.vocab_size < self.tokenizer.vocab_size:
+        if self.megatron_args.load:
+            # start from a Hugging Face Llama/Qwen2 directory: its config.json is the model
+            model = self.load_pretrained_model()
+            vocab_size = int(self.hf_config.vocab_size)
+        else:
+            self.gpt_config = GPTConfig.from_model_args(self.model_args)
+            model = build_gpt_model(self.gpt_config)
+            vocab_size = self.gpt_config.vocab_size
+        if vocab_size < self.tokenizer.vocab_size:
             raise ValueError(
-                f"vocab_size {self.gpt_config.vocab_size} in the model config is smaller than the "
-                f"tokenizer's {self.tokenizer.vocab_size}; set vocab_size: "
+                f"vocab_size {vocab_size} of the model is smaller than the tokenizer's "
+                f"{self.tokenizer.vocab_size}; use a model with vocab_size >= "
                 f"{self.tokenizer.vocab_size}"
             )
-        return build_gpt_model(self.gpt_config)
+        return model
 
     def build_dataset(self, train_prompts: list[Any], is_eval: bool = False) -> PreferenceDataset:
         max_length = int(self.model_args.get("max_length", 64))

@@ -151,3 +151,94 @@ def test_no_patch_with_cuda() -> None:
 
     assert apply_cpu_compat() == []
     assert cpu_config_overrides() == {}
+
+
+def _megatron_template(model_args: dict, trainable: bool = True, **module: object) -> object:
+    import argparse
+
+    from chatlearn.megatron.module import MegatronModule
+    from chatlearn.megatron.requirement import megatron_available
+
+    if not megatron_available():
+        pytest.skip("megatron-core is not installed (pip install 'chatlearn[megatron]')")
+
+    class Policy(MegatronModule):
+        def add_extra_args(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+            group = parser.add_argument_group("policy")
+            group.add_argument("--dpo-beta", type=float, default=0.25)
+            group.add_argument("--ref-temperature", type=float, default=1.0)
+            return parser
+
+    args = {
+        "models": {
+            "policy": {
+                "num_cpu": 4,
+                "tensor_model_parallel_size": 2,
+                "trainable": trainable,
+                "model_args": model_args,
+                **module,
+            }
+        },
+        "runtime_args": {
+            "seed": 5,
+            "train_micro_batch_size": 2,
+            "train_global_batch_size": 8,
+            "generation_batch_size": 3,
+        },
+    }
+    return Policy("policy", args=args)
+
+
+def test_megatron_args_follow_megatron_lm_from_model_args_and_runtime() -> None:
+    model_args = {
+        "num_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "seq_length": 128,
+        "swiglu": True,
+        "bf16": True,
+        "lr": 5e-3,
+        "micro_batch_size": 16,  # replaced by the runtime's, as ChatLearn does
+        "ref_temperature": 0.5,  # the config wins over an extra argument's default
+        "load": "/ckpt/llama",
+        "tokenizer_type": "HFTokenizer",
+        "vocab_size": 100,
+        "my_own_key": "kept",
+    }
+    policy = _megatron_template(model_args)
+    args = policy.megatron_args
+    assert (args.micro_batch_size, args.global_batch_size) == (2, 8)
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 1)
+    assert (args.num_layers, args.hidden_size, args.lr, args.load) == (2, 64, 5e-3, "/ckpt/llama")
+    # derived as Megatron-LM's validate_args does
+    assert args.ffn_hidden_size == 128  # swiglu: 2/3 of 4h, down to a multiple of 64
+    assert (args.kv_channels, args.num_query_groups) == (16, 4)
+    assert args.max_position_embeddings == 128 and args.params_dtype is torch.bfloat16
+    assert args.padded_vocab_size == 256  # 128 × tp
+    # Megatron-LM defaults, TransformerConfig fields, extra arguments, unknown keys, the seed
+    assert (args.weight_decay, args.make_vocab_size_divisible_by, args.save) == (0.01, 128, None)
+    assert args.layernorm_epsilon == 1e-5 and args.gated_linear_unit is False
+    assert (args.dpo_beta, args.ref_temperature, args.my_own_key) == (0.25, 0.5, "kept")
+    assert args.seed == 5
+    # model_args: the config plus extra-argument defaults and runtime batch sizes, a copy
+    assert policy.model_args["dpo_beta"] == 0.25
+    assert policy.model_args["micro_batch_size"] == 2
+    assert model_args["micro_batch_size"] == 16
+
+
+def test_inference_model_batch_size_is_its_generation_batch_size() -> None:
+    policy = _megatron_template({"hidden_size": 64}, trainable=False, generation_batch_size=6)
+    assert policy.megatron_args.micro_batch_size == 6
+    # Megatron-LM's default: micro × data parallel (the template's world is 1 rank until setup)
+    assert policy.megatron_args.global_batch_size == 6
+    runtime_default = _megatron_template({"hidden_size": 64}, trainable=False)
+    assert runtime_default.model_args["micro_batch_size"] == 3
+
+
+def test_load_pretrained_model_says_what_load_must_be(tmp_path: object) -> None:
+    policy = _megatron_template({})
+    with pytest.raises(ValueError, match="set `load`"):
+        policy.load_pretrained_model()
+    policy = _megatron_template({"load": str(tmp_path)})
+    with pytest.raises(ValueError, match="not a Hugging Face checkpoint.*torch_dist"):
+        policy.load_pretrained_model()
