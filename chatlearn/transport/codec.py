@@ -301,7 +301,10 @@ def decode_envelope(
             raise _malformed(exc) from exc
         return _checked_envelope(envelope, None, 1)
     body_decoder = _BodyDecoder(buffers, limits, header.nbytes)
-    return _checked_envelope(body_decoder.unpack(header), body_decoder, len(buffers))
+    try:
+        return _checked_envelope(body_decoder.unpack(header), body_decoder, len(buffers))
+    finally:
+        body_decoder.release()
 
 
 def decode_envelope_steps(
@@ -335,6 +338,7 @@ def decode_envelope_steps(
             yield
         raise DecodeError("malformed header: incomplete input")
     finally:
+        body_decoder.release()
         _resume_gc()
 
 
@@ -484,6 +488,14 @@ class _BodyDecoder:
             self.options["object_pairs_hook"] = map_hook
         self._unpackers: list[msgpack.Unpacker | None] = []
         self._fed: list[int] = []
+
+    def release(self) -> None:
+        """Drop the references to the frames: `options` holds a bound method of this object (a
+        reference cycle), so without this every received frame (megabytes of tensor data, when
+        no decoded tensor keeps it) would live until the cyclic collector next runs."""
+        self.buffers = []
+        self.options = {}
+        self._unpackers = []
 
     def _bounds(self) -> dict[str, int]:
         # unpackb bounds every length field by the document's own length by default: no length

@@ -341,3 +341,27 @@ def test_cuda_tensors_are_copied_to_host() -> None:
     t = torch.arange(BIG * 2, dtype=torch.float32, device="cuda")
     out = roundtrip({"t": t[::2]})["t"]
     assert out.device.type == "cpu" and torch.equal(out, t[::2].cpu())
+
+
+def test_decoding_keeps_no_reference_to_the_frames() -> None:
+    """A received frame lives as long as what was decoded from it, not until the cyclic
+    collector runs: holding 16 MiB frames longer halved the 16 MiB throughput once."""
+    import gc
+    import weakref
+
+    class Frame(bytearray):  # a buffer that can be watched
+        pass
+
+    header, data = encode({"x": torch.ones(1 << 16)})
+    frame = Frame(bytes(data))
+    watch = weakref.ref(frame)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        decoded = decode([header, frame])
+        assert decoded["x"].sum().item() == 1 << 16
+        del decoded, frame
+        assert watch() is None
+    finally:
+        if enabled:
+            gc.enable()
