@@ -62,6 +62,14 @@ MODEL_ARG_KEYS: dict[str, KeySpec] = {
     "gradient_checkpointing": _kind("bool", False),
     "save_hf_model": _kind("bool", True),
     "logps_chunk_size": _int(512, 0),
+    # layouts (chatlearn/hf/parallel.py, lora.py, packing.py); mixed_precision is left to the
+    # module: YAML reads its `no` as false
+    "parallel": _kind("str", "ddp", choices=("ddp", "fsdp", "none")),
+    "hsdp": _kind("bool", True),
+    "enable_lora": _kind("bool", False),
+    "packing": _kind("bool", None, example=True),
+    "prefix_sharing": _kind("bool", None, example=True),
+    "max_tokens_per_row": _int(None, 1, example=4096),
 }
 
 # Sizes of `model_config`, whole numbers ≥ 1 where given.

@@ -45,6 +45,24 @@ def test_inline_model_args_are_checked_where_written(write_yaml) -> None:
     assert info.value.key == "models.policy.model_args.beta"
 
 
+@pytest.mark.parametrize(
+    ("model_yaml", "key", "problem"),
+    [
+        ("parallel: zero3\n", "parallel", "must be one of ddp, fsdp, none"),
+        ("packing: sometimes\n", "packing", "expected true or false"),
+        ("max_tokens_per_row: 0\n", "max_tokens_per_row", "must be ≥ 1"),
+    ],
+)
+def test_layout_keys_are_checked_before_actors_start(
+    write_yaml, model_yaml: str, key: str, problem: str
+) -> None:
+    write_yaml("model.yaml", model_yaml + "mixed_precision: no\n")  # YAML's `no` is false: fine
+    with pytest.raises(ConfigError) as info:
+        load_config(write_yaml("main.yaml", MAIN))
+    assert info.value.key.endswith(f"model_args.{key}") and problem in str(info.value)
+    assert info.value.where.endswith("model.yaml:1")
+
+
 def test_model_args_set_in_code_are_checked() -> None:
     config = Config({"models": {"policy": {"num_cpu": 1}}})
     config.models["policy"].model_args["warmup_ratio"] = 2
