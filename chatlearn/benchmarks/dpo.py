@@ -18,6 +18,16 @@ data (min/max pairs as in the DPO example behind a long instruction, so that eve
 the same code as (b): ``HFReference.forward_step``'s ``reference_outputs`` and
 ``HFDPOTrainer.train_step`` (AdamW, clipping, the DPO loss of ``chatlearn.algorithms.dpo``).
 
+``--data realistic`` (issue 14): the records follow the length profile of
+``chatlearn.hf.profile`` (prompts and responses over two orders of magnitude, ``max_length`` 1024,
+``max_prompt_length`` 512, no preamble), whose measured percentiles are printed; the runs are
+(a) single process padded (``packing: false, prefix_sharing: false``: the plain loop), (p) the
+same process with packing + prefix sharing, (b) pipelined with everything on, (c) train-only on
+all cores, TRL with ``--vs-trl``, and (s) a second run served from the on-disk reference store —
+reported as missing (``store_samples_per_s: null``) until that store exists. Each run also gives
+real tokens/s and the fraction of computed tokens that were real (the trainer's ``tokens/real``
+/ ``tokens/computed``: neither padding nor a repeated prompt); ``real_token_fraction`` is (b)'s.
+
 Throughput is samples over the span from the end of the last warm-up step to the end of the last
 step, so process start-up, model building and the first steps are excluded. The machine's speed
 drifts between runs; ``--repeat N`` measures everything N times in rounds and reports medians
@@ -104,15 +114,23 @@ class SingleProcessDPO(HFDPOTrainer):
         ]
 
         def reference(batch: dict[str, Any]) -> dict[str, Any]:
-            return reference_outputs(self.reference_model, batch, pad_token_id=self.pad_token_id)
+            return reference_outputs(
+                self.reference_model,
+                batch,
+                pad_token_id=self.pad_token_id,
+                **self.packing.kwargs(),  # the trainer's layout: padded rows or packed
+            )
 
         outputs = [reference(batch) for batch in batches] if precompute else None
         ends = []
+        real = computed = 0.0
         for step, batch in enumerate(batches):
             data = outputs[step] if outputs is not None else reference(batch)
-            self.train_step([data], iteration=step)
+            metrics = self.train_step([data], iteration=step)
             ends.append(time.time())
-        return {"ends": ends, "torch_threads": _torch_threads()}
+            real += metrics.get("tokens/real", 0.0)
+            computed += metrics.get("tokens/computed", 0.0)
+        return {"ends": ends, "torch_threads": _torch_threads(), "tokens": (real, computed)}
 
 
 def _torch_threads() -> int:
@@ -135,7 +153,20 @@ def bench_records(num_pairs: int, seed: int = 0) -> list[dict[str, str]]:
     return records
 
 
+def realistic_records_for(num_pairs: int) -> list[dict[str, str]]:
+    """``num_pairs`` records of the realistic length profile (``chatlearn.hf.profile``)."""
+    from chatlearn.hf.profile import realistic_records
+
+    return realistic_records(num_pairs, seed=0)
+
+
 def model_args(options: dict[str, Any]) -> dict[str, Any]:
+    """The bench model's ``model_args``. With ``options["data"] == "realistic"``: the profile's
+    truncation, the records as they are (no preamble), and packing + prefix sharing left to
+    their default (on where exact) unless ``options["padded"]`` turns both off (the plain loop).
+    """
+    if options.get("data") == "realistic":
+        return _realistic_model_args(options)
     return {
         "seed": 0,
         "dtype": "float32",
@@ -152,6 +183,16 @@ def model_args(options: dict[str, Any]) -> dict[str, Any]:
         "learning_rate": 1e-4,
         "max_grad_norm": 1.0,
     }
+
+
+def _realistic_model_args(options: dict[str, Any]) -> dict[str, Any]:
+    from chatlearn.hf.profile import REALISTIC
+
+    args = model_args({**options, "data": "uniform", "seq_len": REALISTIC.max_length})
+    args.update(REALISTIC.dataset_options(), prompt_template="{prompt}")
+    if options.get("padded"):
+        args.update(packing=False, prefix_sharing=False)
+    return args
 
 
 def throughput(ends: list[float], batch_size: int, warmup: int) -> float:
@@ -224,6 +265,7 @@ async def measure_single(
         "samples_per_s": throughput(result["ends"], batch, options["warmup"]),
         "cores": num_cpu,
         "torch_threads": result["torch_threads"],
+        "tokens": result["tokens"],
     }
 
 
@@ -296,10 +338,15 @@ async def measure_pipelined(
         warmup = len(ends) - per_episode
     else:
         warmup = options["warmup"]
+    history = engine.state.history  # the steps' metrics (a bench run keeps all of them)
     return {
         "samples_per_s": throughput(ends, batch, warmup),
         "trainer_cores": layout["trainer_cores"],
         "overlap": timers.overlap(engine.reference.name, engine.policy_trainer.name),
+        "tokens": (
+            sum(step.get("tokens/real", 0.0) for step in history),
+            sum(step.get("tokens/computed", 0.0) for step in history),
+        ),
     }
 
 
@@ -418,7 +465,9 @@ async def _measure_all(options: dict[str, Any], output_dir: str) -> dict[str, An
     """``--repeat`` rounds of every run; with several, each figure is the median over rounds,
     a ratio the median of the rounds' own ratios (runs of one round see the same machine)."""
     rounds = [await _measure_round(options, output_dir) for _ in range(options["repeat"])]
-    return rounds[0] if len(rounds) == 1 else median_of_rounds(rounds)
+    if len(rounds) == 1 and options.get("data") != "realistic":
+        return rounds[0]
+    return median_of_rounds(rounds)  # realistic: `rounds` always there, as issue 14 names it
 
 
 def median_of_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -435,6 +484,8 @@ def median_of_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def _measure_round(options: dict[str, Any], output_dir: str) -> dict[str, Any]:
+    if options.get("data") == "realistic":
+        return await _measure_realistic_round(options, output_dir)
     batch, cores = options["batch_size"], options["cores"]
     records = bench_records(batch * (options["steps"] + options["warmup"]))
     single = await measure_single(options, records, cores, False, output_dir)
@@ -472,6 +523,130 @@ async def _measure_round(options: dict[str, Any], output_dir: str) -> dict[str, 
     return result
 
 
+STORE_MISSING = (
+    "(s) missing: the on-disk reference store (runtime.reference_store) is not built yet"
+)
+
+
+def token_figures(run: dict[str, Any], batch_size: int, steps: int) -> dict[str, float]:
+    """Real tokens/s (samples/s × the run's mean real tokens per sample) and the fraction of
+    computed tokens that were real, from the trainer's ``tokens/real`` / ``tokens/computed``."""
+    real, computed = run["tokens"]
+    if real <= 0 or computed <= 0:
+        raise ValueError(f"the trainer reported no token counts ({real}, {computed})")
+    return {
+        "real_tokens_per_s": run["samples_per_s"] * real / (batch_size * steps),
+        "real_token_fraction": real / computed,
+    }
+
+
+async def _measure_realistic_round(options: dict[str, Any], output_dir: str) -> dict[str, Any]:
+    """``--data realistic``: (a) padded, (p) packed, (b) pipelined, train-only on all cores,
+    TRL; (s), served from the reference store, is reported missing (no store yet)."""
+    batch, cores = options["batch_size"], options["cores"]
+    steps = options["steps"] + options["warmup"]
+    records = realistic_records_for(batch * steps)
+    padded = {**options, "padded": True}
+    runs = {
+        "single_padded": await measure_single(padded, records, cores, False, output_dir),
+        "single_packed": await measure_single(options, records, cores, False, output_dir),
+        "pipelined": await measure_pipelined(options, records, output_dir),
+        "train_only_all_cores": await measure_single(options, records, cores, True, output_dir),
+    }
+    result: dict[str, Any] = {}
+    for name, measured in runs.items():
+        result[f"{name}_samples_per_s"] = measured["samples_per_s"]
+        for key, value in token_figures(measured, batch, steps).items():
+            result[f"{name}_{key}"] = value
+    pipelined, padded_rate = (
+        runs["pipelined"]["samples_per_s"],
+        result["single_padded_samples_per_s"],
+    )
+    train_all = result["train_only_all_cores_samples_per_s"]
+    result.update(
+        # the uniform bench's keys keep their meaning: (a) is the plain loop
+        single_process_samples_per_s=padded_rate,
+        train_only_samples_per_s=train_all,
+        real_token_fraction=result["pipelined_real_token_fraction"],
+        trainer_cores=runs["pipelined"]["trainer_cores"],
+        overlap=runs["pipelined"]["overlap"],
+        store_samples_per_s=None,  # never a made-up figure
+        store_skipped=STORE_MISSING,
+        ratio_pipelined_vs_single=pipelined / padded_rate,
+        ratio_packed_vs_single=result["single_packed_samples_per_s"] / padded_rate,
+        ratio_pipelined_vs_train_only=pipelined / train_all,
+    )
+    if options["vs_trl"]:
+        message = _trl_message()
+        if message is None:
+            trl = await measure_trl(options, records, output_dir)
+            result["trl_samples_per_s"] = trl["samples_per_s"]
+            result["ratio_pipelined_vs_trl"] = pipelined / trl["samples_per_s"]
+        else:
+            result["trl_skipped"] = message
+    return result
+
+
+def _print_realistic(result: dict[str, Any], options: dict[str, Any]) -> None:
+    """The human-readable table of ``--data realistic``."""
+    click.echo(
+        f"{result['num_parameters'] / 1e6:.1f}M parameters, realistic lengths "
+        f"(max_length 1024, max_prompt_length 512), {options['batch_size']} pairs per step, "
+        f"{options['cores']} cores, {options['steps']} timed steps after {options['warmup']}",
+        file=sys.stderr,
+    )
+    click.echo("measured lengths (tokens):")
+    click.echo(result["length_percentiles_text"])
+    runs = (
+        ("(a) single process padded", "single_padded"),
+        ("(p) single process packed", "single_packed"),
+        ("(b) chatlearn pipelined", "pipelined"),
+        ("(c) train-only all cores", "train_only_all_cores"),
+    )
+    click.echo(f"{'run':<28}{'samples/s':>10}{'real tok/s':>12}{'real frac':>11}")
+    for label, key in runs:
+        click.echo(
+            f"{label:<28}{result[key + '_samples_per_s']:>10.2f}"
+            f"{result[key + '_real_tokens_per_s']:>12.0f}"
+            f"{result[key + '_real_token_fraction']:>11.3f}"
+        )
+    if "trl_samples_per_s" in result:
+        click.echo(f"{'TRL DPOTrainer':<28}{result['trl_samples_per_s']:>10.2f}")
+    click.echo(f"{'(s) reference store':<28}{'missing':>10}  {result['store_skipped']}")
+    if "trl_skipped" in result:
+        click.echo(result["trl_skipped"])
+    click.echo(f"b/a {result['ratio_pipelined_vs_single']:.3f}")
+    click.echo(f"p/a {result['ratio_packed_vs_single']:.3f}")
+    click.echo(f"b/c {result['ratio_pipelined_vs_train_only']:.3f}")
+    if "ratio_pipelined_vs_trl" in result:
+        click.echo(f"b/TRL {result['ratio_pipelined_vs_trl']:.3f}")
+    _print_rounds(result)
+
+
+def _print_rounds(result: dict[str, Any]) -> None:
+    if "rounds" in result:
+        click.echo(f"medians of {len(result['rounds'])} rounds; each round's ratios:")
+        for key in (k for k in result if k.startswith("ratio_")):
+            spread = ", ".join(f"{r[key]:.3f}" for r in result["rounds"])
+            click.echo(f"  {key}: {spread}")
+
+
+def _length_percentiles(options: dict[str, Any]) -> dict[str, Any]:
+    """The realistic records' measured percentiles (what every round trains on)."""
+    from chatlearn.hf.profile import format_percentiles, measured_percentiles
+    from chatlearn.hf.tokenizer import load_tokenizer
+
+    num_pairs = options["batch_size"] * (options["steps"] + options["warmup"])
+    measured = measured_percentiles(realistic_records_for(num_pairs), load_tokenizer(None))
+    return {
+        "length_percentiles": {
+            name: {f"p{q}": value for q, value in column.items()}
+            for name, column in measured.items()
+        },
+        "length_percentiles_text": format_percentiles(measured),
+    }
+
+
 def _num_parameters(options: dict[str, Any]) -> int:
     from chatlearn.hf.model import build_causal_lm, num_parameters
 
@@ -485,6 +660,14 @@ def _num_parameters(options: dict[str, Any]) -> int:
 @click.option("--seq-len", default=128, show_default=True, help="tokens per sequence")
 @click.option("--batch-size", default=8, show_default=True, help="pairs per training step")
 @click.option("--generation-batch-size", default=8, show_default=True, help="reference chunk")
+@click.option(
+    "--data",
+    type=click.Choice(("uniform", "realistic")),
+    default="uniform",
+    show_default=True,
+    help="uniform: every sequence --seq-len tokens; realistic: the length profile of "
+    "chatlearn.hf.profile (max_length 1024): padded, packed, pipelined and TRL runs",
+)
 @click.option("--steps", default=30, show_default=True, help="timed training steps")
 @click.option("--warmup", default=4, show_default=True, help="steps before timing starts")
 @click.option("--cores", type=int, default=None, help="total cores [default: all usable]")
@@ -532,13 +715,18 @@ def command(as_json: bool, **options: Any) -> None:
     if options["warmup"] < 1 or options["steps"] < 1:
         raise click.UsageError("--warmup and --steps must be at least 1")
     with tempfile.TemporaryDirectory(prefix="chatlearn-bench-") as output_dir:
+        realistic = options["data"] == "realistic"
         result = {
             **options,
             "num_parameters": _num_parameters(options),
+            **(_length_percentiles(options) if realistic else {}),
             **run(_measure_all(options, output_dir)),
         }
     if as_json:
         click.echo(json.dumps(result))
+        return
+    if realistic:
+        _print_realistic(result, options)
         return
     click.echo(
         f"{result['num_parameters'] / 1e6:.1f}M parameters, {options['batch_size']} pairs × "
@@ -567,8 +755,4 @@ def command(as_json: bool, **options: Any) -> None:
         click.echo(f"second epoch / (c) on all cores {ratio:.3f}")
     if "trl_skipped" in result:
         click.echo(result["trl_skipped"])
-    if "rounds" in result:
-        click.echo(f"medians of {len(result['rounds'])} rounds; each round's ratios:")
-        for key in (k for k in result if k.startswith("ratio_")):
-            spread = ", ".join(f"{r[key]:.3f}" for r in result["rounds"])
-            click.echo(f"  {key}: {spread}")
+    _print_rounds(result)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -86,3 +87,54 @@ def test_trl_prompts_fill_seq_len_like_our_pipeline() -> None:
         prompt = runner._fit_prompt(template.replace("{prompt}", record["prompt"]), record, 64)
         response = max(len(record["chosen"]), len(record["rejected"])) + 1  # bytes + eos
         assert len(runner.tokenizer(prompt)["input_ids"]) + response == 64
+
+
+# --data realistic: the end-to-end command launches five processes (about a minute here), so
+# its parts are tested in process; the command itself is in BENCHMARKS.md.
+TINY_OPTIONS = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "seq_len": 32}
+
+
+def _single_process(options: dict) -> Any:
+    from chatlearn.benchmarks.dpo import SingleProcessDPO, model_args
+    from chatlearn.config import Config
+
+    model = {"num_cpu": 1, "trainable": True, "model_args": model_args(options)}
+    runtime = {"num_episode": 1, "sample_per_episode": 4, "train_micro_batch_size": 2}
+    config = Config({"models": {"single": model}, "runtime": runtime})
+    module = SingleProcessDPO("single", args=config)
+    module._rank, module._world_size = 0, 1  # as the runtime sets them
+    module.setup()
+    return module
+
+
+def test_realistic_model_args_use_the_profile_and_padded_turns_packing_off() -> None:
+    from chatlearn.benchmarks.dpo import model_args
+
+    realistic = {**TINY_OPTIONS, "data": "realistic"}
+    args = model_args(realistic)
+    assert (args["max_length"], args["max_prompt_length"]) == (1024, 512)
+    assert args["prompt_template"] == "{prompt}"
+    assert args["model_config"]["max_position_embeddings"] >= 1024
+    assert "packing" not in args  # the default: on where exact
+    padded = model_args({**realistic, "padded": True})
+    assert padded["packing"] is False and padded["prefix_sharing"] is False
+    assert "packing" not in model_args(TINY_OPTIONS)  # the uniform bench unchanged
+
+
+def test_realistic_single_process_counts_real_and_computed_tokens() -> None:
+    from chatlearn.benchmarks.dpo import realistic_records_for, token_figures
+
+    records = realistic_records_for(4)
+    realistic = {**TINY_OPTIONS, "data": "realistic"}
+    padded = _single_process({**realistic, "padded": True}).run_steps(records, 2, False)
+    packed = _single_process(realistic).run_steps(records, 2, True)  # and precomputed
+    assert len(padded["ends"]) == len(packed["ends"]) == 2
+    (real, computed), (packed_real, packed_computed) = padded["tokens"], packed["tokens"]
+    assert real == packed_real > 0
+    # padding and the repeated prompt are computed only in the padded rows
+    assert packed_computed == packed_real < computed
+    figures = token_figures({"samples_per_s": 2.0, "tokens": padded["tokens"]}, 2, 2)
+    assert figures["real_token_fraction"] == pytest.approx(real / computed)
+    assert figures["real_tokens_per_s"] == pytest.approx(2.0 * real / 4)
+    with pytest.raises(ValueError, match="no token counts"):
+        token_figures({"samples_per_s": 1.0, "tokens": (0.0, 0.0)}, 2, 2)
