@@ -40,7 +40,14 @@ from chatlearn.actors.placement import ModelResources, config_value
 from chatlearn.actors.storage import RunStorage, StorageUnavailableError
 from chatlearn.actors.timers import Timers
 
-__all__ = ["BaseModule", "ParallelSize", "TorchModule", "construct_module", "invoke"]
+__all__ = [
+    "BaseModule",
+    "ParallelSize",
+    "TorchModule",
+    "construct_module",
+    "invoke",
+    "resume_loads_checkpoint",
+]
 
 # lifecycle method -> the counter that supplies (and counts) its `iteration` argument
 _ITERATION_COUNTERS: dict[str, str | None] = {
@@ -417,6 +424,27 @@ class TorchModule(BaseModule):
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
 
+    # -- colocated turns (free_memory) ----------------------------------------------------
+    def offload(self) -> None:
+        """Move the device tensors of `self.model` (parameters, gradients, buffers) and
+        `self.optimizer`'s state to CPU and release the cached device memory: the engine calls
+        it after this model's turn when colocated models take turns (`free_memory: true`).
+        On CPU there is nothing to move: the call happens and changes nothing."""
+        moved = list(getattr(self, "_offloaded", []))
+        for holder, name, tensor in _device_tensors(self):
+            if tensor.device.type != "cpu":
+                _put(holder, name, tensor.to("cpu"))
+                moved.append((holder, name, tensor.device))
+        self._offloaded = moved
+        self.empty_cache()
+
+    def onload(self) -> None:
+        """Move back what `offload()` moved, each tensor to the device it came from."""
+        # in offload's order: a parameter's data before its gradient (they must share a device)
+        for holder, name, device in getattr(self, "_offloaded", []):
+            _put(holder, name, _get(holder, name).to(device))
+        self._offloaded = []
+
     # -- checkpoints -----------------------------------------------------------------------
     _CHECKPOINTED = ("model", "optimizer", "scheduler")
 
@@ -456,6 +484,57 @@ class TorchModule(BaseModule):
         if "model" in objects and not (directory / "model.pt").is_file():
             raise FileNotFoundError(f"{self.name}: the checkpoint has no {directory / 'model.pt'}")
         load_rank_state(directory, objects, logger=self._logger)
+
+
+def _device_tensors(module: BaseModule) -> Iterator[tuple[Any, str, Any]]:
+    """(holder, name, tensor) of the training state `offload()` moves: the model's parameters
+    (`.data`, then `.grad`: a gradient must sit where its parameter does), its buffers, and the
+    optimizer's per-parameter state. Lazy, so a gradient is read after its parameter moved."""
+    import torch
+
+    model: Any = getattr(module, "model", None)
+    if callable(getattr(model, "parameters", None)) and callable(getattr(model, "buffers", None)):
+        for parameter in model.parameters():
+            yield parameter, "data", parameter.data
+            if parameter.grad is not None:
+                yield parameter, "grad", parameter.grad
+        for buffer in model.buffers():
+            yield buffer, "data", buffer.data
+    optimizer = getattr(module, "optimizer", None)
+    for state in getattr(optimizer, "state", {}).values():
+        for key, value in list(state.items()):
+            if isinstance(value, torch.Tensor):
+                yield state, key, value
+
+
+def _get(holder: Any, name: str) -> Any:
+    return holder[name] if isinstance(holder, dict) else getattr(holder, name)
+
+
+def _put(holder: Any, name: str, value: Any) -> None:
+    if isinstance(holder, dict):
+        holder[name] = value
+    else:
+        setattr(holder, name, value)
+
+
+# files `TorchModule.save_checkpoint` writes: their presence says the ready-made save ran
+_TORCH_MODULE_FILES = ("model.pt", "rng.pt")
+
+
+def resume_loads_checkpoint(module: BaseModule, directory: Path) -> bool:
+    """Whether a resume calls `module.load_checkpoint` (ChatLearn's rule): yes where the module's
+    class defines its own, or where `TorchModule.save_checkpoint` wrote the checkpoint (it saved
+    `model.pt`/`rng.pt`: the default save, or an override calling super()); otherwise (an override
+    of `save_checkpoint` only, not calling super(), or no checkpoint methods at all) the resume
+    restores the data position and counters only, and the module keeps the weights `setup()`
+    built."""
+    method = type(module).load_checkpoint
+    if method is BaseModule.load_checkpoint:
+        return False
+    if method is not TorchModule.load_checkpoint:
+        return True
+    return any((directory / name).is_file() for name in _TORCH_MODULE_FILES)
 
 
 def save_rank_state(directory: Path, objects: Mapping[str, Any]) -> None:

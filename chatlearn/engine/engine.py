@@ -373,6 +373,25 @@ class DPOEngine(Engine):
             self._cancelled_by_signal = True
             task.cancel()
 
+    def _free_memory(self, runtime: Any) -> tuple[bool, bool]:
+        """(reference, trainer) ``free_memory``, where the two are colocated: they then take
+        turns (``pipeline.py``); not colocated, the flag has nothing to free room for."""
+        names = {self.reference.name, self.policy_trainer.name}
+        if not any(names <= set(group) for group in runtime.colocation):
+            return False, False
+        flags = (
+            bool(self.global_args.model(name).free_memory)
+            for name in (self.reference.name, self.policy_trainer.name)
+        )
+        reference, trainer = flags
+        if (reference or trainer) and runtime.pipeline_window != 0:
+            logger.info(
+                "free_memory with colocation: the models take turns, one episode at a time "
+                "(pipeline_window %s is not used)",
+                runtime.pipeline_window,
+            )
+        return reference, trainer
+
     async def _run(self, runtime: Any, started: float) -> RunState:
         reference = ReferenceGroup(self.group(self.reference.name))
         trainer = TrainerGroup(self.group(self.policy_trainer.name))
@@ -391,6 +410,7 @@ class DPOEngine(Engine):
             drop_last=runtime.drop_last,
         )
         settings = _settings(runtime, self.global_args.model(self.reference.name))
+        settings.reference_free_memory, settings.trainer_free_memory = self._free_memory(runtime)
         output = Path(runtime.output_path)
         checkpoints = RunCheckpoints(
             CheckpointManager(checkpoint_root(runtime), keep_last=runtime.save_keep_last),

@@ -29,6 +29,16 @@ the next episode while the trainer finishes this one (later passes need no refer
 the outputs held ahead of training stay bounded whatever the dataset size. ``pipeline_window: 0``
 gives ChatLearn's schedule instead: the whole episode's inference, then its training.
 
+Colocated models with ``free_memory`` (``PipelineSettings.take_turns``) take turns as in
+ChatLearn: the same episode-synchronous schedule as ``pipeline_window: 0`` (the credit window is
+the episode), and nothing of one model runs during the other's turn. Each replica's reference
+turn is ``onload()``, the episode's forwards, ``after_episode``, ``offload()``; the trainer's
+turn starts once every replica has offloaded: ``onload()``, the episode's steps,
+``after_episode``, ``offload()``. Evaluation and checkpoints follow before the next reference
+turn (the eval set's reference outputs and ``eval_step`` each in a turn of their own). Only the
+models with ``free_memory`` get the ``onload()``/``offload()`` calls; the trainer also offloads
+once before the first turn.
+
 Checkpoints and stops happen *between* training steps, never inside one. Every
 ``save_episode_interval`` episodes, once the episode's last step is done, the train loop awaits
 the ``checkpoint`` hook (the engine's writer) before it sends the next step; the reference loops
@@ -89,10 +99,16 @@ class PipelineSettings:
     save_episode_interval: int = 0  # 0: no periodic checkpoints
     max_inflight_orders: int = 2
     reference_cache_mb: float = 0.0  # 0: recompute reference outputs of samples that come back
+    reference_free_memory: bool = False  # colocated with the trainer, offloaded between turns
+    trainer_free_memory: bool = False
+
+    @property
+    def take_turns(self) -> bool:
+        return self.reference_free_memory or self.trainer_free_memory
 
     @property
     def window_samples(self) -> int | None:
-        if self.window_micro_batches <= 0:
+        if self.window_micro_batches <= 0 or self.take_turns:
             return None
         # Less than a global batch ahead would starve the step the trainer waits for.
         return max(self.window_micro_batches * self.micro_batch_size, self.global_batch_size)
@@ -158,6 +174,8 @@ class DPOPipeline:
         self._next_layout = state.episode
         self._produced: dict[int, asyncio.Event] = {}
         self._trained: dict[int, asyncio.Event] = {}
+        self._offloaded: dict[int, asyncio.Event] = {}  # every reference replica's turn ended
+        self._turns_ended: dict[int, int] = {}
         self._remaining: dict[int, int] = {}
         self._window = CreditWindow(settings.window_samples)
         self._forward_sizes = GroupSizer()  # chunks per reference order
@@ -251,6 +269,10 @@ class DPOPipeline:
         if not episodes:
             return self.state
         self.running = True
+        if self.settings.take_turns:
+            await self._memory(self.trainer, onload=False)
+            if self._eval_before_training():  # its own turns, before the first reference turn
+                await self.evaluate()
         tasks = [
             asyncio.create_task(
                 self._reference_loop(replica_id, episodes),
@@ -294,6 +316,8 @@ class DPOPipeline:
                 if self.settings.window_samples is None and episode > self.first_episode:
                     await self._event(self._trained, episode - 1).wait()
                 layout = self.layout(episode)
+                if self.settings.take_turns:
+                    await self._memory(self.reference, onload=True, replica=replica_id)
                 # queued at the replica behind the previous episode's orders, not awaited
                 orders.create_task(self.reference.begin_episode(replica_id, episode))
                 chunks = layout.chunks[replica_id]
@@ -322,7 +346,37 @@ class DPOPipeline:
                         orders.create_task(self._forward(replica_id, work, inflight))
                     else:
                         inflight.release()
-                orders.create_task(self.reference.end_episode(replica_id))
+                if self.settings.take_turns:
+                    await self._end_reference_turn(replica_id, episode)
+                else:
+                    orders.create_task(self.reference.end_episode(replica_id))
+
+    async def _end_reference_turn(self, replica_id: int, episode: int) -> None:
+        """After the episode's inference (every replica's: the trainers must have it all):
+        ``after_episode``, ``offload()``; the trainer's turn starts when every replica is done."""
+        await self._event(self._produced, episode).wait()
+        await self.reference.end_episode(replica_id)
+        await self._memory(self.reference, onload=False, replica=replica_id)
+        self._turns_ended[episode] = self._turns_ended.get(episode, 0) + 1
+        if self._turns_ended[episode] == len(self.reference.replicas):
+            del self._turns_ended[episode]
+            self._event(self._offloaded, episode).set()
+
+    async def _memory(self, group: Any, *, onload: bool, replica: int | None = None) -> None:
+        """``onload()``/``offload()`` of ``group``'s modules, if they free memory between turns."""
+        settings = self.settings
+        frees = (
+            settings.reference_free_memory
+            if group is self.reference
+            else settings.trainer_free_memory
+        )
+        if frees:
+            await group.memory(onload, replica)
+
+    def _eval_before_training(self) -> bool:
+        return bool(
+            self.settings.enable_eval_before_training and self.eval_size and not self.resumed
+        )
 
     def _ready_chunks(self, episode: int, chunks: list[ChunkOrder], first: int) -> list[ChunkOrder]:
         """``chunks[first]`` (its credit acquired) and the next ones whose credit is there too,
@@ -380,7 +434,7 @@ class DPOPipeline:
     async def _train_loop(self, episodes: range) -> None:
         """Consumes training plans; produces steps, metrics, evaluations, credit."""
         settings = self.settings
-        if settings.enable_eval_before_training and self.eval_size and not self.resumed:
+        if self._eval_before_training() and not settings.take_turns:  # else run() did it
             await self.evaluate()
         for episode in episodes:
             if self._stop.is_set():
@@ -406,24 +460,31 @@ class DPOPipeline:
                 f" (resuming after step {skip} of {len(plan.steps)})" if skip else "",
             )
             await self.trainer.begin_episode(episode)
+            # taking turns: the reference replicas have also ended their turns
+            inference = self._offloaded if settings.take_turns else self._produced
             if settings.window_samples is None and not await self._until(
-                self._event(self._produced, episode)
+                self._event(inference, episode)
             ):
                 self.stopped = True
                 return
+            await self._memory(self.trainer, onload=True)
             if not await self._train_episode(episode, plan):
+                await self._memory(self.trainer, onload=False)
                 self.stopped = True
                 return
             self.state.episode = episode + 1
             self.state.step_in_episode = 0
             self.state.consumed_samples += layout.num_samples
             await self._window.release_through(self._global(episode + 1, 0))
-            self._event(self._trained, episode).set()
+            if not settings.take_turns:  # else after the evaluation's turns
+                self._event(self._trained, episode).set()
             # only the previous episode's event is still awaited (by the reference loops)
             self._trained.pop(episode - 1, None)
             self._produced.pop(episode, None)
+            self._offloaded.pop(episode, None)
             del self._layouts[episode]
             await self.trainer.end_episode()
+            await self._memory(self.trainer, onload=False)
             evaluated = None
             interval = settings.eval_episode_interval
             if self.eval_size and interval and (episode + 1) % interval == 0:
@@ -433,6 +494,8 @@ class DPOPipeline:
             if interval and (episode + 1) % interval == 0:
                 await self._save("interval")
             await self._serve_checkpoint_requests()
+            if settings.take_turns:
+                self._event(self._trained, episode).set()
 
     async def _train_episode(self, episode: int, plan: EpisodePlan) -> bool:
         """The episode's steps after ``state.step_in_episode``; False if stopped before the end."""
@@ -524,7 +587,9 @@ class DPOPipeline:
     async def evaluate(self) -> dict[str, float]:
         """Reference outputs for the eval set (once per run), then ``eval_step`` on every rank."""
         if not self._eval_ready:
+            await self._memory(self.reference, onload=True)
             await self._eval_reference()
+            await self._memory(self.reference, onload=False)
             self._eval_ready = True
         size, micro = self.eval_size, self.settings.micro_batch_size
         dp_size = self.trainer_dp[0][1]
@@ -533,7 +598,9 @@ class DPOPipeline:
             [shares[dp_rank][i : i + micro] for i in range(0, len(shares[dp_rank]), micro)]
             for dp_rank, _ in self.trainer_dp
         ]
+        await self._memory(self.trainer, onload=True)
         results = await self.trainer.evaluate(per_rank)
+        await self._memory(self.trainer, onload=False)
         # every rank of a data-parallel group evaluates the same share: count each share once
         seen: set[int] = set()
         sums: dict[str, float] = {}

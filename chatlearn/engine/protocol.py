@@ -12,10 +12,11 @@ one of the run's own processes and must stop the run, not be guessed at.
 
 Orders to a reference replica: :class:`Connect`, :class:`BuildDatasets`, :class:`BeginEpisode`,
 :class:`Forward` (chunks of :class:`Chunk`), :class:`EndEpisode`, :class:`Resume`,
-:class:`QueryDataParallel`. Orders to a trainer rank: :class:`OpenInbox`,
+:class:`QueryDataParallel`, :class:`Memory`. Orders to a trainer rank: :class:`OpenInbox`,
 :class:`QueryDataParallel`, :class:`BeginEpisode`, :class:`Fill`, :class:`Train` (steps of
 :class:`Step`), :class:`EndEpisode`, :class:`Evaluate`, :class:`SaveCheckpoint`,
-:class:`LoadCheckpoint`. Each order names its result type (``result``; None: no result).
+:class:`LoadCheckpoint`, :class:`Memory`. Each order names its result type (``result``; None: no
+result).
 
 The reference outputs themselves do not travel here: a replica pushes them straight to the
 trainers' inboxes (``replica.py``), tensors as raw frames.
@@ -263,6 +264,15 @@ class LoadCheckpoint(Message):
     episode: int
 
 
+@dataclass(slots=True, kw_only=True)
+class Memory(Message):
+    """Both: the module's ``onload()`` (before its turn) or ``offload()`` (after it), when
+    colocated models take turns (``free_memory``)."""
+
+    kind = "memory"
+    onload: bool
+
+
 REFERENCE_ORDERS: tuple[type[Message], ...] = (
     Connect,
     BuildDatasets,
@@ -271,6 +281,7 @@ REFERENCE_ORDERS: tuple[type[Message], ...] = (
     EndEpisode,
     Forward,
     Resume,
+    Memory,
 )
 TRAINER_ORDERS: tuple[type[Message], ...] = (
     OpenInbox,
@@ -282,6 +293,7 @@ TRAINER_ORDERS: tuple[type[Message], ...] = (
     Evaluate,
     SaveCheckpoint,
     LoadCheckpoint,
+    Memory,
 )
 
 
@@ -503,6 +515,13 @@ class _Workers:
     async def _ranks(self, ranks: Sequence[Any], order: Message) -> list[Any]:
         """``order`` to some processes (one replica's ranks), results in their order."""
         return await asyncio.gather(*(_ask(h, self.entry, order) for h in ranks))
+
+    async def memory(self, onload: bool, replica: int | None = None) -> None:
+        """``onload()`` or ``offload()`` on every process (of ``replica`` only, if given)."""
+        if replica is None:
+            await self._all(Memory(onload=onload))
+        else:
+            await self._ranks(self.replicas[replica], Memory(onload=onload))
 
     async def data_parallel(self) -> list[tuple[int, int]]:
         """(data-parallel rank, size) of every process."""

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from chatlearn.actors.checkpoint_paths import module_checkpoint_dir
-from chatlearn.actors.module import invoke
+from chatlearn.actors.module import invoke, resume_loads_checkpoint
 from chatlearn.engine.batching import (
     batch_size_of,
     collate_samples,
@@ -60,6 +60,7 @@ from chatlearn.engine.protocol import (
     Inbox,
     Interval,
     LoadCheckpoint,
+    Memory,
     Message,
     OpenInbox,
     QueryDataParallel,
@@ -115,6 +116,10 @@ class _EpisodeHooks(_Dispatch):
     async def data_parallel(self, order: QueryDataParallel) -> DataParallel:
         return await self.ctx.run_compute(self._data_parallel)
 
+    async def memory(self, order: Memory) -> None:
+        """The module's ``onload()`` or ``offload()`` (colocated models taking turns)."""
+        await self.ctx.run_compute(self.module.onload if order.onload else self.module.offload)
+
     def _data_parallel(self) -> DataParallel:
         return DataParallel(
             rank=int(self.module.data_parallel_rank), size=int(self.module.data_parallel_size)
@@ -144,6 +149,7 @@ class ReferenceService(_EpisodeHooks):
             EndEpisode: self.end_episode,
             Forward: self.forward,
             Resume: self.resume,
+            Memory: self.memory,
         }
 
     async def build_datasets(self, order: BuildDatasets) -> DatasetSizes:
@@ -262,6 +268,7 @@ class TrainerService(_EpisodeHooks):
             Evaluate: self.evaluate,
             SaveCheckpoint: self.save_checkpoint,
             LoadCheckpoint: self.load_checkpoint,
+            Memory: self.memory,
         }
         self.buffers: dict[Any, dict[int, dict[str, Any]]] = {}
         # reference outputs kept for samples that come back (reference_cache.py)
@@ -457,6 +464,13 @@ class TrainerService(_EpisodeHooks):
         directory = module_checkpoint_dir(Path(checkpoint), self.module.name, self.ctx.rank)
         if kind == "save":
             directory.mkdir(parents=True, exist_ok=True)
+        if kind == "load" and not resume_loads_checkpoint(self.module, directory):
+            logger.info(
+                "%s: no load_checkpoint of its own and a checkpoint not written by "
+                "TorchModule.save_checkpoint: resuming with the data position only",
+                self.module.name,
+            )
+            return Interval(start=start, end=time.time())
         self.module._checkpoint_dir = directory
         try:
             invoke(self.module, f"{kind}_checkpoint", (), {"iteration": iteration})

@@ -11,7 +11,7 @@ import pytest
 
 from chatlearn.actors import BaseModule, ModuleError, TorchModule
 from chatlearn.actors.loader import MAIN_ALIAS, ClassRef, load_object
-from chatlearn.actors.module import invoke
+from chatlearn.actors.module import invoke, resume_loads_checkpoint
 from chatlearn.config import ConfigError, reset_args, set_args
 
 
@@ -104,6 +104,34 @@ def test_iteration_is_passed_only_if_declared(config):
         invoke(module, "__class__")
 
 
+class SaveOnly(TorchModule):
+    def save_checkpoint(self, iteration):
+        (self.checkpoint_dir(iteration) / "state.json").write_text("{}")
+
+
+class SaveCallingSuper(TorchModule):
+    def save_checkpoint(self, iteration):
+        super().save_checkpoint(iteration)
+
+
+def test_resume_loads_only_checkpoints_the_module_can_load(config, tmp_path):
+    """ChatLearn's rule: a module's own load_checkpoint, or TorchModule's files, else skip."""
+    written = tmp_path / "written"
+    written.mkdir()
+    (written / "model.pt").write_bytes(b"")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # TorchModule's own load: only where its save wrote the files (default or via super())
+    assert resume_loads_checkpoint(SaveCallingSuper("policy", config), written)
+    assert resume_loads_checkpoint(TorchModule("policy", config), written)
+    assert not resume_loads_checkpoint(SaveOnly("policy", config), empty)
+    (empty / "rng.pt").write_bytes(b"")  # a TorchModule without self.model saves the RNGs
+    assert resume_loads_checkpoint(SaveOnly("policy", config), empty)
+    # a module's own load_checkpoint is always called; BaseModule's no-op never
+    assert resume_loads_checkpoint(Steps("reference", config), tmp_path / "missing")
+    assert not resume_loads_checkpoint(BaseModule("reference", config), written)
+
+
 def test_class_refs():
     assert ClassRef.of(lib.Recorder) == ClassRef("actors_testlib", "Recorder")
     assert ClassRef.parse("actors_testlib:EchoService").load() is lib.EchoService
@@ -147,3 +175,29 @@ def test_main_script_runs_under_another_name_without_its_main_block(tmp_path):
         sys.modules.pop(MAIN_ALIAS, None)
         if str(tmp_path) in sys.path:
             sys.path.remove(str(tmp_path))
+
+
+class Offloading(TorchModule):
+    def setup(self):
+        import torch
+
+        self.model = torch.nn.Linear(3, 2)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.1)
+
+
+def test_offload_and_onload_on_cpu_change_nothing(config):
+    """On CPU there is nothing to move (device moves are measured by `make gpu-check`): the
+    calls leave the same tensors in place and training goes on."""
+    import torch
+
+    module = Offloading("policy", config)
+    module.setup()
+    module.model(torch.ones(1, 3)).sum().backward()
+    module.optimizer.step()
+    before = [p.data.data_ptr() for p in module.model.parameters()]
+    module.offload()
+    assert module._offloaded == []
+    module.onload()
+    assert [p.data.data_ptr() for p in module.model.parameters()] == before
+    module.model(torch.ones(1, 3)).sum().backward()
+    module.optimizer.step()

@@ -29,6 +29,12 @@ class _Logged(BaseModule):
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def onload(self) -> None:
+        self.log(event="onload", time=time.time())
+
+    def offload(self) -> None:
+        self.log(event="offload", time=time.time())
+
     def after_episode(self) -> None:
         self.log(
             event="after_episode",

@@ -1,0 +1,56 @@
+"""Resume of modules that override only ``save_checkpoint`` (ChatLearn's own modules do).
+
+A first run of ``save_only_script.py`` trains one episode and checkpoints it; a second run with
+two episodes resumes from it. A trainer whose override never calls super() resumes at the right
+data position with the weights ``setup()`` built (``load_checkpoint`` is not called: the default
+would need ``model.pt``). The other cases of the rule (an override calling super(), a module's
+own ``load_checkpoint``) are decided by ``resume_loads_checkpoint``, tested in
+``tests/actors/test_module_api.py``; the default TorchModule resume in ``test_resume.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from resume_trials import Trial, stop  # noqa: E402
+
+pytestmark = pytest.mark.timeout(90)
+
+SCRIPT = Path(__file__).resolve().parent / "save_only_script.py"
+
+
+def _run(trial: Trial, num_episode: int, kind: str) -> str:
+    args = [sys.executable, str(SCRIPT), str(trial.output), str(trial.probe), str(num_episode)]
+    proc = subprocess.Popen(
+        [*args, kind], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        stop(proc)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    return text
+
+
+def test_rerun_resumes_a_module_overriding_only_save_checkpoint(tmp_path: Path):
+    trial = Trial(tmp_path)
+    _run(trial, 1, "save_only")
+    saved = trial.checkpoints / "iter_0000004" / "policy_trainer" / "rank_0"
+    assert json.loads((saved / "state.json").read_text()) == {"iteration": 4}
+    assert not (saved / "model.pt").exists()
+
+    second = _run(trial, 2, "save_only")
+    first, resumed = trial.events("weights")
+    assert (first["iteration"], resumed["iteration"]) == (0, 4)  # the second episode's data
+    assert trial.events("first_step")[-1]["resume"] is True
+    assert trial.state("iter_0000008").consumed_samples == 16
+    assert trial.complete() == [4, 8]
+    assert "policy_trainer: no load_checkpoint of its own" in second
+    assert resumed["total"] == first["total"]  # setup()'s weights: nothing was loaded
