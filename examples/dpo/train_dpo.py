@@ -43,7 +43,7 @@ def summarize(result: LearnResult) -> str:
         lines.append(f"eval loss         {first['loss']:.4f} -> {last['loss']:.4f}")
         lines.append(
             f"eval reward acc.  {first['rewards/accuracies']:.3f} -> "
-            f"{last['rewards/accuracies']:.3f}  (held-out; 0 at first: policy = reference)"
+            f"{last['rewards/accuracies']:.3f}  (held-out; ~0 at first: policy = reference)"
         )
     if result.throughput is None or result.overlap is None:
         lines.append("nothing was left to train: this run had already completed")
