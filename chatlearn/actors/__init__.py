@@ -9,6 +9,9 @@
 
 Names are imported lazily: the worker imports this package before it pins itself to its cores,
 so importing it must not start threads (numpy, torch) or import anything heavy.
+
+Layer 2 (docs/architecture.md, "Layers"): may import `transport`, `config` and `algorithms`;
+what it needs from above (where processes start) it defines as interfaces (`hosts.Hosts`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Training algorithms on top of the engine: DPO losses, log-probs and metrics."""
+"""Training algorithms the model modules build on: DPO losses, log-probs (chunked, packed), metrics.
+
+Layer 1 (docs/architecture.md, "Layers"): may import `transport` only; plain torch
+functions and modules that `hf` and `megatron` build on.
+"""
 
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ Modules: `schema` (every known key, its type and default — the tables are in i
 RuntimeEnvConfig), `core` (Config, wire form), `checks` (cross-key rules, output paths),
 `model_args` (types of the model_args keys the ready-made modules read), `entry` (init,
 get_args, set_args), `report` (an uncaught ConfigError as one line on stderr, exit code 2).
+
+Layer 1 (docs/architecture.md, "Layers"): may import `transport` only.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 transformers and tokenizers are imported only when a tokenizer or a model is built, so importing
 this package costs torch alone.
+
+Layer 3 (docs/architecture.md, "Layers"): may import `transport`, `config`, `algorithms` and
+`actors`, never `engine`, `launch` or `megatron`.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 `chatlearn launch --hostfile FILE script.py` (cli.py) prepares a run; the coordinator's
 `ActorSystem` picks it up as its default hosts (`chatlearn.actors.hosts`).
+
+Layer 3 (docs/architecture.md, "Layers"): may import `transport`, `config`, `algorithms` and
+`actors` (it implements `actors.hosts.Hosts`), never `engine`, `hf` or `megatron`.
 """
 
 from chatlearn.launch.cluster import Cluster, LaunchSpec

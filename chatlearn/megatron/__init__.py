@@ -11,6 +11,9 @@
   extra `chatlearn[megatron]`.
 
 Names are imported lazily, so importing this package needs neither torch nor megatron-core.
+
+Layer 3 (docs/architecture.md, "Layers"): may import `transport`, `config`, `algorithms` and
+`actors`, never `engine`, `launch` or `hf`.
 """
 
 from __future__ import annotations

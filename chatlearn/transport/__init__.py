@@ -4,6 +4,8 @@
 payloads in typed control envelopes; `channels` carries them (ROUTER/DEALER for control,
 PUSH/PULL for data); `endpoints` says where sockets live; `loop` gives the uvloop event loop.
 Importing this package does not import torch (see codec.py).
+
+Layer 0 (docs/architecture.md, "Layers"): imports no other chatlearn package.
 """
 
 from __future__ import annotations
