@@ -464,7 +464,10 @@ class ActorSystem:
             return
         self.failure = exc
         self.record("failure", detail=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
-        line = getattr(exc, "config_error_line", lambda: None)() or str(exc).splitlines()[0]
+        line = (
+            getattr(exc, "config_error_line", lambda: None)()
+            or ((str(exc).splitlines() or [type(exc).__name__])[0])
+        )
         logger.error("stopping all actors: %s", line)
         for actor in self._actors:
             if self.server is not None:

@@ -653,6 +653,16 @@ def _num_parameters(options: dict[str, Any]) -> int:
     return num_parameters(build_causal_lm(model_args(options)["model_config"]))
 
 
+def check_cores_and_steps(options: dict[str, Any]) -> None:
+    """`--cores` (default: every usable core) within this machine, `--warmup`/`--steps` ≥ 1."""
+    available = len(os.sched_getaffinity(0))
+    options["cores"] = options["cores"] or available
+    if not 1 <= options["cores"] <= available:
+        raise click.UsageError(f"--cores must be between 1 and {available}")
+    if options["warmup"] < 1 or options["steps"] < 1:
+        raise click.UsageError("--warmup and --steps must be at least 1")
+
+
 @click.command("dpo")
 @click.option("--hidden-size", default=256, show_default=True)
 @click.option("--intermediate-size", default=688, show_default=True)
@@ -708,12 +718,7 @@ def _num_parameters(options: dict[str, Any]) -> int:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def command(as_json: bool, **options: Any) -> None:
     """Samples/s of DPO: single process (a), chatlearn pipelined (b), train-only (c)."""
-    available = len(os.sched_getaffinity(0))
-    options["cores"] = options["cores"] or available
-    if not 1 <= options["cores"] <= available:
-        raise click.UsageError(f"--cores must be between 1 and {available}")
-    if options["warmup"] < 1 or options["steps"] < 1:
-        raise click.UsageError("--warmup and --steps must be at least 1")
+    check_cores_and_steps(options)
     with tempfile.TemporaryDirectory(prefix="chatlearn-bench-") as output_dir:
         realistic = options["data"] == "realistic"
         result = {

@@ -53,7 +53,7 @@ from typing import Any
 
 import click
 
-from chatlearn.benchmarks.dpo import _PREAMBLE, bench_records, throughput
+from chatlearn.benchmarks.dpo import _PREAMBLE, bench_records, check_cores_and_steps, throughput
 from chatlearn.engine.engine import DPOEngine
 from chatlearn.engine.pipeline import RunState
 from chatlearn.hf.modules import HFDPOTrainer, HFReference
@@ -548,12 +548,7 @@ def _parse_layouts(ctx: click.Context, param: click.Parameter, value: str) -> li
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def command(as_json: bool, **options: Any) -> None:
     """Peak memory and throughput of DPO training: DDP, FSDP2 over 2 processes, LoRA."""
-    available = len(os.sched_getaffinity(0))
-    options["cores"] = options["cores"] or available
-    if not 1 <= options["cores"] <= available:
-        raise click.UsageError(f"--cores must be between 1 and {available}")
-    if options["warmup"] < 1 or options["steps"] < 1:
-        raise click.UsageError("--warmup and --steps must be at least 1")
+    check_cores_and_steps(options)
     with tempfile.TemporaryDirectory(prefix="chatlearn-bench-memory-") as output_dir:
         measured = run(_measure_all(options, output_dir))
     result = {"num_parameters": num_parameters(options), **measured, "options": options}

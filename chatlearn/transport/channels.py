@@ -419,7 +419,6 @@ class ControlClient:
         ``drop_malformed=False``."""
         while True:
             frames = await self._socket.recv()
-            self.last_peer = peer_name(frames[0]) if frames else None
             try:
                 if _is_large(frames, 0):
                     return await _run_steps(decode_message_steps(frames, limits=self._limits))
@@ -515,8 +514,9 @@ class DataReceiver:
             raise ValueError(f"hwm must be >= 1 (0 would mean unbounded), got {hwm}")
         self._limits = limits
         self._drop_malformed = drop_malformed
-        # the authenticated name of the sender of the message `recv` last returned or refused
-        self.last_peer: str | None = None
+        # the header frame of the message `recv` last returned or refused (small): its sender's
+        # name is looked up only when asked (`last_peer`), not for every message
+        self._last_header: zmq.Frame | None = None
         self._socket = AsyncSocket(
             context,
             zmq.PULL,
@@ -531,6 +531,12 @@ class DataReceiver:
         return self._socket.closed
 
     @property
+    def last_peer(self) -> str | None:
+        """The authenticated name of the sender of the message `recv` last returned or refused
+        (security.py), if the connection had one."""
+        return peer_name(self._last_header) if self._last_header is not None else None
+
+    @property
     def num_malformed(self) -> int:
         """Messages dropped because they could not be decoded."""
         return self._malformed.count
@@ -542,7 +548,7 @@ class DataReceiver:
         order they are received, but a large one finishes after a small one received later."""
         while True:
             frames = await self._socket.recv()
-            self.last_peer = peer_name(frames[0]) if frames else None
+            self._last_header = frames[0] if frames else None
             try:
                 if _is_large(frames, 0):
                     return await _run_steps(decode_steps(frames, limits=self._limits))
