@@ -23,6 +23,9 @@ __all__ = ["LAUNCH_ENV_VAR", "Hosts", "default_hosts", "is_local_host", "set_def
 
 # Set while `chatlearn launch` runs a script: a multi-host run is in progress in this process.
 LAUNCH_ENV_VAR = "CHATLEARN_LAUNCH"
+#: set by ``chatlearn launch`` in a coordinator it restarted (launch/supervise.py): how many
+#: times it did; the engine reports it (not secret)
+COORDINATOR_RESTARTS_ENV_VAR = "CHATLEARN_COORDINATOR_RESTARTS"
 _LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 

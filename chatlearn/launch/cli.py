@@ -9,7 +9,13 @@ the hosts (cluster.py).
 
 A config error of the script (a `ConfigError` it does not catch, also one raised in an actor) is
 printed as one line, `file:line: key: what is wrong (fix: ...)`, and the command exits with code
-2; `--debug` (or ``CHATLEARN_DEBUG=1``) shows the traceback instead.
+2; `--debug` (or ``CHATLEARN_DEBUG=1``) shows the traceback instead. A stop on SIGINT exits with
+130 (not click's "Aborted!" and 1).
+
+With ``--max-restarts N`` (default 3) this process prepares the same and then supervises: the
+script runs in a forked child, which is run again, resuming from its newest checkpoint, when it
+is killed by a signal such as SIGKILL or SIGSEGV (supervise.py). ``--max-restarts 0`` runs the
+script in this process, as described above.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import os
 import runpy
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -41,6 +48,7 @@ from chatlearn.launch.cluster import (
 from chatlearn.launch.curve import generate_keys
 from chatlearn.launch.env import exported_environment
 from chatlearn.launch.hostfile import HostfileError, read_hostfile, select_hosts
+from chatlearn.launch.supervise import supervise
 
 __all__ = ["command", "prepare_launch"]
 
@@ -77,13 +85,16 @@ def prepare_launch(
 
 def run_script(script: str, args: list[str]) -> None:
     """Run `script` as ``__main__`` with `args`, like ``python script args``; an uncaught config
-    error ends it as one line on stderr and exit code 2 (unless debugging)."""
+    error ends it as one line on stderr and exit code 2 (unless debugging), a `KeyboardInterrupt`
+    with 130 (or the code of the engine's `TrainingInterrupted`, also a `SystemExit`)."""
     sys.argv = [script, *args]
     script_dir = str(Path(script).resolve().parent)
     if script_dir not in sys.path:
         sys.path.insert(0, script_dir)
     try:
         runpy.run_path(script, run_name="__main__")
+    except KeyboardInterrupt as exc:  # click would print "Aborted!" and exit with 1
+        raise SystemExit(exc.code if isinstance(exc, SystemExit) else 128 + signal.SIGINT) from None
     except Exception as exc:
         if config_error_line(exc) is None or debug_enabled():
             raise
@@ -117,6 +128,22 @@ def run_script(script: str, args: list[str]) -> None:
     help="what a slot is (auto: GPUs if this machine has any)",
 )
 @click.option(
+    "--max-restarts",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="restart the coordinator this often when a signal kills it (not SIGINT/SIGTERM/SIGHUP);"
+    " it resumes from the newest checkpoint. 0: run the script in this process",
+)
+@click.option(
+    "--restart-window",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    metavar="MINUTES",
+    help="--max-restarts counts the restarts within this many minutes",
+)
+@click.option(
     "--debug",
     is_flag=True,
     help=f"show the traceback of config errors (also {DEBUG_ENV_VAR}=1)",
@@ -133,6 +160,8 @@ def command(
     env_file: str | None,
     export: tuple[str, ...],
     slots_are: str,
+    max_restarts: int,
+    restart_window: float,
     debug: bool,
     script: str,
     script_args: tuple[str, ...],
@@ -143,7 +172,7 @@ def command(
     if hostfile is None:
         if include or exclude:
             raise click.UsageError("--include/--exclude need a --hostfile")
-        run_script(script, list(script_args))
+        _run(script, list(script_args), max_restarts, restart_window)
         return
     try:
         cluster = prepare_launch(
@@ -159,12 +188,23 @@ def command(
         )
     except (HostfileError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
-    # The script runs in this process: its ActorSystem takes the cluster from here; the
-    # variable says a launch is in progress.
+    # The script runs in this process (or a fork of it): its ActorSystem takes the cluster from
+    # here; the variable says a launch is in progress.
     set_default_hosts(cluster)
     os.environ[LAUNCH_ENV_VAR] = "1"
     try:
-        run_script(script, list(script_args))
+        _run(script, list(script_args), max_restarts, restart_window)
     finally:
         set_default_hosts(None)
         os.environ.pop(LAUNCH_ENV_VAR, None)
+
+
+def _run(script: str, args: list[str], max_restarts: int, window_minutes: float) -> None:
+    """`run_script` in this process, or under a supervisor that restarts it (supervise.py)."""
+    if max_restarts == 0:
+        run_script(script, args)
+        return
+    code = supervise(
+        lambda: run_script(script, args), max_restarts=max_restarts, window=window_minutes * 60
+    )
+    sys.exit(code)

@@ -1,0 +1,69 @@
+"""A coordinator script for the restart tests: ``chatlearn launch restart_script.py MODE DIR``.
+
+Every attempt appends ``{"attempt", "pid", "ppid"}`` (attempt: ``CHATLEARN_COORDINATOR_RESTARTS``,
+-1 when unset) to DIR/attempts.jsonl, then by MODE:
+
+- ``once``: the first attempt writes DIR/first and SIGKILLs itself; the next writes DIR/second
+  and exits 0.
+- ``always``: every attempt SIGKILLs itself.
+- ``raise``: raises RuntimeError.
+- ``interrupted``: raises what ``DPOEngine.learn()`` raises after a stop on SIGINT.
+- ``keyboard``: raises KeyboardInterrupt.
+- ``exit0``: exits 0.
+- ``signals``: counts SIGINT/SIGTERM; writes DIR/ready, waits for a first signal (10 s at most),
+  then 1 s for more, writes the names it got to DIR/signals.json and exits 128 + the first one.
+- ``sleep``: writes DIR/ready and sleeps 30 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    mode, directory = sys.argv[1], Path(sys.argv[2])
+    attempt = int(os.environ.get("CHATLEARN_COORDINATOR_RESTARTS", "-1"))
+    record = {"attempt": attempt, "pid": os.getpid(), "ppid": os.getppid()}
+    with open(directory / "attempts.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if mode == "once":
+        if attempt <= 0:
+            (directory / "first").write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        (directory / "second").write_text(str(os.getpid()))
+    elif mode == "always":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif mode == "raise":
+        raise RuntimeError("a bug in the user's script")
+    elif mode == "interrupted":
+        from chatlearn.engine.interrupts import interrupted
+
+        raise interrupted(signal.SIGINT)
+    elif mode == "keyboard":
+        raise KeyboardInterrupt
+    elif mode == "signals":
+        received: list[int] = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda s, _frame: received.append(s))
+        (directory / "ready").touch()
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(1.0)  # a duplicate would arrive within this
+        names = [signal.Signals(s).name for s in received]
+        (directory / "signals.json").write_text(json.dumps(names))
+        sys.exit(128 + received[0] if received else 3)
+    elif mode == "sleep":
+        (directory / "ready").touch()
+        time.sleep(30)
+    elif mode != "exit0":
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main()

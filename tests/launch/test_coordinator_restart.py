@@ -1,0 +1,283 @@
+"""`chatlearn launch --max-restarts`: the restart decision, and real launches whose coordinator
+dies (SIGKILL), fails (an exception), is stopped (SIGTERM, Ctrl-C on a terminal) or resumes a
+DPO run from its checkpoint."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import signal
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+from chatlearn.engine.metrics import read_metrics
+from chatlearn.launch.supervise import STOP_SIGNALS, exit_code, restarts_in_window, should_restart
+
+pytestmark = pytest.mark.timeout(60)
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "engine"))
+from resume_trials import alive, assert_all_exit  # noqa: E402
+
+REPO = HERE.parents[1]
+SCRIPT = HERE / "restart_script.py"
+RESTART_LINE = "chatlearn launch: the coordinator (pid"
+
+
+def killed(signum: int) -> int:
+    """The wait status of a process killed by `signum`."""
+    return int(signum)
+
+
+def exited(code: int) -> int:
+    """The wait status of a process that exited with `code`."""
+    return code << 8
+
+
+# -- the decision -----------------------------------------------------------------------------
+
+
+def test_only_a_death_by_a_signal_that_is_not_a_stop_is_restarted():
+    for signum in (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS):
+        assert should_restart(killed(signum), [], 0.0, 3, 3600.0)
+    for signum in STOP_SIGNALS:
+        assert not should_restart(killed(signum), [], 0.0, 3, 3600.0)
+    for code in (0, 1, 2, 130, 137, 143):
+        assert not should_restart(exited(code), [], 0.0, 3, 3600.0)
+    assert not should_restart(killed(signal.SIGKILL), [], 0.0, 0, 3600.0)  # no budget at all
+
+
+def test_the_budget_counts_only_restarts_within_the_window():
+    history = [100.0, 200.0, 300.0]
+    assert restarts_in_window(history, 310.0, 60.0) == 1
+    assert restarts_in_window(history, 310.0, 250.0) == 3
+    # three restarts within the hour: the budget of 3 is used up ...
+    assert not should_restart(killed(signal.SIGKILL), history, 310.0, 3, 3600.0)
+    assert should_restart(killed(signal.SIGKILL), history, 310.0, 4, 3600.0)
+    # ... until the oldest one leaves the window
+    assert not should_restart(killed(signal.SIGKILL), history, 3699.0, 3, 3600.0)
+    assert should_restart(killed(signal.SIGKILL), history, 3700.0, 3, 3600.0)
+
+
+def test_exit_codes_are_the_shells():
+    assert [exit_code(exited(c)) for c in (0, 1, 2, 143)] == [0, 1, 2, 143]
+    assert exit_code(killed(signal.SIGKILL)) == 137
+    assert exit_code(killed(signal.SIGSEGV)) == 128 + signal.SIGSEGV
+
+
+# -- real launches ------------------------------------------------------------------------------
+
+
+def launch_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "chatlearn.cli", "launch", *args]
+
+
+def run_launch(*args: str, timeout: float = 40) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        launch_command(*args),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def start_launch(*args: str, **kwargs) -> subprocess.Popen[str]:
+    defaults = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    return subprocess.Popen(launch_command(*args), cwd=REPO, text=True, **{**defaults, **kwargs})
+
+
+def attempts(directory: Path) -> list[dict[str, int]]:
+    path = directory / "attempts.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(path: Path, proc: subprocess.Popen[str], within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not path.exists():
+        assert proc.poll() is None, f"the launch ended with {proc.returncode} before {path.name}"
+        assert time.monotonic() < deadline, f"no {path.name} within {within:g} s"
+        time.sleep(0.02)
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+def test_a_killed_coordinator_is_restarted_once_and_the_command_succeeds(tmp_path):
+    result = run_launch("--max-restarts", "2", str(SCRIPT), "once", str(tmp_path))
+    try:
+        assert result.returncode == 0, result.stderr
+        restarts = [x for x in result.stderr.splitlines() if x.startswith(RESTART_LINE)]
+        first = int((tmp_path / "first").read_text())
+        assert restarts == [
+            f"{RESTART_LINE} {first}) was killed by SIGKILL; restart 1 of 2 (resuming from the "
+            "newest checkpoint)"
+        ]
+        runs = attempts(tmp_path)
+        assert [r["attempt"] for r in runs] == [0, 1]
+        assert int((tmp_path / "second").read_text()) == runs[1]["pid"]
+        assert runs[0]["ppid"] == runs[1]["ppid"]  # both children of the one supervisor
+    finally:
+        assert_all_exit([r["pid"] for r in attempts(tmp_path)])
+
+
+def test_a_coordinator_that_keeps_dying_exhausts_the_restarts(tmp_path):
+    result = run_launch("--max-restarts", "2", str(SCRIPT), "always", str(tmp_path))
+    try:
+        assert result.returncode == 128 + signal.SIGKILL, result.stderr
+        assert [r["attempt"] for r in attempts(tmp_path)] == [0, 1, 2]
+        lines = [x for x in result.stderr.splitlines() if x.startswith(RESTART_LINE)]
+        assert len(lines) == 3
+        assert "restart 1 of 2" in lines[0] and "restart 2 of 2" in lines[1]
+        assert "killed by SIGKILL; restarts exhausted (2 of 2 within 60 min used, " in lines[2]
+        assert "3 attempts in all); exiting with 137" in lines[2]
+    finally:
+        assert_all_exit([r["pid"] for r in attempts(tmp_path)])
+
+
+def test_an_exception_is_final_exit_1_without_a_restart(tmp_path):
+    result = run_launch("--max-restarts", "2", str(SCRIPT), "raise", str(tmp_path))
+    try:
+        assert result.returncode == 1, result.stderr
+        assert "RuntimeError: a bug in the user's script" in result.stderr
+        assert RESTART_LINE not in result.stderr
+        assert [r["attempt"] for r in attempts(tmp_path)] == [0]
+    finally:
+        assert_all_exit([r["pid"] for r in attempts(tmp_path)])
+
+
+def test_max_restarts_0_runs_the_script_in_the_launch_process(tmp_path):
+    proc = start_launch("--max-restarts", "0", str(SCRIPT), "exit0", str(tmp_path))
+    try:
+        proc.wait(30)
+        assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+        assert attempts(tmp_path) == [{"attempt": -1, "pid": proc.pid, "ppid": os.getpid()}]
+    finally:
+        stop(proc)
+        proc.stdout.close(), proc.stderr.close()  # type: ignore[union-attr]
+    # by default a child of the launch process runs it, told it is the first attempt
+    proc = start_launch(str(SCRIPT), "exit0", str(tmp_path))
+    try:
+        proc.wait(30)
+        assert proc.returncode == 0
+        second = attempts(tmp_path)[1]
+        assert second["attempt"] == 0 and second["ppid"] == proc.pid != second["pid"]
+    finally:
+        stop(proc)
+        proc.stdout.close(), proc.stderr.close()  # type: ignore[union-attr]
+        assert_all_exit([r["pid"] for r in attempts(tmp_path)])
+
+
+@pytest.mark.parametrize("max_restarts", ["0", "2"])
+@pytest.mark.parametrize("mode", ["interrupted", "keyboard"])
+def test_an_uncaught_stop_on_sigint_exits_130(tmp_path, mode, max_restarts):
+    result = run_launch("--max-restarts", max_restarts, str(SCRIPT), mode, str(tmp_path))
+    try:
+        assert result.returncode == 128 + signal.SIGINT, result.stderr
+        assert "Aborted!" not in result.stderr and RESTART_LINE not in result.stderr
+        assert len(attempts(tmp_path)) == 1
+    finally:
+        assert_all_exit([r["pid"] for r in attempts(tmp_path)])
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_sigterm_to_the_supervisor_is_forwarded_each_time_and_not_restarted(tmp_path, times):
+    proc = start_launch(str(SCRIPT), "signals", str(tmp_path))
+    try:
+        wait_for(tmp_path / "ready", proc)
+        for _ in range(times):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.1)
+        _, stderr = proc.communicate(timeout=20)
+        assert proc.returncode == 128 + signal.SIGTERM, stderr
+        assert json.loads((tmp_path / "signals.json").read_text()) == ["SIGTERM"] * times
+        assert RESTART_LINE not in stderr and len(attempts(tmp_path)) == 1
+    finally:
+        stop(proc)
+        assert_all_exit([r["pid"] for r in attempts(tmp_path)])
+
+
+def _controlling_terminal() -> None:
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def test_ctrl_c_on_a_terminal_reaches_the_coordinator_once(tmp_path):
+    """The terminal sends SIGINT to the supervisor and the coordinator alike: not forwarded."""
+    master, slave = pty.openpty()
+    try:
+        proc = start_launch(
+            str(SCRIPT),
+            "signals",
+            str(tmp_path),
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+            preexec_fn=_controlling_terminal,
+        )
+    finally:
+        os.close(slave)
+    try:
+        wait_for(tmp_path / "ready", proc)
+        os.write(master, b"\x03")  # Ctrl-C
+        proc.wait(20)
+        assert proc.returncode == 128 + signal.SIGINT
+        assert json.loads((tmp_path / "signals.json").read_text()) == ["SIGINT"]
+        assert len(attempts(tmp_path)) == 1
+    finally:
+        stop(proc)
+        os.close(master)
+        assert_all_exit([r["pid"] for r in attempts(tmp_path)])
+
+
+def test_a_killed_supervisor_takes_its_coordinator_along(tmp_path):
+    proc = start_launch(str(SCRIPT), "sleep", str(tmp_path), stdout=subprocess.DEVNULL)
+    try:
+        wait_for(tmp_path / "ready", proc)
+        proc.kill()
+        proc.wait(10)
+        assert_all_exit([r["pid"] for r in attempts(tmp_path)], within=5)
+        assert RESTART_LINE not in proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        stop(proc)
+        proc.stderr.close()  # type: ignore[union-attr]
+        for pid in [r["pid"] for r in attempts(tmp_path)]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(90)
+def test_a_dpo_run_whose_coordinator_is_killed_resumes_and_trains_each_step_once(tmp_path):
+    output, probe = tmp_path / "out", tmp_path / "probe"
+    probe.mkdir()
+    proc = start_launch(
+        "--max-restarts", "1", str(HERE / "restart_dpo.py"), str(output), str(probe)
+    )
+    events: list[dict] = []
+    try:
+        _, stderr = proc.communicate(timeout=75)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert stderr.count(RESTART_LINE) == 1 and "killed by SIGKILL; restart 1 of 1" in stderr
+        events = [json.loads(x) for x in (probe / "events.jsonl").read_text().splitlines()]
+        first_steps = [(e["iteration"], e["resume"]) for e in events if e["event"] == "first_step"]
+        assert [resume for _, resume in first_steps] == [False, True]
+        assert first_steps[1][0] == 4  # the second attempt resumed from iteration 4's checkpoint
+        records = read_metrics(output / "CHATLEARN" / "metrics.jsonl")
+        assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 13))
+        assert len([e for e in events if e["event"] == "setup"]) == 4  # two actors, twice
+    finally:
+        stop(proc)
+        if (probe / "events.jsonl").exists():
+            events = [json.loads(x) for x in (probe / "events.jsonl").read_text().splitlines()]
+        assert_all_exit([e["pid"] for e in events if e["event"] == "setup"])
