@@ -32,6 +32,8 @@ _EXPORTS: dict[str, str] = {
     "ActorError": "chatlearn.actors.errors",
     "ActorDeadError": "chatlearn.actors.errors",
     "ActorTimeoutError": "chatlearn.actors.errors",
+    "ActorLostError": "chatlearn.actors.errors",
+    "RestartPolicy": "chatlearn.actors.runtime",
     "ActorSystemClosedError": "chatlearn.actors.errors",
     "ModuleError": "chatlearn.actors.errors",
     "PlacementError": "chatlearn.actors.errors",

@@ -181,6 +181,31 @@ class ActorTimeoutError(ActorDeadError, TimeoutError):
         super().__init__(model, rank, host, **kw)
 
 
+class ActorLostError(ActorDeadError):
+    """An actor died, hung or (with ``restart_on_error``) failed, and the runtime is restarting
+    it under the run's restart policy (``runtime.py``): its calls failed with this error. The
+    caller may wait for ``ActorSystem.wait_ready(model, replica)`` and send them again.
+
+    ``cause`` is what happened (an ``ActorDeadError``, or an ``ActorError`` from user code);
+    ``attempt`` counts the restarts of the model so far, this one included.
+    """
+
+    def __init__(self, cause: BaseException, *, model: str, replica_id: int, attempt: int) -> None:
+        self.cause = cause
+        self.attempt = attempt
+        super().__init__(
+            model,
+            int(getattr(cause, "rank", 0) or 0),
+            str(getattr(cause, "host", "") or ""),
+            replica_id=replica_id,
+            pid=getattr(cause, "pid", None),
+            exit_code=getattr(cause, "exit_code", None),
+            reason=f"restarting (restart {attempt}): {one_line(_first_line(cause))}",
+            stderr_tail=str(getattr(cause, "stderr_tail", "") or ""),
+            remote_traceback=str(getattr(cause, "remote_traceback", "") or ""),
+        )
+
+
 class ActorSystemClosedError(RuntimeError):
     """The actor system was shut down (normally); no more calls can be made."""
 
@@ -194,3 +219,7 @@ class PlacementError(ConfigError):
 
 class ModuleError(RuntimeError):
     """Raised by `BaseModule.error(msg)`: the module reports a fatal error of its own."""
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]

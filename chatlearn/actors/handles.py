@@ -77,6 +77,11 @@ class ActorHandle:
         return self._backend.pid
 
     @property
+    def incarnation(self) -> int:
+        """How many times the actor's process was restarted (self-healing; 0 at first)."""
+        return int(getattr(self._backend, "incarnation", 0))
+
+    @property
     def info(self) -> dict[str, Any]:
         """What the actor reported when it became ready: pid, host, cpus, gpus, torch_threads."""
         return self._backend.info

@@ -10,6 +10,7 @@ supervisor watches the process so that a crash ends the wait at once.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import secrets
 import sys
@@ -47,7 +48,11 @@ from chatlearn.transport import (
 if TYPE_CHECKING:
     from chatlearn.actors.runtime import ActorSystem
 
-__all__ = ["RemoteActor", "spawn_model"]
+__all__ = ["PRIMING", "RemoteActor", "spawn_model"]
+
+# Set while a restarted unit's `on_restart` hook primes it (runtime.py): only the hook's calls
+# reach an actor in state "priming"; everyone else's fail as if it were still restarting.
+PRIMING: contextvars.ContextVar[bool] = contextvars.ContextVar("chatlearn_priming", default=False)
 
 # How long a call to a peer that is no longer connected waits for the supervisor to name the
 # cause (the process exit it is about to notice) before reporting a generic death.
@@ -67,11 +72,21 @@ class RemoteActor:
         self.world_size = assignment.world_size
         self.num_replica = assignment.num_replica
         self.host = assignment.host
-        # The random part makes the identity unguessable (it is never on a command line).
+        self.incarnation = -1  # how many times the process was restarted (runtime.py)
+        self.renew(spec)
+
+    def renew(self, spec: ActorSpec) -> None:
+        """A new process for this actor (the first, or a restart): a new identity and a fresh
+        record; the object stays, so every handle to the actor reaches the new process."""
+        self.spec = spec
+        self.incarnation += 1
+        # The random part makes the identity unguessable (it is never on a command line), and a
+        # restarted actor's differs from its predecessor's.
         token = secrets.token_hex(8)
         self.identity = f"{self.model}.{self.replica_id}.{self.rank}.{token}".encode()
         self.info: dict[str, Any] = {}
-        self.state = "spawning"  # spawning, starting, ready, failed, stopping, exited
+        # spawning, starting, ready, failed, stopping, exited; lost, priming (restarts)
+        self.state = "spawning"
         self.hello: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.last_seen = time.monotonic()
         self.busy: str | None = None  # what its compute thread runs (from heartbeats)
@@ -115,8 +130,9 @@ class RemoteActor:
             remote_traceback=tb,
         )
 
-    async def start(self) -> None:
-        """HELLO → CONFIG → READY within `startup_timeout`; a failure stops the whole run."""
+    async def start(self, *, fatal: bool = True) -> None:
+        """HELLO → CONFIG → READY within `startup_timeout`; a failure stops the whole run
+        (with ``fatal=False`` it only raises: a restart decides for itself)."""
         system = self.system
         timeout = system.options.startup_timeout
         deadline = time.monotonic() + timeout
@@ -132,11 +148,13 @@ class RemoteActor:
             exc = ActorError.from_remote(err, **self.where(None))
             exc.exit_code = await self._wait_exit(system.options.kill_timeout)
             system.record("error", self, f"{exc.type_name} in {exc.method}")
-            system.fail(exc)
+            if fatal:
+                system.fail(exc)
             raise exc from None
         except (TimeoutError, RequestTimeoutError):
             late = self.dead_error(f"did not become ready within startup_timeout={timeout:g} s")
-            system.fail(late)
+            if fatal:
+                system.fail(late)
             raise late from None
         self.info = dict(info or {})
         self.state = "ready"
@@ -155,7 +173,10 @@ class RemoteActor:
         system = self.system
         if system.failure is not None:
             raise system.failure
-        if self.state != "ready":
+        if self.state != "ready" and not (self.state == "priming" and PRIMING.get()):
+            lost = system.lost_error(self)
+            if lost is not None:  # being restarted: the caller may wait for it and retry
+                raise lost
             raise ActorSystemClosedError(f"actor {self.model} rank {self.rank} is {self.state}")
         if timeout is None:
             timeout = system.options.call_timeout
@@ -170,7 +191,9 @@ class RemoteActor:
             exc = ActorError.from_remote(err, **self.where(method))
             system.record("error", self, f"{exc.type_name} in {method}")
             if system.options.fail_fast:
-                system.fail(exc)
+                lost = system.lose(self, exc, user_error=True)
+                if lost is not None:
+                    raise lost from None
             raise exc from None
         except RequestTimeoutError:
             assert timeout is not None
@@ -183,8 +206,8 @@ class RemoteActor:
                 replica_id=self.replica_id,
                 pid=self.pid,
             )
-            system.fail(timed_out)
-            raise timed_out from None
+            lost = system.lose(self, timed_out)
+            raise (lost or timed_out) from None
         except ChannelClosedError:
             if system.failure is not None:
                 raise system.failure from None
@@ -194,6 +217,9 @@ class RemoteActor:
             while time.monotonic() < deadline:
                 if system.failure is not None:
                     raise system.failure from None
+                lost = system.lost_error(self)
+                if lost is not None:
+                    raise lost from None
                 await asyncio.sleep(0.05)
             raise self.dead_error("not connected to the coordinator") from None
 
@@ -206,16 +232,21 @@ def spawn_model(
     config_dict: dict[str, Any],
     services: dict[str, str],
     env_vars: dict[str, str],
+    actors: list[RemoteActor] | None = None,
 ) -> list[RemoteActor]:
-    """Start one worker per assignment (not yet configured: see `RemoteActor.start`)."""
+    """Start one worker per assignment (not yet configured: see `RemoteActor.start`).
+
+    ``actors``: restart these (one per assignment, same order) in new processes instead of
+    creating new actors; a replica's ranks meet at a new rendezvous port."""
+    reuse = list(actors) if actors is not None else None
     class_ref = ClassRef.of(type(module))
     nice = int(config_value(module.module_args, "nice", 0) or 0)
     idle_priority = bool(config_value(module.module_args, "idle_priority", False))
     options = system.options
     cluster = system.cluster
     rendezvous: dict[int, tuple[str, int]] = {}
-    actors = []
-    for a in assignments:
+    spawned = []
+    for number, a in enumerate(assignments):
         dist_env: dict[str, str] = {}
         if a.world_size > 1:
             if a.replica_id not in rendezvous:
@@ -252,7 +283,11 @@ def spawn_model(
             nice=nice,
             idle_priority=idle_priority,
         )
-        actor = RemoteActor(system, a, spec)
+        if reuse is None:
+            actor = RemoteActor(system, a, spec)
+        else:
+            actor = reuse[number]
+            actor.renew(spec)
         endpoint = system.server.endpoint if local else system.remote_endpoint
         assert endpoint is not None
         argv = [
@@ -261,6 +296,7 @@ def spawn_model(
             *("--coordinator-pid", str(os.getpid() if local else 0)),
             *("--heartbeat-interval", str(options.heartbeat_interval)),
             *("--startup-timeout", str(options.startup_timeout)),
+            *("--label", f"{a.model}.{a.replica_id}.{a.rank}"),
         ]
         extra_env = {**env_vars, **a.env, **dist_env}
         boot = Bootstrap(
@@ -281,8 +317,8 @@ def spawn_model(
             actor.popen.stderr, f"[{module.name} r{a.replica_id}.{a.rank}{where}]"
         )
         actor.state = "starting"
-        actors.append(actor)
-    return actors
+        spawned.append(actor)
+    return spawned
 
 
 def _rendezvous(

@@ -20,6 +20,16 @@ Two loops run beside the caller's code:
 Any failure (a dead or hung actor, a call timeout, and by default an error raised by user code)
 is fatal for the whole run: every pending call fails with it, and every process tree is stopped
 with terminate → bounded wait → kill; the runtime directory with its ipc files is removed.
+
+Unless the model heals (`heal(model, ...)`, what the DPO engine asks for): then a process death,
+a hang, a call timeout (and with `RestartPolicy.on_error` an error of user code) of one of its
+actors restarts its *unit* — its replica, or every process of the model — within the policy's
+budget (`max_restarts` per `window`): the unit's pending calls fail with `ActorLostError`, its
+processes are killed, and new ones start on the same slots with the same pinning (`setup()`
+again), then the model's `on_restart` hook primes them. Calls made meanwhile fail with
+`ActorLostError` too; `wait_ready(model, replica)` returns once the unit is back. Each restart is
+one log line and one `restarts` entry. Past the budget, the death is fatal as above, and its error
+says how many restarts were tried.
 `shutdown()` (or leaving `async with`) stops a healthy run in order: SHUTDOWN to every actor,
 bounded wait for them to exit, then the same terminate/kill for stragglers.
 """
@@ -32,11 +42,16 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from chatlearn.actors.errors import ActorSystemClosedError
+from chatlearn.actors.errors import (
+    ActorDeadError,
+    ActorError,
+    ActorLostError,
+    ActorSystemClosedError,
+)
 from chatlearn.actors.handles import ActorHandle, ModelGroup
 from chatlearn.actors.hosts import Hosts, default_hosts
 from chatlearn.actors.module import BaseModule
@@ -49,10 +64,11 @@ from chatlearn.actors.placement import (
     plan_placement,
 )
 from chatlearn.actors.process import close_stdin, cpu_sample, starved, terminate_processes
-from chatlearn.actors.remote import RemoteActor, spawn_model
+from chatlearn.actors.remote import PRIMING, RemoteActor, spawn_model
+from chatlearn.config.errors import one_line
 from chatlearn.transport import ControlServer, MessageKind, RuntimeDir, security, tcp_endpoint
 
-__all__ = ["ActorEvent", "ActorSystem", "SupervisionOptions"]
+__all__ = ["ActorEvent", "ActorSystem", "Restart", "RestartPolicy", "SupervisionOptions"]
 
 logger = logging.getLogger("chatlearn.actors")
 
@@ -92,6 +108,40 @@ class SupervisionOptions:
                 f"heartbeat_interval ({options.heartbeat_interval})"
             )
         return options
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How often a model's actors are restarted: at most ``max_restarts`` within any
+    ``window`` seconds (0: never); ``on_error``: also after an error raised by user code (by
+    default that stops the run: running the same code again would raise again)."""
+
+    max_restarts: int = 3
+    window: float = 3600.0
+    on_error: bool = False
+
+
+@dataclass(slots=True)
+class Restart:
+    """One restart of a unit of actors (``ActorSystem.restarts``)."""
+
+    model: str
+    replica_id: int | None  # None: every replica of the model
+    attempt: int  # the model's restarts so far, this one included
+    reason: str  # one line: what happened to which actor
+    started: float  # time.time() when the loss was noticed
+    ready: float | None = None  # when the unit was back (after setup() and on_restart)
+    tries: int = 1  # new processes started: more when a new one was lost while starting
+
+
+@dataclass(slots=True)
+class _Healing:
+    unit: str  # "replica" or "model"
+    policy: RestartPolicy
+    on_restart: Callable[[int | None], Awaitable[None]] | None
+    describe: Callable[[int | None], str] | None
+    times: deque[float] = field(default_factory=deque)  # monotonic times of recent restarts
+    count: int = 0
 
 
 @dataclass(frozen=True)
@@ -148,6 +198,14 @@ class ActorSystem:
         self._popens: list[Any] = []  # shared with the exit-time finalizer
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop_task: asyncio.Task[Any] | None = None
+        # Self-healing (module docstring): per model, its policy; per unit being restarted,
+        # what waits for it; every restart so far; what spawns a model's processes again.
+        self._healing: dict[str, _Healing] = {}
+        self._restarting: dict[tuple[str, int | None], asyncio.Future[None]] = {}
+        self._restart_tasks: set[asyncio.Task[None]] = set()
+        self._spawn_args: dict[str, tuple[BaseModule, dict[str, str], dict, dict]] = {}
+        self.restarts: list[Restart] = []
+        self.on_restart_event: Callable[[Restart], None] | None = None
         self._closing = False
         self._closed = False
         # A coordinator that exits without shutdown() still leaves no processes behind.
@@ -252,6 +310,12 @@ class ActorSystem:
         config_dict = config.to_dict()
         new: dict[str, list[RemoteActor]] = {}
         for module in modules:
+            self._spawn_args[module.name] = (
+                module,
+                dict(services.get(module.name, {})),
+                config_dict,
+                env_vars,
+            )
             actors = spawn_model(
                 self,
                 module,
@@ -269,6 +333,10 @@ class ActorSystem:
         everyone = [a for group in new.values() for a in group]
         results = await asyncio.gather(*(a.start() for a in everyone), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
+        if errors and self._healed_at_launch(errors):
+            for name in {e.model for e in errors}:  # type: ignore[attr-defined]
+                await self.wait_ready(name)  # the run's failure if a restart fails
+            errors = []
         if errors:
             root = self.failure or errors[0]
             self.fail(root)
@@ -276,6 +344,17 @@ class ActorSystem:
                 await asyncio.shield(self._stop_task)
             raise root
         return [ModelGroup(name, [ActorHandle(a) for a in group]) for name, group in new.items()]
+
+    def _healed_at_launch(self, errors: list[BaseException]) -> bool:
+        """Whether every start-up failure is a process death that is being healed (the model
+        heals, and its restart is under way): then the launch waits for it instead of failing."""
+        return self.failure is None and all(
+            isinstance(e, ActorDeadError)
+            and not isinstance(e, ActorError)
+            and e.model in self._healing
+            and (self.restarting(e.model) or any(r.model == e.model for r in self.restarts))
+            for e in errors
+        )
 
     def _used(self, kind: str, host: str | None = None) -> set[int]:
         return {
@@ -377,13 +456,13 @@ class ActorSystem:
             if now - actor.exit_seen_at >= _EXIT_GRACE or self._closing:
                 self._on_exit(actor, code)
             return
-        if self._closing or actor.state not in ("starting", "ready"):
+        if self._closing or actor.state not in ("starting", "ready", "priming"):
             return
         if deaf:
             actor.last_seen = now
             actor.cpu_sample = None
         elif actor.dead_at is not None and now - actor.dead_at > 2.0:
-            self.fail(actor.dead_error("reported a fatal error but did not exit"))
+            self.lose(actor, actor.dead_error("reported a fatal error but did not exit"))
         elif actor.hello.done():
             self._sample_cpu(actor, now)
             if now - actor.last_seen <= self.options.heartbeat_timeout:
@@ -393,12 +472,13 @@ class ActorSystem:
             silent = now - actor.last_seen
             self.record("hung", actor, f"silent for {silent:.1f} s")
             running = f" (last seen running {actor.busy!r})" if actor.busy else ""
-            self.fail(
+            self.lose(
+                actor,
                 actor.dead_error(
                     f"no heartbeat for {silent:.1f} s (heartbeat_timeout="
                     f"{self.options.heartbeat_timeout:g} s): the process is hung or "
                     f"stopped{running}"
-                )
+                ),
             )
 
     def _starved(self, actor: RemoteActor, now: float) -> bool:
@@ -447,7 +527,7 @@ class ActorSystem:
         previous = actor.state
         actor.state = "exited"
         self.record("exit", actor, f"exit code {code}")
-        if self._closing or self.failure is not None or previous == "failed":
+        if self._closing or self.failure is not None or previous in ("failed", "lost"):
             return
         reason = "exited during startup" if previous == "starting" else "exited unexpectedly"
         if self.cluster is not None:
@@ -455,7 +535,262 @@ class ActorSystem:
         exc = actor.dead_error(reason)
         if not actor.hello.done():
             actor.hello.set_exception(exc)
-        self.fail(exc)
+            actor.hello.exception()  # a restart's start() may have stopped waiting already
+        # (a restarted process that dies while starting fails its pending calls: the restart
+        # then tries again)
+        self.lose(actor, exc)
+
+    # -- self-healing --------------------------------------------------------------------
+    def heal(
+        self,
+        model: str,
+        *,
+        unit: str = "replica",
+        policy: RestartPolicy | None = None,
+        on_restart: Callable[[int | None], Awaitable[None]] | None = None,
+        describe: Callable[[int | None], str] | None = None,
+    ) -> None:
+        """Restart ``model``'s actors when they are lost (module docstring) instead of failing
+        the run. ``unit``: ``"replica"`` restarts the lost actor's replica (all its ranks),
+        ``"model"`` every process of the model (a trainer whose ranks share one optimizer step).
+        ``on_restart(replica_id)`` primes the new processes before anyone may call them (None
+        for a whole model); ``describe(replica_id)`` says, for the log line, what the caller
+        will replay. Processes only: in-process actors cannot be restarted.
+        """
+        if unit not in ("replica", "model"):
+            raise ValueError(f"unit must be 'replica' or 'model', got {unit!r}")
+        policy = policy or RestartPolicy()
+        if self.options.in_process or policy.max_restarts <= 0:
+            self._healing.pop(model, None)
+            return
+        self._healing[model] = _Healing(unit, policy, on_restart, describe)
+
+    def _unit_key(self, actor: Any) -> tuple[str, int | None]:
+        healing = self._healing.get(actor.model)
+        unit = healing.unit if healing is not None else "replica"
+        return (actor.model, actor.replica_id if unit == "replica" else None)
+
+    def restarting(self, model: str, replica_id: int | None = None) -> bool:
+        """Whether a unit of ``model`` (holding ``replica_id``, if given) is being restarted."""
+        return any(
+            m == model and (replica_id is None or r is None or r == replica_id)
+            for m, r in self._restarting
+        )
+
+    async def wait_ready(self, model: str, replica_id: int | None = None) -> None:
+        """Return once no unit of ``model`` (holding ``replica_id``, if given) is being
+        restarted; raises the run's failure if the restart fails (policy exhausted, say)."""
+        for _ in range(1000):  # each round waits for a restart, and restarts are bounded
+            if self.failure is not None:
+                raise self.failure
+            waiters = [
+                waiter
+                for (m, r), waiter in self._restarting.items()
+                if m == model and (replica_id is None or r is None or r == replica_id)
+            ]
+            if not waiters:
+                return
+            shields = [asyncio.shield(w) for w in waiters]
+            await asyncio.wait(shields)
+            for shield in shields:  # a failed restart's error: raised above, as the failure
+                if not shield.cancelled():
+                    shield.exception()
+        raise RuntimeError(f"model {model!r} did not come back after 1000 restarts")
+
+    def lost_error(self, actor: Any) -> ActorLostError | None:
+        """The error of a call to ``actor`` while it is being restarted (None: it is not)."""
+        if self._unit_key(actor) not in self._restarting:
+            return None
+        healing = self._healing[actor.model]
+        return ActorLostError(
+            actor.dead_error("being restarted"),
+            model=actor.model,
+            replica_id=actor.replica_id,
+            attempt=healing.count,
+        )
+
+    def lose(
+        self, actor: Any, exc: BaseException, *, user_error: bool = False
+    ) -> ActorLostError | None:
+        """``actor`` is lost (dead, hung, or its user code raised): restart its unit if the
+        model heals and the policy allows, and return the error its callers get; otherwise make
+        ``exc`` the run's failure and return None."""
+        if self.failure is not None or self._closing or self._closed:
+            return None
+        healing = self._healing.get(actor.model)
+        if healing is None or (user_error and not healing.policy.on_error):
+            self.fail(exc)
+            return None
+        key = self._unit_key(actor)
+        if key in self._restarting:  # a unit already restarting (a rank, or a new process)
+            lost = ActorLostError(
+                exc, model=actor.model, replica_id=actor.replica_id, attempt=healing.count
+            )
+            self.server.fail_pending(actor.identity, lost)
+            return lost
+        if not self._budget(healing, exc):
+            self.fail(exc)
+            return None
+        healing.count += 1
+        lost = ActorLostError(
+            exc, model=actor.model, replica_id=actor.replica_id, attempt=healing.count
+        )
+        members = [
+            a
+            for a in self._actors
+            if a.model == actor.model and (key[1] is None or a.replica_id == key[1])
+        ]
+        for member in members:
+            if member.state != "exited":
+                member.state = "lost"
+            self.server.fail_pending(member.identity, lost)
+        replayed = healing.describe(key[1]) if healing.describe is not None else ""
+        what = f"replica {key[1]}" if key[1] is not None else "all its processes"
+        reason = _headline(exc)
+        policy = healing.policy
+        logger.warning(
+            "restarting model %r %s: %s (restart %d; at most %d per %s)%s",
+            actor.model,
+            what,
+            reason,
+            healing.count,
+            policy.max_restarts,
+            _duration(policy.window),
+            f"; {replayed}" if replayed else "",
+        )
+        self.record("restart", actor, reason)
+        restart = Restart(actor.model, key[1], healing.count, reason, time.time())
+        self.restarts.append(restart)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._restarting[key] = waiter
+        task = asyncio.get_running_loop().create_task(
+            self._restart(key, members, restart, healing), name=f"ActorSystem._restart{key}"
+        )
+        self._restart_tasks.add(task)
+        task.add_done_callback(self._restart_tasks.discard)
+        return lost
+
+    def _budget(self, healing: _Healing, exc: BaseException) -> bool:
+        """Whether the policy allows one more restart now; if not, ``exc`` says so."""
+        now = time.monotonic()
+        policy = healing.policy
+        while healing.times and now - healing.times[0] > policy.window:
+            healing.times.popleft()
+        if len(healing.times) >= policy.max_restarts:
+            if hasattr(exc, "add_note"):
+                exc.add_note(
+                    f"not restarted again: {len(healing.times)} restart(s) within "
+                    f"{_duration(policy.window)} already (max_restarts={policy.max_restarts}; "
+                    f"{healing.count} in the whole run)"
+                )
+            return False
+        healing.times.append(now)
+        return True
+
+    async def _restart(
+        self,
+        key: tuple[str, int | None],
+        members: list[RemoteActor],
+        restart: Restart,
+        healing: _Healing,
+    ) -> None:
+        """Kill the unit's processes, start new ones (setup() runs again), prime them; a new
+        process that dies while starting is one more restart under the same budget."""
+        waiter = self._restarting[key]
+        module, services, config_dict, env_vars = self._spawn_args[key[0]]
+        try:
+            for _ in range(max(1, healing.policy.max_restarts) + 1):
+                await asyncio.to_thread(
+                    terminate_processes,
+                    [m.popen for m in members if m.popen is not None],
+                    grace=0.0,
+                    kill_wait=self.options.kill_timeout,
+                )
+                for member in members:
+                    self._by_identity.pop(member.identity, None)
+                    if member.state != "exited":
+                        member.state = "exited"
+                        self.record("exit", member, f"exit code {member.popen.returncode}")
+                if self._closing or self.failure is not None:
+                    return
+                spawn_model(
+                    self,
+                    module,
+                    [m.assignment for m in members],
+                    config_dict=config_dict,
+                    services=services,
+                    env_vars=env_vars,
+                    actors=members,
+                )
+                for member in members:
+                    self._popens.append(member.popen)
+                    self._by_identity[member.identity] = member
+                    self.record("spawn", member, f"pid {member.pid} (restart {restart.attempt})")
+                results = await asyncio.gather(
+                    *(m.start(fatal=False) for m in members), return_exceptions=True
+                )
+                errors = [r for r in results if isinstance(r, BaseException)]
+                if not errors and healing.on_restart is not None:
+                    for member in members:
+                        member.state = "priming"
+                    token = PRIMING.set(True)
+                    try:
+                        await healing.on_restart(key[1])
+                    except (ActorDeadError, ActorError) as exc:
+                        errors = [exc]
+                    finally:
+                        PRIMING.reset(token)
+                if not errors:
+                    restart.ready = time.time()
+                    self.record(
+                        "restarted", members[0], f"in {restart.ready - restart.started:.1f} s"
+                    )
+                    logger.info(
+                        "model %r %s is back after %.1f s (restart %d)",
+                        key[0],
+                        f"replica {key[1]}" if key[1] is not None else "(all processes)",
+                        restart.ready - restart.started,
+                        restart.attempt,
+                    )
+                    for member in members:
+                        if member.state == "priming":
+                            member.state = "ready"
+                    del self._restarting[key]
+                    if not waiter.done():
+                        waiter.set_result(None)
+                    if self.on_restart_event is not None:
+                        self.on_restart_event(restart)
+                    return
+                error = errors[0]
+                cause = getattr(error, "cause", error)
+                if isinstance(cause, ActorError) and not healing.policy.on_error:
+                    self.fail(cause)  # setup() raised: starting again would raise again
+                    return
+                if not self._budget(healing, cause):
+                    self.fail(cause)
+                    return
+                healing.count += 1
+                restart.attempt = healing.count
+                restart.tries += 1
+                logger.warning(
+                    "model %r: the restarted process failed while starting (%s); restart %d",
+                    key[0],
+                    _headline(cause),
+                    healing.count,
+                )
+                for member in members:
+                    member.state = "lost"
+            self.fail(RuntimeError(f"model {key[0]!r} could not be restarted: too many tries"))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a bug here must not leave the run waiting forever
+            self.fail(exc)
+        finally:
+            if self._restarting.get(key) is waiter:
+                del self._restarting[key]
+                if not waiter.done():
+                    waiter.set_exception(self.failure or ActorSystemClosedError("shut down"))
+                    waiter.exception()
 
     # -- failure and shutdown ------------------------------------------------------------
     def fail(self, exc: BaseException) -> None:
@@ -477,6 +812,10 @@ class ActorSystem:
                 actor.hello.exception()  # retrieved: nobody may be waiting any more
         for local in self._local:
             local.fail(exc)
+        for waiter in self._restarting.values():
+            if not waiter.done():
+                waiter.set_exception(exc)
+                waiter.exception()  # retrieved: the run's failure reaches the callers anyway
         self._stop_task = asyncio.get_running_loop().create_task(self._stop_processes())
 
     async def _stop_processes(self) -> None:
@@ -530,6 +869,11 @@ class ActorSystem:
             )
 
     async def _close_runtime(self) -> None:
+        for task in list(self._restart_tasks):
+            task.cancel()
+        await asyncio.gather(*self._restart_tasks, return_exceptions=True)
+        if self._restart_tasks:
+            await self._stop_processes()  # what a cancelled restart had started
         if self._stop_task is not None:  # a failure may have come in during shutdown
             await asyncio.gather(self._stop_task, return_exceptions=True)
         for task in self._tasks:
@@ -557,6 +901,11 @@ class ActorSystem:
             result.setdefault(actor.model, []).append(actor.identity)
         return result
 
+    @property
+    def num_restarts(self) -> int:
+        """Restarts so far: every new set of processes a lost unit got."""
+        return sum(restart.tries for restart in self.restarts)
+
     def raise_if_failed(self) -> None:
         if self.failure is not None:
             raise self.failure
@@ -569,6 +918,17 @@ class ActorSystem:
         start = time.perf_counter()
         await self.server.request(backend.identity, MessageKind.PING, timeout=timeout)
         return time.perf_counter() - start
+
+
+def _headline(exc: BaseException) -> str:
+    """The first line of an error (an actor's error goes on with its stderr and traceback)."""
+    return one_line((str(exc).splitlines() or [type(exc).__name__])[0])
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 60:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"
 
 
 def _wait_all(popens: list[Any], timeout: float) -> None:

@@ -62,6 +62,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heartbeat-interval", type=float, default=0.5)
     parser.add_argument("--startup-timeout", type=float, default=60.0)
     parser.add_argument(
+        "--label",
+        default="",
+        help="model.replica.rank, for people and tools that look at the process list (not "
+        "secret: the actor's identity is given on stdin)",
+    )
+    parser.add_argument(
         "--network-host",
         default=None,
         help="bind this actor's endpoints with tcp on this address instead of ipc (multi-host)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ import pytest
 import zmq
 from launch_testlib import HOST_A, HOST_B, make_cluster
 
-from chatlearn.actors import ActorDeadError, ActorSystem
+from chatlearn.actors import ActorDeadError, ActorLostError, ActorSystem, RestartPolicy
 from chatlearn.actors.process import free_tcp_port
 from chatlearn.transport import Message, MessageKind
 from chatlearn.transport.messages import encode_message
@@ -192,3 +193,48 @@ async def test_this_machine_in_the_host_file_keeps_ipc_control(tmp_path):
         assert local.popen.args[local.popen.args.index("--endpoint") + 1].startswith("ipc://")
         assert (await a.call(0, "where"))["pid"] == local.pid  # our own child, no shell
         assert await a.call(0, "add", 1) == 1 and await b.call(0, "add", 2) == 2
+
+
+async def test_a_killed_remote_actor_is_restarted_on_its_host(tmp_path):
+    cfg = lib.make_config({"a": {"num_cpu": 1}, "b": {"num_cpu": 1}}, {"heartbeat_timeout": 3})
+    async with ActorSystem(cfg, cluster=make_cluster(tmp_path / "run")) as system:
+        a, b = await system.launch(lib.Recorder("a", cfg), lib.Recorder("b", cfg))
+        system.heal("b")
+        pid = (await b.call(0, "where"))["pid"]
+        assert await b.call(0, "add", 2) == 2
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ActorLostError) as info:
+            for _ in range(500):
+                await b.call(0, "noop")
+                await asyncio.sleep(0.02)
+        assert info.value.host == HOST_B
+        await system.wait_ready("b")
+        assert b[0].host == HOST_B and (await b.call(0, "where"))["pid"] != pid
+        assert await b.call(0, "add", 1) == 1  # a new process (setup() ran again), over tcp
+        assert await a.call(0, "add", 1) == 1
+
+
+async def test_a_host_that_can_no_longer_start_actors_ends_the_run_naming_it(tmp_path):
+    cfg = lib.make_config({"a": {"num_cpu": 1}, "b": {"num_cpu": 1}}, {"heartbeat_timeout": 3})
+    cluster = make_cluster(tmp_path / "run")
+    async with ActorSystem(cfg, cluster=cluster) as system:
+        _, b = await system.launch(lib.Recorder("a", cfg), lib.Recorder("b", cfg))
+        system.heal("b", policy=RestartPolicy(max_restarts=2))
+        # the host is gone: whatever starts an actor there fails at once
+        cluster.spec = dataclasses.replace(cluster.spec, python="/nonexistent/python")
+        os.kill((await b.call(0, "where"))["pid"], signal.SIGKILL)
+        start = time.monotonic()
+        error = None
+        for _ in range(1000):  # lost (being restarted) until the restarts are spent
+            try:
+                await b.call(0, "noop")
+            except ActorLostError:
+                await asyncio.sleep(0.02)
+            except ActorDeadError as exc:
+                error = exc
+                break
+        assert time.monotonic() - start < 20
+        assert error is system.failure and not isinstance(error, ActorLostError)
+        assert error.host == HOST_B and f"on {HOST_B}" in str(error)
+        assert "No such file or directory" in error.stderr_tail
+        assert "not restarted again: 2 restart(s)" in "\n".join(error.__notes__)
