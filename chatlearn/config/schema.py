@@ -54,7 +54,15 @@ Runtime extensions of this project:
 | dist_timeout | float > 0 | 600 | torch.distributed collective timeout |
 | stop_timeout | float > 0 | 120 | after Ctrl-C/SIGTERM: seconds running steps get to finish |
 | fail_fast | bool | true | an error raised by user code stops the whole run |
+| max_restarts | int ≥ 0 | 3 | restarts of a lost actor per `restart_window_minutes` (0: none) (3) |
+| restart_window_minutes | float > 0 | 60 | the window of `max_restarts` |
+| restart_on_error | bool | false | also restart after an error raised by user code |
+| save_step_interval | int ≥ 0 or null | null | also checkpoint every N steps (0/null: never) |
 | in_process | bool | false | run every module in the coordinator (debugging, tests) |
+
+(3) Self-healing (docs/self-healing.md): a reference replica that dies or hangs is restarted in
+place and its work replayed; a lost trainer rank restarts the trainer from the last checkpoint.
+`models.<name>.max_restarts` overrides the limit per model.
 
 (2) pipeline_window: reference micro-batches produced ahead of training (null: the default);
 0 is ChatLearn's schedule (the reference runs the whole episode, then training starts).
@@ -82,6 +90,7 @@ Models section (`models.<name>:`):
 | generation_batch_size | int or null | runtime's | this model's chunk size (≤ 0: no split) |
 | nice | int in [-20, 19] | 0 | scheduling priority offset of the model's compute threads |
 | idle_priority | bool | false | compute only on CPU time no other thread wants (Linux SCHED_IDLE) |
+| max_restarts | int ≥ 0 or null | null | this model's restarts (null: `runtime.max_restarts`) |
 
 `runtime_env:` — pip, py_modules, excludes (lists of str), working_dir (str or null), platform
 (str), env_vars (mapping of environment variables for actor processes).
@@ -350,6 +359,10 @@ RUNTIME_KEYS: dict[str, KeySpec] = {
     "stop_timeout": KeySpec("float", 120.0, min_value=0, min_inclusive=False),
     "fail_fast": KeySpec("bool", True),
     "in_process": KeySpec("bool", False),
+    "max_restarts": _int(3, 0),
+    "restart_window_minutes": KeySpec("float", 60.0, min_value=0, min_inclusive=False),
+    "restart_on_error": KeySpec("bool", False),
+    "save_step_interval": _int(None, 0, optional=True, example=100),
 }  # fmt: skip
 
 MODEL_KEYS: dict[str, KeySpec] = {
@@ -367,6 +380,7 @@ MODEL_KEYS: dict[str, KeySpec] = {
     "generation_batch_size": _int(None, optional=True, example=4),
     "nice": _int(0, -20, max_value=19),
     "idle_priority": KeySpec("bool", False),
+    "max_restarts": _int(None, 0, optional=True, example=3),
 }
 
 # Parallel sizes that a Megatron-style model_config_file may set instead (ChatLearn reads them

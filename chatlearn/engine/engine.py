@@ -22,23 +22,40 @@ resumes from the newest complete checkpoint (``enable_resume_training``, default
 the uninterrupted run exactly. SIGINT/SIGTERM (``interrupts.py``): the first stops after the
 running steps and saves, a second stops at once; ``learn()`` then raises ``TrainingInterrupted``
 (exit code 130 / 143).
+
+Self-healing (docs/self-healing.md): the engine asks the runtime to restart lost actors under the
+restart policy (``runtime.max_restarts`` per ``restart_window_minutes``, per model
+``models.<name>.max_restarts``). A restarted reference replica is primed here (connected to the
+trainer inboxes, datasets built) and the pipeline replays its orders. A lost trainer rank restarts
+the trainer; the engine then rewinds the run to the last checkpoint of this run (or to its start)
+— counters, sampler, metrics.jsonl — has the new trainer load it, and runs a new pipeline from
+there. Every restart is a log line and a ``restart`` record in metrics.jsonl.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from chatlearn.actors import ActorDeadError, ActorSystem, BaseModule, ModelGroup
+from chatlearn.actors import (
+    ActorDeadError,
+    ActorLostError,
+    ActorSystem,
+    BaseModule,
+    ModelGroup,
+    RestartPolicy,
+)
 from chatlearn.actors.checkpoint_paths import checkpoint_root
-from chatlearn.engine.checkpoint import CheckpointManager
+from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR
+from chatlearn.engine.checkpoint import CheckpointManager, rewind_metrics
 from chatlearn.engine.interrupts import Interrupts, SignalGuard, interrupted
-from chatlearn.engine.metrics import MetricsSink
+from chatlearn.engine.metrics import MetricsSink, Timers
 from chatlearn.engine.pipeline import DPOPipeline, PipelineSettings, RunState
 from chatlearn.engine.progress import Progress, setup_logging
 from chatlearn.engine.protocol import EVAL, ReferenceGroup, TrainerGroup
@@ -46,6 +63,8 @@ from chatlearn.engine.run_checkpoints import RunCheckpoints
 from chatlearn.engine.sampler import EpisodeSampler
 
 logger = logging.getLogger("chatlearn.engine")
+
+T = TypeVar("T")
 
 REFERENCE_SERVICE = "chatlearn.engine.replica:ReferenceService"
 TRAINER_SERVICE = "chatlearn.engine.replica:TrainerService"
@@ -80,12 +99,16 @@ class Engine:
         if callable(validate):
             validate()
         self.system = ActorSystem(self.global_args)
+        self._prepare(self.system)
         try:
             groups = await self.system.launch(*self.models, services=self._services)
         except BaseException:
             await self.stop()
             raise
         self.groups = {g.name: g for g in groups}
+
+    def _prepare(self, system: ActorSystem) -> None:
+        """Before the processes start: what a subclass asks of the runtime (restarts, say)."""
 
     async def stop(self) -> None:
         """Stop every process of the run (idempotent)."""
@@ -152,6 +175,7 @@ class LearnResult:
     throughput: float | None = None  # samples trained per second
     overlap: float | None = None  # fraction of reference time hidden behind training
     stopped: bool = False  # ended early on request_stop / a signal
+    restarts: int = 0  # actors restarted by self-healing during this learn()
     checkpoint: Path | None = None  # the newest complete checkpoint of the run
     output_path: Path | None = None
     metrics_path: Path | None = None
@@ -196,6 +220,10 @@ class DPOEngine(Engine):
         self._interrupts: Interrupts | None = None
         self._cancelled_by_signal = False
         self._stop_error: BaseException | None = None  # what a forced stop fails the run with
+        self._last_system: ActorSystem | None = None  # of the last learn(), for its result
+        self._endpoints: list[str] = []  # the trainer ranks' inboxes
+        self._clients: tuple[ReferenceGroup, TrainerGroup] | None = None
+        self._datasets_built = False
 
     # -- data ------------------------------------------------------------------------------
     def set_dataset(self, dataset: Sequence[Any]) -> DPOEngine:
@@ -323,7 +351,9 @@ class DPOEngine(Engine):
                 "throughput": trained / seconds if seconds > 0 else None,
                 "overlap": timers.overlap(pipeline.reference.name, pipeline.trainer.name),
             }
+        system = self._last_system
         return LearnResult(
+            restarts=system.num_restarts if system is not None else 0,
             steps=state.iteration,
             samples=state.consumed_samples,
             train_first=_metrics(state.first_step),
@@ -392,16 +422,102 @@ class DPOEngine(Engine):
             )
         return reference, trainer
 
+    def _restart_policy(self, runtime: Any, model: str) -> RestartPolicy:
+        limit = self.global_args.model(model).max_restarts
+        return RestartPolicy(
+            max_restarts=int(runtime.max_restarts if limit is None else limit),
+            window=60.0 * float(runtime.restart_window_minutes),
+            on_error=bool(runtime.restart_on_error),
+        )
+
+    def _prepare(self, system: ActorSystem) -> None:
+        """Ask the runtime to restart lost actors (module docstring): a reference replica in
+        place, primed here; the trainer as a whole, rewound by ``_run``. From the start: a
+        process that dies while the models start is restarted too."""
+        runtime = self.global_args.runtime_args
+        reference_name, trainer_name = self.reference.name, self.policy_trainer.name
+        self._clients = None
+        self._datasets_built = False
+
+        async def prime_reference(replica: int | None) -> None:
+            if self._clients is None or replica is None or self._datasets is None:
+                return  # still starting: the engine connects it and builds its datasets
+            reference, _ = self._clients
+            if self._endpoints:
+                await reference.connect(self._endpoints, replica)
+            if self._datasets_built:
+                await reference.build_datasets(self._datasets, "train", replica)
+                if self._eval_dataset:
+                    await reference.build_datasets([self._eval_dataset], EVAL, replica)
+
+        async def prime_trainer(_: int | None) -> None:
+            if self._clients is None or not self._endpoints:
+                return  # still starting: the engine opens the inboxes
+            reference, trainer = self._clients
+            self._endpoints = await trainer.open_inbox()
+            for replica in range(len(reference.replicas)):
+                if reference.available(replica):  # the others connect once back
+                    try:
+                        await reference.connect(self._endpoints, replica)
+                    except ActorLostError:
+                        pass  # lost meanwhile: it connects when it is back
+
+        def replay_reference(replica: int | None) -> str:
+            return "its orders in flight go to the other replicas or wait for it"
+
+        def replay_trainer(_: int | None) -> str:
+            last = self.checkpoints.last if self.checkpoints is not None else None
+            since = f"checkpoint {last.name}" if last is not None else "the start of this run"
+            return f"the trainer restarts from {since} (iteration {self.state.iteration} now)"
+
+        system.heal(
+            reference_name,
+            unit="replica",
+            policy=self._restart_policy(runtime, reference_name),
+            on_restart=prime_reference,
+            describe=replay_reference,
+        )
+        system.heal(
+            trainer_name,
+            unit="model",
+            policy=self._restart_policy(runtime, trainer_name),
+            on_restart=prime_trainer,
+            describe=replay_trainer,
+        )
+
+    async def _healing(self, call: Callable[[], Awaitable[T]], *groups: Any) -> T:
+        """``call()`` again after a restart of ``groups`` (for the idempotent orders that set
+        a run up: connect, datasets, inboxes, checkpoint load)."""
+        for _ in range(_MAX_TRAINER_RESTARTS):
+            try:
+                return await call()
+            except ActorLostError:
+                for group in groups:
+                    await group.wait_ready()
+        raise RuntimeError("the models did not stay up long enough to set the run up")
+
     async def _run(self, runtime: Any, started: float) -> RunState:
-        reference = ReferenceGroup(self.group(self.reference.name))
-        trainer = TrainerGroup(self.group(self.policy_trainer.name))
-        await reference.connect(await trainer.open_inbox())
-        assert self._datasets is not None
-        sizes = await reference.build_datasets(self._datasets, "train")
+        system = self.system
+        assert system is not None
+        self._last_system = system
+        reference = ReferenceGroup(self.group(self.reference.name), system)
+        trainer = TrainerGroup(self.group(self.policy_trainer.name), system)
+        self._clients = (reference, trainer)
+        both = (reference, trainer)
+        self._endpoints = await self._healing(trainer.open_inbox, trainer)
+        await self._healing(lambda: reference.connect(self._endpoints), *both)
+        datasets, eval_dataset = self._datasets, self._eval_dataset
+        assert datasets is not None
+        sizes = await self._healing(lambda: reference.build_datasets(datasets, "train"), reference)
         eval_size = 0
-        if self._eval_dataset:
-            eval_size = (await reference.build_datasets([self._eval_dataset], EVAL))[0]
-        dp = await trainer.data_parallel()
+        if eval_dataset:
+            eval_size = (
+                await self._healing(
+                    lambda: reference.build_datasets([eval_dataset], EVAL), reference
+                )
+            )[0]
+        self._datasets_built = True
+        dp = await self._healing(trainer.data_parallel, trainer)
         sampler = EpisodeSampler(
             sizes,
             runtime.sample_per_episode,
@@ -426,7 +542,10 @@ class DPOEngine(Engine):
         if runtime.enable_resume_training:
             resume = await checkpoints.find(runtime.load_data_checkpoint_iteration)
         if resume is not None:
-            self.state = await checkpoints.restore(resume, output / "metrics.jsonl")
+            found = resume
+            self.state = await self._healing(
+                lambda: checkpoints.restore(found, output / "metrics.jsonl"), *both
+            )
         else:
             if self.state.consumed_samples == 0 and runtime.consumed_samples:
                 self.state.consumed_samples = int(runtime.consumed_samples)
@@ -438,6 +557,37 @@ class DPOEngine(Engine):
         sink = MetricsSink(output, tensorboard=bool(runtime.tensorboard))
         checkpoints.metrics_path = sink.path
         checkpoints.flush_metrics = sink.flush
+        sink.flush()
+        # where a trainer restart without a checkpoint of this run goes back to
+        start = (
+            RunState(
+                episode=self.state.episode,
+                consumed_samples=self.state.consumed_samples,
+                iteration=self.state.iteration,
+                step_in_episode=self.state.step_in_episode,
+                history=self.state.history.copy(),
+                first_step=dict(self.state.first_step),
+            ),
+            sampler.state_dict(),
+            sink.path.stat().st_size if sink.path.is_file() else 0,
+        )
+
+        def restarted(restart: Any) -> None:
+            if restart.model != trainer.name:  # the trainer's is written after its rewind
+                self._restart_record(sink, restart)
+
+        for restart in system.restarts:  # while the models started
+            self._restart_record(sink, restart)
+        system.on_restart_event = restarted
+        coordinator_restarts = int(os.environ.get(COORDINATOR_RESTARTS_ENV_VAR, "0") or 0)
+        if coordinator_restarts:
+            sink.write(
+                "restart",
+                self.state.iteration,
+                {"restarts": coordinator_restarts},
+                model="coordinator",
+                resumed_from=str(resume.path) if resume is not None else None,
+            )
         if resume is not None:
             sink.write(
                 "resume",
@@ -453,29 +603,58 @@ class DPOEngine(Engine):
             assert self.pipeline is not None
             return await checkpoints.save(self.state, reason, self.pipeline.eval_history)
 
-        self.pipeline = DPOPipeline(
-            settings,
-            reference=reference,
-            trainer=trainer,
-            sampler=sampler,
-            state=self.state,
-            trainer_dp=dp,
-            sink=sink,
-            eval_size=eval_size,
-            on_step=progress.update,
-            checkpoint=save,
-            resumed=resume is not None,
-        )
+        def new_pipeline(resumed: bool, timers: Timers | None = None) -> DPOPipeline:
+            return DPOPipeline(
+                settings,
+                reference=reference,
+                trainer=trainer,
+                sampler=sampler,
+                state=self.state,
+                trainer_dp=dp,
+                sink=sink,
+                eval_size=eval_size,
+                on_step=progress.update,
+                checkpoint=save,
+                resumed=resumed,
+                timers=timers,
+            )
+
+        self.pipeline = new_pipeline(resume is not None)
         if resume is not None and resume.state is not None:
             self.pipeline.eval_history = list(resume.state.eval_history)
-        if self._interrupts is not None and self._interrupts.requested:
-            # a signal came while the run was being prepared
-            self.pipeline.request_stop()
         try:
-            await self.pipeline.run()
+            for _ in range(_MAX_TRAINER_RESTARTS):
+                if self._interrupts is not None and self._interrupts.requested:
+                    # a signal came while the run was being prepared (or restarted)
+                    self.pipeline.request_stop()
+                try:
+                    await self.pipeline.run()
+                    break
+                except ActorLostError as lost:
+                    if lost.model != trainer.name:
+                        raise  # a reference replica's orders are replayed by the pipeline
+                    before = self.state.iteration
+                    await trainer.wait_ready()  # the run's failure, if the policy says no more
+                    history = self.pipeline.eval_history
+                    await self._healing(
+                        lambda: self._rewind(checkpoints, sink, sampler, start), *both
+                    )
+                    progress.rewind((before - self.state.iteration) * settings.global_batch_size)
+                    timers = self.pipeline.timers
+                    self.pipeline = new_pipeline(True, timers)
+                    self.pipeline.eval_history = [
+                        e for e in history if e.get("iteration", 0) <= self.state.iteration
+                    ]
+                    if system.restarts:
+                        self._restart_record(
+                            sink, system.restarts[-1], redo=before - self.state.iteration
+                        )
             if settings.save_episode_interval and self.state.iteration > 0:
                 await save("signal" if self.pipeline.stopped else "end")
         finally:
+            system.on_restart_event = None
+            if system.restarts:
+                logger.info("self-healing: %s", _restarts_summary(system.restarts))
             progress.close()
             sink.close()
             self.trainer.iteration = self.state.iteration
@@ -487,6 +666,75 @@ class DPOEngine(Engine):
             sink.path,
         )
         return self.state
+
+    async def _rewind(
+        self,
+        checkpoints: RunCheckpoints,
+        sink: MetricsSink,
+        sampler: EpisodeSampler,
+        start: tuple[RunState, dict[str, Any], int],
+    ) -> None:
+        """After a trainer restart: the run goes back to the last checkpoint of this run (the
+        new trainer ranks load it) or, with none, to where this run started; metrics.jsonl
+        loses the records of the steps that will run again (kept in metrics.superseded.jsonl)."""
+        sink.flush()
+        info = None
+        if checkpoints.last_iteration is not None:
+            info = await checkpoints.find(checkpoints.last_iteration)
+        if info is not None:
+            self.state = await checkpoints.restore(info, sink.path)
+            return
+        state, sampler_state, metrics_size = start
+        sampler.load_state_dict(sampler_state)
+        await asyncio.to_thread(rewind_metrics, sink.path, metrics_size)
+        self.state = RunState(
+            episode=state.episode,
+            consumed_samples=state.consumed_samples,
+            iteration=state.iteration,
+            step_in_episode=state.step_in_episode,
+            history=state.history.copy(),
+            first_step=dict(state.first_step),
+        )
+        logger.info(
+            "no checkpoint of this run yet: training goes back to iteration %d", state.iteration
+        )
+
+    def _restart_record(self, sink: MetricsSink, restart: Any, redo: int | None = None) -> None:
+        """One ``restart`` record in metrics.jsonl: ``restarts`` counts the run's so far."""
+        system = self._last_system
+        values: dict[str, Any] = {"restarts": system.num_restarts if system else 0}
+        if restart.ready is not None:
+            values["restart_seconds"] = restart.ready - restart.started
+        if redo is not None:
+            values["steps_repeated"] = redo
+        sink.write(
+            "restart",
+            self.state.iteration,
+            values,
+            model=restart.model,
+            replica=restart.replica_id,
+            attempt=restart.attempt,
+            reason=restart.reason,
+        )
+
+
+_MAX_TRAINER_RESTARTS = 1000  # bounds the healing loop; the restart policy ends it far sooner
+
+
+def _restarts_summary(restarts: Sequence[Any]) -> str:
+    """``3 restarts: reference replica 1 ×2, policy_trainer ×1`` (for the end of a run)."""
+    counts: dict[str, int] = {}
+    for restart in restarts:
+        unit = (
+            restart.model
+            if restart.replica_id is None
+            else (f"{restart.model} replica {restart.replica_id}")
+        )
+        counts[unit] = counts.get(unit, 0) + restart.tries
+    slowest = max((r.ready - r.started for r in restarts if r.ready is not None), default=None)
+    parts = ", ".join(f"{unit} ×{n}" for unit, n in counts.items())
+    tail = f"; the slowest took {slowest:.1f} s" if slowest is not None else ""
+    return f"{sum(counts.values())} restart(s): {parts}{tail}"
 
 
 def _metrics(record: dict[str, Any]) -> dict[str, float]:
@@ -517,4 +765,5 @@ def _settings(runtime: Any, reference_config: Any) -> PipelineSettings:
         enable_eval_before_training=bool(runtime.enable_eval_before_training),
         save_episode_interval=runtime.save_episode_interval or 0,
         reference_cache_mb=runtime.max_reference_cache_mb if runtime.reference_cache else 0.0,
+        save_step_interval=runtime.save_step_interval or 0,
     )

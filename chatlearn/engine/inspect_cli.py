@@ -75,9 +75,11 @@ def summarize(run_dir: Path, checkpoints: Path | None = None, verify: bool = Fal
         records = read_metrics(metrics_path)
         metrics["records"] = len(records)
         for record in records:
-            if record.get("kind") in (*_SHOWN_KINDS, "resume"):
+            if record.get("kind") in (*_SHOWN_KINDS, "resume", "restart"):
                 metrics["last"][record["kind"]] = record
         metrics["resumes"] = sum(1 for r in records if r.get("kind") == "resume")
+        restarts = [r for r in records if r.get("kind") == "restart"]
+        metrics["restarts"] = max((int(r.get("restarts", 0)) for r in restarts), default=0)
     return {
         "run_dir": str(run_dir),
         "checkpoint_root": str(root),
@@ -91,6 +93,11 @@ def summarize(run_dir: Path, checkpoints: Path | None = None, verify: bool = Fal
 def _format_values(record: dict[str, Any]) -> str:
     if record.get("kind") == "resume":
         return f"from {record.get('checkpoint')}"
+    if record.get("kind") == "restart":  # self-healing: the run's count and the last one
+        where = record.get("model", "?")
+        if record.get("replica") is not None:
+            where += f" replica {record['replica']}"
+        return f"{record.get('restarts')} in this run; the last: {where}, {record.get('reason')}"
     skip = {"kind", "step", "time", "episode", "checkpoint"}
     values = [(k, v) for k, v in record.items() if k not in skip]
     if record.get("kind") == "episode":  # timers of every model: the headline ones only
@@ -129,7 +136,7 @@ def render(summary: dict[str, Any]) -> str:
     )
     metrics = summary["metrics"]
     lines.append(f"metrics: {metrics['path']} ({metrics['records']} records)")
-    for kind in (*_SHOWN_KINDS, "resume"):
+    for kind in (*_SHOWN_KINDS, "resume", "restart"):
         record = metrics["last"].get(kind)
         if record is None:
             continue

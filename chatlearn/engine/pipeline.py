@@ -52,6 +52,15 @@ recomputes it: its outputs do not depend on the policy) and skips the steps alre
 When the run draws more samples than its datasets hold, the trainers keep reference outputs
 (``reference_cache.py``): a chunk's samples already cached are sent to the trainers as a fill
 order, and only the rest goes to the reference.
+
+Self-healing (docs/self-healing.md): a reference replica that is lost fails its orders with
+``ActorLostError`` while the runtime restarts it; ``_send_forward`` sends each failed order again,
+to another replica that is up (it takes the lost one's chunks meanwhile) or, with none, to the
+replica once it is back, after ``begin_episode`` for its new process. The trainers keep the first
+output of a position, so an order that ran twice changes nothing. A lost trainer rank ends
+``run()`` with that error: the engine rewinds to the last checkpoint and builds a new pipeline.
+With ``save_step_interval``, the train loop also checkpoints every that many steps, so such a
+restart repeats at most that many.
 """
 
 from __future__ import annotations
@@ -64,6 +73,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatlearn.actors import ActorLostError
 from chatlearn.engine.checkpoint import HISTORY_KEPT
 from chatlearn.engine.metrics import MetricsSink, Timers
 from chatlearn.engine.protocol import (
@@ -101,6 +111,7 @@ class PipelineSettings:
     reference_cache_mb: float = 0.0  # 0: recompute reference outputs of samples that come back
     reference_free_memory: bool = False  # colocated with the trainer, offloaded between turns
     trainer_free_memory: bool = False
+    save_step_interval: int = 0  # 0: no checkpoints every N steps
 
     @property
     def take_turns(self) -> bool:
@@ -155,6 +166,7 @@ class DPOPipeline:
         on_step: Callable[[int, dict[str, float]], None] | None = None,
         checkpoint: Callable[[str], Awaitable[Any]] | None = None,
         resumed: bool = False,
+        timers: Timers | None = None,
     ) -> None:
         """``checkpoint(reason)`` writes a checkpoint of ``state`` (reason: interval, request);
         ``resumed``: the run continues a checkpoint (no evaluation "before training")."""
@@ -168,7 +180,8 @@ class DPOPipeline:
         self.eval_size = eval_size
         self.on_step = on_step
         self.first_episode = state.episode
-        self.timers = Timers([reference.name, trainer.name])
+        # a pipeline rebuilt after a trainer restart keeps measuring into the run's timers
+        self.timers = timers or Timers([reference.name, trainer.name])
         self.episode_timers = self.timers
         self._layouts: dict[int, EpisodeLayout] = {}
         self._next_layout = state.episode
@@ -195,6 +208,15 @@ class DPOPipeline:
         self.stopped = False  # the train loop returned early on request_stop()
         self._stop = asyncio.Event()
         self._checkpoint_requests: list[asyncio.Future[Any]] = []
+        interval = settings.save_step_interval
+        self._next_step_save = (state.iteration // interval + 1) * interval if interval else None
+        # self-healing: the process incarnation each replica began its episode with, and how
+        # many orders were sent again (to another replica or the restarted one)
+        self._begun = [reference.incarnation(r) for r in range(len(reference.replicas))]
+        self._steals = 0
+        self.num_replayed_orders = 0
+        self.replay_seconds: list[float] = []  # per replayed order: from its failure to done
+        self._in_flight: deque[tuple[TrainStep, ...]] = deque()  # training calls sent, not done
 
     # -- episode bookkeeping ---------------------------------------------------------------
     def _global(self, episode: int, position: int) -> int:
@@ -319,7 +341,7 @@ class DPOPipeline:
                 if self.settings.take_turns:
                     await self._memory(self.reference, onload=True, replica=replica_id)
                 # queued at the replica behind the previous episode's orders, not awaited
-                orders.create_task(self.reference.begin_episode(replica_id, episode))
+                orders.create_task(_unless_lost(self.reference.begin_episode(replica_id, episode)))
                 chunks = layout.chunks[replica_id]
                 next_chunk = 0
                 while next_chunk < len(chunks):
@@ -349,13 +371,13 @@ class DPOPipeline:
                 if self.settings.take_turns:
                     await self._end_reference_turn(replica_id, episode)
                 else:
-                    orders.create_task(self.reference.end_episode(replica_id))
+                    orders.create_task(_unless_lost(self.reference.end_episode(replica_id)))
 
     async def _end_reference_turn(self, replica_id: int, episode: int) -> None:
         """After the episode's inference (every replica's: the trainers must have it all):
         ``after_episode``, ``offload()``; the trainer's turn starts when every replica is done."""
         await self._event(self._produced, episode).wait()
-        await self.reference.end_episode(replica_id)
+        await _unless_lost(self.reference.end_episode(replica_id))
         await self._memory(self.reference, onload=False, replica=replica_id)
         self._turns_ended[episode] = self._turns_ended.get(episode, 0) + 1
         if self._turns_ended[episode] == len(self.reference.replicas):
@@ -371,7 +393,10 @@ class DPOPipeline:
             else settings.trainer_free_memory
         )
         if frees:
-            await group.memory(onload, replica)
+            if group is self.reference:  # a replica being restarted starts onloaded
+                await _unless_lost(group.memory(onload, replica))
+            else:
+                await group.memory(onload, replica)
 
     def _eval_before_training(self) -> bool:
         return bool(
@@ -401,7 +426,7 @@ class DPOPipeline:
                 for chunk, misses, flagged in work
             ]
             self.num_forward_orders += 1
-            results: list[list[ChunkDone]] = await self.reference.forward(replica_id, chunks)
+            results = await self._send_forward(replica_id, chunks)
         finally:
             inflight.release()
         timer = self.timers[self.reference.name]
@@ -413,6 +438,56 @@ class DPOPipeline:
             nbytes = max(per_chunk[number].nbytes for per_chunk in results)
             self.reference_cache.reported(len(misses), nbytes, flagged=flagged)
             self._chunk_done(chunk.episode_id)
+
+    async def _send_forward(self, replica_id: int, chunks: list[Chunk]) -> list[list[ChunkDone]]:
+        """``chunks`` on ``replica_id``, or, while it is being restarted, on another replica
+        that is up (or on it once it is back): the order is sent again until one runs it."""
+        reference = self.reference
+        lost_at: float | None = None
+        for _ in range(_MAX_REPLAYS):
+            target = self._forward_target(replica_id)
+            if target is None:
+                await reference.wait_ready(replica_id)  # the run's failure, if it fails
+                continue
+            incarnation = reference.incarnation(target)
+            try:
+                if incarnation != self._begun[target] and isinstance(chunks[0].episode, int):
+                    # a restarted replica's new process begins the episode it now works on
+                    await reference.begin_episode(target, chunks[0].episode)
+                    self._begun[target] = incarnation
+                done = await reference.forward(target, chunks)
+            except ActorLostError:
+                self.num_replayed_orders += 1
+                lost_at = lost_at or time.time()
+                continue
+            if lost_at is not None:
+                self.replay_seconds.append(time.time() - lost_at)
+                logger.info(
+                    "an order of reference replica %d (%d samples) ran again on replica %d, "
+                    "done %.1f s after it failed",
+                    replica_id,
+                    sum(len(c.positions) for c in chunks),
+                    target,
+                    self.replay_seconds[-1],
+                )
+            return done
+        raise RuntimeError(
+            f"an order of reference replica {replica_id} failed {_MAX_REPLAYS} times"
+        )
+
+    def _forward_target(self, replica_id: int) -> int | None:
+        """The replica to send ``replica_id``'s next order to: itself when it is up, else the
+        next of the others that are up (round robin), else None (wait for it)."""
+        reference = self.reference
+        if reference.available(replica_id):
+            return replica_id
+        others = [
+            r for r in range(len(reference.replicas)) if r != replica_id and reference.available(r)
+        ]
+        if not others:
+            return None
+        self._steals += 1
+        return others[self._steals % len(others)]
 
     async def _fill(
         self, episode: int, work: list[tuple[int, SampleIndex]], num_chunks_done: int
@@ -506,17 +581,25 @@ class DPOPipeline:
             produced = plan.steps[skip - 1].max_required_position + 1
             await self._window.release_through(self._global(episode, produced))
         steps = plan.steps[skip:]
+        self._in_flight.clear()
         pending: deque[tuple[tuple[TrainStep, ...], asyncio.Future[list[list[StepDone]]]]] = deque()
         try:
             next_step = 0
             while next_step < len(steps):
-                if self._stop.is_set() or self._checkpoint_requests:
+                queued = self.state.iteration + sum(len(g) for g, _ in pending)
+                save_now = self._next_step_save is not None and queued >= self._next_step_save
+                if self._stop.is_set() or self._checkpoint_requests or save_now:
                     while pending:
                         await self._finish_steps(*pending.popleft())
                     if self._stop.is_set():
                         return False
+                    if save_now:
+                        await self._save_steps()
                     await self._serve_checkpoint_requests()
+                    queued = self.state.iteration
                 group = self._step_group(steps, next_step, produced)
+                if self._next_step_save is not None:  # no group runs past the next save
+                    group = group[: max(1, self._next_step_save - queued)]
                 next_step += len(group)
                 produced = max(produced, group[-1].max_required_position + 1)
                 release_before = episode if group[0].step_in_episode == 0 else None
@@ -532,6 +615,7 @@ class DPOPipeline:
                     for dp_rank, _ in self.trainer_dp
                 ]
                 sent = self.trainer.train(episode, per_rank, release_before)
+                self._in_flight.append(group)
                 self.num_train_calls += 1
                 pending.append((group, asyncio.ensure_future(sent)))
                 if len(pending) >= 2:
@@ -545,6 +629,12 @@ class DPOPipeline:
                 task.cancel()
                 task.add_done_callback(_retrieve)
 
+    async def _save_steps(self) -> None:
+        """The ``save_step_interval`` checkpoint (the trained steps reached the next one)."""
+        interval = self.settings.save_step_interval
+        await self._save("step")
+        self._next_step_save = (self.state.iteration // interval + 1) * interval
+
     def _step_group(
         self, steps: tuple[TrainStep, ...], first: int, produced: int
     ) -> tuple[TrainStep, ...]:
@@ -555,7 +645,18 @@ class DPOPipeline:
     async def _finish_steps(
         self, group: tuple[TrainStep, ...], task: asyncio.Future[list[list[StepDone]]]
     ) -> None:
-        per_rank = await task  # per rank: one result per step of the group
+        try:
+            per_rank = await task  # per rank: one result per step of the group
+        except Exception as exc:
+            # this group and those queued behind it: a process that dies may have finished a
+            # step whose answer it never sent, so the step that killed it may be a later one
+            in_flight = [group, *(g for g in self._in_flight if g is not group)]
+            exc.add_note(
+                "in flight when it failed: " + "; ".join(self._describe_steps(g) for g in in_flight)
+            )
+            raise
+        if self._in_flight and self._in_flight[0] is group:
+            self._in_flight.popleft()
         timer = self.timers[self.trainer.name]
         self._train_sizes.observe(sum(r.end - r.start for r in per_rank[0]), len(per_rank[0]))
         for number, step in enumerate(group):
@@ -570,6 +671,39 @@ class DPOPipeline:
             await self._window.release_through(
                 self._global(last.episode_id, last.max_required_position + 1)
             )
+
+    def _describe_steps(self, group: tuple[TrainStep, ...]) -> str:
+        """Which steps a training call ran, and their samples (dataset, row)."""
+        first, last = group[0], group[-1]
+        before = 0  # steps of the calls in flight ahead of this one
+        for other in self._in_flight:
+            if other is group:
+                break
+            before += len(other)
+        iteration = self.state.iteration + before + 1
+        iterations = (
+            f"{iteration}" if len(group) == 1 else f"{iteration}..{iteration + len(group) - 1}"
+        )
+        steps = f"{first.step_in_episode + 1}"
+        if len(group) > 1:
+            steps += f"..{last.step_in_episode + 1}"
+        samples: list[SampleIndex] = []
+        layout = self._layouts.get(first.episode_id)
+        if layout is not None:
+            where = {
+                position: index
+                for chunks in layout.chunks
+                for chunk in chunks
+                for position, index in zip(chunk.positions, chunk.indices, strict=True)
+            }
+            samples = [where[p] for step in group for p in step.global_batch() if p in where]
+        shown = ", ".join(f"({i.dataset_id}, {i.row})" for i in samples[:32])
+        more = f", ... ({len(samples)} in all)" if len(samples) > 32 else ""
+        return (
+            f"iteration {iterations} (train_step's iteration={iteration - 1}"
+            f"{'...' if len(group) > 1 else ''}; episode {first.episode_id + 1}, its step "
+            f"{steps}), samples (dataset, row): {shown or 'unknown'}{more}"
+        )
 
     def _step_done(self, step: TrainStep, results: list[StepDone]) -> None:
         metrics = _mean_over_ranks([r.metrics for r in results])
@@ -630,7 +764,7 @@ class DPOPipeline:
 
         async def run(replica: int, work: list[Chunk]) -> None:
             for order in work:
-                await self.reference.forward(replica, [order])
+                await self._send_forward(replica, [order])
 
         await asyncio.gather(*(run(r, w) for r, w in enumerate(orders)))
 
@@ -705,6 +839,18 @@ def step_group(
             break
         last += 1
     return steps[first:last]
+
+
+_MAX_REPLAYS = 1000  # bounds _send_forward; restarts are bounded far below by the policy
+
+
+async def _unless_lost(call: Awaitable[Any]) -> None:
+    """An episode hook or memory order to a reference replica; if the replica is lost meanwhile
+    it is dropped: its new process begins the episode afresh (``_send_forward``)."""
+    try:
+        await call
+    except ActorLostError:
+        pass
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -58,6 +58,11 @@ class Progress:
         if shown:
             self._bar.set_postfix(shown, refresh=False)
 
+    def rewind(self, samples: int) -> None:
+        """Training went back ``samples`` (a restart from a checkpoint): they count again."""
+        samples = min(samples, self._bar.n)
+        self._bar.update(-samples)
+
     @property
     def samples_per_second(self) -> float:
         return self.samples / max(time.time() - self.started, 1e-9)

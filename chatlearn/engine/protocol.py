@@ -493,10 +493,25 @@ async def _ask(handle: Any, entry: str, order: Message) -> Any:
 class _Workers:
     entry: ClassVar[str]
 
-    def __init__(self, group: Any) -> None:
-        """``group``: the model's :class:`~chatlearn.actors.ModelGroup`."""
+    def __init__(self, group: Any, system: Any = None) -> None:
+        """``group``: the model's :class:`~chatlearn.actors.ModelGroup`; ``system``: the
+        :class:`~chatlearn.actors.ActorSystem` that restarts lost replicas (None: no healing)."""
         self.group = group
         self.name: str = group.name
+        self.system = system
+
+    def available(self, replica: int) -> bool:
+        """Whether ``replica`` takes orders now (it is not being restarted)."""
+        return self.system is None or not self.system.restarting(self.name, replica)
+
+    async def wait_ready(self, replica: int | None = None) -> None:
+        """Until ``replica`` (every replica: None) is back from a restart."""
+        if self.system is not None:
+            await self.system.wait_ready(self.name, replica)
+
+    def incarnation(self, replica: int) -> int:
+        """Changes whenever a process of ``replica`` is restarted."""
+        return sum(handle.incarnation for handle in self.replicas[replica])
 
     @property
     def replicas(self) -> list[list[Any]]:
@@ -533,13 +548,22 @@ class ReferenceGroup(_Workers):
 
     entry = REFERENCE_ENTRY
 
-    async def connect(self, endpoints: Sequence[str]) -> None:
-        await self._all(Connect(endpoints=list(endpoints)))
+    async def connect(self, endpoints: Sequence[str], replica: int | None = None) -> None:
+        """Every replica (or ``replica`` only) pushes its outputs to these trainer inboxes."""
+        order = Connect(endpoints=list(endpoints))
+        if replica is None:
+            await self._all(order)
+        else:
+            await self._ranks(self.replicas[replica], order)
 
-    async def build_datasets(self, sample_lists: Sequence[Sequence[Any]], split: str) -> list[int]:
-        """Every replica builds the datasets; returns their sizes."""
+    async def build_datasets(
+        self, sample_lists: Sequence[Sequence[Any]], split: str, replica: int | None = None
+    ) -> list[int]:
+        """Every replica (or ``replica`` only) builds the datasets; returns their sizes."""
         order = BuildDatasets(sample_lists=[list(s) for s in sample_lists], split=split)
-        return (await self._all(order))[0].sizes  # type: ignore[no-any-return]
+        if replica is None:
+            return (await self._all(order))[0].sizes  # type: ignore[no-any-return]
+        return (await self._ranks(self.replicas[replica], order))[0].sizes  # type: ignore[no-any-return]
 
     async def resume(self, episode: int, forward_calls: int) -> None:
         await self._all(Resume(episode=episode, forward_calls=forward_calls))

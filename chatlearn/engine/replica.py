@@ -171,13 +171,23 @@ class ReferenceService(_EpisodeHooks):
         return [len(d) for d in datasets]
 
     async def connect(self, order: Connect) -> None:
-        """Connect one PUSH socket to every trainer rank's inbox."""
-        for sender in self.senders:
+        """Connect one PUSH socket to every trainer rank's inbox.
+
+        Sent again after the trainer restarted (self-healing): a socket to an endpoint that did
+        not change is kept, since it reconnects by itself and an output being sent on it must
+        not fail; the others are replaced."""
+        kept = {sender.endpoint: sender for sender in self.senders}
+        senders = []
+        for endpoint in order.endpoints:
+            sender = kept.pop(endpoint, None)
+            if sender is None:
+                sender = DataSender(
+                    endpoint, bind=False, hwm=order.hwm, context=self.ctx.zmq_context
+                )
+            senders.append(sender)
+        for sender in kept.values():
             sender.close()
-        self.senders = [
-            DataSender(endpoint, bind=False, hwm=order.hwm, context=self.ctx.zmq_context)
-            for endpoint in order.endpoints
-        ]
+        self.senders = senders
 
     async def forward(self, order: Forward) -> ForwardDone:
         """The order's chunks of one episode, one ``forward_step`` each, in one call; their
@@ -315,7 +325,10 @@ class TrainerService(_EpisodeHooks):
         """One chunk's output into the episode buffer (and the cache if it is to be kept)."""
         positions = list(part["positions"])
         samples = split_per_sample(part["data"], expected_size=len(positions))
-        buffer.update(zip(positions, samples, strict=True))
+        # A position already filled keeps its output: a replayed order (a reference replica
+        # restarted, self-healing) computes the same samples again, and steps may be using it.
+        for position, sample in zip(positions, samples, strict=True):
+            buffer.setdefault(position, sample)
         keep = part.get("cache")
         if keep is not None:
             keys = [(int(d), int(r)) for d, r in keep]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable
@@ -95,7 +96,11 @@ class RunCheckpoints:
                 return self.last
             started = time.time()
             staging = await asyncio.to_thread(self.manager.begin, state.iteration)
-            await self.trainer.save_checkpoint(str(staging), state.iteration)
+            try:
+                await self.trainer.save_checkpoint(str(staging), state.iteration)
+            except BaseException:  # a trainer lost while saving (self-healing goes on)
+                await asyncio.to_thread(shutil.rmtree, staging, True)
+                raise
             coordinator = self.coordinator_state(state, reason, eval_history or [])
             path = await asyncio.to_thread(self.manager.commit, staging, coordinator)
             self.last, self.last_iteration = path, state.iteration

@@ -42,8 +42,18 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
             "seed": 7,
             "probe_dir": probe_dir,
             "gate_iteration": gate,
+            # RESTARTS=0: a lost actor stops the run (the fail-fast tests); else self-healing
+            "max_restarts": int(os.environ.get("RESTARTS", "3")),
+            "heartbeat_timeout": float(os.environ.get("HEARTBEAT_TIMEOUT", "5")),
+            "restart_on_error": os.environ.get("RESTART_ON_ERROR") == "1",
+            "fail_iteration": _int_or_none(os.environ.get("FAIL_ITERATION")),
+            "exit_iteration": _int_or_none(os.environ.get("EXIT_ITERATION")),
         },
     }
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value else None
 
 
 def main() -> None:

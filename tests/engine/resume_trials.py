@@ -4,6 +4,7 @@ the trainer's gate, interrupt it, and compare what it left with an uninterrupted
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -33,7 +34,9 @@ class Trial:
         self.probe.mkdir(parents=True, exist_ok=True)
         self.num_runs = 0
 
-    def start(self, gate: int | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+    def start(
+        self, gate: int | None = None, env: dict[str, str] | None = None
+    ) -> tuple[subprocess.Popen[bytes], Path]:
         self.num_runs += 1
         log = self.base / f"run{self.num_runs}.log"
         for name in ("waiting", "go"):
@@ -45,6 +48,7 @@ class Trial:
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
             )
         return proc, log
 

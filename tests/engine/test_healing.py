@@ -1,0 +1,149 @@
+"""Self-healing (docs/self-healing.md) on the tiny torch pair of the checkpoint tests: a trainer
+that is killed or hangs restarts from the last checkpoint and the run ends bit-identical to an
+uninterrupted one; a reference replica comes back in place; a failure that repeats at the same
+step stops the run after the policy's attempts, naming the step and its samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from resume_trials import GATE, Trial, assert_all_exit, assert_identical, stop  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _records(trial: Trial, kind: str) -> list[dict]:
+    lines = (trial.run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _finish(trial: Trial, proc, timeout: float = 90) -> float:
+    """Let the gated trainer go on; wait for the run's end; seconds from now to its end."""
+    (trial.probe / "go").write_text("go")
+    started = time.monotonic()
+    proc.wait(timeout)
+    return time.monotonic() - started
+
+
+def _assert_like_baseline(trial: Trial, baseline: Trial) -> None:
+    assert_identical(trial.final_state(), baseline.final_state())
+    assert trial.train_records() == baseline.train_records()  # every step exactly once
+    assert_all_exit(trial.worker_pids())
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["kill", "hang"])
+def test_a_lost_trainer_restarts_from_the_checkpoint_and_ends_bit_identical(
+    baseline: Trial, tmp_path: Path, how: signal.Signals
+) -> None:
+    trial = Trial(tmp_path)
+    proc, log = trial.start(gate=GATE, env={"HEARTBEAT_TIMEOUT": "1.5"})
+    try:
+        trainer = trial.wait_at_gate(proc)
+        os.kill(trainer, how)
+        killed = time.monotonic()
+        # the new trainer process passes the gate once it has loaded the checkpoint
+        deadline = killed + 60
+        while len(trial.events("setup")) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        back = time.monotonic() - killed
+        _finish(trial, proc)
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "restarting model 'policy_trainer'" in text, text
+    assert "killed by SIGKILL" in text if how == signal.SIGKILL else "no heartbeat" in text
+    assert "restarts from checkpoint iter_0000004" in text, text
+    # recovery: the last checkpoint is at iteration 4, the trainer died at 5 (+ setup()),
+    # and a hang first takes the heartbeat timeout to notice
+    assert back < 15, f"the trainer took {back:.1f} s to come back"
+    _assert_like_baseline(trial, baseline)
+    first = [e for e in trial.events("first_step")]
+    assert [e["iteration"] for e in first] == [0, 4] and first[-1]["resume"] is True
+    (restart,) = _records(trial, "restart")
+    assert restart["model"] == "policy_trainer" and restart["restarts"] == 1
+    assert restart["steps_repeated"] == 1 and restart["step"] == 4
+    assert "self-healing: 1 restart(s): policy_trainer ×1" in text
+
+
+def test_a_lost_reference_replica_comes_back_in_place(baseline: Trial, tmp_path: Path) -> None:
+    trial = Trial(tmp_path)
+    proc, log = trial.start(gate=GATE)
+    try:
+        trial.wait_at_gate(proc)
+        (reference,) = [e["pid"] for e in trial.events("setup") if e["model"] == "reference"]
+        assert reference in [p.pid for p in psutil.Process(proc.pid).children()]
+        os.kill(reference, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(trial.events("setup")) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _finish(trial, proc)
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "restarting model 'reference' replica 0" in text, text
+    assert "model 'reference' replica 0 is back" in text, text
+    _assert_like_baseline(trial, baseline)
+    (restart,) = _records(trial, "restart")
+    assert restart["model"] == "reference" and restart["replica"] == 0
+    assert restart["restarts"] == 1 and restart["restart_seconds"] < 15
+
+
+def test_an_error_of_user_code_stops_the_run_at_once_naming_the_step_and_samples(
+    tmp_path: Path,
+) -> None:
+    trial = Trial(tmp_path)
+    proc, log = trial.start(env={"FAIL_ITERATION": "5"})
+    try:
+        proc.wait(60)
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert proc.returncode not in (0, None), text
+    assert "RuntimeError: a bug at iteration 5" in text, text
+    assert "iteration 6 (train_step's iteration=5; episode 2, its step 2), samples" in text
+    assert "in flight when it failed: iteration " in text, text
+    assert "samples (dataset, row): (0, " in text, text
+    assert "restarting" not in text, text  # user code: not retried by default
+    assert_all_exit(trial.worker_pids())
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"FAIL_ITERATION": "5", "RESTART_ON_ERROR": "1"}, {"EXIT_ITERATION": "5"}],
+    ids=["error-retried", "exit"],
+)
+def test_a_failure_at_the_same_step_stops_after_the_policys_attempts(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    trial = Trial(tmp_path)
+    started = time.monotonic()
+    proc, log = trial.start(env={**env, "RESTARTS": "2"})
+    try:
+        proc.wait(120)
+    finally:
+        stop(proc)
+    elapsed = time.monotonic() - started
+    text = log.read_text()
+    assert proc.returncode not in (0, None), text
+    assert text.count("restarting model 'policy_trainer'") == 2, text
+    assert "not restarted again: 2 restart(s) within 60 min already (max_restarts=2" in text
+    assert "iteration 6 (train_step's iteration=5; episode 2, its step 2), samples" in text
+    assert "in flight when it failed: iteration " in text, text
+    assert "samples (dataset, row): (0, " in text, text
+    # three attempts: the first run to the step, two restarts (setup() and the checkpoint load
+    # each, then one step); nothing waits for a timeout in between
+    setups = [e for e in trial.events("setup") if e["model"] == "policy_trainer"]
+    assert len(setups) == 3
+    assert elapsed < 60, f"{elapsed:.1f} s for three attempts"
+    assert_all_exit(trial.worker_pids())
