@@ -37,6 +37,7 @@ class _LazyGroup(click.Group):
 @click.group(
     cls=_LazyGroup,
     lazy={
+        "chaos": "chatlearn.chaos:command",
         "inspect": "chatlearn.engine.inspect_cli:command",
         "gpu-check": "chatlearn.gpu_check:command",
         "launch": "chatlearn.launch.cli:command",

@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "benchmarks": 4,
     "cli": 4,
     "gpu_check": 4,
+    "chaos": 4,
     "gpu_probe": 3,  # the modules the GPU check runs in actors
     "__init__": 5,  # the public API re-exports everything
 }
