@@ -33,7 +33,7 @@ import os
 import socket
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from chatlearn.actors.errors import PlacementError
@@ -320,6 +320,49 @@ class ProcessAssignment:
             "num_threads": self.num_threads,
             "device": self.device,
         }
+
+
+def relocate(
+    unit: Sequence[ProcessAssignment],
+    hosts: Sequence[HostResources],
+    used: Mapping[str, tuple[Iterable[int], Iterable[int]]],
+    *,
+    avoid: str,
+) -> list[ProcessAssignment] | None:
+    """The processes of ``unit`` (a replica, or a model's) moved whole onto another host than
+    ``avoid`` with room for them, the first in host file order: each gets as many free cores
+    and GPUs there as it had; ``used`` maps a host to the (cpus, gpus) its live actors hold.
+    None if no host has room (self-healing after a host is lost: runtime.py)."""
+    for host in hosts:
+        if host.host == avoid:
+            continue
+        taken_cpus, taken_gpus = (set(x) for x in used.get(host.host, ((), ())))
+        cpus = [c for c in host.cpus if c not in taken_cpus]
+        gpus = [g for g in host.gpus if g not in taken_gpus]
+        if sum(len(a.cpus) for a in unit) > len(cpus) or sum(len(a.gpus) for a in unit) > len(
+            gpus
+        ):
+            continue
+        if any(not a.cpus and not a.gpus for a in unit) and not (host.cpus or host.gpus):
+            continue
+        moved = []
+        visible = tuple(gpus[: sum(len(a.gpus) for a in unit)])
+        for local_rank, a in enumerate(unit):
+            mine, cpus = tuple(cpus[: len(a.cpus)]), cpus[len(a.cpus) :]
+            own, gpus = tuple(gpus[: len(a.gpus)]), gpus[len(a.gpus) :]
+            moved.append(
+                replace(
+                    a,
+                    host=host.host,
+                    cpus=mine,
+                    gpus=own,
+                    visible_gpus=visible if own else (),
+                    env=_pinning_env(mine, visible if own else (), bool(host.gpus)),
+                    host_local_rank=local_rank if len(unit) < a.world_size else None,
+                )
+            )
+        return moved
+    return None
 
 
 def _pinning_env(cpus: Sequence[int], visible_gpus: Sequence[int], host_has_gpus: bool) -> dict:

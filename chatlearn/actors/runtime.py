@@ -62,6 +62,7 @@ from chatlearn.actors.placement import (
     parse_colocation,
     plan_hosts,
     plan_placement,
+    relocate,
 )
 from chatlearn.actors.process import close_stdin, cpu_sample, starved, terminate_processes
 from chatlearn.actors.remote import PRIMING, RemoteActor, spawn_model
@@ -202,6 +203,7 @@ class ActorSystem:
         # what waits for it; every restart so far; what spawns a model's processes again.
         self._healing: dict[str, _Healing] = {}
         self._restarting: dict[tuple[str, int | None], asyncio.Future[None]] = {}
+        self._lost_because: dict[tuple[str, int | None], BaseException] = {}  # what it was
         self._restart_tasks: set[asyncio.Task[None]] = set()
         self._spawn_args: dict[str, tuple[BaseModule, dict[str, str], dict, dict]] = {}
         self.restarts: list[Restart] = []
@@ -602,8 +604,9 @@ class ActorSystem:
         if self._unit_key(actor) not in self._restarting:
             return None
         healing = self._healing[actor.model]
+        cause = self._lost_because.get(self._unit_key(actor)) or actor.dead_error("restarting")
         return ActorLostError(
-            actor.dead_error("being restarted"),
+            cause,
             model=actor.model,
             replica_id=actor.replica_id,
             attempt=healing.count,
@@ -663,6 +666,7 @@ class ActorSystem:
         self.restarts.append(restart)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._restarting[key] = waiter
+        self._lost_because[key] = exc
         task = asyncio.get_running_loop().create_task(
             self._restart(key, members, restart, healing), name=f"ActorSystem._restart{key}"
         )
@@ -698,6 +702,7 @@ class ActorSystem:
         process that dies while starting is one more restart under the same budget."""
         waiter = self._restarting[key]
         module, services, config_dict, env_vars = self._spawn_args[key[0]]
+        host_failures = 0  # the unit's new processes that could not start on its host, in a row
         try:
             for _ in range(max(1, healing.policy.max_restarts) + 1):
                 await asyncio.to_thread(
@@ -780,17 +785,62 @@ class ActorSystem:
                 )
                 for member in members:
                     member.state = "lost"
+                host_failures = host_failures + 1 if _host_failure(self.cluster, cause) else 0
+                if host_failures >= 2 or (host_failures and self._ssh_failed(cause)):
+                    self._move(members, str(getattr(cause, "host", "")))
+                    host_failures = 0
             self.fail(RuntimeError(f"model {key[0]!r} could not be restarted: too many tries"))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a bug here must not leave the run waiting forever
             self.fail(exc)
         finally:
+            self._lost_because.pop(key, None)
             if self._restarting.get(key) is waiter:
                 del self._restarting[key]
                 if not waiter.done():
                     waiter.set_exception(self.failure or ActorSystemClosedError("shut down"))
                     waiter.exception()
+
+    def _ssh_failed(self, cause: BaseException) -> bool:
+        host = getattr(cause, "host", "")
+        code = getattr(cause, "exit_code", None)
+        return self.cluster is not None and bool(self.cluster.describe_exit(host, code))
+
+    def _move(self, members: list[RemoteActor], lost_host: str) -> None:
+        """A host that can no longer start the unit's processes is lost: the unit moves to
+        another host with room for it, if there is one (else it keeps trying there, within the
+        policy, and the run ends naming the host)."""
+        assert self.cluster is not None
+        used: dict[str, tuple[list[int], list[int]]] = {}
+        for actor in self._actors:
+            if actor not in members and actor.state not in ("exited", "failed"):
+                cpus, gpus = used.setdefault(actor.host, ([], []))
+                cpus.extend(actor.assignment.cpus)
+                gpus.extend(actor.assignment.gpus)
+        moved = relocate(
+            [m.assignment for m in members],
+            self.cluster.host_resources(self.host),
+            used,
+            avoid=lost_host,
+        )
+        if moved is None:
+            logger.warning(
+                "host %s cannot start model %r's processes and no other host has room for them",
+                lost_host,
+                members[0].model,
+            )
+            return
+        for member, assignment in zip(members, moved, strict=True):
+            member.assignment = assignment
+            member.host = assignment.host
+        logger.warning(
+            "host %s cannot start model %r's processes: moving them to host %s",
+            lost_host,
+            members[0].model,
+            moved[0].host,
+        )
+        self.record("moved", members[0], f"{lost_host} -> {moved[0].host}")
 
     # -- failure and shutdown ------------------------------------------------------------
     def fail(self, exc: BaseException) -> None:
@@ -918,6 +968,19 @@ class ActorSystem:
         start = time.perf_counter()
         await self.server.request(backend.identity, MessageKind.PING, timeout=timeout)
         return time.perf_counter() - start
+
+
+def _host_failure(cluster: Hosts | None, cause: BaseException) -> bool:
+    """Whether a restarted process failed in a way that blames its host: on a multi-host run, it
+    ended by itself (not by a signal) while starting, e.g. ssh failed or the host has no such
+    interpreter any more."""
+    code = getattr(cause, "exit_code", None)
+    return (
+        cluster is not None
+        and isinstance(cause, ActorDeadError)
+        and code is not None
+        and code >= 0
+    )
 
 
 def _headline(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import signal
+import subprocess
 import time
 
 import actors_testlib as lib
@@ -238,3 +239,36 @@ async def test_a_host_that_can_no_longer_start_actors_ends_the_run_naming_it(tmp
         assert error.host == HOST_B and f"on {HOST_B}" in str(error)
         assert "No such file or directory" in error.stderr_tail
         assert "not restarted again: 2 restart(s)" in "\n".join(error.__notes__)
+
+
+async def test_a_replica_whose_host_is_lost_moves_to_a_host_with_room(tmp_path):
+    host_c = "127.0.0.4"
+    cfg = lib.make_config({"a": {"num_cpu": 1}, "b": {"num_cpu": 1}}, {"heartbeat_timeout": 3})
+    cluster = make_cluster(tmp_path / "run", [(HOST_A, 1), (HOST_B, 1), (host_c, 1)])
+    async with ActorSystem(cfg, cluster=cluster) as system:
+        a, b = await system.launch(lib.Recorder("a", cfg), lib.Recorder("b", cfg))
+        assert [a[0].host, b[0].host] == [HOST_A, HOST_B]
+        system.heal("b", policy=RestartPolicy(max_restarts=5))
+        spawn = cluster.spawn
+
+        def host_b_is_gone(host, worker_args, extra_env, boot):  # as ssh to a dead host
+            if host != HOST_B:
+                return spawn(host, worker_args, extra_env, boot)
+            return subprocess.Popen(
+                ["/bin/sh", "-c", f"echo 'ssh: connect to host {HOST_B}: No route' >&2; exit 255"],
+                stdin=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                process_group=0,
+            )
+
+        cluster.spawn = host_b_is_gone  # type: ignore[method-assign]
+        os.kill((await b.call(0, "where"))["pid"], signal.SIGKILL)
+        with pytest.raises(ActorLostError):
+            for _ in range(500):
+                await b.call(0, "noop")
+                await asyncio.sleep(0.02)
+        await system.wait_ready("b")
+        assert b[0].host == host_c and await b.call(0, "add", 1) == 1
+        assert "moved" in system.event_kinds("b")
+        (restart,) = system.restarts
+        assert restart.tries == 3  # two that could not start on HOST_B, one on host_c
