@@ -53,6 +53,7 @@ from chatlearn.actors import (
 )
 from chatlearn.actors.checkpoint_paths import checkpoint_root
 from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR
+from chatlearn.actors.timers import Timers as UserTimers
 from chatlearn.engine.checkpoint import CheckpointManager, rewind_metrics
 from chatlearn.engine.interrupts import Interrupts, SignalGuard, interrupted
 from chatlearn.engine.metrics import MetricsSink, Timers
@@ -367,13 +368,61 @@ class DPOEngine(Engine):
             **figures,
         )
 
-    async def save_checkpoint(self) -> Path:
+    @property
+    def timers(self) -> UserTimers:
+        """ChatLearn's engine timers: ``engine.timers("name").start()`` / ``.stop()``, read by
+        ``logging_summary()`` (the run's own phases are timed by the pipeline and logged per
+        episode; these are for the program's own phases)."""
+        timers = self.__dict__.get("_user_timers")
+        if timers is None:
+            timers = self.__dict__["_user_timers"] = UserTimers()
+        return timers
+
+    def logging_summary(self, iteration: int = -1) -> dict[str, float]:
+        """ChatLearn's summary line: the engine timers (milliseconds, reset) and the run's
+        figures so far (steps, samples, throughput, overlap, restarts); returns them as a dict.
+        ``iteration``: shown in the line (default: the run's current iteration)."""
+        figures: dict[str, float] = dict(self.timers.log(return_dict=True))  # type: ignore[arg-type]
+        result = self.result()
+        figures.update(
+            {
+                "steps": float(result.steps),
+                "samples": float(result.samples),
+                "restarts": float(result.restarts),
+            }
+        )
+        if result.throughput is not None:
+            figures["samples_per_s"] = result.throughput
+        if result.overlap is not None:
+            figures["overlap"] = result.overlap
+        shown = iteration if iteration >= 0 else self.state.iteration
+        logger.info(
+            "summary at iteration %d: %s",
+            shown,
+            " | ".join(f"{k} {v:.4g}" for k, v in figures.items()),
+        )
+        return figures
+
+    async def save_checkpoint(self, episode_id: int | None = None) -> Path:
         """Write a checkpoint of the running ``learn`` and return its directory.
 
         During training it is taken at the next boundary between two steps (the running steps
         finish first, training goes on after); the state is exact there, so a run resumed from
-        it repeats the uninterrupted one. Needs a running ``learn_async()``.
+        it repeats the uninterrupted one. Needs a running ``learn_async()``. ``episode_id``
+        (ChatLearn's argument) is accepted: the checkpoint is always of the position reached,
+        and a warning says so when that is not the end of that episode.
         """
+        if episode_id is not None and (
+            self.state.episode != episode_id + 1 or self.state.step_in_episode != 0
+        ):
+            logger.warning(
+                "save_checkpoint(episode_id=%d): the checkpoint is taken where training is, "
+                "iteration %d (episode %d, after its step %d)",
+                episode_id,
+                self.state.iteration,
+                self.state.episode + 1,
+                self.state.step_in_episode,
+            )
         if self.pipeline is not None and self.pipeline.running:
             return await self.pipeline.request_checkpoint()
         if self.checkpoints is None or self.system is None or self._phase != "training":

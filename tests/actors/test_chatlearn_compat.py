@@ -164,6 +164,9 @@ def test_a_chatlearn_style_program_runs_unchanged(tmp_path: Path) -> None:
     output_dir = tmp_path / "out" / "chatlearn"  # output_dir/exp_name, as ChatLearn
     summary = json.loads(result.read_text())
     assert summary["output_dir"] == str(output_dir)
+    # the engine's timers and logging_summary(), as ChatLearn's
+    assert summary["summary"]["steps"] == 4 and summary["summary"]["learn"] > 0
+    assert "summary at iteration 4: learn " in proc.stderr
     records = [json.loads(line) for line in (output_dir / "report.jsonl").read_text().splitlines()]
     setup, got, *episodes = records
     assert setup["event"] == "setup" and setup["pid"] != summary["coordinator_pid"]

@@ -130,13 +130,15 @@ async def test_checkpoint_on_request_from_a_custom_flow_resumes_mid_episode(tmp_
                 if engine.pipeline is not None and engine.state.iteration >= 2 or training.done():
                     break
                 await asyncio.sleep(0.02)
-            path = await engine.save_checkpoint()
+            path = await engine.save_checkpoint(episode_id=7)  # ChatLearn's argument: warned
             await training
         finally:  # a failed assertion must not leave the run's processes behind
             training.cancel()
             await asyncio.gather(training, return_exceptions=True)
         with pytest.raises(RuntimeError, match="needs a running training"):
             await engine.save_checkpoint()
+        summary = engine.logging_summary()  # ChatLearn's: the run's figures so far
+        assert summary["steps"] == 8 and summary["samples"] == 16 and summary["restarts"] == 0
     finally:
         reset_args()
     saved = CoordinatorState.from_json((path / COORDINATOR).read_text())

@@ -86,6 +86,16 @@ if __name__ == "__main__":
     policy = PolicyTrainer("policy")
     engine = DPOEngine(reference, policy)
     engine.set_dataset(train_prompts)
+    engine.timers("learn").start()
     engine.learn()
+    engine.timers("learn").stop()
+    summary = engine.logging_summary()
     with open(sys.argv[-1], "w") as f:
-        json.dump({"output_dir": args.runtime_args.output_dir, "coordinator_pid": os.getpid()}, f)
+        json.dump(
+            {
+                "output_dir": args.runtime_args.output_dir,
+                "coordinator_pid": os.getpid(),
+                "summary": summary,
+            },
+            f,
+        )
