@@ -47,7 +47,7 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
             "heartbeat_timeout": float(os.environ.get("HEARTBEAT_TIMEOUT", "5")),
             "restart_on_error": os.environ.get("RESTART_ON_ERROR") == "1",
             "fail_iteration": _int_or_none(os.environ.get("FAIL_ITERATION")),
-            "exit_iteration": _int_or_none(os.environ.get("EXIT_ITERATION")),
+            "save_step_interval": _int_or_none(os.environ.get("SAVE_STEP_INTERVAL")),
         },
     }
 

@@ -75,6 +75,26 @@ def test_a_lost_trainer_restarts_from_the_checkpoint_and_ends_bit_identical(
     assert "self-healing: 1 restart(s): policy_trainer ×1" in text
 
 
+def test_save_step_interval_bounds_what_a_trainer_restart_repeats(
+    baseline: Trial, tmp_path: Path
+) -> None:
+    trial = Trial(tmp_path)
+    proc, log = trial.start(gate=GATE, env={"SAVE_STEP_INTERVAL": "5"})
+    try:
+        os.kill(trial.wait_at_gate(proc), signal.SIGKILL)  # iteration 5 trained, 6 running
+        _finish(trial, proc)
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "checkpoint of iteration 5 (episode 2 step 1, step)" in text, text
+    assert "restarts from checkpoint iter_0000005" in text, text
+    (restart,) = _records(trial, "restart")
+    assert restart["steps_repeated"] == 0
+    _assert_like_baseline(trial, baseline)  # a mid-episode checkpoint resumes exactly
+    assert trial.complete() == [8, 10, 12]  # save_keep_last 3: steps 5, 10; episodes 4, 8, 12
+
+
 def test_a_lost_reference_replica_comes_back_in_place(baseline: Trial, tmp_path: Path) -> None:
     trial = Trial(tmp_path)
     proc, log = trial.start(gate=GATE)
@@ -118,17 +138,11 @@ def test_an_error_of_user_code_stops_the_run_at_once_naming_the_step_and_samples
     assert_all_exit(trial.worker_pids())
 
 
-@pytest.mark.parametrize(
-    "env",
-    [{"FAIL_ITERATION": "5", "RESTART_ON_ERROR": "1"}, {"EXIT_ITERATION": "5"}],
-    ids=["error-retried", "exit"],
-)
-def test_a_failure_at_the_same_step_stops_after_the_policys_attempts(
-    tmp_path: Path, env: dict[str, str]
-) -> None:
+def test_a_failure_at_the_same_step_stops_after_the_policys_attempts(tmp_path: Path) -> None:
     trial = Trial(tmp_path)
     started = time.monotonic()
-    proc, log = trial.start(env={**env, "RESTARTS": "2"})
+    env = {"FAIL_ITERATION": "5", "RESTART_ON_ERROR": "1", "RESTARTS": "2"}
+    proc, log = trial.start(env=env)
     try:
         proc.wait(120)
     finally:

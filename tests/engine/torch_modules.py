@@ -10,8 +10,7 @@ run matches the uninterrupted one only if all three RNG states were restored.
 Test hooks (``runtime`` keys): ``probe_dir`` gets one JSON line per event (``setup`` with the pid,
 ``first_step`` with ``resume_training``); at ``gate_iteration`` the trainer writes
 ``probe_dir/waiting`` (its pid) and waits until ``probe_dir/go`` exists (60 s at most); at
-``fail_iteration`` its ``train_step`` raises, at ``exit_iteration`` its process exits (code 3),
-every time (a bug, or a sample that crashes the process).
+``fail_iteration`` its ``train_step`` raises, every time (a bug, or a bad sample).
 """
 
 from __future__ import annotations
@@ -93,8 +92,6 @@ class TinyTrainer(_Probed):
         self._gate(iteration)
         if iteration == self.runtime_args.get("fail_iteration", None):
             raise RuntimeError(f"a bug at iteration {iteration}")
-        if iteration == self.runtime_args.get("exit_iteration", None):
-            os._exit(3)
         self.optimizer.zero_grad()
         losses, margins = [], []
         for mb in data:

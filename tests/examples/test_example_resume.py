@@ -18,9 +18,14 @@ from chatlearn.engine.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["-m", "examples.dpo.train_dpo", "-c", "examples/dpo/dpo.yaml"]
-# 4 episodes of 12 steps, a checkpoint after each
-SETTINGS = {"NUM_EPISODE": "4", "SAVE_EPISODE_INTERVAL": "1", "PYTHONPATH": str(ROOT)}
-FINAL = "iter_0000048"
+# 4 episodes of 4 steps, a checkpoint after each
+SETTINGS = {
+    "NUM_EPISODE": "4",
+    "SAMPLE_PER_EPISODE": "128",
+    "SAVE_EPISODE_INTERVAL": "1",
+    "PYTHONPATH": str(ROOT),
+}
+FINAL = "iter_0000016"
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -66,7 +71,7 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(tmp_path: Path)
     proc = _start(killed)
     try:
         deadline = time.monotonic() + 150
-        while not (checkpoints / "iter_0000012").is_dir():  # committed atomically: complete
+        while not (checkpoints / "iter_0000004").is_dir():  # committed atomically: complete
             assert proc.poll() is None and time.monotonic() < deadline, "no first checkpoint"
             time.sleep(0.01)
         children = psutil.Process(proc.pid).children(recursive=True)
