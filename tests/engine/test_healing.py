@@ -45,9 +45,11 @@ def test_a_lost_trainer_restarts_from_the_checkpoint_and_ends_bit_identical(
     baseline: Trial, tmp_path: Path, how: signal.Signals
 ) -> None:
     trial = Trial(tmp_path)
-    proc, log = trial.start(gate=GATE, env={"HEARTBEAT_TIMEOUT": "1.5"})
+    # save_step_interval 5: a checkpoint after iteration 5, mid-episode, right before the gate
+    env = {"HEARTBEAT_TIMEOUT": "1.5", "SAVE_STEP_INTERVAL": "5"}
+    proc, log = trial.start(gate=GATE, env=env)
     try:
-        trainer = trial.wait_at_gate(proc)
+        trainer = trial.wait_at_gate(proc)  # iteration 5 trained, the 6th running
         os.kill(trainer, how)
         killed = time.monotonic()
         # the new trainer process passes the gate once it has loaded the checkpoint
@@ -62,37 +64,18 @@ def test_a_lost_trainer_restarts_from_the_checkpoint_and_ends_bit_identical(
     assert proc.returncode == 0, text
     assert "restarting model 'policy_trainer'" in text, text
     assert "killed by SIGKILL" in text if how == signal.SIGKILL else "no heartbeat" in text
-    assert "restarts from checkpoint iter_0000004" in text, text
-    # recovery: the last checkpoint is at iteration 4, the trainer died at 5 (+ setup()),
-    # and a hang first takes the heartbeat timeout to notice
-    assert back < 15, f"the trainer took {back:.1f} s to come back"
-    _assert_like_baseline(trial, baseline)
-    first = [e for e in trial.events("first_step")]
-    assert [e["iteration"] for e in first] == [0, 4] and first[-1]["resume"] is True
-    (restart,) = _records(trial, "restart")
-    assert restart["model"] == "policy_trainer" and restart["restarts"] == 1
-    assert restart["steps_repeated"] == 1 and restart["step"] == 4
-    assert "self-healing: 1 restart(s): policy_trainer ×1" in text
-
-
-def test_save_step_interval_bounds_what_a_trainer_restart_repeats(
-    baseline: Trial, tmp_path: Path
-) -> None:
-    trial = Trial(tmp_path)
-    proc, log = trial.start(gate=GATE, env={"SAVE_STEP_INTERVAL": "5"})
-    try:
-        os.kill(trial.wait_at_gate(proc), signal.SIGKILL)  # iteration 5 trained, 6 running
-        _finish(trial, proc)
-    finally:
-        stop(proc)
-    text = log.read_text()
-    assert proc.returncode == 0, text
     assert "checkpoint of iteration 5 (episode 2 step 1, step)" in text, text
     assert "restarts from checkpoint iter_0000005" in text, text
-    (restart,) = _records(trial, "restart")
-    assert restart["steps_repeated"] == 0
+    # recovery: setup() and the checkpoint load, after the heartbeat timeout for a hang
+    assert back < 15, f"the trainer took {back:.1f} s to come back"
     _assert_like_baseline(trial, baseline)  # a mid-episode checkpoint resumes exactly
+    first = [e for e in trial.events("first_step")]
+    assert [e["iteration"] for e in first] == [0, 5] and first[-1]["resume"] is True
+    (restart,) = _records(trial, "restart")
+    assert restart["model"] == "policy_trainer" and restart["restarts"] == 1
+    assert restart["steps_repeated"] == 0 and restart["step"] == 5
     assert trial.complete() == [8, 10, 12]  # save_keep_last 3: steps 5, 10; episodes 4, 8, 12
+    assert "self-healing: 1 restart(s): policy_trainer ×1" in text
 
 
 def test_a_lost_reference_replica_comes_back_in_place(baseline: Trial, tmp_path: Path) -> None:

@@ -27,9 +27,9 @@ PLAN = ChaosPlan(
     reference_stops=1,
     trainer_stops=1,
     seed=5,
-    min_gap=1.0,
-    max_gap=2.5,
-    warmup=3.0,
+    min_gap=0.5,
+    max_gap=2.0,
+    warmup=2.0,
     min_age=1.0,
 )
 
