@@ -5,7 +5,8 @@
 - The CPU compatibility layer for megatron-core, a no-op with CUDA (compat.py).
 - `GPTConfig` / `build_gpt_model` / `gpt_logits`: a GPTModel on the local layer spec (gpt.py).
 - Vocab-parallel log-probs and the DPO train step (dpo.py).
-- HF Llama/Qwen2 checkpoints ↔ GPTModel with tensor-parallel splitting (convert.py).
+- HF Llama/Qwen2 checkpoints ↔ GPTModel with tensor- and pipeline-parallel splitting (convert.py).
+- Megatron torch_dist checkpoints through megatron.core.dist_checkpointing (dist_ckpt.py).
 - `megatron_args`: Megatron-LM's argument namespace from the model config (args.py).
 - `MegatronNotInstalledError`, `require_megatron` (requirement.py): megatron-core is the optional
   extra `chatlearn[megatron]`.
@@ -41,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "GPTConfig": "chatlearn.megatron.gpt",
     "build_gpt_model": "chatlearn.megatron.gpt",
     "gpt_logits": "chatlearn.megatron.gpt",
+    "pipeline_logits": "chatlearn.megatron.gpt",
     "causal_attention_mask": "chatlearn.megatron.gpt",
     "vocab_parallel_sequence_logps": "chatlearn.megatron.dpo",
     "concatenated_logps": "chatlearn.megatron.dpo",
@@ -52,6 +54,11 @@ _EXPORTS: dict[str, str] = {
     "gather_hf_state_dict": "chatlearn.megatron.convert",
     "build_gpt_model_from_hf": "chatlearn.megatron.convert",
     "build_megatron_args": "chatlearn.megatron.args",
+    "DistCheckpointError": "chatlearn.megatron.dist_ckpt",
+    "find_dist_checkpoint": "chatlearn.megatron.dist_ckpt",
+    "is_dist_checkpoint": "chatlearn.megatron.dist_ckpt",
+    "load_dist_checkpoint": "chatlearn.megatron.dist_ckpt",
+    "save_dist_checkpoint": "chatlearn.megatron.dist_ckpt",
     "wrap_data_parallel": "chatlearn.megatron.dpo",
 }
 

@@ -12,6 +12,8 @@ This module replaces exactly those functions, and only when CUDA is not availabl
 |                        | `get_sliding_window_causal_mask` (+ their fused_softmax imports)|
 | `rotary_embedding`     | `models.common.embeddings.rotary_pos_embedding`                 |
 |                        | `.RotaryEmbedding.get_emb`                                      |
+| `tied_embedding_sync`  | `models.common.language_module.language_module.LanguageModule`  |
+|                        | `.setup_embeddings_and_output_layer`                            |
 
 Known CUDA-only paths left alone because this project's models never take them:
 `tensor_parallel.mappings` gathers (`parallel_output=False`, sequence parallelism) and
@@ -298,6 +300,43 @@ def _install_rotary() -> None:
     _replace(_ROTARY, _cpu_rotary_get_emb)
 
 
+# ---------------------------------------------------------------------------------------------
+# tied_embedding_sync: with tied embeddings and several pipeline stages, the last stage's copy of
+# the embedding is made equal to the first stage's by an all-reduce over the embedding group,
+# after `weight.data = weight.data.cuda()`. The replacement runs megatron's method with the
+# all-reduce step masked (its only call of `_is_in_embd_group`), then does the all-reduce where
+# the weight is.
+
+_LANGUAGE_MODULE = "megatron.core.models.common.language_module.language_module.LanguageModule"
+_SETUP_EMBEDDINGS = _LANGUAGE_MODULE + ".setup_embeddings_and_output_layer"
+
+
+def _make_cpu_setup_embeddings() -> Callable[[Any], None]:
+    owner, attr = _resolve(_SETUP_EMBEDDINGS)
+    original = getattr(owner, attr)
+
+    def setup_embeddings_and_output_layer(self: Any) -> None:
+        """megatron's setup_embeddings_and_output_layer, all-reducing the tied copy in place."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        in_group = distributed and self._is_in_embd_group()
+        self.__dict__["_is_in_embd_group"] = lambda: False  # shadows the method during the call
+        try:
+            original(self)
+        finally:
+            del self.__dict__["_is_in_embd_group"]
+        if in_group:
+            weight = self.shared_embedding_or_output_weight()
+            torch.distributed.all_reduce(weight.data, group=self.embd_group)
+
+    return setup_embeddings_and_output_layer
+
+
+def _install_setup_embeddings() -> None:
+    if _is_patched(_SETUP_EMBEDDINGS):
+        return
+    _replace(_SETUP_EMBEDDINGS, _make_cpu_setup_embeddings())
+
+
 PATCHES: tuple[CompatPatch, ...] = (
     CompatPatch(
         name="rng_tracker",
@@ -325,5 +364,12 @@ PATCHES: tuple[CompatPatch, ...] = (
         replaces=(_ROTARY,),
         reason="moves inv_freq to torch.cuda.current_device() on the first forward",
         install=_install_rotary,
+    ),
+    CompatPatch(
+        name="tied_embedding_sync",
+        replaces=(_SETUP_EMBEDDINGS,),
+        reason="moves the tied output weight to CUDA before the all-reduce that copies the "
+        "embedding to the last pipeline stage (tied embeddings, pipeline size > 1)",
+        install=_install_setup_embeddings,
     ),
 )

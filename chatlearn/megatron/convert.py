@@ -24,8 +24,14 @@ Layouts (megatron-core, local layer spec):
 
 Norm weights are copied whole. The vocabulary is padded with zero rows to a multiple of
 `make_vocab_size_divisible_by × tp` (default 1: an HF vocabulary that tp divides stays unpadded,
-so the softmax is exactly HF's); padded rows are dropped on the way back. Pipeline stages load
-the layers they hold (by their global layer number); gathering back to HF needs pipeline size 1.
+so the softmax is exactly HF's); padded rows are dropped on the way back.
+
+Pipeline parallelism: each stage builds and loads only what it holds (the first stage the
+embedding, the last the final norm and the output layer, each its own layers by their global
+layer number). With tied embeddings the last stage's output layer is loaded from
+`embed_tokens` too (megatron keeps the two copies equal). Going back, every stage gathers its part
+over TP and the stages exchange their parts over the pipeline group, so every rank ends with the
+whole HF state dict; the embedding is taken from the first stage.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from chatlearn.megatron.compat import cpu_config_overrides
-from chatlearn.megatron.gpt import padded_vocab_size
+from chatlearn.megatron.gpt import model_device, padded_vocab_size
 from chatlearn.megatron.requirement import require_megatron
 
 __all__ = [
@@ -374,28 +380,57 @@ def _gather(tensor: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def gather_hf_state_dict(model: Any, config: Any) -> dict[str, torch.Tensor]:
-    """The model's weights under HF names, gathered over TP; every TP rank gets all of them.
+    """The model's weights under HF names, gathered over TP and PP; every rank gets all of them.
 
-    Collective over the tensor-parallel group: every rank of it must call. Needs pipeline size 1.
+    Collective over the tensor- and pipeline-parallel groups: every rank of the model replica
+    must call.
     """
-    from megatron.core import parallel_state as mpu
-
-    if mpu.get_pipeline_model_parallel_world_size() != 1:
-        raise HFConversionError("gathering to HF needs pipeline_model_parallel_size 1")
     shape = _Shape.of(config)
     tp, _ = _tp()
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    state: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": _gather(model.embedding.word_embeddings.weight, 0)[
-            : shape.vocab
-        ]
-    }
+    state: dict[str, torch.Tensor] = {}
+    if model.pre_process:
+        embedding = _gather(model.embedding.word_embeddings.weight, 0)
+        state["model.embed_tokens.weight"] = embedding[: shape.vocab].contiguous()
     for layer in model.decoder.layers:
         state.update(_layer_to_hf(layer, f"model.layers.{layer.layer_number - 1}.", shape, tp))
-    state["model.norm.weight"] = model.decoder.final_layernorm.weight.detach().clone()
-    if not shape.tied:
-        state["lm_head.weight"] = _gather(model.output_layer.weight, 0)[: shape.vocab]
-    return state
+    if model.post_process:
+        state["model.norm.weight"] = model.decoder.final_layernorm.weight.detach().clone()
+        if not shape.tied:
+            head = _gather(model.output_layer.weight, 0)
+            state["lm_head.weight"] = head[: shape.vocab].contiguous()
+    return _exchange_pipeline_stages(state, model_device(model))
+
+
+def _exchange_pipeline_stages(
+    state: dict[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Every stage's part of the HF state dict, on every stage (broadcast stage by stage)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    if mpu.get_pipeline_model_parallel_world_size() == 1:
+        return state
+    group = mpu.get_pipeline_model_parallel_group()
+    ranks = dist.get_process_group_ranks(group)
+    me = mpu.get_pipeline_model_parallel_rank()
+    # names, shapes and dtypes first (small objects), then the tensors themselves
+    described = [
+        (name, list(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+        for name, tensor in state.items()
+    ]
+    parts: list[Any] = [None] * len(ranks)
+    dist.all_gather_object(parts, described, group=group)
+    full: dict[str, torch.Tensor] = {}
+    for stage, part in enumerate(parts):
+        for name, size, dtype in part:
+            if stage == me:
+                tensor = state[name].to(device)
+            else:
+                tensor = torch.empty(size, dtype=getattr(torch, dtype), device=device)
+            dist.broadcast(tensor, src=ranks[stage], group=group)
+            full.setdefault(name, tensor)  # a name two stages hold: the first stage's
+    return full
 
 
 def _layer_to_hf(layer: Any, prefix: str, shape: _Shape, tp: int) -> dict[str, torch.Tensor]:
@@ -426,14 +461,19 @@ def save_hf_checkpoint(
 ) -> Path | None:
     """Gather the model to HF weights and `save_pretrained` them with `config` into `path`.
 
-    Every tensor-parallel rank calls (the gather is collective); only the first rank of the
-    model (tensor, pipeline and data rank 0) writes. Tokenizer and generation files of `source`
-    (the directory the model was loaded from) are copied along. Returns the path on the writer.
+    Every tensor- and pipeline-parallel rank calls (the gather is collective); only the first
+    rank of the model (tensor, pipeline and data rank 0) writes. Tokenizer and generation files of
+    `source` (the directory the model was loaded from) are copied along. Returns the path on the
+    writer.
     """
     from megatron.core import parallel_state as mpu
 
     state = gather_hf_state_dict(model, config)
-    if mpu.get_tensor_model_parallel_rank() != 0 or mpu.get_data_parallel_rank() != 0:
+    if (
+        mpu.get_tensor_model_parallel_rank() != 0
+        or mpu.get_pipeline_model_parallel_rank() != 0
+        or mpu.get_data_parallel_rank() != 0
+    ):
         return None
     from transformers import AutoModelForCausalLM
 

@@ -30,7 +30,9 @@ __all__ = [
     "build_gpt_model",
     "causal_attention_mask",
     "gpt_logits",
+    "model_device",
     "padded_vocab_size",
+    "pipeline_logits",
     "position_ids_for",
 ]
 
@@ -151,10 +153,10 @@ def gpt_logits(
 ) -> torch.Tensor:
     """Forward of a GPTModel built with `parallel_output=True`: logits [B, S, V / tp].
 
-    Only meaningful on the last pipeline stage; this helper runs pipeline size 1 (several
-    stages need megatron's forward-backward schedules).
+    Only meaningful on the last pipeline stage; this helper runs pipeline size 1
+    (`pipeline_logits` runs a forward through several stages).
     """
-    device = _model_device(model)
+    device = model_device(model)
     input_ids = input_ids.to(device)
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
@@ -162,6 +164,44 @@ def gpt_logits(
     return model(input_ids, position_ids_for(input_ids), mask)
 
 
-def _model_device(model: Any) -> torch.device:
+def pipeline_logits(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """A forward through every pipeline stage: `gpt_logits` on the last stage, None on the others.
+
+    Every rank of the model calls with the same `input_ids` (each stage needs the positions and
+    the mask). A stage after the first receives the hidden states [S, B, H] from the previous
+    stage and sends its own to the next one, point to point on the pipeline group (gloo or
+    NCCL), so it runs on CPU too. Forward only (inference, log-probs of a reference model, and
+    checks): training at pipeline size > 1 needs megatron's forward-backward schedules. At pipeline
+    size 1 it is `gpt_logits`.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    if mpu.get_pipeline_model_parallel_world_size() == 1:
+        return gpt_logits(model, input_ids, attention_mask)
+    inner = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    if not mpu.is_pipeline_first_stage():
+        config = inner.config
+        batch, seq_len = input_ids.shape
+        hidden = torch.empty(
+            seq_len,
+            batch,
+            config.hidden_size,
+            dtype=config.pipeline_dtype or config.params_dtype,
+            device=model_device(inner),
+        )
+        dist.recv(hidden, src=mpu.get_pipeline_model_parallel_prev_rank())
+        inner.set_input_tensor(hidden)
+    output = gpt_logits(model, input_ids, attention_mask)
+    if mpu.is_pipeline_last_stage():
+        return output
+    dist.send(output.contiguous(), dst=mpu.get_pipeline_model_parallel_next_rank())
+    return None
+
+
+def model_device(model: Any) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
     first = next(iter(model.parameters()), None)
     return torch.device("cpu") if first is None else first.device

@@ -21,8 +21,12 @@ module's `add_extra_args(parser)` adds, with `micro_batch_size` / `global_batch_
 the runtime (`train_micro_batch_size` / `train_global_batch_size` for a trainable model, the
 model's `generation_batch_size` otherwise); `megatron_args` is the Megatron-LM argument
 namespace built from it (chatlearn.megatron.args). A `load` key naming a Hugging Face directory
-(Llama, Qwen2) makes `load_pretrained_model()` start from it, and `save_hf_checkpoint()` writes
-the trained weights back as an HF directory (chatlearn.megatron.convert).
+(Llama, Qwen2) or a Megatron torch_dist checkpoint makes `load_pretrained_model()` start from it
+(chatlearn.megatron.convert, chatlearn.megatron.dist_ckpt), at any tensor/pipeline split;
+`save_dist_checkpoint()` writes a torch_dist checkpoint and `save_hf_checkpoint()` an HF
+directory. A model that started from HF (directly, or through a torch_dist checkpoint written
+here) also goes back to HF with every `save_checkpoint`: `<checkpoint dir>/hf_model`, written by
+the first rank (model config `save_hf_model: false` turns it off).
 
 The coordinator's object is a template: it never initializes anything, and before setup the
 properties fall back to BaseModule's formulas (which the rank layout matches). Constructing one
@@ -175,27 +179,62 @@ class MegatronModule(TorchModule):
         )
 
     # -- checkpoints -----------------------------------------------------------------------
-    def load_pretrained_model(self, params_dtype: str | None = None) -> Any:
-        """A GPTModel holding this rank's shards of the HF checkpoint named by `load`.
+    def load_pretrained_model(self, params_dtype: str | None = None, model: Any = None) -> Any:
+        """A GPTModel holding this rank's shards of the checkpoint named by `load`.
 
-        The architecture comes from the checkpoint's config.json (Llama, Qwen2). Call it in
-        `setup()`; the HF config is kept for `save_hf_checkpoint`.
+        `load` is a Hugging Face directory (Llama, Qwen2: the architecture comes from its
+        config.json) or a Megatron torch_dist checkpoint (a checkpoint directory, or a root with
+        `latest_checkpointed_iteration.txt`). A torch_dist checkpoint written by
+        `save_dist_checkpoint` from an HF-started model records its HF config and is rebuilt from
+        it; for any other (Megatron-LM's) pass the `model` built from your config, and its
+        weights are loaded in place. Call it in `setup()` on every rank; the HF config is kept
+        for `save_hf_checkpoint`.
         """
-        from chatlearn.megatron.convert import is_hf_checkpoint, load_hf_checkpoint
+        from chatlearn.megatron.convert import (
+            build_gpt_model_from_hf,
+            is_hf_checkpoint,
+            load_hf_checkpoint,
+        )
+        from chatlearn.megatron.dist_ckpt import (
+            is_dist_checkpoint,
+            load_dist_checkpoint,
+            read_common_state,
+            saved_hf_config,
+        )
 
         load = self.megatron_args.load
         if not load:
-            raise ValueError(f"{self.name}: set `load` in the model config to an HF directory")
-        if not is_hf_checkpoint(load):
             raise ValueError(
-                f"{self.name}: load={load!r} is not a Hugging Face checkpoint directory "
-                "(no config.json with a model_type); Megatron torch_dist checkpoints are not "
-                "supported yet"
+                f"{self.name}: set `load` in the model config to an HF directory or a Megatron "
+                "torch_dist checkpoint"
             )
         dtype = params_dtype or str(self.megatron_args.params_dtype).removeprefix("torch.")
-        model, self._hf_config = load_hf_checkpoint(
-            load, dtype, int(self.model_args.get("make_vocab_size_divisible_by", 1))
-        )
+        divisible_by = int(self.model_args.get("make_vocab_size_divisible_by", 1))
+        if is_hf_checkpoint(load):
+            if model is not None:
+                raise ValueError(
+                    f"{self.name}: load={load!r} is an HF directory, whose config.json gives the "
+                    "architecture; call load_pretrained_model() without a model"
+                )
+            model, self._hf_config = load_hf_checkpoint(load, dtype, divisible_by)
+            return model
+        if not is_dist_checkpoint(load):
+            raise ValueError(
+                f"{self.name}: load={load!r} is neither a Hugging Face checkpoint directory "
+                "(config.json with a model_type) nor a Megatron torch_dist checkpoint "
+                "(metadata.json, or latest_checkpointed_iteration.txt naming one)"
+            )
+        if model is None:
+            hf_config = saved_hf_config(read_common_state(load))
+            if hf_config is None:
+                raise ValueError(
+                    f"{self.name}: the torch_dist checkpoint {load!r} records no architecture "
+                    "(not written by chatlearn from an HF model); build the GPTModel from your "
+                    "config and pass it: self.load_pretrained_model(model=model)"
+                )
+            model = build_gpt_model_from_hf(hf_config, dtype, divisible_by)
+            self._hf_config = hf_config
+        load_dist_checkpoint(model, load)
         return model
 
     @property
@@ -204,15 +243,56 @@ class MegatronModule(TorchModule):
         return self._hf_config
 
     def save_hf_checkpoint(self, model: Any, path: str | Path | None = None) -> Path | None:
-        """Write `model` as an HF directory at `path` (default: `save`); every TP rank calls."""
-        from chatlearn.megatron.convert import save_hf_checkpoint
+        """Write `model` as an HF directory at `path` (default: `save`).
+
+        Every rank of the model replica calls (the shards are gathered over TP and PP); the first
+        rank writes and gets the path, the others None.
+        """
+        from chatlearn.megatron.convert import is_hf_checkpoint, save_hf_checkpoint
 
         if self._hf_config is None:
-            raise RuntimeError(f"{self.name}: save_hf_checkpoint needs load_pretrained_model first")
+            raise RuntimeError(
+                f"{self.name}: save_hf_checkpoint needs the HF config of the checkpoint the "
+                "model came from (load_pretrained_model from an HF directory, or from a "
+                "torch_dist checkpoint saved from one)"
+            )
         target = path or self.megatron_args.save
         if not target:
             raise ValueError(f"{self.name}: give a path or set `save` in the model config")
-        return save_hf_checkpoint(model, self._hf_config, target, source=self.megatron_args.load)
+        load = self.megatron_args.load
+        source = load if load and is_hf_checkpoint(load) else None
+        return save_hf_checkpoint(model, self._hf_config, target, source=source)
+
+    def save_dist_checkpoint(
+        self, model: Any, path: str | Path | None = None, iteration: int | None = None
+    ) -> Path:
+        """Write `model` as a Megatron torch_dist checkpoint under `path` (default: `save`).
+
+        Every rank of the model calls. Megatron-LM's layout: `path/release` (or
+        `path/iter_<iteration:07d>`) and `latest_checkpointed_iteration.txt`; the HF config is
+        recorded when the model came from one. Returns the checkpoint directory.
+        """
+        from chatlearn.megatron.dist_ckpt import save_dist_checkpoint
+
+        target = path or self.megatron_args.save
+        if not target:
+            raise ValueError(f"{self.name}: give a path or set `save` in the model config")
+        return save_dist_checkpoint(model, target, iteration=iteration, hf_config=self._hf_config)
+
+    def save_checkpoint(self, iteration: int) -> None:
+        """TorchModule's checkpoint, plus `hf_model` (an HF directory) for an HF-started model.
+
+        The HF directory is written by the first rank into its own checkpoint directory
+        (`checkpoint_dir(iteration) / "hf_model"`); every rank takes part in the gather. Set
+        `save_hf_model: false` in the model config to skip it.
+        """
+        super().save_checkpoint(iteration)
+        model = getattr(self, "model", None)
+        if self._hf_config is None or model is None:
+            return
+        if not self.model_args.get("save_hf_model", True):
+            return
+        self.save_hf_checkpoint(model, self.checkpoint_dir(iteration) / "hf_model")
 
     # -- views -----------------------------------------------------------------------------
     @property

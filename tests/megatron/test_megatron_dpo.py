@@ -155,7 +155,13 @@ def test_module_views_in_training_runs(runs: dict[str, Any]) -> None:
 
 def test_cpu_compat_patches_are_idempotent(runs: dict[str, Any]) -> None:
     checks = runs["tp1"]["checks"]
-    names = ["rng_tracker", "global_memory_buffer", "causal_mask", "rotary_embedding"]
+    names = [
+        "rng_tracker",
+        "global_memory_buffer",
+        "causal_mask",
+        "rotary_embedding",
+        "tied_embedding_sync",
+    ]
     assert checks["patches_first_call"] == names
     assert checks["patches_second_call"] == names
     assert checks["patches_in_effect"] == names

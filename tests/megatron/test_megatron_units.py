@@ -240,5 +240,5 @@ def test_load_pretrained_model_says_what_load_must_be(tmp_path: object) -> None:
     with pytest.raises(ValueError, match="set `load`"):
         policy.load_pretrained_model()
     policy = _megatron_template({"load": str(tmp_path)})
-    with pytest.raises(ValueError, match="not a Hugging Face checkpoint.*torch_dist"):
+    with pytest.raises(ValueError, match="neither a Hugging Face .* nor a Megatron torch_dist"):
         policy.load_pretrained_model()
