@@ -121,8 +121,16 @@ class PipelineSettings:
     def window_samples(self) -> int | None:
         if self.window_micro_batches <= 0 or self.take_turns:
             return None
-        # Less than a global batch ahead would starve the step the trainer waits for.
-        return max(self.window_micro_batches * self.micro_batch_size, self.global_batch_size)
+        # The step the trainer waits for needs the chunk that holds its last sample: with less
+        # than a global batch plus that chunk ahead, the reference could never produce it
+        # (chunks larger than a step deadlocked here). No split: a chunk is a replica's share.
+        chunk = self.generation_batch_size
+        if chunk is None or chunk <= 0:
+            chunk = self.sample_per_episode
+        return max(
+            self.window_micro_batches * self.micro_batch_size,
+            self.global_batch_size + min(chunk, self.sample_per_episode) - 1,
+        )
 
 
 @dataclass(slots=True)
@@ -215,6 +223,7 @@ class DPOPipeline:
         self._begun = [reference.incarnation(r) for r in range(len(reference.replicas))]
         self._steals = 0
         self.num_replayed_orders = 0
+        self.reference_stored = 0  # samples the reference served from its on-disk store
         self.replay_seconds: list[float] = []  # per replayed order: from its failure to done
         self._in_flight: deque[tuple[TrainStep, ...]] = deque()  # training calls sent, not done
 
@@ -436,6 +445,7 @@ class DPOPipeline:
         self._forward_sizes.observe(sum(r.end - r.start for r in results[-1]), len(results[-1]))
         for number, (chunk, misses, flagged) in enumerate(work):
             nbytes = max(per_chunk[number].nbytes for per_chunk in results)
+            self.reference_stored += max(per_chunk[number].stored for per_chunk in results)
             self.reference_cache.reported(len(misses), nbytes, flagged=flagged)
             self._chunk_done(chunk.episode_id)
 
@@ -795,6 +805,7 @@ class DPOPipeline:
                     "overlap": overlap,
                     "episode_s": now - started,
                     "reference_reused": self.reference_cache.reused,
+                    "reference_stored": self.reference_stored,  # from runtime.reference_store
                     "stats_ms": stats_ms,  # what the timing statistics cost (issue 17)
                 },
                 episode=episode,

@@ -6,6 +6,7 @@ reproduce"), not computed with the engine's own planning code.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -286,3 +287,25 @@ async def test_reference_overlaps_training(tmp_path: Path) -> None:
     # ideal: the first chunk alone, then every step hidden behind the next chunk: 17/32 ≈ 0.53
     print(f"overlap test: span {span:.3f}s busy {busy:.3f}s ratio {span / busy:.3f}")
     assert span <= 0.6 * busy, f"span {span:.2f}s vs busy {busy:.2f}s: no overlap"
+
+
+async def test_chunks_larger_than_the_window_still_feed_every_step(tmp_path: Path) -> None:
+    # A chunk of 6 samples, steps of 2 and a window of 2 micro-batches: the step waiting for the
+    # chunk's first samples could never get them (the chunk needed more credit than the window
+    # had) and the run hung. The window now always holds a step plus the chunk it waits for.
+    engine, log = await asyncio.wait_for(
+        _learn(
+            tmp_path,
+            {
+                "num_episode": 2,
+                "sample_per_episode": 12,
+                "generation_batch_size": 6,
+                "train_micro_batch_size": 1,
+                "train_global_batch_size": 2,
+                "pipeline_window": 2,
+            },
+        ),
+        60,
+    )
+    assert engine.trainer.iteration == 12
+    assert [len(f["rows"]) for f in _events(log, "forward")] == [6, 6, 6, 6]
