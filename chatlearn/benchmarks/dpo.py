@@ -23,8 +23,8 @@ the same code as (b): ``HFReference.forward_step``'s ``reference_outputs`` and
 ``max_prompt_length`` 512, no preamble), whose measured percentiles are printed; the runs are
 (a) single process padded (``packing: false, prefix_sharing: false``: the plain loop), (p) the
 same process with packing + prefix sharing, (b) pipelined with everything on, (c) train-only on
-all cores, TRL with ``--vs-trl``, and (s) a second run served from the on-disk reference store —
-reported as missing (``store_samples_per_s: null``) until that store exists. Each run also gives
+all cores, TRL with ``--vs-trl``, and (s) (b) again, served from the on-disk reference store
+(``runtime.reference_store``) that a run before it filled. Each run also gives
 real tokens/s and the fraction of computed tokens that were real (the trainer's ``tokens/real``
 / ``tokens/computed``: neither padding nor a repeated prompt); ``real_token_fraction`` is (b)'s.
 
@@ -298,10 +298,16 @@ def layout_models(
 
 
 async def measure_pipelined(
-    options: dict[str, Any], records: list[dict], output_dir: str, *, episodes: int = 1
+    options: dict[str, Any],
+    records: list[dict],
+    output_dir: str,
+    *,
+    episodes: int = 1,
+    store: str | None = None,
 ) -> dict[str, Any]:
     """(b): ``DPOEngine`` with the ``--layout`` placement; with ``episodes`` > 1 the records are
-    one episode and the figure is the last episode's (its reference outputs come again)."""
+    one episode and the figure is the last episode's (its reference outputs come again); with
+    ``store``, the reference keeps its outputs there (``runtime.reference_store``)."""
     import chatlearn
     from chatlearn.config import reset_args
     from chatlearn.engine.engine import DPOEngine
@@ -315,6 +321,8 @@ async def measure_pipelined(
     layout = layout_models(options["layout"], options["cores"], priority, model_args(options))
     layout["models"] = {name: on_device(m, options) for name, m in layout["models"].items()}
     runtime = _runtime(options, output_dir, colocation=layout["colocation"])
+    if store is not None:
+        runtime["reference_store"] = store
     if episodes > 1:
         runtime.update(num_episode=episodes, sample_per_episode=len(records))
     policy = options["wait_policy"]
@@ -340,6 +348,7 @@ async def measure_pipelined(
         warmup = options["warmup"]
     history = engine.state.history  # the steps' metrics (a bench run keeps all of them)
     return {
+        "stored": engine.pipeline.reference_stored,
         "samples_per_s": throughput(ends, batch, warmup),
         "trainer_cores": layout["trainer_cores"],
         "overlap": timers.overlap(engine.reference.name, engine.policy_trainer.name),
@@ -523,11 +532,6 @@ async def _measure_round(options: dict[str, Any], output_dir: str) -> dict[str, 
     return result
 
 
-STORE_MISSING = (
-    "(s) missing: the on-disk reference store (runtime.reference_store) is not built yet"
-)
-
-
 def token_figures(run: dict[str, Any], batch_size: int, steps: int) -> dict[str, float]:
     """Real tokens/s (samples/s × the run's mean real tokens per sample) and the fraction of
     computed tokens that were real, from the trainer's ``tokens/real`` / ``tokens/computed``."""
@@ -542,7 +546,7 @@ def token_figures(run: dict[str, Any], batch_size: int, steps: int) -> dict[str,
 
 async def _measure_realistic_round(options: dict[str, Any], output_dir: str) -> dict[str, Any]:
     """``--data realistic``: (a) padded, (p) packed, (b) pipelined, train-only on all cores,
-    TRL; (s), served from the reference store, is reported missing (no store yet)."""
+    TRL, and (s): (b) again, served from a reference store a run before filled."""
     batch, cores = options["batch_size"], options["cores"]
     steps = options["steps"] + options["warmup"]
     records = realistic_records_for(batch * steps)
@@ -553,6 +557,11 @@ async def _measure_realistic_round(options: dict[str, Any], output_dir: str) -> 
         "pipelined": await measure_pipelined(options, records, output_dir),
         "train_only_all_cores": await measure_single(options, records, cores, True, output_dir),
     }
+    with tempfile.TemporaryDirectory(prefix="chatlearn-store-", dir=output_dir) as store:
+        await measure_pipelined(options, records, output_dir, store=store)  # fills the store
+        runs["store"] = await measure_pipelined(options, records, output_dir, store=store)
+    if not runs["store"]["stored"]:
+        raise RuntimeError("(s): no sample came from the reference store")
     result: dict[str, Any] = {}
     for name, measured in runs.items():
         result[f"{name}_samples_per_s"] = measured["samples_per_s"]
@@ -570,8 +579,8 @@ async def _measure_realistic_round(options: dict[str, Any], output_dir: str) -> 
         real_token_fraction=result["pipelined_real_token_fraction"],
         trainer_cores=runs["pipelined"]["trainer_cores"],
         overlap=runs["pipelined"]["overlap"],
-        store_samples_per_s=None,  # never a made-up figure
-        store_skipped=STORE_MISSING,
+        ratio_store_vs_train_only_all_cores=result["store_samples_per_s"] / train_all,
+        store_served_fraction=runs["store"]["stored"] / len(records),
         ratio_pipelined_vs_single=pipelined / padded_rate,
         ratio_packed_vs_single=result["single_packed_samples_per_s"] / padded_rate,
         ratio_pipelined_vs_train_only=pipelined / train_all,
@@ -602,6 +611,7 @@ def _print_realistic(result: dict[str, Any], options: dict[str, Any]) -> None:
         ("(p) single process packed", "single_packed"),
         ("(b) chatlearn pipelined", "pipelined"),
         ("(c) train-only all cores", "train_only_all_cores"),
+        ("(s) from the reference store", "store"),
     )
     click.echo(f"{'run':<28}{'samples/s':>10}{'real tok/s':>12}{'real frac':>11}")
     for label, key in runs:
@@ -612,12 +622,12 @@ def _print_realistic(result: dict[str, Any], options: dict[str, Any]) -> None:
         )
     if "trl_samples_per_s" in result:
         click.echo(f"{'TRL DPOTrainer':<28}{result['trl_samples_per_s']:>10.2f}")
-    click.echo(f"{'(s) reference store':<28}{'missing':>10}  {result['store_skipped']}")
     if "trl_skipped" in result:
         click.echo(result["trl_skipped"])
     click.echo(f"b/a {result['ratio_pipelined_vs_single']:.3f}")
     click.echo(f"p/a {result['ratio_packed_vs_single']:.3f}")
     click.echo(f"b/c {result['ratio_pipelined_vs_train_only']:.3f}")
+    click.echo(f"s/c {result['ratio_store_vs_train_only_all_cores']:.3f}")
     if "ratio_pipelined_vs_trl" in result:
         click.echo(f"b/TRL {result['ratio_pipelined_vs_trl']:.3f}")
     _print_rounds(result)

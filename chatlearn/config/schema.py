@@ -49,6 +49,7 @@ Runtime extensions of this project:
 | tensorboard | bool | false | write TensorBoard event files |
 | reference_cache | bool | true | reuse reference outputs when the same samples come back |
 | max_reference_cache_mb | float ≥ 0 | 1024 | memory budget of that cache |
+| reference_store | str or null | null | directory of reference outputs kept across runs (4) |
 | shutdown_timeout | float > 0 | 5.0 | seconds actors get to exit after SHUTDOWN |
 | kill_timeout | float > 0 | 3.0 | seconds between terminate and kill when stopping processes |
 | dist_timeout | float > 0 | 600 | torch.distributed collective timeout |
@@ -63,6 +64,10 @@ Runtime extensions of this project:
 (3) Self-healing (docs/self-healing.md): a reference replica that dies or hangs is restarted in
 place and its work replayed; a lost trainer rank restarts the trainer from the last checkpoint.
 `models.<name>.max_restarts` overrides the limit per model.
+
+(4) reference_store: every sample's reference output is kept on disk, keyed by the reference
+model's fingerprint and the sample's tokens, so later runs over the same data (a beta sweep,
+another loss, a restart) skip the reference for it (`chatlearn/engine/reference_store.py`).
 
 (2) pipeline_window: reference micro-batches produced ahead of training (null: the default);
 0 is ChatLearn's schedule (the reference runs the whole episode, then training starts).
@@ -352,6 +357,7 @@ RUNTIME_KEYS: dict[str, KeySpec] = {
     "save_keep_last": _int(3, 0),
     "tensorboard": KeySpec("bool", False),
     "reference_cache": KeySpec("bool", True),
+    "reference_store": KeySpec("str", None, optional=True, example="./reference_store"),
     "max_reference_cache_mb": KeySpec("float", 1024.0, min_value=0),
     "shutdown_timeout": KeySpec("float", 5.0, min_value=0, min_inclusive=False),
     "kill_timeout": KeySpec("float", 3.0, min_value=0, min_inclusive=False),

@@ -79,6 +79,7 @@ class ChunkDone(Message):
     end: float
     sent: float
     nbytes: int = 0  # 0 on model-parallel ranks that send nothing
+    stored: int = 0  # samples served from the reference store (reference_store.py)
 
 
 @dataclass(slots=True, kw_only=True)

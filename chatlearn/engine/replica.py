@@ -73,6 +73,7 @@ from chatlearn.engine.protocol import (
     decode,
     encode,
 )
+from chatlearn.engine.reference_store import ReferenceStore, fingerprint, sample_key
 from chatlearn.transport import DataReceiver, DataSender
 
 logger = logging.getLogger("chatlearn.engine")
@@ -141,6 +142,8 @@ class ReferenceService(_EpisodeHooks):
         self.ctx = ctx
         self.datasets: dict[str, list[Any]] = {}
         self.senders: list[DataSender] = []
+        self._store: ReferenceStore | None = None
+        self._store_checked = False
         self.handlers = {
             Connect: self.connect,
             BuildDatasets: self.build_datasets,
@@ -195,38 +198,75 @@ class ReferenceService(_EpisodeHooks):
 
         The coordinator groups chunks only when they are cheap (``schedule.GroupSizer``): one
         trip to the compute thread and one message to each trainer then carry them all, since
-        per-message costs would otherwise exceed the work. Returns one result per chunk.
+        per-message costs would otherwise exceed the work. Returns one result per chunk. With
+        ``runtime.reference_store``, samples found in the store are served from it and only the
+        others go through ``forward_step`` (``reference_store.py``).
         """
         chunks = order.chunks
         computed = await self.ctx.run_compute(self._compute_all, chunks)
         if not self.module.is_last_rank():  # model-parallel peers: no output
             return ForwardDone(
-                chunks=[ChunkDone(start=start, end=end, sent=end) for start, _, end in computed]
+                chunks=[ChunkDone(start=c.start, end=c.end, sent=c.end) for c in computed]
             )
-        parts = []
-        for chunk, (_, output, _) in zip(chunks, computed, strict=True):
-            part = {"positions": chunk.positions, "data": output}
-            if chunk.cache:
-                part["cache"] = chunk.indices  # the trainers keep these outputs for reuse
-            parts.append(part)
+        parts = [part for c in computed for part in c.parts]
         message = {"episode": chunks[0].episode, "parts": join_parts(parts)}
         for sender in self.senders:
             await sender.send(message)
         sent = time.time()
         return ForwardDone(
             chunks=[
-                ChunkDone(start=start, end=end, sent=sent, nbytes=_nbytes(output))
-                for start, output, end in computed
+                ChunkDone(start=c.start, end=c.end, sent=sent, nbytes=c.nbytes, stored=c.stored)
+                for c in computed
             ]
         )
 
-    def _compute_all(self, chunks: Sequence[Chunk]) -> list[tuple[float, dict[str, Any], float]]:
+    def _compute_all(self, chunks: Sequence[Chunk]) -> list[_Computed]:
         return [self._compute(chunk) for chunk in chunks]
 
-    def _compute(self, chunk: Chunk) -> tuple[float, dict[str, Any], float]:
+    def _compute(self, chunk: Chunk) -> _Computed:
+        """One chunk on the compute thread: its parts for the trainers (the store's samples,
+        then the computed ones)."""
         start = time.time()
         datasets = self.datasets[chunk.split]
         samples = [datasets[dataset_id][row] for dataset_id, row in chunk.indices]
+        store = self._reference_store()
+        if store is None:
+            output = self._forward_samples(datasets, samples)
+            part = _part(chunk.positions, chunk.indices, chunk.cache, data=output)
+            return _Computed(start, [part], time.time(), _nbytes(output))
+        keys = [sample_key(sample) for sample in samples]
+        found = store.get(keys)
+        hits = [i for i, key in enumerate(keys) if key in found]
+        misses = [i for i, key in enumerate(keys) if key not in found]
+        parts, nbytes = [], 0
+        if hits:
+            served = [found[keys[i]] for i in hits]
+            parts.append(
+                _part(
+                    [chunk.positions[i] for i in hits],
+                    [chunk.indices[i] for i in hits],
+                    chunk.cache,
+                    samples=served,
+                )
+            )
+            nbytes += sum(_nbytes(sample) for sample in served)
+        if misses:
+            output = self._forward_samples(datasets, [samples[i] for i in misses])
+            per_sample = split_per_sample(output, expected_size=len(misses))
+            store.put({keys[i]: value for i, value in zip(misses, per_sample, strict=True)})
+            parts.append(
+                _part(
+                    [chunk.positions[i] for i in misses],
+                    [chunk.indices[i] for i in misses],
+                    chunk.cache,
+                    data=output,
+                )
+            )
+            nbytes += _nbytes(output)
+        return _Computed(start, parts, time.time(), nbytes, stored=len(hits))
+
+    def _forward_samples(self, datasets: Sequence[Any], samples: list[Any]) -> dict[str, Any]:
+        """``forward_step`` on these samples (collated), checked to be one row per sample."""
         collate = getattr(datasets[0], "collate_fn", None)
         batch = collate(samples) if callable(collate) else collate_samples(samples)
         output = invoke(self.module, "forward_step", (batch,))
@@ -237,12 +277,40 @@ class ReferenceService(_EpisodeHooks):
             )
         output = concat_outputs([dict(output)], what=what)
         size = batch_size_of(output, what=what)
-        if size != len(chunk.positions):
+        if size != len(samples):
             raise ValueError(
-                f"{what} has batch size {size} for a chunk of {len(chunk.positions)} samples; "
+                f"{what} has batch size {size} for a chunk of {len(samples)} samples; "
                 "every value must be batch-first (row i belongs to sample i)"
             )
-        return start, output, time.time()
+        return output
+
+    def _reference_store(self) -> ReferenceStore | None:
+        """The on-disk store (``runtime.reference_store``), opened on first use (on the compute
+        thread, where it is used); None when not configured, or for a model-parallel replica
+        (its ranks would have to agree on every lookup)."""
+        if self._store is not None or self._store_checked:
+            return self._store
+        self._store_checked = True
+        path = self.module.runtime_args.get("reference_store", None)
+        if not path:
+            return None
+        if self.ctx.world_size > 1:
+            logger.warning(
+                "runtime.reference_store is used by single-process reference replicas only; "
+                "%s has %d processes a replica: computing every sample",
+                self.module.name,
+                self.ctx.world_size,
+            )
+            return None
+        started = time.time()
+        self._store = ReferenceStore(path, fingerprint(self.module))
+        logger.info(
+            "%s: reference store %s (model fingerprint in %.1f s)",
+            self.module.name,
+            self._store.path,
+            time.time() - started,
+        )
+        return self._store
 
     async def resume(self, order: Resume) -> None:
         """The run continues a checkpoint: set ``resume_training`` and the counters."""
@@ -257,6 +325,16 @@ class ReferenceService(_EpisodeHooks):
         for sender in self.senders:
             sender.close()
         self.senders = []
+        if self._store is not None:
+            store, self._store = self._store, None
+            logger.info(
+                "%s: reference store: %d samples served, %d computed, %d broken entries redone",
+                self.module.name,
+                store.hits,
+                store.computed,
+                store.corrupted,
+            )
+            store.close()
 
 
 class TrainerService(_EpisodeHooks):
@@ -324,7 +402,12 @@ class TrainerService(_EpisodeHooks):
     def _store(self, buffer: dict[int, dict[str, Any]], part: Mapping[str, Any]) -> None:
         """One chunk's output into the episode buffer (and the cache if it is to be kept)."""
         positions = list(part["positions"])
-        samples = split_per_sample(part["data"], expected_size=len(positions))
+        if "samples" in part:  # served from the reference store: already one dict a sample
+            samples = [dict(sample) for sample in part["samples"]]
+            if len(samples) != len(positions):
+                raise ValueError(f"{len(samples)} samples for {len(positions)} positions")
+        else:
+            samples = split_per_sample(part["data"], expected_size=len(positions))
         # A position already filled keeps its output: a replayed order (a reference replica
         # restarted, self-healing) computes the same samples again, and steps may be using it.
         for position, sample in zip(positions, samples, strict=True):
@@ -509,10 +592,12 @@ def join_parts(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     joined: list[dict[str, Any]] = []
     run: list[dict[str, Any]] = []
     for part in [*parts, None]:
-        if run and (part is None or ("cache" in part) != ("cache" in run[0])):
+        if run and (part is None or "samples" in part or ("cache" in part) != ("cache" in run[0])):
             joined.extend(_join_run(run))
             run = []
-        if part is not None:
+        if part is not None and "samples" in part:  # store parts travel as they are
+            joined.append(part)
+        elif part is not None:
             run.append(part)
     return joined
 
@@ -528,6 +613,44 @@ def _join_run(run: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if "cache" in run[0]:
         part["cache"] = [index for part in run for index in part["cache"]]
     return [part]
+
+
+class _Computed:
+    """One chunk computed on a reference replica: its interval, parts, bytes, store hits."""
+
+    __slots__ = ("start", "parts", "end", "nbytes", "stored")
+
+    def __init__(
+        self, start: float, parts: list[dict[str, Any]], end: float, nbytes: int, stored: int = 0
+    ) -> None:
+        self.start, self.parts, self.end, self.nbytes, self.stored = (
+            start,
+            parts,
+            end,
+            nbytes,
+            stored,
+        )
+
+
+def _part(
+    positions: Sequence[int],
+    indices: Sequence[Sequence[int]],
+    cache: bool,
+    *,
+    data: Mapping[str, Any] | None = None,
+    samples: list[Any] | None = None,
+) -> dict[str, Any]:
+    """What the trainers get for some samples of a chunk: their buffer positions and either the
+    batch-first output (``data``) or one output per sample (``samples``, from the store);
+    ``cache``: the trainers keep them by sample index (``reference_cache.py``)."""
+    part: dict[str, Any] = {"positions": list(positions)}
+    if samples is not None:
+        part["samples"] = samples
+    else:
+        part["data"] = data
+    if cache:
+        part["cache"] = [list(index) for index in indices]
+    return part
 
 
 def _nbytes(output: Mapping[str, Any]) -> int:

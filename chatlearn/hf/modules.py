@@ -139,6 +139,16 @@ class _HFModule(TorchModule):
 class HFReference(_HFModule):
     """The frozen reference: per-pair summed response log-probs."""
 
+    def reference_store_key(self) -> dict[str, Any]:
+        """What changes this module's outputs beyond its weights and the samples' tokens: the
+        precision, the packed / prefix-shared forward and the log-prob chunking (the reference
+        store keys entries by it; engine/reference_store.py)."""
+        return {
+            "layout": repr(self.layout),
+            "packing": repr(self.packing),
+            "logps_chunk_size": int(self.arg("logps_chunk_size", DEFAULT_CHUNK_SIZE)),
+        }
+
     def setup(self) -> None:
         super().setup()
         self.model.eval()

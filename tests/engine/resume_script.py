@@ -39,7 +39,7 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
             "data_shuffle": True,
             "save_episode_interval": 1,
             "save_keep_last": 3,
-            "seed": 7,
+            "seed": int(os.environ.get("SEED", "7")),
             "probe_dir": probe_dir,
             "gate_iteration": gate,
             # RESTARTS=0: a lost actor stops the run (the fail-fast tests); else self-healing
@@ -48,6 +48,7 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
             "restart_on_error": os.environ.get("RESTART_ON_ERROR") == "1",
             "fail_iteration": _int_or_none(os.environ.get("FAIL_ITERATION")),
             "save_step_interval": _int_or_none(os.environ.get("SAVE_STEP_INTERVAL")),
+            "reference_store": os.environ.get("REFERENCE_STORE") or None,
         },
     }
 

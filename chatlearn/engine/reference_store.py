@@ -1,0 +1,184 @@
+"""Reference outputs computed once, ever: an on-disk store (``runtime.reference_store: path``).
+
+A reference replica (``replica.py``) looks up every sample of a work order before it runs
+``forward_step``: samples found are served from the store, only the others are computed, and
+their outputs are added. A second run over the same data — a beta sweep, another loss type, a
+restart — then skips the reference for every sample it has seen.
+
+An entry is keyed by what decides the output, and nothing else:
+
+- the reference model's *fingerprint*: its class, a hash of every tensor of its ``torch.nn``
+  modules (weights and buffers: the dtype is in the bytes), and what the module says changes its
+  forward (``reference_store_key()``, if it defines one: the Hugging Face modules name their
+  precision, packing and log-prob settings). One SQLite file per fingerprint,
+  ``<path>/reference-<fingerprint>.sqlite``: a changed model never sees another model's entries.
+- the sample as the reference receives it: the dataset row after ``build_dataset`` (token ids
+  after the tokenizer and truncation), hashed from its exact bytes on the wire. A changed tokenizer
+  or truncation changes the rows, so their keys.
+
+Each entry holds the sample's output (our codec's frames, no pickle) and a BLAKE2b digest of
+them: an entry that does not match its digest or does not decode (truncated, bit-flipped) is
+deleted and computed again, never used. A store file SQLite cannot read is moved aside
+(``.corrupt-<time>``) and a new one started. Replicas of a run share the file (SQLite's locking,
+WAL journal); every access runs on the replica's compute thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from chatlearn.transport.codec import decode, encode
+
+logger = logging.getLogger("chatlearn.engine")
+
+_DIGEST = 32  # bytes of the BLAKE2b digests (keys, fingerprints, entries)
+_FRAME_COUNT = struct.Struct("<I")
+_FRAME_SIZE = struct.Struct("<Q")
+
+
+def fingerprint(module: Any) -> str:
+    """The reference module's fingerprint (module docstring), as hex."""
+    import torch
+
+    digest = hashlib.blake2b(digest_size=_DIGEST)
+    digest.update(f"{type(module).__module__}.{type(module).__qualname__}".encode())
+    extras = getattr(module, "reference_store_key", None)
+    if callable(extras):
+        digest.update(json.dumps(extras(), sort_keys=True, default=str).encode())
+    for name, value in sorted(vars(module).items()):
+        if not isinstance(value, torch.nn.Module):
+            continue
+        digest.update(name.encode())
+        for key, tensor in value.state_dict().items():
+            data = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{key}:{data.dtype}:{tuple(data.shape)}".encode())
+            digest.update(data.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def sample_key(sample: Any) -> bytes:
+    """The key of one dataset row: a digest of its bytes as the codec encodes them."""
+    digest = hashlib.blake2b(digest_size=_DIGEST)
+    for frame in encode(sample):
+        digest.update(frame)
+    return digest.digest()
+
+
+def _pack(value: Any) -> bytes:
+    frames = [bytes(frame) for frame in encode(value)]
+    parts = [_FRAME_COUNT.pack(len(frames))]
+    for frame in frames:
+        parts += [_FRAME_SIZE.pack(len(frame)), frame]
+    return b"".join(parts)
+
+
+def _unpack(blob: bytes) -> Any:
+    view = memoryview(bytearray(blob))  # writable: tensors decoded from it own their memory
+    (count,) = _FRAME_COUNT.unpack_from(view, 0)
+    offset, frames = _FRAME_COUNT.size, []
+    for _ in range(count):
+        (size,) = _FRAME_SIZE.unpack_from(view, offset)
+        offset += _FRAME_SIZE.size
+        if offset + size > len(view):
+            raise ValueError("truncated entry")
+        frames.append(view[offset : offset + size])
+        offset += size
+    if offset != len(view):
+        raise ValueError("trailing bytes in entry")
+    return decode(frames)
+
+
+class ReferenceStore:
+    """The store of one reference model (module docstring); used from one thread."""
+
+    def __init__(self, directory: str | Path, model_fingerprint: str) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / f"reference-{model_fingerprint[:32]}.sqlite"
+        self.hits = 0
+        self.computed = 0
+        self.corrupted = 0
+        self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        for attempt in range(2):
+            try:
+                # used on the replica's compute thread only; closed by whoever closes it
+                db = sqlite3.connect(
+                    self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+                )
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS outputs "
+                    "(key BLOB PRIMARY KEY, digest BLOB NOT NULL, value BLOB NOT NULL)"
+                )
+                db.execute("SELECT COUNT(*) FROM outputs").fetchone()
+                return db
+            except sqlite3.DatabaseError as exc:
+                if attempt:
+                    raise
+                aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+                logger.warning(
+                    "reference store %s cannot be read (%s): moved to %s, starting a new one",
+                    self.path,
+                    exc,
+                    aside.name,
+                )
+                self.path.rename(aside)
+                for suffix in ("-wal", "-shm"):
+                    self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+        raise AssertionError("unreachable")
+
+    def get(self, keys: Sequence[bytes]) -> dict[bytes, Any]:
+        """The stored outputs of these keys (the valid ones; broken entries are deleted)."""
+        found: dict[bytes, Any] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), 500):  # SQLite's limit on bound parameters
+            batch = unique[start : start + 500]
+            marks = ",".join("?" * len(batch))
+            rows = self._db.execute(
+                f"SELECT key, digest, value FROM outputs WHERE key IN ({marks})", batch
+            ).fetchall()
+            for key, digest, value in rows:
+                try:
+                    if hashlib.blake2b(value, digest_size=_DIGEST).digest() != digest:
+                        raise ValueError("digest mismatch")
+                    found[key] = _unpack(value)
+                except Exception as exc:  # a broken entry is computed again, never used
+                    self.corrupted += 1
+                    logger.warning(
+                        "reference store %s: a broken entry (%s) is computed again",
+                        self.path.name,
+                        exc,
+                    )
+                    self._db.execute("DELETE FROM outputs WHERE key = ?", (key,))
+        self.hits += sum(1 for key in keys if key in found)
+        return found
+
+    def put(self, items: Mapping[bytes, Any]) -> None:
+        """Store these outputs (one transaction)."""
+        rows = []
+        for key, value in items.items():
+            blob = _pack(value)
+            rows.append((key, hashlib.blake2b(blob, digest_size=_DIGEST).digest(), blob))
+        self.computed += len(rows)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO outputs (key, digest, value) VALUES (?, ?, ?)", rows
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,98 @@
+"""The on-disk reference store (``runtime.reference_store``): a second run over the same data is
+served from it and trains exactly the same; a changed model or changed samples are computed; a
+broken entry or file is detected and computed again, never used."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from resume_trials import Trial, assert_identical  # noqa: E402
+
+from chatlearn.engine.reference_store import ReferenceStore, fingerprint, sample_key
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _episodes(trial: Trial) -> list[dict]:
+    lines = (trial.run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "episode"]
+
+
+def test_a_second_run_is_served_from_the_store_and_trains_the_same(
+    baseline: Trial, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    first, second = Trial(tmp_path / "first"), Trial(tmp_path / "second")
+    text = _run(first, store)
+    assert "reference store" in text
+    assert _episodes(first)[-1]["reference_stored"] == 0  # 20 samples, computed once each
+    (path,) = store.glob("reference-*.sqlite")
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT COUNT(*) FROM outputs").fetchone() == (20,)
+    text = _run(second, store)
+    # 3 episodes of 8 over 20 samples: the 20 first draws come from the store, the 4 repeats
+    # from the in-run cache; the reference computes nothing
+    assert _episodes(second)[-1]["reference_stored"] == 20
+    assert "20 samples served, 0 computed" in text, text
+    assert_identical(second.final_state(), baseline.final_state())
+    assert second.train_records() == baseline.train_records()
+
+
+def test_a_changed_model_gets_its_own_store(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    _run(Trial(tmp_path / "a"), store)
+    _run(Trial(tmp_path / "b"), store, env={"SEED": "8"})  # other weights: another fingerprint
+    assert len(list(store.glob("reference-*.sqlite"))) == 2
+
+
+def test_broken_entries_and_files_are_computed_again(tmp_path: Path) -> None:
+    layer = torch.nn.Linear(3, 2)
+
+    class Module:
+        def __init__(self) -> None:
+            self.model = layer
+
+    store = ReferenceStore(tmp_path, fingerprint(Module()))
+    samples = [{"x": torch.arange(3) + i} for i in range(3)]
+    keys = [sample_key(s) for s in samples]
+    assert len(set(keys)) == 3 and sample_key({"x": torch.arange(3)}) == keys[0]
+    store.put({key: {"y": torch.full((2,), float(i))} for i, key in enumerate(keys)})
+    assert torch.equal(store.get(keys)[keys[2]]["y"], torch.full((2,), 2.0))
+    with closing(sqlite3.connect(store.path)) as db, db:  # one truncated, one bit flipped
+        value = db.execute("SELECT value FROM outputs WHERE key = ?", (keys[0],)).fetchone()[0]
+        db.execute("UPDATE outputs SET value = ? WHERE key = ?", (value[:-3], keys[0]))
+        flipped = bytearray(value)
+        flipped[-1] ^= 0x01
+        db.execute("UPDATE outputs SET value = ? WHERE key = ?", (bytes(flipped), keys[1]))
+    found = store.get(keys)
+    assert list(found) == [keys[2]] and store.corrupted == 2
+    assert store.get(keys).keys() == {keys[2]}  # the broken ones were deleted
+    store.close()
+    # another model's fingerprint: nothing of this one's
+    other = ReferenceStore(tmp_path, fingerprint(type("M", (), {"model": torch.nn.Linear(3, 2)})()))
+    assert other.path != store.path and other.get(keys) == {}
+    other.close()
+    store.path.write_bytes(b"not a database at all" * 100)  # a file SQLite cannot read
+    fresh = ReferenceStore(tmp_path, fingerprint(Module()))
+    assert fresh.get(keys) == {} and list(tmp_path.glob("*.corrupt-*"))
+    fresh.close()
+
+
+def _run(trial: Trial, store: Path, env: dict[str, str] | None = None) -> str:
+    proc, log = trial.start(env={"REFERENCE_STORE": str(store), **(env or {})})
+    try:
+        proc.wait(90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    return text
