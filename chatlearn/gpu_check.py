@@ -48,6 +48,7 @@ import click
 
 BUDGET_SECONDS = 300.0  # the whole check on a GPU machine
 PAYLOAD_BYTES = 64 * 2**20
+OFFLOAD_HIDDEN = 4096  # two 4096² layers, their gradients and AdamW state: 0.5 GiB
 REPO = Path(__file__).resolve().parent.parent  # the checkout (make installs it editable)
 
 
@@ -215,6 +216,8 @@ async def _probe_actors(num_gpus: int) -> dict[str, Any]:
             if num_gpus >= 2:
                 reduced = await trainer.call_all("all_reduce_check", PAYLOAD_BYTES)
                 results["nccl"] = lambda: check_nccl(reduced)
+            offload = await trainer.call(0, "offload_check", OFFLOAD_HIDDEN)
+            results["offload"] = lambda: check_offload(offload)
     finally:
         reset_args()
     return results
@@ -239,6 +242,19 @@ def check_transfer(sent: dict[str, Any], received: dict[str, Any]) -> str:
         f"{PAYLOAD_BYTES >> 20} MiB {sent['device']} → pinned host at "
         f"{sent['staging_gb_per_s']:.1f} GB/s → trainer {received['device']}, intact"
     )
+
+
+def check_offload(result: dict[str, Any]) -> str:
+    """``free_memory``'s offload()/onload() on CUDA: the device memory of the model and its
+    optimizer state is released (at least 90 % of it) and comes back with the same weights."""
+    loaded, offloaded, onloaded = result["loaded"], result["offloaded"], result["onloaded"]
+    if loaded <= 0:
+        raise CheckFailed("the model allocated nothing on the GPU")
+    if offloaded > 0.1 * loaded:
+        raise CheckFailed(f"offload() left {offloaded >> 20} MiB of {loaded >> 20} MiB on the GPU")
+    if not (result["weights_equal"] and result["on_device"]) or onloaded < 0.9 * loaded:
+        raise CheckFailed(f"onload() did not bring the model back intact: {result}")
+    return f"{loaded >> 20} MiB on the GPU → {offloaded >> 20} MiB offloaded → back, intact"
 
 
 def check_nccl(reduced: list[dict[str, Any]]) -> str:
@@ -419,6 +435,7 @@ def run_checks() -> list[CheckResult]:
         ("placement", "actors pinned to GPUs"),
         ("transfer", "CUDA tensor ref → trainer"),
         ("nccl", "NCCL group"),
+        ("offload", "free_memory offload/onload"),
     ):
         if key in probes:
             results.append(run_check(name, probes[key]))

@@ -62,6 +62,44 @@ class GPUProbe(TorchModule):
             "staging_gb_per_s": num_bytes / seconds / 1e9,
         }
 
+    def offload_check(self, hidden: int) -> dict[str, Any]:
+        """``free_memory``'s turn on this GPU: a model with AdamW state (one step taken) is
+        offloaded (``TorchModule.offload``: parameters, gradients, buffers and optimizer state
+        to CPU, cached memory released) and onloaded again; device bytes at each stage, and
+        whether the weights came back bit for bit."""
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, hidden)
+        ).cuda()
+        self.optimizer = torch.optim.AdamW(self.model.parameters())
+        self.model(torch.randn(8, hidden, device="cuda")).sum().backward()
+        self.optimizer.step()
+        before = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+        torch.cuda.synchronize()
+        loaded = torch.cuda.memory_allocated()
+        self.offload()
+        torch.cuda.synchronize()
+        offloaded = torch.cuda.memory_allocated()
+        self.onload()
+        torch.cuda.synchronize()
+        onloaded = torch.cuda.memory_allocated()
+        after = self.model.state_dict()
+        same = all(torch.equal(before[k], after[k].cpu()) for k in before)
+        on_device = all(p.is_cuda for p in self.model.parameters()) and all(
+            t.is_cuda
+            for state in self.optimizer.state.values()
+            for t in state.values()
+            if isinstance(t, torch.Tensor) and t.dim() > 0
+        )
+        del self.model, self.optimizer
+        torch.cuda.empty_cache()
+        return {
+            "loaded": loaded,
+            "offloaded": offloaded,
+            "onloaded": onloaded,
+            "weights_equal": same,
+            "on_device": on_device,
+        }
+
     def checksum(self, tensor: torch.Tensor) -> dict[str, Any]:
         on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
         return {"device": str(on_gpu.device), "sum": int(on_gpu.sum(dtype=torch.int64))}

@@ -126,3 +126,19 @@ def test_example_config_is_the_example_on_gpus(tmp_path: Path) -> None:
     assert policy.model_args["parallel"] == "fsdp"
     assert policy.model_args["learning_rate"] == 3.0e-3  # the example's model.yaml
     assert Path(config.runtime_args.data_path).is_absolute()
+
+
+def test_offload_check_wants_the_memory_released_and_the_weights_back() -> None:
+    from chatlearn.gpu_check import CheckFailed, check_offload
+
+    good = {
+        "loaded": 512 << 20,
+        "offloaded": 8 << 20,
+        "onloaded": 512 << 20,
+        "weights_equal": True,
+        "on_device": True,
+    }
+    assert check_offload(good) == "512 MiB on the GPU → 8 MiB offloaded → back, intact"
+    for bad in ({"offloaded": 300 << 20}, {"weights_equal": False}, {"onloaded": 100 << 20}):
+        with pytest.raises(CheckFailed):
+            check_offload({**good, **bad})
