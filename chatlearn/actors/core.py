@@ -19,6 +19,7 @@ import concurrent.futures
 import inspect
 import os
 import queue
+import random
 import socket
 import sys
 import threading
@@ -30,6 +31,7 @@ from typing import Any
 
 from chatlearn.actors.loader import ClassRef, load_object
 from chatlearn.actors.module import BaseModule, construct_module, invoke
+from chatlearn.actors.placement import config_value
 
 __all__ = [
     "USER_CODE_ERRORS",
@@ -172,6 +174,25 @@ def apply_priority(nice: int, *, idle: bool = False, threads: Iterable[int] | No
             autogroup.write(str(value))
     except OSError:
         pass  # no autogroups (then nice alone ranks the actors), or not allowed to raise it
+
+
+def _seed_process(args: Any, offset: int) -> None:
+    """Seed the process's global generators (Python, numpy, torch) from ``runtime.seed`` plus
+    the process's index in its model, before ``setup()``: a module that draws from them without
+    seeding them itself (dropout, say) gets the same numbers in every run, and a process
+    restarted by self-healing the same as the one it replaces. Modules may seed again."""
+    runtime = config_value(args, "runtime_args", None)
+    seed = config_value(runtime, "seed", None) if runtime is not None else None
+    if seed is None:
+        return
+    value = (int(seed) + offset) % 2**32
+    random.seed(value)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(value)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(value)
 
 
 def _thread_ids() -> set[int]:
@@ -323,6 +344,8 @@ class ActorCore:
         self.module = module
         self.phase = "init_process_group"
         self._init_torch()
+        if not self.ctx.in_process:
+            _seed_process(args, spec.replica_id * spec.world_size + spec.rank)
         self.phase = "setup"
         invoke(module, "setup")
         if (spec.nice or spec.idle_priority) and not self.ctx.in_process:
