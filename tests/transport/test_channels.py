@@ -295,6 +295,46 @@ async def test_nothing_remains_after_close() -> None:
     assert not runtime_dir.path.exists() and runtime_dir.closed
 
 
+async def test_messages_right_behind_a_reply_are_delivered(runtime_dir: RuntimeDir) -> None:
+    # The server's reader reads ZMQ_EVENTS once after a reply, after the task it woke has sent
+    # its next request: whatever arrives right behind a reply (here a heartbeat, at once) must
+    # still be seen then, not only when the next request happens to be sent; concurrent
+    # requests answered in a burst too.
+    rounds = 300
+    async with ControlServer(runtime_dir.ipc_endpoint("ctl")) as server:
+        client = ControlClient(server.endpoint, b"actor")
+
+        async def serve() -> None:
+            await client.send(Message(kind=MessageKind.HELLO))
+            while True:
+                msg = await client.recv()
+                rid = msg.request_id
+                if msg.payload == "burst":
+                    held = [rid] + [(await client.recv()).request_id for _ in range(49)]
+                    for rid in reversed(held):
+                        await client.send(Message(kind=MessageKind.REPLY, request_id=rid))
+                    continue
+                await client.send(Message(kind=MessageKind.REPLY, request_id=rid, payload=rid))
+                await client.send(Message(kind=MessageKind.HEARTBEAT, payload=msg.payload))
+
+        actor = asyncio.ensure_future(serve())
+        try:
+            await asyncio.wait_for(server.recv_unsolicited(), 10)  # HELLO
+            for i in range(rounds):
+                await server.request(b"actor", MessageKind.CALL, i, timeout=10)
+            beats = [await asyncio.wait_for(server.recv_unsolicited(), 10) for _ in range(rounds)]
+            assert [msg.payload for _, msg in beats] == list(range(rounds))
+            burst = [
+                asyncio.ensure_future(server.request(b"actor", MessageKind.CALL, "burst"))
+                for _ in range(50)
+            ]
+            assert await asyncio.wait_for(asyncio.gather(*burst), 10) == [None] * 50
+            assert server.num_pending == 0 and server.num_malformed == 0
+        finally:
+            actor.cancel()
+            client.close()
+
+
 async def test_close_wakes_a_pending_recv(runtime_dir: RuntimeDir) -> None:
     receiver = DataReceiver(runtime_dir.ipc_endpoint("data"))
     client = ControlClient(runtime_dir.ipc_endpoint("nobody"), b"x")

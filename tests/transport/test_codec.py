@@ -110,6 +110,28 @@ def test_conjugate_and_grad_tensors_are_sent_as_values() -> None:
     assert not out.requires_grad and torch.equal(out, (w * 2).detach())
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_small_tensors_inline_equal_the_frame_path(dtype: torch.dtype) -> None:
+    # Small CPU tensors of numpy's dtypes are inlined through numpy's tobytes (the fast path),
+    # the others through the torch views large tensors take to their frames: whatever the
+    # strides and bits, both must give the same values, and views must travel as values.
+    base = make_tensor(dtype, (8, 20))  # 3 × 8 × 20 × 16 bytes still inline for complex128
+    views = [base, base.t(), base[::3, 1::2], base[:, 5], base[:, None].expand(8, 3, 20)]
+    views += [base[0, 0], base[:0], base.unsqueeze(0)]
+    for view in views:
+        inline = encode(view)
+        framed = encode(view, inline_threshold=0)
+        assert len(inline) == 1
+        assert len(framed) == (2 if view.numel() else 1)
+        assert_same(view.contiguous(), decode(inline))
+        assert_same(view.contiguous(), decode(framed))
+    if dtype.is_complex:
+        # a conjugate view, and a real view with the negative bit set (`conj().imag`)
+        for view in (base.conj(), base.conj().imag):
+            assert view.is_conj() or view.is_neg()
+            assert_same(view.resolve_conj().resolve_neg(), decode(encode(view)))
+
+
 def test_numpy_arrays_roundtrip() -> None:
     for dtype in [
         "bool",
@@ -268,6 +290,41 @@ def test_bad_msgpack_and_bad_structure_are_decode_errors() -> None:
         nested = msgpack.packb(msgpack.ExtType(1, nested))
     with pytest.raises(DecodeError):
         decode([msgpack.packb([1, 10, 0, msgpack.ExtType(1, nested)])])
+
+
+def test_received_frames_decode_like_bytes() -> None:
+    # Single received frames (zmq.Frame) of small plain messages take a fast path: every
+    # message, good or bad, must decode to the same value or fail with the same error as bytes.
+    good = encode_message(Message(kind=MessageKind.CALL, request_id=7, payload={"m": [1, "a"]}))
+    headers = [
+        good[0],
+        encode({"t": torch.ones(4)})[0],  # an ext: the full decoder
+        encode_message(Message(kind=MessageKind.PING, payload="x" * 5000))[0],  # > 4 KiB
+        b"",
+        b"\x94\x01",
+        good[0][:-1],
+        good[0] + b"\x00",
+        msgpack.packb([1, 4, -1, None]),
+        msgpack.packb([1, 4, 2**64 - 1, None]),
+        msgpack.packb([1, 4, "7", None]),
+        msgpack.packb([2, 4, 0, None]),
+        msgpack.packb([1, 99, 0, None]),
+        msgpack.packb([1, 4, 0, None, 1]),
+        b"\x94\x01\x04\x00\xc1",
+    ]
+    for header in headers:
+        results = []
+        for frame in (header, zmq.Frame(header)):
+            try:
+                msg = decode_message([frame])
+                results.append((msg.kind, msg.request_id, repr(msg.payload)))
+            except DecodeError as exc:
+                results.append((type(exc), str(exc)))
+        assert results[0] == results[1], header
+    tiny = Limits(max_header_bytes=8)
+    for frame in (good[0], zmq.Frame(good[0])):
+        with pytest.raises(HeaderTooLargeError):
+            decode_message([frame], limits=tiny)
 
 
 def test_protocol_version_and_kind() -> None:
