@@ -224,6 +224,7 @@ class DPOEngine(Engine):
         self._last_system: ActorSystem | None = None  # of the last learn(), for its result
         self._endpoints: list[str] = []  # the trainer ranks' inboxes
         self._clients: tuple[ReferenceGroup, TrainerGroup] | None = None
+        self._restarts_before = 0  # restarts of this run before this coordinator (resumed)
         self._datasets_built = False
 
     # -- data ------------------------------------------------------------------------------
@@ -625,18 +626,22 @@ class DPOEngine(Engine):
             if restart.model != trainer.name:  # the trainer's is written after its rewind
                 self._restart_record(sink, restart)
 
-        for restart in system.restarts:  # while the models started
-            self._restart_record(sink, restart)
-        system.on_restart_event = restarted
+        # `restarts` counts the whole run's: those of coordinators before this one too
+        self._restarts_before = _restarts_recorded(sink.path) if resume is not None else 0
         coordinator_restarts = int(os.environ.get(COORDINATOR_RESTARTS_ENV_VAR, "0") or 0)
-        if coordinator_restarts:
+        if coordinator_restarts and resume is not None:
+            self._restarts_before += 1  # this coordinator's own start
             sink.write(
                 "restart",
                 self.state.iteration,
-                {"restarts": coordinator_restarts},
+                {"restarts": self._restarts_before},
                 model="coordinator",
-                resumed_from=str(resume.path) if resume is not None else None,
+                attempt=coordinator_restarts,
+                resumed_from=str(resume.path),
             )
+        for restart in system.restarts:  # while the models started
+            self._restart_record(sink, restart)
+        system.on_restart_event = restarted
         if resume is not None:
             sink.write(
                 "resume",
@@ -702,8 +707,14 @@ class DPOEngine(Engine):
                 await save("signal" if self.pipeline.stopped else "end")
         finally:
             system.on_restart_event = None
-            if system.restarts:
-                logger.info("self-healing: %s", _restarts_summary(system.restarts))
+            if system.restarts or self._restarts_before:
+                summary = _restarts_summary(system.restarts) if system.restarts else "none"
+                if self._restarts_before:
+                    summary += (
+                        f" under this coordinator; {self._restarts_before} before it "
+                        "(coordinator restarts included)"
+                    )
+                logger.info("self-healing: %s", summary)
             progress.close()
             sink.close()
             self.trainer.iteration = self.state.iteration
@@ -751,7 +762,8 @@ class DPOEngine(Engine):
     def _restart_record(self, sink: MetricsSink, restart: Any, redo: int | None = None) -> None:
         """One ``restart`` record in metrics.jsonl: ``restarts`` counts the run's so far."""
         system = self._last_system
-        values: dict[str, Any] = {"restarts": system.num_restarts if system else 0}
+        count = self._restarts_before + (system.num_restarts if system else 0)
+        values: dict[str, Any] = {"restarts": count}
         if restart.ready is not None:
             values["restart_seconds"] = restart.ready - restart.started
         if redo is not None:
@@ -765,6 +777,20 @@ class DPOEngine(Engine):
             attempt=restart.attempt,
             reason=restart.reason,
         )
+
+
+def _restarts_recorded(metrics_path: Path) -> int:
+    """The largest ``restarts`` of the ``restart`` records a run wrote so far (in metrics.jsonl
+    and, for the steps a rewind superseded, metrics.superseded.jsonl); 0 if none."""
+    from chatlearn.engine.metrics import read_metrics
+
+    most = 0
+    for path in (metrics_path, metrics_path.with_name("metrics.superseded.jsonl")):
+        if path.is_file():
+            for record in read_metrics(path):
+                if record.get("kind") == "restart":
+                    most = max(most, int(record.get("restarts", 0) or 0))
+    return most
 
 
 _MAX_TRAINER_RESTARTS = 1000  # bounds the healing loop; the restart policy ends it far sooner

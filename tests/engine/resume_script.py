@@ -39,7 +39,7 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
             "data_shuffle": True,
             "save_episode_interval": 1,
             "save_keep_last": 3,
-            "seed": int(os.environ.get("SEED", "7")),
+            "seed": 7,
             "probe_dir": probe_dir,
             "gate_iteration": gate,
             # RESTARTS=0: a lost actor stops the run (the fail-fast tests); else self-healing

@@ -40,10 +40,12 @@ def _assert_like_baseline(trial: Trial, baseline: Trial) -> None:
     assert_all_exit(trial.worker_pids())
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["kill", "hang"])
 def test_a_lost_trainer_restarts_from_the_checkpoint_and_ends_bit_identical(
-    baseline: Trial, tmp_path: Path, how: signal.Signals
+    baseline: Trial, tmp_path: Path
 ) -> None:
+    # a hang (SIGSTOP) is restarted the same way once noticed: test_healing_runtime.py and the
+    # chaos test of the example (tests/examples/test_example_chaos.py) cover it
+    how = signal.SIGKILL
     trial = Trial(tmp_path)
     # save_step_interval 5: a checkpoint after iteration 5, mid-episode, right before the gate
     env = {"HEARTBEAT_TIMEOUT": "1.5", "SAVE_STEP_INTERVAL": "5"}
@@ -63,7 +65,7 @@ def test_a_lost_trainer_restarts_from_the_checkpoint_and_ends_bit_identical(
     text = log.read_text()
     assert proc.returncode == 0, text
     assert "restarting model 'policy_trainer'" in text, text
-    assert "killed by SIGKILL" in text if how == signal.SIGKILL else "no heartbeat" in text
+    assert "killed by SIGKILL" in text
     assert "checkpoint of iteration 5 (episode 2 step 1, step)" in text, text
     assert "restarts from checkpoint iter_0000005" in text, text
     # recovery: setup() and the checkpoint load, after the heartbeat timeout for a hang
