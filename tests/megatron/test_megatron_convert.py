@@ -8,10 +8,7 @@ TP=1 process and a 2-rank gloo group run convert_worker.py together, once for th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,48 +27,13 @@ pytestmark = [
 
 transformers = pytest.importorskip("transformers")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gloo_ranks import hf_configs, run_ranks, save_random_checkpoint  # noqa: E402
+
 WORKER = Path(__file__).with_name("convert_worker.py")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 240.0
 TOLERANCE = 1e-5
-SMALL = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,  # grouped-query attention: 2 heads per group
-    "intermediate_size": 96,
-    "max_position_embeddings": 64,
-    "rms_norm_eps": 1e-6,
-}
-CHECKPOINTS = {
-    # untied head, a non-default rope theta
-    "llama": lambda: transformers.LlamaConfig(
-        vocab_size=100, rope_theta=50000.0, tie_word_embeddings=False, **SMALL
-    ),
-    # q/k/v bias, tied embeddings
-    "qwen2": lambda: transformers.Qwen2Config(
-        vocab_size=128, rope_theta=1000000.0, tie_word_embeddings=True, **SMALL
-    ),
-}
-
-
-def _save_random_checkpoint(name: str, path: Path) -> None:
-    torch.manual_seed(len(name))
-    model = transformers.AutoModelForCausalLM.from_config(CHECKPOINTS[name]())
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            torch.nn.init.normal_(param, std=0.15)
-            if "norm" in param_name:
-                param.add_(1.0)
-    model.save_pretrained(str(path))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+CHECKPOINTS = {name: (lambda name=name: hf_configs()[name]) for name in ("llama", "qwen2")}
 
 
 @pytest.fixture(scope="module")
@@ -79,34 +41,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("convert")
     checkpoints = [tmp / name for name in CHECKPOINTS]
     for path in checkpoints:
-        _save_random_checkpoint(path.name, path)
+        save_random_checkpoint(path.name, path)
     jobs = [("tp1", 0, 1), ("pair0", 0, 2), ("pair1", 1, 2)]
-    ports = {1: _free_port(), 2: _free_port()}
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    procs: list[subprocess.Popen] = []
-    try:
-        for name, rank, world in jobs:
-            with open(tmp / f"{name}.log", "wb") as log:
-                procs.append(subprocess.Popen(
-                    [sys.executable, str(WORKER), "--rank", str(rank), "--world-size", str(world),
-                     "--port", str(ports[world]), "--out", str(tmp / f"{name}.json"),
-                     "--save-dir", str(tmp / "saved"), *map(str, checkpoints)],
-                    cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                ))  # fmt: skip
-        deadline = time.monotonic() + RUN_TIMEOUT
-        for (name, _, _), proc in zip(jobs, procs, strict=True):
-            try:
-                code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                code = None
-            if code != 0:
-                log_text = (tmp / f"{name}.log").read_text(errors="replace")[-4000:]
-                pytest.fail(f"worker {name} ended with {code} (None: timed out)\n{log_text}")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
+    args = ["--save-dir", str(tmp / "saved"), *map(str, checkpoints)]
+    run_ranks(WORKER, jobs, args, tmp, RUN_TIMEOUT)
     results = {name: json.loads((tmp / f"{name}.json").read_text()) for name, _, _ in jobs}
     return {"results": results, "tmp": tmp}
 
