@@ -339,9 +339,7 @@ def relocate(
         taken_cpus, taken_gpus = (set(x) for x in used.get(host.host, ((), ())))
         cpus = [c for c in host.cpus if c not in taken_cpus]
         gpus = [g for g in host.gpus if g not in taken_gpus]
-        if sum(len(a.cpus) for a in unit) > len(cpus) or sum(len(a.gpus) for a in unit) > len(
-            gpus
-        ):
+        if sum(len(a.cpus) for a in unit) > len(cpus) or sum(len(a.gpus) for a in unit) > len(gpus):
             continue
         if any(not a.cpus and not a.gpus for a in unit) and not (host.cpus or host.gpus):
             continue

@@ -976,10 +976,7 @@ def _host_failure(cluster: Hosts | None, cause: BaseException) -> bool:
     interpreter any more."""
     code = getattr(cause, "exit_code", None)
     return (
-        cluster is not None
-        and isinstance(cause, ActorDeadError)
-        and code is not None
-        and code >= 0
+        cluster is not None and isinstance(cause, ActorDeadError) and code is not None and code >= 0
     )
 
 

@@ -291,7 +291,7 @@ def load_dist_checkpoint(model: Any, path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: BaseException) -> str:
     """The first underlying error of a load failure (torch wraps each rank's with a traceback)."""
     failures = getattr(exc, "failures", None)  # torch's CheckpointException: rank -> (exc, tb)
     if failures:
