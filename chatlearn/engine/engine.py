@@ -610,14 +610,7 @@ class DPOEngine(Engine):
         sink.flush()
         # where a trainer restart without a checkpoint of this run goes back to
         start = (
-            RunState(
-                episode=self.state.episode,
-                consumed_samples=self.state.consumed_samples,
-                iteration=self.state.iteration,
-                step_in_episode=self.state.step_in_episode,
-                history=self.state.history.copy(),
-                first_step=dict(self.state.first_step),
-            ),
+            self.state.copy(),
             sampler.state_dict(),
             sink.path.stat().st_size if sink.path.is_file() else 0,
         )
@@ -747,14 +740,7 @@ class DPOEngine(Engine):
         state, sampler_state, metrics_size = start
         sampler.load_state_dict(sampler_state)
         await asyncio.to_thread(rewind_metrics, sink.path, metrics_size)
-        self.state = RunState(
-            episode=state.episode,
-            consumed_samples=state.consumed_samples,
-            iteration=state.iteration,
-            step_in_episode=state.step_in_episode,
-            history=state.history.copy(),
-            first_step=dict(state.first_step),
-        )
+        self.state = state.copy()
         logger.info(
             "no checkpoint of this run yet: training goes back to iteration %d", state.iteration
         )

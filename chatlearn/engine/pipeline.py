@@ -156,6 +156,17 @@ class RunState:
         if not isinstance(self.history, deque) or self.history.maxlen != HISTORY_KEPT:
             self.history = deque(self.history, maxlen=HISTORY_KEPT)
 
+    def copy(self) -> RunState:
+        """An independent copy (the run's start, kept for a rewind without a checkpoint)."""
+        return RunState(
+            episode=self.episode,
+            consumed_samples=self.consumed_samples,
+            iteration=self.iteration,
+            step_in_episode=self.step_in_episode,
+            history=self.history.copy(),
+            first_step=dict(self.first_step),
+        )
+
 
 class DPOPipeline:
     """Drives reference replicas and trainer ranks through the episodes (module docstring)."""

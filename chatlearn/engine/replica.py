@@ -28,6 +28,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -615,21 +616,15 @@ def _join_run(run: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [part]
 
 
+@dataclass(slots=True)
 class _Computed:
     """One chunk computed on a reference replica: its interval, parts, bytes, store hits."""
 
-    __slots__ = ("start", "parts", "end", "nbytes", "stored")
-
-    def __init__(
-        self, start: float, parts: list[dict[str, Any]], end: float, nbytes: int, stored: int = 0
-    ) -> None:
-        self.start, self.parts, self.end, self.nbytes, self.stored = (
-            start,
-            parts,
-            end,
-            nbytes,
-            stored,
-        )
+    start: float
+    parts: list[dict[str, Any]]
+    end: float
+    nbytes: int
+    stored: int = 0
 
 
 def _part(

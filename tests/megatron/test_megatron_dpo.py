@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,42 +25,12 @@ pytestmark = [
     pytest.mark.timeout(400),
 ]
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gloo_ranks import run_ranks  # noqa: E402
+
 WORKER = Path(__file__).with_name("dpo_worker.py")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 300.0  # seconds for all three processes; a run takes ~15 s on an idle 2-core box
 TOLERANCE = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(rank: int, world_size: int, port: int, out: Path, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    with open(log, "wb") as log_file:
-        return subprocess.Popen(
-            [sys.executable, str(WORKER), "--rank", str(rank), "--world-size", str(world_size),
-             "--port", str(port), "--out", str(out)],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    deadline = time.monotonic() + 10
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -72,24 +38,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Results of the TP=1 process and of both ranks of the 2-process group."""
     tmp = tmp_path_factory.mktemp("megatron")
     jobs = [("tp1", 0, 1), ("pair0", 0, 2), ("pair1", 1, 2)]
-    ports = {1: _free_port(), 2: _free_port()}
-    procs: list[subprocess.Popen] = []
-    try:
-        for name, rank, world in jobs:
-            procs.append(
-                _start(rank, world, ports[world], tmp / f"{name}.json", tmp / f"{name}.log")
-            )
-        deadline = time.monotonic() + RUN_TIMEOUT
-        for (name, _, _), proc in zip(jobs, procs, strict=True):
-            try:
-                code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                code = None
-            if code != 0:
-                log = (tmp / f"{name}.log").read_text(errors="replace")[-4000:]
-                pytest.fail(f"worker {name} ended with {code} (None: timed out)\n{log}")
-    finally:
-        _stop(procs)
+    run_ranks(WORKER, jobs, [], tmp, RUN_TIMEOUT)
     return {name: json.loads((tmp / f"{name}.json").read_text()) for name, _, _ in jobs}
 
 
