@@ -1,4 +1,5 @@
-"""The package's layers import only downward (docs/architecture.md, "Layers").
+"""The package's layers import only downward (docs/architecture.md, "Layers"), and the modules
+of `actors` and `engine` say on which side of the process boundary they run.
 
 transport ← config, algorithms ← actors ← engine, launch, hf, megatron ← benchmarks, cli, gpu
 checks. A module may import its own package and packages of lower layers, never a package of its
@@ -9,6 +10,7 @@ only deferred). The test reads the source, so it also holds for code no test imp
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "chatlearn"
@@ -70,3 +72,29 @@ def test_the_check_sees_a_violation(tmp_path: Path) -> None:
     bad = tmp_path / "m.py"
     bad.write_text("def f():\n    from chatlearn.engine import engine\n")
     assert _imports(bad) == [(2, "engine")]
+
+
+def _docstring(path: Path) -> str:
+    return ast.get_docstring(ast.parse(path.read_text(), str(path))) or ""
+
+
+def test_actors_and_engine_modules_say_where_they_run() -> None:
+    """Every module's docstring says in its first lines where it runs ("Runs in the coordinator",
+    "Runs in the actor processes", "Runs on both sides", ...), and its package's docstring lists
+    it by side and says what the package may import."""
+    wrong = []
+    for package in ("actors", "engine"):
+        listing = _docstring(PACKAGE / package / "__init__.py")
+        if "may import" not in listing:
+            wrong.append(f"{package}/__init__.py: its docstring does not say what it may import")
+        for path in sorted((PACKAGE / package).glob("*.py")):
+            if path.name == "__init__.py":
+                continue
+            opening = "\n\n".join(_docstring(path).split("\n\n")[:2])
+            if not re.search(r"\bRuns (in|on) ", opening):
+                wrong.append(
+                    f"{package}/{path.name}: its docstring's first lines do not say where it runs"
+                )
+            if not re.search(rf"(?<![\w.]){re.escape(path.name)}", listing):
+                wrong.append(f"{package}/__init__.py: its docstring does not list {path.name}")
+    assert not wrong, "\n".join(wrong)

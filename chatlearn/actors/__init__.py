@@ -12,6 +12,14 @@ so importing it must not start threads (numpy, torch) or import anything heavy.
 
 Layer 2 (docs/architecture.md, "Layers"): may import `transport`, `config` and `algorithms`;
 what it needs from above (where processes start) it defines as interfaces (`hosts.Hosts`).
+
+Where each module runs (its docstring says so too):
+- the coordinator: runtime.py, remote.py, handles.py, inprocess.py (the actors inside the
+  coordinator), placement.py, hosts.py, errors.py;
+- the actor process: worker.py (its main program), worker_core.py (in in-process mode inside
+  the coordinator), storage.py;
+- both sides: module.py (templates; live modules), loader.py, bootstrap.py, process.py,
+  checkpoint_paths.py, timers.py.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ _EXPORTS: dict[str, str] = {
     "SupervisionOptions": "chatlearn.actors.runtime",
     "ActorHandle": "chatlearn.actors.handles",
     "ModelGroup": "chatlearn.actors.handles",
-    "WorkerContext": "chatlearn.actors.core",
+    "WorkerContext": "chatlearn.actors.worker_core",
     "ActorError": "chatlearn.actors.errors",
     "ActorDeadError": "chatlearn.actors.errors",
     "ActorTimeoutError": "chatlearn.actors.errors",

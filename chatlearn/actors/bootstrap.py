@@ -1,5 +1,8 @@
 """What an actor is told on its stdin at start-up, and never on its command line.
 
+Runs on both sides: the coordinator writes the line (``remote.py``), the actor reads it
+(``worker.py``).
+
 Everything in a command line or an environment block is readable by every user of the machine
 (``ps``, ``/proc/<pid>/cmdline``; the environment by the same user in ``/proc/<pid>/environ``
 and, for remote actors, in the ssh command). So the coordinator writes one JSON line to each

@@ -1,7 +1,8 @@
 """Where checkpoints live on disk: the names both sides of the process boundary agree on.
 
-A leaf (standard library only): the module in its actor process (``BaseModule.checkpoint_dir``)
-and the coordinator (``chatlearn.engine.checkpoint``) import it, so neither imports the other.
+Runs on both sides: the module in its actor process (``BaseModule.checkpoint_dir``) and the
+coordinator (``chatlearn.engine.checkpoint``) import it. A leaf (standard library only), so
+neither imports the other.
 The layout itself is described in ``chatlearn/engine/checkpoint.py``.
 """
 

@@ -1,5 +1,8 @@
 """Errors of the actor runtime, as the coordinator sees them.
 
+Runs in the coordinator, which raises these to its callers; ``ModuleError`` is also raised in
+the actor processes (``module.py``).
+
 Two kinds of failure reach a caller of an actor:
 
 - `ActorError`: the user's code raised inside an actor (in a step, in `setup()`, while the

@@ -1,5 +1,7 @@
 """Coordinator-side handles: `ActorHandle` (one actor process) and `ModelGroup` (one model).
 
+Runs in the coordinator.
+
 Both are plain asyncio objects, usable from any coroutine of the coordinator:
 
     handle = group[0]

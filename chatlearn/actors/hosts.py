@@ -1,5 +1,7 @@
 """Where an actor system starts its processes: this machine, or the hosts of a multi-host run.
 
+Runs in the coordinator.
+
 The actor runtime needs a few things from whatever spreads a run over several machines; `Hosts`
 says what. `chatlearn launch` implements it (`chatlearn.launch.Cluster`) and, for the script it
 runs in its own process, installs it with `set_default_hosts`; an `ActorSystem` created without

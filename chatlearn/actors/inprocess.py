@@ -1,5 +1,7 @@
 """In-process actors: modules run inside the coordinator, with the same handles and errors.
 
+Runs in the coordinator: here the actors live in the coordinator's own process.
+
 For debugging and unit tests (`ActorSystem(in_process=True)`): no processes, no sockets, no
 pinning. Each actor still has its own compute thread (calls run in order, off the event loop),
 services get a `WorkerContext` on the coordinator's loop, and user exceptions come back as
@@ -22,7 +24,11 @@ import socket
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from chatlearn.actors.core import (
+from chatlearn.actors.errors import ActorError, ActorSystemClosedError, ActorTimeoutError
+from chatlearn.actors.handles import ActorHandle, ModelGroup
+from chatlearn.actors.module import BaseModule
+from chatlearn.actors.placement import ModelResources
+from chatlearn.actors.worker_core import (
     USER_CODE_ERRORS,
     ActorCore,
     ActorSpec,
@@ -30,10 +36,6 @@ from chatlearn.actors.core import (
     WorkerContext,
     user_error,
 )
-from chatlearn.actors.errors import ActorError, ActorSystemClosedError, ActorTimeoutError
-from chatlearn.actors.handles import ActorHandle, ModelGroup
-from chatlearn.actors.module import BaseModule
-from chatlearn.actors.placement import ModelResources
 from chatlearn.transport import EncodeError, RuntimeDir, decode, encode
 
 if TYPE_CHECKING:

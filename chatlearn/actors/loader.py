@@ -1,5 +1,7 @@
 """Finding the user's module class again inside an actor process.
 
+Runs on both sides: the coordinator describes the class, the actor process loads it.
+
 The coordinator describes a class by a `ClassRef`: the module to import and the class's qualified
 name. A class defined in the user's `__main__` script cannot be imported by the name `__main__`
 in another interpreter, so its ref carries the script's path instead, and the actor runs that file

@@ -1,5 +1,7 @@
 """ChatLearn's module API: `BaseModule` and `TorchModule`, which user models subclass.
 
+Runs on both sides: templates in the coordinator, the live instances in the actor processes.
+
 A module object created in the user's script (the coordinator) is a *template*: its constructor
 only reads config, and the runtime uses it for the model's name, class and config. The live
 instance is built in the model's actor process(es) with the same `(name, args, replica_id)`

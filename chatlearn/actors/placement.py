@@ -1,5 +1,8 @@
 """Placement: which process of which model runs on which devices.
 
+Runs in the coordinator (the plan); the actor processes read their config through
+``config_value`` too (``worker_core.py``, ``module.py``).
+
 `plan_placement` turns every model's `models.<name>` resource keys and the host's resources into
 one `ProcessAssignment` per actor process, or raises `PlacementError` (a `ConfigError`) naming the
 key to change and, for a config read from YAML, the file and line it was written at. Placement

@@ -1,6 +1,6 @@
 """OS-process plumbing for actors: spawn, watch stderr, terminate trees, notice parent death.
 
-Used on both sides: the coordinator spawns workers from a clean interpreter
+Runs on both sides: the coordinator spawns workers from a clean interpreter
 (`python -m chatlearn.actors.worker`, never fork) and tears whole process trees down with
 terminate → bounded wait → kill; the worker asks the kernel to signal it when its parent dies.
 Nothing here imports torch.
@@ -120,7 +120,7 @@ def spawn_worker(
         # `kill -TERM -PGID`) reaches the coordinator, which stops actors in order; actors of a
         # coordinator that dies are stopped by their parent-death signal. Not a new session:
         # the actors share the coordinator's autogroup, so their nice values rank their
-        # threads against each other (see `core.apply_priority`).
+        # threads against each other (see `worker_core.apply_priority`).
         process_group=0,
     )
     write_startup_line(popen, startup_line)

@@ -1,5 +1,7 @@
 """The coordinator's side of one worker process: spawn it, handshake with it, call it.
 
+Runs in the coordinator.
+
 `RemoteActor` is the record the `ActorSystem` keeps per process (its `Popen`, stderr tail,
 liveness timestamps, state) and the backend of the process's `ActorHandle`. `spawn_model` starts
 a model's processes with their pinning and torch.distributed environment; `RemoteActor.start`
@@ -19,7 +21,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from chatlearn.actors.bootstrap import Bootstrap, split_environment
-from chatlearn.actors.core import ActorSpec
 from chatlearn.actors.errors import (
     ActorDeadError,
     ActorError,
@@ -37,6 +38,7 @@ from chatlearn.actors.process import (
     spawn_worker,
     worker_environment,
 )
+from chatlearn.actors.worker_core import ActorSpec
 from chatlearn.transport import (
     ChannelClosedError,
     MessageKind,

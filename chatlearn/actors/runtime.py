@@ -1,5 +1,7 @@
 """The coordinator's actor runtime: spawns model processes, supervises them, stops them.
 
+Runs in the coordinator.
+
     async with ActorSystem(config) as system:
         reference, policy = await system.launch(reference_template, policy_template)
         out = await reference.call(0, "forward_step", batch)

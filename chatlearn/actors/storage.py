@@ -1,5 +1,8 @@
 """ChatLearn's `put(key, data)` / `get(key)`: a key/value store shared by every module of a run.
 
+Runs in the actor processes, where modules call it (inside the coordinator in in-process
+mode).
+
 In ChatLearn one storage actor serves all models, so a value one model puts, another model gets.
 Here the store is a directory in the run's private runtime directory (on the coordinator's
 host, mode 0700, removed when the run ends): `put` writes the value encoded by the transport

@@ -1,5 +1,8 @@
 """ChatLearn's `Timers`: named wall-clock timers that modules (`self.timers`) use.
 
+Runs on both sides: in the modules (actor processes) and as ``engine.timers`` in the
+coordinator.
+
     self.timers("forward").start()
     ...
     self.timers("forward").stop()

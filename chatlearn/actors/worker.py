@@ -1,5 +1,7 @@
 """The actor process: `python -m chatlearn.actors.worker --endpoint ... --coordinator-pid ...`.
 
+Runs in the actor process: it is its main program.
+
 One process per model rank, started by the coordinator from a clean interpreter. Its life:
 
 1. Read its start-up line from stdin (bootstrap.py: identity, the run's credentials, forwarded
@@ -37,13 +39,13 @@ import time
 import traceback
 from typing import Any
 
-from chatlearn.actors.core import USER_CODE_ERRORS
 from chatlearn.actors.process import (
     PARENT_DEATH_SIGNAL,
     apply_cpu_affinity_from_env,
     kill_own_children,
     set_parent_death_signal,
 )
+from chatlearn.actors.worker_core import USER_CODE_ERRORS
 
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -86,7 +88,7 @@ class Worker:
     """The actor's socket side: handshake, call serving, heartbeats, parent watch."""
 
     def __init__(self, client: Any, opts: argparse.Namespace, zmq_context: Any) -> None:
-        from chatlearn.actors.core import ComputeThread
+        from chatlearn.actors.worker_core import ComputeThread
 
         self.client = client
         self.zmq_context = zmq_context
@@ -126,7 +128,7 @@ class Worker:
         return await self._serve_loop()
 
     async def _startup(self) -> bool:
-        from chatlearn.actors.core import ActorCore, ActorSpec, WorkerContext
+        from chatlearn.actors.worker_core import ActorCore, ActorSpec, WorkerContext
         from chatlearn.transport import Message, MessageKind
 
         msg = await asyncio.wait_for(
@@ -224,7 +226,7 @@ class Worker:
             await self._send_error(request_id, err, method)
 
     async def _send_error(self, request_id: int, exc: BaseException, method: str) -> None:
-        from chatlearn.actors.core import user_error
+        from chatlearn.actors.worker_core import user_error
         from chatlearn.transport import Message, MessageKind
 
         payload = user_error(exc, self.where(method)).to_payload()

@@ -38,8 +38,9 @@ Layouts of (b) (``--layout``):
 - ``colocated`` (default): reference and trainer share all cores, each with one torch thread per
   core; the reference's compute threads run under SCHED_IDLE (``--reference-priority idle``, the
   model key ``idle_priority``) or at ``--reference-nice`` (``--reference-priority nice``), so the
-  kernel gives them only the time the trainer leaves (``chatlearn.actors.core.apply_priority``),
-  and the reference computes with all cores while the trainer waits.
+  kernel gives them only the time the trainer leaves
+  (``chatlearn.actors.worker_core.apply_priority``), and the reference computes with all cores
+  while the trainer waits.
 - ``colocated-1``: the same, the reference with one thread on one core;
 - ``split``: the reference on one core, the trainer on the others.
 

@@ -1,5 +1,8 @@
 """Batch surgery on both sides of the data plane: chunking, joining, per-sample split, collation.
 
+Runs in the actor processes (reference replicas and trainer ranks, for ``worker_services.py``);
+the coordinator uses :func:`chunk_sizes` only (``schedule.py``).
+
 Reference side (inside a reference replica, for one work order):
 
 1. the replica collates its share (the dataset's ``collate_fn``) into one batch dict;

@@ -1,5 +1,8 @@
 """Checkpoints of a run on disk: layout, atomic commit, verification, retention, and resume.
 
+Runs in the coordinator (and in ``chatlearn inspect``); the trainer ranks only write into the
+directory they are given (``chatlearn.actors.checkpoint_paths`` names it for both sides).
+
 One checkpoint is one directory under the *checkpoint root* (``runtime.data_checkpoint_path``, or
 ``output_dir/exp_name/checkpoints`` when that is not set)::
 
@@ -15,11 +18,10 @@ and only then is the directory renamed to its final name (and the root fsynced).
 match it (truncated, edited, missing) is *broken*: resume warns naming it and takes the previous
 complete one. Staging directories of dead processes are removed at the next save.
 
-The coordinator's state describes a point between two optimizer steps: ``episode`` (the episode in
-progress, or the next one at a boundary), ``step_in_episode`` (its steps already trained: 0 at an
-episode boundary), ``iteration`` and ``consumed_samples`` (samples of the *completed* episodes, so
-the sampler rebuilt from it draws ``episode`` again). The reference runs ahead of training, so the
-sampler's own position is past that; the state never uses it.
+The coordinator's state is the run's state (``state.RunState``: its counters at a point between
+two optimizer steps, and the recent steps' metrics) extended with what resuming also needs: the
+sampler's state, the settings that shape the steps, the trainer's layout, the evaluations, the
+size of metrics.jsonl. ``coordinator.json`` holds its fields as top-level keys.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ import re
 import shutil
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from chatlearn.actors.checkpoint_paths import checkpoint_name
+from chatlearn.engine.state import HISTORY_KEPT, RunState
 
 logger = logging.getLogger("chatlearn.engine")
 
@@ -47,36 +50,36 @@ COORDINATOR = "coordinator.json"
 _NAME = re.compile(r"^iter_(\d{7,})$")
 _STAGING_PREFIX = ".staging-"
 _HASH_CHUNK = 1 << 20
-HISTORY_KEPT = 1000  # per-step metrics kept in a checkpoint (for summaries, not for analysis)
 
 
 @dataclass(slots=True, kw_only=True)
-class CoordinatorState:
-    """What the coordinator needs to continue a run exactly (``coordinator.json``)."""
+class CoordinatorState(RunState):
+    """What the coordinator needs to continue a run exactly (``coordinator.json``): the run's
+    state (its counters and recent metrics, declared by ``RunState``) and the checkpoint's
+    context. Written by :meth:`of`; ``copy()`` gives the live ``RunState`` back."""
 
-    iteration: int
-    episode: int
-    step_in_episode: int
-    consumed_samples: int
     sampler: dict[str, Any]
     training: dict[str, Any]  # the settings that shape the steps (batch sizes, seed, ...)
     trainer: dict[str, Any]  # model name, ranks, data-parallel layout
     reason: str = "interval"  # interval, end, signal, request
     metrics: dict[str, Any] = field(default_factory=dict)  # metrics.jsonl path and its size
-    history: list[dict[str, Any]] = field(default_factory=list)
-    first_step: dict[str, Any] = field(default_factory=dict)  # the run's first step's metrics
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     format: str = FORMAT
     version: int = VERSION
 
-    @property
-    def at_episode_boundary(self) -> bool:
-        return self.step_in_episode == 0
+    @classmethod
+    def of(cls, run: RunState, **context: Any) -> CoordinatorState:
+        """The record of ``run`` (a copy of its counters and history) with ``context`` (the
+        fields this class adds)."""
+        live = run.copy()
+        return cls(**{f.name: getattr(live, f.name) for f in fields(RunState)}, **context)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, default=str, allow_nan=True)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["history"] = list(self.history)
+        return json.dumps(data, indent=1, default=str, allow_nan=True)
 
     @classmethod
     def from_json(cls, text: str) -> CoordinatorState:
@@ -85,8 +88,15 @@ class CoordinatorState:
             raise ValueError("not a chatlearn coordinator state")
         if data.get("version") != VERSION:
             raise ValueError(f"unsupported coordinator state version {data.get('version')!r}")
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        counters = [f.name for f in fields(RunState) if f.type in ("int", int)]
+        missing = [name for name in counters if not isinstance(data.get(name), int)]
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: missing or not an integer")
+        known = {f.name for f in fields(cls)}
+        state = cls(**{k: v for k, v in data.items() if k in known})
+        if not state.first_step and state.history:  # written before first_step was kept
+            state.first_step = state.history[0]
+        return state
 
 
 @dataclass(slots=True)

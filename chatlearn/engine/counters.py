@@ -1,5 +1,7 @@
 """ChatLearn's counters as plain formulas, for progress, logs and resume.
 
+Runs in the coordinator (``training_plan.py``, ``run_checkpoints.py``).
+
 * ``consumed_samples`` grows by ``sample_per_episode`` per episode (ChatLearn adds it after the
   last forward batch of each episode, ``chatlearn/runtime/decorator.py``); it is the sampler's
   whole state.

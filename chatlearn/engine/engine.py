@@ -1,5 +1,7 @@
 """``Engine`` and ``DPOEngine``: what a ChatLearn program drives.
 
+Runs in the coordinator: the user's script.
+
     chatlearn.init()
     engine = DPOEngine(PolicyReference("reference"), PolicyTrainer("policy_trainer"))
     engine.set_dataset(samples)
@@ -57,18 +59,19 @@ from chatlearn.actors.timers import Timers as UserTimers
 from chatlearn.engine.checkpoint import CheckpointManager, rewind_metrics
 from chatlearn.engine.interrupts import Interrupts, SignalGuard, interrupted
 from chatlearn.engine.metrics import MetricsSink, Timers
-from chatlearn.engine.pipeline import DPOPipeline, PipelineSettings, RunState
+from chatlearn.engine.pipeline import DPOPipeline, PipelineSettings
 from chatlearn.engine.progress import Progress, setup_logging
 from chatlearn.engine.protocol import EVAL, ReferenceGroup, TrainerGroup
 from chatlearn.engine.run_checkpoints import RunCheckpoints
 from chatlearn.engine.sampler import EpisodeSampler
+from chatlearn.engine.state import RunState
 
 logger = logging.getLogger("chatlearn.engine")
 
 T = TypeVar("T")
 
-REFERENCE_SERVICE = "chatlearn.engine.replica:ReferenceService"
-TRAINER_SERVICE = "chatlearn.engine.replica:TrainerService"
+REFERENCE_SERVICE = "chatlearn.engine.worker_services:ReferenceService"
+TRAINER_SERVICE = "chatlearn.engine.worker_services:TrainerService"
 
 
 class Engine:
@@ -191,10 +194,17 @@ class LearnResult:
 
 
 class _TrainerView:
-    """``engine.trainer.iteration`` as in ChatLearn: optimizer steps so far."""
+    """``engine.trainer`` as ChatLearn programs read it: ``iteration``, the optimizer steps so
+    far, read from the engine's run state (live; no counter of its own)."""
 
-    def __init__(self) -> None:
-        self.iteration = 0
+    __slots__ = ("_engine",)
+
+    def __init__(self, engine: DPOEngine) -> None:
+        self._engine = engine
+
+    @property
+    def iteration(self) -> int:
+        return self._engine.state.iteration
 
 
 class DPOEngine(Engine):
@@ -207,7 +217,7 @@ class DPOEngine(Engine):
         super().__init__(reference, policy_trainer)
         self.reference = reference
         self.policy_trainer = policy_trainer
-        self.trainer = _TrainerView()
+        self.trainer = _TrainerView(self)
         self._services = {
             reference.name: {"ref": REFERENCE_SERVICE},
             policy_trainer.name: {"train": TRAINER_SERVICE},
@@ -710,7 +720,6 @@ class DPOEngine(Engine):
                 logger.info("self-healing: %s", summary)
             progress.close()
             sink.close()
-            self.trainer.iteration = self.state.iteration
         logger.info(
             "training %s: %d iterations in %.1fs; metrics in %s",
             "stopped" if self.pipeline.stopped else "done",

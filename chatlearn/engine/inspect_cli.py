@@ -1,5 +1,7 @@
 """``chatlearn inspect RUN_DIR``: what a run directory holds, without starting anything.
 
+Runs in the ``chatlearn inspect`` command, apart from any run: it only reads files.
+
     chatlearn inspect ./output/CHATLEARN            # checkpoints and the last metrics
     chatlearn inspect ./output/CHATLEARN --verify   # also check every file's sha256
     chatlearn inspect ./output/CHATLEARN --json     # the same, as one JSON object

@@ -1,5 +1,7 @@
 """Ctrl-C and SIGTERM in the coordinator: a graceful stop first, an immediate one on repeat.
 
+Runs in the coordinator.
+
 ``DPOEngine.learn_async`` installs :class:`SignalGuard` (``loop.add_signal_handler``, on the
 main thread only; the previous handlers come back when it leaves) and routes both signals to
 :class:`Interrupts`:

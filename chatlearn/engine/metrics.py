@@ -1,5 +1,7 @@
 """Run observability: busy intervals per model, the measured overlap, and the metrics sinks.
 
+Runs in the coordinator.
+
 The coordinator collects, for every actor call it makes on the pipeline's hot path, the interval
 (wall-clock seconds, ``time.time()``) during which the actor was computing. From those intervals it
 derives per-model busy/idle time and the *overlap*: the fraction of reference busy time that was

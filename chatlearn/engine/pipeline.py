@@ -1,5 +1,7 @@
 """The coordinator's DPO pipeline: reference inference runs ahead of policy training.
 
+Runs in the coordinator.
+
 A few asyncio loops joined by a credit window (``schedule.CreditWindow``):
 
 - one ``_reference_loop`` per reference replica: consumes the replica's chunks of each episode
@@ -20,7 +22,7 @@ runs and resumes are the same either way. A training group never needs more new 
 half the credit window, so the reference can fill the next group while the trainer runs one.
 
 The statistics are kept incrementally (``metrics.Timers``) and the history holds the last
-steps only (``RunState``): the coordinator's cost per step does not grow over a run.
+steps only (``state.RunState``): the coordinator's cost per step does not grow over a run.
 
 The window lets the reference produce global position ``p`` (``episode * sample_per_episode +
 position``) once ``p < released + window``; ``released`` is the end of what completed training
@@ -70,11 +72,10 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from chatlearn.actors import ActorLostError
-from chatlearn.engine.checkpoint import HISTORY_KEPT
 from chatlearn.engine.metrics import MetricsSink, Timers
 from chatlearn.engine.protocol import (
     EVAL,
@@ -88,6 +89,7 @@ from chatlearn.engine.protocol import (
 from chatlearn.engine.reference_cache import MIB, ReferenceCache, repeats_samples
 from chatlearn.engine.sampler import EpisodeSampler, SampleIndex
 from chatlearn.engine.schedule import ChunkOrder, CreditWindow, EpisodeLayout, GroupSizer
+from chatlearn.engine.state import RunState
 from chatlearn.engine.training_plan import EpisodePlan, TrainStep, plan_episode
 
 logger = logging.getLogger("chatlearn.engine")
@@ -130,41 +132,6 @@ class PipelineSettings:
         return max(
             self.window_micro_batches * self.micro_batch_size,
             self.global_batch_size + min(chunk, self.sample_per_episode) - 1,
-        )
-
-
-@dataclass(slots=True)
-class RunState:
-    """The coordinator's counters (what a checkpoint of the coordinator holds).
-
-    Between two steps: ``episode`` is the episode in progress (the next one at a boundary),
-    ``step_in_episode`` its steps already trained, ``consumed_samples`` the samples of the
-    completed episodes (so a sampler rebuilt from it draws ``episode`` next), ``iteration`` the
-    optimizer steps of the whole run. ``history`` holds the metrics of the last
-    ``HISTORY_KEPT`` steps only: every step's are in metrics.jsonl, and a run of 100k steps must
-    not keep them all in memory; ``first_step`` keeps the run's first step (for its summary).
-    """
-
-    episode: int = 0
-    consumed_samples: int = 0
-    iteration: int = 0
-    step_in_episode: int = 0
-    history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY_KEPT))
-    first_step: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.history, deque) or self.history.maxlen != HISTORY_KEPT:
-            self.history = deque(self.history, maxlen=HISTORY_KEPT)
-
-    def copy(self) -> RunState:
-        """An independent copy (the run's start, kept for a rewind without a checkpoint)."""
-        return RunState(
-            episode=self.episode,
-            consumed_samples=self.consumed_samples,
-            iteration=self.iteration,
-            step_in_episode=self.step_in_episode,
-            history=self.history.copy(),
-            first_step=dict(self.first_step),
         )
 
 
@@ -568,9 +535,7 @@ class DPOPipeline:
                 await self._memory(self.trainer, onload=False)
                 self.stopped = True
                 return
-            self.state.episode = episode + 1
-            self.state.step_in_episode = 0
-            self.state.consumed_samples += layout.num_samples
+            self.state.episode_trained(episode, layout.num_samples)
             await self._window.release_through(self._global(episode + 1, 0))
             if not settings.take_turns:  # else after the evaluation's turns
                 self._event(self._trained, episode).set()
@@ -728,15 +693,11 @@ class DPOPipeline:
 
     def _step_done(self, step: TrainStep, results: list[StepDone]) -> None:
         metrics = _mean_over_ranks([r.metrics for r in results])
-        self.state.iteration += 1
-        self.state.step_in_episode += 1
+        self.state.step_trained(metrics)
         if self.sink is not None:
             self.sink.write("train", self.state.iteration, metrics, episode=step.episode_id)
         if self.on_step is not None:
             self.on_step(self.settings.global_batch_size, metrics)
-        self.state.history.append({"iteration": self.state.iteration, **metrics})
-        if not self.state.first_step:
-            self.state.first_step = self.state.history[-1]
 
     # -- evaluation ------------------------------------------------------------------------
     async def evaluate(self) -> dict[str, float]:

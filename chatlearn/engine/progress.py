@@ -1,4 +1,7 @@
-"""What a person watching a run sees: a tqdm progress bar and the engine's log lines."""
+"""What a person watching a run sees: a tqdm progress bar and the engine's log lines.
+
+Runs in the coordinator.
+"""
 
 from __future__ import annotations
 

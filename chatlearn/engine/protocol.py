@@ -1,14 +1,15 @@
 """The engine's protocol: every order the coordinator sends to a worker, and every result.
 
-Both sides import this module. The coordinator (``pipeline.py``, ``engine.py``,
-``run_checkpoints.py``) calls the workers only through the two clients at the bottom,
-:class:`ReferenceGroup` and :class:`TrainerGroup`, which send an order as a plain dict (``kind``
-plus its fields: our codec carries it, nothing is pickled) to the one entry point of the worker's
-service (``ReferenceService.handle`` / ``TrainerService.handle`` in ``replica.py``); the service
-decodes it into its declared type and dispatches on that type, and the reply comes back the same
-way. Decoding is strict: an unknown kind, or a missing, extra or wrongly typed field, raises
-:class:`ProtocolError` naming the message type and the field, since a malformed order is a bug of
-one of the run's own processes and must stop the run, not be guessed at.
+Runs on both sides: the coordinator and the actor processes import it. The coordinator
+(``pipeline.py``, ``engine.py``, ``run_checkpoints.py``) calls the workers only through the two
+clients at the bottom, :class:`ReferenceGroup` and :class:`TrainerGroup`, which send an order as
+a plain dict (``kind`` plus its fields: our codec carries it, nothing is pickled) to the one
+entry point of the worker's service (``ReferenceService.handle`` / ``TrainerService.handle`` in
+``worker_services.py``); the service decodes it into its declared type and dispatches on that
+type, and the reply comes back the same way. Decoding is strict: an unknown kind, or a missing,
+extra or wrongly typed field, raises :class:`ProtocolError` naming the message type and the
+field, since a malformed order is a bug of one of the run's own processes and must stop the run,
+not be guessed at.
 
 Orders to a reference replica: :class:`Connect`, :class:`BuildDatasets`, :class:`BeginEpisode`,
 :class:`Forward` (chunks of :class:`Chunk`), :class:`EndEpisode`, :class:`Resume`,
@@ -19,7 +20,7 @@ Orders to a reference replica: :class:`Connect`, :class:`BuildDatasets`, :class:
 result).
 
 The reference outputs themselves do not travel here: a replica pushes them straight to the
-trainers' inboxes (``replica.py``), tensors as raw frames.
+trainers' inboxes (``worker_services.py``), tensors as raw frames.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, ClassVar, TypeVar
 
 EVAL = "eval"  # the episode key and dataset split of the evaluation set
 
-REFERENCE_ENTRY = "ref.handle"  # the reference replica's service entry point (replica.py)
+REFERENCE_ENTRY = "ref.handle"  # the reference replica's service entry (worker_services.py)
 TRAINER_ENTRY = "train.handle"  # the trainer rank's
 
 

@@ -1,5 +1,7 @@
 """Reuse of reference outputs when the same samples come back (later data epochs).
 
+Runs in the coordinator; the trainer ranks' side is in ``worker_services.py``.
+
 The reference model is frozen and a sample's reference output depends only on the sample, so
 once computed it never changes. When a run draws more samples than its dataset holds, the same
 samples come back in later episodes; recomputing their reference forward would cost as much as
@@ -16,7 +18,7 @@ most the orders in flight then (two per replica) are flagged on trust. Nothing i
 a cache that fills up keeps serving what it has, and the rest is recomputed.
 
 ``ReferenceCache`` is the coordinator's side (the bookkeeping); ``TrainerService`` in
-``replica.py`` holds the data.
+``worker_services.py`` holds the data.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Reference outputs computed once, ever: an on-disk store (``runtime.reference_store: path``).
 
-A reference replica (``replica.py``) looks up every sample of a work order before it runs
+Runs in the actor processes of the reference replicas.
+
+A reference replica (``worker_services.py``) looks up every sample of a work order before it runs
 ``forward_step``: samples found are served from the store, only the others are computed, and
 their outputs are added. A second run over the same data — a beta sweep, another loss type, a
 restart — then skips the reference for every sample it has seen.

@@ -1,5 +1,7 @@
 """The coordinator's side of checkpoints during one ``learn()``: save, find, restore.
 
+Runs in the coordinator; the trainer ranks' side is ``TrainerService`` (``worker_services.py``).
+
 ``DPOEngine`` builds one :class:`RunCheckpoints` per run, once the models are up and the datasets
 are built. To save, it asks every trainer rank to run its module's ``save_checkpoint`` into a
 staging directory (``protocol.SaveCheckpoint``), then writes the coordinator's state beside it and
@@ -9,9 +11,10 @@ data settings did not change (the sampler refuses otherwise) and warns about cha
 settings, rewinds ``metrics.jsonl`` to the checkpoint, and has every trainer rank load its part
 (``protocol.LoadCheckpoint``) and every reference replica set ``resume_training``.
 
-The state saved is the pipeline's ``RunState`` between two steps (see ``checkpoint.py``): the
-sampler's own position is ahead of it (the reference runs ahead), so the sampler state is written
-with the state's ``consumed_samples``, which rebuilds the sampler at the episode in progress.
+The state saved is the run's ``RunState`` between two steps (``state.py``), recorded as a
+``checkpoint.CoordinatorState`` and restored into a ``RunState``. The sampler's own position is
+ahead of it (the reference runs ahead), so the sampler state is written with the state's
+``consumed_samples``, which rebuilds the sampler at the episode in progress.
 """
 
 from __future__ import annotations
@@ -20,13 +23,11 @@ import asyncio
 import logging
 import shutil
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from chatlearn.engine.checkpoint import (
-    HISTORY_KEPT,
     CheckpointInfo,
     CheckpointManager,
     CoordinatorState,
@@ -35,9 +36,10 @@ from chatlearn.engine.checkpoint import (
     tail,
 )
 from chatlearn.engine.counters import reference_iteration
-from chatlearn.engine.pipeline import PipelineSettings, RunState
+from chatlearn.engine.pipeline import PipelineSettings
 from chatlearn.engine.protocol import ReferenceGroup, TrainerGroup
 from chatlearn.engine.sampler import EpisodeSampler
+from chatlearn.engine.state import RunState
 
 logger = logging.getLogger("chatlearn.engine")
 
@@ -129,11 +131,8 @@ class RunCheckpoints:
             self.flush_metrics()  # the checkpoint records how far metrics.jsonl goes
         if self.metrics_path is not None and self.metrics_path.is_file():
             metrics = {"path": str(self.metrics_path), "size": self.metrics_path.stat().st_size}
-        return CoordinatorState(
-            iteration=state.iteration,
-            episode=state.episode,
-            step_in_episode=state.step_in_episode,
-            consumed_samples=state.consumed_samples,
+        return CoordinatorState.of(
+            state,
             sampler=sampler,
             training=training_settings(self.settings, self.trainer_dp),
             trainer={
@@ -143,8 +142,6 @@ class RunCheckpoints:
             },
             reason=reason,
             metrics=metrics,
-            history=tail(state.history),
-            first_step=state.first_step,
             eval_history=tail(eval_history),
             config=_plain_config(self.config),
         )
@@ -206,15 +203,7 @@ class RunCheckpoints:
             if saved.episode < self.settings.num_episode
             else "with nothing: every episode is trained",
         )
-        return RunState(
-            episode=saved.episode,
-            consumed_samples=saved.consumed_samples,
-            iteration=saved.iteration,
-            step_in_episode=saved.step_in_episode,
-            history=deque(saved.history, maxlen=HISTORY_KEPT),
-            # older checkpoints lack it; their history starts at the first step when it is short
-            first_step=saved.first_step or (saved.history[0] if saved.history else {}),
-        )
+        return saved.copy()
 
 
 def _plain_config(config: Any) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """Which dataset samples each episode draws: the coordinator's deterministic, resumable sampler.
 
+Runs in the coordinator.
+
 The coordinator owns one :class:`EpisodeSampler`. Every episode it calls
 :meth:`EpisodeSampler.next_episode`, gets the episode's ``sample_per_episode`` indices (each a
 :class:`SampleIndex` naming a dataset and a row of it), splits them into one contiguous

@@ -1,5 +1,7 @@
 """How an episode's reference work is cut into chunks and paced against training.
 
+Runs in the coordinator (for ``pipeline.py``).
+
 An episode's samples are split into one contiguous share per reference replica (ChatLearn's rule,
 ``Episode.shares``); each share is cut into ``generation_batch_size`` chunks, one ``forward_step``
 call each. :class:`EpisodeLayout` gives every chunk its *buffer positions*: the place of its

@@ -1,5 +1,8 @@
 """The episode training plan: which buffer positions every optimizer step trains on, per rank.
 
+Runs in the coordinator; a trainer rank receives its micro-batches as buffer positions
+(``protocol.Step``).
+
 After (or, with the pipeline, while) the reference fills an episode's buffer of ``num_samples``
 per-sample outputs (positions ``0..num_samples-1``), the trainer runs ``num_training_epoch``
 passes over it. :func:`plan_episode` says, for every optimizer step, the micro-batches each

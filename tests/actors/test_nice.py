@@ -18,7 +18,7 @@ import pytest
 # change; then prints both threads' priorities and the autogroup's nice.
 _PROBE = """
 import os, threading
-from chatlearn.actors.core import apply_priority
+from chatlearn.actors.worker_core import apply_priority
 def autogroup():
     try:
         words = open("/proc/self/autogroup").read().split()
@@ -86,7 +86,7 @@ def test_apply_priority_to_other_threads_by_native_id() -> None:
     # what an actor does after start-up: the compute thread and the pools start-up created
     probe = """
 import os, threading
-from chatlearn.actors.core import apply_priority
+from chatlearn.actors.worker_core import apply_priority
 ready, done = threading.Event(), threading.Event()
 ids = {}
 def pool_thread():

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from chatlearn.engine.pipeline import step_group
-from chatlearn.engine.replica import join_parts
 from chatlearn.engine.schedule import GroupSizer
 from chatlearn.engine.training_plan import plan_episode
+from chatlearn.engine.worker_services import join_parts
 
 
 def test_group_sizer_groups_cheap_items_only() -> None:

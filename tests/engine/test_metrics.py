@@ -5,7 +5,6 @@ import random
 
 import pytest
 
-from chatlearn.engine.checkpoint import HISTORY_KEPT
 from chatlearn.engine.metrics import (
     MetricsSink,
     Timers,
@@ -14,7 +13,6 @@ from chatlearn.engine.metrics import (
     read_metrics,
     total_length,
 )
-from chatlearn.engine.pipeline import RunState
 
 
 def test_merge_and_lengths() -> None:
@@ -108,14 +106,3 @@ def test_a_late_interval_counts_only_after_the_cutoff() -> None:
     timers["a"].add(5.0, 25.0)  # started before the cutoff: [5, 20) is left out of the union
     assert timers["a"].busy_seconds() == pytest.approx(1 + 1 + 5 + 1)
     assert timers["a"].process_seconds() == pytest.approx(4 + 20)
-
-
-def test_run_state_keeps_the_last_steps_only() -> None:
-    state = RunState(history=[{"iteration": i} for i in range(HISTORY_KEPT + 10)])
-    assert len(state.history) == HISTORY_KEPT
-    assert state.history[0] == {"iteration": 10}
-    fresh = RunState()
-    for i in range(3 * HISTORY_KEPT):
-        fresh.history.append({"iteration": i})
-    assert len(fresh.history) == HISTORY_KEPT
-    assert fresh.history[-1] == {"iteration": 3 * HISTORY_KEPT - 1}

@@ -130,6 +130,7 @@ async def test_checkpoint_on_request_from_a_custom_flow_resumes_mid_episode(tmp_
                 if engine.pipeline is not None and engine.state.iteration >= 2 or training.done():
                     break
                 await asyncio.sleep(0.02)
+            assert engine.trainer.iteration == engine.state.iteration >= 2  # live, mid-run
             path = await engine.save_checkpoint(episode_id=7)  # ChatLearn's argument: warned
             await training
         finally:  # a failed assertion must not leave the run's processes behind

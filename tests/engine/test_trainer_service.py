@@ -7,9 +7,9 @@ import asyncio
 import pytest
 import torch
 
-from chatlearn.actors.core import ActorSpec, ComputeThread, WorkerContext
+from chatlearn.actors.worker_core import ActorSpec, ComputeThread, WorkerContext
 from chatlearn.engine.protocol import Step, Train, encode
-from chatlearn.engine.replica import TrainerService
+from chatlearn.engine.worker_services import TrainerService
 
 pytestmark = pytest.mark.timeout(30)
 

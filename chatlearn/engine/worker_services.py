@@ -1,9 +1,11 @@
 """The engine's code inside actor processes: reference replicas and trainer ranks.
 
-The coordinator (``pipeline.py``) starts these as worker services (``chatlearn.actors``), so they
-live next to the user's module in its process. Each has one entry point, ``handle``, which takes
-an order of the engine protocol (``protocol.py``), decodes it strictly (a malformed or unknown
-order raises ``ProtocolError`` naming the message type) and dispatches on its type.
+Runs in the actor processes, next to the user's module: ``DPOEngine`` (``engine.py``) names
+these as worker services and the actor runtime (``chatlearn.actors``) builds them there; the
+coordinator talks to them through ``protocol.py``'s clients. Each has one entry point,
+``handle``, which takes an order of the engine protocol (``protocol.py``), decodes it strictly (a
+malformed or unknown order raises ``ProtocolError`` naming the message type) and dispatches on
+its type.
 
 - :class:`ReferenceService` builds the datasets (the module's ``build_dataset``), and for every
   work order collates the samples it names (the dataset's ``collate_fn`` if it has one), runs
@@ -17,9 +19,8 @@ order raises ``ProtocolError`` naming the message type) and dispatches on its ty
   reference is frozen, so its outputs for the eval set are computed once per run; for the same
   reason, outputs of orders flagged ``cache`` are kept by sample index and copied into a later
   episode's buffer by a ``fill`` order when the sample comes back (``reference_cache.py``).
-  It also runs
-  the module's ``save_checkpoint`` / ``load_checkpoint`` with ``checkpoint_dir()`` pointing at
-  this rank's directory of the checkpoint being written or read (``checkpoint.py``).
+  It also runs the module's ``save_checkpoint`` / ``load_checkpoint`` with ``checkpoint_dir()``
+  pointing at this rank's directory of the checkpoint being written or read (``checkpoint.py``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The live module inside an actor: startup, the compute thread, and dispatch by method name.
 
-`ActorCore` is shared by both ways of running an actor: the worker process (worker.py, behind a
-socket) and the in-process mode (runtime.py, no sockets). Given an `ActorSpec` it loads the user's
-class, installs the config, builds the module, sets its rank and world size, pins torch's thread
-count, forms the torch.distributed group, runs `setup()`, then builds the worker services.
+Runs in the actor, either way an actor runs: in its worker process (worker.py, behind a socket)
+or inside the coordinator in in-process mode (inprocess.py, no sockets); `ActorCore` serves both.
+Given an `ActorSpec` it loads the user's class, installs the config, builds the module, sets its
+rank and world size, pins torch's thread count, forms the torch.distributed group, runs
+`setup()`, then builds the worker services.
 
 Calls are dispatched by name. `"forward_step"` etc. go to the module through `invoke` (which
 passes `iteration` only if declared); `"svc.method"` goes to service `svc`: an `async def` method
