@@ -279,29 +279,51 @@ def reference_outputs(
     packing: bool = False,
     prefix_sharing: bool = False,
     max_tokens_per_row: int | None = None,
+    max_tokens_per_micro_batch: int | None = None,
+    agree: Callable[[int], int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """What a reference's `forward_step` returns: the pair tensors the trainer needs plus
     `ref_chosen_logps` / `ref_rejected_logps` (summed, [B]), all on CPU.
 
     The engine does not merge a forward output with its input, hence the batch is passed on here.
-    The packing options are `concatenated_logps`'s.
+    The packing options are `concatenated_logps`'s. With `max_tokens_per_micro_batch` the pairs
+    run in forwards of at most that many tokens (`chatlearn.algorithms.token_budget`; `agree`:
+    the number of forwards every rank of a sharded model runs, from this rank's count).
     """
-    with torch.no_grad():
-        logps = concatenated_logps(
-            model,
+    options = {
+        "pad_token_id": pad_token_id,
+        "packing": packing,
+        "prefix_sharing": prefix_sharing,
+        "max_tokens_per_row": max_tokens_per_row,
+    }
+    rows = int(batch["chosen_input_ids"].shape[0])
+    chosen = torch.zeros(rows, dtype=torch.float32)
+    rejected = torch.zeros(rows, dtype=torch.float32)
+    if max_tokens_per_micro_batch is None:
+        parts = [(list(range(rows)), batch)]
+    else:
+        from chatlearn.algorithms.token_budget import split_batch  # it imports this module
+
+        parts = split_batch(
             batch,
-            pad_token_id=pad_token_id,
+            max_tokens_per_micro_batch,
             packing=packing,
             prefix_sharing=prefix_sharing,
-            max_tokens_per_row=max_tokens_per_row,
+            agree=agree,
         )
+    with torch.no_grad():
+        for indices, part in parts:
+            logps = concatenated_logps(model, part, **options)
+            index = torch.tensor(indices, dtype=torch.long)
+            chosen[index] = logps.chosen.float().cpu()
+            rejected[index] = logps.rejected.float().cpu()
     out = {
         f"{side}_{key}": batch[f"{side}_{key}"].cpu()
         for side in ("chosen", "rejected")
         for key in PAIR_KEYS
     }
-    out[REF_CHOSEN_KEY] = logps.chosen.float().cpu()
-    out[REF_REJECTED_KEY] = logps.rejected.float().cpu()
+    out[REF_CHOSEN_KEY] = chosen
+    out[REF_REJECTED_KEY] = rejected
     return out
 
 
