@@ -290,7 +290,7 @@ def reference_outputs(
     run in forwards of at most that many tokens (`chatlearn.algorithms.token_budget`; `agree`:
     the number of forwards every rank of a sharded model runs, from this rank's count).
     """
-    options = {
+    options: dict[str, Any] = {
         "pad_token_id": pad_token_id,
         "packing": packing,
         "prefix_sharing": prefix_sharing,
