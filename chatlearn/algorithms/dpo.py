@@ -31,7 +31,7 @@ adds alpha times the chosen response's NLL). Differences, both chosen for exact 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -299,6 +299,7 @@ def reference_outputs(
     rows = int(batch["chosen_input_ids"].shape[0])
     chosen = torch.zeros(rows, dtype=torch.float32)
     rejected = torch.zeros(rows, dtype=torch.float32)
+    parts: Sequence[tuple[list[int], Mapping[str, Any]]]
     if max_tokens_per_micro_batch is None:
         parts = [(list(range(rows)), batch)]
     else:

@@ -26,7 +26,7 @@ exact. Everything here runs on CPU tensors before the forward.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -141,7 +141,7 @@ def split_batch(
     *,
     packing: bool,
     prefix_sharing: bool,
-    agree: Any = None,
+    agree: Callable[[int], int] | None = None,
 ) -> list[tuple[list[int], dict[str, Any]]]:
     """``batch`` as ``(rows, sub-batch)`` groups of at most ``budget`` tokens each.
     ``agree(count) -> count``: for sharded models, the number all ranks run (e.g. an all-reduce
@@ -159,7 +159,7 @@ def regroup_step(
     *,
     packing: bool,
     prefix_sharing: bool,
-    agree: Any = None,
+    agree: Callable[[int], int] | None = None,
 ) -> list[dict[str, Any]]:
     """A step's micro-batches as forwards of at most ``budget`` tokens: the pairs of every
     micro-batch pooled (so short pairs of several micro-batches share one forward) and
