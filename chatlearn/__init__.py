@@ -6,33 +6,17 @@ before it is pinned to its devices) does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from chatlearn._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
-_EXPORTS: dict[str, str] = {
-    "init": "chatlearn.config",
-    "get_args": "chatlearn.config",
-    "set_args": "chatlearn.config",
-    "Config": "chatlearn.config",
-    "ConfigError": "chatlearn.config",
-    "BaseModule": "chatlearn.actors.module",
-    "TorchModule": "chatlearn.actors.module",
-    "MegatronModule": "chatlearn.megatron.module",
-    "Engine": "chatlearn.engine.engine",
-    "DPOEngine": "chatlearn.engine.engine",
-    "TrainingInterrupted": "chatlearn.engine.interrupts",
+# module -> the public names it defines
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "chatlearn.config": ("init", "get_args", "set_args", "Config", "ConfigError"),
+    "chatlearn.actors.module": ("BaseModule", "TorchModule"),
+    "chatlearn.megatron.module": ("MegatronModule",),
+    "chatlearn.engine.engine": ("Engine", "DPOEngine"),
+    "chatlearn.engine.interrupts": ("TrainingInterrupted",),
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'chatlearn' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -5,6 +5,10 @@ transport ← config, algorithms ← actors ← engine, launch, hf, megatron ←
 checks. A module may import its own package and packages of lower layers, never a package of its
 own layer or of a higher one; imports inside functions count too (they are real dependencies,
 only deferred). The test reads the source, so it also holds for code no test imports.
+
+One leaf lies below every layer: `_lazy.py`, the helper through which the packages' `__init__`
+files import their public names lazily. It imports only the standard library, so any package
+may use it without importing anything of another.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "chatlearn"
 
 LAYERS: dict[str, int] = {
+    # Below every layer: the packages' lazy re-exports (`__getattr__`), standard library only.
+    "_lazy": -1,
     "transport": 0,
     "config": 1,
     "algorithms": 1,

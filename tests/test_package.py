@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "chatlearn"
 FORBIDDEN = {"pickle", "cPickle", "cloudpickle", "dill", "_pickle"}
@@ -37,6 +40,19 @@ def test_import_chatlearn_does_not_import_torch() -> None:
     code = "import sys, chatlearn; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_lazy_exports_resolve_and_are_listed() -> None:
+    """Each package's public names (``_lazy.lazy_exports``) are listed by ``dir()``, each
+    resolves in the module the package names for it, and any other name is an AttributeError
+    naming the package."""
+    for name in ("chatlearn", "chatlearn.actors", "chatlearn.megatron"):
+        package = importlib.import_module(name)
+        assert package.__all__ and set(package.__all__) <= set(dir(package))
+        for public in package.__all__:
+            assert getattr(package, public) is not None
+        with pytest.raises(AttributeError, match=f"module '{name}' has no attribute 'nope'"):
+            package.nope  # noqa: B018
 
 
 def test_cli_help() -> None:

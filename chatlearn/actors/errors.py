@@ -24,8 +24,9 @@ the user sees when it stops the run (`chatlearn.config.report`).
 from __future__ import annotations
 
 import signal
-from typing import Any
+from typing import Any, Self
 
+from chatlearn.actors.identity import ActorIdentity
 from chatlearn.config.errors import ConfigError, one_line
 from chatlearn.transport.errors import RemoteError
 
@@ -149,6 +150,13 @@ class ActorDeadError(RuntimeError):
         self.stderr_tail = stderr_tail
         self.remote_traceback = remote_traceback
         super().__init__(self._headline())
+
+    @classmethod
+    def of(cls, actor: ActorIdentity, **details: Any) -> Self:
+        """The error of ``actor`` (its model, replica, rank and host); ``details`` are the
+        constructor's other keywords (``pid``, ``reason``, ...; ``method`` and ``timeout`` for
+        an ``ActorTimeoutError``)."""
+        return cls(actor.model, actor.rank, actor.host, replica_id=actor.replica_id, **details)
 
     @property
     def signal(self) -> int | None:

@@ -21,6 +21,8 @@ import asyncio
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
+from chatlearn.actors.identity import ActorIdentity
+
 __all__ = ["ActorHandle", "ModelGroup"]
 
 _DEFAULT = object()
@@ -29,12 +31,7 @@ _DEFAULT = object()
 class ActorBackend(Protocol):
     """What a handle needs from an actor (remote process or in-process)."""
 
-    model: str
-    replica_id: int
-    rank: int
-    world_size: int
-    num_replica: int
-    host: str
+    identity: ActorIdentity
     info: dict[str, Any]
 
     @property
@@ -55,24 +52,31 @@ class ActorHandle:
         self._timeout = timeout
 
     @property
+    def identity(self) -> ActorIdentity:
+        """Which actor this is: model, replica, rank, world size, replica count, host (the host
+        changes when a restart moves the actor to another one)."""
+        return self._backend.identity
+
+    # the parts of `identity` callers read most
+    @property
     def model(self) -> str:
-        return self._backend.model
+        return self._backend.identity.model
 
     @property
     def replica_id(self) -> int:
-        return self._backend.replica_id
+        return self._backend.identity.replica_id
 
     @property
     def rank(self) -> int:
-        return self._backend.rank
+        return self._backend.identity.rank
 
     @property
     def world_size(self) -> int:
-        return self._backend.world_size
+        return self._backend.identity.world_size
 
     @property
     def host(self) -> str:
-        return self._backend.host
+        return self._backend.identity.host
 
     @property
     def pid(self) -> int | None:
@@ -133,7 +137,7 @@ class ModelGroup:
 
     @property
     def num_replica(self) -> int:
-        return self.handles[0]._backend.num_replica if self.handles else 0
+        return self.handles[0].identity.num_replica if self.handles else 0
 
     @property
     def world_size(self) -> int:

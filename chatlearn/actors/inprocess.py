@@ -20,12 +20,12 @@ import asyncio
 import contextlib
 import inspect
 import os
-import socket
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from chatlearn.actors.errors import ActorError, ActorSystemClosedError, ActorTimeoutError
 from chatlearn.actors.handles import ActorHandle, ModelGroup
+from chatlearn.actors.identity import ActorIdentity
 from chatlearn.actors.module import BaseModule
 from chatlearn.actors.placement import ModelResources
 from chatlearn.actors.worker_core import (
@@ -62,22 +62,17 @@ class LocalActor:
         services: Mapping[str, str],
     ) -> None:
         self.system = system
-        self.model = template.name
-        self.replica_id = replica_id
-        self.rank = 0
-        self.world_size = 1
-        self.num_replica = num_replica
-        self.host = socket.gethostname()
+        # a single rank per replica, on this host
+        self.identity = ActorIdentity(
+            model=template.name, replica_id=replica_id, num_replica=num_replica
+        )
         self.info: dict[str, Any] = {}
         self._failure: BaseException | None = None
         self._closed = False
-        self.compute = ComputeThread(f"chatlearn-inproc-{self.model}-{replica_id}")
+        self.compute = ComputeThread(f"chatlearn-inproc-{template.name}-{replica_id}")
         spec = ActorSpec(
-            name=template.name,
-            class_ref=None,  # type: ignore[arg-type]  # the class object is used directly
-            replica_id=replica_id,
-            num_replica=num_replica,
-            host=self.host,
+            identity=self.identity,
+            class_ref=None,  # the class object is used directly
             services=dict(services),
             # Services bind their ipc endpoints (trainer inboxes) in the run's directory.
             runtime_dir=str(system.runtime_dir.path) if system.runtime_dir else None,
@@ -86,7 +81,7 @@ class LocalActor:
 
         ctx = WorkerContext(
             spec,
-            identity=f"{self.model}.{replica_id}.0.inproc".encode(),
+            routing_id=f"{self.identity.label}.inproc".encode(),
             loop=asyncio.get_running_loop(),
             compute=self.compute,
             zmq_context=zmq.asyncio.Context.instance(),
@@ -99,14 +94,7 @@ class LocalActor:
         return os.getpid()
 
     def where(self, method: str) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "replica_id": self.replica_id,
-            "rank": self.rank,
-            "host": self.host,
-            "pid": self.pid,
-            "method": method,
-        }
+        return self.identity.where(self.pid, method)
 
     async def start(self) -> None:
         try:
@@ -126,7 +114,7 @@ class LocalActor:
         if self._failure is not None:
             raise self._failure
         if self._closed:
-            raise ActorSystemClosedError(f"in-process actor {self.model} is closed")
+            raise ActorSystemClosedError(f"in-process actor {self.identity.model} is closed")
         if timeout is None:
             timeout = self.system.options.call_timeout
         args, kwargs = _wire_copy([args, kwargs])
@@ -141,14 +129,8 @@ class LocalActor:
                 ) from None
         except TimeoutError:
             assert timeout is not None
-            timed_out = ActorTimeoutError(
-                self.model,
-                self.rank,
-                self.host,
-                method=method,
-                timeout=timeout,
-                replica_id=self.replica_id,
-                pid=self.pid,
+            timed_out = ActorTimeoutError.of(
+                self.identity, method=method, timeout=timeout, pid=self.pid
             )
             self.system.fail(timed_out)
             raise timed_out from None

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from chatlearn.actors.errors import PlacementError
+from chatlearn.actors.identity import ActorIdentity
 
 __all__ = [
     "HostResources",
@@ -300,6 +301,18 @@ class ProcessAssignment:
     visible_gpus: tuple[int, ...] = ()  # the replica's GPUs: CUDA_VISIBLE_DEVICES
     env: Mapping[str, str] = field(default_factory=dict)
     host_local_rank: int | None = None  # set when the replica spans hosts (plan_hosts)
+
+    @property
+    def identity(self) -> ActorIdentity:
+        """Which actor this process is (what its handle, spec and errors name)."""
+        return ActorIdentity(
+            model=self.model,
+            replica_id=self.replica_id,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_replica=self.num_replica,
+            host=self.host,
+        )
 
     @property
     def local_rank(self) -> int:

@@ -67,25 +67,20 @@ class RemoteActor:
     def __init__(self, system: ActorSystem, assignment: ProcessAssignment, spec: ActorSpec):
         self.system = system
         self.assignment = assignment
+        self.identity = assignment.identity  # follows the assignment when it moves (runtime.py)
         self.spec = spec
-        self.model = assignment.model
-        self.replica_id = assignment.replica_id
-        self.rank = assignment.rank
-        self.world_size = assignment.world_size
-        self.num_replica = assignment.num_replica
-        self.host = assignment.host
         self.incarnation = -1  # how many times the process was restarted (runtime.py)
         self.renew(spec)
 
     def renew(self, spec: ActorSpec) -> None:
-        """A new process for this actor (the first, or a restart): a new identity and a fresh
+        """A new process for this actor (the first, or a restart): a new routing id and a fresh
         record; the object stays, so every handle to the actor reaches the new process."""
         self.spec = spec
         self.incarnation += 1
-        # The random part makes the identity unguessable (it is never on a command line), and a
-        # restarted actor's differs from its predecessor's.
+        # The control channel's name for the process. The random part makes it unguessable (it
+        # is never on a command line), and a restarted actor's differs from its predecessor's.
         token = secrets.token_hex(8)
-        self.identity = f"{self.model}.{self.replica_id}.{self.rank}.{token}".encode()
+        self.routing_id = f"{self.identity.label}.{token}".encode()
         self.info: dict[str, Any] = {}
         # spawning, starting, ready, failed, stopping, exited; lost, priming (restarts)
         self.state = "spawning"
@@ -106,25 +101,15 @@ class RemoteActor:
         return self.popen.pid if self.popen is not None else None
 
     def where(self, method: str | None = None) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "replica_id": self.replica_id,
-            "rank": self.rank,
-            "host": self.host,
-            "pid": self.pid,
-            "method": method,
-        }
+        return self.identity.where(self.pid, method)
 
     def dead_error(self, reason: str = "") -> ActorDeadError:
         """An `ActorDeadError` with everything known: exit code, DEAD traceback, stderr tail."""
         tb = ""
         if isinstance(self.dead_payload, dict):
             tb = str(self.dead_payload.get("traceback", ""))
-        return ActorDeadError(
-            self.model,
-            self.rank,
-            self.host,
-            replica_id=self.replica_id,
+        return ActorDeadError.of(
+            self.identity,
             pid=self.pid,
             exit_code=self.popen.poll() if self.popen is not None else None,
             reason=reason,
@@ -143,7 +128,7 @@ class RemoteActor:
                 await self.hello  # failed by the supervisor if the process exits first
             remaining = max(0.1, deadline - time.monotonic())
             info = await system.server.request(
-                self.identity, MessageKind.CONFIG, self.spec.to_payload(), timeout=remaining
+                self.routing_id, MessageKind.CONFIG, self.spec.to_payload(), timeout=remaining
             )
         except RemoteError as err:  # the actor reported a startup failure (import, setup, ...)
             self.state = "failed"  # its exit is expected now: not a second failure
@@ -179,13 +164,14 @@ class RemoteActor:
             lost = system.lost_error(self)
             if lost is not None:  # being restarted: the caller may wait for it and retry
                 raise lost
-            raise ActorSystemClosedError(f"actor {self.model} rank {self.rank} is {self.state}")
+            who = self.identity
+            raise ActorSystemClosedError(f"actor {who.model} rank {who.rank} is {self.state}")
         if timeout is None:
             timeout = system.options.call_timeout
         payload = {"method": method, "args": args, "kwargs": kwargs}
         try:
             return await system.server.request(
-                self.identity, MessageKind.CALL, payload, timeout=timeout
+                self.routing_id, MessageKind.CALL, payload, timeout=timeout
             )
         except RemoteError as err:
             if isinstance(err, ActorError):  # the run's failure, set by fail_pending
@@ -199,14 +185,8 @@ class RemoteActor:
             raise exc from None
         except RequestTimeoutError:
             assert timeout is not None
-            timed_out = ActorTimeoutError(
-                self.model,
-                self.rank,
-                self.host,
-                method=method,
-                timeout=timeout,
-                replica_id=self.replica_id,
-                pid=self.pid,
+            timed_out = ActorTimeoutError.of(
+                self.identity, method=method, timeout=timeout, pid=self.pid
             )
             lost = system.lose(self, timed_out)
             raise (lost or timed_out) from None
@@ -267,13 +247,8 @@ def spawn_model(
             }
         local = cluster is None or is_local_host(a.host)
         spec = ActorSpec(
-            name=module.name,
+            identity=a.identity,
             class_ref=class_ref,
-            replica_id=a.replica_id,
-            rank=a.rank,
-            world_size=a.world_size,
-            num_replica=a.num_replica,
-            host=a.host,
             config=config_dict,
             argv=list(sys.argv),
             sys_path=[p for p in sys.path if p],
@@ -298,11 +273,11 @@ def spawn_model(
             *("--coordinator-pid", str(os.getpid() if local else 0)),
             *("--heartbeat-interval", str(options.heartbeat_interval)),
             *("--startup-timeout", str(options.startup_timeout)),
-            *("--label", f"{a.model}.{a.replica_id}.{a.rank}"),
+            *("--label", a.identity.label),
         ]
         extra_env = {**env_vars, **a.env, **dist_env}
         boot = Bootstrap(
-            identity=actor.identity.decode(),
+            identity=actor.routing_id.decode(),
             security=system.security,
             # Removed by the actor if we die first (`Cluster.spawn` drops it for other hosts).
             cleanup=[str(system.runtime_dir.path)] if system.runtime_dir else [],

@@ -196,7 +196,7 @@ class ActorSystem:
         self.security = security.RunSecurity(curve=cluster.keys if cluster is not None else None)
         self._num_unknown = 0
         self._actors: list[RemoteActor] = []
-        self._by_identity: dict[bytes, RemoteActor] = {}
+        self._by_routing_id: dict[bytes, RemoteActor] = {}
         self._local: list[Any] = []  # in-process actors
         self._popens: list[Any] = []  # shared with the exit-time finalizer
         self._tasks: list[asyncio.Task[Any]] = []
@@ -237,10 +237,9 @@ class ActorSystem:
         if actor is None:
             self.events.append(ActorEvent(time.monotonic(), kind, detail=detail))
         else:
+            who = actor.identity
             self.events.append(
-                ActorEvent(
-                    time.monotonic(), kind, actor.model, actor.replica_id, actor.rank, detail
-                )
+                ActorEvent(time.monotonic(), kind, who.model, who.replica_id, who.rank, detail)
             )
 
     def event_kinds(self, model: str | None = None) -> list[str]:
@@ -298,7 +297,7 @@ class ActorSystem:
                 colocation=colocation,
                 reserved={
                     h: (self._used("cpus", h), self._used("gpus", h))
-                    for h in {a.host for a in self._actors}
+                    for h in {a.identity.host for a in self._actors}
                 },
             )
         else:
@@ -331,7 +330,7 @@ class ActorSystem:
             for actor in actors:
                 self._popens.append(actor.popen)
                 self._actors.append(actor)
-                self._by_identity[actor.identity] = actor
+                self._by_routing_id[actor.routing_id] = actor
                 self.record("spawn", actor, f"pid {actor.pid}")
             new[module.name] = actors
         everyone = [a for group in new.values() for a in group]
@@ -364,7 +363,7 @@ class ActorSystem:
         return {
             d
             for a in self._actors
-            if host is None or a.host == host
+            if host is None or a.identity.host == host
             for d in getattr(a.assignment, kind)
         }
 
@@ -391,10 +390,10 @@ class ActorSystem:
     async def _control_loop(self) -> None:
         """Consumes the actors' HELLO, HEARTBEAT and DEAD messages; updates their records."""
         while True:
-            identity, msg = await self.server.recv_unsolicited()
-            actor = self._by_identity.get(identity)
+            routing_id, msg = await self.server.recv_unsolicited()
+            actor = self._by_routing_id.get(routing_id)
             if actor is None:
-                self._unknown_peer(identity, msg.kind.name)
+                self._unknown_peer(routing_id, msg.kind.name)
                 continue
             actor.last_seen = time.monotonic()
             actor.cpu_sample = None
@@ -410,12 +409,12 @@ class ActorSystem:
                 actor.dead_at = time.monotonic()
                 self.record("dead", actor, "reported a fatal error")
             else:
-                logger.debug("ignoring %s from %r", msg.kind.name, identity)
+                logger.debug("ignoring %s from %r", msg.kind.name, routing_id)
 
-    def _malformed_from(self, identity: bytes, exc: Exception) -> None:
+    def _malformed_from(self, routing_id: bytes, exc: Exception) -> None:
         """An actor of this run sent a message that cannot be decoded: it broke the protocol
         (only the run's processes get through, security.py), so the run stops naming it."""
-        actor = self._by_identity.get(identity)
+        actor = self._by_routing_id.get(routing_id)
         if actor is not None and self.failure is None and not self._closing:
             self.fail(
                 actor.dead_error(
@@ -424,8 +423,8 @@ class ActorSystem:
                 )
             )
 
-    def _unknown_peer(self, identity: bytes, kind: str) -> None:
-        """A message from a peer with the run's credentials but no actor's identity (an actor of
+    def _unknown_peer(self, routing_id: bytes, kind: str) -> None:
+        """A message from a peer with the run's credentials but no actor's routing id (an actor of
         a run that ended, say): dropped, counted, and logged at a capped rate."""
         self._num_unknown += 1
         count = self._num_unknown
@@ -433,7 +432,7 @@ class ActorSystem:
             logger.warning(
                 "dropped message %s from unknown peer %r (%d such messages so far)",
                 kind,
-                identity[:64],
+                routing_id[:64],
                 count,
             )
 
@@ -511,9 +510,9 @@ class ActorSystem:
                 "actor %s replica %d rank %d (pid %s): no heartbeat for %.1f s, but it is "
                 "waiting for CPU time (other programs are using the cores): starved, not hung; "
                 "waiting on",
-                actor.model,
-                actor.replica_id,
-                actor.rank,
+                actor.identity.model,
+                actor.identity.replica_id,
+                actor.identity.rank,
                 actor.pid,
                 now - actor.last_seen,
             )
@@ -535,7 +534,7 @@ class ActorSystem:
             return
         reason = "exited during startup" if previous == "starting" else "exited unexpectedly"
         if self.cluster is not None:
-            reason = self.cluster.describe_exit(actor.host, code) or reason
+            reason = self.cluster.describe_exit(actor.identity.host, code) or reason
         exc = actor.dead_error(reason)
         if not actor.hello.done():
             actor.hello.set_exception(exc)
@@ -570,9 +569,9 @@ class ActorSystem:
         self._healing[model] = _Healing(unit, policy, on_restart, describe)
 
     def _unit_key(self, actor: Any) -> tuple[str, int | None]:
-        healing = self._healing.get(actor.model)
+        healing = self._healing.get(actor.identity.model)
         unit = healing.unit if healing is not None else "replica"
-        return (actor.model, actor.replica_id if unit == "replica" else None)
+        return (actor.identity.model, actor.identity.replica_id if unit == "replica" else None)
 
     def restarting(self, model: str, replica_id: int | None = None) -> bool:
         """Whether a unit of ``model`` (holding ``replica_id``, if given) is being restarted."""
@@ -605,12 +604,12 @@ class ActorSystem:
         """The error of a call to ``actor`` while it is being restarted (None: it is not)."""
         if self._unit_key(actor) not in self._restarting:
             return None
-        healing = self._healing[actor.model]
+        healing = self._healing[actor.identity.model]
         cause = self._lost_because.get(self._unit_key(actor)) or actor.dead_error("restarting")
         return ActorLostError(
             cause,
-            model=actor.model,
-            replica_id=actor.replica_id,
+            model=actor.identity.model,
+            replica_id=actor.identity.replica_id,
             attempt=healing.count,
         )
 
@@ -622,40 +621,47 @@ class ActorSystem:
         ``exc`` the run's failure and return None."""
         if self.failure is not None or self._closing or self._closed:
             return None
-        healing = self._healing.get(actor.model)
+        healing = self._healing.get(actor.identity.model)
         if healing is None or (user_error and not healing.policy.on_error):
             self.fail(exc)
             return None
         key = self._unit_key(actor)
         if key in self._restarting:  # a unit already restarting (a rank, or a new process)
             lost = ActorLostError(
-                exc, model=actor.model, replica_id=actor.replica_id, attempt=healing.count
+                exc,
+                model=actor.identity.model,
+                replica_id=actor.identity.replica_id,
+                attempt=healing.count,
             )
-            self.server.fail_pending(actor.identity, lost)
+            self.server.fail_pending(actor.routing_id, lost)
             return lost
         if not self._budget(healing, exc):
             self.fail(exc)
             return None
         healing.count += 1
         lost = ActorLostError(
-            exc, model=actor.model, replica_id=actor.replica_id, attempt=healing.count
+            exc,
+            model=actor.identity.model,
+            replica_id=actor.identity.replica_id,
+            attempt=healing.count,
         )
         members = [
             a
             for a in self._actors
-            if a.model == actor.model and (key[1] is None or a.replica_id == key[1])
+            if a.identity.model == actor.identity.model
+            and (key[1] is None or a.identity.replica_id == key[1])
         ]
         for member in members:
             if member.state != "exited":
                 member.state = "lost"
-            self.server.fail_pending(member.identity, lost)
+            self.server.fail_pending(member.routing_id, lost)
         replayed = healing.describe(key[1]) if healing.describe is not None else ""
         what = f"replica {key[1]}" if key[1] is not None else "all its processes"
         reason = _headline(exc)
         policy = healing.policy
         logger.warning(
             "restarting model %r %s: %s (restart %d; at most %d per %s)%s",
-            actor.model,
+            actor.identity.model,
             what,
             reason,
             healing.count,
@@ -664,7 +670,7 @@ class ActorSystem:
             f"; {replayed}" if replayed else "",
         )
         self.record("restart", actor, reason)
-        restart = Restart(actor.model, key[1], healing.count, reason, time.time())
+        restart = Restart(actor.identity.model, key[1], healing.count, reason, time.time())
         self.restarts.append(restart)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._restarting[key] = waiter
@@ -714,7 +720,7 @@ class ActorSystem:
                     kill_wait=self.options.kill_timeout,
                 )
                 for member in members:
-                    self._by_identity.pop(member.identity, None)
+                    self._by_routing_id.pop(member.routing_id, None)
                     if member.state != "exited":
                         member.state = "exited"
                         self.record("exit", member, f"exit code {member.popen.returncode}")
@@ -731,7 +737,7 @@ class ActorSystem:
                 )
                 for member in members:
                     self._popens.append(member.popen)
-                    self._by_identity[member.identity] = member
+                    self._by_routing_id[member.routing_id] = member
                     self.record("spawn", member, f"pid {member.pid} (restart {restart.attempt})")
                 results = await asyncio.gather(
                     *(m.start(fatal=False) for m in members), return_exceptions=True
@@ -817,7 +823,7 @@ class ActorSystem:
         used: dict[str, tuple[list[int], list[int]]] = {}
         for actor in self._actors:
             if actor not in members and actor.state not in ("exited", "failed"):
-                cpus, gpus = used.setdefault(actor.host, ([], []))
+                cpus, gpus = used.setdefault(actor.identity.host, ([], []))
                 cpus.extend(actor.assignment.cpus)
                 gpus.extend(actor.assignment.gpus)
         moved = relocate(
@@ -830,16 +836,16 @@ class ActorSystem:
             logger.warning(
                 "host %s cannot start model %r's processes and no other host has room for them",
                 lost_host,
-                members[0].model,
+                members[0].identity.model,
             )
             return
         for member, assignment in zip(members, moved, strict=True):
             member.assignment = assignment
-            member.host = assignment.host
+            member.identity = assignment.identity
         logger.warning(
             "host %s cannot start model %r's processes: moving them to host %s",
             lost_host,
-            members[0].model,
+            members[0].identity.model,
             moved[0].host,
         )
         self.record("moved", members[0], f"{lost_host} -> {moved[0].host}")
@@ -858,7 +864,7 @@ class ActorSystem:
         logger.error("stopping all actors: %s", line)
         for actor in self._actors:
             if self.server is not None:
-                self.server.fail_pending(actor.identity, exc)
+                self.server.fail_pending(actor.routing_id, exc)
             if not actor.hello.done():
                 actor.hello.set_exception(exc)
                 actor.hello.exception()  # retrieved: nobody may be waiting any more
@@ -917,7 +923,7 @@ class ActorSystem:
         actor.state = "stopping"
         with contextlib.suppress(Exception):
             await self.server.request(
-                actor.identity, MessageKind.SHUTDOWN, timeout=self.options.shutdown_timeout
+                actor.routing_id, MessageKind.SHUTDOWN, timeout=self.options.shutdown_timeout
             )
 
     async def _close_runtime(self) -> None:
@@ -950,7 +956,7 @@ class ActorSystem:
         """Each model's actors' routing identities (secret to the run: for diagnostics)."""
         result: dict[str, list[bytes]] = {}
         for actor in self._actors:
-            result.setdefault(actor.model, []).append(actor.identity)
+            result.setdefault(actor.identity.model, []).append(actor.routing_id)
         return result
 
     @property
@@ -968,7 +974,7 @@ class ActorSystem:
         if not isinstance(backend, RemoteActor):
             return 0.0
         start = time.perf_counter()
-        await self.server.request(backend.identity, MessageKind.PING, timeout=timeout)
+        await self.server.request(backend.routing_id, MessageKind.PING, timeout=timeout)
         return time.perf_counter() - start
 
 

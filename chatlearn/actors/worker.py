@@ -93,7 +93,7 @@ class Worker:
         self.client = client
         self.zmq_context = zmq_context
         self.opts = opts
-        self.identity = opts.bootstrap.identity.encode()
+        self.routing_id = opts.bootstrap.identity.encode()
         self.host = socket.gethostname()
         self.compute = ComputeThread("chatlearn-compute")
         self.core: Any = None
@@ -136,10 +136,11 @@ class Worker:
         )
         try:
             spec = ActorSpec.from_payload(msg.payload)
-            _configure_logging(f"{spec.name} r{spec.replica_id}.{spec.rank}")
+            who = spec.identity
+            _configure_logging(f"{who.model} r{who.replica_id}.{who.rank}")
             ctx = WorkerContext(
                 spec,
-                identity=self.identity,
+                routing_id=self.routing_id,
                 loop=asyncio.get_running_loop(),
                 compute=self.compute,
                 zmq_context=self.zmq_context,

@@ -21,7 +21,6 @@ import inspect
 import os
 import queue
 import random
-import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -30,6 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from chatlearn.actors.identity import ActorIdentity
 from chatlearn.actors.loader import ClassRef, load_object
 from chatlearn.actors.module import BaseModule, construct_module, invoke
 from chatlearn.actors.placement import config_value
@@ -208,13 +208,8 @@ def _thread_ids() -> set[int]:
 class ActorSpec:
     """Everything an actor needs to become its model's rank (the CONFIG message's payload)."""
 
-    name: str
+    identity: ActorIdentity
     class_ref: ClassRef | None
-    replica_id: int = 0
-    rank: int = 0
-    world_size: int = 1
-    num_replica: int = 1
-    host: str = field(default_factory=socket.gethostname)
     config: dict[str, Any] | None = None  # Config.to_dict(); None in-process (shared object)
     argv: list[str] = field(default_factory=list)
     sys_path: list[str] = field(default_factory=list)
@@ -226,13 +221,15 @@ class ActorSpec:
     idle_priority: bool = False
 
     def to_payload(self) -> dict[str, Any]:
-        payload = {k: v for k, v in self.__dict__.items() if k != "class_ref"}
+        payload = dict(self.__dict__)
+        payload["identity"] = self.identity.to_payload()
         payload["class_ref"] = self.class_ref.to_payload() if self.class_ref else None
         return payload
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> ActorSpec:
         data = dict(payload)
+        data["identity"] = ActorIdentity.from_payload(data["identity"])
         ref = data.get("class_ref")
         data["class_ref"] = ClassRef.from_payload(ref) if ref is not None else None
         return cls(**data)
@@ -245,20 +242,15 @@ class WorkerContext:
         self,
         spec: ActorSpec,
         *,
-        identity: bytes,
+        routing_id: bytes,
         loop: asyncio.AbstractEventLoop,
         compute: ComputeThread,
         zmq_context: Any,
         in_process: bool,
     ) -> None:
-        self.model = spec.name
-        self.replica_id = spec.replica_id
-        self.rank = spec.rank
-        self.world_size = spec.world_size
-        self.local_rank = spec.rank
-        self.num_replica = spec.num_replica
-        self.host = spec.host
-        self.identity = identity
+        self.identity = spec.identity  # which actor this is: model, replica, rank, ...
+        self.local_rank = spec.identity.rank
+        self.routing_id = routing_id  # its socket's identity on the control channel
         self.runtime_dir = Path(spec.runtime_dir) if spec.runtime_dir else None
         self.cpus = tuple(spec.pinning.get("cpus") or ())
         self.gpus = tuple(spec.pinning.get("gpus") or ())
@@ -285,13 +277,8 @@ class WorkerContext:
         return private_endpoint(self.runtime_dir, name)
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "replica_id": self.replica_id,
-            "rank": self.rank,
-            "host": self.host,
-            "pid": os.getpid(),
-        }
+        """Where this actor is (model, replica, rank, host, pid), for its errors."""
+        return self.identity.where(os.getpid())
 
 
 class ActorCore:
@@ -337,16 +324,17 @@ class ActorCore:
         if spec.config is not None:
             args = self._install_config(spec.config)  # again: the script may have run init()
         self.phase = "__init__"
-        module = construct_module(klass, spec.name, args, spec.replica_id)
+        identity = spec.identity
+        module = construct_module(klass, identity.model, args, identity.replica_id)
         module._runtime_dir = self.ctx.runtime_dir  # put/get's shared store (None off-host)
-        module._rank = spec.rank
-        module._world_size = spec.world_size
-        module._num_replica = spec.num_replica
+        module._rank = identity.rank
+        module._world_size = identity.world_size
+        module._num_replica = identity.num_replica
         self.module = module
         self.phase = "init_process_group"
         self._init_torch()
         if not self.ctx.in_process:
-            _seed_process(args, spec.replica_id * spec.world_size + spec.rank)
+            _seed_process(args, identity.replica_id * identity.world_size + identity.rank)
         self.phase = "setup"
         invoke(module, "setup")
         if (spec.nice or spec.idle_priority) and not self.ctx.in_process:
@@ -367,9 +355,10 @@ class ActorCore:
 
     def _init_torch(self) -> None:
         spec = self.spec
+        world_size = spec.identity.world_size
         num_threads = spec.pinning.get("num_threads")
         gpus = spec.pinning.get("gpus") or []
-        if spec.world_size <= 1 and not gpus and "torch" not in sys.modules:
+        if world_size <= 1 and not gpus and "torch" not in sys.modules:
             return  # a module that does not use torch does not pay for importing it
         import torch
 
@@ -378,14 +367,14 @@ class ActorCore:
         if gpus:
             visible = list(spec.pinning.get("visible_gpus") or gpus)
             torch.cuda.set_device(visible.index(gpus[0]))
-        if spec.world_size > 1:
+        if world_size > 1:
             import torch.distributed as dist
 
             dist.init_process_group(
                 backend="nccl" if gpus else "gloo",
                 init_method="env://",
-                rank=spec.rank,
-                world_size=spec.world_size,
+                rank=spec.identity.rank,
+                world_size=world_size,
                 timeout=timedelta(seconds=spec.dist_timeout),
             )
             self._dist_initialized = True
@@ -394,7 +383,7 @@ class ActorCore:
         torch = sys.modules.get("torch")
         return {
             "pid": os.getpid(),
-            "host": self.spec.host,
+            "host": self.spec.identity.host,
             "cpus": sorted(os.sched_getaffinity(0)) if self.spec.pinning.get("cpus") else [],
             "gpus": list(self.spec.pinning.get("gpus") or []),
             "torch_threads": torch.get_num_threads() if torch is not None else None,

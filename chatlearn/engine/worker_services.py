@@ -296,12 +296,12 @@ class ReferenceService(_EpisodeHooks):
         path = self.module.runtime_args.get("reference_store", None)
         if not path:
             return None
-        if self.ctx.world_size > 1:
+        if self.ctx.identity.world_size > 1:
             logger.warning(
                 "runtime.reference_store is used by single-process reference replicas only; "
                 "%s has %d processes a replica: computing every sample",
                 self.module.name,
-                self.ctx.world_size,
+                self.ctx.identity.world_size,
             )
             return None
         started = time.time()
@@ -373,7 +373,7 @@ class TrainerService(_EpisodeHooks):
     async def open_inbox(self, order: OpenInbox) -> Inbox:
         """Bind this rank's inbox and start receiving; returns the endpoint to connect to."""
         if self.receiver is None:
-            name = f"inbox-{self.ctx.model}-{self.ctx.rank}"
+            name = f"inbox-{self.ctx.identity.model}-{self.ctx.identity.rank}"
             # Only the run's processes can reach it (security.py): a message it cannot use is
             # a bug of one of them, which must stop the run naming it, not be skipped.
             self.receiver = DataReceiver(
@@ -559,7 +559,9 @@ class TrainerService(_EpisodeHooks):
 
     def _checkpoint_call(self, kind: str, checkpoint: str, iteration: int) -> Interval:
         start = time.time()
-        directory = module_checkpoint_dir(Path(checkpoint), self.module.name, self.ctx.rank)
+        directory = module_checkpoint_dir(
+            Path(checkpoint), self.module.name, self.ctx.identity.rank
+        )
         if kind == "save":
             directory.mkdir(parents=True, exist_ok=True)
         if kind == "load" and not resume_loads_checkpoint(self.module, directory):

@@ -19,56 +19,61 @@ Layer 3 (docs/architecture.md, "Layers"): may import `transport`, `config`, `alg
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from chatlearn._lazy import lazy_exports
 
-_EXPORTS: dict[str, str] = {
-    "MegatronModule": "chatlearn.megatron.module",
-    "MegatronNotInstalledError": "chatlearn.megatron.requirement",
-    "megatron_available": "chatlearn.megatron.requirement",
-    "megatron_version": "chatlearn.megatron.requirement",
-    "require_megatron": "chatlearn.megatron.requirement",
-    "CompatPatch": "chatlearn.megatron.compat",
-    "apply_cpu_compat": "chatlearn.megatron.compat",
-    "applied_patches": "chatlearn.megatron.compat",
-    "cpu_config_overrides": "chatlearn.megatron.compat",
-    "ParallelLayout": "chatlearn.megatron.parallel",
-    "ParallelState": "chatlearn.megatron.parallel",
-    "initialize_parallel_state": "chatlearn.megatron.parallel",
-    "destroy_parallel_state": "chatlearn.megatron.parallel",
-    "ensure_single_process_group": "chatlearn.megatron.parallel",
-    "seed_parallel_rngs": "chatlearn.megatron.parallel",
-    "is_last_rank": "chatlearn.megatron.parallel",
-    "GPTConfig": "chatlearn.megatron.gpt",
-    "build_gpt_model": "chatlearn.megatron.gpt",
-    "gpt_logits": "chatlearn.megatron.gpt",
-    "pipeline_logits": "chatlearn.megatron.gpt",
-    "causal_attention_mask": "chatlearn.megatron.gpt",
-    "vocab_parallel_sequence_logps": "chatlearn.megatron.dpo",
-    "concatenated_logps": "chatlearn.megatron.dpo",
-    "reference_logps": "chatlearn.megatron.dpo",
-    "dpo_train_step": "chatlearn.megatron.dpo",
-    "HFConversionError": "chatlearn.megatron.convert",
-    "load_hf_checkpoint": "chatlearn.megatron.convert",
-    "save_hf_checkpoint": "chatlearn.megatron.convert",
-    "gather_hf_state_dict": "chatlearn.megatron.convert",
-    "build_gpt_model_from_hf": "chatlearn.megatron.convert",
-    "build_megatron_args": "chatlearn.megatron.args",
-    "DistCheckpointError": "chatlearn.megatron.dist_ckpt",
-    "find_dist_checkpoint": "chatlearn.megatron.dist_ckpt",
-    "is_dist_checkpoint": "chatlearn.megatron.dist_ckpt",
-    "load_dist_checkpoint": "chatlearn.megatron.dist_ckpt",
-    "save_dist_checkpoint": "chatlearn.megatron.dist_ckpt",
-    "wrap_data_parallel": "chatlearn.megatron.dpo",
+# module -> the public names it defines
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "chatlearn.megatron.module": ("MegatronModule",),
+    "chatlearn.megatron.requirement": (
+        "MegatronNotInstalledError",
+        "megatron_available",
+        "megatron_version",
+        "require_megatron",
+    ),
+    "chatlearn.megatron.compat": (
+        "CompatPatch",
+        "apply_cpu_compat",
+        "applied_patches",
+        "cpu_config_overrides",
+    ),
+    "chatlearn.megatron.parallel": (
+        "ParallelLayout",
+        "ParallelState",
+        "initialize_parallel_state",
+        "destroy_parallel_state",
+        "ensure_single_process_group",
+        "seed_parallel_rngs",
+        "is_last_rank",
+    ),
+    "chatlearn.megatron.gpt": (
+        "GPTConfig",
+        "build_gpt_model",
+        "gpt_logits",
+        "pipeline_logits",
+        "causal_attention_mask",
+    ),
+    "chatlearn.megatron.dpo": (
+        "vocab_parallel_sequence_logps",
+        "concatenated_logps",
+        "reference_logps",
+        "dpo_train_step",
+        "wrap_data_parallel",
+    ),
+    "chatlearn.megatron.convert": (
+        "HFConversionError",
+        "load_hf_checkpoint",
+        "save_hf_checkpoint",
+        "gather_hf_state_dict",
+        "build_gpt_model_from_hf",
+    ),
+    "chatlearn.megatron.args": ("build_megatron_args",),
+    "chatlearn.megatron.dist_ckpt": (
+        "DistCheckpointError",
+        "find_dist_checkpoint",
+        "is_dist_checkpoint",
+        "load_dist_checkpoint",
+        "save_dist_checkpoint",
+    ),
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'chatlearn.megatron' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -43,7 +43,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Generator
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -155,7 +155,84 @@ class MalformedLog:
             self._unlogged = 0
 
 
-class ControlServer:
+class _Channel:
+    """What the four channels share: a socket, and closing it with ``close()`` (synchronous, so
+    it can run in ``finally`` blocks), ``aclose()`` or either context-manager protocol. A
+    channel whose close does more (`_Decoding` flushes its malformed-message log,
+    `ControlServer` also fails its pending requests) extends ``close()``; the rest call it."""
+
+    _socket: AsyncSocket
+
+    @property
+    def closed(self) -> bool:
+        return self._socket.closed
+
+    def close(self, linger: int | None = None) -> None:
+        """Close the socket with a bounded linger (``linger`` ms, else the channel's own);
+        closing again does nothing."""
+        self._socket.close(linger)
+
+    async def aclose(self, linger: int | None = None) -> None:
+        """``close()``, async for symmetry with other closables (there is nothing to wait for)."""
+        self.close(linger)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _Decoding(_Channel):
+    """A channel that decodes what it receives (`ControlServer`, `ControlClient`,
+    `DataReceiver`): it counts and logs the messages it cannot decode, and its close flushes
+    that log."""
+
+    _limits: Limits
+    _malformed: MalformedLog
+    _drop_malformed: bool = True
+    # the header frame of the message `_recv_decoded` last returned or refused (small): its
+    # sender's name is looked up only when asked (`DataReceiver.last_peer`), not for every one
+    _last_header: zmq.Frame | None = None
+
+    @property
+    def num_malformed(self) -> int:
+        """Messages dropped because they could not be decoded."""
+        return self._malformed.count
+
+    def close(self, linger: int | None = None) -> None:
+        self._malformed.flush()
+        super().close(linger)
+
+    async def _recv_decoded(
+        self,
+        decode_frames: Callable[..., T],
+        decode_in_steps: Callable[..., Generator[None, None, T]],
+    ) -> T:
+        """The next message the socket receives, decoded by `decode_frames`, or by
+        `decode_in_steps` (yielding to the loop) if its header is large. A malformed one is
+        dropped (counted, logged at a capped rate), or raises its `DecodeError` if the channel
+        was made with ``drop_malformed=False``."""
+        while True:
+            frames = await self._socket.recv()
+            self._last_header = frames[0] if frames else None
+            try:
+                if _is_large(frames, 0):
+                    return await _run_steps(decode_in_steps(frames, limits=self._limits))
+                return decode_frames(frames, limits=self._limits)
+            except DecodeError as exc:
+                if not self._drop_malformed:
+                    raise
+                self._malformed.record(None, exc)
+
+
+class ControlServer(_Decoding):
     """The coordinator's ROUTER: requests to actors by identity, and their unsolicited messages."""
 
     def __init__(
@@ -193,11 +270,6 @@ class ControlServer:
         # While a large message is decoded in steps, later ones wait here (their order is kept).
         self._backlog: deque[list[zmq.Frame]] | None = None
         self._decoding: asyncio.Task[None] | None = None
-
-    @property
-    def num_malformed(self) -> int:
-        """Messages dropped because they could not be decoded."""
-        return self._malformed.count
 
     @property
     def closed(self) -> bool:
@@ -353,27 +425,10 @@ class ControlServer:
         self._unsolicited.put_nowait(_CLOSED)
         if self._decoding is not None:
             self._decoding.cancel()
-        self._malformed.flush()
-        self._socket.close(linger)
-
-    async def aclose(self, linger: int | None = None) -> None:
-        """`close()` (kept async for symmetry with other closables; nothing to wait for)."""
-        self.close(linger)
-
-    def __enter__(self) -> ControlServer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> ControlServer:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
+        super().close(linger)  # flushes the malformed-message log too
 
 
-class ControlClient:
+class ControlClient(_Decoding):
     """An actor's DEALER: connects to the coordinator's `ControlServer` under ``identity``."""
 
     def __init__(
@@ -400,15 +455,6 @@ class ControlClient:
         self._drop_malformed = drop_malformed
         self._malformed = MalformedLog(f"control client {identity!r}")
 
-    @property
-    def closed(self) -> bool:
-        return self._socket.closed
-
-    @property
-    def num_malformed(self) -> int:
-        """Messages dropped because they could not be decoded."""
-        return self._malformed.count
-
     async def send(self, msg: Message) -> None:
         """Send one message (an answer copies the request's ``request_id``)."""
         await self._socket.send(encode_message(msg))
@@ -417,38 +463,10 @@ class ControlClient:
         """The next message from the server. A malformed one is dropped (counted, logged at a
         capped rate), or raises a `DecodeError` if the client was made with
         ``drop_malformed=False``."""
-        while True:
-            frames = await self._socket.recv()
-            try:
-                if _is_large(frames, 0):
-                    return await _run_steps(decode_message_steps(frames, limits=self._limits))
-                return decode_message(frames, limits=self._limits)
-            except DecodeError as exc:
-                if not self._drop_malformed:
-                    raise
-                self._malformed.record(None, exc)
-
-    def close(self, linger: int | None = None) -> None:
-        self._malformed.flush()
-        self._socket.close(linger)
-
-    async def aclose(self, linger: int | None = None) -> None:
-        self.close(linger)
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> ControlClient:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
+        return await self._recv_decoded(decode_message, decode_message_steps)
 
 
-class DataSender:
+class DataSender(_Channel):
     """PUSH end of the data plane: ``await send(obj)`` waits while the receiver is far behind."""
 
     def __init__(
@@ -469,34 +487,12 @@ class DataSender:
         )
         self.endpoint = self._socket.bind_or_connect(endpoint, bind=bind)
 
-    @property
-    def closed(self) -> bool:
-        return self._socket.closed
-
     async def send(self, obj: Any) -> None:
         """Encode and send ``obj``; returns once ZeroMQ has queued it (tensors are not copied)."""
         await self._socket.send(encode(obj, inline_threshold=self._inline_threshold))
 
-    def close(self, linger: int | None = None) -> None:
-        self._socket.close(linger)
 
-    async def aclose(self, linger: int | None = None) -> None:
-        self.close(linger)
-
-    def __enter__(self) -> DataSender:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> DataSender:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-class DataReceiver:
+class DataReceiver(_Decoding):
     """PULL side of the data plane: ``await recv()`` returns the next decoded object."""
 
     def __init__(
@@ -514,9 +510,6 @@ class DataReceiver:
             raise ValueError(f"hwm must be >= 1 (0 would mean unbounded), got {hwm}")
         self._limits = limits
         self._drop_malformed = drop_malformed
-        # the header frame of the message `recv` last returned or refused (small): its sender's
-        # name is looked up only when asked (`last_peer`), not for every message
-        self._last_header: zmq.Frame | None = None
         self._socket = AsyncSocket(
             context,
             zmq.PULL,
@@ -527,55 +520,17 @@ class DataReceiver:
         self._malformed = MalformedLog(f"data receiver {self.endpoint}")
 
     @property
-    def closed(self) -> bool:
-        return self._socket.closed
-
-    @property
     def last_peer(self) -> str | None:
         """The authenticated name of the sender of the message `recv` last returned or refused
         (security.py), if the connection had one."""
         return peer_name(self._last_header) if self._last_header is not None else None
-
-    @property
-    def num_malformed(self) -> int:
-        """Messages dropped because they could not be decoded."""
-        return self._malformed.count
 
     async def recv(self) -> Any:
         """The next object. A malformed message is dropped (counted, logged at a capped rate),
         or raises `DecodeError` if the receiver was made with ``drop_malformed=False`` (the
         channel stays usable). One task at a time should receive: messages are decoded in the
         order they are received, but a large one finishes after a small one received later."""
-        while True:
-            frames = await self._socket.recv()
-            self._last_header = frames[0] if frames else None
-            try:
-                if _is_large(frames, 0):
-                    return await _run_steps(decode_steps(frames, limits=self._limits))
-                return decode(frames, limits=self._limits)
-            except DecodeError as exc:
-                if not self._drop_malformed:
-                    raise
-                self._malformed.record(None, exc)
-
-    def close(self, linger: int | None = None) -> None:
-        self._malformed.flush()
-        self._socket.close(linger)
-
-    async def aclose(self, linger: int | None = None) -> None:
-        self.close(linger)
-
-    def __enter__(self) -> DataReceiver:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> DataReceiver:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
+        return await self._recv_decoded(decode, decode_steps)
 
 
 def _is_large(frames: list[zmq.Frame], header_index: int) -> bool:

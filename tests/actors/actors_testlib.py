@@ -147,8 +147,8 @@ class EchoService:
         return {
             "x": x,
             "thread": threading.current_thread().name,
-            "model": self.ctx.model,
-            "rank": self.ctx.rank,
+            "model": self.ctx.identity.model,
+            "rank": self.ctx.identity.rank,
             "in_process": self.ctx.in_process,
         }
 

@@ -39,6 +39,28 @@ def _config(tmp_path: Path, runtime: dict, reference: dict | None = None) -> dic
     }
 
 
+def _runtime(
+    num_episode: int,
+    sample_per_episode: int,
+    generation_batch_size: int,
+    train_micro_batch_size: int,
+    train_global_batch_size: int,
+    /,
+    **extra,
+) -> dict:
+    """A test's runtime section: the five sizes every test sets, in this order, then ``extra``
+    runtime keys by their config names (``_runtime(4, 16, 5, 2, 4, reference_cache=False)``:
+    4 episodes of 16 samples, reference chunks of 5, steps of 4 samples in micro-batches of 2)."""
+    return {
+        "num_episode": num_episode,
+        "sample_per_episode": sample_per_episode,
+        "generation_batch_size": generation_batch_size,
+        "train_micro_batch_size": train_micro_batch_size,
+        "train_global_batch_size": train_global_batch_size,
+        **extra,
+    }
+
+
 async def _learn(
     tmp_path: Path, runtime: dict, samples=range(35), *, reference=None, eval_set=None
 ):
@@ -62,14 +84,8 @@ def _events(log, event, model=None):
 async def test_episodes_chunks_batches_and_counters(tmp_path: Path) -> None:
     engine, log = await _learn(
         tmp_path,
-        {
-            "num_episode": 4,
-            "sample_per_episode": 16,
-            "generation_batch_size": 5,
-            "train_micro_batch_size": 2,
-            "train_global_batch_size": 4,
-            "reference_cache": False,  # ChatLearn's chunks (reuse: test_reference_reuse...)
-        },
+        # without the reference cache: ChatLearn's chunks (reuse: test_reference_reuse...)
+        _runtime(4, 16, 5, 2, 4, reference_cache=False),
     )
     forwards = _events(log, "forward")
     assert [len(f["rows"]) for f in forwards] == [5, 5, 5, 1] * 4
@@ -91,13 +107,7 @@ async def test_episodes_chunks_batches_and_counters(tmp_path: Path) -> None:
 async def test_wrap_around_fill_padding_and_short_rank_list(tmp_path: Path) -> None:
     engine, log = await _learn(
         tmp_path,
-        {
-            "num_episode": 1,
-            "sample_per_episode": 10,
-            "generation_batch_size": 4,
-            "train_micro_batch_size": 4,
-            "train_global_batch_size": 8,
-        },
+        _runtime(1, 10, 4, 4, 8),
         samples=range(10),
     )
     trains = _events(log, "train")
@@ -116,14 +126,7 @@ async def test_wrap_around_fill_padding_and_short_rank_list(tmp_path: Path) -> N
 async def test_several_training_epochs_reuse_the_episode(tmp_path: Path) -> None:
     engine, log = await _learn(
         tmp_path,
-        {
-            "num_episode": 1,
-            "sample_per_episode": 8,
-            "generation_batch_size": 8,
-            "train_micro_batch_size": 2,
-            "train_global_batch_size": 4,
-            "num_training_epoch": 3,
-        },
+        _runtime(1, 8, 8, 2, 4, num_training_epoch=3),
         samples=range(8),
     )
     assert len(_events(log, "forward")) == 1  # the reference ran once for the three passes
@@ -139,16 +142,9 @@ async def test_several_training_epochs_reuse_the_episode(tmp_path: Path) -> None
 
 
 async def test_shuffled_episodes_follow_seeded_passes(tmp_path: Path) -> None:
-    await_args = {
-        "num_episode": 3,
-        "sample_per_episode": 16,
-        "generation_batch_size": 4,
-        "train_micro_batch_size": 4,
-        "train_global_batch_size": 8,
-        "data_shuffle": True,
-        "reference_cache": False,  # every drawn sample goes through forward_step
-    }
-    _, log = await _learn(tmp_path, await_args)
+    # without the reference cache: every drawn sample goes through forward_step
+    runtime = _runtime(3, 16, 4, 4, 8, data_shuffle=True, reference_cache=False)
+    _, log = await _learn(tmp_path, runtime)
     passes = [
         torch.randperm(35, generator=torch.Generator().manual_seed(k)).tolist() for k in (0, 1)
     ]
@@ -158,14 +154,7 @@ async def test_shuffled_episodes_follow_seeded_passes(tmp_path: Path) -> None:
 
 async def test_reference_reuse_across_data_epochs(tmp_path: Path) -> None:
     """Samples that come back are not recomputed, and training sees exactly the same data."""
-    runtime = {
-        "num_episode": 3,
-        "sample_per_episode": 12,
-        "generation_batch_size": 4,
-        "train_micro_batch_size": 2,
-        "train_global_batch_size": 4,
-        "data_shuffle": True,
-    }
+    runtime = _runtime(3, 12, 4, 2, 4, data_shuffle=True)
     logs = {}
     for cache in (True, False):
         out = tmp_path / str(cache)
@@ -189,14 +178,7 @@ async def test_reference_cache_respects_its_budget(tmp_path: Path) -> None:
     """A budget smaller than one sample: after the first report, nothing more is kept."""
     _, log = await _learn(
         tmp_path,
-        {
-            "num_episode": 2,
-            "sample_per_episode": 12,
-            "generation_batch_size": 2,
-            "train_micro_batch_size": 2,
-            "train_global_batch_size": 4,
-            "max_reference_cache_mb": 1e-6,
-        },
+        _runtime(2, 12, 2, 2, 4, max_reference_cache_mb=1e-6),
         range(12),
     )
     rows = [row for f in _events(log, "forward") for row in f["rows"]]
@@ -207,14 +189,7 @@ async def test_reference_cache_respects_its_budget(tmp_path: Path) -> None:
 async def test_resume_at_consumed_samples(tmp_path: Path) -> None:
     engine, log = await _learn(
         tmp_path,
-        {
-            "num_episode": 3,
-            "sample_per_episode": 16,
-            "generation_batch_size": 16,
-            "train_micro_batch_size": 4,
-            "train_global_batch_size": 8,
-            "consumed_samples": 32,
-        },
+        _runtime(3, 16, 16, 4, 8, consumed_samples=32),
     )
     assert [f["rows"] for f in _events(log, "forward")] == [[32, 33, 34, *range(13)]]
     assert [t["iteration"] for t in _events(log, "train")] == [4, 5]
@@ -224,14 +199,8 @@ async def test_resume_at_consumed_samples(tmp_path: Path) -> None:
 async def test_two_reference_replicas_take_contiguous_shares(tmp_path: Path) -> None:
     _, log = await _learn(
         tmp_path,
-        {
-            "num_episode": 2,
-            "sample_per_episode": 16,
-            "generation_batch_size": 4,
-            "train_micro_batch_size": 4,
-            "train_global_batch_size": 8,
-            "colocation": ["reference,policy_trainer"],  # 3 processes on this 2-core machine
-        },
+        # colocated: 3 processes on this 2-core machine
+        _runtime(2, 16, 4, 4, 8, colocation=["reference,policy_trainer"]),
         reference={"num_cpu": 2, "cpu_per_process": 1},
     )
     seen = {0: [], 1: []}
@@ -247,15 +216,7 @@ async def test_two_reference_replicas_take_contiguous_shares(tmp_path: Path) -> 
 async def test_evaluation_runs_eval_step_on_held_out_samples(tmp_path: Path) -> None:
     engine, _ = await _learn(
         tmp_path,
-        {
-            "num_episode": 2,
-            "sample_per_episode": 8,
-            "generation_batch_size": 4,
-            "train_micro_batch_size": 2,
-            "train_global_batch_size": 4,
-            "eval_episode_interval": 1,
-            "enable_eval_before_training": True,
-        },
+        _runtime(2, 8, 4, 2, 4, eval_episode_interval=1, enable_eval_before_training=True),
         eval_set=[10, 20, 30, 40, 50],
     )
     assert engine.pipeline is not None
@@ -270,14 +231,7 @@ async def test_reference_overlaps_training(tmp_path: Path) -> None:
     cost = 0.1
     _, log = await _learn(
         tmp_path,
-        {
-            "num_episode": 2,
-            "sample_per_episode": 16,
-            "generation_batch_size": 2,
-            "train_micro_batch_size": 2,
-            "train_global_batch_size": 2,
-            "echo_cost": cost,
-        },
+        _runtime(2, 16, 2, 2, 2, echo_cost=cost),
     )
     forwards, trains = _events(log, "forward"), _events(log, "train")
     busy = sum(r["end"] - r["start"] for r in forwards + trains)
@@ -296,14 +250,7 @@ async def test_chunks_larger_than_the_window_still_feed_every_step(tmp_path: Pat
     engine, log = await asyncio.wait_for(
         _learn(
             tmp_path,
-            {
-                "num_episode": 2,
-                "sample_per_episode": 12,
-                "generation_batch_size": 6,
-                "train_micro_batch_size": 1,
-                "train_global_batch_size": 2,
-                "pipeline_window": 2,
-            },
+            _runtime(2, 12, 6, 1, 2, pipeline_window=2),
         ),
         60,
     )

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import torch
 
+from chatlearn.actors.identity import ActorIdentity
 from chatlearn.actors.worker_core import ActorSpec, ComputeThread, WorkerContext
 from chatlearn.engine.protocol import Step, Train, encode
 from chatlearn.engine.worker_services import TrainerService
@@ -41,8 +42,8 @@ def _train(micro_batches: list[list[int]], iteration: int) -> dict:
 async def test_a_step_whose_data_arrives_first_still_waits_for_the_step_before_it() -> None:
     compute = ComputeThread("compute")
     ctx = WorkerContext(
-        ActorSpec(name="policy", class_ref=None),
-        identity=b"policy",
+        ActorSpec(identity=ActorIdentity(model="policy"), class_ref=None),
+        routing_id=b"policy",
         loop=asyncio.get_running_loop(),
         compute=compute,
         zmq_context=None,
