@@ -55,7 +55,8 @@ import click
 
 from chatlearn.benchmarks.dpo import _PREAMBLE, bench_records, check_cores_and_steps, throughput
 from chatlearn.engine.engine import DPOEngine
-from chatlearn.engine.pipeline import RunState
+from chatlearn.engine.state import RunState
+from chatlearn.hf.memory import RECOMMENDED_MMAP_THRESHOLD
 from chatlearn.hf.modules import HFDPOTrainer, HFReference
 from chatlearn.transport import run
 
@@ -348,6 +349,9 @@ def layout_config(layout: str, options: dict[str, Any], output_dir: str) -> dict
         "learning_rate": 1e-5,
         "max_grad_norm": 1.0,
         "save_hf_model": False,
+        # every layout alike: glibc returns freed tensors' memory at once, so RSS follows what
+        # torch holds (off by default in the modules: it costs CPU steps page faults)
+        "malloc_mmap_threshold": RECOMMENDED_MMAP_THRESHOLD,
     }
     processes = trainer_processes(layout)
     if options["device"] == "cuda":

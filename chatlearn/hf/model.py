@@ -7,6 +7,8 @@ checkpoint directory loaded with `from_pretrained` (never a download).
 
 transformers is imported only when a model is built. `validate_model_args` (at the end) turns
 model arguments these modules cannot use into a one-line `ConfigError` naming the key and file.
+`tied_gradient_in_place(model)` lets a trainable model with tied input and output embeddings sum
+the two gradients of that weight without a third copy of it.
 """
 
 from __future__ import annotations
@@ -131,6 +133,74 @@ def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# -- tied embeddings: their two gradients summed in place ------------------------------------------
+class _LinearFreshWeightGrad(torch.autograd.Function):
+    """`F.linear(x, weight)` (no bias) whose weight gradient is a new tensor of the weight's layout.
+
+    `F.linear`'s backward returns the weight gradient as a transposed view of a transposed
+    product; autograd will not add into a view in place, so when the same weight also gets the
+    embedding's gradient (tied embeddings), it sums the two into a third weight-sized tensor
+    (0.5 GiB for Qwen2.5-0.5B's 152k × 896 head). Here the gradient is the same product
+    (`gradᵀ @ x`, the same kernel on the same operands: bit-identical values) as a plain tensor,
+    which autograd then accumulates the embedding's gradient into.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.nn.functional.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            flat_grad = grad.reshape(-1, grad.shape[-1])
+            grad_weight = flat_grad.t().mm(x.reshape(-1, x.shape[-1]))
+        return grad_x, grad_weight
+
+
+class TiedHeadLinear(torch.nn.Linear):
+    """An output head whose weight is the input embedding's (set by `tied_gradient_in_place`)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        plain = (
+            self.bias is not None
+            or not torch.is_grad_enabled()
+            or not self.weight.requires_grad
+            or torch.is_autocast_enabled(input.device.type)  # autocast casts inside F.linear
+        )
+        if plain:
+            return super().forward(input)
+        out: torch.Tensor = _LinearFreshWeightGrad.apply(input, self.weight)
+        return out
+
+
+def tied_gradient_in_place(model: Any) -> bool:
+    """Make a trainable model with tied embeddings accumulate that weight's gradient in place.
+
+    With tied embeddings the weight gets two gradients in one backward: the output head's (dense,
+    first) and the embedding's (dense, at the end). Autograd adds the second into the first in
+    place only when the first is a plain tensor, which `F.linear`'s is not; the head's class
+    becomes `TiedHeadLinear` (same parameters, same outputs and gradients) so that it is. Saves
+    one weight-sized buffer at the end of every backward. Returns whether the model was changed
+    (False: embeddings not tied, head not a bias-free `nn.Linear`, or the weight frozen).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head, embedding = base.get_output_embeddings(), base.get_input_embeddings()
+    if (
+        type(head) is not torch.nn.Linear
+        or head.bias is not None
+        or embedding is None
+        or head.weight is not getattr(embedding, "weight", None)
+        or not head.weight.requires_grad
+    ):
+        return False
+    head.__class__ = TiedHeadLinear
+    return True
+
+
 # -- validation of model args ----------------------------------------------------------------------
 def validate_model_args(model_args: Mapping[str, Any]) -> None:
     """Raise a ConfigError naming the key (and its file:line) of model args the HF modules reject.
@@ -168,6 +238,28 @@ def validate_model_args(model_args: Mapping[str, Any]) -> None:
         return  # the checkpoint's own config is used
     merged = {**SMALL_LLAMA, **dict(model_args.get("model_config") or {})}
     check_heads(merged, f"{prefix}.model_config", error)
+
+
+MAX_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's HEAP_MAX_SIZE / 2 on 64-bit
+
+
+def mmap_threshold_arg(model_args: Mapping[str, Any], default: int) -> int:
+    """`malloc_mmap_threshold` of these model args (bytes, 0: off), or a ConfigError naming it."""
+    value = model_args.get("malloc_mmap_threshold")
+    if value is None:
+        return default
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 0 <= value <= MAX_MMAP_THRESHOLD
+    ):
+        prefix, error = _locate(model_args)
+        raise error(
+            f"{prefix}.malloc_mmap_threshold",
+            f"expected a whole number of bytes from 0 to {MAX_MMAP_THRESHOLD}, got {value!r}",
+            "write e.g. malloc_mmap_threshold: 131072 (0 keeps glibc's own threshold)",
+        )
+    return value
 
 
 def _locate(model_args: Mapping[str, Any]) -> tuple[str, Callable[[str, str, str], ConfigError]]:
