@@ -26,7 +26,9 @@
 | packing | on where exact | a micro-batch's sequences in one row, no padding (below) |
 | prefix_sharing | on where exact | each pair as ``[prompt, chosen, rejected]``: the prompt once |
 | max_tokens_per_row | None | with packing: start a new row past this many tokens (None: one) |
+| max_tokens_per_micro_batch | None | at most this many tokens per forward (below; None: off) |
 | save_hf_model, merge_lora | True, True | checkpoints hold an HF dir (LoRA: adapter + merged) |
+| malloc_mmap_threshold | 0 | glibc: freed blocks above this size leave the process (0: off) |
 
 LoRA's defaults (``chatlearn.hf.lora``): r 16, alpha 32, dropout 0, target_modules "all-linear".
 
@@ -40,15 +42,35 @@ Several trainer ranks train data-parallel with torch's DDP (gloo on CPU, NCCL on
 batch's rows over its ranks and gathers the log-probs. The reference ignores ``lora``: it is the
 frozen base model. The trainer logs its ``memory_report()`` at setup.
 
+Memory beyond the training state (``chatlearn bench memory`` measures it): with
+``malloc_mmap_threshold: N`` (e.g. 131072) a module fixes glibc's mmap threshold at setup
+(``chatlearn.hf.memory.return_freed_memory``), so the memory of freed tensors leaves the process
+instead of piling up in its heaps (GiBs for a 0.5B model on CPU), at a cost in page faults (35-45%
+of the CPU step of ``chatlearn bench dpo``'s small model; off by default); a trainer with tied
+embeddings sums the head's and the embedding's gradients of that weight in place
+(``chatlearn.hf.model.tied_gradient_in_place``); under FSDP2 the root's gathered parameters are
+freed once the backward reaches the last decoder layer (``chatlearn.hf.parallel``).
+
 Packing and prefix sharing (``chatlearn.algorithms.packing``) compute neither padding nor a
 pair's prompt twice; the log-probs are those of the padded forward (to float rounding). They are
 on by default where that is exact — ``sdpa``/``eager`` attention of Llama/Qwen2-style models
 without sliding windows (``chatlearn.hf.packing``) — and otherwise off with one log line. Each
 packed row carries a ``T × T`` mask: fine for a few thousand tokens, 1 GB of booleans at 16k; set
-``max_tokens_per_row`` to bound it. ChatLearn's sample-count micro-batches stay as they are (a
-token budget per micro-batch would need the engine to cut micro-batches by tokens). The trainer
-adds ``tokens/real`` (neither padding nor a repeated prompt) and ``tokens/computed`` (what the
-forwards ran over) of the step, summed over ranks, to its metrics.
+``max_tokens_per_row`` to bound it. The trainer adds ``tokens/real`` (neither padding nor a
+repeated prompt) and ``tokens/computed`` (what the forwards ran over) of the step, summed over
+ranks, to its metrics.
+
+A token budget: ChatLearn's micro-batches count samples, so ``train_micro_batch_size`` has to be
+set for the longest pairs, and micro-batches of short ones use a fraction of what the device
+could hold. ``max_tokens_per_micro_batch: N`` keeps the engine's batches (steps, loss
+normalisation and counters stay ChatLearn's) and runs each step's pairs (trainer: every
+micro-batch of the step pooled; reference: each order; evaluation: each batch) in forwards of
+at most N tokens (``chatlearn.algorithms.token_budget``): with packing, a pair costs its real
+tokens; padded, its group's rows times the longest (groups hold pairs of similar length); a
+pair above N runs alone. The gradient is the same whatever the grouping (to float rounding),
+so with the budget set, a large ``train_micro_batch_size`` (up to the global batch) lets the
+budget alone decide how much each forward holds: memory is bounded by N, and short pairs
+share forwards.
 """
 
 from __future__ import annotations
@@ -69,12 +91,18 @@ from chatlearn.algorithms.dpo import (
     reference_outputs,
 )
 from chatlearn.algorithms.logps import DEFAULT_CHUNK_SIZE, SequenceLogps
+from chatlearn.algorithms.token_budget import max_over_ranks, regroup_step
 from chatlearn.hf.checkpoint import export_hf, full_state_dict, load_sharded, save_sharded
 from chatlearn.hf.data import PreferenceDataset
 from chatlearn.hf.lora import apply_lora, lora_settings
-from chatlearn.hf.memory import format_memory_report, memory_report, out_of_memory_message
-from chatlearn.hf.model import causal_lm_from_args
-from chatlearn.hf.packing import PackingOptions, packing_options
+from chatlearn.hf.memory import (
+    format_memory_report,
+    memory_report,
+    out_of_memory_message,
+    return_freed_memory,
+)
+from chatlearn.hf.model import causal_lm_from_args, mmap_threshold_arg, tied_gradient_in_place
+from chatlearn.hf.packing import PackingOptions, packing_options, token_budget
 from chatlearn.hf.parallel import Layout, set_gradient_sync, trainable_parameters, unwrap
 from chatlearn.hf.tokenizer import load_tokenizer
 
@@ -118,10 +146,20 @@ class _HFModule(TorchModule):
         return self.layout.wrap(network, trainable=trainable)
 
     def setup(self) -> None:
+        return_freed_memory(mmap_threshold_arg(self.model_args, 0))
         self.tokenizer = self.build_tokenizer()
         self.layout = self.build_layout()
         self.model = self.build_model()
         self.packing = packing_options(self.model_args, self.model, log=self._log_packing)
+        self.token_budget = token_budget(self.model_args)
+
+    def budget_options(self) -> dict[str, Any]:
+        """`reference_outputs`' token-budget arguments: the budget and, for a sharded model
+        (whose every forward is a collective), how the ranks agree on their number."""
+        return {
+            "max_tokens_per_micro_batch": self.token_budget,
+            "agree": max_over_ranks if self.layout.sharded else None,
+        }
 
     def _log_packing(self, message: str) -> None:
         if self.data_parallel_rank == 0:
@@ -159,7 +197,11 @@ class HFReference(_HFModule):
         with self.layout.autocast():
             if not self.layout.sharded:
                 return reference_outputs(
-                    self.network, data, pad_token_id=self.pad_token_id, **self.packing.kwargs()
+                    self.network,
+                    data,
+                    pad_token_id=self.pad_token_id,
+                    **self.packing.kwargs(),
+                    **self.budget_options(),
                 )
             return self._sharded_forward(data)
 
@@ -178,7 +220,11 @@ class HFReference(_HFModule):
             for key in PAIR_KEYS
         }
         local = reference_outputs(
-            self.network, part, pad_token_id=self.pad_token_id, **self.packing.kwargs()
+            self.network,
+            part,
+            pad_token_id=self.pad_token_id,
+            **self.packing.kwargs(),
+            **self.budget_options(),
         )
         out = _pair_tensors(data)
         for key in (REF_CHOSEN_KEY, REF_REJECTED_KEY):
@@ -229,6 +275,7 @@ class HFDPOTrainer(_HFModule):
         lora = lora_settings(self.model_args)
         if lora is not None:
             self.model = apply_lora(self.model, lora, seed=int(self.arg("seed", 0)))
+        tied_gradient_in_place(self.model)
         self.model.train()
         self.network = self.build_network(trainable=True)
         self.optimizer = torch.optim.AdamW(
@@ -301,6 +348,8 @@ class HFDPOTrainer(_HFModule):
         tokens = torch.zeros(2, dtype=torch.float64)  # (real, computed) of the step
         scaler = self.grad_scaler
         self.optimizer.zero_grad(set_to_none=True)
+        if self.token_budget is not None:
+            data = self._within_budget(data)
         for index, micro_batch in enumerate(data):
             # DDP all-reduces gradients once per step, on the last micro-batch's backward
             with set_gradient_sync(self.network, index == len(data) - 1 or dp == 1):
@@ -330,19 +379,32 @@ class HFDPOTrainer(_HFModule):
         self.scheduler.step()
         return result
 
+    def _within_budget(self, data: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The step's pairs regrouped into forwards of at most ``max_tokens_per_micro_batch``
+        tokens (the same number on every rank of a sharded model)."""
+        options = self.budget_options()
+        return regroup_step(
+            data,
+            int(options["max_tokens_per_micro_batch"]),
+            packing=self.packing.packing,
+            prefix_sharing=self.packing.prefix_sharing,
+            agree=options["agree"],
+        )
+
     def eval_step(self, data: dict[str, Any]) -> dict[str, float]:
         """DPO metrics of the current policy on one held-out batch (no collectives but FSDP2's
         parameter gathering, so every rank must evaluate the same number of batches)."""
+        parts = [data] if self.token_budget is None else self._within_budget([data])
+        metrics = DPOMetrics(with_nll=self.model_args.get("rpo_alpha") is not None)
         self.model.eval()
         try:
             with torch.no_grad():
                 # no DDP hooks outside a train step; FSDP2's are needed (sharded parameters)
                 network = self.network if self.layout.sharded else unwrap(self.network)
-                out = self._objective(data, network)
+                for part in parts:
+                    metrics.update(self._objective(part, network))
         finally:
             self.model.train()
-        metrics = DPOMetrics(with_nll=out.nll is not None)
-        metrics.update(out)
         return metrics.compute()
 
     # -- checkpoints -------------------------------------------------------------------------

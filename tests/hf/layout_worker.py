@@ -13,6 +13,8 @@ writes what the tests check as JSON to `--out`:
 - `lora`: LoRA steps (FSDP2 with W = 2): losses, which parameters changed, the adapter and the
   trainer's log-probs (the saved adapter on the base model must reproduce them).
 - `bf16`: a few steps with mixed_precision bf16.
+- `tied`: a few steps of the model with tied embeddings; with W = 2, whether the FSDP2 root's
+  parameters were sharded again by the time the backward reached the embedding.
 
 Every run uses the same seed, data and global batches, so their results must agree.
 """
@@ -49,6 +51,7 @@ TINY = {
 }
 STEPS, GLOBAL_BATCH, MICRO_BATCHES = 10, 8, 2
 CHECKPOINT_AFTER = 5
+BUDGET = 40  # tokens per forward: a pair of the task is about 20-50 (prompt shared)
 LORA_STEPS = {1: 30, 2: 5}  # enough to see the loss fall in one process; to compare with two
 
 
@@ -217,6 +220,37 @@ def run_lora(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     }
 
 
+def run_tied(rank: int, world: int) -> dict[str, Any]:
+    """Tied input and output embeddings (their gradients summed in place); with FSDP2, whether
+    the root's parameters are sharded again when the backward reaches the embedding."""
+    from torch.distributed.tensor import DTensor
+
+    parallel = "fsdp" if world > 1 else "none"
+    args = make_args(world, parallel=parallel, model_config={**TINY, "tie_word_embeddings": True})
+    steps = 4
+    batches = reference_batches(args, rank, world, steps)
+    trainer = start(HFDPOTrainer("policy", args=args), rank, world)
+    root_sharded: list[bool] = []
+
+    def embedding_ran(module: Any, args: Any, output: torch.Tensor) -> None:
+        if output.requires_grad:  # its gradient comes after every layer's backward
+            output.register_hook(
+                lambda grad: root_sharded.append(isinstance(trainer.network.head.weight, DTensor))
+            )
+
+    trainer.model.get_input_embeddings().register_forward_hook(embedding_ran)
+    metrics = [
+        trainer.train_step(step_data(batches, step, rank, world), iteration=step)
+        for step in range(steps)
+    ]
+    return {
+        "losses": [m["loss"] for m in metrics],
+        "grad_norms": [m["grad_norm"] for m in metrics],
+        "head": type(trainer.model.get_output_embeddings()).__name__,
+        "root_sharded_in_backward": root_sharded,
+    }
+
+
 def run_bf16(rank: int, world: int) -> dict[str, Any]:
     parallel = "fsdp" if world > 1 else "none"
     args = make_args(world, parallel=parallel, mixed_precision="bf16")
@@ -228,6 +262,40 @@ def run_bf16(rank: int, world: int) -> dict[str, Any]:
     ]
     dtypes = sorted({str(p.dtype) for p in trainer.network.parameters()})
     return {"losses": losses, "param_dtypes": dtypes}
+
+
+def run_budget(rank: int, world: int) -> dict[str, Any]:
+    """`train`'s steps with a token budget per forward of `BUDGET` tokens: the step's pairs run
+    in more forwards than micro-batches (and, sharded, in as many on every rank)."""
+    parallel = "fsdp" if world > 1 else "none"
+    args = make_args(world, parallel=parallel, max_tokens_per_micro_batch=BUDGET)
+    batches = reference_batches(args, rank, world)
+    trainer = start(HFDPOTrainer("policy", args=args), rank, world)
+    forwards: list[int] = []
+    regroup = trainer._within_budget
+
+    def counted(data: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        groups = regroup(data)
+        forwards.append(len(groups))
+        return groups
+
+    trainer._within_budget = counted  # type: ignore[method-assign]
+    losses, norms = [], []
+    for step in range(STEPS):
+        metrics = trainer.train_step(step_data(batches, step, rank, world), iteration=step)
+        losses.append(metrics["loss"])
+        norms.append(metrics["grad_norm"])
+    evaluated = trainer.eval_step(local_share(batches[0], rank, world))
+    trainer.token_budget = None
+    evaluated_whole = trainer.eval_step(local_share(batches[0], rank, world))
+    return {
+        "losses": losses,
+        "grad_norms": norms,
+        "ref_logps": [b["ref_chosen_logps"].tolist() for b in batches],
+        "forwards": forwards,
+        "eval": evaluated,
+        "eval_whole": evaluated_whole,
+    }
 
 
 def main() -> None:
@@ -250,6 +318,8 @@ def main() -> None:
         "ddp": lambda: run_ddp(rank, world),
         "lora": lambda: run_lora(rank, world, tmp),
         "bf16": lambda: run_bf16(rank, world),
+        "tied": lambda: run_tied(rank, world),
+        "budget": lambda: run_budget(rank, world),
     }
     results = {name: runs[name]() for name in opts.runs.split(",")}
     Path(opts.out).write_text(json.dumps(results))

@@ -67,7 +67,10 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("layouts")
-    jobs = [("single", 0, 1, "train,lora,bf16"), ("rank0", 0, 2, "train,ddp,lora,bf16")]
+    jobs = [
+        ("single", 0, 1, "train,lora,bf16,tied,budget"),
+        ("rank0", 0, 2, "train,ddp,lora,bf16,tied,budget"),
+    ]
     jobs.append(("rank1", 1, 2, jobs[1][3]))
     port = _free_port()
     procs: list[subprocess.Popen] = []
@@ -200,3 +203,35 @@ def test_bf16_mixed_precision_runs_on_cpu(runs: dict[str, Any]) -> None:
         assert bf16["param_dtypes"] == ["torch.float32"]  # fp32 master weights
         assert bf16["losses"][0] == pytest.approx(0.6931, abs=1e-3)
         assert _max_diff(bf16["losses"], fp32[: len(bf16["losses"])]) < 2e-2
+
+
+def test_tied_embeddings_with_fsdp2_train_like_one_process(runs: dict[str, Any]) -> None:
+    single = runs["single"]["tied"]
+    assert single["head"] == "TiedHeadLinear"  # the two gradients of the weight summed in place
+    backwards = 4 * 2  # 4 steps of 2 micro-batches
+    assert single["root_sharded_in_backward"] == [False] * backwards  # one process: no shards
+    for rank in ("rank0", "rank1"):
+        sharded = runs[rank]["tied"]
+        assert _max_diff(single["losses"], sharded["losses"]) < TOLERANCE
+        assert _max_diff(single["grad_norms"], sharded["grad_norms"]) < TOLERANCE
+        # the root (embedding = head, final norm) is freed once the backward passes the last
+        # layer, not kept gathered until the end of the backward
+        assert sharded["root_sharded_in_backward"] == [True] * backwards
+
+
+def test_a_token_budget_per_forward_trains_like_the_micro_batches(runs: dict[str, Any]) -> None:
+    """`max_tokens_per_micro_batch`: more forwards than micro-batches, the same number on both
+    FSDP2 ranks, and the same losses, gradient norms, reference log-probs and evaluation."""
+    from layout_worker import MICRO_BATCHES
+
+    plain = runs["single"]["train"]
+    for name in ("single", "rank0", "rank1"):
+        budget = runs[name]["budget"]
+        assert _max_diff(plain["losses"], budget["losses"]) < TOLERANCE, name
+        assert _max_diff(plain["grad_norms"], budget["grad_norms"]) < TOLERANCE, name
+        assert budget["eval"] == pytest.approx(budget["eval_whole"], abs=TOLERANCE), name
+    assert max(runs["single"]["budget"]["forwards"]) > MICRO_BATCHES
+    assert runs["rank0"]["budget"]["forwards"] == runs["rank1"]["budget"]["forwards"]
+    single_ref = [x for batch in plain["ref_logps"] for x in batch]
+    sharded_ref = [x for batch in runs["rank1"]["budget"]["ref_logps"] for x in batch]
+    assert _max_diff(single_ref, sharded_ref) < TOLERANCE
