@@ -25,7 +25,7 @@
 | logps_chunk_size | 512 | response tokens per chunk of the log-prob computation (0: whole logits) |
 | packing | on where exact | a micro-batch's sequences in one row, no padding (below) |
 | prefix_sharing | on where exact | each pair as ``[prompt, chosen, rejected]``: the prompt once |
-| max_tokens_per_row | max(max_length, 1024) | with packing: start a new row past this many tokens |
+| max_tokens_per_row | None | with packing: start a new row past this many tokens (None: one) |
 | max_tokens_per_micro_batch | None | at most this many tokens per forward (below; None: off) |
 | save_hf_model, merge_lora | True, True | checkpoints hold an HF dir (LoRA: adapter + merged) |
 | malloc_mmap_threshold | 0 | glibc: freed blocks above this size leave the process (0: off) |
@@ -51,17 +51,17 @@ embeddings sums the head's and the embedding's gradients of that weight in place
 (``chatlearn.hf.model.tied_gradient_in_place``); under FSDP2 the root's gathered parameters are
 freed once the backward reaches the last decoder layer (``chatlearn.hf.parallel``).
 
-Packing and prefix sharing (``chatlearn.algorithms.packing``) compute neither padding nor a
-pair's prompt twice; the log-probs are those of the padded forward (to float rounding). They are
-on by default where that is exact — ``sdpa``/``eager`` attention of Llama/Qwen2-style models
-without sliding windows (``chatlearn.hf.packing``) — and otherwise off with one log line. Each
-packed row carries a ``T × T`` mask and its attention costs ``T²`` (SDPA computes every pair of
-positions and masks most): rows hold at most ``max_tokens_per_row`` tokens, by default the larger
-of ``max_length`` and 1,024 (``chatlearn.hf.packing.default_row_tokens``: one row per micro-batch
-of long sequences was as slow as padding on the realistic bench profile, rows of 1,024 twice as
-fast). The trainer adds ``tokens/real`` (neither padding nor a
-repeated prompt) and ``tokens/computed`` (what the forwards ran over) of the step, summed over
-ranks, to its metrics.
+Packing and prefix sharing (``chatlearn.algorithms.packing``) compute neither padding nor a pair's
+prompt twice; the log-probs are those of the padded forward (to float rounding). They are on by
+default where that is exact — ``sdpa``/``eager`` attention of Llama/Qwen2-style models without
+sliding windows (``chatlearn.hf.packing``) — and otherwise off with one log line. Each packed row
+carries a ``T × T`` mask and its attention costs ``T²`` (SDPA computes every pair of positions and
+masks most): with long sequences set ``max_tokens_per_row`` to about ``max_length``. On the
+realistic bench profile (pairs of up to 1,024 tokens) one row per micro-batch was as slow as
+padding and rows of 1,024 tokens twice as fast, while on short sequences (128 tokens) rows of 1,024
+were 35% slower than one row, hence the default (one row). The trainer adds ``tokens/real``
+(neither padding nor a repeated prompt) and ``tokens/computed`` (what the forwards ran over) of the
+step, summed over ranks, to its metrics.
 
 A token budget: ChatLearn's micro-batches count samples, so ``train_micro_batch_size`` has to be
 set for the longest pairs, and micro-batches of short ones use a fraction of what the device

@@ -90,8 +90,7 @@ def _sliding_window(config: Any) -> bool:
 def packing_options(
     model_args: Mapping[str, Any], model: Any, *, log: Callable[[str], None]
 ) -> PackingOptions:
-    """`packing` / `prefix_sharing` (default: on where exact), `max_tokens_per_row` (default:
-    `default_row_tokens`).
+    """`packing` / `prefix_sharing` (default: on where exact), `max_tokens_per_row` (None).
 
     A default that is not exact falls back to padded rows with one log line; asking for it
     explicitly on such a model is a ValueError saying why.
@@ -113,29 +112,9 @@ def packing_options(
         isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
     ):
         raise ValueError(f"model_args max_tokens_per_row must be an integer >= 1, got {budget!r}")
-    if budget is None:
-        budget = default_row_tokens(model_args)
     if not support.exact and any(model_args.get(k) is None for k in ("packing", "prefix_sharing")):
         log(f"packing and prefix sharing off (padded rows): {support.reason}")
     return PackingOptions(chosen["packing"], chosen["prefix_sharing"], budget)
-
-
-# Rows of at least this many tokens by default (see `default_row_tokens`).
-MIN_ROW_TOKENS = 1024
-
-
-def default_row_tokens(model_args: Mapping[str, Any]) -> int:
-    """``max_tokens_per_row`` when not set: the larger of the data's ``max_length`` and
-    `MIN_ROW_TOKENS`. A packed row's attention costs its length squared (SDPA with a mask
-    computes every pair of positions and masks most of them), so one row for a whole micro-batch
-    of long sequences costs more than the padding it saves: on the realistic profile of
-    ``chatlearn bench dpo`` (8 pairs of up to 1,024 tokens, the bench's 6.5M model, forward and
-    backward), one row of ~6,000 tokens ran as slowly as the padded batch, rows of 1,024-1,536
-    tokens 2.1x faster, rows of 2,048 1.6x. A pair longer than a row gets a row of its own."""
-    max_length = model_args.get("max_length")
-    if isinstance(max_length, bool) or not isinstance(max_length, int):
-        max_length = 512  # the modules' default (chatlearn.hf.modules)
-    return max(max_length, MIN_ROW_TOKENS)
 
 
 def token_budget(model_args: Mapping[str, Any]) -> int | None:

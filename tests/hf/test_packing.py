@@ -47,17 +47,13 @@ def test_packing_is_exact_for_masked_attention_of_verified_models_only() -> None
 def test_packing_options_default_on_where_exact_and_explain_when_not() -> None:
     logged: list[str] = []
     llama = build_causal_lm(TINY, seed=0)
-    # rows of at most max(max_length, 1024) tokens unless set (attention grows with a row's square)
-    assert packing_options({}, llama, log=logged.append) == PackingOptions(True, True, 1024)
-    assert packing_options({"max_length": 4096}, llama, log=logged.append) == PackingOptions(
-        True, True, 4096
-    )
+    assert packing_options({}, llama, log=logged.append) == PackingOptions(True, True, None)
     assert packing_options(
         {"prefix_sharing": False, "max_tokens_per_row": 512}, llama, log=logged.append
     ) == PackingOptions(True, False, 512)
     assert logged == []
     llama.config._attn_implementation = "flash_attention_2"
-    assert packing_options({}, llama, log=logged.append) == PackingOptions(False, False, 1024)
+    assert packing_options({}, llama, log=logged.append) == PackingOptions(False, False, None)
     assert logged == [
         "packing and prefix sharing off (padded rows): attn_implementation "
         "'flash_attention_2' does not take a 4-D mask"
