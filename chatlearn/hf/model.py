@@ -240,26 +240,22 @@ def validate_model_args(model_args: Mapping[str, Any]) -> None:
     check_heads(merged, f"{prefix}.model_config", error)
 
 
-MAX_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's HEAP_MAX_SIZE / 2 on 64-bit
+def model_arg(model_args: Mapping[str, Any], key: str) -> Any:
+    """``key`` (one of `chatlearn.config.model_args.MODEL_ARG_KEYS`) of these model args, or
+    its default; a mistyped or out-of-range value is the ConfigError `Config.validate()` gives,
+    naming the key (and its file:line). For keys read before the model is built (and so before
+    `validate_model_args`), e.g. ``malloc_mmap_threshold``."""
+    from chatlearn.config.errors import ValueProblem
+    from chatlearn.config.model_args import MODEL_ARG_KEYS
+    from chatlearn.config.schema import check_value
 
-
-def mmap_threshold_arg(model_args: Mapping[str, Any], default: int) -> int:
-    """`malloc_mmap_threshold` of these model args (bytes, 0: off), or a ConfigError naming it."""
-    value = model_args.get("malloc_mmap_threshold")
-    if value is None:
-        return default
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or not 0 <= value <= MAX_MMAP_THRESHOLD
-    ):
+    spec = MODEL_ARG_KEYS[key]
+    try:
+        value = check_value(key, spec, model_args.get(key))
+    except ValueProblem as problem:
         prefix, error = _locate(model_args)
-        raise error(
-            f"{prefix}.malloc_mmap_threshold",
-            f"expected a whole number of bytes from 0 to {MAX_MMAP_THRESHOLD}, got {value!r}",
-            "write e.g. malloc_mmap_threshold: 131072 (0 keeps glibc's own threshold)",
-        )
-    return value
+        raise error(f"{prefix}.{key}", problem.problem, problem.fix) from None
+    return spec.default if value is None else value
 
 
 def _locate(model_args: Mapping[str, Any]) -> tuple[str, Callable[[str, str, str], ConfigError]]:

@@ -104,8 +104,8 @@ from chatlearn.hf.memory import (
     out_of_memory_message,
     return_freed_memory,
 )
-from chatlearn.hf.model import causal_lm_from_args, mmap_threshold_arg, tied_gradient_in_place
-from chatlearn.hf.packing import PackingOptions, packing_options, token_budget
+from chatlearn.hf.model import causal_lm_from_args, model_arg, tied_gradient_in_place
+from chatlearn.hf.packing import PackingOptions, packing_options
 from chatlearn.hf.parallel import Layout, set_gradient_sync, trainable_parameters, unwrap
 from chatlearn.hf.tokenizer import load_tokenizer
 
@@ -149,12 +149,12 @@ class _HFModule(TorchModule):
         return self.layout.wrap(network, trainable=trainable)
 
     def setup(self) -> None:
-        return_freed_memory(mmap_threshold_arg(self.model_args, 0))
+        return_freed_memory(model_arg(self.model_args, "malloc_mmap_threshold"))
         self.tokenizer = self.build_tokenizer()
         self.layout = self.build_layout()
         self.model = self.build_model()
         self.packing = packing_options(self.model_args, self.model, log=self._log_packing)
-        self.token_budget = token_budget(self.model_args)
+        self.token_budget: int | None = model_arg(self.model_args, "max_tokens_per_micro_batch")
 
     def budget_options(self) -> dict[str, Any]:
         """`reference_outputs`' token-budget arguments: the budget and, for a sharded model
@@ -385,13 +385,13 @@ class HFDPOTrainer(_HFModule):
     def _within_budget(self, data: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The step's pairs regrouped into forwards of at most ``max_tokens_per_micro_batch``
         tokens (the same number on every rank of a sharded model)."""
-        options = self.budget_options()
+        assert self.token_budget is not None
         return regroup_step(
             data,
-            int(options["max_tokens_per_micro_batch"]),
+            self.token_budget,
             packing=self.packing.packing,
             prefix_sharing=self.packing.prefix_sharing,
-            agree=options["agree"],
+            agree=self.budget_options()["agree"],
         )
 
     def eval_step(self, data: dict[str, Any]) -> dict[str, float]:

@@ -115,17 +115,3 @@ def packing_options(
     if not support.exact and any(model_args.get(k) is None for k in ("packing", "prefix_sharing")):
         log(f"packing and prefix sharing off (padded rows): {support.reason}")
     return PackingOptions(chosen["packing"], chosen["prefix_sharing"], budget)
-
-
-def token_budget(model_args: Mapping[str, Any]) -> int | None:
-    """``max_tokens_per_micro_batch`` (None: off): the most tokens one forward may run over
-    (``chatlearn.algorithms.token_budget``)."""
-    budget = model_args.get("max_tokens_per_micro_batch")
-    if budget is not None and (
-        isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
-    ):
-        raise ValueError(
-            f"model_args max_tokens_per_micro_batch must be an integer >= 1 (tokens per "
-            f"forward), got {budget!r}"
-        )
-    return budget

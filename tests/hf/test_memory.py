@@ -21,7 +21,7 @@ from chatlearn.config.errors import ConfigError
 from chatlearn.hf import build_causal_lm
 from chatlearn.hf.lora import apply_lora
 from chatlearn.hf.memory import return_freed_memory
-from chatlearn.hf.model import TiedHeadLinear, mmap_threshold_arg, tied_gradient_in_place
+from chatlearn.hf.model import TiedHeadLinear, model_arg, tied_gradient_in_place
 
 VOCAB, HIDDEN = 8192, 32
 TIED = {
@@ -141,9 +141,13 @@ def test_freed_tensors_leave_the_process() -> None:
 
 
 def test_mmap_threshold_option() -> None:
-    assert mmap_threshold_arg({}, 131072) == 131072
-    assert mmap_threshold_arg({"malloc_mmap_threshold": 0}, 131072) == 0
+    assert model_arg({}, "malloc_mmap_threshold") == 0  # off unless asked: it costs page faults
+    assert model_arg({"malloc_mmap_threshold": 131072}, "malloc_mmap_threshold") == 131072
+    assert model_arg({"malloc_mmap_threshold": 0}, "malloc_mmap_threshold") == 0
     assert not return_freed_memory(0)
     for bad in (-1, "128k", 1 << 30, True):
         with pytest.raises(ConfigError, match="malloc_mmap_threshold"):
-            mmap_threshold_arg({"malloc_mmap_threshold": bad}, 131072)
+            model_arg({"malloc_mmap_threshold": bad}, "malloc_mmap_threshold")
+    assert model_arg({}, "max_tokens_per_micro_batch") is None
+    with pytest.raises(ConfigError, match="max_tokens_per_micro_batch"):
+        model_arg({"max_tokens_per_micro_batch": 0}, "max_tokens_per_micro_batch")
