@@ -235,6 +235,7 @@ class DPOEngine(Engine):
         self._endpoints: list[str] = []  # the trainer ranks' inboxes
         self._clients: tuple[ReferenceGroup, TrainerGroup] | None = None
         self._restarts_before = 0  # restarts of this run before this coordinator (resumed)
+        self._recorded: list[Any] = []  # the restarts of the last learn() in metrics.jsonl
         self._datasets_built = False
 
     # -- data ------------------------------------------------------------------------------
@@ -560,6 +561,7 @@ class DPOEngine(Engine):
         system = self.system
         assert system is not None
         self._last_system = system
+        self._recorded = []
         reference = ReferenceGroup(self.group(self.reference.name), system)
         trainer = TrainerGroup(self.group(self.policy_trainer.name), system)
         self._clients = (reference, trainer)
@@ -702,14 +704,17 @@ class DPOEngine(Engine):
                     self.pipeline.eval_history = [
                         e for e in history if e.get("iteration", 0) <= self.state.iteration
                     ]
-                    if system.restarts:
-                        self._restart_record(
-                            sink, system.restarts[-1], redo=before - self.state.iteration
-                        )
+                    mine = [r for r in system.restarts if r.model == trainer.name]
+                    if mine:
+                        self._restart_record(sink, mine[-1], redo=before - self.state.iteration)
             if settings.save_episode_interval and self.state.iteration > 0:
                 await save("signal" if self.pipeline.stopped else "end")
         finally:
             system.on_restart_event = None
+            for restart in system.restarts:
+                # a replica still coming back when the run ended (its orders ran elsewhere)
+                if not any(restart is r for r in self._recorded):
+                    self._restart_record(sink, restart)
             if system.restarts or self._restarts_before:
                 summary = _restarts_summary(system.restarts) if system.restarts else "none"
                 if self._restarts_before:
@@ -759,6 +764,7 @@ class DPOEngine(Engine):
         system = self._last_system
         count = self._restarts_before + (system.num_restarts if system else 0)
         values: dict[str, Any] = {"restarts": count}
+        self._recorded.append(restart)
         if restart.ready is not None:
             values["restart_seconds"] = restart.ready - restart.started
         if redo is not None:

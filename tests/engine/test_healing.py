@@ -89,7 +89,8 @@ def test_a_lost_reference_replica_comes_back_in_place(baseline: Trial, tmp_path:
         assert reference in [p.pid for p in psutil.Process(proc.pid).children()]
         os.kill(reference, signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while len(trial.events("setup")) < 3 and time.monotonic() < deadline:
+        # back: set up and primed (the run could otherwise end, its orders run elsewhere, first)
+        while "replica 0 is back" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         _finish(trial, proc)
     finally:
