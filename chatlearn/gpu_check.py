@@ -23,6 +23,9 @@ Checks (``chatlearn.gpu_probe`` is the module the actors run):
   (``parallel: fsdp``, ``mixed_precision: bf16``, NCCL, a sharded checkpoint);
 - ``Megatron example``: ``examples/megatron/train_dpo.py`` on the GPU with megatron-core's own
   CUDA code (not the CPU compatibility layer), tensor parallel over 2 GPUs when there are 2;
+- ``packed attention``: packed, prefix-shared log-probs and gradients of a small Llama with
+  grouped-query heads on the GPU (fp32), by segment attention and by the block mask, equal the
+  padded forward's;
 - ``bench dpo`` and ``bench memory``: both benchmarks, short, with their models on the GPU.
 
 Without a GPU it says so in one line and exits 0 at once: the check for one reads ``/proc`` and
@@ -121,6 +124,66 @@ def check_gpu() -> str:
         f"{count} × {' / '.join(names)} (sm {major}.{minor}{bf16}), torch {torch.__version__}, "
         f"CUDA {torch.version.cuda}, NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}"
     )
+
+
+def check_packed_attention(device: str = "cuda") -> str:
+    """Segment and masked attention of packed, prefix-shared pairs against the padded forward
+    on ``device`` (fp32): log-probs and gradients within 1e-4 (TF32 is turned off for it)."""
+    import torch
+
+    from chatlearn.algorithms import concatenated_logps
+    from chatlearn.hf import build_causal_lm
+    from chatlearn.hf.data import PreferenceCollator
+    from chatlearn.hf.packing import use_segment_attention
+
+    config = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+    }
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for _ in range(6):  # prompts of 1-40 tokens, responses of 1-60
+        prompt = torch.randint(3, 200, (int(torch.randint(1, 41, (1,), generator=gen)),))
+        item = {}
+        for side in ("chosen", "rejected"):
+            response = torch.randint(3, 200, (int(torch.randint(1, 61, (1,), generator=gen)),))
+            item[f"{side}_input_ids"] = torch.cat([prompt, response])
+            loss = torch.zeros(len(item[f"{side}_input_ids"]), dtype=torch.long)
+            loss[len(prompt) :] = 1
+            item[f"{side}_loss_mask"] = loss
+        items.append(item)
+    batch = PreferenceCollator(0)(items)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        model = build_causal_lm(config, vocab_size=200, seed=0, dtype="float32").to(device)
+        model.config._attn_implementation = "sdpa"
+
+        def run(**options: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            model.zero_grad(set_to_none=True)
+            out = concatenated_logps(model, batch, **options)
+            logps = torch.cat([out.chosen, out.rejected])
+            weights = torch.linspace(-1.0, 2.0, logps.shape[0], device=logps.device)
+            (logps * weights).sum().backward()
+            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            return logps.detach(), grads
+
+        want, want_grads = run()
+        worst = 0.0
+        for attention in ("mask", "segments"):
+            if attention == "segments" and not use_segment_attention(model):
+                raise CheckFailed("segment attention could not be enabled for an sdpa model")
+            got, grads = run(packing=True, prefix_sharing=True)
+            for a, b in zip([got, *grads], [want, *want_grads], strict=True):
+                worst = max(worst, float((a - b).abs().max()))
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=attention)
+        return f"segments and mask equal the padded forward (max |Δ| {worst:.1e}) on {device}"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def probe_config(num_gpus: int) -> dict[str, Any]:
@@ -466,6 +529,7 @@ def run_checks() -> list[CheckResult]:
         if num_gpus >= 2:
             results.append(run_check("DPO example FSDP2 bf16", example_fsdp))
         results.append(run_check("Megatron example", megatron))
+    results.append(run_check("packed attention", check_packed_attention))
     results.append(run_check("bench dpo", lambda: check_bench_dpo(deadline.left(60))))
     results.append(run_check("bench memory", lambda: check_bench_memory(deadline.left(120))))
     return results

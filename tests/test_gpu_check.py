@@ -142,3 +142,10 @@ def test_offload_check_wants_the_memory_released_and_the_weights_back() -> None:
     for bad in ({"offloaded": 300 << 20}, {"weights_equal": False}, {"onloaded": 100 << 20}):
         with pytest.raises(CheckFailed):
             check_offload({**good, **bad})
+
+
+def test_packed_attention_check_runs_its_comparison_on_any_device() -> None:
+    # the same comparison gpu-check runs on CUDA: here on the CPU, where it must pass too
+    from chatlearn.gpu_check import check_packed_attention
+
+    assert "equal the padded forward" in check_packed_attention("cpu")

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from chatlearn.algorithms.packing import Packed, pack_pairs, real_tokens
+from chatlearn.algorithms.packing import SEGMENT_ATTENTION, Packed, pack_pairs, real_tokens
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -220,7 +220,7 @@ def _packed_logps(
         packed = packed.to(device)
     if mask_format == "additive":  # the model adds it to its scores: its dtype, its minimum
         packed = _additive_in(packed, _model_dtype(model))
-    inputs = {
+    inputs: dict[str, Any] = {
         "input_ids": packed.input_ids,
         "attention_mask": packed.attention_mask,
         "position_ids": packed.position_ids,
@@ -228,6 +228,8 @@ def _packed_logps(
     if getattr(getattr(model, "module", model), "returns_sequence_logps", False):
         logps, num_tokens = model(**inputs, packed=packed)
     else:
+        if packed.segments is not None:  # to the attention (chatlearn.hf.packing)
+            inputs["packed_segments"] = packed.segments
         output = model(**inputs)
         logits = output if isinstance(output, torch.Tensor) else output.logits
         from chatlearn.algorithms.logps import scored_logps  # logps imports this module
@@ -246,12 +248,16 @@ def _packed_logps(
 
 
 def _mask_format(model: Any) -> str:
-    """ "additive" for a model whose attention adds the mask to its scores (HF eager)."""
+    """ "additive" for a model whose attention adds the mask to its scores (HF eager),
+    "segments" for one that attends by `Packed.segments` (chatlearn.hf.packing)."""
     inner = getattr(model, "module", model)  # DDP
     for candidate in (inner, getattr(inner, "body", None)):  # SequenceLogps: its decoder
         config = getattr(candidate, "config", None)
         if config is not None:
-            return "additive" if config._attn_implementation == "eager" else "bool"
+            implementation = config._attn_implementation
+            if implementation == SEGMENT_ATTENTION:
+                return "segments"
+            return "additive" if implementation == "eager" else "bool"
     return "bool"
 
 

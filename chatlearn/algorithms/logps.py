@@ -159,11 +159,15 @@ class SequenceLogps(nn.Module):
         """Padded rows (`loss_mask` [N, L]: per-row sums) or a packed layout (`packed`, from
         `chatlearn.algorithms.packing`: per-sequence sums; its tensors are the other arguments,
         passed separately so that DDP/FSDP2 see them as the forward's inputs)."""
+        extra = {}
+        if packed is not None and packed.segments is not None:  # to the attention
+            extra["packed_segments"] = packed.segments
         output = self.body(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
+            **extra,
         )
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
         if packed is not None:

@@ -12,7 +12,12 @@ computed once:
                itself, never the other branch; nothing crosses a unit boundary
 
 The model sees this through ``position_ids`` (restarting per unit, both branches continuing from
-the prompt's end) and a 4-D block-diagonal causal ``attention_mask`` ``[rows, 1, T, T]``. The
+the prompt's end) and either a 4-D block-diagonal causal ``attention_mask`` ``[rows, 1, T, T]``
+(``mask_format`` "bool" or "additive": any attention that applies a given mask) or, with
+``mask_format="segments"``, no mask at all: ``Packed.segments`` lists each unit's place and
+`segment_attention` computes every branch with a causal fused kernel over its own tokens and its
+unit's prompt, so attention costs the sum of the units' squares instead of ``T²`` per row and no
+row needs bounding (nor padding: one row). The
 log-prob of a branch token is read from the hidden state of the token before it *in its own
 sequence* (the first branch token from the prompt's last token), so ``Packed.scoring`` lists,
 for every scored token, the flat index of that hidden state, the target id and the owning
@@ -27,7 +32,8 @@ rounding of a different kernel shape.
 
 Memory: the mask is ``rows × T²`` booleans (SDPA may expand it to floats): 16 MB for one row of
 4,096 tokens, 1 GB at 16,384 (plus the attention's own T² work, as for padded rows of that
-length). Bound ``T`` with ``max_tokens_per_row`` when micro-batches hold many long sequences.
+length). Bound ``T`` with ``max_tokens_per_row`` when micro-batches hold many long sequences, or
+use segments, which build no mask.
 """
 
 from __future__ import annotations
@@ -36,8 +42,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-MASK_FORMATS = ("bool", "additive")
+MASK_FORMATS = ("bool", "additive", "segments")
+# The attention implementation name under which a model attends by segments (the Hugging Face
+# adapter is chatlearn/hf/packing.py; models report it as `config._attn_implementation`)
+SEGMENT_ATTENTION = "chatlearn_segments"
+
+# One unit of a packed row: (row, its first column, prefix length, branch lengths in order)
+Segment = tuple[int, int, int, tuple[int, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +63,12 @@ class Packed:
 
     input_ids: torch.Tensor  # [R, T]
     position_ids: torch.Tensor  # [R, T]
-    attention_mask: torch.Tensor  # [R, 1, T, T]: bool (True: attend) or additive float
+    # [R, 1, T, T]: bool (True: attend) or additive float; with segments [R, T] ones (no mask)
+    attention_mask: torch.Tensor
     scoring: torch.Tensor  # [3, K]
     num_sequences: int
     num_computed_tokens: int  # R · T: what the model runs over
+    segments: tuple[Segment, ...] | None = None  # mask_format "segments": for segment_attention
 
     def to(self, device: torch.device) -> Packed:
         return Packed(
@@ -63,6 +78,7 @@ class Packed:
             scoring=self.scoring.to(device, non_blocking=True),
             num_sequences=self.num_sequences,
             num_computed_tokens=self.num_computed_tokens,
+            segments=self.segments,
         )
 
 
@@ -95,7 +111,9 @@ def pack_sequences(
     tokens must be equal and unscored in every member; each sequence in at most one group);
     sequences in no group are packed alone. `max_tokens_per_row` starts a new row when a unit
     would not fit (a unit longer than the budget gets a row of its own); None: one row.
-    `one_unit_per_row`: no packing, each unit right-padded in its own row (prefix sharing alone).
+    `one_unit_per_row`: no packing, each unit right-padded in its own row (prefix sharing alone);
+    with `mask_format="segments"` (no mask, so nothing to bound or to keep apart) the units go
+    into one row unless `max_tokens_per_row` is given.
     """
     if len(input_ids) != len(loss_masks):
         raise ValueError(f"{len(input_ids)} sequences but {len(loss_masks)} loss masks")
@@ -104,7 +122,10 @@ def pack_sequences(
     if len(prefix_lengths) != len(groups):
         raise ValueError(f"{len(groups)} groups but {len(prefix_lengths)} prefix lengths")
     units = _units(input_ids, loss_masks, groups, prefix_lengths)
-    rows = [[unit] for unit in units] if one_unit_per_row else _fill_rows(units, max_tokens_per_row)
+    if one_unit_per_row and mask_format != "segments":
+        rows = [[unit] for unit in units]
+    else:
+        rows = _fill_rows(units, max_tokens_per_row)
     return _layout(rows, len(input_ids), pad_token_id, mask_format)
 
 
@@ -174,10 +195,13 @@ def _layout(
     sources: list[int] = []
     targets: list[int] = []
     owners: list[int] = []
+    segments: list[Segment] = []
     for r, row in enumerate(rows):
         start = len(ids)
         for u, unit in enumerate(row):
             p = len(unit.prefix)
+            lengths = tuple(len(branch) for _, branch, _ in unit.branches)
+            segments.append((r, len(ids) - start, p, lengths))
             prefix_last = len(ids) - start + p - 1  # column of the prefix's last token
             ids += unit.prefix
             positions += range(p)
@@ -202,7 +226,12 @@ def _layout(
         unit_of += [-1] * pad
         branch_of += [0] * pad
     shape = (len(rows), width)
-    mask = _block_mask(torch.tensor(unit_of).view(shape), torch.tensor(branch_of).view(shape))
+    if mask_format == "segments":
+        # no mask: padding (rows of a budget) attends to nothing and is never scored; ones keep
+        # a model from deriving one (a Hugging Face model would build a T² mask from positions)
+        mask = torch.ones(shape, dtype=torch.long)
+    else:
+        mask = _block_mask(torch.tensor(unit_of).view(shape), torch.tensor(branch_of).view(shape))
     if mask_format == "additive":
         mask = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
     return Packed(
@@ -212,7 +241,56 @@ def _layout(
         scoring=torch.tensor([sources, targets, owners], dtype=torch.long).view(3, -1),
         num_sequences=num_sequences,
         num_computed_tokens=len(rows) * width,
+        segments=tuple(segments) if mask_format == "segments" else None,
     )
+
+
+def segment_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segments: Sequence[Segment],
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention of a packed layout without a mask: ``query``, ``key``, ``value`` [R, H, T, D]
+    (as many key/value heads as query heads) → [R, H, T, D].
+
+    Per unit: its prefix and first branch are one causal run; each further branch is a causal
+    run over the prefix and itself (the prefix's queries are computed again and dropped: cheaper
+    than a mask that would take the kernel off its fused causal path). Columns in no unit
+    (padding) get zeros. Exactly the block-diagonal mask's attention, up to float rounding.
+    """
+    rows, heads, width, dim = query.shape
+    pieces: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+    filled = [0] * rows
+
+    def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale
+        )
+
+    for row, start, prefix, branches in segments:
+        q, k, v = query[row], key[row], value[row]
+        if start > filled[row]:
+            pieces[row].append(query.new_zeros(heads, start - filled[row], dim))
+        end = start + prefix + branches[0]
+        pieces[row].append(causal(q[:, start:end], k[:, start:end], v[:, start:end]))
+        for length in branches[1:]:
+            branch = slice(end, end + length)
+            if prefix:
+                head = slice(start, start + prefix)
+                run = [torch.cat((t[:, head], t[:, branch]), 1) for t in (q, k, v)]
+                pieces[row].append(causal(*run)[:, prefix:])
+            else:
+                pieces[row].append(causal(q[:, branch], k[:, branch], v[:, branch]))
+            end += length
+        filled[row] = end
+    for row in range(rows):
+        if filled[row] < width:
+            pieces[row].append(query.new_zeros(heads, width - filled[row], dim))
+    return torch.stack([torch.cat(row_pieces, 1) for row_pieces in pieces])
 
 
 def _block_mask(unit_of: torch.Tensor, branch_of: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,7 @@ MODEL_ARG_KEYS: dict[str, KeySpec] = {
     "packing": _kind("bool", None, example=True),
     "prefix_sharing": _kind("bool", None, example=True),
     "max_tokens_per_row": _int(None, 1, example=4096),
+    "packed_attention": _kind("str", None, choices=("segments", "mask")),
     "max_tokens_per_micro_batch": _int(None, 1, example=8192),
     "malloc_mmap_threshold": _int(0, 0, max_value=32 * 1024 * 1024, example=131072),
 }

@@ -7,13 +7,20 @@ the model's attention applies the given mask as it is and its positions come fro
 - qualifies: ``sdpa`` (boolean mask) and ``eager`` (additive mask) attention of the decoder-only
   models verified here (Llama, Qwen2, and their structural twins Mistral and Qwen3), every layer
   with full attention (no sliding window);
+- segment attention (`use_segment_attention`, the modules' default for an ``sdpa`` model with
+  Hugging Face transformers' attention registry, ``packed_attention: segments``): the model's
+  attention becomes ``chatlearn_segments``, which is SDPA for every ordinary call and, for a
+  packed forward (``packed_segments=`` among the model's arguments), runs each unit's branches
+  through SDPA's fused causal kernel (`chatlearn.algorithms.packing.segment_attention`): no
+  ``T²`` mask, no padding, attention work only within units. ``packed_attention: mask`` keeps
+  the mask;
 - falls back to padded rows: FlashAttention (it takes no 4-D mask; its varlen path could pack
   without prefix sharing on CUDA, not implemented), FlexAttention (takes a BlockMask, not a
   tensor), sliding-window layers (the 4-D mask would drop the window), ALiBi models, and model
   types not verified above.
 
     support = packing_support(model)       # PackingSupport(exact=True, reason="")
-    options = packing_options(model_args, model, log=logger.info)
+    options = packing_options(model_args, model, log=logger.info)  # may switch the attention
     concatenated_logps(network, batch, **options.kwargs())
 """
 
@@ -23,7 +30,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-MASKED_ATTENTION = ("sdpa", "eager")
+import torch
+
+from chatlearn.algorithms.packing import SEGMENT_ATTENTION, segment_attention
+
+MASKED_ATTENTION = ("sdpa", "eager", SEGMENT_ATTENTION)
 VERIFIED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
 
 
@@ -40,6 +51,7 @@ class PackingOptions:
     packing: bool = False
     prefix_sharing: bool = False
     max_tokens_per_row: int | None = None
+    segments: bool = False  # segment attention (the layout follows the model's attention)
 
     def kwargs(self) -> dict[str, Any]:
         return {
@@ -54,6 +66,7 @@ class PackingOptions:
         parts = [name for name in ("packing", "prefix_sharing") if getattr(self, name)]
         if self.max_tokens_per_row is not None:
             parts.append(f"max_tokens_per_row={self.max_tokens_per_row}")
+        parts.append("segment attention" if self.segments else "masked attention")
         return " + ".join(parts)
 
 
@@ -114,4 +127,68 @@ def packing_options(
         raise ValueError(f"model_args max_tokens_per_row must be an integer >= 1, got {budget!r}")
     if not support.exact and any(model_args.get(k) is None for k in ("packing", "prefix_sharing")):
         log(f"packing and prefix sharing off (padded rows): {support.reason}")
-    return PackingOptions(chosen["packing"], chosen["prefix_sharing"], budget)
+    attention = model_args.get("packed_attention")
+    if attention not in (None, "segments", "mask"):
+        raise ValueError(f"model_args packed_attention must be segments or mask, got {attention!r}")
+    segments = False
+    if (chosen["packing"] or chosen["prefix_sharing"]) and attention != "mask":
+        segments = use_segment_attention(model)
+        if not segments and attention == "segments":
+            raise ValueError(
+                "model_args packed_attention: segments needs an sdpa model and transformers' "
+                "attention registry (transformers >= 4.48); set packed_attention: mask"
+            )
+    return PackingOptions(chosen["packing"], chosen["prefix_sharing"], budget, segments)
+
+
+def use_segment_attention(model: Any) -> bool:
+    """Switch an ``sdpa`` HF model's attention to ``chatlearn_segments`` (see the module doc);
+    False, the model unchanged, for other attention or a transformers without the registry."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation == SEGMENT_ATTENTION:
+        return True
+    if config is None or implementation != "sdpa" or not _register():
+        return False
+    if hasattr(base, "set_attn_implementation"):
+        base.set_attn_implementation(SEGMENT_ATTENTION)
+    else:
+        config._attn_implementation = SEGMENT_ATTENTION
+    return str(getattr(base.config, "_attn_implementation", "")) == SEGMENT_ATTENTION
+
+
+def _register() -> bool:
+    """Register the attention (and SDPA's mask builder under its name) with transformers."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+
+    def attention(
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        segments = kwargs.pop("packed_segments", None)
+        if segments is None:  # an ordinary forward: SDPA as the model would run it
+            return sdpa_attention_forward(  # type: ignore[no-any-return]
+                module, query, key, value, attention_mask, dropout, scaling, **kwargs
+            )
+        groups = int(getattr(module, "num_key_value_groups", 1))
+        if groups > 1:  # grouped-query attention: every query head its key/value head
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+        out = segment_attention(query, key, value, segments, scale=scaling, dropout_p=dropout)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(SEGMENT_ATTENTION, attention)
+    AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)
+    return True

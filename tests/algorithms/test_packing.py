@@ -1,5 +1,6 @@
-"""Packed and prefix-shared forwards: the layout (positions, masks, scoring) and, through real
-Llama- and Qwen2-style models, log-probs and gradients equal to the padded, separate forwards."""
+"""Packed and prefix-shared forwards: the layout (positions, masks, segments, scoring) and,
+through real Llama- and Qwen2-style models (masked and segment attention), log-probs and
+gradients equal to the padded, separate forwards."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ import pytest
 import torch
 
 from chatlearn.algorithms import SequenceLogps, concatenated_logps
-from chatlearn.algorithms.packing import pack_pairs, pack_sequences, real_tokens
+from chatlearn.algorithms.packing import (
+    pack_pairs,
+    pack_sequences,
+    real_tokens,
+    segment_attention,
+)
 from chatlearn.hf import build_causal_lm
 from chatlearn.hf.data import PreferenceCollator
+from chatlearn.hf.packing import use_segment_attention
 
 VOCAB = 120
 TINY = {
@@ -58,7 +65,9 @@ def _qwen2() -> Any:
 
 def _build(kind: str, attn: str) -> Any:
     model = _llama() if kind == "llama" else _qwen2()
-    model.config._attn_implementation = attn
+    model.config._attn_implementation = "sdpa" if attn == "segments" else attn
+    if attn == "segments":  # SDPA for the padded forward, segments for the packed ones
+        assert use_segment_attention(model)
     assert model.config.model_type == kind
     return model
 
@@ -83,7 +92,7 @@ def _logps_and_grads(network: Any, batch: dict, **options: Any) -> tuple[torch.T
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "segments"])
 def test_packed_logps_and_gradients_equal_the_padded_forward(kind: str, attn: str) -> None:
     model = _build(kind, attn)
     batch = _pairs(6, seed=3)
@@ -137,10 +146,39 @@ def test_the_mask_confines_attention_to_each_sequence_and_its_prompt() -> None:
     assert packed.num_computed_tokens == 18
 
 
-def test_no_token_sees_another_sequence_through_the_model() -> None:
+def test_segment_attention_is_the_block_masks_attention() -> None:
+    # the layout of the test above, one row: unit 0 = 5 6 | 7 8 | 9, unit 1 = 4 | 3 | 2 1, 10 11
+    ids = [[5, 6, 7, 8], [4, 3], [5, 6, 9], [4, 2, 1], [10, 11]]
+    loss = [[0, 0, 1, 1], [0, 1], [0, 0, 1], [0, 1, 1], [1, 1]]
+    layout = {"groups": [[0, 2], [1, 3]], "prefix_lengths": [2, 1]}
+    segments = pack_sequences(ids, loss, **layout, mask_format="segments")
+    assert segments.segments == ((0, 0, 2, (2, 1)), (0, 5, 1, (1, 2)), (0, 9, 0, (2,)))
+    assert segments.attention_mask.tolist() == [[1] * 11]  # no mask: nothing to build
+    masked = pack_sequences(ids, loss, **layout)
+    assert torch.equal(segments.input_ids, masked.input_ids)
+    assert torch.equal(segments.position_ids, masked.position_ids)
+    assert torch.equal(segments.scoring, masked.scoring)
+    q, k, v = (torch.randn(1, 3, 11, 8, requires_grad=True) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, masked.attention_mask)
+    got = segment_attention(q, k, v, segments.segments)
+    torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad((got * want.detach()).sum(), (q, k, v))
+    want_grads = torch.autograd.grad((want * want.detach()).sum(), (q, k, v))
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
+    # rows of a budget: the padding after each row's units attends to nothing (zeros)
+    budget = pack_sequences(ids, loss, **layout, max_tokens_per_row=9, mask_format="segments")
+    assert budget.segments == ((0, 0, 2, (2, 1)), (0, 5, 1, (1, 2)), (1, 0, 0, (2,)))
+    q, k, v = (torch.randn(2, 3, 9, 8) for _ in range(3))
+    out = segment_attention(q, k, v, budget.segments)
+    assert torch.equal(out[1, :, 2:], torch.zeros(3, 7, 8))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "segments"])
+def test_no_token_sees_another_sequence_through_the_model(attn: str) -> None:
     """Changing one pair's tokens leaves every other pair's log-probs bit-for-bit unchanged, and
     changing a chosen response leaves its own rejected response's log-prob unchanged."""
-    model = _build("llama", "sdpa")
+    model = _build("llama", attn)
     batch = _pairs(4, seed=5)
     before = concatenated_logps(model, batch, packing=True, prefix_sharing=True)
     changed = {key: value.clone() for key, value in batch.items()}

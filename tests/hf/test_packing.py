@@ -47,11 +47,18 @@ def test_packing_is_exact_for_masked_attention_of_verified_models_only() -> None
 def test_packing_options_default_on_where_exact_and_explain_when_not() -> None:
     logged: list[str] = []
     llama = build_causal_lm(TINY, seed=0)
-    assert packing_options({}, llama, log=logged.append) == PackingOptions(True, True, None)
+    masked = {"packed_attention": "mask"}
+    assert packing_options(masked, llama, log=logged.append) == PackingOptions(True, True, None)
+    assert llama.config._attn_implementation == "sdpa"
     assert packing_options(
-        {"prefix_sharing": False, "max_tokens_per_row": 512}, llama, log=logged.append
+        {**masked, "prefix_sharing": False, "max_tokens_per_row": 512}, llama, log=logged.append
     ) == PackingOptions(True, False, 512)
+    # by default an sdpa model attends by segments (no mask) when packed
+    assert packing_options({}, llama, log=logged.append) == PackingOptions(True, True, None, True)
+    assert llama.config._attn_implementation == "chatlearn_segments"
     assert logged == []
+    off = {"packing": False, "prefix_sharing": False, "packed_attention": "segments"}
+    assert packing_options(off, _qwen2(), log=logged.append) == PackingOptions()
     llama.config._attn_implementation = "flash_attention_2"
     assert packing_options({}, llama, log=logged.append) == PackingOptions(False, False, None)
     assert logged == [
@@ -64,6 +71,12 @@ def test_packing_options_default_on_where_exact_and_explain_when_not() -> None:
         packing_options({"packing": "yes"}, llama, log=logged.append)
     with pytest.raises(ValueError, match="max_tokens_per_row must be an integer >= 1"):
         packing_options({"max_tokens_per_row": 0}, llama, log=logged.append)
+    eager = _qwen2()
+    eager.config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="packed_attention: segments needs an sdpa model"):
+        packing_options({"packed_attention": "segments"}, eager, log=logged.append)
+    with pytest.raises(ValueError, match="packed_attention must be segments or mask"):
+        packing_options({"packed_attention": "flex"}, eager, log=logged.append)
 
 
 def _args(**model_args: Any) -> Config:
@@ -102,8 +115,9 @@ def _two_steps(**model_args: Any) -> tuple[list[dict[str, float]], list[torch.Te
     return results, [batch["ref_chosen_logps"] for batch in batches]
 
 
-def test_packed_train_steps_equal_padded_ones_and_count_tokens() -> None:
-    packed, packed_ref = _two_steps()
+@pytest.mark.parametrize("attention", ["segments", "mask"])
+def test_packed_train_steps_equal_padded_ones_and_count_tokens(attention: str) -> None:
+    packed, packed_ref = _two_steps(packed_attention=attention)
     padded, padded_ref = _two_steps(packing=False, prefix_sharing=False)
     for got, want in zip(packed_ref, padded_ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
