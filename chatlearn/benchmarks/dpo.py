@@ -190,13 +190,9 @@ def _realistic_model_args(options: dict[str, Any]) -> dict[str, Any]:
     from chatlearn.hf.profile import REALISTIC
 
     args = model_args({**options, "data": "uniform", "seq_len": REALISTIC.max_length})
-    # rows of at most max_length tokens, as README advises for long sequences: one row per
-    # micro-batch makes the masked attention quadratic in the whole micro-batch
-    args.update(
-        REALISTIC.dataset_options(),
-        prompt_template="{prompt}",
-        max_tokens_per_row=REALISTIC.max_length,
-    )
+    # packed rows need no bound: the attention runs by segments (chatlearn.hf.packing), without
+    # a mask quadratic in the row
+    args.update(REALISTIC.dataset_options(), prompt_template="{prompt}")
     if options.get("padded"):
         args.update(packing=False, prefix_sharing=False)
     return args
