@@ -292,7 +292,7 @@ class HFDPOTrainer(_HFModule):
         self.grad_scaler = self.layout.grad_scaler()
         if self.data_parallel_rank == 0:
             report = format_memory_report(self.memory_report(), self.layout.describe())
-            self._logger.info("%s: %s", self.name, report)
+            self._logger.info("%s: %s; forward: %s", self.name, report, self.packing.describe())
 
     def memory_report(self) -> dict[str, Any]:
         """This rank's parameter, gradient and optimizer-state bytes (``chatlearn.hf.memory``)."""

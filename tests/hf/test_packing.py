@@ -54,7 +54,13 @@ def test_packing_options_default_on_where_exact_and_explain_when_not() -> None:
         {**masked, "prefix_sharing": False, "max_tokens_per_row": 512}, llama, log=logged.append
     ) == PackingOptions(True, False, 512)
     # by default an sdpa model attends by segments (no mask) when packed
-    assert packing_options({}, llama, log=logged.append) == PackingOptions(True, True, None, True)
+    options = packing_options({}, llama, log=logged.append)
+    assert options == PackingOptions(True, True, None, True)
+    assert options.describe() == "packing + prefix_sharing + segment attention"
+    assert PackingOptions(True, False, 512).describe() == (
+        "packing + max_tokens_per_row=512 + masked attention"
+    )
+    assert PackingOptions().describe() == "padded rows"
     assert llama.config._attn_implementation == "chatlearn_segments"
     assert logged == []
     off = {"packing": False, "prefix_sharing": False, "packed_attention": "segments"}
