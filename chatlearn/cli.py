@@ -7,6 +7,7 @@ and a subcommand's heavy imports (torch, transformers) happen only when it runs.
 from __future__ import annotations
 
 import importlib
+import signal
 
 import click
 
@@ -50,6 +51,15 @@ def main() -> None:
 @main.group(cls=_LazyGroup, lazy=_BENCH_COMMANDS)
 def bench() -> None:
     """Throughput benchmarks (figures are ratios measured side by side in one run)."""
+    # SIGTERM (a scheduler's, `timeout`'s) ends a benchmark like Ctrl-C does: by an exception,
+    # so its temporary directories are removed and its actors stopped on the way out (a run in
+    # progress has the engine's own handler meanwhile: a graceful stop, then exit code 143)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
