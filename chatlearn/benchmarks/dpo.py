@@ -70,7 +70,6 @@ from typing import Any
 import click
 
 from chatlearn.hf.modules import HFDPOTrainer
-from chatlearn.hf.packing import use_segment_attention
 from chatlearn.transport import run
 
 # The default model: about 6M parameters with the byte-level vocabulary.
@@ -101,8 +100,6 @@ class SingleProcessDPO(HFDPOTrainer):
         self.reference_model = self.build_model()  # same seed: starts equal to the policy
         self.reference_model.eval()
         self.reference_model.requires_grad_(False)
-        if self.packing.segments:  # the same attention as the policy's (as HFReference's)
-            use_segment_attention(self.reference_model)
 
     def run_steps(self, records: list[dict[str, Any]], batch_size: int, precompute: bool) -> dict:
         """Train on ``records`` in batches; returns each step's end time (``time.time()``).

@@ -54,12 +54,12 @@ freed once the backward reaches the last decoder layer (``chatlearn.hf.parallel`
 Packing and prefix sharing (``chatlearn.algorithms.packing``) compute neither padding nor a pair's
 prompt twice; the log-probs are those of the padded forward (to float rounding). They are on by
 default where that is exact — ``sdpa``/``eager`` attention of Llama/Qwen2-style models without
-sliding windows (``chatlearn.hf.packing``) — and otherwise off with one log line. Each packed row
-carries a ``T × T`` mask and its attention costs ``T²`` (SDPA computes every pair of positions and
-masks most): with long sequences set ``max_tokens_per_row`` to about ``max_length``. On the
-realistic bench profile (pairs of up to 1,024 tokens) one row per micro-batch was as slow as
-padding and rows of 1,024 tokens twice as fast, while on short sequences (128 tokens) rows of 1,024
-were 35% slower than one row, hence the default (one row). The trainer adds ``tokens/real``
+sliding windows (``chatlearn.hf.packing``) — and otherwise off with one log line. On an ``sdpa``
+model the packed forward attends by segments (``packed_attention: segments``, the default): one
+unpadded row, no mask, each pair's branches through SDPA's causal kernel; every model the module
+builds (``build_model``) attends the same way. ``packed_attention: mask`` gives each row a
+``T × T`` mask whose attention costs ``T²``: then set ``max_tokens_per_row`` to about
+``max_length`` for long sequences. The trainer adds ``tokens/real``
 (neither padding nor a repeated prompt) and ``tokens/computed`` (what the forwards ran over) of the
 step, summed over ranks, to its metrics.
 
@@ -105,7 +105,7 @@ from chatlearn.hf.memory import (
     return_freed_memory,
 )
 from chatlearn.hf.model import causal_lm_from_args, model_arg, tied_gradient_in_place
-from chatlearn.hf.packing import PackingOptions, packing_options
+from chatlearn.hf.packing import PackingOptions, packing_options, use_segment_attention
 from chatlearn.hf.parallel import Layout, set_gradient_sync, trainable_parameters, unwrap
 from chatlearn.hf.tokenizer import load_tokenizer
 
@@ -132,6 +132,9 @@ class _HFModule(TorchModule):
         model = causal_lm_from_args(self.model_args, self.tokenizer)
         if torch.cuda.is_available():
             model = model.to(torch.device("cuda", torch.cuda.current_device()))
+        packing = getattr(self, "packing", None)  # set by setup() after the first model
+        if packing is not None and packing.segments:
+            use_segment_attention(model)  # a further model attends like the first
         return model
 
     def build_layout(self) -> Layout:

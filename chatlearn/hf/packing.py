@@ -26,6 +26,7 @@ the model's attention applies the given mask as it is and its positions come fro
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -158,8 +159,9 @@ def use_segment_attention(model: Any) -> bool:
     return str(getattr(base.config, "_attn_implementation", "")) == SEGMENT_ATTENTION
 
 
+@functools.cache
 def _register() -> bool:
-    """Register the attention (and SDPA's mask builder under its name) with transformers."""
+    """Register the attention (and SDPA's mask builder under its name) with transformers, once."""
     try:
         from transformers import AttentionInterface
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
