@@ -18,6 +18,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,6 +28,7 @@ from chatlearn.transport import (
     Message,
     MessageKind,
     TransportError,
+    codec,
     decode,
     decode_message,
     encode,
@@ -354,3 +356,101 @@ def test_stepped_decoding_agrees_with_whole_decoding() -> None:
         if whole[0] == "ok":
             assert whole[1][:2] == stepped[1][:2]
             assert_identical(whole[1][2], stepped[1][2])
+
+
+# --- received single frames: the small-message fast path ---------------------------------------
+
+
+@SETTINGS
+@given(payloads)
+def test_any_payload_roundtrips_exactly_from_received_frames(obj: Any) -> None:
+    # What a channel receives is zmq.Frame objects; small single frames with tensors, arrays or
+    # tuples take codec._decode_small, everything else the full decoder.
+    frames = [zmq.Frame(bytes(frame)) for frame in encode(obj)]
+    assert_identical(obj, decode(frames))
+
+
+def small_seed_messages() -> list[bytes]:
+    """Valid single-frame messages (everything inline) with tensors, arrays and tuples."""
+    objects = [
+        {"x": torch.ones(1024)},
+        {"ids": torch.arange(300), "labels": torch.full((300,), -100), "m": torch.ones(5) > 0},
+        (torch.zeros(0), torch.tensor(2.5, dtype=torch.bfloat16), np.arange(30).reshape(5, 6)),
+        [((1, (2, (3,))), torch.randn(3, 4, dtype=torch.complex64)), {"t": (b"v", "s", 3.5)}],
+        {"a": np.ones((4, 100), dtype=np.float16), "b": np.zeros(3, dtype=bool), "c": np.empty(0)},
+        [torch.randint(0, 2, (64,), dtype=torch.bool), torch.randn(7, 3).to(torch.float16)],
+    ]
+    headers = [encode(obj)[0] for obj in objects]
+    headers += [
+        encode_message(Message(kind=kind, request_id=i, payload=objects[i % len(objects)]))[0]
+        for i, kind in enumerate(MessageKind)
+    ]
+    assert all(len(encode(obj)) == 1 for obj in objects)
+    return [bytes(header) for header in headers]
+
+
+@pytest.mark.timeout(120)
+def test_received_small_frames_decode_exactly_like_bytes() -> None:
+    """The fast path for received single frames agrees with the full decoder (fed bytes) on
+    every input: the same value, or the same typed error with the same text."""
+    rng = random.Random(20261202)
+    seeds = small_seed_messages()
+    kinds = [int(kind) for kind in MessageKind]
+    limit_choices = [
+        Limits(),
+        SMALL_LIMITS,
+        Limits(max_tensors=2, max_tuples=2, max_depth=2),
+        Limits(max_values=64, max_containers=64),
+    ]
+    taken = Counter[str]()
+    original = codec._decode_small
+
+    def spy(*args: Any) -> Any:
+        result = original(*args)
+        taken["fast" if result is not None else "handed over"] += 1
+        return result
+
+    codec._decode_small = spy
+    try:
+        for case in range(4000):
+            header = rng.choice(seeds)
+            if case % 4:
+                # (a mutation may drop or add frames: only the first one is used)
+                mutated = mutate(rng, [header]) if case % 4 != 3 else [random_header(rng)]
+                header = mutated[0] if mutated else b""
+            limits = limit_choices[case % len(limit_choices)]
+            fast = _outcome_with_text(
+                functools.partial(decode_envelope, [zmq.Frame(header)], limits=limits, kinds=kinds)
+            )
+            full = _outcome_with_text(
+                functools.partial(decode_envelope, [header], limits=limits, kinds=kinds)
+            )
+            assert fast[0] == full[0], (case, fast, full, header)
+            if fast[0] == "ok":
+                assert fast[1][:2] == full[1][:2]
+                assert_identical(full[1][2], fast[1][2])
+    finally:
+        codec._decode_small = original
+    # both paths were exercised, and most valid messages took the fast one
+    assert taken["fast"] > 800 and taken["handed over"] > 200, taken
+
+
+def _outcome_with_text(decoder: Any) -> tuple[str, Any]:
+    try:
+        return "ok", decoder()
+    except DecodeError as exc:
+        return f"{type(exc).__name__}: {exc}", None
+
+
+@SETTINGS
+@given(st.binary(max_size=600), st.lists(st.integers(0, 599), max_size=6))
+def test_timestamp_precheck_agrees_with_the_scan(data: bytes, positions: list[int]) -> None:
+    # Plant 0xff bytes and the three timestamp prefixes at random places.
+    buffer = bytearray(data)
+    for i, position in enumerate(positions):
+        if position < len(buffer):
+            prefix = [b"\xff", b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff"][i % 4]
+            buffer[position : position + len(prefix)] = prefix
+    for view in (memoryview(bytes(buffer)), zmq.Frame(bytes(buffer)).buffer):
+        expected = codec._TIMESTAMP_BYTES.search(view) is not None
+        assert codec._may_hold_timestamp(view) == expected
