@@ -335,6 +335,36 @@ async def test_messages_right_behind_a_reply_are_delivered(runtime_dir: RuntimeD
             client.close()
 
 
+async def test_a_receiver_that_found_messages_waiting_still_wakes_for_the_next(
+    runtime_dir: RuntimeDir,
+) -> None:
+    # After a receive that found a message waiting, the next one receives at once without
+    # reading ZMQ_EVENTS (sockets.py). When the queue has run dry meanwhile, that receive fails
+    # and must still arm the wake-up: messages sent in bursts separated by pauses, with the
+    # receiver sometimes ahead and sometimes behind, all arrive in order.
+    bursts = (1, 7, 2, 30, 1, 1, 12, 50)
+    async with DataReceiver(runtime_dir.ipc_endpoint("data"), hwm=4) as receiver:
+        async with DataSender(receiver.endpoint, hwm=4) as sender:
+
+            async def receive(count: int) -> list[int]:
+                return [(await receiver.recv())["i"] for _ in range(count)]
+
+            receiving = asyncio.ensure_future(receive(sum(bursts)))
+            sent = 0
+            for burst in bursts:
+                for _ in range(burst):
+                    await sender.send({"i": sent})
+                    sent += 1
+                await asyncio.sleep(0.005)  # the receiver catches up and waits
+            assert await asyncio.wait_for(receiving, 10) == list(range(sent))
+            for pause in (0.0, 0.02, 0.05):  # the queue is empty: receive first, send later
+                pending = asyncio.ensure_future(receiver.recv())
+                await asyncio.sleep(pause)
+                await sender.send({"i": sent})
+                assert (await asyncio.wait_for(pending, 10))["i"] == sent
+                sent += 1
+
+
 async def test_close_wakes_a_pending_recv(runtime_dir: RuntimeDir) -> None:
     receiver = DataReceiver(runtime_dir.ipc_endpoint("data"))
     client = ControlClient(runtime_dir.ipc_endpoint("nobody"), b"x")
