@@ -40,6 +40,7 @@ __all__ = [
     "ActorSpec",
     "ComputeThread",
     "WorkerContext",
+    "add_error_context",
     "apply_priority",
     "user_error",
 ]
@@ -54,11 +55,25 @@ _PLUMBING_DIRS = tuple(
 )
 
 
+# Where `add_error_context` keeps its keys on an exception.
+_CONTEXT_ATTR = "__chatlearn_context__"
+
+
+def add_error_context(exc: BaseException, **keys: Any) -> None:
+    """Keys for the error report of ``exc`` besides where it happened, e.g. which step of a
+    call of several raised it (`user_error` adds them to the `RemoteError`'s context)."""
+    try:
+        setattr(exc, _CONTEXT_ATTR, {**getattr(exc, _CONTEXT_ATTR, {}), **keys})
+    except (AttributeError, TypeError):  # an exception type that takes no attributes
+        pass
+
+
 def user_error(exc: BaseException, context: dict[str, Any]) -> Any:
     """A `RemoteError` for `exc` whose traceback starts at the user's code.
 
     The runtime's own frames (worker loop, compute thread, dispatch) come first in the traceback
-    of every failed call and say nothing about the bug, so they are dropped.
+    of every failed call and say nothing about the bug, so they are dropped. Keys given to
+    `add_error_context` join ``context``.
     """
     import traceback
 
@@ -70,6 +85,9 @@ def user_error(exc: BaseException, context: dict[str, Any]) -> Any:
             break
         tb = tb.tb_next
     text = "".join(traceback.format_exception(type(exc), exc, tb))
+    extra = getattr(exc, _CONTEXT_ATTR, None)
+    if isinstance(extra, dict):
+        context = {**context, **extra}
     return RemoteError(type(exc).__qualname__, str(exc), text, context)
 
 

@@ -228,6 +228,17 @@ class DPOPipeline:
     # -- control from outside ---------------------------------------------------------------
     def request_stop(self) -> None:
         """Send no new training step; the train loop returns once the sent ones are done."""
+        if not self._stop.is_set():
+            # what was sent is what will finish: the loop sends nothing once this is set
+            in_flight = sum(len(group) for group in self._in_flight)
+            if in_flight:
+                first = self.state.iteration + 1
+                logger.info(
+                    "no new training step is sent; %s in flight finish first",
+                    f"iteration {first}"
+                    if in_flight == 1
+                    else f"iterations {first}..{first + in_flight - 1}",
+                )
         self._stop.set()
 
     def request_checkpoint(self) -> asyncio.Future[Any]:
@@ -637,6 +648,9 @@ class DPOPipeline:
             # this group and those queued behind it: a process that dies may have finished a
             # step whose answer it never sent, so the step that killed it may be a later one
             in_flight = [group, *(g for g in self._in_flight if g is not group)]
+            failed = self._failed_step(exc, in_flight)
+            if failed is not None:
+                exc.add_note("failed at " + self._describe_steps(*failed))
             exc.add_note(
                 "in flight when it failed: " + "; ".join(self._describe_steps(g) for g in in_flight)
             )
@@ -658,15 +672,38 @@ class DPOPipeline:
                 self._global(last.episode_id, last.max_required_position + 1)
             )
 
-    def _describe_steps(self, group: tuple[TrainStep, ...]) -> str:
-        """Which steps a training call ran, and their samples (dataset, row)."""
-        first, last = group[0], group[-1]
+    def _failed_step(
+        self, exc: Exception, in_flight: list[tuple[TrainStep, ...]]
+    ) -> tuple[tuple[TrainStep, ...], int] | None:
+        """The call and the index in it of the step whose ``train_step`` raised ``exc``, when
+        the trainer said which (a call runs several steps)."""
+        context = getattr(exc, "context", None)
+        failed = context.get("train_step_iteration") if isinstance(context, dict) else None
+        if type(failed) is not int:
+            return None
+        for group in in_flight:
+            index = failed + 1 - self._first_iteration(group)
+            if 0 <= index < len(group):
+                return group, index
+        return None
+
+    def _first_iteration(self, group: tuple[TrainStep, ...]) -> int:
+        """The (1-based) iteration of the first step of an in-flight training call."""
         before = 0  # steps of the calls in flight ahead of this one
         for other in self._in_flight:
             if other is group:
                 break
             before += len(other)
-        iteration = self.state.iteration + before + 1
+        return self.state.iteration + before + 1
+
+    def _describe_steps(self, group: tuple[TrainStep, ...], only: int | None = None) -> str:
+        """Which steps a training call ran (or only its step at index ``only``), and their
+        samples (dataset, row)."""
+        iteration = self._first_iteration(group)
+        if only is not None:
+            iteration += only
+            group = group[only : only + 1]
+        first, last = group[0], group[-1]
         iterations = (
             f"{iteration}" if len(group) == 1 else f"{iteration}..{iteration + len(group) - 1}"
         )

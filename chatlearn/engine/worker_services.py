@@ -35,6 +35,7 @@ from typing import Any
 
 from chatlearn.actors.checkpoint_paths import module_checkpoint_dir
 from chatlearn.actors.module import invoke, resume_loads_checkpoint
+from chatlearn.actors.worker_core import add_error_context
 from chatlearn.engine.batching import (
     batch_size_of,
     collate_samples,
@@ -515,7 +516,12 @@ class TrainerService(_EpisodeHooks):
         """One ``train_step`` on the compute thread."""
         start = time.time()
         data = [gather_micro_batch(buffer, mb, padding=padding) for mb in micro_batches]
-        result = invoke(self.module, "train_step", (data,), {"iteration": iteration})
+        try:
+            result = invoke(self.module, "train_step", (data,), {"iteration": iteration})
+        except BaseException as exc:
+            # a call may run several steps: the coordinator names the one that failed
+            add_error_context(exc, train_step_iteration=iteration)
+            raise
         self.module._train_iteration = iteration + 1
         self._compute_free_since = end = time.time()
         return start, _numeric_metrics(result), end
