@@ -112,3 +112,18 @@ async def test_noop_round_trip_latency():
     ping50 = statistics.median(pings) * 1e6
     print(f"\nno-op call round trip: p50 {p50:.0f} us, p90 {p90:.0f} us; ping p50 {ping50:.0f} us")
     assert p50 < 5000, f"p50 {p50:.0f} us"
+
+
+def test_error_context_added_by_the_runtime_travels_with_a_user_error():
+    # e.g. which step of a training call of several raised (the coordinator names that step)
+    from chatlearn.actors.worker_core import add_error_context, user_error
+
+    try:
+        raise ValueError("bad sample")
+    except ValueError as exc:
+        add_error_context(exc, train_step_iteration=5)
+        add_error_context(exc, episode=1)
+        err = user_error(exc, {"model": "policy", "rank": 0})
+    assert err.context == {"model": "policy", "rank": 0, "train_step_iteration": 5, "episode": 1}
+    assert "ValueError: bad sample" in err.remote_traceback
+    assert "train_step_iteration=5" in str(err)
