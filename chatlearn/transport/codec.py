@@ -772,31 +772,50 @@ def _decode_small(header: memoryview, limits: Limits) -> tuple[int, int, Any] | 
     """
     if _may_hold_timestamp(header):
         return None
-    tensors_left = limits.max_tensors
-    tuples_left = limits.max_tuples
-    max_depth = limits.max_depth
-    depth = 0
-    torch_dtypes = _torch_dtypes()[0] if "torch" in sys.modules else None
+    try:
+        _, kind, request_id, body = _unpackb(
+            header, ext_hook=_SmallExtHook(limits), strict_map_key=False
+        )
+    except Exception:  # _Fallback, or anything msgpack, torch or numpy refused
+        return None
+    if type(request_id) is not int or not 0 <= request_id < 2**63:
+        return None
+    return kind, request_id, body
 
-    def ext_hook(code: int, data: bytes) -> Any:
-        nonlocal tensors_left, tuples_left, depth
+
+class _SmallExtHook:
+    """`_decode_small`'s ext hook: counts tensors, tuples and nesting as `_BodyDecoder` does and
+    raises `_Fallback` at anything else. An object rather than a closure: a closure that passes
+    itself to the nested unpacking refers to itself through its cell, a cycle that would leave
+    garbage for the collector after every message instead of being freed at once."""
+
+    __slots__ = ("tensors_left", "tuples_left", "depth", "max_depth", "torch_dtypes")
+
+    def __init__(self, limits: Limits) -> None:
+        self.tensors_left = limits.max_tensors
+        self.tuples_left = limits.max_tuples
+        self.max_depth = limits.max_depth
+        self.depth = 0
+        self.torch_dtypes = _torch_dtypes()[0] if "torch" in sys.modules else None
+
+    def __call__(self, code: int, data: bytes) -> Any:
         if code == _EXT_TENSOR or code == _EXT_NDARRAY:
-            tensors_left -= 1
-            if tensors_left < 0:
+            self.tensors_left -= 1
+            if self.tensors_left < 0:
                 raise _Fallback
         elif code == _EXT_TUPLE:
-            tuples_left -= 1
-            if tuples_left < 0:
+            self.tuples_left -= 1
+            if self.tuples_left < 0:
                 raise _Fallback
         else:
             raise _Fallback
-        if depth >= max_depth:
+        if self.depth >= self.max_depth:
             raise _Fallback
-        depth += 1
+        self.depth += 1
         try:
-            value = _unpackb(data, ext_hook=ext_hook, strict_map_key=False)
+            value = _unpackb(data, ext_hook=self, strict_map_key=False)
         finally:
-            depth -= 1
+            self.depth -= 1
         if code == _EXT_TUPLE:
             if type(value) is not list:
                 raise _Fallback
@@ -805,10 +824,9 @@ def _decode_small(header: memoryview, limits: Limits) -> tuple[int, int, Any] | 
         if type(ref) is not bytes:
             raise _Fallback  # a frame index: this message has no data frames
         if code == _EXT_TENSOR:
+            torch_dtypes = self.torch_dtypes
             dtype = torch_dtypes.get(dtype_name) if torch_dtypes is not None else None
-            if dtype is None:
-                raise _Fallback
-            if len(ref) != _numel(shape) * dtype.itemsize:
+            if dtype is None or len(ref) != _numel(shape) * dtype.itemsize:
                 raise _Fallback
             return _tensor_from(bytearray(ref), dtype, shape)
         import numpy as np
@@ -819,14 +837,6 @@ def _decode_small(header: memoryview, limits: Limits) -> tuple[int, int, Any] | 
         if len(ref) != _numel(shape) * np_dtype.itemsize:
             raise _Fallback
         return _ndarray_from(bytearray(ref), np_dtype, shape)
-
-    try:
-        _, kind, request_id, body = _unpackb(header, ext_hook=ext_hook, strict_map_key=False)
-    except Exception:  # _Fallback, or anything msgpack, torch or numpy refused
-        return None
-    if type(request_id) is not int or not 0 <= request_id < 2**63:
-        return None
-    return kind, request_id, body
 
 
 _unpackb: Final = msgpack.unpackb

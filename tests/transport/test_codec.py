@@ -422,3 +422,31 @@ def test_decoding_keeps_no_reference_to_the_frames() -> None:
     finally:
         if enabled:
             gc.enable()
+
+
+def test_decoding_leaves_no_garbage_for_the_cyclic_collector() -> None:
+    """Every decoding path frees what it built by reference counting: a reference cycle per
+    message would be work for the collector on every small message (and could hold frames)."""
+    import gc
+
+    payloads = [
+        {"x": torch.ones(1024), "t": (1, (2, 3)), "a": np.arange(5)},  # inline: one frame
+        {"big": torch.ones(100_000), "t": (1,)},  # a data frame
+        {"m": [1, "a"]},  # plain
+    ]
+    enabled = gc.isenabled()
+    try:
+        for payload in payloads:
+            frames = encode_message(Message(kind=MessageKind.CALL, request_id=3, payload=payload))
+            # received frames (the fast paths) and bytes (the full decoder)
+            for variant in ([zmq.Frame(bytes(f)) for f in frames], [bytes(f) for f in frames]):
+                decode_message(variant)  # warm caches
+                gc.disable()
+                gc.collect()
+                for _ in range(5):
+                    decode_message(variant)
+                assert gc.collect() == 0, (payload, type(variant[0]))
+                gc.enable()
+    finally:
+        if enabled:
+            gc.enable()
