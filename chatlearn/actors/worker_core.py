@@ -64,7 +64,7 @@ def add_error_context(exc: BaseException, **keys: Any) -> None:
     call of several raised it (`user_error` adds them to the `RemoteError`'s context)."""
     try:
         setattr(exc, _CONTEXT_ATTR, {**getattr(exc, _CONTEXT_ATTR, {}), **keys})
-    except (AttributeError, TypeError):  # an exception type that takes no attributes
+    except (AttributeError, TypeError):  # an exception that refuses attributes (frozen dataclass)
         pass
 
 

@@ -232,12 +232,10 @@ class DPOPipeline:
             # what was sent is what will finish: the loop sends nothing once this is set
             in_flight = sum(len(group) for group in self._in_flight)
             if in_flight:
-                first = self.state.iteration + 1
                 logger.info(
-                    "no new training step is sent; %s in flight finish first",
-                    f"iteration {first}"
-                    if in_flight == 1
-                    else f"iterations {first}..{first + in_flight - 1}",
+                    "no new training step is sent; iteration%s %s in flight finish first",
+                    "s" if in_flight > 1 else "",
+                    _iterations(self.state.iteration + 1, in_flight),
                 )
         self._stop.set()
 
@@ -704,9 +702,7 @@ class DPOPipeline:
             iteration += only
             group = group[only : only + 1]
         first, last = group[0], group[-1]
-        iterations = (
-            f"{iteration}" if len(group) == 1 else f"{iteration}..{iteration + len(group) - 1}"
-        )
+        iterations = _iterations(iteration, len(group))
         steps = f"{first.step_in_episode + 1}"
         if len(group) > 1:
             steps += f"..{last.step_in_episode + 1}"
@@ -871,6 +867,11 @@ async def _unless_lost(call: Awaitable[Any]) -> None:
         await call
     except ActorLostError:
         pass
+
+
+def _iterations(first: int, count: int) -> str:
+    """``5`` for one iteration, ``5..7`` for three."""
+    return f"{first}" if count == 1 else f"{first}..{first + count - 1}"
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -331,43 +331,38 @@ def decode_envelope(
     frames: Sequence[Any], *, limits: Limits = DEFAULT_LIMITS, kinds: Collection[int]
 ) -> tuple[int, int, Any]:
     """Decode and check a whole message; returns ``(kind, request_id, body)``."""
+    timestamps: bool | None = None  # whether the header may hold a timestamp, once scanned
     if len(frames) == 1 and type(frames[0]) is _FRAME:
-        # The small-message fast path (most control messages, as received): one frame whose
-        # header is a 4-array of this version and a known kind, with no byte that can start an
-        # ext, so there is nothing for hooks to rebuild or refuse, and its length bounds
-        # everything else. Anything else, errors included, takes the checks below.
+        # The fast paths for small single frames, as received: a header of at most
+        # _SMALL_MAX_BYTES that is a 4-array of this version and a known kind. Anything else,
+        # errors included, takes the checks below.
         header = frames[0].buffer
         length = header.nbytes
         if (
-            4 <= length <= _PLAIN_MAX_BYTES
+            4 <= length <= _SMALL_MAX_BYTES
             and length <= limits.max_header_bytes
             and length <= limits.max_message_bytes
             and header[0] == 0x94
             and header[1] == PROTOCOL_VERSION
             and header[2] in kinds
-            and not _EXT_BYTES.search(header)
         ):
-            try:
-                _, kind, request_id, body = msgpack.unpackb(header, strict_map_key=False)
-            except _MALFORMED as exc:
-                raise _malformed(exc) from exc
-            if type(request_id) is int and 0 <= request_id < 2**63:
-                return kind, request_id, body
-        elif (
-            length <= _SMALL_MAX_BYTES
-            and length <= limits.max_header_bytes
-            and length <= limits.max_message_bytes
-            # as in _BodyDecoder: such a header cannot exceed the counts of values and containers
-            and length <= limits.max_values
-            and length <= limits.max_containers
-            and length >= 4
-            and header[0] == 0x94
-            and header[1] == PROTOCOL_VERSION
-            and header[2] in kinds
-        ):
-            envelope = _decode_small(header, limits)
-            if envelope is not None:
-                return envelope
+            if length <= _PLAIN_MAX_BYTES and not _EXT_BYTES.search(header):
+                # Most control messages: no byte can start an ext, so there is nothing for
+                # hooks to rebuild or refuse, and the length bounds everything else.
+                try:
+                    _, kind, request_id, body = msgpack.unpackb(header, strict_map_key=False)
+                except _MALFORMED as exc:
+                    raise _malformed(exc) from exc
+                if type(request_id) is int and 0 <= request_id < 2**63:
+                    return kind, request_id, body
+            # Inline tensors, arrays or tuples. As in _BodyDecoder, a header this short cannot
+            # exceed the counts of values and containers; a timestamp needs the full checks.
+            elif length <= limits.max_values and length <= limits.max_containers:
+                timestamps = _may_hold_timestamp(header)
+                if not timestamps:
+                    envelope = _decode_small(header, limits)
+                    if envelope is not None:
+                        return envelope
     buffers = _checked_buffers(frames, limits, kinds)
     header = buffers[0]
     if len(buffers) == 1 and header.nbytes <= _PLAIN_MAX_BYTES and not _EXT_BYTES.search(header):
@@ -379,7 +374,7 @@ def decode_envelope(
         except _MALFORMED as exc:
             raise _malformed(exc) from exc
         return _checked_envelope(envelope, None, 1)
-    body_decoder = _BodyDecoder(buffers, limits, header.nbytes)
+    body_decoder = _BodyDecoder(buffers, limits, header.nbytes, check_timestamps=timestamps)
     try:
         return _checked_envelope(body_decoder.unpack(header), body_decoder, len(buffers))
     finally:
@@ -555,8 +550,15 @@ class _BodyDecoder:
     )
 
     def __init__(
-        self, buffers: list[memoryview], limits: Limits, length: int, *, count: bool = False
+        self,
+        buffers: list[memoryview],
+        limits: Limits,
+        length: int,
+        *,
+        count: bool = False,
+        check_timestamps: bool | None = None,
     ) -> None:
+        """``check_timestamps``: `_may_hold_timestamp` of the header if already known."""
         self.buffers = buffers
         self.used: set[int] = set()
         self.limits = limits
@@ -564,7 +566,9 @@ class _BodyDecoder:
         self.depth = 0
         self.tensors_left = limits.max_tensors
         self.tuples_left = limits.max_tuples
-        self.check_timestamps = _may_hold_timestamp(buffers[0])
+        if check_timestamps is None:
+            check_timestamps = _may_hold_timestamp(buffers[0])
+        self.check_timestamps = check_timestamps
         self.options: dict[str, Any] = {"ext_hook": self.ext_hook, "strict_map_key": False}
         if count or length > min(limits.max_values, limits.max_containers):
             self.options.update(self._bounds())
@@ -764,14 +768,13 @@ def _decode_small(header: memoryview, limits: Limits) -> tuple[int, int, Any] | 
     It decodes what the full decoder would, with the same checks, but without its per-message
     set-up (a `_BodyDecoder`, an options dict, hooks as bound methods): ~2 µs less for a message
     of one 4 KiB tensor, most of a small micro-batch's decoding (see BENCHMARKS.md). The caller
-    has checked the envelope's prefix and the sizes, and the header is short enough that no
-    count of values or containers can be exceeded; tensors, tuples and nesting are counted here.
-    Anything out of the ordinary (an error of any kind, a timestamp candidate, a frame
-    reference) returns None: the full decoder then redoes at most 16 KiB of work and raises the
-    same typed errors as ever, so the two paths cannot disagree on what is refused or why.
+    has checked the envelope's prefix and the sizes, that the header is short enough that no
+    count of values or containers can be exceeded, and that it holds no timestamp candidate;
+    tensors, tuples and nesting are counted here. Anything out of the ordinary (an error of any
+    kind, a frame reference) returns None: the full decoder then redoes at most 16 KiB of work
+    and raises the same typed errors as ever, so the two paths cannot disagree on what is
+    refused or why.
     """
-    if _may_hold_timestamp(header):
-        return None
     try:
         _, kind, request_id, body = _unpackb(
             header, ext_hook=_SmallExtHook(limits), strict_map_key=False
@@ -789,14 +792,13 @@ class _SmallExtHook:
     itself to the nested unpacking refers to itself through its cell, a cycle that would leave
     garbage for the collector after every message instead of being freed at once."""
 
-    __slots__ = ("tensors_left", "tuples_left", "depth", "max_depth", "torch_dtypes")
+    __slots__ = ("tensors_left", "tuples_left", "depth", "max_depth")
 
     def __init__(self, limits: Limits) -> None:
         self.tensors_left = limits.max_tensors
         self.tuples_left = limits.max_tuples
         self.max_depth = limits.max_depth
         self.depth = 0
-        self.torch_dtypes = _torch_dtypes()[0] if "torch" in sys.modules else None
 
     def __call__(self, code: int, data: bytes) -> Any:
         if code == _EXT_TENSOR or code == _EXT_NDARRAY:
@@ -824,8 +826,7 @@ class _SmallExtHook:
         if type(ref) is not bytes:
             raise _Fallback  # a frame index: this message has no data frames
         if code == _EXT_TENSOR:
-            torch_dtypes = self.torch_dtypes
-            dtype = torch_dtypes.get(dtype_name) if torch_dtypes is not None else None
+            dtype = _torch_dtypes()[0].get(dtype_name)
             if dtype is None or len(ref) != _numel(shape) * dtype.itemsize:
                 raise _Fallback
             return _tensor_from(bytearray(ref), dtype, shape)

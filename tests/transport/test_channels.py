@@ -350,19 +350,25 @@ async def test_a_receiver_that_found_messages_waiting_still_wakes_for_the_next(
                 return [(await receiver.recv())["i"] for _ in range(count)]
 
             receiving = asyncio.ensure_future(receive(sum(bursts)))
-            sent = 0
-            for burst in bursts:
-                for _ in range(burst):
+            waiting: list[asyncio.Future[object]] = [receiving]
+            try:
+                sent = 0
+                for burst in bursts:
+                    for _ in range(burst):
+                        await sender.send({"i": sent})
+                        sent += 1
+                    await asyncio.sleep(0.005)  # the receiver catches up and waits
+                assert await asyncio.wait_for(receiving, 10) == list(range(sent))
+                for pause in (0.0, 0.02, 0.05):  # the queue is empty: receive first, send later
+                    pending = asyncio.ensure_future(receiver.recv())
+                    waiting.append(pending)
+                    await asyncio.sleep(pause)
                     await sender.send({"i": sent})
+                    assert (await asyncio.wait_for(pending, 10))["i"] == sent
                     sent += 1
-                await asyncio.sleep(0.005)  # the receiver catches up and waits
-            assert await asyncio.wait_for(receiving, 10) == list(range(sent))
-            for pause in (0.0, 0.02, 0.05):  # the queue is empty: receive first, send later
-                pending = asyncio.ensure_future(receiver.recv())
-                await asyncio.sleep(pause)
-                await sender.send({"i": sent})
-                assert (await asyncio.wait_for(pending, 10))["i"] == sent
-                sent += 1
+            finally:  # a failed assertion leaves no task waiting on a closed receiver
+                for task in waiting:
+                    task.cancel()
 
 
 async def test_close_wakes_a_pending_recv(runtime_dir: RuntimeDir) -> None:
