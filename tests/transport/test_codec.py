@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -192,6 +193,31 @@ def test_unsupported_objects_raise_encode_error() -> None:
             encode({"x": bad})
     with pytest.raises(EncodeError):
         encode_message(Message(kind=MessageKind.CALL, request_id=-1))
+
+
+def test_the_reused_packer_is_left_clean_by_failures_and_never_reentered() -> None:
+    """Each thread packs its envelopes with one reused packer: a message that fails to encode
+    must not leave bytes in it for the next, and a conversion of a user type that encodes a
+    message of its own while the outer one is half packed must get a packer of its own."""
+    good = {"x": torch.arange(4.0), "big": torch.ones(BIG), "t": (1, "a")}
+    expected = encode(good)
+    for bad in [{"ok": 1, "bad": object()}, [1, 2**64], {"x": torch.ones(3).to_sparse()}]:
+        with pytest.raises(EncodeError):
+            encode(bad)
+        frames = encode(good)
+        assert frames[0] == expected[0] and len(frames) == 2
+        assert_same(good, decode(frames))
+
+    inner: list[list[Any]] = []
+
+    class Sneaky(int):
+        def __int__(self) -> int:  # runs while the outer message is being packed
+            inner.append(encode({"inner": torch.arange(3), "big": torch.zeros(BIG)}))
+            return 7
+
+    outer = encode([Sneaky(5), {"x": torch.ones(BIG)}])
+    assert_same([7, {"x": torch.ones(BIG)}], decode(outer))
+    assert_same({"inner": torch.arange(3), "big": torch.zeros(BIG)}, decode(inner[0]))
 
 
 def test_decoded_tensor_aliases_the_frame_memory() -> None:
@@ -424,9 +450,10 @@ def test_decoding_keeps_no_reference_to_the_frames() -> None:
             gc.enable()
 
 
-def test_decoding_leaves_no_garbage_for_the_cyclic_collector() -> None:
-    """Every decoding path frees what it built by reference counting: a reference cycle per
-    message would be work for the collector on every small message (and could hold frames)."""
+def test_encoding_and_decoding_leave_no_garbage_for_the_cyclic_collector() -> None:
+    """Every encoding and decoding path frees what it built by reference counting: a reference
+    cycle per message is work for the collector on every small message (the encoder's closure
+    made one: a collection every ~150 messages, 5-7% of a sender's time) and can hold frames."""
     import gc
 
     payloads = [
@@ -437,7 +464,15 @@ def test_decoding_leaves_no_garbage_for_the_cyclic_collector() -> None:
     enabled = gc.isenabled()
     try:
         for payload in payloads:
-            frames = encode_message(Message(kind=MessageKind.CALL, request_id=3, payload=payload))
+            msg = Message(kind=MessageKind.CALL, request_id=3, payload=payload)
+            frames = encode_message(msg)
+            gc.disable()
+            gc.collect()
+            for _ in range(5):
+                encode_message(msg)
+                encode(payload)
+            assert gc.collect() == 0, payload
+            gc.enable()
             # received frames (the fast paths) and bytes (the full decoder)
             for variant in ([zmq.Frame(bytes(f)) for f in frames], [bytes(f) for f in frames]):
                 decode_message(variant)  # warm caches
