@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -34,6 +35,7 @@ from chatlearn.transport import (
     run,
     tcp_endpoint,
 )
+from chatlearn.transport.sockets import AsyncSocket
 
 
 @pytest.fixture
@@ -369,6 +371,59 @@ async def test_a_receiver_that_found_messages_waiting_still_wakes_for_the_next(
             finally:  # a failed assertion leaves no task waiting on a closed receiver
                 for task in waiting:
                     task.cancel()
+
+
+async def test_a_send_right_after_the_receiver_drained_the_queue_does_not_wait() -> None:
+    """libzmq's non-blocking send does not read its command mailbox (at most once a
+    millisecond), so the queue can look full after the receiver has drained it: the note that
+    it did waits in the mailbox. `send` must process it and send at once, not go to the loop
+    (the sender then waits a loop cycle for nothing: 4 of 5 waits of a 4 KiB stream)."""
+    ctx = zmq.asyncio.Context()
+    pull = AsyncSocket(ctx, zmq.PULL, linger_ms=0, options={zmq.RCVHWM: 2})
+    push = AsyncSocket(ctx, zmq.PUSH, linger_ms=0, options={zmq.SNDHWM: 2})
+    try:
+        pull.bind_or_connect("inproc://drained", bind=True)
+        push.bind_or_connect("inproc://drained", bind=False)
+        for round_ in range(10):
+            queued = 0
+            while push._try_send([b"x"]):  # fill the queue
+                queued += 1
+                assert queued < 100
+            assert queued >= 2
+            for _ in range(queued):  # drain it
+                assert bytes(zmq.backend.Socket.recv(pull.sock, zmq.DONTWAIT, False)) == b"x"
+            sending = push.send([b"y"])
+            try:
+                sending.send(None)
+            except StopIteration:  # sent without suspending
+                pass
+            else:
+                sending.close()
+                pytest.fail(f"round {round_}: the send waited for the loop")
+            assert bytes(zmq.backend.Socket.recv(pull.sock, zmq.DONTWAIT, False)) == b"y"
+    finally:
+        push.close(0)
+        pull.close(0)
+        ctx.term()
+
+
+async def test_a_socket_whose_context_is_being_terminated_fails_instead_of_waiting() -> None:
+    # At process exit the context can be terminated under a socket still in use: the next
+    # operation finds it unusable while reading ZMQ_EVENTS, which closes the socket; the
+    # operation must then fail, not wait forever on a socket nothing will wake again.
+    ctx = zmq.asyncio.Context()
+    pull = AsyncSocket(ctx, zmq.PULL, linger_ms=0, options={})
+    pull.bind_or_connect("inproc://terminated", bind=True)
+    terminating = threading.Thread(target=ctx.term, daemon=True)
+    terminating.start()
+    try:
+        await asyncio.sleep(0.1)  # ctx.term has begun: operations now fail with ETERM
+        with pytest.raises(ChannelClosedError):
+            await asyncio.wait_for(pull.recv(), 5)
+        terminating.join(5)
+        assert not terminating.is_alive() and pull.closed
+    finally:
+        pull.close(0)
 
 
 async def test_close_wakes_a_pending_recv(runtime_dir: RuntimeDir) -> None:
