@@ -220,6 +220,26 @@ def test_the_reused_packer_is_left_clean_by_failures_and_never_reentered() -> No
     assert_same({"inner": torch.arange(3), "big": torch.zeros(BIG)}, decode(inner[0]))
 
 
+def test_threads_encoding_at_once_get_their_own_messages() -> None:
+    # Each thread packs with a packer of its own (the compute thread and the event loop both
+    # encode): concurrent encodes never mix their bytes or frames.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def encode_many(worker: int) -> None:
+        for i in range(300):
+            payload = {"w": worker, "i": i, "x": torch.full((5,), float(i)), "big": torch.ones(BIG)}
+            assert_same(payload, decode(encode(payload)))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often, in the middle of packing too
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            for done in [pool.submit(encode_many, worker) for worker in range(4)]:
+                done.result(timeout=60)
+    finally:
+        sys.setswitchinterval(interval)
+
+
 def test_decoded_tensor_aliases_the_frame_memory() -> None:
     t = torch.arange(100_000, dtype=torch.float32)
     frames = encode({"t": t})
