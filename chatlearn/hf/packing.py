@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from chatlearn.algorithms.packing import SEGMENT_ATTENTION, segment_attention
+from chatlearn.hf.model import model_arg
 
 MASKED_ATTENTION = ("sdpa", "eager", SEGMENT_ATTENTION)
 VERIFIED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
@@ -110,27 +111,21 @@ def packing_options(
     explicitly on such a model is a ValueError saying why.
     """
     support = packing_support(model)
+    # Types and ranges are checked by the keys' specs (a located ConfigError, as at start-up);
+    # what depends on the model is checked here.
     chosen = {}
     for key in ("packing", "prefix_sharing"):
-        value = model_args.get(key)
-        if value is not None and not isinstance(value, bool):
-            raise ValueError(f"model_args {key} must be true or false, got {value!r}")
+        value = model_arg(model_args, key)
         if value and not support.exact:
             raise ValueError(
                 f"model_args {key}: true is not exact for this model ({support.reason}); "
                 f"set {key}: false"
             )
         chosen[key] = support.exact if value is None else value
-    budget = model_args.get("max_tokens_per_row")
-    if budget is not None and (
-        isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
-    ):
-        raise ValueError(f"model_args max_tokens_per_row must be an integer >= 1, got {budget!r}")
+    budget = model_arg(model_args, "max_tokens_per_row")
     if not support.exact and any(model_args.get(k) is None for k in ("packing", "prefix_sharing")):
         log(f"packing and prefix sharing off (padded rows): {support.reason}")
-    attention = model_args.get("packed_attention")
-    if attention not in (None, "segments", "mask"):
-        raise ValueError(f"model_args packed_attention must be segments or mask, got {attention!r}")
+    attention = model_arg(model_args, "packed_attention")
     segments = False
     if (chosen["packing"] or chosen["prefix_sharing"]) and attention != "mask":
         segments = use_segment_attention(model)

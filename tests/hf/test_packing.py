@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from chatlearn.config import Config
+from chatlearn.config import Config, ConfigError
 from chatlearn.hf import build_causal_lm
 from chatlearn.hf.modules import HFDPOTrainer, HFReference
 from chatlearn.hf.packing import PackingOptions, packing_options, packing_support
@@ -73,15 +73,18 @@ def test_packing_options_default_on_where_exact_and_explain_when_not() -> None:
     ]
     with pytest.raises(ValueError, match="packing: true is not exact for this model"):
         packing_options({"packing": True}, llama, log=logged.append)
-    with pytest.raises(ValueError, match="must be true or false"):
+    # the keys' specs check types and ranges, naming the key (as at start-up)
+    with pytest.raises(ConfigError, match="packing: expected true or false"):
         packing_options({"packing": "yes"}, llama, log=logged.append)
-    with pytest.raises(ValueError, match="max_tokens_per_row must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="max_tokens_per_row: must be ≥ 1"):
         packing_options({"max_tokens_per_row": 0}, llama, log=logged.append)
+    with pytest.raises(ConfigError, match="max_tokens_per_row: expected a whole number"):
+        packing_options({"max_tokens_per_row": True}, llama, log=logged.append)
     eager = _qwen2()
     eager.config._attn_implementation = "eager"
     with pytest.raises(ValueError, match="packed_attention: segments needs an sdpa model"):
         packing_options({"packed_attention": "segments"}, eager, log=logged.append)
-    with pytest.raises(ValueError, match="packed_attention must be segments or mask"):
+    with pytest.raises(ConfigError, match="packed_attention: must be one of segments, mask"):
         packing_options({"packed_attention": "flex"}, eager, log=logged.append)
 
 
