@@ -298,12 +298,11 @@ class AsyncSocket:
             return False
         future, frames = self._send_waiters[0]
         try:
-            self._send_frames(frames)
-        except zmq.Again:
-            return False
-        except zmq.ZMQError as exc:
+            if not self._try_send(frames):
+                return False
+        except TransportError as exc:
             self._send_waiters.popleft()
-            future.set_exception(self._translate(exc))
+            future.set_exception(exc)
             return True
         self._send_waiters.popleft()
         future.set_result(None)
