@@ -20,7 +20,9 @@ Checks (``chatlearn.gpu_probe`` is the module the actors run):
 - ``DPO example``: ``examples/dpo/train_dpo.py`` on the GPU (reference and trainer on one GPU),
   a few steps, loss falling, a checkpoint written at the end;
 - ``DPO example FSDP2 bf16`` (≥ 2 GPUs): the same with the trainer sharded over 2 GPUs
-  (``parallel: fsdp``, ``mixed_precision: bf16``, NCCL, a sharded checkpoint);
+  (``parallel: fsdp``, ``mixed_precision: bf16``, NCCL, a sharded checkpoint) and the reference
+  sharded over them too, with ``runtime.reference_store`` (its fingerprint and lookups agreed
+  over NCCL);
 - ``Megatron example``: ``examples/megatron/train_dpo.py`` on the GPU with megatron-core's own
   CUDA code (not the CPU compatibility layer), tensor parallel over 2 GPUs when there are 2;
 - ``packed attention``: packed, prefix-shared log-probs and gradients of a small Llama with
@@ -332,10 +334,14 @@ def check_nccl(reduced: list[dict[str, Any]]) -> str:
 
 
 def example_config(
-    workdir: Path, trainer: dict[str, Any], reference: dict[str, Any], colocated: bool
+    workdir: Path,
+    trainer: dict[str, Any],
+    reference: dict[str, Any],
+    colocated: bool,
+    extra_runtime: dict[str, Any] | None = None,
 ) -> Path:
-    """``examples/dpo/dpo.yaml`` with the given model resources (and extra trainer
-    ``model_args``), written into ``workdir``; data paths made absolute."""
+    """``examples/dpo/dpo.yaml`` with the given model resources (and extra ``model_args``) and
+    ``extra_runtime`` keys, written into ``workdir``; data paths made absolute."""
     import yaml
 
     example = REPO / "examples" / "dpo"
@@ -351,13 +357,15 @@ def example_config(
     for key in ("data_path", "eval_data_path"):
         runtime[key] = str(example / runtime[key])
     runtime["colocation"] = [["reference", "policy_trainer"]] if colocated else []
+    runtime.update(extra_runtime or {})
     path = workdir / "dpo_gpu_check.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def run_example(config: Path, workdir: Path, timeout: float) -> str:
-    """The DPO example for 2 episodes (24 steps): its loss must fall; a checkpoint at the end."""
+def run_example(config: Path, workdir: Path, timeout: float, *, stored: bool = False) -> str:
+    """The DPO example for 2 episodes (24 steps): its loss must fall; a checkpoint at the end.
+    ``stored``: the run has a reference store, which must have computed and kept samples."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -381,7 +389,13 @@ def run_example(config: Path, workdir: Path, timeout: float) -> str:
         raise CheckFailed("no checkpoint was written at the end")
     throughput = re.search(r"throughput\s+([\d.]+) samples/s", done.stdout)
     rate = f", {throughput.group(1)} samples/s" if throughput else ""
-    return f"loss {first:.4f} -> {last:.4f} in 24 steps{rate}, checkpoint written"
+    store = ""
+    if stored:
+        counts = re.search(r"reference store: (\d+) samples served, (\d+) computed", done.stderr)
+        if counts is None or int(counts.group(2)) == 0:
+            raise CheckFailed("the reference store computed and kept no sample")
+        store = f", reference store kept {counts.group(2)} samples"
+    return f"loss {first:.4f} -> {last:.4f} in 24 steps{rate}, checkpoint written{store}"
 
 
 def megatron_config(
@@ -512,8 +526,12 @@ def run_checks() -> list[CheckResult]:
 
         def example_fsdp() -> str:
             trainer = {"num_gpu": 2, "model_args": {"parallel": "fsdp", "mixed_precision": "bf16"}}
-            config = example_config(workdir / "fsdp", trainer, {"num_gpu": 1}, True)
-            return run_example(config, workdir / "fsdp", deadline.left(90))
+            # the reference sharded too (one replica of 2 GPUs), with the on-disk store: its
+            # fingerprint and lookups are agreed over NCCL
+            reference = {"num_gpu": 2, "zero_size": 2, "model_args": {"parallel": "fsdp"}}
+            store = {"reference_store": str(workdir / "fsdp" / "store")}
+            config = example_config(workdir / "fsdp", trainer, reference, True, store)
+            return run_example(config, workdir / "fsdp", deadline.left(90), stored=True)
 
         def megatron() -> str:
             if importlib.util.find_spec("megatron.core") is None:

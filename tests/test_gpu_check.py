@@ -119,13 +119,17 @@ def test_example_config_is_the_example_on_gpus(tmp_path: Path) -> None:
     from chatlearn.config import load_config
 
     trainer = {"num_gpu": 2, "model_args": {"parallel": "fsdp", "mixed_precision": "bf16"}}
-    path = example_config(tmp_path, trainer, {"num_gpu": 1}, True)
+    reference = {"num_gpu": 2, "zero_size": 2, "model_args": {"parallel": "fsdp"}}
+    store = str(tmp_path / "store")
+    path = example_config(tmp_path, trainer, reference, True, {"reference_store": store})
     config = load_config(path)
     policy = config.model("policy_trainer")
-    assert (policy.num_gpu, config.model("reference").num_gpu) == (2, 1)
+    assert (policy.num_gpu, config.model("reference").num_gpu) == (2, 2)
+    assert config.model("reference").num_replica == 1  # one replica sharded over both GPUs
     assert policy.model_args["parallel"] == "fsdp"
     assert policy.model_args["learning_rate"] == 3.0e-3  # the example's model.yaml
     assert Path(config.runtime_args.data_path).is_absolute()
+    assert config.runtime_args.reference_store == store
 
 
 def test_offload_check_wants_the_memory_released_and_the_weights_back() -> None:

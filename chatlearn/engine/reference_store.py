@@ -23,6 +23,13 @@ them: an entry that does not match its digest or does not decode (truncated, bit
 deleted and computed again, never used. A store file SQLite cannot read is moved aside
 (``.corrupt-<time>``) and a new one started. Replicas of a run share the file (SQLite's locking,
 WAL journal); every access runs on the replica's compute thread.
+
+A replica of several processes (a sharded or model-parallel reference) uses the store through
+`ReplicaStore`: its last rank, the one that sends the outputs, looks samples up and stores them,
+and tells the other ranks which samples it found (a broadcast over the replica's process group),
+so that every rank runs ``forward_step`` on the same samples (their collectives must match). Its
+fingerprint covers the whole model: each rank hashes the shards it holds (the local part of a
+DTensor), and the fingerprint hashes every rank's digest in rank order.
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ _FRAME_SIZE = struct.Struct("<Q")
 
 
 def fingerprint(module: Any) -> str:
-    """The reference module's fingerprint (module docstring), as hex."""
+    """The reference module's fingerprint (module docstring), as hex. On a replica of several
+    processes this is a collective: every rank of the replica must call it."""
     import torch
 
     digest = hashlib.blake2b(digest_size=_DIGEST)
@@ -60,10 +68,41 @@ def fingerprint(module: Any) -> str:
             continue
         digest.update(name.encode())
         for key, tensor in value.state_dict().items():
+            if hasattr(tensor, "to_local"):  # a DTensor (FSDP2): the shard this rank holds
+                tensor = tensor.to_local()
             data = tensor.detach().to("cpu").contiguous()
             digest.update(f"{key}:{data.dtype}:{tuple(data.shape)}".encode())
             digest.update(data.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    group = _replica_group()
+    if group is None:
+        return digest.hexdigest()
+    dist, world_size = group
+    local = torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8).to(_device(dist))
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local)
+    combined = hashlib.blake2b(f"{world_size} ranks".encode(), digest_size=_DIGEST)
+    for rank_digest in gathered:
+        combined.update(rank_digest.cpu().numpy().tobytes())
+    return combined.hexdigest()
+
+
+def _replica_group() -> tuple[Any, int] | None:
+    """``(torch.distributed, world size)`` when this process is one of several of its replica
+    (the worker makes the replica's ranks the default process group), else None."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    return dist, dist.get_world_size()
+
+
+def _device(dist: Any) -> Any:
+    """Where the replica's collectives take their tensors: the GPU for NCCL, else the CPU."""
+    import torch
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def sample_key(sample: Any) -> bytes:
@@ -184,3 +223,32 @@ class ReferenceStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+class ReplicaStore:
+    """The store as the ranks of a replica of several processes use it (module docstring): the
+    last rank holds the `ReferenceStore`, ``store`` is None on the others. Every rank calls
+    `get` with the same keys, in the same order (it is a collective)."""
+
+    def __init__(self, store: ReferenceStore | None) -> None:
+        group = _replica_group()
+        assert group is not None, "ReplicaStore is for a replica of several processes"
+        self.store = store
+        self._dist, self._world_size = group
+
+    def get(self, keys: Sequence[bytes]) -> dict[bytes, Any]:
+        """The last rank's lookup. Every rank learns which keys were found; only the last rank
+        gets their outputs (the others map them to None: they send nothing)."""
+        import torch
+
+        found = self.store.get(keys) if self.store is not None else {}
+        hits = [key in found for key in keys]
+        mask = torch.tensor(hits, dtype=torch.uint8).to(_device(self._dist))
+        self._dist.broadcast(mask, src=self._world_size - 1)
+        if self.store is not None:
+            return found
+        return {key: None for key, hit in zip(keys, mask.tolist(), strict=True) if hit}
+
+    def put(self, items: Mapping[bytes, Any]) -> None:
+        if self.store is not None:
+            self.store.put(items)

@@ -76,7 +76,12 @@ from chatlearn.engine.protocol import (
     decode,
     encode,
 )
-from chatlearn.engine.reference_store import ReferenceStore, fingerprint, sample_key
+from chatlearn.engine.reference_store import (
+    ReferenceStore,
+    ReplicaStore,
+    fingerprint,
+    sample_key,
+)
 from chatlearn.transport import DataReceiver, DataSender
 
 logger = logging.getLogger("chatlearn.engine")
@@ -145,7 +150,7 @@ class ReferenceService(_EpisodeHooks):
         self.ctx = ctx
         self.datasets: dict[str, list[Any]] = {}
         self.senders: list[DataSender] = []
-        self._store: ReferenceStore | None = None
+        self._store: ReferenceStore | ReplicaStore | None = None
         self._store_checked = False
         self.handlers = {
             Connect: self.connect,
@@ -238,11 +243,12 @@ class ReferenceService(_EpisodeHooks):
             part = _part(chunk.positions, chunk.indices, chunk.cache, data=output)
             return _Computed(start, [part], time.time(), _nbytes(output))
         keys = [sample_key(sample) for sample in samples]
-        found = store.get(keys)
+        found = store.get(keys)  # on a replica of several processes, agreed by every rank
         hits = [i for i, key in enumerate(keys) if key in found]
         misses = [i for i, key in enumerate(keys) if key not in found]
+        sends = self.module.is_last_rank()  # the other ranks of a replica send nothing
         parts, nbytes = [], 0
-        if hits:
+        if hits and sends:
             served = [found[keys[i]] for i in hits]
             parts.append(
                 _part(
@@ -255,17 +261,18 @@ class ReferenceService(_EpisodeHooks):
             nbytes += sum(_nbytes(sample) for sample in served)
         if misses:
             output = self._forward_samples(datasets, [samples[i] for i in misses])
-            per_sample = split_per_sample(output, expected_size=len(misses))
-            store.put({keys[i]: value for i, value in zip(misses, per_sample, strict=True)})
-            parts.append(
-                _part(
-                    [chunk.positions[i] for i in misses],
-                    [chunk.indices[i] for i in misses],
-                    chunk.cache,
-                    data=output,
+            if sends:
+                per_sample = split_per_sample(output, expected_size=len(misses))
+                store.put({keys[i]: value for i, value in zip(misses, per_sample, strict=True)})
+                parts.append(
+                    _part(
+                        [chunk.positions[i] for i in misses],
+                        [chunk.indices[i] for i in misses],
+                        chunk.cache,
+                        data=output,
+                    )
                 )
-            )
-            nbytes += _nbytes(output)
+                nbytes += _nbytes(output)
         return _Computed(start, parts, time.time(), nbytes, stored=len(hits))
 
     def _forward_samples(self, datasets: Sequence[Any], samples: list[Any]) -> dict[str, Any]:
@@ -287,32 +294,32 @@ class ReferenceService(_EpisodeHooks):
             )
         return output
 
-    def _reference_store(self) -> ReferenceStore | None:
+    def _reference_store(self) -> ReferenceStore | ReplicaStore | None:
         """The on-disk store (``runtime.reference_store``), opened on first use (on the compute
-        thread, where it is used); None when not configured, or for a model-parallel replica
-        (its ranks would have to agree on every lookup)."""
+        thread, where it is used); None when not configured. A replica of several processes
+        shares its last rank's store (`ReplicaStore`); the fingerprint is then a collective,
+        which every rank reaches at the same chunk, its first."""
         if self._store is not None or self._store_checked:
             return self._store
         self._store_checked = True
         path = self.module.runtime_args.get("reference_store", None)
         if not path:
             return None
-        if self.ctx.identity.world_size > 1:
-            logger.warning(
-                "runtime.reference_store is used by single-process reference replicas only; "
-                "%s has %d processes a replica: computing every sample",
-                self.module.name,
-                self.ctx.identity.world_size,
-            )
-            return None
         started = time.time()
-        self._store = ReferenceStore(path, fingerprint(self.module))
-        logger.info(
-            "%s: reference store %s (model fingerprint in %.1f s)",
-            self.module.name,
-            self._store.path,
-            time.time() - started,
-        )
+        model_fingerprint = fingerprint(self.module)
+        owner = self.module.is_last_rank()
+        store = ReferenceStore(path, model_fingerprint) if owner else None
+        if self.ctx.identity.world_size > 1:
+            self._store = ReplicaStore(store)
+        else:
+            self._store = store
+        if store is not None:
+            logger.info(
+                "%s: reference store %s (model fingerprint in %.1f s)",
+                self.module.name,
+                store.path,
+                time.time() - started,
+            )
         return self._store
 
     async def resume(self, order: Resume) -> None:
@@ -328,8 +335,9 @@ class ReferenceService(_EpisodeHooks):
         for sender in self.senders:
             sender.close()
         self.senders = []
-        if self._store is not None:
-            store, self._store = self._store, None
+        store = self._store.store if isinstance(self._store, ReplicaStore) else self._store
+        self._store = None
+        if store is not None:
             logger.info(
                 "%s: reference store: %d samples served, %d computed, %d broken entries redone",
                 self.module.name,

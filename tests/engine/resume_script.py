@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from torch_modules import TinyReference, TinyTrainer  # noqa: E402
+from torch_modules import TinyReference, TinyShardedReference, TinyTrainer  # noqa: E402
 
 import chatlearn  # noqa: E402
 from chatlearn import DPOEngine  # noqa: E402
@@ -22,13 +22,20 @@ from chatlearn import DPOEngine  # noqa: E402
 NUM_SAMPLES = 20  # not a multiple of the episode: episodes wrap into the next shuffled pass
 
 
+# REFERENCE_SHARDED=1: the reference is one replica of two processes (TinyShardedReference),
+# colocated with the trainer on this 2-core machine
+SHARDED = os.environ.get("REFERENCE_SHARDED") == "1"
+
+
 def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
+    reference = {"num_cpu": 2, "cpu_per_process": 1, "zero_size": 2} if SHARDED else {"num_cpu": 1}
     return {
         "models": {
-            "reference": {"num_cpu": 1},
+            "reference": reference,
             "policy_trainer": {"num_cpu": 1, "trainable": True},
         },
         "runtime": {
+            "colocation": [["reference", "policy_trainer"]] if SHARDED else [],
             "output_dir": output_dir,
             "num_episode": 3,
             "sample_per_episode": 8,
@@ -61,7 +68,8 @@ def main() -> None:
     output_dir, probe_dir = sys.argv[1], sys.argv[2]
     gate = int(sys.argv[3]) if len(sys.argv) > 3 else None
     chatlearn.init(config(output_dir, probe_dir, gate))
-    engine = DPOEngine(TinyReference("reference"), TinyTrainer("policy_trainer"))
+    reference = (TinyShardedReference if SHARDED else TinyReference)("reference")
+    engine = DPOEngine(reference, TinyTrainer("policy_trainer"))
     engine.set_dataset(list(range(NUM_SAMPLES)))
     engine.learn()
 

@@ -47,6 +47,30 @@ def test_a_second_run_is_served_from_the_store_and_trains_the_same(
     assert second.train_records() == baseline.train_records()
 
 
+def test_a_sharded_reference_uses_the_store_too(tmp_path: Path) -> None:
+    # One reference replica of two processes, each holding a shard of the layer and gathering
+    # the logits in forward_step (a collective): the last rank looks samples up and stores
+    # them, and the other rank computes exactly the samples it did not find.
+    store = tmp_path / "store"
+    sharded = {"REFERENCE_SHARDED": "1"}
+    first, second = Trial(tmp_path / "first"), Trial(tmp_path / "second")
+    text = _run(first, store, sharded)
+    assert "computing every sample" not in text
+    assert _episodes(first)[-1]["reference_stored"] == 0
+    (path,) = store.glob("reference-*.sqlite")  # one store: the last rank's
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT COUNT(*) FROM outputs").fetchone() == (20,)
+    text = _run(second, store, sharded)
+    assert _episodes(second)[-1]["reference_stored"] == 20
+    assert "20 samples served, 0 computed" in text, text
+    assert_identical(second.final_state(), first.final_state())
+    assert second.train_records() == first.train_records()
+    # the whole model's fingerprint, not one rank's shard: not the single-process model's file
+    single = Trial(tmp_path / "single")
+    _run(single, store)
+    assert len(list(store.glob("reference-*.sqlite"))) == 2
+
+
 def test_broken_entries_and_files_are_computed_again(tmp_path: Path) -> None:
     layer = torch.nn.Linear(3, 2)
 

@@ -73,6 +73,49 @@ class TinyReference(_Probed):
         }
 
 
+class TinyShardedReference(TinyReference):
+    """`TinyReference` split over the processes of its replica (``zero_size``): rank r holds the
+    rows of classes r, r + world, ... and ``forward_step`` gathers every rank's logits, a
+    collective that needs every rank to run it on the same samples. The logits are the same
+    numbers as the whole layer's (each is one row's dot product)."""
+
+    def setup(self) -> None:
+        import torch.distributed as dist
+
+        super().setup()
+        self.world, rank = dist.get_world_size(), dist.get_rank()
+        rows = list(range(rank, CLASSES, self.world))
+        whole, self.model = self.model, torch.nn.Linear(FEATURES, len(rows)).eval()
+        with torch.no_grad():
+            self.model.weight.copy_(whole.weight[rows])
+            self.model.bias.copy_(whole.bias[rows])
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+    def forward_step(self, data, iteration):
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            local = self.model(data["x"])
+            width = -(-CLASSES // self.world)  # gloo gathers equal shapes: pad to the widest
+            padded = F.pad(local, (0, width - local.shape[1]))
+            shards = [torch.empty_like(padded) for _ in range(self.world)]
+            dist.all_gather(shards, padded)
+            logits = torch.empty(len(data["x"]), CLASSES)
+            for r, shard in enumerate(shards):
+                columns = len(range(r, CLASSES, self.world))
+                logits[:, r :: self.world] = shard[:, :columns]
+            logp = F.log_softmax(logits, dim=-1)
+        chosen = data["chosen"]
+        rejected = (chosen + 1) % CLASSES
+        return {
+            "x": data["x"],
+            "chosen": chosen,
+            "ref_chosen": logp.gather(1, chosen[:, None])[:, 0],
+            "ref_rejected": logp.gather(1, rejected[:, None])[:, 0],
+        }
+
+
 class TinyTrainer(_Probed):
     def setup(self) -> None:
         self.model = self.build_layer()

@@ -8,7 +8,8 @@ writes what the tests check as JSON to `--out`:
 - `train`: 10 steps (the plain layout with W = 1, FSDP2 with W = 2); losses, grad norms,
   reference log-probs, memory report; a checkpoint after step 5, and a second trainer that loads
   it and repeats steps 6-10 (losses and final weights must be bit-identical); the policy's
-  log-probs at the checkpoint (the exported HF directory must reproduce them).
+  log-probs at the checkpoint (the exported HF directory must reproduce them); the reference's
+  store fingerprint (`chatlearn.engine.reference_store`).
 - `ddp` (W = 2): one DDP step and its memory report, to compare with FSDP2's.
 - `lora`: LoRA steps (FSDP2 with W = 2): losses, which parameters changed, the adapter and the
   trainer's log-probs (the saved adapter on the base model must reproduce them).
@@ -38,6 +39,7 @@ import torch.distributed as dist  # noqa: E402
 
 from chatlearn.algorithms import concatenated_logps  # noqa: E402
 from chatlearn.config import Config  # noqa: E402
+from chatlearn.engine.reference_store import fingerprint  # noqa: E402
 from chatlearn.hf.modules import HFDPOTrainer, HFReference  # noqa: E402
 from examples.dpo.make_data import make_pairs  # noqa: E402
 
@@ -87,10 +89,13 @@ def start(module: Any, rank: int, world_size: int) -> Any:
 
 
 def reference_batches(
-    args: Config, rank: int, world: int, steps: int = STEPS
+    args: Config, rank: int, world: int, steps: int = STEPS, found: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """Reference outputs of every micro-batch of the run (the whole global micro-batch)."""
+    """Reference outputs of every micro-batch of the run (the whole global micro-batch);
+    ``found`` gets the reference's store fingerprint (a collective when sharded)."""
     reference = start(HFReference("reference", args=args), rank, world)
+    if found is not None:
+        found["fingerprint"] = fingerprint(reference)
     train, _ = make_pairs(num_train=steps * GLOBAL_BATCH, num_eval=8, max_value=99)
     dataset = reference.build_dataset(train)
     size = GLOBAL_BATCH // MICRO_BATCHES
@@ -144,7 +149,8 @@ def weights_digest(trainer: HFDPOTrainer) -> list[float]:
 def run_train(rank: int, world: int, tmp: Path, **model_args: Any) -> dict[str, Any]:
     parallel = "fsdp" if world > 1 else "none"
     args = make_args(world, parallel=parallel, **model_args)
-    batches = reference_batches(args, rank, world)
+    found: dict[str, Any] = {}
+    batches = reference_batches(args, rank, world, found=found)
     trainer = start(HFDPOTrainer("policy", args=args), rank, world)
     checkpoint = tmp / "checkpoint" / "policy" / f"rank_{rank}"
     losses, norms, logps_at_checkpoint = [], [], []
@@ -178,6 +184,7 @@ def run_train(rank: int, world: int, tmp: Path, **model_args: Any) -> dict[str, 
         "logps_at_checkpoint": logps_at_checkpoint,
         "checkpoint": str(checkpoint),
         "layout": trainer.layout.describe(),
+        "reference_fingerprint": found["fingerprint"],
     }
 
 

@@ -131,6 +131,16 @@ def test_sharded_reference_logps_equal_unsharded(runs: dict[str, Any]) -> None:
     assert _max_diff(single, sharded) < TOLERANCE
 
 
+def test_a_sharded_reference_has_one_fingerprint_for_the_whole_model(
+    runs: dict[str, Any],
+) -> None:
+    # Each rank hashes the shards it holds (DTensor local parts) and the ranks combine their
+    # digests: both ranks agree, and the sharded model's store is not the unsharded one's.
+    sharded = {runs[name]["train"]["reference_fingerprint"] for name in ("rank0", "rank1")}
+    assert len(sharded) == 1
+    assert runs["single"]["train"]["reference_fingerprint"] not in sharded
+
+
 def test_fsdp2_per_rank_state_bytes_are_about_half_of_ddp(runs: dict[str, Any]) -> None:
     def total(memory: dict[str, Any]) -> int:
         assert not memory["estimated"]  # measured after a step, from the tensors' storage
