@@ -74,3 +74,43 @@ def test_training_without_a_parallel_wrapper_on_several_ranks_is_an_error() -> N
     with pytest.raises(ValueError, match="parallel: none cannot train on 2 ranks"):
         layout.wrap(torch.nn.Linear(2, 2), trainable=True)
     assert isinstance(layout.wrap(torch.nn.Linear(2, 2), trainable=False), torch.nn.Linear)
+
+
+@pytest.mark.parametrize("zero_size", [1, 2])
+def test_a_reference_whose_fsdp_shards_nothing_says_so(
+    zero_size: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Two processes of an inference model are two replicas of one process unless zero_size
+    # makes them one replica: `parallel: fsdp` alone then shards nothing, which users expect
+    # it to (the README's advice for a reference too big for one device said only that).
+    from chatlearn.config import Config
+    from chatlearn.hf.modules import HFReference
+
+    tiny = {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 32,
+    }
+    model_args = {"model_config": tiny, "seed": 0, "parallel": "fsdp"}
+    reference = {"num_cpu": 2, "cpu_per_process": 1, "zero_size": zero_size}
+    config = Config(
+        {
+            "models": {
+                "reference": {**reference, "model_args": model_args},
+                "policy": {"num_cpu": 1, "trainable": True, "model_args": model_args},
+            },
+            "runtime": {"num_episode": 1, "sample_per_episode": 16},
+        }
+    )
+    module = HFReference("reference", args=config)
+    module._rank, module._world_size = 0, 1  # as the runtime sets them in replica 0
+    with caplog.at_level("WARNING"):
+        module.setup()
+    warned = [r.getMessage() for r in caplog.records if "shards nothing" in r.getMessage()]
+    if zero_size == 1:
+        assert len(warned) == 1 and "set models.reference.zero_size" in warned[0], warned
+    else:
+        assert warned == []
