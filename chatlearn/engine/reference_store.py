@@ -227,24 +227,39 @@ class ReferenceStore:
 
 class ReplicaStore:
     """The store as the ranks of a replica of several processes use it (module docstring): the
-    last rank holds the `ReferenceStore`, ``store`` is None on the others. Every rank calls
-    `get` with the same keys, in the same order (it is a collective)."""
+    rank that sends the replica's outputs holds the `ReferenceStore`, ``store`` is None on the
+    others. Making one and every `get` are collectives: every rank calls them, with the same
+    keys, in the same order."""
 
     def __init__(self, store: ReferenceStore | None) -> None:
+        import torch
+
         group = _replica_group()
         assert group is not None, "ReplicaStore is for a replica of several processes"
         self.store = store
-        self._dist, self._world_size = group
+        self._dist, _ = group
+        # which rank owns the store, and so decides: agreed by the ranks rather than assumed
+        device = _device(self._dist)
+        owner = torch.tensor([self._dist.get_rank() if store is not None else -1], device=device)
+        owners = torch.tensor([int(store is not None)], device=device)
+        self._dist.all_reduce(owner, op=self._dist.ReduceOp.MAX)
+        self._dist.all_reduce(owners, op=self._dist.ReduceOp.SUM)
+        self._owner = int(owner.item())
+        if int(owners.item()) != 1:
+            raise ValueError(
+                f"the reference store needs exactly one rank of the replica to send its outputs "
+                f"(is_last_rank), {int(owners.item())} do"
+            )
 
     def get(self, keys: Sequence[bytes]) -> dict[bytes, Any]:
-        """The last rank's lookup. Every rank learns which keys were found; only the last rank
-        gets their outputs (the others map them to None: they send nothing)."""
+        """The owner's lookup. Every rank learns which keys were found; only the owner gets
+        their outputs (the others map them to None: they send nothing)."""
         import torch
 
         found = self.store.get(keys) if self.store is not None else {}
         hits = [key in found for key in keys]
         mask = torch.tensor(hits, dtype=torch.uint8).to(_device(self._dist))
-        self._dist.broadcast(mask, src=self._world_size - 1)
+        self._dist.broadcast(mask, src=self._owner)
         if self.store is not None:
             return found
         return {key: None for key, hit in zip(keys, mask.tolist(), strict=True) if hit}
