@@ -250,28 +250,14 @@ class ReferenceService(_EpisodeHooks):
         parts, nbytes = [], 0
         if hits and sends:
             served = [found[keys[i]] for i in hits]
-            parts.append(
-                _part(
-                    [chunk.positions[i] for i in hits],
-                    [chunk.indices[i] for i in hits],
-                    chunk.cache,
-                    samples=served,
-                )
-            )
+            parts.append(_part_of(chunk, hits, samples=served))
             nbytes += sum(_nbytes(sample) for sample in served)
         if misses:
             output = self._forward_samples(datasets, [samples[i] for i in misses])
             if sends:
                 per_sample = split_per_sample(output, expected_size=len(misses))
                 store.put({keys[i]: value for i, value in zip(misses, per_sample, strict=True)})
-                parts.append(
-                    _part(
-                        [chunk.positions[i] for i in misses],
-                        [chunk.indices[i] for i in misses],
-                        chunk.cache,
-                        data=output,
-                    )
-                )
+                parts.append(_part_of(chunk, misses, data=output))
                 nbytes += _nbytes(output)
         return _Computed(start, parts, time.time(), nbytes, stored=len(hits))
 
@@ -663,6 +649,12 @@ def _part(
     if cache:
         part["cache"] = [list(index) for index in indices]
     return part
+
+
+def _part_of(chunk: Chunk, which: Sequence[int], **contents: Any) -> dict[str, Any]:
+    """`_part` for some of a chunk's samples (their indices in the chunk)."""
+    positions = [chunk.positions[i] for i in which]
+    return _part(positions, [chunk.indices[i] for i in which], chunk.cache, **contents)
 
 
 def _nbytes(output: Mapping[str, Any]) -> int:

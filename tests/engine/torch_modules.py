@@ -62,7 +62,11 @@ class TinyReference(_Probed):
 
     def forward_step(self, data, iteration):
         with torch.no_grad():
-            logp = F.log_softmax(self.model(data["x"]), dim=-1)
+            return self.outputs(data, self.model(data["x"]))
+
+    @staticmethod
+    def outputs(data, logits):
+        logp = F.log_softmax(logits, dim=-1)
         chosen = data["chosen"]
         rejected = (chosen + 1) % CLASSES
         return {
@@ -105,15 +109,7 @@ class TinyShardedReference(TinyReference):
             for r, shard in enumerate(shards):
                 columns = len(range(r, CLASSES, self.world))
                 logits[:, r :: self.world] = shard[:, :columns]
-            logp = F.log_softmax(logits, dim=-1)
-        chosen = data["chosen"]
-        rejected = (chosen + 1) % CLASSES
-        return {
-            "x": data["x"],
-            "chosen": chosen,
-            "ref_chosen": logp.gather(1, chosen[:, None])[:, 0],
-            "ref_rejected": logp.gather(1, rejected[:, None])[:, 0],
-        }
+            return self.outputs(data, logits)
 
 
 class TinyTrainer(_Probed):
