@@ -179,9 +179,14 @@ class RemoteActor:
             exc = ActorError.from_remote(err, **self.where(method))
             system.record("error", self, f"{exc.type_name} in {method}")
             if system.options.fail_fast:
-                lost = system.lose(self, exc, user_error=True)
+                # a collective that failed because a peer died is that death, not a bug here
+                lost = await system.peer_loss(self)
+                if lost is None and system.failure is None:
+                    lost = system.lose(self, exc, user_error=True)
                 if lost is not None:
                     raise lost from None
+                if system.failure is not None:
+                    raise system.failure from None
             raise exc from None
         except RequestTimeoutError:
             assert timeout is not None

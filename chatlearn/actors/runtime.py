@@ -79,6 +79,9 @@ logger = logging.getLogger("chatlearn.actors")
 # so the error names the real cause rather than just the exit code.
 _EXIT_GRACE = 0.3
 _TICK = 0.1
+# How long an error of user code on a process with peers (the other ranks of its replica, or of
+# a trainer) waits for a peer's death to explain it before it counts as the process's own.
+_PEER_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -612,6 +615,36 @@ class ActorSystem:
             replica_id=actor.identity.replica_id,
             attempt=healing.count,
         )
+
+    async def peer_loss(self, actor: Any) -> ActorLostError | None:
+        """Whether an error ``actor``'s user code raised is the consequence of a peer's death.
+
+        The ranks of a replica (or of a trainer) run collectives together: when one dies, the
+        others' next collective fails at once ("Connection reset by peer"), usually before the
+        death is noticed. So an error of a process that has peers waits up to `_PEER_GRACE` for
+        one of them to be found dead; then their unit is restarted for that death, and this
+        returns the error of a lost actor (or None with the run failed, if the policy allows no
+        more restarts). None at once for a process without peers, and None when no peer died:
+        the error is the process's own."""
+        key = self._unit_key(actor)
+        peers = [a for a in self._actors if a is not actor and self._unit_key(a) == key]
+        if not peers:
+            return None
+        deadline = time.monotonic() + _PEER_GRACE
+        while self.failure is None and not self._closing:
+            if key in self._restarting:
+                return self.lost_error(actor)
+            for peer in peers:
+                popen = getattr(peer, "popen", None)
+                if peer.state == "exited" or (popen is not None and popen.poll() is not None):
+                    self.record(
+                        "peer", actor, f"its error follows the death of {peer.identity.label}"
+                    )
+                    return self.lose(peer, peer.dead_error("exited unexpectedly"))
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(0.02)
+        return None
 
     def lose(
         self, actor: Any, exc: BaseException, *, user_error: bool = False

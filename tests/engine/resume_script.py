@@ -56,6 +56,8 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
             "fail_iteration": _int_or_none(os.environ.get("FAIL_ITERATION")),
             "save_step_interval": _int_or_none(os.environ.get("SAVE_STEP_INTERVAL")),
             "reference_store": os.environ.get("REFERENCE_STORE") or None,
+            # REFERENCE_SHARDED: the reference's last rank kills itself in this forward call
+            "kill_rank_at": _int_or_none(os.environ.get("KILL_REFERENCE_RANK_AT")),
         },
     }
 

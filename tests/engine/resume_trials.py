@@ -52,8 +52,8 @@ class Trial:
             )
         return proc, log
 
-    def run(self, timeout: float = 60) -> str:
-        proc, log = self.start()
+    def run(self, timeout: float = 60, env: dict[str, str] | None = None) -> str:
+        proc, log = self.start(env=env)
         try:
             proc.wait(timeout)
         finally:

@@ -105,6 +105,27 @@ def test_a_lost_reference_replica_comes_back_in_place(baseline: Trial, tmp_path:
     assert restart["restarts"] == 1 and restart["restart_seconds"] < 15
 
 
+def test_a_rank_that_dies_inside_a_collective_restarts_its_replica(tmp_path: Path) -> None:
+    # A reference replica of two processes; its last rank dies in a forward call while the
+    # other is in the all-gather, which fails for it ("Connection reset by peer") before the
+    # death is noticed. That error is the death's consequence, not a bug of user code: the
+    # replica restarts and the run ends as one without the death.
+    sharded = {"REFERENCE_SHARDED": "1"}
+    baseline, trial = Trial(tmp_path / "baseline"), Trial(tmp_path / "killed")
+    baseline.run(env=sharded)
+    proc, log = trial.start(env={**sharded, "KILL_REFERENCE_RANK_AT": "2"})
+    try:
+        proc.wait(90)
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert (trial.probe / "killed").exists()
+    assert "restarting model 'reference' replica 0" in text and "killed by SIGKILL" in text, text
+    assert "stopping all actors" not in text, text
+    _assert_like_baseline(trial, baseline)
+
+
 def test_an_error_of_user_code_stops_the_run_at_once_naming_the_step_and_samples(
     tmp_path: Path,
 ) -> None:

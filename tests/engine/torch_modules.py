@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -99,6 +100,7 @@ class TinyShardedReference(TinyReference):
     def forward_step(self, data, iteration):
         import torch.distributed as dist
 
+        self._die_once(iteration)
         with torch.no_grad():
             local = self.model(data["x"])
             width = -(-CLASSES // self.world)  # gloo gathers equal shapes: pad to the widest
@@ -110,6 +112,16 @@ class TinyShardedReference(TinyReference):
                 columns = len(range(r, CLASSES, self.world))
                 logits[:, r :: self.world] = shard[:, :columns]
             return self.outputs(data, logits)
+
+    def _die_once(self, iteration: int) -> None:
+        """At ``kill_rank_at``, the last rank kills itself (once a run: ``probe_dir/killed``)
+        while the others enter the all-gather, which then fails for them."""
+        if iteration != self.runtime_args.get("kill_rank_at", None) or self.rank != self.world - 1:
+            return
+        marker = Path(self.runtime_args.probe_dir) / "killed"
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class TinyTrainer(_Probed):
