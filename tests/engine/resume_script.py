@@ -14,7 +14,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from torch_modules import TinyReference, TinyShardedReference, TinyTrainer  # noqa: E402
+from torch_modules import (  # noqa: E402
+    TinyDataParallelTrainer,
+    TinyReference,
+    TinyShardedReference,
+    TinyTrainer,
+)
 
 import chatlearn  # noqa: E402
 from chatlearn import DPOEngine  # noqa: E402
@@ -25,6 +30,8 @@ NUM_SAMPLES = 20  # not a multiple of the episode: episodes wrap into the next s
 # REFERENCE_SHARDED=1: the reference is one replica of two processes (TinyShardedReference),
 # colocated with the trainer on this 2-core machine
 SHARDED = os.environ.get("REFERENCE_SHARDED") == "1"
+# TRAINER_RANKS=2: the trainer is two data-parallel processes (TinyDataParallelTrainer)
+TRAINER_RANKS = int(os.environ.get("TRAINER_RANKS", "1"))
 
 
 def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
@@ -32,10 +39,10 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
     return {
         "models": {
             "reference": reference,
-            "policy_trainer": {"num_cpu": 1, "trainable": True},
+            "policy_trainer": {"num_cpu": TRAINER_RANKS, "cpu_per_process": 1, "trainable": True},
         },
         "runtime": {
-            "colocation": [["reference", "policy_trainer"]] if SHARDED else [],
+            "colocation": [["reference", "policy_trainer"]] if SHARDED or TRAINER_RANKS > 1 else [],
             "output_dir": output_dir,
             "num_episode": 3,
             "sample_per_episode": 8,
@@ -56,8 +63,9 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
             "fail_iteration": _int_or_none(os.environ.get("FAIL_ITERATION")),
             "save_step_interval": _int_or_none(os.environ.get("SAVE_STEP_INTERVAL")),
             "reference_store": os.environ.get("REFERENCE_STORE") or None,
-            # REFERENCE_SHARDED: the reference's last rank kills itself in this forward call
-            "kill_rank_at": _int_or_none(os.environ.get("KILL_REFERENCE_RANK_AT")),
+            # the last rank of the sharded reference (forward call) or of the data-parallel
+            # trainer (train_step iteration) kills itself there
+            "kill_rank_at": _int_or_none(os.environ.get("KILL_RANK_AT")),
         },
     }
 
@@ -71,7 +79,8 @@ def main() -> None:
     gate = int(sys.argv[3]) if len(sys.argv) > 3 else None
     chatlearn.init(config(output_dir, probe_dir, gate))
     reference = (TinyShardedReference if SHARDED else TinyReference)("reference")
-    engine = DPOEngine(reference, TinyTrainer("policy_trainer"))
+    trainer = (TinyDataParallelTrainer if TRAINER_RANKS > 1 else TinyTrainer)("policy_trainer")
+    engine = DPOEngine(reference, trainer)
     engine.set_dataset(list(range(NUM_SAMPLES)))
     engine.learn()
 

@@ -113,7 +113,7 @@ def test_a_rank_that_dies_inside_a_collective_restarts_its_replica(tmp_path: Pat
     sharded = {"REFERENCE_SHARDED": "1"}
     baseline, trial = Trial(tmp_path / "baseline"), Trial(tmp_path / "killed")
     baseline.run(env=sharded)
-    proc, log = trial.start(env={**sharded, "KILL_REFERENCE_RANK_AT": "2"})
+    proc, log = trial.start(env={**sharded, "KILL_RANK_AT": "2"})
     try:
         proc.wait(90)
     finally:
@@ -123,6 +123,28 @@ def test_a_rank_that_dies_inside_a_collective_restarts_its_replica(tmp_path: Pat
     assert (trial.probe / "killed").exists()
     assert "restarting model 'reference' replica 0" in text and "killed by SIGKILL" in text, text
     assert "stopping all actors" not in text, text
+    _assert_like_baseline(trial, baseline)
+
+
+def test_a_trainer_rank_that_dies_inside_a_collective_restarts_the_trainer(
+    tmp_path: Path,
+) -> None:
+    # The same for a trainer of two data-parallel processes: its last rank dies at step 7
+    # while the other is in the gradients' all-reduce. The trainer restarts from the
+    # checkpoint of step 5 and the run ends as one without the death.
+    ranks = {"TRAINER_RANKS": "2", "SAVE_STEP_INTERVAL": "5"}
+    baseline, trial = Trial(tmp_path / "baseline"), Trial(tmp_path / "killed")
+    baseline.run(env=ranks)
+    proc, log = trial.start(env={**ranks, "KILL_RANK_AT": "7"})
+    try:
+        proc.wait(90)
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert (trial.probe / "killed").exists()
+    assert "restarting model 'policy_trainer' all its processes" in text, text
+    assert "restarts from checkpoint iter_0000005" in text and "stopping all" not in text, text
     _assert_like_baseline(trial, baseline)
 
 

@@ -157,9 +157,13 @@ class TinyTrainer(_Probed):
         noise = 1.0 + 0.01 * random.random() + 0.01 * float(np.random.rand())
         loss = torch.stack(losses).mean() * noise
         loss.backward()
+        self.reduce_gradients(iteration)
         self.optimizer.step()
         self.scheduler.step()
         return {"loss": loss.item(), "rewards/margins": torch.stack(margins).mean().item()}
+
+    def reduce_gradients(self, iteration: int) -> None:
+        """One process: nothing to reduce."""
 
     def _gate(self, iteration: int) -> None:
         directory = self.runtime_args.get("probe_dir", None)
@@ -169,6 +173,25 @@ class TinyTrainer(_Probed):
         deadline = time.monotonic() + 60
         while not (Path(directory) / "go").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
+
+
+class TinyDataParallelTrainer(TinyTrainer):
+    """`TinyTrainer` over the processes of the trainer, averaging gradients (an all-reduce: a
+    collective). At ``kill_rank_at`` its last rank kills itself (once a run) while the others
+    are in the all-reduce, which then fails for them."""
+
+    def reduce_gradients(self, iteration: int) -> None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        if iteration == self.runtime_args.get("kill_rank_at", None) and self.rank == world - 1:
+            marker = Path(self.runtime_args.probe_dir) / "killed"
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+        for parameter in self.model.parameters():
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= world
 
 
 def _decay(step: int) -> float:
