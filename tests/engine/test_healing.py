@@ -105,25 +105,32 @@ def test_a_lost_reference_replica_comes_back_in_place(baseline: Trial, tmp_path:
     assert restart["restarts"] == 1 and restart["restart_seconds"] < 15
 
 
-def test_a_rank_that_dies_inside_a_collective_restarts_its_replica(tmp_path: Path) -> None:
-    # A reference replica of two processes; its last rank dies in a forward call while the
-    # other is in the all-gather, which fails for it ("Connection reset by peer") before the
-    # death is noticed. That error is the death's consequence, not a bug of user code: the
-    # replica restarts and the run ends as one without the death.
-    sharded = {"REFERENCE_SHARDED": "1"}
+def _killed_in_a_collective(tmp_path: Path, env: dict[str, str], at: int) -> str:
+    """Run the script with ``env`` uninterrupted and with the last rank of a model killing
+    itself at ``at`` inside a collective; the second run heals and ends like the first. Its
+    log."""
     baseline, trial = Trial(tmp_path / "baseline"), Trial(tmp_path / "killed")
-    baseline.run(env=sharded)
-    proc, log = trial.start(env={**sharded, "KILL_RANK_AT": "2"})
+    baseline.run(env=env)
+    proc, log = trial.start(env={**env, "KILL_RANK_AT": str(at)})
     try:
         proc.wait(90)
     finally:
         stop(proc)
     text = log.read_text()
     assert proc.returncode == 0, text
-    assert (trial.probe / "killed").exists()
-    assert "restarting model 'reference' replica 0" in text and "killed by SIGKILL" in text, text
+    assert (trial.probe / "killed").exists() and "killed by SIGKILL" in text, text
     assert "stopping all actors" not in text, text
     _assert_like_baseline(trial, baseline)
+    return text
+
+
+def test_a_rank_that_dies_inside_a_collective_restarts_its_replica(tmp_path: Path) -> None:
+    # A reference replica of two processes; its last rank dies in a forward call while the
+    # other is in the all-gather, which fails for it ("Connection reset by peer") before the
+    # death is noticed. That error is the death's consequence, not a bug of user code: the
+    # replica restarts and the run ends as one without the death.
+    text = _killed_in_a_collective(tmp_path, {"REFERENCE_SHARDED": "1"}, at=2)
+    assert "restarting model 'reference' replica 0" in text, text
 
 
 def test_a_trainer_rank_that_dies_inside_a_collective_restarts_the_trainer(
@@ -132,20 +139,10 @@ def test_a_trainer_rank_that_dies_inside_a_collective_restarts_the_trainer(
     # The same for a trainer of two data-parallel processes: its last rank dies at step 7
     # while the other is in the gradients' all-reduce. The trainer restarts from the
     # checkpoint of step 5 and the run ends as one without the death.
-    ranks = {"TRAINER_RANKS": "2", "SAVE_STEP_INTERVAL": "5"}
-    baseline, trial = Trial(tmp_path / "baseline"), Trial(tmp_path / "killed")
-    baseline.run(env=ranks)
-    proc, log = trial.start(env={**ranks, "KILL_RANK_AT": "7"})
-    try:
-        proc.wait(90)
-    finally:
-        stop(proc)
-    text = log.read_text()
-    assert proc.returncode == 0, text
-    assert (trial.probe / "killed").exists()
+    env = {"TRAINER_RANKS": "2", "SAVE_STEP_INTERVAL": "5"}
+    text = _killed_in_a_collective(tmp_path, env, at=7)
     assert "restarting model 'policy_trainer' all its processes" in text, text
-    assert "restarts from checkpoint iter_0000005" in text and "stopping all" not in text, text
-    _assert_like_baseline(trial, baseline)
+    assert "restarts from checkpoint iter_0000005" in text, text
 
 
 def test_an_error_of_user_code_stops_the_run_at_once_naming_the_step_and_samples(
