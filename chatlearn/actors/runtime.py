@@ -620,30 +620,21 @@ class ActorSystem:
         """Whether an error ``actor``'s user code raised is the consequence of a peer's death.
 
         The ranks of a replica (or of a trainer) run collectives together: when one dies, the
-        others' next collective fails at once ("Connection reset by peer"), usually before the
-        death is noticed. So an error of a process that has peers waits up to `_PEER_GRACE` for
-        one of them to be found dead; then their unit is restarted for that death, and this
-        returns the error of a lost actor (or None with the run failed, if the policy allows no
-        more restarts). None at once for a process without peers, and None when no peer died:
-        the error is the process's own."""
+        others' next collective fails at once ("Connection reset by peer"), before the process
+        watch (`_check`, every `_TICK`) sees the death. So an error of a process that has peers
+        waits up to `_PEER_GRACE` for the watch to restart their unit; then it returns the
+        error of a lost actor. None at once for a process without peers, and None when nothing
+        restarted their unit: the error is the process's own (or the run failed meanwhile)."""
         key = self._unit_key(actor)
-        peers = [a for a in self._actors if a is not actor and self._unit_key(a) == key]
-        if not peers:
+        if not any(a is not actor and self._unit_key(a) == key for a in self._actors):
             return None
         deadline = time.monotonic() + _PEER_GRACE
         while self.failure is None and not self._closing:
             if key in self._restarting:
                 return self.lost_error(actor)
-            for peer in peers:
-                popen = getattr(peer, "popen", None)
-                if peer.state == "exited" or (popen is not None and popen.poll() is not None):
-                    self.record(
-                        "peer", actor, f"its error follows the death of {peer.identity.label}"
-                    )
-                    return self.lose(peer, peer.dead_error("exited unexpectedly"))
             if time.monotonic() >= deadline:
                 return None
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(_TICK / 5)
         return None
 
     def lose(

@@ -73,10 +73,10 @@ def fingerprint(module: Any) -> str:
             data = tensor.detach().to("cpu").contiguous()
             digest.update(f"{key}:{data.dtype}:{tuple(data.shape)}".encode())
             digest.update(data.view(-1).view(torch.uint8).numpy().tobytes())
-    group = _replica_group()
-    if group is None:
+    dist = _replica_group()
+    if dist is None:
         return digest.hexdigest()
-    dist, world_size = group
+    world_size = dist.get_world_size()
     local = torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8).to(_device(dist))
     gathered = [torch.empty_like(local) for _ in range(world_size)]
     dist.all_gather(gathered, local)
@@ -86,14 +86,14 @@ def fingerprint(module: Any) -> str:
     return combined.hexdigest()
 
 
-def _replica_group() -> tuple[Any, int] | None:
-    """``(torch.distributed, world size)`` when this process is one of several of its replica
-    (the worker makes the replica's ranks the default process group), else None."""
+def _replica_group() -> Any:
+    """``torch.distributed`` when this process is one of several of its replica (the worker
+    makes the replica's ranks the default process group), else None."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
         return None
-    return dist, dist.get_world_size()
+    return dist
 
 
 def _device(dist: Any) -> Any:
@@ -234,10 +234,10 @@ class ReplicaStore:
     def __init__(self, store: ReferenceStore | None) -> None:
         import torch
 
-        group = _replica_group()
-        assert group is not None, "ReplicaStore is for a replica of several processes"
+        dist = _replica_group()
+        assert dist is not None, "ReplicaStore is for a replica of several processes"
         self.store = store
-        self._dist, _ = group
+        self._dist = dist
         # which rank owns the store, and so decides: agreed by the ranks rather than assumed
         device = _device(self._dist)
         owner = torch.tensor([self._dist.get_rank() if store is not None else -1], device=device)

@@ -155,18 +155,22 @@ class _HFModule(TorchModule):
         return_freed_memory(model_arg(self.model_args, "malloc_mmap_threshold"))
         self.tokenizer = self.build_tokenizer()
         self.layout = self.build_layout()
-        if self.layout.parallel == "fsdp" and not self.layout.sharded and self.num_replica > 1:
-            if self.replica_id == 0:
-                # An inference model's processes are replicas of zero_size processes each
-                # (ChatLearn's rule): several replicas of one process shard nothing.
-                self._logger.warning(
-                    "%s: parallel: fsdp shards nothing here: its processes are %d replicas of "
-                    "one process, each with the whole model; set models.%s.zero_size to the "
-                    "number of processes to shard it over (its ranks split each batch)",
-                    self.name,
-                    self.num_replica,
-                    self.name,
-                )
+        if (
+            self.layout.parallel == "fsdp"
+            and not self.layout.sharded
+            and self.num_replica > 1
+            and self.replica_id == 0
+        ):
+            # An inference model's processes are replicas of zero_size processes each
+            # (ChatLearn's rule): several replicas of one process shard nothing.
+            self._logger.warning(
+                "%s: parallel: fsdp shards nothing here: its processes are %d replicas of "
+                "one process, each with the whole model; set models.%s.zero_size to the "
+                "number of processes to shard it over (its ranks split each batch)",
+                self.name,
+                self.num_replica,
+                self.name,
+            )
         self.model = self.build_model()
         self.packing = packing_options(self.model_args, self.model, log=self._log_packing)
         self.token_budget: int | None = model_arg(self.model_args, "max_tokens_per_micro_batch")

@@ -147,9 +147,7 @@ class AsyncSocket:
         ):
             self._rearm()
             return
-        if self.closed:  # reading ZMQ_EVENTS found the context terminated
-            raise ChannelClosedError("socket is closed")
-        future: asyncio.Future[None] = self._attach().create_future()
+        future: asyncio.Future[None] = self._new_waiter()
         self._send_waiters.append((future, frames))
         self._rearm()
         await self._wait(future, "send")
@@ -160,7 +158,7 @@ class AsyncSocket:
             raise ChannelClosedError("socket is closed")
         if self._handler is not None:
             raise RuntimeError("this socket hands its messages to a handler")
-        loop = self._attach()
+        self._attach()  # the reader callback serves waiters and `_rearm`'s checks
         # When the last receive found a message waiting, the next one most likely does too (a
         # consumer behind its producer): receive at once, which costs no system call, while
         # reading ZMQ_EVENTS polls libzmq's mailbox (one). Otherwise read ZMQ_EVENTS first: it
@@ -179,9 +177,7 @@ class AsyncSocket:
                 self._recv_hit = True
                 self._rearm()
                 return frames
-        if self.closed:  # reading ZMQ_EVENTS found the context terminated
-            raise ChannelClosedError("socket is closed")
-        future: asyncio.Future[list[zmq.Frame]] = loop.create_future()
+        future: asyncio.Future[list[zmq.Frame]] = self._new_waiter()
         self._recv_waiters.append(future)
         if tried or self._send_waiters:
             self._rearm()
@@ -192,6 +188,14 @@ class AsyncSocket:
         self._handler = handler
         self._attach()
         self._schedule()  # messages may already be queued
+
+    def _new_waiter(self) -> asyncio.Future[Any]:
+        """A future for a caller that cannot proceed. The socket may have closed since the
+        caller checked (reading ZMQ_EVENTS closes it when its context is being terminated), and
+        closing fails only the waiters it finds: a later one would never be resolved."""
+        if self.closed:
+            raise ChannelClosedError("socket is closed")
+        return self._attach().create_future()
 
     async def _wait(self, future: asyncio.Future[Any], what: str) -> Any:
         try:

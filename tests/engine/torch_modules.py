@@ -41,6 +41,16 @@ class _Probed(TorchModule):
             with open(Path(directory) / "events.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def die_once(self, iteration: int, world: int) -> None:
+        """At ``kill_rank_at``, the last of ``world`` ranks kills itself, once a run
+        (``probe_dir/killed``), while the other ranks go on into a collective."""
+        if iteration != self.runtime_args.get("kill_rank_at", None) or self.rank != world - 1:
+            return
+        marker = Path(self.runtime_args.probe_dir) / "killed"
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def build_layer(self) -> torch.nn.Linear:
         torch.manual_seed(int(self.runtime_args.seed))
         return torch.nn.Linear(FEATURES, CLASSES)
@@ -100,7 +110,7 @@ class TinyShardedReference(TinyReference):
     def forward_step(self, data, iteration):
         import torch.distributed as dist
 
-        self._die_once(iteration)
+        self.die_once(iteration, self.world)  # the others then fail in the all-gather
         with torch.no_grad():
             local = self.model(data["x"])
             width = -(-CLASSES // self.world)  # gloo gathers equal shapes: pad to the widest
@@ -112,16 +122,6 @@ class TinyShardedReference(TinyReference):
                 columns = len(range(r, CLASSES, self.world))
                 logits[:, r :: self.world] = shard[:, :columns]
             return self.outputs(data, logits)
-
-    def _die_once(self, iteration: int) -> None:
-        """At ``kill_rank_at``, the last rank kills itself (once a run: ``probe_dir/killed``)
-        while the others enter the all-gather, which then fails for them."""
-        if iteration != self.runtime_args.get("kill_rank_at", None) or self.rank != self.world - 1:
-            return
-        marker = Path(self.runtime_args.probe_dir) / "killed"
-        if not marker.exists():
-            marker.write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class TinyTrainer(_Probed):
@@ -184,11 +184,7 @@ class TinyDataParallelTrainer(TinyTrainer):
         import torch.distributed as dist
 
         world = dist.get_world_size()
-        if iteration == self.runtime_args.get("kill_rank_at", None) and self.rank == world - 1:
-            marker = Path(self.runtime_args.probe_dir) / "killed"
-            if not marker.exists():
-                marker.write_text(str(os.getpid()))
-                os.kill(os.getpid(), signal.SIGKILL)
+        self.die_once(iteration, world)  # the others then fail in the all-reduce
         for parameter in self.model.parameters():
             dist.all_reduce(parameter.grad)
             parameter.grad /= world
