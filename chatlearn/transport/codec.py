@@ -170,6 +170,13 @@ def _torch_dtypes() -> tuple[dict[str, Any], dict[Any, str]]:
     return by_name, {dtype: name for name, dtype in by_name.items()}
 
 
+@functools.cache
+def _uint8() -> Any:
+    import numpy as np
+
+    return np.dtype(np.uint8)
+
+
 # --------------------------------------------------------------------------------------------
 # encoding
 
@@ -248,16 +255,21 @@ class _Encoder:
 
     def _tensor(self, t: Any, torch: Any) -> Any:
         name = _torch_dtypes()[1].get(t.dtype)
-        if name in _NUMPY_DTYPES and t.layout is torch.strided and t.nbytes <= self.threshold:
-            # The small-tensor fast path, without the torch views of the frame path: `numpy()`
-            # refuses exactly what needs the full path (a tensor that requires grad, has its
-            # conjugate or negative bit set, or is not on the CPU).
+        if name in _NUMPY_DTYPES and t.layout is torch.strided:
+            # The fast path, through numpy (each torch call costs ~0.5 µs, numpy's less):
+            # `numpy()` refuses exactly what needs the full path (a tensor that requires grad,
+            # has its conjugate or negative bit set, or is not on the CPU).
             try:
                 array = t.numpy()
             except (RuntimeError, TypeError):
                 pass
             else:
-                return self._inline(name, array.shape, array)
+                if array.nbytes <= self.threshold:
+                    return self._inline(name, array.shape, array)
+                if array.flags.c_contiguous:
+                    ref = self._data_ref(array.reshape(-1).view(_uint8()))
+                    inner = self._small.pack([name, list(array.shape), ref])
+                    return _new_tuple(msgpack.ExtType, (_EXT_TENSOR, inner))
         if t.layout != torch.strided:
             raise EncodeError(f"cannot encode a {t.layout} tensor; convert it to dense first")
         if name is None:
@@ -362,21 +374,22 @@ def decode_envelope(
 ) -> tuple[int, int, Any]:
     """Decode and check a whole message; returns ``(kind, request_id, body)``."""
     timestamps: bool | None = None  # whether the header may hold a timestamp, once scanned
-    if len(frames) == 1 and type(frames[0]) is _FRAME:
-        # The fast paths for small single frames, as received: a header of at most
-        # _SMALL_MAX_BYTES that is a 4-array of this version and a known kind. Anything else,
-        # errors included, takes the checks below.
+    num_frames = len(frames)
+    if num_frames and type(frames[0]) is _FRAME and num_frames <= limits.max_frames:
+        # The fast paths for messages as received with a small header: at most
+        # _SMALL_MAX_BYTES, a 4-array of this version and a known kind. Anything else, errors
+        # included, takes the checks below.
         header = frames[0].buffer
         length = header.nbytes
         if (
             4 <= length <= _SMALL_MAX_BYTES
             and length <= limits.max_header_bytes
-            and length <= limits.max_message_bytes
             and header[0] == 0x94
             and header[1] == PROTOCOL_VERSION
             and header[2] in kinds
+            and _received_within(frames, length, limits.max_message_bytes)
         ):
-            if length <= _PLAIN_MAX_BYTES and not _EXT_BYTES.search(header):
+            if num_frames == 1 and length <= _PLAIN_MAX_BYTES and not _EXT_BYTES.search(header):
                 # Most control messages: no byte can start an ext, so there is nothing for
                 # hooks to rebuild or refuse, and the length bounds everything else.
                 try:
@@ -385,12 +398,13 @@ def decode_envelope(
                     raise _malformed(exc) from exc
                 if type(request_id) is int and 0 <= request_id < 2**63:
                     return kind, request_id, body
-            # Inline tensors, arrays or tuples. As in _BodyDecoder, a header this short cannot
-            # exceed the counts of values and containers; a timestamp needs the full checks.
+            # Tensors, arrays or tuples (most data messages). As in _BodyDecoder, a header this
+            # short cannot exceed the counts of values and containers; a timestamp needs the
+            # full checks.
             elif length <= limits.max_values and length <= limits.max_containers:
                 timestamps = _may_hold_timestamp(header)
                 if not timestamps:
-                    envelope = _decode_small(header, limits)
+                    envelope = _decode_small(header, limits, frames)
                     if envelope is not None:
                         return envelope
     buffers = _checked_buffers(frames, limits, kinds)
@@ -791,44 +805,51 @@ class _Fallback(Exception):
     """`_decode_small` met something it leaves to the full decoder."""
 
 
-def _decode_small(header: memoryview, limits: Limits) -> tuple[int, int, Any] | None:
-    """The envelope of a small single-frame message whose tuples, tensors and arrays are all
-    inline, or None to let the full decoder take it (which then also gives any error).
+def _decode_small(
+    header: memoryview, limits: Limits, frames: Sequence[Any]
+) -> tuple[int, int, Any] | None:
+    """The envelope of a received message with a small header, or None to let the full decoder
+    take it (which then also gives any error).
 
     It decodes what the full decoder would, with the same checks, but without its per-message
     set-up (a `_BodyDecoder`, an options dict, hooks as bound methods): ~2 µs less for a message
-    of one 4 KiB tensor, most of a small micro-batch's decoding (see BENCHMARKS.md). The caller
-    has checked the envelope's prefix and the sizes, that the header is short enough that no
-    count of values or containers can be exceeded, and that it holds no timestamp candidate;
-    tensors, tuples and nesting are counted here. Anything out of the ordinary (an error of any
-    kind, a frame reference) returns None: the full decoder then redoes at most 16 KiB of work
-    and raises the same typed errors as ever, so the two paths cannot disagree on what is
-    refused or why.
+    of one 4 KiB tensor, most of a small micro-batch's decoding, and ~3 µs less for one large
+    tensor in a frame of its own (see BENCHMARKS.md). The caller has checked the envelope's
+    prefix and the sizes, that the header is short enough that no count of values or
+    containers can be exceeded, and that it holds no timestamp candidate; tensors, tuples,
+    nesting and frame references are checked here. Anything out of the ordinary (an error of
+    any kind, a frame that is not a writable received frame) returns None: the full decoder
+    then redoes at most 16 KiB of header work and raises the same typed errors as ever, so the
+    two paths cannot disagree on what is refused or why.
     """
+    hook = _SmallExtHook(limits, frames)
     try:
-        _, kind, request_id, body = _unpackb(
-            header, ext_hook=_SmallExtHook(limits), strict_map_key=False
-        )
+        _, kind, request_id, body = _unpackb(header, ext_hook=hook, strict_map_key=False)
     except Exception:  # _Fallback, or anything msgpack, torch or numpy refused
         return None
     if type(request_id) is not int or not 0 <= request_id < 2**63:
         return None
+    if len(frames) > 1 and len(hook.used) != len(frames) - 1:
+        return None  # a frame no tensor references
     return kind, request_id, body
 
 
 class _SmallExtHook:
-    """`_decode_small`'s ext hook: counts tensors, tuples and nesting as `_BodyDecoder` does and
-    raises `_Fallback` at anything else. An object rather than a closure: a closure that passes
-    itself to the nested unpacking refers to itself through its cell, a cycle that would leave
-    garbage for the collector after every message instead of being freed at once."""
+    """`_decode_small`'s ext hook: counts tensors, tuples and nesting and checks frame
+    references as `_BodyDecoder` does, and raises `_Fallback` at anything else. An object
+    rather than a closure: a closure that passes itself to the nested unpacking refers to
+    itself through its cell, a cycle that would leave garbage for the collector after every
+    message instead of being freed at once."""
 
-    __slots__ = ("tensors_left", "tuples_left", "depth", "max_depth")
+    __slots__ = ("tensors_left", "tuples_left", "depth", "max_depth", "frames", "used")
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, frames: Sequence[Any]) -> None:
         self.tensors_left = limits.max_tensors
         self.tuples_left = limits.max_tuples
         self.max_depth = limits.max_depth
         self.depth = 0
+        self.frames = frames
+        self.used: set[int] = set()
 
     def __call__(self, code: int, data: bytes) -> Any:
         if code == _EXT_TENSOR or code == _EXT_NDARRAY:
@@ -853,21 +874,51 @@ class _SmallExtHook:
                 raise _Fallback
             return tuple(value)
         dtype_name, shape, ref = _check_ref(value, "tensor")
-        if type(ref) is not bytes:
-            raise _Fallback  # a frame index: this message has no data frames
         if code == _EXT_TENSOR:
             dtype = _torch_dtypes()[0].get(dtype_name)
-            if dtype is None or len(ref) != _numel(shape) * dtype.itemsize:
+            if dtype is None:
                 raise _Fallback
-            return _tensor_from(bytearray(ref), dtype, shape)
+            return _tensor_from(self._data(ref, _numel(shape) * dtype.itemsize), dtype, shape)
         import numpy as np
 
         if dtype_name not in _NUMPY_DTYPES:
             raise _Fallback
         np_dtype = np.dtype(dtype_name)
-        if len(ref) != _numel(shape) * np_dtype.itemsize:
+        return _ndarray_from(self._data(ref, _numel(shape) * np_dtype.itemsize), np_dtype, shape)
+
+    def _data(self, ref: int | bytes, expected_bytes: int) -> memoryview | bytearray:
+        """The tensor's bytes: an inline copy, or the writable buffer of a received frame
+        referenced once."""
+        data: memoryview | bytearray
+        if isinstance(ref, bytes):  # exactly bytes or int (`_check_ref`)
+            data = bytearray(ref)
+        else:
+            frames = self.frames
+            if not 0 < ref < len(frames) or ref in self.used:
+                raise _Fallback
+            frame = frames[ref]
+            if type(frame) is not _FRAME:
+                raise _Fallback
+            self.used.add(ref)
+            data = frame.buffer
+            if data.readonly:
+                raise _Fallback
+        if len(data) != expected_bytes:
             raise _Fallback
-        return _ndarray_from(bytearray(ref), np_dtype, shape)
+        return data
+
+
+def _received_within(frames: Sequence[Any], header_bytes: int, max_bytes: int) -> bool:
+    """Whether the data frames after a received header are received frames too and the message
+    is at most ``max_bytes``."""
+    if len(frames) == 1:
+        return header_bytes <= max_bytes
+    total = 0
+    for frame in frames:
+        if type(frame) is not _FRAME:
+            return False
+        total += len(frame)
+    return total <= max_bytes
 
 
 _unpackb: Final = msgpack.unpackb

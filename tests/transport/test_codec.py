@@ -26,6 +26,7 @@ from chatlearn.transport import (
     MessageTooLargeError,
     ProtocolVersionError,
     TooManyFramesError,
+    TooManyObjectsError,
     UnknownDtypeError,
     UnknownKindError,
     decode,
@@ -109,6 +110,27 @@ def test_conjugate_and_grad_tensors_are_sent_as_values() -> None:
     w = torch.randn(10, requires_grad=True)
     out = roundtrip(w * 2)
     assert not out.requires_grad and torch.equal(out, (w * 2).detach())
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_large_tensors_encode_the_same_on_every_path(dtype: torch.dtype) -> None:
+    # Contiguous CPU tensors of numpy's dtypes take a fast path through numpy to their frames;
+    # views, tensors that require grad and conjugate or negative views take torch's path. The
+    # same values must give the same frames, byte for byte.
+    base = make_tensor(dtype, (4, BIG))
+    expected = encode({"t": base})
+    assert len(expected) == 2
+    variants = [base.t().contiguous().t(), torch.stack([base, base], -1)[..., 0]]
+    if dtype.is_floating_point or dtype.is_complex:
+        variants.append(base.clone().requires_grad_())
+    if dtype.is_complex:
+        variants.append(base.conj_physical().conj())  # the conjugate bit over conjugated data
+        assert variants[-1].is_conj()
+    for variant in variants:
+        assert torch.equal(variant.detach().resolve_conj(), base)
+        frames = encode({"t": variant})
+        assert [bytes(frame) for frame in frames] == [bytes(frame) for frame in expected]
+        assert_same(base, decode(frames)["t"])
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -387,35 +409,53 @@ def test_unknown_dtype() -> None:
         decode([tensor_header(b"\x00" * 16, dtype=7)])  # type: ignore[arg-type]
 
 
-def test_frame_size_mismatch() -> None:
-    with pytest.raises(FrameSizeError):
-        decode([tensor_header(1), b"\x00" * 15])
-    with pytest.raises(FrameSizeError):
-        decode([tensor_header(b"\x00" * 17)])
+def _as_sent(frames: list[Any]) -> list[Any]:
+    return frames
 
 
-def test_frame_index_errors() -> None:
+def _as_received(frames: list[Any]) -> list[zmq.Frame]:
+    # what a channel hands to the decoder: writable zmq.Frames (they take its fast paths)
+    return [zmq.Frame(bytes(frame)) for frame in frames]
+
+
+FRAMES_AS = pytest.mark.parametrize("frames_as", [_as_sent, _as_received], ids=["sent", "received"])
+
+
+@FRAMES_AS
+def test_frame_size_mismatch(frames_as: Any) -> None:
+    with pytest.raises(FrameSizeError):
+        decode(frames_as([tensor_header(1), b"\x00" * 15]))
+    with pytest.raises(FrameSizeError):
+        decode(frames_as([tensor_header(b"\x00" * 17)]))
+
+
+@FRAMES_AS
+def test_frame_index_errors(frames_as: Any) -> None:
     for ref in (0, 2, -1, 2**40):
         with pytest.raises(FrameIndexError):
-            decode([tensor_header(ref), b"\x00" * 16])
+            decode(frames_as([tensor_header(ref), b"\x00" * 16]))
     with pytest.raises(FrameIndexError):  # an unreferenced extra frame
-        decode([encode({"a": 1})[0], b"\x00" * 16])
+        decode(frames_as([encode({"a": 1})[0], b"\x00" * 16]))
     twice = msgpack.packb([1, 10, 0, [msgpack.ExtType(2, msgpack.packb(["uint8", [4], 1]))] * 2])
-    with pytest.raises(FrameIndexError):
-        decode([twice, b"\x00" * 4])
+    with pytest.raises(FrameIndexError, match="referenced twice"):
+        decode(frames_as([twice, b"\x00" * 4]))
+    assert decode(frames_as([tensor_header(1), b"\x00" * 16]))["t"].tolist() == [0.0] * 4
 
 
-def test_limits() -> None:
+@FRAMES_AS
+def test_limits(frames_as: Any) -> None:
     frames = encode([torch.ones(BIG) for _ in range(5)])
     assert len(frames) == 6
     with pytest.raises(TooManyFramesError):
-        decode(frames, limits=Limits(max_frames=5))
-    assert len(decode(frames, limits=Limits(max_frames=6))) == 5
+        decode(frames_as(frames), limits=Limits(max_frames=5))
+    assert len(decode(frames_as(frames), limits=Limits(max_frames=6))) == 5
     header = encode({"s": "x" * 1000})
     with pytest.raises(HeaderTooLargeError):
-        decode(header, limits=Limits(max_header_bytes=1000))
+        decode(frames_as(header), limits=Limits(max_header_bytes=1000))
     with pytest.raises(MessageTooLargeError):
-        decode(frames, limits=Limits(max_message_bytes=5 * BIG * 4))
+        decode(frames_as(frames), limits=Limits(max_message_bytes=5 * BIG * 4))
+    with pytest.raises(TooManyObjectsError):
+        decode(frames_as(frames), limits=Limits(max_tensors=4))
     with pytest.raises(ValueError):
         Limits(max_frames=0)
 

@@ -390,11 +390,13 @@ def small_seed_messages() -> list[bytes]:
 
 
 @pytest.mark.timeout(120)
-def test_received_small_frames_decode_exactly_like_bytes() -> None:
-    """The fast path for received single frames agrees with the full decoder (fed bytes) on
-    every input: the same value, or the same typed error with the same text."""
+def test_received_frames_decode_exactly_like_bytes() -> None:
+    """The fast path for received messages with small headers (single frames, and headers
+    referencing data frames) agrees with the full decoder (fed bytes) on every input: the same
+    value, or the same typed error with the same text."""
     rng = random.Random(20261202)
-    seeds = small_seed_messages()
+    seeds = [[header] for header in small_seed_messages()]
+    seeds += [frames for frames in seed_messages() if len(frames) > 1]
     kinds = [int(kind) for kind in MessageKind]
     limit_choices = [
         Limits(),
@@ -405,34 +407,34 @@ def test_received_small_frames_decode_exactly_like_bytes() -> None:
     taken = Counter[str]()
     original = codec._decode_small
 
-    def spy(*args: Any) -> Any:
-        result = original(*args)
-        taken["fast" if result is not None else "handed over"] += 1
+    def spy(header: Any, limits: Limits, frames: Any) -> Any:
+        result = original(header, limits, frames)
+        taken[("fast" if result is not None else "handed over", len(frames) > 1)] += 1
         return result
 
     codec._decode_small = spy
     try:
-        for case in range(4000):
-            header = rng.choice(seeds)
+        for case in range(6000):
+            frames = rng.choice(seeds)
             if case % 4:
-                # (a mutation may drop or add frames: only the first one is used)
-                mutated = mutate(rng, [header]) if case % 4 != 3 else [random_header(rng)]
-                header = mutated[0] if mutated else b""
+                frames = mutate(rng, frames) if case % 4 != 3 else [random_header(rng)]
             limits = limit_choices[(case // 4) % len(limit_choices)]
+            received = [zmq.Frame(frame) for frame in frames]
             fast = _outcome_with_text(
-                functools.partial(decode_envelope, [zmq.Frame(header)], limits=limits, kinds=kinds)
+                functools.partial(decode_envelope, received, limits=limits, kinds=kinds)
             )
             full = _outcome_with_text(
-                functools.partial(decode_envelope, [header], limits=limits, kinds=kinds)
+                functools.partial(decode_envelope, frames, limits=limits, kinds=kinds)
             )
-            assert fast[0] == full[0], (case, fast, full, header)
+            assert fast[0] == full[0], (case, fast, full, frames)
             if fast[0] == "ok":
                 assert fast[1][:2] == full[1][:2]
                 assert_identical(full[1][2], fast[1][2])
     finally:
         codec._decode_small = original
-    # both paths were taken many times (707 and 1,275 with this seed)
-    assert taken["fast"] > 500 and taken["handed over"] > 500, taken
+    # each path was taken many times, with single frames and with data frames
+    for key in [("fast", False), ("fast", True), ("handed over", False), ("handed over", True)]:
+        assert taken[key] > 200, taken
 
 
 def _outcome_with_text(decoder: Any) -> tuple[str, Any]:
