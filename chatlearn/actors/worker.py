@@ -46,6 +46,7 @@ from chatlearn.actors.process import (
     set_parent_death_signal,
 )
 from chatlearn.actors.worker_core import USER_CODE_ERRORS
+from chatlearn.transport.allocator import keep_receive_buffers
 
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -450,6 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     # pinning reads (a remote actor gets its CHATLEARN_CPU_AFFINITY there).
     opts.bootstrap = _read_bootstrap()
     apply_cpu_affinity_from_env()  # before torch (or anything that starts threads) is imported
+    keep_receive_buffers()  # received micro-batches reuse freed memory (transport/allocator.py)
     # Until the event loop's handler replaces it, the parent-death signal's default action
     # would kill us without removing anything.
     signal.signal(PARENT_DEATH_SIGNAL, lambda *_: _exit_orphaned())

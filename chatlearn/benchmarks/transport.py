@@ -48,6 +48,7 @@ from chatlearn.transport import (
     Message,
     MessageKind,
     RuntimeDir,
+    keep_receive_buffers,
     run,
     tcp_endpoint,
 )
@@ -524,6 +525,8 @@ def command(as_json: bool, quick: bool, repeat: int | None, endpoints: tuple[str
         # With --json, progress goes to stderr so stdout is exactly one JSON object.
         click.echo(line, err=as_json)
 
+    # as an actor process does; the peer does too (both ends of raw pyzmq alike)
+    keep_receive_buffers()
     if not as_json:
         log(HEADER)
     result = run(bench_all(tuple(kinds), quick, repeat, log))

@@ -30,6 +30,7 @@ from chatlearn.transport import (
     Message,
     MessageKind,
     error_message,
+    keep_receive_buffers,
     run,
 )
 
@@ -151,4 +152,5 @@ async def serve(control_endpoint: str) -> None:
 
 
 if __name__ == "__main__":
+    keep_receive_buffers()
     run(serve(sys.argv[1]))

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from chatlearn.transport.allocator import set_malloc_thresholds
+
 GIB = 1024**3
 RECOMMENDED_MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, before its dynamic adjustment
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 
 def return_freed_memory(threshold: int = RECOMMENDED_MMAP_THRESHOLD) -> bool:
@@ -38,23 +39,16 @@ def return_freed_memory(threshold: int = RECOMMENDED_MMAP_THRESHOLD) -> bool:
     mapped afresh, which costs page faults: measured side by side, `chatlearn bench dpo`'s small
     model trained 35-45 % slower on CPU with it, so the modules apply it only when asked
     (``malloc_mmap_threshold``). Returns False where there is no glibc (the call is then a
-    no-op) or for `threshold` 0 (glibc's default kept).
+    no-op) or for `threshold` 0 (the process's thresholds kept: an actor process's are those of
+    `chatlearn.transport.allocator.keep_receive_buffers`).
     """
-    if threshold <= 0:
+    if threshold <= 0 or not set_malloc_thresholds(threshold, threshold):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # noqa: B018 — glibc only (musl has no mallopt parameters)
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    applied = mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1
-    applied = mallopt(_M_TRIM_THRESHOLD, int(threshold)) == 1 and applied
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     trim = getattr(libc, "malloc_trim", None)
     if trim is not None:
         trim(0)  # what was retained before
-    return applied
+    return True
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

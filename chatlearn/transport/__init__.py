@@ -2,7 +2,8 @@
 
 `codec` turns nested Python objects with tensors into ZeroMQ frames and back; `messages` wraps
 payloads in typed control envelopes; `channels` carries them (ROUTER/DEALER for control,
-PUSH/PULL for data); `endpoints` says where sockets live; `loop` gives the uvloop event loop.
+PUSH/PULL for data); `endpoints` says where sockets live; `loop` gives the uvloop event loop;
+`allocator` keeps received messages out of fresh pages (glibc's malloc thresholds).
 Importing this package does not import torch (see codec.py).
 
 Layer 0 (docs/architecture.md, "Layers"): imports no other chatlearn package.
@@ -10,6 +11,7 @@ Layer 0 (docs/architecture.md, "Layers"): imports no other chatlearn package.
 
 from __future__ import annotations
 
+from chatlearn.transport.allocator import keep_receive_buffers
 from chatlearn.transport.channels import (
     DEFAULT_DATA_HWM,
     DEFAULT_LINGER_MS,
@@ -92,6 +94,7 @@ __all__ = [
     "decode_message",
     "encode",
     "encode_message",
+    "keep_receive_buffers",
     "error_message",
     "new_event_loop",
     "run",
