@@ -308,7 +308,8 @@ class DPOPipeline:
                 if not running:
                     break
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
+                # the train loop's error first: it says which step failed
+                for task in sorted(done, key=lambda task: task is not train):
                     if not task.cancelled() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
             if not self.stopped:
@@ -327,7 +328,16 @@ class DPOPipeline:
         return self.state
 
     async def _reference_loop(self, replica_id: int, episodes: range) -> None:
-        """Consumes this replica's chunks; produces reference outputs at the trainers."""
+        """Consumes this replica's chunks; produces reference outputs at the trainers. Fails
+        with the first error of its orders, as the train loop does (not a task group's
+        `ExceptionGroup`: the engine restarts a lost trainer on its `ActorLostError`, which a
+        fill order to a trainer rank that died meets as well as the train loop)."""
+        try:
+            await self._reference_orders(replica_id, episodes)
+        except BaseExceptionGroup as errors:
+            raise first_error(errors) from None
+
+    async def _reference_orders(self, replica_id: int, episodes: range) -> None:
         inflight = asyncio.Semaphore(self.settings.max_inflight_orders)
         async with asyncio.TaskGroup() as orders:
             for episode in episodes:
@@ -867,6 +877,26 @@ async def _unless_lost(call: Awaitable[Any]) -> None:
         await call
     except ActorLostError:
         pass
+
+
+def first_error(errors: BaseExceptionGroup) -> BaseException:
+    """The first error of a task group (nested groups unwrapped); the others, if any, are named
+    in a note on it."""
+    leaves: list[BaseException] = []
+
+    def collect(group: BaseExceptionGroup) -> None:
+        for error in group.exceptions:
+            if isinstance(error, BaseExceptionGroup):
+                collect(error)
+            elif not any(error is seen for seen in leaves):  # one error may fail several orders
+                leaves.append(error)
+
+    collect(errors)
+    first = leaves[0]
+    if len(leaves) > 1:
+        others = (f"{type(e).__name__}: {str(e).split(chr(10), 1)[0]}" for e in leaves[1:])
+        first.add_note("also failed meanwhile: " + "; ".join(others))
+    return first
 
 
 def _iterations(first: int, count: int) -> str:
