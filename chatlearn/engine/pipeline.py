@@ -894,9 +894,13 @@ def first_error(errors: BaseExceptionGroup) -> BaseException:
     collect(errors)
     first = leaves[0]
     if len(leaves) > 1:
-        others = (f"{type(e).__name__}: {str(e).split(chr(10), 1)[0]}" for e in leaves[1:])
+        others = (f"{type(e).__name__}: {_headline(e)}" for e in leaves[1:])
         first.add_note("also failed meanwhile: " + "; ".join(others))
     return first
+
+
+def _headline(error: BaseException) -> str:
+    return str(error).partition("\n")[0]
 
 
 def _iterations(first: int, count: int) -> str:

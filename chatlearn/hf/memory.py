@@ -11,8 +11,6 @@ two fp32 moments), and ``estimated`` says so.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from collections.abc import Iterable
 from typing import Any
 
@@ -42,13 +40,8 @@ def return_freed_memory(threshold: int = RECOMMENDED_MMAP_THRESHOLD) -> bool:
     no-op) or for `threshold` 0 (the process's thresholds kept: an actor process's are those of
     `chatlearn.transport.allocator.keep_receive_buffers`).
     """
-    if threshold <= 0 or not set_malloc_thresholds(threshold, threshold):
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is not None:
-        trim(0)  # what was retained before
-    return True
+    # and what was retained before goes back now
+    return threshold > 0 and set_malloc_thresholds(threshold, threshold, release=True)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

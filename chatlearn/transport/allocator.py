@@ -30,9 +30,10 @@ RECEIVE_MMAP_THRESHOLD: Final = 32 * 1024 * 1024
 RECEIVE_TRIM_THRESHOLD: Final = 2 * RECEIVE_MMAP_THRESHOLD
 
 
-def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
-    """Fix glibc's mmap and trim thresholds (process-wide; this stops its dynamic adjustment).
-    False where there is no glibc (nothing is changed) or it refused a value."""
+def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int, *, release: bool = False) -> bool:
+    """Fix glibc's mmap and trim thresholds (process-wide; this stops its dynamic adjustment)
+    and, with ``release``, give back what the heaps hold free now (`malloc_trim`). False where
+    there is no glibc (nothing is changed) or it refused a value."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
@@ -41,7 +42,10 @@ def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     applied = mallopt(_M_MMAP_THRESHOLD, int(mmap_bytes)) == 1
-    return mallopt(_M_TRIM_THRESHOLD, int(trim_bytes)) == 1 and applied
+    applied = mallopt(_M_TRIM_THRESHOLD, int(trim_bytes)) == 1 and applied
+    if release and applied:
+        libc.malloc_trim(0)
+    return applied
 
 
 def keep_receive_buffers() -> bool:

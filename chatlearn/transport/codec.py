@@ -90,9 +90,10 @@ _MEMCHR_MAX: Final = 16 * 1024
 # no tuple, tensor, array or timestamp, and small ones of that sort decode without hooks.
 _EXT_BYTES = re.compile(rb"[\xc7-\xc9\xd4-\xd8]")
 _PLAIN_MAX_BYTES: Final = 4096
-# Single received frames up to this size with tuples, tensors or arrays in them (small
-# micro-batches, control payloads with tuples) take `_decode_small`; the limit keeps the work it
-# may repeat (see there) small, and is where the collector starts being paused (_PAUSE_GC_ABOVE).
+# Received headers up to this size with tuples, tensors or arrays in them (small micro-batches
+# inline, larger ones referencing their data frames, control payloads with tuples) take
+# `_decode_small`; the limit keeps the work it may repeat (see there) small, and is where the
+# collector starts being paused (_PAUSE_GC_ABOVE).
 _SMALL_MAX_BYTES: Final = 16 * 1024
 # What the channels receive (``copy=False``): a frame whose buffer is a 1-D byte view.
 _FRAME: Final = zmq.Frame
@@ -387,7 +388,11 @@ def decode_envelope(
             and header[0] == 0x94
             and header[1] == PROTOCOL_VERSION
             and header[2] in kinds
-            and _received_within(frames, length, limits.max_message_bytes)
+            and (
+                length <= limits.max_message_bytes
+                if num_frames == 1
+                else _received_within(frames, limits.max_message_bytes)
+            )
         ):
             if num_frames == 1 and length <= _PLAIN_MAX_BYTES and not _EXT_BYTES.search(header):
                 # Most control messages: no byte can start an ext, so there is nothing for
@@ -829,7 +834,7 @@ def _decode_small(
         return None
     if type(request_id) is not int or not 0 <= request_id < 2**63:
         return None
-    if len(frames) > 1 and len(hook.used) != len(frames) - 1:
+    if len(frames) > 1 and len(hook.used or ()) != len(frames) - 1:
         return None  # a frame no tensor references
     return kind, request_id, body
 
@@ -849,7 +854,7 @@ class _SmallExtHook:
         self.max_depth = limits.max_depth
         self.depth = 0
         self.frames = frames
-        self.used: set[int] = set()
+        self.used: set[int] | None = None  # the data frames referenced (if any)
 
     def __call__(self, code: int, data: bytes) -> Any:
         if code == _EXT_TENSOR or code == _EXT_NDARRAY:
@@ -874,45 +879,39 @@ class _SmallExtHook:
                 raise _Fallback
             return tuple(value)
         dtype_name, shape, ref = _check_ref(value, "tensor")
+        # exactly bytes (inline: a writable copy) or an int (`_check_ref`)
+        buffer = bytearray(ref) if isinstance(ref, bytes) else self._frame(ref)
         if code == _EXT_TENSOR:
             dtype = _torch_dtypes()[0].get(dtype_name)
-            if dtype is None:
+            if dtype is None or len(buffer) != _numel(shape) * dtype.itemsize:
                 raise _Fallback
-            return _tensor_from(self._data(ref, _numel(shape) * dtype.itemsize), dtype, shape)
+            return _tensor_from(buffer, dtype, shape)
         import numpy as np
 
         if dtype_name not in _NUMPY_DTYPES:
             raise _Fallback
         np_dtype = np.dtype(dtype_name)
-        return _ndarray_from(self._data(ref, _numel(shape) * np_dtype.itemsize), np_dtype, shape)
-
-    def _data(self, ref: int | bytes, expected_bytes: int) -> memoryview | bytearray:
-        """The tensor's bytes: an inline copy, or the writable buffer of a received frame
-        referenced once."""
-        data: memoryview | bytearray
-        if isinstance(ref, bytes):  # exactly bytes or int (`_check_ref`)
-            data = bytearray(ref)
-        else:
-            frames = self.frames
-            if not 0 < ref < len(frames) or ref in self.used:
-                raise _Fallback
-            frame = frames[ref]
-            if type(frame) is not _FRAME:
-                raise _Fallback
-            self.used.add(ref)
-            data = frame.buffer
-            if data.readonly:
-                raise _Fallback
-        if len(data) != expected_bytes:
+        if len(buffer) != _numel(shape) * np_dtype.itemsize:
             raise _Fallback
-        return data
+        return _ndarray_from(buffer, np_dtype, shape)
+
+    def _frame(self, ref: int) -> memoryview:
+        """The writable buffer of the received data frame ``ref``, referenced once."""
+        frames, used = self.frames, self.used
+        if used is None:
+            used = self.used = set()
+        if not 0 < ref < len(frames) or ref in used or type(frames[ref]) is not _FRAME:
+            raise _Fallback
+        used.add(ref)
+        buffer: memoryview = frames[ref].buffer
+        if buffer.readonly:
+            raise _Fallback
+        return buffer
 
 
-def _received_within(frames: Sequence[Any], header_bytes: int, max_bytes: int) -> bool:
+def _received_within(frames: Sequence[Any], max_bytes: int) -> bool:
     """Whether the data frames after a received header are received frames too and the message
     is at most ``max_bytes``."""
-    if len(frames) == 1:
-        return header_bytes <= max_bytes
     total = 0
     for frame in frames:
         if type(frame) is not _FRAME:
