@@ -15,13 +15,17 @@ freed a 32 MiB block (a training process frees many): blocks up to 32 MiB come f
 and up to 64 MiB of free memory at a heap's top stays with the process. The actor processes and
 the transport benchmark's processes apply it at start-up; a module that wants freed memory back
 sooner sets its own thresholds in `setup` (e.g. `chatlearn.hf`'s ``malloc_mmap_threshold``),
-which replaces these.
+which replaces these. Thresholds the user set for glibc in the environment (``GLIBC_TUNABLES``'
+``glibc.malloc.mmap_threshold`` or ``trim_threshold``, ``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_``) are left as they are.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+from collections.abc import Mapping
 from typing import Final
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
@@ -48,6 +52,16 @@ def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int, *, release: bool = F
     return applied
 
 
-def keep_receive_buffers() -> bool:
-    """Let received messages of up to 32 MiB reuse freed memory instead of fresh pages."""
+def keep_receive_buffers(environ: Mapping[str, str] = os.environ) -> bool:
+    """Let received messages of up to 32 MiB reuse freed memory instead of fresh pages; False
+    (nothing changed) without glibc or if ``environ`` sets glibc's thresholds itself."""
+    if _thresholds_set_in(environ):
+        return False
     return set_malloc_thresholds(RECEIVE_MMAP_THRESHOLD, RECEIVE_TRIM_THRESHOLD)
+
+
+def _thresholds_set_in(environ: Mapping[str, str]) -> bool:
+    if "MALLOC_MMAP_THRESHOLD_" in environ or "MALLOC_TRIM_THRESHOLD_" in environ:
+        return True
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    return "malloc.mmap_threshold" in tunables or "malloc.trim_threshold" in tunables

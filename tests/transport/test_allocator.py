@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from chatlearn.transport.allocator import set_malloc_thresholds
+from chatlearn.transport.allocator import keep_receive_buffers, set_malloc_thresholds
 
 GLIBC = platform.libc_ver()[0] == "glibc"
 
@@ -81,3 +81,21 @@ def test_received_messages_land_in_reused_memory() -> None:
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc")
 def test_thresholds_are_set_on_glibc() -> None:
     assert set_malloc_thresholds(32 * 1024 * 1024, 64 * 1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"},
+        {"GLIBC_TUNABLES": "glibc.cpu.x86_rep_movsb_threshold=0:glibc.malloc.trim_threshold=0"},
+        {"MALLOC_MMAP_THRESHOLD_": "131072"},
+        {"MALLOC_TRIM_THRESHOLD_": "0"},
+    ],
+)
+def test_thresholds_the_user_set_are_kept(environ: dict[str, str]) -> None:
+    assert not keep_receive_buffers(environ)
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc")
+def test_other_tunables_do_not_stop_it() -> None:
+    assert keep_receive_buffers({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin"})
