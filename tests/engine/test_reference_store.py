@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from resume_trials import Trial, assert_identical  # noqa: E402
 
+from chatlearn.engine import reference_store
 from chatlearn.engine.reference_store import ReferenceStore, fingerprint, sample_key
 
 pytestmark = pytest.mark.timeout(120)
@@ -114,3 +115,36 @@ def _run(trial: Trial, store: Path, env: dict[str, str] | None = None) -> str:
     text = log.read_text()
     assert proc.returncode == 0, text
     return text
+
+
+def test_the_fingerprint_covers_every_byte_name_and_shape_whatever_the_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+
+    class Module:
+        def __init__(self, *layers: torch.nn.Module) -> None:
+            self.model = torch.nn.Sequential(*layers)
+
+    model = Module(torch.nn.Linear(512, 256), torch.nn.Linear(256, 64))
+    fingerprints = set()
+    for threads in (1, 3, 8):  # tensors hashed on that many threads
+        monkeypatch.setattr(reference_store, "_hash_threads", lambda threads=threads: threads)
+        fingerprints.add(fingerprint(model))
+    assert len(fingerprints) == 1
+    (same,) = fingerprints
+    with torch.no_grad():
+        model.model[0].weight[200, 300] += 1e-6  # one element of the largest tensor
+    assert fingerprint(model) != same
+    with torch.no_grad():
+        model.model[0].weight[200, 300] -= 1e-6
+    assert fingerprint(model) == same
+    # the same bytes under another shape or another name are another model
+    reshaped = Module(torch.nn.Linear(512, 256), torch.nn.Linear(256, 64))
+    reshaped.model.load_state_dict(model.model.state_dict())
+    assert fingerprint(reshaped) == same
+    reshaped.model[1].weight = torch.nn.Parameter(model.model[1].weight.detach().reshape(128, 128))
+    assert fingerprint(reshaped) != same
+    renamed = Module.__new__(Module)
+    renamed.other = model.model  # type: ignore[attr-defined]
+    assert fingerprint(renamed) != same
