@@ -779,7 +779,7 @@ def _tensor_from(data: memoryview | bytearray, dtype: Any, shape: list[int]) -> 
 
     if not data:
         return torch.empty(shape, dtype=dtype)
-    if dtype == torch.bool:
+    if dtype is torch.bool:
         u8 = torch.frombuffer(data, dtype=torch.uint8)
         if bool((u8 > 1).any()):
             raise DecodeError("bool tensor data holds bytes other than 0 and 1")
@@ -789,7 +789,10 @@ def _tensor_from(data: memoryview | bytearray, dtype: Any, shape: list[int]) -> 
     if tensor.data_ptr() % dtype.itemsize:
         u8 = torch.frombuffer(data, dtype=torch.uint8).clone()
         tensor = u8.view(dtype)
-    return tensor if len(shape) == 1 else tensor.view(shape)
+    if len(shape) == 1:
+        return tensor
+    # sizes as arguments: torch parses a list argument at twice the cost (1.1 vs 0.7 µs)
+    return tensor.view(*shape) if shape else tensor.view(shape)
 
 
 def _ndarray_from(data: memoryview | bytearray, dtype: Any, shape: list[int]) -> Any:
