@@ -266,16 +266,15 @@ class ReplicaStore:
         self.store = store
         self._dist = dist
         # which rank owns the store, and so decides: agreed by the ranks rather than assumed
-        device = _device(self._dist)
-        owner = torch.tensor([self._dist.get_rank() if store is not None else -1], device=device)
-        owners = torch.tensor([int(store is not None)], device=device)
-        self._dist.all_reduce(owner, op=self._dist.ReduceOp.MAX)
-        self._dist.all_reduce(owners, op=self._dist.ReduceOp.SUM)
-        self._owner = int(owner.item())
-        if int(owners.item()) != 1:
+        # (one sum: how many own one, and the owner's rank when exactly one does)
+        owns = int(store is not None)
+        counts = torch.tensor([owns, owns * dist.get_rank()], device=_device(dist))
+        dist.all_reduce(counts)
+        owners, self._owner = (int(count) for count in counts.tolist())
+        if owners != 1:
             raise ValueError(
                 f"the reference store needs exactly one rank of the replica to send its outputs "
-                f"(is_last_rank), {int(owners.item())} do"
+                f"(is_last_rank), {owners} do"
             )
 
     def get(self, keys: Sequence[bytes]) -> dict[bytes, Any]:

@@ -229,7 +229,7 @@ class _Encoder:
         self._packer = msgpack.Packer(
             default=self.default, use_bin_type=True, strict_types=True, autoreset=True
         )
-        # for the inner part of small tensors: only str, ints and bytes, so never reentered
+        # for tensors' and arrays' descriptions (`_ext`)
         self._small = msgpack.Packer(use_bin_type=True, autoreset=True)
 
     def pack(self, obj: Any) -> bytes:
@@ -268,9 +268,8 @@ class _Encoder:
                 if array.nbytes <= self.threshold:
                     return self._inline(name, array.shape, array)
                 if array.flags.c_contiguous:
-                    ref = self._data_ref(array.reshape(-1).view(_uint8()))
-                    inner = self._small.pack([name, list(array.shape), ref])
-                    return _new_tuple(msgpack.ExtType, (_EXT_TENSOR, inner))
+                    u8 = array.reshape(-1).view(_uint8())
+                    return self._ext(_EXT_TENSOR, name, array.shape, self._data_ref(u8))
         if t.layout != torch.strided:
             raise EncodeError(f"cannot encode a {t.layout} tensor; convert it to dense first")
         if name is None:
@@ -286,24 +285,28 @@ class _Encoder:
         # any stride, which view(uint8) refuses: take the dense 1-D view explicitly.
         flat = t.as_strided((t.numel(),), (1,))
         ref = self._data_ref(flat.view(torch.uint8).numpy())
-        return msgpack.ExtType(_EXT_TENSOR, _pack([name, list(t.shape), ref], self.default))
+        return self._ext(_EXT_TENSOR, name, t.shape, ref)
 
     def _inline(self, name: str, shape: Any, array: Any) -> Any:
         """A tensor's ext with its elements inline (numpy's `tobytes` copies them in C order
-        whatever the strides), built without msgpack's per-call Packer and ExtType checks."""
-        inline = self._small.pack([name, list(shape), array.tobytes()])
-        return _new_tuple(msgpack.ExtType, (_EXT_TENSOR, inline))
+        whatever the strides)."""
+        return self._ext(_EXT_TENSOR, name, shape, array.tobytes())
+
+    def _ext(self, code: int, name: str, shape: Any, ref: int | bytes) -> Any:
+        """A tensor's or array's ext ``[dtype name, shape, frame index | inline bytes]``, built
+        without msgpack's per-call Packer and ExtType checks (its fields hold only str, ints
+        and bytes: the inner packer needs no `default` and is never re-entered)."""
+        return _new_tuple(msgpack.ExtType, (code, self._small.pack([name, list(shape), ref])))
 
     def _ndarray(self, a: Any, np: Any) -> Any:
         if a.dtype.name not in _NUMPY_DTYPES:
             raise EncodeError(f"cannot encode a numpy array of dtype {a.dtype}")
         if not a.dtype.isnative:
             a = a.astype(a.dtype.newbyteorder("="))
-        shape = list(a.shape)
         if not a.flags.c_contiguous:
             a = a.copy(order="C")
         ref = b"" if a.size == 0 else self._data_ref(a.reshape(-1).view(np.uint8))
-        return msgpack.ExtType(_EXT_NDARRAY, _pack([a.dtype.name, shape, ref], self.default))
+        return self._ext(_EXT_NDARRAY, a.dtype.name, a.shape, ref)
 
     def _data_ref(self, u8: Any) -> int | bytes:
         """Inline small data as bytes; give large data its own (zero-copy) frame; its ref."""
@@ -903,7 +906,8 @@ class _SmallExtHook:
         frames, used = self.frames, self.used
         if used is None:
             used = self.used = set()
-        if not 0 < ref < len(frames) or ref in used or type(frames[ref]) is not _FRAME:
+        # (every frame is a received zmq.Frame: `_received_within`)
+        if not 0 < ref < len(frames) or ref in used:
             raise _Fallback
         used.add(ref)
         buffer: memoryview = frames[ref].buffer

@@ -20,7 +20,7 @@ import numpy as np
 from chatlearn.transport import DataReceiver, keep_receive_buffers, run
 
 SENDER = '''
-import sys, time, numpy as np, zmq
+import sys, numpy as np, zmq
 from chatlearn.transport import encode
 push = zmq.Context().socket(zmq.PUSH)
 push.setsockopt(zmq.SNDHWM, 8)
@@ -28,15 +28,16 @@ push.connect(sys.argv[1])
 frames = encode({"x": np.ones(1 << 18, dtype=np.float32)})
 for _ in range(int(sys.argv[2])):
     push.send_multipart(frames, copy=False)
-time.sleep(60)  # until killed: closing could drop the queued tail (libzmq #4660)
+sys.stdin.read()  # until the receiver is done or gone: closing could drop the queued tail
 '''
 WARMUP, COUNT = 100, 1000
 
 
 async def main():
     with DataReceiver("tcp://127.0.0.1:0", hwm=8) as receiver:
-        sender = subprocess.Popen(
-            [sys.executable, "-c", SENDER, receiver.endpoint, str(WARMUP + COUNT)]
+        sender = subprocess.Popen(  # its stdin closes with this process, whatever ends it
+            [sys.executable, "-c", SENDER, receiver.endpoint, str(WARMUP + COUNT)],
+            stdin=subprocess.PIPE,
         )
         try:
             for _ in range(WARMUP):
