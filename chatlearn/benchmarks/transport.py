@@ -10,6 +10,12 @@ For each endpoint kind (ipc, tcp) the benchmark starts a peer process
 - pickle: ``pickle.dumps`` over blocking pyzmq — the naive way;
 - memcpy: one thread copying the payload in memory, for scale.
 
+The two processes are pinned to one core each (the first two this process may use), as the
+runtime pins a reference and a trainer of one core each (`actors/placement.py`): left to the
+scheduler, their threads (two event loops, two ZeroMQ I/O threads, pyzmq's garbage collector)
+move between the cores and share them with each other's copies, which costs ours ~20% of its
+1 MiB rate and raw pyzmq little (BENCHMARKS.md). ``--no-pin`` measures that layout.
+
 Each figure is the median of ``--repeat`` rounds; a round measures every mode back to back (in
 alternating order), and ours/raw is the median of the rounds' own ratios, so that the machine's
 drift (tens of percent on a shared VM) hits both sides of a ratio alike. GB/s are 10^9 bytes of
@@ -42,6 +48,7 @@ from typing import Any
 
 import click
 
+from chatlearn.benchmarks.transport_peer import pin_threads
 from chatlearn.transport import (
     ControlServer,
     DataReceiver,
@@ -362,12 +369,25 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def bench_endpoint(kind: str, quick: bool, repeat: int, log: Any) -> dict[str, Any]:
+def bench_cores(pin: bool) -> tuple[int, int] | None:
+    """The cores of this process and of the peer when pinned: the first two this process may
+    use, as placement gives two one-core actors; None if not pinned or fewer than two."""
+    if not pin or not hasattr(os, "sched_getaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    return (cores[0], cores[1]) if len(cores) >= 2 else None
+
+
+async def bench_endpoint(
+    kind: str, quick: bool, repeat: int, log: Any, peer_core: int | None = None
+) -> dict[str, Any]:
     """All sizes and modes plus the RTT over one endpoint kind, with its own peer process."""
     with RuntimeDir() as runtime_dir:
         where = runtime_dir.ipc_endpoint("control") if kind == "ipc" else tcp_endpoint()
         server = ControlServer(where)
         command = [sys.executable, "-m", "chatlearn.benchmarks.transport_peer", server.endpoint]
+        if peer_core is not None:
+            command.append(str(peer_core))
         peer = subprocess.Popen(command)
         try:
             identity, _ = await asyncio.wait_for(server.recv_unsolicited(), PEER_START_TIMEOUT)
@@ -478,9 +498,16 @@ def format_row(row: Row) -> str:
     )
 
 
-async def bench_all(kinds: tuple[str, ...], quick: bool, repeat: int, log: Any) -> dict[str, Any]:
+async def bench_all(
+    kinds: tuple[str, ...],
+    quick: bool,
+    repeat: int,
+    log: Any,
+    cores: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     started = time.perf_counter()
-    results = {kind: await bench_endpoint(kind, quick, repeat, log) for kind in kinds}
+    peer_core = cores[1] if cores is not None else None
+    results = {kind: await bench_endpoint(kind, quick, repeat, log, peer_core) for kind in kinds}
     rows = [asdict(row) for kind in kinds for row in results[kind]["rows"]]
     rtt = {kind: results[kind]["rtt"] for kind in kinds}
     first = rtt[kinds[0]]
@@ -499,6 +526,7 @@ async def bench_all(kinds: tuple[str, ...], quick: bool, repeat: int, log: Any) 
         },
         "rtt_endpoint": kinds[0],
         "rtt_us": rtt,
+        "pinned_cores": list(cores) if cores is not None else None,
         "repeat": repeat,
         "quick": quick,
         "seconds": round(time.perf_counter() - started, 1),
@@ -516,20 +544,32 @@ async def bench_all(kinds: tuple[str, ...], quick: bool, repeat: int, log: Any) 
     multiple=True,
     help="Endpoint kinds to measure (repeatable) [ipc and tcp].",
 )
-def command(as_json: bool, quick: bool, repeat: int | None, endpoints: tuple[str, ...]) -> None:
+@click.option(
+    "--pin/--no-pin",
+    default=True,
+    help="Pin this process and the sending one to a core each, as the runtime pins two "
+    "one-core actors [pin, given two cores].",
+)
+def command(
+    as_json: bool, quick: bool, repeat: int | None, endpoints: tuple[str, ...], pin: bool
+) -> None:
     """Throughput (GB/s, msg/s) of our channel vs raw pyzmq, pickle and memcpy; control RTT."""
     kinds = endpoints or ENDPOINT_KINDS
     repeat = repeat or (1 if quick else 5)
+    cores = bench_cores(pin)
 
     def log(line: str) -> None:
         # With --json, progress goes to stderr so stdout is exactly one JSON object.
         click.echo(line, err=as_json)
 
+    if cores is not None:
+        pin_threads(cores[0])
+        log(f"receiving on core {cores[0]}, sending on core {cores[1]} (--no-pin: unpinned)")
     # as an actor process does; the peer does too (both ends of raw pyzmq alike)
     keep_receive_buffers()
     if not as_json:
         log(HEADER)
-    result = run(bench_all(tuple(kinds), quick, repeat, log))
+    result = run(bench_all(tuple(kinds), quick, repeat, log, cores))
     if as_json:
         click.echo(json.dumps(result))
         return

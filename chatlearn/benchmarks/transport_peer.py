@@ -1,6 +1,7 @@
 """The sending process of `chatlearn bench transport`.
 
-Run as ``python -m chatlearn.benchmarks.transport_peer CONTROL_ENDPOINT``. It connects a
+Run as ``python -m chatlearn.benchmarks.transport_peer CONTROL_ENDPOINT [CORE]`` (pinned to
+``CORE`` if given, see `pin_threads`). It connects a
 `ControlClient` to the benchmark's `ControlServer`, says HELLO, then serves until SHUTDOWN:
 
 - PING: REPLY with the same payload (the round-trip latency measurement);
@@ -18,6 +19,8 @@ Run as ``python -m chatlearn.benchmarks.transport_peer CONTROL_ENDPOINT``. It co
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import sys
 from typing import Any
@@ -151,6 +154,16 @@ async def serve(control_endpoint: str) -> None:
         sender.close()
 
 
+def pin_threads(core: int) -> None:
+    """Pin every thread of this process to ``core``, as the runtime pins a one-core actor
+    (threads started later inherit it from the thread that starts them). Linux only."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that has ended meanwhile
+            os.sched_setaffinity(int(tid), {core})
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 2:
+        pin_threads(int(sys.argv[2]))
     keep_receive_buffers()
     run(serve(sys.argv[1]))

@@ -7,8 +7,10 @@ running the benchmark itself (BENCHMARKS.md).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -49,3 +51,31 @@ def test_bench_transport_json_has_every_figure():
     assert len(rtt["ratio_runs"]) == 1 == len(rtt["raw_p50_runs"]) == len(rtt["stream_p50_runs"])
     assert result["rtt_ratio_vs_raw"] == rtt["ratio_runs"][0]
     assert rtt["ratio_runs"][0] == pytest.approx(rtt["p50_runs"][0] / rtt["raw_p50_runs"][0], 0.01)
+    # pinned by default, as the runtime pins two one-core actors, when there are two cores
+    cores = sorted(os.sched_getaffinity(0))
+    assert result["pinned_cores"] == (cores[:2] if len(cores) >= 2 else None)
+
+
+@pytest.mark.timeout(60)
+def test_pin_threads_pins_threads_started_before_and_after():
+    # in a child process: pinning the test process would slow every later test down
+    script = textwrap.dedent(
+        """
+        import os, threading
+        from chatlearn.benchmarks.transport_peer import pin_threads
+        stop = threading.Event()
+        threading.Thread(target=stop.wait).start()  # a thread that exists before pinning
+        core = max(os.sched_getaffinity(0))
+        pin_threads(core)
+        threading.Thread(target=stop.wait).start()  # and one started after
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+        print(len(tids), sorted({c for t in tids for c in os.sched_getaffinity(t)}) == [core])
+        stop.set()
+        """
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=50
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    num_threads, all_pinned = completed.stdout.split()
+    assert int(num_threads) >= 3 and all_pinned == "True", completed.stdout
