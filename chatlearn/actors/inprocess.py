@@ -36,7 +36,7 @@ from chatlearn.actors.worker_core import (
     WorkerContext,
     user_error,
 )
-from chatlearn.transport import EncodeError, RuntimeDir, decode, encode
+from chatlearn.transport import EncodeError, RuntimeDir, decode, encode, process_context
 
 if TYPE_CHECKING:
     from chatlearn.actors.runtime import ActorSystem
@@ -77,14 +77,12 @@ class LocalActor:
             # Services bind their ipc endpoints (trainer inboxes) in the run's directory.
             runtime_dir=str(system.runtime_dir.path) if system.runtime_dir else None,
         )
-        import zmq.asyncio
-
         ctx = WorkerContext(
             spec,
             routing_id=f"{self.identity.label}.inproc".encode(),
             loop=asyncio.get_running_loop(),
             compute=self.compute,
-            zmq_context=zmq.asyncio.Context.instance(),
+            zmq_context=process_context(),
             in_process=True,
         )
         self.core = ActorCore(spec, ctx, config_args=template.global_args, klass=type(template))

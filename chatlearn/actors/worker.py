@@ -399,11 +399,15 @@ async def serve(opts: argparse.Namespace) -> int:
     A fatal error (a broken socket, a bug here, an unexpected exception) is reported as DEAD with
     its traceback before the process exits; user errors in calls are not fatal (ERROR replies).
     """
-    import zmq.asyncio
+    from chatlearn.transport import (
+        ControlClient,
+        Message,
+        MessageKind,
+        RemoteError,
+        process_context,
+    )
 
-    from chatlearn.transport import ControlClient, Message, MessageKind, RemoteError
-
-    zmq_context = zmq.asyncio.Context.instance()
+    zmq_context = process_context()
     boot = opts.bootstrap
     if boot.security is not None:
         from chatlearn.transport import security

@@ -32,6 +32,7 @@ from chatlearn.transport import (
     DataSender,
     Message,
     MessageKind,
+    batch_io_threads,
     error_message,
     keep_receive_buffers,
     run,
@@ -75,7 +76,7 @@ class Sender:
             return count
         # The baselines use plain blocking pyzmq, the fastest way to drive it; the peer has
         # nothing else to do meanwhile.
-        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
+        sock: zmq.Socket[bytes] = raw_context().socket(zmq.PUSH)
         self._open.append(sock)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.LINGER, 1000)
@@ -96,7 +97,7 @@ class Sender:
 
 
 def _echo(endpoint: str, count: int) -> int:
-    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = raw_context().socket(zmq.DEALER)
     sock.setsockopt(zmq.RCVTIMEO, 60_000)  # the benchmark side failed: give up, don't hang
     sock.setsockopt(zmq.LINGER, 1000)
     try:
@@ -152,6 +153,14 @@ async def serve(control_endpoint: str) -> None:
                 await client.send(reply)
     finally:
         sender.close()
+
+
+def raw_context() -> zmq.Context:
+    """The context of the raw pyzmq baselines: its I/O threads run as ours do (every mode
+    alike, see `chatlearn.transport.sockets.batch_io_threads`)."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    batch_io_threads(context)
+    return context
 
 
 def pin_threads(core: int) -> None:

@@ -3,7 +3,8 @@
 `codec` turns nested Python objects with tensors into ZeroMQ frames and back; `messages` wraps
 payloads in typed control envelopes; `channels` carries them (ROUTER/DEALER for control,
 PUSH/PULL for data); `endpoints` says where sockets live; `loop` gives the uvloop event loop;
-`allocator` keeps received messages out of fresh pages (glibc's malloc thresholds).
+`allocator` keeps received messages out of fresh pages (glibc's malloc thresholds);
+`sockets.process_context` is the process's ZeroMQ context, its I/O threads batched.
 Importing this package does not import torch (see codec.py).
 
 Layer 0 (docs/architecture.md, "Layers"): imports no other chatlearn package.
@@ -57,6 +58,7 @@ from chatlearn.transport.messages import (
     encode_message,
     error_message,
 )
+from chatlearn.transport.sockets import batch_io_threads, process_context
 
 __all__ = [
     "DEFAULT_DATA_HWM",
@@ -90,6 +92,7 @@ __all__ = [
     "TransportError",
     "UnknownDtypeError",
     "UnknownKindError",
+    "batch_io_threads",
     "decode",
     "decode_message",
     "encode",
@@ -97,6 +100,7 @@ __all__ = [
     "error_message",
     "keep_receive_buffers",
     "new_event_loop",
+    "process_context",
     "run",
     "tcp_endpoint",
     "uvloop_available",
