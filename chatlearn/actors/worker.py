@@ -330,11 +330,18 @@ async def _raise_later(exc: BaseException) -> Any:
     raise exc
 
 
-def _terminate_context(context: Any, timeout: float) -> None:
-    """`context.term()` that returns after at most `timeout` seconds (the process exits next)."""
-    thread = threading.Thread(target=context.term, name="chatlearn-zmq-term", daemon=True)
-    thread.start()
-    thread.join(timeout)
+def _terminate_contexts(contexts: list[Any], timeout: float) -> None:
+    """`term()` of each context, together, returning after at most `timeout` seconds (the
+    process exits next)."""
+    threads = [
+        threading.Thread(target=context.term, name="chatlearn-zmq-term", daemon=True)
+        for context in contexts
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _hard_exit(code: int) -> None:
@@ -404,6 +411,7 @@ async def serve(opts: argparse.Namespace) -> int:
         Message,
         MessageKind,
         RemoteError,
+        existing_sending_context,
         process_context,
     )
 
@@ -443,7 +451,10 @@ async def serve(opts: argparse.Namespace) -> int:
         # (services on SHUTDOWN); one that is not (a user module's own) must not keep the
         # process alive, so the termination itself is bounded too.
         client.close(linger=_FLUSH_LINGER_MS)
-        _terminate_context(zmq_context, _FLUSH_LINGER_MS / 1000 + 0.5)
+        # with the data senders' context, whose last outputs may still be queued likewise
+        sending = existing_sending_context()
+        contexts = [zmq_context] if sending is None else [zmq_context, sending]
+        _terminate_contexts(contexts, _FLUSH_LINGER_MS / 1000 + 0.5)
 
 
 def main(argv: list[str] | None = None) -> None:

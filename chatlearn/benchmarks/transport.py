@@ -10,8 +10,9 @@ For each endpoint kind (ipc, tcp) the benchmark starts a peer process
 - pickle: ``pickle.dumps`` over blocking pyzmq — the naive way;
 - memcpy: one thread copying the payload in memory, for scale.
 
-Both processes fix glibc's malloc thresholds and run ZeroMQ's I/O threads under SCHED_BATCH as
-actor processes do, for every mode alike.
+Both processes fix glibc's malloc thresholds as actor processes do, and raw pyzmq's sending
+socket lives on a context whose I/O thread runs batched as our `DataSender`'s does
+(`chatlearn.transport.sockets`): every mode alike.
 
 The two processes are pinned to one core each (the first two this process may use), as the
 runtime pins a reference and a trainer of one core each (`actors/placement.py`): left to the
@@ -135,7 +136,7 @@ def _receive_blocking(endpoint: str, mode: str, warmup: int, count: int, ready: 
     """Bind a plain PULL socket and receive (raw or pickle); runs in a worker thread."""
     import zmq
 
-    sock: zmq.Socket[bytes] = raw_context().socket(zmq.PULL)
+    sock: zmq.Socket[bytes] = raw_context(sending=False).socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, BENCH_HWM)
     sock.setsockopt(zmq.RCVTIMEO, int(RECV_TIMEOUT * 1000))  # a stall is an error, not a hang
     sock.setsockopt(zmq.LINGER, 0)
@@ -159,7 +160,7 @@ def _raw_round_trips(endpoint: str, warmup: int, count: int, ready: Any) -> list
     """Bind a plain DEALER, then time ``count`` blocking 100-byte round trips to the peer."""
     import zmq
 
-    sock: zmq.Socket[bytes] = raw_context().socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = raw_context(sending=False).socket(zmq.DEALER)
     sock.setsockopt(zmq.RCVTIMEO, int(RECV_TIMEOUT * 1000))
     sock.setsockopt(zmq.LINGER, 0)
     try:

@@ -76,7 +76,7 @@ class Sender:
             return count
         # The baselines use plain blocking pyzmq, the fastest way to drive it; the peer has
         # nothing else to do meanwhile.
-        sock: zmq.Socket[bytes] = raw_context().socket(zmq.PUSH)
+        sock: zmq.Socket[bytes] = raw_context(sending=True).socket(zmq.PUSH)
         self._open.append(sock)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.LINGER, 1000)
@@ -97,7 +97,7 @@ class Sender:
 
 
 def _echo(endpoint: str, count: int) -> int:
-    sock: zmq.Socket[bytes] = raw_context().socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = raw_context(sending=False).socket(zmq.DEALER)
     sock.setsockopt(zmq.RCVTIMEO, 60_000)  # the benchmark side failed: give up, don't hang
     sock.setsockopt(zmq.LINGER, 1000)
     try:
@@ -155,12 +155,20 @@ async def serve(control_endpoint: str) -> None:
         sender.close()
 
 
-def raw_context() -> zmq.Context:
-    """The context of the raw pyzmq baselines: its I/O threads run as ours do (every mode
-    alike, see `chatlearn.transport.sockets.batch_io_threads`)."""
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    batch_io_threads(context)
-    return context
+_raw_sending: list[zmq.Context[zmq.Socket[bytes]]] = []
+
+
+def raw_context(*, sending: bool) -> zmq.Context[zmq.Socket[bytes]]:
+    """The context of a raw pyzmq baseline socket, as ours: a PUSH socket sending data on one
+    whose I/O thread runs batched (`chatlearn.transport.sockets`), every other socket on the
+    process's default one."""
+    if not sending:
+        return zmq.Context.instance()
+    if not _raw_sending:
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        batch_io_threads(context)
+        _raw_sending.append(context)
+    return _raw_sending[0]
 
 
 def pin_threads(core: int) -> None:

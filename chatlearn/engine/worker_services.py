@@ -192,9 +192,8 @@ class ReferenceService(_EpisodeHooks):
         for endpoint in order.endpoints:
             sender = kept.pop(endpoint, None)
             if sender is None:
-                sender = DataSender(
-                    endpoint, bind=False, hwm=order.hwm, context=self.ctx.zmq_context
-                )
+                # on the process's sending context (transport/sockets.py), not the actor's
+                sender = DataSender(endpoint, bind=False, hwm=order.hwm)
             senders.append(sender)
         for sender in kept.values():
             sender.close()

@@ -4,7 +4,8 @@
 payloads in typed control envelopes; `channels` carries them (ROUTER/DEALER for control,
 PUSH/PULL for data); `endpoints` says where sockets live; `loop` gives the uvloop event loop;
 `allocator` keeps received messages out of fresh pages (glibc's malloc thresholds);
-`sockets.process_context` is the process's ZeroMQ context, its I/O threads batched.
+`sockets.process_context` is the process's ZeroMQ context, `sockets.sending_context` the data
+senders' (its I/O thread batched).
 Importing this package does not import torch (see codec.py).
 
 Layer 0 (docs/architecture.md, "Layers"): imports no other chatlearn package.
@@ -58,7 +59,12 @@ from chatlearn.transport.messages import (
     encode_message,
     error_message,
 )
-from chatlearn.transport.sockets import batch_io_threads, process_context
+from chatlearn.transport.sockets import (
+    batch_io_threads,
+    existing_sending_context,
+    process_context,
+    sending_context,
+)
 
 __all__ = [
     "DEFAULT_DATA_HWM",
@@ -98,10 +104,12 @@ __all__ = [
     "encode",
     "encode_message",
     "error_message",
+    "existing_sending_context",
     "keep_receive_buffers",
     "new_event_loop",
     "process_context",
     "run",
+    "sending_context",
     "tcp_endpoint",
     "uvloop_available",
 ]

@@ -71,7 +71,7 @@ from chatlearn.transport.messages import (
     encode_message,
 )
 from chatlearn.transport.security import peer_name
-from chatlearn.transport.sockets import AsyncSocket
+from chatlearn.transport.sockets import AsyncSocket, sending_context
 
 log = logging.getLogger(__name__)
 
@@ -482,8 +482,15 @@ class DataSender(_Channel):
         if hwm < 1:
             raise ValueError(f"hwm must be >= 1 (0 would mean unbounded), got {hwm}")
         self._inline_threshold = inline_threshold
+        if context is None and not bind:
+            # Connecting, it can use the batched context; a binding socket authenticates its
+            # peers through the ZAP handler security.py runs on the process context.
+            context = sending_context()
         self._socket = AsyncSocket(
-            context, zmq.PUSH, linger_ms=linger_ms, options={zmq.SNDHWM: hwm}
+            context,
+            zmq.PUSH,
+            linger_ms=linger_ms,
+            options={zmq.SNDHWM: hwm},
         )
         self.endpoint = self._socket.bind_or_connect(endpoint, bind=bind)
 

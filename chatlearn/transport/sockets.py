@@ -29,15 +29,17 @@ as copies. Errors come out as the transport's typed errors. Closing removes the 
 the socket (and its fd) goes away, fails the waiters, and removes the socket file of a bound ipc
 endpoint, which libzmq 4.3 leaves behind. One socket must be used from one event loop.
 
-The process-wide context (`process_context`) runs its I/O threads under Linux's SCHED_BATCH
-policy (`batch_io_threads`): a woken I/O thread then waits for the thread that woke it to block
-or use up its time slice instead of preempting it at once. Sending and receiving, the interpreter
-thread hands each message to the I/O thread; under the default policy that woke it and switched
-to it for every message (0.7 preemptions a message at 4 KiB, each one a flushed cache for the
-Python code that resumes), where raw pyzmq, blocking in C, fills the queue before it yields and
-lets the I/O thread write a batch. On an idle core a woken thread runs at once either way, so
-round trips do not change; on a core busy with compute an I/O thread waits at most the rest of
-one time slice (milliseconds), which a micro-batch sent ahead of its use does not notice.
+Data senders (`DataSender`) default to a second process-wide context, `sending_context`, whose
+I/O thread runs under Linux's SCHED_BATCH policy (`batch_io_threads`): woken to write a queued
+message, it waits until the sending thread blocks or uses up its time slice instead of
+preempting it. Under the default policy it preempted the sender for almost every message (0.7
+times a message at 4 KiB, each a flushed cache for the Python code that resumes), where raw
+pyzmq, blocking in C, fills the queue before it yields and lets the I/O thread write a batch.
+Receivers and the control plane stay on the process context (`process_context`) under the
+default policy, where the opposite holds: an I/O thread that reads a message at once, even
+preempting, lets the next receive find it queued instead of waiting for the loop, and a reply
+leaves as soon as it is queued (batched, a round trip took ~8 µs longer; a receiver of 4 KiB
+messages got 15-20% slower).
 
 Every socket takes the options of the process's security (security.py) when it binds or
 connects: once a run's credentials are configured, no connection without them delivers anything.
@@ -52,6 +54,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
@@ -84,10 +87,32 @@ _COPY_BELOW: Final = zmq.COPY_THRESHOLD
 
 
 def process_context() -> zmq.asyncio.Context:
-    """The process-wide `zmq.asyncio.Context` (the channels' default), its I/O threads batched."""
-    context = zmq.asyncio.Context.instance()
-    batch_io_threads(context)
-    return context
+    """The process-wide `zmq.asyncio.Context`: the default of every channel but `DataSender`."""
+    return zmq.asyncio.Context.instance()
+
+
+_sending: tuple[int, zmq.asyncio.Context] | None = None  # (pid, context)
+_sending_lock = threading.Lock()
+
+
+def sending_context() -> zmq.asyncio.Context:
+    """The process-wide context of data senders (`DataSender`'s default), its I/O thread
+    batched (see the module doc); made on first use, and again in a forked child."""
+    global _sending
+    with _sending_lock:
+        if _sending is None or _sending[0] != os.getpid() or _sending[1].closed:
+            context = zmq.asyncio.Context()
+            batch_io_threads(context)
+            _sending = (os.getpid(), context)
+        return _sending[1]
+
+
+def existing_sending_context() -> zmq.asyncio.Context | None:
+    """`sending_context` if this process has made it (to terminate it at exit), else None."""
+    sending = _sending
+    if sending is None or sending[0] != os.getpid() or sending[1].closed:
+        return None
+    return sending[1]
 
 
 def batch_io_threads(context: zmq.Context) -> None:

@@ -82,24 +82,10 @@ class Recorder(BaseModule):
             "replica_id": self.replica_id,
             "num_replica": self.num_replica,
             "affinity": sorted(os.sched_getaffinity(0)),
-            "io_thread_policies": io_thread_policies(),
             "omp": os.environ.get("OMP_NUM_THREADS"),
             "module": type(self).__module__,
             "argv0": sys.argv[0] if sys.argv else "",
         }
-
-
-def io_thread_policies() -> list[int]:
-    """The scheduling policies of this process's ZeroMQ I/O threads."""
-    policies = set()
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as comm:
-                if comm.read().startswith("ZMQbg/IO"):
-                    policies.add(os.sched_getscheduler(int(tid)))
-        except OSError:  # a thread that has ended meanwhile
-            continue
-    return sorted(policies)
 
 
 class FailingSetup(Recorder):

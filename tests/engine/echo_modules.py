@@ -15,6 +15,19 @@ import torch
 from chatlearn.actors import BaseModule
 
 
+def io_thread_policies() -> list[int]:
+    """The scheduling policies of this process's ZeroMQ I/O threads (transport/sockets.py)."""
+    policies = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as comm:
+                if comm.read().startswith("ZMQbg/IO"):
+                    policies.add(os.sched_getscheduler(int(tid)))
+        except OSError:  # a thread that has ended meanwhile
+            continue
+    return sorted(policies)
+
+
 def _spin(seconds: float) -> None:
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -54,7 +67,14 @@ class EchoReference(_Logged):
         start = time.time()
         _spin(self.runtime_args.get("echo_cost", 0.0))
         rows = data["row"].tolist()
-        self.log(event="forward", rows=rows, iteration=iteration, start=start, end=time.time())
+        self.log(
+            event="forward",
+            rows=rows,
+            iteration=iteration,
+            start=start,
+            end=time.time(),
+            io_threads=io_thread_policies(),
+        )
         return {"row": data["row"], "tokens": data["tokens"], "double": data["row"] * 2}
 
 
@@ -76,6 +96,7 @@ class EchoTrainer(_Logged):
             iteration=iteration,
             start=start,
             end=time.time(),
+            io_threads=io_thread_policies(),
         )
         return {"rows": float(sum(sum(b) for b in batches)), "num_micro_batches": len(data)}
 

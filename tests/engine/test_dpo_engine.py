@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -256,3 +257,14 @@ async def test_chunks_larger_than_the_window_still_feed_every_step(tmp_path: Pat
     )
     assert engine.trainer.iteration == 12
     assert [len(f["rows"]) for f in _events(log, "forward")] == [6, 6, 6, 6]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="a Linux scheduling policy")
+async def test_only_the_data_senders_io_thread_runs_batched(tmp_path: Path) -> None:
+    # transport/sockets.py: the reference's outputs leave through a context whose I/O thread
+    # waits for the sender to block; receiving and the control plane keep the default policy
+    _, log = await _learn(tmp_path, _runtime(1, 8, 4, 2, 4), samples=range(8))
+    assert {tuple(f["io_threads"]) for f in _events(log, "forward")} == {
+        (os.SCHED_OTHER, os.SCHED_BATCH)
+    }
+    assert {tuple(t["io_threads"]) for t in _events(log, "train")} == {(os.SCHED_OTHER,)}

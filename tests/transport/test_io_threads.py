@@ -1,7 +1,8 @@
-"""ZeroMQ's I/O threads run under SCHED_BATCH in the process-wide context (sockets.py).
+"""A connecting `DataSender` runs on a context whose I/O thread is batched; every other channel
+keeps the default policy (sockets.py).
 
 Each case runs in a fresh process: a context's threads take its policy when its first socket
-starts them, and the test process's context has started them long ago.
+starts them, and the test process's contexts have started them long ago.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ POLICIES = textwrap.dedent(
 )
 
 
-def run_child(body: str) -> str:
+def run_child(body: str) -> list[str]:
     completed = subprocess.run(
         [sys.executable, "-c", POLICIES + textwrap.dedent(body)],
         capture_output=True,
@@ -41,33 +42,53 @@ def run_child(body: str) -> str:
         timeout=50,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
-    return completed.stdout.strip()
+    return completed.stdout.splitlines()
 
 
 @pytest.mark.timeout(60)
-def test_channels_of_the_process_context_run_batched_io_threads():
-    out = run_child(
+def test_connecting_data_senders_alone_run_a_batched_io_thread():
+    lines = run_child(
         """
-        from chatlearn.transport import DataReceiver
-        with DataReceiver("tcp://127.0.0.1:0"):
-            print(io_thread_policies())
+        from chatlearn.transport import (
+            DataReceiver, DataSender, existing_sending_context, sending_context
+        )
+        with DataReceiver("tcp://127.0.0.1:0") as receiver:
+            with DataSender(receiver.endpoint, bind=False, hwm=2, linger_ms=0):
+                print(io_thread_policies())  # the receiver's context and the sender's
+                print(existing_sending_context() is sending_context())
+        with DataSender("tcp://127.0.0.1:0", bind=True, linger_ms=0) as bound:
+            # a binding sender stays on the process context (its ZAP handler, security.py)
+            print(bound._socket.sock.context is not sending_context())
         """
     )
-    assert out == str([os.SCHED_BATCH])
+    assert lines == [str(sorted({os.SCHED_OTHER, os.SCHED_BATCH})), "True", "True"]
+
+
+@pytest.mark.timeout(60)
+def test_receivers_and_control_keep_the_default_policy():
+    lines = run_child(
+        """
+        from chatlearn.transport import ControlServer, DataReceiver, existing_sending_context
+        with DataReceiver("tcp://127.0.0.1:0"), ControlServer("tcp://127.0.0.1:0"):
+            print(io_thread_policies())
+            print(existing_sending_context())
+        """
+    )
+    assert lines == [str([os.SCHED_OTHER]), "None"]
 
 
 @pytest.mark.timeout(60)
 def test_a_policy_chosen_for_the_context_is_kept():
-    out = run_child(
+    lines = run_child(
         """
         import zmq
-        from chatlearn.transport import DataReceiver, batch_io_threads
+        from chatlearn.transport import DataSender, batch_io_threads
         context = zmq.Context()
         context.set(zmq.THREAD_SCHED_POLICY, os.SCHED_OTHER)
         batch_io_threads(context)
-        with DataReceiver("tcp://127.0.0.1:0", context=context):
+        with DataSender("tcp://127.0.0.1:0", bind=True, context=context, linger_ms=0):
             print(io_thread_policies())
         context.term()
         """
     )
-    assert out == str([os.SCHED_OTHER])
+    assert lines == [str([os.SCHED_OTHER])]
