@@ -20,16 +20,23 @@ pytestmark = pytest.mark.skipif(
 
 POLICIES = textwrap.dedent(
     """
-    import os
+    import os, time
 
-    def io_thread_policies():
-        return sorted(
-            {
-                os.sched_getscheduler(int(tid))
-                for tid in os.listdir("/proc/self/task")
-                if open(f"/proc/self/task/{tid}/comm").read().startswith("ZMQbg/IO")
-            }
-        )
+    def io_thread_policies(expected):
+        # A new I/O thread names itself and takes its context's policy once it runs, a moment
+        # after the socket that starts it: wait (bounded) for the expected policies to show.
+        deadline = time.monotonic() + 10
+        while True:
+            policies = sorted(
+                {
+                    os.sched_getscheduler(int(tid))
+                    for tid in os.listdir("/proc/self/task")
+                    if open(f"/proc/self/task/{tid}/comm").read().startswith("ZMQbg/IO")
+                }
+            )
+            if policies == expected or time.monotonic() > deadline:
+                return policies
+            time.sleep(0.01)
     """
 )
 
@@ -54,7 +61,8 @@ def test_connecting_data_senders_alone_run_a_batched_io_thread():
         )
         with DataReceiver("tcp://127.0.0.1:0") as receiver:
             with DataSender(receiver.endpoint, bind=False, hwm=2, linger_ms=0):
-                print(io_thread_policies())  # the receiver's context and the sender's
+                # the receiver's context and the sender's
+                print(io_thread_policies(sorted({os.SCHED_OTHER, os.SCHED_BATCH})))
                 print(existing_sending_context() is sending_context())
         with DataSender("tcp://127.0.0.1:0", bind=True, linger_ms=0) as bound:
             # a binding sender stays on the process context (its ZAP handler, security.py)
@@ -70,7 +78,7 @@ def test_receivers_and_control_keep_the_default_policy():
         """
         from chatlearn.transport import ControlServer, DataReceiver, existing_sending_context
         with DataReceiver("tcp://127.0.0.1:0"), ControlServer("tcp://127.0.0.1:0"):
-            print(io_thread_policies())
+            print(io_thread_policies([os.SCHED_OTHER]))
             print(existing_sending_context())
         """
     )
@@ -87,7 +95,7 @@ def test_a_policy_chosen_for_the_context_is_kept():
         context.set(zmq.THREAD_SCHED_POLICY, os.SCHED_OTHER)
         batch_io_threads(context)
         with DataSender("tcp://127.0.0.1:0", bind=True, context=context, linger_ms=0):
-            print(io_thread_policies())
+            print(io_thread_policies([os.SCHED_OTHER]))
         context.term()
         """
     )
