@@ -16,9 +16,9 @@ socket lives on a context whose I/O thread runs batched as our `DataSender`'s do
 
 The two processes are pinned to one core each (the first two this process may use), as the
 runtime pins a reference and a trainer of one core each (`actors/placement.py`): left to the
-scheduler, their threads (two event loops, two ZeroMQ I/O threads, pyzmq's garbage collector)
-move between the cores and share them with each other's copies, which costs ours ~20% of its
-1 MiB rate and raw pyzmq little (BENCHMARKS.md). ``--no-pin`` measures that layout.
+scheduler, their threads (two event loops, ZeroMQ's I/O threads, pyzmq's garbage collector)
+move between the cores, and one round's rates differ from the next by tens of percent
+(BENCHMARKS.md). ``--no-pin`` measures that layout.
 
 Each figure is the median of ``--repeat`` rounds; a round measures every mode back to back (in
 alternating order), and ours/raw is the median of the rounds' own ratios, so that the machine's

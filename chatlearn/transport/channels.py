@@ -29,8 +29,9 @@ Closing a `DataSender` while its receiver is still a full queue behind can drop 
 even within the linger (libzmq #4660 / pyzmq #1934, reproduced here): close a sender only after
 the receiver has confirmed what it needs (the engine's credits do exactly that).
 
-Sockets come from a `zmq.asyncio.Context` (the process-wide instance unless one is given) and
-are driven by `sockets.AsyncSocket`. All channels of a process must be used from one event loop;
+Sockets come from a `zmq.asyncio.Context` unless one is given: a connecting `DataSender`'s from
+`sockets.sending_context` (its I/O thread batched), every other's from the process-wide instance
+(`sockets.process_context`); they are driven by `sockets.AsyncSocket`. All channels of a process must be used from one event loop;
 `close()` is synchronous so it can run in ``finally`` blocks.
 """
 
