@@ -31,8 +31,9 @@ the receiver has confirmed what it needs (the engine's credits do exactly that).
 
 Sockets come from a `zmq.asyncio.Context` unless one is given: a connecting `DataSender`'s from
 `sockets.sending_context` (its I/O thread batched), every other's from the process-wide instance
-(`sockets.process_context`); they are driven by `sockets.AsyncSocket`. All channels of a process must be used from one event loop;
-`close()` is synchronous so it can run in ``finally`` blocks.
+(`sockets.process_context`); they are driven by `sockets.AsyncSocket`. All channels of a
+process must be used from one event loop; `close()` is synchronous so it can run in ``finally``
+blocks.
 """
 
 from __future__ import annotations
