@@ -10,9 +10,9 @@ For each endpoint kind (ipc, tcp) the benchmark starts a peer process
 - pickle: ``pickle.dumps`` over blocking pyzmq — the naive way;
 - memcpy: one thread copying the payload in memory, for scale.
 
-Both processes fix glibc's malloc thresholds as actor processes do, and raw pyzmq's sending
-socket lives on a context whose I/O thread runs batched as our `DataSender`'s does
-(`chatlearn.transport.sockets`): every mode alike.
+Both processes fix glibc's malloc thresholds as actor processes do, and raw pyzmq's sockets come
+from the contexts ours use (`raw_socket`: sending data from the one whose I/O thread runs
+batched, see `chatlearn.transport.sockets`): every mode alike.
 
 The two processes are pinned to one core each (the first two this process may use), as the
 runtime pins a reference and a trainer of one core each (`actors/placement.py`): left to the
@@ -52,7 +52,7 @@ from typing import Any
 
 import click
 
-from chatlearn.benchmarks.transport_peer import pin_threads, raw_context
+from chatlearn.benchmarks.transport_peer import pin_threads, raw_socket
 from chatlearn.transport import (
     ControlServer,
     DataReceiver,
@@ -136,7 +136,7 @@ def _receive_blocking(endpoint: str, mode: str, warmup: int, count: int, ready: 
     """Bind a plain PULL socket and receive (raw or pickle); runs in a worker thread."""
     import zmq
 
-    sock: zmq.Socket[bytes] = raw_context(sending=False).socket(zmq.PULL)
+    sock: zmq.Socket[bytes] = raw_socket(zmq.PULL, sending=False)
     sock.setsockopt(zmq.RCVHWM, BENCH_HWM)
     sock.setsockopt(zmq.RCVTIMEO, int(RECV_TIMEOUT * 1000))  # a stall is an error, not a hang
     sock.setsockopt(zmq.LINGER, 0)
@@ -160,7 +160,7 @@ def _raw_round_trips(endpoint: str, warmup: int, count: int, ready: Any) -> list
     """Bind a plain DEALER, then time ``count`` blocking 100-byte round trips to the peer."""
     import zmq
 
-    sock: zmq.Socket[bytes] = raw_context(sending=False).socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = raw_socket(zmq.DEALER, sending=False)
     sock.setsockopt(zmq.RCVTIMEO, int(RECV_TIMEOUT * 1000))
     sock.setsockopt(zmq.LINGER, 0)
     try:
@@ -569,6 +569,8 @@ def command(
     if cores is not None:
         pin_threads(cores[0])
         log(f"receiving on core {cores[0]}, sending on core {cores[1]} (--no-pin: unpinned)")
+    elif pin:
+        log("not pinned: this process may use fewer than two cores")
     # as an actor process does; the peer does too (both ends of raw pyzmq alike)
     keep_receive_buffers()
     if not as_json:

@@ -32,10 +32,11 @@ from chatlearn.transport import (
     DataSender,
     Message,
     MessageKind,
-    batch_io_threads,
     error_message,
     keep_receive_buffers,
+    process_context,
     run,
+    sending_context,
 )
 
 PEER_IDENTITY = b"bench-peer"
@@ -76,7 +77,7 @@ class Sender:
             return count
         # The baselines use plain blocking pyzmq, the fastest way to drive it; the peer has
         # nothing else to do meanwhile.
-        sock: zmq.Socket[bytes] = raw_context(sending=True).socket(zmq.PUSH)
+        sock: zmq.Socket[bytes] = raw_socket(zmq.PUSH, sending=True)
         self._open.append(sock)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.LINGER, 1000)
@@ -97,7 +98,7 @@ class Sender:
 
 
 def _echo(endpoint: str, count: int) -> int:
-    sock: zmq.Socket[bytes] = raw_context(sending=False).socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = raw_socket(zmq.DEALER, sending=False)
     sock.setsockopt(zmq.RCVTIMEO, 60_000)  # the benchmark side failed: give up, don't hang
     sock.setsockopt(zmq.LINGER, 1000)
     try:
@@ -155,20 +156,13 @@ async def serve(control_endpoint: str) -> None:
         sender.close()
 
 
-_raw_sending: list[zmq.Context[zmq.Socket[bytes]]] = []
-
-
-def raw_context(*, sending: bool) -> zmq.Context[zmq.Socket[bytes]]:
-    """The context of a raw pyzmq baseline socket, as ours: a PUSH socket sending data on one
-    whose I/O thread runs batched (`chatlearn.transport.sockets`), every other socket on the
-    process's default one."""
-    if not sending:
-        return zmq.Context.instance()
-    if not _raw_sending:
-        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        batch_io_threads(context)
-        _raw_sending.append(context)
-    return _raw_sending[0]
+def raw_socket(socket_type: int, *, sending: bool) -> zmq.Socket[bytes]:
+    """A plain (blocking) socket for the raw pyzmq baselines, from the context ours would use:
+    sending data, the one whose I/O thread runs batched (`sending_context`), else the process's
+    (`chatlearn.transport.sockets`), so that every mode runs on the same I/O threads."""
+    context: zmq.Context = sending_context() if sending else process_context()
+    sock: zmq.Socket[bytes] = context.socket(socket_type, socket_class=zmq.Socket)
+    return sock
 
 
 def pin_threads(core: int) -> None:

@@ -60,7 +60,6 @@ from chatlearn.transport.messages import (
     error_message,
 )
 from chatlearn.transport.sockets import (
-    batch_io_threads,
     existing_sending_context,
     process_context,
     sending_context,
@@ -98,7 +97,6 @@ __all__ = [
     "TransportError",
     "UnknownDtypeError",
     "UnknownKindError",
-    "batch_io_threads",
     "decode",
     "decode_message",
     "encode",

@@ -100,11 +100,12 @@ def sending_context() -> zmq.asyncio.Context:
     batched (see the module doc); made on first use, and again in a forked child."""
     global _sending
     with _sending_lock:
-        if _sending is None or _sending[0] != os.getpid() or _sending[1].closed:
+        context = existing_sending_context()
+        if context is None:
             context = zmq.asyncio.Context()
             batch_io_threads(context)
             _sending = (os.getpid(), context)
-        return _sending[1]
+        return context
 
 
 def existing_sending_context() -> zmq.asyncio.Context | None:

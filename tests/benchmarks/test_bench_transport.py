@@ -63,14 +63,14 @@ def test_pin_threads_pins_threads_started_before_and_after():
         """
         import os, threading
         from chatlearn.benchmarks.transport_peer import pin_threads
-        stop = threading.Event()
-        threading.Thread(target=stop.wait).start()  # a thread that exists before pinning
+        stop = threading.Event()  # never set: the threads end with the process
+        # a thread that exists before pinning
+        threading.Thread(target=stop.wait, daemon=True).start()
         core = max(os.sched_getaffinity(0))
         pin_threads(core)
-        threading.Thread(target=stop.wait).start()  # and one started after
+        threading.Thread(target=stop.wait, daemon=True).start()  # and one started after
         tids = [int(t) for t in os.listdir("/proc/self/task")]
         print(len(tids), sorted({c for t in tids for c in os.sched_getaffinity(t)}) == [core])
-        stop.set()
         """
     )
     completed = subprocess.run(

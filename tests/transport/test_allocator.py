@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from chatlearn.transport.allocator import keep_receive_buffers, set_malloc_thresholds
+from chatlearn.transport.allocator import keep_receive_buffers
 
 GLIBC = platform.libc_ver()[0] == "glibc"
 
@@ -79,9 +79,22 @@ def test_received_messages_land_in_reused_memory() -> None:
         pytest.fail(f"{kept:.1f} page faults per message (glibc's own thresholds: {default:.1f})")
 
 
+def _in_child(call: str) -> str:
+    """``call``'s result, evaluated in a fresh process: the thresholds are process-wide and
+    would otherwise stay fixed for every later test in this one."""
+    result = subprocess.run(
+        [sys.executable, "-c", f"from chatlearn.transport.allocator import *; print({call})"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc")
 def test_thresholds_are_set_on_glibc() -> None:
-    assert set_malloc_thresholds(32 * 1024 * 1024, 64 * 1024 * 1024)
+    assert _in_child("set_malloc_thresholds(32 * 1024 * 1024, 64 * 1024 * 1024)") == "True"
 
 
 @pytest.mark.parametrize(
@@ -99,4 +112,5 @@ def test_thresholds_the_user_set_are_kept(environ: dict[str, str]) -> None:
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc")
 def test_other_tunables_do_not_stop_it() -> None:
-    assert keep_receive_buffers({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin"})
+    environ = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin"}
+    assert _in_child(f"keep_receive_buffers({environ!r})") == "True"
