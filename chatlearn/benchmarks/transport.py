@@ -7,6 +7,10 @@ For each endpoint kind (ipc, tcp) the benchmark starts a peer process
 - ours: `DataSender` -> `DataReceiver` (codec, zmq.asyncio on uvloop, zero-copy both ways);
 - raw: blocking pyzmq PUSH/PULL of ``[small header, tensor memory]`` with ``copy=False`` — the
   ceiling for anything built on pyzmq;
+- codec: the same blocking pyzmq sockets, but each message encoded by our `encode` and decoded by
+  our `decode` into a tensor, as ours does — the ceiling for anything built on pyzmq that hands
+  the receiver a tensor with our codec's checks, without asyncio: ours/raw is codec/raw (what the
+  codec costs) times ours/codec (what the event loop costs);
 - pickle: ``pickle.dumps`` over blocking pyzmq — the naive way;
 - memcpy: one thread copying the payload in memory, for scale.
 
@@ -59,6 +63,7 @@ from chatlearn.transport import (
     Message,
     MessageKind,
     RuntimeDir,
+    decode,
     keep_receive_buffers,
     run,
     tcp_endpoint,
@@ -67,7 +72,7 @@ from chatlearn.transport import (
 KIB, MIB = 1024, 1024 * 1024
 SIZES = (4 * KIB, 1 * MIB, 16 * MIB, 128 * MIB)
 ENDPOINT_KINDS = ("ipc", "tcp")
-MODES = ("ours", "raw", "pickle")
+MODES = ("ours", "raw", "codec", "pickle")
 # The same queue bound for every mode; 4 keeps 128 MiB runs within a few hundred MiB of memory.
 BENCH_HWM = 4
 RTT_PAYLOAD = b"x" * 100
@@ -88,8 +93,14 @@ class Row:
     ours_msgs_per_s: float = 0.0
     raw_msgs_per_s: float = 0.0
     pickle_msgs_per_s: float = 0.0
-    # every round's ours/raw and GB/s per mode: the spread behind the medians
+    # raw pyzmq with our codec on both ends (blocking, no asyncio): what encoding and decoding
+    # alone leave of raw's rate, measured in the same rounds
+    codec_gbps: float = 0.0
+    codec_msgs_per_s: float = 0.0
+    codec_ratio_vs_raw: float = 0.0
+    # every round's ours/raw (and codec/raw) and GB/s per mode: the spread behind the medians
     ratio_runs: list[float] = field(default_factory=list)
+    codec_ratio_runs: list[float] = field(default_factory=list)
     runs_gbps: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -133,7 +144,7 @@ def pickle_baseline() -> Any:
 
 
 def _receive_blocking(endpoint: str, mode: str, warmup: int, count: int, ready: Any) -> float:
-    """Bind a plain PULL socket and receive (raw or pickle); runs in a worker thread."""
+    """Bind a plain PULL socket and receive (raw, codec or pickle); runs in a worker thread."""
     import zmq
 
     sock: zmq.Socket[bytes] = raw_socket(zmq.PULL, sending=False)
@@ -146,6 +157,13 @@ def _receive_blocking(endpoint: str, mode: str, warmup: int, count: int, ready: 
         if mode == "pickle":
             elapsed, _ = pickle_baseline().recv_unpickled(sock, warmup, count)
             return elapsed
+        if mode == "codec":
+            for _ in range(warmup):
+                decode(sock.recv_multipart(copy=False))
+            started = time.perf_counter()
+            for _ in range(count):
+                decode(sock.recv_multipart(copy=False))
+            return time.perf_counter() - started
         for _ in range(warmup):
             sock.recv_multipart(copy=False)
         started = time.perf_counter()
@@ -475,12 +493,19 @@ async def bench_size(bench: Bench, kind: str, size: int, quick: bool, repeat: in
         setattr(row, f"{mode}_msgs_per_s", round(rates[mode], 1))
         setattr(row, f"{mode}_gbps", round(rates[mode] * size / 1e9, 3))
     row.memcpy_gbps = round(statistics.median(memcpy_gbps(size) for _ in range(repeat)), 3)
-    row.ratio_runs = [round(o / r, 3) for o, r in zip(runs["ours"], runs["raw"], strict=True)]
+    row.ratio_runs = _ratios(runs["ours"], runs["raw"])
     row.ratio_vs_raw = round(statistics.median(row.ratio_runs), 3)
+    row.codec_ratio_runs = _ratios(runs["codec"], runs["raw"])
+    row.codec_ratio_vs_raw = round(statistics.median(row.codec_ratio_runs), 3)
     row.runs_gbps = {
         mode: [round(r * size / 1e9, 3) for r in values] for mode, values in runs.items()
     }
     return row
+
+
+def _ratios(rates: list[float], raw_rates: list[float]) -> list[float]:
+    """Each round's rate over raw's in the same round."""
+    return [round(rate / raw, 3) for rate, raw in zip(rates, raw_rates, strict=True)]
 
 
 def format_size(size: int) -> str:
@@ -489,7 +514,8 @@ def format_size(size: int) -> str:
 
 HEADER = (
     f"{'size':>8} {'endpoint':>8} {'ours GB/s':>10} {'raw GB/s':>9} {'pickle GB/s':>11} "
-    f"{'memcpy GB/s':>11} {'ours/raw':>8} {'ours msg/s':>11} {'raw msg/s':>10} {'pickle msg/s':>12}"
+    f"{'memcpy GB/s':>11} {'ours/raw':>8} {'codec/raw':>9} {'ours msg/s':>11} {'raw msg/s':>10} "
+    f"{'pickle msg/s':>12}"
 )
 
 
@@ -497,8 +523,8 @@ def format_row(row: Row) -> str:
     return (
         f"{format_size(row.size_bytes):>8} {row.endpoint:>8} {row.ours_gbps:>10.3f} "
         f"{row.raw_gbps:>9.3f} {row.pickle_gbps:>11.3f} {row.memcpy_gbps:>11.2f} "
-        f"{row.ratio_vs_raw:>8.3f} {row.ours_msgs_per_s:>11.0f} {row.raw_msgs_per_s:>10.0f} "
-        f"{row.pickle_msgs_per_s:>12.0f}"
+        f"{row.ratio_vs_raw:>8.3f} {row.codec_ratio_vs_raw:>9.3f} {row.ours_msgs_per_s:>11.0f} "
+        f"{row.raw_msgs_per_s:>10.0f} {row.pickle_msgs_per_s:>12.0f}"
     )
 
 
@@ -600,4 +626,6 @@ def command(
     for row in result["rows"]:
         spread = ", ".join(f"{r:.2f}" for r in row["ratio_runs"])
         log(f"ours/raw {format_size(row['size_bytes'])} {row['endpoint']}: rounds {spread}")
+        spread = ", ".join(f"{r:.2f}" for r in row["codec_ratio_runs"])
+        log(f"codec/raw {format_size(row['size_bytes'])} {row['endpoint']}: rounds {spread}")
     log(f"medians of {repeat} round(s) per figure; {result['seconds']:.0f} s in total")

@@ -7,7 +7,8 @@ Run as ``python -m chatlearn.benchmarks.transport_peer CONTROL_ENDPOINT [CORE]``
 - PING: REPLY with the same payload (the round-trip latency measurement);
 - CALL ``{"mode", "endpoint", "size", "count", "hwm"}``: builds one float32 tensor of ``size``
   bytes and sends ``{"x": tensor}`` ``count`` times to ``endpoint`` — through our `DataSender`
-  ("ours"), raw pyzmq zero-copy multipart ("raw"), or pickle over pyzmq ("pickle") — then
+  ("ours"), raw pyzmq zero-copy multipart ("raw"), our codec over raw pyzmq ("codec"), or
+  pickle over pyzmq ("pickle") — then
   REPLYs with the count;
 - CALL ``{"mode": "echo", "endpoint", "count"}``: connects a blocking DEALER and echoes
   ``count`` messages (the raw round-trip baseline);
@@ -32,6 +33,7 @@ from chatlearn.transport import (
     DataSender,
     Message,
     MessageKind,
+    encode,
     error_message,
     keep_receive_buffers,
     process_context,
@@ -88,6 +90,11 @@ class Sender:
             frames: list[bytes | memoryview] = [b"float32", memory]
             for _ in range(count):
                 sock.send_multipart(frames, copy=False)
+        elif mode == "codec":
+            # what ours does to a message, without asyncio: our encoder, blocking pyzmq
+            payload = {"x": tensor}
+            for _ in range(count):
+                sock.send_multipart(encode(payload), copy=False)
         elif mode == "pickle":
             from chatlearn.benchmarks.transport import pickle_baseline
 

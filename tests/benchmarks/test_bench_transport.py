@@ -32,7 +32,7 @@ def test_bench_transport_json_has_every_figure():
         (size, endpoint) for size in (4096, 1 << 20, 16 << 20, 128 << 20) for endpoint in ("ipc",)
     }
     for row in rows:
-        for key in ("ours_gbps", "raw_gbps", "pickle_gbps", "memcpy_gbps", "ratio_vs_raw"):
+        for key in ("ours_gbps", "raw_gbps", "codec_gbps", "pickle_gbps", "memcpy_gbps"):
             assert row[key] > 0, (key, row)
         # one round (--quick): the ratio is that round's; msg/s are rounded to 0.1, so at
         # 128 MiB (about 8 msg/s) the ratio of the two is off by ~1%
@@ -40,6 +40,10 @@ def test_bench_transport_json_has_every_figure():
         assert row["ratio_vs_raw"] == row["ratio_runs"][0]
         ratio = row["ours_msgs_per_s"] / row["raw_msgs_per_s"]
         assert row["ratio_vs_raw"] == pytest.approx(ratio, rel=0.03)
+        # the codec's own bound (our codec over blocking pyzmq), in the same round
+        assert row["codec_ratio_runs"] == [row["codec_ratio_vs_raw"]]
+        ratio = row["codec_msgs_per_s"] / row["raw_msgs_per_s"]
+        assert row["codec_ratio_vs_raw"] == pytest.approx(ratio, rel=0.03)
     for key in ("rtt_us_p50", "rtt_us_p99", "raw_rtt_us_p50", "raw_rtt_us_p99"):
         assert result[key] > 0, key
     # the machine's floors, over a plain unix stream socket
