@@ -10,7 +10,11 @@ main thread only; the previous handlers come back when it leaves) and routes bot
    finish, a checkpoint is written if checkpoints are configured, every process is stopped. A
    watchdog turns it into an immediate stop after ``stop_timeout`` seconds.
 2. A second signal (or the watchdog) stops at once: every actor process is killed and the run
-   ends without a new checkpoint (the last complete one stays as it was).
+   ends without a new checkpoint (the last complete one stays as it was). The same signal again
+   within ``REPEAT_WINDOW`` seconds of the first is not a second one but the same request
+   arriving twice: ``kill -TERM -PGID`` (what process managers and schedulers send) reaches a
+   coordinator run by ``chatlearn launch`` both directly and forwarded by the supervisor, which
+   cannot tell a signal sent to the group from one sent to itself alone.
 
 Either way ``learn()`` then raises :class:`TrainingInterrupted`, a ``SystemExit`` whose code is
 ``128 + signal`` (130 for SIGINT, 143 for SIGTERM), so an uncaught one ends the script with the
@@ -25,6 +29,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +38,9 @@ from typing import Any
 logger = logging.getLogger("chatlearn.engine")
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A repeat of the first signal within this many seconds is the same stop request (docstring);
+# a person pressing Ctrl-C again to stop at once takes longer than that.
+REPEAT_WINDOW = 1.0
 
 
 class TrainingInterrupted(SystemExit):
@@ -82,6 +90,7 @@ class Interrupts:
         self.stop_timeout = stop_timeout
         self.signum: int | None = None  # the first signal: it decides the exit code
         self.count = 0
+        self._first_at = 0.0  # time.monotonic() of the first signal
         self._watchdog: asyncio.TimerHandle | None = None
 
     @property
@@ -89,10 +98,24 @@ class Interrupts:
         return self.signum is not None
 
     def handle(self, signum: int) -> None:
-        self.count += 1
         name = signal.Signals(signum).name
+        if (
+            self.count == 1
+            and signum == self.signum
+            and time.monotonic() - self._first_at < REPEAT_WINDOW
+        ):
+            logger.info(
+                "%s received again within %g s: the same stop request (e.g. a signal to the "
+                "process group that `chatlearn launch` forwards too); send it again to stop "
+                "at once",
+                name,
+                REPEAT_WINDOW,
+            )
+            return
+        self.count += 1
         if self.signum is None:
             self.signum = signum
+            self._first_at = time.monotonic()
         if self.count == 1 and self.graceful():
             logger.warning(
                 "%s received: finishing the running training steps (at most %.0f s), then "

@@ -19,8 +19,11 @@ Signals: SIGINT, SIGTERM and SIGHUP sent to the supervisor are forwarded to the 
 (the child's first is a graceful stop, its second an immediate one), and no restart follows.
 A signal from the terminal (Ctrl-C, a hang-up) reaches the child directly, as the child is in
 the terminal's foreground process group too, so it is not forwarded: the child would see it
-twice. The child is killed if the supervisor dies (PR_SET_PDEATHSIG), so a killed launch
-leaves no coordinator behind, and then no actor.
+twice. A signal another process sends to the whole group (``kill -TERM -PGID``) cannot be told
+from one sent to the supervisor alone, so the child gets it twice, directly and forwarded: the
+coordinator takes its first signal repeated within a second as one request
+(`chatlearn.engine.interrupts`). The child is killed if the supervisor dies (PR_SET_PDEATHSIG),
+so a killed launch leaves no coordinator behind, and then no actor.
 """
 
 from __future__ import annotations

@@ -95,12 +95,19 @@ def test_trainer_sigkill_is_a_clear_error_and_resume_is_bit_identical(
     _assert_resumed_like(trial, baseline, resumed_at=4)
 
 
-def test_sigint_finishes_running_steps_saves_and_exits_130(baseline: Trial, tmp_path: Path):
+@pytest.mark.parametrize("times", [1, 2])
+def test_sigint_finishes_running_steps_saves_and_exits_130(
+    baseline: Trial, tmp_path: Path, times: int
+):
+    """Twice: a signal to the process group under `chatlearn launch` arrives directly and
+    forwarded by the supervisor, a few milliseconds apart: still one graceful stop."""
     trial = Trial(tmp_path)
     proc, log = trial.start(gate=GATE)
     try:
         trial.wait_at_gate(proc)
-        os.kill(proc.pid, signal.SIGINT)
+        for _ in range(times):
+            os.kill(proc.pid, signal.SIGINT)
+            time.sleep(0.01)
         deadline = time.monotonic() + 20
         while "SIGINT received" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)  # the signal must be seen while the step at the gate still runs
@@ -110,6 +117,8 @@ def test_sigint_finishes_running_steps_saves_and_exits_130(baseline: Trial, tmp_
         stop(proc)
     text = log.read_text()
     assert proc.returncode == 130, text
+    assert "second signal" not in text
+    assert ("SIGINT received again within 1 s: the same stop request" in text) == (times == 2)
     assert_all_exit(trial.worker_pids())
     # The step at the gate and those sent with it or behind it finished; no new one was sent.
     # How many were sent depends on how the trainer's calls grouped the steps that were ready
