@@ -688,6 +688,10 @@ class DPOEngine(Engine):
                     self.pipeline.request_stop()
                 try:
                     await self.pipeline.run()
+                    # inside the loop: a trainer lost while writing the run's last checkpoint
+                    # heals like one lost mid-run (the steps since the last one run again)
+                    if settings.save_episode_interval and self.state.iteration > 0:
+                        await save("signal" if self.pipeline.stopped else "end")
                     break
                 except ActorLostError as lost:
                     if lost.model != trainer.name:
@@ -707,8 +711,6 @@ class DPOEngine(Engine):
                     mine = [r for r in system.restarts if r.model == trainer.name]
                     if mine:
                         self._restart_record(sink, mine[-1], redo=before - self.state.iteration)
-            if settings.save_episode_interval and self.state.iteration > 0:
-                await save("signal" if self.pipeline.stopped else "end")
         finally:
             system.on_restart_event = None
             for restart in system.restarts:

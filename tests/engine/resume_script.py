@@ -51,7 +51,7 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
             "train_global_batch_size": 4,
             "num_training_epoch": 2,
             "data_shuffle": True,
-            "save_episode_interval": 1,
+            "save_episode_interval": int(os.environ.get("SAVE_EPISODE_INTERVAL", "1")),
             "save_keep_last": 3,
             "seed": 7,
             "probe_dir": probe_dir,
@@ -66,6 +66,8 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
             # the last rank of the sharded reference (forward call) or of the data-parallel
             # trainer (train_step iteration) kills itself there
             "kill_rank_at": _int_or_none(os.environ.get("KILL_RANK_AT")),
+            # the trainer kills itself while saving this iteration (once a run)
+            "kill_at_save": _int_or_none(os.environ.get("KILL_AT_SAVE")),
         },
     }
 

@@ -80,6 +80,21 @@ def test_a_lost_trainer_restarts_from_the_checkpoint_and_ends_bit_identical(
     assert "self-healing: 1 restart(s): policy_trainer ×1" in text
 
 
+def test_a_trainer_lost_while_saving_the_final_checkpoint_restarts_and_saves_it(
+    baseline: Trial, tmp_path: Path
+) -> None:
+    """Checkpoints every second episode of three: the run's last checkpoint (iteration 12) is
+    written after the pipeline has ended, and the trainer dies writing it."""
+    trial = Trial(tmp_path)
+    text = trial.run(timeout=120, env={"SAVE_EPISODE_INTERVAL": "2", "KILL_AT_SAVE": "12"})
+    assert "restarting model 'policy_trainer'" in text, text
+    assert "restarts from checkpoint iter_0000008" in text, text
+    _assert_like_baseline(trial, baseline)  # iterations 9-12 trained again, recorded once
+    assert trial.complete() == [8, 12]
+    (restart,) = _records(trial, "restart")
+    assert restart["model"] == "policy_trainer" and restart["steps_repeated"] == 4
+
+
 def test_a_lost_reference_replica_comes_back_in_place(baseline: Trial, tmp_path: Path) -> None:
     trial = Trial(tmp_path)
     proc, log = trial.start(gate=GATE)

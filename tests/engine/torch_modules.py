@@ -165,6 +165,16 @@ class TinyTrainer(_Probed):
     def reduce_gradients(self, iteration: int) -> None:
         """One process: nothing to reduce."""
 
+    def save_checkpoint(self, iteration: int) -> None:
+        """At ``kill_at_save`` the trainer kills itself while saving, once a run
+        (``probe_dir/killed``), its files half written."""
+        super().save_checkpoint(iteration)
+        if iteration == self.runtime_args.get("kill_at_save", None):
+            marker = Path(self.runtime_args.probe_dir) / "killed"
+            if not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+
     def _gate(self, iteration: int) -> None:
         directory = self.runtime_args.get("probe_dir", None)
         if directory is None or iteration != self.runtime_args.get("gate_iteration", None):
