@@ -616,6 +616,17 @@ class DPOEngine(Engine):
             self.state.episode = self.state.consumed_samples // settings.sample_per_episode
             self.state.iteration = self.state.episode * _steps_per_episode(settings)
             self.state.step_in_episode = 0
+        if resume is None:
+            # a run that starts over (a coordinator restarted before the first checkpoint, or
+            # a new run in a used output directory): the records there are not this run's
+            moved = await asyncio.to_thread(rewind_metrics, output / "metrics.jsonl", 0)
+            if moved:
+                logger.warning(
+                    "%s held records of an earlier start without a checkpoint to resume from: "
+                    "%d bytes moved to metrics.superseded.jsonl",
+                    output / "metrics.jsonl",
+                    moved,
+                )
         sink = MetricsSink(output, tensorboard=bool(runtime.tensorboard))
         checkpoints.metrics_path = sink.path
         checkpoints.flush_metrics = sink.flush
@@ -632,9 +643,10 @@ class DPOEngine(Engine):
                 self._restart_record(sink, restart)
 
         # `restarts` counts the whole run's: those of coordinators before this one too
-        self._restarts_before = _restarts_recorded(sink.path) if resume is not None else 0
         coordinator_restarts = int(os.environ.get(COORDINATOR_RESTARTS_ENV_VAR, "0") or 0)
-        if coordinator_restarts and resume is not None:
+        same_run = resume is not None or coordinator_restarts > 0
+        self._restarts_before = _restarts_recorded(sink.path) if same_run else 0
+        if coordinator_restarts:
             self._restarts_before += 1  # this coordinator's own start
             sink.write(
                 "restart",
@@ -642,7 +654,7 @@ class DPOEngine(Engine):
                 {"restarts": self._restarts_before},
                 model="coordinator",
                 attempt=coordinator_restarts,
-                resumed_from=str(resume.path),
+                resumed_from=str(resume.path) if resume is not None else None,
             )
         for restart in system.restarts:  # while the models started
             self._restart_record(sink, restart)

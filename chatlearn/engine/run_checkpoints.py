@@ -130,7 +130,8 @@ class RunCheckpoints:
         if self.flush_metrics is not None:
             self.flush_metrics()  # the checkpoint records how far metrics.jsonl goes
         if self.metrics_path is not None and self.metrics_path.is_file():
-            metrics = {"path": str(self.metrics_path), "size": self.metrics_path.stat().st_size}
+            size = self.metrics_path.stat().st_size
+            metrics = {"path": str(self.metrics_path.resolve()), "size": size}
         return CoordinatorState.of(
             state,
             sampler=sampler,
@@ -173,7 +174,7 @@ class RunCheckpoints:
             )
         self.sampler.load_state_dict(saved.sampler)  # raises if the data settings changed
         previous = saved.metrics.get("path")
-        if previous and Path(previous) == metrics_path and "size" in saved.metrics:
+        if previous and "size" in saved.metrics and _same_metrics(previous, metrics_path, info):
             moved = await asyncio.to_thread(
                 rewind_metrics, metrics_path, int(saved.metrics["size"])
             )
@@ -209,3 +210,14 @@ class RunCheckpoints:
 def _plain_config(config: Any) -> dict[str, Any]:
     to_dict = getattr(config, "to_dict", None)
     return to_dict() if callable(to_dict) else {}
+
+
+def _same_metrics(previous: str, metrics_path: Path, info: CheckpointInfo) -> bool:
+    """Whether ``metrics_path`` is the metrics file the checkpoint ``info`` recorded as
+    ``previous``: the same file however it is spelled (relative to another working directory,
+    absolute, through a link), or the one of the output directory that holds the checkpoint (a
+    run directory copied or moved elsewhere). Another run's file is never cut back."""
+    here = metrics_path.resolve()
+    if Path(previous).resolve() == here:
+        return True
+    return info.path.resolve().is_relative_to(here.parent)

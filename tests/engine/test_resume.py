@@ -9,6 +9,7 @@ bit for bit, as the uninterrupted run, and log the same metrics for every step.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -69,6 +70,63 @@ def test_coordinator_sigkill_then_resume_is_bit_identical(baseline: Trial, tmp_p
     assert trial.complete() == [4]
     trial.run()
     _assert_resumed_like(trial, baseline, resumed_at=4)
+
+
+def test_a_run_started_over_without_a_checkpoint_records_every_step_once(
+    baseline: Trial, tmp_path: Path
+):
+    """The coordinator dies before the first checkpoint (as `chatlearn launch` then restarts
+    it): the next start trains from iteration 0, and the records of the first one move to
+    metrics.superseded.jsonl instead of standing twice in metrics.jsonl."""
+    trial = Trial(tmp_path)
+    every_second_episode = {"SAVE_EPISODE_INTERVAL": "2"}  # the first checkpoint: iteration 8
+    proc, _ = trial.start(gate=GATE, env=every_second_episode)
+    try:
+        trial.wait_at_gate(proc)
+        deadline = time.monotonic() + 10
+        while len(trial.train_records()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)  # episode 1's records, written while episode 2 waits at the gate
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        stop(proc)
+    assert_all_exit(trial.worker_pids())
+    assert trial.complete() == [] and len(trial.train_records()) >= 4
+    text = trial.run(env=every_second_episode)
+    assert "held records of an earlier start without a checkpoint to resume from" in text
+    assert_identical(trial.final_state(), baseline.final_state())
+    assert trial.train_records() == baseline.train_records()
+    superseded = (trial.run_dir / "metrics.superseded.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in superseded if '"kind": "train"' in line]
+    assert steps[:4] == [1, 2, 3, 4]
+
+
+def test_a_run_directory_copied_elsewhere_resumes_with_every_step_once(
+    baseline: Trial, tmp_path: Path
+):
+    """metrics.jsonl is cut back to the checkpoint even when the output directory is reached
+    by another path than the one the checkpoint recorded."""
+    trial = Trial(tmp_path / "first")
+    proc, _ = trial.start(gate=GATE)
+    try:
+        trial.wait_at_gate(proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        stop(proc)
+    assert_all_exit(trial.worker_pids())
+    copy = Trial(tmp_path / "copy")
+    shutil.copytree(trial.output, copy.output)
+    metrics = copy.run_dir / "metrics.jsonl"
+    # a record written after the checkpoint of iteration 4 (when one was: it depends on how
+    # the trainer's calls grouped the steps before the gate)
+    record = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "train"]
+    with metrics.open("a") as f:
+        f.write(json.dumps({**record[-1], "step": 5}) + "\n")
+    assert [step for step, _, _ in copy.train_records()][-1] == 5
+    text = copy.run()
+    assert "metrics.jsonl rewound to the checkpoint" in text, text
+    _assert_resumed_like(copy, baseline, resumed_at=4)
 
 
 def test_trainer_sigkill_is_a_clear_error_and_resume_is_bit_identical(
