@@ -669,7 +669,8 @@ def _num_parameters(options: dict[str, Any]) -> int:
 def check_cores_and_steps(options: dict[str, Any]) -> None:
     """`--cores` (default: every usable core) within this machine, `--warmup`/`--steps` ≥ 1."""
     available = len(os.sched_getaffinity(0))
-    options["cores"] = options["cores"] or available
+    if options["cores"] is None:
+        options["cores"] = available
     if not 1 <= options["cores"] <= available:
         raise click.UsageError(f"--cores must be between 1 and {available}")
     if options["warmup"] < 1 or options["steps"] < 1:

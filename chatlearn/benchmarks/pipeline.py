@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import click
 
+from chatlearn.launch.options import FiniteFloat
 from chatlearn.transport import run
 
 
@@ -275,19 +276,38 @@ def _print_soak(result: dict[str, Any]) -> None:
     )
 
 
+# finite, not negative (nan refused); counts at least 1
+_SECONDS = FiniteFloat(min=0)
+_COUNT = click.IntRange(min=1)
+
+
 @click.command("pipeline")
-@click.option("--forward-cost", default=0.02, show_default=True, help="seconds per reference chunk")
-@click.option("--train-cost", default=0.04, show_default=True, help="seconds per training step")
-@click.option("--episodes", default=3, show_default=True)
-@click.option("--sample-per-episode", default=64, show_default=True)
-@click.option("--generation-batch-size", default=4, show_default=True)
-@click.option("--micro-batch-size", default=2, show_default=True)
-@click.option("--global-batch-size", default=8, show_default=True)
+@click.option(
+    "--forward-cost",
+    default=0.02,
+    show_default=True,
+    type=_SECONDS,
+    help="seconds per reference chunk",
+)
+@click.option(
+    "--train-cost", default=0.04, show_default=True, type=_SECONDS, help="seconds per training step"
+)
+@click.option("--episodes", default=3, show_default=True, type=_COUNT)
+@click.option("--sample-per-episode", default=64, show_default=True, type=_COUNT)
+@click.option("--generation-batch-size", default=4, show_default=True, type=_COUNT)
+@click.option("--micro-batch-size", default=2, show_default=True, type=_COUNT)
+@click.option("--global-batch-size", default=8, show_default=True, type=_COUNT)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--soak", is_flag=True, help="measure the coordinator with no-op modules instead")
-@click.option("--micro-batches", default=100_000, show_default=True, help="with --soak")
 @click.option(
-    "--soak-episode", default=1000, show_default=True, help="with --soak: micro-batches per episode"
+    "--micro-batches", default=100_000, show_default=True, type=_COUNT, help="with --soak"
+)
+@click.option(
+    "--soak-episode",
+    default=1000,
+    show_default=True,
+    type=_COUNT,
+    help="with --soak: micro-batches per episode",
 )
 @click.option(
     "--soak-window",

@@ -292,6 +292,9 @@ _CHECKERS: dict[str, Callable[[str, Any, KeySpec], Any]] = {
 }
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def check_value(name: str, spec: KeySpec, value: Any) -> Any:
     """Return `value` normalized for key `name`, or raise ValueProblem saying what to change."""
     if value is None:
@@ -302,6 +305,19 @@ def check_value(name: str, spec: KeySpec, value: Any) -> Any:
             f"set a value, e.g. {_example(name, spec)}, or remove the key to use the default",
         )
     value = _CHECKERS[spec.kind](name, value, spec)
+    if isinstance(value, float) and not math.isfinite(value):
+        # nan passes every comparison below (and inf breaks timers and counters later)
+        raise ValueProblem(f"must be a finite number, got {value}", f"set {_example(name, spec)}")
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and not _INT64_MIN <= value <= _INT64_MAX
+    ):
+        # every setting travels to the actors in messages, whose integers are 64-bit
+        raise ValueProblem(
+            f"is too large (beyond a 64-bit integer), got {value:.3g}",
+            f"set {_example(name, spec)}",
+        )
     if spec.min_value is not None:
         too_small = value < spec.min_value if spec.min_inclusive else value <= spec.min_value
         if too_small:

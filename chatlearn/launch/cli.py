@@ -48,6 +48,7 @@ from chatlearn.launch.cluster import (
 from chatlearn.launch.curve import generate_keys
 from chatlearn.launch.env import exported_environment
 from chatlearn.launch.hostfile import HostfileError, read_hostfile, select_hosts
+from chatlearn.launch.options import FiniteFloat
 from chatlearn.launch.supervise import supervise
 
 __all__ = ["command", "prepare_launch"]
@@ -137,7 +138,7 @@ def run_script(script: str, args: list[str]) -> None:
 )
 @click.option(
     "--restart-window",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     default=60.0,
     show_default=True,
     metavar="MINUTES",

@@ -185,6 +185,27 @@ CASES: dict[str, tuple[dict, str, str]] = {
         "main.yaml:17",
         "runtime.heartbeat_timeout",
     ),
+    "heartbeat_timeout_nan": (
+        {"runtime": "heartbeat_timeout: .nan"},
+        "main.yaml:16",
+        "runtime.heartbeat_timeout",
+    ),
+    "call_timeout_inf": ({"runtime": "call_timeout: .inf"}, "main.yaml:16", "runtime.call_timeout"),
+    "seed_beyond_64_bits": (
+        {"runtime": "seed: 99999999999999999999999"},
+        "main.yaml:16",
+        "runtime.seed",
+    ),
+    "learning_rate_nan": (
+        {"model": {"learning_rate: 3.0e-3": "learning_rate: .nan"}},
+        "model.yaml:10",
+        "model_args.learning_rate",
+    ),
+    "max_length_beyond_64_bits": (
+        {"model": {"max_length: 32": "max_length: 100000000000000000000"}},
+        "model.yaml:8",
+        "model_args.max_length",
+    ),
     "colocation_unknown_model": (
         {"runtime": 'colocation: ["reference,critic"]'},
         "main.yaml:16",
