@@ -39,6 +39,8 @@ STRICT_ENV = "CHATLEARN_STRICT_CONFIG"
 
 _PLACEHOLDER = re.compile(r"\$\{([^:}]*)(?::(.*))?\}", re.DOTALL)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+# Values a config may hold once its aliases are expanded: far beyond any real config.
+MAX_EXPANDED_VALUES = 1_000_000
 # A mantissa (digits with an optional fraction, or a bare fraction) and an exponent whose sign
 # may be left out: the scientific forms YAML 1.1 does not read as floats but Python does.
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
@@ -80,6 +82,7 @@ def read_yaml(path: Path, display: str) -> tuple[Any, Origins]:
         node = loader.get_single_node()
         if node is None:
             return None, origins
+        _check_aliases(node, display)
         _record_keys(node, "", display, origins)
         return loader.construct_document(node), origins
     except yaml.MarkedYAMLError as exc:
@@ -101,6 +104,47 @@ def read_yaml(path: Path, display: str) -> tuple[Any, Origins]:
         ) from None
     finally:
         loader.dispose()
+
+
+def _check_aliases(root: yaml.Node, display: str) -> None:
+    """Refuse a document whose aliases refer to a node containing them (it never ends) or expand
+    to more than MAX_EXPANDED_VALUES values (a few lines of nested aliases, each repeating the
+    one before, make billions). Walks the node graph once, each shared node once, without
+    recursion."""
+
+    def children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.MappingNode):
+            return [part for pair in node.value for part in pair]
+        if isinstance(node, yaml.SequenceNode):
+            return list(node.value)
+        return []
+
+    sizes: dict[int, int] = {}  # expanded values under each node done
+    on_path = {id(root)}
+    stack = [(root, iter(children(root)))]
+    while stack:
+        node, pending = stack[-1]
+        child = next(pending, None)
+        if child is None:
+            stack.pop()
+            on_path.discard(id(node))
+            size = sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children(node))
+            if size > MAX_EXPANDED_VALUES:
+                raise ConfigError(
+                    f"the YAML's anchors and aliases expand to more than "
+                    f"{MAX_EXPANDED_VALUES:,} values",
+                    where=f"{display}:{node.start_mark.line + 1}",
+                    fix="write the values out or use fewer nested aliases",
+                )
+        elif id(child) in on_path:
+            raise ConfigError(
+                "the node anchored here holds an alias of itself (its value would never end)",
+                where=f"{display}:{child.start_mark.line + 1}",
+                fix="remove the alias or point it at a node outside the one it is in",
+            )
+        elif id(child) not in sizes:
+            on_path.add(id(child))
+            stack.append((child, iter(children(child))))
 
 
 def _record_keys(node: yaml.Node, prefix: str, display: str, origins: Origins) -> None:

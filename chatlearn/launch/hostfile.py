@@ -18,11 +18,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatlearn.actors.hosts import is_local_host
+
 __all__ = ["HostSlots", "HostfileError", "parse_hostfile", "read_hostfile", "select_hosts"]
 
 # A host name or an IPv4/IPv6 address: no spaces, no shell metacharacters.
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]%]+$")
 _SLOTS_RE = re.compile(r"^slots=(\S*)$")
+_DECIMAL_RE = re.compile(r"^[0-9]{1,7}$")  # str.isdigit() also takes '²' and other digits
+# Devices a host may offer: more than any machine has (a typo of many digits would otherwise
+# build a tuple of billions of slot indices).
+MAX_SLOTS = 65536
 
 
 class HostfileError(ValueError):
@@ -45,6 +51,7 @@ def parse_hostfile(text: str, source: str = "<hostfile>") -> list[HostSlots]:
     """The hosts of a host file's `text`, in file order; `source` names the file in errors."""
     hosts: list[HostSlots] = []
     seen: dict[str, int] = {}
+    local: tuple[str, int] | None = None  # the entry naming this machine, and its line
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -62,13 +69,23 @@ def parse_hostfile(text: str, source: str = "<hostfile>") -> list[HostSlots]:
                 f"{where}: expected 'slots=N' after the host name, got {slots_text!r}"
             )
         value = match.group(1)
-        if not value.isdigit() or int(value) < 1:
-            raise HostfileError(f"{where}: slots must be an integer >= 1, got {value!r}")
+        if not _DECIMAL_RE.match(value) or not 1 <= int(value) <= MAX_SLOTS:
+            raise HostfileError(
+                f"{where}: slots must be an integer from 1 to {MAX_SLOTS}, got {value!r}"
+            )
         if name in seen:
             raise HostfileError(
                 f"{where}: host {name!r} is listed twice (first on line {seen[name]}); "
                 "list each host once with its total slots"
             )
+        if is_local_host(name):
+            if local is not None:
+                raise HostfileError(
+                    f"{where}: {name!r} and {local[0]!r} (line {local[1]}) are both this "
+                    "machine, whose slots would be given out twice; list it once with its "
+                    "total slots"
+                )
+            local = (name, lineno)
         seen[name] = lineno
         hosts.append(HostSlots(name, tuple(range(int(value)))))
     if not hosts:
@@ -102,7 +119,7 @@ def _parse_selection(spec: str, option: str) -> dict[str, tuple[int, ...] | None
             continue
         slots = []
         for part in slot_text.split(","):
-            if not part.strip().isdigit():
+            if not _DECIMAL_RE.match(part.strip()):
                 raise HostfileError(
                     f"{option} {spec!r}: slot {part!r} of host {name!r} is not an integer"
                 )

@@ -209,6 +209,39 @@ def test_include_cycle(write_yaml) -> None:
     assert "a.yaml → " in error.problem and error.where.endswith("b.yaml:1")
 
 
+@pytest.mark.timeout(20)
+def test_an_alias_bomb_is_refused_before_it_is_expanded(write_yaml) -> None:
+    """Eight lines whose aliases each repeat the previous list ten times: 10^8 values."""
+    lines = ["a0: &a0 [" + ", ".join(["x"] * 10) + "]"]
+    for i in range(1, 8):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    path = write_yaml("main.yaml", "\n".join(lines) + "\nruntime:\n  bomb: *a7\n" + TWO_MODELS)
+    error = error_of(path)
+    check_format(error)
+    assert "aliases expand to more than 1,000,000 values" in error.problem
+    assert error.where.endswith("main.yaml:6")  # a5: the first list beyond (1.1 million)
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [("runtime:\n  x: &a [*a]\n", 2), ("runtime: &r\n  self: *r\n", 1)],
+)
+def test_an_alias_inside_its_own_anchor_is_refused(write_yaml, text: str, line: int) -> None:
+    error = error_of(write_yaml("main.yaml", text + TWO_MODELS))
+    check_format(error)
+    assert "holds an alias of itself" in error.problem and error.where.endswith(f":{line}")
+
+
+def test_shared_anchors_and_merge_keys_still_load(write_yaml) -> None:
+    text = (
+        "base: &b\n  num_cpu: 1\nmodels:\n  reference:\n    <<: *b\n  policy_trainer:\n"
+        "    <<: *b\n    trainable: true\n"
+        "runtime:\n  colocation: &c [[reference, policy_trainer]]\n"
+    )
+    config = load_config(write_yaml("main.yaml", text))
+    assert config.models["policy_trainer"].num_cpu == 1
+
+
 def test_file_including_itself(write_yaml) -> None:
     error = error_of(write_yaml("main.yaml", "includes: [main.yaml]\n"))
     assert "include cycle" in error.problem

@@ -35,9 +35,14 @@ def test_parse_comments_blank_lines_and_order():
         ("a slots=1\nb\n", 2, "expected 'hostname slots=N'"),
         ("a slots=1\n\nb slots=1 extra\n", 3, "expected 'hostname slots=N'"),
         ("# c\nb slot=2\n", 2, "expected 'slots=N'"),
-        ("b slots=two\n", 1, "slots must be an integer >= 1, got 'two'"),
-        ("b slots=0\n", 1, "slots must be an integer >= 1, got '0'"),
-        ("b slots=-1\n", 1, "slots must be an integer >= 1"),
+        ("b slots=two\n", 1, "slots must be an integer from 1 to 65536, got 'two'"),
+        ("b slots=0\n", 1, "slots must be an integer from 1 to 65536, got '0'"),
+        ("b slots=-1\n", 1, "slots must be an integer from 1 to 65536"),
+        # would build a tuple of 10^11 slot indices
+        ("b slots=99999999999\n", 1, "slots must be an integer from 1 to 65536"),
+        ("b slots=\u00b2\n", 1, "slots must be an integer from 1 to 65536, got '\u00b2'"),
+        # this machine under two names: its cores would be given out twice
+        ("localhost slots=1\n127.0.0.1 slots=1\n", 2, "are both this machine"),
         ("a slots=1\nb;rm slots=1\n", 2, "not a valid host name"),
     ],
 )
