@@ -711,14 +711,19 @@ class DPOEngine(Engine):
                     before = self.state.iteration
                     await trainer.wait_ready()  # the run's failure, if the policy says no more
                     history = self.pipeline.eval_history
-                    await self._healing(
+                    to_checkpoint = await self._healing(
                         lambda: self._rewind(checkpoints, sink, sampler, start), *both
                     )
                     progress.rewind((before - self.state.iteration) * settings.global_batch_size)
                     timers = self.pipeline.timers
-                    self.pipeline = new_pipeline(True, timers)
+                    # back at the start of a new run, its evaluation before training runs again
+                    # (its record was rewound with the rest)
+                    resumed = to_checkpoint or resume is not None
+                    self.pipeline = new_pipeline(resumed, timers)
                     self.pipeline.eval_history = [
-                        e for e in history if e.get("iteration", 0) <= self.state.iteration
+                        e
+                        for e in history
+                        if resumed and e.get("iteration", 0) <= self.state.iteration
                     ]
                     mine = [r for r in system.restarts if r.model == trainer.name]
                     if mine:
@@ -754,17 +759,18 @@ class DPOEngine(Engine):
         sink: MetricsSink,
         sampler: EpisodeSampler,
         start: tuple[RunState, dict[str, Any], int],
-    ) -> None:
+    ) -> bool:
         """After a trainer restart: the run goes back to the last checkpoint of this run (the
         new trainer ranks load it) or, with none, to where this run started; metrics.jsonl
-        loses the records of the steps that will run again (kept in metrics.superseded.jsonl)."""
+        loses the records of the steps that will run again (kept in metrics.superseded.jsonl).
+        Returns whether it went back to a checkpoint."""
         sink.flush()
         info = None
         if checkpoints.last_iteration is not None:
             info = await checkpoints.find(checkpoints.last_iteration)
         if info is not None:
             self.state = await checkpoints.restore(info, sink.path)
-            return
+            return True
         state, sampler_state, metrics_size = start
         sampler.load_state_dict(sampler_state)
         await asyncio.to_thread(rewind_metrics, sink.path, metrics_size)
@@ -772,6 +778,7 @@ class DPOEngine(Engine):
         logger.info(
             "no checkpoint of this run yet: training goes back to iteration %d", state.iteration
         )
+        return False
 
     def _restart_record(self, sink: MetricsSink, restart: Any, redo: int | None = None) -> None:
         """One ``restart`` record in metrics.jsonl: ``restarts`` counts the run's so far."""

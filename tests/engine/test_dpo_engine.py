@@ -228,6 +228,26 @@ async def test_evaluation_runs_eval_step_on_held_out_samples(tmp_path: Path) -> 
     assert {r["kind"] for r in records} == {"train", "eval", "episode"}
 
 
+async def test_a_trainer_lost_before_the_first_checkpoint_evaluates_before_training_again(
+    tmp_path: Path,
+) -> None:
+    """No checkpoint yet: the run goes back to its start, where the evaluation before training
+    is part of the run (its record was rewound with the steps'): every evaluation once."""
+    runtime = _runtime(2, 8, 4, 2, 4, eval_episode_interval=1, enable_eval_before_training=True)
+    engine, _ = await _learn(
+        tmp_path, {**runtime, "echo_die_at": 1}, range(8), eval_set=[10, 20, 30, 40, 50]
+    )
+    assert list(tmp_path.rglob("echo_died"))  # the trainer died once
+    assert engine.pipeline is not None
+    assert [e["iteration"] for e in engine.pipeline.eval_history] == [0, 2, 4]
+    records = [
+        json.loads(x) for x in (tmp_path / "CHATLEARN" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2, 4]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["model"] for r in records if r["kind"] == "restart"] == ["policy_trainer"]
+
+
 async def test_reference_overlaps_training(tmp_path: Path) -> None:
     cost = 0.1
     _, log = await _learn(
