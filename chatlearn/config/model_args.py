@@ -100,9 +100,91 @@ def check_model_args(model_args: Mapping[str, Any], prefix: str, error: Locate) 
             raise error(f"{prefix}.{key}", problem.problem, problem.fix) from None
     if "adam_betas" in model_args:
         _check_betas(model_args["adam_betas"], f"{prefix}.adam_betas", error)
+    if model_args.get("mixed_precision") is not None:
+        path = f"{prefix}.mixed_precision"
+        try:
+            mixed_precision(model_args["mixed_precision"])
+        except ValueProblem as problem:
+            raise error(path, problem.problem, problem.fix) from None
+    lora_request(model_args, prefix, error)
     model_config = model_args.get("model_config")
     if model_config is not None:
         check_model_config(model_config, f"{prefix}.model_config", error)
+
+
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+_PRECISION_NAMES = {"false": "no", "none": "no", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def mixed_precision(value: Any) -> str:
+    """``mixed_precision`` as one of `MIXED_PRECISIONS` (YAML reads a bare ``no`` as false; the
+    dtype names are accepted too), or a `ValueProblem`."""
+    name = str(value or "no").strip().lower()
+    name = _PRECISION_NAMES.get(name, name)
+    if name not in MIXED_PRECISIONS:
+        raise ValueProblem(
+            f"must be one of {', '.join(MIXED_PRECISIONS)}; got {value!r}",
+            "set mixed_precision: bf16 (or no; fp16 needs CUDA)",
+        )
+    return name
+
+
+LORA_DEFAULTS: dict[str, Any] = {
+    "r": 16,
+    "alpha": 32,
+    "dropout": 0.0,
+    "target_modules": "all-linear",
+}
+# ChatLearn's names for two of them; its switch `enable_lora` may sit in the section too
+LORA_ALIASES = {"lora_dim": "r", "lora_dropout": "dropout"}
+
+
+def lora_request(
+    model_args: Mapping[str, Any], prefix: str, error: Locate
+) -> dict[str, Any] | None:
+    """The LoRA settings ``model_args`` ask for, with the defaults filled in, or None without
+    LoRA: a ``lora`` section, or ``enable_lora: true`` for the defaults; ``enable_lora: false``
+    (beside the section or in it) turns it off. A mistake is the ConfigError of its key."""
+    section = model_args.get("lora")
+    path = f"{prefix}.lora"
+    if section is not None and not isinstance(section, Mapping):
+        raise error(
+            path,
+            f"expected a mapping like {{r: 16, alpha: 32}}, got {section!r}",
+            "write the settings under lora:, or set enable_lora: true for the defaults",
+        )
+    section = dict(section or {})
+    enabled = section.pop("enable_lora", model_args.get("enable_lora"))
+    if enabled is False or not (section or enabled):
+        return None
+    settings = dict(LORA_DEFAULTS)
+    for key, value in section.items():
+        name = LORA_ALIASES.get(key, key)
+        if name not in LORA_DEFAULTS:
+            known = ", ".join([*LORA_DEFAULTS, *LORA_ALIASES])
+            raise error(f"{path}.{key}", "not a LoRA setting here", f"use {known}")
+        settings[name] = value
+    checks = {
+        "r": KeySpec("int", None, min_value=1, example=16),
+        "alpha": KeySpec("number", None, min_value=0, min_inclusive=False, example=32),
+        "dropout": KeySpec("number", None, min_value=0, max_value=0.99, example=0.05),
+    }
+    for name, spec in checks.items():
+        try:
+            settings[name] = check_value(name, spec, settings[name])
+        except ValueProblem as problem:
+            raise error(f"{path}.{name}", problem.problem, problem.fix) from None
+    targets = settings["target_modules"]
+    if not (
+        isinstance(targets, str)
+        or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
+    ):
+        raise error(
+            f"{path}.target_modules",
+            f"expected a name or a list of names, got {targets!r}",
+            "write target_modules: all-linear, or a list like [q_proj, v_proj]",
+        )
+    return settings
 
 
 def _check_betas(value: Any, path: str, error: Locate) -> None:

@@ -1,7 +1,9 @@
 """LoRA adapters with peft for the trainer: only the adapters train and have optimizer state.
 
     model_args:  lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}
-                 (or ChatLearn's `enable_lora: true`, with these defaults)
+                 (or ChatLearn's `enable_lora: true`, with these defaults; `enable_lora:
+                 false` beside the section or in it turns LoRA off; ChatLearn's `lora_dim`
+                 and `lora_dropout` are read as r and dropout)
 
     model = apply_lora(model, lora_settings(model_args))      # a peft model, base frozen
     merged = merged_state_dict(model, full_state_dict)        # HF keys, adapters folded in
@@ -16,27 +18,20 @@ from typing import Any
 
 import torch
 
-DEFAULTS: dict[str, Any] = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+from chatlearn.config.errors import ConfigError
+from chatlearn.config.model_args import lora_request
+
 _PEFT_PREFIX = "base_model.model."
 
 
 def lora_settings(model_args: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The LoRA settings a model's config asks for, or None without LoRA."""
-    section = model_args.get("lora")
-    if not section and not model_args.get("enable_lora"):
-        return None
-    if section is not None and not isinstance(section, Mapping):
-        raise ValueError(
-            f"lora must be a mapping like {{r: 16, alpha: 32}}, got {section!r} "
-            "(or set enable_lora: true for the defaults)"
-        )
-    settings = {**DEFAULTS, **dict(section or {})}
-    unknown = set(settings) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown lora keys {sorted(unknown)}: use {sorted(DEFAULTS)}")
-    if int(settings["r"]) <= 0:
-        raise ValueError(f"lora.r must be > 0, got {settings['r']}")
-    return settings
+    """The LoRA settings a model's config asks for, or None without LoRA
+    (`chatlearn.config.model_args.lora_request`; a mistake is a `ConfigError` naming the key)."""
+    return lora_request(model_args, "model_args", _error)
+
+
+def _error(key: str, problem: str, fix: str) -> ConfigError:
+    return ConfigError(problem, key=key, fix=fix)
 
 
 def apply_lora(model: Any, settings: Mapping[str, Any], *, seed: int = 0) -> Any:

@@ -104,7 +104,12 @@ from chatlearn.hf.memory import (
     out_of_memory_message,
     return_freed_memory,
 )
-from chatlearn.hf.model import causal_lm_from_args, model_arg, tied_gradient_in_place
+from chatlearn.hf.model import (
+    causal_lm_from_args,
+    model_arg,
+    tied_gradient_in_place,
+    validate_model_args,
+)
 from chatlearn.hf.packing import PackingOptions, packing_options, use_segment_attention
 from chatlearn.hf.parallel import Layout, set_gradient_sync, trainable_parameters, unwrap
 from chatlearn.hf.tokenizer import load_tokenizer
@@ -152,6 +157,9 @@ class _HFModule(TorchModule):
         return self.layout.wrap(network, trainable=trainable)
 
     def setup(self) -> None:
+        # first: a model_path or setting these modules cannot use is a one-line ConfigError
+        # naming its key, not a traceback from the tokenizer or the layout
+        validate_model_args(self.model_args)
         return_freed_memory(model_arg(self.model_args, "malloc_mmap_threshold"))
         self.tokenizer = self.build_tokenizer()
         self.layout = self.build_layout()

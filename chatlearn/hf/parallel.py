@@ -29,8 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from chatlearn.config.errors import ValueProblem
+from chatlearn.config.model_args import mixed_precision
+
 PARALLEL_MODES = ("none", "ddp", "fsdp")
-MIXED_PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_COMPUTE_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,14 +54,10 @@ class Layout:
         if parallel not in PARALLEL_MODES:
             modes = ", ".join(PARALLEL_MODES)
             raise ValueError(f"parallel must be one of {modes}, not {parallel!r}")
-        precision = str(model_args.get("mixed_precision") or "no").lower()
-        precision = {"false": "no", "none": "no", "bfloat16": "bf16", "float16": "fp16"}.get(
-            precision, precision
-        )
-        if precision not in MIXED_PRECISIONS:
-            raise ValueError(
-                f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, not {precision!r}"
-            )
+        try:
+            precision = mixed_precision(model_args.get("mixed_precision"))
+        except ValueProblem as problem:
+            raise ValueError(f"mixed_precision {problem.problem}") from None
         if precision == "fp16" and device_type != "cuda":
             raise ValueError(
                 "mixed_precision: fp16 needs a loss scaler, which needs CUDA; "
@@ -73,7 +72,7 @@ class Layout:
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
-        return MIXED_PRECISIONS[self.mixed_precision]
+        return _COMPUTE_DTYPES[self.mixed_precision]
 
     def describe(self) -> str:
         if self.sharded:

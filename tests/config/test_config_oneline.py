@@ -206,6 +206,16 @@ CASES: dict[str, tuple[dict, str, str]] = {
         "model.yaml:8",
         "model_args.max_length",
     ),
+    "mixed_precision_word": (
+        {"model": {"seed: 0": "seed: 0\nmixed_precision: maybe"}},
+        "model.yaml:2",
+        "model_args.mixed_precision",
+    ),
+    "lora_rank_zero": (
+        {"model": {"seed: 0": "seed: 0\nlora:\n  r: 0"}},
+        "model.yaml:3",
+        "model_args.lora.r",
+    ),
     "colocation_unknown_model": (
         {"runtime": 'colocation: ["reference,critic"]'},
         "main.yaml:16",

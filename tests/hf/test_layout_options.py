@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatlearn.hf.lora import DEFAULTS, lora_settings
+from chatlearn.config import ConfigError
+from chatlearn.config.model_args import LORA_DEFAULTS
+from chatlearn.hf.lora import lora_settings
 from chatlearn.hf.memory import memory_report, out_of_memory_message
 from chatlearn.hf.parallel import Layout
 
@@ -25,7 +27,7 @@ def test_layout_defaults_to_ddp_in_full_precision() -> None:
     ("args", "message"),
     [
         ({"parallel": "zero3"}, "parallel must be one of none, ddp, fsdp"),
-        ({"mixed_precision": "fp8"}, "mixed_precision must be one of no, bf16, fp16"),
+        ({"mixed_precision": "fp8"}, "mixed_precision must be one of no, bf16, fp16; got 'fp8'"),
         ({"mixed_precision": "fp16"}, "fp16 needs a loss scaler, which needs CUDA"),
     ],
 )
@@ -44,12 +46,34 @@ def test_hsdp_when_ranks_span_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_lora_settings() -> None:
     assert lora_settings({}) is None
-    assert lora_settings({"enable_lora": True}) == DEFAULTS
+    assert lora_settings({"enable_lora": True}) == LORA_DEFAULTS
     assert lora_settings({"lora": {"r": 4}})["r"] == 4
-    with pytest.raises(ValueError, match="unknown lora keys"):
-        lora_settings({"lora": {"rank": 4}})
-    with pytest.raises(ValueError, match="lora must be a mapping"):
-        lora_settings({"lora": 16})
+    # an explicit enable_lora: false wins over a section, beside it or (ChatLearn) in it
+    assert lora_settings({"enable_lora": False, "lora": {"r": 8}}) is None
+    assert lora_settings({"lora": {"enable_lora": False, "lora_dim": 16}}) is None
+    # ChatLearn's names of r and dropout
+    chatlearn_style = lora_settings(
+        {"lora": {"enable_lora": True, "lora_dim": 8, "lora_dropout": 0.1}}
+    )
+    assert chatlearn_style == {**LORA_DEFAULTS, "r": 8, "dropout": 0.1}
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "message"),
+    [
+        ({"rank": 4}, "lora.rank", "not a LoRA setting here"),
+        (16, "lora", "expected a mapping like {r: 16, alpha: 32}"),
+        ({"r": 0}, "lora.r", "must be ≥ 1, got 0"),
+        ({"r": 2.5}, "lora.r", "expected a whole number"),
+        ({"alpha": 0}, "lora.alpha", "must be > 0"),
+        ({"dropout": 1.0}, "lora.dropout", "must be ≤ 0.99"),
+        ({"target_modules": []}, "lora.target_modules", "expected a name or a list of names"),
+    ],
+)
+def test_lora_mistakes_name_their_key(section: object, key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        lora_settings({"lora": section})
+    assert info.value.key == f"model_args.{key}" and message in info.value.problem
 
 
 def test_memory_report_estimates_before_the_first_step_and_measures_after() -> None:
