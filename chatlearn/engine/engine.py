@@ -56,6 +56,7 @@ from chatlearn.actors import (
 from chatlearn.actors.checkpoint_paths import checkpoint_root
 from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR
 from chatlearn.actors.timers import Timers as UserTimers
+from chatlearn.config.errors import ConfigError
 from chatlearn.engine.checkpoint import CheckpointManager, rewind_metrics
 from chatlearn.engine.interrupts import Interrupts, SignalGuard, interrupted
 from chatlearn.engine.metrics import MetricsSink, Timers
@@ -63,6 +64,7 @@ from chatlearn.engine.pipeline import DPOPipeline, PipelineSettings
 from chatlearn.engine.progress import Progress, setup_logging
 from chatlearn.engine.protocol import EVAL, ReferenceGroup, TrainerGroup
 from chatlearn.engine.run_checkpoints import RunCheckpoints
+from chatlearn.engine.run_lock import RunLock
 from chatlearn.engine.sampler import EpisodeSampler
 from chatlearn.engine.state import RunState
 
@@ -284,6 +286,13 @@ class DPOEngine(Engine):
             raise outcome
         return outcome
 
+    def _config_error(self, key: str, problem: str, fix: str) -> ConfigError:
+        """The ConfigError of ``key``, located in the config's files when it has them."""
+        error = getattr(self.global_args, "error", None)
+        if callable(error):
+            return error(key, problem, fix)
+        return ConfigError(problem, key=key, fix=fix)
+
     async def learn_async(self) -> LearnResult:
         """Train to the end inside the running event loop (see ``learn``)."""
         if self._datasets is None:
@@ -303,8 +312,12 @@ class DPOEngine(Engine):
         self.pipeline = None
         self.checkpoints = None
         failure: BaseException | None = None
+        validate = getattr(self.global_args, "validate", None)
+        if callable(validate):
+            validate()  # before the lock: an output_dir that cannot be a directory, say
+        lock = RunLock(Path(runtime.output_path), self._config_error)
         try:
-            with SignalGuard(interrupts.handle):
+            with lock, SignalGuard(interrupts.handle):
                 try:
                     self._phase = "starting"
                     await self.start()

@@ -1,0 +1,72 @@
+"""One run at a time in an output directory (engine/run_lock.py): a second run is a one-line
+config error naming runtime.output_dir and the holder's pid; a killed holder blocks nothing."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from chatlearn.config import ConfigError
+from chatlearn.engine.run_lock import LOCK_NAME, RunLock
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_dpo_engine import _learn, _runtime  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _error(key: str, problem: str, fix: str) -> ConfigError:
+    return ConfigError(problem, key=key, fix=fix)
+
+
+def _hold(output: Path) -> subprocess.Popen[bytes]:
+    """Another process holding the run lock of ``output`` until it is killed."""
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from pathlib import Path
+        from chatlearn.engine.run_lock import RunLock
+        with RunLock(Path({str(output)!r}), None):
+            print("held", flush=True)
+            time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+    return proc
+
+
+def test_a_second_holder_is_refused_until_the_first_releases(tmp_path: Path) -> None:
+    with RunLock(tmp_path, _error):
+        assert (tmp_path / LOCK_NAME).read_text().strip().isdigit()  # the holder's pid
+        with pytest.raises(ConfigError) as info, RunLock(tmp_path, _error):
+            pass
+        assert info.value.key == "runtime.output_dir"
+        assert "is in use by another run (pid" in info.value.problem
+    with RunLock(tmp_path, _error):  # released
+        pass
+
+
+async def test_a_run_in_a_directory_another_run_holds_stops_before_starting(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "CHATLEARN"  # output_dir/exp_name of the test engine's config
+    holder = _hold(output)
+    try:
+        with pytest.raises(ConfigError) as info:
+            await _learn(tmp_path, _runtime(1, 4, 2, 2, 2))
+        assert info.value.key == "runtime.output_dir"
+        assert f"(pid {holder.pid})" in info.value.problem
+        assert not (output / "metrics.jsonl").exists()  # nothing started
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+    started = time.monotonic()
+    engine, _ = await _learn(tmp_path, _runtime(1, 4, 2, 2, 2))  # a killed holder blocks nothing
+    assert engine.state.iteration == 2 and time.monotonic() - started < 50
