@@ -704,6 +704,13 @@ class DPOEngine(Engine):
             )
 
         self.pipeline = new_pipeline(resume is not None)
+        if self.pipeline.reference_cache.enabled:
+            logger.info(
+                "samples come back in later episodes: their reference outputs are computed once "
+                "and reused (runtime.reference_cache), what forward_step passed through from "
+                "the dataset included; set reference_cache: false if the dataset draws anew "
+                "at every visit"
+            )
         if resume is not None and resume.state is not None:
             self.pipeline.eval_history = list(resume.state.eval_history)
         try:

@@ -20,6 +20,7 @@ ahead of it (the reference runs ahead), so the sampler state is written with the
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import time
@@ -55,6 +56,8 @@ def training_settings(settings: PipelineSettings, trainer_dp: list[tuple[int, in
         "seed": settings.seed,  # the training-pass shuffles are seeded from it
         "generation_batch_size": settings.generation_batch_size,
         "data_parallel_size": trainer_dp[0][1] if trainer_dp else 1,
+        # the length of the run: a learning-rate schedule over all steps is built from it
+        "num_episode": settings.num_episode,
     }
 
 
@@ -172,6 +175,17 @@ class RunCheckpoints:
                 info.path,
                 "; ".join(changed),
             )
+        # as the checkpoint wrote it (coordinator.json): lists for tuples, str for the rest
+        current = json.loads(json.dumps(_plain_config(self.config), default=str))
+        changed = model_args_changes(saved.config, current)
+        if changed:
+            logger.warning(
+                "resuming from %s with changed model arguments: %s; what the checkpoint holds "
+                "wins where it has the value (weights, optimizer and learning-rate schedule "
+                "state), the new value elsewhere (e.g. beta)",
+                info.path,
+                "; ".join(changed),
+            )
         self.sampler.load_state_dict(saved.sampler)  # raises if the data settings changed
         previous = saved.metrics.get("path")
         if previous and "size" in saved.metrics and _same_metrics(previous, metrics_path, info):
@@ -205,6 +219,32 @@ class RunCheckpoints:
             else "with nothing: every episode is trained",
         )
         return saved.copy()
+
+
+def model_args_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``models.NAME.model_args.KEY: saved a, now b`` for every model argument (nested ones by
+    their dotted path) that a saved config and the current one set differently."""
+
+    def flat(values: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(values, dict):
+            return {prefix: values}
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            out.update(flat(value, f"{prefix}.{key}"))
+        return out
+
+    changes = []
+    for name, model in (saved.get("models") or {}).items():
+        now = (current.get("models") or {}).get(name)
+        if not isinstance(model, dict) or not isinstance(now, dict):
+            continue
+        prefix = f"models.{name}.model_args"
+        before = flat(model.get("model_args") or {}, prefix)
+        after = flat(now.get("model_args") or {}, prefix)
+        for key in sorted(before.keys() | after.keys()):
+            if before.get(key) != after.get(key):
+                changes.append(f"{key}: saved {before.get(key)!r}, now {after.get(key)!r}")
+    return changes
 
 
 def _plain_config(config: Any) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
         "runtime": {
             "colocation": [["reference", "policy_trainer"]] if SHARDED or TRAINER_RANKS > 1 else [],
             "output_dir": output_dir,
-            "num_episode": 3,
+            "num_episode": int(os.environ.get("NUM_EPISODE", "3")),
             "sample_per_episode": 8,
             "generation_batch_size": 4,
             "train_micro_batch_size": 2,

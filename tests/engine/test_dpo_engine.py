@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -153,14 +154,21 @@ async def test_shuffled_episodes_follow_seeded_passes(tmp_path: Path) -> None:
     assert [row for f in _events(log, "forward") for row in f["rows"]] == expected
 
 
-async def test_reference_reuse_across_data_epochs(tmp_path: Path) -> None:
-    """Samples that come back are not recomputed, and training sees exactly the same data."""
+async def test_reference_reuse_across_data_epochs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Samples that come back are not recomputed, and training sees exactly the same data; the
+    run says so at its start (a dataset that draws anew at every visit would not)."""
     runtime = _runtime(3, 12, 4, 2, 4, data_shuffle=True)
     logs = {}
+    notice = "their reference outputs are computed once and reused"
     for cache in (True, False):
         out = tmp_path / str(cache)
         out.mkdir()
-        _, logs[cache] = await _learn(out, {**runtime, "reference_cache": cache}, range(12))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="chatlearn.engine"):
+            _, logs[cache] = await _learn(out, {**runtime, "reference_cache": cache}, range(12))
+        assert (notice in caplog.text) == cache
     forwarded = sorted(row for f in _events(logs[True], "forward") for row in f["rows"])
     assert forwarded == list(range(12))  # once each: episodes 2 and 3 come from the cache
     assert len([row for f in _events(logs[False], "forward") for row in f["rows"]]) == 36

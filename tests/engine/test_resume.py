@@ -21,6 +21,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from chatlearn.engine.run_checkpoints import model_args_changes
+
 sys.path.insert(0, str(Path(__file__).parent))
 from resume_trials import (  # noqa: E402
     FINAL,
@@ -127,6 +129,33 @@ def test_a_run_directory_copied_elsewhere_resumes_with_every_step_once(
     text = copy.run()
     assert "metrics.jsonl rewound to the checkpoint" in text, text
     _assert_resumed_like(copy, baseline, resumed_at=4)
+
+
+def test_a_resume_with_changed_settings_says_which(tmp_path: Path):
+    """num_episode sets the length of a learning-rate schedule over the whole run; model
+    arguments may be held by the checkpoint (optimizer state) or not (beta): both warned."""
+    trial = Trial(tmp_path)
+    proc, _ = trial.start(gate=GATE)
+    try:
+        trial.wait_at_gate(proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        stop(proc)
+    text = trial.run(env={"NUM_EPISODE": "4"})
+    assert "with changed training settings" in text and "num_episode: saved 3, now 4" in text
+    assert trial.complete()[-1] == 16
+
+
+def test_model_args_changes_name_each_changed_key() -> None:
+    saved = {"models": {"policy": {"model_args": {"beta": 0.1, "lora": {"r": 8}, "lr": 1}}}}
+    current = {"models": {"policy": {"model_args": {"beta": 0.5, "lora": {"r": 8, "alpha": 2}}}}}
+    assert model_args_changes(saved, current) == [
+        "models.policy.model_args.beta: saved 0.1, now 0.5",
+        "models.policy.model_args.lora.alpha: saved None, now 2",
+        "models.policy.model_args.lr: saved 1, now None",
+    ]
+    assert model_args_changes(saved, saved) == []
 
 
 def test_trainer_sigkill_is_a_clear_error_and_resume_is_bit_identical(
