@@ -1101,7 +1101,16 @@ def _run_both(
         for line in comparison.lines():
             click.echo(f"  {line}")
     monkey_failed = chaos.monkey_outcome.startswith("failed")
-    passed = all(r.ok for r in runs) and comparison.ok and not monkey_failed
+    # a run that ended before the plan's events were all injected tested less than it claims
+    # (none at all, if it ended before the warm-up): not a pass
+    incomplete = len(chaos.events) < chaos.planned
+    if incomplete:
+        click.echo(
+            f"incomplete: {len(chaos.events)} of {chaos.planned} planned events happened before "
+            "the run ended; make the run longer (more episodes or samples) or the plan shorter "
+            "(fewer kills and stops, a shorter --warmup or --max-gap)"
+        )
+    passed = all(r.ok for r in runs) and comparison.ok and not monkey_failed and not incomplete
     click.echo(f"chaos: {'PASS' if passed else 'FAIL'}")
     return 0 if passed else 1
 

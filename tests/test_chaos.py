@@ -512,6 +512,19 @@ def test_cli_compares_the_two_runs(tmp_path: Path, noise: bool) -> None:
     assert ("FAIL  metrics: iteration 3" in result.output) == noise
 
 
+@pytest.mark.timeout(90)
+def test_cli_fails_a_run_that_ended_before_its_planned_events(tmp_path: Path) -> None:
+    """Equal metrics prove nothing when no event happened: a run shorter than the monkey's
+    warm-up is not a pass."""
+    args = ["--reference-kills", "1", "--trainer-kills", "0", "--warmup", "30"]
+    result = CliRunner().invoke(
+        cli, ["chaos", *args, "--work-dir", str(tmp_path), "--", sys.executable, FAKE_TRAIN]
+    )
+    assert "ok    metrics: 4 train records equal" in result.output  # the runs agree ...
+    assert "incomplete: 0 of 1 planned events happened before the run ended" in result.output
+    assert result.exit_code == 1 and result.output.strip().endswith("chaos: FAIL")
+
+
 @pytest.mark.timeout(60)
 def test_cli_reports_the_monkey_and_a_timeout(tmp_path: Path) -> None:
     tag = uuid.uuid4().hex
