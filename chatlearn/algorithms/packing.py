@@ -343,7 +343,7 @@ def pack_pairs(
     masks: list[list[int]] = []
     trimmed: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for side in ("chosen", "rejected"):
-        lengths = batch[f"{side}_attention_mask"].sum(-1).tolist()
+        lengths = _right_padded_lengths(batch[f"{side}_attention_mask"], side)
         trimmed[side] = [
             (batch[f"{side}_input_ids"][i, :n], batch[f"{side}_loss_mask"][i, :n])
             for i, n in enumerate(lengths)
@@ -367,6 +367,22 @@ def pack_pairs(
         pad_token_id=pad_token_id,
         mask_format=mask_format,
     )
+
+
+def _right_padded_lengths(attention_mask: torch.Tensor, side: str) -> list[int]:
+    """Each row's length, given that its mask is 1s then 0s; a row padded on the left (or with
+    holes) would lose its tokens to the trimming: a ValueError naming it instead."""
+    lengths = attention_mask.sum(-1)
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    expected = positions < lengths[:, None]
+    if not torch.equal(attention_mask.bool(), expected):
+        row = int((attention_mask.bool() != expected).any(-1).nonzero()[0])
+        raise ValueError(
+            f"packing and prefix sharing need right-padded rows (attention mask 1s, then 0s): "
+            f"{side} row {row} is padded otherwise; pad on the right (as the modules' collator "
+            "does) or set packing: false and prefix_sharing: false"
+        )
+    return [int(n) for n in lengths.tolist()]
 
 
 def real_tokens(batch: Mapping[str, torch.Tensor]) -> int:

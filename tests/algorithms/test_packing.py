@@ -229,3 +229,18 @@ def test_invalid_groups_are_errors() -> None:
         pack_sequences([[1], [1]], [[0], [0]], groups=[[0, 1], [1]], prefix_lengths=[1, 1])
     with pytest.raises(ValueError, match="max_tokens_per_row"):
         pack_sequences([[1]], [[0]], max_tokens_per_row=0)
+
+
+def test_a_row_padded_on_the_left_is_refused_not_read_as_zero_tokens() -> None:
+    """Packing trims each row to its mask's count of 1s from the left: a left-padded row would
+    lose its tokens (log-prob 0 and a wrong loss), so it is an error naming the row."""
+    batch = _pairs(3, seed=1)
+    pack_pairs(batch, prefix_sharing=True)  # right-padded, as the collator makes them
+    mask = batch["rejected_attention_mask"]
+    row = int(mask.sum(-1).argmin())  # the shortest row has padding to move
+    length = int(mask[row].sum())
+    assert length < mask.shape[1]
+    for name in ("rejected_input_ids", "rejected_attention_mask", "rejected_loss_mask"):
+        batch[name][row] = torch.roll(batch[name][row], mask.shape[1] - length)
+    with pytest.raises(ValueError, match=f"rejected row {row} is padded otherwise"):
+        pack_pairs(batch, prefix_sharing=True)
