@@ -92,6 +92,19 @@ def _check_record(record: Any, where: str) -> dict:
             f"{_RECORD_SHAPE}; {where} is missing {missing} (it has {sorted(map(str, record))}: "
             f"{_short(record)}); {_RECORD_FIX}"
         )
+    for key in ("prompt", "chosen", "rejected"):
+        value = record.get(key, "")
+        if not isinstance(value, str | list):
+            # str() would train on 'None' or on a dict's repr, silently
+            hint = (
+                "a single message must be wrapped in a list, [{...}]"
+                if isinstance(value, Mapping)
+                else "write it as a string or a message list"
+            )
+            raise ValueError(
+                f"{_RECORD_SHAPE}; {where}: {key} is {_short(value)} (a "
+                f"{type(value).__name__}): {hint}"
+            )
     return record
 
 

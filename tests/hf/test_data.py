@@ -68,6 +68,12 @@ def test_the_guides_string_prompts_are_a_clear_error() -> None:
         ValueError, match=r"sample 1 of the 2 samples \(dict, int\) .* is 7 \(a int\)"
     ):
         load_preference_data([good, 7])
+    # str() of these trained on 'None' or on a dict's repr, silently
+    with pytest.raises(ValueError, match=r"sample 1 of .*: chosen is None \(a NoneType\)"):
+        load_preference_data([good, {**good, "chosen": None}])
+    message = {"role": "assistant", "content": "a"}
+    with pytest.raises(ValueError, match=r"rejected is .* \(a dict\): a single message must"):
+        load_preference_data([{**good, "rejected": message}])
 
 
 def test_string_record_with_template() -> None:
