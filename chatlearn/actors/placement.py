@@ -32,6 +32,7 @@ Mapping to hardware:
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -51,6 +52,8 @@ __all__ = [
     "plan_hosts",
     "plan_placement",
 ]
+
+log = logging.getLogger("chatlearn.actors")
 
 
 PARALLEL_SIZE_KEYS = (
@@ -441,6 +444,11 @@ def _device_groups(
     return groups
 
 
+def _torch_version() -> str:
+    torch = sys.modules.get("torch")
+    return str(getattr(torch, "__version__", "not imported"))
+
+
 def plan_placement(
     models: Sequence[ModelResources],
     host: HostResources,
@@ -454,6 +462,19 @@ def plan_placement(
     Raises `PlacementError` naming the models and what they need when the request does not fit.
     """
     host_has_gpus = bool(host.gpus)
+    asking = [m.name for m in models if m.uses_gpu]
+    if asking and not host_has_gpus:
+        # as documented (a CPU-only host meets GPU requests with cores), but a user whose GPUs
+        # are not visible (driver, CUDA_VISIBLE_DEVICES, a CPU build of torch) must hear of it
+        log.warning(
+            "%s %s num_gpu, but this host has no usable CUDA GPU (CUDA_VISIBLE_DEVICES=%s, "
+            "torch %s): %s on CPU cores instead",
+            ", ".join(f"models.{name}" for name in asking),
+            "asks for" if len(asking) == 1 else "ask for",
+            os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
+            _torch_version(),
+            "it runs" if len(asking) == 1 else "they run",
+        )
     free_cpus = [c for c in host.cpus if c not in set(reserved_cpus)]
     free_gpus = [g for g in host.gpus if g not in set(reserved_gpus)]
     groups = _device_groups(models, colocation)

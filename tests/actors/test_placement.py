@@ -86,7 +86,7 @@ def test_gpu_per_process():
         res("odd", num_gpu=3, gpu_per_process=2)
 
 
-def test_cpu_only_host_falls_back_from_gpus_to_cores():
+def test_cpu_only_host_falls_back_from_gpus_to_cores(caplog: pytest.LogCaptureFixture):
     # One process per requested device; one core per "GPU" unless num_cpu says otherwise.
     plan = plan_placement(
         [
@@ -100,6 +100,13 @@ def test_cpu_only_host_falls_back_from_gpus_to_cores():
     assert [p.cpus for p in plan.assignments["pol"]] == [(1,), (2,)]
     assert [p.cpus for p in plan.assignments["wide"]] == [(3, 4), (5, 6)]
     assert all(p.gpus == () for procs in plan.assignments.values() for p in procs)
+    # said, not silent: GPUs that are not visible would otherwise go unnoticed
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("models.ref, models.pol, models.wide ask for num_gpu, but this ")
+    assert "no usable CUDA GPU" in warning and "they run on CPU cores instead" in warning
+    caplog.clear()
+    plan_placement([res("cpu", num_cpu=1)], CPU_HOST)
+    assert not caplog.records
 
 
 def test_colocated_models_share_devices():
