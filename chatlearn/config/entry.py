@@ -22,6 +22,7 @@ from . import loader
 from .core import Config
 from .errors import ConfigError, logger
 from .report import install_excepthook
+from .schema import RUNTIME_KEYS
 
 _config: Config | None = None
 
@@ -77,6 +78,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         )
     config_dir = file.parent.resolve()
     data, origins = loader.load_file(file, config_dir, display=shown)
+    if not data:
+        logger.warning(
+            "%s: the config file holds no settings (empty, or comments only): every default "
+            "applies, with no models and runtime.num_episode %s",
+            shown,
+            RUNTIME_KEYS["num_episode"].default,
+        )
     return Config(data, str(config_dir), config_file=str(file.resolve()), origins=origins)
 
 

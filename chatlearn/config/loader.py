@@ -202,7 +202,18 @@ def substitute(value: Any, path: str, origins: Origins, display: str) -> Any:
         }
     if isinstance(value, list):
         return [substitute(v, path, origins, display) for v in value]
-    if not isinstance(value, str) or not value.strip().startswith("${"):
+    if not isinstance(value, str):
+        return value
+    if not value.strip().startswith("${"):
+        if _PLACEHOLDER.search(value):
+            # ChatLearn keeps it as written too; said, so that a path is not silently literal
+            logger.warning(
+                "%s: %s: %r holds a placeholder inside the value, which is not substituted "
+                "(only a whole value ${NAME} or ${NAME:default} is); kept as written",
+                origins.get(path, display),
+                path,
+                value,
+            )
         return value
     match = _PLACEHOLDER.fullmatch(value.strip())
     if match is None or not match.group(1).strip():

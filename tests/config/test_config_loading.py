@@ -150,9 +150,21 @@ def test_default_may_contain_colons(write_yaml, monkeypatch: pytest.MonkeyPatch)
     assert load_config(path).runtime_args.url == "http://host:8080/x"
 
 
-def test_text_around_a_placeholder_is_kept_literally(write_yaml) -> None:
-    path = write_yaml("main.yaml", "runtime:\n  note: see ${HOME}\n")
-    assert load_config(path).runtime_args.note == "see ${HOME}"
+def test_text_around_a_placeholder_is_kept_literally_and_said(
+    write_yaml, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_yaml("main.yaml", "runtime:\n  note: see ${HOME}\n  plain: $HOME {x}\n")
+    with caplog.at_level(logging.WARNING, logger="chatlearn.config"):
+        config = load_config(path)
+    assert config.runtime_args.note == "see ${HOME}"  # as ChatLearn keeps it
+    (warning,) = [r.getMessage() for r in caplog.records if "holds a placeholder" in r.getMessage()]
+    assert "main.yaml:2: runtime.note: 'see ${HOME}' holds a placeholder inside" in warning
+
+
+def test_an_empty_config_file_is_said(write_yaml, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="chatlearn.config"):
+        load_config(write_yaml("main.yaml", "# nothing yet\n"))
+    assert "main.yaml: the config file holds no settings" in caplog.text
 
 
 def test_includes_merge_in_order(write_yaml) -> None:
