@@ -11,6 +11,7 @@ created. The first problem raises a `ConfigError`.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -219,6 +220,8 @@ def check_output_paths(config: Config) -> None:
     paths = [("output_dir", rt.output_dir_as_given), ("exp_name", rt.output_path)]
     if rt.data_checkpoint_path:
         paths.append(("data_checkpoint_path", rt.data_checkpoint_path))
+    if rt.get("reference_store", None):
+        paths.append(("reference_store", rt.reference_store))
     for key, path in paths:
         problem = _directory_problem(path)
         if problem:
@@ -240,9 +243,13 @@ def _directory_problem(path: str) -> str | None:
     if not existing.is_dir():
         what = "is an existing file" if existing == target else f"is under a file ({existing})"
         return f"{path!r} {what}, not a directory"
+    where = "" if existing == target else f" (the nearest existing directory {existing})"
     if not os.access(existing, os.W_OK | os.X_OK) or _read_only(existing):
-        where = "" if existing == target else f" (the nearest existing directory {existing})"
         return f"{path!r} is not writable{where}"
+    try:  # what the mode bits do not tell: /proc, /sys, a full disk, quotas, ...
+        os.rmdir(tempfile.mkdtemp(prefix=".chatlearn-probe-", dir=existing))
+    except OSError as exc:
+        return f"{path!r} cannot hold the run's files{where}: {exc.strerror or exc}"
     return None
 
 

@@ -131,6 +131,17 @@ CASES: dict[str, tuple[dict, str, str]] = {
         "main.yaml:16",
         "runtime.data_checkpoint_path",
     ),
+    "reference_store_is_a_file": (
+        {"runtime": "reference_store: {case}/a_file"},
+        "main.yaml:16",
+        "runtime.reference_store",
+    ),
+    # writable by its mode bits (root), but no directory can be made there
+    "output_dir_in_proc": (
+        {"output_dir": "/proc/chatlearn_out"},
+        "main.yaml:14",
+        "runtime.output_dir",
+    ),
     "exp_name_is_a_file": (
         {"output_dir": "{case}"},
         "main.yaml:15",
