@@ -51,15 +51,22 @@ def load_preference_data(source: str | Path | Iterable[Mapping[str, Any]]) -> li
     if isinstance(source, str | Path):
         path = Path(source)
         records = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from None
-                records.append(_check_record(record, f"{path}:{number}"))
+        try:
+            with path.open(encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from None
+                    records.append(_check_record(record, f"{path}:{number}"))
+        except OSError as exc:  # missing, a directory, unreadable
+            raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text") from None
+        if not records:
+            raise ValueError(f"{path}: no records (the file is empty)")
         return records
     samples = list(source)
     given = f"the {_describe_samples(samples)} given to build_dataset"

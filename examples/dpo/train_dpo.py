@@ -25,6 +25,19 @@ def resolve(path: str, config_dir: str | None) -> Path:
     return candidate
 
 
+def load_data(args: chatlearn.Config, key: str, path: Path) -> list[dict]:
+    """The records of ``runtime.<key>``; a file that is not preference data is a config error
+    naming the key (one line, exit 2), not a traceback."""
+    try:
+        return load_preference_data(path)
+    except ValueError as exc:
+        raise args.error(
+            f"runtime.{key}",
+            str(exc),
+            "point it at a JSONL file of {prompt, chosen, rejected} records",
+        ) from None
+
+
 def ensure_data(train_path: Path, eval_path: Path) -> None:
     if train_path.exists() and eval_path.exists():
         return
@@ -64,6 +77,8 @@ if __name__ == "__main__":
     chatlearn.init()
     args = chatlearn.get_args()
     runtime = args.runtime_args
+    if not runtime.data_path:
+        raise args.error("runtime.data_path", "not set", "set data_path: data/train.jsonl")
     train_path = resolve(runtime.data_path, args.config_dir)
     eval_path = resolve(runtime.get("eval_data_path", "data/eval.jsonl"), args.config_dir)
     ensure_data(train_path, eval_path)
@@ -71,6 +86,6 @@ if __name__ == "__main__":
     reference = PolicyReference("reference")
     policy = PolicyTrainer("policy_trainer")
     engine = DPOEngine(reference, policy)
-    engine.set_dataset(load_preference_data(train_path))
-    engine.set_eval_dataset(load_preference_data(eval_path))
+    engine.set_dataset(load_data(args, "data_path", train_path))
+    engine.set_eval_dataset(load_data(args, "eval_data_path", eval_path))
     print(summarize(engine.learn()))

@@ -4,6 +4,7 @@ templates for conversational records, and the padded batch for the concatenated 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,19 @@ def test_dataset_collate_gives_the_dpo_batch() -> None:
     cat = concatenate_pairs(batch, pad_token_id=PAD)
     assert cat["input_ids"].shape == (4, 14)
     assert cat["loss_mask"].sum(-1).tolist() == [3, 2, 2, 2]
+
+
+def test_a_data_file_that_cannot_be_read_says_which_and_why(tmp_path) -> None:
+    """Not an IsADirectoryError or UnicodeDecodeError traceback, and not an empty run."""
+    empty, binary = tmp_path / "empty.jsonl", tmp_path / "binary.jsonl"
+    empty.write_text("\n\n")
+    binary.write_bytes(b'{"prompt": "p", "chosen": "c", "rejected": "r"}\n\xff\xfe\n')
+    cases = [
+        (tmp_path, "cannot read it (Is a directory)"),
+        (tmp_path / "missing.jsonl", "cannot read it (No such file or directory)"),
+        (empty, "no records (the file is empty)"),
+        (binary, "binary.jsonl: not UTF-8 text"),
+    ]
+    for path, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_preference_data(path)
