@@ -54,3 +54,13 @@ class ValueProblem(Exception):
         super().__init__(problem)
         self.problem = problem
         self.fix = fix
+
+
+def located_error(config: object, key: str, problem: str, fix: str) -> ConfigError:
+    """The ConfigError of key path ``key``, at the file and line where ``config`` (a `Config`)
+    has it written; unlocated for anything else (a config built in code by other means)."""
+    error = getattr(config, "error", None)
+    if callable(error):
+        located: ConfigError = error(key, problem, fix)
+        return located
+    return ConfigError(problem, key=key, fix=fix)

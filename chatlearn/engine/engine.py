@@ -56,7 +56,7 @@ from chatlearn.actors import (
 from chatlearn.actors.checkpoint_paths import checkpoint_root
 from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR
 from chatlearn.actors.timers import Timers as UserTimers
-from chatlearn.config.errors import ConfigError
+from chatlearn.config.errors import ConfigError, located_error
 from chatlearn.engine.checkpoint import CheckpointManager, rewind_metrics
 from chatlearn.engine.interrupts import Interrupts, SignalGuard, interrupted
 from chatlearn.engine.metrics import MetricsSink, Timers
@@ -287,11 +287,7 @@ class DPOEngine(Engine):
         return outcome
 
     def _config_error(self, key: str, problem: str, fix: str) -> ConfigError:
-        """The ConfigError of ``key``, located in the config's files when it has them."""
-        error = getattr(self.global_args, "error", None)
-        if callable(error):
-            return error(key, problem, fix)
-        return ConfigError(problem, key=key, fix=fix)
+        return located_error(self.global_args, key, problem, fix)
 
     async def learn_async(self) -> LearnResult:
         """Train to the end inside the running event loop (see ``learn``)."""

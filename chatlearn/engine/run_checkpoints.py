@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from chatlearn.config.errors import ConfigError, located_error
 from chatlearn.engine.checkpoint import (
     CheckpointInfo,
     CheckpointManager,
@@ -39,7 +40,7 @@ from chatlearn.engine.checkpoint import (
 from chatlearn.engine.counters import reference_iteration
 from chatlearn.engine.pipeline import PipelineSettings
 from chatlearn.engine.protocol import ReferenceGroup, TrainerGroup
-from chatlearn.engine.sampler import EpisodeSampler
+from chatlearn.engine.sampler import DataSettingsChanged, EpisodeSampler
 from chatlearn.engine.state import RunState
 
 logger = logging.getLogger("chatlearn.engine")
@@ -124,6 +125,9 @@ class RunCheckpoints:
             )
             return path
 
+    def _error(self, key: str, problem: str, fix: str) -> ConfigError:
+        return located_error(self.config, key, problem, fix)
+
     def coordinator_state(
         self, state: RunState, reason: str, eval_history: list[dict[str, Any]]
     ) -> CoordinatorState:
@@ -153,7 +157,16 @@ class RunCheckpoints:
     # -- resuming -------------------------------------------------------------------------
     async def find(self, iteration: int | None) -> CheckpointInfo | None:
         """The checkpoint to resume from (verifying hashes off the event loop), or None."""
-        info = await asyncio.to_thread(self.manager.find_resume, iteration)
+        try:
+            info = await asyncio.to_thread(self.manager.find_resume, iteration)
+        except ValueError as exc:  # the iteration asked for is missing or broken
+            if iteration is None:
+                raise
+            raise self._error(
+                "runtime.load_data_checkpoint_iteration",
+                str(exc),
+                "set it to the iteration of a complete checkpoint (chatlearn inspect lists them)",
+            ) from None
         if info is None and self.manager.scan():
             logger.warning(
                 "no complete checkpoint in %s: training starts from the beginning",
@@ -186,7 +199,16 @@ class RunCheckpoints:
                 info.path,
                 "; ".join(changed),
             )
-        self.sampler.load_state_dict(saved.sampler)  # raises if the data settings changed
+        try:
+            self.sampler.load_state_dict(saved.sampler)  # raises if the data settings changed
+        except DataSettingsChanged as exc:
+            raise self._error(
+                _SAMPLER_KEYS.get(exc.changed[0], "runtime.data_path"),
+                f"the checkpoint {info.path} was written with other data settings "
+                f"({exc.details}): the samples of every later step would differ",
+                "restore those settings, or train a new run in another output_dir (or with "
+                "enable_resume_training: false)",
+            ) from None
         previous = saved.metrics.get("path")
         if previous and "size" in saved.metrics and _same_metrics(previous, metrics_path, info):
             moved = await asyncio.to_thread(
@@ -219,6 +241,17 @@ class RunCheckpoints:
             else "with nothing: every episode is trained",
         )
         return saved.copy()
+
+
+# the config key behind each data setting a sampler checkpoint records
+_SAMPLER_KEYS = {
+    "dataset_sizes": "runtime.data_path",
+    "sample_per_episode": "runtime.sample_per_episode",
+    "shuffle": "runtime.data_shuffle",
+    "seed": "runtime.seed",
+    "data_ratio": "runtime.data_ratio",
+    "drop_last": "runtime.drop_last",
+}
 
 
 def model_args_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

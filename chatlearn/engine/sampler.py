@@ -197,6 +197,18 @@ class _DatasetCursor:
         return rows
 
 
+class DataSettingsChanged(ValueError):
+    """A sampler state saved with other data settings (``changed``: the setting names)."""
+
+    def __init__(self, changed: Sequence[str], details: str) -> None:
+        super().__init__(
+            f"the data checkpoint was written with other data settings ({details}); restore "
+            "them, or load the state with strict=False to continue from consumed_samples alone"
+        )
+        self.changed = list(changed)
+        self.details = details
+
+
 class EpisodeSampler:
     """Deterministic, seeded, resumable episode sampler over one or several datasets.
 
@@ -314,11 +326,7 @@ class EpisodeSampler:
             ]
             if changed:
                 details = ", ".join(f"{k}: saved {state[k]!r}, now {mine[k]!r}" for k in changed)
-                raise ValueError(
-                    f"the data checkpoint was written with other data settings ({details}); "
-                    f"restore them, or resume with strict=False to continue from "
-                    f"consumed_samples alone"
-                )
+                raise DataSettingsChanged(changed, details)
         self._reset(int(state["consumed_samples"]))
 
     # -- drawing -----------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
             "colocation": [["reference", "policy_trainer"]] if SHARDED or TRAINER_RANKS > 1 else [],
             "output_dir": output_dir,
             "num_episode": int(os.environ.get("NUM_EPISODE", "3")),
-            "sample_per_episode": 8,
+            "sample_per_episode": int(os.environ.get("SAMPLE_PER_EPISODE", "8")),
             "generation_batch_size": 4,
             "train_micro_batch_size": 2,
             "train_global_batch_size": 4,
@@ -68,6 +68,7 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
             "kill_rank_at": _int_or_none(os.environ.get("KILL_RANK_AT")),
             # the trainer kills itself while saving this iteration (once a run)
             "kill_at_save": _int_or_none(os.environ.get("KILL_AT_SAVE")),
+            "load_data_checkpoint_iteration": _int_or_none(os.environ.get("LOAD_ITER")),
         },
     }
 

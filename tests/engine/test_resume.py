@@ -147,6 +147,34 @@ def test_a_resume_with_changed_settings_says_which(tmp_path: Path):
     assert trial.complete()[-1] == 16
 
 
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"LOAD_ITER": "7"},
+            "runtime.load_data_checkpoint_iteration: runtime.load_data_checkpoint_iteration is 7",
+        ),
+        (
+            {"LOAD_ITER": "4", "SAMPLE_PER_EPISODE": "12"},
+            "runtime.sample_per_episode: the checkpoint",
+        ),
+    ],
+)
+def test_a_resume_that_cannot_be_is_one_config_line(
+    baseline: Trial, tmp_path: Path, env: dict[str, str], line: str
+):
+    trial = Trial(tmp_path)
+    shutil.copytree(baseline.output, trial.output)
+    proc, log = trial.start(env=env)
+    try:
+        proc.wait(60)
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert proc.returncode == 2, text
+    assert "Traceback" not in text and line in text, text
+
+
 def test_model_args_changes_name_each_changed_key() -> None:
     saved = {"models": {"policy": {"model_args": {"beta": 0.1, "lora": {"r": 8}, "lr": 1}}}}
     current = {"models": {"policy": {"model_args": {"beta": 0.5, "lora": {"r": 8, "alpha": 2}}}}}
