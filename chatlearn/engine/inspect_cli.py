@@ -88,6 +88,7 @@ def summarize(run_dir: Path, checkpoints: Path | None = None, verify: bool = Fal
         "checkpoints": rows,
         "unfinished": [str(p) for p in manager.staging()],
         "resume_from": complete[-1].iteration if complete else None,
+        "verified": verify,  # without it a file of the right size with other bytes passes
         "metrics": metrics,
     }
 
@@ -131,8 +132,9 @@ def render(summary: dict[str, Any]) -> str:
     for path in summary["unfinished"]:
         lines.append(f"  unfinished save (never resumed from): {path}")
     resume = summary["resume_from"]
+    checked = "" if summary.get("verified") else " (sizes checked; --verify checks the contents)"
     lines.append(
-        f"a new run resumes from iteration {resume}"
+        f"a new run resumes from iteration {resume}{checked}"
         if resume is not None
         else "a new run starts from the beginning (no complete checkpoint)"
     )

@@ -207,13 +207,19 @@ def test_inspect_lists_checkpoints_problems_and_last_metrics(tmp_path: Path) -> 
     (row7,) = [line for line in lines if line.split()[:1] == ["7"]]
     assert "BROKEN: coordinator.json has 2 bytes" in row7
     assert any("unfinished save" in line and "iter_0000008" in line for line in lines)
-    assert "a new run resumes from iteration 4" in lines
+    # without --verify only the sizes were checked: it says so
+    assert (
+        "a new run resumes from iteration 4 (sizes checked; --verify checks the contents)" in lines
+    )
     assert any(line.strip().startswith("last train") and "loss 0.25" in line for line in lines)
 
     as_json = CliRunner().invoke(cli, ["inspect", str(run_dir), "--json", "--verify"])
     summary = json.loads(as_json.output)
     assert [c["status"] for c in summary["checkpoints"]] == ["complete", "broken"]
     assert summary["resume_from"] == 4 and summary["metrics"]["records"] == 2
+    assert summary["verified"] is True
+    verified = CliRunner().invoke(cli, ["inspect", str(run_dir), "--verify"])
+    assert "a new run resumes from iteration 4" in verified.output.splitlines()
 
     empty = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
     assert empty.exit_code == 1
