@@ -37,6 +37,7 @@ there. Every restart is a log line and a ``restart`` record in metrics.jsonl.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -56,7 +57,7 @@ from chatlearn.actors import (
 from chatlearn.actors.checkpoint_paths import checkpoint_root
 from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR
 from chatlearn.actors.timers import Timers as UserTimers
-from chatlearn.config.errors import ConfigError, located_error
+from chatlearn.config.errors import located_error
 from chatlearn.engine.checkpoint import CheckpointManager, rewind_metrics
 from chatlearn.engine.interrupts import Interrupts, SignalGuard, interrupted
 from chatlearn.engine.metrics import MetricsSink, Timers
@@ -286,9 +287,6 @@ class DPOEngine(Engine):
             raise outcome
         return outcome
 
-    def _config_error(self, key: str, problem: str, fix: str) -> ConfigError:
-        return located_error(self.global_args, key, problem, fix)
-
     async def learn_async(self) -> LearnResult:
         """Train to the end inside the running event loop (see ``learn``)."""
         if self._datasets is None:
@@ -311,7 +309,8 @@ class DPOEngine(Engine):
         validate = getattr(self.global_args, "validate", None)
         if callable(validate):
             validate()  # before the lock: an output_dir that cannot be a directory, say
-        lock = RunLock(Path(runtime.output_path), self._config_error)
+        located = functools.partial(located_error, self.global_args)
+        lock = RunLock(Path(runtime.output_path), located)
         try:
             with lock, SignalGuard(interrupts.handle):
                 try:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +55,21 @@ class Trial:
         return proc, log
 
     def run(self, timeout: float = 60, env: dict[str, str] | None = None) -> str:
+        """One run to its end, which must succeed; its output."""
+        code, text = self.run_to_end(timeout, env)
+        assert code == 0, text
+        return text
+
+    def run_to_end(
+        self, timeout: float = 60, env: dict[str, str] | None = None
+    ) -> tuple[int | None, str]:
+        """One run to its end: its exit code and output."""
         proc, log = self.start(env=env)
         try:
             proc.wait(timeout)
         finally:
             stop(proc)
-        text = log.read_text()
-        assert proc.returncode == 0, text
-        return text
+        return proc.returncode, log.read_text()
 
     def wait_at_gate(self, proc: subprocess.Popen[bytes], timeout: float = 45) -> int:
         """The trainer's pid once it waits at the gate."""
@@ -72,6 +81,22 @@ class Trial:
             time.sleep(0.05)
         time.sleep(0.05)  # the pid is written before the file is closed
         return int(waiting.read_text())
+
+    def kill_at_gate(
+        self, env: dict[str, str] | None = None, before: Callable[[], None] | None = None
+    ) -> None:
+        """Run until the trainer waits at the gate, then SIGKILL the coordinator (after
+        ``before()``, if given) and wait for it and its actors to end."""
+        proc, _ = self.start(gate=GATE, env=env)
+        try:
+            self.wait_at_gate(proc)
+            if before is not None:
+                before()
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        finally:
+            stop(proc)
+        assert_all_exit(self.worker_pids())
 
     def events(self, event: str) -> list[dict[str, Any]]:
         lines = (self.probe / "events.jsonl").read_text().splitlines()

@@ -61,14 +61,7 @@ def test_uninterrupted_run_checkpoints_every_episode(baseline: Trial) -> None:
 
 def test_coordinator_sigkill_then_resume_is_bit_identical(baseline: Trial, tmp_path: Path):
     trial = Trial(tmp_path)
-    proc, _ = trial.start(gate=GATE)
-    try:
-        trial.wait_at_gate(proc)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        stop(proc)
-    assert_all_exit(trial.worker_pids())
+    trial.kill_at_gate()
     assert trial.complete() == [4]
     trial.run()
     _assert_resumed_like(trial, baseline, resumed_at=4)
@@ -82,17 +75,13 @@ def test_a_run_started_over_without_a_checkpoint_records_every_step_once(
     metrics.superseded.jsonl instead of standing twice in metrics.jsonl."""
     trial = Trial(tmp_path)
     every_second_episode = {"SAVE_EPISODE_INTERVAL": "2"}  # the first checkpoint: iteration 8
-    proc, _ = trial.start(gate=GATE, env=every_second_episode)
-    try:
-        trial.wait_at_gate(proc)
+
+    def episode_1_recorded() -> None:  # its records, written while episode 2 waits at the gate
         deadline = time.monotonic() + 10
         while len(trial.train_records()) < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)  # episode 1's records, written while episode 2 waits at the gate
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        stop(proc)
-    assert_all_exit(trial.worker_pids())
+            time.sleep(0.05)
+
+    trial.kill_at_gate(env=every_second_episode, before=episode_1_recorded)
     assert trial.complete() == [] and len(trial.train_records()) >= 4
     text = trial.run(env=every_second_episode)
     assert "held records of an earlier start without a checkpoint to resume from" in text
@@ -109,14 +98,7 @@ def test_a_run_directory_copied_elsewhere_resumes_with_every_step_once(
     """metrics.jsonl is cut back to the checkpoint even when the output directory is reached
     by another path than the one the checkpoint recorded."""
     trial = Trial(tmp_path / "first")
-    proc, _ = trial.start(gate=GATE)
-    try:
-        trial.wait_at_gate(proc)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        stop(proc)
-    assert_all_exit(trial.worker_pids())
+    trial.kill_at_gate()
     copy = Trial(tmp_path / "copy")
     shutil.copytree(trial.output, copy.output)
     metrics = copy.run_dir / "metrics.jsonl"
@@ -135,13 +117,7 @@ def test_a_resume_with_changed_settings_says_which(tmp_path: Path):
     """num_episode sets the length of a learning-rate schedule over the whole run; model
     arguments may be held by the checkpoint (optimizer state) or not (beta): both warned."""
     trial = Trial(tmp_path)
-    proc, _ = trial.start(gate=GATE)
-    try:
-        trial.wait_at_gate(proc)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        stop(proc)
+    trial.kill_at_gate()
     text = trial.run(env={"NUM_EPISODE": "4"})
     assert "with changed training settings" in text and "num_episode: saved 3, now 4" in text
     assert trial.complete()[-1] == 16
@@ -165,13 +141,8 @@ def test_a_resume_that_cannot_be_is_one_config_line(
 ):
     trial = Trial(tmp_path)
     shutil.copytree(baseline.output, trial.output)
-    proc, log = trial.start(env=env)
-    try:
-        proc.wait(60)
-    finally:
-        stop(proc)
-    text = log.read_text()
-    assert proc.returncode == 2, text
+    code, text = trial.run_to_end(env=env)
+    assert code == 2, text
     assert "Traceback" not in text and line in text, text
 
 
