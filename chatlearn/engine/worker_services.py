@@ -683,4 +683,17 @@ def _numeric_metrics(result: Any) -> dict[str, float]:
             value = item()
         if isinstance(value, bool | int | float):
             metrics[str(key)] = float(value)
+        elif str(key) not in _LEFT_OUT:  # said once per key, not per step
+            _LEFT_OUT.add(str(key))
+            shape = getattr(value, "shape", None)
+            what = f"a {type(value).__name__}" + (f" of shape {tuple(shape)}" if shape else "")
+            logger.warning(
+                "the step's result %r is %s, not a number: left out of the metrics (return a "
+                "number or a one-element tensor, e.g. .mean(), for it to be recorded)",
+                str(key),
+                what,
+            )
     return metrics
+
+
+_LEFT_OUT: set[str] = set()  # result keys already reported as not numbers
