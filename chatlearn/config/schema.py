@@ -190,10 +190,14 @@ def _check_number(name: str, value: Any, spec: KeySpec) -> float:
 def _check_bool(name: str, value: Any, spec: KeySpec) -> bool:
     if isinstance(value, bool):
         return value
-    raise ValueProblem(
-        f"expected true or false, got {describe(value)}",
-        f"write true or false (without quotes), e.g. {_example(name, spec)}",
-    )
+    fix = f"write true or false (without quotes), e.g. {_example(name, spec)}"
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        # the usual source: ${NAME} set to `false`; ChatLearn reads it as a truthy string
+        fix += (
+            "; a value from an environment variable (${NAME}) is read as a Python literal, "
+            f"so set the variable to {value.strip().capitalize()}"
+        )
+    raise ValueProblem(f"expected true or false, got {describe(value)}", fix)
 
 
 def _check_str(name: str, value: Any, spec: KeySpec) -> str:

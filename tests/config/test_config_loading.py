@@ -109,6 +109,20 @@ def test_env_var_wins_over_default(write_yaml, monkeypatch: pytest.MonkeyPatch) 
     assert rt.data_shuffle is True
 
 
+def test_a_lowercase_false_from_the_environment_says_how_to_write_it(
+    write_yaml, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'false' is no Python literal: it stays a string (ChatLearn would treat it as true); the
+    error's fix says what to set the variable to."""
+    path = write_yaml("main.yaml", "runtime:\n  data_shuffle: ${SHUFFLE:True}\n" + MODELS)
+    monkeypatch.setenv("SHUFFLE", "false")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "runtime.data_shuffle"
+    assert "got the string 'false'" in info.value.problem
+    assert "so set the variable to False" in info.value.fix
+
+
 def test_unset_variable_without_default_is_none_with_warning(
     write_yaml, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
