@@ -188,7 +188,10 @@ def command(
             slots_are=slots_are,
         )
     except (HostfileError, ValueError) as exc:
-        raise click.UsageError(str(exc)) from None
+        # one line, like a config error (the message names the file and line, or the option):
+        # not click's usage text around it
+        click.echo(f"chatlearn launch: {exc}", err=True)
+        raise SystemExit(2) from None
     # The script runs in this process (or a fork of it): its ActorSystem takes the cluster from
     # here; the variable says a launch is in progress.
     set_default_hosts(cluster)

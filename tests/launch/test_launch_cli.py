@@ -89,7 +89,11 @@ def test_host_file_errors_name_the_line(tmp_path):
     hostfile.write_text(f"{HOST_A} slots=1\n{HOST_A} slots=2\n")
     result = run_launch("--hostfile", str(hostfile), str(HERE / "dpo_script.py"), "x")
     assert result.returncode == 2
-    assert f"{hostfile}:2: host '{HOST_A}' is listed twice" in result.stderr
+    # one line, no usage text
+    assert result.stderr.strip().splitlines() == [
+        f"chatlearn launch: {hostfile}:2: host '{HOST_A}' is listed twice (first on line 1); "
+        "list each host once with its total slots"
+    ]
 
 
 def test_dpo_completes_across_two_hosts_over_real_ssh(tmp_path, sshd):
