@@ -371,18 +371,20 @@ def pack_pairs(
 
 def _right_padded_lengths(attention_mask: torch.Tensor, side: str) -> list[int]:
     """Each row's length, given that its mask is 1s then 0s; a row padded on the left (or with
-    holes) would lose its tokens to the trimming: a ValueError naming it instead."""
+    holes) would lose its tokens to the trimming: a ValueError naming it instead. The lengths
+    and the check reach the host in one transfer (one device sync per side on CUDA, as the
+    lengths alone took)."""
     lengths = attention_mask.sum(-1)
     positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    expected = positions < lengths[:, None]
-    if not torch.equal(attention_mask.bool(), expected):
-        row = int((attention_mask.bool() != expected).any(-1).nonzero()[0])
+    misplaced = (attention_mask.bool() != (positions < lengths[:, None])).any(-1)
+    counts, bad = torch.stack([lengths, misplaced.to(lengths.dtype)]).tolist()
+    if any(bad):
         raise ValueError(
             f"packing and prefix sharing need right-padded rows (attention mask 1s, then 0s): "
-            f"{side} row {row} is padded otherwise; pad on the right (as the modules' collator "
-            "does) or set packing: false and prefix_sharing: false"
+            f"{side} row {bad.index(1)} is padded otherwise; pad on the right (as the modules' "
+            "collator does) or set packing: false and prefix_sharing: false"
         )
-    return [int(n) for n in lengths.tolist()]
+    return [int(n) for n in counts]
 
 
 def real_tokens(batch: Mapping[str, torch.Tensor]) -> int:

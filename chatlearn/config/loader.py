@@ -121,14 +121,15 @@ def _check_aliases(root: yaml.Node, display: str) -> None:
 
     sizes: dict[int, int] = {}  # expanded values under each node done
     on_path = {id(root)}
-    stack = [(root, iter(children(root)))]
+    kids = children(root)
+    stack = [(root, kids, iter(kids))]
     while stack:
-        node, pending = stack[-1]
+        node, kids, pending = stack[-1]
         child = next(pending, None)
         if child is None:
             stack.pop()
             on_path.discard(id(node))
-            size = sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children(node))
+            size = sizes[id(node)] = 1 + sum(sizes[id(c)] for c in kids)
             if size > MAX_EXPANDED_VALUES:
                 raise ConfigError(
                     f"the YAML's anchors and aliases expand to more than "
@@ -144,7 +145,8 @@ def _check_aliases(root: yaml.Node, display: str) -> None:
             )
         elif id(child) not in sizes:
             on_path.add(id(child))
-            stack.append((child, iter(children(child))))
+            grandchildren = children(child)
+            stack.append((child, grandchildren, iter(grandchildren)))
 
 
 def _record_keys(node: yaml.Node, prefix: str, display: str, origins: Origins) -> None:

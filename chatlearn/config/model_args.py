@@ -62,8 +62,8 @@ MODEL_ARG_KEYS: dict[str, KeySpec] = {
     "gradient_checkpointing": _kind("bool", False),
     "save_hf_model": _kind("bool", True),
     "logps_chunk_size": _int(512, 0),
-    # layouts (chatlearn/hf/parallel.py, lora.py, packing.py); mixed_precision is left to the
-    # module: YAML reads its `no` as false
+    # layouts (chatlearn/hf/parallel.py, lora.py, packing.py); mixed_precision and lora have
+    # checks of their own below (YAML reads mixed_precision's `no` as false)
     "parallel": _kind("str", "ddp", choices=("ddp", "fsdp", "none")),
     "hsdp": _kind("bool", True),
     "enable_lora": _kind("bool", False),
@@ -100,12 +100,10 @@ def check_model_args(model_args: Mapping[str, Any], prefix: str, error: Locate) 
             raise error(f"{prefix}.{key}", problem.problem, problem.fix) from None
     if "adam_betas" in model_args:
         _check_betas(model_args["adam_betas"], f"{prefix}.adam_betas", error)
-    if model_args.get("mixed_precision") is not None:
-        path = f"{prefix}.mixed_precision"
-        try:
-            mixed_precision(model_args["mixed_precision"])
-        except ValueProblem as problem:
-            raise error(path, problem.problem, problem.fix) from None
+    try:
+        mixed_precision(model_args.get("mixed_precision"))
+    except ValueProblem as problem:
+        raise error(f"{prefix}.mixed_precision", problem.problem, problem.fix) from None
     lora_request(model_args, prefix, error)
     model_config = model_args.get("model_config")
     if model_config is not None:
@@ -137,6 +135,11 @@ LORA_DEFAULTS: dict[str, Any] = {
 }
 # ChatLearn's names for two of them; its switch `enable_lora` may sit in the section too
 LORA_ALIASES = {"lora_dim": "r", "lora_dropout": "dropout"}
+_LORA_CHECKS = {
+    "r": KeySpec("int", None, min_value=1, example=16),
+    "alpha": KeySpec("number", None, min_value=0, min_inclusive=False, example=32),
+    "dropout": KeySpec("number", None, min_value=0, max_value=0.99, example=0.05),
+}
 
 
 def lora_request(
@@ -164,12 +167,7 @@ def lora_request(
             known = ", ".join([*LORA_DEFAULTS, *LORA_ALIASES])
             raise error(f"{path}.{key}", "not a LoRA setting here", f"use {known}")
         settings[name] = value
-    checks = {
-        "r": KeySpec("int", None, min_value=1, example=16),
-        "alpha": KeySpec("number", None, min_value=0, min_inclusive=False, example=32),
-        "dropout": KeySpec("number", None, min_value=0, max_value=0.99, example=0.05),
-    }
-    for name, spec in checks.items():
+    for name, spec in _LORA_CHECKS.items():
         try:
             settings[name] = check_value(name, spec, settings[name])
         except ValueProblem as problem:

@@ -89,6 +89,7 @@ class Engine:
         self.models = list(models)
         self.global_args = models[0].global_args
         self.system: ActorSystem | None = None
+        self._run_lock: RunLock | None = None  # held from start() to stop()
         self.groups: dict[str, ModelGroup] = {}
         self._services: dict[str, dict[str, str]] = {}
 
@@ -105,6 +106,12 @@ class Engine:
         validate = getattr(self.global_args, "validate", None)
         if callable(validate):
             validate()
+        # one run at a time in the output directory, taken before any process starts
+        output = getattr(getattr(self.global_args, "runtime_args", None), "output_path", None)
+        if output:
+            lock = RunLock(Path(output), functools.partial(located_error, self.global_args))
+            lock.acquire()
+            self._run_lock = lock
         self.system = ActorSystem(self.global_args)
         self._prepare(self.system)
         try:
@@ -118,11 +125,16 @@ class Engine:
         """Before the processes start: what a subclass asks of the runtime (restarts, say)."""
 
     async def stop(self) -> None:
-        """Stop every process of the run (idempotent)."""
+        """Stop every process of the run (idempotent); then the output directory is free."""
         system, self.system = self.system, None
         self.groups = {}
-        if system is not None:
-            await system.shutdown()
+        try:
+            if system is not None:
+                await system.shutdown()
+        finally:
+            lock, self._run_lock = self._run_lock, None
+            if lock is not None:
+                lock.release()
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -306,13 +318,8 @@ class DPOEngine(Engine):
         self.pipeline = None
         self.checkpoints = None
         failure: BaseException | None = None
-        validate = getattr(self.global_args, "validate", None)
-        if callable(validate):
-            validate()  # before the lock: an output_dir that cannot be a directory, say
-        located = functools.partial(located_error, self.global_args)
-        lock = RunLock(Path(runtime.output_path), located)
         try:
-            with lock, SignalGuard(interrupts.handle):
+            with SignalGuard(interrupts.handle):
                 try:
                     self._phase = "starting"
                     await self.start()

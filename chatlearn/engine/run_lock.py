@@ -4,11 +4,12 @@ Runs in the coordinator.
 
 Two runs writing one output directory corrupt each other's work without a word: both append to
 ``metrics.jsonl`` (every step twice), overwrite each other's checkpoints, and a resume then
-picks a mixture. `RunLock` holds an exclusive ``flock`` on ``<output>/.chatlearn.lock`` for the
-coordinator's lifetime; a second run gets a one-line config error naming the key and the pid
-holding it. The kernel releases the lock when the process ends, however it ends (SIGKILL
-included), so a dead run never blocks the next one, and a coordinator restarted by
-`chatlearn launch` takes it again. The file stays (an empty file, not a stale-pid protocol).
+picks a mixture. `RunLock` holds an exclusive ``flock`` on ``<output>/.chatlearn.lock`` from an
+engine's ``start()`` (after the config is validated, before any process starts) to its
+``stop()``; a second run gets a one-line config error naming the key and the pid holding it.
+The kernel releases the lock when the process ends, however it ends (SIGKILL included), so a
+dead run never blocks the next one, and a coordinator restarted by `chatlearn launch` takes it
+again. The file stays (an empty file, not a stale-pid protocol).
 """
 
 from __future__ import annotations
@@ -25,15 +26,15 @@ LOCK_NAME = ".chatlearn.lock"
 
 
 class RunLock:
-    """``with RunLock(output, error):`` — ``error(key, problem, fix)`` makes the ConfigError
-    raised when another process holds the directory (`Config.error`)."""
+    """``acquire()`` / ``release()`` (or ``with``): ``error(key, problem, fix)`` makes the
+    ConfigError raised when another process holds the directory (`located_error`)."""
 
     def __init__(self, output: Path, error: Callable[[str, str, str], ConfigError]) -> None:
         self.output = output
         self.error = error
         self._fd: int | None = None
 
-    def __enter__(self) -> RunLock:
+    def acquire(self) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.output / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -53,11 +54,18 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
-        return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def release(self) -> None:
+        """Idempotent."""
         fd, self._fd = self._fd, None
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
             os.close(fd)  # releases the lock
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()

@@ -18,20 +18,17 @@ from typing import Any
 
 import torch
 
-from chatlearn.config.errors import ConfigError
 from chatlearn.config.model_args import lora_request
+from chatlearn.hf.model import locate_model_args
 
 _PEFT_PREFIX = "base_model.model."
 
 
 def lora_settings(model_args: Mapping[str, Any]) -> dict[str, Any] | None:
     """The LoRA settings a model's config asks for, or None without LoRA
-    (`chatlearn.config.model_args.lora_request`; a mistake is a `ConfigError` naming the key)."""
-    return lora_request(model_args, "model_args", _error)
-
-
-def _error(key: str, problem: str, fix: str) -> ConfigError:
-    return ConfigError(problem, key=key, fix=fix)
+    (`chatlearn.config.model_args.lora_request`; a mistake is a `ConfigError` naming the key and,
+    for a model of the process-wide config, its file and line)."""
+    return lora_request(model_args, *locate_model_args(model_args))
 
 
 def apply_lora(model: Any, settings: Mapping[str, Any], *, seed: int = 0) -> Any:

@@ -107,13 +107,17 @@ def load_causal_lm(model_path: str | Path, *, dtype: str | torch.dtype | None = 
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 
-def causal_lm_from_args(model_args: Mapping[str, Any], tokenizer: Any) -> Any:
+def causal_lm_from_args(
+    model_args: Mapping[str, Any], tokenizer: Any, *, validate: bool = True
+) -> Any:
     """The model a module's config asks for.
 
     Keys read: `model_path` (a local checkpoint; when set the other keys but `dtype` are ignored),
     `model_config` (overrides of `SMALL_LLAMA`), `seed` (default 0), `dtype` (default float32).
+    ``validate=False``: the caller ran `validate_model_args` already (the modules' `setup()`).
     """
-    validate_model_args(model_args)
+    if validate:
+        validate_model_args(model_args)
     dtype = model_args.get("dtype")
     model_path = model_args.get("model_path")
     if model_path:
@@ -213,7 +217,7 @@ def validate_model_args(model_args: Mapping[str, Any]) -> None:
     from chatlearn.algorithms.dpo import LOSS_TYPES
     from chatlearn.config.model_args import check_heads, check_model_args
 
-    prefix, error = _locate(model_args)
+    prefix, error = locate_model_args(model_args)
     check_model_args(model_args, prefix, error)
     dtype = model_args.get("dtype")
     if dtype is not None and str(dtype).lower().removeprefix("torch.") not in (*_DTYPES, "auto"):
@@ -253,12 +257,14 @@ def model_arg(model_args: Mapping[str, Any], key: str) -> Any:
     try:
         value = check_value(key, spec, model_args.get(key))
     except ValueProblem as problem:
-        prefix, error = _locate(model_args)
+        prefix, error = locate_model_args(model_args)
         raise error(f"{prefix}.{key}", problem.problem, problem.fix) from None
     return spec.default if value is None else value
 
 
-def _locate(model_args: Mapping[str, Any]) -> tuple[str, Callable[[str, str, str], ConfigError]]:
+def locate_model_args(
+    model_args: Mapping[str, Any],
+) -> tuple[str, Callable[[str, str, str], ConfigError]]:
     """The key path of these model args in the process-wide config and its error factory."""
     from chatlearn.config import get_args
 
