@@ -44,7 +44,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from chatlearn.actors import (
     ActorDeadError,
@@ -80,6 +80,10 @@ TRAINER_SERVICE = "chatlearn.engine.worker_services:TrainerService"
 class Engine:
     """A run's models as processes: start, call, stop (module docstring)."""
 
+    #: whether the run writes its output directory (metrics, checkpoints): then ``start()`` takes
+    #: its run lock (engine/run_lock.py); an engine that only calls its models creates nothing
+    writes_output: ClassVar[bool] = False
+
     def __init__(self, *models: BaseModule) -> None:
         if not models:
             raise ValueError("an engine needs at least one model")
@@ -108,7 +112,7 @@ class Engine:
             validate()
         # one run at a time in the output directory, taken before any process starts
         output = getattr(getattr(self.global_args, "runtime_args", None), "output_path", None)
-        if output:
+        if self.writes_output and output:
             lock = RunLock(Path(output), functools.partial(located_error, self.global_args))
             lock.acquire()
             self._run_lock = lock
@@ -224,6 +228,8 @@ class _TrainerView:
 
 class DPOEngine(Engine):
     """ChatLearn's DPO engine: ``reference`` runs ``forward_step``, ``policy_trainer`` trains."""
+
+    writes_output = True
 
     #: seconds from the first SIGINT/SIGTERM to a forced stop (``runtime.stop_timeout`` wins)
     stop_timeout: float = 120.0

@@ -5,11 +5,12 @@ Runs in the coordinator.
 Two runs writing one output directory corrupt each other's work without a word: both append to
 ``metrics.jsonl`` (every step twice), overwrite each other's checkpoints, and a resume then
 picks a mixture. `RunLock` holds an exclusive ``flock`` on ``<output>/.chatlearn.lock`` from an
-engine's ``start()`` (after the config is validated, before any process starts) to its
-``stop()``; a second run gets a one-line config error naming the key and the pid holding it.
-The kernel releases the lock when the process ends, however it ends (SIGKILL included), so a
-dead run never blocks the next one, and a coordinator restarted by `chatlearn launch` takes it
-again. The file stays (an empty file, not a stale-pid protocol).
+engine's ``start()`` (engines with ``writes_output``, `DPOEngine` among them; after the config
+is validated, before any process starts) to its ``stop()``; a second run gets a one-line config
+error naming the key and the pid holding it. The kernel releases the lock when the process
+ends, however it ends (SIGKILL included), so a dead run never blocks the next one, and a
+coordinator restarted by `chatlearn launch` takes it again. The file stays (an empty file, not
+a stale-pid protocol).
 """
 
 from __future__ import annotations

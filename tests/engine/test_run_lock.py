@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from chatlearn.config import ConfigError
+import chatlearn
+from chatlearn.actors.module import BaseModule
+from chatlearn.config import ConfigError, reset_args
+from chatlearn.engine.engine import Engine
 from chatlearn.engine.run_lock import LOCK_NAME, RunLock
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -70,3 +73,24 @@ async def test_a_run_in_a_directory_another_run_holds_stops_before_starting(
     started = time.monotonic()
     engine, _ = await _learn(tmp_path, _runtime(1, 4, 2, 2, 2))  # a killed holder blocks nothing
     assert engine.state.iteration == 2 and time.monotonic() - started < 50
+
+
+async def test_an_engine_that_writes_no_output_creates_no_directory(tmp_path: Path) -> None:
+    """Only engines that write an output directory (writes_output, DPOEngine's) lock it: a
+    plain Engine that only calls its models leaves the file system as it was."""
+    output = tmp_path / "never"
+    chatlearn.init(
+        {
+            "models": {"reference": {"num_cpu": 1}},
+            "runtime": {"output_dir": str(output)},
+        }
+    )
+    try:
+        engine = Engine(BaseModule("reference"))
+        try:
+            await engine.start()
+        finally:
+            await engine.stop()
+    finally:
+        reset_args()
+    assert not output.exists()
