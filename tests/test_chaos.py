@@ -169,6 +169,7 @@ def test_plan_order_has_every_event_once() -> None:
 
 
 # -- the monkey on fake runs -------------------------------------------------------------------
+@pytest.mark.serial  # asserts a wall-clock bound: run alone (make test's second part)
 @pytest.mark.timeout(60)
 def test_monkey_kills_and_stops_within_its_counts() -> None:
     labels = ["reference.0.0", "reference.1.0", "policy_trainer.0.0", "policy_trainer.0.1"]
@@ -219,6 +220,7 @@ def test_same_seed_same_victims() -> None:
             assert len({e.pid for e in monkey.events}) == 4
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone (make test's second part)
 @pytest.mark.timeout(60)
 def test_min_age_and_a_restarted_actor_is_a_victim_again() -> None:
     with fake_run("reference.0.0", respawn=True) as root:
@@ -236,6 +238,7 @@ def test_min_age_and_a_restarted_actor_is_a_victim_again() -> None:
         assert time.monotonic() - started >= 1.0
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone (make test's second part)
 @pytest.mark.timeout(30)
 def test_the_timeout_bounds_the_monkey() -> None:
     with fake_run("reference.0.0") as root:
@@ -247,6 +250,7 @@ def test_the_timeout_bounds_the_monkey() -> None:
         assert 1.0 <= time.monotonic() - started < 5.0
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone (make test's second part)
 @pytest.mark.timeout(30)
 def test_the_monkey_stops_when_the_root_exits() -> None:
     with fake_run("reference.0.0", seconds=3.0) as root:

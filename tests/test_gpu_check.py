@@ -41,6 +41,7 @@ def _gpu_check(env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], f
         ),
     ],
 )
+@pytest.mark.serial  # asserts a wall-clock bound: run alone (make test's second part)
 def test_without_a_gpu_one_line_and_exit_0_within_a_second(hide: bool) -> None:
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     if hide:

@@ -70,6 +70,7 @@ async def test_services_async_on_loop_sync_on_compute_thread():
         assert await handle.call("thread_name") == "chatlearn-compute"
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone (make test's second part)
 async def test_socket_loop_serves_while_the_compute_thread_is_busy():
     cfg = lib.make_config({"m": {"num_cpu": 1}})
     async with ActorSystem(cfg) as system:
@@ -91,6 +92,7 @@ async def test_socket_loop_serves_while_the_compute_thread_is_busy():
         assert await asyncio.gather(*queued) == [1, 11, 111]
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone (make test's second part)
 async def test_noop_round_trip_latency():
     """The control round trip of a no-op call (p50 well under 1 ms; loose bound for CI)."""
     cfg = lib.make_config({"m": {"num_cpu": 1}})

@@ -24,7 +24,9 @@ from chatlearn.actors import (
     PlacementError,
 )
 
-pytestmark = pytest.mark.timeout(60)
+# wall-clock bounds (death noticed in time, starved told from hung, turns and overlap):
+# run alone, in make test's second part
+pytestmark = [pytest.mark.timeout(60), pytest.mark.serial]
 
 # Detection bound of the issue: a dead process is noticed within 2 s.
 DEATH_NOTICE_SECONDS = 2.0

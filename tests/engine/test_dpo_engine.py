@@ -256,6 +256,7 @@ async def test_a_trainer_lost_before_the_first_checkpoint_evaluates_before_train
     assert [r["model"] for r in records if r["kind"] == "restart"] == ["policy_trainer"]
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone (make test's second part)
 async def test_reference_overlaps_training(tmp_path: Path) -> None:
     cost = 0.1
     _, log = await _learn(

@@ -16,7 +16,9 @@ from chatlearn.config import reset_args
 sys.path.insert(0, str(Path(__file__).parent))
 from echo_modules import EchoReference, EchoTrainer  # noqa: E402
 
-pytestmark = pytest.mark.timeout(120)
+# wall-clock bounds (death noticed in time, starved told from hung, turns and overlap):
+# run alone, in make test's second part
+pytestmark = [pytest.mark.timeout(120), pytest.mark.serial]
 
 RUNTIME = {
     "num_episode": 2,

@@ -122,6 +122,7 @@ async def test_a_client_with_the_run_keys_does_get_through(tmp_path, caplog):
             context.term()
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone (make test's second part)
 async def test_a_killed_remote_actor_is_reported_with_its_host(tmp_path):
     cfg = lib.make_config({"a": {"num_cpu": 1}, "b": {"num_cpu": 1}}, {"heartbeat_timeout": 3})
     system = ActorSystem(cfg, cluster=make_cluster(tmp_path / "run"))
@@ -141,6 +142,7 @@ async def test_a_killed_remote_actor_is_reported_with_its_host(tmp_path):
         await system.shutdown()
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone (make test's second part)
 async def test_an_unreachable_host_fails_the_launch_naming_it(tmp_path):
     # Real ssh to a loopback port nothing listens on: ssh exits 255 at once.
     port = free_tcp_port()
@@ -157,6 +159,7 @@ async def test_an_unreachable_host_fails_the_launch_naming_it(tmp_path):
     assert "Connection refused" in info.value.stderr_tail
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone (make test's second part)
 async def test_over_ssh_a_dead_remote_actor_stops_the_run_and_its_remote_peers(tmp_path, sshd):
     cfg = lib.make_config({"a": {"num_cpu": 1}, "b": {"num_cpu": 1}}, {"heartbeat_timeout": 3})
     cluster = make_cluster(tmp_path / "run", launcher="ssh", ssh_command=sshd.ssh_command())
@@ -215,6 +218,7 @@ async def test_a_killed_remote_actor_is_restarted_on_its_host(tmp_path):
         assert await a.call(0, "add", 1) == 1
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone (make test's second part)
 async def test_a_host_that_can_no_longer_start_actors_ends_the_run_naming_it(tmp_path):
     cfg = lib.make_config({"a": {"num_cpu": 1}, "b": {"num_cpu": 1}}, {"heartbeat_timeout": 3})
     cluster = make_cluster(tmp_path / "run")

@@ -78,6 +78,7 @@ def _torch_imported() -> None:
     decode(encode({"t": torch.ones(1)}))
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone (make test's second part)
 @pytest.mark.parametrize("name", list(BOMBS))
 def test_decode_bombs_are_refused_quickly(name: str) -> None:
     header = BOMBS[name]()
