@@ -10,7 +10,8 @@ restart — then skips the reference for every sample it has seen.
 An entry is keyed by what decides the output, and nothing else:
 
 - the reference model's *fingerprint*: its class, a hash of every tensor of its ``torch.nn``
-  modules (weights and buffers: the dtype is in the bytes), and what the module says changes its
+  modules (weights and buffers: the dtype is in the bytes; modules kept in lists, tuples or dicts
+  included; a module holding none cannot use the store), and what the module says changes its
   forward (``reference_store_key()``, if it defines one: the Hugging Face modules name their
   precision, packing and log-prob settings). One SQLite file per fingerprint,
   ``<path>/reference-<fingerprint>.sqlite``: a changed model never sees another model's entries.
@@ -46,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from chatlearn.config.errors import ConfigError
 from chatlearn.transport.codec import decode, encode
 
 logger = logging.getLogger("chatlearn.engine")
@@ -71,11 +73,19 @@ def fingerprint(module: Any) -> str:
         digest.update(json.dumps(extras(), sort_keys=True, default=str).encode())
     keys: list[str] = []
     tensors: list[Any] = []
-    for name, value in sorted(vars(module).items()):
-        if isinstance(value, torch.nn.Module):
-            for key, tensor in value.state_dict().items():
-                keys.append(f"{name}.{key}")
-                tensors.append(tensor)
+    for name, value in _weights(module):
+        keys.append(name)
+        tensors.append(value)
+    if not tensors and not callable(extras):
+        raise ConfigError(
+            f"the reference module {type(module).__qualname__} holds no torch.nn.Module or "
+            "Parameter in its attributes (nor in lists, tuples or dicts of them): the store "
+            "cannot tell its weights from another checkpoint's",
+            key="runtime.reference_store",
+            fix="keep the model in an attribute (self.model = ...), define "
+            "reference_store_key() returning what identifies the weights, or remove "
+            "reference_store",
+        )
     with ThreadPoolExecutor(_hash_threads(), thread_name_prefix="fingerprint") as pool:
         digests = pool.map(_tensor_digest, tensors)  # in order; a few tensors at a time
         for key, (dtype, shape, tensor_digest) in zip(keys, digests, strict=True):
@@ -91,6 +101,45 @@ def fingerprint(module: Any) -> str:
     for rank_digest in gathered:
         combined.update(rank_digest.cpu().numpy().tobytes())
     return combined.hexdigest()
+
+
+_CONTAINER_DEPTH = 4  # lists of model chunks (Megatron's), dicts of models, one in the other
+_CONTAINER_ITEMS = 1024  # longer ones are data, not models: not searched
+
+
+def _weights(module: Any) -> list[tuple[str, Any]]:
+    """The tensors that decide the module's outputs, named, in a fixed order: the state of every
+    ``torch.nn.Module`` and every ``Parameter`` among its attributes, also inside lists, tuples
+    and dicts of them (a Megatron reference keeps its model as a list of chunks). An object met
+    twice is hashed once."""
+    import torch
+
+    found: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+
+    def visit(name: str, value: Any, depth: int) -> None:
+        if id(value) in seen:
+            return
+        seen.add(id(value))
+        if isinstance(value, torch.nn.Module):
+            found.extend((f"{name}.{key}", tensor) for key, tensor in value.state_dict().items())
+        elif isinstance(value, torch.nn.Parameter):
+            found.append((name, value))
+        elif (
+            depth < _CONTAINER_DEPTH
+            and isinstance(value, list | tuple | dict)
+            and len(value) <= _CONTAINER_ITEMS
+        ):
+            if isinstance(value, dict):
+                items = [(f"{name}[{key!r}]", value[key]) for key in sorted(value, key=repr)]
+            else:
+                items = [(f"{name}[{i}]", item) for i, item in enumerate(value)]
+            for item_name, item in items:
+                visit(item_name, item, depth + 1)
+
+    for name, value in sorted(vars(module).items()):
+        visit(name, value, 0)
+    return found
 
 
 def _tensor_digest(tensor: Any) -> tuple[Any, tuple[int, ...], bytes]:

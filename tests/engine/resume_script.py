@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from torch_modules import (  # noqa: E402
     TinyDataParallelTrainer,
+    TinyOpaqueReference,
     TinyReference,
     TinyShardedReference,
     TinyTrainer,
@@ -30,6 +31,8 @@ NUM_SAMPLES = 20  # not a multiple of the episode: episodes wrap into the next s
 # REFERENCE_SHARDED=1: the reference is one replica of two processes (TinyShardedReference),
 # colocated with the trainer on this 2-core machine
 SHARDED = os.environ.get("REFERENCE_SHARDED") == "1"
+# REFERENCE_OPAQUE=1: the reference's weights are in no attribute (TinyOpaqueReference)
+OPAQUE = os.environ.get("REFERENCE_OPAQUE") == "1"
 # TRAINER_RANKS=2: the trainer is two data-parallel processes (TinyDataParallelTrainer)
 TRAINER_RANKS = int(os.environ.get("TRAINER_RANKS", "1"))
 
@@ -81,7 +84,8 @@ def main() -> None:
     output_dir, probe_dir = sys.argv[1], sys.argv[2]
     gate = int(sys.argv[3]) if len(sys.argv) > 3 else None
     chatlearn.init(config(output_dir, probe_dir, gate))
-    reference = (TinyShardedReference if SHARDED else TinyReference)("reference")
+    reference_class = TinyShardedReference if SHARDED else TinyReference
+    reference = (TinyOpaqueReference if OPAQUE else reference_class)("reference")
     trainer = (TinyDataParallelTrainer if TRAINER_RANKS > 1 else TinyTrainer)("policy_trainer")
     engine = DPOEngine(reference, trainer)
     engine.set_dataset(list(range(NUM_SAMPLES)))

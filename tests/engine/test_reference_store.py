@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from resume_trials import Trial, assert_identical  # noqa: E402
 
+from chatlearn.config.errors import ConfigError
 from chatlearn.engine import reference_store
 from chatlearn.engine.reference_store import ReferenceStore, fingerprint, sample_key
 
@@ -96,7 +97,9 @@ def test_broken_entries_and_files_are_computed_again(tmp_path: Path) -> None:
     assert store.get(keys).keys() == {keys[2]}  # the broken ones were deleted
     store.close()
     # another model's fingerprint: nothing of this one's
-    other = ReferenceStore(tmp_path, fingerprint(type("M", (), {"model": torch.nn.Linear(3, 2)})()))
+    another = Module()
+    another.model = torch.nn.Linear(3, 2)
+    other = ReferenceStore(tmp_path, fingerprint(another))
     assert other.path != store.path and other.get(keys) == {}
     other.close()
     store.path.write_bytes(b"not a database at all" * 100)  # a file SQLite cannot read
@@ -148,3 +151,70 @@ def test_the_fingerprint_covers_every_byte_name_and_shape_whatever_the_threads(
     renamed = Module.__new__(Module)
     renamed.other = model.model  # type: ignore[attr-defined]
     assert fingerprint(renamed) != same
+
+
+def test_models_kept_in_lists_and_dicts_are_in_the_fingerprint() -> None:
+    # A Megatron reference keeps its model as a list of chunks; others a dict of models. Their
+    # weights decide the outputs as much as an attribute's do: another checkpoint loaded into
+    # them must not be served this one's entries.
+    torch.manual_seed(0)
+    chunks = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)]
+    holders = {
+        "list": type("M", (), {})(),
+        "dict": type("M", (), {})(),
+        "parameter": type("M", (), {})(),
+    }
+    holders["list"].model = chunks
+    holders["dict"].models = {"actor": chunks[0], "head": (chunks[1],)}
+    holders["parameter"].weight = chunks[0].weight
+    before = {name: fingerprint(holder) for name, holder in holders.items()}
+    with torch.no_grad():
+        chunks[0].weight[1, 2] += 1e-3
+        chunks[1].bias[0] += 1e-3  # only in the list and the dict
+    after = {name: fingerprint(holder) for name, holder in holders.items()}
+    assert all(before[name] != after[name] for name in holders), (before, after)
+    assert len(set(after.values())) == 3
+
+
+def test_a_reference_with_no_weights_to_fingerprint_is_a_config_error() -> None:
+    class Opaque:  # its model out of reach: a closure, a C++ handle, a list of 10,000 things
+        def __init__(self) -> None:
+            layer = torch.nn.Linear(2, 2)
+            self.forward = lambda x: layer(x)
+            self.cache = [torch.nn.Linear(1, 1)] * 2000
+
+    with pytest.raises(ConfigError) as info:
+        fingerprint(Opaque())
+    assert info.value.key == "runtime.reference_store"
+    assert "reference_store_key()" in str(info.value)
+
+    class Keyed(Opaque):  # the module vouches for its weights by naming them
+        checkpoint = "/ckpt/iter_0001000"
+
+        def reference_store_key(self) -> dict:
+            return {"checkpoint": self.checkpoint}
+
+    keyed, other = Keyed(), Keyed()
+    other.checkpoint = "/ckpt/iter_0002000"
+    assert fingerprint(keyed) != fingerprint(other)
+
+
+def test_a_reference_whose_weights_the_store_cannot_see_stops_the_run_in_one_line(
+    tmp_path: Path,
+) -> None:
+    trial = Trial(tmp_path)
+    proc, log = trial.start(
+        env={"REFERENCE_STORE": str(tmp_path / "store"), "REFERENCE_OPAQUE": "1"}
+    )
+    try:
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert proc.returncode == 2, text
+    assert "Traceback" not in text, text
+    last = text.splitlines()[-1]
+    assert last.startswith("runtime.reference_store: the reference module TinyOpaqueReference")
+    assert "fix: keep the model in an attribute" in last and "[model reference" in last, last
+    assert not list((tmp_path / "store").glob("reference-*.sqlite"))  # nothing stored

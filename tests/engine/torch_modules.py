@@ -88,6 +88,21 @@ class TinyReference(_Probed):
         }
 
 
+class TinyOpaqueReference(TinyReference):
+    """`TinyReference` whose weights are out of the reference store's sight: its forward is a
+    closure over the layer, no attribute holds a module or a parameter."""
+
+    def setup(self) -> None:
+        super().setup()
+        layer = self.model
+        del self.model
+        self.run_layer = lambda x: layer(x)
+
+    def forward_step(self, data, iteration):
+        with torch.no_grad():
+            return self.outputs(data, self.run_layer(data["x"]))
+
+
 class TinyShardedReference(TinyReference):
     """`TinyReference` split over the processes of its replica (``zero_size``): rank r holds the
     rows of classes r, r + world, ... and ``forward_step`` gathers every rank's logits, a
