@@ -76,6 +76,7 @@ class LocalActor:
             services=dict(services),
             # Services bind their ipc endpoints (trainer inboxes) in the run's directory.
             runtime_dir=str(system.runtime_dir.path) if system.runtime_dir else None,
+            runtime_state=template._start_state(),
         )
         ctx = WorkerContext(
             spec,

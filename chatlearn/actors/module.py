@@ -217,6 +217,17 @@ class BaseModule:
         if resume_training is not None:
             self._resume_training = resume_training
 
+    def _start_state(self) -> dict[str, Any]:
+        """The counters a process of this model starts with, set before its ``setup()``: a
+        template's, which the engine sets for a resumed run (ChatLearn sets them before
+        ``setup()`` too, so a module may load its own checkpoint there)."""
+        return {
+            "iteration": self._iteration,
+            "train_iteration": self._train_iteration,
+            "episode_id": self._episode_id,
+            "resume_training": self._resume_training,
+        }
+
     def _runtime_state(self) -> dict[str, Any]:
         return {
             "iteration": self._iteration,

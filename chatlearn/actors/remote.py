@@ -264,6 +264,7 @@ def spawn_model(
             dist_timeout=options.dist_timeout,
             nice=nice,
             idle_priority=idle_priority,
+            runtime_state=module._start_state(),
         )
         if reuse is None:
             actor = RemoteActor(system, a, spec)

@@ -237,6 +237,9 @@ class ActorSpec:
     dist_timeout: float = 600.0
     nice: int = 0
     idle_priority: bool = False
+    # the module's counters before setup() (`BaseModule._start_state`): a resumed run's
+    # resume_training, episode and iteration, as ChatLearn sets them before setup()
+    runtime_state: dict[str, Any] = field(default_factory=dict)
 
     def to_payload(self) -> dict[str, Any]:
         payload = dict(self.__dict__)
@@ -353,6 +356,8 @@ class ActorCore:
         self._init_torch()
         if not self.ctx.in_process:
             _seed_process(args, identity.replica_id * identity.world_size + identity.rank)
+        if spec.runtime_state:
+            module._set_runtime_state(**spec.runtime_state)
         self.phase = "setup"
         invoke(module, "setup")
         if (spec.nice or spec.idle_priority) and not self.ctx.in_process:

@@ -58,13 +58,13 @@ from chatlearn.actors.checkpoint_paths import checkpoint_root
 from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR
 from chatlearn.actors.timers import Timers as UserTimers
 from chatlearn.config.errors import located_error
-from chatlearn.engine.checkpoint import CheckpointManager, rewind_metrics
+from chatlearn.engine.checkpoint import CheckpointInfo, CheckpointManager, rewind_metrics
 from chatlearn.engine.interrupts import Interrupts, SignalGuard, interrupted
 from chatlearn.engine.metrics import MetricsSink, Timers
 from chatlearn.engine.pipeline import DPOPipeline, PipelineSettings
 from chatlearn.engine.progress import Progress, setup_logging
 from chatlearn.engine.protocol import EVAL, ReferenceGroup, TrainerGroup
-from chatlearn.engine.run_checkpoints import RunCheckpoints
+from chatlearn.engine.run_checkpoints import RunCheckpoints, find_checkpoint
 from chatlearn.engine.run_lock import RunLock
 from chatlearn.engine.sampler import EpisodeSampler
 from chatlearn.engine.state import RunState
@@ -119,6 +119,7 @@ class Engine:
         self.system = ActorSystem(self.global_args)
         self._prepare(self.system)
         try:
+            await self._before_launch()
             groups = await self.system.launch(*self.models, services=self._services)
         except BaseException:
             await self.stop()
@@ -127,6 +128,10 @@ class Engine:
 
     def _prepare(self, system: ActorSystem) -> None:
         """Before the processes start: what a subclass asks of the runtime (restarts, say)."""
+
+    async def _before_launch(self) -> None:
+        """Right before the processes start (the run lock held): what a subclass must know
+        first, such as the checkpoint a run resumes from."""
 
     async def stop(self) -> None:
         """Stop every process of the run (idempotent); then the output directory is free."""
@@ -258,6 +263,8 @@ class DPOEngine(Engine):
         self._restarts_before = 0  # restarts of this run before this coordinator (resumed)
         self._recorded: list[Any] = []  # the restarts of the last learn() in metrics.jsonl
         self._datasets_built = False
+        # the checkpoint found before the models started: (info or None,), None if not looked
+        self._found: tuple[CheckpointInfo | None] | None = None
 
     # -- data ------------------------------------------------------------------------------
     def set_dataset(self, dataset: Sequence[Any]) -> DPOEngine:
@@ -567,6 +574,34 @@ class DPOEngine(Engine):
             describe=replay_trainer,
         )
 
+    async def _before_launch(self) -> None:
+        """Find the checkpoint the run resumes from before the models start, so that their
+        processes start with its counters (`resume_training`, episode, iteration) set before
+        ``setup()``, as ChatLearn does: a module may load its own checkpoint there."""
+        self._found = None
+        runtime = self.global_args.runtime_args
+        info = None
+        if runtime.enable_resume_training:
+            manager = CheckpointManager(checkpoint_root(runtime), keep_last=runtime.save_keep_last)
+            iteration = runtime.load_data_checkpoint_iteration
+            info = await find_checkpoint(manager, iteration, self.global_args)
+            self._found = (info,)
+        saved = info.state if info is not None else None
+        for template in (self.reference, self.policy_trainer):
+            template._set_runtime_state(
+                episode_id=saved.episode if saved else 0,
+                iteration=0,
+                train_iteration=saved.iteration if saved else 0,
+                resume_training=saved is not None,
+            )
+
+    def _trainer_saved(self, state: RunState) -> None:
+        """A checkpoint is written: a trainer restarted from now on starts with its counters
+        (it loads that checkpoint after ``setup()``)."""
+        self.policy_trainer._set_runtime_state(
+            episode_id=state.episode, train_iteration=state.iteration, resume_training=True
+        )
+
     async def _healing(self, call: Callable[[], Awaitable[T]], *groups: Any) -> T:
         """``call()`` again after a restart of ``groups`` (for the idempotent orders that set
         a run up: connect, datasets, inboxes, checkpoint load)."""
@@ -621,9 +656,13 @@ class DPOEngine(Engine):
             config=self.global_args,
         )
         self.checkpoints = checkpoints
+        checkpoints.on_saved = self._trainer_saved
         resume = None
-        if runtime.enable_resume_training:
+        if self._found is not None:  # found before the models started (`_before_launch`)
+            (resume,) = self._found
+        elif runtime.enable_resume_training:
             resume = await checkpoints.find(runtime.load_data_checkpoint_iteration)
+        self._found = None
         if resume is not None:
             found = resume
             self.state = await self._healing(

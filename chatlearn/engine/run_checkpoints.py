@@ -87,6 +87,7 @@ class RunCheckpoints:
         self.flush_metrics: Callable[[], None] | None = None  # the sink's, before its size is read
         self.last: Path | None = None  # the newest complete checkpoint of this run
         self.last_iteration: int | None = None
+        self.on_saved: Callable[[RunState], None] | None = None  # after each checkpoint
         self._lock = asyncio.Lock()
 
     # -- saving ---------------------------------------------------------------------------
@@ -110,6 +111,8 @@ class RunCheckpoints:
             coordinator = self.coordinator_state(state, reason, eval_history or [])
             path = await asyncio.to_thread(self.manager.commit, staging, coordinator)
             self.last, self.last_iteration = path, state.iteration
+            if self.on_saved is not None:
+                self.on_saved(state)
             where = (
                 f"episode {state.episode + 1} step {state.step_in_episode}"
                 if state.step_in_episode
@@ -157,22 +160,7 @@ class RunCheckpoints:
     # -- resuming -------------------------------------------------------------------------
     async def find(self, iteration: int | None) -> CheckpointInfo | None:
         """The checkpoint to resume from (verifying hashes off the event loop), or None."""
-        try:
-            info = await asyncio.to_thread(self.manager.find_resume, iteration)
-        except ValueError as exc:  # the iteration asked for is missing or broken
-            if iteration is None:
-                raise
-            raise self._error(
-                "runtime.load_data_checkpoint_iteration",
-                str(exc),
-                "set it to the iteration of a complete checkpoint (chatlearn inspect lists them)",
-            ) from None
-        if info is None and self.manager.scan():
-            logger.warning(
-                "no complete checkpoint in %s: training starts from the beginning",
-                self.manager.root,
-            )
-        return info
+        return await find_checkpoint(self.manager, iteration, self.config)
 
     async def restore(self, info: CheckpointInfo, metrics_path: Path) -> RunState:
         """Continue from ``info``: sampler, modules, metrics file; returns the run state."""
@@ -241,6 +229,30 @@ class RunCheckpoints:
             else "with nothing: every episode is trained",
         )
         return saved.copy()
+
+
+async def find_checkpoint(
+    manager: CheckpointManager, iteration: int | None, config: Any
+) -> CheckpointInfo | None:
+    """The checkpoint a run resumes from: ``iteration``'s, or the newest complete one
+    (verifying hashes off the event loop); None when there is none. A missing or broken
+    ``iteration`` is a `ConfigError` naming ``runtime.load_data_checkpoint_iteration``."""
+    try:
+        info = await asyncio.to_thread(manager.find_resume, iteration)
+    except ValueError as exc:  # the iteration asked for is missing or broken
+        if iteration is None:
+            raise
+        raise located_error(
+            config,
+            "runtime.load_data_checkpoint_iteration",
+            str(exc),
+            "set it to the iteration of a complete checkpoint (chatlearn inspect lists them)",
+        ) from None
+    if info is None and manager.scan():
+        logger.warning(
+            "no complete checkpoint in %s: training starts from the beginning", manager.root
+        )
+    return info
 
 
 # the config key behind each data setting a sampler checkpoint records

@@ -1,11 +1,13 @@
 """A ChatLearn-style script whose trainer overrides only ``save_checkpoint``, run as a subprocess.
 
-    python save_only_script.py OUTPUT_DIR PROBE_DIR NUM_EPISODE {save_only,calls_super}
+    python save_only_script.py OUTPUT_DIR PROBE_DIR NUM_EPISODE {save_only,calls_super,...}
 
 ``save_only``: the trainer writes its own ``state.json`` and never calls super(), as ChatLearn's
 modules do; a resume must restore the data position without calling ``load_checkpoint``.
 ``calls_super``: the override calls super() first, so ``TorchModule``'s files are there and a
-resume loads them. Both probe ``first_step`` with the weights' sum, to tell which happened.
+resume loads them. ``loads_in_setup``: ChatLearn's trainers' way, weights saved by the override
+and loaded back by ``setup()`` when ``resume_training`` is set (before ``setup()``, as ChatLearn
+sets it). All probe ``weights`` with the weights' sum at the first step, to tell what happened.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +51,28 @@ class CallsSuperTrainer(_Trainer):
         self._write_state(iteration)
 
 
-TRAINERS = {"save_only": SaveOnlyTrainer, "calls_super": CallsSuperTrainer}
+class LoadsInSetupTrainer(_Trainer):
+    """ChatLearn's own trainers' way: save the weights in ``save_checkpoint`` (no super()), and
+    load them back in ``setup()`` when ``resume_training`` says the run resumes."""
+
+    def setup(self):
+        super().setup()
+        state = {"resume_training": self.resume_training, "episode_id": self._episode_id}
+        self.probe(event="setup_state", train_iteration=self._train_iteration, **state)
+        if self.resume_training:
+            weights = self.checkpoint_dir() / "weights.pt"  # the checkpoint it resumes from
+            self.model.load_state_dict(torch.load(weights, weights_only=True))
+
+    def save_checkpoint(self, iteration):
+        self._write_state(iteration)
+        torch.save(self.model.state_dict(), self.checkpoint_dir(iteration) / "weights.pt")
+
+
+TRAINERS = {
+    "save_only": SaveOnlyTrainer,
+    "calls_super": CallsSuperTrainer,
+    "loads_in_setup": LoadsInSetupTrainer,
+}
 
 
 def main() -> None:

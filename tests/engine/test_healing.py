@@ -73,6 +73,10 @@ def test_a_lost_trainer_restarts_from_the_checkpoint_and_ends_bit_identical(
     _assert_like_baseline(trial, baseline)  # a mid-episode checkpoint resumes exactly
     first = [e for e in trial.events("first_step")]
     assert [e["iteration"] for e in first] == [0, 5] and first[-1]["resume"] is True
+    # the new trainer's setup() already knew the checkpoint it resumes from (as ChatLearn's
+    # resumed modules do)
+    setups = [e for e in trial.events("setup") if e["model"] == "policy_trainer"]
+    assert [(e["resume"], e["train_iteration"]) for e in setups] == [(False, 0), (True, 5)]
     (restart,) = _records(trial, "restart")
     assert restart["model"] == "policy_trainer" and restart["restarts"] == 1
     assert restart["steps_repeated"] == 0 and restart["step"] == 5

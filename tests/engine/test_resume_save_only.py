@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from resume_trials import Trial, stop  # noqa: E402
@@ -54,3 +55,30 @@ def test_rerun_resumes_a_module_overriding_only_save_checkpoint(tmp_path: Path):
     assert trial.complete() == [4, 8]
     assert "policy_trainer: no load_checkpoint of its own" in second
     assert resumed["total"] == first["total"]  # setup()'s weights: nothing was loaded
+
+
+def test_a_module_that_loads_its_checkpoint_in_setup_resumes_with_its_weights(tmp_path: Path):
+    # ChatLearn sets resume_training, the episode and the iteration before setup(), and its
+    # trainers load their own checkpoint there: a resume must give them those counters in
+    # setup(), or they start again from fresh weights with nothing said
+    trial = Trial(tmp_path)
+    _run(trial, 1, "loads_in_setup")
+    saved = trial.checkpoints / "iter_0000004" / "policy_trainer" / "rank_0" / "weights.pt"
+    total = float(sum(t.sum() for t in torch.load(saved, weights_only=True).values()))
+    _run(trial, 2, "loads_in_setup")
+    fresh, resumed = trial.events("setup_state")
+    assert (fresh["resume_training"], fresh["episode_id"], fresh["train_iteration"]) == (
+        False,
+        0,
+        0,
+    )
+    assert (resumed["resume_training"], resumed["episode_id"], resumed["train_iteration"]) == (
+        True,
+        1,
+        4,
+    )
+    first, after_resume = trial.events("weights")
+    assert after_resume["iteration"] == 4
+    assert after_resume["total"] == pytest.approx(total, abs=0, rel=0)  # the saved weights
+    assert after_resume["total"] != first["total"]
+    assert trial.complete() == [4, 8]

@@ -149,7 +149,8 @@ class TinyTrainer(_Probed):
         random.seed(11)
         np.random.seed(12)
         self._stepped = False
-        self.probe(event="setup")
+        resume = {"resume": self.resume_training, "train_iteration": self._train_iteration}
+        self.probe(event="setup", **resume)
 
     def train_step(self, data, iteration):
         if not self._stepped:
