@@ -80,17 +80,22 @@ class Timers:
         normalizer: float = 1.0,
         reset: bool = True,
         return_dict: bool = False,
-    ) -> str | dict[str, float]:
+    ) -> str | tuple[str, dict[str, float]]:
         """Milliseconds of each timer (all by default) divided by `normalizer`, as
-        "name: 1.23 ms | ..." or, with `return_dict`, {name: ms}."""
+        "name: 1.23 ms | ..."; with `return_dict`, as ChatLearn's, that text and {name: ms}."""
+        times = self.log_dict(names, normalizer, reset)
+        text = " | ".join(f"{name}: {ms:.2f} ms" for name, ms in times.items())
+        return (text, times) if return_dict else text
+
+    def log_dict(
+        self, names: Iterable[str] | None = None, normalizer: float = 1.0, reset: bool = True
+    ) -> dict[str, float]:
+        """{name: milliseconds / normalizer} of each timer (all by default)."""
         if normalizer <= 0:
             raise ValueError(f"normalizer must be > 0, got {normalizer}")
         chosen = list(self._timers) if names is None else list(names)
-        times = {
+        return {
             name: self._timers[name].elapsed(reset=reset) * 1000.0 / normalizer
             for name in chosen
             if name in self._timers
         }
-        if return_dict:
-            return times
-        return " | ".join(f"{name}: {ms:.2f} ms" for name, ms in times.items())

@@ -431,7 +431,9 @@ ENV_KEYS: dict[str, KeySpec] = {
 # and logged once as a warning naming file:line. Keys of ChatLearn's config classes that this
 # runtime does not act on get a warning saying so; ChatLearn keys that only programs read (data
 # paths) get none.
-PROGRAM_KEYS = {"runtime": ("eval_data_path", "query_key")}
+PROGRAM_KEYS = {
+    "runtime": ("eval_data_path", "query_key", "training_data_num_limit", "eval_data_num_limit")
+}
 CHATLEARN_ONLY_KEYS: dict[str, tuple[str, ...]] = {
     "runtime": (
         "debug", "nsys", "profiler_dir", "log_config_file", "log_args_dict", "concurrent_setup",
@@ -439,7 +441,7 @@ CHATLEARN_ONLY_KEYS: dict[str, tuple[str, ...]] = {
         "param_sync_max_workers", "validate_param_sync", "free_sync_collective_group",
         "bucket_size_mb_in_memory_manager", "max_relay_episode", "relay_episode_offset",
         "stream_data_loader_type", "max_data_ckpt_nums", "cpu_schedule_strategy", "data_rerank",
-        "policy_to_regroup_queue", "training_data_num_limit", "eval_data_num_limit",
+        "policy_to_regroup_queue",
     ),
     "models": (
         "num_replica", "batch_generation", "offload_optimizer_states", "offload_weights",

@@ -13,7 +13,8 @@ Reference side (inside a reference replica, for one work order):
    trainer keyed by buffer position.
 
 Trainer side: :func:`collate_samples` builds a micro-batch from per-sample dicts, padding tensors
-on their first per-sample dim to the longest (right with 0, or per key by a
+to the longest in every per-sample dim (usually only the first differs; right with 0, or per key
+by a
 :class:`PaddingSpec` from ``add_padding_config``), stacking 0-dim tensors and listing the rest.
 
 Behaviour follows ChatLearn: ``split_along_batch`` / ``concat_along_batch`` in
@@ -291,29 +292,29 @@ def normalize_padding_config(config: PaddingConfig | None) -> dict[str, PaddingS
 def pad_stack(
     tensors: Sequence[torch.Tensor], value: float = 0.0, padding_type: PaddingType = "right"
 ) -> torch.Tensor:
-    """Stack tensors padded on their first dim to the longest (``pad_sequence``'s result).
+    """Stack tensors padded to the longest in every dim (on their first dim alone, this is
+    ``pad_sequence``'s result): right pads at the end of each dim, left at its start.
 
-    Dtype and device of the first tensor, as ``torch.nn.utils.rnn.pad_sequence``; trailing dims
-    must agree.
+    Dtype and device of the first tensor, as ``torch.nn.utils.rnn.pad_sequence``; every tensor
+    must have the same number of dims. Samples of shape ``[1, L]`` (a tokenizer's output kept
+    2-d) pad on their ``L``.
     """
     first = tensors[0]
     if first.dim() == 0:
         return torch.stack(list(tensors))
-    trailing = tuple(first.shape[1:])
-    for t in tensors:
-        if t.dim() == 0 or tuple(t.shape[1:]) != trailing:
-            raise ValueError(
-                f"cannot pad shapes {[tuple(x.shape) for x in tensors]}: only the first "
-                f"per-sample dim may differ between samples"
-            )
-    longest = max(t.shape[0] for t in tensors)
-    out = first.new_full((len(tensors), longest, *trailing), value)
+    if any(t.dim() != first.dim() for t in tensors):
+        raise ValueError(
+            f"cannot pad shapes {[tuple(x.shape) for x in tensors]}: their numbers of dims differ"
+        )
+    longest = [max(t.shape[d] for t in tensors) for d in range(first.dim())]
+    out = first.new_full((len(tensors), *longest), value)
     for i, t in enumerate(tensors):
-        length = t.shape[0]
         if padding_type == "right":
-            out[i, :length] = t
+            where = tuple(slice(0, size) for size in t.shape)
         else:
-            out[i, longest - length :] = t
+            sizes = zip(longest, t.shape, strict=True)
+            where = tuple(slice(full - size, full) for full, size in sizes)
+        out[i][where] = t
     return out
 
 
@@ -322,7 +323,7 @@ def collate_samples(
 ) -> dict[str, Any]:
     """A micro-batch dict from per-sample dicts (ChatLearn's ``batching``).
 
-    Tensors with >=1 dim are padded on their first dim to the longest sample (right with 0 unless
+    Tensors with >=1 dim are padded to the longest sample in every dim (right with 0 unless
     ``padding`` says otherwise for the key), 0-dim tensors are stacked, other values become lists.
     """
     if not samples:

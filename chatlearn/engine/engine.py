@@ -422,7 +422,7 @@ class DPOEngine(Engine):
         """ChatLearn's summary line: the engine timers (milliseconds, reset) and the run's
         figures so far (steps, samples, throughput, overlap, restarts); returns them as a dict.
         ``iteration``: shown in the line (default: the run's current iteration)."""
-        figures: dict[str, float] = dict(self.timers.log(return_dict=True))  # type: ignore[arg-type]
+        figures: dict[str, float] = self.timers.log_dict()
         result = self.result()
         figures.update(
             {

@@ -68,7 +68,7 @@ class PolicyTrainer(TorchModule):
         return {"loss": float(loss)}
 
     def after_episode(self):
-        times = self.timers.log(["train_step"], return_dict=True)
+        _, times = self.timers.log(["train_step"], return_dict=True)  # ChatLearn's (text, dict)
         self.report(event="episode", steps=self.steps, timed=sorted(times))
 
     def report(self, **record):
