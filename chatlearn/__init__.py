@@ -6,6 +6,8 @@ before it is pinned to its devices) does not import torch.
 
 from __future__ import annotations
 
+from typing import Any
+
 from chatlearn._lazy import lazy_exports
 
 __version__ = "0.1.0"
@@ -17,6 +19,38 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "chatlearn.megatron.module": ("MegatronModule",),
     "chatlearn.engine.engine": ("Engine", "DPOEngine"),
     "chatlearn.engine.interrupts": ("TrainingInterrupted",),
+    "chatlearn.utils.logger": ("logger",),
 }
 
-__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+__all__, _exported, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+
+_ONLINE = (
+    "ChatLearn's online RL engines and flows: this runtime trains DPO (DPOEngine); write "
+    "other flows on Engine (docs/chatlearn-compat.md)"
+)
+_EVALUATION = (
+    "ChatLearn's evaluator: evaluate with runtime.eval_data_path and the trainer's eval_step "
+    "(docs/chatlearn-compat.md)"
+)
+# ChatLearn's public names for what this runtime does not do: importing one says so, and what
+# to use instead, rather than a bare "cannot import name"
+NOT_PROVIDED: dict[str, str] = {
+    "Evaluator": _EVALUATION,
+    "EvalEngine": _EVALUATION,
+    "RLHFEngine": _ONLINE,
+    "OnlineDPOEngine": _ONLINE,
+    "GRPOEngine": _ONLINE,
+    "GRPOMathEngine": _ONLINE,
+    "Environment": _ONLINE,
+    "Trainer": _ONLINE,
+    "ControlDependencies": _ONLINE,
+    "FSDPModule": "use TorchModule with models.<name>.parallel: fsdp (README: choosing a layout)",
+    "get": "Ray's futures: there is no Ray here; engine and module calls return their values",
+}
+
+
+def __getattr__(name: str) -> Any:
+    why = NOT_PROVIDED.get(name)
+    if why is not None:
+        raise ImportError(f"chatlearn.{name} is not provided by this runtime: {why}")
+    return _exported(name)

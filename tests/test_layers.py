@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "transport": 0,
     "config": 1,
     "algorithms": 1,
+    "utils": 1,  # ChatLearn's chatlearn.utils helpers for user modules
     "actors": 2,
     "engine": 3,
     "launch": 3,

@@ -87,6 +87,15 @@ class BaseModule:
         self._num_replica: int | None = None
         self._peak_memory = 0.0
         self._checkpoint_dir: Path | None = None  # set by the engine around save/load calls
+        # ChatLearn's metric hooks: dicts appended by the module's steps, reduced (mean) into
+        # the trainer's step metrics as `<prefix>/<key>` (`get_and_clear_metrics`)
+        self._metric_prefix = ""
+        self._metric_list: list[dict[str, Any]] = []
+        # ChatLearn's switch, from the model's `lora:` sub-config (`module_args.lora`)
+        lora = config_value(self._module_args, "lora", None)
+        self.enable_lora = (
+            bool(lora.get("enable_lora", False)) if isinstance(lora, Mapping) else False
+        )
 
     # -- config views ----------------------------------------------------------------------
     @property
@@ -145,6 +154,24 @@ class BaseModule:
         return self._resume_training
 
     # -- helpers ---------------------------------------------------------------------------
+    def get_and_clear_metrics(self) -> tuple[str, dict[str, float]]:
+        """ChatLearn's: the prefix and the mean of each number the dicts in `_metric_list` hold
+        (one-element tensors included), emptying the list."""
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for metrics in self._metric_list or ():
+            if not isinstance(metrics, Mapping):
+                continue
+            for key, value in metrics.items():
+                item = getattr(value, "item", None)
+                if callable(item) and getattr(value, "numel", lambda: 1)() == 1:
+                    value = item()
+                if isinstance(value, bool | int | float):
+                    sums[str(key)] = sums.get(str(key), 0.0) + float(value)
+                    counts[str(key)] = counts.get(str(key), 0) + 1
+        self._metric_list = []
+        return self._metric_prefix, {key: sums[key] / counts[key] for key in sums}
+
     def add_padding_config(
         self,
         key: str,

@@ -285,6 +285,42 @@ class RuntimeConfig(Section):
         return list(ratio)
 
 
+# ChatLearn's sub-configs of a model (its LoraConfig and BatchGenerationConfig, which every model
+# has): their fields and defaults; ChatLearn's modules read them by attribute
+# (`self.module_args.lora.enable_lora`). This runtime acts on neither here: LoRA is a
+# `model_args` setting (chatlearn.hf.lora), batch generation is ChatLearn's vLLM path.
+CHATLEARN_SUB_CONFIGS: dict[str, dict[str, Any]] = {
+    "lora": {
+        "enable_lora": False,
+        "part_module_name": None,
+        "lora_dim": 8,
+        "lora_dropout": 0.0,
+        "lora_scaling": 1.0,
+        "lora_layer": "ColumnParallelLinear,Embedding,LinearLayer,RowParallelLinear,"
+        "VocabParallelEmbedding",
+        "column_only_qkv": False,
+    },
+    "batch_generation": {"ranking": False, "min_prompt_length": 0},
+}
+
+
+class SubConfig(dict[str, Any]):
+    """A ChatLearn sub-config as a model section gives it: its defaults updated with what the
+    section sets, read by key or by attribute."""
+
+    def __init__(self, path: str, values: Mapping[str, Any]) -> None:
+        super().__init__(values)
+        self._path = path
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"{self._path} has no key {name!r}") from None
+
+
 class ModelConfig(Section):
     """One `models.<name>:` entry: devices, processes, parallelism, and `model_args`."""
 
@@ -302,6 +338,18 @@ class ModelConfig(Section):
             self.model_args = value
             return
         super()._store(key, value)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in CHATLEARN_SUB_CONFIGS:
+            return self._sub_config(name)
+        return super().__getattr__(name)
+
+    def _sub_config(self, name: str) -> SubConfig:
+        given = self._values.get(name)
+        values = dict(CHATLEARN_SUB_CONFIGS[name])
+        if isinstance(given, Mapping):
+            values.update(given)
+        return SubConfig(self._key_path(name), values)
 
     @property
     def model_args(self) -> dict[str, Any]:

@@ -265,6 +265,7 @@ class ReferenceService(_EpisodeHooks):
         collate = getattr(datasets[0], "collate_fn", None)
         batch = collate(samples) if callable(collate) else collate_samples(samples)
         output = invoke(self.module, "forward_step", (batch,))
+        _appended_metrics(self.module)  # a reference's _metric_list is not recorded here
         what = f"{type(self.module).__name__}.forward_step output"
         if not isinstance(output, Mapping):
             raise TypeError(
@@ -517,7 +518,11 @@ class TrainerService(_EpisodeHooks):
             raise
         self.module._train_iteration = iteration + 1
         self._compute_free_since = end = time.time()
-        return start, _numeric_metrics(result), end
+        metrics = _numeric_metrics(result)
+        prefix, appended = _appended_metrics(self.module)
+        for key, value in appended.items():
+            metrics.setdefault(f"{prefix}/{key}" if prefix else key, value)
+        return start, metrics, end
 
     async def evaluate(self, order: Evaluate) -> Evaluated:
         """``eval_step`` on each batch of eval positions; returns sample-weighted sums."""
@@ -667,6 +672,13 @@ def _nbytes(output: Mapping[str, Any]) -> int:
         elif isinstance(value, list | tuple):
             total += 8 * len(value)
     return total
+
+
+def _appended_metrics(module: Any) -> tuple[str, dict[str, float]]:
+    """What the module appended to ChatLearn's ``_metric_list`` since the last call, reduced
+    (``BaseModule.get_and_clear_metrics``); nothing for a module without it."""
+    drain = getattr(module, "get_and_clear_metrics", None)
+    return drain() if callable(drain) else ("", {})
 
 
 def _numeric_metrics(result: Any) -> dict[str, float]:

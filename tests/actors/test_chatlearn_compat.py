@@ -16,6 +16,7 @@ import actors_testlib as lib
 import pytest
 import torch
 
+import chatlearn
 from chatlearn.actors import BaseModule, TorchModule
 from chatlearn.actors.module import ParallelSize, construct_module
 from chatlearn.actors.storage import RunStorage, StorageUnavailableError
@@ -176,6 +177,14 @@ def test_a_chatlearn_style_program_runs_unchanged(tmp_path: Path) -> None:
     assert setup["lr"] == pytest.approx(5e-3)  # the last of the duplicate learning_rate keys
     assert setup["gpus"] == [0, 1, 0] and setup["config_dir"] == str(PROGRAM)
     assert setup["output_dir"] == str(output_dir)
+    assert setup["lora"] == [False, False] and setup["lora_dim"] == 8  # ChatLearn's defaults
+    assert setup["ranking"] is False
+    # what train_step appended to _metric_list: the mean of each key, prefixed, in the step's
+    # metrics (ChatLearn logs them per episode)
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    train = [r for r in map(json.loads, lines) if r["kind"] == "train"]
+    assert [r["train/reward_score"] for r in train] == [0.5, 1.5, 2.5, 3.5]
+    assert all(r["train/n"] == 2.0 for r in train)  # micro-batches per step (4 / 2)
     assert got["event"] == "get" and got["reference"]["rank"] == 0
     assert got["reference"]["pid"] not in (setup["pid"], summary["coordinator_pid"])
     assert [e["steps"] for e in episodes] == [2, 4]  # 8 samples / global batch 4, 2 episodes
@@ -183,3 +192,26 @@ def test_a_chatlearn_style_program_runs_unchanged(tmp_path: Path) -> None:
     # the config's oddities were reported, not fatal
     assert "policy_trainer.yaml:7: duplicate key learning_rate" in proc.stderr
     assert "runtime.debug: a ChatLearn setting that has no effect" in proc.stderr
+
+
+def test_chatlearn_names_this_runtime_lacks_say_so_on_import() -> None:
+    with pytest.raises(ImportError, match="chatlearn.Evaluator is not provided.*eval_step"):
+        from chatlearn import Evaluator  # noqa: F401
+    with pytest.raises(ImportError, match="OnlineDPOEngine is not provided.*DPOEngine"):
+        from chatlearn import OnlineDPOEngine  # noqa: F401
+    with pytest.raises(AttributeError):  # a plain typo stays a plain error
+        _ = chatlearn.DPOEngin  # type: ignore[attr-defined]
+
+
+def test_chatlearn_utils_that_modules_import() -> None:
+    from chatlearn import logger
+    from chatlearn.utils import to_device
+    from chatlearn.utils.logger import log_rank_0
+
+    batch = {"x": torch.ones(2), "rows": [torch.zeros(1), "text"], "pair": (torch.ones(1), 3)}
+    moved = to_device("meta", batch)
+    assert moved is batch and batch["x"].device.type == "meta"  # dicts in place, as ChatLearn's
+    assert batch["rows"][0].device.type == "meta" and batch["rows"][1] == "text"
+    assert isinstance(batch["pair"], tuple) and batch["pair"][1] == 3
+    assert logger.name == "ChatLearn"
+    log_rank_0("hello")

