@@ -18,8 +18,8 @@ draws episodes, and the pipeline (``pipeline.py``) overlaps reference inference 
 ``learn()`` runs it on a uvloop event loop; ``await learn_async()`` runs it inside an existing one.
 
 Checkpoints (``run_checkpoints.py``, layout in ``checkpoint.py``): every
-``save_episode_interval`` episodes, at the end of training and on a graceful stop when that is
-set, and whenever ``await engine.save_checkpoint()`` asks. A new run with the same output path
+``save_episode_interval`` episodes and ``save_step_interval`` steps, at the end of training and
+on a graceful stop when either is set, and whenever ``await engine.save_checkpoint()`` asks. A new run with the same output path
 resumes from the newest complete checkpoint (``enable_resume_training``, default on) and repeats
 the uninterrupted run exactly. SIGINT/SIGTERM (``interrupts.py``): the first stops after the
 running steps and saves, a second stops at once; ``learn()`` then raises ``TrainingInterrupted``
@@ -769,7 +769,8 @@ class DPOEngine(Engine):
                     await self.pipeline.run()
                     # inside the loop: a trainer lost while writing the run's last checkpoint
                     # heals like one lost mid-run (the steps since the last one run again)
-                    if settings.save_episode_interval and self.state.iteration > 0:
+                    saves = settings.save_episode_interval or settings.save_step_interval
+                    if saves and self.state.iteration > 0:
                         await save("signal" if self.pipeline.stopped else "end")
                     break
                 except ActorLostError as lost:

@@ -240,3 +240,12 @@ def test_corrupted_newest_checkpoint_falls_back_with_a_warning(baseline: Trial, 
     assert first["iteration"] == 8 and first["resume"] is True
     assert trial.complete() == [4, 8, 12]  # the broken one was written again
     assert_identical(trial.final_state(), baseline.final_state())
+
+
+def test_step_checkpoints_alone_still_save_the_end_of_the_run(tmp_path: Path) -> None:
+    # save_step_interval without save_episode_interval: the run's last steps were not saved
+    # (16 iterations trained, the newest checkpoint 14), nor were they on SIGTERM
+    trial = Trial(tmp_path)
+    text = trial.run(env={"SAVE_EPISODE_INTERVAL": "0", "SAVE_STEP_INTERVAL": "5"})
+    assert trial.complete() == [5, 10, 12], text
+    assert "checkpoint of iteration 12 (end of episode 3, end)" in text, text
