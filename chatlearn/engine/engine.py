@@ -19,11 +19,11 @@ draws episodes, and the pipeline (``pipeline.py``) overlaps reference inference 
 
 Checkpoints (``run_checkpoints.py``, layout in ``checkpoint.py``): every
 ``save_episode_interval`` episodes and ``save_step_interval`` steps, at the end of training and
-on a graceful stop when either is set, and whenever ``await engine.save_checkpoint()`` asks. A new run with the same output path
-resumes from the newest complete checkpoint (``enable_resume_training``, default on) and repeats
-the uninterrupted run exactly. SIGINT/SIGTERM (``interrupts.py``): the first stops after the
-running steps and saves, a second stops at once; ``learn()`` then raises ``TrainingInterrupted``
-(exit code 130 / 143).
+on a graceful stop when either is set, and whenever ``await engine.save_checkpoint()`` asks. A
+new run with the same output path resumes from the newest complete checkpoint
+(``enable_resume_training``, default on) and repeats the uninterrupted run exactly.
+SIGINT/SIGTERM (``interrupts.py``): the first stops after the running steps and saves, a second
+stops at once; ``learn()`` then raises ``TrainingInterrupted`` (exit code 130 / 143).
 
 Self-healing (docs/self-healing.md): the engine asks the runtime to restart lost actors under the
 restart policy (``runtime.max_restarts`` per ``restart_window_minutes``, per model
@@ -93,7 +93,7 @@ class Engine:
         self.models = list(models)
         self.global_args = models[0].global_args
         self.system: ActorSystem | None = None
-        self._run_lock: RunLock | None = None  # held from start() to stop()
+        self._run_locks: list[RunLock] = []  # held from start() to stop()
         self.groups: dict[str, ModelGroup] = {}
         self._services: dict[str, dict[str, str]] = {}
 
@@ -111,11 +111,23 @@ class Engine:
         if callable(validate):
             validate()
         # one run at a time in the output directory, taken before any process starts
-        output = getattr(getattr(self.global_args, "runtime_args", None), "output_path", None)
+        runtime = getattr(self.global_args, "runtime_args", None)
+        output = getattr(runtime, "output_path", None)
         if self.writes_output and output:
-            lock = RunLock(Path(output), functools.partial(located_error, self.global_args))
-            lock.acquire()
-            self._run_lock = lock
+            error = functools.partial(located_error, self.global_args)
+            locks = [RunLock(Path(output), error)]
+            checkpoints = Path(checkpoint_root(runtime))
+            if not checkpoints.resolve().is_relative_to(Path(output).resolve()):
+                locks.append(RunLock(checkpoints, error, "runtime.data_checkpoint_path"))
+            for lock in locks:
+                try:
+                    lock.acquire()
+                except BaseException:
+                    for taken in self._run_locks:
+                        taken.release()
+                    self._run_locks = []
+                    raise
+                self._run_locks.append(lock)
         self.system = ActorSystem(self.global_args)
         self._prepare(self.system)
         try:
@@ -141,8 +153,8 @@ class Engine:
             if system is not None:
                 await system.shutdown()
         finally:
-            lock, self._run_lock = self._run_lock, None
-            if lock is not None:
+            locks, self._run_locks = self._run_locks, []
+            for lock in locks:
                 lock.release()
 
     async def __aenter__(self) -> Engine:

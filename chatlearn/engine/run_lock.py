@@ -1,4 +1,5 @@
-"""One run at a time in an output directory.
+"""One run at a time in an output directory (and in its checkpoint directory, when
+``data_checkpoint_path`` puts it elsewhere).
 
 Runs in the coordinator.
 
@@ -30,9 +31,15 @@ class RunLock:
     """``acquire()`` / ``release()`` (or ``with``): ``error(key, problem, fix)`` makes the
     ConfigError raised when another process holds the directory (`located_error`)."""
 
-    def __init__(self, output: Path, error: Callable[[str, str, str], ConfigError]) -> None:
+    def __init__(
+        self,
+        output: Path,
+        error: Callable[[str, str, str], ConfigError],
+        key: str = "runtime.output_dir",
+    ) -> None:
         self.output = output
         self.error = error
+        self.key = key  # the setting that names the directory, for the error
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -43,11 +50,13 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            name = self.key.rsplit(".", 1)[-1]
             raise self.error(
-                "runtime.output_dir",
+                self.key,
                 f"{self.output} is in use by another run (pid {holder}); two runs in one "
-                "directory would record every step twice and overwrite each other's checkpoints",
-                "wait for that run to end, or give this one another output_dir or exp_name",
+                "directory would overwrite each other's checkpoints (and records)",
+                f"wait for that run to end, or give this one another {name}"
+                + (" or exp_name" if name == "output_dir" else ""),
             ) from None
         except BaseException:
             os.close(fd)

@@ -94,3 +94,26 @@ async def test_an_engine_that_writes_no_output_creates_no_directory(tmp_path: Pa
     finally:
         reset_args()
     assert not output.exists()
+
+
+async def test_a_shared_data_checkpoint_path_is_locked_too(tmp_path: Path) -> None:
+    # two runs with their own output_dir but one data_checkpoint_path overwrote each other's
+    # checkpoints, and each ended pointing at the other's weights
+    shared = tmp_path / "shared-checkpoints"
+    holder = _hold(shared)
+    try:
+        runtime = _runtime(1, 4, 2, 2, 2, data_checkpoint_path=str(shared))
+        with pytest.raises(ConfigError) as info:
+            await _learn(tmp_path, runtime)
+        assert info.value.key == "runtime.data_checkpoint_path"
+        assert f"(pid {holder.pid})" in info.value.problem and "data_checkpoint_path" in str(
+            info.value.fix
+        )
+        output = tmp_path / "CHATLEARN"
+        with RunLock(output, _error):  # the output directory's lock was given back
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+    engine, _ = await _learn(tmp_path, _runtime(1, 4, 2, 2, 2, data_checkpoint_path=str(shared)))
+    assert engine.state.iteration == 2 and (shared / LOCK_NAME).exists()
