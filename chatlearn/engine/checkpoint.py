@@ -234,6 +234,26 @@ class CheckpointManager:
                 removed.append(info.path)
         return removed
 
+    def set_aside_newer(self, iteration: int) -> Path | None:
+        """Move every checkpoint newer than ``iteration`` (complete or broken) into
+        ``superseded-<time>/`` beside them, out of the run's sight; returns that directory, or
+        None when there was nothing newer.
+
+        A run that resumes from an older checkpoint than the newest replaces the steps after
+        it: left in place, the newer checkpoints would count as the newest ones, so pruning
+        would remove the new run's own, and a later resume would jump back to the run it
+        replaced. Moved, not deleted: they are a person's work."""
+        newer = [info.path for info in self.scan(verify=False) if info.iteration > iteration]
+        if not newer:
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.root / f"superseded-{stamp}-{os.getpid()}"
+        aside.mkdir()
+        for path in newer:
+            path.rename(aside / path.name)
+        fsync_path(self.root)
+        return aside
+
     # -- reading ------------------------------------------------------------------------------
     def scan(self, *, verify: bool = False) -> list[CheckpointInfo]:
         """Every ``iter_*`` directory, oldest first; ``verify`` also checks the file hashes."""

@@ -197,6 +197,15 @@ class RunCheckpoints:
                 "restore those settings, or train a new run in another output_dir (or with "
                 "enable_resume_training: false)",
             ) from None
+        aside = await asyncio.to_thread(self.manager.set_aside_newer, saved.iteration)
+        if aside is not None:
+            logger.warning(
+                "resuming from %s, older than the run's newest checkpoints: those are the "
+                "steps this run replaces, moved to %s (not deleted; remove them when no longer "
+                "needed)",
+                info.path.name,
+                aside,
+            )
         previous = saved.metrics.get("path")
         if previous and "size" in saved.metrics and _same_metrics(previous, metrics_path, info):
             moved = await asyncio.to_thread(

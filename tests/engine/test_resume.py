@@ -249,3 +249,23 @@ def test_step_checkpoints_alone_still_save_the_end_of_the_run(tmp_path: Path) ->
     text = trial.run(env={"SAVE_EPISODE_INTERVAL": "0", "SAVE_STEP_INTERVAL": "5"})
     assert trial.complete() == [5, 10, 12], text
     assert "checkpoint of iteration 12 (end of episode 3, end)" in text, text
+
+
+def test_a_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(
+    baseline: Trial, tmp_path: Path
+) -> None:
+    # Resuming from iteration 4 of a finished run replaces its steps 5-12. Its checkpoints 8
+    # and 12 used to stay: pruning counted them as the newest (removing the new run's own),
+    # and the next resume jumped back to iteration 12 of the replaced run, "every episode
+    # trained".
+    trial = Trial(tmp_path)
+    shutil.copytree(baseline.output, trial.output)
+    text = trial.run(env={"LOAD_ITER": "4", "NUM_EPISODE": "2"})
+    assert "older than the run's newest checkpoints" in text, text
+    (aside,) = trial.checkpoints.glob("superseded-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["iter_0000008", "iter_0000012"]
+    assert trial.complete() == [4, 8]  # the new run's 8, not the replaced one's
+    trial.run(env={"NUM_EPISODE": "3"})  # resumes the new run, from its 8
+    assert trial.events("first_step")[-1]["iteration"] == 8
+    assert trial.complete() == [4, 8, 12]
+    assert_identical(trial.final_state(), baseline.final_state())
