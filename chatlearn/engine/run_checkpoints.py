@@ -46,9 +46,13 @@ from chatlearn.engine.state import RunState
 logger = logging.getLogger("chatlearn.engine")
 
 
-def training_settings(settings: PipelineSettings, trainer_dp: list[tuple[int, int]]) -> dict:
+def training_settings(
+    settings: PipelineSettings, trainer_dp: list[tuple[int, int]], reference_replicas: int
+) -> dict:
     """The settings that decide which samples every step trains on, and in which order."""
     return {
+        # an episode's samples reach the trainer in an order made of the replicas' shares
+        "reference_replicas": reference_replicas,
         "sample_per_episode": settings.sample_per_episode,
         "train_micro_batch_size": settings.micro_batch_size,
         "train_global_batch_size": settings.global_batch_size,
@@ -145,7 +149,9 @@ class RunCheckpoints:
         return CoordinatorState.of(
             state,
             sampler=sampler,
-            training=training_settings(self.settings, self.trainer_dp),
+            training=training_settings(
+                self.settings, self.trainer_dp, len(self.reference.replicas)
+            ),
             trainer={
                 "model": self.trainer.name,
                 "num_ranks": len(self.trainer),
@@ -166,8 +172,21 @@ class RunCheckpoints:
         """Continue from ``info``: sampler, modules, metrics file; returns the run state."""
         saved = info.state
         assert saved is not None, "only complete checkpoints are restored"
+        replicas = len(self.reference.replicas)
+        saved_replicas = saved.training.get("reference_replicas", replicas)
+        if saved.step_in_episode and saved_replicas != replicas:
+            raise self._error(
+                f"models.{self.reference.name}",
+                f"the checkpoint {info.path.name} is in the middle of episode "
+                f"{saved.episode + 1} (after its step {saved.step_in_episode}), written with "
+                f"{saved_replicas} reference replica(s); this run has {replicas}, and the "
+                "order of an episode's samples depends on their number: its remaining steps "
+                "would train other samples than the interrupted run's",
+                f"resume with {saved_replicas} replica(s) (change it at an episode's end), or "
+                "from a checkpoint at an episode's end (runtime.load_data_checkpoint_iteration)",
+            )
         changed = describe_changes(
-            saved.training, training_settings(self.settings, self.trainer_dp)
+            saved.training, training_settings(self.settings, self.trainer_dp, replicas)
         )
         if changed:
             logger.warning(

@@ -33,19 +33,25 @@ NUM_SAMPLES = 20  # not a multiple of the episode: episodes wrap into the next s
 SHARDED = os.environ.get("REFERENCE_SHARDED") == "1"
 # REFERENCE_OPAQUE=1: the reference's weights are in no attribute (TinyOpaqueReference)
 OPAQUE = os.environ.get("REFERENCE_OPAQUE") == "1"
+# REFERENCE_REPLICAS=2: two reference replicas of one process each
+REPLICAS = int(os.environ.get("REFERENCE_REPLICAS", "1"))
 # TRAINER_RANKS=2: the trainer is two data-parallel processes (TinyDataParallelTrainer)
 TRAINER_RANKS = int(os.environ.get("TRAINER_RANKS", "1"))
 
 
 def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
     reference = {"num_cpu": 2, "cpu_per_process": 1, "zero_size": 2} if SHARDED else {"num_cpu": 1}
+    if REPLICAS > 1:
+        reference = {"num_cpu": REPLICAS, "cpu_per_process": 1}
     return {
         "models": {
             "reference": reference,
             "policy_trainer": {"num_cpu": TRAINER_RANKS, "cpu_per_process": 1, "trainable": True},
         },
         "runtime": {
-            "colocation": [["reference", "policy_trainer"]] if SHARDED or TRAINER_RANKS > 1 else [],
+            "colocation": [["reference", "policy_trainer"]]
+            if SHARDED or TRAINER_RANKS > 1 or REPLICAS > 1
+            else [],
             "output_dir": output_dir,
             "num_episode": int(os.environ.get("NUM_EPISODE", "3")),
             "sample_per_episode": int(os.environ.get("SAMPLE_PER_EPISODE", "8")),

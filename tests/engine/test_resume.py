@@ -269,3 +269,21 @@ def test_a_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(
     assert trial.events("first_step")[-1]["iteration"] == 8
     assert trial.complete() == [4, 8, 12]
     assert_identical(trial.final_state(), baseline.final_state())
+
+
+def test_a_mid_episode_resume_with_another_number_of_reference_replicas_is_refused(
+    tmp_path: Path,
+) -> None:
+    # An episode's samples reach the trainer in an order made of the replicas' shares: resumed
+    # mid-episode with another number of replicas, the remaining steps trained other samples
+    # (one step's samples twice, another's never) without a word
+    trial = Trial(tmp_path)
+    trial.run(env={"NUM_EPISODE": "2", "SAVE_STEP_INTERVAL": "5"})  # 5: episode 2, step 1
+    code, text = trial.run_to_end(env={"LOAD_ITER": "5", "REFERENCE_REPLICAS": "2"})
+    assert code == 2, text
+    last = text.splitlines()[-1]
+    assert "models.reference: the checkpoint iter_0000005 is in the middle" in last, last
+    assert "written with 1 reference replica(s); this run has 2" in last, last
+    # at an episode's end it may change, and the change is said
+    text = trial.run(env={"LOAD_ITER": "8", "NUM_EPISODE": "3", "REFERENCE_REPLICAS": "2"})
+    assert "reference_replicas: saved 1, now 2" in text, text
