@@ -185,9 +185,14 @@ class Worker:
         while True:
             try:
                 msg = await self.client.recv()
-            except DecodeError as exc:  # a malformed message must not kill the actor
-                logger.warning("dropping a malformed control message: %s", exc)
-                continue
+            except DecodeError as exc:
+                # Only the coordinator reaches this socket (it connects to the coordinator's):
+                # a message of its that cannot be decoded is a call that would never be
+                # answered. Dropped, the run waited for the reply forever; this actor's death
+                # report stops it, naming why.
+                raise RuntimeError(
+                    f"a message from the coordinator cannot be decoded: {exc}"
+                ) from exc
             self._last_heard = time.monotonic()
             if msg.kind == MessageKind.CALL:
                 self._start_call(msg)
@@ -426,7 +431,9 @@ async def serve(opts: argparse.Namespace) -> int:
         from chatlearn.transport.endpoints import set_network_host
 
         set_network_host(opts.network_host)
-    client = ControlClient(opts.endpoint, boot.identity.encode(), context=zmq_context)
+    client = ControlClient(
+        opts.endpoint, boot.identity.encode(), context=zmq_context, drop_malformed=False
+    )
     worker: Worker | None = None
     try:
         worker = Worker(client, opts, zmq_context)

@@ -11,7 +11,8 @@ extra or wrongly typed field, raises :class:`ProtocolError` naming the message t
 field, since a malformed order is a bug of one of the run's own processes and must stop the run,
 not be guessed at.
 
-Orders to a reference replica: :class:`Connect`, :class:`BuildDatasets`, :class:`BeginEpisode`,
+Orders to a reference replica: :class:`Connect`, :class:`StageSamples` (a large data set, in
+parts), :class:`BuildDatasets`, :class:`BeginEpisode`,
 :class:`Forward` (chunks of :class:`Chunk`), :class:`EndEpisode`, :class:`Resume`,
 :class:`QueryDataParallel`, :class:`Memory`. Orders to a trainer rank: :class:`OpenInbox`,
 :class:`QueryDataParallel`, :class:`BeginEpisode`, :class:`Fill`, :class:`Train` (steps of
@@ -33,6 +34,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from chatlearn.transport.codec import DEFAULT_LIMITS
+
 EVAL = "eval"  # the episode key and dataset split of the evaluation set
 
 REFERENCE_ENTRY = "ref.handle"  # the reference replica's service entry (worker_services.py)
@@ -41,6 +44,81 @@ TRAINER_ENTRY = "train.handle"  # the trainer rank's
 
 class ProtocolError(ValueError):
     """A message that is not one of the protocol's types, or not a well-formed one."""
+
+
+# What one part of a data set sent in parts may hold: a quarter of what a receiver decodes
+# (transport/codec.py's DEFAULT_LIMITS), so that the order around the samples fits too.
+PART_BYTES = DEFAULT_LIMITS.max_header_bytes // 4
+PART_VALUES = DEFAULT_LIMITS.max_values // 4
+PART_CONTAINERS = DEFAULT_LIMITS.max_containers // 4
+PART_TUPLES = DEFAULT_LIMITS.max_tuples // 4
+PART_TENSORS = min(DEFAULT_LIMITS.max_tensors, DEFAULT_LIMITS.max_frames) // 4
+
+
+def _cost(sample: Any) -> tuple[int, int, int, int, int]:
+    """What a raw sample costs a message: bytes (text, tensor data), values, lists and maps,
+    tuples, tensors; counted without recursion."""
+    nbytes = values = containers = tuples = tensors = 0
+    stack = [sample]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            nbytes += len(value) if len(value) < 1 << 16 else len(value.encode(errors="replace"))
+        elif isinstance(value, bytes | bytearray | memoryview):
+            nbytes += len(value)
+        elif isinstance(value, dict):
+            containers += 1
+            values += 2 * len(value)
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            if isinstance(value, tuple):
+                tuples += 1
+            else:
+                containers += 1
+            values += len(value)
+            stack.extend(value)
+        elif hasattr(value, "nbytes") and hasattr(value, "shape"):  # a tensor or an array
+            tensors += 1
+            nbytes += 64 + int(value.nbytes)
+        else:
+            nbytes += 9
+    return nbytes, values, containers, tuples, tensors
+
+
+_PART_LIMITS = (PART_BYTES, PART_VALUES, PART_CONTAINERS, PART_TUPLES, PART_TENSORS)
+
+
+def sample_parts(sample_lists: Sequence[Sequence[Any]]) -> list[tuple[int, int, list[Any]]]:
+    """The samples cut into parts that each fit in one message with room to spare:
+    ``(list index, start, samples)``; one part for a data set that fits whole.
+
+    A data set of 100k+ records (or 16 MiB of text) does not fit in one message: sent whole,
+    the receiver refused it and the run waited for its answer. A single sample too large for a
+    message of its own is a ValueError naming it."""
+    parts: list[tuple[int, int, list[Any]]] = []
+    for index, samples in enumerate(sample_lists):
+        start, used = 0, [0] * len(_PART_LIMITS)
+        for position, sample in enumerate(samples):
+            cost = _cost(sample)
+            cost = (cost[0], cost[1] + 1, *cost[2:])  # an item of the message's list
+            if any(c > 2 * limit for c, limit in zip(cost, _PART_LIMITS, strict=True)):
+                raise ValueError(
+                    f"sample {position} of data set {index} is too large to send to the "
+                    f"reference (~{cost[0] / 2**20:.1f} MiB, {cost[1]} values, "
+                    f"{cost[4]} tensors; a message carries at most "
+                    f"{DEFAULT_LIMITS.max_header_bytes // 2**20} MiB of text): shorten or split it"
+                )
+            total = [u + c for u, c in zip(used, cost, strict=True)]
+            if position > start and any(
+                t > limit for t, limit in zip(total, _PART_LIMITS, strict=True)
+            ):
+                parts.append((index, start, list(samples[start:position])))
+                start, total = position, list(cost)
+            used = total
+        if len(samples) > start or not samples:
+            parts.append((index, start, list(samples[start:])))
+    return parts
 
 
 @dataclass(slots=True, kw_only=True)
@@ -136,12 +214,28 @@ class Connect(Message):
 
 @dataclass(slots=True, kw_only=True)
 class BuildDatasets(Message):
-    """Reference: ``build_dataset`` over each list of raw samples, as split ``split``."""
+    """Reference: ``build_dataset`` over each list of raw samples, as split ``split``; with
+    ``staged`` (a data set too large for one message), over the ``staged`` lists that
+    `StageSamples` orders brought instead of ``sample_lists``."""
 
     kind = "build_datasets"
     result = DatasetSizes
     sample_lists: list[list[Any]]
     split: str = "train"
+    staged: int = 0
+
+
+@dataclass(slots=True, kw_only=True)
+class StageSamples(Message):
+    """Reference: keep these raw samples, list ``list_index`` from index ``start``, for the
+    `BuildDatasets` that follows (a data set sent in parts: `sample_parts`). Sent again after
+    a restart, a part replaces itself."""
+
+    kind = "stage_samples"
+    split: str
+    list_index: int
+    start: int
+    samples: list[Any]
 
 
 @dataclass(slots=True, kw_only=True)
@@ -277,6 +371,7 @@ class Memory(Message):
 
 REFERENCE_ORDERS: tuple[type[Message], ...] = (
     Connect,
+    StageSamples,
     BuildDatasets,
     QueryDataParallel,
     BeginEpisode,
@@ -561,11 +656,23 @@ class ReferenceGroup(_Workers):
     async def build_datasets(
         self, sample_lists: Sequence[Sequence[Any]], split: str, replica: int | None = None
     ) -> list[int]:
-        """Every replica (or ``replica`` only) builds the datasets; returns their sizes."""
-        order = BuildDatasets(sample_lists=[list(s) for s in sample_lists], split=split)
-        if replica is None:
-            return (await self._all(order))[0].sizes  # type: ignore[no-any-return]
-        return (await self._ranks(self.replicas[replica], order))[0].sizes  # type: ignore[no-any-return]
+        """Every replica (or ``replica`` only) builds the datasets; returns their sizes. A data
+        set too large for one message goes in parts (`sample_parts`) first."""
+        lists = [list(s) for s in sample_lists]
+        parts = sample_parts(lists)
+        if len(parts) <= 1:
+            orders: list[Message] = [BuildDatasets(sample_lists=lists, split=split)]
+        else:
+            orders = [
+                StageSamples(split=split, list_index=index, start=start, samples=samples)
+                for index, start, samples in parts
+            ]
+            orders.append(BuildDatasets(sample_lists=[], split=split, staged=len(lists)))
+        ranks = None if replica is None else self.replicas[replica]
+        results: list[Any] = []
+        for order in orders:
+            results = await (self._all(order) if ranks is None else self._ranks(ranks, order))
+        return results[0].sizes  # type: ignore[no-any-return]
 
     async def resume(self, episode: int, forward_calls: int) -> None:
         await self._all(Resume(episode=episode, forward_calls=forward_calls))

@@ -69,6 +69,7 @@ from chatlearn.engine.protocol import (
     QueryDataParallel,
     Resume,
     SaveCheckpoint,
+    StageSamples,
     Step,
     StepDone,
     Train,
@@ -149,11 +150,14 @@ class ReferenceService(_EpisodeHooks):
         self.module = module
         self.ctx = ctx
         self.datasets: dict[str, list[Any]] = {}
+        # parts of data sets sent in parts (StageSamples): split -> (list, start) -> samples
+        self._staged: dict[str, dict[tuple[int, int], list[Any]]] = {}
         self.senders: list[DataSender] = []
         self._store: ReferenceStore | ReplicaStore | None = None
         self._store_checked = False
         self.handlers = {
             Connect: self.connect,
+            StageSamples: self.stage_samples,
             BuildDatasets: self.build_datasets,
             QueryDataParallel: self.data_parallel,
             BeginEpisode: self.begin_episode,
@@ -163,9 +167,20 @@ class ReferenceService(_EpisodeHooks):
             Memory: self.memory,
         }
 
+    async def stage_samples(self, order: StageSamples) -> None:
+        """Keep one part of a data set sent in parts, until its `BuildDatasets`."""
+        staged = self._staged.setdefault(order.split, {})
+        staged[(order.list_index, order.start)] = order.samples
+
     async def build_datasets(self, order: BuildDatasets) -> DatasetSizes:
         """``build_dataset`` over each list of raw samples; returns the dataset sizes."""
-        sizes = await self.ctx.run_compute(self._build_datasets, order.sample_lists, order.split)
+        sample_lists = order.sample_lists
+        if order.staged:
+            staged = self._staged.pop(order.split, {})
+            sample_lists = [[] for _ in range(order.staged)]
+            for (index, _), samples in sorted(staged.items()):
+                sample_lists[index].extend(samples)
+        sizes = await self.ctx.run_compute(self._build_datasets, sample_lists, order.split)
         return DatasetSizes(sizes=sizes)
 
     def _build_datasets(self, sample_lists: Sequence[Sequence[Any]], kind: str) -> list[int]:

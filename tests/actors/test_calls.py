@@ -9,7 +9,7 @@ import time
 import actors_testlib as lib
 import pytest
 
-from chatlearn.actors import ActorError, ActorSystem
+from chatlearn.actors import ActorDeadError, ActorError, ActorSystem
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -129,3 +129,15 @@ def test_error_context_added_by_the_runtime_travels_with_a_user_error():
     assert err.context == {"model": "policy", "rank": 0, "train_step_iteration": 5, "episode": 1}
     assert "ValueError: bad sample" in err.remote_traceback
     assert "train_step_iteration=5" in str(err)
+
+
+async def test_a_call_the_actor_cannot_decode_stops_the_run_instead_of_waiting_forever():
+    # 600k items: more than a receiver decodes in one message (524,288). The actor dropped it
+    # as malformed and the caller waited for an answer that could never come.
+    cfg = lib.make_config({"m": {"num_cpu": 1}}, {"max_restarts": 0})
+    async with ActorSystem(cfg) as system:
+        (group,) = await system.launch(lib.Recorder("m", cfg))
+        with pytest.raises(ActorDeadError) as info:
+            await asyncio.wait_for(group[0].call("echo", list(range(600_000))), 30)
+        assert "a message from the coordinator cannot be decoded" in str(info.value)
+        assert "TooManyObjectsError" in str(info.value)
