@@ -2,8 +2,9 @@
 
     python -m examples.dpo.train_dpo -c examples/dpo/dpo.yaml
 
-The data (a min/max preference task, `make_data.py`) is generated on first use. The engine logs
-progress and evaluations; at the end this prints a summary of the run.
+The data (a min/max preference task, `make_data.py`) is generated on first use, in `data/` only:
+a data path elsewhere that does not exist is an error, and no existing file is ever written. The
+engine logs progress and evaluations; at the end this prints a summary of the run.
 """
 
 from __future__ import annotations
@@ -38,12 +39,29 @@ def load_data(args: chatlearn.Config, key: str, path: Path) -> list[dict]:
         ) from None
 
 
-def ensure_data(train_path: Path, eval_path: Path) -> None:
-    if train_path.exists() and eval_path.exists():
+# The example's own data files, generated on first use (make_data.py); no other file is ever
+# written: a user's data path that does not exist is an error, never replaced by the example's.
+EXAMPLE_DATA = Path(__file__).resolve().parent / "data"
+
+
+def ensure_data(args: chatlearn.Config, paths: dict[str, Path]) -> None:
+    """Generate the example's data files that are missing; any other missing path is a config
+    error naming its key (``paths``: config key -> path)."""
+    missing = {key: path for key, path in paths.items() if not path.exists()}
+    for key, path in missing.items():
+        if path.resolve().parent != EXAMPLE_DATA:
+            raise args.error(
+                f"runtime.{key}",
+                f"{path} does not exist",
+                "point it at your JSONL file of {prompt, chosen, rejected} records (the "
+                f"example generates its own data only in {EXAMPLE_DATA})",
+            )
+    if not missing:
         return
     train, held_out = make_pairs("minmax")
-    write_jsonl(train, train_path)
-    write_jsonl(held_out, eval_path)
+    generated = {"data_path": train, "eval_data_path": held_out}
+    for key, path in missing.items():
+        write_jsonl(generated[key], path)
 
 
 def summarize(result: LearnResult) -> str:
@@ -81,7 +99,7 @@ if __name__ == "__main__":
         raise args.error("runtime.data_path", "not set", "set data_path: data/train.jsonl")
     train_path = resolve(runtime.data_path, args.config_dir)
     eval_path = resolve(runtime.get("eval_data_path", "data/eval.jsonl"), args.config_dir)
-    ensure_data(train_path, eval_path)
+    ensure_data(args, {"data_path": train_path, "eval_data_path": eval_path})
 
     reference = PolicyReference("reference")
     policy = PolicyTrainer("policy_trainer")

@@ -128,3 +128,40 @@ def test_custom_flow_example() -> None:
     assert lines[0].startswith("0.33  'chatlearn'")
     served = [int(re.search(r"served (\d+) calls", line).group(1)) for line in lines[-2:]]
     assert sorted(served) == [2, 3]
+
+
+def test_the_example_never_writes_over_a_users_data(tmp_path: Path) -> None:
+    # A typo in one data path made the example regenerate both files: the user's training
+    # data was replaced by 8,000 synthetic pairs and trained on, without a word
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    config = tmp_path / "mine.yaml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            includes:
+              - {ROOT / "examples" / "dpo" / "dpo.yaml"}
+            models:
+              reference:
+                model_config_file: {ROOT / "examples" / "dpo" / "model.yaml"}
+              policy_trainer:
+                model_config_file: {ROOT / "examples" / "dpo" / "model.yaml"}
+            runtime:
+              data_path: {mine}
+              eval_data_path: {tmp_path / "typo.jsonl"}
+            """
+        )
+    )
+    script = str(ROOT / "examples" / "dpo" / "train_dpo.py")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OUTPUT_DIR": str(tmp_path / "out")}
+    proc = subprocess.run(
+        [sys.executable, script, "-c", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "runtime.eval_data_path" in last and "typo.jsonl does not exist" in last, last
+    assert mine.read_text().count("\n") == 1 and not (tmp_path / "typo.jsonl").exists()
