@@ -333,11 +333,40 @@ class PreferenceDataset(Dataset):
             prompt_template=prompt_template,
         )
         encoded = self.pair_tokenizer.encode_many(load_preference_data(records))
-        self.items = [self.pair_tokenizer.to_item(*pair) for pair in encoded]
+        self.items = []
+        # what max_length cut: pairs whose prompt lost tokens, pairs whose responses did
+        self.num_truncated_prompts = self.num_truncated_responses = 0
+        for prompt, chosen, rejected in encoded:
+            item = self.pair_tokenizer.to_item(prompt, chosen, rejected)
+            kept_chosen = int(item["chosen_loss_mask"].sum())
+            kept_prompt = len(item["chosen_input_ids"]) - kept_chosen
+            kept_rejected = int(item["rejected_loss_mask"].sum())
+            self.num_truncated_prompts += kept_prompt < len(prompt)
+            self.num_truncated_responses += kept_chosen < len(chosen) or kept_rejected < len(
+                rejected
+            )
+            self.items.append(item)
         self.num_identical = sum(
             torch.equal(item["chosen_input_ids"], item["rejected_input_ids"]) for item in self.items
         )
         self.collate_fn = PreferenceCollator(tokenizer.pad_token_id)
+
+    def truncation_summary(self) -> str | None:
+        """One line on what ``max_length`` cut and which pairs it made identical (their DPO
+        gradient is zero); None when it cut nothing."""
+        if not (self.num_truncated_prompts or self.num_truncated_responses or self.num_identical):
+            return None
+        parts = [
+            f"of {len(self.items)} pairs, {self.num_truncated_prompts} lost prompt tokens and "
+            f"{self.num_truncated_responses} lost response tokens to max_length "
+            f"{self.pair_tokenizer.max_length}"
+        ]
+        if self.num_identical:
+            parts.append(
+                f"{self.num_identical} have identical responses after it (no DPO gradient: they "
+                "only dilute the batch); raise max_length or max_prompt_length's share"
+            )
+        return "; ".join(parts)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -106,6 +106,7 @@ from chatlearn.hf.memory import (
 )
 from chatlearn.hf.model import (
     causal_lm_from_args,
+    locate_model_args,
     model_arg,
     tied_gradient_in_place,
     validate_model_args,
@@ -180,6 +181,7 @@ class _HFModule(TorchModule):
                 self.name,
             )
         self.model = self.build_model()
+        self._check_positions()
         self.packing = packing_options(self.model_args, self.model, log=self._log_packing)
         self.token_budget: int | None = model_arg(self.model_args, "max_tokens_per_micro_batch")
 
@@ -191,13 +193,56 @@ class _HFModule(TorchModule):
             "agree": max_over_ranks if self.layout.sharded else None,
         }
 
+    def _check_positions(self) -> None:
+        """``max_length`` within the positions the model has: beyond them a model with learned
+        positions fails at its first long sample (an index error; a device assert on CUDA),
+        and a rotary one extrapolates, which it was not trained to."""
+        config = getattr(self.model, "config", None)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        max_length = int(self.model_args.get("max_length", 512))
+        if not isinstance(limit, int) or max_length <= limit:
+            return
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+        rotary = getattr(config, "rope_theta", None) is not None or isinstance(rope, dict)
+        kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+        if rotary and kind not in (None, "default"):
+            return  # scaled on purpose (linear, dynamic, yarn, ...)
+        where, error = locate_model_args(self.model_args)
+        problem = (
+            f"{max_length} tokens, more than the {limit} positions of the model "
+            f"({type(self.model).__name__})"
+        )
+        if not rotary:
+            raise error(
+                f"{where}.max_length",
+                problem + ": its first longer sample would fail",
+                f"set max_length to {limit} or less",
+            )
+        if self.replica_id == 0 and self.rank == 0:
+            self._logger.warning(
+                "%s: %s.max_length: %s; a rotary model extrapolates beyond them (set "
+                "max_length to %d or less, or rope_scaling in the model's config)",
+                self.name,
+                where,
+                problem,
+                limit,
+            )
+
     def _log_packing(self, message: str) -> None:
         if self.data_parallel_rank == 0:
             self._logger.info("%s: %s", self.name, message)
 
     def build_dataset(self, samples: list[Any], is_eval: bool = False) -> PreferenceDataset:
         options = {key: self.model_args[key] for key in _DATA_KEYS if key in self.model_args}
-        return PreferenceDataset(samples, self.tokenizer, **options)
+        dataset = PreferenceDataset(samples, self.tokenizer, **options)
+        summary = dataset.truncation_summary()
+        if summary and self.replica_id == 0 and self.rank == 0:  # every replica builds it
+            share = dataset.num_identical / max(1, len(dataset))
+            log = self._logger.warning if share > 0.01 else self._logger.info
+            log("%s: %s data set: %s", self.name, "eval" if is_eval else "training", summary)
+        return dataset
 
     @property
     def pad_token_id(self) -> int:

@@ -187,3 +187,22 @@ def test_a_data_file_that_cannot_be_read_says_which_and_why(tmp_path) -> None:
     for path, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             load_preference_data(path)
+
+
+def test_what_max_length_cut_is_counted_and_said() -> None:
+    # responses that differ only past max_length: identical after truncation, a zero gradient,
+    # and a run that trains nothing (loss 0.6931 throughout) without a word
+    preamble = "Let me think step by step about it. "
+    records = [
+        {"prompt": f"q{i}", "chosen": preamble + "ANSWER A", "rejected": preamble + "ANSWER B"}
+        for i in range(3)
+    ] + [{"prompt": "p" * 40, "chosen": "a", "rejected": "b"}]
+    ds = PreferenceDataset(records, byte_tokenizer(), max_length=32)
+    assert (ds.num_truncated_prompts, ds.num_truncated_responses, ds.num_identical) == (1, 3, 3)
+    summary = ds.truncation_summary()
+    assert summary is not None and summary.startswith(
+        "of 4 pairs, 1 lost prompt tokens and 3 lost response tokens to max_length 32; 3 have "
+        "identical responses after it (no DPO gradient"
+    ), summary
+    short = PreferenceDataset(records[3:], byte_tokenizer(), max_length=64)
+    assert short.truncation_summary() is None

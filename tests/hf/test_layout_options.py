@@ -138,3 +138,50 @@ def test_a_reference_whose_fsdp_shards_nothing_says_so(
         assert len(warned) == 1 and "set models.reference.zero_size" in warned[0], warned
     else:
         assert warned == []
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_max_length_beyond_the_models_positions(
+    learned: bool, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # learned positions (a local GPT-2 checkpoint): the first longer sample failed with an
+    # IndexError deep in the model (a device assert on CUDA); rotary ones (Llama) extrapolate,
+    # which is said
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from chatlearn.config import Config, reset_args, set_args
+    from chatlearn.hf import byte_tokenizer
+    from chatlearn.hf.modules import HFReference
+
+    model_args: dict = {"seed": 0, "max_length": 64}
+    if learned:
+        gpt2 = GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=260)
+        GPT2LMHeadModel(gpt2).save_pretrained(tmp_path)
+        byte_tokenizer().save_pretrained(tmp_path)
+        model_args["model_path"] = str(tmp_path)
+    else:
+        tiny = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+        model_args["model_config"] = {**tiny, "max_position_embeddings": 32}
+    config = Config(
+        {
+            "models": {
+                "reference": {"num_cpu": 1, "model_args": model_args},
+                "policy": {"num_cpu": 1, "trainable": True, "model_args": dict(model_args)},
+            },
+            "runtime": {"num_episode": 1, "sample_per_episode": 16},
+        }
+    )
+    set_args(config)
+    try:
+        module = HFReference("reference", args=config)
+        if learned:
+            with pytest.raises(ConfigError) as info:
+                module.setup()
+            assert info.value.key == "models.reference.model_args.max_length"
+            assert "more than the 32 positions of the model (GPT2LMHeadModel)" in str(info.value)
+            return
+        with caplog.at_level("WARNING"):
+            module.setup()
+        assert any("extrapolates" in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        reset_args()
