@@ -349,7 +349,12 @@ def rewind_metrics(path: Path, offset: int) -> int:
     Records written after the checkpoint belong to steps that the resumed run trains again; they
     are moved to ``metrics.superseded.jsonl`` beside it rather than lost. Returns the bytes moved.
     """
-    if not path.is_file() or path.stat().st_size <= offset:
+    if not path.is_file():
+        return 0
+    size = path.stat().st_size
+    if size < offset:
+        return _cut_torn_line(path, offset - size)
+    if size == offset:
         return 0
     with path.open("r+b") as f:
         f.seek(offset)
@@ -358,6 +363,28 @@ def rewind_metrics(path: Path, offset: int) -> int:
             superseded.write(tail)
         f.truncate(offset)
     return len(tail)
+
+
+def _cut_torn_line(path: Path, missing: int) -> int:
+    """``metrics.jsonl`` shorter than its checkpoint recorded: records of steps before the
+    checkpoint never reached the disk (a machine that crashed before writing them back). Say so,
+    and move a torn last line to ``metrics.superseded.jsonl``, so that the records this run
+    appends start on a line of their own. Returns the bytes moved."""
+    logger.warning(
+        "%s is %d bytes shorter than the checkpoint recorded: the records of some steps "
+        "before it were lost in a crash (the steps themselves are in the checkpoint)",
+        path,
+        missing,
+    )
+    with path.open("r+b") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return 0
+        keep = data.rfind(b"\n") + 1
+        with path.with_name("metrics.superseded.jsonl").open("ab") as superseded:
+            superseded.write(data[keep:] + b"\n")
+        f.truncate(keep)
+    return len(data) - keep
 
 
 def describe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

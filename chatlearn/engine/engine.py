@@ -701,7 +701,7 @@ class DPOEngine(Engine):
                 )
         sink = MetricsSink(output, tensorboard=bool(runtime.tensorboard))
         checkpoints.metrics_path = sink.path
-        checkpoints.flush_metrics = sink.flush
+        checkpoints.flush_metrics = sink.sync
         sink.flush()
         # where a trainer restart without a checkpoint of this run goes back to
         start = (

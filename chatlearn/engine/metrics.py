@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -219,6 +220,12 @@ class MetricsSink:
     def flush(self) -> None:
         self._file.flush()
         self._flushed = time.time()
+
+    def sync(self) -> None:
+        """Flush, and have the records reach the disk: a checkpoint records how far the file
+        goes, and is itself written durably."""
+        self.flush()
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()

@@ -287,3 +287,24 @@ def test_a_mid_episode_resume_with_another_number_of_reference_replicas_is_refus
     # at an episode's end it may change, and the change is said
     text = trial.run(env={"LOAD_ITER": "8", "NUM_EPISODE": "3", "REFERENCE_REPLICAS": "2"})
     assert "reference_replicas: saved 1, now 2" in text, text
+
+
+def test_metrics_shorter_than_the_checkpoint_recorded_is_said_and_stays_valid_jsonl(
+    baseline: Trial, tmp_path: Path
+) -> None:
+    # After a machine crash metrics.jsonl may hold less than its checkpoint recorded (it was
+    # flushed, never synced) and end in half a line; the resumed run glued its records onto it
+    trial = Trial(tmp_path)
+    shutil.copytree(baseline.output, trial.output)
+    metrics = trial.run_dir / "metrics.jsonl"
+    recorded = trial.state(FINAL).metrics["size"]
+    data = metrics.read_bytes()[: recorded - 40]
+    assert not data.endswith(b"\n")
+    metrics.write_bytes(data)
+    text = trial.run()
+    assert "bytes shorter than the checkpoint recorded" in text, text
+    lines = metrics.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line whole
+    assert records[-1]["kind"] == "resume"
+    torn = (trial.run_dir / "metrics.superseded.jsonl").read_text().splitlines()
+    assert data.decode().endswith(torn[-1])
