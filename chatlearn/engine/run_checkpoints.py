@@ -28,7 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chatlearn.config.errors import ConfigError, located_error
+from chatlearn.actors.errors import ActorError
+from chatlearn.config.errors import ConfigError, located_error, one_line
 from chatlearn.engine.checkpoint import (
     CheckpointInfo,
     CheckpointManager,
@@ -131,6 +132,19 @@ class RunCheckpoints:
                 path,
             )
             return path
+
+    def _layout_changes(self, saved: CoordinatorState, current: dict[str, Any]) -> list[str]:
+        """How the trainer's processes and sharding differ from those of the checkpoint."""
+        changes = []
+        ranks = (saved.trainer or {}).get("num_ranks")
+        if ranks is not None and ranks != len(self.trainer):
+            changes.append(f"{ranks} process(es) then, {len(self.trainer)} now")
+        prefix = f"models.{self.trainer.name}.model_args."
+        for change in model_args_changes(saved.config, current):
+            key = change[len(prefix) :].split(":")[0].split(".")[0]
+            if change.startswith(prefix) and key in _LAYOUT_KEYS:
+                changes.append(change)
+        return changes
 
     def _error(self, key: str, problem: str, fix: str) -> ConfigError:
         return located_error(self.config, key, problem, fix)
@@ -236,7 +250,20 @@ class RunCheckpoints:
                     "to metrics.superseded.jsonl",
                     moved,
                 )
-        await self.trainer.load_checkpoint(str(info.path), saved.iteration, saved.episode)
+        try:
+            await self.trainer.load_checkpoint(str(info.path), saved.iteration, saved.episode)
+        except ActorError as exc:
+            layout = self._layout_changes(saved, current)
+            if not layout:
+                raise  # the module's own failure
+            raise self._error(
+                f"models.{self.trainer.name}",
+                f"the checkpoint {info.path.name} was written by another trainer layout "
+                f"({'; '.join(layout)}) and this one cannot load it: "
+                f"{one_line(exc.message).splitlines()[0][:300]}",
+                "resume with the layout it was written with, or start a new run (another "
+                "output_dir, or enable_resume_training: false)",
+            ) from None
         forward_calls = reference_iteration(
             saved.episode,
             self.settings.sample_per_episode,
@@ -282,6 +309,9 @@ async def find_checkpoint(
         )
     return info
 
+
+# model arguments that decide how a trainer's checkpoint is laid out (chatlearn.hf)
+_LAYOUT_KEYS = ("parallel", "lora", "enable_lora")
 
 # the config key behind each data setting a sampler checkpoint records
 _SAMPLER_KEYS = {

@@ -583,6 +583,17 @@ class TrainerService(_EpisodeHooks):
         )
         if kind == "save":
             directory.mkdir(parents=True, exist_ok=True)
+        if kind == "load" and not directory.is_dir():
+            # every rank that saved has its directory: the checkpoint was written by fewer
+            # processes, and this one would go on with the weights setup() built, apart from
+            # the others (a data-parallel rank whose weights differ from the rest)
+            written = sorted(p.name for p in directory.parent.glob("rank_*") if p.is_dir())
+            if written:
+                raise FileNotFoundError(
+                    f"{self.module.name}: no directory of rank {self.ctx.identity.rank} in the "
+                    f"checkpoint ({directory}): it was written by {len(written)} process(es) "
+                    "of this model"
+                )
         if kind == "load" and not resume_loads_checkpoint(self.module, directory):
             logger.info(
                 "%s: no load_checkpoint of its own and a checkpoint not written by "

@@ -308,3 +308,16 @@ def test_metrics_shorter_than_the_checkpoint_recorded_is_said_and_stays_valid_js
     assert records[-1]["kind"] == "resume"
     torn = (trial.run_dir / "metrics.superseded.jsonl").read_text().splitlines()
     assert data.decode().endswith(torn[-1])
+
+
+def test_a_checkpoint_of_another_trainer_layout_is_one_line_naming_both(tmp_path: Path) -> None:
+    # written by one trainer process, resumed with two: the second rank finds no directory of
+    # its own, which surfaced as a 70-line traceback from the trainer after the actors started
+    trial = Trial(tmp_path)
+    trial.run(env={"NUM_EPISODE": "1"})
+    code, text = trial.run_to_end(env={"NUM_EPISODE": "2", "TRAINER_RANKS": "2"})
+    assert code == 2, text
+    last = text.splitlines()[-1]
+    assert "models.policy_trainer: the checkpoint iter_0000004 was written by another" in last
+    assert "(1 process(es) then, 2 now)" in last and "fix: resume with the layout" in last, last
+    assert "Traceback" not in text, text
