@@ -52,14 +52,20 @@ def load_preference_data(source: str | Path | Iterable[Mapping[str, Any]]) -> li
         path = Path(source)
         records = []
         try:
-            with path.open(encoding="utf-8") as handle:
+            # utf-8-sig: a byte-order mark (Windows tools write one) is skipped, not an error
+            with path.open(encoding="utf-8-sig") as handle:
                 for number, line in enumerate(handle, start=1):
                     if not line.strip():
                         continue
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as exc:
+                        if number == 1 and line.lstrip().startswith("["):
+                            raise ValueError(_ARRAY_FILE.format(path=path)) from None
                         raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from None
+                    if number == 1 and isinstance(record, list) and record:
+                        if all(isinstance(item, Mapping) for item in record):
+                            raise ValueError(_ARRAY_FILE.format(path=path))
                     records.append(_check_record(record, f"{path}:{number}"))
         except OSError as exc:  # missing, a directory, unreadable
             raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
@@ -73,6 +79,11 @@ def load_preference_data(source: str | Path | Iterable[Mapping[str, Any]]) -> li
     return [_check_record(r, f"sample {i} of {given}") for i, r in enumerate(samples)]
 
 
+_ARRAY_FILE = (
+    "{path}: a JSON array; preference data files are JSONL, one record a line (convert it with "
+    'python -c "import json,sys; [print(json.dumps(r)) for r in json.load(sys.stdin)]" '
+    "< in.json > out.jsonl)"
+)
 _RECORD_SHAPE = (
     'DPO data must be preference records: {"prompt": ..., "chosen": ..., "rejected": ...} '
     "(strings, or message lists)"

@@ -206,3 +206,14 @@ def test_what_max_length_cut_is_counted_and_said() -> None:
     ), summary
     short = PreferenceDataset(records[3:], byte_tokenizer(), max_length=64)
     assert short.truncation_summary() is None
+
+
+def test_a_byte_order_mark_is_skipped_and_a_json_array_file_is_named(tmp_path: Path) -> None:
+    record = {"prompt": "p", "chosen": "c", "rejected": "r"}
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(record) + "\n").encode())  # Windows tools
+    assert load_preference_data(path) == [record]
+    for text in (json.dumps([record, record]), json.dumps([record, record], indent=2)):
+        path.write_text(text + "\n")
+        with pytest.raises(ValueError, match="bom.jsonl: a JSON array; preference data files"):
+            load_preference_data(path)
