@@ -604,6 +604,10 @@ class TrainerService(_EpisodeHooks):
         self.module._checkpoint_dir = directory
         try:
             invoke(self.module, f"{kind}_checkpoint", (), {"iteration": iteration})
+        except Exception as exc:
+            if kind == "save":  # a full disk often says only "unexpected pos" (torch.save)
+                add_error_context(exc, checkpoint=str(directory), **_disk_space(directory))
+            raise
         finally:
             self.module._checkpoint_dir = None
         return Interval(start=start, end=time.time())
@@ -698,6 +702,24 @@ def _nbytes(output: Mapping[str, Any]) -> int:
         elif isinstance(value, list | tuple):
             total += 8 * len(value)
     return total
+
+
+def _disk_space(directory: Path) -> dict[str, str]:
+    """What a failed save's error should say about where it wrote: the free space of its file
+    system, and this process's file size limit when it has one (``ulimit -f``)."""
+    import resource
+    import shutil
+
+    facts: dict[str, str] = {}
+    try:
+        usage = shutil.disk_usage(directory if directory.exists() else directory.parent)
+        facts["disk_free"] = f"{usage.free / 2**20:.0f} MiB of {usage.total / 2**20:.0f} MiB"
+    except OSError:
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        facts["file_size_limit"] = f"{limit / 2**20:.1f} MiB (ulimit -f)"
+    return facts
 
 
 def _appended_metrics(module: Any) -> tuple[str, dict[str, float]]:

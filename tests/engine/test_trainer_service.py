@@ -64,3 +64,38 @@ async def test_a_step_whose_data_arrives_first_still_waits_for_the_step_before_i
         compute.stop()
     assert module.steps == [(4, [0.0, 1.0]), (5, [2.0, 3.0])]
     assert results[0]["steps"][0]["end"] <= results[1]["steps"][0]["start"]
+
+
+def test_a_failed_save_says_where_it_wrote_and_the_room_there(tmp_path) -> None:
+    # a full disk made torch.save say only "[enforce fail at inline_container.cc] unexpected
+    # pos 2375360 vs 2375252": no path, no iteration, nothing about space
+    import resource
+
+    from chatlearn.actors.worker_core import _CONTEXT_ATTR
+
+    class _Full(_Recorder):
+        name = "policy"
+
+        def save_checkpoint(self, iteration):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    ctx = WorkerContext(
+        ActorSpec(identity=ActorIdentity(model="policy"), class_ref=None),
+        routing_id=b"policy",
+        loop=None,  # type: ignore[arg-type]
+        compute=None,  # type: ignore[arg-type]
+        zmq_context=None,
+        in_process=True,
+    )
+    service = TrainerService(_Full(), ctx)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 2**20, hard))
+    try:
+        with pytest.raises(RuntimeError) as info:
+            service._checkpoint_call("save", str(tmp_path), 7)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    context = getattr(info.value, _CONTEXT_ATTR)
+    assert context["checkpoint"] == str(tmp_path / "policy" / "rank_0")
+    assert context["disk_free"].endswith(" MiB") and " MiB of " in context["disk_free"]
+    assert context["file_size_limit"] == "64.0 MiB (ulimit -f)"
