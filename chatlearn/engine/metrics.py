@@ -220,6 +220,20 @@ class MetricsSink:
     def flush(self) -> None:
         self._file.flush()
         self._flushed = time.time()
+        if os.fstat(self._file.fileno()).st_nlink == 0:
+            self._reopen()
+
+    def _reopen(self) -> None:
+        """The file was deleted under the run (its directory removed, say): the records went
+        to a file no one can read. Say so, and write a new one from here on."""
+        logger.warning(
+            "%s was deleted while this run writes it: the records before this one are lost, "
+            "the next ones go to a new file",
+            self.path,
+        )
+        self._file.close()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
 
     def sync(self) -> None:
         """Flush, and have the records reach the disk: a checkpoint records how far the file

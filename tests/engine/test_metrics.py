@@ -106,3 +106,21 @@ def test_a_late_interval_counts_only_after_the_cutoff() -> None:
     timers["a"].add(5.0, 25.0)  # started before the cutoff: [5, 20) is left out of the union
     assert timers["a"].busy_seconds() == pytest.approx(1 + 1 + 5 + 1)
     assert timers["a"].process_seconds() == pytest.approx(4 + 20)
+
+
+def test_a_metrics_file_deleted_under_the_run_is_said_and_written_again(
+    tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    sink = MetricsSink(tmp_path / "run")
+    sink.write("train", 1, {"loss": 1.0})
+    shutil.rmtree(tmp_path / "run")  # a careless rm -rf of the output directory mid-run
+    with caplog.at_level("WARNING", logger="chatlearn.engine"):
+        sink.write("eval", 2, {"loss": 0.5})  # an eval record is flushed at once
+        sink.write("train", 3, {"loss": 0.25})
+        sink.flush()
+    assert "was deleted while this run writes it" in caplog.text
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [3]
+    sink.close()
