@@ -15,6 +15,13 @@ import textwrap
 import pytest
 
 
+def _rounding(row: dict, mode: str) -> float:
+    """The relative error of ``<mode>_msgs_per_s / raw_msgs_per_s`` from their rounding to 0.1
+    (each off by up to 0.05), plus 1% for the ratio's own rounding; 3% at least."""
+    return max(0.03, 0.05 / row[f"{mode}_msgs_per_s"] + 0.05 / row["raw_msgs_per_s"] + 0.01)
+
+
+@pytest.mark.serial  # a benchmark: another test's load would make its figures meaningless
 @pytest.mark.timeout(180)
 def test_bench_transport_json_has_every_figure():
     completed = subprocess.run(
@@ -35,15 +42,16 @@ def test_bench_transport_json_has_every_figure():
         for key in ("ours_gbps", "raw_gbps", "codec_gbps", "pickle_gbps", "memcpy_gbps"):
             assert row[key] > 0, (key, row)
         # one round (--quick): the ratio is that round's; msg/s are rounded to 0.1, so at
-        # 128 MiB (about 8 msg/s) the ratio of the two is off by ~1%
+        # 128 MiB (about 8 msg/s, fewer on a busy machine) the ratio of the two is off by
+        # up to 0.05 / msg/s of each (`_rounding`)
         assert len(row["ratio_runs"]) == 1
         assert row["ratio_vs_raw"] == row["ratio_runs"][0]
         ratio = row["ours_msgs_per_s"] / row["raw_msgs_per_s"]
-        assert row["ratio_vs_raw"] == pytest.approx(ratio, rel=0.03)
+        assert row["ratio_vs_raw"] == pytest.approx(ratio, rel=_rounding(row, "ours"))
         # the codec's own bound (our codec over blocking pyzmq), in the same round
         assert row["codec_ratio_runs"] == [row["codec_ratio_vs_raw"]]
         ratio = row["codec_msgs_per_s"] / row["raw_msgs_per_s"]
-        assert row["codec_ratio_vs_raw"] == pytest.approx(ratio, rel=0.03)
+        assert row["codec_ratio_vs_raw"] == pytest.approx(ratio, rel=_rounding(row, "codec"))
     for key in ("rtt_us_p50", "rtt_us_p99", "raw_rtt_us_p50", "raw_rtt_us_p99"):
         assert result[key] > 0, key
     # the machine's floors, over a plain unix stream socket
