@@ -123,7 +123,30 @@ def _check_record(record: Any, where: str) -> dict:
                 f"{_RECORD_SHAPE}; {where}: {key} is {_short(value)} (a "
                 f"{type(value).__name__}): {hint}"
             )
+        if isinstance(value, list):
+            _check_messages(value, f"{where}: {key}")
     return record
+
+
+def _check_messages(messages: list, where: str) -> None:
+    """A message list of a conversational record: {"role": str, "content": str} each, at least
+    one. Anything else failed later in the chat template, without naming the record, or (a
+    missing or null content) trained on an empty response."""
+    if not messages:
+        raise ValueError(f"{where} is an empty message list; give at least one message")
+    for i, message in enumerate(messages):
+        problem = None
+        if not isinstance(message, Mapping):
+            problem = f"is {_short(message)} (a {type(message).__name__}), not a message"
+        elif not isinstance(message.get("role"), str) or not message["role"]:
+            problem = f"has no role ({_short(message)})"
+        elif not isinstance(message.get("content"), str | list):  # a list: content parts
+            problem = f"has no content ({_short(message)})"
+        if problem:
+            raise ValueError(
+                f"{where}: message {i} {problem}; write each message as "
+                '{"role": "user" | "assistant" | ..., "content": "text"}'
+            )
 
 
 def _short(value: Any, limit: int = 120) -> str:

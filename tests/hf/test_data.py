@@ -217,3 +217,29 @@ def test_a_byte_order_mark_is_skipped_and_a_json_array_file_is_named(tmp_path: P
         path.write_text(text + "\n")
         with pytest.raises(ValueError, match="bom.jsonl: a JSON array; preference data files"):
             load_preference_data(path)
+
+
+@pytest.mark.parametrize(
+    ("chosen", "message"),
+    [
+        ([], "chosen is an empty message list"),
+        (["x", "y"], "chosen: message 0 is 'x' (a str), not a message"),
+        ([{"role": "assistant"}], "chosen: message 0 has no content"),
+        ([{"role": "assistant", "content": None}], "chosen: message 0 has no content"),
+        ([{"content": "hi"}], "chosen: message 0 has no role"),
+    ],
+)
+def test_a_broken_message_list_is_named_where_it_is_read(
+    tmp_path: Path, chosen: list, message: str
+) -> None:
+    # these failed later in the actor's chat template without naming the record, or (a missing
+    # or null content) trained on an empty response
+    good = {
+        "prompt": [{"role": "user", "content": "q"}],
+        "rejected": [{"role": "assistant", "content": "b"}],
+    }
+    path = tmp_path / "conv.jsonl"
+    path.write_text(json.dumps(good | {"chosen": [{"role": "assistant", "content": "a"}]}) + "\n"
+                    + json.dumps(good | {"chosen": chosen}) + "\n")  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(f"conv.jsonl:2: {message}")):
+        load_preference_data(path)
