@@ -87,6 +87,7 @@ class BaseModule:
         self._num_replica: int | None = None
         self._peak_memory = 0.0
         self._checkpoint_dir: Path | None = None  # set by the engine around save/load calls
+        self._is_colocate: bool | None = None  # from runtime.colocation on first use
         # ChatLearn's metric hooks: dicts appended by the module's steps, reduced (mean) into
         # the trainer's step metrics as `<prefix>/<key>` (`get_and_clear_metrics`)
         self._metric_prefix = ""
@@ -148,6 +149,29 @@ class BaseModule:
 
     def is_last_rank(self) -> bool:
         return self._rank == self._world_size - 1
+
+    def get_rank(self) -> int:
+        """ChatLearn's name of `rank`."""
+        return self.rank
+
+    @property
+    def is_colocate(self) -> bool:
+        """Whether this model shares its devices with others (``runtime.colocation``)."""
+        if self._is_colocate is None:
+            groups = config_value(self.runtime_args, "colocation", None) or []
+            names = [
+                [n.strip() for n in g.split(",")] if isinstance(g, str) else list(g) for g in groups
+            ]
+            self._is_colocate = any(self.name in group and len(group) > 1 for group in names)
+        return self._is_colocate
+
+    def set_colocate(self, flag: bool) -> None:
+        self._is_colocate = bool(flag)
+
+    @property
+    def parameter_sync_frequency(self) -> int:
+        """ChatLearn's ``models.<name>.sync_frequency`` (1 unless set; no effect here)."""
+        return int(config_value(self._module_args, "sync_frequency", 1) or 1)
 
     @property
     def resume_training(self) -> bool:

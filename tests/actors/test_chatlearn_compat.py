@@ -215,3 +215,21 @@ def test_chatlearn_utils_that_modules_import() -> None:
     assert isinstance(batch["pair"], tuple) and batch["pair"][1] == 3
     assert logger.name == "ChatLearn"
     log_rank_0("hello")
+
+
+def test_more_of_chatlearns_module_helpers() -> None:
+    cfg = lib.make_config(
+        {"reference": {"num_cpu": 1}, "policy": {"num_cpu": 1, "trainable": True}},
+        {"colocation": ["reference,policy"]},  # ChatLearn writes groups as "a,b"
+    )
+    set_args(cfg)
+    try:
+        policy = TorchModule("policy", cfg)
+        policy._rank = 1
+        assert policy.get_rank() == 1 and policy.is_colocate is True
+        policy.set_colocate(False)
+        assert policy.is_colocate is False and policy.parameter_sync_frequency == 1
+        alone = lib.make_config({"reference": {"num_cpu": 1}, "policy": {"num_cpu": 1}})
+        assert BaseModule("reference", alone).is_colocate is False
+    finally:
+        reset_args()
