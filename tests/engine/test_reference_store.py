@@ -203,16 +203,9 @@ def test_a_reference_whose_weights_the_store_cannot_see_stops_the_run_in_one_lin
     tmp_path: Path,
 ) -> None:
     trial = Trial(tmp_path)
-    proc, log = trial.start(
-        env={"REFERENCE_STORE": str(tmp_path / "store"), "REFERENCE_OPAQUE": "1"}
-    )
-    try:
-        proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
-    assert proc.returncode == 2, text
+    env = {"REFERENCE_STORE": str(tmp_path / "store"), "REFERENCE_OPAQUE": "1"}
+    code, text = trial.run_to_end(env=env)
+    assert code == 2, text
     assert "Traceback" not in text, text
     last = text.splitlines()[-1]
     assert last.startswith("runtime.reference_store: the reference module TinyOpaqueReference")
