@@ -370,10 +370,14 @@ class PreferenceDataset(Dataset):
         self.items = []
         # what max_length cut: pairs whose prompt lost tokens, pairs whose responses did
         self.num_truncated_prompts = self.num_truncated_responses = 0
+        # pairs with no prompt token at all (an empty prompt, a tokenizer without bos): no token
+        # comes before the responses' first, so it is not scored
+        self.num_empty_prompts = 0
         for prompt, chosen, rejected in encoded:
             item = self.pair_tokenizer.to_item(prompt, chosen, rejected)
             kept_chosen = int(item["chosen_loss_mask"].sum())
             kept_prompt = len(item["chosen_input_ids"]) - kept_chosen
+            self.num_empty_prompts += kept_prompt == 0
             kept_rejected = int(item["rejected_loss_mask"].sum())
             self.num_truncated_prompts += kept_prompt < len(prompt)
             self.num_truncated_responses += kept_chosen < len(chosen) or kept_rejected < len(
@@ -386,15 +390,21 @@ class PreferenceDataset(Dataset):
         self.collate_fn = PreferenceCollator(tokenizer.pad_token_id)
 
     def truncation_summary(self) -> str | None:
-        """One line on what ``max_length`` cut and which pairs it made identical (their DPO
-        gradient is zero); None when it cut nothing."""
-        if not (self.num_truncated_prompts or self.num_truncated_responses or self.num_identical):
+        """One line on what ``max_length`` cut, which pairs it made identical (their DPO
+        gradient is zero) and which have no prompt token; None when there is none of that."""
+        cut = self.num_truncated_prompts or self.num_truncated_responses
+        if not (cut or self.num_identical or self.num_empty_prompts):
             return None
         parts = [
             f"of {len(self.items)} pairs, {self.num_truncated_prompts} lost prompt tokens and "
             f"{self.num_truncated_responses} lost response tokens to max_length "
             f"{self.pair_tokenizer.max_length}"
         ]
+        if self.num_empty_prompts:
+            parts.append(
+                f"{self.num_empty_prompts} have no prompt token (an empty prompt and a tokenizer "
+                "without bos): the first token of their responses is not scored"
+            )
         if self.num_identical:
             parts.append(
                 f"{self.num_identical} have identical responses after it (no DPO gradient: they "

@@ -243,3 +243,24 @@ def test_a_broken_message_list_is_named_where_it_is_read(
                     + json.dumps(good | {"chosen": chosen}) + "\n")  # fmt: skip
     with pytest.raises(ValueError, match=re.escape(f"conv.jsonl:2: {message}")):
         load_preference_data(path)
+
+
+def test_pairs_without_a_prompt_token_are_counted() -> None:
+    # Qwen2- and GPT-2-style tokenizers add no bos: with an empty prompt nothing comes before
+    # a response's first token, so only the tokens after it are scored, silently
+    class NoBos:
+        bos_token_id, eos_token_id, pad_token_id = None, 1, 0
+
+        def __call__(self, text, add_special_tokens=False):
+            texts = [text] if isinstance(text, str) else text
+            ids = [[2 + (ord(c) % 50) for c in t] for t in texts]
+            return {"input_ids": ids[0] if isinstance(text, str) else ids}
+
+    records = [
+        {"prompt": "", "chosen": "Y", "rejected": "N"},
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+    ]
+    ds = PreferenceDataset(records, NoBos(), max_length=16)
+    assert ds.num_empty_prompts == 1
+    summary = ds.truncation_summary()
+    assert summary is not None and "1 have no prompt token" in summary, summary
