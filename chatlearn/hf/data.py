@@ -284,19 +284,35 @@ class PairTokenizer:
         for i, record in enumerate(records):
             if _is_conversational(record):
                 encoded[i] = self.encode(record)
-        if plain:
-            template = self.prompt_template
+        template = self.prompt_template
+        eos = [self.tokenizer.eos_token_id]
+        # in slices: the tokenizer's output for a whole data set (offsets, masks and Python
+        # lists for every text) held at once was most of the memory of loading it
+        for first in range(0, len(plain), _ENCODE_SLICE):
+            part = plain[first : first + _ENCODE_SLICE]
             prompts = [
-                template.replace(PROMPT_PLACEHOLDER, str(records[i]["prompt"])) for i in plain
+                template.replace(PROMPT_PLACEHOLDER, str(records[i]["prompt"])) for i in part
             ]
-            responses = [str(records[i][key]) for i in plain for key in ("chosen", "rejected")]
-            prompt_ids = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-            response_ids = self.tokenizer(responses, add_special_tokens=False)["input_ids"]
-            eos = [self.tokenizer.eos_token_id]
-            for k, i in enumerate(plain):
+            responses = [str(records[i][key]) for i in part for key in ("chosen", "rejected")]
+            prompt_ids = self._ids_of(prompts, special=True)
+            response_ids = self._ids_of(responses, special=False)
+            for k, i in enumerate(part):
                 chosen, rejected = response_ids[2 * k], response_ids[2 * k + 1]
                 encoded[i] = (list(prompt_ids[k]), list(chosen) + eos, list(rejected) + eos)
         return [item for item in encoded if item is not None]
+
+    def _ids_of(self, texts: list[str], *, special: bool) -> list[list[int]]:
+        """The ids of many texts in one tokenizer call, without the masks and offsets."""
+        try:
+            out = self.tokenizer(
+                texts,
+                add_special_tokens=special,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
+        except TypeError:  # a tokenizer without those options
+            out = self.tokenizer(texts, add_special_tokens=special)
+        return list(out["input_ids"])
 
     def __call__(self, record: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return self.to_item(*self.encode(record))
@@ -313,6 +329,9 @@ class PairTokenizer:
             mask[len(prompt) :] = 1
             item[f"{side}_loss_mask"] = mask
         return item
+
+
+_ENCODE_SLICE = 4096  # records tokenized per call by `PairTokenizer.encode_many`
 
 
 class PreferenceCollator:
