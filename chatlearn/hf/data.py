@@ -283,7 +283,12 @@ class PairTokenizer:
         plain = [i for i, record in enumerate(records) if not _is_conversational(record)]
         for i, record in enumerate(records):
             if _is_conversational(record):
-                encoded[i] = self.encode(record)
+                try:
+                    encoded[i] = self.encode(record)
+                except (ValueError, TypeError, KeyError) as exc:  # the chat template's
+                    raise ValueError(
+                        f"sample {i} of the data set ({_short(record)}): {exc}"
+                    ) from None
         template = self.prompt_template
         eos = [self.tokenizer.eos_token_id]
         # in slices: the tokenizer's output for a whole data set (offsets, masks and Python

@@ -264,3 +264,17 @@ def test_pairs_without_a_prompt_token_are_counted() -> None:
     assert ds.num_empty_prompts == 1
     summary = ds.truncation_summary()
     assert summary is not None and "1 have no prompt token" in summary, summary
+
+
+def test_a_chat_template_failure_names_the_sample() -> None:
+    # raised in the reference replica, the chat template's own error named no record
+    good = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    conversational = {
+        "prompt": [{"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "assistant", "content": "b"}],
+    }
+    with pytest.raises(
+        ValueError, match=r"sample 1 of the data set \(\{'prompt': \[\{'role'.*chat template"
+    ):
+        PreferenceDataset([good, conversational], byte_tokenizer())  # no chat template
