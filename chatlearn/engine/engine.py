@@ -336,6 +336,7 @@ class DPOEngine(Engine):
             graceful=self._stop_gracefully,
             hard=lambda reason: self._stop_at_once(task, reason),
             stop_timeout=float(runtime.get("stop_timeout", None) or self.stop_timeout),
+            saves=bool(runtime.save_episode_interval or runtime.save_step_interval),
         )
         self._interrupts = interrupts
         self._cancelled_by_signal = False

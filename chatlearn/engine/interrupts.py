@@ -84,7 +84,9 @@ class Interrupts:
         graceful: Callable[[], bool],
         hard: Callable[[str], None],
         stop_timeout: float,
+        saves: bool = True,
     ) -> None:
+        self.saves = saves  # whether a graceful stop writes a checkpoint (the run saves at all)
         self.graceful = graceful
         self.hard = hard
         self.stop_timeout = stop_timeout
@@ -119,9 +121,13 @@ class Interrupts:
         if self.count == 1 and self.graceful():
             logger.warning(
                 "%s received: finishing the running training steps (at most %.0f s), then "
-                "saving and stopping; send it again to stop at once",
+                "%s; send it again to stop at once",
                 name,
                 self.stop_timeout,
+                "saving and stopping"
+                if self.saves
+                else "stopping without a checkpoint (neither save_episode_interval nor "
+                "save_step_interval is set)",
             )
             loop = asyncio.get_running_loop()
             self._watchdog = loop.call_later(self.stop_timeout, self._expired)

@@ -162,3 +162,16 @@ async def test_checkpoint_on_request_from_a_custom_flow_resumes_mid_episode(tmp_
     assert [t["iteration"] for t in resumed] == list(range(saved.iteration, 8))
     assert [t["batches"] for t in resumed] == [t["batches"] for t in first_run[saved.iteration :]]
     assert engine.trainer.iteration == 8
+
+
+async def test_a_graceful_stop_of_a_run_that_never_saves_does_not_promise_a_checkpoint(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # the message said "then saving and stopping" when no interval was set and nothing was saved
+    for saves, said in ((True, "then saving and stopping"), (False, "without a checkpoint")):
+        interrupts = Interrupts(graceful=lambda: True, hard=print, stop_timeout=5, saves=saves)
+        with caplog.at_level("WARNING", logger="chatlearn.engine"):
+            interrupts.handle(signal.SIGTERM)
+        assert said in caplog.text, caplog.text
+        caplog.clear()
+        interrupts.close()
