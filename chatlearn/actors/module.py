@@ -321,6 +321,15 @@ class BaseModule:
         return int(config_value(self._module_args, "gpu_per_process", 1))
 
     @property
+    def total_cpu(self) -> int:
+        """CPU cores of the model (`num_cpu`); 0 for a model on GPUs."""
+        return int(config_value(self._module_args, "num_cpu", 0))
+
+    def is_master_node(self) -> bool:
+        """Whether this process runs on the coordinator's host (ChatLearn's master node)."""
+        return self._runtime_dir is not None
+
+    @property
     def num_gpu_per_replica(self) -> int:
         """GPUs of one replica: all of a trainer's (one replica, data parallel inside), tp × pp
         (× ep, or zero_size) of an inference model's."""

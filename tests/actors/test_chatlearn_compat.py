@@ -231,5 +231,8 @@ def test_more_of_chatlearns_module_helpers() -> None:
         assert policy.is_colocate is False and policy.parameter_sync_frequency == 1
         alone = lib.make_config({"reference": {"num_cpu": 1}, "policy": {"num_cpu": 1}})
         assert BaseModule("reference", alone).is_colocate is False
+        assert policy.total_cpu == 1 and policy.is_master_node() is False  # not in an actor
+        policy._runtime_dir = Path("/run/x")  # what the runtime sets on the coordinator's host
+        assert policy.is_master_node() is True
     finally:
         reset_args()
