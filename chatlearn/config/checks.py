@@ -220,7 +220,7 @@ def check_output_paths(config: Config) -> None:
     paths = [("output_dir", rt.output_dir_as_given), ("exp_name", rt.output_path)]
     if rt.data_checkpoint_path:
         paths.append(("data_checkpoint_path", rt.data_checkpoint_path))
-    if rt.get("reference_store", None):
+    if rt.reference_store:
         paths.append(("reference_store", rt.reference_store))
     for key, path in paths:
         problem = _directory_problem(path)
@@ -244,18 +244,10 @@ def _directory_problem(path: str) -> str | None:
         what = "is an existing file" if existing == target else f"is under a file ({existing})"
         return f"{path!r} {what}, not a directory"
     where = "" if existing == target else f" (the nearest existing directory {existing})"
-    if not os.access(existing, os.W_OK | os.X_OK) or _read_only(existing):
-        return f"{path!r} is not writable{where}"
-    try:  # what the mode bits do not tell: /proc, /sys, a full disk, quotas, ...
+    # made and removed: permissions, a read-only mount (which root's mode bits do not show),
+    # /proc, /sys, a full disk, quotas all answer here
+    try:
         os.rmdir(tempfile.mkdtemp(prefix=".chatlearn-probe-", dir=existing))
     except OSError as exc:
         return f"{path!r} cannot hold the run's files{where}: {exc.strerror or exc}"
     return None
-
-
-def _read_only(path: Path) -> bool:
-    """A read-only mount; `os.access` says yes to root even there."""
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False

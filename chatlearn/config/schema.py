@@ -318,8 +318,10 @@ def check_value(name: str, spec: KeySpec, value: Any) -> Any:
         and not _INT64_MIN <= value <= _INT64_MAX
     ):
         # every setting travels to the actors in messages, whose integers are 64-bit
+        # described by its size: a float of it overflows, and str() refuses 4,300+ digits
         raise ValueProblem(
-            f"is too large (beyond a 64-bit integer), got {value:.3g}",
+            f"is beyond a 64-bit integer (a {value.bit_length()}-bit "
+            f"{'negative ' if value < 0 else ''}number)",
             f"set {_example(name, spec)}",
         )
     if spec.min_value is not None:

@@ -107,17 +107,13 @@ def load_causal_lm(model_path: str | Path, *, dtype: str | torch.dtype | None = 
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 
-def causal_lm_from_args(
-    model_args: Mapping[str, Any], tokenizer: Any, *, validate: bool = True
-) -> Any:
+def causal_lm_from_args(model_args: Mapping[str, Any], tokenizer: Any) -> Any:
     """The model a module's config asks for.
 
     Keys read: `model_path` (a local checkpoint; when set the other keys but `dtype` are ignored),
     `model_config` (overrides of `SMALL_LLAMA`), `seed` (default 0), `dtype` (default float32).
-    ``validate=False``: the caller ran `validate_model_args` already (the modules' `setup()`).
     """
-    if validate:
-        validate_model_args(model_args)
+    validate_model_args(model_args)
     dtype = model_args.get("dtype")
     model_path = model_args.get("model_path")
     if model_path:
@@ -209,8 +205,9 @@ def tied_gradient_in_place(model: Any) -> bool:
 def validate_model_args(model_args: Mapping[str, Any]) -> None:
     """Raise a ConfigError naming the key (and its file:line) of model args the HF modules reject.
 
-    Run by `causal_lm_from_args`, i.e. in `setup()`: the types of the common keys were checked by
-    `Config.validate()` in the coordinator already (again here: model_args can be set in code);
+    Run first by the modules' `setup()` (and by `causal_lm_from_args`): the types of the common
+    keys were checked by `Config.validate()` in the coordinator already (again here: model_args
+    can be set in code);
     what only these modules require is checked here — dtype names, the DPO loss type, a
     model_path that is a directory, and the attention heads of `model_config` over `SMALL_LLAMA`.
     """

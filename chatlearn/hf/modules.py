@@ -135,7 +135,7 @@ class _HFModule(TorchModule):
         return load_tokenizer(self.model_args.get("model_path"))
 
     def build_model(self) -> Any:
-        model = causal_lm_from_args(self.model_args, self.tokenizer, validate=False)
+        model = causal_lm_from_args(self.model_args, self.tokenizer)
         if torch.cuda.is_available():
             model = model.to(torch.device("cuda", torch.cuda.current_device()))
         packing = getattr(self, "packing", None)  # set by setup() after the first model
@@ -201,7 +201,7 @@ class _HFModule(TorchModule):
         limit = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", None
         )
-        max_length = int(self.model_args.get("max_length", 512))
+        max_length = int(model_arg(self.model_args, "max_length"))
         if not isinstance(limit, int) or max_length <= limit:
             return
         rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
