@@ -37,6 +37,7 @@ there. Every restart is a log line and a ``restart`` record in metrics.jsonl.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -93,7 +94,7 @@ class Engine:
         self.models = list(models)
         self.global_args = models[0].global_args
         self.system: ActorSystem | None = None
-        self._run_locks: list[RunLock] = []  # held from start() to stop()
+        self._run_locks = contextlib.ExitStack()  # the run locks, held from start() to stop()
         self.groups: dict[str, ModelGroup] = {}
         self._services: dict[str, dict[str, str]] = {}
 
@@ -115,19 +116,12 @@ class Engine:
         output = getattr(runtime, "output_path", None)
         if self.writes_output and output:
             error = functools.partial(located_error, self.global_args)
-            locks = [RunLock(Path(output), error)]
             checkpoints = Path(checkpoint_root(runtime))
-            if not checkpoints.resolve().is_relative_to(Path(output).resolve()):
-                locks.append(RunLock(checkpoints, error, "runtime.data_checkpoint_path"))
-            for lock in locks:
-                try:
-                    lock.acquire()
-                except BaseException:
-                    for taken in self._run_locks:
-                        taken.release()
-                    self._run_locks = []
-                    raise
-                self._run_locks.append(lock)
+            with contextlib.ExitStack() as locks:  # all taken, or none held
+                locks.enter_context(RunLock(Path(output), error))
+                if not checkpoints.resolve().is_relative_to(Path(output).resolve()):
+                    locks.enter_context(RunLock(checkpoints, error, "runtime.data_checkpoint_path"))
+                self._run_locks = locks.pop_all()
         self.system = ActorSystem(self.global_args)
         self._prepare(self.system)
         try:
@@ -153,9 +147,7 @@ class Engine:
             if system is not None:
                 await system.shutdown()
         finally:
-            locks, self._run_locks = self._run_locks, []
-            for lock in locks:
-                lock.release()
+            self._run_locks.close()
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -275,8 +267,9 @@ class DPOEngine(Engine):
         self._restarts_before = 0  # restarts of this run before this coordinator (resumed)
         self._recorded: list[Any] = []  # the restarts of the last learn() in metrics.jsonl
         self._datasets_built = False
-        # the checkpoint found before the models started: (info or None,), None if not looked
-        self._found: tuple[CheckpointInfo | None] | None = None
+        # the checkpoint found before the models started (`_before_launch`), if it looked
+        self._resume_looked = False
+        self._resume_info: CheckpointInfo | None = None
 
     # -- data ------------------------------------------------------------------------------
     def set_dataset(self, dataset: Sequence[Any]) -> DPOEngine:
@@ -336,7 +329,9 @@ class DPOEngine(Engine):
             graceful=self._stop_gracefully,
             hard=lambda reason: self._stop_at_once(task, reason),
             stop_timeout=float(runtime.get("stop_timeout", None) or self.stop_timeout),
-            saves=bool(runtime.save_episode_interval or runtime.save_step_interval),
+            saves=_saves(runtime),
+            # under chatlearn launch (which sets the variable for every coordinator it starts)
+            dedupe=COORDINATOR_RESTARTS_ENV_VAR in os.environ,
         )
         self._interrupts = interrupts
         self._cancelled_by_signal = False
@@ -591,15 +586,14 @@ class DPOEngine(Engine):
         """Find the checkpoint the run resumes from before the models start, so that their
         processes start with its counters (`resume_training`, episode, iteration) set before
         ``setup()``, as ChatLearn does: a module may load its own checkpoint there."""
-        self._found = None
         runtime = self.global_args.runtime_args
-        info = None
-        if runtime.enable_resume_training:
+        self._resume_looked = bool(runtime.enable_resume_training)
+        self._resume_info = None
+        if self._resume_looked:
             manager = CheckpointManager(checkpoint_root(runtime), keep_last=runtime.save_keep_last)
             iteration = runtime.load_data_checkpoint_iteration
-            info = await find_checkpoint(manager, iteration, self.global_args)
-            self._found = (info,)
-        saved = info.state if info is not None else None
+            self._resume_info = await find_checkpoint(manager, iteration, self.global_args)
+        saved = self._resume_info.state if self._resume_info is not None else None
         for template in (self.reference, self.policy_trainer):
             template._set_runtime_state(
                 episode_id=saved.episode if saved else 0,
@@ -671,11 +665,11 @@ class DPOEngine(Engine):
         self.checkpoints = checkpoints
         checkpoints.on_saved = self._trainer_saved
         resume = None
-        if self._found is not None:  # found before the models started (`_before_launch`)
-            (resume,) = self._found
+        if self._resume_looked:  # found before the models started (`_before_launch`)
+            resume = self._resume_info
         elif runtime.enable_resume_training:
             resume = await checkpoints.find(runtime.load_data_checkpoint_iteration)
-        self._found = None
+        self._resume_looked, self._resume_info = False, None
         if resume is not None:
             found = resume
             self.state = await self._healing(
@@ -689,7 +683,6 @@ class DPOEngine(Engine):
             self.state.episode = self.state.consumed_samples // settings.sample_per_episode
             self.state.iteration = self.state.episode * _steps_per_episode(settings)
             self.state.step_in_episode = 0
-        if resume is None:
             # a run that starts over (a coordinator restarted before the first checkpoint, or
             # a new run in a used output directory): the records there are not this run's
             moved = await asyncio.to_thread(rewind_metrics, output / "metrics.jsonl", 0)
@@ -782,8 +775,7 @@ class DPOEngine(Engine):
                     await self.pipeline.run()
                     # inside the loop: a trainer lost while writing the run's last checkpoint
                     # heals like one lost mid-run (the steps since the last one run again)
-                    saves = settings.save_episode_interval or settings.save_step_interval
-                    if saves and self.state.iteration > 0:
+                    if _saves(runtime) and self.state.iteration > 0:
                         await save("signal" if self.pipeline.stopped else "end")
                     break
                 except ActorLostError as lost:
@@ -880,6 +872,11 @@ class DPOEngine(Engine):
             attempt=restart.attempt,
             reason=restart.reason,
         )
+
+
+def _saves(runtime: Any) -> bool:
+    """Whether the run writes checkpoints by itself (so at its end and on a graceful stop)."""
+    return bool(runtime.save_episode_interval or runtime.save_step_interval)
 
 
 def _restarts_recorded(metrics_path: Path) -> int:

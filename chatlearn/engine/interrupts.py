@@ -10,11 +10,12 @@ main thread only; the previous handlers come back when it leaves) and routes bot
    finish, a checkpoint is written if checkpoints are configured, every process is stopped. A
    watchdog turns it into an immediate stop after ``stop_timeout`` seconds.
 2. A second signal (or the watchdog) stops at once: every actor process is killed and the run
-   ends without a new checkpoint (the last complete one stays as it was). The same signal again
-   within ``REPEAT_WINDOW`` seconds of the first is not a second one but the same request
-   arriving twice: ``kill -TERM -PGID`` (what process managers and schedulers send) reaches a
-   coordinator run by ``chatlearn launch`` both directly and forwarded by the supervisor, which
-   cannot tell a signal sent to the group from one sent to itself alone.
+   ends without a new checkpoint (the last complete one stays as it was). Under
+   ``chatlearn launch`` (``dedupe``), the same signal again within ``REPEAT_WINDOW`` seconds of
+   the first is not a second one but the same request arriving twice: ``kill -TERM -PGID``
+   (what process managers and schedulers send) reaches its coordinator both directly and
+   forwarded by the supervisor, which cannot tell a signal sent to the group from one sent to
+   itself alone. Run directly, a quick second Ctrl-C stops at once, as it always did.
 
 Either way ``learn()`` then raises :class:`TrainingInterrupted`, a ``SystemExit`` whose code is
 ``128 + signal`` (130 for SIGINT, 143 for SIGTERM), so an uncaught one ends the script with the
@@ -85,8 +86,10 @@ class Interrupts:
         hard: Callable[[str], None],
         stop_timeout: float,
         saves: bool = True,
+        dedupe: bool = False,
     ) -> None:
         self.saves = saves  # whether a graceful stop writes a checkpoint (the run saves at all)
+        self.dedupe = dedupe  # a quick repeat of the first signal is the same request (launch)
         self.graceful = graceful
         self.hard = hard
         self.stop_timeout = stop_timeout
@@ -102,7 +105,8 @@ class Interrupts:
     def handle(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if (
-            self.count == 1
+            self.dedupe
+            and self.count == 1
             and signum == self.signum
             and time.monotonic() - self._first_at < REPEAT_WINDOW
         ):
