@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from chatlearn.actors.errors import ModuleError
-from chatlearn.actors.placement import ModelResources, config_value
+from chatlearn.actors.placement import ModelResources, config_value, parse_colocation
 from chatlearn.actors.storage import RunStorage, StorageUnavailableError
 from chatlearn.actors.timers import Timers
 
@@ -87,7 +87,7 @@ class BaseModule:
         self._num_replica: int | None = None
         self._peak_memory = 0.0
         self._checkpoint_dir: Path | None = None  # set by the engine around save/load calls
-        self._is_colocate: bool | None = None  # from runtime.colocation on first use
+        self._is_colocate: bool | None = None  # set_colocate's; else from runtime.colocation
         # ChatLearn's metric hooks: dicts appended by the module's steps, reduced (mean) into
         # the trainer's step metrics as `<prefix>/<key>` (`get_and_clear_metrics`)
         self._metric_prefix = ""
@@ -157,13 +157,10 @@ class BaseModule:
     @property
     def is_colocate(self) -> bool:
         """Whether this model shares its devices with others (``runtime.colocation``)."""
-        if self._is_colocate is None:
-            groups = config_value(self.runtime_args, "colocation", None) or []
-            names = [
-                [n.strip() for n in g.split(",")] if isinstance(g, str) else list(g) for g in groups
-            ]
-            self._is_colocate = any(self.name in group and len(group) > 1 for group in names)
-        return self._is_colocate
+        if self._is_colocate is not None:  # set_colocate's
+            return self._is_colocate
+        groups = parse_colocation(config_value(self.runtime_args, "colocation", None))
+        return any(self.name in group and len(group) > 1 for group in groups)
 
     def set_colocate(self, flag: bool) -> None:
         self._is_colocate = bool(flag)
@@ -187,11 +184,9 @@ class BaseModule:
             if not isinstance(metrics, Mapping):
                 continue
             for key, value in metrics.items():
-                item = getattr(value, "item", None)
-                if callable(item) and getattr(value, "numel", lambda: 1)() == 1:
-                    value = item()
-                if isinstance(value, bool | int | float):
-                    sums[str(key)] = sums.get(str(key), 0.0) + float(value)
+                number = as_number(value)
+                if number is not None:
+                    sums[str(key)] = sums.get(str(key), 0.0) + number
                     counts[str(key)] = counts.get(str(key), 0) + 1
         self._metric_list = []
         return self._metric_prefix, {key: sums[key] / counts[key] for key in sums}
@@ -277,15 +272,6 @@ class BaseModule:
             "train_iteration": self._train_iteration,
             "episode_id": self._episode_id,
             "resume_training": self._resume_training,
-        }
-
-    def _runtime_state(self) -> dict[str, Any]:
-        return {
-            "iteration": self._iteration,
-            "train_iteration": self._train_iteration,
-            "episode_id": self._episode_id,
-            "resume_training": self._resume_training,
-            "padding_config": self.padding_config(),
         }
 
     # -- ChatLearn's module helpers (issue 16; docs/chatlearn-compat.md) -------------------
@@ -593,6 +579,15 @@ def _put(holder: Any, name: str, value: Any) -> None:
 
 # files `TorchModule.save_checkpoint` writes: their presence says the ready-made save ran
 _TORCH_MODULE_FILES = ("model.pt", "rng.pt")
+
+
+def as_number(value: Any) -> float | None:
+    """A metric's value as a float: numbers, one-element tensors and numpy scalars; None for
+    anything else."""
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "numel", lambda: 1)() == 1:
+        value = item()
+    return float(value) if isinstance(value, bool | int | float) else None
 
 
 def resume_loads_checkpoint(module: BaseModule, directory: Path) -> bool:

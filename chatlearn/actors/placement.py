@@ -444,11 +444,6 @@ def _device_groups(
     return groups
 
 
-def _torch_version() -> str:
-    torch = sys.modules.get("torch")
-    return str(getattr(torch, "__version__", "not imported"))
-
-
 def plan_placement(
     models: Sequence[ModelResources],
     host: HostResources,
@@ -456,23 +451,25 @@ def plan_placement(
     colocation: Iterable[Sequence[str]] = (),
     reserved_cpus: Iterable[int] = (),
     reserved_gpus: Iterable[int] = (),
+    warn_cpu_fallback: bool = True,
 ) -> PlacementPlan:
     """Assign devices to every process of `models`; `reserved_*` are taken by earlier launches.
 
     Raises `PlacementError` naming the models and what they need when the request does not fit.
+    ``warn_cpu_fallback``: say when GPU requests run on cores (this host's; `plan_hosts`, which
+    tries each host, does not: this process cannot tell why another host has no GPU).
     """
     host_has_gpus = bool(host.gpus)
     asking = [m.name for m in models if m.uses_gpu]
-    if asking and not host_has_gpus:
+    if asking and not host_has_gpus and warn_cpu_fallback:
         # as documented (a CPU-only host meets GPU requests with cores), but a user whose GPUs
         # are not visible (driver, CUDA_VISIBLE_DEVICES, a CPU build of torch) must hear of it
         log.warning(
-            "%s %s num_gpu, but this host has no usable CUDA GPU (CUDA_VISIBLE_DEVICES=%s, "
-            "torch %s): %s on CPU cores instead",
+            "%s %s num_gpu, but this host has no usable CUDA GPU (CUDA_VISIBLE_DEVICES=%s): "
+            "%s on CPU cores instead",
             ", ".join(f"models.{name}" for name in asking),
             "asks for" if len(asking) == 1 else "ask for",
             os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
-            _torch_version(),
             "it runs" if len(asking) == 1 else "they run",
         )
     free_cpus = [c for c in host.cpus if c not in set(reserved_cpus)]
@@ -629,6 +626,7 @@ def plan_hosts(
                     group,
                     HostResources(host.host, tuple(cpus), tuple(gpus)),
                     colocation=[] if len(group) == 1 else [[m.name for m in group]],
+                    warn_cpu_fallback=False,
                 )
             except PlacementError:
                 continue

@@ -139,11 +139,17 @@ class RunCheckpoints:
         ranks = (saved.trainer or {}).get("num_ranks")
         if ranks is not None and ranks != len(self.trainer):
             changes.append(f"{ranks} process(es) then, {len(self.trainer)} now")
-        prefix = f"models.{self.trainer.name}.model_args."
-        for change in model_args_changes(saved.config, current):
-            key = change[len(prefix) :].split(":")[0].split(".")[0]
-            if change.startswith(prefix) and key in _LAYOUT_KEYS:
-                changes.append(change)
+        name = self.trainer.name
+        before, after = (
+            ((config.get("models") or {}).get(name) or {}).get("model_args") or {}
+            for config in (saved.config, current)
+        )
+        for key in _LAYOUT_KEYS:
+            if before.get(key) != after.get(key):
+                changes.append(
+                    f"models.{name}.model_args.{key}: saved {before.get(key)!r}, "
+                    f"now {after.get(key)!r}"
+                )
         return changes
 
     def _error(self, key: str, problem: str, fix: str) -> ConfigError:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from chatlearn.actors.checkpoint_paths import module_checkpoint_dir
-from chatlearn.actors.module import invoke, resume_loads_checkpoint
+from chatlearn.actors.module import as_number, invoke, resume_loads_checkpoint
 from chatlearn.actors.worker_core import add_error_context
 from chatlearn.engine.batching import (
     batch_size_of,
@@ -738,11 +738,9 @@ def _numeric_metrics(result: Any) -> dict[str, float]:
         return {}
     metrics = {}
     for key, value in result.items():
-        item = getattr(value, "item", None)
-        if callable(item) and getattr(value, "numel", lambda: 1)() == 1:
-            value = item()
-        if isinstance(value, bool | int | float):
-            metrics[str(key)] = float(value)
+        number = as_number(value)
+        if number is not None:
+            metrics[str(key)] = number
         elif str(key) not in _LEFT_OUT:  # said once per key, not per step
             _LEFT_OUT.add(str(key))
             shape = getattr(value, "shape", None)
