@@ -326,7 +326,13 @@ class PairTokenizer:
         self, prompt: list[int], chosen: list[int], rejected: list[int]
     ) -> dict[str, torch.Tensor]:
         """Truncate and build one dataset item (ids and loss masks of both sides)."""
-        prompt, chosen, rejected = self.truncate(prompt, chosen, rejected)
+        return self.build_item(*self.truncate(prompt, chosen, rejected))
+
+    @staticmethod
+    def build_item(
+        prompt: list[int], chosen: list[int], rejected: list[int]
+    ) -> dict[str, torch.Tensor]:
+        """The dataset item of an already truncated pair."""
         item: dict[str, torch.Tensor] = {}
         for side, response in (("chosen", chosen), ("rejected", rejected)):
             item[f"{side}_input_ids"] = torch.tensor(prompt + response, dtype=torch.long)
@@ -396,21 +402,17 @@ class PreferenceDataset(Dataset):
         self.num_truncated_prompts = self.num_truncated_responses = 0
         # pairs with no prompt token at all (an empty prompt, a tokenizer without bos): no token
         # comes before the responses' first, so it is not scored
-        self.num_empty_prompts = 0
+        self.num_empty_prompts = self.num_identical = 0
+        pairs = self.pair_tokenizer
         for prompt, chosen, rejected in encoded:
-            item = self.pair_tokenizer.to_item(prompt, chosen, rejected)
-            kept_chosen = int(item["chosen_loss_mask"].sum())
-            kept_prompt = len(item["chosen_input_ids"]) - kept_chosen
-            self.num_empty_prompts += kept_prompt == 0
-            kept_rejected = int(item["rejected_loss_mask"].sum())
-            self.num_truncated_prompts += kept_prompt < len(prompt)
-            self.num_truncated_responses += kept_chosen < len(chosen) or kept_rejected < len(
-                rejected
-            )
-            self.items.append(item)
-        self.num_identical = sum(
-            torch.equal(item["chosen_input_ids"], item["rejected_input_ids"]) for item in self.items
-        )
+            kept_prompt, kept_chosen, kept_rejected = pairs.truncate(prompt, chosen, rejected)
+            self.num_empty_prompts += not kept_prompt
+            self.num_truncated_prompts += len(kept_prompt) < len(prompt)
+            self.num_truncated_responses += len(kept_chosen) < len(chosen) or len(
+                kept_rejected
+            ) < len(rejected)
+            self.num_identical += kept_chosen == kept_rejected
+            self.items.append(pairs.build_item(kept_prompt, kept_chosen, kept_rejected))
         self.collate_fn = PreferenceCollator(tokenizer.pad_token_id)
 
     def truncation_summary(self) -> str | None:
