@@ -64,6 +64,11 @@ def ensure_data(args: chatlearn.Config, paths: dict[str, Path]) -> None:
         write_jsonl(generated[key], path)
 
 
+def limited(records: list[dict], limit: int | None) -> list[dict]:
+    """The first ``limit`` records (all of them for None or a negative limit)."""
+    return records if limit is None or int(limit) < 0 else records[: int(limit)]
+
+
 def summarize(result: LearnResult) -> str:
     lines = [f"trained {result.steps} steps on {result.samples} samples"]
     if result.train_first and result.train_last:
@@ -104,6 +109,9 @@ if __name__ == "__main__":
     reference = PolicyReference("reference")
     policy = PolicyTrainer("policy_trainer")
     engine = DPOEngine(reference, policy)
-    engine.set_dataset(load_data(args, "data_path", train_path))
-    engine.set_eval_dataset(load_data(args, "eval_data_path", eval_path))
+    train = load_data(args, "data_path", train_path)
+    held_out = load_data(args, "eval_data_path", eval_path)
+    # ChatLearn's entry scripts read these (-1 or unset: every record)
+    engine.set_dataset(limited(train, runtime.get("training_data_num_limit", None)))
+    engine.set_eval_dataset(limited(held_out, runtime.get("eval_data_num_limit", None)))
     print(summarize(engine.learn()))

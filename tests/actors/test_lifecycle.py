@@ -24,9 +24,7 @@ from chatlearn.actors import (
     PlacementError,
 )
 
-# wall-clock bounds (death noticed in time, starved told from hung, turns and overlap):
-# run alone, in make test's second part
-pytestmark = [pytest.mark.timeout(60), pytest.mark.serial]
+pytestmark = pytest.mark.timeout(60)
 
 # Detection bound of the issue: a dead process is noticed within 2 s.
 DEATH_NOTICE_SECONDS = 2.0
@@ -154,6 +152,7 @@ async def test_crash_during_setup_reports_exit_code_and_stderr(tmp_path):
     _order(system.event_kinds(), "spawn", "hello", "exit", "failure", "stopped", "closed")
 
 
+@pytest.mark.serial  # a wall-clock bound (death noticed, a timeout, starved told from hung)
 async def test_startup_timeout(tmp_path):
     cfg = _config(tmp_path)
     system = ActorSystem(cfg, startup_timeout=1.5)
@@ -164,6 +163,7 @@ async def test_startup_timeout(tmp_path):
     _order(system.event_kinds(), "spawn", "hello", "failure", "exit", "stopped", "closed")
 
 
+@pytest.mark.serial  # a wall-clock bound (death noticed, a timeout, starved told from hung)
 async def test_os_exit_mid_call(tmp_path):
     cfg = _config(tmp_path)
     system = ActorSystem(cfg)
@@ -190,6 +190,7 @@ async def _wait_until_busy(path, timeout: float = 10.0) -> None:
     raise AssertionError("the actor never started the call")
 
 
+@pytest.mark.serial  # a wall-clock bound (death noticed, a timeout, starved told from hung)
 async def test_kill9_mid_call_fails_every_pending_call(tmp_path):
     models = {"a": {"num_cpu": 1}, "b": {"num_cpu": 1}}
     cfg = _config(tmp_path, models)
@@ -234,6 +235,7 @@ async def _stop_actor_during_call(tmp_path, heartbeat_timeout, stopping=lambda: 
     return system, info.value, elapsed
 
 
+@pytest.mark.serial  # a wall-clock bound (death noticed, a timeout, starved told from hung)
 async def test_hung_actor_is_noticed_by_heartbeat(tmp_path):
     system, error, elapsed = await _stop_actor_during_call(tmp_path, 1.5)
     assert "no heartbeat" in str(error) and "hung or stopped" in str(error)
@@ -241,6 +243,7 @@ async def test_hung_actor_is_noticed_by_heartbeat(tmp_path):
     _order(system.event_kinds(), "ready", "hung", "failure", "exit", "stopped", "closed")
 
 
+@pytest.mark.serial  # a wall-clock bound (death noticed, a timeout, starved told from hung)
 async def test_call_timeout_for_user_code_that_hangs(tmp_path):
     cfg = _config(tmp_path)
     system = ActorSystem(cfg)
@@ -263,6 +266,7 @@ async def test_placement_error_starts_nothing(tmp_path):
     assert "spawn" not in system.event_kinds()
 
 
+@pytest.mark.serial  # a wall-clock bound (death noticed, a timeout, starved told from hung)
 async def test_a_silent_actor_that_waits_for_cpu_is_starved_not_hung(tmp_path, monkeypatch):
     # Heavy load from other programs can keep a low-priority actor off the cores for longer than
     # the heartbeat timeout. The supervisor then asks the kernel (the actor's threads' run-queue
@@ -288,6 +292,7 @@ async def test_a_silent_actor_that_waits_for_cpu_is_starved_not_hung(tmp_path, m
     assert 3.0 < elapsed < 3.0 + 1.5 + DEATH_NOTICE_SECONDS, elapsed
 
 
+@pytest.mark.serial  # a wall-clock bound (death noticed, a timeout, starved told from hung)
 def test_cpu_samples_tell_starved_from_sleeping_and_running() -> None:
     import subprocess
     import sys

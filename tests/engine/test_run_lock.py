@@ -3,11 +3,12 @@ config error naming runtime.output_dir and the holder's pid; a killed holder blo
 
 from __future__ import annotations
 
-import signal
+import contextlib
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,10 @@ def _error(key: str, problem: str, fix: str) -> ConfigError:
     return ConfigError(problem, key=key, fix=fix)
 
 
-def _hold(output: Path) -> subprocess.Popen[bytes]:
-    """Another process holding the run lock of ``output`` until it is killed."""
+@contextlib.contextmanager
+def _hold(output: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Another process holding the run lock of ``output`` while the block runs; killed after
+    it, whatever happens (its start failing included)."""
     script = textwrap.dedent(
         f"""
         import sys, time
@@ -41,8 +44,14 @@ def _hold(output: Path) -> subprocess.Popen[bytes]:
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
-    return proc
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def test_a_second_holder_is_refused_until_the_first_releases(tmp_path: Path) -> None:
@@ -60,16 +69,12 @@ async def test_a_run_in_a_directory_another_run_holds_stops_before_starting(
     tmp_path: Path,
 ) -> None:
     output = tmp_path / "CHATLEARN"  # output_dir/exp_name of the test engine's config
-    holder = _hold(output)
-    try:
+    with _hold(output) as holder:
         with pytest.raises(ConfigError) as info:
             await _learn(tmp_path, _runtime(1, 4, 2, 2, 2))
         assert info.value.key == "runtime.output_dir"
         assert f"(pid {holder.pid})" in info.value.problem
         assert not (output / "metrics.jsonl").exists()  # nothing started
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait(10)
     started = time.monotonic()
     engine, _ = await _learn(tmp_path, _runtime(1, 4, 2, 2, 2))  # a killed holder blocks nothing
     assert engine.state.iteration == 2 and time.monotonic() - started < 50
@@ -100,8 +105,7 @@ async def test_a_shared_data_checkpoint_path_is_locked_too(tmp_path: Path) -> No
     # two runs with their own output_dir but one data_checkpoint_path overwrote each other's
     # checkpoints, and each ended pointing at the other's weights
     shared = tmp_path / "shared-checkpoints"
-    holder = _hold(shared)
-    try:
+    with _hold(shared) as holder:
         runtime = _runtime(1, 4, 2, 2, 2, data_checkpoint_path=str(shared))
         with pytest.raises(ConfigError) as info:
             await _learn(tmp_path, runtime)
@@ -112,8 +116,5 @@ async def test_a_shared_data_checkpoint_path_is_locked_too(tmp_path: Path) -> No
         output = tmp_path / "CHATLEARN"
         with RunLock(output, _error):  # the output directory's lock was given back
             pass
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait(10)
     engine, _ = await _learn(tmp_path, _runtime(1, 4, 2, 2, 2, data_checkpoint_path=str(shared)))
     assert engine.state.iteration == 2 and (shared / LOCK_NAME).exists()

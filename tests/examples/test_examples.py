@@ -17,7 +17,15 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)
 
 
-def _run(args: list[str], *, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout=240):
+def _run(
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    timeout=240,
+    expect: int = 0,
+):
+    """Run ``python *args`` as a user would; its exit code must be ``expect``."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run(
         [sys.executable, *args],
@@ -27,7 +35,8 @@ def _run(args: list[str], *, env: dict[str, str] | None = None, cwd: Path = ROOT
         text=True,
         timeout=timeout,
     )
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    said = f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == expect, said
     return proc
 
 
@@ -153,15 +162,21 @@ def test_the_example_never_writes_over_a_users_data(tmp_path: Path) -> None:
         )
     )
     script = str(ROOT / "examples" / "dpo" / "train_dpo.py")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OUTPUT_DIR": str(tmp_path / "out")}
-    proc = subprocess.run(
-        [sys.executable, script, "-c", str(config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    env = {"OUTPUT_DIR": str(tmp_path / "out")}
+    proc = _run([script, "-c", str(config)], env=env, timeout=60, expect=2)
     last = proc.stderr.strip().splitlines()[-1]
     assert "runtime.eval_data_path" in last and "typo.jsonl does not exist" in last, last
     assert mine.read_text().count("\n") == 1 and not (tmp_path / "typo.jsonl").exists()
+
+
+def test_the_example_applies_chatlearns_data_limits() -> None:
+    # runtime.training_data_num_limit / eval_data_num_limit, which ChatLearn's entry scripts
+    # read (and so are not warned about as settings with no effect)
+    sys.path.insert(0, str(ROOT))
+    try:
+        from examples.dpo.train_dpo import limited
+    finally:
+        sys.path.remove(str(ROOT))
+    records = [{"prompt": str(i)} for i in range(5)]
+    assert limited(records, 2) == records[:2] and limited(records, 0) == []
+    assert limited(records, -1) == records == limited(records, None)
