@@ -31,7 +31,8 @@ Batches (see chatlearn.algorithms.dpo for the convention): `chosen_input_ids`,
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,34 +278,38 @@ class PairTokenizer:
     def encode_many(
         self, records: Sequence[Mapping[str, Any]]
     ) -> list[tuple[list[int], list[int], list[int]]]:
-        """`encode` over many records; string records go through the tokenizer in one batch call
-        (the fast tokenizers' batch path is quicker than a call per text)."""
-        encoded: list[tuple[list[int], list[int], list[int]] | None] = [None] * len(records)
-        plain = [i for i, record in enumerate(records) if not _is_conversational(record)]
-        for i, record in enumerate(records):
-            if _is_conversational(record):
-                try:
-                    encoded[i] = self.encode(record)
-                except (ValueError, TypeError, KeyError) as exc:  # the chat template's
-                    raise ValueError(
-                        f"sample {i} of the data set ({_short(record)}): {exc}"
-                    ) from None
+        """`encode` over many records (see `iter_encoded`)."""
+        return list(self.iter_encoded(records))
+
+    def iter_encoded(
+        self, records: Sequence[Mapping[str, Any]]
+    ) -> Iterator[tuple[list[int], list[int], list[int]]]:
+        """`encode` of each record, in order; string records go through the tokenizer in batch
+        calls of a slice of records (the fast tokenizers' batch path is quicker than a call per
+        text, and the tokenizer's output for a whole data set held at once was most of the
+        memory of loading it)."""
         template = self.prompt_template
         eos = [self.tokenizer.eos_token_id]
-        # in slices: the tokenizer's output for a whole data set (offsets, masks and Python
-        # lists for every text) held at once was most of the memory of loading it
-        for first in range(0, len(plain), _ENCODE_SLICE):
-            part = plain[first : first + _ENCODE_SLICE]
-            prompts = [
-                template.replace(PROMPT_PLACEHOLDER, str(records[i]["prompt"])) for i in part
-            ]
-            responses = [str(records[i][key]) for i in part for key in ("chosen", "rejected")]
-            prompt_ids = self._ids_of(prompts, special=True)
-            response_ids = self._ids_of(responses, special=False)
-            for k, i in enumerate(part):
+        for first in range(0, len(records), _ENCODE_SLICE):
+            part = records[first : first + _ENCODE_SLICE]
+            plain = [record for record in part if not _is_conversational(record)]
+            prompts = [template.replace(PROMPT_PLACEHOLDER, str(r["prompt"])) for r in plain]
+            responses = [str(r[key]) for r in plain for key in ("chosen", "rejected")]
+            prompt_ids = self._ids_of(prompts, special=True) if plain else []
+            response_ids = self._ids_of(responses, special=False) if plain else []
+            k = 0
+            for i, record in enumerate(part, start=first):
+                if _is_conversational(record):
+                    try:
+                        yield self.encode(record)
+                    except (ValueError, TypeError, KeyError) as exc:  # the chat template's
+                        raise ValueError(
+                            f"sample {i} of the data set ({_short(record)}): {exc}"
+                        ) from None
+                    continue
                 chosen, rejected = response_ids[2 * k], response_ids[2 * k + 1]
-                encoded[i] = (list(prompt_ids[k]), list(chosen) + eos, list(rejected) + eos)
-        return [item for item in encoded if item is not None]
+                yield list(prompt_ids[k]), list(chosen) + eos, list(rejected) + eos
+                k += 1
 
     def _ids_of(self, texts: list[str], *, special: bool) -> list[list[int]]:
         """The ids of many texts in one tokenizer call, without the masks and offsets."""
@@ -376,7 +381,10 @@ class PreferenceDataset(Dataset):
     """Tokenized preference pairs (tokenized once, up front) with a `collate_fn` for DPO batches.
 
     `max_length` counts prompt + response tokens of one side; see the module docstring for the
-    truncation rules.
+    truncation rules. The pairs are kept as one array of 32-bit token ids (each pair's prompt,
+    chosen and rejected tokens once) and each item's tensors are made when it is read: four
+    int64 tensors per pair, the prompt in two of them, took 5-10 times the memory, in every
+    replica and trainer rank that builds the data set.
     """
 
     def __init__(
@@ -396,15 +404,15 @@ class PreferenceDataset(Dataset):
             min_prompt_length=min_prompt_length,
             prompt_template=prompt_template,
         )
-        encoded = self.pair_tokenizer.encode_many(load_preference_data(records))
-        self.items = []
+        tokens = array("i")  # every pair's prompt, chosen and rejected ids, one after another
+        spans = array("q")  # per pair: its first token in `tokens`, prompt, chosen, rejected
         # what max_length cut: pairs whose prompt lost tokens, pairs whose responses did
         self.num_truncated_prompts = self.num_truncated_responses = 0
         # pairs with no prompt token at all (an empty prompt, a tokenizer without bos): no token
         # comes before the responses' first, so it is not scored
         self.num_empty_prompts = self.num_identical = 0
         pairs = self.pair_tokenizer
-        for prompt, chosen, rejected in encoded:
+        for prompt, chosen, rejected in pairs.iter_encoded(load_preference_data(records)):
             kept_prompt, kept_chosen, kept_rejected = pairs.truncate(prompt, chosen, rejected)
             self.num_empty_prompts += not kept_prompt
             self.num_truncated_prompts += len(kept_prompt) < len(prompt)
@@ -412,7 +420,18 @@ class PreferenceDataset(Dataset):
                 kept_rejected
             ) < len(rejected)
             self.num_identical += kept_chosen == kept_rejected
-            self.items.append(pairs.build_item(kept_prompt, kept_chosen, kept_rejected))
+            spans.extend((len(tokens), len(kept_prompt), len(kept_chosen), len(kept_rejected)))
+            try:
+                tokens.extend(kept_prompt + kept_chosen + kept_rejected)
+            except OverflowError:
+                raise ValueError(
+                    f"pair {len(spans) // 4 - 1} has a token id beyond 2**31 (the tokenizer's "
+                    "vocabulary is not that large: check it)"
+                ) from None
+        if not tokens:
+            tokens.append(0)  # frombuffer refuses an empty buffer; no span refers to it
+        self._tokens = torch.frombuffer(tokens, dtype=torch.int32)  # a view: no copy
+        self._token_store, self._spans = tokens, spans  # the buffer _tokens views
         self.collate_fn = PreferenceCollator(tokenizer.pad_token_id)
 
     def truncation_summary(self) -> str | None:
@@ -422,7 +441,7 @@ class PreferenceDataset(Dataset):
         if not (cut or self.num_identical or self.num_empty_prompts):
             return None
         parts = [
-            f"of {len(self.items)} pairs, {self.num_truncated_prompts} lost prompt tokens and "
+            f"of {len(self)} pairs, {self.num_truncated_prompts} lost prompt tokens and "
             f"{self.num_truncated_responses} lost response tokens to max_length "
             f"{self.pair_tokenizer.max_length}"
         ]
@@ -439,7 +458,19 @@ class PreferenceDataset(Dataset):
         return "; ".join(parts)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self._spans) // 4
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.items[index]
+        """Pair `index`: `chosen_input_ids`, `chosen_loss_mask`, `rejected_input_ids`,
+        `rejected_loss_mask` (int64; each side is the prompt's ids then the response's)."""
+        index = range(len(self))[index]  # negative indices; an IndexError past the end
+        first, prompt, chosen, rejected = self._spans[4 * index : 4 * index + 4]
+        pair = self._tokens[first : first + prompt + chosen + rejected].long()
+        mask = torch.ones(prompt + max(chosen, rejected), dtype=torch.long)
+        mask[:prompt] = 0
+        return {
+            "chosen_input_ids": pair[: prompt + chosen],
+            "chosen_loss_mask": mask[: prompt + chosen],
+            "rejected_input_ids": torch.cat((pair[:prompt], pair[prompt + chosen :])),
+            "rejected_loss_mask": mask[: prompt + rejected],
+        }

@@ -173,6 +173,32 @@ def test_dataset_collate_gives_the_dpo_batch() -> None:
     assert cat["loss_mask"].sum(-1).tolist() == [3, 2, 2, 2]
 
 
+def test_the_data_set_keeps_each_pair_once_in_32_bits_and_reads_it_back_exactly() -> None:
+    """Four int64 tensors per pair (the prompt twice) took 4x the memory in every replica: 1.8 GB
+    for 100k pairs of ~600 tokens. Items read back equal what the per-record path builds, for
+    string and conversational records mixed, truncated or not, at any index."""
+    tok = byte_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    records = [
+        {"prompt": "p" * (i % 37), "chosen": "c" * (1 + i % 23), "rejected": "r" * (i % 29)}
+        for i in range(300)
+    ]
+    records[7] = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "yes", "rejected": "no"}
+    ds = PreferenceDataset(records, tok, max_length=40)
+    pairs = ds.pair_tokenizer
+    for i in (*range(len(records)), -1, -300):
+        expected = pairs(records[i])
+        item = ds[i]
+        assert sorted(item) == sorted(expected), i
+        for key, value in expected.items():
+            assert item[key].dtype == torch.long and torch.equal(item[key], value), (i, key)
+    with pytest.raises(IndexError):
+        ds[300]
+    kept = [pairs.truncate(*pairs.encode(r)) for r in records]
+    stored = sum(len(p) + len(c) + len(r) for p, c, r in kept)
+    assert ds._tokens.dtype == torch.int32 and ds._tokens.numel() == stored
+
+
 def test_a_data_file_that_cannot_be_read_says_which_and_why(tmp_path) -> None:
     """Not an IsADirectoryError or UnicodeDecodeError traceback, and not an empty run."""
     empty, binary = tmp_path / "empty.jsonl", tmp_path / "binary.jsonl"

@@ -24,7 +24,7 @@ def test_records_tokenize_to_the_drawn_lengths_reproducibly() -> None:
     encoded = [tuple(map(len, pairs.encode(record))) for record in records]
     assert encoded == sample_lengths(40, seed=3)
     dataset = PreferenceDataset(records, byte_tokenizer(), **REALISTIC.dataset_options())
-    assert max(len(item["chosen_input_ids"]) for item in dataset.items) <= 1024
+    assert max(len(dataset[i]["chosen_input_ids"]) for i in range(len(dataset))) <= 1024
 
 
 def test_lengths_follow_the_lognormal_profile() -> None:
