@@ -18,7 +18,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "chatlearn.actors.module": ("BaseModule", "TorchModule"),
     "chatlearn.megatron.module": ("MegatronModule",),
     "chatlearn.engine.engine": ("Engine", "DPOEngine"),
-    "chatlearn.engine.interrupts": ("TrainingInterrupted",),
+    "chatlearn.engine.interrupts": ("TrainingInterrupted", "TrainingStopped"),
     "chatlearn.utils.logger": ("logger",),
 }
 
@@ -29,8 +29,8 @@ _ONLINE = (
     "other flows on Engine (docs/chatlearn-compat.md)"
 )
 _EVALUATION = (
-    "ChatLearn's evaluator: evaluate with runtime.eval_data_path and the trainer's eval_step "
-    "(docs/chatlearn-compat.md)"
+    "ChatLearn's evaluator: give held-out samples to engine.set_eval_dataset(samples) and "
+    "evaluate them in the trainer's eval_step (docs/chatlearn-compat.md)"
 )
 # ChatLearn's public names for what this runtime does not do: importing one says so, and what
 # to use instead, rather than a bare "cannot import name"

@@ -215,6 +215,7 @@ class ActorSystem:
         self.on_restart_event: Callable[[Restart], None] | None = None
         self._closing = False
         self._closed = False
+        self._shutdown_task: asyncio.Future[None] | None = None
         # A coordinator that exits without shutdown() still leaves no processes behind.
         self._finalizer = weakref.finalize(self, terminate_processes, self._popens, grace=1.0)
 
@@ -919,11 +920,31 @@ class ActorSystem:
         self.record("stopped")
 
     async def shutdown(self) -> None:
-        """Stop the run: SHUTDOWN to healthy actors, wait (bounded), then terminate/kill."""
-        if self._closed or self._closing:
+        """Stop the run: SHUTDOWN to healthy actors, wait (bounded), then terminate/kill.
+
+        Runs to its end even when the caller is cancelled meanwhile (the cancellation is raised
+        after it): a second cancel of a stopping run left an actor, the runtime directory and
+        its sockets behind, and no later call could finish the stop. Every call waits for the
+        same stop."""
+        if self._closed:
             return
-        self._closing = True
-        self.record("shutdown")
+        if self._shutdown_task is None:
+            self._closing = True
+            self.record("shutdown")
+            self._shutdown_task = asyncio.ensure_future(self._shutdown())
+        cancelled = False
+        while True:
+            try:
+                await asyncio.shield(self._shutdown_task)
+                break
+            except asyncio.CancelledError:
+                if self._shutdown_task.done():
+                    raise
+                cancelled = True  # finish the stop first (it is bounded by shutdown_timeout)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _shutdown(self) -> None:
         try:
             ready = [a for a in self._actors if a.state == "ready" and a.popen.poll() is None]
             if self.failure is None and ready:

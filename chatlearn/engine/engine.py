@@ -23,7 +23,8 @@ on a graceful stop when either is set, and whenever ``await engine.save_checkpoi
 new run with the same output path resumes from the newest complete checkpoint
 (``enable_resume_training``, default on) and repeats the uninterrupted run exactly.
 SIGINT/SIGTERM (``interrupts.py``): the first stops after the running steps and saves, a second
-stops at once; ``learn()`` then raises ``TrainingInterrupted`` (exit code 130 / 143).
+stops at once; ``learn()`` then raises ``TrainingInterrupted`` (exit code 130 / 143),
+``learn_async()`` ``TrainingStopped``.
 
 Self-healing (docs/self-healing.md): the engine asks the runtime to restart lost actors under the
 restart policy (``runtime.max_restarts`` per ``restart_window_minutes``, per model
@@ -60,7 +61,7 @@ from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR
 from chatlearn.actors.timers import Timers as UserTimers
 from chatlearn.config.errors import located_error
 from chatlearn.engine.checkpoint import CheckpointInfo, CheckpointManager, rewind_metrics
-from chatlearn.engine.interrupts import Interrupts, SignalGuard, interrupted
+from chatlearn.engine.interrupts import Interrupts, SignalGuard, TrainingStopped
 from chatlearn.engine.metrics import MetricsSink, Timers
 from chatlearn.engine.pipeline import DPOPipeline, PipelineSettings
 from chatlearn.engine.progress import Progress, setup_logging
@@ -289,6 +290,14 @@ class DPOEngine(Engine):
         self._eval_dataset = list(dataset)
         return self
 
+    def set_evaluator(self, evaluator: Any) -> DPOEngine:
+        """ChatLearn's evaluator flow is not provided: say what to use instead."""
+        raise NotImplementedError(
+            "engine.set_evaluator() is not provided by this runtime: give the held-out samples "
+            "to engine.set_eval_dataset(samples); the trainer's eval_step evaluates them every "
+            "eval_episode_interval episodes (docs/chatlearn-compat.md)"
+        )
+
     # -- training --------------------------------------------------------------------------
     def learn(self) -> LearnResult:
         """Train to the end (blocking) and return the run's figures. Inside a running event loop
@@ -303,24 +312,35 @@ class DPOEngine(Engine):
             pass
         else:
             raise RuntimeError("learn() called inside a running event loop; use learn_async()")
-        from chatlearn.engine.interrupts import TrainingInterrupted
+        from chatlearn.engine.interrupts import TrainingStopped
         from chatlearn.transport import run
 
-        async def learn_or_interrupted() -> LearnResult | TrainingInterrupted:
+        async def learn_or_stopped() -> LearnResult | TrainingStopped:
             try:
                 return await self.learn_async()
-            except TrainingInterrupted as stop:  # raised outside the loop, once it is closed
+            except TrainingStopped as stop:  # a SystemExit is raised outside the loop
                 return stop
 
-        outcome = run(learn_or_interrupted())
-        if isinstance(outcome, TrainingInterrupted):
-            raise outcome
+        outcome = run(learn_or_stopped())
+        if isinstance(outcome, TrainingStopped):
+            raise outcome.as_exit() from outcome.__cause__
         return outcome
 
     async def learn_async(self) -> LearnResult:
-        """Train to the end inside the running event loop (see ``learn``)."""
+        """Train to the end inside the running event loop (see ``learn``).
+
+        After a stop on SIGINT / SIGTERM it raises ``TrainingStopped``, an ordinary exception
+        (``code``: the shell's exit code, ``checkpoint``) that any task can catch: a
+        ``SystemExit`` raised in an asyncio task leaves the event loop itself, whatever awaits
+        the task. ``sys.exit(stop.code)`` ends a script with the code ``learn()`` would.
+        """
         if self._datasets is None:
             raise ValueError("call engine.set_dataset(samples) before learn()")
+        if self._phase != "idle":
+            raise RuntimeError(
+                f"learn_async() is already running on this engine ({self._phase}); await that "
+                "call instead of starting another (one engine trains one run at a time)"
+            )
         setup_logging()
         runtime = self.global_args.runtime_args
         started = time.time()
@@ -369,7 +389,7 @@ class DPOEngine(Engine):
                 if failure is not self._stop_error:  # not the stop's own doing: say so
                     logger.error("the run failed while stopping", exc_info=failure)
             last = self.checkpoints.last if self.checkpoints is not None else None
-            stop = interrupted(interrupts.signum, last)
+            stop = TrainingStopped(interrupts.signum, last)
             logger.warning(
                 "training stopped by %s at iteration %d (exit code %d); %s",
                 stop.signal_name,

@@ -17,7 +17,8 @@ main thread only; the previous handlers come back when it leaves) and routes bot
    forwarded by the supervisor, which cannot tell a signal sent to the group from one sent to
    itself alone. Run directly, a quick second Ctrl-C stops at once, as it always did.
 
-Either way ``learn()`` then raises :class:`TrainingInterrupted`, a ``SystemExit`` whose code is
+Either way ``await learn_async()`` then raises :class:`TrainingStopped` (an ``Exception``:
+catchable in any task) and ``learn()`` :class:`TrainingInterrupted`, a ``SystemExit`` whose code is
 ``128 + signal`` (130 for SIGINT, 143 for SIGTERM), so an uncaught one ends the script with the
 exit code shells and schedulers expect. The SIGINT one is also a ``KeyboardInterrupt``, so
 scripts that already catch that keep working. (Python turns an uncaught *plain*
@@ -62,6 +63,32 @@ class TrainingInterrupted(SystemExit):
 
 class TrainingKeyboardInterrupt(TrainingInterrupted, KeyboardInterrupt):
     """``TrainingInterrupted`` by SIGINT: also a ``KeyboardInterrupt`` (module docstring)."""
+
+
+class TrainingStopped(Exception):
+    """What ``learn_async()`` raises after stopping on a signal: an ordinary exception, since a
+    ``SystemExit`` raised in an asyncio task leaves the event loop itself (asyncio re-raises
+    it out of ``run_forever`` whoever awaits the task). ``learn()`` turns it into
+    :class:`TrainingInterrupted` once its loop is closed (``as_exit()``)."""
+
+    def __init__(self, signum: int, checkpoint: Path | None = None) -> None:
+        self.signum = int(signum)
+        self.checkpoint = checkpoint
+        self.code = 128 + self.signum  # the exit code of a script that stops on it
+        where = f"the newest checkpoint is {checkpoint}" if checkpoint else "no checkpoint"
+        super().__init__(f"training stopped by {self.signal_name}; {where}")
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """What `chatlearn launch` exits with when a script leaves this uncaught."""
+        return self.code
+
+    def as_exit(self) -> TrainingInterrupted:
+        return interrupted(self.signum, self.checkpoint)
 
 
 def interrupted(signum: int, checkpoint: Path | None = None) -> TrainingInterrupted:
@@ -158,25 +185,48 @@ class Interrupts:
 
 class SignalGuard:
     """``with SignalGuard(callback):`` routes SIGINT/SIGTERM to ``callback(signum)`` on the
-    running loop, when on the main thread (elsewhere signals cannot be handled: a no-op)."""
+    running loop, when on the main thread (elsewhere signals cannot be handled: a no-op).
+
+    On leaving, the program's handlers are back as they were, also those of the loop itself (a
+    web server's ``loop.add_signal_handler(SIGTERM, ...)``): ``remove_signal_handler`` deletes
+    the loop's handler, so an embedding program ignored SIGTERM after ``learn_async()``.
+    asyncio's loops show theirs (``_signal_handlers``): the guard replaces it for its duration
+    and puts it back. uvloop hides them, so a loop handler there is left in place and runs as
+    well (the guard takes the signal at the Python level)."""
 
     def __init__(self, callback: Callable[[int], None]) -> None:
         self.callback = callback
-        self._previous: dict[int, Any] = {}
+        self._previous: dict[int, Any] = {}  # signum -> Python-level handler before
+        self._loop_previous: dict[int, Any] = {}  # signum -> the loop's handle before (asyncio)
+        self._python_level: set[int] = set()  # taken with signal.signal, not the loop
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def __enter__(self) -> SignalGuard:
         if threading.current_thread() is not threading.main_thread():
             return self
-        self._loop = asyncio.get_running_loop()
-        for signum in HANDLED_SIGNALS:
+        loop = self._loop = asyncio.get_running_loop()
+        shown = getattr(loop, "_signal_handlers", None)  # asyncio's loops: signum -> Handle
+        for signum in map(int, HANDLED_SIGNALS):
             previous = signal.getsignal(signum)
+            if not isinstance(shown, dict) and getattr(previous, "__self__", None) is loop:
+                # the loop has a handler of its own that it will not show: leave it in place
+                signal.signal(signum, self._from_signal)
+                self._python_level.add(signum)
+                self._previous[signum] = previous
+                continue
             try:
-                self._loop.add_signal_handler(signum, self.callback, int(signum))
+                before = shown.get(signum) if isinstance(shown, dict) else None
+                loop.add_signal_handler(signum, self.callback, signum)
             except (NotImplementedError, RuntimeError, ValueError):  # no signals on this loop
                 continue
-            self._previous[int(signum)] = previous
+            self._previous[signum] = previous
+            if before is not None:
+                self._loop_previous[signum] = before
         return self
+
+    def _from_signal(self, signum: int, frame: object) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self.callback, signum)
 
     def __exit__(
         self,
@@ -186,9 +236,15 @@ class SignalGuard:
     ) -> None:
         assert self._loop is not None or not self._previous
         for signum, previous in self._previous.items():
-            if self._loop is not None:
+            before = self._loop_previous.get(signum)
+            if self._loop is not None and signum not in self._python_level:
                 self._loop.remove_signal_handler(signum)
+                if before is not None and not self._loop.is_closed():
+                    self._loop.add_signal_handler(signum, before._callback, *before._args)
+                    continue
             # remove_signal_handler leaves the default; give back what was there (e.g. the
             # SIGINT handler of asyncio.Runner) so the program behaves as before learn()
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
+        self._loop_previous.clear()
+        self._python_level.clear()

@@ -87,7 +87,8 @@ def prepare_launch(
 def run_script(script: str, args: list[str]) -> None:
     """Run `script` as ``__main__`` with `args`, like ``python script args``; an uncaught config
     error ends it as one line on stderr and exit code 2 (unless debugging), a `KeyboardInterrupt`
-    with 130 (or the code of the engine's `TrainingInterrupted`, also a `SystemExit`)."""
+    with 130 (or the code of the engine's `TrainingInterrupted`, also a `SystemExit`), an
+    uncaught `TrainingStopped` of `learn_async()` with its code."""
     sys.argv = [script, *args]
     script_dir = str(Path(script).resolve().parent)
     if script_dir not in sys.path:
@@ -97,6 +98,9 @@ def run_script(script: str, args: list[str]) -> None:
     except KeyboardInterrupt as exc:  # click would print "Aborted!" and exit with 1
         raise SystemExit(exc.code if isinstance(exc, SystemExit) else 128 + signal.SIGINT) from None
     except Exception as exc:
+        exit_code = getattr(exc, "exit_code", None)  # learn_async()'s TrainingStopped
+        if isinstance(exit_code, int):  # the engine has said why it stopped
+            raise SystemExit(exit_code) from None
         if config_error_line(exc) is None or debug_enabled():
             raise
         report_and_exit(exc)

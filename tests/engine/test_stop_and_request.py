@@ -76,6 +76,44 @@ async def test_signal_guard_routes_signals_and_restores_the_previous_handler() -
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_signal_guard_gives_the_loops_own_handler_back(loop_kind: str) -> None:
+    """An embedding program (a web server) with loop.add_signal_handler(SIGTERM) ignored SIGTERM
+    for good after learn_async(): remove_signal_handler deleted the program's handler."""
+    import uvloop
+
+    async def main() -> tuple[list, list, list]:
+        loop = asyncio.get_running_loop()
+        theirs: list[str] = []
+        ours: list[int] = []
+        loop.add_signal_handler(signal.SIGTERM, theirs.append, "program")
+        try:
+            with SignalGuard(ours.append):
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(200):  # bounded: the loop runs the handler soon
+                    if ours:
+                        break
+                    await asyncio.sleep(0.01)
+            during = list(theirs)
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(200):
+                if len(theirs) > len(during):
+                    break
+                await asyncio.sleep(0.01)
+            return ours, during, theirs
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    run = asyncio.run if loop_kind == "asyncio" else uvloop.run
+    previous = signal.getsignal(signal.SIGTERM)
+    ours, during, theirs = run(main())
+    assert ours == [signal.SIGTERM]
+    # asyncio's loop shows its handler: replaced for the guard's duration; uvloop's runs too
+    assert during == ([] if loop_kind == "asyncio" else ["program"])
+    assert theirs == [*during, "program"]  # the program's handler is back afterwards
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
 def test_second_signal_stops_at_once_without_a_new_checkpoint(tmp_path: Path) -> None:
     trial = Trial(tmp_path)
     proc, log = trial.start(gate=GATE)
@@ -175,3 +213,92 @@ async def test_a_graceful_stop_of_a_run_that_never_saves_does_not_promise_a_chec
         assert said in caplog.text, caplog.text
         caplog.clear()
         interrupts.close()
+
+
+async def _training_started(engine: DPOEngine, training: asyncio.Task) -> None:
+    for _ in range(3000):  # bounded (60 s): start-up included
+        if engine.pipeline is not None and engine.state.iteration >= 1 or training.done():
+            break
+        await asyncio.sleep(0.02)
+    assert not training.done() and engine.state.iteration >= 1
+
+
+def _pids(tmp_path: Path) -> list[int]:
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    return sorted({r["pid"] for r in map(json.loads, lines)})
+
+
+async def test_a_second_learn_async_is_refused_and_the_first_trains_on(tmp_path: Path) -> None:
+    """It started a second pipeline on the same processes: every episode twice, the live run's
+    metrics moved aside, and both failed on each other's checkpoint staging."""
+    chatlearn.init(_config(tmp_path, echo_cost=0.02))
+    try:
+        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        engine.set_dataset(range(16))
+        training = asyncio.create_task(engine.learn_async())
+        try:
+            await _training_started(engine, training)
+            with pytest.raises(RuntimeError, match="learn_async\\(\\) is already running"):
+                await engine.learn_async()
+            result = await training
+        finally:
+            training.cancel()
+            await asyncio.gather(training, return_exceptions=True)
+    finally:
+        reset_args()
+    assert result.steps == 8 and [t["iteration"] for t in _trains(tmp_path)] == list(range(8))
+
+
+async def test_cancelling_again_while_it_stops_still_stops_everything(tmp_path: Path) -> None:
+    """A second cancel during the stop interrupted the runtime's close: an actor outlived the
+    call and the runtime directory (its sockets) stayed until the interpreter exited."""
+    chatlearn.init(_config(tmp_path, echo_cost=0.05, num_episode=40))
+    try:
+        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        engine.set_dataset(range(16))
+        training = asyncio.create_task(engine.learn_async())
+        try:
+            await _training_started(engine, training)
+            system = engine.system
+            assert system is not None and system.runtime_dir is not None
+            runtime_dir = system.runtime_dir.path
+            for _ in range(4):  # the first cancel, then again while it stops
+                training.cancel()
+                await asyncio.sleep(0.02)
+            with pytest.raises(asyncio.CancelledError):
+                await training
+        finally:
+            training.cancel()
+            await asyncio.gather(training, return_exceptions=True)
+    finally:
+        reset_args()
+    assert not runtime_dir.exists()
+    assert_all_exit(_pids(tmp_path), within=0.5)  # gone when the cancelled call returned
+
+
+async def test_a_signal_stops_learn_async_in_a_task_with_an_exception_it_can_catch(
+    tmp_path: Path,
+) -> None:
+    """learn_async() raised a SystemExit; asyncio re-raises those out of the event loop itself
+    when they end a task, so an embedding program's loop died whatever caught the task."""
+    chatlearn.init(_config(tmp_path, echo_cost=0.05, num_episode=40, save_episode_interval=100))
+    try:
+        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        engine.set_dataset(range(16))
+        training = asyncio.create_task(engine.learn_async())
+        try:
+            await _training_started(engine, training)
+            os.kill(os.getpid(), signal.SIGTERM)  # the engine's handler: a graceful stop
+            with pytest.raises(chatlearn.TrainingStopped) as stopped:
+                await training
+        finally:
+            training.cancel()
+            await asyncio.gather(training, return_exceptions=True)
+    finally:
+        reset_args()
+    assert stopped.value.code == 143 and stopped.value.checkpoint is not None
+    assert not isinstance(stopped.value, SystemExit)
+    assert stopped.value.checkpoint.name == f"iter_{len(_trains(tmp_path)):07d}"
+    exit_code = stopped.value.as_exit()
+    assert isinstance(exit_code, TrainingInterrupted) and exit_code.code == 143
+    assert_all_exit(_pids(tmp_path))
