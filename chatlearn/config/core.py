@@ -217,6 +217,10 @@ class Config:
         logger.warning("%s: %s: %s", where, path, why)
 
     # -- access ------------------------------------------------------------------------------------
+    def where(self, key: str) -> str:
+        """The file:line key path `key` was written at (or its closest enclosing section's)."""
+        return self._locator.where(key)
+
     def error(self, key: str, problem: str, fix: str) -> ConfigError:
         """A ConfigError about key path `key` (e.g. `models.policy.model_args.beta`), located at
         the file and line the key was written (or the closest enclosing section)."""

@@ -18,6 +18,7 @@ names.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -74,6 +75,26 @@ MODEL_ARG_KEYS: dict[str, KeySpec] = {
     "max_tokens_per_micro_batch": _int(None, 1, example=8192),
     "malloc_mmap_threshold": _int(0, 0, max_value=32 * 1024 * 1024, example=131072),
 }
+
+# Every key the ready-made HF modules read: those above and the ones with checks of their own.
+HF_MODULE_KEYS = frozenset(
+    [*MODEL_ARG_KEYS, "adam_betas", "mixed_precision", "lora", "merge_lora", "model_config"]
+)
+
+
+def near_misses(model_args: Mapping[str, Any]) -> dict[str, str]:
+    """Keys of `model_args` that the HF modules do not read but that are one typo away from one
+    they do (`learnig_rate`: `learning_rate`), each with that key. A module's own keys are its
+    business (a subclass reads what it likes), so only near misses are said: a typo otherwise
+    left the default in place (lr 1e-6 instead of the 5e-4 written) without a word."""
+    found = {}
+    for key in model_args:
+        if isinstance(key, str) and key not in HF_MODULE_KEYS:
+            near = difflib.get_close_matches(key, HF_MODULE_KEYS, n=1, cutoff=0.8)
+            if near:
+                found[key] = near[0]
+    return found
+
 
 # Sizes of `model_config`, whole numbers ≥ 1 where given.
 _SIZE = KeySpec("int", None, min_value=1, example=8)

@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from chatlearn.engine.checkpoint import COORDINATOR, CheckpointInfo, CheckpointManager
-from chatlearn.engine.metrics import read_metrics
+from chatlearn.engine.metrics import scan_metrics
 
 _SHOWN_KINDS = ("train", "eval", "episode")
 _MAX_VALUES = 8  # metrics shown per record line
@@ -74,8 +74,9 @@ def summarize(run_dir: Path, checkpoints: Path | None = None, verify: bool = Fal
     complete = [info for info in found if info.complete]
     metrics: dict[str, Any] = {"path": str(metrics_path), "records": 0, "last": {}}
     if metrics_path.is_file():
-        records = read_metrics(metrics_path)
+        records, skipped = scan_metrics(metrics_path)
         metrics["records"] = len(records)
+        metrics["unreadable_lines"] = skipped
         for record in records:
             if record.get("kind") in (*_SHOWN_KINDS, "resume", "restart"):
                 metrics["last"][record["kind"]] = record
@@ -101,7 +102,7 @@ def _format_values(record: dict[str, Any]) -> str:
         if record.get("replica") is not None:
             where += f" replica {record['replica']}"
         return f"{record.get('restarts')} in this run; the last: {where}, {record.get('reason')}"
-    skip = {"kind", "step", "time", "episode", "checkpoint"}
+    skip = {"kind", "step", "time", "episode", "episodes_done", "checkpoint"}
     values = [(k, v) for k, v in record.items() if k not in skip]
     if record.get("kind") == "episode":  # timers of every model: the headline ones only
         values = [(k, v) for k, v in values if k in _EPISODE_KEYS]
@@ -139,14 +140,18 @@ def render(summary: dict[str, Any]) -> str:
         else "a new run starts from the beginning (no complete checkpoint)"
     )
     metrics = summary["metrics"]
-    lines.append(f"metrics: {metrics['path']} ({metrics['records']} records)")
+    unreadable = metrics.get("unreadable_lines")
+    broken = f", {unreadable} lines that are not records skipped" if unreadable else ""
+    lines.append(f"metrics: {metrics['path']} ({metrics['records']} records{broken})")
     for kind in (*_SHOWN_KINDS, "resume", "restart"):
         record = metrics["last"].get(kind)
         if record is None:
             continue
         where = f"iteration {record.get('step')}"
         if record.get("episode") is not None and kind != "resume":
-            where += f", episode {record['episode']}"
+            where += f", episode {record['episode']}"  # 0-based, as the file has it
+        elif record.get("episodes_done") is not None:  # an evaluation, between episodes
+            where += f", after {record['episodes_done']} episodes"
         lines.append(f"  last {kind:<8} {where}: {_format_values(record)}")
     return "\n".join(lines)
 
@@ -159,7 +164,7 @@ def _cell(value: Any) -> str:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--checkpoints",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
     help="the checkpoint root, when runtime.data_checkpoint_path put it outside RUN_DIR",
 )

@@ -265,11 +265,24 @@ def _open_tensorboard(directory: Path) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file (a truncated last line, after a crash, is skipped)."""
+    """All records of a metrics.jsonl file (see `scan_metrics`)."""
+    return scan_metrics(path)[0]
+
+
+def scan_metrics(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """(records, lines that are none) of a metrics.jsonl file: a truncated last line after a
+    crash, bytes that are not UTF-8, a line that is not a JSON object are skipped and counted,
+    never a traceback (`chatlearn inspect` reads files whatever happened to them)."""
     records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    skipped = 0
+    text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    for line in text.splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue
-    return records
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif line.strip():
+            skipped += 1
+    return records, skipped

@@ -774,7 +774,9 @@ class DPOPipeline:
         metrics = {key: value / max(count, 1) for key, value in sums.items()}
         self.eval_history.append({"iteration": self.state.iteration, **metrics})
         if self.sink is not None:
-            self.sink.write("eval", self.state.iteration, metrics, episode=self.state.episode)
+            # not `episode`, which train and episode records give as the 0-based episode of
+            # the step: an evaluation comes between episodes (0: before training)
+            self.sink.write("eval", self.state.iteration, metrics, episodes_done=self.state.episode)
         return metrics
 
     async def _eval_reference(self) -> None:

@@ -83,7 +83,15 @@ from chatlearn.engine.reference_store import (
     fingerprint,
     sample_key,
 )
-from chatlearn.transport import DataReceiver, DataSender
+from chatlearn.transport import (
+    DataReceiver,
+    DataSender,
+    HeaderTooLargeError,
+    MessageTooLargeError,
+    NestingTooDeepError,
+    TooManyFramesError,
+    TooManyObjectsError,
+)
 
 logger = logging.getLogger("chatlearn.engine")
 
@@ -407,7 +415,10 @@ class TrainerService(_EpisodeHooks):
                     self._store(buffer, part)
             except Exception as exc:  # a broken message must fail the waiting step, not hang it
                 sender = self.receiver.last_peer or "an unknown sender"
-                self._failure = RuntimeError(f"{type(exc).__name__}: {exc} (sent by {sender})")
+                hint = _OVER_LIMITS if isinstance(exc, _OVER_LIMITS_ERRORS) else ""
+                self._failure = RuntimeError(
+                    f"{type(exc).__name__}: {exc} (sent by {sender}){hint}"
+                )
             async with self._arrived:
                 self._arrived.notify_all()
 
@@ -533,7 +544,7 @@ class TrainerService(_EpisodeHooks):
             raise
         self.module._train_iteration = iteration + 1
         self._compute_free_since = end = time.time()
-        metrics = _numeric_metrics(result)
+        metrics = _numeric_metrics(result, "train_step")
         prefix, appended = _appended_metrics(self.module)
         for key, value in appended.items():
             metrics.setdefault(f"{prefix}/{key}" if prefix else key, value)
@@ -552,7 +563,10 @@ class TrainerService(_EpisodeHooks):
         count = 0
         for positions in batches:
             batch = gather_micro_batch(buffer, positions, padding=padding)
-            metrics = _numeric_metrics(self.module.eval_step(batch))
+            # the train iteration evaluated at, to an eval_step that declares `iteration`
+            iteration = getattr(self.module, "_train_iteration", None)
+            result = invoke(self.module, "eval_step", (batch,), {"iteration": iteration})
+            metrics = _numeric_metrics(result, "eval_step")
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * len(positions)
             count += len(positions)
@@ -729,12 +743,41 @@ def _appended_metrics(module: Any) -> tuple[str, dict[str, float]]:
     return drain() if callable(drain) else ("", {})
 
 
-def _numeric_metrics(result: Any) -> dict[str, float]:
-    """The numbers of a returned dict (one-element tensors and numpy scalars included).
+# A run's own reference sent more than a message may hold (transport/codec.py's Limits): what
+# its forward_step returned, which is the user's to change.
+_OVER_LIMITS_ERRORS = (
+    HeaderTooLargeError,
+    MessageTooLargeError,
+    NestingTooDeepError,
+    TooManyFramesError,
+    TooManyObjectsError,
+)
+_OVER_LIMITS = (
+    ": the reference's forward_step output for one chunk is more than a message may hold; "
+    "return per-token values as tensors, not lists of Python numbers or long strings, or "
+    "lower generation_batch_size"
+)
+
+
+def _numeric_metrics(result: Any, step: str) -> dict[str, float]:
+    """The numbers of the dict `step` (a method's name) returned (one-element tensors and numpy
+    scalars included); anything else is said once.
 
     NaN and inf are kept on purpose: a diverging loss must show in the metrics.
     """
     if not isinstance(result, Mapping):
+        # None is what a train_step without metrics returns; from eval_step it means an
+        # evaluation that records nothing (the base class's, or one that forgot to return)
+        if (result is not None or step == "eval_step") and f"{step}()" not in _LEFT_OUT:
+            _LEFT_OUT.add(f"{step}()")
+            logger.warning(
+                "%s returned %s, not a dict: %s (return a dict of numbers, e.g. {'loss': ...})",
+                step,
+                "None" if result is None else f"a {type(result).__name__}",
+                "the evaluation records nothing"
+                if step == "eval_step"
+                else "nothing of it is recorded",
+            )
         return {}
     metrics = {}
     for key, value in result.items():
@@ -754,4 +797,4 @@ def _numeric_metrics(result: Any) -> dict[str, float]:
     return metrics
 
 
-_LEFT_OUT: set[str] = set()  # result keys already reported as not numbers
+_LEFT_OUT: set[str] = set()  # result keys (and steps) already reported as not numbers

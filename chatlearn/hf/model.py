@@ -259,6 +259,31 @@ def model_arg(model_args: Mapping[str, Any], key: str) -> Any:
     return spec.default if value is None else value
 
 
+def near_miss_warnings(model_args: Mapping[str, Any]) -> list[str]:
+    """One line per key of `model_args` that looks like a mistyped key of these modules
+    (`chatlearn.config.model_args.near_misses`), with the file:line it was written at."""
+    from chatlearn.config import get_args
+    from chatlearn.config.model_args import near_misses
+
+    misses = near_misses(model_args)
+    if not misses:
+        return []
+    prefix, _ = locate_model_args(model_args)
+    try:
+        config = get_args() if prefix != "model_args" else None
+    except ConfigError:  # model args given in code
+        config = None
+    lines = []
+    for key, near in misses.items():
+        path = f"{prefix}.{key}"
+        where = f"{config.where(path)}: " if config is not None else ""
+        lines.append(
+            f"{where}{path}: not a key the ready-made modules read, so {near} keeps its "
+            f"default; did you mean {near}? (a key your own module reads is fine as it is)"
+        )
+    return lines
+
+
 def locate_model_args(
     model_args: Mapping[str, Any],
 ) -> tuple[str, Callable[[str, str, str], ConfigError]]:

@@ -108,6 +108,7 @@ from chatlearn.hf.model import (
     causal_lm_from_args,
     locate_model_args,
     model_arg,
+    near_miss_warnings,
     tied_gradient_in_place,
     validate_model_args,
 )
@@ -161,6 +162,9 @@ class _HFModule(TorchModule):
         # first: a model_path or setting these modules cannot use is a one-line ConfigError
         # naming its key, not a traceback from the tokenizer or the layout
         validate_model_args(self.model_args)
+        if self.replica_id == 0 and self.rank == 0:  # every process reads the same args
+            for line in near_miss_warnings(self.model_args):
+                self._logger.warning("%s: %s", self.name, line)
         return_freed_memory(model_arg(self.model_args, "malloc_mmap_threshold"))
         self.tokenizer = self.build_tokenizer()
         self.layout = self.build_layout()

@@ -195,8 +195,11 @@ def test_a_chatlearn_style_program_runs_unchanged(tmp_path: Path) -> None:
 
 
 def test_chatlearn_names_this_runtime_lacks_say_so_on_import() -> None:
-    with pytest.raises(ImportError, match="chatlearn.Evaluator is not provided.*eval_step"):
+    with pytest.raises(ImportError, match="Evaluator is not provided.*set_eval_dataset.*eval_step"):
         from chatlearn import Evaluator  # noqa: F401
+    # ChatLearn's engine method: not an AttributeError that names nothing to use instead
+    with pytest.raises(NotImplementedError, match="set_evaluator.*set_eval_dataset"):
+        chatlearn.DPOEngine.set_evaluator(None, object())  # type: ignore[arg-type]
     with pytest.raises(ImportError, match="OnlineDPOEngine is not provided.*DPOEngine"):
         from chatlearn import OnlineDPOEngine  # noqa: F401
     with pytest.raises(AttributeError):  # a plain typo stays a plain error

@@ -80,6 +80,15 @@ class EchoReference(_Logged):
         return {"row": data["row"], "tokens": data["tokens"], "double": data["row"] * 2}
 
 
+class EchoListReference(EchoReference):
+    """Per-token values as Python lists: 4 rows of 200k ints are more values than a message
+    may hold (transport/codec.py's Limits)."""
+
+    def forward_step(self, data, iteration):
+        output = super().forward_step(data, iteration)
+        return {**output, "per_token": [[0] * 200_000 for _ in data["row"].tolist()]}
+
+
 class EchoTrainer(_Logged):
     def setup(self) -> None:
         self.add_padding_config("tokens", -1)
@@ -110,3 +119,10 @@ class EchoTrainer(_Logged):
 
     def eval_step(self, data):
         return {"mean_row": float(data["row"].float().mean())}
+
+
+class EchoIterationEvalTrainer(EchoTrainer):
+    """An eval_step that declares `iteration` (docs/chatlearn-compat.md: passed when declared)."""
+
+    def eval_step(self, data, iteration):
+        return {"mean_row": float(data["row"].float().mean()), "at": float(iteration)}

@@ -223,3 +223,23 @@ def test_inspect_lists_checkpoints_problems_and_last_metrics(tmp_path: Path) -> 
 
     empty = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
     assert empty.exit_code == 1
+
+
+def test_inspect_reads_a_damaged_metrics_file_and_refuses_a_missing_checkpoint_root(
+    tmp_path: Path,
+) -> None:
+    """Binary garbage was a UnicodeDecodeError traceback, a line holding a JSON list an
+    AttributeError; --checkpoints naming no directory said "a new run starts from the
+    beginning" of a run that resumes."""
+    run_dir = tmp_path / "CHATLEARN"
+    run_dir.mkdir()
+    good = {"kind": "eval", "step": 2, "episodes_done": 1, "loss": 0.5}
+    (run_dir / "metrics.jsonl").write_bytes(
+        b"\xff\xfe\x00garbage\n[1, 2, 3]\n42\n" + json.dumps(good).encode() + b'\n{"kind": "tr'
+    )
+    result = CliRunner().invoke(cli, ["inspect", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "(1 records, 4 lines that are not records skipped)" in result.output
+    assert "last eval     iteration 2, after 1 episodes: loss 0.5" in result.output
+    missing = CliRunner().invoke(cli, ["inspect", str(run_dir), "--checkpoints", "/nonexistent"])
+    assert missing.exit_code == 2 and "does not exist" in missing.output

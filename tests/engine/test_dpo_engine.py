@@ -21,7 +21,12 @@ from chatlearn.config import reset_args
 from chatlearn.engine.engine import DPOEngine
 
 sys.path.insert(0, str(Path(__file__).parent))
-from echo_modules import EchoReference, EchoTrainer  # noqa: E402
+from echo_modules import (  # noqa: E402
+    EchoIterationEvalTrainer,
+    EchoListReference,
+    EchoReference,
+    EchoTrainer,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -64,11 +69,18 @@ def _runtime(
 
 
 async def _learn(
-    tmp_path: Path, runtime: dict, samples=range(35), *, reference=None, eval_set=None
+    tmp_path: Path,
+    runtime: dict,
+    samples=range(35),
+    *,
+    reference=None,
+    eval_set=None,
+    trainer=EchoTrainer,
+    reference_class=EchoReference,
 ):
     chatlearn.init(_config(tmp_path, runtime, reference))
     try:
-        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        engine = DPOEngine(reference_class("reference"), trainer("policy_trainer"))
         engine.set_dataset(list(samples))
         if eval_set is not None:
             engine.set_eval_dataset(list(eval_set))
@@ -227,13 +239,22 @@ async def test_evaluation_runs_eval_step_on_held_out_samples(tmp_path: Path) -> 
         tmp_path,
         _runtime(2, 8, 4, 2, 4, eval_episode_interval=1, enable_eval_before_training=True),
         eval_set=[10, 20, 30, 40, 50],
+        trainer=EchoIterationEvalTrainer,  # declares iteration: given the train iteration
     )
     assert engine.pipeline is not None
     assert [e["mean_row"] for e in engine.pipeline.eval_history] == [30.0, 30.0, 30.0]
+    assert [e["at"] for e in engine.pipeline.eval_history] == [0.0, 2.0, 4.0]
     records = [
         json.loads(x) for x in (tmp_path / "CHATLEARN" / "metrics.jsonl").read_text().splitlines()
     ]
     assert {r["kind"] for r in records} == {"train", "eval", "episode"}
+    # an evaluation comes between episodes: how many were done, not a 0-based episode that
+    # reads one ahead of the train records of the same step
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [(r["step"], r["episodes_done"]) for r in evals] == [(0, 0), (2, 1), (4, 2)]
+    assert all("episode" not in r for r in evals)
+    trains = [r for r in records if r["kind"] == "train"]
+    assert [(r["step"], r["episode"]) for r in trains] == [(1, 0), (2, 0), (3, 1), (4, 1)]
 
 
 async def test_a_trainer_lost_before_the_first_checkpoint_evaluates_before_training_again(
@@ -297,3 +318,13 @@ async def test_only_the_data_senders_io_thread_runs_batched(tmp_path: Path) -> N
     _, log = await _learn(tmp_path, _runtime(1, 8, 4, 2, 4), samples=range(8))
     assert _events(log, "forward")[-1]["io_threads"] == [os.SCHED_OTHER, os.SCHED_BATCH]
     assert _events(log, "train")[-1]["io_threads"] == [os.SCHED_OTHER]
+
+
+async def test_a_forward_output_too_large_for_a_message_names_forward_step(tmp_path: Path) -> None:
+    """The trainer refused it as a broken message of the reference, naming neither
+    forward_step nor what to change."""
+    with pytest.raises(Exception) as info:
+        await _learn(tmp_path, _runtime(1, 8, 4, 2, 4), range(8), reference_class=EchoListReference)
+    text = str(info.value)
+    assert "TooManyObjectsError" in text and "sent by reference" in text, text
+    assert "forward_step output for one chunk is more than a message may hold" in text, text

@@ -27,8 +27,8 @@ def test_numbers_are_kept_and_the_rest_is_said_once(
         "note": "text",
     }
     with caplog.at_level(logging.WARNING, logger="chatlearn.engine"):
-        metrics = _numeric_metrics(result)
-        again = _numeric_metrics(result)
+        metrics = _numeric_metrics(result, "train_step")
+        again = _numeric_metrics(result, "train_step")
     assert metrics == again
     assert {k: v for k, v in metrics.items() if k != "bad"} == {"loss": 0.5, "acc": 0.25, "n": 3.0}
     assert math.isnan(metrics["bad"])
@@ -36,3 +36,23 @@ def test_numbers_are_kept_and_the_rest_is_said_once(
     assert len(warnings) == 2  # once per key, not once per step
     assert "'vec' is a Tensor of shape (2,), not a number: left out of the metrics" in warnings[0]
     assert "'note' is a str, not a number" in warnings[1]
+
+
+def test_a_result_that_is_not_a_dict_is_said_once_and_none_only_from_eval_step(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A train_step returning a list, or a trainer without eval_step under an eval set, recorded
+    nothing (empty eval records) without a word."""
+    monkeypatch.setattr(worker_services, "_LEFT_OUT", set())
+    with caplog.at_level(logging.WARNING, logger="chatlearn.engine"):
+        for _ in range(3):
+            assert _numeric_metrics(None, "train_step") == {}  # no metrics: nothing to say
+            assert _numeric_metrics([0.5, 0.25], "train_step") == {}
+            assert _numeric_metrics(None, "eval_step") == {}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [
+        "train_step returned a list, not a dict: nothing of it is recorded (return a dict of "
+        "numbers, e.g. {'loss': ...})",
+        "eval_step returned None, not a dict: the evaluation records nothing (return a dict of "
+        "numbers, e.g. {'loss': ...})",
+    ]
