@@ -68,6 +68,7 @@ restart repeats at most that many.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -347,7 +348,7 @@ class DPOPipeline:
                 if self.settings.take_turns:
                     await self._memory(self.reference, onload=True, replica=replica_id)
                 # queued at the replica behind the previous episode's orders, not awaited
-                orders.create_task(_unless_lost(self.reference.begin_episode(replica_id, episode)))
+                _queue(orders, functools.partial(self.reference.begin_episode, replica_id, episode))
                 chunks = layout.chunks[replica_id]
                 next_chunk = 0
                 while next_chunk < len(chunks):
@@ -377,13 +378,13 @@ class DPOPipeline:
                 if self.settings.take_turns:
                     await self._end_reference_turn(replica_id, episode)
                 else:
-                    orders.create_task(_unless_lost(self.reference.end_episode(replica_id)))
+                    _queue(orders, functools.partial(self.reference.end_episode, replica_id))
 
     async def _end_reference_turn(self, replica_id: int, episode: int) -> None:
         """After the episode's inference (every replica's: the trainers must have it all):
         ``after_episode``, ``offload()``; the trainer's turn starts when every replica is done."""
         await self._event(self._produced, episode).wait()
-        await _unless_lost(self.reference.end_episode(replica_id))
+        await _unless_lost(functools.partial(self.reference.end_episode, replica_id))
         await self._memory(self.reference, onload=False, replica=replica_id)
         self._turns_ended[episode] = self._turns_ended.get(episode, 0) + 1
         if self._turns_ended[episode] == len(self.reference.replicas):
@@ -400,7 +401,7 @@ class DPOPipeline:
         )
         if frees:
             if group is self.reference:  # a replica being restarted starts onloaded
-                await _unless_lost(group.memory(onload, replica))
+                await _unless_lost(functools.partial(group.memory, onload, replica))
             else:
                 await group.memory(onload, replica)
 
@@ -750,15 +751,13 @@ class DPOPipeline:
             await self._eval_reference()
             await self._memory(self.reference, onload=False)
             self._eval_ready = True
-        size, micro = self.eval_size, self.settings.micro_batch_size
         dp_size = self.trainer_dp[0][1]
-        shares = [list(range(size))[r::dp_size] for r in range(dp_size)]
-        per_rank = [
-            [shares[dp_rank][i : i + micro] for i in range(0, len(shares[dp_rank]), micro)]
-            for dp_rank, _ in self.trainer_dp
-        ]
+        batches, uncounted = eval_batches(self.eval_size, dp_size, self.settings.micro_batch_size)
+        per_rank = [batches[dp_rank] for dp_rank, _ in self.trainer_dp]
         await self._memory(self.trainer, onload=True)
-        results = await self.trainer.evaluate(per_rank)
+        results = await self.trainer.evaluate(
+            per_rank, [uncounted[dp_rank] for dp_rank, _ in self.trainer_dp]
+        )
         await self._memory(self.trainer, onload=False)
         # every rank of a data-parallel group evaluates the same share: count each share once
         seen: set[int] = set()
@@ -872,13 +871,47 @@ def step_group(
 _MAX_REPLAYS = 1000  # bounds _send_forward; restarts are bounded far below by the policy
 
 
-async def _unless_lost(call: Awaitable[Any]) -> None:
+def eval_batches(size: int, dp_size: int, micro: int) -> tuple[list[list[list[int]]], list[int]]:
+    """Each data-parallel rank's batches of eval positions, and how many of its last ones are
+    not to be counted. Rank r takes positions r, r + dp_size, ...; every rank gets the same
+    number of batches, of at most `micro` positions each: a sharded trainer's forwards are
+    collectives, and a rank with one more (33 samples, 2 ranks, 16 a batch: 16 + 1 against 16)
+    waited for the others forever. A rank with fewer positions than batches (an empty share:
+    fewer samples than ranks) evaluates one more time uncounted, so it runs as many forwards."""
+    shares = [list(range(size))[rank::dp_size] for rank in range(dp_size)]
+    count = max(-(-len(share) // micro) for share in shares)  # ceil: the largest share's
+    batches, uncounted = [], []
+    for share in shares:
+        real = min(count, len(share))  # batches of its own positions, as even as can be
+        base, extra = divmod(len(share), max(real, 1))
+        bounds = [0]
+        for number in range(real):
+            bounds.append(bounds[-1] + base + (number < extra))
+        own = [share[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+        batches.append(own + [[share[0] if share else 0]] * (count - real))
+        uncounted.append(count - real)
+    return batches, uncounted
+
+
+async def _unless_lost(call: Callable[[], Awaitable[Any]]) -> None:
     """An episode hook or memory order to a reference replica; if the replica is lost meanwhile
     it is dropped: its new process begins the episode afresh (``_send_forward``)."""
     try:
-        await call
+        await call()
     except ActorLostError:
         pass
+
+
+def _queue(orders: asyncio.TaskGroup, call: Callable[[], Awaitable[Any]]) -> None:
+    """`_unless_lost(call)` as a task of `orders`, the call made when the task runs: a group
+    already stopping (an error elsewhere) refuses the task, and the coroutines made for it
+    were never awaited (a RuntimeWarning after every failed forward_step)."""
+    task = _unless_lost(call)
+    try:
+        orders.create_task(task)
+    except RuntimeError:
+        task.close()
+        raise
 
 
 def first_error(errors: BaseExceptionGroup) -> BaseException:

@@ -338,6 +338,9 @@ class Evaluate(Message):
     kind = "evaluate"
     result = Evaluated
     batches: list[list[int]]
+    # batches evaluated only so that every rank runs as many forwards (a sharded model's are
+    # collectives) and left out of the sums: a rank whose share of the eval set is empty
+    uncounted: int = 0  # the last `uncounted` batches
 
 
 @dataclass(slots=True, kw_only=True)
@@ -721,9 +724,16 @@ class TrainerGroup(_Workers):
         sent.add_done_callback(_retrieve)  # seen even if the caller abandons the future
         return asyncio.ensure_future(_steps_of(sent))
 
-    async def evaluate(self, per_rank: Sequence[list[list[int]]]) -> list[Evaluated]:
-        """``eval_step`` on every rank over its batches of eval positions."""
-        orders = [Evaluate(batches=batches) for batches in per_rank]
+    async def evaluate(
+        self, per_rank: Sequence[list[list[int]]], uncounted: Sequence[int] | None = None
+    ) -> list[Evaluated]:
+        """``eval_step`` on every rank over its batches of eval positions (the last
+        ``uncounted[rank]`` of them left out of its sums)."""
+        left_out = list(uncounted) if uncounted is not None else [0] * len(per_rank)
+        orders = [
+            Evaluate(batches=batches, uncounted=n)
+            for batches, n in zip(per_rank, left_out, strict=True)
+        ]
         return await asyncio.gather(
             *(_ask(h, self.entry, o) for h, o in zip(self.group, orders, strict=True))
         )

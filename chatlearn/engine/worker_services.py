@@ -553,19 +553,22 @@ class TrainerService(_EpisodeHooks):
     async def evaluate(self, order: Evaluate) -> Evaluated:
         """``eval_step`` on each batch of eval positions; returns sample-weighted sums."""
         await self._wait_for(EVAL, (p for batch in order.batches for p in batch))
-        return await self.ctx.run_compute(self._evaluate, order.batches)
+        return await self.ctx.run_compute(self._evaluate, order.batches, order.uncounted)
 
-    def _evaluate(self, batches: Sequence[Sequence[int]]) -> Evaluated:
+    def _evaluate(self, batches: Sequence[Sequence[int]], uncounted: int = 0) -> Evaluated:
         start = time.time()
         buffer = self.buffers[EVAL]
         padding = self.module.padding_config()
         sums: dict[str, float] = {}
         count = 0
-        for positions in batches:
+        counted = len(batches) - uncounted
+        for number, positions in enumerate(batches):
             batch = gather_micro_batch(buffer, positions, padding=padding)
             # the train iteration evaluated at, to an eval_step that declares `iteration`
             iteration = getattr(self.module, "_train_iteration", None)
             result = invoke(self.module, "eval_step", (batch,), {"iteration": iteration})
+            if number >= counted:  # only to run as many forwards as the other ranks
+                continue
             metrics = _numeric_metrics(result, "eval_step")
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * len(positions)

@@ -89,6 +89,15 @@ class EchoListReference(EchoReference):
         return {**output, "per_token": [[0] * 200_000 for _ in data["row"].tolist()]}
 
 
+class EchoFailingReference(EchoReference):
+    """forward_step raises on the sample `runtime.echo_fail_row`."""
+
+    def forward_step(self, data, iteration):
+        if self.runtime_args.get("echo_fail_row") in data["row"].tolist():
+            raise ValueError("a bug in forward_step")
+        return super().forward_step(data, iteration)
+
+
 class EchoTrainer(_Logged):
     def setup(self) -> None:
         self.add_padding_config("tokens", -1)
@@ -125,4 +134,5 @@ class EchoIterationEvalTrainer(EchoTrainer):
     """An eval_step that declares `iteration` (docs/chatlearn-compat.md: passed when declared)."""
 
     def eval_step(self, data, iteration):
+        self.log(event="eval", rows=data["row"].tolist())
         return {"mean_row": float(data["row"].float().mean()), "at": float(iteration)}

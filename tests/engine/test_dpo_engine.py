@@ -22,6 +22,7 @@ from chatlearn.engine.engine import DPOEngine
 
 sys.path.insert(0, str(Path(__file__).parent))
 from echo_modules import (  # noqa: E402
+    EchoFailingReference,
     EchoIterationEvalTrainer,
     EchoListReference,
     EchoReference,
@@ -31,11 +32,13 @@ from echo_modules import (  # noqa: E402
 pytestmark = pytest.mark.timeout(120)
 
 
-def _config(tmp_path: Path, runtime: dict, reference: dict | None = None) -> dict:
+def _config(
+    tmp_path: Path, runtime: dict, reference: dict | None = None, trainer: dict | None = None
+) -> dict:
     return {
         "models": {
             "reference": reference or {"num_cpu": 1},
-            "policy_trainer": {"num_cpu": 1, "trainable": True},
+            "policy_trainer": trainer or {"num_cpu": 1, "trainable": True},
         },
         "runtime": {
             "output_dir": str(tmp_path),
@@ -77,8 +80,9 @@ async def _learn(
     eval_set=None,
     trainer=EchoTrainer,
     reference_class=EchoReference,
+    trainer_model=None,
 ):
-    chatlearn.init(_config(tmp_path, runtime, reference))
+    chatlearn.init(_config(tmp_path, runtime, reference, trainer_model))
     try:
         engine = DPOEngine(reference_class("reference"), trainer("policy_trainer"))
         engine.set_dataset(list(samples))
@@ -328,3 +332,77 @@ async def test_a_forward_output_too_large_for_a_message_names_forward_step(tmp_p
     text = str(info.value)
     assert "TooManyObjectsError" in text and "sent by reference" in text, text
     assert "forward_step output for one chunk is more than a message may hold" in text, text
+
+
+async def test_a_failing_forward_step_leaves_no_coroutine_unawaited(tmp_path: Path) -> None:
+    """Every forward_step failure also printed "RuntimeWarning: coroutine
+    'ReferenceGroup.end_episode' was never awaited" (made for a task group already stopping)."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(Exception, match="a bug in forward_step"):
+            await _learn(
+                tmp_path,
+                _runtime(2, 8, 2, 2, 4, echo_fail_row=0),
+                range(8),
+                reference_class=EchoFailingReference,
+            )
+        gc.collect()
+    unawaited = [str(w.message) for w in caught if "never awaited" in str(w.message)]
+    assert unawaited == []
+
+
+@pytest.mark.parametrize("eval_size", [1, 5])
+async def test_every_trainer_rank_evaluates_as_many_batches(tmp_path: Path, eval_size) -> None:
+    """A sharded (FSDP2) trainer's forwards are collectives: with 33 eval samples over 2 ranks in
+    batches of 16, rank 0 ran one more and waited for the other forever. Batches are now evened
+    out, and a rank without a sample of its own evaluates one uncounted."""
+    eval_set = [10 * (i + 1) for i in range(eval_size)]
+    engine, log = await _learn(
+        tmp_path,
+        _runtime(
+            1,
+            8,
+            4,
+            2,
+            4,
+            eval_episode_interval=1,
+            enable_eval_before_training=True,
+            colocation=["reference,policy_trainer"],
+        ),
+        range(8),
+        eval_set=eval_set,
+        trainer=EchoIterationEvalTrainer,
+        trainer_model={"num_cpu": 2, "cpu_per_process": 1, "trainable": True},
+    )
+    evals = _events(log, "eval")
+    per_rank = [[e["rows"] for e in evals if e["rank"] == rank] for rank in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]) > 0  # as many forwards on both ranks
+    assert all(len(rows) <= 2 for rows in per_rank[0] + per_rank[1])  # micro-batches of 2
+    assert engine.pipeline is not None
+    mean = sum(eval_set) / len(eval_set)  # the uncounted batch is left out of the mean
+    assert [e["mean_row"] for e in engine.pipeline.eval_history] == [mean, mean]
+
+
+def test_eval_batches_are_as_many_on_every_rank_and_count_each_position_once() -> None:
+    from chatlearn.engine.pipeline import eval_batches
+
+    for size in range(1, 40):
+        for dp_size in (1, 2, 3, 4):
+            for micro in (1, 2, 16):
+                batches, uncounted = eval_batches(size, dp_size, micro)
+                assert len({len(b) for b in batches}) == 1
+                assert all(0 < len(batch) <= micro for b in batches for batch in b)
+                counted = [
+                    p
+                    for b, n in zip(batches, uncounted, strict=True)
+                    for batch in b[: len(b) - n]
+                    for p in batch
+                ]
+                assert sorted(counted) == list(range(size))
+    assert eval_batches(33, 2, 16)[0] == [
+        [list(range(0, 18, 2)), list(range(18, 33, 2))],
+        [list(range(1, 17, 2)), list(range(17, 33, 2))],
+    ]
