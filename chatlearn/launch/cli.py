@@ -175,7 +175,7 @@ def command(
     if debug:
         os.environ[DEBUG_ENV_VAR] = "1"  # read by the script's chatlearn.init() hook too
     if hostfile is None:
-        if include or exclude:
+        if include is not None or exclude is not None:  # also given as '' (an unset variable)
             raise click.UsageError("--include/--exclude need a --hostfile")
         _run(script, list(script_args), max_restarts, restart_window)
         return

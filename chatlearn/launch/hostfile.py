@@ -134,14 +134,16 @@ def select_hosts(
     """Apply `--include` or `--exclude` (not both) to `hosts`; keeps host file order.
 
     Hosts left without slots are dropped; naming a host or slot that is not in the host file is
-    an error, and so is a selection that leaves nothing.
+    an error, and so is a selection that leaves nothing. `None` means the option was not given;
+    an empty string was given (``--include ''``, e.g. an unset shell variable) and is an error,
+    not "all hosts".
     """
-    if include and exclude:
+    if include is not None and exclude is not None:
         raise HostfileError("--include and --exclude are mutually exclusive; use one of them")
-    if not include and not exclude:
+    if include is None and exclude is None:
         return list(hosts)
-    option = "--include" if include else "--exclude"
-    selection = _parse_selection(include or exclude or "", option)
+    option = "--include" if include is not None else "--exclude"
+    selection = _parse_selection(include if include is not None else exclude or "", option)
     by_name = {h.name: h for h in hosts}
     for name, slots in selection.items():
         if name not in by_name:
@@ -154,8 +156,8 @@ def select_hosts(
             )
     result: list[HostSlots] = []
     for host in hosts:
-        chosen = selection.get(host.name, ()) if include else None
-        if include:
+        chosen = selection.get(host.name, ()) if include is not None else None
+        if include is not None:
             if host.name not in selection:
                 continue
             slots = host.slots if chosen is None else chosen
@@ -167,5 +169,6 @@ def select_hosts(
         if slots:
             result.append(HostSlots(host.name, tuple(slots)))
     if not result:
-        raise HostfileError(f"{option} {include or exclude!r} leaves no host to run on")
+        spec = include if include is not None else exclude
+        raise HostfileError(f"{option} {spec!r} leaves no host to run on")
     return result

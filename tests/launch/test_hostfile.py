@@ -92,6 +92,11 @@ def test_exclude_hosts_and_slots():
         ("h1@h1", None, "appears twice"),
         (None, "h1@h2@h3", "leaves no host"),
         ("@", None, "is not 'host' or 'host:0,1'"),
+        # given but empty (an unset shell variable): not "all hosts"
+        ("", None, "--include: empty host selection"),
+        (None, "", "--exclude: empty host selection"),
+        ("  ", None, "--include: empty host selection"),
+        ("", "h1", "mutually exclusive"),
     ],
 )
 def test_bad_selections(include, exclude, message):

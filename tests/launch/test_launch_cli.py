@@ -155,3 +155,18 @@ def test_kill9_under_launch_leaves_no_process_directory_or_key(tmp_path):
         for pid in pids:
             if psutil.pid_exists(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("option", ["--include", "--exclude"])
+def test_an_empty_host_selection_is_one_line_not_all_hosts(tmp_path, option):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(f"{HOST_A} slots=1\n{HOST_B} slots=1\n")
+    result = run_launch(
+        *("--hostfile", str(hostfile), option, "", "--launcher", "local", "--slots-are", "cpus"),
+        *(str(HERE / "dpo_script.py"), str(tmp_path)),
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"chatlearn launch: {option}: empty host selection"
+    ]
+    assert not (tmp_path / "hosts.jsonl").exists()  # no actor started
