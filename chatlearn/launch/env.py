@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from chatlearn.launch.hostfile import HostfileError
+from chatlearn.launch.hostfile import HostfileError, read_text_file
 
 __all__ = [
     "DEFAULT_ENV_FILE",
@@ -46,11 +46,12 @@ _NEVER_EXPORTED = ("CHATLEARN_LAUNCH",)
 
 
 def read_env_file(path: str | Path) -> dict[str, str]:
-    """``KEY=VALUE`` lines (``#`` comments, blank lines); an error names the line."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise HostfileError(f"cannot read env file {path}: {exc.strerror or exc}") from None
+    """``KEY=VALUE`` lines (``#`` comments, blank lines); an error names the line.
+
+    A value with a NUL byte is refused here: no environment can hold it, and every actor given
+    it failed at start-up ("embedded null byte") and was restarted as if it had crashed.
+    """
+    text = read_text_file(path, "env file")
     env: dict[str, str] = {}
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -60,6 +61,11 @@ def read_env_file(path: str | Path) -> dict[str, str]:
         name = name.strip()
         if not sep or not _NAME_RE.match(name):
             raise HostfileError(f"{path}:{lineno}: expected KEY=VALUE, got {raw.strip()!r}")
+        if "\0" in value:
+            raise HostfileError(
+                f"{path}:{lineno}: the value of {name} contains a NUL byte, which no "
+                "environment variable can hold; remove it"
+            )
         env[name] = value.strip()
     return env
 

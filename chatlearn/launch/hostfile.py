@@ -20,7 +20,14 @@ from pathlib import Path
 
 from chatlearn.actors.hosts import is_local_host
 
-__all__ = ["HostSlots", "HostfileError", "parse_hostfile", "read_hostfile", "select_hosts"]
+__all__ = [
+    "HostSlots",
+    "HostfileError",
+    "parse_hostfile",
+    "read_hostfile",
+    "read_text_file",
+    "select_hosts",
+]
 
 # A host name or an IPv4/IPv6 address: no spaces, no shell metacharacters.
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.:\-\[\]%]+$")
@@ -93,13 +100,27 @@ def parse_hostfile(text: str, source: str = "<hostfile>") -> list[HostSlots]:
     return hosts
 
 
-def read_hostfile(path: str | Path) -> list[HostSlots]:
-    """`parse_hostfile` of a file; a missing file is a `HostfileError` too."""
+def read_text_file(path: str | Path, what: str) -> str:
+    """The UTF-8 text of the `what` ("host file", "env file") at `path`; a file that cannot be
+    read, or is not UTF-8 text, is a `HostfileError` naming it (and the line of the bad byte:
+    the decoder's own message named neither)."""
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as exc:
-        raise HostfileError(f"cannot read host file {path}: {exc.strerror or exc}") from None
-    return parse_hostfile(text, str(path))
+        raise HostfileError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise HostfileError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+            f"save the {what} as UTF-8"
+        ) from None
+
+
+def read_hostfile(path: str | Path) -> list[HostSlots]:
+    """`parse_hostfile` of a file; a missing or non-UTF-8 file is a `HostfileError` too."""
+    return parse_hostfile(read_text_file(path, "host file"), str(path))
 
 
 def _parse_selection(spec: str, option: str) -> dict[str, tuple[int, ...] | None]:

@@ -130,3 +130,26 @@ def test_env_allow_list_and_env_file(tmp_path):
     env_file.write_text("A=1\nnot a pair\n")
     with pytest.raises(HostfileError, match=r"env:2: expected KEY=VALUE"):
         read_env_file(env_file)
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_bytes(b"a slots=1\n# caf\xff\n")
+    with pytest.raises(HostfileError) as info:
+        read_hostfile(hosts)
+    assert str(info.value) == f"{hosts}:2: not UTF-8 text (byte 0xff); save the host file as UTF-8"
+    env_file = tmp_path / "env"
+    env_file.write_bytes(b"\xffA=1\n")
+    with pytest.raises(HostfileError) as info:
+        read_env_file(env_file)
+    assert (
+        str(info.value) == f"{env_file}:1: not UTF-8 text (byte 0xff); save the env file as UTF-8"
+    )
+
+
+def test_an_env_value_with_a_nul_byte_is_refused_naming_its_line(tmp_path):
+    env_file = tmp_path / "env"
+    env_file.write_bytes(b"A=1\n# x\nB=x\x00y\n")
+    with pytest.raises(HostfileError) as info:
+        read_env_file(env_file)
+    assert str(info.value).startswith(f"{env_file}:3: the value of B contains a NUL byte")

@@ -170,3 +170,24 @@ def test_an_empty_host_selection_is_one_line_not_all_hosts(tmp_path, option):
         f"chatlearn launch: {option}: empty host selection"
     ]
     assert not (tmp_path / "hosts.jsonl").exists()  # no actor started
+
+
+def test_an_env_file_that_cannot_be_used_is_one_line_naming_it(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(f"{HOST_A} slots=1\n")
+    env_file = tmp_path / "env"
+    for content, message in [
+        (b"A=1\nB=\xff\n", f"{env_file}:2: not UTF-8 text (byte 0xff)"),
+        # every actor crashed reading it ("embedded null byte") and was restarted
+        (b"A=x\x00y\n", f"{env_file}:1: the value of A contains a NUL byte"),
+    ]:
+        env_file.write_bytes(content)
+        result = run_launch(
+            *("--hostfile", str(hostfile), "--env-file", str(env_file)),
+            *("--launcher", "local", "--slots-are", "cpus"),
+            *(str(HERE / "dpo_script.py"), str(tmp_path)),
+        )
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"chatlearn launch: {message}"), lines
+        assert not (tmp_path / "hosts.jsonl").exists()
