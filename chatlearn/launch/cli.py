@@ -42,6 +42,7 @@ from chatlearn.launch.cluster import (
     LAUNCHERS,
     Cluster,
     LaunchSpec,
+    check_master_addr,
     is_local_host,
     local_address_towards,
 )
@@ -72,6 +73,8 @@ def prepare_launch(
     if master_addr is None:
         remote = [h.name for h in hosts if not is_local_host(h.name)]
         master_addr = local_address_towards(remote[0]) if remote else "127.0.0.1"
+    else:
+        check_master_addr(master_addr)
     spec = LaunchSpec(
         hosts=hosts,
         master_addr=master_addr,

@@ -38,7 +38,13 @@ from chatlearn.actors.process import free_tcp_port, worker_environment, write_st
 from chatlearn.launch.hostfile import HostSlots
 from chatlearn.transport.security import TcpSecurity
 
-__all__ = ["LAUNCH_ENV_VAR", "Cluster", "LaunchSpec", "local_address_towards"]
+__all__ = [
+    "LAUNCH_ENV_VAR",
+    "Cluster",
+    "LaunchSpec",
+    "check_master_addr",
+    "local_address_towards",
+]
 
 DEFAULT_SSH_COMMAND = ("ssh", "-T", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10")
 LAUNCHERS = ("ssh", "local")
@@ -86,6 +92,33 @@ def local_address_towards(host: str) -> str:
         except OSError:
             return "127.0.0.1"
         return str(sock.getsockname()[0])
+
+
+def check_master_addr(address: str) -> None:
+    """Refuse a master address this machine cannot bind, in one line naming ``--master-addr``.
+
+    The coordinator binds its tcp control endpoint there once the script builds its first
+    `ActorSystem`; an address that is not this machine's ended the run there in a ZMQError
+    traceback ("Cannot assign requested address"). A bind of an ephemeral port is the same test,
+    made before anything starts.
+    """
+    try:
+        infos = socket.getaddrinfo(address.strip("[]"), 0, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ValueError(
+            f"--master-addr {address}: cannot resolve it ({exc.strerror or exc}); give an "
+            "address of this machine that every host can reach"
+        ) from None
+    family, kind, proto, _, sockaddr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.bind(sockaddr)
+    except OSError as exc:
+        raise ValueError(
+            f"--master-addr {address}: this machine cannot listen there "
+            f"({exc.strerror or exc}); give one of this machine's addresses that every host can "
+            "reach, or leave the option out to use its address towards the first remote host"
+        ) from None
 
 
 class Cluster:

@@ -191,3 +191,22 @@ def test_an_env_file_that_cannot_be_used_is_one_line_naming_it(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"chatlearn launch: {message}"), lines
         assert not (tmp_path / "hosts.jsonl").exists()
+
+
+def test_a_master_address_this_machine_cannot_bind_is_one_line(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(f"{HOST_A} slots=1\n{HOST_B} slots=1\n")
+    # TEST-NET-1 (RFC 5737): an address of no machine; the bind of the control endpoint ended
+    # in a ZMQError traceback ("Cannot assign requested address")
+    result = run_launch(
+        *("--hostfile", str(hostfile), "--master-addr", "192.0.2.1"),
+        *("--launcher", "local", "--slots-are", "cpus"),
+        *(str(HERE / "dpo_script.py"), str(tmp_path)),
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(
+        "chatlearn launch: --master-addr 192.0.2.1: this machine cannot listen there"
+    )
+    assert not (tmp_path / "hosts.jsonl").exists()
