@@ -5,7 +5,11 @@ per training step), each model on its own core, in one invocation so the figures
 
 - ours: the reference runs ahead of training by the default credit window;
 - ChatLearn's schedule: ``pipeline_window: 0`` — the whole episode's inference, then training;
-- ideal: ``max(reference, trainer)`` time per sample, i.e. perfect overlap.
+- ideal: ``max(reference, trainer)`` time per sample, i.e. perfect overlap (none when both costs
+  are 0: the runs then measure the runtime's own overhead, which has no ideal figure).
+
+Each run writes into its own output directory (a second run in the first one's would find its
+metrics and move them aside as an earlier start's).
 
 Throughput is samples over the span from the first ``forward_step`` to the last ``train_step``
 (process start-up excluded).
@@ -46,8 +50,12 @@ async def _measure(window: int | None, options: dict[str, Any], output_dir: str)
     chatlearn.init(
         {
             "models": {
-                "reference": {"num_cpu": 1},
-                "policy_trainer": {"num_cpu": 1, "trainable": True},
+                "reference": {"num_cpu": 1, "model_args": {"cost": options["forward_cost"]}},
+                "policy_trainer": {
+                    "num_cpu": 1,
+                    "trainable": True,
+                    "model_args": {"cost": options["train_cost"]},
+                },
             },
             "runtime": {
                 "num_episode": options["episodes"],
@@ -56,8 +64,6 @@ async def _measure(window: int | None, options: dict[str, Any], output_dir: str)
                 "train_micro_batch_size": options["micro_batch_size"],
                 "train_global_batch_size": options["global_batch_size"],
                 "pipeline_window": window,
-                "bench_forward_cost": options["forward_cost"],
-                "bench_train_cost": options["train_cost"],
                 "output_dir": output_dir,
                 "data_shuffle": False,
             },
@@ -329,16 +335,18 @@ def command(as_json: bool, soak: bool, **options: Any) -> None:
         return
     per_sample_ref = options["forward_cost"] / options["generation_batch_size"]
     per_sample_train = options["train_cost"] / options["global_batch_size"]
-    ideal = 1.0 / max(per_sample_ref, per_sample_train)
+    slowest = max(per_sample_ref, per_sample_train)
+    # both costs 0: the runtime's overhead alone, which no overlap bounds
+    ideal = 1.0 / slowest if slowest > 0 else None
     with tempfile.TemporaryDirectory(prefix="chatlearn-bench-") as output_dir:
-        ours = run(_measure(None, options, output_dir))
-        chatlearn_schedule = run(_measure(0, options, output_dir))
+        ours = run(_measure(None, options, os.path.join(output_dir, "pipelined")))
+        chatlearn_schedule = run(_measure(0, options, os.path.join(output_dir, "chatlearn")))
     result = {
         **options,
         "ours_samples_per_s": ours,
         "chatlearn_schedule_samples_per_s": chatlearn_schedule,
         "ideal_samples_per_s": ideal,
-        "ratio_vs_ideal": ours / ideal,
+        "ratio_vs_ideal": ours / ideal if ideal else None,
         "ratio_vs_chatlearn_schedule": ours / chatlearn_schedule,
     }
     if as_json:
@@ -349,10 +357,17 @@ def command(as_json: bool, soak: bool, **options: Any) -> None:
         f"ms/sample, {options['episodes']} episodes × {options['sample_per_episode']} samples",
         file=sys.stderr,
     )
+    if ideal is None:
+        click.echo("both costs are 0: no ideal figure (the runtime's overhead alone)", err=True)
     click.echo(f"{'schedule':<24}{'samples/s':>12}{'vs ideal':>10}")
     for name, value in (
         ("chatlearn (pipelined)", ours),
         ("ChatLearn's schedule", chatlearn_schedule),
         ("ideal max(ref, train)", ideal),
     ):
-        click.echo(f"{name:<24}{value:>12.1f}{value / ideal:>10.2f}")
+        if value is None:
+            click.echo(f"{name:<24}{'-':>12}{'-':>10}")
+        elif ideal is None:
+            click.echo(f"{name:<24}{value:>12.1f}{'-':>10}")
+        else:
+            click.echo(f"{name:<24}{value:>12.1f}{value / ideal:>10.2f}")

@@ -1,8 +1,9 @@
 """Synthetic DPO modules with fixed costs, for `chatlearn bench pipeline` and tests.
 
-`forward_step` spins for `runtime.bench_forward_cost` seconds per chunk and `train_step` for
-`runtime.bench_train_cost` seconds per step. They spin rather than sleep so that each really
-occupies its core, as model compute does.
+`forward_step` spins for the reference's ``model_args: {cost: seconds}`` per chunk and
+`train_step` for the trainer's per step. They spin rather than sleep so that each really occupies
+its core, as model compute does. The costs are in each model's `model_args`, the settings a
+module reads itself, not in `runtime:`, where keys the engine does not know are warned about.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ class SpinReference(BaseModule):
         return _Samples({"row": torch.tensor(int(s))} for s in samples)
 
     def forward_step(self, data: dict[str, Any]) -> dict[str, Any]:
-        spin(float(self.runtime_args.get("bench_forward_cost", 0.0)))
+        spin(float(self.model_args.get("cost", 0.0)))
         return {"row": data["row"], "logps": data["row"].float()}
 
 
 class SpinTrainer(BaseModule):
     def train_step(self, data: list[dict[str, Any]]) -> dict[str, float]:
-        spin(float(self.runtime_args.get("bench_train_cost", 0.0)))
+        spin(float(self.model_args.get("cost", 0.0)))
         return {"rows": float(sum(int(mb["row"].sum()) for mb in data))}
 
 

@@ -67,3 +67,29 @@ def test_soak_figures_take_the_first_and_last_windows() -> None:
     assert soak_figures(times, window=60)["window_s"] == pytest.approx(19.98)
     with pytest.raises(ValueError, match="at least 2"):
         soak_figures([1.0])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("forward_cost", "train_cost"), [(0, 0), (0.002, 0)])
+def test_bench_pipeline_compares_the_schedules(forward_cost: float, train_cost: float) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "chatlearn.cli", "bench", "pipeline", "--json"]
+        + ["--forward-cost", str(forward_cost), "--train-cost", str(train_cost)]
+        + ["--episodes", "1", "--sample-per-episode", "16"],
+        capture_output=True,
+        text=True,
+        timeout=55,
+    )
+    # both costs 0 ended in a ZeroDivisionError after both runs
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result = json.loads(completed.stdout)
+    assert result["ours_samples_per_s"] > 0 and result["chatlearn_schedule_samples_per_s"] > 0
+    if forward_cost == train_cost == 0:  # the runtime's overhead alone: no ideal figure
+        assert result["ideal_samples_per_s"] is None and result["ratio_vs_ideal"] is None
+    else:
+        assert result["ideal_samples_per_s"] == pytest.approx(4 / forward_cost)
+        assert result["ratio_vs_ideal"] > 0
+    # its own settings are not unknown keys of the config, and each run has its own output
+    # directory (the second one moved the first one's metrics aside as an earlier start's)
+    assert "not a known key" not in completed.stderr
+    assert "superseded" not in completed.stderr and "earlier start" not in completed.stderr
