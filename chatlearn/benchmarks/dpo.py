@@ -666,6 +666,38 @@ def _num_parameters(options: dict[str, Any]) -> int:
     return num_parameters(build_causal_lm(model_args(options)["model_config"]))
 
 
+# Counts of the command lines (sizes, steps, pairs): a 0 or a negative one ended in a traceback
+# (ZeroDivisionError) or in a config error about a key the user never wrote
+# (runtime.sample_per_episode); refused by click, naming the option, before anything starts.
+COUNT = click.IntRange(min=1)
+# the pair tokenizer's max_length: a prompt token and a response token at least
+SEQ_LEN = click.IntRange(min=2)
+
+
+def check_model_shape(
+    options: dict[str, Any], num_heads: int | None = None, num_kv_heads: int | None = None
+) -> None:
+    """`--hidden-size` splits into the attention heads (`--num-heads`, or the model's fixed
+    `num_heads`) with an even size per head (the rotary embedding rotates pairs of dimensions),
+    and the heads into `--num-kv-heads` groups; else the model fails to build in every actor."""
+    hidden = options["hidden_size"]
+    heads = options.get("num_heads", num_heads)
+    assert heads is not None
+    named = "--num-heads" if "num_heads" in options else "the model's attention heads"
+    if hidden % (2 * heads):
+        raise click.UsageError(
+            f"--hidden-size {hidden} must be a multiple of 2 × {named} ({heads}): each head's "
+            "size must be even; e.g. --hidden-size "
+            + str(max(1, round(hidden / (2 * heads))) * 2 * heads)
+        )
+    kv_heads = options.get("num_kv_heads", num_kv_heads)
+    if kv_heads is not None and heads % kv_heads:
+        raise click.UsageError(
+            f"--num-heads {heads} must be a multiple of --num-kv-heads {kv_heads}: each key/value "
+            "head serves the same number of attention heads"
+        )
+
+
 def check_cores_and_steps(options: dict[str, Any]) -> None:
     """`--cores` (default: every usable core) within this machine, `--warmup`/`--steps` ≥ 1."""
     available = len(os.sched_getaffinity(0))
@@ -678,12 +710,16 @@ def check_cores_and_steps(options: dict[str, Any]) -> None:
 
 
 @click.command("dpo")
-@click.option("--hidden-size", default=256, show_default=True)
-@click.option("--intermediate-size", default=688, show_default=True)
-@click.option("--num-layers", default=8, show_default=True)
-@click.option("--seq-len", default=128, show_default=True, help="tokens per sequence")
-@click.option("--batch-size", default=8, show_default=True, help="pairs per training step")
-@click.option("--generation-batch-size", default=8, show_default=True, help="reference chunk")
+@click.option("--hidden-size", default=256, show_default=True, type=COUNT)
+@click.option("--intermediate-size", default=688, show_default=True, type=COUNT)
+@click.option("--num-layers", default=8, show_default=True, type=COUNT)
+@click.option("--seq-len", default=128, show_default=True, type=SEQ_LEN, help="tokens per sequence")
+@click.option(
+    "--batch-size", default=8, show_default=True, type=COUNT, help="pairs per training step"
+)
+@click.option(
+    "--generation-batch-size", default=8, show_default=True, type=COUNT, help="reference chunk"
+)
 @click.option(
     "--data",
     type=click.Choice(("uniform", "realistic")),
@@ -692,8 +728,10 @@ def check_cores_and_steps(options: dict[str, Any]) -> None:
     help="uniform: every sequence --seq-len tokens; realistic: the length profile of "
     "chatlearn.hf.profile (max_length 1024): padded, packed, pipelined and TRL runs",
 )
-@click.option("--steps", default=30, show_default=True, help="timed training steps")
-@click.option("--warmup", default=4, show_default=True, help="steps before timing starts")
+@click.option("--steps", default=30, show_default=True, type=COUNT, help="timed training steps")
+@click.option(
+    "--warmup", default=4, show_default=True, type=COUNT, help="steps before timing starts"
+)
 @click.option("--cores", type=int, default=None, help="total cores [default: all usable]")
 @click.option(
     "--device",
@@ -733,6 +771,7 @@ def check_cores_and_steps(options: dict[str, Any]) -> None:
 def command(as_json: bool, **options: Any) -> None:
     """Samples/s of DPO: single process (a), chatlearn pipelined (b), train-only (c)."""
     check_cores_and_steps(options)
+    check_model_shape(options, num_heads=BENCH_MODEL["num_attention_heads"])
     with tempfile.TemporaryDirectory(prefix="chatlearn-bench-") as output_dir:
         realistic = options["data"] == "realistic"
         result = {

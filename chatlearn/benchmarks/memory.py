@@ -53,11 +53,20 @@ from typing import Any
 
 import click
 
-from chatlearn.benchmarks.dpo import _PREAMBLE, bench_records, check_cores_and_steps, throughput
+from chatlearn.benchmarks.dpo import (
+    _PREAMBLE,
+    COUNT,
+    SEQ_LEN,
+    bench_records,
+    check_cores_and_steps,
+    check_model_shape,
+    throughput,
+)
 from chatlearn.engine.engine import DPOEngine
 from chatlearn.engine.state import RunState
 from chatlearn.hf.memory import RECOMMENDED_MMAP_THRESHOLD
 from chatlearn.hf.modules import HFDPOTrainer, HFReference
+from chatlearn.hf.tokenizer import BYTE_VOCAB_SIZE
 from chatlearn.transport import run
 
 # Qwen2.5-0.5B's config.json, the keys that shape memory and compute.
@@ -525,34 +534,58 @@ def _parse_layouts(ctx: click.Context, param: click.Parameter, value: str) -> li
     return names
 
 
+def _check_vocab_size(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """The model's vocabulary must hold every id of the byte-level tokenizer the benchmark's
+    modules use (chatlearn.hf.tokenizer): a smaller one started every actor, then failed in the
+    trainer's embedding lookup (IndexError)."""
+    if value < BYTE_VOCAB_SIZE:
+        raise click.BadParameter(
+            f"{value} is smaller than the byte-level tokenizer's {BYTE_VOCAB_SIZE} tokens; "
+            f"give at least {BYTE_VOCAB_SIZE}"
+        )
+    return value
+
+
+def _model_option(name: str, key: str) -> Any:
+    return click.option(name, default=QWEN2_5_0_5B[key], show_default=True, type=COUNT)
+
+
 @click.command("memory")
-@click.option("--hidden-size", default=QWEN2_5_0_5B["hidden_size"], show_default=True)
-@click.option("--intermediate-size", default=QWEN2_5_0_5B["intermediate_size"], show_default=True)
-@click.option("--num-layers", default=QWEN2_5_0_5B["num_hidden_layers"], show_default=True)
-@click.option("--num-heads", default=QWEN2_5_0_5B["num_attention_heads"], show_default=True)
-@click.option("--num-kv-heads", default=QWEN2_5_0_5B["num_key_value_heads"], show_default=True)
-@click.option("--vocab-size", default=QWEN2_5_0_5B["vocab_size"], show_default=True)
-@click.option("--seq-len", default=256, show_default=True, help="tokens per sequence")
-@click.option("--pairs", default=2, show_default=True, help="pairs per training step")
-@click.option("--steps", default=1, show_default=True, help="timed training steps")
+@_model_option("--hidden-size", "hidden_size")
+@_model_option("--intermediate-size", "intermediate_size")
+@_model_option("--num-layers", "num_hidden_layers")
+@_model_option("--num-heads", "num_attention_heads")
+@_model_option("--num-kv-heads", "num_key_value_heads")
+@click.option(
+    "--vocab-size",
+    default=QWEN2_5_0_5B["vocab_size"],
+    show_default=True,
+    type=int,
+    callback=_check_vocab_size,
+)
+@click.option("--seq-len", default=256, show_default=True, type=SEQ_LEN, help="tokens per sequence")
+@click.option("--pairs", default=2, show_default=True, type=COUNT, help="pairs per training step")
+@click.option("--steps", default=1, show_default=True, type=COUNT, help="timed training steps")
 @click.option(
     "--warmup",
     default=2,
     show_default=True,
+    type=COUNT,
     help="steps before timing; torch bytes are tracked through max(2, warmup) steps",
 )
 @click.option("--layouts", default=",".join(LAYOUTS), show_default=True, callback=_parse_layouts)
-@click.option("--lora-rank", default=16, show_default=True)
+@click.option("--lora-rank", default=16, show_default=True, type=COUNT)
 @click.option(
     "--mixed-precision", type=click.Choice(("no", "bf16", "fp16")), default="no", show_default=True
 )
-@click.option("--logps-chunk-size", type=int, default=None, help="[default: the trainer's]")
+@click.option("--logps-chunk-size", type=COUNT, default=None, help="[default: the trainer's]")
 @click.option("--device", type=click.Choice(("cpu", "cuda")), default="cpu", show_default=True)
 @click.option("--cores", type=int, default=None, help="CPU cores [default: all usable]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def command(as_json: bool, **options: Any) -> None:
     """Peak memory and throughput of DPO training: DDP, FSDP2 over 2 processes, LoRA."""
     check_cores_and_steps(options)
+    check_model_shape(options)
     with tempfile.TemporaryDirectory(prefix="chatlearn-bench-memory-") as output_dir:
         measured = run(_measure_all(options, output_dir))
     result = {"num_parameters": num_parameters(options), **measured, "options": options}

@@ -10,6 +10,13 @@ from chatlearn.cli import main
 
 pytestmark = pytest.mark.timeout(60)
 
+MEMORY_TINY = "--hidden-size 64 --intermediate-size 128 --num-layers 1 --num-heads 4".split() + (
+    "--num-kv-heads 2 --vocab-size 300 --seq-len 32 --layouts ddp --warmup 1".split()
+)
+DPO_TINY = "--hidden-size 32 --intermediate-size 64 --num-layers 1 --seq-len 32".split() + (
+    "--steps 1 --warmup 1 --no-second-epoch".split()
+)
+
 
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -23,9 +30,44 @@ pytestmark = pytest.mark.timeout(60)
         (["bench", "pipeline", "--soak", "--soak-episode", "0"], "not in the range"),
         (["bench", "pipeline", "--micro-batch-size", "0"], "not in the range"),
         (["bench", "dpo", "--cores", "0"], "--cores must be between 1 and"),
+        # each of these started actors and then failed in them, or named a config key the user
+        # never wrote (runtime.sample_per_episode: must be ≥ 1, got -6); a tiny model otherwise,
+        # so that a regression fails in seconds
+        (
+            ["bench", "memory", *MEMORY_TINY, "--vocab-size", "64"],
+            "'--vocab-size': 64 is smaller "
+            "than the byte-level tokenizer's 259 tokens; give at least 259",
+        ),
+        (["bench", "memory", *MEMORY_TINY, "--vocab-size", "0"], "'--vocab-size': 0 is smaller"),
+        (["bench", "memory", *MEMORY_TINY, "--pairs", "-2"], "'--pairs': -2 is not in the range"),
+        (["bench", "memory", *MEMORY_TINY, "--seq-len", "1"], "'--seq-len': 1 is not in the range"),
+        (
+            ["bench", "memory", *MEMORY_TINY, "--num-kv-heads", "3"],
+            "--num-heads 4 must be a multiple of --num-kv-heads 3",
+        ),
+        (
+            ["bench", "memory", *MEMORY_TINY, "--hidden-size", "36"],
+            "--hidden-size 36 must be a multiple of 2 × --num-heads (4)",
+        ),
+        (["bench", "memory", *MEMORY_TINY, "--lora-rank", "0"], "'--lora-rank': 0 is not in"),
+        (
+            ["bench", "dpo", *DPO_TINY, "--hidden-size", "0"],
+            "'--hidden-size': 0 is not in the range",
+        ),
+        (
+            ["bench", "dpo", *DPO_TINY, "--hidden-size", "36"],
+            "--hidden-size 36 must be a multiple of 2 × the model's attention heads (4)",
+        ),
+        (["bench", "dpo", *DPO_TINY, "--batch-size", "0"], "'--batch-size': 0 is not in the range"),
+        (
+            ["bench", "dpo", *DPO_TINY, "--generation-batch-size", "-1"],
+            "'--generation-batch-size': -1 is not in",
+        ),
     ],
 )
 def test_bad_numbers_are_usage_errors(args: list[str], message: str) -> None:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert message in result.output
+    # the error is click's one line naming the option, after its usage lines: no traceback
+    assert result.output.strip().splitlines()[-1].startswith("Error: ")
