@@ -35,6 +35,10 @@ asyncio, no envelope): the floor of any pyzmq-based control plane on the machine
 ipc, two more floors: 100 bytes echoed over a plain unix stream socket with blocking calls (the
 least any two processes need to answer each other) and with both processes' uvloop event loops
 (the least for any asyncio control plane).
+
+Ctrl-C ends both processes within a fraction of a second, exit code 130: the receivers that
+block (in worker threads) wait in slices of STOP_SLICE and stop when the measurement awaiting
+them is cancelled; the peer dies of the SIGINT it gets with the benchmark.
 """
 
 from __future__ import annotations
@@ -45,10 +49,12 @@ import functools
 import importlib.util
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,6 +85,79 @@ RTT_PAYLOAD = b"x" * 100
 PEER_START_TIMEOUT = 120.0
 # No single measurement may take longer than this: a stall is an error, not a hang.
 RECV_TIMEOUT = 300.0
+# The blocking receivers (run in worker threads) wait in slices this long and look at their stop
+# flag in between: waiting out RECV_TIMEOUT at once kept a Ctrl-C'd benchmark alive for up to
+# 5 minutes (the event loop's shutdown waits for its worker threads). A slice ends a blocking
+# call only when nothing arrives: messages flowing pay nothing for it.
+STOP_SLICE = 0.1
+
+
+class BenchStopped(Exception):
+    """A blocking receiver saw its stop flag: the benchmark is being interrupted."""
+
+
+def _waited(waited: float, stop: threading.Event) -> float:
+    """One more slice waited for a message: raises once ``stop`` is set or the wait reaches
+    RECV_TIMEOUT (a stall is an error, not a hang)."""
+    if stop.is_set():
+        raise BenchStopped
+    waited += STOP_SLICE
+    if waited >= RECV_TIMEOUT:
+        raise TimeoutError(f"no message from the benchmark peer for {RECV_TIMEOUT:.0f} s")
+    return waited
+
+
+def _end_thread(task: asyncio.Future[Any], stop: threading.Event) -> None:
+    """On the way out of a measurement (done, failed or cancelled by Ctrl-C): ``stop`` its
+    blocking thread, and cancel ``task``, the thread's future, so that the thread's ending
+    (`BenchStopped`) is nobody's "exception never retrieved"."""
+    stop.set()
+    task.cancel()  # nothing when done
+    if task.done() and not task.cancelled():
+        task.exception()  # raised already where it mattered
+
+
+class _Sliced:
+    """A blocking zmq socket's ``recv``/``recv_multipart``/``send`` waiting in STOP_SLICE slices
+    (its RCVTIMEO/SNDTIMEO) until the call goes through, ``stop`` is set or RECV_TIMEOUT passes
+    (a DEALER's send waits for its peer to connect)."""
+
+    def __init__(self, sock: Any, stop: threading.Event) -> None:
+        import zmq
+
+        self.sock, self.stop = sock, stop
+        sock.setsockopt(zmq.RCVTIMEO, int(STOP_SLICE * 1000))
+        sock.setsockopt(zmq.SNDTIMEO, int(STOP_SLICE * 1000))
+
+    def send(self, *args: Any, **kwargs: Any) -> Any:
+        import zmq
+
+        waited = 0.0
+        while True:
+            try:
+                return self.sock.send(*args, **kwargs)
+            except zmq.Again:
+                waited = _waited(waited, self.stop)
+
+    def recv(self, *args: Any, **kwargs: Any) -> Any:
+        import zmq
+
+        waited = 0.0
+        while True:
+            try:
+                return self.sock.recv(*args, **kwargs)
+            except zmq.Again:
+                waited = _waited(waited, self.stop)
+
+    def recv_multipart(self, *args: Any, **kwargs: Any) -> Any:
+        import zmq
+
+        waited = 0.0
+        while True:
+            try:
+                return self.sock.recv_multipart(*args, **kwargs)
+            except zmq.Again:
+                waited = _waited(waited, self.stop)
 
 
 @dataclass
@@ -143,52 +222,58 @@ def pickle_baseline() -> Any:
     return module
 
 
-def _receive_blocking(endpoint: str, mode: str, warmup: int, count: int, ready: Any) -> float:
-    """Bind a plain PULL socket and receive (raw, codec or pickle); runs in a worker thread."""
+def _receive_blocking(
+    endpoint: str, mode: str, warmup: int, count: int, ready: Any, stop: threading.Event
+) -> float:
+    """Bind a plain PULL socket and receive (raw, codec or pickle); runs in a worker thread
+    until done or ``stop`` is set (`BenchStopped`)."""
     import zmq
 
     sock: zmq.Socket[bytes] = raw_socket(zmq.PULL, sending=False)
     sock.setsockopt(zmq.RCVHWM, BENCH_HWM)
-    sock.setsockopt(zmq.RCVTIMEO, int(RECV_TIMEOUT * 1000))  # a stall is an error, not a hang
     sock.setsockopt(zmq.LINGER, 0)
+    receiver = _Sliced(sock, stop)
     try:
         sock.bind(endpoint)
         ready(sock.getsockopt_string(zmq.LAST_ENDPOINT))
         if mode == "pickle":
-            elapsed, _ = pickle_baseline().recv_unpickled(sock, warmup, count)
+            elapsed, _ = pickle_baseline().recv_unpickled(receiver, warmup, count)
             return elapsed
         if mode == "codec":
             for _ in range(warmup):
-                decode(sock.recv_multipart(copy=False))
+                decode(receiver.recv_multipart(copy=False))
             started = time.perf_counter()
             for _ in range(count):
-                decode(sock.recv_multipart(copy=False))
+                decode(receiver.recv_multipart(copy=False))
             return time.perf_counter() - started
         for _ in range(warmup):
-            sock.recv_multipart(copy=False)
+            receiver.recv_multipart(copy=False)
         started = time.perf_counter()
         for _ in range(count):
-            sock.recv_multipart(copy=False)
+            receiver.recv_multipart(copy=False)
         return time.perf_counter() - started
     finally:
         sock.close()
 
 
-def _raw_round_trips(endpoint: str, warmup: int, count: int, ready: Any) -> list[float]:
-    """Bind a plain DEALER, then time ``count`` blocking 100-byte round trips to the peer."""
+def _raw_round_trips(
+    endpoint: str, warmup: int, count: int, ready: Any, stop: threading.Event
+) -> list[float]:
+    """Bind a plain DEALER, then time ``count`` blocking 100-byte round trips to the peer
+    (until ``stop`` is set: `BenchStopped`)."""
     import zmq
 
     sock: zmq.Socket[bytes] = raw_socket(zmq.DEALER, sending=False)
-    sock.setsockopt(zmq.RCVTIMEO, int(RECV_TIMEOUT * 1000))
     sock.setsockopt(zmq.LINGER, 0)
+    receiver = _Sliced(sock, stop)
     try:
         sock.bind(endpoint)
         ready(sock.getsockopt_string(zmq.LAST_ENDPOINT))
         samples = []
         for i in range(warmup + count):
             started = time.perf_counter_ns()
-            sock.send(RTT_PAYLOAD)
-            sock.recv(copy=False)
+            receiver.send(RTT_PAYLOAD)
+            receiver.recv(copy=False)
             if i >= warmup:
                 samples.append((time.perf_counter_ns() - started) / 1000)
         return samples
@@ -196,23 +281,36 @@ def _raw_round_trips(endpoint: str, warmup: int, count: int, ready: Any) -> list
         sock.close()
 
 
-def _stream_round_trips_blocking(conn: socket.socket, warmup: int, count: int) -> list[float]:
-    """Time 100-byte round trips over a connected unix stream socket; runs in a worker thread."""
-    conn.settimeout(RECV_TIMEOUT)
+def _stream_round_trips_blocking(
+    conn: socket.socket, warmup: int, count: int, stop: threading.Event
+) -> list[float]:
+    """Time 100-byte round trips over a connected unix stream socket; runs in a worker thread
+    until done or ``stop`` is set (`BenchStopped`)."""
+    conn.settimeout(STOP_SLICE)  # see _Sliced
     samples = []
     for i in range(warmup + count):
         started = time.perf_counter_ns()
         conn.sendall(RTT_PAYLOAD)
-        recv_exactly(conn, len(RTT_PAYLOAD))
+        recv_exactly(conn, len(RTT_PAYLOAD), stop)
         if i >= warmup:
             samples.append((time.perf_counter_ns() - started) / 1000)
     return samples
 
 
-def recv_exactly(conn: socket.socket, size: int) -> bytes:
+def recv_exactly(conn: socket.socket, size: int, stop: threading.Event | None = None) -> bytes:
+    """``size`` bytes from ``conn``; with ``stop``, ``conn`` has a timeout of STOP_SLICE and the
+    wait ends when ``stop`` is set (`BenchStopped`) or after RECV_TIMEOUT."""
     data = b""
+    waited = 0.0
     while len(data) < size:
-        chunk = conn.recv(size - len(data))
+        if stop is None:
+            chunk = conn.recv(size - len(data))
+        else:
+            try:
+                chunk = conn.recv(size - len(data))
+            except TimeoutError:
+                waited = _waited(waited, stop)
+                continue
         if not chunk:
             raise ConnectionError("the echoing peer closed the stream")
         data += chunk
@@ -287,43 +385,58 @@ class Bench:
     async def _throughput_blocking(self, mode: str, size: int, warmup: int, count: int) -> float:
         loop = asyncio.get_running_loop()
         bound: asyncio.Future[str] = loop.create_future()
+        stop = threading.Event()  # set when this is cancelled (Ctrl-C): the thread ends too
 
         def ready(endpoint: str) -> None:
             loop.call_soon_threadsafe(bound.set_result, endpoint)
 
+        endpoint = self.data_endpoint()
         receiving = asyncio.ensure_future(
-            asyncio.to_thread(_receive_blocking, self.data_endpoint(), mode, warmup, count, ready)
+            asyncio.to_thread(_receive_blocking, endpoint, mode, warmup, count, ready, stop)
         )
-        waiting: list[asyncio.Future[Any]] = [bound, receiving]
-        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if not bound.done():
-            return receiving.result()  # raises the receiver's error
-        order = self._order(mode, bound.result(), size, warmup + count)
-        await self.server.request(self.identity, MessageKind.CALL, order)
-        return await receiving
+        try:
+            waiting: list[asyncio.Future[Any]] = [bound, receiving]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if not bound.done():
+                return receiving.result()  # raises the receiver's error
+            order = self._order(mode, bound.result(), size, warmup + count)
+            await self.server.request(self.identity, MessageKind.CALL, order)
+            return await receiving
+        finally:
+            _end_thread(receiving, stop)
 
     async def raw_rtt_us(self, num_requests: int) -> list[float]:
         """Round trips (µs) of 100-byte messages over blocking pyzmq, echoed by the peer."""
         warmup = max(50, num_requests // 10)
         loop = asyncio.get_running_loop()
         bound: asyncio.Future[str] = loop.create_future()
+        stop = threading.Event()  # set when this is cancelled (Ctrl-C): the thread ends too
 
         def ready(endpoint: str) -> None:
             loop.call_soon_threadsafe(bound.set_result, endpoint)
 
+        endpoint = self.data_endpoint()
         timing = asyncio.ensure_future(
-            asyncio.to_thread(_raw_round_trips, self.data_endpoint(), warmup, num_requests, ready)
+            asyncio.to_thread(_raw_round_trips, endpoint, warmup, num_requests, ready, stop)
         )
-        waiting: list[asyncio.Future[Any]] = [bound, timing]
-        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if not bound.done():
-            return timing.result()  # raises the thread's error
-        order = {"mode": "echo", "endpoint": bound.result(), "count": warmup + num_requests}
-        echo = asyncio.ensure_future(self.server.request(self.identity, MessageKind.CALL, order))
         try:
-            return await timing
-        finally:
+            waiting: list[asyncio.Future[Any]] = [bound, timing]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if not bound.done():
+                return timing.result()  # raises the thread's error
+            order = {"mode": "echo", "endpoint": bound.result(), "count": warmup + num_requests}
+            echo = asyncio.ensure_future(
+                self.server.request(self.identity, MessageKind.CALL, order)
+            )
+            try:
+                samples = await timing
+            except BaseException:
+                echo.cancel()  # no reply to wait for on the way out (the peer may be gone)
+                raise
             await echo
+            return samples
+        finally:
+            _end_thread(timing, stop)
 
     async def stream_rtt_us(self, num_requests: int, *, blocking: bool) -> list[float]:
         """Round trips (µs) of 100 bytes over a plain unix stream socket, echoed by the peer,
@@ -335,6 +448,7 @@ class Bench:
         loop = asyncio.get_running_loop()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         echo: asyncio.Future[Any] | None = None
+        stop = threading.Event()  # set when this is cancelled (Ctrl-C): the thread ends too
         try:
             listener.bind(path)
             listener.listen(1)
@@ -358,15 +472,17 @@ class Bench:
                 if blocking:
                     conn.setblocking(True)
                     samples = await asyncio.to_thread(
-                        _stream_round_trips_blocking, conn, warmup, num_requests
+                        _stream_round_trips_blocking, conn, warmup, num_requests, stop
                     )
                 else:
                     samples = await _stream_round_trips_async(conn, warmup, num_requests)
             finally:
+                stop.set()  # the thread's next slice ends it, if this was cancelled
                 conn.close()
             await echo
             return samples
         finally:
+            stop.set()
             if echo is not None:
                 echo.cancel()
             listener.close()
@@ -601,7 +717,12 @@ def command(
     keep_receive_buffers()
     if not as_json:
         log(HEADER)
-    result = run(bench_all(tuple(kinds), quick, repeat, log, cores))
+    try:
+        result = run(bench_all(tuple(kinds), quick, repeat, log, cores))
+    except KeyboardInterrupt:
+        # Ctrl-C: the loop has stopped the peer and its receiving threads on the way out; the
+        # shell's code for it, not click's "Aborted!" and 1
+        raise SystemExit(128 + signal.SIGINT) from None
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import sys
 from typing import Any
@@ -181,6 +182,11 @@ def pin_threads(core: int) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C reaches the peer with the benchmark (one process group): it ends at once, quietly
+    # (it owns nothing to clean up: the benchmark owns the runtime directory). As a
+    # KeyboardInterrupt it printed a 30-line traceback, or, in a blocking call, was noticed only
+    # at that call's timeout.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if len(sys.argv) > 2:
         pin_threads(int(sys.argv[2]))
     keep_receive_buffers()
