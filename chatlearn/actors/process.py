@@ -276,10 +276,44 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def apply_cpu_affinity_from_env() -> tuple[int, ...]:
-    """Pin this process to `CHATLEARN_CPU_AFFINITY` (set by the spawner); returns the cores."""
+class CpuAffinityError(ValueError):
+    """The cores this actor was placed on are not this host's (more host-file slots than the
+    host has cores): a start-up configuration error, said once by the actor, never a crash to
+    restart. ``fix`` says what to change."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.fix = fix
+
+
+def apply_cpu_affinity_from_env(host: str | None = None) -> tuple[int, ...]:
+    """Pin this process to `CHATLEARN_CPU_AFFINITY` (set by the spawner); returns the cores.
+
+    On a CPU-only host of a host file, slot i is core i: a core the host does not have is a
+    `CpuAffinityError` naming `host` (psutil's "invalid CPU 6; choose between [0, 1]" named
+    neither the host nor the host file).
+    """
     spec = os.environ.get("CHATLEARN_CPU_AFFINITY", "")
     cpus = tuple(int(c) for c in spec.split(",") if c.strip())
-    if cpus:
+    if not cpus:
+        return cpus
+    where = f"host {host or socket.gethostname()}"
+    count = len(psutil.cpu_times(percpu=True))  # the cores psutil (and the kernel) accept
+    missing = [c for c in cpus if not 0 <= c < count]
+    if missing:
+        raise CpuAffinityError(
+            f"{where}: slot {missing[0]} is CPU core {missing[0]}, but the host has {count} "
+            f"core{'s' if count != 1 else ''} (0-{count - 1})",
+            f"list it with at most slots={count} in the host file: a CPU-only host's slots "
+            "are its cores",
+        )
+    try:
         psutil.Process().cpu_affinity(list(cpus))
+    except (OSError, ValueError) as exc:  # cores outside a container's cpuset, say
+        allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        raise CpuAffinityError(
+            f"{where}: cannot pin to cores {list(cpus)} ({exc}); this process may use {allowed}",
+            "select slots of cores the host lets it use (--include/--exclude or the host file)",
+        ) from None
     return cpus

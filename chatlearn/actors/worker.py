@@ -41,6 +41,7 @@ from typing import Any
 
 from chatlearn.actors.process import (
     PARENT_DEATH_SIGNAL,
+    CpuAffinityError,
     apply_cpu_affinity_from_env,
     kill_own_children,
     set_parent_death_signal,
@@ -135,6 +136,16 @@ class Worker:
         msg = await asyncio.wait_for(
             self._next_message(MessageKind.CONFIG), self.opts.startup_timeout
         )
+        if self.opts.pin_error is not None:
+            # Said as a config error, the answer to CONFIG: the run stops with its one line,
+            # where a crash at start-up was restarted as if it could go better next time.
+            from chatlearn.config.errors import ConfigError
+
+            pin = self.opts.pin_error
+            error = ConfigError(pin.problem, fix=pin.fix)
+            _print_startup_failure(error, "pinning")
+            await self._send_error(msg.request_id, error, "pinning")
+            return False
         try:
             spec = ActorSpec.from_payload(msg.payload)
             who = spec.identity
@@ -472,7 +483,12 @@ def main(argv: list[str] | None = None) -> None:
     # first, so that an orphan knows which directories to remove. It also sets variables the
     # pinning reads (a remote actor gets its CHATLEARN_CPU_AFFINITY there).
     opts.bootstrap = _read_bootstrap()
-    apply_cpu_affinity_from_env()  # before torch (or anything that starts threads) is imported
+    opts.pin_error = None
+    try:
+        # before torch (or anything that starts threads) is imported
+        apply_cpu_affinity_from_env(opts.network_host)
+    except CpuAffinityError as exc:  # answered to CONFIG (Worker._startup): no crash, no restart
+        opts.pin_error = exc
     keep_receive_buffers()  # received micro-batches reuse freed memory (transport/allocator.py)
     # Until the event loop's handler replaces it, the parent-death signal's default action
     # would kill us without removing anything.

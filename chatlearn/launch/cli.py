@@ -29,6 +29,7 @@ from pathlib import Path
 
 import click
 
+from chatlearn.actors.errors import ActorError
 from chatlearn.actors.hosts import set_default_hosts
 from chatlearn.config.report import (
     DEBUG_ENV_VAR,
@@ -102,8 +103,10 @@ def run_script(script: str, args: list[str]) -> None:
         raise SystemExit(exc.code if isinstance(exc, SystemExit) else 128 + signal.SIGINT) from None
     except Exception as exc:
         exit_code = getattr(exc, "exit_code", None)  # learn_async()'s TrainingStopped
-        if isinstance(exit_code, int):  # the engine has said why it stopped
-            raise SystemExit(exit_code) from None
+        # (an ActorError's exit_code is its actor process's: a config error that ended an
+        # actor's start-up, said as its one line, exited 3 without it)
+        if isinstance(exit_code, int) and not isinstance(exc, ActorError):
+            raise SystemExit(exit_code) from None  # the engine has said why it stopped
         if config_error_line(exc) is None or debug_enabled():
             raise
         report_and_exit(exc)

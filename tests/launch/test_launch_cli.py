@@ -210,3 +210,30 @@ def test_a_master_address_this_machine_cannot_bind_is_one_line(tmp_path):
         "chatlearn launch: --master-addr 192.0.2.1: this machine cannot listen there"
     )
     assert not (tmp_path / "hosts.jsonl").exists()
+
+
+def test_slots_beyond_a_cpu_hosts_cores_are_one_line_and_no_restart(tmp_path):
+    # Each actor failed "invalid CPU 6; choose between [0, 1]" in its pinning, a crash that was
+    # restarted 3 times per model: 221 lines. Now the actors say it as a config error.
+    cores = len(psutil.cpu_times(percpu=True))
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(f"{HOST_A} slots={cores + 2}\n")
+    result = run_launch(
+        *("--hostfile", str(hostfile), "--include", f"{HOST_A}:{cores},{cores + 1}"),
+        *("--launcher", "local", "--slots-are", "cpus"),
+        *(str(HERE / "dpo_script.py"), str(tmp_path)),
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "restarting" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    # the coordinator's own lines (actors and the log prefix theirs with "[") are the one line
+    own = [
+        line
+        for line in result.stderr.splitlines()
+        if line and not line.startswith("[") and "not a known key" not in line  # the script's
+    ]
+    assert len(own) == 1, result.stderr
+    assert own[0].startswith(f"host {HOST_A}: slot {cores}") or own[0].startswith(
+        f"host {HOST_A}: slot {cores + 1}"
+    ), own
+    assert f"but the host has {cores} core" in own[0] and f"at most slots={cores}" in own[0]
+    assert not (tmp_path / "hosts.jsonl").exists()  # no setup() ran
