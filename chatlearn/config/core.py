@@ -179,7 +179,9 @@ class Config:
         )
         data, origins = loader.load_file(found, config_dir)
         for sub_path, origin in origins.items():
-            self._locator.origins[f"{path}.model_args.{sub_path}"] = origin
+            # a key also written inline (`model_args:`, recorded when the config was read)
+            # takes the inline value (see `_add_model`), and so keeps the inline place
+            self._locator.origins.setdefault(f"{path}.model_args.{sub_path}", origin)
         return data
 
     def _warn_unknown_keys(self) -> None:

@@ -129,3 +129,30 @@ def test_init_installs_the_hook_and_still_raises(
         sys.excepthook(ConfigError, error, None)
     assert stop.value.code == 2 and seen == [other]
     assert capsys.readouterr().err == "a.yaml:1: runtime.x: bad (fix: set x: 1)\n"
+
+
+def test_an_inline_model_arg_that_overrides_the_model_file_is_said_where_written(
+    write_yaml,
+) -> None:
+    # the inline value wins over the model's file, and so does its place in an error
+    write_yaml("model.yaml", "seed: 0\nlearning_rate: 3.0e-3\nlora: {r: 4}\n")
+    write_yaml(
+        "base.yaml", "models:\n  policy:\n    num_cpu: 1\n    model_config_file: model.yaml\n"
+    )
+    path = write_yaml(
+        "main.yaml",
+        "includes: [base.yaml]\nmodels:\n  policy:\n    model_args:\n"
+        "      lora: {alpha: 8}\n      learning_rate: fast\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "models.policy.model_args.learning_rate"
+    assert info.value.where.endswith("main.yaml:6"), info.value.where
+    assert "'fast'" in info.value.problem
+    # keys only the file set keep the file's lines; a merged section's keys, each its own
+    config = load_config(write_yaml("main.yaml", path.read_text().replace("fast", "1e-3")))
+    where = config.where
+    assert where("models.policy.model_args.seed").endswith("model.yaml:1")
+    assert where("models.policy.model_args.lora.r").endswith("model.yaml:3")
+    assert where("models.policy.model_args.lora.alpha").endswith("main.yaml:5")
+    assert where("models.policy.model_args.learning_rate").endswith("main.yaml:6")
