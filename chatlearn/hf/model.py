@@ -13,7 +13,8 @@ the two gradients of that weight without a third copy of it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +303,19 @@ def locate_model_args(
 
 def _unlocated(key: str, problem: str, fix: str) -> ConfigError:
     return ConfigError(problem, key=key, fix=fix)
+
+
+@contextlib.contextmanager
+def located_errors(model_args: Mapping[str, Any]) -> Iterator[None]:
+    """Code given a value rather than the model args (`Layout.wrap`) raises the
+    unlocated ConfigError of ``model_args.<key>``; inside this, it becomes the ConfigError of
+    these model args' key path (``models.<name>.model_args.<key>``) with its file:line."""
+    try:
+        yield
+    except ConfigError as unlocated:
+        key = unlocated.key or ""
+        if unlocated.where is not None or not key.startswith("model_args."):
+            raise
+        prefix, error = locate_model_args(model_args)
+        path = prefix + key.removeprefix("model_args")
+        raise error(path, unlocated.problem, unlocated.fix or "") from None

@@ -107,6 +107,7 @@ from chatlearn.hf.memory import (
 from chatlearn.hf.model import (
     causal_lm_from_args,
     locate_model_args,
+    located_errors,
     model_arg,
     near_miss_warnings,
     tied_gradient_in_place,
@@ -156,7 +157,8 @@ class _HFModule(TorchModule):
         """`self.model` as the module that returns summed log-probs, wrapped for the layout."""
         chunk_size = int(self.arg("logps_chunk_size", DEFAULT_CHUNK_SIZE))
         network = SequenceLogps.from_causal_lm(self.model, chunk_size=chunk_size)
-        return self.layout.wrap(network, trainable=trainable)
+        with located_errors(self.model_args):  # e.g. parallel: none on several trainer ranks
+            return self.layout.wrap(network, trainable=trainable)
 
     def setup(self) -> None:
         # first: a model_path or setting these modules cannot use is a one-line ConfigError

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from chatlearn.config.errors import ValueProblem
+from chatlearn.config.errors import ConfigError, ValueProblem
 from chatlearn.config.model_args import mixed_precision
+from chatlearn.hf.model import locate_model_args
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 _COMPUTE_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,18 +51,26 @@ class Layout:
     def from_args(
         cls, model_args: Mapping[str, Any], *, world_size: int, device_type: str
     ) -> Layout:
+        """The layout ``model_args`` ask for; a setting it cannot have is the ConfigError of its
+        key (with its file:line for a model of the process-wide config)."""
         parallel = str(model_args.get("parallel") or "ddp").lower()
         if parallel not in PARALLEL_MODES:
-            modes = ", ".join(PARALLEL_MODES)
-            raise ValueError(f"parallel must be one of {modes}, not {parallel!r}")
+            raise _error(
+                model_args,
+                "parallel",
+                f"must be one of {', '.join(PARALLEL_MODES)}, not {parallel!r}",
+                "set parallel: ddp (a whole model per rank) or fsdp (sharded)",
+            )
         try:
             precision = mixed_precision(model_args.get("mixed_precision"))
         except ValueProblem as problem:
-            raise ValueError(f"mixed_precision {problem.problem}") from None
+            raise _error(model_args, "mixed_precision", problem.problem, problem.fix) from None
         if precision == "fp16" and device_type != "cuda":
-            raise ValueError(
-                "mixed_precision: fp16 needs a loss scaler, which needs CUDA; "
-                "on CPU use mixed_precision: bf16 (or no)"
+            raise _error(
+                model_args,
+                "mixed_precision",
+                "fp16 needs a loss scaler, which needs CUDA",
+                "on CPU use mixed_precision: bf16 (or no)",
             )
         hosts = _num_hosts(world_size) if model_args.get("hsdp", True) else 1
         return cls(parallel, precision, world_size, device_type, hosts if parallel == "fsdp" else 1)
@@ -92,9 +101,11 @@ class Layout:
             _fully_shard(network, self._mesh(), self._mp_policy(), trainable=trainable)
             return network
         if trainable and self.parallel == "none" and self.world_size > 1:
-            raise ValueError(
-                f"parallel: none cannot train on {self.world_size} ranks (their gradients would "
-                "never meet): use parallel: ddp or fsdp, or one process"
+            # the layout has no model args: the modules locate the key (`located_errors`)
+            raise ConfigError(
+                f"none cannot train on {self.world_size} ranks (their gradients would never meet)",
+                key="model_args.parallel",
+                fix="use parallel: ddp or fsdp, or one process",
             )
         if trainable and self.parallel != "none" and self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -135,6 +146,11 @@ class Layout:
 
         # fp32 reduction: gradients are averaged over ranks at full precision
         return MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+
+
+def _error(model_args: Mapping[str, Any], key: str, problem: str, fix: str) -> ConfigError:
+    prefix, error = locate_model_args(model_args)
+    return error(f"{prefix}.{key}", problem, fix)
 
 
 def _num_hosts(world_size: int) -> int:

@@ -27,14 +27,19 @@ def test_layout_defaults_to_ddp_in_full_precision() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ({"parallel": "zero3"}, "parallel must be one of none, ddp, fsdp"),
-        ({"mixed_precision": "fp8"}, "mixed_precision must be one of no, bf16, fp16; got 'fp8'"),
-        ({"mixed_precision": "fp16"}, "fp16 needs a loss scaler, which needs CUDA"),
+        ({"parallel": "zero3"}, "parallel: must be one of none, ddp, fsdp"),
+        ({"mixed_precision": "fp8"}, "mixed_precision: must be one of no, bf16, fp16; got 'fp8'"),
+        (
+            {"mixed_precision": "fp16"},
+            "mixed_precision: fp16 needs a loss scaler, which needs CUDA",
+        ),
     ],
 )
 def test_layout_errors_say_what_to_change(args: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    # the ConfigError of the key (a ValueError); a module's setup() gives its file:line
+    with pytest.raises(ConfigError, match=message) as info:
         Layout.from_args(args, world_size=1, device_type="cpu")
+    assert info.value.key == f"model_args.{next(iter(args))}" and info.value.fix
 
 
 def test_hsdp_when_ranks_span_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
