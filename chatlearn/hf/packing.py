@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from chatlearn.algorithms.packing import SEGMENT_ATTENTION, segment_attention
-from chatlearn.hf.model import model_arg
+from chatlearn.hf.model import locate_model_args, model_arg
 
 MASKED_ATTENTION = ("sdpa", "eager", SEGMENT_ATTENTION)
 VERIFIED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
@@ -108,18 +108,21 @@ def packing_options(
     """`packing` / `prefix_sharing` (default: on where exact), `max_tokens_per_row` (None).
 
     A default that is not exact falls back to padded rows with one log line; asking for it
-    explicitly on such a model is a ValueError saying why.
+    explicitly on such a model is the ConfigError of its key saying why (with its file:line for
+    a model of the process-wide config).
     """
     support = packing_support(model)
     # Types and ranges are checked by the keys' specs (a located ConfigError, as at start-up);
-    # what depends on the model is checked here.
+    # what depends on the model is checked here, located the same way.
+    prefix, error = locate_model_args(model_args)
     chosen = {}
     for key in ("packing", "prefix_sharing"):
         value = model_arg(model_args, key)
         if value and not support.exact:
-            raise ValueError(
-                f"model_args {key}: true is not exact for this model ({support.reason}); "
-                f"set {key}: false"
+            raise error(
+                f"{prefix}.{key}",
+                f"true is not exact for this model ({support.reason})",
+                f"set {key}: false",
             )
         chosen[key] = support.exact if value is None else value
     budget = model_arg(model_args, "max_tokens_per_row")
@@ -130,9 +133,11 @@ def packing_options(
     if (chosen["packing"] or chosen["prefix_sharing"]) and attention != "mask":
         segments = use_segment_attention(model)
         if not segments and attention == "segments":
-            raise ValueError(
-                "model_args packed_attention: segments needs an sdpa model and transformers' "
-                "attention registry (transformers >= 4.48); set packed_attention: mask"
+            raise error(
+                f"{prefix}.packed_attention",
+                "segments needs an sdpa model and transformers' attention registry "
+                "(transformers >= 4.48)",
+                "set packed_attention: mask",
             )
     return PackingOptions(chosen["packing"], chosen["prefix_sharing"], budget, segments)
 

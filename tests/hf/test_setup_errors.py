@@ -12,6 +12,7 @@ import torch
 
 import chatlearn
 from chatlearn.config import ConfigError, reset_args
+from chatlearn.hf import byte_tokenizer
 
 TINY_LLAMA = {
     "hidden_size": 16,
@@ -73,6 +74,33 @@ def test_fp16_on_cpu(tmp_path: Path) -> None:
     error = setup_error(tmp_path, TINY + "mixed_precision: fp16\n")
     assert_located(error, tmp_path, "mixed_precision", 2, "reference")
     assert "needs CUDA" in error.problem and "bf16" in (error.fix or "")
+
+
+def test_packing_on_a_model_it_is_not_exact_for(tmp_path: Path) -> None:
+    from transformers import GPT2Config
+
+    gpt2 = GPT2Config(n_positions=64, n_embd=16, n_layer=1, n_head=2, vocab_size=260)
+    path = save_checkpoint(tmp_path / "gpt2", gpt2, tokenizer=byte_tokenizer())
+    error = setup_error(tmp_path, f"model_path: {path}\nmax_length: 32\npacking: true\n")
+    assert_located(error, tmp_path, "packing", 3, "reference")
+    assert "'gpt2' is not verified" in error.problem and error.fix == "set packing: false"
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_prefix_sharing_on_a_sliding_window_model(tmp_path: Path, model_type: str) -> None:
+    from transformers import MistralConfig, Qwen2Config
+
+    sizes = {**TINY_LLAMA, "sliding_window": 16}
+    config = (
+        MistralConfig(**sizes)
+        if model_type == "mistral"
+        else Qwen2Config(**sizes, use_sliding_window=True, max_window_layers=0)
+    )
+    path = save_checkpoint(tmp_path / model_type, config, tokenizer=byte_tokenizer())
+    model_yaml = f"model_path: {path}\nmax_length: 32\npacking: false\nprefix_sharing: true\n"
+    error = setup_error(tmp_path, model_yaml)
+    assert_located(error, tmp_path, "prefix_sharing", 4, "reference")
+    assert "sliding-window" in error.problem and error.fix == "set prefix_sharing: false"
 
 
 def test_no_parallel_wrapper_on_two_trainer_ranks(
