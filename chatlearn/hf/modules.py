@@ -80,7 +80,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -313,6 +313,37 @@ class HFReference(_HFModule):
         return out
 
 
+def _lora_error(
+    model_args: Mapping[str, Any], model: Any, lora: Mapping[str, Any], failed: ValueError
+) -> Exception:
+    """peft's refusal of the LoRA settings (NoMatchingPeftModuleError: no module of the model
+    has a name of ``target_modules``) as the ConfigError of that key."""
+    prefix, error = locate_model_args(model_args)
+    section = model_args.get("lora")
+    key = "enable_lora" if not isinstance(section, Mapping) else "lora"
+    if isinstance(section, Mapping) and "target_modules" in section:
+        key = "lora.target_modules"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear = sorted(
+        {
+            name.rpartition(".")[2]
+            for name, module in model.named_modules()
+            if name and module is not head and type(module).__name__ in ("Linear", "Conv1D")
+        }
+    )
+    shown = ", ".join(linear[:8]) + (", ..." if len(linear) > 8 else "")
+    targets, name = lora["target_modules"], type(model).__name__
+    if type(failed).__name__ == "NoMatchingPeftModuleError" or "not found" in str(failed):
+        problem = f"no module of {name} matches {targets!r}"
+    else:
+        problem = f"peft cannot adapt {targets!r} in {name}: {' '.join(str(failed).split())}"
+    return error(
+        f"{prefix}.{key}",
+        problem,
+        f"name modules it has (its linear layers: {shown or 'none'}), or all-linear",
+    )
+
+
 def _pair_tensors(data: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {
         f"{side}_{key}": data[f"{side}_{key}"].cpu()
@@ -355,7 +386,10 @@ class HFDPOTrainer(_HFModule):
             self.model.config.use_cache = False
         lora = lora_settings(self.model_args)
         if lora is not None:
-            self.model = apply_lora(self.model, lora, seed=int(self.arg("seed", 0)))
+            try:
+                self.model = apply_lora(self.model, lora, seed=int(self.arg("seed", 0)))
+            except ValueError as failed:  # peft: target_modules matched no module of the model
+                raise _lora_error(self.model_args, self.model, lora, failed) from None
         tied_gradient_in_place(self.model)
         self.model.train()
         self.network = self.build_network(trainable=True)

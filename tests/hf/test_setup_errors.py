@@ -114,3 +114,10 @@ def test_no_parallel_wrapper_on_two_trainer_ranks(
     error = setup_error(tmp_path, TINY + "parallel: none\n", trainer=True)
     assert_located(error, tmp_path, "parallel", 2, "policy")
     assert "cannot train on 2 ranks" in error.problem and "ddp" in (error.fix or "")
+
+
+def test_lora_target_modules_the_model_does_not_have(tmp_path: Path) -> None:
+    model_yaml = TINY + "lora:\n  r: 4\n  target_modules: [nonexistent_proj]\n"
+    error = setup_error(tmp_path, model_yaml, trainer=True)
+    assert_located(error, tmp_path, "lora.target_modules", 4, "policy")
+    assert "nonexistent_proj" in error.problem and "q_proj" in (error.fix or "")
