@@ -210,7 +210,8 @@ def validate_model_args(model_args: Mapping[str, Any]) -> None:
     keys were checked by `Config.validate()` in the coordinator already (again here: model_args
     can be set in code);
     what only these modules require is checked here — dtype names, the DPO loss type, a
-    model_path that is a directory, and the attention heads of `model_config` over `SMALL_LLAMA`.
+    model_path that is a checkpoint directory (with its config.json), and the attention heads
+    of `model_config` over `SMALL_LLAMA`.
     """
     from chatlearn.algorithms.dpo import LOSS_TYPES
     from chatlearn.config.model_args import check_heads, check_model_args
@@ -236,6 +237,13 @@ def validate_model_args(model_args: Mapping[str, Any]) -> None:
                 f"{prefix}.model_path",
                 f"{str(model_path)!r} is not a directory (checkpoints are never downloaded)",
                 "give the local directory of a Hugging Face checkpoint, or remove model_path",
+            )
+        if not (Path(model_path) / "config.json").is_file():
+            raise error(
+                f"{prefix}.model_path",
+                f"{str(model_path)!r} holds no Hugging Face checkpoint (no config.json)",
+                "give the directory that save_pretrained wrote the model and its tokenizer "
+                "to, or remove model_path",
             )
         return  # the checkpoint's own config is used
     merged = {**SMALL_LLAMA, **dict(model_args.get("model_config") or {})}
@@ -307,8 +315,8 @@ def _unlocated(key: str, problem: str, fix: str) -> ConfigError:
 
 @contextlib.contextmanager
 def located_errors(model_args: Mapping[str, Any]) -> Iterator[None]:
-    """Code given a value rather than the model args (`Layout.wrap`) raises the
-    unlocated ConfigError of ``model_args.<key>``; inside this, it becomes the ConfigError of
+    """Code given a value rather than the model args (`load_tokenizer`, `Layout.wrap`) raises
+    the unlocated ConfigError of ``model_args.<key>``; inside this, it becomes the ConfigError of
     these model args' key path (``models.<name>.model_args.<key>``) with its file:line."""
     try:
         yield

@@ -134,7 +134,8 @@ class _HFModule(TorchModule):
         return default if value is None else value
 
     def build_tokenizer(self) -> Any:
-        return load_tokenizer(self.model_args.get("model_path"))
+        with located_errors(self.model_args):  # a tokenizer it cannot use names model_path
+            return load_tokenizer(self.model_args.get("model_path"))
 
     def build_model(self) -> Any:
         model = causal_lm_from_args(self.model_args, self.tokenizer)

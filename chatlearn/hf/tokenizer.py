@@ -15,6 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from chatlearn.config.errors import ConfigError
+
 BYTE_PAD_TOKEN = "<pad>"
 BYTE_BOS_TOKEN = "<s>"
 BYTE_EOS_TOKEN = "</s>"
@@ -74,11 +76,26 @@ def byte_tokenizer() -> Any:
     return tokenizer
 
 
+# Files of a saved tokenizer (fast, sentencepiece, BPE or WordPiece), any of them.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+)
+
+
 def load_tokenizer(model_path: str | Path | None = None, **kwargs: Any) -> Any:
     """The tokenizer of a local checkpoint directory, or the byte-level one when no path is given.
 
     A tokenizer without a pad token gets its eos token as pad token (the common choice for causal
-    LMs; padding is masked out everywhere, so its id never matters).
+    LMs; padding is masked out everywhere, so its id never matters). A directory whose tokenizer
+    cannot be used is a `ConfigError` of ``model_args.model_path`` saying why (the HF modules
+    locate it in their config: `chatlearn.hf.model.located_errors`).
     """
     if model_path is None or str(model_path) == "":
         return byte_tokenizer()
@@ -86,16 +103,35 @@ def load_tokenizer(model_path: str | Path | None = None, **kwargs: Any) -> Any:
 
     path = Path(model_path)
     if not path.is_dir():
-        raise ValueError(f"model_path {str(model_path)!r} is not a directory (no downloads here)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, **kwargs)
+        raise _model_path_error(
+            f"{str(model_path)!r} is not a directory (no downloads here)",
+            "give the local directory of a Hugging Face checkpoint, or remove model_path",
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, **kwargs)
+    except (OSError, ValueError) as failed:
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise _model_path_error(
+                f"{str(path)!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)",
+                "save the model's tokenizer there too (tokenizer.save_pretrained(model_path))",
+            ) from None
+        reason = " ".join(str(failed).split())
+        raise _model_path_error(
+            f"the tokenizer in {str(path)!r} does not load: {reason}",
+            "check that AutoTokenizer.from_pretrained(model_path) loads it",
+        ) from failed
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
-            raise ValueError(
-                f"the tokenizer in {str(path)!r} has neither a pad nor an eos token: add a "
-                "pad_token to its tokenizer_config.json"
+            raise _model_path_error(
+                f"the tokenizer in {str(path)!r} has neither a pad nor an eos token",
+                "add a pad_token (or an eos_token) to its tokenizer_config.json",
             )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _model_path_error(problem: str, fix: str) -> ConfigError:
+    return ConfigError(problem, key="model_args.model_path", fix=fix)
 
 
 def has_chat_template(tokenizer: Any) -> bool:

@@ -121,3 +121,33 @@ def test_lora_target_modules_the_model_does_not_have(tmp_path: Path) -> None:
     error = setup_error(tmp_path, model_yaml, trainer=True)
     assert_located(error, tmp_path, "lora.target_modules", 4, "policy")
     assert "nonexistent_proj" in error.problem and "q_proj" in (error.fix or "")
+
+
+def test_a_tokenizer_without_pad_and_eos_tokens(tmp_path: Path) -> None:
+    from transformers import LlamaConfig
+
+    tokenizer = byte_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.eos_token = None
+    llama = LlamaConfig(**TINY_LLAMA)
+    path = save_checkpoint(tmp_path / "llama", llama, tokenizer=tokenizer)
+    error = setup_error(tmp_path, f"seed: 0\nmodel_path: {path}\n")
+    assert_located(error, tmp_path, "model_path", 2, "reference")
+    assert "neither a pad nor an eos token" in error.problem and "pad_token" in (error.fix or "")
+
+
+def test_a_model_path_without_a_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    error = setup_error(tmp_path, f"model_path: {tmp_path / 'empty'}\n")
+    assert_located(error, tmp_path, "model_path", 1, "reference")
+    assert "no Hugging Face checkpoint (no config.json)" in error.problem
+
+
+def test_a_model_path_without_tokenizer_files(tmp_path: Path) -> None:
+    from transformers import LlamaConfig
+
+    llama = LlamaConfig(**TINY_LLAMA)
+    path = save_checkpoint(tmp_path / "llama", llama)  # the model alone
+    error = setup_error(tmp_path, f"model_path: {path}\n")
+    assert_located(error, tmp_path, "model_path", 1, "reference")
+    assert "no tokenizer files" in error.problem and "save_pretrained" in (error.fix or "")

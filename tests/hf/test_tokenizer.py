@@ -39,3 +39,16 @@ def test_save_and_load_from_a_local_directory(tmp_path: Path) -> None:
 def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a directory"):
         load_tokenizer(tmp_path / "nope")
+
+
+def test_a_directory_without_a_usable_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
+    # called from code: a ValueError naming model_args.model_path (the modules add file:line)
+    with pytest.raises(ValueError, match="holds no tokenizer files") as info:
+        load_tokenizer(tmp_path)  # empty: transformers said "Couldn't instantiate the backend"
+    assert getattr(info.value, "key", None) == "model_args.model_path"
+    assert len(str(info.value).splitlines()) == 2  # the problem, then the fix
+    tok = byte_tokenizer()
+    tok.pad_token, tok.eos_token = None, None
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has neither a pad nor an eos token"):
+        load_tokenizer(tmp_path)
