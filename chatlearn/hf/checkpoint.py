@@ -11,13 +11,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from chatlearn.hf.lora import is_peft_model, merged_state_dict
+from chatlearn.hf.lora import is_peft_model, merged_state_dict, unmergeable
+
+logger = logging.getLogger("chatlearn.hf")
 
 
 def save_sharded(directory: Path, network: nn.Module, optimizer: Any) -> None:
@@ -70,7 +73,13 @@ def export_hf(
     """
     if is_peft_model(model):
         model.save_pretrained(str(target / "adapter"), state_dict=state, safe_serialization=True)
-        if merge_lora:
+        if merge_lora and unmergeable(model):
+            logger.warning(
+                "the merged weights are not written, only the adapter: %s cannot be merged "
+                "here (set merge_lora: false to say so)",
+                ", ".join(unmergeable(model)[:3]),
+            )
+        elif merge_lora:
             base = model.get_base_model()
             base.save_pretrained(
                 str(target), state_dict=merged_state_dict(model, state), safe_serialization=True

@@ -56,25 +56,71 @@ def is_peft_model(model: Any) -> bool:
 
 
 def merged_state_dict(model: Any, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The base model's state dict (Hugging Face keys) with every adapter folded into its layer:
-    W + scaling · B @ A. `state` is the peft model's full state dict (e.g. gathered on one rank)."""
-    from peft.tuners.lora import LoraLayer
-
-    scaling = {
-        name: layer.scaling[adapter]
-        for name, layer in model.named_modules()
-        if isinstance(layer, LoraLayer)
-        for adapter in layer.active_adapters
-    }
+    """The base model's state dict (Hugging Face keys) with every adapter folded into its layer,
+    as peft's ``merge_and_unload`` would: W + scaling · B @ A, transposed where peft transposes
+    (GPT-2's Conv1D stores its weight as in × out, ``fan_in_fan_out``; an embedding's adapter,
+    ``lora_embedding_A/B``, is out × in). `state` is the peft model's full state dict (e.g.
+    gathered on one rank); each change is made as its weight is reached, never all at once.
+    A layer kind merged otherwise (convolutions, DoRA) is a ValueError: see `unmergeable`."""
+    layers = _lora_layers(model)
     merged: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if ".lora_" in key:
             continue
-        name = key.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")
-        layer = key.rsplit(".base_layer.", 1)[0] if ".base_layer." in key else None
-        if layer in scaling and key.endswith(".base_layer.weight"):
-            a = state[f"{layer}.lora_A.default.weight"]
-            b = state[f"{layer}.lora_B.default.weight"]
-            value = value + scaling[layer] * (b.float() @ a.float()).to(value.dtype)
-        merged[name] = value
+        layer = layers.get(key)
+        if layer is not None:
+            name, module, adapter = layer
+            delta = _delta(module, name, adapter, state)
+            value = (value.float() + delta).to(value.dtype)
+        merged[key.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")] = value
     return merged
+
+
+def unmergeable(model: Any) -> list[str]:
+    """The adapted layers `merged_state_dict` cannot fold in (kind and name)."""
+    return [
+        f"{name} ({type(module).__name__})"
+        for name, module, adapter in _lora_layers(model).values()
+        if _kind(module, adapter) is None
+    ]
+
+
+def _lora_layers(model: Any) -> dict[str, tuple[str, Any, str]]:
+    """base weight key -> (layer name, peft layer, active adapter) of every adapted layer."""
+    from peft.tuners.lora import LoraLayer
+
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                found[f"{name}.base_layer.weight"] = (name, module, adapter)
+    return found
+
+
+def _kind(module: Any, adapter: str) -> str | None:
+    if getattr(module, "use_dora", {}).get(adapter):
+        return None  # a magnitude vector rescales the merged weight
+    if adapter in getattr(module, "lora_embedding_A", {}):
+        return "embedding"
+    lora_a = getattr(module, "lora_A", {})
+    if adapter in lora_a and isinstance(lora_a[adapter], torch.nn.Linear):
+        return "linear"
+    return None
+
+
+def _delta(module: Any, name: str, adapter: str, state: Mapping[str, torch.Tensor]) -> Any:
+    kind = _kind(module, adapter)
+    scaling = module.scaling[adapter]
+    if kind == "embedding":
+        a = state[f"{name}.lora_embedding_A.{adapter}"].float()
+        b = state[f"{name}.lora_embedding_B.{adapter}"].float()
+        return (b @ a).T * scaling
+    if kind == "linear":
+        a = state[f"{name}.lora_A.{adapter}.weight"].float()
+        b = state[f"{name}.lora_B.{adapter}.weight"].float()
+        delta = b @ a
+        return (delta.T if module.fan_in_fan_out else delta) * scaling
+    raise ValueError(
+        f"cannot merge the LoRA adapter of {name} ({type(module).__name__}) into its weight; "
+        "set merge_lora: false (the adapter is saved either way)"
+    )
