@@ -61,6 +61,7 @@ MODEL_ARG_KEYS: dict[str, KeySpec] = {
     "min_lr_ratio": _number(0.0, 0, max_value=1),
     "max_grad_norm": _number(1.0, 0),
     "gradient_checkpointing": _kind("bool", False),
+    "disable_dropout": _kind("bool", True),
     "save_hf_model": _kind("bool", True),
     "logps_chunk_size": _int(512, 0),
     # layouts (chatlearn/hf/parallel.py, lora.py, packing.py); mixed_precision and lora have
@@ -167,8 +168,9 @@ def lora_request(
     model_args: Mapping[str, Any], prefix: str, error: Locate
 ) -> dict[str, Any] | None:
     """The LoRA settings ``model_args`` ask for, with the defaults filled in, or None without
-    LoRA: a ``lora`` section, or ``enable_lora: true`` for the defaults; ``enable_lora: false``
-    (beside the section or in it) turns it off. A mistake is the ConfigError of its key."""
+    LoRA: a ``lora`` section (``lora: {}``: the defaults), or ``enable_lora: true`` for the
+    defaults; ``enable_lora: false`` (beside the section or in it) turns it off. A mistake is
+    the ConfigError of its key."""
     section = model_args.get("lora")
     path = f"{prefix}.lora"
     if section is not None and not isinstance(section, Mapping):
@@ -177,9 +179,10 @@ def lora_request(
             f"expected a mapping like {{r: 16, alpha: 32}}, got {section!r}",
             "write the settings under lora:, or set enable_lora: true for the defaults",
         )
+    given = section is not None  # `lora: {}` asks for the defaults (it trained the whole model)
     section = dict(section or {})
     enabled = section.pop("enable_lora", model_args.get("enable_lora"))
-    if enabled is False or not (section or enabled):
+    if enabled is False or not (given or enabled):
         return None
     settings = dict(LORA_DEFAULTS)
     for key, value in section.items():

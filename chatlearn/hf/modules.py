@@ -18,6 +18,7 @@
 | warmup_steps, warmup_ratio, min_lr_ratio | 0, 0.0, 0.0 | linear warm-up then cosine decay |
 | max_grad_norm | 1.0 | gradient clipping (None or 0: off) |
 | gradient_checkpointing | False | recompute activations in backward |
+| disable_dropout | True | the model's dropout off, as in TRL's DPO (policy and reference agree) |
 | parallel | "ddp" | "none", "ddp" or "fsdp" (FSDP2: shard per decoder layer, then the root) |
 | hsdp | True | with fsdp across hosts: shard within a host, replicate across hosts |
 | mixed_precision | "no" | "bf16" or "fp16" (CUDA only): low-precision compute, fp32 master state |
@@ -106,6 +107,7 @@ from chatlearn.hf.memory import (
 )
 from chatlearn.hf.model import (
     causal_lm_from_args,
+    disable_dropout,
     locate_model_args,
     located_errors,
     model_arg,
@@ -188,6 +190,8 @@ class _HFModule(TorchModule):
                 self.name,
             )
         self.model = self.build_model()
+        if model_arg(self.model_args, "disable_dropout"):
+            disable_dropout(self.model)
         self._check_positions()
         self.packing = packing_options(self.model_args, self.model, log=self._log_packing)
         self.token_budget: int | None = model_arg(self.model_args, "max_tokens_per_micro_batch")

@@ -92,7 +92,10 @@ def summarize(result: LearnResult) -> str:
     if result.checkpoint is not None:
         lines.append(f"checkpoint        {result.checkpoint}")
         for hf_dir in sorted(result.checkpoint.glob("**/hf_model")):
-            lines.append(f"policy (HF)       {hf_dir}  (AutoModelForCausalLM.from_pretrained)")
+            if (hf_dir / "config.json").is_file():
+                lines.append(f"policy (HF)       {hf_dir}  (AutoModelForCausalLM.from_pretrained)")
+            if (hf_dir / "adapter").is_dir():  # LoRA
+                lines.append(f"LoRA adapter      {hf_dir / 'adapter'}  (PeftModel.from_pretrained)")
     return "\n".join(lines)
 
 

@@ -54,6 +54,8 @@ def test_lora_settings() -> None:
     assert lora_settings({}) is None
     assert lora_settings({"enable_lora": True}) == LORA_DEFAULTS
     assert lora_settings({"lora": {"r": 4}})["r"] == 4
+    assert lora_settings({"lora": {}}) == LORA_DEFAULTS  # it trained the whole model silently
+    assert lora_settings({"lora": None}) is None  # `lora:` with every setting commented out
     # an explicit enable_lora: false wins over a section, beside it or (ChatLearn) in it
     assert lora_settings({"enable_lora": False, "lora": {"r": 8}}) is None
     assert lora_settings({"lora": {"enable_lora": False, "lora_dim": 16}}) is None
