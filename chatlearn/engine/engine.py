@@ -22,8 +22,8 @@ Checkpoints (``run_checkpoints.py``, layout in ``checkpoint.py``): every
 on a graceful stop when either is set, and whenever ``await engine.save_checkpoint()`` asks. A
 new run with the same output path resumes from the newest complete checkpoint
 (``enable_resume_training``, default on) and repeats the uninterrupted run exactly.
-SIGINT/SIGTERM (``interrupts.py``): the first stops after the running steps and saves, a second
-stops at once; ``learn()`` then raises ``TrainingInterrupted`` (exit code 130 / 143),
+SIGINT/SIGTERM/SIGHUP (``interrupts.py``): the first stops after the running steps and saves, a
+second stops at once; ``learn()`` then raises ``TrainingInterrupted`` (exit code 130 / 143 / 129),
 ``learn_async()`` ``TrainingStopped``.
 
 Self-healing (docs/self-healing.md): the engine asks the runtime to restart lost actors under the

@@ -1,9 +1,10 @@
-"""Ctrl-C and SIGTERM in the coordinator: a graceful stop first, an immediate one on repeat.
+"""Ctrl-C, SIGTERM and SIGHUP in the coordinator: a graceful stop first, an immediate one on
+repeat.
 
 Runs in the coordinator.
 
 ``DPOEngine.learn_async`` installs :class:`SignalGuard` (``loop.add_signal_handler``, on the
-main thread only; the previous handlers come back when it leaves) and routes both signals to
+main thread only; the previous handlers come back when it leaves) and routes the signals to
 :class:`Interrupts`:
 
 1. The first signal asks for a graceful stop: no new training step is sent, the running ones
@@ -39,7 +40,10 @@ from typing import Any
 
 logger = logging.getLogger("chatlearn.engine")
 
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP too: a closed terminal or ssh session, and what `chatlearn launch` forwards as a stop
+# (it met the default action: the coordinator died at once, the steps since the last
+# checkpoint lost). Not where it is ignored (nohup): that choice stands.
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # A repeat of the first signal within this many seconds is the same stop request (docstring);
 # a person pressing Ctrl-C again to stop at once takes longer than that.
 REPEAT_WINDOW = 1.0
@@ -184,7 +188,7 @@ class Interrupts:
 
 
 class SignalGuard:
-    """``with SignalGuard(callback):`` routes SIGINT/SIGTERM to ``callback(signum)`` on the
+    """``with SignalGuard(callback):`` routes SIGINT/SIGTERM/SIGHUP to ``callback(signum)`` on the
     running loop, when on the main thread (elsewhere signals cannot be handled: a no-op).
 
     On leaving, the program's handlers are back as they were, also those of the loop itself (a
@@ -208,6 +212,8 @@ class SignalGuard:
         shown = getattr(loop, "_signal_handlers", None)  # asyncio's loops: signum -> Handle
         for signum in map(int, HANDLED_SIGNALS):
             previous = signal.getsignal(signum)
+            if signum == signal.SIGHUP and previous == signal.SIG_IGN:
+                continue  # nohup: the program is to outlive its terminal
             if not isinstance(shown, dict) and getattr(previous, "__self__", None) is loop:
                 # the loop has a handler of its own that it will not show: leave it in place
                 signal.signal(signum, self._from_signal)

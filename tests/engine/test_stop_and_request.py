@@ -76,6 +76,30 @@ async def test_signal_guard_routes_signals_and_restores_the_previous_handler() -
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
+async def test_sighup_stops_gracefully_unless_it_is_ignored() -> None:
+    """`chatlearn launch` forwards SIGHUP as a stop: it met the default action, and the
+    coordinator died at once with the steps since its last checkpoint. Under nohup (SIGHUP
+    ignored) the program is to outlive its terminal: that stays."""
+    seen: list[int] = []
+    with SignalGuard(seen.append):
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(100):  # bounded: the loop runs the handler on its next iteration
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+    assert seen == [signal.SIGHUP]
+    assert interrupted(signal.SIGHUP).code == 129
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with SignalGuard(seen.append):
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            await asyncio.sleep(0.05)
+        assert seen == [signal.SIGHUP] and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 def test_signal_guard_gives_the_loops_own_handler_back(loop_kind: str) -> None:
     """An embedding program (a web server) with loop.add_signal_handler(SIGTERM) ignored SIGTERM
