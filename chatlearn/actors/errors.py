@@ -38,6 +38,7 @@ __all__ = [
     "ModuleError",
     "PlacementError",
     "describe_exit_code",
+    "shell_signal",
 ]
 
 
@@ -52,6 +53,14 @@ def describe_exit_code(exit_code: int | None) -> str:
             name = f"signal {-exit_code}"
         return f"killed by {name} (exit code {exit_code})"
     return f"exit code {exit_code}"
+
+
+def shell_signal(exit_code: int | None) -> int | None:
+    """The signal a shell's exit status reports (128 + signal, as ``sh`` exits when its command
+    was killed: a remote actor's, whose ssh client passes it on), or None."""
+    if exit_code is not None and 128 < exit_code <= 128 + 64:
+        return exit_code - 128
+    return None
 
 
 # Remote type names that mean a config error (ConfigError and its subclasses, by convention).

@@ -53,6 +53,7 @@ from chatlearn.actors.errors import (
     ActorError,
     ActorLostError,
     ActorSystemClosedError,
+    shell_signal,
 )
 from chatlearn.actors.handles import ActorHandle, ModelGroup
 from chatlearn.actors.hosts import Hosts, default_hosts
@@ -1025,11 +1026,15 @@ class ActorSystem:
 
 def _host_failure(cluster: Hosts | None, cause: BaseException) -> bool:
     """Whether a restarted process failed in a way that blames its host: on a multi-host run, it
-    ended by itself (not by a signal) while starting, e.g. ssh failed or the host has no such
-    interpreter any more."""
+    ended by itself (not by a signal, also one its remote shell reports as 128 + signal) while
+    starting, e.g. ssh failed or the host has no such interpreter any more."""
     code = getattr(cause, "exit_code", None)
     return (
-        cluster is not None and isinstance(cause, ActorDeadError) and code is not None and code >= 0
+        cluster is not None
+        and isinstance(cause, ActorDeadError)
+        and code is not None
+        and code >= 0
+        and shell_signal(code) is None
     )
 
 

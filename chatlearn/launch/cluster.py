@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from chatlearn.actors.bootstrap import Bootstrap, split_environment
+from chatlearn.actors.errors import describe_exit_code, shell_signal
 from chatlearn.actors.hosts import LAUNCH_ENV_VAR, is_local_host
 from chatlearn.actors.placement import HostResources
 from chatlearn.actors.process import free_tcp_port, worker_environment, write_startup_line
@@ -202,10 +203,17 @@ class Cluster:
         return popen
 
     def remote_command(self, worker_args: Sequence[str], env: Mapping[str, str]) -> str:
-        """The shell command a remote host runs: same directory, explicit environment."""
+        """The shell command a remote host runs: same directory, explicit environment.
+
+        The worker runs under ``sh``, which exits with its status (128 + signal when a signal
+        killed it) rather than being replaced by it: ssh exits 255 both for its own failures and
+        for a remote command killed by a signal, so a ``kill -9`` of a remote actor (or the
+        OOM killer) read as a lost host, and a restart that met one moved the model's processes
+        off a healthy host."""
         assignments = [f"{k}={v}" for k, v in sorted(env.items())]
         argv = ["env", *assignments, self.spec.python, "-m", "chatlearn.actors.worker"]
-        return f"cd {shlex.quote(self.spec.cwd)} && exec {shlex.join([*argv, *worker_args])}"
+        script = f"{shlex.join([*argv, *worker_args])}; exit $?"
+        return f"cd {shlex.quote(self.spec.cwd)} && exec sh -c {shlex.quote(script)}"
 
     def ssh_argv(self, host: str, command: str) -> list[str]:
         """The ssh command line: ``{host}`` in the configured command is replaced, else the host
@@ -217,6 +225,12 @@ class Cluster:
 
     def describe_exit(self, host: str, code: int | None) -> str:
         """Why an actor's launcher process ended, as said in its error."""
-        if code == SSH_FAILED and self.spec.launcher == "ssh" and not is_local_host(host):
+        if is_local_host(host) or code is None:
+            return ""
+        if code == SSH_FAILED and self.spec.launcher == "ssh":
             return f"ssh to host {host} failed or the connection was lost (exit code 255)"
+        signum = shell_signal(code)
+        if signum is not None:  # the remote shell's status (remote_command)
+            killed = describe_exit_code(-signum).split(" (")[0]  # "killed by SIGKILL"
+            return f"{killed} on host {host} (its shell's exit status {code})"
         return ""

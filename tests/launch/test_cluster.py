@@ -178,6 +178,12 @@ async def test_over_ssh_a_dead_remote_actor_stops_the_run_and_its_remote_peers(t
                 await asyncio.sleep(0.05)
         assert time.monotonic() - start < 3
         assert info.value.host == HOST_B and f"on {HOST_B}" in str(info.value)
+        # ssh exits 255 for a remote command killed by a signal, as for its own failures: the
+        # kill read as a lost host (and a restart that met one moved the model off it)
+        assert f"killed by SIGKILL on host {HOST_B} (its shell's exit status 137)" in str(
+            info.value
+        ), str(info.value)
+        assert "ssh to host" not in str(info.value)
     finally:
         await system.shutdown()
     # Stopping a's ssh client ended its remote process (stdin EOF), bounded.
@@ -276,3 +282,19 @@ async def test_a_replica_whose_host_is_lost_moves_to_a_host_with_room(tmp_path):
         assert "moved" in system.event_kinds("b")
         (restart,) = system.restarts
         assert restart.tries == 3  # two that could not start on HOST_B, one on host_c
+
+
+def test_a_remote_actor_killed_by_a_signal_does_not_blame_its_host(tmp_path) -> None:
+    """A restarted remote actor killed while starting (ssh said 255) moved the model's processes
+    off its healthy host; its shell now reports 128 + signal, which is a kill, not the host."""
+    from chatlearn.actors.runtime import _host_failure
+
+    cluster = make_cluster(tmp_path / "run")
+
+    def dead(code: int) -> ActorDeadError:
+        return ActorDeadError("b", 0, HOST_B, exit_code=code)
+
+    assert not _host_failure(cluster, dead(137))  # SIGKILL, through the remote shell
+    assert not _host_failure(cluster, dead(-9))  # a local one
+    assert _host_failure(cluster, dead(255))  # ssh's own failure
+    assert _host_failure(cluster, dead(127))  # no such interpreter there
