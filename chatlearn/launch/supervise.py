@@ -40,6 +40,7 @@ from typing import NoReturn
 
 from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR
 from chatlearn.actors.process import set_parent_death_signal
+from chatlearn.transport.endpoints import sweep_dead_runs
 
 __all__ = [
     "RESTARTS_ENV_VAR",
@@ -102,6 +103,7 @@ def supervise(run: Callable[[], None], *, max_restarts: int, window: float) -> i
         status = _wait(pid, stops)
         now = time.monotonic()
         if stops or not should_restart(status, history, now, max_restarts, window):
+            _sweep()
             if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in STOP_SIGNALS and not stops:
                 used = restarts_in_window(history, now, window)
                 _say(
@@ -117,7 +119,16 @@ def supervise(run: Callable[[], None], *, max_restarts: int, window: float) -> i
         )
         history.append(now)
         if _pause(RESTART_PAUSE, stops):
+            _sweep()
             return 128 + stops[0]
+
+
+def _sweep() -> None:
+    """Remove what the dead coordinator left in its runtime directory when no actor of it ran
+    on this machine to do so (every model on other hosts): the next run on this machine would,
+    but the last one's stayed otherwise (with its control socket)."""
+    with contextlib.suppress(Exception):
+        sweep_dead_runs()
 
 
 def _fork(run: Callable[[], None], *, restarts: int, mask: set[int]) -> int:

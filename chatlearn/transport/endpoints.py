@@ -130,6 +130,12 @@ def _write_owner(path: Path) -> None:
     (path / _OWNER_FILE).write_text(f"{pid} {_process_start(pid)}")
 
 
+def sweep_dead_runs() -> list[Path]:
+    """`sweep_stale` where runs make their directories: what a coordinator that died for good
+    left, when no actor of it ran on this machine to remove it."""
+    return sweep_stale(_default_base())
+
+
 def sweep_stale(base: str | os.PathLike[str], prefix: str = "chatlearn-") -> list[Path]:
     """Remove the runtime directories in `base` whose creator is dead (a coordinator killed with
     SIGKILL, whose actors could not remove it either); returns them.

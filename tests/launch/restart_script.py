@@ -5,7 +5,8 @@ Every attempt appends ``{"attempt", "pid", "ppid"}`` (attempt: ``CHATLEARN_COORD
 
 - ``once``: the first attempt writes DIR/first and SIGKILLs itself; the next writes DIR/second
   and exits 0.
-- ``always``: every attempt SIGKILLs itself.
+- ``always``: every attempt makes a runtime directory (its path in DIR/runtime-ATTEMPT) and
+  SIGKILLs itself.
 - ``raise``: raises RuntimeError.
 - ``interrupted``: raises what ``DPOEngine.learn()`` raises after a stop on SIGINT.
 - ``keyboard``: raises KeyboardInterrupt.
@@ -37,6 +38,11 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         (directory / "second").write_text(str(os.getpid()))
     elif mode == "always":
+        from chatlearn.transport import RuntimeDir
+
+        # as a coordinator whose actors all run on other hosts: none of them removes it
+        runtime = RuntimeDir()  # held: a dropped one removes its directory at once
+        (directory / f"runtime-{attempt}").write_text(str(runtime.path))
         os.kill(os.getpid(), signal.SIGKILL)
     elif mode == "raise":
         raise RuntimeError("a bug in the user's script")

@@ -9,9 +9,11 @@ import fcntl
 import json
 import os
 import pty
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import termios
 import time
 from pathlib import Path
@@ -79,7 +81,9 @@ def launch_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "chatlearn.cli", "launch", *args]
 
 
-def run_launch(*args: str, timeout: float = 40) -> subprocess.CompletedProcess[str]:
+def run_launch(
+    *args: str, timeout: float = 40, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         launch_command(*args),
         cwd=REPO,
@@ -87,6 +91,7 @@ def run_launch(*args: str, timeout: float = 40) -> subprocess.CompletedProcess[s
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        env=env,
     )
 
 
@@ -133,7 +138,14 @@ def test_a_killed_coordinator_is_restarted_once_and_the_command_succeeds(tmp_pat
 
 
 def test_a_coordinator_that_keeps_dying_exhausts_the_restarts(tmp_path):
-    result = run_launch("--max-restarts", "2", str(SCRIPT), "always", str(tmp_path))
+    # runtime directories of their own (another run's start-up would sweep them too)
+    runtime_base = tempfile.mkdtemp(prefix="clrt-", dir="/tmp")
+    env = {**os.environ, "XDG_RUNTIME_DIR": runtime_base}
+    try:
+        result = run_launch("--max-restarts", "2", str(SCRIPT), "always", str(tmp_path), env=env)
+        left_over = os.listdir(runtime_base)
+    finally:
+        shutil.rmtree(runtime_base, ignore_errors=True)
     try:
         assert result.returncode == 128 + signal.SIGKILL, result.stderr
         assert [r["attempt"] for r in attempts(tmp_path)] == [0, 1, 2]
@@ -142,6 +154,11 @@ def test_a_coordinator_that_keeps_dying_exhausts_the_restarts(tmp_path):
         assert "restart 1 of 2" in lines[0] and "restart 2 of 2" in lines[1]
         assert "killed by SIGKILL; restarts exhausted (2 of 2 within 60 min used, " in lines[2]
         assert "3 attempts in all); exiting with 137" in lines[2]
+        # no actor on this machine removed them: the next coordinator swept its predecessor's,
+        # the supervisor the last one's (it stayed, with its control socket)
+        left = [Path((tmp_path / f"runtime-{n}").read_text()) for n in range(3)]
+        assert all(path.parent == Path(runtime_base) for path in left)
+        assert left_over == [], result.stderr
     finally:
         assert_all_exit([r["pid"] for r in attempts(tmp_path)])
 
