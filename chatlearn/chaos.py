@@ -276,6 +276,9 @@ class ChaosMonkey:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopped_by_us: set[tuple[int, float]] = set()
+        # once it looked for a victim, whether any actor of the run showed in its process tree
+        # (those `chatlearn launch` starts on other hosts never do: they are sshd's children)
+        self.actors_seen: bool | None = None
 
     # -- control -------------------------------------------------------------------------------
     def start(self) -> ChaosMonkey:
@@ -373,9 +376,11 @@ class ChaosMonkey:
         None if it must stop first."""
         model = self.plan.model(target)
         while self._sleep(0.0, deadline):
+            actors = find_actors(self.root_pid)
+            self.actors_seen = bool(self.actors_seen) or bool(actors)
             eligible = [
                 a
-                for a in find_actors(self.root_pid)
+                for a in actors
                 if a.model == model
                 and not a.stopped
                 and (a.pid, a.create_time) not in self._stopped_by_us
@@ -414,6 +419,7 @@ class RunResult:
     interrupted: bool = False
     events: list[ChaosEvent] = field(default_factory=list)
     monkey_outcome: str = ""
+    actors_seen: bool | None = None  # ChaosMonkey.actors_seen
     planned: int = 0
     killed: int = 0  # processes of the run's tree or group the harness killed after it
     log: Path | None = None
@@ -483,6 +489,7 @@ def run_command(
             monkey.join(5.0)
             result.events = list(monkey.events)
             result.monkey_outcome = monkey.outcome
+            result.actors_seen = monkey.actors_seen
         # Also after a clean exit: what the run left in its process group goes too.
         result.killed = kill_tree(popen, pgid=popen.pid)
         result.exit_code = popen.returncode
@@ -1104,7 +1111,13 @@ def _run_both(
     # a run that ended before the plan's events were all injected tested less than it claims
     # (none at all, if it ended before the warm-up): not a pass
     incomplete = len(chaos.events) < chaos.planned
-    if incomplete:
+    if incomplete and chaos.actors_seen is False:
+        click.echo(
+            f"incomplete: {len(chaos.events)} of {chaos.planned} planned events: no actor of the "
+            "run ever showed in its process tree on this machine (actors that chatlearn launch "
+            "starts on other hosts are not in it); run chaos on a run with its actors here"
+        )
+    elif incomplete:
         click.echo(
             f"incomplete: {len(chaos.events)} of {chaos.planned} planned events happened before "
             "the run ended; make the run longer (more episodes or samples) or the plan shorter "

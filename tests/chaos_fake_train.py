@@ -1,7 +1,8 @@
 """A stand-in for a training run in the chaos CLI tests: writes ``$OUTPUT_DIR/run/metrics.jsonl``
 (train records of iterations 1..4) and a complete checkpoint of iteration 4 with
 ``policy_trainer/rank_0/model.pt``, the same in every run; ``--noise`` makes iteration 3's loss
-differ from run to run (by the process id)."""
+differ from run to run (by the process id); ``--linger S`` makes it wait S seconds before it
+ends (a run whose actors are elsewhere: the monkey finds none in its tree)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def main() -> None:
         trainer={},
     )
     manager.commit(staging, state)
+    if "--linger" in sys.argv:
+        time.sleep(float(sys.argv[sys.argv.index("--linger") + 1]))
 
 
 if __name__ == "__main__":

@@ -529,6 +529,19 @@ def test_cli_fails_a_run_that_ended_before_its_planned_events(tmp_path: Path) ->
     assert result.exit_code == 1 and result.output.strip().endswith("chaos: FAIL")
 
 
+@pytest.mark.timeout(90)
+def test_cli_says_when_no_actor_of_the_run_is_in_its_process_tree(tmp_path: Path) -> None:
+    """Under chatlearn launch with other hosts, the actors are sshd's children there: the
+    monkey never finds one, and "make the run longer" was the wrong advice."""
+    args = ["--reference-kills", "1", "--trainer-kills", "0", "--warmup", "0", "--no-baseline"]
+    args += ["--min-gap", "0", "--max-gap", "0.2"]
+    command = [sys.executable, FAKE_TRAIN, "--linger", "2"]
+    result = CliRunner().invoke(cli, ["chaos", *args, "--work-dir", str(tmp_path), "--", *command])
+    assert "no actor of the run ever showed in its process tree on this machine" in result.output
+    assert "make the run longer" not in result.output
+    assert result.exit_code == 1 and result.output.strip().endswith("chaos: FAIL")
+
+
 @pytest.mark.timeout(60)
 def test_cli_reports_the_monkey_and_a_timeout(tmp_path: Path) -> None:
     tag = uuid.uuid4().hex
