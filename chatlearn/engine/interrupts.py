@@ -87,7 +87,7 @@ class TrainingStopped(Exception):
         return signal.Signals(self.signum).name
 
     @property
-    def exit_code(self) -> int:
+    def shell_exit_code(self) -> int:
         """What `chatlearn launch` exits with when a script leaves this uncaught."""
         return self.code
 

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import click
 
-from chatlearn.actors.errors import ActorError
 from chatlearn.actors.hosts import set_default_hosts
 from chatlearn.config.report import (
     DEBUG_ENV_VAR,
@@ -102,11 +101,12 @@ def run_script(script: str, args: list[str]) -> None:
     except KeyboardInterrupt as exc:  # click would print "Aborted!" and exit with 1
         raise SystemExit(exc.code if isinstance(exc, SystemExit) else 128 + signal.SIGINT) from None
     except Exception as exc:
-        exit_code = getattr(exc, "exit_code", None)  # learn_async()'s TrainingStopped
-        # (an ActorError's exit_code is its actor process's: a config error that ended an
-        # actor's start-up, said as its one line, exited 3 without it)
-        if isinstance(exit_code, int) and not isinstance(exc, ActorError):
-            raise SystemExit(exit_code) from None  # the engine has said why it stopped
+        # learn_async()'s TrainingStopped (the engine has said why it stopped); a name of its
+        # own: the actors' errors carry an exit_code too, their process's (a config error that
+        # ended an actor's start-up exited 3 without its line)
+        exit_code = getattr(exc, "shell_exit_code", None)
+        if isinstance(exit_code, int):
+            raise SystemExit(exit_code) from None
         if config_error_line(exc) is None or debug_enabled():
             raise
         report_and_exit(exc)

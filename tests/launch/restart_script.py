@@ -9,6 +9,7 @@ Every attempt appends ``{"attempt", "pid", "ppid"}`` (attempt: ``CHATLEARN_COORD
   SIGKILLs itself.
 - ``raise``: raises RuntimeError.
 - ``interrupted``: raises what ``DPOEngine.learn()`` raises after a stop on SIGINT.
+- ``stopped``: raises what ``DPOEngine.learn_async()`` raises after a stop on SIGINT.
 - ``keyboard``: raises KeyboardInterrupt.
 - ``exit0``: exits 0.
 - ``signals``: counts SIGINT/SIGTERM; writes DIR/ready, waits for a first signal (10 s at most),
@@ -50,6 +51,10 @@ def main() -> None:
         from chatlearn.engine.interrupts import interrupted
 
         raise interrupted(signal.SIGINT)
+    elif mode == "stopped":
+        from chatlearn.engine.interrupts import TrainingStopped
+
+        raise TrainingStopped(signal.SIGINT)
     elif mode == "keyboard":
         raise KeyboardInterrupt
     elif mode == "signals":

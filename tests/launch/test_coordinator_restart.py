@@ -197,12 +197,14 @@ def test_max_restarts_0_runs_the_script_in_the_launch_process(tmp_path):
 
 
 @pytest.mark.parametrize("max_restarts", ["0", "2"])
-@pytest.mark.parametrize("mode", ["interrupted", "keyboard"])
+@pytest.mark.parametrize("mode", ["interrupted", "keyboard", "stopped"])
 def test_an_uncaught_stop_on_sigint_exits_130(tmp_path, mode, max_restarts):
+    # stopped: learn_async()'s TrainingStopped, an Exception, not a SystemExit
     result = run_launch("--max-restarts", max_restarts, str(SCRIPT), mode, str(tmp_path))
     try:
         assert result.returncode == 128 + signal.SIGINT, result.stderr
         assert "Aborted!" not in result.stderr and RESTART_LINE not in result.stderr
+        assert "Traceback" not in result.stderr
         assert len(attempts(tmp_path)) == 1
     finally:
         assert_all_exit([r["pid"] for r in attempts(tmp_path)])
