@@ -103,6 +103,11 @@ def check_master_addr(address: str) -> None:
     traceback ("Cannot assign requested address"). A bind of an ephemeral port is the same test,
     made before anything starts.
     """
+    if ":" in address:  # ZeroMQ binds IPv4 unless told otherwise, which nothing here does
+        raise ValueError(
+            f"--master-addr {address}: an IPv6 address, which chatlearn launch does not support "
+            "yet; give an IPv4 address of this machine that every host can reach"
+        )
     try:
         infos = socket.getaddrinfo(address.strip("[]"), 0, type=socket.SOCK_STREAM)
     except OSError as exc:

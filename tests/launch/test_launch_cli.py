@@ -212,6 +212,15 @@ def test_a_master_address_this_machine_cannot_bind_is_one_line(tmp_path):
     assert not (tmp_path / "hosts.jsonl").exists()
 
 
+def test_an_ipv6_master_address_is_refused_in_one_line() -> None:
+    # it passed the bind check and failed in ZeroMQ: "No such device (addr='tcp://[::1]:*')"
+    from chatlearn.launch.cluster import check_master_addr
+
+    with pytest.raises(ValueError, match=r"--master-addr ::1: an IPv6 address, which"):
+        check_master_addr("::1")
+    check_master_addr("127.0.0.1")
+
+
 def test_slots_beyond_a_cpu_hosts_cores_are_one_line_and_no_restart(tmp_path):
     # Each actor failed "invalid CPU 6; choose between [0, 1]" in its pinning, a crash that was
     # restarted 3 times per model: 221 lines. Now the actors say it as a config error.
