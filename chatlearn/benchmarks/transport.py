@@ -130,32 +130,21 @@ class _Sliced:
         sock.setsockopt(zmq.SNDTIMEO, int(STOP_SLICE * 1000))
 
     def send(self, *args: Any, **kwargs: Any) -> Any:
-        import zmq
-
-        waited = 0.0
-        while True:
-            try:
-                return self.sock.send(*args, **kwargs)
-            except zmq.Again:
-                waited = _waited(waited, self.stop)
+        return self._sliced(self.sock.send, args, kwargs)
 
     def recv(self, *args: Any, **kwargs: Any) -> Any:
-        import zmq
-
-        waited = 0.0
-        while True:
-            try:
-                return self.sock.recv(*args, **kwargs)
-            except zmq.Again:
-                waited = _waited(waited, self.stop)
+        return self._sliced(self.sock.recv, args, kwargs)
 
     def recv_multipart(self, *args: Any, **kwargs: Any) -> Any:
+        return self._sliced(self.sock.recv_multipart, args, kwargs)
+
+    def _sliced(self, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         import zmq
 
         waited = 0.0
         while True:
             try:
-                return self.sock.recv_multipart(*args, **kwargs)
+                return call(*args, **kwargs)
             except zmq.Again:
                 waited = _waited(waited, self.stop)
 

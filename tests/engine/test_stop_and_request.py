@@ -63,15 +63,20 @@ async def test_first_signal_is_graceful_then_the_watchdog_or_a_second_one_is_not
     nothing_to_save.close()
 
 
+async def _send_and_wait(signum: int, seen: list[int]) -> None:
+    """Send `signum` to this process; wait (bounded) until the guard's callback saw something."""
+    os.kill(os.getpid(), signum)
+    for _ in range(100):  # the loop runs the handler on its next iteration
+        if seen:
+            return
+        await asyncio.sleep(0.01)
+
+
 async def test_signal_guard_routes_signals_and_restores_the_previous_handler() -> None:
     previous = signal.getsignal(signal.SIGTERM)
     seen: list[int] = []
     with SignalGuard(seen.append):
-        os.kill(os.getpid(), signal.SIGTERM)
-        for _ in range(100):  # bounded: the loop runs the handler on its next iteration
-            if seen:
-                break
-            await asyncio.sleep(0.01)
+        await _send_and_wait(signal.SIGTERM, seen)
     assert seen == [signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) is previous
 
@@ -82,11 +87,7 @@ async def test_sighup_stops_gracefully_unless_it_is_ignored() -> None:
     ignored) the program is to outlive its terminal: that stays."""
     seen: list[int] = []
     with SignalGuard(seen.append):
-        os.kill(os.getpid(), signal.SIGHUP)
-        for _ in range(100):  # bounded: the loop runs the handler on its next iteration
-            if seen:
-                break
-            await asyncio.sleep(0.01)
+        await _send_and_wait(signal.SIGHUP, seen)
     assert seen == [signal.SIGHUP]
     assert interrupted(signal.SIGHUP).code == 129
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
