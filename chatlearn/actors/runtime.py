@@ -939,9 +939,13 @@ class ActorSystem:
                 await asyncio.shield(self._shutdown_task)
                 break
             except asyncio.CancelledError:
-                if self._shutdown_task.done():
+                if not self._shutdown_task.done():
+                    cancelled = True  # finish the stop first (bounded by shutdown_timeout)
+                    continue
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
                     raise
-                cancelled = True  # finish the stop first (it is bounded by shutdown_timeout)
+                break  # the stop itself was cancelled (the loop closing): not this caller
         if cancelled:
             raise asyncio.CancelledError
 

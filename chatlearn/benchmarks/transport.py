@@ -231,7 +231,7 @@ def _receive_n(sock: Any, count: int, stop: threading.Event, decoding: bool) -> 
             remaining = 0
         except zmq.Again:  # message i never came within the slice
             remaining -= i
-            waited = _waited(waited, stop)
+            waited = _waited(0.0 if i else waited, stop)  # the limit is per message
 
 
 def _receive_blocking(
@@ -276,8 +276,15 @@ def _raw_round_trips(
         samples = []
         for i in range(warmup + count):
             started = time.perf_counter_ns()
-            receiver.send(RTT_PAYLOAD)
-            receiver.recv(copy=False)
+            # the socket itself first: this is the floor, it must not pay the slicing's calls
+            try:
+                sock.send(RTT_PAYLOAD)
+            except zmq.Again:  # no peer yet, or a slice passed: wait on in slices
+                receiver.send(RTT_PAYLOAD)
+            try:
+                sock.recv(copy=False)
+            except zmq.Again:
+                receiver.recv(copy=False)
             if i >= warmup:
                 samples.append((time.perf_counter_ns() - started) / 1000)
         return samples

@@ -329,8 +329,8 @@ class DPOEngine(Engine):
     async def learn_async(self) -> LearnResult:
         """Train to the end inside the running event loop (see ``learn``).
 
-        After a stop on SIGINT / SIGTERM it raises ``TrainingStopped``, an ordinary exception
-        (``code``: the shell's exit code, ``checkpoint``) that any task can catch: a
+        After a stop on SIGINT / SIGTERM / SIGHUP it raises ``TrainingStopped``, an ordinary
+        exception (``code``: the shell's exit code, ``checkpoint``) that any task can catch: a
         ``SystemExit`` raised in an asyncio task leaves the event loop itself, whatever awaits
         the task. ``sys.exit(stop.code)`` ends a script with the code ``learn()`` would.
         """

@@ -86,6 +86,9 @@ class TrainingStopped(Exception):
     def signal_name(self) -> str:
         return signal.Signals(self.signum).name
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled by its arguments, not its message
+        return (type(self), (self.signum, self.checkpoint))
+
     @property
     def shell_exit_code(self) -> int:
         """What `chatlearn launch` exits with when a script leaves this uncaught."""

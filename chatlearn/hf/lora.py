@@ -70,8 +70,11 @@ def merged_state_dict(model: Any, state: Mapping[str, torch.Tensor]) -> dict[str
         layer = layers.get(key)
         if layer is not None:
             name, module, adapter = layer
-            delta = _delta(module, name, adapter, state)
-            value = (value.float() + delta).to(value.dtype)
+            # two fp32 copies of the weight at most (the change and the sum), never `state`'s
+            # own tensor changed in place (it may be the live model's parameter)
+            merged_value = value.to(torch.float32, copy=True)
+            merged_value.add_(_delta(module, name, adapter, state))
+            value = merged_value.to(value.dtype)
         merged[key.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")] = value
     return merged
 
@@ -114,12 +117,12 @@ def _delta(module: Any, name: str, adapter: str, state: Mapping[str, torch.Tenso
     if kind == "embedding":
         a = state[f"{name}.lora_embedding_A.{adapter}"].float()
         b = state[f"{name}.lora_embedding_B.{adapter}"].float()
-        return (b @ a).T * scaling
+        return (b @ a).mul_(scaling).T
     if kind == "linear":
         a = state[f"{name}.lora_A.{adapter}.weight"].float()
         b = state[f"{name}.lora_B.{adapter}.weight"].float()
-        delta = b @ a
-        return (delta.T if module.fan_in_fan_out else delta) * scaling
+        delta = (b @ a).mul_(scaling)
+        return delta.T if module.fan_in_fan_out else delta
     raise ValueError(
         f"cannot merge the LoRA adapter of {name} ({type(module).__name__}) into its weight; "
         "set merge_lora: false (the adapter is saved either way)"

@@ -18,7 +18,7 @@
 | warmup_steps, warmup_ratio, min_lr_ratio | 0, 0.0, 0.0 | linear warm-up then cosine decay |
 | max_grad_norm | 1.0 | gradient clipping (None or 0: off) |
 | gradient_checkpointing | False | recompute activations in backward |
-| disable_dropout | True | the model's dropout off, as in TRL's DPO (policy and reference agree) |
+| disable_dropout | True | the model's dropout off, as in TRL's DPO (a lora.dropout set applies) |
 | parallel | "ddp" | "none", "ddp" or "fsdp" (FSDP2: shard per decoder layer, then the root) |
 | hsdp | True | with fsdp across hosts: shard within a host, replicate across hosts |
 | mixed_precision | "no" | "bf16" or "fp16" (CUDA only): low-precision compute, fp32 master state |

@@ -103,6 +103,12 @@ def check_master_addr(address: str) -> None:
     traceback ("Cannot assign requested address"). A bind of an ephemeral port is the same test,
     made before anything starts.
     """
+    host, colon, port = address.rpartition(":")
+    if colon and address.count(":") == 1 and port.isdigit():
+        raise ValueError(
+            f"--master-addr {address}: an address without a port (the coordinator picks its "
+            f"ports); give --master-addr {host}"
+        )
     if ":" in address:  # ZeroMQ binds IPv4 unless told otherwise, which nothing here does
         raise ValueError(
             f"--master-addr {address}: an IPv6 address, which chatlearn launch does not support "

@@ -285,3 +285,27 @@ def test_a_new_coordinator_sweeps_directories_of_dead_ones(tmp_path):
         assert live.path.is_dir()
     finally:
         live.close()
+
+
+async def test_a_stop_cancelled_from_outside_does_not_cancel_its_other_callers() -> None:
+    """The stop runs as one task every shutdown() call waits for; when that task itself is
+    cancelled (the loop closing), a caller nobody cancelled returns instead of getting the
+    CancelledError, and a caller that was cancelled gets its own."""
+    system = ActorSystem(lib.make_config({"a": {"num_cpu": 1}}))
+    release = asyncio.Event()
+
+    async def slow_stop() -> None:
+        await release.wait()
+
+    system._shutdown = slow_stop  # type: ignore[method-assign]
+    calm = asyncio.create_task(system.shutdown())
+    cancelled = asyncio.create_task(system.shutdown())
+    await asyncio.sleep(0.05)
+    cancelled.cancel()  # a caller cancelled while the stop runs: it waits for the stop
+    await asyncio.sleep(0.05)
+    assert not cancelled.done()
+    assert system._shutdown_task is not None
+    system._shutdown_task.cancel()  # the stop itself, from outside
+    await asyncio.wait_for(calm, 5)  # returns: nobody cancelled it
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(cancelled, 5)

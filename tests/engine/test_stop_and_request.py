@@ -326,4 +326,13 @@ async def test_a_signal_stops_learn_async_in_a_task_with_an_exception_it_can_cat
     assert stopped.value.checkpoint.name == f"iter_{len(_trains(tmp_path)):07d}"
     exit_code = stopped.value.as_exit()
     assert isinstance(exit_code, TrainingInterrupted) and exit_code.code == 143
+    # it crosses process boundaries (a learn_async() in a worker process): by its arguments
+    import pickle
+
+    again = pickle.loads(pickle.dumps(stopped.value))
+    assert (again.signum, again.checkpoint, str(again)) == (
+        stopped.value.signum,
+        stopped.value.checkpoint,
+        str(stopped.value),
+    )
     assert_all_exit(_pids(tmp_path))

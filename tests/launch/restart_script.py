@@ -9,7 +9,8 @@ Every attempt appends ``{"attempt", "pid", "ppid"}`` (attempt: ``CHATLEARN_COORD
   SIGKILLs itself.
 - ``raise``: raises RuntimeError.
 - ``interrupted``: raises what ``DPOEngine.learn()`` raises after a stop on SIGINT.
-- ``stopped``: raises what ``DPOEngine.learn_async()`` raises after a stop on SIGINT.
+- ``stopped``: raises what ``DPOEngine.learn_async()`` raises after a stop on SIGINT;
+  ``stopped_in_group``: the same in an ExceptionGroup, as a TaskGroup that ran it raises.
 - ``keyboard``: raises KeyboardInterrupt.
 - ``exit0``: exits 0.
 - ``signals``: counts SIGINT/SIGTERM; writes DIR/ready, waits for a first signal (10 s at most),
@@ -51,10 +52,13 @@ def main() -> None:
         from chatlearn.engine.interrupts import interrupted
 
         raise interrupted(signal.SIGINT)
-    elif mode == "stopped":
+    elif mode in ("stopped", "stopped_in_group"):
         from chatlearn.engine.interrupts import TrainingStopped
 
-        raise TrainingStopped(signal.SIGINT)
+        stopped = TrainingStopped(signal.SIGINT)
+        if mode == "stopped_in_group":  # what a TaskGroup that ran learn_async() raises
+            raise ExceptionGroup("unhandled errors in a TaskGroup", [stopped])
+        raise stopped
     elif mode == "keyboard":
         raise KeyboardInterrupt
     elif mode == "signals":

@@ -197,7 +197,7 @@ def test_max_restarts_0_runs_the_script_in_the_launch_process(tmp_path):
 
 
 @pytest.mark.parametrize("max_restarts", ["0", "2"])
-@pytest.mark.parametrize("mode", ["interrupted", "keyboard", "stopped"])
+@pytest.mark.parametrize("mode", ["interrupted", "keyboard", "stopped", "stopped_in_group"])
 def test_an_uncaught_stop_on_sigint_exits_130(tmp_path, mode, max_restarts):
     # stopped: learn_async()'s TrainingStopped, an Exception, not a SystemExit
     result = run_launch("--max-restarts", max_restarts, str(SCRIPT), mode, str(tmp_path))

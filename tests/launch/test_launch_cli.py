@@ -219,6 +219,8 @@ def test_an_ipv6_master_address_is_refused_in_one_line() -> None:
     with pytest.raises(ValueError, match=r"--master-addr ::1: an IPv6 address, which"):
         check_master_addr("::1")
     check_master_addr("127.0.0.1")
+    with pytest.raises(ValueError, match=r"an address without a port .*--master-addr 127.0.0.1$"):
+        check_master_addr("127.0.0.1:29500")  # not "an IPv6 address"
 
 
 def test_slots_beyond_a_cpu_hosts_cores_are_one_line_and_no_restart(tmp_path):
