@@ -19,11 +19,12 @@ main thread only; the previous handlers come back when it leaves) and routes the
    itself alone. Run directly, a quick second Ctrl-C stops at once, as it always did.
 
 Either way ``await learn_async()`` then raises :class:`TrainingStopped` (an ``Exception``:
-catchable in any task) and ``learn()`` :class:`TrainingInterrupted`, a ``SystemExit`` whose code is
-``128 + signal`` (130 for SIGINT, 143 for SIGTERM), so an uncaught one ends the script with the
-exit code shells and schedulers expect. The SIGINT one is also a ``KeyboardInterrupt``, so
-scripts that already catch that keep working. (Python turns an uncaught *plain*
-``KeyboardInterrupt`` into death by SIGINT, not exit code 130; the subclass exits with 130.)
+catchable in any task) and ``learn()`` :class:`TrainingInterrupted`, a ``SystemExit`` whose
+code is ``128 + signal`` (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP), so an uncaught one
+ends the script with the exit code shells and schedulers expect. The SIGINT one is also a
+``KeyboardInterrupt``, so scripts that already catch that keep working. (Python turns an
+uncaught *plain* ``KeyboardInterrupt`` into death by SIGINT, not exit code 130; the subclass
+exits with 130.)
 """
 
 from __future__ import annotations
