@@ -10,9 +10,11 @@ restart — then skips the reference for every sample it has seen.
 An entry is keyed by what decides the output, and nothing else:
 
 - the reference model's *fingerprint*: its class, a hash of every tensor of its ``torch.nn``
-  modules (weights and buffers: the dtype is in the bytes; modules kept in lists, tuples or dicts
-  included; a module holding none cannot use the store), and what the module says changes its
-  forward (``reference_store_key()``, if it defines one: the Hugging Face modules name their
+  modules (weights and buffers, those left out of the state too: the dtype is in the bytes;
+  modules kept in lists, tuples or dicts included; a module holding none cannot use the store),
+  their configs' plain values (heads, theta, epsilons: the same weights under another
+  architecture compute other outputs), and what the module says changes its forward
+  (``reference_store_key()``, if it defines one: the Hugging Face modules name their
   precision, packing and log-prob settings). One SQLite file per fingerprint,
   ``<path>/reference-<fingerprint>.sqlite``: a changed model never sees another model's entries.
 - the sample as the reference receives it: the dataset row after ``build_dataset`` (token ids
@@ -35,7 +37,9 @@ DTensor), and the fingerprint hashes every rank's digest in rank order.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -76,6 +80,8 @@ def fingerprint(module: Any) -> str:
     for name, value in _weights(module):
         keys.append(name)
         tensors.append(value)
+    for name, config in _configs(module):
+        digest.update(f"{name}:config:{config}".encode())
     if not tensors and not callable(extras):
         raise ConfigError(
             f"the reference module {type(module).__qualname__} holds no torch.nn.Module or "
@@ -107,11 +113,10 @@ _CONTAINER_DEPTH = 4  # lists of model chunks (Megatron's), dicts of models, one
 _CONTAINER_ITEMS = 1024  # longer ones are data, not models: not searched
 
 
-def _weights(module: Any) -> list[tuple[str, Any]]:
-    """The tensors that decide the module's outputs, named, in a fixed order: the state of every
-    ``torch.nn.Module`` and every ``Parameter`` among its attributes, also inside lists, tuples
-    and dicts of them (a Megatron reference keeps its model as a list of chunks). An object met
-    twice is hashed once."""
+def _models(module: Any) -> list[tuple[str, Any]]:
+    """Every ``torch.nn.Module`` and ``Parameter`` among the module's attributes, also inside
+    lists, tuples and dicts of them (a Megatron reference keeps its model as a list of chunks),
+    named, in a fixed order; an object met twice counts once."""
     import torch
 
     found: list[tuple[str, Any]] = []
@@ -121,9 +126,7 @@ def _weights(module: Any) -> list[tuple[str, Any]]:
         if id(value) in seen:
             return
         seen.add(id(value))
-        if isinstance(value, torch.nn.Module):
-            found.extend((f"{name}.{key}", tensor) for key, tensor in value.state_dict().items())
-        elif isinstance(value, torch.nn.Parameter):
+        if isinstance(value, torch.nn.Module | torch.nn.Parameter):
             found.append((name, value))
         elif (
             depth < _CONTAINER_DEPTH
@@ -140,6 +143,89 @@ def _weights(module: Any) -> list[tuple[str, Any]]:
     for name, value in sorted(vars(module).items()):
         visit(name, value, 0)
     return found
+
+
+def _weights(module: Any) -> list[tuple[str, Any]]:
+    """The tensors that decide the module's outputs, named, in a fixed order: each model's
+    state (its tensors; a megatron-core model's ``_extra_state`` entries are None or bytes: the
+    bytes are hashed, None is nothing) and the buffers the state leaves out (RoPE's
+    ``inv_freq``, made from the config's theta and head size), and each bare ``Parameter``."""
+    import torch
+
+    found: list[tuple[str, Any]] = []
+    for name, value in _models(module):
+        if isinstance(value, torch.nn.Parameter):
+            found.append((name, value))
+            continue
+        state = value.state_dict()
+        for key, item in state.items():
+            if isinstance(item, io.BytesIO):
+                item = item.getvalue()
+            if isinstance(item, bytes | bytearray) and item:
+                item = torch.frombuffer(bytearray(item), dtype=torch.uint8)
+            if isinstance(item, torch.Tensor):
+                found.append((f"{name}.{key}", item))
+        found.extend(
+            (f"{name}.{key}", buffer)
+            for key, buffer in value.named_buffers()
+            if key not in state and buffer is not None
+        )
+    return found
+
+
+def _configs(module: Any) -> list[tuple[str, str]]:
+    """Each model's configuration as canonical JSON of its plain values (sizes, heads, theta,
+    epsilons, ...), named: what changes the outputs without changing a weight's bytes, e.g.
+    ``num_attention_heads`` at the same hidden size, or ``rope_theta``. A config's private
+    entries (``_name_or_path``: where it was read from) and the library version are left out:
+    the same model copied elsewhere is the same model."""
+    import torch
+
+    found: list[tuple[str, str]] = []
+    seen: set[int] = set()
+    for name, value in _models(module):
+        if not isinstance(value, torch.nn.Module):
+            continue
+        for sub, part in value.named_modules():
+            config = getattr(part, "config", None)
+            if config is None or id(config) in seen:
+                continue
+            seen.add(id(config))
+            plain = _plain_config(config)
+            if plain:
+                found.append((f"{name}.{sub}" if sub else name, json.dumps(plain, sort_keys=True)))
+    return found
+
+
+def _plain_config(config: Any) -> dict[str, Any]:
+    """A config object's entries that are plain data (numbers, strings, booleans, None, lists
+    and dicts of them): functions, dtype objects and process groups (a megatron-core
+    TransformerConfig holds some) print differently in every process, so they are left out."""
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict):
+        values = to_dict()
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        values = {f.name: getattr(config, f.name, None) for f in dataclasses.fields(config)}
+    else:
+        values = dict(getattr(config, "__dict__", {}))
+
+    def plain(value: Any) -> bool:
+        if value is None or isinstance(value, bool | int | float | str):
+            return True
+        if isinstance(value, list | tuple):
+            return all(plain(item) for item in value)
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        return False
+
+    return {
+        key: value
+        for key, value in values.items()
+        if isinstance(key, str)
+        and not key.startswith("_")
+        and key != "transformers_version"
+        and plain(value)
+    }
 
 
 def _tensor_digest(tensor: Any) -> tuple[Any, tuple[int, ...], bytes]:

@@ -211,3 +211,60 @@ def test_a_reference_whose_weights_the_store_cannot_see_stops_the_run_in_one_lin
     assert last.startswith("runtime.reference_store: the reference module TinyOpaqueReference")
     assert "fix: keep the model in an attribute" in last and "[model reference" in last, last
     assert not list((tmp_path / "store").glob("reference-*.sqlite"))  # nothing stored
+
+
+def test_the_fingerprint_covers_the_architecture_not_only_the_weights() -> None:
+    """The same weights under another config (heads at the same hidden size, rope_theta,
+    rms_norm_eps) compute other outputs: the store served the first model's entries to the
+    second (every step of a run differed from one without the store). A config read from
+    elsewhere (`_name_or_path`) is the same model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def reference(**changes: object) -> object:
+        torch.manual_seed(0)
+        sizes = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+        heads = {"num_attention_heads": 4, "num_key_value_heads": 4}
+        config = LlamaConfig(**{**sizes, **heads, "vocab_size": 64, **changes})
+        holder = type("Reference", (), {})()
+        holder.model = LlamaForCausalLM(config)
+        return holder
+
+    base = fingerprint(reference())
+    elsewhere = reference()
+    elsewhere.model.config._name_or_path = "/elsewhere"  # type: ignore[attr-defined]
+    assert fingerprint(elsewhere) == base
+    for change in ({"rms_norm_eps": 1e-3}, {"num_attention_heads": 2, "num_key_value_heads": 2}):
+        other = reference(**change)
+        assert all(  # the weights' bytes are the same: only the architecture differs
+            torch.equal(a, b)
+            for a, b in zip(
+                reference().model.state_dict().values(),
+                other.model.state_dict().values(),
+                strict=True,
+            )
+        )
+        assert fingerprint(other) != base, change
+
+
+def test_a_megatron_style_extra_state_is_fingerprinted_not_a_crash() -> None:
+    """megatron-core's layers put `_extra_state` entries in their state (None without
+    TransformerEngine's fp8 metadata): the store crashed every Megatron reference at its first
+    forward ('NoneType' object has no attribute 'detach')."""
+
+    class Layer(torch.nn.Linear):
+        def get_extra_state(self) -> object:
+            return self.extra
+
+        def set_extra_state(self, state: object) -> None:
+            self.extra = state
+
+    torch.manual_seed(0)
+    holder = type("Reference", (), {})()
+    holder.model = [Layer(4, 4)]
+    holder.model[0].extra = None
+    first = fingerprint(holder)
+    holder.model[0].extra = b"fp8 scales"  # bytes: hashed
+    assert fingerprint(holder) != first
+    with torch.no_grad():
+        holder.model[0].weight[0, 0] += 1.0
+    assert fingerprint(holder) not in (first,)
