@@ -109,6 +109,7 @@ def fingerprint(module: Any) -> str:
     return combined.hexdigest()
 
 
+_BROKEN_SAID = 5  # broken entries said one by one (400 bit-flipped rows were 400 lines)
 _CONTAINER_DEPTH = 4  # lists of model chunks (Megatron's), dicts of models, one in the other
 _CONTAINER_ITEMS = 1024  # longer ones are data, not models: not searched
 
@@ -357,11 +358,15 @@ class ReferenceStore:
                     found[key] = _unpack(value)
                 except Exception as exc:  # a broken entry is computed again, never used
                     self.corrupted += 1
-                    logger.warning(
-                        "reference store %s: a broken entry (%s) is computed again",
-                        self.path.name,
-                        exc,
-                    )
+                    if self.corrupted <= _BROKEN_SAID:  # the rest: the store's summary line
+                        logger.warning(
+                            "reference store %s: a broken entry (%s) is computed again%s",
+                            self.path.name,
+                            exc,
+                            "; further ones are counted in the store's summary"
+                            if self.corrupted == _BROKEN_SAID
+                            else "",
+                        )
                     self._db.execute("DELETE FROM outputs WHERE key = ?", (key,))
         self.hits += sum(1 for key in keys if key in found)
         return found

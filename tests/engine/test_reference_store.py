@@ -268,3 +268,26 @@ def test_a_megatron_style_extra_state_is_fingerprinted_not_a_crash() -> None:
     with torch.no_grad():
         holder.model[0].weight[0, 0] += 1.0
     assert fingerprint(holder) not in (first,)
+
+
+def test_many_broken_entries_are_said_a_few_times_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """400 bit-flipped rows printed 400 identical warnings; the first few are said, the rest
+    counted (the store's summary line gives the count)."""
+
+    class Module:
+        def __init__(self) -> None:
+            self.model = torch.nn.Linear(3, 2)
+
+    store = ReferenceStore(tmp_path, fingerprint(Module()))
+    keys = [sample_key({"x": torch.arange(3) + i}) for i in range(40)]
+    store.put({key: {"y": torch.zeros(2)} for key in keys})
+    with closing(sqlite3.connect(store.path)) as db, db:
+        db.execute("UPDATE outputs SET value = substr(value, 1, length(value) - 3)")
+    with caplog.at_level("WARNING", logger="chatlearn.engine"):
+        assert store.get(keys) == {}
+    store.close()
+    said = [m for m in caplog.messages if "a broken entry" in m]
+    assert store.corrupted == 40 and len(said) == reference_store._BROKEN_SAID
+    assert said[-1].endswith("further ones are counted in the store's summary")
