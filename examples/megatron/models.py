@@ -36,6 +36,7 @@ class _GPTModule(MegatronModule):
 
     def build_model(self) -> torch.nn.Module:
         self.tokenizer = CharTokenizer()
+        self._check_parallel_sizes()
         if self.megatron_args.load:
             # start from a Hugging Face Llama/Qwen2 directory: its config.json is the model
             model = self.load_pretrained_model()
@@ -51,6 +52,29 @@ class _GPTModule(MegatronModule):
                 f"{self.tokenizer.vocab_size}"
             )
         return model
+
+    def _check_parallel_sizes(self) -> None:
+        """What this example's DPO forward cannot run, as one config line each (they failed
+        deep inside megatron-core, mid-run, in some 200 lines)."""
+        where = f"models.{self.name}"
+        if int(self.pipeline_model_parallel_size()) > 1:
+            raise self.global_args.error(
+                f"{where}.pipeline_model_parallel_size",
+                "this example runs one pipeline stage (its log-probs come from gpt_logits; "
+                "training at pipeline size > 1 is not supported)",
+                "set pipeline_model_parallel_size: 1; a reference at pipeline size > 1 can "
+                "take its log-probs from chatlearn.megatron.pipeline_logits",
+            )
+        if self.megatron_args.load:
+            return  # the checkpoint's config: checked where it is read
+        heads = GPTConfig.from_model_args(self.model_args).num_attention_heads
+        tensor = int(self.tensor_model_parallel_size())
+        if heads % tensor:
+            raise self.global_args.error(
+                f"{where}.model_args.num_attention_heads",
+                f"{heads} heads do not split over tensor_model_parallel_size {tensor}",
+                f"use a multiple of {tensor} heads, or another tensor_model_parallel_size",
+            )
 
     def build_dataset(self, train_prompts: list[Any], is_eval: bool = False) -> PreferenceDataset:
         max_length = int(self.model_args.get("max_length", 64))

@@ -66,3 +66,50 @@ def test_main_file_trains_with_the_example_config(tmp_path: Path) -> None:
     records = [json.loads(line) for line in metrics_files[0].read_text().splitlines() if line]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses and all(math.isfinite(x) for x in losses), records
+
+
+@pytest.mark.parametrize(
+    ("setting", "env", "message"),
+    [
+        # failed mid-run deep inside megatron-core (some 200 lines, exit 1)
+        (
+            "pipeline_model_parallel_size: 2",
+            {"policy_cpu": "2"},
+            "models.ppo_policy.pipeline_model_parallel_size: this example runs one pipeline stage",
+        ),
+        (
+            "num_attention_heads: 3",
+            {"policy_cpu": "2", "policy_tp": "2"},
+            "models.ppo_policy.model_args.num_attention_heads: 3 heads do not split over "
+            "tensor_model_parallel_size 2",
+        ),
+    ],
+)
+def test_parallel_sizes_the_example_cannot_run_are_one_config_line(
+    tmp_path: Path, setting: str, env: dict[str, str], message: str
+) -> None:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    text = CONFIG.read_text().replace(
+        "    tensor_model_parallel_size: ${policy_tp:1}\n",
+        "    tensor_model_parallel_size: ${policy_tp:1}\n"
+        + ("    pipeline_model_parallel_size: 2\n" if setting.startswith("pipeline") else ""),
+    )
+    text = text.replace("runtime:\n", 'runtime:\n  colocation: ["reference,ppo_policy"]\n', 1)
+    (configs / "dpo.yaml").write_text(text)
+    model = (CONFIG.parent / "gpt_tiny.yaml").read_text()
+    if setting.startswith("num_attention_heads"):
+        model = model.replace("num_attention_heads: 4", "num_attention_heads: 3")
+        model = model.replace("hidden_size: 64", "hidden_size: 66")
+    (configs / "gpt_tiny.yaml").write_text(model)
+    result = subprocess.run(
+        [sys.executable, str(MAIN), "-c", str(configs / "dpo.yaml"), "--num-samples", "16"],
+        cwd=tmp_path,
+        env=dict(os.environ, output_dir=str(tmp_path / "out"), num_episode="1", **env),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
