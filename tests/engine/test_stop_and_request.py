@@ -4,11 +4,13 @@ checkpoints taken on request from a custom flow, resumed mid-episode."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -240,12 +242,27 @@ async def test_a_graceful_stop_of_a_run_that_never_saves_does_not_promise_a_chec
         interrupts.close()
 
 
-async def _training_started(engine: DPOEngine, training: asyncio.Task) -> None:
-    for _ in range(3000):  # bounded (60 s): start-up included
-        if engine.pipeline is not None and engine.state.iteration >= 1 or training.done():
-            break
-        await asyncio.sleep(0.02)
-    assert not training.done() and engine.state.iteration >= 1
+@contextlib.asynccontextmanager
+async def _training(tmp_path: Path, **runtime) -> AsyncIterator[tuple[DPOEngine, asyncio.Task]]:
+    """learn_async() of the echo models over 16 samples, in a task, once its first step is done;
+    the task is cancelled and awaited, and the config reset, however the test ends."""
+    chatlearn.init(_config(tmp_path, **runtime))
+    try:
+        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        engine.set_dataset(range(16))
+        training = asyncio.create_task(engine.learn_async())
+        try:
+            for _ in range(3000):  # bounded (60 s): start-up included
+                if engine.pipeline is not None and engine.state.iteration >= 1 or training.done():
+                    break
+                await asyncio.sleep(0.02)
+            assert not training.done() and engine.state.iteration >= 1
+            yield engine, training
+        finally:
+            training.cancel()
+            await asyncio.gather(training, return_exceptions=True)
+    finally:
+        reset_args()
 
 
 def _pids(tmp_path: Path) -> list[int]:
@@ -256,47 +273,25 @@ def _pids(tmp_path: Path) -> list[int]:
 async def test_a_second_learn_async_is_refused_and_the_first_trains_on(tmp_path: Path) -> None:
     """It started a second pipeline on the same processes: every episode twice, the live run's
     metrics moved aside, and both failed on each other's checkpoint staging."""
-    chatlearn.init(_config(tmp_path, echo_cost=0.02))
-    try:
-        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
-        engine.set_dataset(range(16))
-        training = asyncio.create_task(engine.learn_async())
-        try:
-            await _training_started(engine, training)
-            with pytest.raises(RuntimeError, match="learn_async\\(\\) is already running"):
-                await engine.learn_async()
-            result = await training
-        finally:
-            training.cancel()
-            await asyncio.gather(training, return_exceptions=True)
-    finally:
-        reset_args()
+    async with _training(tmp_path, echo_cost=0.02) as (engine, training):
+        with pytest.raises(RuntimeError, match="learn_async\\(\\) is already running"):
+            await engine.learn_async()
+        result = await training
     assert result.steps == 8 and [t["iteration"] for t in _trains(tmp_path)] == list(range(8))
 
 
 async def test_cancelling_again_while_it_stops_still_stops_everything(tmp_path: Path) -> None:
     """A second cancel during the stop interrupted the runtime's close: an actor outlived the
     call and the runtime directory (its sockets) stayed until the interpreter exited."""
-    chatlearn.init(_config(tmp_path, echo_cost=0.05, num_episode=40))
-    try:
-        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
-        engine.set_dataset(range(16))
-        training = asyncio.create_task(engine.learn_async())
-        try:
-            await _training_started(engine, training)
-            system = engine.system
-            assert system is not None and system.runtime_dir is not None
-            runtime_dir = system.runtime_dir.path
-            for _ in range(4):  # the first cancel, then again while it stops
-                training.cancel()
-                await asyncio.sleep(0.02)
-            with pytest.raises(asyncio.CancelledError):
-                await training
-        finally:
+    async with _training(tmp_path, echo_cost=0.05, num_episode=40) as (engine, training):
+        system = engine.system
+        assert system is not None and system.runtime_dir is not None
+        runtime_dir = system.runtime_dir.path
+        for _ in range(4):  # the first cancel, then again while it stops
             training.cancel()
-            await asyncio.gather(training, return_exceptions=True)
-    finally:
-        reset_args()
+            await asyncio.sleep(0.02)
+        with pytest.raises(asyncio.CancelledError):
+            await training
     assert not runtime_dir.exists()
     assert_all_exit(_pids(tmp_path), within=0.5)  # gone when the cancelled call returned
 
@@ -306,21 +301,11 @@ async def test_a_signal_stops_learn_async_in_a_task_with_an_exception_it_can_cat
 ) -> None:
     """learn_async() raised a SystemExit; asyncio re-raises those out of the event loop itself
     when they end a task, so an embedding program's loop died whatever caught the task."""
-    chatlearn.init(_config(tmp_path, echo_cost=0.05, num_episode=40, save_episode_interval=100))
-    try:
-        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
-        engine.set_dataset(range(16))
-        training = asyncio.create_task(engine.learn_async())
-        try:
-            await _training_started(engine, training)
-            os.kill(os.getpid(), signal.SIGTERM)  # the engine's handler: a graceful stop
-            with pytest.raises(chatlearn.TrainingStopped) as stopped:
-                await training
-        finally:
-            training.cancel()
-            await asyncio.gather(training, return_exceptions=True)
-    finally:
-        reset_args()
+    runtime = {"echo_cost": 0.05, "num_episode": 40, "save_episode_interval": 100}
+    async with _training(tmp_path, **runtime) as (_, training):
+        os.kill(os.getpid(), signal.SIGTERM)  # the engine's handler: a graceful stop
+        with pytest.raises(chatlearn.TrainingStopped) as stopped:
+            await training
     assert stopped.value.code == 143 and stopped.value.checkpoint is not None
     assert not isinstance(stopped.value, SystemExit)
     assert stopped.value.checkpoint.name == f"iter_{len(_trains(tmp_path)):07d}"

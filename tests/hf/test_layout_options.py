@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import chatlearn
 from chatlearn.config import ConfigError
 from chatlearn.config.model_args import LORA_DEFAULTS
 from chatlearn.hf.lora import lora_settings
@@ -193,40 +192,3 @@ def test_max_length_beyond_the_models_positions(
         assert any("extrapolates" in r.getMessage() for r in caplog.records), caplog.text
     finally:
         reset_args()
-
-
-def test_a_mistyped_model_arg_is_said_where_it_was_written(
-    tmp_path, caplog: pytest.LogCaptureFixture
-) -> None:
-    # `learnig_rate: 5.0e-4` trained at the default 1e-6 without a word; a key of the user's own
-    # module (not near any of ours) is left alone
-    from chatlearn.config import reset_args
-    from chatlearn.hf.modules import HFReference
-
-    (tmp_path / "model.yaml").write_text(
-        "model_config: {hidden_size: 16, intermediate_size: 32, num_hidden_layers: 1}\n"
-        "learnig_rate: 5.0e-4\nmy_own_flag: 3\nbta: 0.2\n"
-    )
-    (tmp_path / "cfg.yaml").write_text(
-        "runtime: {num_episode: 1, sample_per_episode: 16}\n"
-        "models:\n"
-        "  reference: {num_cpu: 1, model_config_file: model.yaml}\n"
-        "  policy: {num_cpu: 1, trainable: true, model_config_file: model.yaml}\n"
-    )
-    config = chatlearn.init(str(tmp_path / "cfg.yaml"))
-    try:
-        module = HFReference("reference", args=config)
-        with caplog.at_level("WARNING"):
-            module.setup()
-    finally:
-        reset_args()
-    warned = [m for m in caplog.messages if "not a key the ready-made" in m]
-    path = tmp_path / "model.yaml"
-    assert warned == [
-        f"reference: {path}:2: models.reference.model_args.learnig_rate: not a key the "
-        "ready-made modules read, so learning_rate keeps its default; did you mean "
-        "learning_rate? (a key your own module reads is fine as it is)",
-        f"reference: {path}:4: models.reference.model_args.bta: not a key the ready-made modules "
-        "read, so beta keeps its default; did you mean beta? (a key your own module reads is "
-        "fine as it is)",
-    ]

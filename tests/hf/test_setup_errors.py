@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -33,8 +34,9 @@ def _clean_global_config() -> Iterator[None]:
     reset_args()
 
 
-def setup_error(tmp_path: Path, model_yaml: str, *, trainer: bool = False) -> ConfigError:
-    """The ConfigError of the reference's (or the trainer's) setup() with these model args."""
+def module_from_files(tmp_path: Path, model_yaml: str, *, trainer: bool = False) -> Any:
+    """The reference (or the trainer) of a config read from files, both models' model args
+    `model_yaml` in tmp_path/model.yaml (so messages name its lines)."""
     from chatlearn.hf.modules import HFDPOTrainer, HFReference
 
     (tmp_path / "model.yaml").write_text(model_yaml)
@@ -45,9 +47,12 @@ def setup_error(tmp_path: Path, model_yaml: str, *, trainer: bool = False) -> Co
         "  policy: {num_cpu: 1, trainable: true, model_config_file: model.yaml}\n"
     )
     config = chatlearn.init(str(tmp_path / "cfg.yaml"))
-    module = (
-        HFDPOTrainer("policy", args=config) if trainer else HFReference("reference", args=config)
-    )
+    return HFDPOTrainer("policy", args=config) if trainer else HFReference("reference", args=config)
+
+
+def setup_error(tmp_path: Path, model_yaml: str, *, trainer: bool = False) -> ConfigError:
+    """The ConfigError of the reference's (or the trainer's) setup() with these model args."""
+    module = module_from_files(tmp_path, model_yaml, trainer=trainer)
     with pytest.raises(ConfigError) as info:
         module.setup()
     error = info.value
@@ -151,3 +156,24 @@ def test_a_model_path_without_tokenizer_files(tmp_path: Path) -> None:
     error = setup_error(tmp_path, f"model_path: {path}\n")
     assert_located(error, tmp_path, "model_path", 1, "reference")
     assert "no tokenizer files" in error.problem and "save_pretrained" in (error.fix or "")
+
+
+def test_a_mistyped_model_arg_is_said_where_it_was_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `learnig_rate: 5.0e-4` trained at the default 1e-6 without a word; a key of the user's own
+    # module (not near any of ours) is left alone
+    typos = "learnig_rate: 5.0e-4\nmy_own_flag: 3\nbta: 0.2\n"
+    module = module_from_files(tmp_path, TINY + typos)
+    with caplog.at_level("WARNING"):
+        module.setup()
+    warned = [m for m in caplog.messages if "not a key the ready-made" in m]
+    path = tmp_path / "model.yaml"
+    assert warned == [
+        f"reference: {path}:2: models.reference.model_args.learnig_rate: not a key the "
+        "ready-made modules read, so learning_rate keeps its default; did you mean "
+        "learning_rate? (a key your own module reads is fine as it is)",
+        f"reference: {path}:4: models.reference.model_args.bta: not a key the ready-made modules "
+        "read, so beta keeps its default; did you mean beta? (a key your own module reads is "
+        "fine as it is)",
+    ]
