@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -269,11 +270,39 @@ def set_parent_death_signal(sig: int = PARENT_DEATH_SIGNAL) -> bool:
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
-    """A port that is free now (for torch.distributed's MASTER_PORT; it binds it itself)."""
+    """A port that is free now, for torch.distributed's MASTER_PORT (rank 0 binds it itself,
+    seconds later, once its interpreter and torch are up).
+
+    Taken outside the kernel's ephemeral range when it can be: a port from ``bind(0)`` is in
+    that range, where any process's next outgoing connection or ``bind(0)`` may be given it
+    before rank 0 binds it (EADDRINUSE: a model that failed to start, seen with test runs side
+    by side). Outside it, only a process that names the port can take it."""
+    low, high = _ephemeral_ports()
+    spans = [(a, b) for a, b in ((15000, low), (high + 1, 65536)) if b - a >= 100]
+    chooser = random.Random()  # never the seeded global generator: runs would pick alike
+    for _ in range(64 if spans else 0):
+        first, end = spans[chooser.randrange(len(spans))]
+        port = chooser.randrange(first, end)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for ports it hands out itself (Linux; its default elsewhere)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 class CpuAffinityError(ValueError):

@@ -63,3 +63,21 @@ async def test_gpu_model_ranks_get_their_devices_and_nccl():
     assert [r["sum"] for r in reports] == [float(num_gpu)] * num_gpu
     if num_gpu > 1:
         assert {r["backend"] for r in reports} == {"nccl"}
+
+
+def test_rendezvous_ports_come_from_outside_the_kernels_ephemeral_range() -> None:
+    """MASTER_PORT was a port from bind(0): between the coordinator's probe and rank 0's bind
+    (seconds: the interpreter and torch starting), another process's connect or bind(0) could
+    be given it, and the model failed to start (EADDRINUSE, seen with test runs side by side).
+    Outside the ephemeral range only a process that names the port takes it."""
+    import socket
+
+    from chatlearn.actors.process import _ephemeral_ports, free_tcp_port
+
+    low, high = _ephemeral_ports()
+    ports = {free_tcp_port() for _ in range(50)}
+    assert not [port for port in ports if low <= port <= high]
+    assert len(ports) > 40  # drawn at random: concurrent runs do not pick alike
+    with socket.socket() as sock:
+        port = free_tcp_port()
+        sock.bind(("127.0.0.1", port))  # and free when given
