@@ -19,10 +19,12 @@ Checks (``chatlearn.gpu_probe`` is the module the actors run):
 - ``NCCL group`` (≥ 2 GPUs): the trainer's 2 processes all-reduce over NCCL;
 - ``DPO example``: ``examples/dpo/train_dpo.py`` on the GPU (reference and trainer on one GPU),
   a few steps, loss falling, a checkpoint written at the end;
+- ``DPO example LoRA``: the same with ``dpo_lora.yaml``'s adapters on the policy; the final
+  checkpoint holds the adapter and the merged weights;
 - ``DPO example FSDP2 bf16`` (≥ 2 GPUs): the same with the trainer sharded over 2 GPUs
   (``parallel: fsdp``, ``mixed_precision: bf16``, NCCL, a sharded checkpoint) and the reference
   sharded over them too, with ``runtime.reference_store`` (its fingerprint and lookups agreed
-  over NCCL);
+  over NCCL), evaluating 33 held-out pairs (an uneven split: as many forwards on both ranks);
 - ``Megatron example``: ``examples/megatron/train_dpo.py`` on the GPU with megatron-core's own
   CUDA code (not the CPU compatibility layer), tensor parallel over 2 GPUs when there are 2;
 - ``packed attention``: packed, prefix-shared log-probs and gradients of a small Llama with
@@ -363,6 +365,29 @@ def example_config(
     return path
 
 
+def lora_model_args() -> dict[str, Any]:
+    """The policy's model_args of ``examples/dpo/dpo_lora.yaml`` (the adapters and their
+    learning rate)."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "examples" / "dpo" / "dpo_lora.yaml").read_text())
+    return dict(config["models"]["policy_trainer"]["model_args"])
+
+
+def check_lora_export(workdir: Path) -> str:
+    """The final checkpoint of a LoRA run holds the adapter (peft) and the merged weights (HF),
+    the latter folded from the GPU's tensors."""
+    exports = sorted(workdir.glob("output/**/hf_model"))
+    if not exports:
+        raise CheckFailed("no hf_model directory in the checkpoints")
+    last = exports[-1]
+    if not (last / "adapter" / "adapter_config.json").is_file():
+        raise CheckFailed(f"no adapter in {last}")
+    if not (last / "config.json").is_file():
+        raise CheckFailed(f"no merged model in {last}")
+    return "adapter and merged weights exported"
+
+
 def run_example(config: Path, workdir: Path, timeout: float, *, stored: bool = False) -> str:
     """The DPO example for 2 episodes (24 steps): its loss must fall; a checkpoint at the end.
     ``stored``: the run has a reference store, which must have computed and kept samples."""
@@ -529,9 +554,18 @@ def run_checks() -> list[CheckResult]:
             # the reference sharded too (one replica of 2 GPUs), with the on-disk store: its
             # fingerprint and lookups are agreed over NCCL
             reference = {"num_gpu": 2, "zero_size": 2, "model_args": {"parallel": "fsdp"}}
-            store = {"reference_store": str(workdir / "fsdp" / "store")}
-            config = example_config(workdir / "fsdp", trainer, reference, True, store)
+            # an eval set the 2 ranks cannot split evenly: each must still run as many
+            # forwards (FSDP2's are NCCL collectives; one more on one rank hung the run)
+            store = str(workdir / "fsdp" / "store")
+            runtime = {"reference_store": store, "eval_data_num_limit": 33}
+            config = example_config(workdir / "fsdp", trainer, reference, True, runtime)
             return run_example(config, workdir / "fsdp", deadline.left(90), stored=True)
+
+        def example_lora() -> str:
+            trainer = {"num_gpu": 1, "model_args": lora_model_args()}
+            config = example_config(workdir / "lora", trainer, {"num_gpu": 1}, True)
+            figures = run_example(config, workdir / "lora", deadline.left(60))
+            return f"{figures}, {check_lora_export(workdir / 'lora')}"
 
         def megatron() -> str:
             if importlib.util.find_spec("megatron.core") is None:
@@ -541,9 +575,10 @@ def run_checks() -> list[CheckResult]:
             config = megatron_config(workdir / "megatron", {"num_gpu": 1}, policy, True)
             return run_megatron_example(config, workdir / "megatron", deadline.left(60))
 
-        for name in ("one", "fsdp", "megatron"):
+        for name in ("one", "fsdp", "lora", "megatron"):
             (workdir / name).mkdir()
         results.append(run_check("DPO example", example))
+        results.append(run_check("DPO example LoRA", example_lora))
         if num_gpus >= 2:
             results.append(run_check("DPO example FSDP2 bf16", example_fsdp))
         results.append(run_check("Megatron example", megatron))

@@ -14,8 +14,10 @@ import pytest
 
 from chatlearn.gpu_check import (
     CheckFailed,
+    check_lora_export,
     check_placement,
     example_config,
+    lora_model_args,
     no_gpu_reason,
     probe_config,
 )
@@ -154,3 +156,24 @@ def test_packed_attention_check_runs_its_comparison_on_any_device() -> None:
     from chatlearn.gpu_check import check_packed_attention
 
     assert "equal the padded forward" in check_packed_attention("cpu")
+
+
+def test_the_lora_run_is_the_lora_example_and_its_exports_are_checked(tmp_path: Path) -> None:
+    from chatlearn.config import load_config
+
+    trainer = {"num_gpu": 1, "model_args": lora_model_args()}
+    config = load_config(example_config(tmp_path, trainer, {"num_gpu": 1}, True))
+    policy = config.model("policy_trainer").model_args
+    assert policy["lora"]["target_modules"] == "all-linear" and policy["learning_rate"] == 1e-2
+    assert "lora" not in config.model("reference").model_args  # the frozen base model
+    with pytest.raises(CheckFailed, match="no hf_model"):
+        check_lora_export(tmp_path)
+    export = tmp_path / "output" / "run" / "checkpoints" / "iter_0000024" / "p" / "hf_model"
+    (export / "adapter").mkdir(parents=True)
+    with pytest.raises(CheckFailed, match="no adapter"):
+        check_lora_export(tmp_path)
+    (export / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckFailed, match="no merged model"):
+        check_lora_export(tmp_path)
+    (export / "config.json").write_text("{}")
+    assert check_lora_export(tmp_path) == "adapter and merged weights exported"
