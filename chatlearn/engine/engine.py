@@ -713,7 +713,10 @@ class DPOEngine(Engine):
                     output / "metrics.jsonl",
                     moved,
                 )
-        sink = MetricsSink(output, tensorboard=bool(runtime.tensorboard))
+        # TensorBoard hides what earlier starts wrote from the first step this one writes:
+        # the steps after the checkpoint, or all of them (metrics.jsonl lost the same records)
+        first_step = self.state.iteration + 1 if resume is not None else 0
+        sink = MetricsSink(output, tensorboard=bool(runtime.tensorboard), first_step=first_step)
         checkpoints.metrics_path = sink.path
         checkpoints.flush_metrics = sink.sync
         sink.flush()
@@ -722,6 +725,7 @@ class DPOEngine(Engine):
             self.state.copy(),
             sampler.state_dict(),
             sink.path.stat().st_size if sink.path.is_file() else 0,
+            first_step,
         )
 
         def restarted(restart: Any) -> None:
@@ -851,7 +855,7 @@ class DPOEngine(Engine):
         checkpoints: RunCheckpoints,
         sink: MetricsSink,
         sampler: EpisodeSampler,
-        start: tuple[RunState, dict[str, Any], int],
+        start: tuple[RunState, dict[str, Any], int, int],
     ) -> bool:
         """After a trainer restart: the run goes back to the last checkpoint of this run (the
         new trainer ranks load it) or, with none, to where this run started; metrics.jsonl
@@ -861,13 +865,16 @@ class DPOEngine(Engine):
         info = None
         if checkpoints.last_iteration is not None:
             info = await checkpoints.find(checkpoints.last_iteration)
+        await asyncio.sleep(sink.tensorboard_wait())
         if info is not None:
             self.state = await checkpoints.restore(info, sink.path)
+            sink.rewind_tensorboard(self.state.iteration + 1)
             return True
-        state, sampler_state, metrics_size = start
+        state, sampler_state, metrics_size, first_step = start
         sampler.load_state_dict(sampler_state)
         await asyncio.to_thread(rewind_metrics, sink.path, metrics_size)
         self.state = state.copy()
+        sink.rewind_tensorboard(first_step)
         logger.info(
             "no checkpoint of this run yet: training goes back to iteration %d", state.iteration
         )

@@ -190,7 +190,12 @@ class Timers:
 class MetricsSink:
     """Appends metrics to ``metrics.jsonl`` and, optionally, TensorBoard event files."""
 
-    def __init__(self, directory: str | Path, *, tensorboard: bool = False) -> None:
+    def __init__(
+        self, directory: str | Path, *, tensorboard: bool = False, first_step: int = 0
+    ) -> None:
+        """``first_step``: the first step this run writes. Earlier starts of the run may have
+        written TensorBoard events from there on (steps that run again after a resume): they
+        are hidden, as metrics.jsonl loses their records (`rewind_tensorboard`)."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "metrics.jsonl"
@@ -198,7 +203,7 @@ class MetricsSink:
         self._flushed = 0.0
         self._tb: Any = None
         if tensorboard:
-            self._tb = _open_tensorboard(self.directory / "tensorboard")
+            self._tb = _open_tensorboard(self.directory / "tensorboard", first_step)
 
     #: seconds between flushes while records come fast (steps of a few milliseconds)
     flush_interval = 0.2
@@ -219,6 +224,8 @@ class MetricsSink:
 
     def flush(self) -> None:
         self._file.flush()
+        if self._tb is not None:  # else TensorBoard shows a run's events two minutes late
+            self._tb.flush()
         self._flushed = time.time()
         if os.fstat(self._file.fileno()).st_nlink == 0:
             self._reopen()
@@ -241,6 +248,20 @@ class MetricsSink:
         self.flush()
         os.fsync(self._file.fileno())
 
+    def tensorboard_wait(self) -> float:
+        """Seconds to wait before `rewind_tensorboard` (see `_open_tensorboard`)."""
+        return _tensorboard_wait(self.directory / "tensorboard") if self._tb is not None else 0.0
+
+    def rewind_tensorboard(self, first_step: int) -> None:
+        """The run goes back (a trainer restart): TensorBoard hides the events already written
+        for ``first_step`` and later steps, which run again, as metrics.jsonl moves their
+        records aside. A new event file starts with a restart marker at that step (the purge
+        TensorBoard applies when it reads a run's files in order)."""
+        if self._tb is None:
+            return
+        self._tb.close()
+        self._tb = _open_tensorboard(self.directory / "tensorboard", first_step)
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
@@ -255,13 +276,33 @@ def _plain(value: Any) -> Any:
     return item() if callable(item) else str(value)
 
 
-def _open_tensorboard(directory: Path) -> Any:
+def _open_tensorboard(directory: Path, first_step: int) -> Any:
+    """A writer of a new event file whose first event is a restart marker at ``first_step``:
+    TensorBoard, reading the directory's files in name order, drops the events of the files
+    before it at that step or later (its purge of orphaned data). The names begin with the
+    second of their creation, so a file made in the same second as the newest one could sort
+    before it: `_tensorboard_wait` is waited first."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
-        logger.warning("tensorboard is enabled in config but not installed; skipping event files")
+        logger.warning(
+            "runtime.tensorboard is true but the tensorboard package is not installed: no "
+            "event files are written (pip install tensorboard)"
+        )
         return None
-    return SummaryWriter(log_dir=str(directory))
+    time.sleep(_tensorboard_wait(directory))
+    return SummaryWriter(log_dir=str(directory), purge_step=max(0, first_step))
+
+
+def _tensorboard_wait(directory: Path) -> float:
+    """Seconds until the clock's second is past the newest event file's (0 if it is)."""
+    newest = -1
+    for path in directory.glob("events.out.tfevents.*"):
+        stamp = path.name.split(".")[3]
+        if stamp.isdigit():
+            newest = max(newest, int(stamp))
+    now = time.time()
+    return max(0.0, newest + 1 - now)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -72,6 +72,7 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
             "fail_iteration": _int_or_none(os.environ.get("FAIL_ITERATION")),
             "save_step_interval": _int_or_none(os.environ.get("SAVE_STEP_INTERVAL")),
             "reference_store": os.environ.get("REFERENCE_STORE") or None,
+            "tensorboard": os.environ.get("TENSORBOARD") == "1",
             # the last rank of the sharded reference (forward call) or of the data-parallel
             # trainer (train_step iteration) kills itself there
             "kill_rank_at": _int_or_none(os.environ.get("KILL_RANK_AT")),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 import torch
 
 from chatlearn.engine.checkpoint import COORDINATOR, CheckpointManager, CoordinatorState
@@ -115,12 +116,29 @@ class Trial:
             (r["step"], r["loss"], r["rewards/margins"]) for r in records if r["kind"] == "train"
         ]
 
+    def assert_tensorboard_like_metrics(self) -> None:
+        """TensorBoard shows each step's loss once, the one metrics.jsonl holds."""
+        shown = tensorboard_scalars(self.run_dir / "tensorboard", "train/loss")
+        records = [(step, loss) for step, loss, _ in self.train_records()]
+        assert [step for step, _ in shown] == [step for step, _ in records]
+        assert [value for _, value in shown] == pytest.approx([loss for _, loss in records])
+
     def state(self, name: str) -> CoordinatorState:
         return CoordinatorState.from_json((self.checkpoints / name / COORDINATOR).read_text())
 
     def complete(self) -> list[int]:
         found = CheckpointManager(self.checkpoints).scan(verify=True)
         return [c.iteration for c in found if c.complete]
+
+
+def tensorboard_scalars(directory: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a tag as TensorBoard shows it: its reader applies the restart markers
+    (the purge of orphaned events) of the directory's files, read in name order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return [(e.step, e.value) for e in accumulator.Scalars(tag)]
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

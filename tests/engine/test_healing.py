@@ -90,10 +90,12 @@ def test_a_trainer_lost_while_saving_the_final_checkpoint_restarts_and_saves_it(
     """Checkpoints every second episode of three: the run's last checkpoint (iteration 12) is
     written after the pipeline has ended, and the trainer dies writing it."""
     trial = Trial(tmp_path)
-    text = trial.run(timeout=120, env={"SAVE_EPISODE_INTERVAL": "2", "KILL_AT_SAVE": "12"})
+    env = {"SAVE_EPISODE_INTERVAL": "2", "KILL_AT_SAVE": "12", "TENSORBOARD": "1"}
+    text = trial.run(timeout=120, env=env)
     assert "restarting model 'policy_trainer'" in text, text
     assert "restarts from checkpoint iter_0000008" in text, text
     _assert_like_baseline(trial, baseline)  # iterations 9-12 trained again, recorded once
+    trial.assert_tensorboard_like_metrics()  # and shown once
     assert trial.complete() == [8, 12]
     (restart,) = _records(trial, "restart")
     assert restart["model"] == "policy_trainer" and restart["steps_repeated"] == 4

@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+from resume_trials import tensorboard_scalars
 
 from chatlearn.engine.metrics import (
     MetricsSink,
@@ -124,3 +125,47 @@ def test_a_metrics_file_deleted_under_the_run_is_said_and_written_again(
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["step"] for r in records] == [3]
     sink.close()
+
+
+def test_tensorboard_hides_the_steps_a_resume_or_a_rewind_runs_again(tmp_path) -> None:
+    pytest.importorskip("torch.utils.tensorboard")
+    run = tmp_path / "run"
+    sink = MetricsSink(run, tensorboard=True)  # a first start, killed after step 5
+    for step in range(1, 6):
+        sink.write("train", step, {"loss": float(step)})
+    sink.flush()  # what a killed coordinator flushed (its records reach the disk as they come)
+    # the next start resumes from the checkpoint of step 3: steps 4 and 5 run again
+    sink = MetricsSink(run, tensorboard=True, first_step=4)
+    for step in range(4, 8):
+        sink.write("train", step, {"loss": step + 0.5})
+    # a trainer restart in this run goes back to step 6
+    sink.rewind_tensorboard(6)
+    for step in range(6, 9):
+        sink.write("train", step, {"loss": step + 0.25})
+    sink.close()
+    assert tensorboard_scalars(run / "tensorboard", "train/loss") == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 4.5),
+        (5, 5.5),
+        (6, 6.25),
+        (7, 7.25),
+        (8, 8.25),
+    ]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 3
+
+
+def test_a_new_start_hides_every_event_of_a_start_without_a_checkpoint(tmp_path) -> None:
+    pytest.importorskip("torch.utils.tensorboard")
+    run = tmp_path / "run"
+    sink = MetricsSink(run, tensorboard=True)
+    for step in range(0, 4):
+        sink.write("eval" if step == 0 else "train", step, {"loss": float(step)})
+    sink.close()
+    sink = MetricsSink(run, tensorboard=True)  # started over: first_step 0
+    sink.write("eval", 0, {"loss": 10.0})
+    sink.write("train", 1, {"loss": 11.0})
+    sink.close()
+    assert tensorboard_scalars(run / "tensorboard", "train/loss") == [(1, 11.0)]
+    assert tensorboard_scalars(run / "tensorboard", "eval/loss") == [(0, 10.0)]

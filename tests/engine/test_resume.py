@@ -62,10 +62,12 @@ def test_uninterrupted_run_checkpoints_every_episode(baseline: Trial) -> None:
 
 def test_coordinator_sigkill_then_resume_is_bit_identical(baseline: Trial, tmp_path: Path):
     trial = Trial(tmp_path)
-    trial.kill_at_gate()
+    tensorboard = {"TENSORBOARD": "1"}  # and its steps after the checkpoint shown once
+    trial.kill_at_gate(env=tensorboard)
     assert trial.complete() == [4]
-    trial.run()
+    trial.run(env=tensorboard)
     _assert_resumed_like(trial, baseline, resumed_at=4)
+    trial.assert_tensorboard_like_metrics()
 
 
 def test_a_run_started_over_without_a_checkpoint_records_every_step_once(
