@@ -8,7 +8,8 @@ staging directory (``protocol.SaveCheckpoint``), then writes the coordinator's s
 commits the directory atomically (``checkpoint.CheckpointManager.commit``). To resume, it picks
 the checkpoint (the newest complete one, or ``load_data_checkpoint_iteration``), checks that the
 data settings did not change (the sampler refuses otherwise) and warns about changed training
-settings, rewinds ``metrics.jsonl`` to the checkpoint, and has every trainer rank load its part
+settings (refused for a checkpoint in the middle of an episode whose steps they change),
+rewinds ``metrics.jsonl`` to the checkpoint, and has every trainer rank load its part
 (``protocol.LoadCheckpoint``) and every reference replica set ``resume_training``.
 
 The state saved is the run's ``RunState`` between two steps (``state.py``), recorded as a
@@ -20,6 +21,7 @@ ahead of it (the reference runs ahead), so the sampler state is written with the
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import shutil
@@ -41,8 +43,10 @@ from chatlearn.engine.checkpoint import (
 from chatlearn.engine.counters import reference_iteration
 from chatlearn.engine.pipeline import PipelineSettings
 from chatlearn.engine.protocol import ReferenceGroup, TrainerGroup
-from chatlearn.engine.sampler import DataSettingsChanged, EpisodeSampler
+from chatlearn.engine.sampler import DataSettingsChanged, Episode, EpisodeSampler, SampleIndex
+from chatlearn.engine.schedule import EpisodeLayout
 from chatlearn.engine.state import RunState
+from chatlearn.engine.training_plan import plan_episode
 
 logger = logging.getLogger("chatlearn.engine")
 
@@ -152,6 +156,35 @@ class RunCheckpoints:
                 )
         return changes
 
+    def _check_episode_plan(self, info: CheckpointInfo, saved: CoordinatorState) -> None:
+        """Refuse a mid-episode checkpoint whose trained steps are not the first steps of this
+        run's plan of the episode: continuing after them would skip or repeat samples.
+
+        The pipeline resumes after ``step_in_episode`` steps of the plan it builds now; that is
+        exact when those steps train the samples the checkpoint's steps trained, in that order
+        (e.g. after a change of ``num_training_epoch`` or the shuffle within the first pass)."""
+        now = training_settings(self.settings, self.trainer_dp, len(self.reference.replicas))
+        then = {key: saved.training.get(key, now[key]) for key in now}
+        changed = [key for key in _PLAN_KEYS if then[key] != now[key]]
+        if not changed:
+            return
+        episode = copy.deepcopy(self.sampler).next_episode()  # the one in progress
+        steps = saved.step_in_episode
+        if _first_steps(episode, then, steps) == _first_steps(episode, now, steps):
+            return
+        key = changed[0]
+        values = ", ".join(f"{k} {then[k]!r} (now {now[k]!r})" for k in changed)
+        raise self._error(
+            f"models.{self.trainer.name}" if key == "data_parallel_size" else f"runtime.{key}",
+            f"the checkpoint {info.path.name} is in the middle of episode {saved.episode + 1} "
+            f"(after its step {steps}), written with {values}: this run's steps of that episode "
+            f"differ, so continuing after its first {steps} would leave some of the episode's "
+            "samples untrained and train others twice",
+            f"resume with {', '.join(f'{k}: {then[k]!r}' for k in changed)} (change it at an "
+            "episode's end), or from a checkpoint at an episode's end "
+            "(runtime.load_data_checkpoint_iteration)",
+        )
+
     def _error(self, key: str, problem: str, fix: str) -> ConfigError:
         return located_error(self.config, key, problem, fix)
 
@@ -236,6 +269,8 @@ class RunCheckpoints:
                 "restore those settings, or train a new run in another output_dir (or with "
                 "enable_resume_training: false)",
             ) from None
+        if saved.step_in_episode:
+            self._check_episode_plan(info, saved)
         aside = await asyncio.to_thread(self.manager.set_aside_newer, saved.iteration)
         if aside is not None:
             logger.warning(
@@ -314,6 +349,47 @@ async def find_checkpoint(
             "no complete checkpoint in %s: training starts from the beginning", manager.root
         )
     return info
+
+
+# the training settings that decide an episode's steps (training_plan.plan_episode) and the
+# sample at each buffer position (schedule.EpisodeLayout)
+_PLAN_KEYS = (
+    "train_global_batch_size",
+    "train_micro_batch_size",
+    "num_training_epoch",
+    "training_shuffle_mode",
+    "seed",
+    "data_parallel_size",
+    "generation_batch_size",
+    "reference_replicas",
+)
+
+
+def _first_steps(
+    episode: Episode, training: dict[str, Any], steps: int
+) -> list[tuple[SampleIndex, ...]]:
+    """The samples of the episode's first ``steps`` optimizer steps under ``training`` (a
+    `training_settings` dict), each step's in rank order."""
+    layout = EpisodeLayout(
+        episode, training["reference_replicas"], training["generation_batch_size"]
+    )
+    sample = {
+        position: index
+        for chunks in layout.chunks
+        for chunk in chunks
+        for position, index in zip(chunk.positions, chunk.indices, strict=True)
+    }
+    plan = plan_episode(
+        layout.num_samples,
+        train_micro_batch_size=training["train_micro_batch_size"],
+        train_global_batch_size=training["train_global_batch_size"],
+        data_parallel_size=training["data_parallel_size"],
+        num_training_epoch=training["num_training_epoch"],
+        training_shuffle_mode=training["training_shuffle_mode"],
+        seed=training["seed"],
+        episode_id=episode.episode_id,
+    )
+    return [tuple(sample[p] for p in step.global_batch()) for step in plan.steps[:steps]]
 
 
 # model arguments that decide how a trainer's checkpoint is laid out (chatlearn.hf)

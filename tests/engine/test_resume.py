@@ -294,6 +294,25 @@ def test_a_mid_episode_resume_with_another_number_of_reference_replicas_is_refus
     assert "reference_replicas: saved 1, now 2" in text, text
 
 
+def test_a_mid_episode_resume_with_another_plan_of_its_steps_is_refused(tmp_path: Path) -> None:
+    # Resumed mid-episode, the pipeline skips the checkpoint's number of steps of the episode's
+    # plan as this run builds it: with another global batch size those are other samples (8
+    # instead of 4 here: the episode's samples 5-8 were never trained)
+    trial = Trial(tmp_path)
+    trial.run(env={"NUM_EPISODE": "2", "SAVE_STEP_INTERVAL": "5"})  # 5: episode 2, step 1
+    code, text = trial.run_to_end(env={"LOAD_ITER": "5", "TRAIN_GLOBAL_BATCH_SIZE": "8"})
+    assert code == 2, text
+    last = text.splitlines()[-1]
+    assert "runtime.train_global_batch_size: the checkpoint iter_0000005 is in the" in last, last
+    assert "train_global_batch_size 4 (now 8)" in last, last
+    assert "fix: resume with train_global_batch_size: 4" in last and "Traceback" not in text
+    assert (trial.checkpoints / "iter_0000008").is_dir()  # the refused run moved nothing aside
+    # a third pass over the episode leaves its first pass, and so its step 1, as it was
+    text = trial.run(env={"LOAD_ITER": "5", "NUM_EPISODE": "2", "NUM_TRAINING_EPOCH": "3"})
+    assert "num_training_epoch: saved 2, now 3" in text, text
+    assert trial.events("first_step")[-1]["iteration"] == 5
+
+
 def test_metrics_shorter_than_the_checkpoint_recorded_is_said_and_stays_valid_jsonl(
     baseline: Trial, tmp_path: Path
 ) -> None:
