@@ -8,9 +8,10 @@ staging directory (``protocol.SaveCheckpoint``), then writes the coordinator's s
 commits the directory atomically (``checkpoint.CheckpointManager.commit``). To resume, it picks
 the checkpoint (the newest complete one, or ``load_data_checkpoint_iteration``), checks that the
 data settings did not change (the sampler refuses otherwise) and warns about changed training
-settings (refused for a checkpoint in the middle of an episode whose steps they change),
-rewinds ``metrics.jsonl`` to the checkpoint, and has every trainer rank load its part
-(``protocol.LoadCheckpoint``) and every reference replica set ``resume_training``.
+settings (refused for a checkpoint in the middle of an episode whose steps they change), has
+every trainer rank load its part (``protocol.LoadCheckpoint``) and every reference replica set
+``resume_training``, and only then rewinds ``metrics.jsonl`` to the checkpoint and moves newer
+checkpoints aside (a resume that fails leaves both as they were).
 
 The state saved is the run's ``RunState`` between two steps (``state.py``), recorded as a
 ``checkpoint.CoordinatorState`` and restored into a ``RunState``. The sampler's own position is
@@ -271,26 +272,6 @@ class RunCheckpoints:
             ) from None
         if saved.step_in_episode:
             self._check_episode_plan(info, saved)
-        aside = await asyncio.to_thread(self.manager.set_aside_newer, saved.iteration)
-        if aside is not None:
-            logger.warning(
-                "resuming from %s, older than the run's newest checkpoints: those are the "
-                "steps this run replaces, moved to %s (not deleted; remove them when no longer "
-                "needed)",
-                info.path.name,
-                aside,
-            )
-        previous = saved.metrics.get("path")
-        if previous and "size" in saved.metrics and _same_metrics(previous, metrics_path, info):
-            moved = await asyncio.to_thread(
-                rewind_metrics, metrics_path, int(saved.metrics["size"])
-            )
-            if moved:
-                logger.info(
-                    "metrics.jsonl rewound to the checkpoint; %d bytes of later records moved "
-                    "to metrics.superseded.jsonl",
-                    moved,
-                )
         try:
             await self.trainer.load_checkpoint(str(info.path), saved.iteration, saved.episode)
         except ActorError as exc:
@@ -312,6 +293,28 @@ class RunCheckpoints:
             self.settings.generation_batch_size,
         )
         await self.reference.resume(saved.episode, forward_calls)
+        # only now that every model holds the checkpoint: a resume that failed before left the
+        # run's newer checkpoints and its metrics as they were, for a corrected rerun
+        aside = await asyncio.to_thread(self.manager.set_aside_newer, saved.iteration)
+        if aside is not None:
+            logger.warning(
+                "resuming from %s, older than the run's newest checkpoints: those are the "
+                "steps this run replaces, moved to %s (not deleted; remove them when no longer "
+                "needed)",
+                info.path.name,
+                aside,
+            )
+        previous = saved.metrics.get("path")
+        if previous and "size" in saved.metrics and _same_metrics(previous, metrics_path, info):
+            moved = await asyncio.to_thread(
+                rewind_metrics, metrics_path, int(saved.metrics["size"])
+            )
+            if moved:
+                logger.info(
+                    "metrics.jsonl rewound to the checkpoint; %d bytes of later records moved "
+                    "to metrics.superseded.jsonl",
+                    moved,
+                )
         self.last, self.last_iteration = info.path, saved.iteration
         logger.info(
             "resuming from %s: iteration %d, consumed_samples %d; continuing %s",

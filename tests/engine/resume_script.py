@@ -46,7 +46,12 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
     return {
         "models": {
             "reference": reference,
-            "policy_trainer": {"num_cpu": TRAINER_RANKS, "cpu_per_process": 1, "trainable": True},
+            "policy_trainer": {
+                "num_cpu": TRAINER_RANKS,
+                "cpu_per_process": 1,
+                "trainable": True,
+                "model_args": _trainer_args(),
+            },
         },
         "runtime": {
             "colocation": [["reference", "policy_trainer"]]
@@ -81,6 +86,17 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
             "load_data_checkpoint_iteration": _int_or_none(os.environ.get("LOAD_ITER")),
         },
     }
+
+
+def _trainer_args() -> dict:
+    """TinyTrainer's model size: TRAINER_WIDTH=n, a setting of its own (``width``);
+    TRAINER_HIDDEN_SIZE=n, a Hugging Face architecture setting (``model_config.hidden_size``)."""
+    args: dict = {}
+    if os.environ.get("TRAINER_WIDTH"):
+        args["width"] = int(os.environ["TRAINER_WIDTH"])
+    if os.environ.get("TRAINER_HIDDEN_SIZE"):
+        args["model_config"] = {"hidden_size": int(os.environ["TRAINER_HIDDEN_SIZE"])}
+    return args
 
 
 def _int_or_none(value: str | None) -> int | None:

@@ -276,6 +276,22 @@ def test_a_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(
     assert_identical(trial.final_state(), baseline.final_state())
 
 
+def test_a_resume_that_fails_to_load_leaves_the_newer_checkpoints_and_metrics_alone(
+    baseline: Trial, tmp_path: Path
+) -> None:
+    # The newer checkpoints were moved aside and metrics.jsonl rewound before the trainer
+    # loaded the checkpoint: after a failed load, the corrected rerun resumed from the older
+    # checkpoint with the newer ones hidden in superseded-*
+    trial = Trial(tmp_path)
+    shutil.copytree(baseline.output, trial.output)
+    metrics = (trial.run_dir / "metrics.jsonl").read_bytes()
+    code, text = trial.run_to_end(env={"LOAD_ITER": "4", "TRAINER_WIDTH": "3"})
+    assert code != 0, text
+    assert trial.complete() == [4, 8, 12] and not list(trial.checkpoints.glob("superseded-*"))
+    assert (trial.run_dir / "metrics.jsonl").read_bytes() == metrics
+    assert not (trial.run_dir / "metrics.superseded.jsonl").exists()
+
+
 def test_a_mid_episode_resume_with_another_number_of_reference_replicas_is_refused(
     tmp_path: Path,
 ) -> None:

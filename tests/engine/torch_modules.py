@@ -10,7 +10,9 @@ run matches the uninterrupted one only if all three RNG states were restored.
 Test hooks (``runtime`` keys): ``probe_dir`` gets one JSON line per event (``setup`` with the pid,
 ``first_step`` with ``resume_training``); at ``gate_iteration`` the trainer writes
 ``probe_dir/waiting`` (its pid) and waits until ``probe_dir/go`` exists (60 s at most); at
-``fail_iteration`` its ``train_step`` raises, every time (a bug, or a bad sample).
+``fail_iteration`` its ``train_step`` raises, every time (a bug, or a bad sample). The policy's
+``model_args.width`` (or ``model_args.model_config.hidden_size``), when set, is the size of a
+buffer of its model: a checkpoint written with another value does not load.
 """
 
 from __future__ import annotations
@@ -142,6 +144,10 @@ class TinyShardedReference(TinyReference):
 class TinyTrainer(_Probed):
     def setup(self) -> None:
         self.model = self.build_layer()
+        args = self.model_args
+        width = args.get("width") or (args.get("model_config") or {}).get("hidden_size")
+        if width:  # the model's size: a checkpoint of another one does not load
+            self.model.register_buffer("width", torch.zeros(width))
         self.dropout = torch.nn.Dropout(0.2)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.05, weight_decay=0.01)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _decay)
