@@ -251,14 +251,25 @@ class RunCheckpoints:
             )
         # as the checkpoint wrote it (coordinator.json): lists for tuples, str for the rest
         current = json.loads(json.dumps(_plain_config(self.config), default=str))
-        changed = model_args_changes(saved.config, current)
-        if changed:
+        architecture = architecture_changes(saved.config, current, self.trainer.name)
+        if architecture:  # checked before loading: the load would fail, or load nonsense
+            values = "; ".join(f"{key}: saved {a!r}, now {b!r}" for key, a, b in architecture)
+            saved_values = ", ".join(f"{key.split('.', 3)[3]}: {a!r}" for key, a, _ in architecture)
+            raise self._error(
+                architecture[0][0],
+                f"the checkpoint {info.path.name} was written for another model architecture "
+                f"({values}): its weights do not fit this model",
+                f"resume with {saved_values}, or start a new run (another output_dir, or "
+                "enable_resume_training: false)",
+            )
+        args_changed = model_args_changes(saved.config, current)
+        if args_changed:
             logger.warning(
                 "resuming from %s with changed model arguments: %s; what the checkpoint holds "
                 "wins where it has the value (weights, optimizer and learning-rate schedule "
                 "state), the new value elsewhere (e.g. beta)",
                 info.path,
-                "; ".join(changed),
+                "; ".join(args_changed),
             )
         try:
             self.sampler.load_state_dict(saved.sampler)  # raises if the data settings changed
@@ -277,7 +288,17 @@ class RunCheckpoints:
         except ActorError as exc:
             layout = self._layout_changes(saved, current)
             if not layout:
-                raise  # the module's own failure
+                mine = [c for c in args_changed if c.startswith(f"models.{self.trainer.name}.")]
+                if not mine:
+                    raise  # the module's own failure
+                raise self._error(
+                    mine[0].split(":", 1)[0],
+                    f"the checkpoint {info.path.name} was written with other model arguments "
+                    f"({'; '.join(mine)}) and this trainer cannot load it: "
+                    f"{one_line(exc.message).splitlines()[0][:300]}",
+                    "resume with the saved values, or start a new run (another output_dir, or "
+                    "enable_resume_training: false)",
+                ) from None
             raise self._error(
                 f"models.{self.trainer.name}",
                 f"the checkpoint {info.path.name} was written by another trainer layout "
@@ -412,6 +433,59 @@ _SAMPLER_KEYS = {
 def model_args_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``models.NAME.model_args.KEY: saved a, now b`` for every model argument (nested ones by
     their dotted path) that a saved config and the current one set differently."""
+    return [f"{key}: saved {a!r}, now {b!r}" for key, a, b in _model_args_diff(saved, current)]
+
+
+def architecture_changes(
+    saved: dict[str, Any], current: dict[str, Any], model: str
+) -> list[tuple[str, Any, Any]]:
+    """(key, saved, now) of each of ``model``'s arguments that decide its parameters (their
+    names and shapes) or where its weights come from, and that the two configs set differently:
+    ``model_path``, and the shape settings of a Hugging Face ``model_config`` or of Megatron's
+    arguments (``_ARCHITECTURE_KEYS``), at any depth."""
+    prefix = f"models.{model}.model_args."
+    return [
+        (key, a, b)
+        for key, a, b in _model_args_diff(saved, current)
+        if key.startswith(prefix)
+        and (key == f"{prefix}model_path" or key.rsplit(".", 1)[-1] in _ARCHITECTURE_KEYS)
+    ]
+
+
+# model arguments that decide a model's parameters: Hugging Face config names (Llama's, GPT-2's)
+# and Megatron-LM's (chatlearn/megatron/args.py)
+_ARCHITECTURE_KEYS = frozenset(
+    (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "tie_word_embeddings",
+        "n_embd",
+        "n_layer",
+        "n_head",
+        "n_inner",
+        "n_positions",
+        "num_layers",
+        "ffn_hidden_size",
+        "kv_channels",
+        "num_query_groups",
+        "group_query_attention",
+        "num_experts",
+        "swiglu",
+        "add_bias_linear",
+        "add_qkv_bias",
+        "untie_embeddings_and_output_weights",
+        "position_embedding_type",
+    )
+)
+
+
+def _model_args_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved, now) of every model argument the two configs set differently."""
 
     def flat(values: Any, prefix: str) -> dict[str, Any]:
         if not isinstance(values, dict):
@@ -431,7 +505,7 @@ def model_args_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[s
         after = flat(now.get("model_args") or {}, prefix)
         for key in sorted(before.keys() | after.keys()):
             if before.get(key) != after.get(key):
-                changes.append(f"{key}: saved {before.get(key)!r}, now {after.get(key)!r}")
+                changes.append((key, before.get(key), after.get(key)))
     return changes
 
 

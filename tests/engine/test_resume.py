@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR
-from chatlearn.engine.run_checkpoints import model_args_changes
+from chatlearn.engine.run_checkpoints import architecture_changes, model_args_changes
 
 sys.path.insert(0, str(Path(__file__).parent))
 from resume_trials import (  # noqa: E402
@@ -158,6 +158,39 @@ def test_model_args_changes_name_each_changed_key() -> None:
         "models.policy.model_args.lr: saved 1, now None",
     ]
     assert model_args_changes(saved, saved) == []
+
+
+def test_architecture_changes_are_the_trainers_shape_settings_and_model_path() -> None:
+    def config(path: str | None, hidden: int, beta: float) -> dict:
+        args = {"model_path": path, "model_config": {"hidden_size": hidden}, "beta": beta}
+        return {"models": {"policy": {"model_args": args}, "reference": {"model_args": args}}}
+
+    saved, current = config("/a", 128, 0.1), config("/b", 64, 0.2)
+    assert architecture_changes(saved, current, "policy") == [
+        ("models.policy.model_args.model_config.hidden_size", 128, 64),
+        ("models.policy.model_args.model_path", "/a", "/b"),
+    ]
+    assert architecture_changes(saved, config("/a", 128, 0.2), "policy") == []
+
+
+def test_a_resume_under_another_architecture_is_one_config_line(tmp_path: Path) -> None:
+    # The trainer's load_checkpoint failed with a 122-line "Error(s) in loading state_dict"
+    # traceback after the actors had started; an architecture setting is now compared with
+    # the checkpoint's config before loading, and any other model argument the trainer cannot
+    # load under is named after its load failed
+    trial = Trial(tmp_path)
+    trial.run(env={"NUM_EPISODE": "1", "TRAINER_HIDDEN_SIZE": "3", "TRAINER_WIDTH": "3"})
+    for env, key in (
+        ({"TRAINER_HIDDEN_SIZE": "4", "TRAINER_WIDTH": "3"}, "model_config.hidden_size"),
+        ({"TRAINER_HIDDEN_SIZE": "3", "TRAINER_WIDTH": "4"}, "width"),
+    ):
+        code, text = trial.run_to_end(env={"NUM_EPISODE": "2", **env})
+        assert code == 2, text
+        assert "Traceback" not in text, text
+        last = text.splitlines()[-1]
+        assert f"models.policy_trainer.model_args.{key}: the checkpoint iter_0000004" in last
+        assert f"{key}: saved 3, now 4" in last and "fix: resume with " in last, last
+        assert "enable_resume_training: false" in last, last
 
 
 def test_trainer_sigkill_is_a_clear_error_and_resume_is_bit_identical(
