@@ -21,7 +21,8 @@ complete one. Staging directories of dead processes are removed at the next save
 The coordinator's state is the run's state (``state.RunState``: its counters at a point between
 two optimizer steps, and the recent steps' metrics) extended with what resuming also needs: the
 sampler's state, the settings that shape the steps, the trainer's layout, the evaluations, the
-size of metrics.jsonl. ``coordinator.json`` holds its fields as top-level keys.
+size of metrics.jsonl, the iteration the run was explicitly started from. ``coordinator.json``
+holds its fields as top-level keys.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class CoordinatorState(RunState):
     metrics: dict[str, Any] = field(default_factory=dict)  # metrics.jsonl path and its size
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    # the checkpoint iteration the run was started from by runtime.load_data_checkpoint_iteration
+    # (None: from the beginning, or the newest checkpoint): a later start asking for the same
+    # iteration continues this run (run_checkpoints.find_checkpoint)
+    started_from: int | None = None
     created: float = field(default_factory=time.time)
     format: str = FORMAT
     version: int = VERSION
@@ -108,6 +113,8 @@ class CheckpointInfo:
     status: str  # complete, broken
     problem: str = ""
     state: CoordinatorState | None = None
+    # the runtime.load_data_checkpoint_iteration that led to it (None: the newest was taken)
+    requested: int | None = None
 
     @property
     def complete(self) -> bool:

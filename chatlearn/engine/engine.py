@@ -688,7 +688,7 @@ class DPOEngine(Engine):
         if self._resume_looked:  # found before the models started (`_before_launch`)
             resume = self._resume_info
         elif runtime.enable_resume_training:
-            resume = await checkpoints.find(runtime.load_data_checkpoint_iteration)
+            resume = await checkpoints.find(runtime.load_data_checkpoint_iteration, start=True)
         self._resume_looked, self._resume_info = False, None
         if resume is not None:
             found = resume

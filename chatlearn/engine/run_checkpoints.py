@@ -98,6 +98,8 @@ class RunCheckpoints:
         self.last: Path | None = None  # the newest complete checkpoint of this run
         self.last_iteration: int | None = None
         self.on_saved: Callable[[RunState], None] | None = None  # after each checkpoint
+        # the iteration the run was started from explicitly (CoordinatorState.started_from)
+        self.started_from: int | None = None
         self._lock = asyncio.Lock()
 
     # -- saving ---------------------------------------------------------------------------
@@ -215,12 +217,15 @@ class RunCheckpoints:
             metrics=metrics,
             eval_history=tail(eval_history),
             config=_plain_config(self.config),
+            started_from=self.started_from,
         )
 
     # -- resuming -------------------------------------------------------------------------
-    async def find(self, iteration: int | None) -> CheckpointInfo | None:
-        """The checkpoint to resume from (verifying hashes off the event loop), or None."""
-        return await find_checkpoint(self.manager, iteration, self.config)
+    async def find(self, iteration: int | None, *, start: bool = False) -> CheckpointInfo | None:
+        """The checkpoint to resume from (verifying hashes off the event loop), or None;
+        ``start``: ``iteration`` is the run's ``load_data_checkpoint_iteration``, whose
+        continuation is taken when there is one (`find_checkpoint`)."""
+        return await find_checkpoint(self.manager, iteration, self.config, start=start)
 
     async def restore(self, info: CheckpointInfo, metrics_path: Path) -> RunState:
         """Continue from ``info``: sampler, modules, metrics file; returns the run state."""
@@ -337,6 +342,7 @@ class RunCheckpoints:
                     moved,
                 )
         self.last, self.last_iteration = info.path, saved.iteration
+        self.started_from = info.requested if info.requested is not None else saved.started_from
         logger.info(
             "resuming from %s: iteration %d, consumed_samples %d; continuing %s",
             info.path,
@@ -352,11 +358,31 @@ class RunCheckpoints:
 
 
 async def find_checkpoint(
-    manager: CheckpointManager, iteration: int | None, config: Any
+    manager: CheckpointManager, iteration: int | None, config: Any, *, start: bool = True
 ) -> CheckpointInfo | None:
     """The checkpoint a run resumes from: ``iteration``'s, or the newest complete one
     (verifying hashes off the event loop); None when there is none. A missing or broken
-    ``iteration`` is a `ConfigError` naming ``runtime.load_data_checkpoint_iteration``."""
+    ``iteration`` is a `ConfigError` naming ``runtime.load_data_checkpoint_iteration``.
+
+    At a ``start`` (``iteration`` is ``load_data_checkpoint_iteration``), a run that was
+    started from that iteration before and has checkpoints since is continued from its newest
+    one: a rerun with the same config, or a coordinator that ``chatlearn launch`` restarted, goes
+    on with the run that iteration began instead of beginning it again (and setting the steps it
+    trained aside)."""
+    if start and iteration is not None:
+        newer = await asyncio.to_thread(_continuation, manager, iteration)
+        if newer is not None:
+            logger.info(
+                "runtime.load_data_checkpoint_iteration is %d, and the run started from it has "
+                "checkpoints since: resuming from its newest, %s (to begin again from %d, move "
+                "them out of %s)",
+                iteration,
+                newer.path.name,
+                iteration,
+                manager.root,
+            )
+            newer.requested = iteration
+            return newer
     try:
         info = await asyncio.to_thread(manager.find_resume, iteration)
     except ValueError as exc:  # the iteration asked for is missing or broken
@@ -372,7 +398,29 @@ async def find_checkpoint(
         logger.warning(
             "no complete checkpoint in %s: training starts from the beginning", manager.root
         )
+    if info is not None and start:
+        info.requested = iteration
     return info
+
+
+def _continuation(manager: CheckpointManager, iteration: int) -> CheckpointInfo | None:
+    """The newest complete checkpoint of a run started from ``iteration`` explicitly, newer
+    than it (hashes verified; a broken one is skipped with a warning), or None. Checkpoints
+    written before runs recorded where they started never qualify."""
+    for candidate in reversed(manager.scan()):
+        if candidate.iteration <= iteration:
+            break
+        if candidate.state is None or candidate.state.started_from != iteration:
+            continue
+        info = manager.inspect(candidate.path, candidate.iteration, verify=True)
+        if info.complete:
+            return info
+        logger.warning(
+            "checkpoint %s is broken (%s); falling back to the previous one",
+            info.path,
+            info.problem,
+        )
+    return None
 
 
 # the training settings that decide an episode's steps (training_plan.plan_episode) and the

@@ -3,6 +3,7 @@ save/load with RNG states, and the ``chatlearn inspect`` command. No processes h
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -24,6 +25,7 @@ from chatlearn.engine.checkpoint import (
     CoordinatorState,
     rewind_metrics,
 )
+from chatlearn.engine.run_checkpoints import find_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from torch_modules import TinyTrainer  # noqa: E402
@@ -43,12 +45,12 @@ def _state(iteration: int, **extra) -> CoordinatorState:
     )
 
 
-def _save(manager: CheckpointManager, iteration: int, payload: bytes = b"weights") -> Path:
+def _save(manager: CheckpointManager, iteration: int, payload: bytes = b"weights", **extra) -> Path:
     staging = manager.begin(iteration)
     rank = staging / "policy_trainer" / "rank_0"
     rank.mkdir(parents=True)
     (rank / "model.pt").write_bytes(payload * 100)
-    return manager.commit(staging, _state(iteration))
+    return manager.commit(staging, _state(iteration, **extra))
 
 
 def test_commit_writes_manifest_last_and_renames(tmp_path: Path) -> None:
@@ -114,6 +116,34 @@ def test_keep_last_prunes_old_checkpoints_and_a_resave_replaces(tmp_path: Path) 
     (latest,) = [c for c in manager.scan(verify=True) if c.iteration == 12]
     assert latest.complete
     assert (latest.path / "policy_trainer/rank_0/model.pt").read_bytes() == b"other" * 100
+
+
+def test_a_start_from_an_iteration_continues_the_run_that_began_there(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # load_data_checkpoint_iteration was applied again at every start: a rerun with the same
+    # config, or a coordinator restarted by chatlearn launch, went back to it and moved the
+    # run's own newer checkpoints into another superseded-* directory
+    manager = CheckpointManager(tmp_path / "ckpt")
+    # 7, 9 and 12 are of a run started from 4; 4 and 8 of a run before the field existed
+    for iteration in (4, 8, 12):
+        _save(manager, iteration, started_from=4 if iteration > 8 else None)
+    for iteration in (7, 9):
+        _save(manager, iteration, started_from=4)
+
+    def find(iteration: int | None, start: bool = True) -> tuple[int, int | None] | None:
+        info = asyncio.run(find_checkpoint(manager, iteration, None, start=start))
+        return None if info is None else (info.iteration, info.requested)
+
+    with caplog.at_level(logging.INFO, "chatlearn.engine"):
+        assert find(4) == (12, 4)
+    assert "runtime.load_data_checkpoint_iteration is 4, and the run started from it" in caplog.text
+    assert find(8) == (8, 8)  # checkpoints without the field never continue a start
+    assert find(None) == (12, None)
+    assert find(4, start=False) == (4, None)  # a trainer's rewind to the run's own checkpoint
+    model = manager.path(12) / "policy_trainer" / "rank_0" / "model.pt"
+    model.write_bytes(b"x" * model.stat().st_size)  # broken: the previous one of the run
+    assert find(4) == (9, 4)
 
 
 def test_rewind_metrics_moves_later_records_aside(tmp_path: Path) -> None:

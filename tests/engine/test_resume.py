@@ -325,6 +325,25 @@ def test_a_resume_that_fails_to_load_leaves_the_newer_checkpoints_and_metrics_al
     assert not (trial.run_dir / "metrics.superseded.jsonl").exists()
 
 
+def test_a_restart_of_a_run_started_from_an_iteration_continues_it(
+    baseline: Trial, tmp_path: Path
+) -> None:
+    # load_data_checkpoint_iteration was applied again when chatlearn launch restarted the
+    # coordinator: back to iteration 4, the run's own checkpoint 8 moved into a second
+    # superseded-* directory
+    trial = Trial(tmp_path)
+    shutil.copytree(baseline.output, trial.output)
+    trial.run(env={"LOAD_ITER": "4", "NUM_EPISODE": "2"})
+    restarted = {"LOAD_ITER": "4", "NUM_EPISODE": "3", COORDINATOR_RESTARTS_ENV_VAR: "1"}
+    text = trial.run(env=restarted)
+    assert "load_data_checkpoint_iteration is 4, and the run started from it" in text, text
+    assert trial.events("first_step")[-1]["iteration"] == 8
+    (aside,) = trial.checkpoints.glob("superseded-*")  # the replaced run's 8 and 12 only
+    assert sorted(p.name for p in aside.iterdir()) == ["iter_0000008", "iter_0000012"]
+    assert trial.complete() == [4, 8, 12] and trial.state(FINAL).started_from == 4
+    assert_identical(trial.final_state(), baseline.final_state())
+
+
 def test_a_mid_episode_resume_with_another_number_of_reference_replicas_is_refused(
     tmp_path: Path,
 ) -> None:
