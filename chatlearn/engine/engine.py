@@ -704,13 +704,26 @@ class DPOEngine(Engine):
             self.state.iteration = self.state.episode * _steps_per_episode(settings)
             self.state.step_in_episode = 0
             # a run that starts over (a coordinator restarted before the first checkpoint, or
-            # a new run in a used output directory): the records there are not this run's
+            # a new run in a used output directory): the records there are not this run's, nor
+            # are the checkpoints (left in place, retention counted them as the newest and
+            # removed this run's own, and a later resume took them)
+            aside = await asyncio.to_thread(checkpoints.manager.set_aside_newer, -1)
+            if aside is not None:
+                logger.warning(
+                    "training starts from the beginning, so the checkpoints of an earlier run "
+                    "in %s are not this run's: moved to %s (not deleted; remove them when no "
+                    "longer needed)",
+                    checkpoints.manager.root,
+                    aside,
+                )
             moved = await asyncio.to_thread(rewind_metrics, output / "metrics.jsonl", 0)
             if moved:
                 logger.warning(
-                    "%s held records of an earlier start without a checkpoint to resume from: "
-                    "%d bytes moved to metrics.superseded.jsonl",
+                    "%s held records of an earlier %s: %d bytes moved to metrics.superseded.jsonl",
                     output / "metrics.jsonl",
+                    "run (its checkpoints set aside)"
+                    if aside is not None
+                    else "start without a checkpoint to resume from",
                     moved,
                 )
         # TensorBoard hides what earlier starts wrote from the first step this one writes:

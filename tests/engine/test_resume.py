@@ -95,6 +95,28 @@ def test_a_run_started_over_without_a_checkpoint_records_every_step_once(
     assert steps[:4] == [1, 2, 3, 4]
 
 
+def test_a_new_run_in_a_used_directory_sets_the_earlier_runs_checkpoints_aside(
+    baseline: Trial, tmp_path: Path
+) -> None:
+    # enable_resume_training: false over a finished run: retention counted the old run's
+    # higher iterations as the newest (removing the new run's own once written), and a later
+    # default run resumed the old run's newest checkpoint, metrics.jsonl cut to its offset
+    trial = Trial(tmp_path)
+    shutil.copytree(baseline.output, trial.output)
+    text = trial.run(env={"RESUME": "0", "NUM_EPISODE": "1"})
+    (aside,) = trial.checkpoints.glob("superseded-*")
+    assert (
+        f"checkpoints of an earlier run in {trial.checkpoints} are not this run's: moved to "
+        f"{aside}" in text
+    ), text
+    assert "held records of an earlier run (its checkpoints set aside)" in text, text
+    assert sorted(p.name for p in aside.iterdir()) == ["iter_0000004", "iter_0000008", FINAL]
+    assert trial.complete() == [4]
+    assert [step for step, _, _ in trial.train_records()] == [1, 2, 3, 4]
+    trial.run(env={"NUM_EPISODE": "2"})  # resumes the new run
+    assert trial.events("first_step")[-1]["iteration"] == 4 and trial.complete() == [4, 8]
+
+
 def test_a_run_directory_copied_elsewhere_resumes_with_every_step_once(
     baseline: Trial, tmp_path: Path
 ):
