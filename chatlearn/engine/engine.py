@@ -68,7 +68,7 @@ from chatlearn.engine.progress import Progress, setup_logging
 from chatlearn.engine.protocol import EVAL, ReferenceGroup, TrainerGroup
 from chatlearn.engine.run_checkpoints import RunCheckpoints, find_checkpoint
 from chatlearn.engine.run_lock import RunLock
-from chatlearn.engine.sampler import EpisodeSampler
+from chatlearn.engine.sampler import EpisodeSampler, dataset_fingerprint
 from chatlearn.engine.state import RunState
 
 logger = logging.getLogger("chatlearn.engine")
@@ -669,6 +669,7 @@ class DPOEngine(Engine):
             shuffle=runtime.data_shuffle,
             data_ratio=runtime.resolve_data_ratio(len(sizes)) if len(sizes) > 1 else None,
             drop_last=runtime.drop_last,
+            fingerprints=await asyncio.to_thread(lambda: list(map(dataset_fingerprint, datasets))),
         )
         settings = _settings(runtime, self.global_args.model(self.reference.name))
         settings.reference_free_memory, settings.trainer_free_memory = self._free_memory(runtime)

@@ -7,11 +7,13 @@ are built. To save, it asks every trainer rank to run its module's ``save_checkp
 staging directory (``protocol.SaveCheckpoint``), then writes the coordinator's state beside it and
 commits the directory atomically (``checkpoint.CheckpointManager.commit``). To resume, it picks
 the checkpoint (the newest complete one, or ``load_data_checkpoint_iteration``), checks that the
-data settings did not change (the sampler refuses otherwise) and warns about changed training
-settings (refused for a checkpoint in the middle of an episode whose steps they change), has
-every trainer rank load its part (``protocol.LoadCheckpoint``) and every reference replica set
-``resume_training``, and only then rewinds ``metrics.jsonl`` to the checkpoint and moves newer
-checkpoints aside (a resume that fails leaves both as they were).
+data settings did not change (the sampler refuses otherwise; other rows of the same number are
+warned about, by the datasets' fingerprints) and warns about changed training settings (refused
+for a checkpoint in the middle of an episode whose steps they change) and model arguments
+(refused for the trainer's architecture), has every trainer rank load its part
+(``protocol.LoadCheckpoint``) and every reference replica set ``resume_training``, and only then
+rewinds ``metrics.jsonl`` to the checkpoint and moves newer checkpoints aside (a resume that
+fails leaves both as they were).
 
 The state saved is the run's ``RunState`` between two steps (``state.py``), recorded as a
 ``checkpoint.CoordinatorState`` and restored into a ``RunState``. The sampler's own position is
@@ -286,6 +288,16 @@ class RunCheckpoints:
                 "restore those settings, or train a new run in another output_dir (or with "
                 "enable_resume_training: false)",
             ) from None
+        other = self.sampler.other_rows(saved.sampler)
+        if other:
+            logger.warning(
+                "resuming from %s with other data than it was trained on (runtime.data_path: "
+                "the rows of %s differ, their number is the same): the later steps train these "
+                "rows, at the positions the run's sampler reached; restore the data if that is "
+                "not meant",
+                info.path,
+                "the dataset" if len(self.sampler.dataset_sizes) == 1 else f"dataset(s) {other}",
+            )
         if saved.step_in_episode:
             self._check_episode_plan(info, saved)
         try:

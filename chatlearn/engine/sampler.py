@@ -39,15 +39,19 @@ part of DPO and not supported.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+from chatlearn.transport.codec import encode
+
 logger = logging.getLogger("chatlearn.engine")
 
 DropLast = Literal["cycle", "drop"]
 _STATE_VERSION = 1
+FINGERPRINT_ROWS = 4096  # the rows of a dataset its fingerprint reads (~15 ms)
 
 
 class SampleIndex(NamedTuple):
@@ -197,6 +201,20 @@ class _DatasetCursor:
         return rows
 
 
+def dataset_fingerprint(rows: Sequence[Any], most: int = FINGERPRINT_ROWS) -> str:
+    """A cheap fingerprint of a dataset: its length and the wire encoding (what the reference
+    receives) of ``most`` rows spread evenly over it (all of them in a smaller one). Another
+    data file, or rows changed, reordered, added or removed, almost always change it; a change
+    confined to rows it does not read goes unseen."""
+    digest = hashlib.blake2b(f"chatlearn-dataset/{len(rows)}".encode(), digest_size=16)
+    count = min(len(rows), most)
+    for i in range(count):
+        index = i * (len(rows) - 1) // (count - 1) if count > 1 else 0
+        for frame in encode(rows[index]):
+            digest.update(frame)
+    return digest.hexdigest()
+
+
 class DataSettingsChanged(ValueError):
     """A sampler state saved with other data settings (``changed``: the setting names)."""
 
@@ -227,6 +245,7 @@ class EpisodeSampler:
         data_ratio: Any = None,
         drop_last: DropLast = "cycle",
         consumed_samples: int = 0,
+        fingerprints: Sequence[str] | None = None,
     ) -> None:
         sizes = [dataset_sizes] if isinstance(dataset_sizes, int) else list(dataset_sizes)
         if not sizes:
@@ -256,6 +275,9 @@ class EpisodeSampler:
         self.seed = int(seed)
         self.data_ratio = normalize_data_ratio(data_ratio, len(sizes))
         self.drop_last: DropLast = drop_last
+        # each dataset's `dataset_fingerprint`, recorded in the state (compared on resume, not
+        # enforced: fixing the data of a run is legitimate)
+        self.fingerprints = list(fingerprints) if fingerprints is not None else None
         self._reset(consumed_samples)
 
     # -- state -------------------------------------------------------------------------------
@@ -301,7 +323,7 @@ class EpisodeSampler:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain types only (msgpack/JSON-able) for the coordinator's checkpoint."""
-        return {
+        state = {
             "version": _STATE_VERSION,
             "consumed_samples": self._consumed,
             "dataset_sizes": list(self.dataset_sizes),
@@ -311,6 +333,17 @@ class EpisodeSampler:
             "data_ratio": list(self.data_ratio),
             "drop_last": self.drop_last,
         }
+        if self.fingerprints is not None:
+            state["dataset_fingerprints"] = list(self.fingerprints)
+        return state
+
+    def other_rows(self, state: dict[str, Any]) -> list[int]:
+        """The datasets whose rows differ from those a saved state was drawn from (by their
+        fingerprints; none when either side has none)."""
+        saved = state.get("dataset_fingerprints")
+        if not saved or self.fingerprints is None or len(saved) != len(self.fingerprints):
+            return []
+        return [i for i, (a, b) in enumerate(zip(saved, self.fingerprints, strict=True)) if a != b]
 
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
         """Continue from a saved state. With ``strict`` the data settings must be unchanged."""

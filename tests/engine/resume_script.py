@@ -112,7 +112,8 @@ def main() -> None:
     reference = (TinyOpaqueReference if OPAQUE else reference_class)("reference")
     trainer = (TinyDataParallelTrainer if TRAINER_RANKS > 1 else TinyTrainer)("policy_trainer")
     engine = DPOEngine(reference, trainer)
-    engine.set_dataset(list(range(NUM_SAMPLES)))
+    # DATA_OFFSET=n: other rows, as many (another data file)
+    engine.set_dataset([s + int(os.environ.get("DATA_OFFSET", "0")) for s in range(NUM_SAMPLES)])
     engine.learn()
 
 

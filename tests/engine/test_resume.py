@@ -146,6 +146,17 @@ def test_a_resume_with_changed_settings_says_which(tmp_path: Path):
     text = trial.run(env={"NUM_EPISODE": "4"})
     assert "with changed training settings" in text and "num_episode: saved 3, now 4" in text
     assert trial.complete()[-1] == 16
+    assert "with other data" not in text
+
+
+def test_a_resume_on_other_rows_of_the_same_number_is_said(tmp_path: Path) -> None:
+    # another data file with as many rows: the sampler only compared the number of rows
+    trial = Trial(tmp_path)
+    trial.run(env={"NUM_EPISODE": "1"})
+    text = trial.run(env={"NUM_EPISODE": "2", "DATA_OFFSET": "100"})
+    (line,) = [line for line in text.splitlines() if "with other data" in line]
+    assert "(runtime.data_path: the rows of the dataset differ, their number is the same)" in line
+    assert trial.complete() == [4, 8]
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from chatlearn.engine.sampler import (
     EpisodeSampler,
     ReplicaShare,
     SampleIndex,
+    dataset_fingerprint,
     normalize_data_ratio,
     split_among_replicas,
 )
@@ -299,3 +300,20 @@ def test_normalize_data_ratio_reads_like_chatlearn():
     assert normalize_data_ratio([0, 2], 2) == [0, 2]
     with pytest.raises(ValueError, match="positive"):
         normalize_data_ratio([0, 0], 2)
+
+
+def test_the_state_records_each_datasets_fingerprint_and_says_which_rows_changed() -> None:
+    # another data file with as many rows resumed without a word: only the sizes were recorded
+    rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(5000)]
+    edited = [*rows[:-1], {**rows[-1], "chosen": "c"}]
+    prints = [dataset_fingerprint(rows), dataset_fingerprint(list(range(7)))]
+    assert dataset_fingerprint(edited) != prints[0]  # the last row is always read
+    assert dataset_fingerprint(rows[::-1]) != prints[0]
+    assert dataset_fingerprint([dict(r) for r in rows]) == prints[0]
+    saved = EpisodeSampler([5000, 7], 4, fingerprints=prints).state_dict()
+    assert saved["dataset_fingerprints"] == prints
+    now = EpisodeSampler([5000, 7], 4, fingerprints=[dataset_fingerprint(edited), prints[1]])
+    now.load_state_dict(saved)  # a warning (run_checkpoints), not a refusal: data gets fixed
+    assert now.other_rows(saved) == [0]
+    assert EpisodeSampler([5000, 7], 4, fingerprints=prints).other_rows(saved) == []
+    assert now.other_rows({k: v for k, v in saved.items() if k != "dataset_fingerprints"}) == []
