@@ -249,13 +249,6 @@ class RunCheckpoints:
         changed = describe_changes(
             saved.training, training_settings(self.settings, self.trainer_dp, replicas)
         )
-        if changed:
-            logger.warning(
-                "resuming from %s with changed training settings, so the run will not repeat "
-                "an uninterrupted one exactly: %s",
-                info.path,
-                "; ".join(changed),
-            )
         # as the checkpoint wrote it (coordinator.json): lists for tuples, str for the rest
         current = json.loads(json.dumps(_plain_config(self.config), default=str))
         architecture = architecture_changes(saved.config, current, self.trainer.name)
@@ -269,15 +262,6 @@ class RunCheckpoints:
                 f"resume with {saved_values}, or start a new run (another output_dir, or "
                 "enable_resume_training: false)",
             )
-        args_changed = model_args_changes(saved.config, current)
-        if args_changed:
-            logger.warning(
-                "resuming from %s with changed model arguments: %s; what the checkpoint holds "
-                "wins where it has the value (weights, optimizer and learning-rate schedule "
-                "state), the new value elsewhere (e.g. beta)",
-                info.path,
-                "; ".join(args_changed),
-            )
         try:
             self.sampler.load_state_dict(saved.sampler)  # raises if the data settings changed
         except DataSettingsChanged as exc:
@@ -288,6 +272,25 @@ class RunCheckpoints:
                 "restore those settings, or train a new run in another output_dir (or with "
                 "enable_resume_training: false)",
             ) from None
+        if saved.step_in_episode:
+            self._check_episode_plan(info, saved)
+        # refused by nothing above: what changed is said
+        if changed:
+            logger.warning(
+                "resuming from %s with changed training settings, so the run will not repeat "
+                "an uninterrupted one exactly: %s",
+                info.path,
+                "; ".join(changed),
+            )
+        args_changed = model_args_changes(saved.config, current)
+        if args_changed:
+            logger.warning(
+                "resuming from %s with changed model arguments: %s; what the checkpoint holds "
+                "wins where it has the value (weights, optimizer and learning-rate schedule "
+                "state), the new value elsewhere (e.g. beta)",
+                info.path,
+                "; ".join(args_changed),
+            )
         other = self.sampler.other_rows(saved.sampler)
         if other:
             logger.warning(
@@ -298,8 +301,6 @@ class RunCheckpoints:
                 info.path,
                 "the dataset" if len(self.sampler.dataset_sizes) == 1 else f"dataset(s) {other}",
             )
-        if saved.step_in_episode:
-            self._check_episode_plan(info, saved)
         try:
             await self.trainer.load_checkpoint(str(info.path), saved.iteration, saved.episode)
         except ActorError as exc:

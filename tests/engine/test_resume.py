@@ -407,6 +407,7 @@ def test_a_mid_episode_resume_with_another_plan_of_its_steps_is_refused(tmp_path
     assert "runtime.train_global_batch_size: the checkpoint iter_0000005 is in the" in last, last
     assert "train_global_batch_size 4 (now 8)" in last, last
     assert "fix: resume with train_global_batch_size: 4" in last and "Traceback" not in text
+    assert "with changed training settings" not in text  # a refusal is not preceded by a warning
     assert (trial.checkpoints / "iter_0000008").is_dir()  # the refused run moved nothing aside
     # a third pass over the episode leaves its first pass, and so its step 1, as it was
     text = trial.run(env={"LOAD_ITER": "5", "NUM_EPISODE": "2", "NUM_TRAINING_EPOCH": "3"})
