@@ -3,8 +3,11 @@
 A record is `{"prompt": str, "chosen": str, "rejected": str}`, or conversational: `prompt` a list
 of messages (`{"role", "content"}`) and `chosen`/`rejected` an assistant message list (or a
 string, taken as one assistant message); without `prompt`, chosen and rejected are whole
-conversations and their common leading messages are the prompt. Conversational records need a
-tokenizer with a chat template.
+conversations and their common leading messages are the prompt. Whole conversations that start
+with the prompt's messages (UltraFeedback's shape) have them removed, as TRL's
+`maybe_extract_prompt` does. Conversational records need a tokenizer with a chat template. A
+string record without `prompt` (Anthropic HH: "\n\nHuman: ...\n\nAssistant: ...") has the
+longest common prefix of chosen and rejected up to its last "\n\nAssistant:" as its prompt.
 
 Tokenization:
 - string records: the prompt is `prompt_template` with `{prompt}` replaced, tokenized with the
@@ -102,6 +105,12 @@ def _check_record(record: Any, where: str) -> dict:
             f"{_RECORD_FIX}"
         )
     record = dict(record)
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if "prompt" not in record and isinstance(chosen, str) and isinstance(rejected, str):
+        prompt = _extract_string_prompt(chosen, rejected)
+        if prompt is not None:  # Anthropic HH: "\n\nHuman: ... \n\nAssistant: ..."
+            record["prompt"] = prompt
+            record["chosen"], record["rejected"] = chosen[len(prompt) :], rejected[len(prompt) :]
     missing = [key for key in ("chosen", "rejected") if key not in record]
     conversational = isinstance(record.get("chosen"), list)
     if "prompt" not in record and not conversational:
@@ -169,16 +178,54 @@ def _as_messages(value: Any) -> list[dict]:
 
 
 def _split_conversation(record: Mapping[str, Any]) -> tuple[list, list, list]:
-    """(prompt messages, chosen messages, rejected messages)."""
+    """(prompt messages, chosen messages, rejected messages).
+
+    As TRL's `maybe_extract_prompt`: chosen and rejected may be whole conversations that
+    already hold the prompt (UltraFeedback, argilla's dpo-mix); their leading messages equal to
+    the prompt's are the prompt, not a part of the responses. A response that still holds a
+    user turn is an error (it would be trained on)."""
     chosen, rejected = _as_messages(record["chosen"]), _as_messages(record["rejected"])
     if "prompt" in record:
         prompt = record["prompt"]
         prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return prompt, chosen, rejected
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
-        shared += 1
-    return chosen[:shared], chosen[shared:], rejected[shared:]
+        n = len(prompt)
+        if chosen[:n] == prompt and rejected[:n] == prompt:
+            chosen, rejected = chosen[n:], rejected[n:]
+    else:
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        if not messages:
+            raise ValueError(f"{key} holds only the prompt's messages: it has no response")
+        users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+        if users:
+            raise ValueError(
+                f"{key} has a user turn after the prompt ({_short(messages[users[0]])}): a "
+                "response is the assistant's messages only; give chosen/rejected as the whole "
+                "conversations starting with the prompt's messages, or as the answers alone"
+            )
+    return prompt, chosen, rejected
+
+
+# Anthropic HH's string records: no prompt, both sides the whole dialogue
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def _extract_string_prompt(chosen: str, rejected: str) -> str | None:
+    """The prompt of a string record without one (Anthropic HH): the longest common prefix of
+    chosen and rejected, up to and including its last "\n\nAssistant:" (as TRL's
+    `extract_prompt`); None when they share no such prefix."""
+    same = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        same += 1
+    end = chosen.rfind(HH_ASSISTANT, 0, same)
+    if end < 0 or end + len(HH_ASSISTANT) > same:
+        return None
+    return chosen[: end + len(HH_ASSISTANT)]
 
 
 def _is_conversational(record: Mapping[str, Any]) -> bool:

@@ -304,3 +304,38 @@ def test_a_chat_template_failure_names_the_sample() -> None:
         ValueError, match=r"sample 1 of the data set \(\{'prompt': \[\{'role'.*chat template"
     ):
         PreferenceDataset([good, conversational], byte_tokenizer())  # no chat template
+
+
+def test_whole_conversations_that_hold_the_prompt_are_not_given_it_twice() -> None:
+    # UltraFeedback / argilla dpo-mix: prompt a string, chosen/rejected whole conversations
+    # that start with its user turn; the prompt was prepended again (a second user turn trained
+    # on as part of the response, or the template's 'renders the prompt differently' error)
+    tok = byte_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    pairs = PairTokenizer(tok, max_length=128)
+    user = {"role": "user", "content": "hi"}
+    answers = {
+        "chosen": [{"role": "assistant", "content": "hello"}],
+        "rejected": [{"role": "assistant", "content": "go away"}],
+    }
+    expected = pairs({"prompt": [user], **answers})
+    for prompt in ("hi", [user]):
+        whole = {"prompt": prompt, **{k: [user, *v] for k, v in answers.items()}}
+        item = pairs(whole)
+        for key in expected:
+            assert torch.equal(item[key], expected[key]), (prompt, key)
+    # a response that still holds a user turn is one error naming the sample
+    other = {"role": "user", "content": "again"}
+    record = {"prompt": "hi", **{k: [user, *v, other] for k, v in answers.items()}}
+    with pytest.raises(ValueError, match=r"sample 0 of the data set .*chosen has a user turn"):
+        PreferenceDataset([record], tok, max_length=128)
+
+
+def test_anthropic_hh_string_records_without_a_prompt_have_it_extracted(tmp_path: Path) -> None:
+    # was "missing ['prompt']"; as TRL: the common prefix up to its last "\n\nAssistant:"
+    dialogue = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: max(1,2)?\n\nAssistant:"
+    path = tmp_path / "hh.jsonl"
+    path.write_text(json.dumps({"chosen": dialogue + " 2", "rejected": dialogue + " 1"}) + "\n")
+    assert load_preference_data(path) == [{"prompt": dialogue, "chosen": " 2", "rejected": " 1"}]
+    with pytest.raises(ValueError, match=r"missing \['prompt'\]"):
+        load_preference_data([{"chosen": "yes", "rejected": "no"}])
