@@ -11,8 +11,9 @@ longest common prefix of chosen and rejected up to its last "\n\nAssistant:" as 
 
 Tokenization:
 - string records: the prompt is `prompt_template` with `{prompt}` replaced, tokenized with the
-  tokenizer's special tokens (a leading `<s>` where the tokenizer adds one); each response is
-  tokenized without special tokens and ends with eos.
+  tokenizer's special tokens (a leading `<s>` where the tokenizer adds one, never a trailing eos
+  of a tokenizer that appends one); each response is tokenized without special tokens and ends
+  with eos.
 - conversational records: the prompt is the chat template over the prompt messages with the
   generation prompt; a response is what the template adds for its messages (its end-of-turn
   tokens included, no extra eos). Prompt and responses are tokenized separately, so a merge across
@@ -266,6 +267,13 @@ class PairTokenizer:
         self.max_prompt_length = max_prompt_length
         self.min_prompt_length = min_prompt_length
         self.prompt_template = prompt_template
+        # a post-processor that appends eos (Llama's add_eos_token=True, T5-style) would end
+        # every prompt with one: the responses would follow an end of text
+        probe = "a"
+        plain = self._ids(probe)
+        self._strip_eos = self._ids(probe, special=True)[-1:] == [tokenizer.eos_token_id] and plain[
+            -1:
+        ] != [tokenizer.eos_token_id]
 
     def encode(self, record: Mapping[str, Any]) -> tuple[list[int], list[int], list[int]]:
         """Untruncated (prompt, chosen, rejected) ids."""
@@ -291,7 +299,7 @@ class PairTokenizer:
                 responses.append(self._ids(full[len(prompt_text) :]))
             return self._ids(prompt_text), responses[0], responses[1]
         prompt_text = self.prompt_template.replace(PROMPT_PLACEHOLDER, str(record["prompt"]))
-        prompt = self._ids(prompt_text, special=True)
+        prompt = self._prompt_ids(self._ids(prompt_text, special=True))
         eos = [tok.eos_token_id]
         return (
             prompt,
@@ -301,6 +309,14 @@ class PairTokenizer:
 
     def _ids(self, text: str, *, special: bool = False) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def _prompt_ids(self, ids: Sequence[int]) -> list[int]:
+        """A string prompt's ids with special tokens, without the eos a tokenizer that appends
+        one put at its end."""
+        ids = list(ids)
+        if self._strip_eos and ids[-1:] == [self.tokenizer.eos_token_id]:
+            del ids[-1]
+        return ids
 
     def truncate(
         self, prompt: list[int], chosen: list[int], rejected: list[int]
@@ -355,7 +371,7 @@ class PairTokenizer:
                         ) from None
                     continue
                 chosen, rejected = response_ids[2 * k], response_ids[2 * k + 1]
-                yield list(prompt_ids[k]), list(chosen) + eos, list(rejected) + eos
+                yield self._prompt_ids(prompt_ids[k]), list(chosen) + eos, list(rejected) + eos
                 k += 1
 
     def _ids_of(self, texts: list[str], *, special: bool) -> list[list[int]]:

@@ -339,3 +339,20 @@ def test_anthropic_hh_string_records_without_a_prompt_have_it_extracted(tmp_path
     assert load_preference_data(path) == [{"prompt": dialogue, "chosen": " 2", "rejected": " 1"}]
     with pytest.raises(ValueError, match=r"missing \['prompt'\]"):
         load_preference_data([{"chosen": "yes", "rejected": "no"}])
+
+
+def test_a_tokenizer_that_appends_eos_puts_none_inside_the_prompt() -> None:
+    # Llama with add_eos_token=True: the prompt ended with eos, so each response followed an
+    # end of text
+    from tokenizers import processors
+
+    tok = byte_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", BOS), ("</s>", EOS)]
+    )
+    record = {"prompt": "hello", "chosen": "world", "rejected": "fox"}
+    expected = [BOS, *_b("hello"), *_b("world"), EOS]
+    assert PairTokenizer(tok, max_length=32)(record)["chosen_input_ids"].tolist() == expected
+    item = PreferenceDataset([record], tok, max_length=32)[0]
+    assert item["chosen_input_ids"].tolist() == expected
+    assert item["chosen_loss_mask"].tolist() == [0] * 6 + [1] * 6
