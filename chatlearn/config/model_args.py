@@ -127,6 +127,7 @@ def check_model_args(model_args: Mapping[str, Any], prefix: str, error: Locate) 
     except ValueProblem as problem:
         raise error(f"{prefix}.mixed_precision", problem.problem, problem.fix) from None
     lora_request(model_args, prefix, error)
+    _check_data_args(model_args, prefix, error)
     model_config = model_args.get("model_config")
     if model_config is not None:
         check_model_config(model_config, f"{prefix}.model_config", error)
@@ -207,6 +208,27 @@ def lora_request(
             "write target_modules: all-linear, or a list like [q_proj, v_proj]",
         )
     return settings
+
+
+def _check_data_args(model_args: Mapping[str, Any], prefix: str, error: Locate) -> None:
+    """The data keys chatlearn/hf/data.py's PairTokenizer needs together: a `prompt_template`
+    with its ``{prompt}`` and a `min_prompt_length` below `max_length` (found at the first
+    build_dataset otherwise, after both models had loaded)."""
+    template = model_args.get("prompt_template")
+    if isinstance(template, str) and "{prompt}" not in template:
+        raise error(
+            f"{prefix}.prompt_template",
+            f"{template!r} has no {{prompt}}, where each record's prompt goes",
+            'write {prompt} where the prompt goes, e.g. "Question: {prompt}\\nAnswer:"',
+        )
+    max_length = model_args.get("max_length", 512)
+    least = model_args.get("min_prompt_length")
+    if isinstance(least, int) and isinstance(max_length, int) and least >= max_length:
+        raise error(
+            f"{prefix}.min_prompt_length",
+            f"{least} is not below max_length ({max_length}): no room would be left for a response",
+            f"set min_prompt_length below {max_length} (default max_length // 2)",
+        )
 
 
 def _check_betas(value: Any, path: str, error: Locate) -> None:

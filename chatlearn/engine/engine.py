@@ -42,14 +42,16 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from chatlearn.actors import (
     ActorDeadError,
+    ActorError,
     ActorLostError,
     ActorSystem,
     BaseModule,
@@ -59,7 +61,7 @@ from chatlearn.actors import (
 from chatlearn.actors.checkpoint_paths import checkpoint_root
 from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR
 from chatlearn.actors.timers import Timers as UserTimers
-from chatlearn.config.errors import located_error
+from chatlearn.config.errors import ConfigError, located_error
 from chatlearn.engine.checkpoint import CheckpointInfo, CheckpointManager, rewind_metrics
 from chatlearn.engine.interrupts import Interrupts, SignalGuard, TrainingStopped
 from chatlearn.engine.metrics import MetricsSink, Timers
@@ -222,6 +224,27 @@ class LearnResult:
         return self.train_last.get("loss")
 
 
+_SAMPLE = re.compile(r"sample (\d+) of the (\w+) data set")
+
+
+def located_sample_error(
+    error: ActorError, origins: Mapping[str, Callable[[int], str] | None]
+) -> ActorError | ConfigError:
+    """A module's config error about "sample i of the <split> data set" as the ConfigError at
+    that record's file:line, when the data set came from a file (``origins``: split -> the
+    records' ``origin``, chatlearn/hf/data.py's PreferenceRecords); else ``error`` itself."""
+    found = _SAMPLE.search(error.message) if error.is_config_error else None
+    origin = origins.get(found.group(2)) if found else None
+    if found is None or origin is None:
+        return error
+    try:
+        where = origin(int(found.group(1)))
+    except (IndexError, TypeError, ValueError):
+        return error
+    head, _, fix = error.message.partition("\n  fix: ")
+    return ConfigError(" ".join(head.split()), where=where, fix=fix or None)
+
+
 class _TrainerView:
     """``engine.trainer`` as ChatLearn programs read it: ``iteration``, the optimizer steps so
     far, read from the engine's run state (live; no counter of its own)."""
@@ -255,6 +278,8 @@ class DPOEngine(Engine):
         }
         self._datasets: list[list[Any]] | None = None
         self._eval_dataset: list[Any] | None = None
+        # where each data set's samples came from (load_preference_data's `origin`), if known
+        self._origins: dict[str, Callable[[int], str] | None] = {}
         self.state = RunState()
         self.pipeline: DPOPipeline | None = None
         self.checkpoints: RunCheckpoints | None = None
@@ -276,6 +301,7 @@ class DPOEngine(Engine):
     def set_dataset(self, dataset: Sequence[Any]) -> DPOEngine:
         """The training samples (raw; each reference replica turns them into a dataset)."""
         self._datasets = [list(dataset)]
+        self._origins["training"] = getattr(dataset, "origin", None)
         return self
 
     def set_multiple_datasets(self, datasets: Sequence[Sequence[Any]]) -> DPOEngine:
@@ -283,11 +309,14 @@ class DPOEngine(Engine):
         if not datasets:
             raise ValueError("set_multiple_datasets needs at least one dataset")
         self._datasets = [list(d) for d in datasets]
+        single = len(datasets) == 1  # a module names sample i of one of them
+        self._origins["training"] = getattr(datasets[0], "origin", None) if single else None
         return self
 
     def set_eval_dataset(self, dataset: Sequence[Any]) -> DPOEngine:
         """Held-out samples evaluated every ``eval_episode_interval`` episodes (``eval_step``)."""
         self._eval_dataset = list(dataset)
+        self._origins["eval"] = getattr(dataset, "origin", None)
         return self
 
     def set_evaluator(self, evaluator: Any) -> DPOEngine:
@@ -653,14 +682,19 @@ class DPOEngine(Engine):
         await self._healing(lambda: reference.connect(self._endpoints), *both)
         datasets, eval_dataset = self._datasets, self._eval_dataset
         assert datasets is not None
-        sizes = await self._healing(lambda: reference.build_datasets(datasets, "train"), reference)
-        eval_size = 0
-        if eval_dataset:
-            eval_size = (
-                await self._healing(
-                    lambda: reference.build_datasets([eval_dataset], EVAL), reference
-                )
-            )[0]
+        try:
+            sizes = await self._healing(
+                lambda: reference.build_datasets(datasets, "train"), reference
+            )
+            eval_size = 0
+            if eval_dataset:
+                eval_size = (
+                    await self._healing(
+                        lambda: reference.build_datasets([eval_dataset], EVAL), reference
+                    )
+                )[0]
+        except ActorError as refused:
+            raise located_sample_error(refused, self._origins) from None
         self._datasets_built = True
         dp = await self._healing(trainer.data_parallel, trainer)
         sampler = EpisodeSampler(

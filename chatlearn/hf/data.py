@@ -38,11 +38,12 @@ import json
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsIndex, overload
 
 import torch
 from torch.utils.data import Dataset
 
+from chatlearn.config.errors import ConfigError
 from chatlearn.hf.tokenizer import has_chat_template
 
 PROMPT_PLACEHOLDER = "{prompt}"
@@ -55,7 +56,7 @@ def load_preference_data(source: str | Path | Iterable[Mapping[str, Any]]) -> li
     record, where it is, and what the whole input was (e.g. the guide's `["test"] * 4096`)."""
     if isinstance(source, str | Path):
         path = Path(source)
-        records = []
+        records = PreferenceRecords([], path, array("q"))
         try:
             # utf-8-sig: a byte-order mark (Windows tools write one) is skipped, not an error
             with path.open(encoding="utf-8-sig") as handle:
@@ -72,6 +73,7 @@ def load_preference_data(source: str | Path | Iterable[Mapping[str, Any]]) -> li
                         if all(isinstance(item, Mapping) for item in record):
                             raise ValueError(_ARRAY_FILE.format(path=path))
                     records.append(_check_record(record, f"{path}:{number}"))
+                    records.lines.append(number)
         except OSError as exc:  # missing, a directory, unreadable
             raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
         except UnicodeDecodeError:
@@ -82,6 +84,31 @@ def load_preference_data(source: str | Path | Iterable[Mapping[str, Any]]) -> li
     samples = list(source)
     given = f"the {_describe_samples(samples)} given to build_dataset"
     return [_check_record(r, f"sample {i} of {given}") for i, r in enumerate(samples)]
+
+
+class PreferenceRecords(list):
+    """The records of a data file, with the line each came from: ``origin(i)`` is
+    ``"path:line"`` of record ``i``, which the engine names when a module's `build_dataset`
+    refuses sample ``i`` (engine.set_dataset keeps it). Slices keep their lines."""
+
+    def __init__(self, records: Iterable[dict], path: Path, lines: array) -> None:
+        super().__init__(records)
+        self.path, self.lines = path, lines
+
+    def origin(self, index: int) -> str:
+        return f"{self.path}:{self.lines[index]}"
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> dict: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> PreferenceRecords: ...
+
+    def __getitem__(self, index: SupportsIndex | slice) -> dict | PreferenceRecords:
+        if isinstance(index, slice):
+            return PreferenceRecords(super().__getitem__(index), self.path, self.lines[index])
+        item: dict = super().__getitem__(index)
+        return item
 
 
 _ARRAY_FILE = (
@@ -345,13 +372,17 @@ class PairTokenizer:
         return list(self.iter_encoded(records))
 
     def iter_encoded(
-        self, records: Sequence[Mapping[str, Any]]
+        self, records: Sequence[Mapping[str, Any]], split: str = ""
     ) -> Iterator[tuple[list[int], list[int], list[int]]]:
         """`encode` of each record, in order; string records go through the tokenizer in batch
         calls of a slice of records (the fast tokenizers' batch path is quicker than a call per
         text, and the tokenizer's output for a whole data set held at once was most of the
-        memory of loading it)."""
+        memory of loading it). A record the chat template refuses is a one-line ConfigError
+        naming it: "sample i of the <split> data set (...)"."""
         template = self.prompt_template
+        refused: tuple[type[Exception], ...] = (ValueError, TypeError, KeyError)
+        refused += _template_errors()
+        data_set = f"{split} data set" if split else "data set"
         eos = [self.tokenizer.eos_token_id]
         for first in range(0, len(records), _ENCODE_SLICE):
             part = records[first : first + _ENCODE_SLICE]
@@ -364,11 +395,16 @@ class PairTokenizer:
             for i, record in enumerate(part, start=first):
                 if _is_conversational(record):
                     try:
-                        yield self.encode(record)
-                    except (ValueError, TypeError, KeyError) as exc:  # the chat template's
-                        raise ValueError(
-                            f"sample {i} of the data set ({_short(record)}): {exc}"
+                        encoded = self.encode(record)
+                    except refused as exc:  # the chat template's, a record it cannot render
+                        problem = " ".join(str(exc).split()) or type(exc).__name__
+                        raise ConfigError(
+                            problem,
+                            where=f"sample {i} of the {data_set} ({_short(record)})",
+                            fix="correct that record, or use a tokenizer whose chat template "
+                            "renders it (model_args.model_path)",
                         ) from None
+                    yield encoded
                     continue
                 chosen, rejected = response_ids[2 * k], response_ids[2 * k + 1]
                 yield self._prompt_ids(prompt_ids[k]), list(chosen) + eos, list(rejected) + eos
@@ -408,6 +444,15 @@ class PairTokenizer:
             mask[len(prompt) :] = 1
             item[f"{side}_loss_mask"] = mask
         return item
+
+
+def _template_errors() -> tuple[type[Exception], ...]:
+    """jinja2's error type (a chat template's raise_exception, a syntax error), if installed."""
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # pragma: no cover - transformers' chat templates need it
+        return ()
+    return (TemplateError,)
 
 
 _ENCODE_SLICE = 4096  # records tokenized per call by `PairTokenizer.encode_many`
@@ -459,6 +504,7 @@ class PreferenceDataset(Dataset):
         max_prompt_length: int | None = None,
         min_prompt_length: int | None = None,
         prompt_template: str = PROMPT_PLACEHOLDER,
+        split: str = "",
     ) -> None:
         self.pair_tokenizer = PairTokenizer(
             tokenizer,
@@ -475,7 +521,7 @@ class PreferenceDataset(Dataset):
         # comes before the responses' first, so it is not scored
         self.num_empty_prompts = self.num_identical = 0
         pairs = self.pair_tokenizer
-        for prompt, chosen, rejected in pairs.iter_encoded(load_preference_data(records)):
+        for prompt, chosen, rejected in pairs.iter_encoded(load_preference_data(records), split):
             kept_prompt, kept_chosen, kept_rejected = pairs.truncate(prompt, chosen, rejected)
             self.num_empty_prompts += not kept_prompt
             self.num_truncated_prompts += len(kept_prompt) < len(prompt)

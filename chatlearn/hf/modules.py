@@ -96,6 +96,7 @@ from chatlearn.algorithms.dpo import (
 )
 from chatlearn.algorithms.logps import DEFAULT_CHUNK_SIZE, SequenceLogps
 from chatlearn.algorithms.token_budget import max_over_ranks, regroup_step
+from chatlearn.config.errors import ConfigError
 from chatlearn.hf.checkpoint import export_hf, full_state_dict, load_sharded, save_sharded
 from chatlearn.hf.data import PreferenceDataset
 from chatlearn.hf.lora import apply_lora, lora_settings
@@ -172,6 +173,13 @@ class _HFModule(TorchModule):
                 self._logger.warning("%s: %s", self.name, line)
         return_freed_memory(model_arg(self.model_args, "malloc_mmap_threshold"))
         self.tokenizer = self.build_tokenizer()
+        if self.tokenizer.eos_token_id is None:  # every response ends with it
+            where, error = locate_model_args(self.model_args)
+            raise error(
+                f"{where}.model_path",
+                "the tokenizer has no eos token, which ends every response",
+                "set eos_token in the tokenizer's tokenizer_config.json",
+            )
         self.layout = self.build_layout()
         if (
             self.layout.parallel == "fsdp"
@@ -247,7 +255,17 @@ class _HFModule(TorchModule):
 
     def build_dataset(self, samples: list[Any], is_eval: bool = False) -> PreferenceDataset:
         options = {key: self.model_args[key] for key in _DATA_KEYS if key in self.model_args}
-        dataset = PreferenceDataset(samples, self.tokenizer, **options)
+        split = "eval" if is_eval else "training"
+        try:
+            dataset = PreferenceDataset(samples, self.tokenizer, split=split, **options)
+        except ConfigError:
+            raise
+        except ValueError as exc:  # the records' shape, a setting: one line, not a traceback
+            raise ConfigError(
+                " ".join(str(exc).split()),
+                where=f"the {split} data set",
+                fix="correct the data or the model_args it names",
+            ) from None
         summary = dataset.truncation_summary()
         if summary and self.replica_id == 0 and self.rank == 0:  # every replica builds it
             share = dataset.num_identical / max(1, len(dataset))

@@ -156,3 +156,20 @@ def test_an_inline_model_arg_that_overrides_the_model_file_is_said_where_written
     assert where("models.policy.model_args.lora.r").endswith("model.yaml:3")
     assert where("models.policy.model_args.lora.alpha").endswith("main.yaml:5")
     assert where("models.policy.model_args.learning_rate").endswith("main.yaml:6")
+
+
+@pytest.mark.parametrize(
+    ("model_yaml", "key", "problem"),
+    [
+        ('prompt_template: "Q: {question}"\n', "prompt_template", "has no {prompt}"),
+        ("max_length: 64\nmin_prompt_length: 64\n", "min_prompt_length", "not below max_length"),
+        ("min_prompt_length: 600\n", "min_prompt_length", "not below max_length (512)"),
+    ],
+)
+def test_data_settings_are_checked_before_actors_start(
+    write_yaml, model_yaml: str, key: str, problem: str
+) -> None:
+    # found at the first build_dataset, after both models had loaded, as a traceback
+    error = model_error(write_yaml, model_yaml)
+    assert error.key.endswith(f"model_args.{key}") and problem in str(error)
+    assert error.where.endswith("model.yaml:" + str(model_yaml.count("\n")))

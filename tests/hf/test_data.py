@@ -356,3 +356,35 @@ def test_a_tokenizer_that_appends_eos_puts_none_inside_the_prompt() -> None:
     item = PreferenceDataset([record], tok, max_length=32)[0]
     assert item["chosen_input_ids"].tolist() == expected
     assert item["chosen_loss_mask"].tolist() == [0] * 6 + [1] * 6
+
+
+def test_a_record_the_data_refuses_is_one_config_line_at_its_file_and_line(tmp_path) -> None:
+    # a 70-80 line traceback from the reference replica named only "sample i"; a chat template's
+    # raise_exception (jinja2's TemplateError) was not even caught
+    from chatlearn.actors.errors import ActorError
+    from chatlearn.config import ConfigError
+    from chatlearn.engine.engine import located_sample_error
+
+    tok = byte_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}"
+        "{% endfor %}"
+    )
+    ok = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}
+    bad = {**ok, "prompt": [{"role": "system", "content": "be nice"}, *ok["prompt"]]}
+    path = tmp_path / "d.jsonl"
+    path.write_text(f"{json.dumps(ok)}\n\n{json.dumps(ok)}\n{json.dumps(bad)}\n")
+    records = load_preference_data(path)
+    assert records[1:].origin(1) == f"{path}:4"  # slices keep their lines (the example's limit)
+    with pytest.raises(ConfigError) as info:
+        PreferenceDataset(records, tok, split="eval")
+    message = info.value.one_line()
+    assert message.startswith("sample 2 of the eval data set ({'prompt': [{'role': 'system'")
+    assert "System role not supported (fix: correct that record" in message
+    # the coordinator names the file and line of the sample the actor refused
+    remote = ActorError("chatlearn.config.errors.ConfigError", str(info.value))
+    located = located_sample_error(remote, {"eval": records.origin})
+    assert isinstance(located, ConfigError) and located.where == f"{path}:4"
+    assert located.one_line().startswith(f"{path}:4: sample 2 of the eval data set")
+    assert located_sample_error(remote, {"training": records.origin}) is remote  # other split
