@@ -35,6 +35,7 @@ Batches (see chatlearn.algorithms.dpo for the convention): `chosen_input_ids`,
 from __future__ import annotations
 
 import json
+import re
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -72,7 +73,10 @@ def load_preference_data(source: str | Path | Iterable[Mapping[str, Any]]) -> li
                     if number == 1 and isinstance(record, list) and record:
                         if all(isinstance(item, Mapping) for item in record):
                             raise ValueError(_ARRAY_FILE.format(path=path))
-                    records.append(_check_record(record, f"{path}:{number}"))
+                    where = f"{path}:{number}"
+                    if _MAYBE_SURROGATE.search(line):  # only an escape can put one in
+                        _check_text(record, where)
+                    records.append(_check_record(record, where))
                     records.lines.append(number)
         except OSError as exc:  # missing, a directory, unreadable
             raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
@@ -83,7 +87,37 @@ def load_preference_data(source: str | Path | Iterable[Mapping[str, Any]]) -> li
         return records
     samples = list(source)
     given = f"the {_describe_samples(samples)} given to build_dataset"
-    return [_check_record(r, f"sample {i} of {given}") for i, r in enumerate(samples)]
+    checked = [_check_record(r, f"sample {i} of {given}") for i, r in enumerate(samples)]
+    for i, record in enumerate(checked):
+        _check_text(record, f"sample {i} of {given}")
+    return checked
+
+
+# a JSON escape of a UTF-16 surrogate (valid JSON; alone it is no Unicode text)
+_MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_text(value: Any, where: str, path: str = "") -> None:
+    """Every string in ``value`` is Unicode text: a lone surrogate (a truncated emoji's
+    ``"\\ud83d"``) crashed deep in the tokenizer or the transport, naming no record."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = value[exc.start : exc.end].encode("utf-16", "surrogatepass")[2:]
+            escape = "".join(f"\\u{bad[i + 1]:02x}{bad[i]:02x}" for i in range(0, len(bad), 2))
+            raise ValueError(
+                f"{where}: key {path or '(the record)'} holds a lone surrogate escape "
+                f"({escape}, at character {exc.start}), which is not text; write the "
+                "character itself, or its whole surrogate pair (e.g. \\ud83d\\ude00)"
+            ) from None
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_text(key, where, path)
+            _check_text(item, where, f"{path}[{key!r}]" if path else repr(key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_text(item, where, f"{path}[{i}]")
 
 
 class PreferenceRecords(list):

@@ -388,3 +388,21 @@ def test_a_record_the_data_refuses_is_one_config_line_at_its_file_and_line(tmp_p
     assert isinstance(located, ConfigError) and located.where == f"{path}:4"
     assert located.one_line().startswith(f"{path}:4: sample 2 of the eval data set")
     assert located_sample_error(remote, {"training": records.origin}) is remote  # other split
+
+
+def test_a_lone_surrogate_escape_is_named_at_its_line_and_key(tmp_path: Path) -> None:
+    # valid JSON, no Unicode text: it crashed deep in the tokenizer or the transport
+    path = tmp_path / "d.jsonl"
+    good = '{"prompt": "ok \\ud83d\\ude00", "chosen": "a", "rejected": "b"}\n'
+    path.write_text(good + '{"prompt": "p", "chosen": [{"role": "assistant", "content": '
+                    '"broken \\ud83d"}], "rejected": "b"}\n')  # fmt: skip
+    with pytest.raises(ValueError) as info:
+        load_preference_data(path)
+    assert str(info.value).startswith(
+        f"{path}:2: key 'chosen'[0]['content'] holds a lone surrogate escape (\\ud83d, at "
+    )
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=r"sample 0 of .*key 'prompt' holds a lone surrogate"):
+        load_preference_data([{"prompt": "x\udc00", "chosen": "a", "rejected": "b"}])
+    path.write_text(good)
+    assert load_preference_data(path)[0]["prompt"] == "ok \U0001f600"
