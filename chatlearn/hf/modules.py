@@ -98,7 +98,7 @@ from chatlearn.algorithms.logps import DEFAULT_CHUNK_SIZE, SequenceLogps
 from chatlearn.algorithms.token_budget import max_over_ranks, regroup_step
 from chatlearn.config.errors import ConfigError
 from chatlearn.hf.checkpoint import export_hf, full_state_dict, load_sharded, save_sharded
-from chatlearn.hf.data import PreferenceDataset
+from chatlearn.hf.data import PreferenceCollator, PreferenceDataset
 from chatlearn.hf.lora import apply_lora, lora_settings
 from chatlearn.hf.memory import (
     format_memory_report,
@@ -266,6 +266,7 @@ class _HFModule(TorchModule):
                 where=f"the {split} data set",
                 fix="correct the data or the model_args it names",
             ) from None
+        dataset.collate_fn = PreferenceCollator(self.pad_token_id)  # an id the model has
         summary = dataset.truncation_summary()
         if summary and self.replica_id == 0 and self.rank == 0:  # every replica builds it
             share = dataset.num_identical / max(1, len(dataset))
@@ -275,7 +276,19 @@ class _HFModule(TorchModule):
 
     @property
     def pad_token_id(self) -> int:
-        return int(self.tokenizer.pad_token_id or 0)
+        """The id padding positions hold: the tokenizer's pad id where it is a row of the
+        model's input embeddings, else eos (or 0). A [PAD] added to the tokenizer without
+        resize_token_embeddings failed the padded forward with an IndexError; any valid id
+        will do, as padding is masked and comes after every real token of its row, so under
+        causal attention it changes no real token's log-prob."""
+        pad = self.tokenizer.pad_token_id
+        model = getattr(self, "model", None)
+        embeddings = model.get_input_embeddings() if model is not None else None
+        rows = getattr(embeddings, "num_embeddings", None)
+        if not isinstance(rows, int) or pad is None or 0 <= pad < rows:
+            return int(pad or 0)
+        eos = self.tokenizer.eos_token_id
+        return int(eos) if eos is not None and 0 <= eos < rows else 0
 
 
 class HFReference(_HFModule):

@@ -136,3 +136,34 @@ def test_packed_train_steps_equal_padded_ones_and_count_tokens(attention: str) -
         assert got["tokens/real"] == want["tokens/real"] > 0
         # a packed step computes only the real tokens; padded rows compute more
         assert got["tokens/computed"] == got["tokens/real"] < want["tokens/computed"]
+
+
+def test_a_pad_id_beyond_the_models_embeddings_pads_with_one_it_has(tmp_path) -> None:
+    # a [PAD] added to the tokenizer without resize_token_embeddings: the padded forward failed
+    # with an IndexError; padding is masked, so eos pads instead and no log-prob changes
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chatlearn.hf import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    vocab = len(tokenizer)
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    assert tokenizer.pad_token_id == vocab
+    config = {k: v for k, v in TINY.items() if k != "max_position_embeddings"}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, max_position_embeddings=64, **config))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    train = [  # of several lengths: rows are padded
+        {"prompt": f"max({i},{10**i})=", "chosen": str(10**i), "rejected": f"{i}?"}
+        for i in range(8)
+    ]
+
+    def reference_logps(**model_args: Any) -> torch.Tensor:
+        args = _args(model_path=str(tmp_path), **model_args)
+        reference = _start(HFReference("reference", args=args))
+        dataset = reference.build_dataset(train)
+        batch = dataset.collate_fn([dataset[j] for j in range(8)])
+        return reference.forward_step(batch)["ref_chosen_logps"]
+
+    padded = reference_logps(packing=False, prefix_sharing=False)
+    torch.testing.assert_close(padded, reference_logps(), rtol=1e-5, atol=1e-5)
