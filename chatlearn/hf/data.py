@@ -25,8 +25,13 @@ Truncation, applied in this order (cf. TRL's `max_prompt_length` / `max_length`)
 2. if prompt + the longer response exceeds `max_length`, the prompt loses tokens from the left,
    but keeps at least `min_prompt_length` tokens (default max_length // 2) or all it has;
 3. each response is then cut from the right to fit `max_length` (it then has no eos).
-Left truncation of the prompt keeps a leading bos token. A pair whose responses are identical
-after truncation is kept (its DPO gradient is zero), and counted in `num_identical`.
+Left truncation of the prompt keeps a leading bos token. A text far longer than max_length
+tokens can cover (`PairTokenizer.max_chars`: twice max_length + 1 of the tokenizer's longest
+token) is cut before it is tokenized, keeping a prompt's end and a response's start, so a huge
+line costs what its kept tokens cost; should the cut text give too few tokens (a normalizer
+folding many characters into one), the whole text is tokenized after all.
+A pair whose responses are identical after truncation is kept (its DPO gradient is zero), and
+counted in `num_identical`.
 
 Batches (see chatlearn.algorithms.dpo for the convention): `chosen_input_ids`,
 `chosen_attention_mask`, `chosen_loss_mask` and the same `rejected_*`, right-padded.
@@ -328,6 +333,11 @@ class PairTokenizer:
         self.max_prompt_length = max_prompt_length
         self.min_prompt_length = min_prompt_length
         self.prompt_template = prompt_template
+        # texts longer than this are cut before they are tokenized (a 50 MB line took 9 GB in
+        # the tokenizer, for max_length tokens): twice the characters max_length + 1 tokens of
+        # the tokenizer's longest token (at least 8 characters) can cover
+        longest = _longest_token(tokenizer)
+        self.max_chars = None if longest is None else 2 * (max_length + 1) * max(longest, 8)
         # a post-processor that appends eos (Llama's add_eos_token=True, T5-style) would end
         # every prompt with one: the responses would follow an end of text
         probe = "a"
@@ -336,8 +346,11 @@ class PairTokenizer:
             -1:
         ] != [tokenizer.eos_token_id]
 
-    def encode(self, record: Mapping[str, Any]) -> tuple[list[int], list[int], list[int]]:
-        """Untruncated (prompt, chosen, rejected) ids."""
+    def encode(
+        self, record: Mapping[str, Any], *, cut: bool = True
+    ) -> tuple[list[int], list[int], list[int]]:
+        """Untruncated (prompt, chosen, rejected) ids; with ``cut``, a text longer than
+        `max_chars` is cut first (see `_cut_prompt`), which changes no token truncation keeps."""
         tok = self.tokenizer
         if _is_conversational(record):
             if not has_chat_template(tok):
@@ -346,26 +359,73 @@ class PairTokenizer:
                     "template; use string prompt/chosen/rejected with this tokenizer"
                 )
             prompt_msgs, chosen_msgs, rejected_msgs = _split_conversation(record)
-            prompt_text = tok.apply_chat_template(
-                prompt_msgs, tokenize=False, add_generation_prompt=True
-            )
-            responses = []
-            for msgs in (chosen_msgs, rejected_msgs):
-                full = tok.apply_chat_template(prompt_msgs + msgs, tokenize=False)
-                if not full.startswith(prompt_text):
-                    raise ValueError(
-                        "the chat template renders the prompt differently inside the whole "
-                        "conversation, so the response cannot be located"
-                    )
-                responses.append(self._ids(full[len(prompt_text) :]))
-            return self._ids(prompt_text), responses[0], responses[1]
-        prompt_text = self.prompt_template.replace(PROMPT_PLACEHOLDER, str(record["prompt"]))
-        prompt = self._prompt_ids(self._ids(prompt_text, special=True))
-        eos = [tok.eos_token_id]
+            if cut and self.max_chars is not None:
+                cut_msgs = (
+                    [_cut_message(m, self._cut_prompt) for m in prompt_msgs],
+                    [_cut_message(m, self._cut_response) for m in chosen_msgs],
+                    [_cut_message(m, self._cut_response) for m in rejected_msgs],
+                )
+                whole = (prompt_msgs, chosen_msgs, rejected_msgs)
+                if cut_msgs != whole:
+                    encoded = self._render(*cut_msgs)
+                    changed = [a != b for a, b in zip(cut_msgs, whole, strict=True)]
+                    if self._all_enough(encoded, changed):
+                        return encoded
+            return self._render(prompt_msgs, chosen_msgs, rejected_msgs)
+        texts = [str(record[key]) for key in ("prompt", "chosen", "rejected")]
+        if cut and self.max_chars is not None:
+            cuts = [self._cut_prompt(texts[0]), *map(self._cut_response, texts[1:])]
+            if cuts != texts:
+                encoded = self._encode_strings(*cuts)
+                if self._all_enough(encoded, [a != b for a, b in zip(cuts, texts, strict=True)]):
+                    return encoded
+        return self._encode_strings(*texts)
+
+    def _cut_prompt(self, text: str) -> str:
+        """The end of a text longer than `max_chars` (a prompt keeps its end)."""
+        bound = self.max_chars
+        return text if bound is None or len(text) <= bound else text[len(text) - bound :]
+
+    def _cut_response(self, text: str) -> str:
+        """The start of a text longer than `max_chars` (a response keeps its start)."""
+        bound = self.max_chars
+        return text if bound is None or len(text) <= bound else text[:bound]
+
+    def _all_enough(self, encoded: Sequence[Sequence[int]], cut: Sequence[bool]) -> bool:
+        """Whether each cut text's ids still run past what truncation keeps (a normalizer that
+        folds many characters into one token could make them fewer: then the whole text is
+        tokenized after all)."""
+        needed = self.max_length + 1
+        return all(len(ids) > needed for ids, was in zip(encoded, cut, strict=True) if was)
+
+    def _render(
+        self, prompt_msgs: list, chosen_msgs: list, rejected_msgs: list
+    ) -> tuple[list[int], list[int], list[int]]:
+        """Ids of a conversational record's prompt and responses (untruncated)."""
+        tok = self.tokenizer
+        prompt_text = tok.apply_chat_template(
+            prompt_msgs, tokenize=False, add_generation_prompt=True
+        )
+        responses = []
+        for msgs in (chosen_msgs, rejected_msgs):
+            full = tok.apply_chat_template(prompt_msgs + msgs, tokenize=False)
+            if not full.startswith(prompt_text):
+                raise ValueError(
+                    "the chat template renders the prompt differently inside the whole "
+                    "conversation, so the response cannot be located"
+                )
+            responses.append(self._ids(full[len(prompt_text) :]))
+        return self._ids(prompt_text), responses[0], responses[1]
+
+    def _encode_strings(
+        self, prompt: str, chosen: str, rejected: str
+    ) -> tuple[list[int], list[int], list[int]]:
+        prompt_text = self.prompt_template.replace(PROMPT_PLACEHOLDER, prompt)
+        eos = [self.tokenizer.eos_token_id]
         return (
-            prompt,
-            self._ids(str(record["chosen"])) + eos,
-            self._ids(str(record["rejected"])) + eos,
+            self._prompt_ids(self._ids(prompt_text, special=True)),
+            self._ids(chosen) + eos,
+            self._ids(rejected) + eos,
         )
 
     def _ids(self, text: str, *, special: bool = False) -> list[int]:
@@ -421,8 +481,11 @@ class PairTokenizer:
         for first in range(0, len(records), _ENCODE_SLICE):
             part = records[first : first + _ENCODE_SLICE]
             plain = [record for record in part if not _is_conversational(record)]
-            prompts = [template.replace(PROMPT_PLACEHOLDER, str(r["prompt"])) for r in plain]
-            responses = [str(r[key]) for r in plain for key in ("chosen", "rejected")]
+            cut_prompt, cut_response = self._cut_prompt, self._cut_response
+            prompts = [
+                template.replace(PROMPT_PLACEHOLDER, cut_prompt(str(r["prompt"]))) for r in plain
+            ]
+            responses = [cut_response(str(r[key])) for r in plain for key in ("chosen", "rejected")]
             prompt_ids = self._ids_of(prompts, special=True) if plain else []
             response_ids = self._ids_of(responses, special=False) if plain else []
             k = 0
@@ -441,8 +504,14 @@ class PairTokenizer:
                     yield encoded
                     continue
                 chosen, rejected = response_ids[2 * k], response_ids[2 * k + 1]
-                yield self._prompt_ids(prompt_ids[k]), list(chosen) + eos, list(rejected) + eos
+                encoded = self._prompt_ids(prompt_ids[k]), list(chosen) + eos, list(rejected) + eos
                 k += 1
+                if self.max_chars is not None:
+                    texts = [str(record[key]) for key in ("prompt", "chosen", "rejected")]
+                    cut = [len(text) > self.max_chars for text in texts]
+                    if any(cut) and not self._all_enough(encoded, cut):
+                        encoded = self.encode(record, cut=False)
+                yield encoded
 
     def _ids_of(self, texts: list[str], *, special: bool) -> list[list[int]]:
         """The ids of many texts in one tokenizer call, without the masks and offsets."""
@@ -478,6 +547,26 @@ class PairTokenizer:
             mask[len(prompt) :] = 1
             item[f"{side}_loss_mask"] = mask
         return item
+
+
+def _longest_token(tokenizer: Any) -> int | None:
+    """The characters of the tokenizer's longest vocabulary entry (a byte-level or
+    SentencePiece entry has at least as many characters as the text it stands for), or None
+    when the tokenizer does not list its vocabulary."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    try:
+        vocab = get_vocab() if callable(get_vocab) else None
+    except (NotImplementedError, AttributeError, TypeError):
+        return None
+    return max(map(len, vocab), default=None) if vocab else None
+
+
+def _cut_message(message: Mapping[str, Any], cut: Any) -> Mapping[str, Any]:
+    """``message`` with its text content passed through ``cut`` (other content as it is)."""
+    content = message.get("content")
+    if not isinstance(content, str) or cut(content) is content:
+        return message
+    return {**message, "content": cut(content)}
 
 
 def _template_errors() -> tuple[type[Exception], ...]:

@@ -406,3 +406,63 @@ def test_a_lone_surrogate_escape_is_named_at_its_line_and_key(tmp_path: Path) ->
         load_preference_data([{"prompt": "x\udc00", "chosen": "a", "rejected": "b"}])
     path.write_text(good)
     assert load_preference_data(path)[0]["prompt"] == "ok \U0001f600"
+
+
+def _bpe_tokenizer() -> object:
+    """A small trained byte-level BPE with a ChatML template (as the probe's mk_tok.py)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(["hello world", "the quick brown fox", "max(1,2)=2"] * 50, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>")
+    tok.pad_token = tok.eos_token
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    return tok
+
+
+def test_a_huge_line_is_cut_before_it_is_tokenized_with_the_same_result() -> None:
+    # one 50 MB line was tokenized in full before truncation (9 GB); only what truncation
+    # keeps matters: the end of the prompt, the start of each response
+    from tokenizers import Regex, normalizers
+
+    long = "the quick brown fox, hello world! " * 3000  # 102k characters
+    records = [
+        {"prompt": long + "max(1,2)=", "chosen": "2", "rejected": "1"},
+        {"prompt": "q", "chosen": long, "rejected": "max" + long},
+        {
+            "prompt": [{"role": "user", "content": long}, {"role": "user", "content": "hi"}],
+            "chosen": [{"role": "assistant", "content": long}],
+            "rejected": "short",
+        },
+    ]
+    folding = byte_tokenizer()  # folds a run of x into one: cut texts would have too few ids
+    folding._tokenizer.normalizer = normalizers.Replace(Regex("x+"), "x")
+    folding.chat_template = CHAT_TEMPLATE
+    folded = {"prompt": "p", "chosen": "x" * 50_000 + "yes", "rejected": "no"}
+    for tok in (byte_tokenizer(), _bpe_tokenizer(), folding):
+        if tok.chat_template is None:
+            tok.chat_template = CHAT_TEMPLATE
+        pairs = PairTokenizer(tok, max_length=64, max_prompt_length=40)
+        assert pairs.max_chars is not None and pairs.max_chars < len(long)
+        for record in [*records, folded]:
+            whole = pairs.encode(record, cut=False)
+            cut = pairs.encode(record)
+            assert pairs.truncate(*cut) == pairs.truncate(*whole), record
+            if record is not folded:
+                assert sum(map(len, cut)) < sum(map(len, whole)) / 10  # it was cut
+        dataset = PreferenceDataset([*records, folded], tok, max_length=64, max_prompt_length=40)
+        for i, record in enumerate([*records, folded]):
+            item = PairTokenizer.build_item(*pairs.truncate(*pairs.encode(record, cut=False)))
+            for key, value in item.items():
+                assert torch.equal(dataset[i][key], value), (i, key)
