@@ -72,6 +72,8 @@ from chatlearn.engine.run_checkpoints import RunCheckpoints, find_checkpoint
 from chatlearn.engine.run_lock import RunLock
 from chatlearn.engine.sampler import EpisodeSampler, dataset_fingerprint
 from chatlearn.engine.state import RunState
+from chatlearn.transport.codec import encode
+from chatlearn.transport.errors import EncodeError
 
 logger = logging.getLogger("chatlearn.engine")
 
@@ -243,6 +245,57 @@ def located_sample_error(
         return error
     head, _, fix = error.message.partition("\n  fix: ")
     return ConfigError(" ".join(head.split()), where=where, fix=fix or None)
+
+
+def unsendable_sample_error(
+    datasets: Sequence[tuple[str, Sequence[Any]]],
+    origins: Mapping[str, Callable[[int], str] | None],
+) -> ConfigError | None:
+    """The one-line error of the first sample the transport cannot send (a `datetime` among
+    its extra fields, say), naming its split, index (and file:line) and key path; None when
+    every sample encodes. Run after an `EncodeError`, so it costs nothing before one."""
+    for split, samples in datasets:
+        for index, sample in enumerate(samples):
+            found = _unsendable(sample, "")
+            if found is None:
+                continue
+            path, value = found
+            origin = origins.get(split)
+            where = f"sample {index} of the {split} data set"
+            with contextlib.suppress(IndexError, TypeError, ValueError):
+                where = f"{origin(index)}: {where}" if origin else where
+            return ConfigError(
+                f"key {path or '(the sample)'} is {_short_repr(value)} (a "
+                f"{type(value).__qualname__}), which cannot be sent to the models",
+                where=where,
+                fix="convert it to a string or a number, or drop the key, before set_dataset",
+            )
+    return None
+
+
+def _unsendable(value: Any, path: str) -> tuple[str, Any] | None:
+    """(key path, value) of the innermost part of ``value`` the codec refuses, or None."""
+    try:
+        encode(value)
+    except EncodeError:
+        pass
+    else:
+        return None
+    items: Any = ()
+    if isinstance(value, Mapping):
+        items = ((f"{path}[{k!r}]" if path else repr(k), v) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    for inner_path, inner in items:
+        found = _unsendable(inner, inner_path)
+        if found is not None:
+            return found
+    return path, value
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _TrainerView:
@@ -695,6 +748,9 @@ class DPOEngine(Engine):
                 )[0]
         except ActorError as refused:
             raise located_sample_error(refused, self._origins) from None
+        except EncodeError as unsendable:  # the codec's error names no sample or key
+            named = [("training", d) for d in datasets] + [("eval", eval_dataset or [])]
+            raise unsendable_sample_error(named, self._origins) or unsendable from None
         self._datasets_built = True
         dp = await self._healing(trainer.data_parallel, trainer)
         sampler = EpisodeSampler(
