@@ -20,10 +20,24 @@ from examples.dpo.models import PolicyReference, PolicyTrainer
 
 
 def resolve(path: str, config_dir: str | None) -> Path:
-    candidate = Path(path)
+    """``path`` with ``~`` expanded, relative to the config file's directory."""
+    candidate = Path(path).expanduser()
     if not candidate.is_absolute() and config_dir:
         candidate = Path(config_dir) / candidate
     return candidate
+
+
+def data_paths(args: chatlearn.Config) -> tuple[Path, Path | None]:
+    """The training data's path and the held-out data's (None without ``eval_data_path``, or
+    with it null or empty: no evaluation)."""
+    runtime = args.runtime_args
+    if not runtime.data_path:
+        raise args.error("runtime.data_path", "not set", "set data_path: data/train.jsonl")
+    eval_data_path = runtime.get("eval_data_path", None)
+    return (
+        resolve(str(runtime.data_path), args.config_dir),
+        resolve(str(eval_data_path), args.config_dir) if eval_data_path else None,
+    )
 
 
 def load_data(args: chatlearn.Config, key: str, path: Path) -> list[dict]:
@@ -103,18 +117,19 @@ if __name__ == "__main__":
     chatlearn.init()
     args = chatlearn.get_args()
     runtime = args.runtime_args
-    if not runtime.data_path:
-        raise args.error("runtime.data_path", "not set", "set data_path: data/train.jsonl")
-    train_path = resolve(runtime.data_path, args.config_dir)
-    eval_path = resolve(runtime.get("eval_data_path", "data/eval.jsonl"), args.config_dir)
-    ensure_data(args, {"data_path": train_path, "eval_data_path": eval_path})
+    train_path, eval_path = data_paths(args)
+    paths = {"data_path": train_path}
+    if eval_path is not None:
+        paths["eval_data_path"] = eval_path
+    ensure_data(args, paths)
 
     reference = PolicyReference("reference")
     policy = PolicyTrainer("policy_trainer")
     engine = DPOEngine(reference, policy)
     train = load_data(args, "data_path", train_path)
-    held_out = load_data(args, "eval_data_path", eval_path)
     # ChatLearn's entry scripts read these (-1 or unset: every record)
     engine.set_dataset(limited(train, runtime.get("training_data_num_limit", None)))
-    engine.set_eval_dataset(limited(held_out, runtime.get("eval_data_num_limit", None)))
+    if eval_path is not None:
+        held_out = load_data(args, "eval_data_path", eval_path)
+        engine.set_eval_dataset(limited(held_out, runtime.get("eval_data_num_limit", None)))
     print(summarize(engine.learn()))

@@ -180,3 +180,25 @@ def test_the_example_applies_chatlearns_data_limits() -> None:
     records = [{"prompt": str(i)} for i in range(5)]
     assert limited(records, 2) == records[:2] and limited(records, 0) == []
     assert limited(records, -1) == records == limited(records, None)
+
+
+@pytest.mark.parametrize("eval_line", ["eval_data_path: null", "eval_data_path: ''", ""])
+def test_the_example_reads_no_eval_set_from_a_null_or_absent_path_and_expands_home(
+    eval_line: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # null was a TypeError traceback; without the key, an error about data/eval.jsonl, a path
+    # the user never wrote; a data path under ~ was read relative to the config's directory
+    from chatlearn.config import load_config
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from examples.dpo.train_dpo import data_paths
+    finally:
+        sys.path.remove(str(ROOT))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "models:\n  reference:\n    num_cpu: 1\n  policy_trainer:\n    num_cpu: 1\n"
+        f"    trainable: true\nruntime:\n  data_path: ~/mine.jsonl\n  {eval_line}\n"
+    )
+    assert data_paths(load_config(config)) == (tmp_path / "mine.jsonl", None)
