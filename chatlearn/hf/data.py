@@ -31,7 +31,8 @@ token) is cut before it is tokenized, keeping a prompt's end and a response's st
 line costs what its kept tokens cost; should the cut text give too few tokens (a normalizer
 folding many characters into one), the whole text is tokenized after all.
 A pair whose responses are identical after truncation is kept (its DPO gradient is zero), and
-counted in `num_identical`.
+counted in `num_identical`; those identical in the data already, not by truncation, are also
+counted in `num_identical_in_data` (the summary tells the two apart).
 
 Batches (see chatlearn.algorithms.dpo for the convention): `chosen_input_ids`,
 `chosen_attention_mask`, `chosen_loss_mask` and the same `rejected_*`, right-padded.
@@ -293,6 +294,14 @@ def _extract_string_prompt(chosen: str, rejected: str) -> str | None:
     if end < 0 or end + len(HH_ASSISTANT) > same:
         return None
     return chosen[: end + len(HH_ASSISTANT)]
+
+
+def _same_responses(record: Mapping[str, Any]) -> bool:
+    """Whether a record's chosen and rejected are the same text (or messages)."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    if _is_conversational(record):
+        return _as_messages(chosen) == _as_messages(rejected)
+    return str(chosen) == str(rejected)
 
 
 def _is_conversational(record: Mapping[str, Any]) -> bool:
@@ -643,9 +652,16 @@ class PreferenceDataset(Dataset):
         # pairs with no prompt token at all (an empty prompt, a tokenizer without bos): no token
         # comes before the responses' first, so it is not scored
         self.num_empty_prompts = self.num_identical = 0
+        # of the identical pairs, those identical in the data already (not max_length's doing)
+        self.num_identical_in_data = 0
         pairs = self.pair_tokenizer
-        for prompt, chosen, rejected in pairs.iter_encoded(load_preference_data(records), split):
+        loaded = load_preference_data(records)
+        for index, (prompt, chosen, rejected) in enumerate(pairs.iter_encoded(loaded, split)):
             kept_prompt, kept_chosen, kept_rejected = pairs.truncate(prompt, chosen, rejected)
+            if kept_chosen == kept_rejected and chosen == rejected:
+                # ids of texts cut before tokenizing (PairTokenizer.max_chars) may differ later
+                cut = len(chosen) > pairs.max_length + 1
+                self.num_identical_in_data += not cut or _same_responses(loaded[index])
             self.num_empty_prompts += not kept_prompt
             self.num_truncated_prompts += len(kept_prompt) < len(prompt)
             self.num_truncated_responses += len(kept_chosen) < len(chosen) or len(
@@ -668,26 +684,36 @@ class PreferenceDataset(Dataset):
 
     def truncation_summary(self) -> str | None:
         """One line on what ``max_length`` cut, which pairs it made identical (their DPO
-        gradient is zero) and which have no prompt token; None when there is none of that."""
+        gradient is zero), which were identical in the data already and which have no prompt
+        token; None when there is none of that."""
         cut = self.num_truncated_prompts or self.num_truncated_responses
+        made_identical = self.num_identical - self.num_identical_in_data
         if not (cut or self.num_identical or self.num_empty_prompts):
             return None
-        parts = [
-            f"of {len(self)} pairs, {self.num_truncated_prompts} lost prompt tokens and "
-            f"{self.num_truncated_responses} lost response tokens to max_length "
-            f"{self.pair_tokenizer.max_length}"
-        ]
+        parts = []
+        if cut or made_identical:
+            parts.append(
+                f"{self.num_truncated_prompts} lost prompt tokens and "
+                f"{self.num_truncated_responses} lost response tokens to max_length "
+                f"{self.pair_tokenizer.max_length}"
+            )
         if self.num_empty_prompts:
             parts.append(
                 f"{self.num_empty_prompts} have no prompt token (an empty prompt and a tokenizer "
                 "without bos): the first token of their responses is not scored"
             )
-        if self.num_identical:
+        if made_identical:
             parts.append(
-                f"{self.num_identical} have identical responses after it (no DPO gradient: they "
+                f"{made_identical} have identical responses after it (no DPO gradient: they "
                 "only dilute the batch); raise max_length or max_prompt_length's share"
             )
-        return "; ".join(parts)
+        if self.num_identical_in_data:
+            parts.append(
+                f"{self.num_identical_in_data} have identical chosen and rejected responses in "
+                "the data itself (no DPO gradient: they only dilute the batch; drop them from "
+                "the data)"
+            )
+        return f"of {len(self)} pairs, " + "; ".join(parts)
 
     def __len__(self) -> int:
         return len(self._spans) // 4

@@ -466,3 +466,25 @@ def test_a_huge_line_is_cut_before_it_is_tokenized_with_the_same_result() -> Non
             item = PairTokenizer.build_item(*pairs.truncate(*pairs.encode(record, cut=False)))
             for key, value in item.items():
                 assert torch.equal(dataset[i][key], value), (i, key)
+
+
+def test_pairs_identical_in_the_data_are_not_blamed_on_max_length() -> None:
+    # "raise max_length" was the advice for a pair whose chosen and rejected are the same text
+    same = {"prompt": "max(0,0)=", "chosen": "0", "rejected": "0"}
+    ds = PreferenceDataset(
+        [same, {"prompt": "q", "chosen": "a", "rejected": "b"}], byte_tokenizer()
+    )
+    assert (ds.num_identical, ds.num_identical_in_data) == (1, 1)
+    assert ds.truncation_summary() == (
+        "of 2 pairs, 1 have identical chosen and rejected responses in the data itself (no DPO "
+        "gradient: they only dilute the batch; drop them from the data)"
+    )
+    # one of each: each said as what it is
+    preamble = "Let me think step by step about it. "
+    cut = {"prompt": "q", "chosen": preamble + "A", "rejected": preamble + "B"}
+    ds = PreferenceDataset([same, cut], byte_tokenizer(), max_length=24)
+    assert (ds.num_identical, ds.num_identical_in_data) == (2, 1)
+    summary = ds.truncation_summary()
+    assert summary is not None
+    assert "; 1 have identical responses after it (no DPO gradient" in summary, summary
+    assert "; 1 have identical chosen and rejected responses in the data itself" in summary
