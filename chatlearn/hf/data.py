@@ -32,7 +32,9 @@ line costs what its kept tokens cost; should the cut text give too few tokens (a
 folding many characters into one), the whole text is tokenized after all.
 A pair whose responses are identical after truncation is kept (its DPO gradient is zero), and
 counted in `num_identical`; those identical in the data already, not by truncation, are also
-counted in `num_identical_in_data` (the summary tells the two apart).
+counted in `num_identical_in_data` (the summary tells the two apart). A pair with a response of
+no token (a chat template rendering nothing for it) is kept, counted in `num_empty_responses`
+and said in the summary (which the HF modules log as a warning).
 
 Batches (see chatlearn.algorithms.dpo for the convention): `chosen_input_ids`,
 `chosen_attention_mask`, `chosen_loss_mask` and the same `rejected_*`, right-padded.
@@ -654,6 +656,9 @@ class PreferenceDataset(Dataset):
         self.num_empty_prompts = self.num_identical = 0
         # of the identical pairs, those identical in the data already (not max_length's doing)
         self.num_identical_in_data = 0
+        # pairs with a response of no token (a chat template that renders nothing for it): its
+        # log-prob is 0 whatever the model, all its loss mask zeros
+        self.num_empty_responses = 0
         pairs = self.pair_tokenizer
         loaded = load_preference_data(records)
         for index, (prompt, chosen, rejected) in enumerate(pairs.iter_encoded(loaded, split)):
@@ -663,6 +668,7 @@ class PreferenceDataset(Dataset):
                 cut = len(chosen) > pairs.max_length + 1
                 self.num_identical_in_data += not cut or _same_responses(loaded[index])
             self.num_empty_prompts += not kept_prompt
+            self.num_empty_responses += not (kept_chosen and kept_rejected)
             self.num_truncated_prompts += len(kept_prompt) < len(prompt)
             self.num_truncated_responses += len(kept_chosen) < len(chosen) or len(
                 kept_rejected
@@ -684,11 +690,11 @@ class PreferenceDataset(Dataset):
 
     def truncation_summary(self) -> str | None:
         """One line on what ``max_length`` cut, which pairs it made identical (their DPO
-        gradient is zero), which were identical in the data already and which have no prompt
-        token; None when there is none of that."""
+        gradient is zero), which were identical in the data already, which have no prompt
+        token and which a response of no token; None when there is none of that."""
         cut = self.num_truncated_prompts or self.num_truncated_responses
         made_identical = self.num_identical - self.num_identical_in_data
-        if not (cut or self.num_identical or self.num_empty_prompts):
+        if not (cut or self.num_identical or self.num_empty_prompts or self.num_empty_responses):
             return None
         parts = []
         if cut or made_identical:
@@ -701,6 +707,12 @@ class PreferenceDataset(Dataset):
             parts.append(
                 f"{self.num_empty_prompts} have no prompt token (an empty prompt and a tokenizer "
                 "without bos): the first token of their responses is not scored"
+            )
+        if self.num_empty_responses:
+            parts.append(
+                f"{self.num_empty_responses} have a response of no token (the chat template "
+                "renders nothing for it, e.g. empty content): its log-prob is 0 whatever the "
+                "model, so only the other response is trained; fix the data or the template"
             )
         if made_identical:
             parts.append(

@@ -488,3 +488,23 @@ def test_pairs_identical_in_the_data_are_not_blamed_on_max_length() -> None:
     assert summary is not None
     assert "; 1 have identical responses after it (no DPO gradient" in summary, summary
     assert "; 1 have identical chosen and rejected responses in the data itself" in summary
+
+
+def test_responses_of_no_token_are_counted_and_said() -> None:
+    # a template rendering empty content gave a response of no token, its loss mask all zeros,
+    # accepted without a word
+    tok = byte_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    prompt = [{"role": "user", "content": "hello"}]
+    records = [
+        {"prompt": prompt, "chosen": [{"role": "assistant", "content": ""}], "rejected": "world"},
+        {"prompt": prompt, "chosen": "yes", "rejected": "no"},
+    ]
+    ds = PreferenceDataset(records, tok, max_length=32)
+    assert ds.num_empty_responses == 1 and ds[0]["chosen_loss_mask"].sum() == 0
+    summary = ds.truncation_summary()
+    assert summary == (
+        "of 2 pairs, 1 have a response of no token (the chat template renders nothing for it, "
+        "e.g. empty content): its log-prob is 0 whatever the model, so only the other response "
+        "is trained; fix the data or the template"
+    )
