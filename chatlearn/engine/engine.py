@@ -70,7 +70,7 @@ from chatlearn.engine.progress import Progress, setup_logging
 from chatlearn.engine.protocol import EVAL, ReferenceGroup, TrainerGroup
 from chatlearn.engine.run_checkpoints import RunCheckpoints, find_checkpoint
 from chatlearn.engine.run_lock import RunLock
-from chatlearn.engine.sampler import EpisodeSampler, dataset_fingerprint
+from chatlearn.engine.sampler import EpisodeSampler, dataset_fingerprint, empty_dataset_error
 from chatlearn.engine.state import RunState
 from chatlearn.transport.codec import encode
 from chatlearn.transport.errors import EncodeError
@@ -418,6 +418,9 @@ class DPOEngine(Engine):
         """
         if self._datasets is None:
             raise ValueError("call engine.set_dataset(samples) before learn()")
+        for index, samples in enumerate(self._datasets):  # before any model starts
+            if not samples:
+                raise empty_dataset_error(None if len(self._datasets) == 1 else index)
         if self._phase != "idle":
             raise RuntimeError(
                 f"learn_async() is already running on this engine ({self._phase}); await that "

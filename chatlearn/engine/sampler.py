@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+from chatlearn.config.errors import ConfigError
 from chatlearn.transport.codec import encode
 
 logger = logging.getLogger("chatlearn.engine")
@@ -227,6 +228,16 @@ class DataSettingsChanged(ValueError):
         self.details = details
 
 
+def empty_dataset_error(index: int | None = None) -> ConfigError:
+    """The one-line error of an empty training data set (dataset ``index`` of several)."""
+    name = "the dataset" if index is None else f"dataset {index}"
+    return ConfigError(
+        f"{name} is empty: it must hold at least one sample",
+        fix="give engine.set_dataset() at least one sample (did a filter keep none?), or "
+        "return at least one from the model's build_dataset",
+    )
+
+
 class EpisodeSampler:
     """Deterministic, seeded, resumable episode sampler over one or several datasets.
 
@@ -252,8 +263,7 @@ class EpisodeSampler:
             raise ValueError("no dataset was set: call engine.set_dataset(samples) before learn()")
         for i, size in enumerate(sizes):
             if size < 1:
-                name = "the dataset" if len(sizes) == 1 else f"dataset {i}"
-                raise ValueError(f"{name} is empty: it must hold at least one sample")
+                raise empty_dataset_error(None if len(sizes) == 1 else i)
         if sample_per_episode < 1:
             raise ValueError(f"runtime.sample_per_episode must be >= 1, got {sample_per_episode}")
         if drop_last not in ("cycle", "drop"):

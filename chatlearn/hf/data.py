@@ -42,12 +42,13 @@ Batches (see chatlearn.algorithms.dpo for the convention): `chosen_input_ids`,
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, SupportsIndex, overload
+from typing import IO, Any, SupportsIndex, overload
 
 import torch
 from torch.utils.data import Dataset
@@ -67,9 +68,9 @@ def load_preference_data(source: str | Path | Iterable[Mapping[str, Any]]) -> li
         path = Path(source)
         records = PreferenceRecords([], path, array("q"))
         try:
-            # utf-8-sig: a byte-order mark (Windows tools write one) is skipped, not an error
-            with path.open(encoding="utf-8-sig") as handle:
-                for number, line in enumerate(handle, start=1):
+            with _open_lines(path) as handle:
+                for number, raw in enumerate(handle, start=1):
+                    line = _decoded(raw, number, path)
                     if not line.strip():
                         continue
                     try:
@@ -86,10 +87,10 @@ def load_preference_data(source: str | Path | Iterable[Mapping[str, Any]]) -> li
                         _check_text(record, where)
                     records.append(_check_record(record, where))
                     records.lines.append(number)
-        except OSError as exc:  # missing, a directory, unreadable
+        except OSError as exc:  # missing, a directory, unreadable, a broken gzip stream
             raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{path}: not UTF-8 text") from None
+        except EOFError:  # a gzip file cut short
+            raise ValueError(f"{path}: cannot read it (a gzip file cut short)") from None
         if not records:
             raise ValueError(f"{path}: no records (the file is empty)")
         return records
@@ -99,6 +100,40 @@ def load_preference_data(source: str | Path | Iterable[Mapping[str, Any]]) -> li
     for i, record in enumerate(checked):
         _check_text(record, f"sample {i} of {given}")
     return checked
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _open_lines(path: Path) -> IO[bytes] | gzip.GzipFile:
+    """The file's lines as bytes; a gzip file (its magic bytes, whatever its name) is read
+    through gzip."""
+    with path.open("rb") as probe:
+        magic = probe.read(2)
+    if magic == GZIP_MAGIC:
+        return gzip.open(path, "rb")
+    return path.open("rb")
+
+
+def _decoded(raw: bytes, number: int, path: Path) -> str:
+    """Line ``number`` as text: UTF-8 (the first line's byte-order mark skipped: Windows tools
+    write one); anything else is a ValueError naming the line and byte, with a hint for UTF-16
+    files."""
+    if number == 1 and raw.startswith(UTF16_BOMS):
+        raise ValueError(
+            f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8, "
+            f"e.g. iconv -f UTF-16 -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix}"
+        )
+    try:
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        byte = raw[exc.start : exc.start + 1].hex()
+        raise ValueError(
+            f"{path}:{number}: not UTF-8 text (byte 0x{byte} at byte {exc.start} of the line); "
+            f"save the file as UTF-8, e.g. iconv -f latin1 -t UTF-8 {path.name} > "
+            f"{path.stem}.utf8{path.suffix} if it is Latin-1"
+        ) from None
 
 
 # a JSON escape of a UTF-16 surrogate (valid JSON; alone it is no Unicode text)

@@ -406,3 +406,18 @@ def test_eval_batches_are_as_many_on_every_rank_and_count_each_position_once() -
         [list(range(0, 18, 2)), list(range(18, 33, 2))],
         [list(range(1, 17, 2)), list(range(17, 33, 2))],
     ]
+
+
+def test_an_empty_dataset_is_one_config_line_before_any_model_starts(tmp_path: Path) -> None:
+    # engine.set_dataset([]) (a filter that kept nothing) started both models, then stopped with
+    # a traceback from the sampler
+    from chatlearn.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        asyncio.run(_learn(tmp_path, _runtime(1, 4, 2, 2, 4), samples=[]))
+    assert info.value.one_line() == (
+        "the dataset is empty: it must hold at least one sample (fix: give engine.set_dataset() "
+        "at least one sample (did a filter keep none?), or return at least one from the model's "
+        "build_dataset)"
+    )
+    assert not (tmp_path / "log.jsonl").exists()  # the echo modules' log: none was set up

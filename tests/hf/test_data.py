@@ -3,6 +3,7 @@ templates for conversational records, and the padded batch for the concatenated 
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from pathlib import Path
@@ -208,7 +209,7 @@ def test_a_data_file_that_cannot_be_read_says_which_and_why(tmp_path) -> None:
         (tmp_path, "cannot read it (Is a directory)"),
         (tmp_path / "missing.jsonl", "cannot read it (No such file or directory)"),
         (empty, "no records (the file is empty)"),
-        (binary, "binary.jsonl: not UTF-8 text"),
+        (binary, "binary.jsonl:2: not UTF-8 text (byte 0xff at byte 0 of the line)"),
     ]
     for path, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -508,3 +509,25 @@ def test_responses_of_no_token_are_counted_and_said() -> None:
         "e.g. empty content): its log-prob is 0 whatever the model, so only the other response "
         "is trained; fix the data or the template"
     )
+
+
+def test_a_file_that_is_not_utf8_names_its_line_and_gzip_is_read(tmp_path: Path) -> None:
+    # "not UTF-8 text" named no line (the bad byte of a 777-line file was to be found by hand),
+    # and gave no hint for a gzip or a UTF-16 file
+    good = json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n"
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes((good * 776 + good.replace('"c"', '"caf\u00e9"')).encode("latin-1"))
+    with pytest.raises(ValueError) as info:
+        load_preference_data(latin1)
+    assert str(info.value).startswith(f"{latin1}:777: not UTF-8 text (byte 0xe9 at byte 30 ")
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_text(good, encoding="utf-16")
+    with pytest.raises(ValueError, match=re.escape(f"{utf16}: UTF-16 text (it starts with")):
+        load_preference_data(utf16)
+    packed = tmp_path / "data.jsonl.gz"
+    packed.write_bytes(gzip.compress((good * 3).encode()))
+    records = load_preference_data(packed)
+    assert len(records) == 3 and records.origin(2) == f"{packed}:3"
+    packed.write_bytes(gzip.compress((good * 3).encode())[:-10])  # cut short
+    with pytest.raises(ValueError, match="data.jsonl.gz: cannot read it"):
+        load_preference_data(packed)
