@@ -227,6 +227,14 @@ def substitute(value: Any, path: str, origins: Origins, display: str) -> Any:
             "(text around a placeholder is not substituted)",
         )
     name, default = match.group(1).strip(), match.group(2)
+    if default is not None and "${" in default:
+        # ChatLearn splits such a value at every ':' and takes a fragment of it as the default
+        raise ConfigError(
+            f"{value!r} nests a placeholder in a default; nested placeholders are not supported",
+            where=origins.get(path, display),
+            key=path,
+            fix="give the default as a plain value: ${NAME:default}",
+        )
     if name in os.environ:
         return literal(os.environ[name])
     if default is not None:

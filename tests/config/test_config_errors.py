@@ -477,3 +477,11 @@ def test_both_rlhf_and_runtime(write_yaml) -> None:
     error = error_of(write_yaml("main.yaml", "rlhf: {seed: 1}\nruntime: {seed: 2}\n"))
     check_format(error)
     assert error.key == "rlhf" and "merge rlhf" in error.fix
+
+
+def test_nested_placeholder(write_yaml) -> None:
+    # it was read as the literal string '${B:1}' (ChatLearn reads it as 'B'), without a word
+    error = runtime_error(write_yaml, "my_setting: ${CHATLEARN_TEST_UNSET:${B:1}}")
+    check_format(error)
+    assert error.key == "runtime.my_setting" and error.where.endswith("main.yaml:2")
+    assert "nested placeholders are not supported" in error.problem
