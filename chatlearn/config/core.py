@@ -18,7 +18,13 @@ from typing import Any
 
 from . import loader
 from .errors import ConfigError, logger
-from .schema import CHATLEARN_ONLY_KEYS, LORA_MODEL_KEYS, PROGRAM_KEYS, SECTIONS
+from .schema import (
+    CHATLEARN_ONLY_KEYS,
+    CHATLEARN_REPLACED_KEYS,
+    LORA_MODEL_KEYS,
+    PROGRAM_KEYS,
+    SECTIONS,
+)
 from .sections import Locator, ModelConfig, RuntimeConfig, RuntimeEnvConfig, Section
 
 _PLAIN_SCALARS = (str, int, float, bool, bytes, type(None))
@@ -208,6 +214,8 @@ class Config:
                 "`lora: {r, alpha, dropout, target_modules}` from the model's model_args "
                 "(its model_config_file)"
             )
+        elif key in CHATLEARN_REPLACED_KEYS.get(kind, {}):
+            why = f"a ChatLearn setting not read here: {CHATLEARN_REPLACED_KEYS[kind][key]}"
         elif key in CHATLEARN_ONLY_KEYS.get(kind, ()):
             why = "a ChatLearn setting that has no effect in this runtime; kept as given"
         else:

@@ -442,7 +442,7 @@ CHATLEARN_ONLY_KEYS: dict[str, tuple[str, ...]] = {
         "coalesce_param", "coalesced_buffer_mb", "concurrent_comm", "param_sync_comm_type",
         "param_sync_max_workers", "validate_param_sync", "free_sync_collective_group",
         "bucket_size_mb_in_memory_manager", "max_relay_episode", "relay_episode_offset",
-        "stream_data_loader_type", "max_data_ckpt_nums", "cpu_schedule_strategy", "data_rerank",
+        "stream_data_loader_type", "cpu_schedule_strategy", "data_rerank",
         "policy_to_regroup_queue",
     ),
     "models": (
@@ -451,6 +451,13 @@ CHATLEARN_ONLY_KEYS: dict[str, tuple[str, ...]] = {
         "max_token_in_packing", "model_type", "force_push_params",
     ),
 }  # fmt: skip
+# ChatLearn keys with a counterpart here that acts instead: the warning names it
+CHATLEARN_REPLACED_KEYS: dict[str, dict[str, str]] = {
+    "runtime": {
+        "max_data_ckpt_nums": "set runtime.save_keep_last instead, the number of checkpoints "
+        "kept here (default 3; 0 keeps all, as ChatLearn does without max_data_ckpt_nums)",
+    },
+}
 # ChatLearn's per-model LoRA switch; ours is in model_args (see chatlearn.hf.lora).
 LORA_MODEL_KEYS = ("lora", "enable_lora")
 

@@ -163,6 +163,19 @@ def test_unknown_keys_are_warned_once_with_their_place(
     assert "eval_data_path" not in caplog.text and "training_data_num_limit" not in caplog.text
 
 
+def test_max_data_ckpt_nums_names_the_key_that_keeps_checkpoints_here(
+    write_yaml, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ChatLearn keeps every checkpoint unless max_data_ckpt_nums says otherwise; here
+    # save_keep_last (default 3) prunes them, so "no effect" alone would lose checkpoints
+    path = write_yaml("main.yaml", "runtime:\n  max_data_ckpt_nums: 5\n")
+    with caplog.at_level(logging.WARNING, logger="chatlearn.config"):
+        load_config(path)
+    (line,) = [r.getMessage() for r in caplog.records if "max_data_ckpt_nums" in r.getMessage()]
+    assert "main.yaml:2: runtime.max_data_ckpt_nums:" in line and "\n" not in line
+    assert "set runtime.save_keep_last instead" in line and "0 keeps all" in line
+
+
 def test_chatlearn_sub_configs_read_by_attribute_with_its_defaults(write_yaml) -> None:
     # ChatLearn's trainers read self.module_args.lora.enable_lora (and batch_generation) of
     # every model; a models.<name>.lora section given in the file fills in over the defaults
