@@ -172,18 +172,27 @@ class Config:
         else:
             model_args: dict[str, Any] = {}
             if model.model_config_file:
-                model_args = self._load_model_file(path, model.model_config_file)
+                found = self._model_file(path, model.model_config_file)
+                model_args = self._load_model_file(path, found)
+                # ChatLearn keeps the path it read (config_dir joined with the name, e.g.
+                # configs/model.yaml), so a program can open the file itself
+                model._store("model_config_file", _as_opened(found))
             # `model_args:` written inline extends (and overrides) the model config file
             model.model_args = loader.deep_merge(model_args, inline_args or {})
         self.models[name] = model
 
-    def _load_model_file(self, path: str, file_name: str) -> dict[str, Any]:
-        config_dir = Path(self.config_dir or os.getcwd())
+    def _model_file(self, path: str, file_name: str) -> Path:
         key = f"{path}.model_config_file"
-        found = loader.resolve_path(
-            file_name, config_dir, where=self._locator.where(key), key=key, what="model config file"
+        return loader.resolve_path(
+            file_name,
+            Path(self.config_dir or os.getcwd()),
+            where=self._locator.where(key),
+            key=key,
+            what="model config file",
         )
-        data, origins = loader.load_file(found, config_dir)
+
+    def _load_model_file(self, path: str, found: Path) -> dict[str, Any]:
+        data, origins = loader.load_file(found, Path(self.config_dir or os.getcwd()))
         for sub_path, origin in origins.items():
             # a key also written inline (`model_args:`, recorded when the config was read)
             # takes the inline value (see `_add_model`), and so keeps the inline place
@@ -363,6 +372,15 @@ class Config:
         if not self._shipped:  # the coordinator's config: outputs are written from here
             check_output_paths(self)
         return self
+
+
+def _as_opened(found: Path) -> str:
+    """A model config file's path as ChatLearn stores it: relative to the working directory when
+    the file is under it (`configs/model.yaml`), else absolute."""
+    absolute = found.absolute()
+    if absolute.is_relative_to(Path.cwd()):
+        return os.path.relpath(absolute)
+    return str(absolute)
 
 
 def _plain(value: Any, path: str, locator: Locator) -> Any:

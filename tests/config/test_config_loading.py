@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from textwrap import dedent
 
@@ -270,6 +271,30 @@ def test_model_config_file_becomes_model_args(write_yaml, monkeypatch) -> None:
     model = load_config(path).models["policy_trainer"]
     assert model.model_args == {"hidden_size": 64, "num_layers": 2, "model_path": "/ckpt/policy"}
     assert model.args_dict is model.model_args  # ChatLearn's name
+
+
+def test_model_config_file_reads_as_the_path_it_was_read_from(
+    write_yaml, tmp_path, monkeypatch
+) -> None:
+    # ChatLearn's tests/base/test_exp.py::test_args: `-c configs/base.yaml` with
+    # `model_config_file: model.yaml` reads back as configs/model.yaml (it stayed model.yaml)
+    write_yaml("configs/model.yaml", "lr: 0.1\n")
+    write_yaml(
+        "configs/base.yaml",
+        "models:\n  policy:\n    num_cpu: 1\n    model_config_file: model.yaml\n",
+    )
+    monkeypatch.chdir(tmp_path)
+    config = load_config("configs/base.yaml")
+    policy = config.models["policy"]
+    assert policy.model_config_file == os.path.join("configs", "model.yaml")
+    assert config.where("models.policy.model_config_file").endswith("base.yaml:4")
+    assert Config.from_dict(config.to_dict()).models["policy"].model_args == {"lr": 0.1}
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a file outside the working directory: absolute
+    elsewhere = Config(
+        {"models": {"p": {"num_cpu": 1, "model_config_file": "model.yaml"}}}, tmp_path / "configs"
+    )
+    assert elsewhere.models["p"].model_config_file == str(tmp_path / "configs" / "model.yaml")
 
 
 def test_parallel_sizes_come_from_model_config_file(write_yaml) -> None:
