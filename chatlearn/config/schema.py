@@ -32,8 +32,11 @@ Runtime section (`runtime:`; `rlhf:` is read as a deprecated alias) — ChatLear
 | output_dir | str | ./ | reads as output_dir/exp_name (ChatLearn's rule; `output_path` too) |
 | log_interval | int ≥ 1 | 1 | log metrics every N steps |
 
-(1) ChatLearn's sampler modes, set on its engine rather than in config; with several datasets the
-sampler always cycles.
+(1) ChatLearn's sampler modes ("retain" is not offered: chatlearn/engine/sampler.py). ChatLearn
+reads `drop_last` (true: drop, false: cycle) from the model_args of the model that builds the
+dataset (the reference's model_config_file); so does this runtime when `runtime.drop_last` is not
+set (set, it wins, with a warning if they disagree). With several datasets the sampler always
+cycles.
 
 Runtime extensions of this project:
 

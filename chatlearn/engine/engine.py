@@ -47,7 +47,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from chatlearn.actors import (
     ActorDeadError,
@@ -70,7 +70,12 @@ from chatlearn.engine.progress import Progress, setup_logging
 from chatlearn.engine.protocol import EVAL, ReferenceGroup, TrainerGroup
 from chatlearn.engine.run_checkpoints import RunCheckpoints, find_checkpoint
 from chatlearn.engine.run_lock import RunLock
-from chatlearn.engine.sampler import EpisodeSampler, dataset_fingerprint, empty_dataset_error
+from chatlearn.engine.sampler import (
+    DropLast,
+    EpisodeSampler,
+    dataset_fingerprint,
+    empty_dataset_error,
+)
 from chatlearn.engine.state import RunState
 from chatlearn.transport.codec import encode
 from chatlearn.transport.errors import EncodeError
@@ -349,6 +354,7 @@ class DPOEngine(Engine):
         # the checkpoint found before the models started (`_before_launch`), if it looked
         self._resume_looked = False
         self._resume_info: CheckpointInfo | None = None
+        self._drop_last: DropLast = "cycle"  # the sampler's mode, read before the models start
 
     # -- data ------------------------------------------------------------------------------
     def set_dataset(self, dataset: Sequence[Any]) -> DPOEngine:
@@ -692,6 +698,7 @@ class DPOEngine(Engine):
         processes start with its counters (`resume_training`, episode, iteration) set before
         ``setup()``, as ChatLearn does: a module may load its own checkpoint there."""
         runtime = self.global_args.runtime_args
+        self._drop_last = _drop_last(self.global_args, self.reference.name)
         self._resume_looked = bool(runtime.enable_resume_training)
         self._resume_info = None
         if self._resume_looked:
@@ -761,7 +768,7 @@ class DPOEngine(Engine):
             runtime.sample_per_episode,
             shuffle=runtime.data_shuffle,
             data_ratio=runtime.resolve_data_ratio(len(sizes)) if len(sizes) > 1 else None,
-            drop_last=runtime.drop_last,
+            drop_last=self._drop_last,
             fingerprints=await asyncio.to_thread(lambda: list(map(dataset_fingerprint, datasets))),
         )
         settings = _settings(runtime, self.global_args.model(self.reference.name))
@@ -1053,6 +1060,39 @@ def _metrics(record: dict[str, Any]) -> dict[str, float]:
 def _steps_per_episode(settings: PipelineSettings) -> int:
     per_pass = -(-settings.sample_per_episode // settings.global_batch_size)
     return per_pass * settings.num_training_epoch
+
+
+def _drop_last(config: Any, reference: str) -> DropLast:
+    """The sampler's mode: ``runtime.drop_last`` when the config sets it, else ChatLearn's
+    ``drop_last`` of the reference's model_args (true: "drop", false: "cycle"), which ChatLearn's
+    ``BaseModule.build_dataloader`` reads from the model that builds the dataset."""
+    runtime = config.runtime_args
+    model = config.models.get(reference) if hasattr(config, "models") else None
+    model_args = getattr(model, "model_args", None) or {}
+    if "drop_last" not in model_args:
+        return cast(DropLast, runtime.drop_last)
+    key = f"models.{reference}.model_args.drop_last"
+    value = model_args["drop_last"]
+    if not isinstance(value, bool):
+        raise located_error(
+            config, key, f"expected true or false, got {value!r}", "write drop_last: true or false"
+        )
+    mode: DropLast = "drop" if value else "cycle"
+    is_set = getattr(runtime, "is_set", None)
+    if not (callable(is_set) and is_set("drop_last")):
+        return mode
+    if runtime.drop_last != mode:
+        where = getattr(config, "where", lambda _: "config")
+        logger.warning(
+            "%s: runtime.drop_last: %s wins over %s: %s (%s, which means %r); set one of them",
+            where("runtime.drop_last"),
+            runtime.drop_last,
+            key,
+            value,
+            where(key),
+            mode,
+        )
+    return cast(DropLast, runtime.drop_last)
 
 
 def _settings(runtime: Any, reference_config: Any) -> PipelineSettings:

@@ -170,6 +170,26 @@ async def test_shuffled_episodes_follow_seeded_passes(tmp_path: Path) -> None:
     assert [row for f in _events(log, "forward") for row in f["rows"]] == expected
 
 
+async def test_drop_last_of_the_reference_model_args_drops_a_short_pass(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ChatLearn's build_dataloader reads drop_last from the reference's model_args (its
+    # model_config_file); it was ignored here and the third episode wrapped into [32..34, 0..12]
+    runtime = _runtime(3, 16, 16, 2, 4, reference_cache=False)
+    reference = {"num_cpu": 1, "model_args": {"drop_last": True}}
+    _, log = await _learn(tmp_path, runtime, reference=reference)
+    drawn = [row for f in _events(log, "forward") for row in f["rows"]]
+    assert drawn == [*range(16), *range(16, 32), *range(16)]
+    # runtime.drop_last, when set, wins, in one warning line naming both
+    runtime["drop_last"] = "cycle"
+    with caplog.at_level(logging.WARNING, logger="chatlearn.engine"):
+        _, log = await _learn(tmp_path / "cycle", runtime, reference=reference)
+    drawn = [row for f in _events(log, "forward") for row in f["rows"]]
+    assert drawn == [*range(32), 32, 33, 34, *range(13)]
+    (line,) = [r.getMessage() for r in caplog.records if "drop_last" in r.getMessage()]
+    assert "runtime.drop_last: cycle wins over models.reference.model_args.drop_last" in line
+
+
 async def test_reference_reuse_across_data_epochs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -421,3 +441,13 @@ def test_an_empty_dataset_is_one_config_line_before_any_model_starts(tmp_path: P
         "build_dataset)"
     )
     assert not (tmp_path / "log.jsonl").exists()  # the echo modules' log: none was set up
+
+
+def test_a_drop_last_in_model_args_that_is_not_a_bool_is_one_config_error(tmp_path: Path) -> None:
+    from chatlearn.config import Config, ConfigError
+    from chatlearn.engine.engine import _drop_last
+
+    reference = {"num_cpu": 1, "model_args": {"drop_last": "drop"}}
+    config = Config(_config(tmp_path, {}, reference))
+    with pytest.raises(ConfigError, match="models.reference.model_args.drop_last: expected true"):
+        _drop_last(config, "reference")
