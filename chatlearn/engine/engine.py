@@ -44,7 +44,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
@@ -149,8 +149,27 @@ class Engine:
         """Right before the processes start (the run lock held): what a subclass must know
         first, such as the checkpoint a run resumes from."""
 
-    async def stop(self) -> None:
-        """Stop every process of the run (idempotent); then the output directory is free."""
+    def stop(self) -> Awaitable[None]:
+        """Stop every process of the run (idempotent); then the output directory is free.
+
+        Inside a running event loop: ``await engine.stop()``. Called without one, as ChatLearn
+        programs call it after ``learn()``, it stops them before it returns (on an event loop of
+        its own, if anything runs) and returns an awaitable that is already done.
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            if self.system is not None:
+                from chatlearn.transport import run
+
+                run(self._stop())
+            else:  # nothing runs: only the run locks may be held
+                self.groups = {}
+                self._run_locks.close()
+            return _Done()
+        return self._stop()
+
+    async def _stop(self) -> None:
         system, self.system = self.system, None
         self.groups = {}
         try:
@@ -165,6 +184,16 @@ class Engine:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+
+class _Done:
+    """An awaitable that is already done: what ``stop()`` returns after stopping synchronously."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield
 
 
 async def stream(

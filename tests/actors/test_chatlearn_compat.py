@@ -192,6 +192,7 @@ def test_a_chatlearn_style_program_runs_unchanged(tmp_path: Path) -> None:
     # the config's oddities were reported, not fatal
     assert "policy_trainer.yaml:7: duplicate key learning_rate" in proc.stderr
     assert "runtime.debug: a ChatLearn setting that has no effect" in proc.stderr
+    assert "never awaited" not in proc.stderr  # engine.stop() called without an event loop
 
 
 def test_chatlearn_names_this_runtime_lacks_say_so_on_import() -> None:

@@ -321,3 +321,33 @@ async def test_a_signal_stops_learn_async_in_a_task_with_an_exception_it_can_cat
         str(stopped.value),
     )
     assert_all_exit(_pids(tmp_path))
+
+
+def test_stop_called_without_an_event_loop_stops_before_it_returns(tmp_path: Path) -> None:
+    # ChatLearn programs call engine.stop() after learn(); as a coroutine function it only
+    # made a "coroutine was never awaited" warning and stopped nothing
+    chatlearn.init(_config(tmp_path))
+    try:
+        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+    finally:
+        reset_args()
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    class System:  # what stop() shuts down: the run's processes
+        async def shutdown(self) -> None:
+            loops.append(asyncio.get_running_loop())
+
+    engine.system = System()  # type: ignore[assignment]
+    done = engine.stop()
+    assert len(loops) == 1 and engine.system is None
+    engine.stop()  # nothing runs any more: nothing to do
+
+    async def in_a_loop() -> None:
+        await done  # what stop() returned is an awaitable that is already done
+        engine.system = System()  # type: ignore[assignment]
+        stopping = engine.stop()  # inside a running loop: the stop to await
+        assert engine.system is not None
+        await stopping
+        assert len(loops) == 2 and engine.system is None
+
+    asyncio.run(in_a_loop())

@@ -97,6 +97,7 @@ if __name__ == "__main__":
     engine.learn()
     engine.timers("learn").stop()
     summary = engine.logging_summary()
+    engine.stop()  # as ChatLearn's entry scripts end (the models have stopped already)
     with open(sys.argv[-1], "w") as f:
         json.dump(
             {
