@@ -108,6 +108,21 @@ class Engine:
         self.groups: dict[str, ModelGroup] = {}
         self._services: dict[str, dict[str, str]] = {}
 
+    @property
+    def runtime_args(self) -> Any:
+        """The config's ``runtime`` section (ChatLearn's ``engine.runtime_args``)."""
+        return self.global_args.runtime_args
+
+    def get_model(self, name: str) -> BaseModule:
+        """The module object the engine was given under ``name`` (ChatLearn's
+        ``engine.get_model``; the running processes are ``group(name)``)."""
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(
+            f"no model {name!r} in this engine (models: {[m.name for m in self.models]})"
+        )
+
     def group(self, name: str) -> ModelGroup:
         """The running processes of model ``name`` (after ``start()``)."""
         if name not in self.groups:
@@ -388,7 +403,13 @@ class DPOEngine(Engine):
     # -- data ------------------------------------------------------------------------------
     def set_dataset(self, dataset: Sequence[Any]) -> DPOEngine:
         """The training samples (raw; each reference replica turns them into a dataset)."""
-        self._datasets = [list(dataset)]
+        samples = list(dataset)
+        if samples and isinstance(samples[0], list):  # ChatLearn asserts the same
+            raise ValueError(
+                "engine.set_dataset() takes one dataset, a list of samples, and its first "
+                "sample is a list: for several datasets call engine.set_multiple_datasets(lists)"
+            )
+        self._datasets = [samples]
         self._origins["training"] = getattr(dataset, "origin", None)
         return self
 
@@ -414,6 +435,25 @@ class DPOEngine(Engine):
             "to engine.set_eval_dataset(samples); the trainer's eval_step evaluates them every "
             "eval_episode_interval episodes (docs/chatlearn-compat.md)"
         )
+
+    # ChatLearn's engine methods for flows this runtime builds itself: one line each on what
+    # to do instead
+    def set_relay_sample_manager(self, manager: Any) -> DPOEngine:
+        raise _not_provided("set_relay_sample_manager", _RELAY)
+
+    def set_relay_sample_fn(self, fn: Any) -> DPOEngine:
+        raise _not_provided("set_relay_sample_fn", _RELAY)
+
+    def set_parameter_sync(self, src_model: Any, dst_model: Any) -> DPOEngine:
+        raise _not_provided(
+            "set_parameter_sync", "DPO's reference stays frozen, so no weights are synced here"
+        )
+
+    def set_trainer(self, trainer: Any) -> DPOEngine:
+        raise _not_provided("set_trainer", _OWN_FLOW)
+
+    def set_environment(self, environment: Any) -> DPOEngine:
+        raise _not_provided("set_environment", _OWN_FLOW)
 
     # -- training --------------------------------------------------------------------------
     def learn(self) -> LearnResult:
@@ -1089,6 +1129,22 @@ def _metrics(record: dict[str, Any]) -> dict[str, float]:
 def _steps_per_episode(settings: PipelineSettings) -> int:
     per_pass = -(-settings.sample_per_episode // settings.global_batch_size)
     return per_pass * settings.num_training_epoch
+
+
+_RELAY = (
+    "the reference's forward_step outputs reach train_step as they are, so return what "
+    "train_step needs from forward_step"
+)
+_OWN_FLOW = (
+    "DPOEngine(reference, policy_trainer) builds its environment and trainer from the two "
+    "modules; pass them there"
+)
+
+
+def _not_provided(method: str, instead: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"engine.{method}() is not provided by this runtime: {instead} (docs/chatlearn-compat.md)"
+    )
 
 
 def _drop_last(config: Any, reference: str) -> DropLast:

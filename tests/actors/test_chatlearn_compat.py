@@ -207,6 +207,32 @@ def test_chatlearn_names_this_runtime_lacks_say_so_on_import() -> None:
         _ = chatlearn.DPOEngin  # type: ignore[attr-defined]
 
 
+def test_chatlearn_engine_attributes_and_methods(config) -> None:
+    # each was a bare AttributeError
+    reference, policy = BaseModule("reference", config), TorchModule("policy", config)
+    engine = chatlearn.DPOEngine(reference, policy)
+    assert engine.runtime_args is config.runtime_args
+    assert engine.get_model("policy") is policy and engine.get_model("reference") is reference
+    with pytest.raises(KeyError, match="'trainer'.*'reference', 'policy'"):
+        engine.get_model("trainer")
+    refusals = {
+        "set_relay_sample_manager": (lambda buffers: [],),
+        "set_relay_sample_fn": (lambda buffers: [],),
+        "set_parameter_sync": (policy, reference),
+        "set_trainer": (object(),),
+        "set_environment": (object(),),
+    }
+    for method, arguments in refusals.items():
+        with pytest.raises(NotImplementedError) as info:
+            getattr(engine, method)(*arguments)
+        message = str(info.value)
+        assert message.startswith(f"engine.{method}() is not provided") and "\n" not in message
+    # ChatLearn asserts one dataset here and points to set_multiple_datasets
+    with pytest.raises(ValueError, match="set_multiple_datasets"):
+        engine.set_dataset([["a"], ["b"]])
+    assert engine.set_dataset(iter([{"prompt": "a"}])) is engine
+
+
 def test_chatlearn_utils_that_modules_import() -> None:
     from chatlearn import logger
     from chatlearn.utils import to_device
