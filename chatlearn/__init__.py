@@ -44,6 +44,8 @@ NOT_PROVIDED: dict[str, str] = {
     "Environment": _ONLINE,
     "Trainer": _ONLINE,
     "ControlDependencies": _ONLINE,
+    "VLLMModule": "ChatLearn's vLLM generation module: DPO generates nothing; the reference is "
+    "a TorchModule or MegatronModule (or chatlearn.hf's HFReference) with forward_step",
     "FSDPModule": "use TorchModule with models.<name>.parallel: fsdp (README: choosing a layout)",
     "get": "Ray's futures: there is no Ray here; engine and module calls return their values",
 }

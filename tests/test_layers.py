@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "config": 1,
     "algorithms": 1,
     "utils": 1,  # ChatLearn's chatlearn.utils helpers for user modules
+    "models": 1,  # ChatLearn's chatlearn.models: an import that says it is not provided
     "actors": 2,
     "engine": 3,
     "launch": 3,

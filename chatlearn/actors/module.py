@@ -322,6 +322,26 @@ class BaseModule:
         return self.total_gpu // max(1, self.num_replica)
 
     @property
+    def _num_gpu_per_replica(self) -> int:
+        """ChatLearn's attribute name of `num_gpu_per_replica`."""
+        return self.num_gpu_per_replica
+
+    @property
+    def _runtime_args(self) -> Any:
+        """ChatLearn's attribute name of `runtime_args`."""
+        return self.runtime_args
+
+    def num_layers(self) -> int | None:
+        """ChatLearn's hook for parameter sync between models, which this runtime does not do;
+        `MegatronModule` returns `megatron_args.num_layers`, as ChatLearn's does."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.num_layers() is not provided by BaseModule/TorchModule: it "
+            "serves ChatLearn's parameter sync, which this runtime does not do; read the layer "
+            "count from your model's config (MegatronModule.num_layers() returns "
+            "megatron_args.num_layers)"
+        )
+
+    @property
     def config_dir(self) -> str | None:
         """The main config file's directory (None for a config built in code)."""
         return config_value(self.global_args, "config_dir", None)

@@ -167,6 +167,11 @@ class MegatronModule(TorchModule):
             return self._megatron_args
         return self._build_megatron_args()  # the template: from the config only
 
+    def num_layers(self) -> int | None:
+        """The transformer's layer count (`megatron_args.num_layers`), as ChatLearn's."""
+        layers = self.megatron_args.num_layers
+        return None if layers is None else int(layers)
+
     def _build_megatron_args(self) -> argparse.Namespace:
         from chatlearn.megatron.args import build_megatron_args
 

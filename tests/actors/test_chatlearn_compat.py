@@ -247,6 +247,30 @@ def test_chatlearn_utils_that_modules_import() -> None:
     log_rank_0("hello")
 
 
+def test_chatlearn_module_attributes_and_example_imports(config) -> None:
+    # ChatLearn's BaseModule.__init__ names; each was a bare AttributeError
+    reference = BaseModule("reference", config)
+    assert reference._num_gpu_per_replica == reference.num_gpu_per_replica == 2
+    assert reference._runtime_args is reference.runtime_args is config.runtime_args
+    with pytest.raises(NotImplementedError, match="num_layers.*not provided.*parameter sync"):
+        reference.num_layers()
+    with pytest.raises(ImportError, match="VLLMModule is not provided.*forward_step"):
+        from chatlearn import VLLMModule  # noqa: F401
+    # imports of ChatLearn's example models: the small helper works, the rest say so
+    from chatlearn.utils.utils import listdict_to_dictlist
+
+    rows = [{"ids": [1, 2], "n": 1}, {"ids": [3], "n": 2}]
+    assert listdict_to_dictlist(rows) == {"ids": [1, 2, 3], "n": [1, 2]}
+    assert listdict_to_dictlist(rows, list_extend=False) == {"ids": [[1, 2], [3]], "n": [1, 2]}
+    assert rows[0]["ids"] == [1, 2]  # the input is left as it was
+    with pytest.raises(ImportError, match="megatron_utils is not provided.*load_pretrained_model"):
+        from chatlearn.utils.megatron_utils import load_checkpoint  # noqa: F401
+    with pytest.raises(ImportError, match="chatlearn.models is not provided.*MegatronModule"):
+        from chatlearn.models.megatron.lora import convert_layer_to_lora  # noqa: F401
+    with pytest.raises(ImportError, match="future is not provided.*no Ray"):
+        from chatlearn.utils import future  # noqa: F401
+
+
 def test_more_of_chatlearns_module_helpers() -> None:
     cfg = lib.make_config(
         {"reference": {"num_cpu": 1}, "policy": {"num_cpu": 1, "trainable": True}},

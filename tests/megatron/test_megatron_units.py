@@ -210,6 +210,7 @@ def test_megatron_args_follow_megatron_lm_from_model_args_and_runtime() -> None:
     assert (args.micro_batch_size, args.global_batch_size) == (2, 8)
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 1)
     assert (args.num_layers, args.hidden_size, args.lr, args.load) == (2, 64, 5e-3, "/ckpt/llama")
+    assert policy.num_layers() == 2  # ChatLearn's MegatronModule.num_layers()
     # derived as Megatron-LM's validate_args does
     assert args.ffn_hidden_size == 128  # swiglu: 2/3 of 4h, down to a multiple of 64
     assert (args.kv_channels, args.num_query_groups) == (16, 4)
