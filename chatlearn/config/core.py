@@ -217,11 +217,19 @@ class Config:
         if (where, path) in _warned_keys:
             return
         _warned_keys.add((where, path))
-        if kind == "models" and key in LORA_MODEL_KEYS:
+        if kind == "models" and key == "lora":
             why = (
-                "ChatLearn's LoRA setting is not read here; the ready-made HF modules read "
-                "`lora: {r, alpha, dropout, target_modules}` from the model's model_args "
-                "(its model_config_file)"
+                "ChatLearn's LoRA section: chatlearn.hf's HFDPOTrainer applies it when its "
+                "enable_lora is true (lora_dim as r, lora_scaling as alpha, lora_dropout, every "
+                "linear layer; part_module_name, lora_layer and column_only_qkv are not read) "
+                "unless model_args set lora or enable_lora; other modules see it as "
+                "self.enable_lora and self.module_args.lora; MegatronModule has no LoRA"
+            )
+        elif kind == "models" and key in LORA_MODEL_KEYS:
+            why = (
+                "not read here (ChatLearn's switch is models.<name>.lora.enable_lora); the "
+                "ready-made HF modules read `lora: {r, alpha, dropout, target_modules}` or "
+                "`enable_lora` from the model's model_args (its model_config_file)"
             )
         elif key in CHATLEARN_REPLACED_KEYS.get(kind, {}):
             why = f"a ChatLearn setting not read here: {CHATLEARN_REPLACED_KEYS[kind][key]}"

@@ -231,6 +231,25 @@ def _check_data_args(model_args: Mapping[str, Any], prefix: str, error: Locate) 
         )
 
 
+# ChatLearn's LoraConfig (`models.<name>.lora`) in these terms: its update is
+# lora_scaling / lora_dim · B @ A, peft's lora_alpha / r · B @ A, so alpha is lora_scaling
+CHATLEARN_LORA_KEYS = {"lora_dim": "r", "lora_dropout": "dropout", "lora_scaling": "alpha"}
+
+
+def chatlearn_lora_request(
+    section: Mapping[str, Any] | None, prefix: str, error: Locate
+) -> dict[str, Any] | None:
+    """The LoRA settings of ChatLearn's per-model section (``models.<name>.lora``, its defaults
+    filled in) when its ``enable_lora`` is true, else None: ``lora_dim`` → r, ``lora_dropout`` →
+    dropout, ``lora_scaling`` → alpha, every linear layer adapted."""
+    if not isinstance(section, Mapping) or not section.get("enable_lora"):
+        return None
+    given = {
+        ours: section[theirs] for theirs, ours in CHATLEARN_LORA_KEYS.items() if theirs in section
+    }
+    return lora_request({"lora": given}, prefix, error)
+
+
 def _check_betas(value: Any, path: str, error: Locate) -> None:
     fix = "write two numbers in [0, 1), e.g. adam_betas: [0.9, 0.999]"
     if value is None:

@@ -149,16 +149,21 @@ class RunCheckpoints:
         if ranks is not None and ranks != len(self.trainer):
             changes.append(f"{ranks} process(es) then, {len(self.trainer)} now")
         name = self.trainer.name
-        before, after = (
-            ((config.get("models") or {}).get(name) or {}).get("model_args") or {}
-            for config in (saved.config, current)
+        saved_model, current_model = (
+            (config.get("models") or {}).get(name) or {} for config in (saved.config, current)
         )
+        before, after = (model.get("model_args") or {} for model in (saved_model, current_model))
         for key in _LAYOUT_KEYS:
             if before.get(key) != after.get(key):
                 changes.append(
                     f"models.{name}.model_args.{key}: saved {before.get(key)!r}, "
                     f"now {after.get(key)!r}"
                 )
+        if saved_model.get("lora") != current_model.get("lora"):  # ChatLearn's LoRA section
+            changes.append(
+                f"models.{name}.lora: saved {saved_model.get('lora')!r}, "
+                f"now {current_model.get('lora')!r}"
+            )
         return changes
 
     def _check_episode_plan(self, info: CheckpointInfo, saved: CoordinatorState) -> None:

@@ -4,8 +4,11 @@
                  (or ChatLearn's `enable_lora: true`, with these defaults; `enable_lora:
                  false` beside the section or in it turns LoRA off; ChatLearn's `lora_dim`
                  and `lora_dropout` are read as r and dropout)
+    models.<name>.lora: {enable_lora: true, lora_dim: 8, lora_scaling: 1.0, lora_dropout: 0}
+                 (ChatLearn's per-model section, used when model_args set neither `lora` nor
+                 `enable_lora`: r = lora_dim, alpha = lora_scaling, all linear layers)
 
-    model = apply_lora(model, lora_settings(model_args))      # a peft model, base frozen
+    model = apply_lora(model, module_lora_settings(module))   # a peft model, base frozen
     merged = merged_state_dict(model, full_state_dict)        # HF keys, adapters folded in
 
 The reference is never adapted: it stays the frozen base model.
@@ -13,12 +16,14 @@ The reference is never adapted: it stays the frozen base model.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from chatlearn.config.model_args import lora_request
+from chatlearn.config.errors import located_error
+from chatlearn.config.model_args import chatlearn_lora_request, lora_request
 from chatlearn.hf.model import locate_model_args
 
 _PEFT_PREFIX = "base_model.model."
@@ -29,6 +34,21 @@ def lora_settings(model_args: Mapping[str, Any]) -> dict[str, Any] | None:
     (`chatlearn.config.model_args.lora_request`; a mistake is a `ConfigError` naming the key and,
     for a model of the process-wide config, its file and line)."""
     return lora_request(model_args, *locate_model_args(model_args))
+
+
+def module_lora_settings(module: Any) -> dict[str, Any] | None:
+    """The LoRA settings of a module: its model_args' (`lora_settings`) when they set `lora` or
+    `enable_lora`, else ChatLearn's `models.<name>.lora` section when its `enable_lora` is true
+    (`chatlearn.config.model_args.chatlearn_lora_request`)."""
+    model_args = module.model_args
+    if "lora" in model_args or "enable_lora" in model_args:
+        return lora_settings(model_args)
+    path = f"models.{module.name}"
+    return chatlearn_lora_request(
+        module.module_args.lora,
+        path,
+        functools.partial(located_error, module.global_args),
+    )
 
 
 def apply_lora(model: Any, settings: Mapping[str, Any], *, seed: int = 0) -> Any:

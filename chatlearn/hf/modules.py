@@ -99,7 +99,7 @@ from chatlearn.algorithms.token_budget import max_over_ranks, regroup_step
 from chatlearn.config.errors import ConfigError
 from chatlearn.hf.checkpoint import export_hf, full_state_dict, load_sharded, save_sharded
 from chatlearn.hf.data import PreferenceCollator, PreferenceDataset
-from chatlearn.hf.lora import apply_lora, lora_settings
+from chatlearn.hf.lora import apply_lora, module_lora_settings
 from chatlearn.hf.memory import (
     format_memory_report,
     memory_report,
@@ -421,7 +421,7 @@ class HFDPOTrainer(_HFModule):
         if self.arg("gradient_checkpointing", False):
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False
-        lora = lora_settings(self.model_args)
+        lora = module_lora_settings(self)
         if lora is not None:
             try:
                 self.model = apply_lora(self.model, lora, seed=int(self.arg("seed", 0)))

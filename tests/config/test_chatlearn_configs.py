@@ -157,7 +157,7 @@ def test_unknown_keys_are_warned_once_with_their_place(
     assert "main.yaml:8: runtime.num_episod" in caplog.text and "did you mean num_episode" in (
         caplog.text
     )
-    assert "main.yaml:5: models.policy.enable_lora: ChatLearn's LoRA setting" in caplog.text
+    assert "main.yaml:5: models.policy.enable_lora: not read here" in caplog.text
     assert "models.policy.offload_weights: a ChatLearn setting that has no effect" in caplog.text
     # keys that ChatLearn's entry scripts read (train_dpo.py's data limits): no warning
     assert "eval_data_path" not in caplog.text and "training_data_num_limit" not in caplog.text

@@ -192,3 +192,34 @@ def test_max_length_beyond_the_models_positions(
         assert any("extrapolates" in r.getMessage() for r in caplog.records), caplog.text
     finally:
         reset_args()
+
+
+def test_chatlearns_per_model_lora_section_is_applied_by_the_hf_trainer() -> None:
+    # models.<name>.lora: {enable_lora: true, ...} made self.enable_lora true while the HF
+    # trainer, which read only model_args, trained the whole model
+    from chatlearn.config import Config
+    from chatlearn.hf.lora import module_lora_settings
+    from chatlearn.hf.modules import HFDPOTrainer
+
+    def trainer(model: dict) -> HFDPOTrainer:
+        config = Config({"models": {"policy": {"num_cpu": 1, "trainable": True, **model}}})
+        return HFDPOTrainer("policy", config)
+
+    section = {"enable_lora": True, "lora_dim": 4, "lora_scaling": 2.0, "lora_dropout": 0.1}
+    policy = trainer({"lora": section})
+    assert policy.enable_lora is True
+    assert module_lora_settings(policy) == {**LORA_DEFAULTS, "r": 4, "alpha": 2.0, "dropout": 0.1}
+    # ChatLearn's defaults: lora_dim 8, lora_scaling 1 (its update is lora_scaling / lora_dim)
+    defaults = module_lora_settings(trainer({"lora": {"enable_lora": True}}))
+    assert defaults == {**LORA_DEFAULTS, "r": 8, "alpha": 1.0}
+    assert module_lora_settings(trainer({"lora": {"lora_dim": 4}})) is None  # not enabled
+    # the model_args' own settings win, an explicit enable_lora: false included
+    mine = trainer({"lora": section, "model_args": {"lora": {"r": 2}}})
+    assert module_lora_settings(mine) == {**LORA_DEFAULTS, "r": 2}
+    assert (
+        module_lora_settings(trainer({"lora": section, "model_args": {"enable_lora": False}}))
+        is None
+    )
+    with pytest.raises(ConfigError) as info:
+        module_lora_settings(trainer({"lora": {"enable_lora": True, "lora_dim": 0}}))
+    assert info.value.key == "models.policy.lora.r" and "must be ≥ 1" in info.value.problem
