@@ -431,17 +431,57 @@ class HFDPOTrainer(_HFModule):
         self.model.train()
         self.network = self.build_network(trainable=True)
         self.optimizer = torch.optim.AdamW(
-            list(trainable_parameters(self.network)),
-            lr=float(self.arg("learning_rate", 1e-6)),
-            weight_decay=float(self.arg("weight_decay", 0.0)),
-            betas=tuple(self.arg("adam_betas", (0.9, 0.999))),
-            eps=float(self.arg("adam_eps", 1e-8)),
+            list(trainable_parameters(self.network)), **self._optimizer_settings()
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.grad_scaler = self.layout.grad_scaler()
         if self.data_parallel_rank == 0:
             report = format_memory_report(self.memory_report(), self.layout.describe())
             self._logger.info("%s: %s; forward: %s", self.name, report, self.packing.describe())
+
+    def _optimizer_settings(self) -> dict[str, Any]:
+        return {
+            "lr": float(self.arg("learning_rate", 1e-6)),
+            "weight_decay": float(self.arg("weight_decay", 0.0)),
+            "betas": tuple(float(b) for b in self.arg("adam_betas", (0.9, 0.999))),
+            "eps": float(self.arg("adam_eps", 1e-8)),
+        }
+
+    def _apply_optimizer_settings(self) -> None:
+        """After a checkpoint load: the configured learning rate, weight decay, betas and eps,
+        not the checkpoint's (its param groups and the scheduler's base rates hold the values
+        of the run that wrote it; lowering the rate after a loss spike is the usual reason to
+        change it on resume), and the rate of the schedule's current step under the configured
+        schedule. The moments and the step count stay the checkpoint's. Unchanged settings
+        give back the very same values (an exact resume stays exact)."""
+        settings = self._optimizer_settings()
+        step = self.scheduler.last_epoch
+        changed = set()
+        for group in self.optimizer.param_groups:
+            before = {key: group.get(key) for key in ("initial_lr", "weight_decay", "betas", "eps")}
+            group["initial_lr"] = settings["lr"]
+            group["weight_decay"] = settings["weight_decay"]
+            group["betas"] = settings["betas"]
+            group["eps"] = settings["eps"]
+            lr = settings["lr"] * self._lr_factor(step)
+            if group["lr"] != lr:
+                changed.add(f"rate of step {step + 1} {group['lr']:.6g} -> {lr:.6g}")
+            group["lr"] = lr
+            for key, value in before.items():
+                now = settings["lr"] if key == "initial_lr" else group[key]
+                if value is not None and tuple(_flat(value)) != tuple(_flat(now)):
+                    name = {"initial_lr": "learning_rate", "betas": "adam_betas"}.get(key, key)
+                    changed.add(f"{name} {value} -> {now}")
+        self.scheduler.base_lrs = [settings["lr"]] * len(self.optimizer.param_groups)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if changed and self.data_parallel_rank == 0:
+            self._logger.warning(
+                "%s: the checkpoint's optimizer settings differ from the configuration; the "
+                "configured ones apply from here on (the moments and schedule position are "
+                "the checkpoint's): %s",
+                self.name,
+                "; ".join(sorted(changed)),
+            )
 
     def memory_report(self) -> dict[str, Any]:
         """This rank's parameter, gradient and optimizer-state bytes (``chatlearn.hf.memory``)."""
@@ -584,12 +624,13 @@ class HFDPOTrainer(_HFModule):
     def load_checkpoint(self, iteration: int) -> None:
         if not self.layout.sharded:
             super().load_checkpoint(iteration)
-            return
-        from chatlearn.actors.module import load_rank_state
+        else:
+            from chatlearn.actors.module import load_rank_state
 
-        directory = self.checkpoint_dir(iteration)
-        load_sharded(directory.parent / SHARDED_DIR, self.network, self.optimizer)
-        load_rank_state(directory, {"scheduler": self.scheduler})
+            directory = self.checkpoint_dir(iteration)
+            load_sharded(directory.parent / SHARDED_DIR, self.network, self.optimizer)
+            load_rank_state(directory, {"scheduler": self.scheduler})
+        self._apply_optimizer_settings()
 
     def export_hf_model(self, target: Any) -> None:
         """The policy as a Hugging Face directory (collective under FSDP2: call it on every
@@ -605,6 +646,15 @@ class HFDPOTrainer(_HFModule):
                 tokenizer=self.tokenizer,
                 merge_lora=bool(self.arg("merge_lora", True)),
             )
+
+
+def _flat(value: Any) -> Iterator[float]:
+    """A number, or the numbers of a tuple or list, as floats (betas are saved as lists)."""
+    if isinstance(value, list | tuple):
+        for item in value:
+            yield float(item)
+    else:
+        yield float(value)
 
 
 @contextlib.contextmanager
