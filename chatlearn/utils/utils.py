@@ -16,19 +16,20 @@ def listdict_to_dictlist(
     ld: Sequence[Mapping[str, Any]], list_extend: bool = True
 ) -> dict[str, Any]:
     """``[{k: a1}, {k: a2}, ...]`` → ``{k: [a1, a2, ...]}``, as ChatLearn's: with
-    ``list_extend`` a key whose values are lists gets them concatenated (``a1 + a2 + ...``). The
-    first dict's values are deep-copied; the keys are those of the first dict."""
-    res = copy.deepcopy(dict(ld[0]))
-    for key, value in res.items():
-        if not (list_extend and isinstance(value, list)):
-            res[key] = [value]
-    for d in ld[1:]:
-        for key, value in d.items():
+    ``list_extend`` a value that is a list is spliced in (``a1 + a2 + ...``). The first dict's
+    values are deep-copied; its keys are the columns (a later key not among them: KeyError)."""
+    columns: dict[str, list[Any]] = {}
+    for position, sample in enumerate(ld):
+        for key, value in sample.items():
+            if position == 0:
+                value = copy.deepcopy(value)
+                columns[key] = []
+            column = columns[key]
             if list_extend and isinstance(value, list):
-                res[key].extend(value)
+                column.extend(value)
             else:
-                res[key].append(value)
-    return res
+                column.append(value)
+    return columns
 
 
 __all__ = ["listdict_to_dictlist"]
