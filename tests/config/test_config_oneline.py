@@ -79,6 +79,9 @@ def write_case(
         text = text.replace(old, new)
     (case / "model.yaml").write_text(text)
     (case / "a_file").write_text("not a directory\n")
+    # a file where a run in {case}/used would put its checkpoints by default
+    (case / "used" / "run").mkdir(parents=True)
+    (case / "used" / "run" / "checkpoints").write_text("not a directory\n")
     runtime = textwrap.indent(textwrap.dedent(runtime), "  ")
     if main is None:
         main = MAIN.format(ref_cpu=ref_cpu, pol_cpu=pol_cpu, output_dir=output_dir, runtime=runtime)
@@ -129,6 +132,12 @@ CASES: dict[str, tuple[dict, str, str]] = {
     "checkpoint_path_is_a_file": (
         {"runtime": "data_checkpoint_path: {case}/a_file"},
         "main.yaml:16",
+        "runtime.data_checkpoint_path",
+    ),
+    # found at the first save, it cost the run everything trained until then
+    "default_checkpoints_is_a_file": (
+        {"output_dir": "{case}/used", "runtime": "save_episode_interval: 1"},
+        "main.yaml:9",
         "runtime.data_checkpoint_path",
     ),
     "reference_store_is_a_file": (
