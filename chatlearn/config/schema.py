@@ -56,7 +56,7 @@ Runtime extensions of this project:
 | shutdown_timeout | float > 0 | 5.0 | seconds actors get to exit after SHUTDOWN |
 | kill_timeout | float > 0 | 3.0 | seconds between terminate and kill when stopping processes |
 | dist_timeout | float > 0 | 600 | torch.distributed collective timeout |
-| stop_timeout | float > 0 | 120 | after Ctrl-C/SIGTERM: seconds running steps get to finish |
+| stop_timeout | float > 0 | 120 | after Ctrl-C/SIGTERM: seconds for running steps, then the save |
 | fail_fast | bool | true | an error raised by user code stops the whole run |
 | max_restarts | int ≥ 0 | 3 | restarts of a lost actor per `restart_window_minutes` (0: none) (3) |
 | restart_window_minutes | float > 0 | 60 | the window of `max_restarts` |

@@ -945,6 +945,8 @@ class DPOEngine(Engine):
 
         async def save(reason: str) -> Path:
             assert self.pipeline is not None
+            if self._interrupts is not None:  # a graceful stop's checkpoint has its own time
+                self._interrupts.saving()
             return await checkpoints.save(self.state, reason, self.pipeline.eval_history)
 
         def new_pipeline(resumed: bool, timers: Timers | None = None) -> DPOPipeline:

@@ -9,7 +9,8 @@ main thread only; the previous handlers come back when it leaves) and routes the
 
 1. The first signal asks for a graceful stop: no new training step is sent, the running ones
    finish, a checkpoint is written if checkpoints are configured, every process is stopped. A
-   watchdog turns it into an immediate stop after ``stop_timeout`` seconds.
+   watchdog turns it into an immediate stop after ``stop_timeout`` seconds, counted for the
+   running steps and then again for the checkpoint.
 2. A second signal (or the watchdog) stops at once: every actor process is killed and the run
    ends without a new checkpoint (the last complete one stays as it was). Under
    ``chatlearn launch`` (``dedupe``), the same signal again within ``REPEAT_WINDOW`` seconds of
@@ -132,6 +133,7 @@ class Interrupts:
         self.count = 0
         self._first_at = 0.0  # time.monotonic() of the first signal
         self._watchdog: asyncio.TimerHandle | None = None
+        self._saving = False  # the watchdog times the checkpoint's writing (`saving`)
 
     @property
     def requested(self) -> bool:
@@ -179,7 +181,32 @@ class Interrupts:
             )
         self.hard(f"interrupted by {name}")
 
+    def saving(self) -> None:
+        """A checkpoint is being written. During a graceful stop it gets ``stop_timeout``
+        seconds of its own: the steps' allowance cut off the save that is the point of the
+        graceful stop (a large model's checkpoint takes minutes), and the run ended at its
+        previous checkpoint."""
+        if self._watchdog is None:
+            return
+        self._watchdog.cancel()
+        self._saving = True
+        logger.warning(
+            "writing the checkpoint (at most %.0f s); send the signal again to stop at once "
+            "without it",
+            self.stop_timeout,
+        )
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(self.stop_timeout, self._expired)
+
     def _expired(self) -> None:
+        if self._saving:
+            logger.error(
+                "the checkpoint was not written within %.0f s; stopping at once (the newest "
+                "complete checkpoint stays; raise runtime.stop_timeout for larger models)",
+                self.stop_timeout,
+            )
+            self.hard(f"checkpoint not written within {self.stop_timeout:g} s")
+            return
         logger.error(
             "the run did not stop within %.0f s of the signal; stopping at once", self.stop_timeout
         )

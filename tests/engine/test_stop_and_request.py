@@ -65,6 +65,23 @@ async def test_first_signal_is_graceful_then_the_watchdog_or_a_second_one_is_not
     nothing_to_save.close()
 
 
+async def test_a_graceful_stops_checkpoint_gets_its_own_stop_timeout(caplog) -> None:
+    """The steps' allowance cut off the save the graceful stop is for: the run ended at its
+    previous checkpoint (a large model's save takes minutes)."""
+    calls: list[str] = []
+    interrupts = Interrupts(graceful=lambda: True, hard=calls.append, stop_timeout=1.0)
+    interrupts.saving()  # a save outside a stop: nothing to time
+    interrupts.handle(signal.SIGTERM)
+    await asyncio.sleep(0.5)  # the running steps finish; the checkpoint starts
+    interrupts.saving()
+    await asyncio.sleep(0.7)  # past the steps' second, within the save's
+    assert calls == []
+    await asyncio.sleep(1.3)
+    assert calls == ["checkpoint not written within 1 s"]
+    assert "writing the checkpoint (at most 1 s)" in caplog.text
+    interrupts.close()
+
+
 async def _send_and_wait(signum: int, seen: list[int]) -> None:
     """Send `signum` to this process; wait (bounded) until the guard's callback saw something."""
     os.kill(os.getpid(), signum)
