@@ -64,7 +64,7 @@ def shell_signal(exit_code: int | None) -> int | None:
 
 
 # Remote type names that mean a config error (ConfigError and its subclasses, by convention).
-_CONFIG_ERROR_NAMES = ("ConfigError", "PlacementError")
+_CONFIG_ERROR_NAMES = ("ConfigError", "PlacementError", "StorageError")
 
 
 class ActorError(RemoteError):

@@ -9,7 +9,10 @@ What the user sees at the end of a run is `one_line()`: `where: key: problem (fi
 
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
+from pathlib import Path
 
 logger = logging.getLogger("chatlearn.config")
 
@@ -64,3 +67,57 @@ def located_error(config: object, key: str, problem: str, fix: str) -> ConfigErr
         located: ConfigError = error(key, problem, fix)
         return located
     return ConfigError(problem, key=key, fix=fix)
+
+
+# what a file system answers when it refuses writes for want of room or permission to grow:
+# full, over quota, mounted read-only, past the file size limit (``ulimit -f``)
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+# below this much free space a failed write is taken for a full disk (torch.save then says only
+# "file write failed" or "unexpected pos", with no errno)
+NEARLY_FULL_BYTES = 1 << 20
+
+
+class StorageError(ConfigError):
+    """The run's storage refused a write (``STORAGE_ERRNOS``, or a write that failed on a file
+    system with no room left): what to change is the disk, not the program, so it is one line
+    like a config error (exit 2), naming the path, the free space and what to do."""
+
+
+def storage_problem(exc: BaseException, path: str | Path) -> str | None:
+    """Why writing under ``path`` failed when the storage is the cause: the OS's words (and the
+    free space); None when it is not (a bug of the code that wrote is shown as it is)."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:  # the error and what it came from
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return f"{error.strerror or error} ({free_space(path)})"
+        error = error.__cause__ or error.__context__
+    free = _free_bytes(path)
+    if free is not None and free < NEARLY_FULL_BYTES:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+        return f"the file system is full ({free_space(path)}): {first}"
+    return None
+
+
+def free_space(path: str | Path) -> str:
+    """``12 MiB free of 15 MiB`` for the file system of ``path`` (or of its nearest parent)."""
+    target = _existing(Path(path))
+    try:
+        usage = shutil.disk_usage(target)
+    except OSError:
+        return "free space unknown"
+    return f"{usage.free / 2**20:.0f} MiB free of {usage.total / 2**20:.0f} MiB"
+
+
+def _free_bytes(path: str | Path) -> int | None:
+    try:
+        return shutil.disk_usage(_existing(Path(path))).free
+    except OSError:
+        return None
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path

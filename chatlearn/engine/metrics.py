@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from chatlearn.config.errors import StorageError, storage_problem
+
 logger = logging.getLogger("chatlearn.engine")
 
 Interval = tuple[float, float]
@@ -212,7 +214,10 @@ class MetricsSink:
         now = time.time()
         record: dict[str, Any] = {"kind": kind, "step": step, "time": now, **extra}
         record.update({key: _plain(value) for key, value in values.items()})
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        try:
+            self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        except OSError as exc:
+            raise self._storage_error(exc) from exc
         # Every record of a run of slow steps is on disk at once; fast ones are flushed in
         # batches (a flush per record was a tenth of the coordinator's time per 1-sample step).
         if kind != "train" or now - self._flushed >= self.flush_interval:
@@ -223,12 +228,27 @@ class MetricsSink:
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
 
     def flush(self) -> None:
-        self._file.flush()
+        try:
+            self._file.flush()
+        except OSError as exc:
+            raise self._storage_error(exc) from exc
         if self._tb is not None:  # else TensorBoard shows a run's events two minutes late
             self._tb.flush()
         self._flushed = time.time()
         if os.fstat(self._file.fileno()).st_nlink == 0:
             self._reopen()
+
+    def _storage_error(self, exc: OSError) -> BaseException:
+        """A full disk (or quota, or read-only mount) under metrics.jsonl as one line."""
+        problem = storage_problem(exc, self.path)
+        if problem is None:
+            return exc
+        return StorageError(
+            f"writing the run's metrics failed: {problem}; the run stopped",
+            where=str(self.path),
+            fix="free space on that file system and run the same command again: it resumes "
+            "from its newest checkpoint",
+        )
 
     def _reopen(self) -> None:
         """The file was deleted under the run (its directory removed, say): the records went

@@ -34,7 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from chatlearn.actors.errors import ActorError
-from chatlearn.config.errors import ConfigError, located_error, one_line
+from chatlearn.config.errors import (
+    ConfigError,
+    StorageError,
+    located_error,
+    one_line,
+    storage_problem,
+)
 from chatlearn.engine.checkpoint import (
     CheckpointInfo,
     CheckpointManager,
@@ -116,14 +122,25 @@ class RunCheckpoints:
             if self.last is not None and self.last_iteration == state.iteration:
                 return self.last
             started = time.time()
-            staging = await asyncio.to_thread(self.manager.begin, state.iteration)
+            try:
+                staging = await asyncio.to_thread(self.manager.begin, state.iteration)
+            except OSError as exc:
+                raise self._storage_error(exc, self.manager.root, state.iteration) from exc
             try:
                 await self.trainer.save_checkpoint(str(staging), state.iteration)
-            except BaseException:  # a trainer lost while saving (self-healing goes on)
+            except BaseException as exc:  # a trainer lost while saving (self-healing goes on)
                 await asyncio.to_thread(shutil.rmtree, staging, True)
+                if isinstance(exc, ActorError) and exc.type_name.endswith("StorageError"):
+                    head = exc.message.partition("\n  fix: ")[0]
+                    raise self._storage_error(exc, staging, state.iteration, head) from exc
                 raise
-            coordinator = self.coordinator_state(state, reason, eval_history or [])
-            path = await asyncio.to_thread(self.manager.commit, staging, coordinator)
+            try:
+                coordinator = self.coordinator_state(state, reason, eval_history or [])
+                path = await asyncio.to_thread(self.manager.commit, staging, coordinator)
+            except OSError as exc:
+                await asyncio.to_thread(shutil.rmtree, staging, True)
+                where = getattr(exc, "filename", None) or staging
+                raise self._storage_error(exc, where, state.iteration) from exc
             self.last, self.last_iteration = path, state.iteration
             if self.on_saved is not None:
                 self.on_saved(state)
@@ -197,6 +214,27 @@ class RunCheckpoints:
 
     def _error(self, key: str, problem: str, fix: str) -> ConfigError:
         return located_error(self.config, key, problem, fix)
+
+    def _storage_error(
+        self, exc: BaseException, where: str | Path, iteration: int, said: str | None = None
+    ) -> BaseException:
+        """A save that failed for want of storage as one line: where, why (``said``: the
+        trainer's words), and the checkpoint a rerun resumes from; ``exc`` itself when the
+        storage is not the cause."""
+        if said is not None and said.startswith(str(where)):
+            # the trainer named the staging directory, gone now: the checkpoints' root instead
+            said = f"{self.manager.root}: {said.partition(': ')[2]}"
+        problem = said or storage_problem(exc, where)
+        if problem is None:
+            return exc
+        if said is None:
+            problem = f"{where}: writing the checkpoint of iteration {iteration} failed: {problem}"
+        resumes = f"it resumes from {self.last.name}" if self.last is not None else "it starts over"
+        return StorageError(
+            f"{problem}; the checkpoint was not written and the run stopped",
+            fix="free space on that file system (or set runtime.data_checkpoint_path to "
+            f"another one) and run the same command again: {resumes}",
+        )
 
     def coordinator_state(
         self, state: RunState, reason: str, eval_history: list[dict[str, Any]]

@@ -83,6 +83,8 @@ def config(output_dir: str, probe_dir: str, gate: int | None) -> dict:
             "kill_rank_at": _int_or_none(os.environ.get("KILL_RANK_AT")),
             # the trainer kills itself while saving this iteration (once a run)
             "kill_at_save": _int_or_none(os.environ.get("KILL_AT_SAVE")),
+            # the trainer's save of this iteration meets a full disk
+            "disk_full_at_save": _int_or_none(os.environ.get("DISK_FULL_AT_SAVE")),
             "load_data_checkpoint_iteration": _int_or_none(os.environ.get("LOAD_ITER")),
             "enable_resume_training": os.environ.get("RESUME", "1") == "1",
         },

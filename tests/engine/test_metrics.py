@@ -169,3 +169,40 @@ def test_a_new_start_hides_every_event_of_a_start_without_a_checkpoint(tmp_path)
     sink.close()
     assert tensorboard_scalars(run / "tensorboard", "train/loss") == [(1, 11.0)]
     assert tensorboard_scalars(run / "tensorboard", "eval/loss") == [(0, 10.0)]
+
+
+def test_a_full_disk_under_metrics_jsonl_is_one_line(tmp_path) -> None:
+    import errno
+
+    from chatlearn.config.errors import StorageError
+
+    class FullDisk:
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        flush = close = write
+
+    sink = MetricsSink(tmp_path / "run")
+    sink._file.close()
+    sink._file = FullDisk()  # type: ignore[assignment]
+    with pytest.raises(StorageError) as raised:
+        sink.write("eval", 0, {"loss": 1.0})
+    line = raised.value.one_line()
+    assert line.startswith(f"{sink.path}: writing the run's metrics failed: No space left on")
+    assert "MiB free of" in line and "run the same command again" in line
+
+
+def test_only_storage_failures_are_storage_problems(tmp_path) -> None:
+    import errno
+
+    from chatlearn.config.errors import storage_problem
+
+    assert "Disk quota exceeded" in storage_problem(
+        OSError(errno.EDQUOT, "Disk quota exceeded"), tmp_path
+    )
+    wrapped = RuntimeError("PytorchStreamWriter failed writing file data/0")
+    wrapped.__cause__ = OSError(errno.EROFS, "Read-only file system")
+    assert storage_problem(wrapped, tmp_path).startswith("Read-only file system (")
+    # a module's own bug, with room on the disk, is shown as it is
+    assert storage_problem(ValueError("a bug"), tmp_path) is None
+    assert storage_problem(OSError(errno.ENOENT, "No such file"), tmp_path) is None

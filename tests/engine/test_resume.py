@@ -297,6 +297,25 @@ def test_sigint_finishes_running_steps_saves_and_exits_130(
     _assert_resumed_like(trial, baseline, resumed_at=last)
 
 
+def test_a_full_disk_at_a_save_is_one_line_and_the_rerun_resumes(
+    baseline: Trial, tmp_path: Path
+) -> None:
+    """The trainer's save meets a full disk at iteration 8: one line naming the checkpoint
+    directory, the OS's words and the checkpoint a rerun resumes from (a 50-120 line traceback
+    before), exit 2, the previous checkpoint intact; the rerun ends like the baseline."""
+    trial = Trial(tmp_path)
+    code, text = trial.run_to_end(env={"DISK_FULL_AT_SAVE": "8"})
+    assert code == 2, text
+    assert "Traceback" not in text, text
+    line = text.splitlines()[-1]  # what the script ended with
+    assert line.startswith(f"{trial.checkpoints}: writing the checkpoint of iteration 8 failed: ")
+    assert "No space left on device (" in line and "MiB free of" in line, line
+    assert "it resumes from iter_0000004" in line, line
+    assert trial.complete() == [4] and not list(trial.checkpoints.glob(".staging-*"))
+    trial.run()
+    _assert_resumed_like(trial, baseline, resumed_at=4)
+
+
 def test_corrupted_newest_checkpoint_falls_back_with_a_warning(baseline: Trial, tmp_path: Path):
     trial = Trial(tmp_path)
     shutil.copytree(baseline.output, trial.output)

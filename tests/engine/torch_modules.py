@@ -17,6 +17,7 @@ buffer of its model: a checkpoint written with another value does not load.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -191,6 +192,9 @@ class TinyTrainer(_Probed):
         """At ``kill_at_save`` the trainer kills itself while saving, once a run
         (``probe_dir/killed``), its files half written."""
         super().save_checkpoint(iteration)
+        if iteration == self.runtime_args.get("disk_full_at_save", None):
+            # as a full disk answers the next write (the files so far half a checkpoint)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.checkpoint_dir()))
         if iteration == self.runtime_args.get("kill_at_save", None):
             marker = Path(self.runtime_args.probe_dir) / "killed"
             if not marker.exists():
