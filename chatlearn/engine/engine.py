@@ -1094,14 +1094,13 @@ def _saves(runtime: Any) -> bool:
 def _restarts_recorded(metrics_path: Path) -> int:
     """The largest ``restarts`` of the ``restart`` records a run wrote so far (in metrics.jsonl
     and, for the steps a rewind superseded, metrics.superseded.jsonl); 0 if none."""
-    from chatlearn.engine.metrics import read_metrics
+    from chatlearn.engine.metrics import iter_metrics
 
     most = 0
     for path in (metrics_path, metrics_path.with_name("metrics.superseded.jsonl")):
         if path.is_file():
-            for record in read_metrics(path):
-                if record.get("kind") == "restart":
-                    most = max(most, int(record.get("restarts", 0) or 0))
+            for record in iter_metrics(path, "restart"):
+                most = max(most, int(record.get("restarts", 0) or 0))
     return most
 
 

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -333,17 +333,36 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def scan_metrics(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     """(records, lines that are none) of a metrics.jsonl file: a truncated last line after a
     crash, bytes that are not UTF-8, a line that is not a JSON object are skipped and counted,
-    never a traceback (`chatlearn inspect` reads files whatever happened to them)."""
+    never a traceback (`chatlearn inspect` reads files whatever happened to them). The file is
+    read a line at a time (a long run's is hundreds of MB)."""
     records = []
     skipped = 0
-    text = Path(path).read_bytes().decode("utf-8", errors="replace")
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        elif line.strip():
-            skipped += 1
+    with open(path, "rb") as lines:
+        for raw in lines:
+            record = _record(raw)
+            if record is not None:
+                records.append(record)
+            elif raw.strip():
+                skipped += 1
     return records, skipped
+
+
+def iter_metrics(path: str | Path, kind: str) -> Iterator[dict[str, Any]]:
+    """The records of one ``kind`` in a metrics.jsonl file, a line at a time; the lines of other
+    kinds are not parsed (a resume looks for a few ``restart`` records among a long run's
+    hundreds of thousands: reading the whole file cost 1.3 GB and 6.5 s for 400k records)."""
+    marker = json.dumps({"kind": kind})[1:-1].encode()  # '"kind": "restart"', as written
+    with open(path, "rb") as lines:
+        for raw in lines:
+            if marker in raw:
+                record = _record(raw)
+                if record is not None and record.get("kind") == kind:
+                    yield record
+
+
+def _record(raw: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(raw.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None

@@ -206,3 +206,31 @@ def test_only_storage_failures_are_storage_problems(tmp_path) -> None:
     # a module's own bug, with room on the disk, is shown as it is
     assert storage_problem(ValueError("a bug"), tmp_path) is None
     assert storage_problem(OSError(errno.ENOENT, "No such file"), tmp_path) is None
+
+
+def test_restart_records_are_found_a_line_at_a_time(tmp_path) -> None:
+    """A resume counts the run's restarts in a long run's metrics.jsonl without holding the
+    file or its records (400k records cost 1.3 GB read whole)."""
+    import tracemalloc
+
+    from chatlearn.engine.engine import _restarts_recorded
+
+    path = tmp_path / "metrics.jsonl"
+    step = json.dumps({"kind": "train", "step": 1, "loss": 0.5, "note": "x" * 200}) + "\n"
+    with path.open("w") as f:
+        for i in range(60_000):  # ~15 MB
+            f.write(step)
+            if i in (10, 30_000):
+                f.write(json.dumps({"kind": "restart", "step": i, "restarts": i // 10_000 + 1}))
+                f.write("\n")
+        f.write('{"kind": "restart", "restarts": 9')  # torn by a crash: not counted
+    (tmp_path / "metrics.superseded.jsonl").write_bytes(
+        b'\xff\xfe{"kind": "restart"}\n{"kind": "restart", "restarts": 2}\n'
+    )
+    tracemalloc.start()
+    try:
+        assert _restarts_recorded(path) == 4
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 2**20, peak
