@@ -25,7 +25,8 @@ from typing import Any
 import click
 
 from chatlearn.engine.checkpoint import COORDINATOR, CheckpointInfo, CheckpointManager
-from chatlearn.engine.metrics import scan_metrics
+from chatlearn.engine.metrics import iter_lines
+from chatlearn.engine.run_lock import RunLock
 
 _SHOWN_KINDS = ("train", "eval", "episode")
 _MAX_VALUES = 8  # metrics shown per record line
@@ -73,18 +74,25 @@ def summarize(run_dir: Path, checkpoints: Path | None = None, verify: bool = Fal
     ]
     complete = [info for info in found if info.complete]
     metrics: dict[str, Any] = {"path": str(metrics_path), "records": 0, "last": {}}
-    if metrics_path.is_file():
-        records, skipped = scan_metrics(metrics_path)
-        metrics["records"] = len(records)
-        metrics["unreadable_lines"] = skipped
-        for record in records:
-            if record.get("kind") in (*_SHOWN_KINDS, "resume", "restart"):
-                metrics["last"][record["kind"]] = record
-        metrics["resumes"] = sum(1 for r in records if r.get("kind") == "resume")
-        restarts = [r for r in records if r.get("kind") == "restart"]
-        metrics["restarts"] = max((int(r.get("restarts", 0)) for r in restarts), default=0)
+    if metrics_path.is_file():  # a line at a time: a long run's file is hundreds of MB
+        counts = {"records": 0, "unreadable_lines": 0, "resumes": 0, "restarts": 0}
+        for record in iter_lines(metrics_path):
+            if record is None:
+                counts["unreadable_lines"] += 1
+                continue
+            counts["records"] += 1
+            kind = record.get("kind")
+            if kind in (*_SHOWN_KINDS, "resume", "restart"):
+                metrics["last"][kind] = record
+            if kind == "resume":
+                counts["resumes"] += 1
+            elif kind == "restart":
+                counts["restarts"] = max(counts["restarts"], int(record.get("restarts", 0) or 0))
+        metrics.update(counts)
     return {
         "run_dir": str(run_dir),
+        # a run in progress holds the directory (engine/run_lock.py): what is shown is moving
+        "running_pid": RunLock.holder(run_dir),
         "checkpoint_root": str(root),
         "checkpoints": rows,
         "unfinished": [str(p) for p in manager.staging()],
@@ -134,11 +142,15 @@ def render(summary: dict[str, Any]) -> str:
         lines.append(f"  unfinished save (never resumed from): {path}")
     resume = summary["resume_from"]
     checked = "" if summary.get("verified") else " (sizes checked; --verify checks the contents)"
-    lines.append(
-        f"a new run resumes from iteration {resume}{checked}"
-        if resume is not None
-        else "a new run starts from the beginning (no complete checkpoint)"
-    )
+    running = summary.get("running_pid")
+    if running is not None:
+        lines.append(f"a run is in progress here (pid {running}): these figures are moving")
+    else:
+        lines.append(
+            f"a new run resumes from iteration {resume}{checked}"
+            if resume is not None
+            else "a new run starts from the beginning (no complete checkpoint)"
+        )
     metrics = summary["metrics"]
     unreadable = metrics.get("unreadable_lines")
     broken = f", {unreadable} lines that are not records skipped" if unreadable else ""

@@ -360,6 +360,14 @@ def iter_metrics(path: str | Path, kind: str) -> Iterator[dict[str, Any]]:
                     yield record
 
 
+def iter_lines(path: str | Path) -> Iterator[dict[str, Any] | None]:
+    """Each line of a metrics.jsonl file as its record, or None for a line that is none (torn,
+    not UTF-8, not a JSON object) or blank; a line at a time."""
+    with open(path, "rb") as lines:
+        for raw in lines:
+            yield _record(raw) if raw.strip() else None
+
+
 def _record(raw: bytes) -> dict[str, Any] | None:
     try:
         record = json.loads(raw.decode("utf-8", errors="replace"))

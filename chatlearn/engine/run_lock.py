@@ -73,6 +73,22 @@ class RunLock:
                 os.ftruncate(fd, 0)
             os.close(fd)  # releases the lock
 
+    @staticmethod
+    def holder(output: Path) -> int | None:
+        """The pid of the live process that holds ``output``'s lock, or None; only looks
+        (``/proc/locks``): taking the lock even for a moment could refuse a run starting then."""
+        try:
+            inode = (output / LOCK_NAME).stat().st_ino
+            table = Path("/proc/locks").read_text()
+        except OSError:
+            return None
+        for line in table.splitlines():
+            # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+            fields = line.split()
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].endswith(f":{inode}"):
+                return int(fields[4]) if fields[4].isdigit() else None
+        return None
+
     def __enter__(self) -> RunLock:
         self.acquire()
         return self

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from click.testing import CliRunner
 
 import chatlearn
 from chatlearn.cli import main as cli
-from chatlearn.config import reset_args
+from chatlearn.config import ConfigError, reset_args
 from chatlearn.engine.checkpoint import (
     COORDINATOR,
     MANIFEST,
@@ -26,6 +27,7 @@ from chatlearn.engine.checkpoint import (
     rewind_metrics,
 )
 from chatlearn.engine.run_checkpoints import find_checkpoint
+from chatlearn.engine.run_lock import RunLock
 
 sys.path.insert(0, str(Path(__file__).parent))
 from torch_modules import TinyTrainer  # noqa: E402
@@ -253,6 +255,14 @@ def test_inspect_lists_checkpoints_problems_and_last_metrics(tmp_path: Path) -> 
 
     empty = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
     assert empty.exit_code == 1
+
+    # a run in progress holds the directory: its checkpoints and records are moving, and no
+    # "new run" starts there now
+    with RunLock(run_dir, lambda *a: ConfigError("held")):
+        running = CliRunner().invoke(cli, ["inspect", str(run_dir)]).output.splitlines()
+    assert f"a run is in progress here (pid {os.getpid()}): these figures are moving" in running
+    assert not [line for line in running if "a new run" in line]
+    assert "a new run resumes from iteration 4" in verified.output.splitlines()
 
 
 def test_inspect_reads_a_damaged_metrics_file_and_refuses_a_missing_checkpoint_root(
