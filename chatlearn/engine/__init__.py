@@ -9,7 +9,7 @@ Layer 3 (docs/architecture.md, "Layers"): may import `transport`, `config`, `alg
 Where each module runs (its docstring says so too):
 - the coordinator: engine.py, pipeline.py, state.py, sampler.py, schedule.py, training_plan.py,
   counters.py, reference_cache.py (the bookkeeping), run_checkpoints.py, checkpoint.py,
-  metrics.py, interrupts.py, progress.py, run_lock.py;
+  metrics.py, interrupts.py, progress.py, run_lock.py, sample_errors.py;
 - the actor processes: worker_services.py, with batching.py (the coordinator uses its
   chunk_sizes) and reference_store.py;
 - both sides: protocol.py;

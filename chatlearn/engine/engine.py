@@ -42,9 +42,8 @@ import contextlib
 import functools
 import logging
 import os
-import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
@@ -61,7 +60,7 @@ from chatlearn.actors import (
 from chatlearn.actors.checkpoint_paths import checkpoint_root
 from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR
 from chatlearn.actors.timers import Timers as UserTimers
-from chatlearn.config.errors import ConfigError, located_error
+from chatlearn.config.errors import located_error
 from chatlearn.engine.checkpoint import CheckpointInfo, CheckpointManager, rewind_metrics
 from chatlearn.engine.interrupts import Interrupts, SignalGuard, TrainingStopped
 from chatlearn.engine.metrics import MetricsSink, Timers
@@ -70,6 +69,7 @@ from chatlearn.engine.progress import Progress, setup_logging
 from chatlearn.engine.protocol import EVAL, ReferenceGroup, TrainerGroup
 from chatlearn.engine.run_checkpoints import RunCheckpoints, find_checkpoint
 from chatlearn.engine.run_lock import RunLock
+from chatlearn.engine.sample_errors import located_sample_error, unsendable_sample_error
 from chatlearn.engine.sampler import (
     DropLast,
     EpisodeSampler,
@@ -77,7 +77,6 @@ from chatlearn.engine.sampler import (
     empty_dataset_error,
 )
 from chatlearn.engine.state import RunState
-from chatlearn.transport.codec import encode
 from chatlearn.transport.errors import EncodeError
 
 logger = logging.getLogger("chatlearn.engine")
@@ -273,78 +272,6 @@ class LearnResult:
     @property
     def train_loss_last(self) -> float | None:
         return self.train_last.get("loss")
-
-
-_SAMPLE = re.compile(r"sample (\d+) of the (\w+) data set")
-
-
-def located_sample_error(
-    error: ActorError, origins: Mapping[str, Callable[[int], str] | None]
-) -> ActorError | ConfigError:
-    """A module's config error about "sample i of the <split> data set" as the ConfigError at
-    that record's file:line, when the data set came from a file (``origins``: split -> the
-    records' ``origin``, chatlearn/hf/data.py's PreferenceRecords); else ``error`` itself."""
-    found = _SAMPLE.search(error.message) if error.is_config_error else None
-    origin = origins.get(found.group(2)) if found else None
-    if found is None or origin is None:
-        return error
-    try:
-        where = origin(int(found.group(1)))
-    except (IndexError, TypeError, ValueError):
-        return error
-    head, _, fix = error.message.partition("\n  fix: ")
-    return ConfigError(" ".join(head.split()), where=where, fix=fix or None)
-
-
-def unsendable_sample_error(
-    datasets: Sequence[tuple[str, Sequence[Any]]],
-    origins: Mapping[str, Callable[[int], str] | None],
-) -> ConfigError | None:
-    """The one-line error of the first sample the transport cannot send (a `datetime` among
-    its extra fields, say), naming its split, index (and file:line) and key path; None when
-    every sample encodes. Run after an `EncodeError`, so it costs nothing before one."""
-    for split, samples in datasets:
-        for index, sample in enumerate(samples):
-            found = _unsendable(sample, "")
-            if found is None:
-                continue
-            path, value = found
-            origin = origins.get(split)
-            where = f"sample {index} of the {split} data set"
-            with contextlib.suppress(IndexError, TypeError, ValueError):
-                where = f"{origin(index)}: {where}" if origin else where
-            return ConfigError(
-                f"key {path or '(the sample)'} is {_short_repr(value)} (a "
-                f"{type(value).__qualname__}), which cannot be sent to the models",
-                where=where,
-                fix="convert it to a string or a number, or drop the key, before set_dataset",
-            )
-    return None
-
-
-def _unsendable(value: Any, path: str) -> tuple[str, Any] | None:
-    """(key path, value) of the innermost part of ``value`` the codec refuses, or None."""
-    try:
-        encode(value)
-    except EncodeError:
-        pass
-    else:
-        return None
-    items: Any = ()
-    if isinstance(value, Mapping):
-        items = ((f"{path}[{k!r}]" if path else repr(k), v) for k, v in value.items())
-    elif isinstance(value, list | tuple):
-        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
-    for inner_path, inner in items:
-        found = _unsendable(inner, inner_path)
-        if found is not None:
-            return found
-    return path, value
-
-
-def _short_repr(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _TrainerView:

@@ -328,9 +328,9 @@ class RunCheckpoints:
         args_changed = model_args_changes(saved.config, current)
         if args_changed:
             logger.warning(
-                "resuming from %s with changed model arguments: %s; what the checkpoint holds "
-                "wins where it has the value (weights, optimizer and learning-rate schedule "
-                "state), the new value elsewhere (e.g. beta)",
+                "resuming from %s with changed model arguments: %s; the weights, optimizer "
+                "moments and schedule position are the checkpoint's, the new values apply from "
+                "here on (e.g. beta; the HF trainer's learning rate, weight decay and betas too)",
                 info.path,
                 "; ".join(args_changed),
             )

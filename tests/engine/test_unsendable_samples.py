@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chatlearn.engine.engine import unsendable_sample_error
+from chatlearn.engine.sample_errors import unsendable_sample_error
 from chatlearn.hf import load_preference_data
 
 

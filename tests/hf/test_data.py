@@ -364,7 +364,7 @@ def test_a_record_the_data_refuses_is_one_config_line_at_its_file_and_line(tmp_p
     # raise_exception (jinja2's TemplateError) was not even caught
     from chatlearn.actors.errors import ActorError
     from chatlearn.config import ConfigError
-    from chatlearn.engine.engine import located_sample_error
+    from chatlearn.engine.sample_errors import located_sample_error
 
     tok = byte_tokenizer()
     tok.chat_template = (
