@@ -308,7 +308,12 @@ class CheckpointManager:
                     f"{info.problem}; pick another iteration, or null for the newest complete one"
                 )
             return info
-        for candidate in reversed(self.scan(verify=False)):
+        return self.first_verified(reversed(self.scan(verify=False)))
+
+    def first_verified(self, candidates: Iterable[CheckpointInfo]) -> CheckpointInfo | None:
+        """The first of ``candidates`` whose files all match their hashes; each broken one
+        before it is said in a warning (a fall-back to the previous one)."""
+        for candidate in candidates:
             info = (
                 self.inspect(candidate.path, candidate.iteration, verify=True)
                 if candidate.complete

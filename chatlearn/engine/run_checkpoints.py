@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import json
 import logging
 import shutil
@@ -463,20 +464,10 @@ def _continuation(manager: CheckpointManager, iteration: int) -> CheckpointInfo 
     """The newest complete checkpoint of a run started from ``iteration`` explicitly, newer
     than it (hashes verified; a broken one is skipped with a warning), or None. Checkpoints
     written before runs recorded where they started never qualify."""
-    for candidate in reversed(manager.scan()):
-        if candidate.iteration <= iteration:
-            break
-        if candidate.state is None or candidate.state.started_from != iteration:
-            continue
-        info = manager.inspect(candidate.path, candidate.iteration, verify=True)
-        if info.complete:
-            return info
-        logger.warning(
-            "checkpoint %s is broken (%s); falling back to the previous one",
-            info.path,
-            info.problem,
-        )
-    return None
+    newer = itertools.takewhile(lambda c: c.iteration > iteration, reversed(manager.scan()))
+    return manager.first_verified(
+        c for c in newer if c.state is not None and c.state.started_from == iteration
+    )
 
 
 # the training settings that decide an episode's steps (training_plan.plan_episode) and the
