@@ -399,7 +399,9 @@ class RunCheckpoints:
                     moved,
                 )
         self.last, self.last_iteration = info.path, saved.iteration
-        self.started_from = info.requested if info.requested is not None else saved.started_from
+        self.started_from = started_from(
+            info.requested, saved.started_from, self.started_from, rewind=info.path == self.last
+        )
         logger.info(
             "resuming from %s: iteration %d, consumed_samples %d; continuing %s",
             info.path,
@@ -429,7 +431,7 @@ async def find_checkpoint(
     if start and iteration is not None:
         newer = await asyncio.to_thread(_continuation, manager, iteration)
         if newer is not None:
-            logger.info(
+            logger.warning(
                 "runtime.load_data_checkpoint_iteration is %d, and the run started from it has "
                 "checkpoints since: resuming from its newest, %s (to begin again from %d, move "
                 "them out of %s)",
@@ -460,14 +462,36 @@ async def find_checkpoint(
     return info
 
 
+def started_from(
+    requested: int | None, saved: int | None, current: int | None, *, rewind: bool
+) -> int | None:
+    """The iteration a run restored from a checkpoint records as the one it started from:
+    the one a start asked for (``requested``), else the checkpoint's (``saved``); but a trainer
+    restart going back (``rewind``) to the checkpoint an explicit start began from, written
+    before that start recorded anything, keeps the run's (``current``): its later checkpoints
+    would lose their lineage, and the next start would begin that run again."""
+    if requested is not None:
+        return requested
+    if rewind and saved is None:
+        return current
+    return saved
+
+
 def _continuation(manager: CheckpointManager, iteration: int) -> CheckpointInfo | None:
     """The newest complete checkpoint of a run started from ``iteration`` explicitly, newer
     than it (hashes verified; a broken one is skipped with a warning), or None. Checkpoints
     written before runs recorded where they started never qualify."""
-    newer = itertools.takewhile(lambda c: c.iteration > iteration, reversed(manager.scan()))
-    return manager.first_verified(
-        c for c in newer if c.state is not None and c.state.started_from == iteration
-    )
+
+    def same_run(candidate: CheckpointInfo) -> bool:  # unreadable state: skipped below
+        state = candidate.state
+        return candidate.iteration > iteration and (
+            state is None or state.started_from == iteration
+        )
+
+    # newest first, up to a checkpoint of another start: an older branch of this iteration
+    # under a newer run is not the run to continue
+    newer = itertools.takewhile(same_run, reversed(manager.scan()))
+    return manager.first_verified(c for c in newer if c.state is not None)
 
 
 # the training settings that decide an episode's steps (training_plan.plan_episode) and the
@@ -535,15 +559,15 @@ def architecture_changes(
     saved: dict[str, Any], current: dict[str, Any], model: str
 ) -> list[tuple[str, Any, Any]]:
     """(key, saved, now) of each of ``model``'s arguments that decide its parameters (their
-    names and shapes) or where its weights come from, and that the two configs set differently:
-    ``model_path``, and the shape settings of a Hugging Face ``model_config`` or of Megatron's
-    arguments (``_ARCHITECTURE_KEYS``), at any depth."""
+    names and shapes) and that the two configs set differently: the shape settings of a Hugging
+    Face ``model_config`` or of Megatron's arguments (``_ARCHITECTURE_KEYS``), at any depth. A
+    changed ``model_path`` is not one (a moved directory, another mount, a local snapshot of a
+    hub id): a checkpoint that then does not load is said as a changed model argument."""
     prefix = f"models.{model}.model_args."
     return [
         (key, a, b)
         for key, a, b in _model_args_diff(saved, current)
-        if key.startswith(prefix)
-        and (key == f"{prefix}model_path" or key.rsplit(".", 1)[-1] in _ARCHITECTURE_KEYS)
+        if key.startswith(prefix) and key.rsplit(".", 1)[-1] in _ARCHITECTURE_KEYS
     ]
 
 

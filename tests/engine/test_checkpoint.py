@@ -26,7 +26,7 @@ from chatlearn.engine.checkpoint import (
     CoordinatorState,
     rewind_metrics,
 )
-from chatlearn.engine.run_checkpoints import find_checkpoint
+from chatlearn.engine.run_checkpoints import find_checkpoint, started_from
 from chatlearn.engine.run_lock import RunLock
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -146,6 +146,20 @@ def test_a_start_from_an_iteration_continues_the_run_that_began_there(
     model = manager.path(12) / "policy_trainer" / "rank_0" / "model.pt"
     model.write_bytes(b"x" * model.stat().st_size)  # broken: the previous one of the run
     assert find(4) == (9, 4)
+    # the newest checkpoint is of a later start (from 9): that run is not the one from 4, and
+    # an older branch of it under a newer run is not continued either
+    _save(manager, 13, started_from=9)
+    assert find(4) == (4, 4) and find(9) == (13, 9)
+
+
+def test_a_trainer_restart_keeps_the_iteration_the_run_started_from() -> None:
+    # a resume from iteration 10 (explicit), a trainer restart before the next save: the
+    # rewind restores iter_10, whose state predates the start; the run's later checkpoints
+    # lost started_from, and the next coordinator start began the run from 10 again
+    assert started_from(None, None, 10, rewind=True) == 10
+    assert started_from(10, None, None, rewind=False) == 10  # the start that asked for it
+    assert started_from(None, 10, None, rewind=False) == 10  # a plain rerun continues it
+    assert started_from(None, None, 10, rewind=False) is None  # another checkpoint's lineage
 
 
 def test_rewind_metrics_moves_later_records_aside(tmp_path: Path) -> None:
