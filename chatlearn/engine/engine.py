@@ -872,9 +872,15 @@ class DPOEngine(Engine):
 
         async def save(reason: str) -> Path:
             assert self.pipeline is not None
-            if self._interrupts is not None:  # a graceful stop's checkpoint has its own time
-                self._interrupts.saving()
-            return await checkpoints.save(self.state, reason, self.pipeline.eval_history)
+            # a graceful stop's checkpoint has its own time (a state saved already is not)
+            interrupts = self._interrupts
+            if interrupts is None or checkpoints.last_iteration == self.state.iteration:
+                return await checkpoints.save(self.state, reason, self.pipeline.eval_history)
+            interrupts.saving()
+            try:
+                return await checkpoints.save(self.state, reason, self.pipeline.eval_history)
+            finally:
+                interrupts.saved()
 
         def new_pipeline(resumed: bool, timers: Timers | None = None) -> DPOPipeline:
             return DPOPipeline(

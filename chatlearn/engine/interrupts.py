@@ -198,6 +198,16 @@ class Interrupts:
         loop = asyncio.get_running_loop()
         self._watchdog = loop.call_later(self.stop_timeout, self._expired)
 
+    def saved(self) -> None:
+        """The checkpoint of `saving` is written (or failed): the rest of the stop gets
+        ``stop_timeout`` again, timed as the steps were."""
+        if self._watchdog is None or not self._saving:
+            return
+        self._watchdog.cancel()
+        self._saving = False
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(self.stop_timeout, self._expired)
+
     def _expired(self) -> None:
         if self._saving:
             logger.error(

@@ -337,13 +337,11 @@ def scan_metrics(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     read a line at a time (a long run's is hundreds of MB)."""
     records = []
     skipped = 0
-    with open(path, "rb") as lines:
-        for raw in lines:
-            record = _record(raw)
-            if record is not None:
-                records.append(record)
-            elif raw.strip():
-                skipped += 1
+    for record in iter_lines(path):
+        if record is not None:
+            records.append(record)
+        else:
+            skipped += 1
     return records, skipped
 
 
@@ -361,11 +359,12 @@ def iter_metrics(path: str | Path, kind: str) -> Iterator[dict[str, Any]]:
 
 
 def iter_lines(path: str | Path) -> Iterator[dict[str, Any] | None]:
-    """Each line of a metrics.jsonl file as its record, or None for a line that is none (torn,
-    not UTF-8, not a JSON object) or blank; a line at a time."""
+    """Each non-blank line of a metrics.jsonl file as its record, or None for a line that is
+    none (torn, not UTF-8, not a JSON object); a line at a time."""
     with open(path, "rb") as lines:
         for raw in lines:
-            yield _record(raw) if raw.strip() else None
+            if raw.strip():
+                yield _record(raw)
 
 
 def _record(raw: bytes) -> dict[str, Any] | None:

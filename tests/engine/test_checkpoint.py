@@ -289,7 +289,7 @@ def test_inspect_reads_a_damaged_metrics_file_and_refuses_a_missing_checkpoint_r
     run_dir.mkdir()
     good = {"kind": "eval", "step": 2, "episodes_done": 1, "loss": 0.5}
     (run_dir / "metrics.jsonl").write_bytes(
-        b"\xff\xfe\x00garbage\n[1, 2, 3]\n42\n" + json.dumps(good).encode() + b'\n{"kind": "tr'
+        b"\xff\xfe\x00garbage\n[1, 2, 3]\n\n42\n" + json.dumps(good).encode() + b'\n{"kind": "tr'
     )
     result = CliRunner().invoke(cli, ["inspect", str(run_dir)])
     assert result.exit_code == 0, result.output

@@ -81,6 +81,17 @@ async def test_a_graceful_stops_checkpoint_gets_its_own_stop_timeout(caplog) -> 
     assert "writing the checkpoint (at most 1 s)" in caplog.text
     interrupts.close()
 
+    # once written, the rest of the stop is timed as the steps were, not blamed on the save
+    calls.clear()
+    interrupts = Interrupts(graceful=lambda: True, hard=calls.append, stop_timeout=1.0)
+    interrupts.handle(signal.SIGTERM)
+    interrupts.saving()
+    await asyncio.sleep(0.2)
+    interrupts.saved()
+    await asyncio.sleep(1.5)
+    assert calls == ["no graceful stop within 1 s"]
+    interrupts.close()
+
 
 async def _send_and_wait(signum: int, seen: list[int]) -> None:
     """Send `signum` to this process; wait (bounded) until the guard's callback saw something."""
