@@ -447,40 +447,41 @@ class HFDPOTrainer(_HFModule):
             "eps": float(self.arg("adam_eps", 1e-8)),
         }
 
-    def _apply_optimizer_settings(self) -> None:
-        """After a checkpoint load: the configured learning rate, weight decay, betas and eps,
-        not the checkpoint's (its param groups and the scheduler's base rates hold the values
-        of the run that wrote it; lowering the rate after a loss spike is the usual reason to
-        change it on resume), and the rate of the schedule's current step under the configured
-        schedule. The moments and the step count stay the checkpoint's. Unchanged settings
-        give back the very same values (an exact resume stays exact)."""
-        settings = self._optimizer_settings()
+    def _apply_optimizer_settings(self, built: list[dict[str, Any]]) -> None:
+        """After a checkpoint load: each param group's learning rate, weight decay, betas and
+        eps as this run built them (``built``: from the configuration, a subclass's groups
+        included), not the checkpoint's (its groups and the scheduler's base rates held the
+        values of the run that wrote it; lowering the rate after a loss spike is the usual
+        reason to change it on resume), and the rate of the schedule's current step under this
+        run's schedule. The moments and the step count stay the checkpoint's; nothing differs,
+        nothing is touched (an exact resume stays exact)."""
         step = self.scheduler.last_epoch
-        changed = set()
-        for group in self.optimizer.param_groups:
-            before = {key: group.get(key) for key in ("initial_lr", "weight_decay", "betas", "eps")}
-            group["initial_lr"] = settings["lr"]
-            group["weight_decay"] = settings["weight_decay"]
-            group["betas"] = settings["betas"]
-            group["eps"] = settings["eps"]
-            lr = settings["lr"] * self._lr_factor(step)
-            if group["lr"] != lr:
-                changed.add(f"rate of step {step + 1} {group['lr']:.6g} -> {lr:.6g}")
-            group["lr"] = lr
-            for key, value in before.items():
-                now = settings["lr"] if key == "initial_lr" else group[key]
-                if value is not None and tuple(_flat(value)) != tuple(_flat(now)):
+        lambdas = getattr(self.scheduler, "lr_lambdas", None)  # LambdaLR's (ours: _lr_factor)
+        groups = self.optimizer.param_groups
+        changed: list[str] = []
+        for index, (group, wanted) in enumerate(zip(groups, built, strict=False)):
+            for key, value in wanted.items():
+                if key in group and tuple(_flat(group[key])) != tuple(_flat(value)):
                     name = {"initial_lr": "learning_rate", "betas": "adam_betas"}.get(key, key)
-                    changed.add(f"{name} {value} -> {now}")
-        self.scheduler.base_lrs = [settings["lr"]] * len(self.optimizer.param_groups)
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-        if changed and self.data_parallel_rank == 0:
+                    changed.append(f"{name} {group[key]} -> {value}")
+                    group[key] = value
+            if lambdas is not None and "initial_lr" in group:
+                rate = group["initial_lr"] * lambdas[index](step)
+                if group["lr"] != rate:
+                    changed.append(f"rate of step {step + 1} {group['lr']:.6g} -> {rate:.6g}")
+                    group["lr"] = rate
+        if not changed:
+            return
+        if hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [group.get("initial_lr", group["lr"]) for group in groups]
+            self.scheduler._last_lr = [group["lr"] for group in groups]
+        if self.data_parallel_rank == 0:
             self._logger.warning(
-                "%s: the checkpoint's optimizer settings differ from the configuration; the "
-                "configured ones apply from here on (the moments and schedule position are "
-                "the checkpoint's): %s",
+                "%s: the checkpoint's optimizer settings differ from this run's; this run's "
+                "apply from here on (the moments and schedule position are the checkpoint's): "
+                "%s",
                 self.name,
-                "; ".join(sorted(changed)),
+                "; ".join(dict.fromkeys(changed)),
             )
 
     def memory_report(self) -> dict[str, Any]:
@@ -622,6 +623,8 @@ class HFDPOTrainer(_HFModule):
         save_rank_state(directory, {"scheduler": self.scheduler})
 
     def load_checkpoint(self, iteration: int) -> None:
+        keys = ("initial_lr", "weight_decay", "betas", "eps")
+        built = [{k: g[k] for k in keys if k in g} for g in self.optimizer.param_groups]
         if not self.layout.sharded:
             super().load_checkpoint(iteration)
         else:
@@ -630,7 +633,7 @@ class HFDPOTrainer(_HFModule):
             directory = self.checkpoint_dir(iteration)
             load_sharded(directory.parent / SHARDED_DIR, self.network, self.optimizer)
             load_rank_state(directory, {"scheduler": self.scheduler})
-        self._apply_optimizer_settings()
+        self._apply_optimizer_settings(built)
 
     def export_hf_model(self, target: Any) -> None:
         """The policy as a Hugging Face directory (collective under FSDP2: call it on every

@@ -67,3 +67,37 @@ def test_unchanged_settings_resume_with_the_checkpoints_values(saved, caplog) ->
     assert trainer.optimizer.param_groups[0]["lr"] == rate  # bit for bit
     assert not [r for r in caplog.records if "optimizer settings" in r.message]
     assert math.isfinite(rate) and rate > 0
+
+
+class _TwoGroupTrainer(HFDPOTrainer):
+    """A subclass with its own param groups (no decay on biases and norms), as users write."""
+
+    def setup(self) -> None:
+        import torch
+
+        super().setup()
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        rest = [p for p in params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+            lr=3e-3,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+
+def test_a_subclass_s_own_param_groups_resume_as_they_were(tmp_path: Path, caplog) -> None:
+    args = make_args(1, parallel="none", save_hf_model=False)
+    batches = reference_batches(args, 0, 1, steps=3)
+    trainer = start(_TwoGroupTrainer("policy", args=args), 0, 1)
+    for step in range(2):
+        trainer.train_step(step_data(batches, step, 0, 1), iteration=step)
+    trainer._checkpoint_dir = tmp_path
+    trainer.save_checkpoint(2)
+    saved = [dict(g, params=None) for g in trainer.optimizer.param_groups]
+    resumed = start(_TwoGroupTrainer("policy", args=args), 0, 1)
+    resumed._checkpoint_dir = tmp_path
+    with caplog.at_level(logging.WARNING):
+        resumed.load_checkpoint(2)
+    assert [dict(g, params=None) for g in resumed.optimizer.param_groups] == saved
+    assert not [r for r in caplog.records if "optimizer settings" in r.message]
