@@ -78,15 +78,18 @@ class RunLock:
         """The pid of the live process that holds ``output``'s lock, or None; only looks
         (``/proc/locks``): taking the lock even for a moment could refuse a run starting then."""
         try:
-            inode = (output / LOCK_NAME).stat().st_ino
+            info = (output / LOCK_NAME).stat()
             table = Path("/proc/locks").read_text()
         except OSError:
             return None
+        # the device as /proc/locks writes it (hex major:minor), then the inode
+        device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
         for line in table.splitlines():
             # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
             fields = line.split()
-            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].endswith(f":{inode}"):
-                return int(fields[4]) if fields[4].isdigit() else None
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+                pid = int(fields[4]) if fields[4].isdigit() else 0
+                return pid or None  # 0: a process this pid namespace does not see
         return None
 
     def __enter__(self) -> RunLock:

@@ -58,9 +58,17 @@ def unsendable_sample_error(
             where = f"sample {index} of the {split} data set"
             with contextlib.suppress(IndexError, TypeError, ValueError):
                 where = f"{origin(index)}: {where}" if origin else where
+            key = path or "(the sample)"
+            if isinstance(value, str):  # text the codec refuses: a lone surrogate
+                return ConfigError(
+                    f"key {key} holds text that is not Unicode ({_short_repr(value)}: a lone "
+                    "surrogate, such as a truncated emoji's \\ud83d)",
+                    where=where,
+                    fix="write the character itself, or its whole surrogate pair, or drop it",
+                )
             return ConfigError(
-                f"key {path or '(the sample)'} is {_short_repr(value)} (a "
-                f"{type(value).__qualname__}), which cannot be sent to the models",
+                f"key {key} is {_short_repr(value)} (a {type(value).__qualname__}), which "
+                "cannot be sent to the models",
                 where=where,
                 fix="convert it to a string or a number, or drop the key, before set_dataset",
             )

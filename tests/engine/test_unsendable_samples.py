@@ -33,3 +33,12 @@ def test_an_unsendable_extra_field_is_named_by_its_sample_and_key(tmp_path: Path
     assert error is not None and error.one_line().startswith(
         f"{path}:1: sample 0 of the eval data set: key 'created' is {{1, 2}} (a set)"
     )
+
+
+def test_a_lone_surrogate_in_a_sample_is_named_as_such() -> None:
+    # "is 'a\ud83d' (a str) ... fix: convert it to a string": it is one already
+    error = unsendable_sample_error([("training", [{"prompt": "a\ud83d"}])], {})
+    assert error is not None
+    line = error.one_line()
+    assert line.startswith("sample 0 of the training data set: key 'prompt' holds text that is ")
+    assert "lone surrogate" in line and "convert it to a string" not in line
