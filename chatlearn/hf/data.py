@@ -85,8 +85,7 @@ def load_preference_data(source: str | Path | Iterable[Mapping[str, Any]]) -> li
                     where = f"{path}:{number}"
                     if _MAYBE_SURROGATE.search(line):  # only an escape can put one in
                         _check_text(record, where)
-                    records.append(_check_record(record, where))
-                    records.lines.append(number)
+                    records.add(_check_record(record, where), number)
         except OSError as exc:  # missing, a directory, unreadable, a broken gzip stream
             raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
         except EOFError:  # a gzip file cut short
@@ -168,12 +167,70 @@ class PreferenceRecords(list):
     ``"path:line"`` of record ``i``, which the engine names when a module's `build_dataset`
     refuses sample ``i`` (engine.set_dataset keeps it). Slices keep their lines."""
 
-    def __init__(self, records: Iterable[dict], path: Path, lines: array) -> None:
+    def __init__(self, records: Iterable[dict], path: Path, lines: array | None) -> None:
         super().__init__(records)
         self.path, self.lines = path, lines
 
     def origin(self, index: int) -> str:
+        """``path:line`` of record ``index``; a ValueError once the list was changed in place
+        (shuffled, sorted, edited: its lines no longer follow its records)."""
+        if self.lines is None:
+            raise ValueError("the records were changed in place: their lines are not known")
         return f"{self.path}:{self.lines[index]}"
+
+    def add(self, record: dict, line: int) -> None:
+        """The loader's append: the record and its line."""
+        super().append(record)
+        if self.lines is not None:
+            self.lines.append(line)
+
+    def _changed(self) -> None:
+        self.lines = None
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._changed()
+        super().__setitem__(index, value)
+
+    def __delitem__(self, index: Any) -> None:
+        self._changed()
+        super().__delitem__(index)
+
+    def __iadd__(self, other: Iterable[dict]) -> PreferenceRecords:  # type: ignore[override,misc]
+        self._changed()
+        return super().__iadd__(other)  # type: ignore[return-value]
+
+    def append(self, record: dict) -> None:
+        self._changed()
+        super().append(record)
+
+    def extend(self, records: Iterable[dict]) -> None:
+        self._changed()
+        super().extend(records)
+
+    def insert(self, index: SupportsIndex, record: dict) -> None:
+        self._changed()
+        super().insert(index, record)
+
+    def pop(self, index: SupportsIndex = -1) -> dict:
+        self._changed()
+        item: dict = super().pop(index)
+        return item
+
+    def remove(self, record: dict) -> None:
+        self._changed()
+        super().remove(record)
+
+    def reverse(self) -> None:
+        self._changed()
+        super().reverse()
+
+    def sort(self, *args: Any, **kwargs: Any) -> None:
+        self._changed()
+        super().sort(*args, **kwargs)
+
+    def clear(self) -> None:
+        self._changed()
+        super().clear()
 
     @overload
     def __getitem__(self, index: SupportsIndex) -> dict: ...
@@ -183,7 +240,8 @@ class PreferenceRecords(list):
 
     def __getitem__(self, index: SupportsIndex | slice) -> dict | PreferenceRecords:
         if isinstance(index, slice):
-            return PreferenceRecords(super().__getitem__(index), self.path, self.lines[index])
+            lines = None if self.lines is None else self.lines[index]
+            return PreferenceRecords(super().__getitem__(index), self.path, lines)
         item: dict = super().__getitem__(index)
         return item
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import re
 from pathlib import Path
 
@@ -378,6 +379,16 @@ def test_a_record_the_data_refuses_is_one_config_line_at_its_file_and_line(tmp_p
     path.write_text(f"{json.dumps(ok)}\n\n{json.dumps(ok)}\n{json.dumps(bad)}\n")
     records = load_preference_data(path)
     assert records[1:].origin(1) == f"{path}:4"  # slices keep their lines (the example's limit)
+    # a list changed in place no longer knows its lines: said as "sample i", never a wrong line
+    shuffled = load_preference_data(path)
+    random.Random(0).shuffle(shuffled)
+    with pytest.raises(ValueError, match="changed in place"):
+        shuffled.origin(0)
+    for change in (lambda r: r.sort(key=str), lambda r: r.pop(0), lambda r: r.append(ok)):
+        changed = load_preference_data(path)
+        change(changed)
+        with pytest.raises(ValueError):
+            changed.origin(0)
     with pytest.raises(ConfigError) as info:
         PreferenceDataset(records, tok, split="eval")
     message = info.value.one_line()
