@@ -42,13 +42,15 @@ Batches (see chatlearn.algorithms.dpo for the convention): `chosen_input_ids`,
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import re
+import zlib
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, SupportsIndex, overload
+from typing import IO, Any, SupportsIndex, cast, overload
 
 import torch
 from torch.utils.data import Dataset
@@ -90,6 +92,8 @@ def load_preference_data(source: str | Path | Iterable[Mapping[str, Any]]) -> li
             raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
         except EOFError:  # a gzip file cut short
             raise ValueError(f"{path}: cannot read it (a gzip file cut short)") from None
+        except zlib.error as exc:  # a gzip file with corrupted bytes
+            raise ValueError(f"{path}: cannot read it (a damaged gzip file: {exc})") from None
         if not records:
             raise ValueError(f"{path}: no records (the file is empty)")
         return records
@@ -105,14 +109,16 @@ GZIP_MAGIC = b"\x1f\x8b"
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
-def _open_lines(path: Path) -> IO[bytes] | gzip.GzipFile:
+@contextlib.contextmanager
+def _open_lines(path: Path) -> Iterator[IO[bytes]]:
     """The file's lines as bytes; a gzip file (its magic bytes, whatever its name) is read
-    through gzip."""
-    with path.open("rb") as probe:
-        magic = probe.read(2)
-    if magic == GZIP_MAGIC:
-        return gzip.open(path, "rb")
-    return path.open("rb")
+    through gzip. Opened once and peeked at, so a pipe (``/dev/stdin``) keeps its first bytes."""
+    with path.open("rb") as handle:
+        if handle.peek(2)[:2] == GZIP_MAGIC:
+            with gzip.GzipFile(fileobj=handle, mode="rb") as unzipped:
+                yield cast(IO[bytes], unzipped)
+        else:
+            yield handle
 
 
 def _decoded(raw: bytes, number: int, path: Path) -> str:

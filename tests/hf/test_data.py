@@ -542,3 +542,24 @@ def test_a_file_that_is_not_utf8_names_its_line_and_gzip_is_read(tmp_path: Path)
     packed.write_bytes(gzip.compress((good * 3).encode())[:-10])  # cut short
     with pytest.raises(ValueError, match="data.jsonl.gz: cannot read it"):
         load_preference_data(packed)
+    damaged = bytearray(gzip.compress((good * 50).encode()))
+    damaged[20:40] = b"\x00" * 20  # bytes of the deflate stream: zlib's error, not an OSError
+    packed.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="data.jsonl.gz: cannot read it"):
+        load_preference_data(packed)
+
+
+@pytest.mark.timeout(20)  # before the fix the second open waited for a writer forever
+def test_data_from_a_pipe_keeps_its_first_bytes(tmp_path: Path) -> None:
+    # the gzip check read two bytes and opened the path again: a pipe lost them
+    import os
+    import threading
+
+    good = json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n"
+    fifo = tmp_path / "data.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(good * 2), daemon=True)
+    writer.start()
+    records = load_preference_data(fifo)
+    writer.join(5)
+    assert len(records) == 2
