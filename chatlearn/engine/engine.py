@@ -759,6 +759,25 @@ class DPOEngine(Engine):
             raise unsendable_sample_error(named, self._origins) or unsendable from None
         self._datasets_built = True
         dp = await self._healing(trainer.data_parallel, trainer)
+        if self._drop_last == "drop" and len(sizes) == 1 and runtime.sample_per_episode > sizes[0]:
+            model_args = getattr(
+                self.global_args.models.get(self.reference.name), "model_args", None
+            )
+            is_set = getattr(runtime, "is_set", None)
+            key = (
+                f"models.{self.reference.name}.model_args.drop_last"
+                if "drop_last" in (model_args or {})
+                and not (callable(is_set) and is_set("drop_last"))
+                else "runtime.drop_last"
+            )
+            raise located_error(
+                self.global_args,
+                key,
+                f"dropping the last incomplete episode of a pass needs sample_per_episode "
+                f"({runtime.sample_per_episode}) <= the dataset's {sizes[0]} samples: no "
+                "episode would be complete",
+                "lower runtime.sample_per_episode, or let episodes cycle (drop_last false)",
+            )
         sampler = EpisodeSampler(
             sizes,
             runtime.sample_per_episode,

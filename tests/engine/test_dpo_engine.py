@@ -188,6 +188,14 @@ async def test_drop_last_of_the_reference_model_args_drops_a_short_pass(
     assert drawn == [*range(32), 32, 33, 34, *range(13)]
     (line,) = [r.getMessage() for r in caplog.records if "drop_last" in r.getMessage()]
     assert "runtime.drop_last: cycle wins over models.reference.model_args.drop_last" in line
+    # a dataset smaller than an episode cannot drop: one line naming the key it came from (a
+    # bare ValueError of the sampler before)
+    from chatlearn.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        await _learn(tmp_path / "small", _runtime(1, 16, 16, 2, 4), range(8), reference=reference)
+    assert info.value.key == "models.reference.model_args.drop_last"
+    assert "sample_per_episode (16) <= the dataset's 8 samples" in info.value.one_line()
 
 
 async def test_reference_reuse_across_data_epochs(
