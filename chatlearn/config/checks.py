@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError
+from .errors import ConfigError, nearest_existing
 from .model_args import check_model_args
 from .schema import PARALLEL_KEYS
 from .sections import ModelConfig
@@ -250,9 +250,7 @@ def check_output_paths(config: Config) -> None:
 def _directory_problem(path: str) -> str | None:
     """Why a directory cannot be created (or written) at `path`; None when it can."""
     target = Path(os.path.abspath(path))
-    existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(target)
     if not existing.is_dir():
         what = "is an existing file" if existing == target else f"is under a file ({existing})"
         return f"{path!r} {what}, not a directory"

@@ -93,7 +93,7 @@ def storage_problem(exc: BaseException, path: str | Path) -> str | None:
         if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
             return f"{error.strerror or error} ({free_space(path)})"
         error = error.__cause__ or error.__context__
-    free = _free_bytes(path)
+    free = free_bytes(path)
     if free is not None and free < NEARLY_FULL_BYTES:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
         return f"the file system is full ({free_space(path)}): {first}"
@@ -102,22 +102,22 @@ def storage_problem(exc: BaseException, path: str | Path) -> str | None:
 
 def free_space(path: str | Path) -> str:
     """``12 MiB free of 15 MiB`` for the file system of ``path`` (or of its nearest parent)."""
-    target = _existing(Path(path))
     try:
-        usage = shutil.disk_usage(target)
+        usage = shutil.disk_usage(nearest_existing(Path(path)))
     except OSError:
         return "free space unknown"
     return f"{usage.free / 2**20:.0f} MiB free of {usage.total / 2**20:.0f} MiB"
 
 
-def _free_bytes(path: str | Path) -> int | None:
+def free_bytes(path: str | Path) -> int | None:
     try:
-        return shutil.disk_usage(_existing(Path(path))).free
+        return shutil.disk_usage(nearest_existing(Path(path))).free
     except OSError:
         return None
 
 
-def _existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """``path``, or its nearest ancestor that exists."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path

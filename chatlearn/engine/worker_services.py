@@ -36,7 +36,7 @@ from typing import Any
 from chatlearn.actors.checkpoint_paths import module_checkpoint_dir
 from chatlearn.actors.module import as_number, invoke, resume_loads_checkpoint
 from chatlearn.actors.worker_core import add_error_context
-from chatlearn.config.errors import StorageError, storage_problem
+from chatlearn.config.errors import StorageError, free_space, storage_problem
 from chatlearn.engine.batching import (
     batch_size_of,
     collate_samples,
@@ -734,14 +734,8 @@ def _disk_space(directory: Path) -> dict[str, str]:
     """What a failed save's error should say about where it wrote: the free space of its file
     system, and this process's file size limit when it has one (``ulimit -f``)."""
     import resource
-    import shutil
 
-    facts: dict[str, str] = {}
-    try:
-        usage = shutil.disk_usage(directory if directory.exists() else directory.parent)
-        facts["disk_free"] = f"{usage.free / 2**20:.0f} MiB of {usage.total / 2**20:.0f} MiB"
-    except OSError:
-        pass
+    facts = {"disk_free": free_space(directory)}
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY:
         facts["file_size_limit"] = f"{limit / 2**20:.1f} MiB (ulimit -f)"

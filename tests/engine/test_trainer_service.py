@@ -97,5 +97,5 @@ def test_a_failed_save_says_where_it_wrote_and_the_room_there(tmp_path) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     context = getattr(info.value, _CONTEXT_ATTR)
     assert context["checkpoint"] == str(tmp_path / "policy" / "rank_0")
-    assert context["disk_free"].endswith(" MiB") and " MiB of " in context["disk_free"]
+    assert context["disk_free"].endswith(" MiB") and " MiB free of " in context["disk_free"]
     assert context["file_size_limit"] == "64.0 MiB (ulimit -f)"
