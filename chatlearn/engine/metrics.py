@@ -315,14 +315,15 @@ def _open_tensorboard(directory: Path, first_step: int) -> Any:
 
 
 def _tensorboard_wait(directory: Path) -> float:
-    """Seconds until the clock's second is past the newest event file's (0 if it is)."""
+    """Seconds until the clock's second is past the newest event file's (0 if it is; at most
+    one: a file stamped later by a clock ahead of this one, copied here, is not waited for)."""
     newest = -1
     for path in directory.glob("events.out.tfevents.*"):
         stamp = path.name.split(".")[3]
         if stamp.isdigit():
             newest = max(newest, int(stamp))
     now = time.time()
-    return max(0.0, newest + 1 - now)
+    return min(1.0, max(0.0, newest + 1 - now))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

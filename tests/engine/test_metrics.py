@@ -234,3 +234,12 @@ def test_restart_records_are_found_a_line_at_a_time(tmp_path) -> None:
     finally:
         tracemalloc.stop()
     assert peak < 2 * 2**20, peak
+
+
+def test_an_event_file_from_a_clock_ahead_is_not_waited_for(tmp_path) -> None:
+    from chatlearn.engine.metrics import _tensorboard_wait
+
+    ahead = int(__import__("time").time()) + 3600
+    (tmp_path / f"events.out.tfevents.{ahead}.host.1.0").write_bytes(b"")
+    assert _tensorboard_wait(tmp_path) == 1.0
+    assert _tensorboard_wait(tmp_path / "none") == 0.0
