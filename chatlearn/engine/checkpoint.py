@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from chatlearn.actors.checkpoint_paths import checkpoint_name
-from chatlearn.engine.state import HISTORY_KEPT, RunState
+from chatlearn.engine.state import RunState
 
 logger = logging.getLogger("chatlearn.engine")
 
@@ -406,11 +406,6 @@ def describe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str
         for key in sorted(saved)
         if key in current and saved[key] != current[key]
     ]
-
-
-def tail(records: Iterable[dict[str, Any]], count: int = HISTORY_KEPT) -> list[dict[str, Any]]:
-    items = list(records)
-    return items[-count:]
 
 
 def _pid_alive(pid: int) -> bool:

@@ -90,7 +90,7 @@ from chatlearn.engine.protocol import (
 from chatlearn.engine.reference_cache import MIB, ReferenceCache, repeats_samples
 from chatlearn.engine.sampler import EpisodeSampler, SampleIndex
 from chatlearn.engine.schedule import ChunkOrder, CreditWindow, EpisodeLayout, GroupSizer
-from chatlearn.engine.state import RunState
+from chatlearn.engine.state import RunState, bounded_history
 from chatlearn.engine.training_plan import EpisodePlan, TrainStep, plan_episode
 
 logger = logging.getLogger("chatlearn.engine")
@@ -772,6 +772,7 @@ class DPOPipeline:
                 sums[key] = sums.get(key, 0.0) + value
         metrics = {key: value / max(count, 1) for key, value in sums.items()}
         self.eval_history.append({"iteration": self.state.iteration, **metrics})
+        bounded_history(self.eval_history)
         if self.sink is not None:
             # not `episode`, which train and episode records give as the 0-based episode of
             # the step: an evaluation comes between episodes (0: before training)

@@ -48,14 +48,13 @@ from chatlearn.engine.checkpoint import (
     CoordinatorState,
     describe_changes,
     rewind_metrics,
-    tail,
 )
 from chatlearn.engine.counters import reference_iteration
 from chatlearn.engine.pipeline import PipelineSettings
 from chatlearn.engine.protocol import ReferenceGroup, TrainerGroup
 from chatlearn.engine.sampler import DataSettingsChanged, Episode, EpisodeSampler, SampleIndex
 from chatlearn.engine.schedule import EpisodeLayout
-from chatlearn.engine.state import RunState
+from chatlearn.engine.state import RunState, first_and_last
 from chatlearn.engine.training_plan import plan_episode
 
 logger = logging.getLogger("chatlearn.engine")
@@ -261,7 +260,7 @@ class RunCheckpoints:
             },
             reason=reason,
             metrics=metrics,
-            eval_history=tail(eval_history),
+            eval_history=first_and_last(eval_history),
             config=_plain_config(self.config),
             started_from=self.started_from,
         )

@@ -16,6 +16,23 @@ from typing import Any
 HISTORY_KEPT = 1000  # steps' metrics kept in memory and in a checkpoint (for summaries)
 
 
+def bounded_history(records: list[dict[str, Any]], count: int = HISTORY_KEPT) -> None:
+    """Trim ``records`` in place to its first record and its last ``count - 1`` once it holds
+    twice ``count`` (amortised O(1) per record): the evaluations of a run of days stay a few
+    thousand, and the summary's "before training" figure stays the first."""
+    if len(records) >= 2 * count:
+        del records[1 : len(records) - count + 1]
+
+
+def first_and_last(
+    records: list[dict[str, Any]], count: int = HISTORY_KEPT
+) -> list[dict[str, Any]]:
+    """A copy of ``records`` with at most ``count``: the first and the last ``count - 1``."""
+    if len(records) <= count:
+        return list(records)
+    return [records[0], *records[len(records) - count + 1 :]]
+
+
 @dataclass(slots=True, kw_only=True)
 class RunState:
     """Where a run is, between two optimizer steps.

@@ -69,3 +69,22 @@ def test_a_record_without_a_counter_is_refused() -> None:
     data["consumed_samples"] = "16"
     with pytest.raises(ValueError, match="consumed_samples: missing or not an integer"):
         CoordinatorState.from_json(json.dumps(data))
+
+
+def test_the_evaluations_of_a_long_run_keep_the_first_and_the_last() -> None:
+    # the coordinator appended one record per evaluation and never trimmed them (~1 MB/h with
+    # an evaluation every 2 s); the summary's "before training" figure is the first one
+    from chatlearn.engine.state import HISTORY_KEPT, bounded_history, first_and_last
+
+    history: list[dict] = []
+    for i in range(5 * HISTORY_KEPT + 7):
+        history.append({"iteration": i})
+        bounded_history(history)
+        assert len(history) < 2 * HISTORY_KEPT
+    assert history[0] == {"iteration": 0} and history[-1] == {"iteration": 5 * HISTORY_KEPT + 6}
+    kept = first_and_last(history)
+    assert len(kept) == HISTORY_KEPT and kept[0] == {"iteration": 0}
+    assert [r["iteration"] for r in kept[1:]] == list(
+        range(4 * HISTORY_KEPT + 8, 5 * HISTORY_KEPT + 7)
+    )
+    assert first_and_last(history[:3]) == history[:3]
