@@ -397,9 +397,10 @@ class RunCheckpoints:
                     "to metrics.superseded.jsonl",
                     moved,
                 )
+        rewind = info.path == self.last  # a trainer restart back to this run's checkpoint
         self.last, self.last_iteration = info.path, saved.iteration
         self.started_from = started_from(
-            info.requested, saved.started_from, self.started_from, rewind=info.path == self.last
+            info.requested, saved.started_from, self.started_from, rewind=rewind
         )
         logger.info(
             "resuming from %s: iteration %d, consumed_samples %d; continuing %s",

@@ -300,12 +300,16 @@ async def test_a_stop_cancelled_from_outside_does_not_cancel_its_other_callers()
     system._shutdown = slow_stop  # type: ignore[method-assign]
     calm = asyncio.create_task(system.shutdown())
     cancelled = asyncio.create_task(system.shutdown())
-    await asyncio.sleep(0.05)
-    cancelled.cancel()  # a caller cancelled while the stop runs: it waits for the stop
-    await asyncio.sleep(0.05)
-    assert not cancelled.done()
-    assert system._shutdown_task is not None
-    system._shutdown_task.cancel()  # the stop itself, from outside
-    await asyncio.wait_for(calm, 5)  # returns: nobody cancelled it
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(cancelled, 5)
+    try:
+        await asyncio.sleep(0.05)
+        cancelled.cancel()  # a caller cancelled while the stop runs: it waits for the stop
+        await asyncio.sleep(0.05)
+        assert not cancelled.done()
+        assert system._shutdown_task is not None
+        system._shutdown_task.cancel()  # the stop itself, from outside
+        await asyncio.wait_for(calm, 5)  # returns: nobody cancelled it
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(cancelled, 5)
+    finally:  # no task left pending when an assertion fails
+        release.set()
+        await asyncio.gather(calm, cancelled, return_exceptions=True)

@@ -7,6 +7,7 @@ minutes, and its peer printed a KeyboardInterrupt traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -60,13 +61,16 @@ def test_ctrl_c_ends_the_transport_benchmark_and_its_peer(after: float) -> None:
         os.killpg(proc.pid, signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
         took = time.monotonic() - interrupted
+        _, alive = psutil.wait_procs(peers, timeout=5)  # read before the finally kills them
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        for peer in peers:  # a peer that outlived the benchmark is not left behind either
+            with contextlib.suppress(psutil.Error):
+                peer.kill()
         reader.join(5)
     assert proc.returncode == 130, stderr[-3000:]
     assert took < EXIT_BOUND, f"{took:.1f} s after Ctrl-C"
     assert "Traceback" not in stderr and "Aborted" not in stderr, stderr[-3000:]
-    _, alive = psutil.wait_procs(peers, timeout=5)
     assert alive == [], alive

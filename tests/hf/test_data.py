@@ -560,6 +560,11 @@ def test_data_from_a_pipe_keeps_its_first_bytes(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     writer = threading.Thread(target=lambda: fifo.write_text(good * 2), daemon=True)
     writer.start()
-    records = load_preference_data(fifo)
-    writer.join(5)
+    try:
+        records = load_preference_data(fifo)
+    finally:
+        if writer.is_alive():  # the loader failed before reading: release the blocked writer
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(5)
+    assert not writer.is_alive()
     assert len(records) == 2

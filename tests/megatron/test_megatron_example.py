@@ -37,17 +37,12 @@ pytestmark = [
 ]
 
 
-def test_main_file_trains_with_the_example_config(tmp_path: Path) -> None:
-    env = dict(
-        os.environ,
-        num_episode="2",
-        sample_per_episode="32",
-        output_dir=str(tmp_path),
-        OMP_NUM_THREADS="1",
-    )
+def _run_main(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+    """The example's main file to its end: (exit code, output); a run that hangs is stopped
+    with all its actors."""
     proc = subprocess.Popen(
-        [sys.executable, str(MAIN), "-c", str(CONFIG), "--num-samples", "64"],
-        cwd=tmp_path,  # the main file finds `examples` itself, wherever it is started from
+        [sys.executable, str(MAIN), *args],
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -59,8 +54,20 @@ def test_main_file_trains_with_the_example_config(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-    text = output.decode(errors="replace")
-    assert proc.returncode == 0, text[-4000:]
+    return proc.returncode, output.decode(errors="replace")
+
+
+def test_main_file_trains_with_the_example_config(tmp_path: Path) -> None:
+    env = dict(
+        os.environ,
+        num_episode="2",
+        sample_per_episode="32",
+        output_dir=str(tmp_path),
+        OMP_NUM_THREADS="1",
+    )
+    # cwd: the main file finds `examples` itself, wherever it is started from
+    code, text = _run_main(["-c", str(CONFIG), "--num-samples", "64"], tmp_path, env)
+    assert code == 0, text[-4000:]
     metrics_files = list(tmp_path.rglob("metrics.jsonl"))
     assert metrics_files, f"no metrics.jsonl under {tmp_path}\n{text[-2000:]}"
     records = [json.loads(line) for line in metrics_files[0].read_text().splitlines() if line]
@@ -102,14 +109,11 @@ def test_parallel_sizes_the_example_cannot_run_are_one_config_line(
         model = model.replace("num_attention_heads: 4", "num_attention_heads: 3")
         model = model.replace("hidden_size: 64", "hidden_size: 66")
     (configs / "gpt_tiny.yaml").write_text(model)
-    result = subprocess.run(
-        [sys.executable, str(MAIN), "-c", str(configs / "dpo.yaml"), "--num-samples", "16"],
-        cwd=tmp_path,
-        env=dict(os.environ, output_dir=str(tmp_path / "out"), num_episode="1", **env),
-        capture_output=True,
-        text=True,
-        timeout=240,
+    code, output = _run_main(
+        ["-c", str(configs / "dpo.yaml"), "--num-samples", "16"],
+        tmp_path,
+        dict(os.environ, output_dir=str(tmp_path / "out"), num_episode="1", **env),
     )
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert message in result.stderr, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
+    assert code == 2, output[-3000:]
+    assert message in output, output[-3000:]
+    assert "Traceback" not in output
