@@ -13,6 +13,7 @@ import errno
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("chatlearn.config")
 
@@ -36,18 +37,28 @@ class ConfigError(ValueError):
         self.key = key
         self.fix = fix
         head = ": ".join(part for part in (where, key, problem) if part)
-        super().__init__(f"{head}\n  fix: {fix}" if fix else head)
+        super().__init__(f"{head}{_FIX}{fix}" if fix else head)
 
     def one_line(self) -> str:
         """`file:line: key: what is wrong (fix: ...)`, the form printed when a run stops."""
         return one_line(str(self))
 
 
+_FIX = "\n  fix: "  # between a ConfigError's head and its fix (`ConfigError.__init__`)
+
+
+def split_fix(message: str) -> tuple[str, str | None]:
+    """(head, fix) of a ConfigError's text (fix None when it has none), e.g. of one raised in
+    an actor, which arrives as text."""
+    head, sep, fix = message.partition(_FIX)
+    return head, (fix if sep else None)
+
+
 def one_line(message: str) -> str:
     """A ConfigError's two-line text (`head` + `  fix: ...`) as one line; other text joined."""
-    head, sep, fix = message.partition("\n  fix: ")
+    head, fix = split_fix(message)
     head = " ".join(head.split())
-    return f"{head} (fix: {' '.join(fix.split())})" if sep else head
+    return f"{head} (fix: {' '.join(fix.split())})" if fix is not None else head
 
 
 class ValueProblem(Exception):
@@ -93,25 +104,41 @@ def storage_problem(exc: BaseException, path: str | Path) -> str | None:
         if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
             return f"{error.strerror or error} ({free_space(path)})"
         error = error.__cause__ or error.__context__
-    free = free_bytes(path)
-    if free is not None and free < NEARLY_FULL_BYTES:
+    usage = disk_usage(path)
+    if usage is not None and usage.free < NEARLY_FULL_BYTES:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
-        return f"the file system is full ({free_space(path)}): {first}"
+        return f"the file system is full ({free_space(path, usage)}): {first}"
     return None
 
 
-def free_space(path: str | Path) -> str:
+def storage_error(
+    exc: BaseException,
+    path: str | Path,
+    what: str,
+    then: str = " and run the same command again: it resumes from its newest checkpoint",
+) -> StorageError | None:
+    """``what`` (e.g. "writing the run's metrics") failed under ``path`` for want of storage:
+    the one line saying so (where, the OS's words, the free space, what to do); None when the
+    storage is not the cause."""
+    problem = storage_problem(exc, path)
+    if problem is None:
+        return None
+    return StorageError(f"{what} failed: {problem}", where=str(path), fix=f"free space there{then}")
+
+
+def free_space(path: str | Path, usage: Any = None) -> str:
     """``12 MiB free of 15 MiB`` for the file system of ``path`` (or of its nearest parent)."""
-    try:
-        usage = shutil.disk_usage(nearest_existing(Path(path)))
-    except OSError:
+    usage = usage or disk_usage(path)
+    if usage is None:
         return "free space unknown"
     return f"{usage.free / 2**20:.0f} MiB free of {usage.total / 2**20:.0f} MiB"
 
 
-def free_bytes(path: str | Path) -> int | None:
+def disk_usage(path: str | Path) -> Any:
+    """`shutil.disk_usage` of the file system of ``path`` (or of its nearest parent); None
+    when it cannot be read."""
     try:
-        return shutil.disk_usage(nearest_existing(Path(path))).free
+        return shutil.disk_usage(nearest_existing(Path(path)))
     except OSError:
         return None
 

@@ -845,7 +845,10 @@ class DPOEngine(Engine):
         # TensorBoard hides what earlier starts wrote from the first step this one writes:
         # the steps after the checkpoint, or all of them (metrics.jsonl lost the same records)
         first_step = self.state.iteration + 1 if resume is not None else 0
-        sink = MetricsSink(output, tensorboard=bool(runtime.tensorboard), first_step=first_step)
+        # off the loop: a TensorBoard writer may wait up to a second for its file's name to sort
+        sink = await asyncio.to_thread(
+            MetricsSink, output, tensorboard=bool(runtime.tensorboard), first_step=first_step
+        )
         checkpoints.metrics_path = sink.path
         checkpoints.flush_metrics = sink.sync
         sink.flush()

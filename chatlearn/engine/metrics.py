@@ -18,9 +18,9 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from chatlearn.config.errors import StorageError, storage_problem
+from chatlearn.config.errors import storage_error
 
 logger = logging.getLogger("chatlearn.engine")
 
@@ -203,12 +203,15 @@ class MetricsSink:
         self.path = self.directory / "metrics.jsonl"
         self._file = self.path.open("a", encoding="utf-8")
         self._flushed = 0.0
+        self._tb_flushed = 0.0
         self._tb: Any = None
         if tensorboard:
             self._tb = _open_tensorboard(self.directory / "tensorboard", first_step)
 
     #: seconds between flushes while records come fast (steps of a few milliseconds)
     flush_interval = 0.2
+    #: seconds between flushes of the TensorBoard event file (and at every checkpoint)
+    tensorboard_flush_interval = 5.0
 
     def write(self, kind: str, step: int, values: Mapping[str, Any], **extra: Any) -> None:
         now = time.time()
@@ -217,7 +220,7 @@ class MetricsSink:
         try:
             self._file.write(json.dumps(record, allow_nan=True) + "\n")
         except OSError as exc:
-            raise self._storage_error(exc) from exc
+            self._raise_storage_error(exc)
         # Every record of a run of slow steps is on disk at once; fast ones are flushed in
         # batches (a flush per record was a tenth of the coordinator's time per 1-sample step).
         if kind != "train" or now - self._flushed >= self.flush_interval:
@@ -231,24 +234,23 @@ class MetricsSink:
         try:
             self._file.flush()
         except OSError as exc:
-            raise self._storage_error(exc) from exc
-        if self._tb is not None:  # else TensorBoard shows a run's events two minutes late
+            self._raise_storage_error(exc)
+        now = time.time()
+        # TensorBoard's own flush comes every two minutes; a flush waits for its writer's
+        # queue, so every few seconds rather than at each of these (every 0.2 s)
+        if self._tb is not None and now - self._tb_flushed >= self.tensorboard_flush_interval:
             self._tb.flush()
-        self._flushed = time.time()
+            self._tb_flushed = now
+        self._flushed = now
         if os.fstat(self._file.fileno()).st_nlink == 0:
             self._reopen()
 
-    def _storage_error(self, exc: OSError) -> BaseException:
+    def _raise_storage_error(self, exc: OSError) -> NoReturn:
         """A full disk (or quota, or read-only mount) under metrics.jsonl as one line."""
-        problem = storage_problem(exc, self.path)
-        if problem is None:
-            return exc
-        return StorageError(
-            f"writing the run's metrics failed: {problem}; the run stopped",
-            where=str(self.path),
-            fix="free space on that file system and run the same command again: it resumes "
-            "from its newest checkpoint",
-        )
+        error = storage_error(exc, self.path, "writing the run's metrics")
+        if error is None:
+            raise exc
+        raise error from exc
 
     def _reopen(self) -> None:
         """The file was deleted under the run (its directory removed, say): the records went
@@ -266,6 +268,8 @@ class MetricsSink:
         """Flush, and have the records reach the disk: a checkpoint records how far the file
         goes, and is itself written durably."""
         self.flush()
+        if self._tb is not None:
+            self._tb.flush()
         os.fsync(self._file.fileno())
 
     def tensorboard_wait(self) -> float:
@@ -327,23 +331,10 @@ def _tensorboard_wait(directory: Path) -> float:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl file (see `scan_metrics`)."""
-    return scan_metrics(path)[0]
-
-
-def scan_metrics(path: str | Path) -> tuple[list[dict[str, Any]], int]:
-    """(records, lines that are none) of a metrics.jsonl file: a truncated last line after a
-    crash, bytes that are not UTF-8, a line that is not a JSON object are skipped and counted,
-    never a traceback (`chatlearn inspect` reads files whatever happened to them). The file is
-    read a line at a time (a long run's is hundreds of MB)."""
-    records = []
-    skipped = 0
-    for record in iter_lines(path):
-        if record is not None:
-            records.append(record)
-        else:
-            skipped += 1
-    return records, skipped
+    """All records of a metrics.jsonl file, a line at a time: a truncated last line after a
+    crash, bytes that are not UTF-8, a line that is not a JSON object are skipped (`iter_lines`
+    says which), never a traceback."""
+    return [record for record in iter_lines(path) if record is not None]
 
 
 def iter_metrics(path: str | Path, kind: str) -> Iterator[dict[str, Any]]:

@@ -32,7 +32,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from chatlearn.actors.errors import ActorError
 from chatlearn.config.errors import (
@@ -40,7 +40,8 @@ from chatlearn.config.errors import (
     StorageError,
     located_error,
     one_line,
-    storage_problem,
+    split_fix,
+    storage_error,
 )
 from chatlearn.engine.checkpoint import (
     CheckpointInfo,
@@ -125,14 +126,14 @@ class RunCheckpoints:
             try:
                 staging = await asyncio.to_thread(self.manager.begin, state.iteration)
             except OSError as exc:
-                raise self._storage_error(exc, self.manager.root, state.iteration) from exc
+                self._raise_storage_error(exc, self.manager.root, state.iteration)
             try:
                 await self.trainer.save_checkpoint(str(staging), state.iteration)
             except BaseException as exc:  # a trainer lost while saving (self-healing goes on)
                 await asyncio.to_thread(shutil.rmtree, staging, True)
                 if isinstance(exc, ActorError) and exc.type_name.endswith("StorageError"):
-                    head = exc.message.partition("\n  fix: ")[0]
-                    raise self._storage_error(exc, staging, state.iteration, head) from exc
+                    head, _ = split_fix(exc.message)  # the coordinator knows the fix better
+                    self._raise_storage_error(exc, staging, state.iteration, head)
                 raise
             try:
                 coordinator = self.coordinator_state(state, reason, eval_history or [])
@@ -140,7 +141,7 @@ class RunCheckpoints:
             except OSError as exc:
                 await asyncio.to_thread(shutil.rmtree, staging, True)
                 where = getattr(exc, "filename", None) or staging
-                raise self._storage_error(exc, where, state.iteration) from exc
+                self._raise_storage_error(exc, where, state.iteration)
             self.last, self.last_iteration = path, state.iteration
             if self.on_saved is not None:
                 self.on_saved(state)
@@ -215,26 +216,30 @@ class RunCheckpoints:
     def _error(self, key: str, problem: str, fix: str) -> ConfigError:
         return located_error(self.config, key, problem, fix)
 
-    def _storage_error(
+    def _raise_storage_error(
         self, exc: BaseException, where: str | Path, iteration: int, said: str | None = None
-    ) -> BaseException:
+    ) -> NoReturn:
         """A save that failed for want of storage as one line: where, why (``said``: the
-        trainer's words), and the checkpoint a rerun resumes from; ``exc`` itself when the
+        trainer's words), and the checkpoint a rerun resumes from; ``exc`` as it is when the
         storage is not the cause."""
-        if said is not None and said.startswith(str(where)):
-            # the trainer named the staging directory, gone now: the checkpoints' root instead
-            said = f"{self.manager.root}: {said.partition(': ')[2]}"
-        problem = said or storage_problem(exc, where)
-        if problem is None:
-            return exc
-        if said is None:
-            problem = f"{where}: writing the checkpoint of iteration {iteration} failed: {problem}"
         resumes = f"it resumes from {self.last.name}" if self.last is not None else "it starts over"
-        return StorageError(
-            f"{problem}; the checkpoint was not written and the run stopped",
-            fix="free space on that file system (or set runtime.data_checkpoint_path to "
-            f"another one) and run the same command again: {resumes}",
+        then = (
+            " (or set runtime.data_checkpoint_path to another file system) and run the same "
+            f"command again: {resumes}"
         )
+        if said is None:
+            what = f"writing the checkpoint of iteration {iteration}"
+            error = storage_error(exc, where, what, then=then)
+            if error is None:
+                raise exc
+            raise error from exc
+        # the trainer named the staging directory, gone now: the checkpoints' root instead
+        problem = said.partition(": ")[2] if said.startswith(str(where)) else said
+        raise StorageError(
+            f"{problem}; the checkpoint was not written and the run stopped",
+            where=str(self.manager.root),
+            fix=f"free space there{then}",
+        ) from exc
 
     def coordinator_state(
         self, state: RunState, reason: str, eval_history: list[dict[str, Any]]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from chatlearn.actors import ActorError
-from chatlearn.config.errors import ConfigError
+from chatlearn.config.errors import ConfigError, split_fix
 from chatlearn.transport.codec import encode
 from chatlearn.transport.errors import EncodeError
 
@@ -37,8 +37,8 @@ def located_sample_error(
         where = origin(int(found.group(1)))
     except (IndexError, TypeError, ValueError):
         return error
-    head, _, fix = error.message.partition("\n  fix: ")
-    return ConfigError(" ".join(head.split()), where=where, fix=fix or None)
+    head, fix = split_fix(error.message)
+    return ConfigError(" ".join(head.split()), where=where, fix=fix)
 
 
 def unsendable_sample_error(

@@ -36,7 +36,7 @@ from typing import Any
 from chatlearn.actors.checkpoint_paths import module_checkpoint_dir
 from chatlearn.actors.module import as_number, invoke, resume_loads_checkpoint
 from chatlearn.actors.worker_core import add_error_context
-from chatlearn.config.errors import StorageError, free_space, storage_problem
+from chatlearn.config.errors import free_space, storage_error
 from chatlearn.engine.batching import (
     batch_size_of,
     collate_samples,
@@ -624,14 +624,10 @@ class TrainerService(_EpisodeHooks):
             invoke(self.module, f"{kind}_checkpoint", (), {"iteration": iteration})
         except Exception as exc:
             if kind == "save":  # a full disk often says only "unexpected pos" (torch.save)
-                problem = storage_problem(exc, directory)
-                if problem is not None:  # the disk's fault, not the module's: one line
-                    raise StorageError(
-                        f"writing the checkpoint of iteration {iteration} failed: {problem}",
-                        where=str(directory),
-                        fix="free space there, or set runtime.data_checkpoint_path to another "
-                        "file system, and run again to resume",
-                    ) from exc
+                what = f"writing the checkpoint of iteration {iteration}"
+                error = storage_error(exc, directory, what)
+                if error is not None:  # the disk's fault, not the module's: one line
+                    raise error from exc
                 add_error_context(exc, checkpoint=str(directory), **_disk_space(directory))
             raise
         finally:
