@@ -698,15 +698,14 @@ def check_model_shape(
         )
 
 
-def check_cores_and_steps(options: dict[str, Any]) -> None:
-    """`--cores` (default: every usable core) within this machine, `--warmup`/`--steps` ≥ 1."""
+def check_cores(options: dict[str, Any]) -> None:
+    """`--cores` (default: every usable core) within this machine (`--warmup`/`--steps` are
+    counts ≥ 1 by their option type)."""
     available = len(os.sched_getaffinity(0))
     if options["cores"] is None:
         options["cores"] = available
     if not 1 <= options["cores"] <= available:
         raise click.UsageError(f"--cores must be between 1 and {available}")
-    if options["warmup"] < 1 or options["steps"] < 1:
-        raise click.UsageError("--warmup and --steps must be at least 1")
 
 
 @click.command("dpo")
@@ -770,7 +769,7 @@ def check_cores_and_steps(options: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def command(as_json: bool, **options: Any) -> None:
     """Samples/s of DPO: single process (a), chatlearn pipelined (b), train-only (c)."""
-    check_cores_and_steps(options)
+    check_cores(options)
     check_model_shape(options, num_heads=BENCH_MODEL["num_attention_heads"])
     with tempfile.TemporaryDirectory(prefix="chatlearn-bench-") as output_dir:
         realistic = options["data"] == "realistic"

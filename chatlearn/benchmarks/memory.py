@@ -58,7 +58,7 @@ from chatlearn.benchmarks.dpo import (
     COUNT,
     SEQ_LEN,
     bench_records,
-    check_cores_and_steps,
+    check_cores,
     check_model_shape,
     throughput,
 )
@@ -584,7 +584,7 @@ def _model_option(name: str, key: str) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def command(as_json: bool, **options: Any) -> None:
     """Peak memory and throughput of DPO training: DDP, FSDP2 over 2 processes, LoRA."""
-    check_cores_and_steps(options)
+    check_cores(options)
     check_model_shape(options)
     with tempfile.TemporaryDirectory(prefix="chatlearn-bench-memory-") as output_dir:
         measured = run(_measure_all(options, output_dir))

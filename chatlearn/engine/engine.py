@@ -72,6 +72,7 @@ from chatlearn.engine.run_lock import RunLock
 from chatlearn.engine.sample_errors import located_sample_error, unsendable_sample_error
 from chatlearn.engine.sampler import (
     DropLast,
+    EpisodeLongerThanData,
     EpisodeSampler,
     dataset_fingerprint,
     empty_dataset_error,
@@ -325,7 +326,8 @@ class DPOEngine(Engine):
         # the checkpoint found before the models started (`_before_launch`), if it looked
         self._resume_looked = False
         self._resume_info: CheckpointInfo | None = None
-        self._drop_last: DropLast = "cycle"  # the sampler's mode, read before the models start
+        # the sampler's mode and the key it came from, read before the models start
+        self._drop_last: tuple[DropLast, str] = ("cycle", "runtime.drop_last")
 
     # -- data ------------------------------------------------------------------------------
     def set_dataset(self, dataset: Sequence[Any]) -> DPOEngine:
@@ -759,33 +761,20 @@ class DPOEngine(Engine):
             raise unsendable_sample_error(named, self._origins) or unsendable from None
         self._datasets_built = True
         dp = await self._healing(trainer.data_parallel, trainer)
-        if self._drop_last == "drop" and len(sizes) == 1 and runtime.sample_per_episode > sizes[0]:
-            model_args = getattr(
-                self.global_args.models.get(self.reference.name), "model_args", None
+        mode, mode_key = self._drop_last
+        try:
+            sampler = EpisodeSampler(
+                sizes,
+                runtime.sample_per_episode,
+                shuffle=runtime.data_shuffle,
+                data_ratio=runtime.resolve_data_ratio(len(sizes)) if len(sizes) > 1 else None,
+                drop_last=mode,
+                fingerprints=await asyncio.to_thread(
+                    lambda: list(map(dataset_fingerprint, datasets))
+                ),
             )
-            is_set = getattr(runtime, "is_set", None)
-            key = (
-                f"models.{self.reference.name}.model_args.drop_last"
-                if "drop_last" in (model_args or {})
-                and not (callable(is_set) and is_set("drop_last"))
-                else "runtime.drop_last"
-            )
-            raise located_error(
-                self.global_args,
-                key,
-                f"dropping the last incomplete episode of a pass needs sample_per_episode "
-                f"({runtime.sample_per_episode}) <= the dataset's {sizes[0]} samples: no "
-                "episode would be complete",
-                "lower runtime.sample_per_episode, or let episodes cycle (drop_last false)",
-            )
-        sampler = EpisodeSampler(
-            sizes,
-            runtime.sample_per_episode,
-            shuffle=runtime.data_shuffle,
-            data_ratio=runtime.resolve_data_ratio(len(sizes)) if len(sizes) > 1 else None,
-            drop_last=self._drop_last,
-            fingerprints=await asyncio.to_thread(lambda: list(map(dataset_fingerprint, datasets))),
-        )
+        except EpisodeLongerThanData as short:
+            raise located_error(self.global_args, mode_key, short.problem, short.fix) from None
         settings = _settings(runtime, self.global_args.model(self.reference.name))
         settings.reference_free_memory, settings.trainer_free_memory = self._free_memory(runtime)
         output = Path(runtime.output_path)
@@ -894,15 +883,13 @@ class DPOEngine(Engine):
 
         async def save(reason: str) -> Path:
             assert self.pipeline is not None
-            # a graceful stop's checkpoint has its own time (a state saved already is not)
+            # a graceful stop's checkpoint has its own time (a state saved already is not
+            # written again)
             interrupts = self._interrupts
-            if interrupts is None or checkpoints.last_iteration == self.state.iteration:
+            fresh = checkpoints.last_iteration != self.state.iteration
+            timed = interrupts.timing_save() if interrupts and fresh else contextlib.nullcontext()
+            with timed:
                 return await checkpoints.save(self.state, reason, self.pipeline.eval_history)
-            interrupts.saving()
-            try:
-                return await checkpoints.save(self.state, reason, self.pipeline.eval_history)
-            finally:
-                interrupts.saved()
 
         def new_pipeline(resumed: bool, timers: Timers | None = None) -> DPOPipeline:
             return DPOPipeline(
@@ -1103,15 +1090,16 @@ def _not_provided(method: str, instead: str) -> NotImplementedError:
     )
 
 
-def _drop_last(config: Any, reference: str) -> DropLast:
-    """The sampler's mode: ``runtime.drop_last`` when the config sets it, else ChatLearn's
-    ``drop_last`` of the reference's model_args (true: "drop", false: "cycle"), which ChatLearn's
-    ``BaseModule.build_dataloader`` reads from the model that builds the dataset."""
+def _drop_last(config: Any, reference: str) -> tuple[DropLast, str]:
+    """The sampler's mode and the key it comes from: ``runtime.drop_last`` when the config sets
+    it, else ChatLearn's ``drop_last`` of the reference's model_args (true: "drop", false:
+    "cycle"), which ChatLearn's ``BaseModule.build_dataloader`` reads from the model that builds
+    the dataset."""
     runtime = config.runtime_args
     model = config.models.get(reference) if hasattr(config, "models") else None
     model_args = getattr(model, "model_args", None) or {}
     if "drop_last" not in model_args:
-        return cast(DropLast, runtime.drop_last)
+        return cast(DropLast, runtime.drop_last), "runtime.drop_last"
     key = f"models.{reference}.model_args.drop_last"
     value = model_args["drop_last"]
     if not isinstance(value, bool):
@@ -1119,9 +1107,9 @@ def _drop_last(config: Any, reference: str) -> DropLast:
             config, key, f"expected true or false, got {value!r}", "write drop_last: true or false"
         )
     mode: DropLast = "drop" if value else "cycle"
-    is_set = getattr(runtime, "is_set", None)
+    is_set = getattr(runtime, "is_set", None)  # a RuntimeConfig's; a plain section has none
     if not (callable(is_set) and is_set("drop_last")):
-        return mode
+        return mode, key
     if runtime.drop_last != mode:
         where = getattr(config, "where", lambda _: "config")
         logger.warning(
@@ -1133,7 +1121,7 @@ def _drop_last(config: Any, reference: str) -> DropLast:
             where(key),
             mode,
         )
-    return cast(DropLast, runtime.drop_last)
+    return cast(DropLast, runtime.drop_last), "runtime.drop_last"
 
 
 def _settings(runtime: Any, reference_config: Any) -> PipelineSettings:

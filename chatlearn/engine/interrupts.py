@@ -31,11 +31,12 @@ exits with 130.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -197,6 +198,15 @@ class Interrupts:
         )
         loop = asyncio.get_running_loop()
         self._watchdog = loop.call_later(self.stop_timeout, self._expired)
+
+    @contextlib.contextmanager
+    def timing_save(self) -> Iterator[None]:
+        """``with``: `saving` on entry, `saved` on exit, whatever the save did."""
+        self.saving()
+        try:
+            yield
+        finally:
+            self.saved()
 
     def saved(self) -> None:
         """The checkpoint of `saving` is written (or failed): the rest of the stop gets

@@ -51,6 +51,17 @@ from chatlearn.transport.codec import encode
 logger = logging.getLogger("chatlearn.engine")
 
 DropLast = Literal["cycle", "drop"]
+
+
+class EpisodeLongerThanData(ValueError):
+    """``drop_last`` with a dataset smaller than an episode; ``fix`` says what to change (the
+    engine names the key the mode came from)."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(f"{problem}; {fix}")
+        self.problem, self.fix = problem, fix
+
+
 _STATE_VERSION = 1
 FINGERPRINT_ROWS = 4096  # the rows of a dataset its fingerprint reads (~15 ms)
 
@@ -273,9 +284,10 @@ class EpisodeSampler:
             logger.warning("drop_last is ignored with several datasets: samples cycle instead")
             drop_last = "cycle"
         if drop_last == "drop" and sample_per_episode > sizes[0]:
-            raise ValueError(
-                f"drop_last needs sample_per_episode ({sample_per_episode}) <= the dataset size "
-                f"({sizes[0]}): lower runtime.sample_per_episode or turn drop_last off"
+            raise EpisodeLongerThanData(
+                f"drop_last needs sample_per_episode ({sample_per_episode}) <= the dataset's "
+                f"{sizes[0]} samples: no episode would be complete",
+                "lower runtime.sample_per_episode, or let episodes cycle (drop_last false)",
             )
         if consumed_samples < 0:
             raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")

@@ -386,15 +386,12 @@ def _extract_string_prompt(chosen: str, rejected: str) -> str | None:
     """The prompt of a string record without one (Anthropic HH): the longest common prefix of
     chosen and rejected, up to and including its last "\n\nAssistant:" (as TRL's
     `extract_prompt`); None when they share no such prefix."""
-    same = 0
-    for a, b in zip(chosen, rejected, strict=False):
-        if a != b:
-            break
-        same += 1
-    end = chosen.rfind(HH_ASSISTANT, 0, same)
-    if end < 0 or end + len(HH_ASSISTANT) > same:
-        return None
-    return chosen[: end + len(HH_ASSISTANT)]
+    end = len(chosen)
+    while (end := chosen.rfind(HH_ASSISTANT, 0, end)) >= 0:  # the last turn first
+        prompt = chosen[: end + len(HH_ASSISTANT)]
+        if rejected.startswith(prompt):  # (a character loop cost 30 µs an HH record)
+            return prompt
+    return None
 
 
 def _same_responses(record: Mapping[str, Any]) -> bool:

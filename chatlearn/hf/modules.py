@@ -282,14 +282,21 @@ class _HFModule(TorchModule):
         resize_token_embeddings failed the padded forward with an IndexError; any valid id
         will do, as padding is masked and comes after every real token of its row, so under
         causal attention it changes no real token's log-prob."""
+        known = self.__dict__.get("_pad_id")  # read per micro-batch: found once per model
+        if known is not None:
+            return int(known)
         pad = self.tokenizer.pad_token_id
         model = getattr(self, "model", None)
         embeddings = model.get_input_embeddings() if model is not None else None
         rows = getattr(embeddings, "num_embeddings", None)
         if not isinstance(rows, int) or pad is None or 0 <= pad < rows:
-            return int(pad or 0)
-        eos = self.tokenizer.eos_token_id
-        return int(eos) if eos is not None and 0 <= eos < rows else 0
+            found = int(pad or 0)
+        else:
+            eos = self.tokenizer.eos_token_id
+            found = int(eos) if eos is not None and 0 <= eos < rows else 0
+        if isinstance(rows, int):  # the model is built: its vocabulary does not change
+            self.__dict__["_pad_id"] = found
+        return found
 
 
 class HFReference(_HFModule):
