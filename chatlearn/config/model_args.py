@@ -221,7 +221,7 @@ def _check_data_args(model_args: Mapping[str, Any], prefix: str, error: Locate) 
             f"{template!r} has no {{prompt}}, where each record's prompt goes",
             'write {prompt} where the prompt goes, e.g. "Question: {prompt}\\nAnswer:"',
         )
-    max_length = model_args.get("max_length", 512)
+    max_length = model_args.get("max_length", MODEL_ARG_KEYS["max_length"].default)
     least = model_args.get("min_prompt_length")
     if isinstance(least, int) and isinstance(max_length, int) and least >= max_length:
         raise error(

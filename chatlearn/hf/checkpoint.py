@@ -73,11 +73,12 @@ def export_hf(
     """
     if is_peft_model(model):
         model.save_pretrained(str(target / "adapter"), state_dict=state, safe_serialization=True)
-        if merge_lora and unmergeable(model):
+        refused = unmergeable(model) if merge_lora else []
+        if refused:
             logger.warning(
                 "the merged weights are not written, only the adapter: %s cannot be merged "
                 "here (set merge_lora: false to say so)",
-                ", ".join(unmergeable(model)[:3]),
+                ", ".join(refused[:3]),
             )
         elif merge_lora:
             base = model.get_base_model()

@@ -298,10 +298,8 @@ def near_miss_warnings(model_args: Mapping[str, Any]) -> list[str]:
     if not misses:
         return []
     prefix, _ = locate_model_args(model_args)
-    try:
-        config = get_args() if prefix != "model_args" else None
-    except ConfigError:  # model args given in code
-        config = None
+    # located: get_args() answered there (model args given in code are not)
+    config = get_args() if prefix != "model_args" else None
     lines = []
     for key, near in misses.items():
         path = f"{prefix}.{key}"

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from chatlearn.hf import build_causal_lm
 from chatlearn.hf.lora import apply_lora, merged_state_dict, unmergeable
 
 
@@ -19,17 +20,9 @@ def _gpt2() -> torch.nn.Module:
 
 
 def _llama() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=64,
-    )
-    return LlamaForCausalLM(config)
+    shape = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 1}
+    return build_causal_lm({**shape, **heads}, vocab_size=64)
 
 
 @pytest.mark.parametrize(

@@ -141,16 +141,13 @@ def test_packed_train_steps_equal_padded_ones_and_count_tokens(attention: str) -
 def test_a_pad_id_beyond_the_models_embeddings_pads_with_one_it_has(tmp_path) -> None:
     # a [PAD] added to the tokenizer without resize_token_embeddings: the padded forward failed
     # with an IndexError; padding is masked, so eos pads instead and no log-prob changes
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from chatlearn.hf import byte_tokenizer
 
     tokenizer = byte_tokenizer()
     vocab = len(tokenizer)
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     assert tokenizer.pad_token_id == vocab
-    config = {k: v for k, v in TINY.items() if k != "max_position_embeddings"}
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, max_position_embeddings=64, **config))
+    model = build_causal_lm(TINY, vocab_size=vocab)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     train = [  # of several lengths: rows are padded
