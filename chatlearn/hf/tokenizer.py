@@ -120,12 +120,14 @@ def load_tokenizer(model_path: str | Path | None = None, **kwargs: Any) -> Any:
             f"the tokenizer in {str(path)!r} does not load: {reason}",
             "check that AutoTokenizer.from_pretrained(model_path) loads it",
         ) from failed
+    if tokenizer.eos_token is None:  # every response ends with it; padding may hold it too
+        pad = "" if tokenizer.pad_token_id is not None else "neither a pad nor "
+        raise _model_path_error(
+            f"the tokenizer in {str(path)!r} has {pad}an eos token, which ends every response",
+            "set eos_token in its tokenizer_config.json (pad_token may stay unset: padding "
+            "then holds eos)",
+        )
     if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise _model_path_error(
-                f"the tokenizer in {str(path)!r} has neither a pad nor an eos token",
-                "add a pad_token (or an eos_token) to its tokenizer_config.json",
-            )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
