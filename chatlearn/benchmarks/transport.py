@@ -16,7 +16,9 @@ For each endpoint kind (ipc, tcp) the benchmark starts a peer process
 
 Both processes fix glibc's malloc thresholds as actor processes do, and raw pyzmq's sockets come
 from the contexts ours use (`raw_socket`: sending data from the one whose I/O thread runs
-batched, see `chatlearn.transport.sockets`): every mode alike.
+batched, see `chatlearn.transport.sockets`), their ipc connections with the send buffer ours
+asks for (`transport_peer._connect_as_ours`): every mode alike, so that ours/raw is what runs
+above libzmq, not how the kernel's buffers were set.
 
 The two processes are pinned to one core each (the first two this process may use), as the
 runtime pins a reference and a trainer of one core each (`actors/placement.py`): left to the

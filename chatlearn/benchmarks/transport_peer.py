@@ -41,6 +41,7 @@ from chatlearn.transport import (
     run,
     sending_context,
 )
+from chatlearn.transport.sockets import enlarge_send_buffer, monitor_connections, new_connections
 
 PEER_IDENTITY = b"bench-peer"
 
@@ -84,7 +85,7 @@ class Sender:
         self._open.append(sock)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.LINGER, 1000)
-        sock.connect(endpoint)
+        _connect_as_ours(sock, endpoint)
         if mode == "raw":
             # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12
             memory = memoryview(tensor.numpy())  # type: ignore[arg-type]
@@ -162,6 +163,24 @@ async def serve(control_endpoint: str) -> None:
                 await client.send(reply)
     finally:
         sender.close()
+
+
+def _connect_as_ours(sock: zmq.Socket[bytes], endpoint: str) -> None:
+    """Connect a baseline's sending socket with the send buffer ours gets over ipc
+    (`AsyncSocket.enlarge_ipc_send_buffers`): the baselines then differ from ours only in
+    what runs above libzmq. Waits up to 10 s for the connection (the receiver is bound)."""
+    if not endpoint.startswith("ipc://"):
+        sock.connect(endpoint)
+        return
+    monitor = monitor_connections(sock)
+    try:
+        sock.connect(endpoint)
+        if monitor.poll(10_000):
+            for fd in new_connections(monitor):
+                enlarge_send_buffer(fd)
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
 
 
 def raw_socket(socket_type: int, *, sending: bool) -> zmq.Socket[bytes]:

@@ -494,7 +494,7 @@ class DataSender(_Channel):
             linger_ms=linger_ms,
             options={zmq.SNDHWM: hwm},
         )
-        self.endpoint = self._socket.bind_or_connect(endpoint, bind=bind)
+        self.endpoint = self._socket.bind_or_connect(endpoint, bind=bind, sends_data=True)
 
     async def send(self, obj: Any) -> None:
         """Encode and send ``obj``; returns once ZeroMQ has queued it (tensors are not copied)."""

@@ -41,6 +41,12 @@ preempting, lets the next receive find it queued instead of waiting for the loop
 leaves as soon as it is queued (batched, a round trip took ~8 µs longer; a receiver of 4 KiB
 messages got 15-20% slower).
 
+A socket that sends data (`DataSender`) asks the kernel for a 4 MiB send buffer on each of its
+ipc connections (`AsyncSocket.enlarge_ipc_send_buffers`): libzmq applies ZMQ_SNDBUF to tcp
+connections only, and at the kernel's default (208 KiB) a 1 MiB micro-batch crossed in six
+writes, each waiting for the receiver to read the last. Where net.core.wmem_max allows it, ipc
+then moves 1 MiB messages as fast as tcp over loopback does (BENCHMARKS.md).
+
 Every socket takes the options of the process's security (security.py) when it binds or
 connects: once a run's credentials are configured, no connection without them delivers anything.
 Without them, tcp may only be bound on loopback addresses.
@@ -51,9 +57,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import logging
 import os
+import socket
 import stat
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -84,6 +93,11 @@ _base_recv = zmq.backend.Socket.recv
 _base_get = zmq.backend.Socket.get
 # pyzmq's default copy threshold: smaller frames are copied into the zmq message in any case.
 _COPY_BELOW: Final = zmq.COPY_THRESHOLD
+# The kernel send buffer asked for each ipc connection of a socket that sends data (see
+# `AsyncSocket.enlarge_ipc_send_buffers`); the kernel caps it at net.core.wmem_max.
+IPC_SEND_BUFFER_BYTES: Final = 4 * 1024 * 1024
+_CONNECTION_EVENTS: Final = int(zmq.EVENT_CONNECTED | zmq.EVENT_ACCEPTED)
+_monitor_names = itertools.count()
 
 
 def process_context() -> zmq.asyncio.Context:
@@ -174,12 +188,19 @@ class AsyncSocket:
         self._rechecking = False  # the scheduled callback is the check after a handled message
         self._recv_hit = False  # the last direct receive found a message (see recv)
         self._ipc_paths: list[str] = []
+        # see enlarge_ipc_send_buffers
+        self._monitor: zmq.Socket[bytes] | None = None
+        self._monitor_loop: asyncio.AbstractEventLoop | None = None
+        self._monitor_unwatched = False
 
-    def bind_or_connect(self, endpoint: str, *, bind: bool) -> str:
-        """Bind (returning the resolved endpoint, e.g. the ephemeral port) or connect."""
+    def bind_or_connect(self, endpoint: str, *, bind: bool, sends_data: bool = False) -> str:
+        """Bind (returning the resolved endpoint, e.g. the ephemeral port) or connect; a socket
+        that ``sends_data`` gets larger send buffers over ipc (`enlarge_ipc_send_buffers`)."""
         try:
             for option, value in socket_options(endpoint, bind=bind).items():
                 self.sock.setsockopt(option, value)
+            if sends_data:  # before: the connection's event must not be missed
+                self.enlarge_ipc_send_buffers(endpoint)
             if bind:
                 self.sock.bind(endpoint)
                 resolved = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -192,12 +213,49 @@ class AsyncSocket:
             self.close(0)
             raise
 
+    def enlarge_ipc_send_buffers(self, endpoint: str) -> None:
+        """Give every ipc connection of this socket a send buffer of IPC_SEND_BUFFER_BYTES.
+
+        libzmq sets its ZMQ_SNDBUF on tcp connections only, so an ipc connection keeps the
+        kernel's default (net.core.wmem_default, 208 KiB): a 1 MiB message then takes six
+        writes, each waiting for the receiving process to read the last, and crosses at half
+        the rate of tcp over loopback (whose buffers the kernel grows by itself). A connection's
+        descriptor is known only from libzmq's monitor events (CONNECTED, ACCEPTED), handled on
+        the event loop as they come (a reconnection gets the larger buffer too); the first few
+        messages may leave with the default one. The kernel caps the request at
+        net.core.wmem_max: where that is the default, nothing changes."""
+        if not endpoint.startswith("ipc://") or self._monitor is not None or self.closed:
+            return
+        self._monitor = monitor_connections(self.sock)
+        self._monitor_unwatched = True
+        with contextlib.suppress(RuntimeError):  # no running loop: the first send watches
+            self._watch_monitor(asyncio.get_running_loop())
+
+    def _watch_monitor(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Handle the monitor's events on ``loop`` from now on (a send may never wait, so the
+        socket itself may never be attached to the loop)."""
+        assert self._monitor is not None
+        self._monitor_unwatched = False
+        self._monitor_loop = loop
+        loop.add_reader(self._monitor.FD, self._on_monitor_events)
+        loop.call_soon(self._on_monitor_events)  # events may be queued already
+
+    def _on_monitor_events(self) -> None:
+        """Reader callback of the monitor socket: enlarge each new connection's send buffer."""
+        monitor = self._monitor
+        if monitor is None:
+            return
+        for fd in new_connections(monitor):
+            enlarge_send_buffer(fd)
+
     # -- operations ---------------------------------------------------------------------------
 
     async def send(self, frames: list[Any]) -> None:
         """Send one multipart message (``copy=False``); waits while the peer's queue is full."""
         if self.closed:
             raise ChannelClosedError("socket is closed")
+        if self._monitor_unwatched:
+            self._watch_monitor(asyncio.get_running_loop())
         # Never overtake an earlier send that is still waiting. A non-blocking send that finds
         # the queue full does not look at libzmq's command mailbox (it does at most once a
         # millisecond), where the I/O thread's note that it has drained the queue is most often
@@ -428,9 +486,16 @@ class AsyncSocket:
         if self.closed:
             return
         self.closed = True
+        monitor, self._monitor = self._monitor, None
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._fd)  # before the fd can be closed and reused
+        if monitor is not None and self._monitor_loop and not self._monitor_loop.is_closed():
+            self._monitor_loop.remove_reader(monitor.FD)
         self._fail_all(ChannelClosedError("socket closed"))
+        if monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disable_monitor()
+            monitor.close(linger=0)
         self.sock.close(linger=linger)
         # libzmq 4.3 leaves the socket file of a bound ipc endpoint behind; remove it (only if
         # it is still a socket: never delete anything else that took its name).
@@ -438,6 +503,55 @@ class AsyncSocket:
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(os.lstat(path).st_mode):
                     os.unlink(path)
+
+
+def monitor_connections(sock: zmq.Socket[Any]) -> zmq.Socket[bytes]:
+    """A PAIR socket on which ``sock``'s new connections (libzmq's CONNECTED and ACCEPTED
+    monitor events) arrive, for `new_connections`; call before ``sock`` binds or connects."""
+    address = f"inproc://chatlearn-monitor-{os.getpid()}-{next(_monitor_names)}"
+    monitor: zmq.Socket[bytes] = sock.context.socket(zmq.PAIR, socket_class=zmq.Socket)
+    try:
+        sock.monitor(address, _CONNECTION_EVENTS)
+        monitor.connect(address)
+    except BaseException:
+        monitor.close(linger=0)
+        raise
+    return monitor
+
+
+def new_connections(monitor: zmq.Socket[bytes]) -> list[int]:
+    """The descriptors of the connections reported on ``monitor`` since the last call (without
+    waiting; reading until none is left also re-arms the monitor's fd)."""
+    fds: list[int] = []
+    while True:
+        try:
+            event = monitor.recv_multipart(zmq.NOBLOCK)
+        except zmq.ZMQError:  # zmq.Again: drained; or closed under us
+            return fds
+        # [event id (16 bits) and value (32 bits: the descriptor), endpoint]
+        if len(event[0]) == 6:
+            event_id, fd = struct.unpack("=Hi", event[0])
+            if event_id & _CONNECTION_EVENTS:
+                fds.append(fd)
+
+
+def enlarge_send_buffer(fd: int) -> None:
+    """Ask for IPC_SEND_BUFFER_BYTES of send buffer on connection ``fd`` (libzmq's). It may have
+    been closed since the event, its number even reused: only a unix socket is touched, and
+    errors are ignored (a larger buffer is an optimisation, never needed)."""
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return
+    try:
+        conn = socket.socket(fileno=dup)
+    except OSError:  # not a socket (any more)
+        os.close(dup)
+        return
+    with conn, contextlib.suppress(OSError):
+        if conn.family == socket.AF_UNIX and conn.type == socket.SOCK_STREAM:
+            if conn.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < IPC_SEND_BUFFER_BYTES:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, IPC_SEND_BUFFER_BYTES)
 
 
 def _cancelled_by_us() -> bool:
