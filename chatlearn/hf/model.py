@@ -251,23 +251,60 @@ def validate_model_args(model_args: Mapping[str, Any]) -> None:
 
 
 def disable_dropout(model: Any) -> int:
-    """Dropout off in `model` (as TRL's DPO does by default): every ``nn.Dropout`` at p 0 and
-    the attention dropout rates that attention layers keep as numbers. The policy trained with
-    its checkpoint's dropout (GPT-2's 0.1) while the reference, in eval mode, had none: their
-    log-probs differed from the first step (loss 0.6965, not ln 2, for equal weights), noise
-    in every reward. Returns how many were on."""
+    """Dropout off in `model` (as TRL's DPO does by default): every ``nn.Dropout`` at p 0, and
+    every rate kept as a number whose name says drop (OPT's ``dropout``, ``activation_dropout``
+    and ``layerdrop``, which skips whole layers; GPT-2's ``attn_pdrop``, ...) at 0, on the
+    modules and on their configs (which a model rebuilt from them would read). The policy
+    trained with its checkpoint's dropout (GPT-2's 0.1) while the reference, in eval mode, had
+    none: their log-probs differed from the first step (loss 0.6965, not ln 2, for equal
+    weights), noise in every reward. A rate no name gives away is what `forwards_differ`
+    finds. Returns how many were on."""
     import torch
 
     changed = 0
+    seen: set[int] = set()
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout) and module.p > 0:
             module.p = 0.0
             changed += 1
-        rate = getattr(module, "attention_dropout", None)
-        if isinstance(rate, float) and rate > 0:
-            module.attention_dropout = 0.0
-            changed += 1
+        holders = [module, getattr(module, "config", None)]
+        for holder in holders:
+            if holder is None or id(holder) in seen:
+                continue
+            seen.add(id(holder))
+            for name, value in list(vars(holder).items()):
+                if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+                    holders.append(value)  # a composite config's text_config, ...
+                elif "drop" in name and isinstance(value, float) and value > 0:
+                    setattr(holder, name, 0.0)
+                    changed += 1
     return changed
+
+
+def forwards_differ(model: Any, num_tokens: int = 8) -> bool:
+    """Whether two train-mode forwards of the same few tokens differ: dropout `disable_dropout`
+    did not find (a hard-coded rate, a name without "drop"). No gradients; every module's mode
+    and the random generators' states are restored, so a run draws the same numbers as without
+    the check (the bit-identical resume depends on it). Runs on the model alone, no collectives
+    (the same on every rank of a sharded model, which is wrapped later)."""
+    import torch
+
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        return False
+    device = parameter.device
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", num_tokens)
+    ids = torch.arange(min(num_tokens, vocab), device=device).unsqueeze(0)
+    devices = [device] if device.type == "cuda" else []
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.train()
+            first, second = (model(input_ids=ids).logits for _ in range(2))
+    finally:
+        for module, training in modes:
+            module.training = training
+    return not torch.equal(first, second)
 
 
 def model_arg(model_args: Mapping[str, Any], key: str) -> Any:

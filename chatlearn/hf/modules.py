@@ -109,6 +109,7 @@ from chatlearn.hf.memory import (
 from chatlearn.hf.model import (
     causal_lm_from_args,
     disable_dropout,
+    forwards_differ,
     locate_model_args,
     located_errors,
     model_arg,
@@ -200,6 +201,16 @@ class _HFModule(TorchModule):
         self.model = self.build_model()
         if model_arg(self.model_args, "disable_dropout"):
             disable_dropout(self.model)
+            # the trainer's every rank checks (no collectives); one warns. The reference
+            # runs in eval mode: no dropout there.
+            if self.trainable and forwards_differ(self.model) and self.rank == 0:
+                self._logger.warning(
+                    "%s: disable_dropout left randomness in %s (two train-mode forwards of the "
+                    "same tokens differ): the policy will not compute what the reference does, "
+                    "and the DPO loss will not start at ln 2 (0.6931) for equal weights",
+                    self.name,
+                    getattr(self.model.config, "model_type", type(self.model).__name__),
+                )
         self._check_positions()
         self.packing = packing_options(self.model_args, self.model, log=self._log_packing)
         self.token_budget: int | None = model_arg(self.model_args, "max_tokens_per_micro_batch")
