@@ -4,7 +4,8 @@
     print(format_memory_report(report, layout))
 
 Bytes are those of the storages this process holds: a rank's own shards under FSDP2 (padded as
-FSDP2 pads them), the whole model under DDP. Before the first step gradients and AdamW's moments
+FSDP2 pads them), the whole model under DDP (whose gradients are views of its all-reduce buckets,
+`Layout.wrap`: they are all it holds for them). Before the first step gradients and AdamW's moments
 do not exist yet; they are then estimated from the trainable parameters (same shapes; AdamW keeps
 two fp32 moments), and ``estimated`` says so.
 """

@@ -118,7 +118,13 @@ from chatlearn.hf.model import (
     validate_model_args,
 )
 from chatlearn.hf.packing import PackingOptions, packing_options, use_segment_attention
-from chatlearn.hf.parallel import Layout, set_gradient_sync, trainable_parameters, unwrap
+from chatlearn.hf.parallel import (
+    Layout,
+    set_gradient_sync,
+    trainable_parameters,
+    unwrap,
+    zero_grad,
+)
 from chatlearn.hf.tokenizer import load_tokenizer
 
 _DATA_KEYS = ("max_length", "max_prompt_length", "min_prompt_length", "prompt_template")
@@ -558,7 +564,7 @@ class HFDPOTrainer(_HFModule):
         metrics = DPOMetrics(with_nll=self.model_args.get("rpo_alpha") is not None)
         tokens = torch.zeros(2, dtype=torch.float64)  # (real, computed) of the step
         scaler = self.grad_scaler
-        self.optimizer.zero_grad(set_to_none=True)
+        zero_grad(self.optimizer, self.network)
         if self.token_budget is not None:
             data = self._within_budget(data)
         for index, micro_batch in enumerate(data):

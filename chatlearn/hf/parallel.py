@@ -112,7 +112,11 @@ class Layout:
 
             cuda = self.device_type == "cuda"
             device_ids = [torch.cuda.current_device()] if cuda else None
-            return DistributedDataParallel(network, device_ids=device_ids)
+            # The gradients are views of DDP's all-reduce buckets, not a second gradient-sized
+            # copy beside them (20 B/param, not 16; `zero_grad` keeps them views).
+            return DistributedDataParallel(
+                network, device_ids=device_ids, gradient_as_bucket_view=True
+            )
         return network
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -295,6 +299,15 @@ def set_gradient_sync(network: nn.Module, enabled: bool) -> contextlib.AbstractC
     if enabled or not callable(no_sync):
         return contextlib.nullcontext()
     return no_sync()
+
+
+def zero_grad(optimizer: torch.optim.Optimizer, network: nn.Module) -> None:
+    """The gradients zeroed before a step. DDP's are views of its all-reduce buckets, which it
+    holds all run: zeroed in place they stay views. Set to None, the next backward would make
+    new ones beside the buckets (for the micro-batches under `no_sync`; copied into the buckets
+    at the last), and the process keep both: 1212 MiB resident, not 1057, for a 42.5M-parameter
+    model. Elsewhere they are set to None: nothing holds their memory between steps."""
+    optimizer.zero_grad(set_to_none=unwrap(network) is network)
 
 
 def unwrap(network: nn.Module) -> nn.Module:

@@ -7,6 +7,7 @@ two gloo processes.)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import subprocess
 import sys
@@ -151,3 +152,39 @@ def test_mmap_threshold_option() -> None:
     assert model_arg({}, "max_tokens_per_micro_batch") is None
     with pytest.raises(ConfigError, match="max_tokens_per_micro_batch"):
         model_arg({"max_tokens_per_micro_batch": 0}, "max_tokens_per_micro_batch")
+
+
+def test_ddp_holds_no_gradients_beyond_the_report() -> None:
+    # DDP kept its all-reduce buckets beside the gradients: 20 B/param where the report, the
+    # start-up log and the README said 16. Its gradients are now views of the buckets, so the
+    # report's gradient bytes (their storages) are all it holds for them.
+    import torch.distributed as dist
+
+    from chatlearn.hf.memory import memory_report
+    from chatlearn.hf.parallel import Layout, zero_grad
+
+    network = SequenceLogps.from_causal_lm(build_causal_lm(TIED, seed=0), chunk_size=4)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = Layout("ddp", world_size=2).wrap(network, trainable=True)  # one rank will do
+        optimizer = torch.optim.AdamW(ddp.parameters())
+        for _ in range(2):  # DDP rebuilds its buckets in the first step
+            zero_grad(optimizer, ddp)
+            for sync in (False, True):  # micro-batches, as the trainer accumulates them
+                with contextlib.nullcontext() if sync else ddp.no_sync():
+                    logps, _ = ddp(*_batch())
+                    logps.sum().backward()
+                grads = (p.grad.untyped_storage() for p in ddp.parameters())
+                storages = {storage.data_ptr(): storage.nbytes() for storage in grads}
+                if not sync:
+                    accumulated_in = storages.keys()
+            optimizer.step()
+        report = memory_report(ddp, optimizer)
+        # zero-filled copies of DDP's buckets: their number and sizes
+        buckets = [b.buffer() for b in ddp.reducer._get_zeros_like_grad_buckets()]
+    finally:
+        dist.destroy_process_group()
+    assert sorted(storages.values()) == sorted(b.nbytes for b in buckets)
+    assert report["grad_bytes"] == sum(b.nbytes for b in buckets)
+    # nor gradients beside the buckets while a step accumulates its micro-batches
+    assert accumulated_in == storages.keys()
