@@ -188,21 +188,26 @@ class _HFModule(TorchModule):
                 "set eos_token in the tokenizer's tokenizer_config.json",
             )
         self.layout = self.build_layout()
-        if (
-            self.layout.parallel == "fsdp"
-            and not self.layout.sharded
-            and self.num_replica > 1
-            and self.replica_id == 0
-        ):
+        if self.layout.parallel == "fsdp" and self.world_size == 1 and self.replica_id == 0:
             # An inference model's processes are replicas of zero_size processes each
-            # (ChatLearn's rule): several replicas of one process shard nothing.
+            # (ChatLearn's rule): several replicas of one process shard nothing, as one does.
+            if self.num_replica > 1:
+                how = f"its processes are {self.num_replica} replicas of one process, each"
+                fix = (
+                    f"set models.{self.name}.zero_size to the number of processes to shard it "
+                    "over (its ranks split each batch)"
+                )
+            else:
+                how = "it has one process,"
+                fix = (
+                    f"give models.{self.name} more processes to shard it over (num_gpu, or "
+                    "num_cpu with cpu_per_process)"
+                )
             self._logger.warning(
-                "%s: parallel: fsdp shards nothing here: its processes are %d replicas of "
-                "one process, each with the whole model; set models.%s.zero_size to the "
-                "number of processes to shard it over (its ranks split each batch)",
+                "%s: parallel: fsdp shards nothing here: %s with the whole model; %s",
                 self.name,
-                self.num_replica,
-                self.name,
+                how,
+                fix,
             )
         self.model = self.build_model()
         if model_arg(self.model_args, "disable_dropout"):

@@ -107,15 +107,24 @@ def test_training_without_a_parallel_wrapper_on_several_ranks_is_an_error() -> N
     assert isinstance(layout.wrap(torch.nn.Linear(2, 2), trainable=False), torch.nn.Linear)
 
 
-@pytest.mark.parametrize("zero_size", [1, 2])
-def test_a_reference_whose_fsdp_shards_nothing_says_so(
-    zero_size: int, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("name", "num_cpu", "zero_size", "fix"),
+    [
+        ("reference", 2, 1, "set models.reference.zero_size"),  # 2 replicas of one process
+        ("reference", 2, 2, None),  # one replica of two processes
+        ("policy", 1, 1, "give models.policy more processes"),  # was silent
+        ("policy", 2, 1, None),
+    ],
+)
+def test_fsdp_that_shards_nothing_says_so(
+    name: str, num_cpu: int, zero_size: int, fix: str | None, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Two processes of an inference model are two replicas of one process unless zero_size
     # makes them one replica: `parallel: fsdp` alone then shards nothing, which users expect
-    # it to (the README's advice for a reference too big for one device said only that).
+    # it to (the README's advice for a reference too big for one device said only that); nor
+    # on a trainer of one process.
     from chatlearn.config import Config
-    from chatlearn.hf.modules import HFReference
+    from chatlearn.hf.modules import HFDPOTrainer, HFReference
 
     tiny = {
         "hidden_size": 16,
@@ -126,23 +135,29 @@ def test_a_reference_whose_fsdp_shards_nothing_says_so(
         "max_position_embeddings": 32,
     }
     model_args = {"model_config": tiny, "seed": 0, "parallel": "fsdp"}
-    reference = {"num_cpu": 2, "cpu_per_process": 1, "zero_size": zero_size}
+    processes = {"num_cpu": num_cpu, "cpu_per_process": 1}
     config = Config(
         {
             "models": {
-                "reference": {**reference, "model_args": model_args},
-                "policy": {"num_cpu": 1, "trainable": True, "model_args": model_args},
+                "reference": {**processes, "zero_size": zero_size, "model_args": model_args},
+                "policy": {**processes, "trainable": True, "model_args": model_args},
             },
-            "runtime": {"num_episode": 1, "sample_per_episode": 16},
+            "runtime": {
+                "num_episode": 1,
+                "sample_per_episode": 16,
+                "train_micro_batch_size": 4,
+                "train_global_batch_size": 8,
+            },
         }
     )
-    module = HFReference("reference", args=config)
-    module._rank, module._world_size = 0, 1  # as the runtime sets them in replica 0
+    module = (HFReference if name == "reference" else HFDPOTrainer)(name, args=config)
+    # as the runtime sets them in replica 0 (a trainer is one replica of all its processes)
+    module._rank, module._world_size = 0, zero_size if name == "reference" else num_cpu
     with caplog.at_level("WARNING"):
         module.setup()
     warned = [r.getMessage() for r in caplog.records if "shards nothing" in r.getMessage()]
-    if zero_size == 1:
-        assert len(warned) == 1 and "set models.reference.zero_size" in warned[0], warned
+    if fix is not None:
+        assert len(warned) == 1 and fix in warned[0], warned
     else:
         assert warned == []
 
