@@ -25,11 +25,13 @@ Truncation, applied in this order (cf. TRL's `max_prompt_length` / `max_length`)
 2. if prompt + the longer response exceeds `max_length`, the prompt loses tokens from the left,
    but keeps at least `min_prompt_length` tokens (default max_length // 2) or all it has;
 3. each response is then cut from the right to fit `max_length` (it then has no eos).
-Left truncation of the prompt keeps a leading bos token. A text far longer than max_length
-tokens can cover (`PairTokenizer.max_chars`: twice max_length + 1 of the tokenizer's longest
-token) is cut before it is tokenized, keeping a prompt's end and a response's start, so a huge
-line costs what its kept tokens cost; should the cut text give too few tokens (a normalizer
-folding many characters into one), the whole text is tokenized after all.
+Left truncation of the prompt keeps a leading bos token, even where no token is to be kept
+(min_prompt_length 0: the prompt is then that bos alone, after which the response's first token
+is scored). A text far longer than max_length tokens can cover (`PairTokenizer.max_chars`: twice
+max_length + 1 of the tokenizer's longest token) is cut before it is tokenized, keeping a
+prompt's end and a response's start, so a huge line costs what its kept tokens cost; should the
+cut text give too few tokens (a normalizer folding many characters into one), the whole text is
+tokenized after all.
 A pair whose responses are identical after truncation is kept (its DPO gradient is zero), and
 counted in `num_identical`; those identical in the data already, not by truncation, are also
 counted in `num_identical_in_data` (the summary tells the two apart). A pair with a response of
@@ -559,11 +561,14 @@ class PairTokenizer:
         return prompt, chosen[:room], rejected[:room]
 
     def _keep_prompt_end(self, prompt: list[int], keep: int) -> list[int]:
+        """The last ``keep`` tokens of ``prompt``, its leading bos kept whatever ``keep`` is (0
+        with ``min_prompt_length: 0``): with no prompt token, nothing comes before a response's
+        first token, so it is not scored."""
         if len(prompt) <= keep:
             return prompt
         bos = self.tokenizer.bos_token_id
-        if keep >= 2 and bos is not None and prompt[0] == bos:
-            return [bos, *prompt[len(prompt) - keep + 1 :]]
+        if bos is not None and prompt[0] == bos:
+            return [bos, *prompt[len(prompt) - max(keep, 1) + 1 :]]
         return prompt[len(prompt) - keep :]
 
     def encode_many(
@@ -747,9 +752,10 @@ class PreferenceDataset(Dataset):
         spans = array("q")  # per pair: its first token in `tokens`, prompt, chosen, rejected
         # what max_length cut: pairs whose prompt lost tokens, pairs whose responses did
         self.num_truncated_prompts = self.num_truncated_responses = 0
-        # pairs with no prompt token at all (an empty prompt, a tokenizer without bos): no token
-        # comes before the responses' first, so it is not scored
-        self.num_empty_prompts = self.num_identical = 0
+        # pairs with no prompt token at all (an empty prompt, a tokenizer that adds no bos): no
+        # token comes before the responses' first, so it is not scored; of them, those whose
+        # prompt max_length cut to nothing (min_prompt_length 0, no leading bos to keep)
+        self.num_empty_prompts = self.num_prompts_cut_away = self.num_identical = 0
         # of the identical pairs, those identical in the data already (not max_length's doing)
         self.num_identical_in_data = 0
         # pairs with a response of no token (a chat template that renders nothing for it): its
@@ -764,6 +770,7 @@ class PreferenceDataset(Dataset):
                 cut = len(chosen) > pairs.max_length + 1
                 self.num_identical_in_data += not cut or _same_responses(loaded[index])
             self.num_empty_prompts += not kept_prompt
+            self.num_prompts_cut_away += bool(prompt) and not kept_prompt
             self.num_empty_responses += not (kept_chosen and kept_rejected)
             self.num_truncated_prompts += len(kept_prompt) < len(prompt)
             self.num_truncated_responses += len(kept_chosen) < len(chosen) or len(
@@ -799,10 +806,17 @@ class PreferenceDataset(Dataset):
                 f"{self.num_truncated_responses} lost response tokens to max_length "
                 f"{self.pair_tokenizer.max_length}"
             )
-        if self.num_empty_prompts:
+        empty_in_data = self.num_empty_prompts - self.num_prompts_cut_away
+        if empty_in_data:
             parts.append(
-                f"{self.num_empty_prompts} have no prompt token (an empty prompt and a tokenizer "
-                "without bos): the first token of their responses is not scored"
+                f"{empty_in_data} have no prompt token (an empty prompt and a tokenizer that adds "
+                "no bos): the first token of their responses is not scored"
+            )
+        if self.num_prompts_cut_away:
+            parts.append(
+                f"{self.num_prompts_cut_away} lost every prompt token to max_length "
+                "(min_prompt_length 0, and no leading bos to keep): the first token of their "
+                "responses is not scored; set min_prompt_length above 0"
             )
         if self.num_empty_responses:
             parts.append(

@@ -287,11 +287,26 @@ def test_pairs_without_a_prompt_token_are_counted() -> None:
     records = [
         {"prompt": "", "chosen": "Y", "rejected": "N"},
         {"prompt": "q", "chosen": "a", "rejected": "b"},
+        {"prompt": "qqqq", "chosen": "a" * 20, "rejected": "b"},  # cut away: min_prompt_length 0
     ]
-    ds = PreferenceDataset(records, NoBos(), max_length=16)
-    assert ds.num_empty_prompts == 1
+    ds = PreferenceDataset(records, NoBos(), max_length=16, min_prompt_length=0)
+    assert (ds.num_empty_prompts, ds.num_prompts_cut_away) == (2, 1)
     summary = ds.truncation_summary()
-    assert summary is not None and "1 have no prompt token" in summary, summary
+    assert summary is not None and "; 1 have no prompt token (an empty prompt" in summary, summary
+    assert "; 1 lost every prompt token to max_length (min_prompt_length 0" in summary, summary
+
+
+@pytest.mark.parametrize("min_prompt_length", [0, 1])
+def test_a_prompt_cut_below_two_tokens_keeps_its_bos(min_prompt_length: int) -> None:
+    # the bos was kept only when 2 or more tokens were: a long prompt lost it (and at 0 every
+    # token), and the summary blamed "an empty prompt and a tokenizer without bos"
+    record = {"prompt": "abcdefghij", "chosen": "0123456789", "rejected": "x"}
+    pairs = PairTokenizer(byte_tokenizer(), max_length=8, min_prompt_length=min_prompt_length)
+    assert pairs.truncate(*pairs.encode(record)) == ([BOS], _b("0123456"), [*_b("x"), EOS])
+    ds = PreferenceDataset(
+        [record], byte_tokenizer(), max_length=8, min_prompt_length=min_prompt_length
+    )
+    assert ds.num_empty_prompts == 0 and "no prompt token" not in str(ds.truncation_summary())
 
 
 def test_a_chat_template_failure_names_the_sample() -> None:
