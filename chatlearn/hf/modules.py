@@ -210,6 +210,7 @@ class _HFModule(TorchModule):
                 fix,
             )
         self.model = self.build_model()
+        self._check_special_ids()
         if model_arg(self.model_args, "disable_dropout"):
             disable_dropout(self.model)
             # the trainer's every rank checks (no collectives); one warns. The reference
@@ -233,6 +234,41 @@ class _HFModule(TorchModule):
             "max_tokens_per_micro_batch": self.token_budget,
             "agree": max_over_ranks if self.layout.sharded else None,
         }
+
+    def _check_special_ids(self) -> None:
+        """eos (which ends every response) and bos (which starts a prompt) are rows of the
+        model's input embeddings. A tokenizer with added tokens (``<|im_end|>``) on a model whose
+        embeddings were never resized failed the reference's first forward with an IndexError
+        (a device-side assert on CUDA) that named neither."""
+        rows = embedding_rows(self.model)
+        if rows is None:
+            return
+        for name in ("eos", "bos"):
+            token_id = getattr(self.tokenizer, f"{name}_token_id", None)
+            if token_id is None or 0 <= token_id < rows:
+                continue
+            token = getattr(self.tokenizer, f"{name}_token", None)
+            where, error = locate_model_args(self.model_args)
+            path = self.model_args.get("model_path")
+            tokenizer = f"the tokenizer in {str(path)!r}" if path else "the tokenizer"
+            problem = (
+                f"the {name} token {token!r} of {tokenizer} is id {token_id}, beyond the {rows} "
+                "rows of the model's input embeddings"
+            )
+            if path:
+                raise error(
+                    f"{where}.model_path",
+                    problem,
+                    "resize the model's embeddings to its tokenizer and save it "
+                    "(model.resize_token_embeddings(len(tokenizer)); model.save_pretrained(path)), "
+                    "or use the tokenizer the model was trained with",
+                )
+            raise error(
+                f"{where}.model_config.vocab_size",
+                problem,
+                f"remove vocab_size (the tokenizer's {len(self.tokenizer)} tokens are the default)"
+                " or set it to at least that",
+            )
 
     def _check_positions(self) -> None:
         """``max_length`` within the positions the model has: beyond them a model with learned
@@ -308,15 +344,13 @@ class _HFModule(TorchModule):
         if known is not None:
             return int(known)
         pad = self.tokenizer.pad_token_id
-        model = getattr(self, "model", None)
-        embeddings = model.get_input_embeddings() if model is not None else None
-        rows = getattr(embeddings, "num_embeddings", None)
-        if not isinstance(rows, int) or pad is None or 0 <= pad < rows:
+        rows = embedding_rows(getattr(self, "model", None))
+        if rows is None or pad is None or 0 <= pad < rows:
             found = int(pad or 0)
         else:
             eos = self.tokenizer.eos_token_id
             found = int(eos) if eos is not None and 0 <= eos < rows else 0
-        if isinstance(rows, int):  # the model is built: its vocabulary does not change
+        if rows is not None:  # the model is built: its vocabulary does not change
             self.__dict__["_pad_id"] = found
         return found
 
@@ -377,6 +411,14 @@ class HFReference(_HFModule):
         for key in (REF_CHOSEN_KEY, REF_REJECTED_KEY):
             out[key] = _gather_rows(local[key], share, rows, world)
         return out
+
+
+def embedding_rows(model: Any) -> int | None:
+    """Rows of the model's input embeddings: the token ids it can take (its config's vocab_size
+    may be more or fewer; len(tokenizer) often fewer, which is fine); None when unknown."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
 
 
 def _lora_error(

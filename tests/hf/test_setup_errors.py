@@ -177,3 +177,26 @@ def test_a_mistyped_model_arg_is_said_where_it_was_written(
         "read, so beta keeps its default; did you mean beta? (a key your own module reads is "
         "fine as it is)",
     ]
+
+
+def test_an_eos_beyond_the_models_embeddings(tmp_path: Path) -> None:
+    # an added <|im_end|> on a model never resized: the reference's first forward failed with
+    # a 140-line IndexError (a device-side assert on CUDA) naming neither
+    from transformers import LlamaConfig
+
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>"})
+    path = save_checkpoint(
+        tmp_path / "llama", LlamaConfig(**{**TINY_LLAMA, "vocab_size": 259}), tokenizer=tokenizer
+    )
+    error = setup_error(tmp_path, f"seed: 0\nmodel_path: {path}\n")
+    assert_located(error, tmp_path, "model_path", 2, "reference")
+    assert error.problem == (
+        f"the eos token '<|im_end|>' of the tokenizer in {path!r} is id 259, beyond the 259 "
+        "rows of the model's input embeddings"
+    )
+    assert "resize_token_embeddings(len(tokenizer))" in (error.fix or "")
+    # a built model whose model_config sets a vocab_size too small for the tokenizer
+    error = setup_error(tmp_path, "model_config: {num_hidden_layers: 1, vocab_size: 258}\n")
+    assert error.key == "models.reference.model_args.model_config.vocab_size", str(error)
+    assert "eos token '</s>' of the tokenizer is id 258, beyond the 258 rows" in error.problem
