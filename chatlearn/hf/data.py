@@ -661,6 +661,30 @@ class PairTokenizer:
         return item
 
 
+def _beyond_embeddings(
+    tokenizer: Any,
+    rows: int,
+    kept: Mapping[str, list[int]],
+    index: int,
+    records: Sequence[Mapping[str, Any]],
+    split: str,
+) -> ConfigError:
+    """The error of pair ``index``, whose ``kept`` ids hold one beyond the model's ``rows``."""
+    key, token_id = next((k, i) for k, ids in kept.items() for i in ids if i >= rows)
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    token = convert(token_id) if callable(convert) else None
+    data_set = f"{split} data set" if split else "data set"
+    return ConfigError(
+        f"its {key} tokenizes to id {token_id} ({token!r}), beyond the {rows} rows of the "
+        "model's input embeddings (a token added to the tokenizer, in the text or the chat "
+        "template, that the model's embeddings were never resized for)",
+        where=f"sample {index} of the {data_set} ({_short(records[index])})",
+        fix="remove that token from the record, or resize the model's embeddings to its "
+        "tokenizer and save it (model.resize_token_embeddings(len(tokenizer)); "
+        "model.save_pretrained(path))",
+    )
+
+
 def _longest_token(tokenizer: Any) -> int | None:
     """The characters of the tokenizer's longest vocabulary entry (a byte-level or
     SentencePiece entry has at least as many characters as the text it stands for), or None
@@ -728,6 +752,11 @@ class PreferenceDataset(Dataset):
     chosen and rejected tokens once) and each item's tensors are made when it is read: four
     int64 tensors per pair, the prompt in two of them, took 5-10 times the memory, in every
     replica and trainer rank that builds the data set.
+
+    With `embedding_rows` (the rows of the model's input embeddings), a pair whose kept ids
+    reach beyond them is a one-line ConfigError naming it ("sample i of the <split> data set"):
+    an added token in its text (or the chat template's) that the model's embeddings were never
+    resized for failed the first forward with an IndexError that named no record.
     """
 
     def __init__(
@@ -740,6 +769,7 @@ class PreferenceDataset(Dataset):
         min_prompt_length: int | None = None,
         prompt_template: str = PROMPT_PLACEHOLDER,
         split: str = "",
+        embedding_rows: int | None = None,
     ) -> None:
         self.pair_tokenizer = PairTokenizer(
             tokenizer,
@@ -778,8 +808,12 @@ class PreferenceDataset(Dataset):
             ) < len(rejected)
             self.num_identical += kept_chosen == kept_rejected
             spans.extend((len(tokens), len(kept_prompt), len(kept_chosen), len(kept_rejected)))
+            ids = kept_prompt + kept_chosen + kept_rejected
+            if embedding_rows is not None and ids and max(ids) >= embedding_rows:
+                kept = {"prompt": kept_prompt, "chosen": kept_chosen, "rejected": kept_rejected}
+                raise _beyond_embeddings(tokenizer, embedding_rows, kept, index, loaded, split)
             try:
-                tokens.extend(kept_prompt + kept_chosen + kept_rejected)
+                tokens.extend(ids)
             except OverflowError:
                 raise ValueError(
                     f"pair {len(spans) // 4 - 1} has a token id beyond 2**31 (the tokenizer's "

@@ -315,7 +315,13 @@ class _HFModule(TorchModule):
         options = {key: self.model_args[key] for key in _DATA_KEYS if key in self.model_args}
         split = "eval" if is_eval else "training"
         try:
-            dataset = PreferenceDataset(samples, self.tokenizer, split=split, **options)
+            dataset = PreferenceDataset(
+                samples,
+                self.tokenizer,
+                split=split,
+                embedding_rows=embedding_rows(getattr(self, "model", None)),
+                **options,
+            )
         except ConfigError:
             raise
         except ValueError as exc:  # the records' shape, a setting: one line, not a traceback

@@ -4,6 +4,7 @@ packing options, peft or transformers (each failed in an actor with exit 1)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,37 @@ def test_an_eos_beyond_the_models_embeddings(tmp_path: Path) -> None:
     error = setup_error(tmp_path, "model_config: {num_hidden_layers: 1, vocab_size: 258}\n")
     assert error.key == "models.reference.model_args.model_config.vocab_size", str(error)
     assert "eos token '</s>' of the tokenizer is id 258, beyond the 258 rows" in error.problem
+
+
+def test_a_record_with_a_token_beyond_the_models_embeddings(tmp_path: Path) -> None:
+    # an added token in a record's text on a model never resized: the same IndexError, from
+    # the reference's forward, naming no record; now the record's file:line
+    from transformers import LlamaConfig
+
+    from chatlearn.actors.errors import ActorError
+    from chatlearn.engine.sample_errors import located_sample_error
+    from chatlearn.hf import load_preference_data
+
+    tokenizer = byte_tokenizer()
+    tokenizer.add_tokens(["<|im_start|>"])  # id 259
+    path = save_checkpoint(
+        tmp_path / "llama", LlamaConfig(**{**TINY_LLAMA, "vocab_size": 259}), tokenizer=tokenizer
+    )
+    data = tmp_path / "d.jsonl"
+    good = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    data.write_text(f"{json.dumps(good)}\n{json.dumps({**good, 'rejected': 'b<|im_start|>'})}\n")
+    reference = module_from_files(tmp_path, f"model_path: {path}\n")
+    reference.setup()
+    records = load_preference_data(data)
+    assert len(reference.build_dataset(records[:1])) == 1
+    with pytest.raises(ConfigError) as info:
+        reference.build_dataset(records)
+    assert info.value.one_line().startswith(
+        "sample 1 of the training data set ({'prompt': 'q', 'chosen': 'a', 'rejected': "
+        "'b<|im_start|>'}): its rejected tokenizes to id 259 ('<|im_start|>'), beyond the 259 "
+        "rows of the model's input embeddings"
+    )
+    remote = ActorError("chatlearn.config.errors.ConfigError", str(info.value))
+    located = located_sample_error(remote, {"training": records.origin})
+    assert isinstance(located, ConfigError) and located.where == f"{data}:2", str(located)
+    assert "resize_token_embeddings" in (located.fix or "")
