@@ -230,7 +230,13 @@ def _wait(popens: list[subprocess.Popen[bytes]], procs: list[psutil.Process], ti
 
 
 def kill_own_children(grace: float = 1.0) -> None:
-    """In a worker about to exit: stop the processes it started (DataLoader workers, ...)."""
+    """In a worker about to exit: stop the processes it started (DataLoader workers, a
+    module's own subprocesses) and theirs: SIGTERM → wait `grace` → SIGKILL.
+
+    Not covered: a process that has already left our tree (a double-forked daemon, re-parented
+    to init before we look), and everything when we die without running this (SIGKILL, a
+    crash, os._exit in user code): the coordinator then stops what is left in our process group
+    (`group_members`)."""
     children = _tree(os.getpid())[1:]
     for proc in children:
         with contextlib.suppress(psutil.Error):

@@ -505,6 +505,9 @@ def main(argv: list[str] | None = None) -> None:
         traceback.print_exc()
     finally:
         logging.shutdown()
+        # However we leave (SHUTDOWN, a fatal error, a failed start), the processes the module
+        # started go first: once we are gone they are init's, and nothing can find them.
+        kill_own_children(grace=0.5)
         # os._exit: the compute thread may still be inside user code, and interpreter shutdown
         # must not wait for it (or for atexit handlers of libraries whose peers are gone).
         _hard_exit(code)
