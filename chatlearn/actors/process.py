@@ -29,6 +29,8 @@ __all__ = [
     "CpuSample",
     "StderrTail",
     "cpu_sample",
+    "descendants",
+    "exited",
     "free_tcp_port",
     "set_parent_death_signal",
     "spawn_worker",
@@ -183,39 +185,78 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+def exited(popen: subprocess.Popen[bytes]) -> bool:
+    """Whether the worker `popen` has exited, without reaping it (`Popen.poll` would): until it
+    is reaped its pid, and with it its process group id, cannot go to another process."""
+    if popen.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped elsewhere
+        return True
+
+
+def descendants(popens: Iterable[subprocess.Popen[bytes]]) -> list[psutil.Process]:
+    """The processes the workers `popens` started, and theirs, while still findable.
+
+    Two ways, as a worker's children outlive it (SIGKILL, a crash, os._exit in user code):
+    its process tree, and its process group (`spawn_worker` makes its pid the group id, and
+    children inherit the group), where a child re-parented to init is still found. Only for
+    workers not yet reaped (`Popen.returncode` is None): a reaped worker's pid, and so a group
+    of that id, may be another process's by now. The `psutil.Process` objects refuse to signal
+    a process whose pid was reused since (they check its create_time).
+
+    Not found: a process that left both, a double-forked daemon that re-parented itself to init
+    in a session of its own (setsid, start_new_session) before we looked.
+    """
+    pgids = {popen.pid for popen in popens if popen.returncode is None}
+    found: dict[int, psutil.Process] = {}
+    for pid in pgids:
+        found.update((proc.pid, proc) for proc in _tree(pid)[1:])
+    if pgids:
+        for proc in psutil.process_iter():
+            with contextlib.suppress(OSError):
+                if proc.pid not in pgids and os.getpgid(proc.pid) in pgids:
+                    found.setdefault(proc.pid, proc)
+    return list(found.values())
+
+
 def terminate_processes(
-    popens: Iterable[subprocess.Popen[bytes]], *, grace: float = 3.0, kill_wait: float = 3.0
+    popens: Iterable[subprocess.Popen[bytes]],
+    *,
+    grace: float = 3.0,
+    kill_wait: float = 3.0,
+    extra: Iterable[psutil.Process] = (),
 ) -> None:
-    """Stop every process and all its descendants: SIGTERM → wait `grace` → SIGKILL.
+    """Stop every process and all its `descendants` (and `extra`, found earlier):
+    SIGTERM → wait `grace` → SIGKILL.
 
     Descendants are collected before anything is signalled: once a parent dies its children are
     re-parented and can no longer be found from it. The direct children are reaped through their
     `Popen` so that their exit codes stay readable.
     """
     popens = list(popens)
-    extra: dict[int, psutil.Process] = {}
-    for popen in popens:
-        for proc in _tree(popen.pid)[1:]:
-            extra[proc.pid] = proc
-    descendants = list(extra.values())
+    found = {proc.pid: proc for proc in extra}
+    found.update((proc.pid, proc) for proc in descendants(popens))
+    procs = list(found.values())
     for popen in popens:
         if popen.poll() is None:
             with contextlib.suppress(OSError):
                 popen.send_signal(signal.SIGTERM)
                 popen.send_signal(signal.SIGCONT)  # a stopped process acts on SIGTERM only then
-    for proc in descendants:
+    for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
             proc.resume()
-    _wait(popens, descendants, grace)
+    _wait(popens, procs, grace)
     for popen in popens:
         if popen.poll() is None:
             with contextlib.suppress(OSError):
                 popen.kill()
-    for proc in descendants:
+    for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    _wait(popens, descendants, kill_wait)
+    _wait(popens, procs, kill_wait)
 
 
 def _wait(popens: list[subprocess.Popen[bytes]], procs: list[psutil.Process], timeout: float):
@@ -236,7 +277,7 @@ def kill_own_children(grace: float = 1.0) -> None:
     Not covered: a process that has already left our tree (a double-forked daemon, re-parented
     to init before we look), and everything when we die without running this (SIGKILL, a
     crash, os._exit in user code): the coordinator then stops what is left in our process group
-    (`group_members`)."""
+    (`descendants`)."""
     children = _tree(os.getpid())[1:]
     for proc in children:
         with contextlib.suppress(psutil.Error):

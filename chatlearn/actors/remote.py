@@ -92,6 +92,8 @@ class RemoteActor:
         self.dead_at: float | None = None
         self.popen: Any = None
         self.local_pid: int | None = None  # the worker's own pid when it runs on this host
+        # the processes it started, found as it exited or stopped (stopped with it: runtime.py)
+        self.leftovers: list[Any] = []
         self.cpu_sample: tuple[float, CpuSample] | None = None  # see ActorSystem._starved
         self.starved_logged = False
         self.stderr: StderrTail | None = None

@@ -67,7 +67,14 @@ from chatlearn.actors.placement import (
     plan_placement,
     relocate,
 )
-from chatlearn.actors.process import close_stdin, cpu_sample, starved, terminate_processes
+from chatlearn.actors.process import (
+    close_stdin,
+    cpu_sample,
+    descendants,
+    exited,
+    starved,
+    terminate_processes,
+)
 from chatlearn.actors.remote import PRIMING, RemoteActor, spawn_model
 from chatlearn.config.errors import one_line
 from chatlearn.transport import ControlServer, MessageKind, RuntimeDir, security, tcp_endpoint
@@ -457,6 +464,9 @@ class ActorSystem:
     def _check(self, actor: RemoteActor, now: float, deaf: bool) -> None:
         if actor.state == "exited":
             return
+        if actor.local_pid is not None and actor.popen.returncode is None and exited(actor.popen):
+            # Before it is reaped: then its process group still finds the children it left.
+            actor.leftovers = descendants([actor.popen])
         code = actor.popen.poll()
         if code is not None:
             if actor.exit_seen_at is None:
@@ -744,6 +754,7 @@ class ActorSystem:
                     [m.popen for m in members if m.popen is not None],
                     grace=0.0,
                     kill_wait=self.options.kill_timeout,
+                    extra=[p for m in members for p in m.leftovers],
                 )
                 for member in members:
                     self._by_routing_id.pop(member.routing_id, None)
@@ -907,12 +918,13 @@ class ActorSystem:
         popens = [a.popen for a in self._actors if a.popen is not None]
         for actor in self._actors:
             if actor.state not in ("exited",):
-                actor.state = "stopping" if actor.popen.poll() is None else actor.state
+                actor.state = "stopping" if not exited(actor.popen) else actor.state
         await asyncio.to_thread(
             terminate_processes,
             popens,
             grace=self.options.kill_timeout,
             kill_wait=self.options.kill_timeout,
+            extra=[p for a in self._actors for p in a.leftovers],
         )
         for actor in self._actors:
             if actor.state != "exited" and actor.popen.poll() is not None:
@@ -953,6 +965,10 @@ class ActorSystem:
         try:
             ready = [a for a in self._actors if a.state == "ready" and a.popen.poll() is None]
             if self.failure is None and ready:
+                # An actor stops its children before it exits; should it die first, they are
+                # stopped from here (`_stop_processes`): found now, as it may be reaped unseen.
+                for actor in ready:
+                    actor.leftovers = descendants([actor.popen])
                 await asyncio.gather(
                     *(self._request_shutdown(a) for a in ready), return_exceptions=True
                 )

@@ -9,6 +9,7 @@ with a missing dependency, while the coordinator (without the variable) imports 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -174,6 +175,17 @@ def make_config(
     if env_vars:
         data["runtime_env"] = {"env_vars": env_vars}
     return Config(data)
+
+
+class Spawner(Recorder):
+    """Starts a `sleep` child in setup, as a module with a helper process of its own would."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.child = subprocess.Popen(["sleep", "1000"])
+
+    def child_pid(self) -> int:
+        return self.child.pid
 
 
 class SlowSetup(Recorder):

@@ -7,11 +7,14 @@ tests/conftest.py fails a test that leaves a process or a runtime file behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 import actors_testlib as lib
+import psutil
 import pytest
 
 from chatlearn.actors import (
@@ -179,6 +182,58 @@ async def test_os_exit_mid_call(tmp_path):
     assert "exit code 7" in str(err)
     assert elapsed < DEATH_NOTICE_SECONDS, elapsed
     _order(system.event_kinds(), "ready", "exit", "failure", "stopped", "closed")
+
+
+@pytest.fixture
+def children() -> Iterator[list[psutil.Process]]:
+    """The modules' own processes a test checks, killed at its end however it ends: once
+    re-parented to init they are out of the autouse leak check's sight."""
+    procs: list[psutil.Process] = []
+    yield procs
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()  # psutil refuses if the pid was reused meanwhile
+
+
+async def spawned_child(group, children: list[psutil.Process], index: int = 0) -> psutil.Process:
+    """The `sleep` child `lib.Spawner` started in setup (its actor is alive: it is that one)."""
+    proc = psutil.Process(await group.call(index, "child_pid"))
+    children.append(proc)
+    return proc
+
+
+def assert_gone(proc: psutil.Process, within: float = 3.0) -> None:
+    try:
+        proc.wait(within)
+    except psutil.TimeoutExpired:
+        pytest.fail(f"the module's child process {proc.pid} outlived its actor")
+
+
+async def test_a_modules_child_process_ends_with_a_healthy_run(tmp_path, children):
+    """Looked for after SHUTDOWN, once the actor had exited, it was init's and was left."""
+    cfg = _config(tmp_path)
+    async with ActorSystem(cfg) as system:
+        (group,) = await system.launch(lib.Spawner("m", cfg))
+        child = await spawned_child(group, children)
+    assert system.failure is None
+    assert_gone(child)
+
+
+async def test_a_modules_child_process_ends_with_its_crashed_actor(tmp_path, children):
+    """An actor killed in user code (os._exit) cannot stop its children: the coordinator finds
+    them in its process group, and they go before the actor is restarted."""
+    cfg = _config(tmp_path)
+    async with ActorSystem(cfg) as system:
+        (group,) = await system.launch(lib.Spawner("m", cfg))
+        system.heal("m")
+        child = await spawned_child(group, children)
+        with pytest.raises(ActorDeadError):
+            await group.call(0, "exit_now", 7)
+        await system.wait_ready("m", 0)
+        assert_gone(child)
+        second = await spawned_child(group, children)  # the restarted actor's
+        assert second.is_running()
+    assert_gone(second)
 
 
 async def _wait_until_busy(path, timeout: float = 10.0) -> None:

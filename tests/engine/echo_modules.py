@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -87,6 +88,15 @@ class EchoListReference(EchoReference):
     def forward_step(self, data, iteration):
         output = super().forward_step(data, iteration)
         return {**output, "per_token": [[0] * 200_000 for _ in data["row"].tolist()]}
+
+
+class EchoSpawningReference(EchoReference):
+    """Starts a `sleep` child in setup (a module's own helper process) and logs its pid."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.child = subprocess.Popen(["sleep", "1000"])
+        self.log(event="child", child=self.child.pid)
 
 
 class EchoFailingReference(EchoReference):

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 import chatlearn
@@ -27,7 +28,7 @@ from chatlearn.engine.interrupts import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from echo_modules import EchoReference, EchoTrainer  # noqa: E402
+from echo_modules import EchoReference, EchoSpawningReference, EchoTrainer  # noqa: E402
 from resume_trials import GATE, Trial, assert_all_exit, stop  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -271,12 +272,14 @@ async def test_a_graceful_stop_of_a_run_that_never_saves_does_not_promise_a_chec
 
 
 @contextlib.asynccontextmanager
-async def _training(tmp_path: Path, **runtime) -> AsyncIterator[tuple[DPOEngine, asyncio.Task]]:
+async def _training(
+    tmp_path: Path, reference: type = EchoReference, **runtime
+) -> AsyncIterator[tuple[DPOEngine, asyncio.Task]]:
     """learn_async() of the echo models over 16 samples, in a task, once its first step is done;
     the task is cancelled and awaited, and the config reset, however the test ends."""
     chatlearn.init(_config(tmp_path, **runtime))
     try:
-        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        engine = DPOEngine(reference("reference"), EchoTrainer("policy_trainer"))
         engine.set_dataset(range(16))
         training = asyncio.create_task(engine.learn_async())
         try:
@@ -349,6 +352,26 @@ async def test_a_signal_stops_learn_async_in_a_task_with_an_exception_it_can_cat
         str(stopped.value),
     )
     assert_all_exit(_pids(tmp_path))
+
+
+async def test_a_graceful_stop_ends_the_processes_a_module_started(tmp_path: Path) -> None:
+    """They were looked for once the actors had exited after SHUTDOWN: re-parented to init by
+    then, they ran on after the run."""
+    runtime = {"echo_cost": 0.05, "num_episode": 40, "save_episode_interval": 100}
+    async with _training(tmp_path, EchoSpawningReference, **runtime) as (_, training):
+        lines = (tmp_path / "log.jsonl").read_text().splitlines()
+        (pid,) = [r["child"] for r in map(json.loads, lines) if r["event"] == "child"]
+        child = psutil.Process(pid)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the engine's handler: a graceful stop
+            with pytest.raises(chatlearn.TrainingStopped):
+                await training
+            with contextlib.suppress(psutil.TimeoutExpired):
+                child.wait(3.0)
+            assert not child.is_running(), f"the module's child process {pid} outlived the run"
+        finally:
+            with contextlib.suppress(psutil.Error):
+                child.kill()  # psutil refuses if the pid was reused meanwhile
 
 
 def test_stop_called_without_an_event_loop_stops_before_it_returns(tmp_path: Path) -> None:
