@@ -49,6 +49,11 @@ def _wire_copy(obj: Any) -> Any:
     return decode([bytes(frame) for frame in encode(obj)])
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class LocalActor:
     """One in-process actor (the backend of its `ActorHandle`)."""
 
@@ -117,15 +122,11 @@ class LocalActor:
         if timeout is None:
             timeout = self.system.options.call_timeout
         args, kwargs = _wire_copy([args, kwargs])
-        call = asyncio.ensure_future(self.core.call(method, args, kwargs))
+        call = asyncio.ensure_future(self._call(method, args, kwargs))
+        # Its error fails the run (`_call`), which may cancel this caller before it looks.
+        call.add_done_callback(_retrieve)
         try:
             result = await asyncio.wait_for(asyncio.shield(call), timeout)
-            try:
-                return _wire_copy(result)
-            except EncodeError as exc:
-                raise EncodeError(
-                    f"the return value of {method!r} cannot be sent back: {exc}"
-                ) from None
         except TimeoutError:
             assert timeout is not None
             timed_out = ActorTimeoutError.of(
@@ -133,6 +134,23 @@ class LocalActor:
             )
             self.system.fail(timed_out)
             raise timed_out from None
+        return result
+
+    async def _call(self, method: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """The call's result as the caller would receive it; a user error (an unsendable
+        result too) as the `ActorError` an actor process would send back.
+
+        Converted here, inside the call's task: a SystemExit (KeyboardInterrupt) that ends a
+        task is re-raised by asyncio out of the event loop itself, and `sys.exit(5)` in a hook
+        ended the user's program with exit code 5 and no message."""
+        try:
+            result = await self.core.call(method, args, kwargs)
+            try:
+                return _wire_copy(result)
+            except EncodeError as exc:
+                raise EncodeError(
+                    f"the return value of {method!r} cannot be sent back: {exc}"
+                ) from None
         except USER_CODE_ERRORS as exc:
             if self._failure is not None and exc is self._failure:
                 raise

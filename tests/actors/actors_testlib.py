@@ -65,6 +65,9 @@ class Recorder(BaseModule):
     def exit_now(self, code: int) -> None:
         os._exit(code)
 
+    def sys_exit(self, code: int) -> None:
+        sys.exit(code)
+
     def sleep(self, seconds: float) -> str:
         time.sleep(seconds)
         return "slept"

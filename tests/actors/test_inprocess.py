@@ -79,6 +79,21 @@ async def test_in_process_errors_match_remote_errors():
     assert "failure" in system.event_kinds()
 
 
+async def test_in_process_sys_exit_in_a_hook_is_an_actor_error_as_in_a_process():
+    """asyncio re-raises a SystemExit that ends a task out of the event loop: `sys.exit(5)` in
+    a hook ended the user's program with exit code 5 and no message."""
+    cfg = lib.make_config({"m": {"num_cpu": 1}})
+    system = ActorSystem(cfg, in_process=True)
+    async with system:
+        (group,) = await system.launch(lib.Recorder("m", cfg))
+        with pytest.raises(ActorError) as info:
+            await group.call(0, "sys_exit", 5)
+    err = info.value
+    assert (err.type_name, err.method, err.model) == ("SystemExit", "sys_exit", "m")
+    assert str(err).startswith("SystemExit: 5 [model=m")
+    assert "failure" in system.event_kinds()
+
+
 async def test_in_process_setup_error_and_call_timeout():
     cfg = lib.make_config({"m": {"num_cpu": 1}})
     async with ActorSystem(cfg, in_process=True) as system:
