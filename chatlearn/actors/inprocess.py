@@ -11,7 +11,8 @@ actor never shares mutable objects with the caller.
 
 Differences from real actors: the module shares the coordinator's config object (changes are
 visible both ways), a replica must have a single rank (no torch.distributed group), and a call
-that times out leaves its compute thread running (the run is still stopped).
+that times out leaves its compute thread running (the run is still stopped; its stop waits for
+the thread up to `shutdown_timeout`, as long as an actor process gets to exit).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,8 @@ if TYPE_CHECKING:
     from chatlearn.actors.runtime import ActorSystem
 
 __all__ = ["LocalActor", "launch_in_process"]
+
+logger = logging.getLogger("chatlearn.actors")
 
 
 def _wire_copy(obj: Any) -> Any:
@@ -173,9 +177,25 @@ class LocalActor:
                 if inspect.isawaitable(result):
                     await asyncio.wait_for(result, 1.0)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop the compute thread and wait for it (up to `shutdown_timeout`, as an actor
+        process gets to exit): a daemon thread still inside torch when the interpreter exits
+        can abort it ("terminate called without an active exception", exit 134)."""
         self._closed = True
-        self.compute.stop()
+        if self._failure is None:  # what calls still queued fail with
+            self._failure = ActorSystemClosedError(
+                f"in-process actor {self.identity.model} is closed"
+            )
+        self.compute.stop(self._failure)
+        timeout = self.system.options.shutdown_timeout
+        if not await asyncio.to_thread(self.compute.join, timeout):
+            logger.warning(
+                "in-process actor %s replica %d is still running %r after %g s; not waiting",
+                self.identity.model,
+                self.identity.replica_id,
+                self.compute.current,
+                timeout,
+            )
 
 
 async def launch_in_process(

@@ -981,7 +981,7 @@ class ActorSystem:
                 await self._stop_processes()
             for local in self._local:
                 await local.close_services()
-                local.close()
+            await asyncio.gather(*(local.close() for local in self._local))
         finally:
             await self._close_runtime()
 

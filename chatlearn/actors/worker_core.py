@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import inspect
 import os
 import queue
@@ -140,8 +141,20 @@ class ComputeThread:
         label = getattr(fn, "__name__", "?")
         return await asyncio.wrap_future(self.submit(label, fn, args, kwargs))
 
-    def stop(self) -> None:
+    def stop(self, reason: BaseException) -> None:
+        """Run nothing more: queued callables fail with `reason`; the thread ends after the
+        running one (`join` waits for that)."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self._queue.get_nowait()
+                if item is not None and item[0].set_running_or_notify_cancel():
+                    item[0].set_exception(reason)
         self._queue.put(None)
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the thread to end; whether it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 def apply_priority(nice: int, *, idle: bool = False, threads: Iterable[int] | None = None) -> None:

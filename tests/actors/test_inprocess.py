@@ -9,7 +9,7 @@ import threading
 import actors_testlib as lib
 import pytest
 
-from chatlearn.actors import ActorError, ActorSystem, ActorTimeoutError
+from chatlearn.actors import ActorError, ActorSystem, ActorSystemClosedError, ActorTimeoutError
 from chatlearn.transport import EncodeError
 
 pytestmark = pytest.mark.timeout(30)
@@ -94,6 +94,21 @@ async def test_in_process_sys_exit_in_a_hook_is_an_actor_error_as_in_a_process()
     assert "failure" in system.event_kinds()
 
 
+async def test_in_process_close_waits_for_the_running_call_and_drops_queued_ones():
+    """A compute thread left inside torch when the interpreter exits can abort it ("terminate
+    called without an active exception", exit 134)."""
+    cfg = lib.make_config({"m": {"num_cpu": 1}})
+    async with ActorSystem(cfg, in_process=True) as system:
+        (group,) = await system.launch(lib.Recorder("m", cfg))
+        running = asyncio.ensure_future(group.call(0, "sleep", 0.5))
+        queued = asyncio.ensure_future(group.call(0, "sleep", 60))
+        await asyncio.sleep(0.1)
+    assert not [t for t in threading.enumerate() if t.name.startswith("chatlearn-inproc-m")]
+    assert await running == "slept"
+    with pytest.raises(ActorSystemClosedError):
+        await queued
+
+
 async def test_in_process_setup_error_and_call_timeout():
     cfg = lib.make_config({"m": {"num_cpu": 1}})
     async with ActorSystem(cfg, in_process=True) as system:
@@ -104,7 +119,6 @@ async def test_in_process_setup_error_and_call_timeout():
         (group,) = await system.launch(lib.Recorder("m", cfg))
         with pytest.raises(ActorTimeoutError):
             await group[0].options(timeout=0.2).call("sleep", 1.0)
-        await asyncio.sleep(1.0)  # let the abandoned compute thread finish its sleep
 
 
 async def test_in_process_rejects_multi_rank_replicas():

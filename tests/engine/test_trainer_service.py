@@ -61,7 +61,7 @@ async def test_a_step_whose_data_arrives_first_still_waits_for_the_step_before_i
         await _arrive(service, 0, [0, 1])
         results = await asyncio.wait_for(asyncio.gather(first, second), 10)
     finally:
-        compute.stop()
+        compute.stop(RuntimeError("the test is over"))
     assert module.steps == [(4, [0.0, 1.0]), (5, [2.0, 3.0])]
     assert results[0]["steps"][0]["end"] <= results[1]["steps"][0]["start"]
 
