@@ -11,6 +11,14 @@ about 0.3 GB per 512-token chunk instead of 20 GB.
     network = SequenceLogps(body, head, chunk_size=512)   # body: decoder → hidden states
     logps, num_tokens = network(input_ids, attention_mask, loss_mask)   # [N], [N]
 
+What a model's forward does to the head's output before returning its logits is applied to each
+chunk too (``LogitMap``, read from the config by `logit_map`): Gemma2/Gemma3's final logit
+soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``. A model whose forward does
+something else there would be trained on log-probs that are not its own, so
+`SequenceLogps.from_causal_lm` compares both on a few tokens once (`logps_gap`) and, where they
+disagree, takes the log-probs from the model's own forward: its whole ``[rows, length, vocab]``
+logits, the memory the chunks save (``full_logits`` says why, for the caller to warn once).
+
 ``SequenceLogps`` is an ``nn.Module`` on purpose: it is what gets wrapped by DDP or sharded as
 FSDP2's root, so that calling it runs the wrappers' hooks (an FSDP2 root's parameters — the
 embeddings, the final norm, the lm head — are only gathered in the root's pre-forward hook; a
@@ -19,6 +27,8 @@ direct ``model.model(...)`` call would see their shards).
 
 from __future__ import annotations
 
+import numbers
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +40,51 @@ from chatlearn.algorithms.packing import Packed
 
 # Response tokens per chunk: 512 × 152k (Qwen2.5's vocabulary) × 4 bytes ≈ 0.3 GB of logits.
 DEFAULT_CHUNK_SIZE = 512
+# The setup check (`logps_gap`): this many tokens, and the largest per-token gap tolerated, in
+# nats, by the logits' dtype. Both sides share the body's states; what differs is rounding in the
+# head and after it (TF32 matmuls in fp32; bf16 soft-capping of logits near ±30 moves them by up
+# to 0.06), while a missed scale or cap of a trained model moves log-probs by nats.
+CHECK_TOKENS = 8
+CHECK_TOLERANCE = {torch.bfloat16: 0.25, torch.float16: 0.25}  # others: 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class LogitMap:
+    """What a causal LM's forward does to its head's output: ``logits * scale``, then
+    ``softcap * tanh(logits / softcap)`` (None: no cap). Applied in float32 or wider."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def logit_map(model: Any) -> LogitMap | None:
+    """The known post-processing of a Hugging Face causal LM's head output (None: none), as its
+    ``forward`` in transformers does it:
+
+    - ``config.final_logit_softcapping`` (Gemma2, Gemma3, Gemma3n, VaultGemma; None: off);
+    - the model's ``logit_scale`` (Cohere, Cohere2: ``config.logit_scale``, multiplies);
+    - ``config.logits_scaling`` (Granite, GraniteMoe*: divides).
+
+    Read by attribute, so that their relatives are covered too; the setup check
+    (`SequenceLogps.from_causal_lm`) catches a model that has one and does something else.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    multiplier = getattr(base, "logit_scale", None)
+    divisor = getattr(config, "logits_scaling", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = float(multiplier) if isinstance(multiplier, numbers.Real) else 1.0
+    if isinstance(divisor, numbers.Real):
+        scale /= float(divisor)
+    softcap = float(softcap) if isinstance(softcap, numbers.Real) else None
+    return None if scale == 1.0 and softcap is None else LogitMap(scale, softcap)
 
 
 def chunked_sequence_logps(
@@ -39,8 +94,9 @@ def chunked_sequence_logps(
     loss_mask: torch.Tensor,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    post: LogitMap | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sequence_logps(head(hidden), input_ids, loss_mask)` without the full logits.
+    """`sequence_logps(post(head(hidden)), input_ids, loss_mask)` without the full logits.
 
     hidden: [N, L, H] from the decoder body. Only the positions that predict a response token
     (loss_mask[:, t] == 1 scores the hidden state at t - 1) go through the head, `chunk_size` of
@@ -58,26 +114,32 @@ def chunked_sequence_logps(
     states = hidden[:, :-1][selected]  # [T, H]: the states that predict a response token
     targets = input_ids[:, 1:][selected]  # [T]
     out_dtype = torch.promote_types(hidden.dtype, torch.float32)
-    token_logps = token_logps_chunked(head, states, targets, chunk_size=chunk_size)
+    token_logps = token_logps_chunked(head, states, targets, chunk_size=chunk_size, post=post)
     sums = hidden.new_zeros(hidden.shape[0], dtype=out_dtype).index_add(0, rows, token_logps)
     num_tokens = loss_mask[:, 1:].to(out_dtype).sum(-1)
     return sums, num_tokens
 
 
 def token_logps_chunked(
-    head: nn.Module | None, states: torch.Tensor, targets: torch.Tensor, *, chunk_size: int
+    head: nn.Module | None,
+    states: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int,
+    post: LogitMap | None = None,
 ) -> torch.Tensor:
     """log p(target) for each of the [K, H] `states` ([K] in float32 or wider): `chunk_size` of
-    them at a time through `head`, each chunk checkpointed; chunk_size 0: all at once, no
-    checkpoint. head None: `states` are logits already."""
+    them at a time through `head` then `post`, each chunk checkpointed; chunk_size 0: all at
+    once, no checkpoint. head None: `states` are logits already."""
     if head is None or chunk_size == 0:
-        return _token_logps(head, states, targets)
+        return _token_logps(head, states, targets, post)
     pieces = [
         checkpoint(
             _token_logps,
             head,
             states[start : start + chunk_size],
             targets[start : start + chunk_size],
+            post,
             use_reentrant=False,
         )
         for start in range(0, targets.shape[0], chunk_size)
@@ -89,10 +151,15 @@ def token_logps_chunked(
 
 
 def _token_logps(
-    head: nn.Module | None, states: torch.Tensor, targets: torch.Tensor
+    head: nn.Module | None,
+    states: torch.Tensor,
+    targets: torch.Tensor,
+    post: LogitMap | None = None,
 ) -> torch.Tensor:
     logits = states if head is None else head(states)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if post is not None:
+        logits = post(logits)
     picked = torch.gather(logits, 1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
@@ -103,17 +170,19 @@ def scored_logps(
     packed: Packed,
     *,
     chunk_size: int = 0,
+    post: LogitMap | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence summed log-probs and scored-token counts ([num_sequences] each).
 
-    hidden: [R, T, H] states for `head` (None: `hidden` already holds the logits [R, T, V]).
+    hidden: [R, T, H] states for `head` then `post` (head None: `hidden` already holds the
+    logits [R, T, V]).
     chunk_size > 0 runs the head chunk by chunk under checkpointing, as
     `chatlearn.algorithms.logps.chunked_sequence_logps`.
     """
     sources, targets, owners = packed.scoring.to(hidden.device)
     states = hidden.reshape(-1, hidden.shape[-1])[sources]
     out_dtype = torch.promote_types(hidden.dtype, torch.float32)
-    token_logps = token_logps_chunked(head, states, targets, chunk_size=chunk_size)
+    token_logps = token_logps_chunked(head, states, targets, chunk_size=chunk_size, post=post)
     sums = hidden.new_zeros(packed.num_sequences, dtype=out_dtype).index_add(
         0, owners, token_logps.to(out_dtype)
     )
@@ -125,27 +194,63 @@ class SequenceLogps(nn.Module):
     """Per-row summed response log-probs of a causal LM split as body (→ hidden states) + head.
 
     `chunk_size` > 0: `chunked_sequence_logps`; 0: the direct computation (full logits), kept to
-    compare against and for models whose head is not a per-position map.
+    compare against and for models whose head is not a per-position map. `post`: what the
+    model's forward does to the head's output (`logit_map`). `full_logits` (a reason, set by
+    `from_causal_lm`): the log-probs come from the model's own forward instead.
     """
 
     returns_sequence_logps = True  # concatenated_logps calls it with the loss mask
 
-    def __init__(self, body: nn.Module, head: nn.Module, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    def __init__(
+        self,
+        body: nn.Module,
+        head: nn.Module,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        post: LogitMap | None = None,
+    ):
         super().__init__()
         if chunk_size < 0:
             raise ValueError(f"logps_chunk_size must be >= 0 (0: no chunking), got {chunk_size}")
         self.body = body
         self.head = head
         self.chunk_size = int(chunk_size)
+        self.post = post
+        self.full_logits: str | None = None
+        # the whole model, for `full_logits` only; not a submodule, so that parameter names
+        # (checkpoints, FSDP2's root) stay body.* and head.*
+        self.__dict__["causal_lm"] = None
 
     @classmethod
-    def from_causal_lm(cls, model: Any, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> SequenceLogps:
-        """A Hugging Face causal LM (or a peft model around one): its decoder and output head."""
+    def from_causal_lm(
+        cls, model: Any, *, chunk_size: int = DEFAULT_CHUNK_SIZE, check: bool = True
+    ) -> SequenceLogps:
+        """A Hugging Face causal LM (or a peft model around one): its decoder and output head,
+        with the known post-processing of its logits (`logit_map`).
+
+        `check`: compare with the model's own log-probs on a few tokens (`logps_gap`); beyond
+        the tolerance of the logits' dtype, the model's forward changes its logits in a way not
+        known here, and the network computes from that forward (`full_logits` says why). Call it
+        before the layout wraps or shards the model: the check is then a local forward on every
+        rank (no collective), on the same weights and tokens, so every rank decides alike.
+        """
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         body, head = base.get_decoder(), base.get_output_embeddings()
         if body is None or head is None:
             raise ValueError(f"{type(base).__name__} has no decoder/output head to split")
-        return cls(body, head, chunk_size=chunk_size)
+        network = cls(body, head, chunk_size=chunk_size, post=logit_map(base))
+        if check:
+            gap, dtype = logps_gap(network, base)
+            if gap > CHECK_TOLERANCE.get(dtype, 0.01):
+                kind = getattr(getattr(base, "config", None), "model_type", type(base).__name__)
+                network.full_logits = (
+                    f"model_type {kind!r}: its forward changes the logits after the output head "
+                    f"in a way not known here (log-probs {gap:.3g} nats apart on {CHECK_TOKENS} "
+                    "tokens)"
+                )
+                network.__dict__["causal_lm"] = base
+                network.post = None  # the forward does it
+        return network
 
     def forward(
         self,
@@ -162,20 +267,53 @@ class SequenceLogps(nn.Module):
         extra = {}
         if packed is not None and packed.segments is not None:  # to the attention
             extra["packed_segments"] = packed.segments
-        output = self.body(
+        causal_lm = self.__dict__["causal_lm"]
+        model = self.body if causal_lm is None else causal_lm
+        output = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
             **extra,
         )
-        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        if model is not self.body:  # `full_logits`: the model's own logits, no head to run
+            head, hidden, chunk_size = None, output.logits, 0
+        else:
+            head, chunk_size = self.head, self.chunk_size
+            hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
         if packed is not None:
-            return scored_logps(self.head, hidden, packed, chunk_size=self.chunk_size)
+            return scored_logps(head, hidden, packed, chunk_size=chunk_size, post=self.post)
         if loss_mask is None:
             raise ValueError("SequenceLogps needs a loss_mask (padded rows) or packed")
-        if self.chunk_size == 0:
-            return sequence_logps(self.head(hidden), input_ids, loss_mask)
+        if head is None or chunk_size == 0:
+            logits = hidden if head is None else head(hidden)
+            if self.post is not None:
+                logits = self.post(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+            return sequence_logps(logits, input_ids, loss_mask)
         return chunked_sequence_logps(
-            hidden, self.head, input_ids, loss_mask, chunk_size=self.chunk_size
+            hidden, head, input_ids, loss_mask, chunk_size=chunk_size, post=self.post
         )
+
+
+@torch.no_grad()
+def logps_gap(network: SequenceLogps, model: Any) -> tuple[float, torch.dtype]:
+    """The largest gap, in nats, between `network`'s log-probs of `CHECK_TOKENS` fixed tokens and
+    those of `model`'s own logits, and the logits' dtype. Runs both in eval mode (dropout off),
+    then restores every module's mode; padded rows, the path the check is for (packing changes
+    the attention, not the head)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        embeddings = model.get_input_embeddings()
+        weight = embeddings.weight
+        ids = (torch.arange(CHECK_TOKENS, device=weight.device) * 7919 + 1) % weight.shape[0]
+        rows = ids.repeat(CHECK_TOKENS - 1, 1)  # row i scores token i + 1 only
+        loss_mask = torch.eye(CHECK_TOKENS, dtype=torch.long, device=ids.device)[1:]
+        attention = torch.ones_like(rows)
+        ours, _ = network(rows, attention, loss_mask)
+        logits = model(input_ids=rows[:1], attention_mask=attention[:1], use_cache=False).logits[0]
+        theirs = logits[:-1].float().log_softmax(-1).gather(1, ids[1:, None]).squeeze(1)
+        return float((ours.float() - theirs).abs().max()), logits.dtype
+    finally:
+        for module, training in modes:
+            module.training = training

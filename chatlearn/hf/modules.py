@@ -168,6 +168,18 @@ class _HFModule(TorchModule):
         """`self.model` as the module that returns summed log-probs, wrapped for the layout."""
         chunk_size = int(self.arg("logps_chunk_size", DEFAULT_CHUNK_SIZE))
         network = SequenceLogps.from_causal_lm(self.model, chunk_size=chunk_size)
+        if network.full_logits and self.data_parallel_rank == 0:
+            vocab = int(self.model.get_output_embeddings().weight.shape[0])
+            self._logger.warning(
+                "%s: %s; the log-probs come from the model's own forward instead, whose whole "
+                "[rows, length, %d] logits take %d bytes per token in fp32 (%.3g GiB for 16 "
+                "rows of 2,048 tokens), not logps_chunk_size tokens at a time",
+                self.name,
+                network.full_logits,
+                vocab,
+                4 * vocab,
+                4 * vocab * 16 * 2048 / 2**30,
+            )
         with located_errors(self.model_args):  # e.g. parallel: none on several trainer ranks
             return self.layout.wrap(network, trainable=trainable)
 

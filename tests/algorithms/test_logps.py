@@ -77,3 +77,138 @@ def test_sequence_logps_module_on_a_causal_lm_matches_its_logits() -> None:
 def test_chunk_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="logps_chunk_size must be >= 0"):
         SequenceLogps(torch.nn.Identity(), torch.nn.Identity(), chunk_size=-1)
+
+
+def _tiny_causal_lm(model_type: str) -> torch.nn.Module:
+    """A 1-layer model of a family whose forward changes the head's output: soft-capping
+    (a cap of 2 bends logits of ±1..3 a lot), a logit scale, a logit divisor."""
+    import transformers
+
+    sizes = {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+        "vocab_size": 64,
+    }
+    config, model_class = {
+        "gemma2": (
+            lambda: transformers.Gemma2Config(**sizes, final_logit_softcapping=2.0),
+            transformers.Gemma2ForCausalLM,
+        ),
+        "cohere": (
+            lambda: transformers.CohereConfig(**sizes, logit_scale=0.25),
+            transformers.CohereForCausalLM,
+        ),
+        "granite": (
+            lambda: transformers.GraniteConfig(**sizes, logits_scaling=4.0),
+            transformers.GraniteForCausalLM,
+        ),
+    }[model_type]
+    torch.manual_seed(0)
+    model = model_class(config())
+    with torch.no_grad():  # logits of a few units: the post-processing matters
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model
+
+
+def _pairs(vocab: int) -> dict[str, torch.Tensor]:
+    pairs = _batch(4, 12, vocab, seed=1)
+    return {
+        f"{side}_{key}": value for side in ("chosen", "rejected") for key, value in pairs.items()
+    }
+
+
+def _assert_same_logps_and_gradients(model: torch.nn.Module, network: torch.nn.Module) -> None:
+    """`network` (a SequenceLogps built on a copy of `model`) gives the log-probs of `model`'s
+    own logits, and the same gradients for every parameter."""
+    batch = _pairs(64)
+    want = concatenated_logps(model, batch)
+    got = concatenated_logps(network, batch)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    (want.chosen - 2 * want.rejected).sum().backward()
+    (got.chosen - 2 * got.rejected).sum().backward()
+    grads = dict(network.named_parameters())
+    for name, param in model.named_parameters():
+        mine = name.replace("model.", "body.", 1) if name.startswith("model.") else "head.weight"
+        torch.testing.assert_close(grads[mine].grad, param.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 0])
+@pytest.mark.parametrize("model_type", ["gemma2", "cohere", "granite"])
+def test_logit_post_processing_of_known_families_is_applied(
+    model_type: str, chunk_size: int
+) -> None:
+    """Gemma2's soft-capping, Cohere's logit_scale, Granite's logits_scaling happen in the
+    model's forward after the head: the chunks apply them too (they were skipped: Gemma2's
+    logps/chosen -81.6 against its true -25.2), without falling back to full logits."""
+    model = _tiny_causal_lm(model_type)
+    network = SequenceLogps.from_causal_lm(copy.deepcopy(model), chunk_size=chunk_size)
+    _assert_same_logps_and_gradients(model, network)
+    assert network.full_logits is None  # the setup check agrees
+
+
+def _scaled_llama(plain: torch.nn.Module) -> torch.nn.Module:
+    """`plain` (a Llama) with a forward that changes its logits in a way the chunks do not
+    know: times 3."""
+    from transformers import LlamaForCausalLM
+
+    class ScaledLlama(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            output = super().forward(*args, **kwargs)
+            output.logits = output.logits * 3.0
+            return output
+
+    model = ScaledLlama(plain.config)
+    model.load_state_dict(plain.state_dict())
+    return model
+
+
+def test_an_unknown_change_of_the_logits_falls_back_to_the_models_forward() -> None:
+    """The setup check finds it; the log-probs then come from the model's own forward, in the
+    padded and the packed layout, with the parameters' names and modes unchanged."""
+    plain = build_causal_lm({**TINY, "num_hidden_layers": 1}, vocab_size=64, seed=0)
+    model = _scaled_llama(plain).train()
+    network = SequenceLogps.from_causal_lm(copy.deepcopy(model), chunk_size=4)
+    _assert_same_logps_and_gradients(model, network)
+    assert "model_type 'llama'" in str(network.full_logits)
+    assert network.training and all(m.training for m in network.modules())
+    assert {name.split(".")[0] for name, _ in network.named_parameters()} == {"body", "head"}
+    batch = _pairs(64)
+    with torch.no_grad():
+        want = concatenated_logps(model, batch)
+        got = concatenated_logps(network, batch, packing=True, prefix_sharing=True)
+    torch.testing.assert_close(got.chosen, want.chosen, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.rejected, want.rejected, rtol=1e-5, atol=1e-5)
+    assert SequenceLogps.from_causal_lm(plain).full_logits is None  # the unscaled Llama
+
+
+def test_the_modules_warn_once_of_the_fallback_and_its_memory(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from chatlearn.config import Config
+    from chatlearn.hf.modules import HFReference
+
+    class Reference(HFReference):
+        def build_model(self) -> torch.nn.Module:
+            return _scaled_llama(super().build_model())
+
+    model_args = {"model_config": {**TINY, "num_hidden_layers": 1}, "seed": 0}
+    config = Config(
+        {
+            "models": {
+                "reference": {"num_cpu": 1, "model_args": model_args},
+                "policy": {"num_cpu": 1, "trainable": True, "model_args": model_args},
+            },
+            "runtime": {"num_episode": 1, "sample_per_episode": 16},
+        }
+    )
+    module = Reference("reference", args=config)
+    with caplog.at_level("WARNING"):
+        module.setup()
+    warned = [r.getMessage() for r in caplog.records if "own forward" in r.getMessage()]
+    assert len(warned) == 1 and "model_type 'llama'" in warned[0], warned
+    assert "bytes per token" in warned[0]
