@@ -384,6 +384,7 @@ class HFReference(_HFModule):
             "layout": repr(self.layout),
             "packing": repr(self.packing),
             "logps_chunk_size": int(self.arg("logps_chunk_size", DEFAULT_CHUNK_SIZE)),
+            **_logits_key(unwrap(self.network)),
         }
 
     def setup(self) -> None:
@@ -468,6 +469,16 @@ def _lora_error(
         problem,
         f"name modules it has (its linear layers: {shown or 'none'}), or all-linear",
     )
+
+
+def _logits_key(network: Any) -> dict[str, str]:
+    """How the log-probs' logits are made from the head's output, for the reference store: {}
+    where nothing is done to it (the keys of such models stay as they were), so that entries
+    written while a Gemma2/Cohere/Granite model's post-processing was skipped (wrong log-probs)
+    are not found."""
+    if network.full_logits:
+        return {"logits": "model forward"}
+    return {"logits": repr(network.post)} if network.post is not None else {}
 
 
 def _pair_tensors(data: dict[str, Any]) -> dict[str, torch.Tensor]:

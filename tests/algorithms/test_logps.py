@@ -212,3 +212,4 @@ def test_the_modules_warn_once_of_the_fallback_and_its_memory(
     warned = [r.getMessage() for r in caplog.records if "own forward" in r.getMessage()]
     assert len(warned) == 1 and "model_type 'llama'" in warned[0], warned
     assert "bytes per token" in warned[0]
+    assert module.reference_store_key()["logits"] == "model forward"
