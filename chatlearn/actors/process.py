@@ -98,6 +98,14 @@ def cpu_sample(pid: int) -> CpuSample | None:
     return CpuSample(on_cpu, waiting, runnable) if seen else None
 
 
+def running(before: CpuSample, after: CpuSample, seconds: float) -> bool:
+    """Whether a process ran at least half the time between two samples ``seconds`` apart: a
+    silent one that does is computing in a call that holds the interpreter lock (a C extension,
+    a regex that backtracks, a huge ``json.loads``), which the heartbeat waits for; a Python
+    loop lets the heartbeat run, and a hang or a stop runs nothing."""
+    return (after.on_cpu_ns - before.on_cpu_ns) / 1e9 >= 0.5 * seconds
+
+
 def starved(before: CpuSample, after: CpuSample, seconds: float) -> bool:
     """Whether a process wanted CPU and mostly did not get it between two samples
     ``seconds`` apart: its threads waited for a CPU at least half the time, or one is runnable

@@ -94,8 +94,8 @@ class RemoteActor:
         self.local_pid: int | None = None  # the worker's own pid when it runs on this host
         # the processes it started, found as it exited or stopped (stopped with it: runtime.py)
         self.leftovers: list[Any] = []
-        self.cpu_sample: tuple[float, CpuSample] | None = None  # see ActorSystem._starved
-        self.starved_logged = False
+        self.cpu_sample: tuple[float, CpuSample] | None = None  # see ActorSystem._alive
+        self.silences_logged: set[str] = set()  # why it was silent but alive, logged once each
         self.stderr: StderrTail | None = None
 
     @property

@@ -72,6 +72,7 @@ from chatlearn.actors.process import (
     cpu_sample,
     descendants,
     exited,
+    running,
     starved,
     terminate_processes,
 )
@@ -485,7 +486,7 @@ class ActorSystem:
             self._sample_cpu(actor, now)
             if now - actor.last_seen <= self.options.heartbeat_timeout:
                 return
-            if self._starved(actor, now):
+            if self._alive(actor, now):
                 return
             silent = now - actor.last_seen
             self.record("hung", actor, f"silent for {silent:.1f} s")
@@ -499,13 +500,16 @@ class ActorSystem:
                 ),
             )
 
-    def _starved(self, actor: RemoteActor, now: float) -> bool:
-        """Whether a silent local actor is starved of CPU rather than hung (`process.starved`)
-        since the last sample, which is taken when it has been silent for half the timeout and
-        again at each positive answer.
+    def _alive(self, actor: RemoteActor, now: float) -> bool:
+        """Whether a silent local actor is starved of CPU (`process.starved`) or computing in a
+        call that holds the interpreter lock (`process.running`) rather than hung, since the
+        last sample, which is taken when it has been silent for half the timeout and again at
+        each positive answer.
 
-        So a starved actor stays alive as long as it keeps wanting CPU, and one that stops
-        (hung, stopped) is still declared dead within 1.5 timeouts of its last message.
+        So a starved actor stays alive as long as it keeps wanting CPU, a computing one as long
+        as it computes (bounded, as any call, by startup_timeout in setup and call_timeout if
+        set: its silence is only the lock's), and one that stops (hung, stopped) is still
+        declared dead within 1.5 timeouts of its last message.
         """
         previous = actor.cpu_sample
         if actor.local_pid is None or previous is None:
@@ -517,24 +521,32 @@ class ActorSystem:
         if after is None:
             return False
         actor.cpu_sample = (now, after)
-        if not starved(before, after, now - taken):
+        if starved(before, after, now - taken):
+            why = "waiting for CPU time (other programs are using the cores): starved, not hung"
+        elif running(before, after, now - taken):
+            why = (
+                f"running {actor.busy or 'a call'!r} on a CPU: a call that holds Python's "
+                "interpreter lock (a C extension, a regex, a huge json.loads) keeps the "
+                "heartbeat from running; computing, not hung"
+            )
+        else:
             return False
-        if not actor.starved_logged:
-            actor.starved_logged = True
+        if why not in actor.silences_logged:
+            actor.silences_logged.add(why)
             logger.warning(
-                "actor %s replica %d rank %d (pid %s): no heartbeat for %.1f s, but it is "
-                "waiting for CPU time (other programs are using the cores): starved, not hung; "
+                "actor %s replica %d rank %d (pid %s): no heartbeat for %.1f s, but it is %s; "
                 "waiting on",
                 actor.identity.model,
                 actor.identity.replica_id,
                 actor.identity.rank,
                 actor.pid,
                 now - actor.last_seen,
+                why,
             )
         return True
 
     def _sample_cpu(self, actor: RemoteActor, now: float) -> None:
-        """Once silent for half the timeout, note the actor's CPU use for `_starved`."""
+        """Once silent for half the timeout, note the actor's CPU use for `_alive`."""
         if actor.cpu_sample is None and actor.local_pid is not None:
             if now - actor.last_seen > self.options.heartbeat_timeout / 2:
                 sample = cpu_sample(actor.local_pid)

@@ -72,6 +72,15 @@ class Recorder(BaseModule):
         time.sleep(seconds)
         return "slept"
 
+    def hold_lock(self, seconds: float) -> str:
+        """Compute for about ``seconds`` in one C call that never releases the interpreter lock
+        (the builtin sum over a range), so that the actor's event loop cannot heartbeat."""
+        start = time.perf_counter()
+        sum(range(1_000_000))
+        per_item = (time.perf_counter() - start) / 1_000_000
+        sum(range(int(seconds / per_item)))
+        return "held"
+
     def unsendable(self) -> Any:
         return threading.Lock()  # no wire form: the call fails, the actor does not
 

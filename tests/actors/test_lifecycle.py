@@ -348,11 +348,26 @@ async def test_a_silent_actor_that_waits_for_cpu_is_starved_not_hung(tmp_path, m
 
 
 @pytest.mark.serial  # a wall-clock bound (death noticed, a timeout, starved told from hung)
+async def test_a_silent_actor_that_computes_holding_the_lock_is_not_hung(tmp_path, caplog):
+    # A call that holds the interpreter lock for longer than the heartbeat timeout (a regex, a
+    # huge json.loads) silences the actor's event loop; it runs all the while, so it is kept,
+    # with one warning, and the call returns (it was declared hung after 1 s).
+    cfg = _config(tmp_path)
+    system = ActorSystem(cfg, heartbeat_interval=0.2, heartbeat_timeout=1.0)
+    async with system:
+        (group,) = await system.launch(lib.Recorder("m", cfg))
+        assert await group.call(0, "hold_lock", 3.0) == "held"
+        assert await group.call(0, "add", 1) == 1  # and it goes on
+    assert "computing, not hung" in caplog.text
+    assert "hung" not in system.event_kinds()
+
+
+@pytest.mark.serial  # a wall-clock bound (death noticed, a timeout, starved told from hung)
 def test_cpu_samples_tell_starved_from_sleeping_and_running() -> None:
     import subprocess
     import sys
 
-    from chatlearn.actors.process import cpu_sample, starved
+    from chatlearn.actors.process import cpu_sample, running, starved
 
     if not hasattr(os, "SCHED_IDLE") or cpu_sample(os.getpid()) is None:
         pytest.skip("needs Linux schedstats")
@@ -381,4 +396,6 @@ def test_cpu_samples_tell_starved_from_sleeping_and_running() -> None:
             p.wait(10)
     verdict = {name: starved(before[name], after[name], 1.0) for name in procs}
     assert verdict == {"running": False, "idle": True, "sleeper": False}, (before, after)
+    verdict = {name: running(before[name], after[name], 1.0) for name in procs}
+    assert verdict == {"running": True, "idle": False, "sleeper": False}, (before, after)
     assert cpu_sample(sleeper.pid) is None  # gone
