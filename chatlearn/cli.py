@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import importlib
 import signal
+from typing import Any
 
 import click
+
+from chatlearn.config.report import shell_exit_code
 
 # name -> "module:attribute" of a click command; imported only when the command is used.
 _BENCH_COMMANDS: dict[str, str] = {
@@ -48,7 +51,27 @@ def main() -> None:
     """chatlearn: DPO training on an asyncio + ZeroMQ actor runtime."""
 
 
-@main.group(cls=_LazyGroup, lazy=_BENCH_COMMANDS)
+class _BenchGroup(_LazyGroup):
+    """The benchmarks' group: an interrupted benchmark ends with the shell's code for its
+    signal (130 for Ctrl-C) and at most one line, whichever benchmark it was: a run stopped in
+    the middle of training raised the engine's TrainingStopped through the benchmark (a
+    40-line traceback, exit code 1), and click turned a KeyboardInterrupt into "Aborted!" and
+    exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise SystemExit(128 + signal.SIGINT) from None
+        except Exception as exc:
+            code = shell_exit_code(exc)
+            if code is None:
+                raise
+            click.echo(f"chatlearn bench: {str(exc).partition(';')[0]}", err=True)
+            raise SystemExit(code) from None
+
+
+@main.group(cls=_BenchGroup, lazy=_BENCH_COMMANDS)
 def bench() -> None:
     """Throughput benchmarks (figures are ratios measured side by side in one run)."""
     # SIGTERM (a scheduler's, `timeout`'s) ends a benchmark like Ctrl-C does: by an exception,

@@ -30,6 +30,7 @@ __all__ = [
     "excepthook",
     "install_excepthook",
     "report_and_exit",
+    "shell_exit_code",
 ]
 
 
@@ -85,3 +86,18 @@ def install_excepthook() -> None:
         return
     excepthook.previous = sys.excepthook  # type: ignore[attr-defined]
     sys.excepthook = excepthook
+
+
+def shell_exit_code(exc: BaseException) -> int | None:
+    """The exit code of learn_async()'s TrainingStopped, also inside the exception group of a
+    TaskGroup that ran it (when it is all the group holds). A name of its own: the actors' errors
+    carry an exit_code too, their process's (a config error that ended an actor's start-up exited
+    3 without its line)."""
+    code = getattr(exc, "shell_exit_code", None)
+    if isinstance(code, int):
+        return code
+    if isinstance(exc, BaseExceptionGroup):
+        codes = [shell_exit_code(inner) for inner in exc.exceptions]
+        if codes and None not in codes:
+            return codes[0]
+    return None

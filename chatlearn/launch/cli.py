@@ -35,6 +35,7 @@ from chatlearn.config.report import (
     config_error_line,
     debug_enabled,
     report_and_exit,
+    shell_exit_code,
 )
 from chatlearn.launch.cluster import (
     DEFAULT_SSH_COMMAND,
@@ -101,27 +102,12 @@ def run_script(script: str, args: list[str]) -> None:
     except KeyboardInterrupt as exc:  # click would print "Aborted!" and exit with 1
         raise SystemExit(exc.code if isinstance(exc, SystemExit) else 128 + signal.SIGINT) from None
     except Exception as exc:
-        exit_code = _shell_exit_code(exc)
+        exit_code = shell_exit_code(exc)
         if exit_code is not None:  # the engine has said why it stopped
             raise SystemExit(exit_code) from None
         if config_error_line(exc) is None or debug_enabled():
             raise
         report_and_exit(exc)
-
-
-def _shell_exit_code(exc: BaseException) -> int | None:
-    """The exit code of learn_async()'s TrainingStopped, also inside the exception group of a
-    TaskGroup that ran it (when it is all the group holds). A name of its own: the actors' errors
-    carry an exit_code too, their process's (a config error that ended an actor's start-up exited
-    3 without its line)."""
-    code = getattr(exc, "shell_exit_code", None)
-    if isinstance(code, int):
-        return code
-    if isinstance(exc, BaseExceptionGroup):
-        codes = [_shell_exit_code(inner) for inner in exc.exceptions]
-        if codes and None not in codes:
-            return codes[0]
-    return None
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

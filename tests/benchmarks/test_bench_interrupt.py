@@ -1,8 +1,8 @@
-"""Ctrl-C ends `chatlearn bench transport` at once: exit code 130, no traceback, no peer left.
+"""Ctrl-C ends a benchmark at once: exit code 130, no traceback, no peer or actor left.
 
-Its blocking receivers run in worker threads, which the event loop's shutdown waits for: they
-waited for a message up to RECV_TIMEOUT (300 s) at once, so an interrupted benchmark hung for
-minutes, and its peer printed a KeyboardInterrupt traceback.
+The transport benchmark's blocking receivers run in worker threads, which the event loop's
+shutdown waits for: they waited for a message up to RECV_TIMEOUT (300 s) at once, so an
+interrupted benchmark hung for minutes, and its peer printed a KeyboardInterrupt traceback.
 """
 
 from __future__ import annotations
@@ -73,4 +73,37 @@ def test_ctrl_c_ends_the_transport_benchmark_and_its_peer(after: float) -> None:
     assert proc.returncode == 130, stderr[-3000:]
     assert took < EXIT_BOUND, f"{took:.1f} s after Ctrl-C"
     assert "Traceback" not in stderr and "Aborted" not in stderr, stderr[-3000:]
+    assert alive == [], alive
+
+
+def test_ctrl_c_ends_a_training_benchmark_with_one_line() -> None:
+    # A benchmark that trains gets the engine's graceful stop, whose TrainingStopped went
+    # through the benchmark: a 40-line traceback and exit code 1 (every benchmark goes through
+    # the same bench group, chatlearn/cli.py)
+    command = [sys.executable, "-m", "chatlearn.cli", "bench", "pipeline", "--episodes", "50"]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, process_group=0
+    )
+    actors: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and len(actors) < 2:
+            actors = psutil.Process(proc.pid).children(recursive=True)
+            time.sleep(0.05)
+        assert len(actors) >= 2, "the benchmark started no actors"
+        time.sleep(1.5)  # the actors are set up and training
+        assert proc.poll() is None, "the benchmark ended before the interrupt"
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        _, alive = psutil.wait_procs(actors, timeout=5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for actor in actors:
+            with contextlib.suppress(psutil.Error):
+                actor.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "Aborted" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "chatlearn bench: training stopped by SIGINT"
     assert alive == [], alive
