@@ -196,10 +196,12 @@ class ReferenceService(_EpisodeHooks):
         datasets = []
         for samples in sample_lists:
             dataset = self.module.build_dataset(list(samples), is_eval=kind == EVAL)
-            if dataset is None:
+            if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
                 raise TypeError(
-                    f"{type(self.module).__name__}.build_dataset returned None; it must return "
-                    "a dataset (len() and indexing), e.g. a torch.utils.data.Dataset"
+                    f"{type(self.module).__name__}.build_dataset returned "
+                    f"{type(dataset).__qualname__ if dataset is not None else 'None'}; it must "
+                    "return a dataset (len() and indexing), e.g. a list or a "
+                    "torch.utils.data.Dataset"
                 )
             datasets.append(dataset)
         self.datasets[kind] = datasets

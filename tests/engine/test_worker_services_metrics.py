@@ -56,3 +56,20 @@ def test_a_result_that_is_not_a_dict_is_said_once_and_none_only_from_eval_step(
         "eval_step returned None, not a dict: the evaluation records nothing (return a dict of "
         "numbers, e.g. {'loss': ...})",
     ]
+
+
+@pytest.mark.parametrize(
+    ("returned", "named"), [(None, "None"), (iter([1, 2]), "list_iterator"), (2, "int")]
+)
+def test_a_build_dataset_that_returns_no_dataset_is_named(returned: object, named: str) -> None:
+    """A generator or a count from build_dataset failed later in len() ("object of type
+    'generator' has no len()"), naming neither build_dataset nor what it returned."""
+
+    class Module:
+        def build_dataset(self, samples: list[int], is_eval: bool = False) -> object:
+            return returned
+
+    service = type("Service", (), {"module": Module(), "datasets": {}})()
+    with pytest.raises(TypeError) as info:
+        worker_services.ReferenceService._build_datasets(service, [[1, 2]], "train")
+    assert str(info.value).startswith(f"Module.build_dataset returned {named}; it must return")
