@@ -399,28 +399,12 @@ def test_a_restart_of_a_run_started_from_an_iteration_continues_it(
     assert_identical(trial.final_state(), baseline.final_state())
 
 
-def test_a_mid_episode_resume_with_another_number_of_reference_replicas_is_refused(
-    tmp_path: Path,
-) -> None:
-    # An episode's samples reach the trainer in an order made of the replicas' shares: resumed
-    # mid-episode with another number of replicas, the remaining steps trained other samples
-    # (one step's samples twice, another's never) without a word
-    trial = Trial(tmp_path)
-    trial.run(env={"NUM_EPISODE": "2", "SAVE_STEP_INTERVAL": "5"})  # 5: episode 2, step 1
-    code, text = trial.run_to_end(env={"LOAD_ITER": "5", "REFERENCE_REPLICAS": "2"})
-    assert code == 2, text
-    last = text.splitlines()[-1]
-    assert "models.reference: the checkpoint iter_0000005 is in the middle" in last, last
-    assert "written with 1 reference replica(s); this run has 2" in last, last
-    # at an episode's end it may change, and the change is said
-    text = trial.run(env={"LOAD_ITER": "8", "NUM_EPISODE": "3", "REFERENCE_REPLICAS": "2"})
-    assert "reference_replicas: saved 1, now 2" in text, text
-
-
 def test_a_mid_episode_resume_with_another_plan_of_its_steps_is_refused(tmp_path: Path) -> None:
     # Resumed mid-episode, the pipeline skips the checkpoint's number of steps of the episode's
     # plan as this run builds it: with another global batch size those are other samples (8
-    # instead of 4 here: the episode's samples 5-8 were never trained)
+    # instead of 4 here: the episode's samples 5-8 were never trained); with another number of
+    # reference replicas, whose shares make the order samples reach the trainer in, one step's
+    # samples were trained twice and another's never; both without a word
     trial = Trial(tmp_path)
     trial.run(env={"NUM_EPISODE": "2", "SAVE_STEP_INTERVAL": "5"})  # 5: episode 2, step 1
     code, text = trial.run_to_end(env={"LOAD_ITER": "5", "TRAIN_GLOBAL_BATCH_SIZE": "8"})
@@ -431,6 +415,14 @@ def test_a_mid_episode_resume_with_another_plan_of_its_steps_is_refused(tmp_path
     assert "fix: resume with train_global_batch_size: 4" in last and "Traceback" not in text
     assert "with changed training settings" not in text  # a refusal is not preceded by a warning
     assert (trial.checkpoints / "iter_0000008").is_dir()  # the refused run moved nothing aside
+    code, text = trial.run_to_end(env={"LOAD_ITER": "5", "REFERENCE_REPLICAS": "2"})
+    assert code == 2, text
+    last = text.splitlines()[-1]
+    assert "models.reference: the checkpoint iter_0000005 is in the middle" in last, last
+    assert "written with 1 reference replica(s); this run has 2" in last, last
+    # at an episode's end the number of replicas may change, and the change is said
+    text = trial.run(env={"LOAD_ITER": "8", "NUM_EPISODE": "3", "REFERENCE_REPLICAS": "2"})
+    assert "reference_replicas: saved 1, now 2" in text, text
     # a third pass over the episode leaves its first pass, and so its step 1, as it was
     text = trial.run(env={"LOAD_ITER": "5", "NUM_EPISODE": "2", "NUM_TRAINING_EPOCH": "3"})
     assert "num_training_epoch: saved 2, now 3" in text, text

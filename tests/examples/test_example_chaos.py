@@ -1,4 +1,4 @@
-"""The DPO example under the chaos harness (``chatlearn.chaos``): 10 SIGKILLs of reference
+"""The DPO example under the chaos harness (``chatlearn.chaos``): 7 SIGKILLs of reference
 replicas, 3 of the trainer, and one SIGSTOP hang of each, at random moments; and, under
 ``chatlearn launch``, one SIGKILL of the coordinator itself once a checkpoint is written. The run
 heals by itself (the launch restarts the coordinator, which resumes from the checkpoint) and ends
@@ -28,7 +28,7 @@ SCRIPT = ROOT / "examples" / "dpo" / "train_dpo.py"
 ARGV = [sys.executable, "-m", "chatlearn.cli", "launch", str(SCRIPT), "-c", str(CONFIG)]
 SETTINGS = {"NUM_EPISODE": "12", "SAMPLE_PER_EPISODE": "64", "PYTHONPATH": str(ROOT)}
 PLAN = ChaosPlan(
-    reference_kills=10,
+    reference_kills=7,
     trainer_kills=3,
     reference_stops=1,
     trainer_stops=1,
