@@ -27,7 +27,9 @@ direct ``model.model(...)`` call would see their shards).
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,9 +43,10 @@ from chatlearn.algorithms.packing import Packed
 # Response tokens per chunk: 512 × 152k (Qwen2.5's vocabulary) × 4 bytes ≈ 0.3 GB of logits.
 DEFAULT_CHUNK_SIZE = 512
 # The setup check (`logps_gap`): this many tokens, and the largest per-token gap tolerated, in
-# nats, by the logits' dtype. Both sides share the body's states; what differs is rounding in the
-# head and after it (TF32 matmuls in fp32; bf16 soft-capping of logits near ±30 moves them by up
-# to 0.06), while a missed scale or cap of a trained model moves log-probs by nats.
+# nats, by the dtype the weights compute in. Both sides run the same batch through the same
+# body; what differs is rounding in the head and after it (TF32 matmuls in fp32; bf16
+# soft-capping of logits near ±30 moves them by up to 0.06), while a missed scale or cap of a
+# trained model moves log-probs by nats.
 CHECK_TOKENS = 8
 CHECK_TOLERANCE = {torch.bfloat16: 0.25, torch.float16: 0.25}  # others: 0.01
 
@@ -298,22 +301,32 @@ class SequenceLogps(nn.Module):
 @torch.no_grad()
 def logps_gap(network: SequenceLogps, model: Any) -> tuple[float, torch.dtype]:
     """The largest gap, in nats, between `network`'s log-probs of `CHECK_TOKENS` fixed tokens and
-    those of `model`'s own logits, and the logits' dtype. Runs both in eval mode (dropout off),
-    then restores every module's mode; padded rows, the path the check is for (packing changes
-    the attention, not the head)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        embeddings = model.get_input_embeddings()
-        weight = embeddings.weight
+    those of `model`'s own logits, and the dtype its embeddings compute in (the logits a model
+    returns may have been cast to float32 after a bf16 head: the head's rounding is what is
+    tolerated). Both run in eval mode (dropout off) on the same batch; every module's mode is
+    restored (`modes_kept`); padded rows, the path the check is for (packing changes the
+    attention, not the head)."""
+    with modes_kept(model):
+        model.eval()
+        weight = model.get_input_embeddings().weight
         ids = (torch.arange(CHECK_TOKENS, device=weight.device) * 7919 + 1) % weight.shape[0]
         rows = ids.repeat(CHECK_TOKENS - 1, 1)  # row i scores token i + 1 only
         loss_mask = torch.eye(CHECK_TOKENS, dtype=torch.long, device=ids.device)[1:]
         attention = torch.ones_like(rows)
         ours, _ = network(rows, attention, loss_mask)
-        logits = model(input_ids=rows[:1], attention_mask=attention[:1], use_cache=False).logits[0]
+        logits = model(input_ids=rows, attention_mask=attention, use_cache=False).logits[0]
         theirs = logits[:-1].float().log_softmax(-1).gather(1, ids[1:, None]).squeeze(1)
-        return float((ours.float() - theirs).abs().max()), logits.dtype
+        return float((ours.float() - theirs).abs().max()), weight.dtype
+
+
+@contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's train/eval mode as it was, after whatever runs inside (a check that
+    switches the model to one mode must not leave a submodule, a peft adapter's dropout say, in
+    it)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
     finally:
         for module, training in modes:
             module.training = training

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from chatlearn.algorithms.logps import modes_kept
 from chatlearn.config.errors import ConfigError
 from chatlearn.hf.tokenizer import BYTE_VOCAB_SIZE
 
@@ -296,14 +297,9 @@ def forwards_differ(model: Any, num_tokens: int = 8) -> bool:
     vocab = getattr(model.get_input_embeddings(), "num_embeddings", num_tokens)
     ids = torch.arange(min(num_tokens, vocab), device=device).unsqueeze(0)
     devices = [device] if device.type == "cuda" else []
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            model.train()
-            first, second = (model(input_ids=ids).logits for _ in range(2))
-    finally:
-        for module, training in modes:
-            module.training = training
+    with modes_kept(model), torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.train()
+        first, second = (model(input_ids=ids, use_cache=False).logits for _ in range(2))
     return not torch.equal(first, second)
 
 

@@ -180,6 +180,20 @@ class _HFModule(TorchModule):
                 4 * vocab,
                 4 * vocab * 16 * 2048 / 2**30,
             )
+        if network.full_logits and trainable:
+            # The network's parameters are its body's and head's: what else the forward uses
+            # would be neither trained, nor kept in step by DDP, nor sharded, nor saved.
+            own = {id(p) for p in network.parameters()}
+            outside = [n for n, p in self.model.named_parameters() if id(p) not in own]
+            if outside:
+                where, error = locate_model_args(self.model_args)
+                raise error(
+                    f"{where}.model_path",
+                    f"{network.full_logits}, and it uses parameters outside its decoder and "
+                    f"output head ({', '.join(outside[:3])}), which this trainer would leave "
+                    "untrained",
+                    "train a model whose logits are its head's output, or report its model_type",
+                )
         with located_errors(self.model_args):  # e.g. parallel: none on several trainer ranks
             return self.layout.wrap(network, trainable=trainable)
 

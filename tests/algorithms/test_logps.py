@@ -213,3 +213,26 @@ def test_the_modules_warn_once_of_the_fallback_and_its_memory(
     assert len(warned) == 1 and "model_type 'llama'" in warned[0], warned
     assert "bytes per token" in warned[0]
     assert module.reference_store_key()["logits"] == "model forward"
+
+
+def test_a_trainer_whose_fallback_would_leave_parameters_untrained_is_refused() -> None:
+    # The network's parameters are its body's and head's; a parameter the model's own forward
+    # uses besides them would not be trained, kept in step by DDP, sharded or saved.
+    from chatlearn.config import Config, ConfigError
+    from chatlearn.hf.modules import HFDPOTrainer
+
+    class Trainer(HFDPOTrainer):
+        def build_model(self) -> torch.nn.Module:
+            model = _scaled_llama(super().build_model())
+            model.register_parameter("logit_gain", torch.nn.Parameter(torch.ones(())))
+            return model
+
+    model_args = {"model_config": {**TINY, "num_hidden_layers": 1}, "seed": 0}
+    config = Config(
+        {
+            "models": {"policy": {"num_cpu": 1, "trainable": True, "model_args": model_args}},
+            "runtime": {"num_episode": 1, "sample_per_episode": 16},
+        }
+    )
+    with pytest.raises(ConfigError, match="logit_gain.*untrained"):
+        Trainer("policy", args=config).setup()
