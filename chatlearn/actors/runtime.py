@@ -467,7 +467,7 @@ class ActorSystem:
             return
         if actor.local_pid is not None and actor.popen.returncode is None and exited(actor.popen):
             # Before it is reaped: then its process group still finds the children it left.
-            actor.leftovers = descendants([actor.popen])
+            actor.leftovers = _merged(actor.leftovers, descendants([actor.popen]))
         code = actor.popen.poll()
         if code is not None:
             if actor.exit_seen_at is None:
@@ -979,8 +979,10 @@ class ActorSystem:
             if self.failure is None and ready:
                 # An actor stops its children before it exits; should it die first, they are
                 # stopped from here (`_stop_processes`): found now, as it may be reaped unseen.
-                for actor in ready:
-                    actor.leftovers = descendants([actor.popen])
+                # (each a scan of the host's processes: off the loop)
+                found = await asyncio.to_thread(lambda: [descendants([a.popen]) for a in ready])
+                for actor, procs in zip(ready, found, strict=True):
+                    actor.leftovers = _merged(actor.leftovers, procs)
                 await asyncio.gather(
                     *(self._request_shutdown(a) for a in ready), return_exceptions=True
                 )
@@ -1086,3 +1088,9 @@ def _wait_all(popens: list[Any], timeout: float) -> None:
     for popen in popens:
         with contextlib.suppress(Exception):
             popen.wait(max(0.0, deadline - time.monotonic()))
+
+
+def _merged(known: list[Any], found: list[Any]) -> list[Any]:
+    """``known`` leftover processes and newly ``found`` ones, each once (by pid): a child seen
+    at SHUTDOWN that has left the tree by the actor's exit is still stopped."""
+    return list({proc.pid: proc for proc in (*known, *found)}.values())

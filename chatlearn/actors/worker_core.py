@@ -102,6 +102,7 @@ class ComputeThread:
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.current: str | None = None  # what runs now (reported in heartbeats)
+        self._stopped: BaseException | None = None  # why `stop` ended it
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -131,9 +132,14 @@ class ComputeThread:
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
     ) -> concurrent.futures.Future[Any]:
-        """Queue `fn(*args, **kwargs)`; `label` is what heartbeats report while it runs."""
+        """Queue `fn(*args, **kwargs)`; `label` is what heartbeats report while it runs. After
+        `stop`, the future fails at once with its reason (queued behind the end, it would never
+        run)."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._queue.put((future, label, fn, tuple(args), dict(kwargs or {})))
+        if self._stopped is not None:
+            future.set_exception(self._stopped)
+        else:
+            self._queue.put((future, label, fn, tuple(args), dict(kwargs or {})))
         return future
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -143,7 +149,8 @@ class ComputeThread:
 
     def stop(self, reason: BaseException) -> None:
         """Run nothing more: queued callables fail with `reason`; the thread ends after the
-        running one (`join` waits for that)."""
+        running one (`join` waits for that); later ones fail with it too (`submit`)."""
+        self._stopped = reason
         with contextlib.suppress(queue.Empty):
             while True:
                 item = self._queue.get_nowait()

@@ -168,16 +168,19 @@ async def serve(control_endpoint: str) -> None:
 def _connect_as_ours(sock: zmq.Socket[bytes], endpoint: str) -> None:
     """Connect a baseline's sending socket with the send buffer ours gets over ipc
     (`AsyncSocket.enlarge_ipc_send_buffers`): the baselines then differ from ours only in
-    what runs above libzmq. Waits up to 10 s for the connection (the receiver is bound)."""
+    what runs above libzmq. Waits up to 10 s for the connection (the receiver is bound); a
+    baseline that could not get the buffer would compare unlike with like: an error."""
     if not endpoint.startswith("ipc://"):
         sock.connect(endpoint)
         return
     monitor = monitor_connections(sock)
     try:
         sock.connect(endpoint)
-        if monitor.poll(10_000):
-            for fd in new_connections(monitor):
-                enlarge_send_buffer(fd)
+        fds = new_connections(monitor) if monitor.poll(10_000) else []
+        if not fds:
+            raise RuntimeError(f"no connection to {endpoint} within 10 s")
+        for fd in fds:
+            enlarge_send_buffer(fd)
     finally:
         sock.disable_monitor()
         monitor.close(linger=0)

@@ -45,7 +45,7 @@ Runtime extensions of this project:
 | seed | int | 42 | base seed of the run (module RNGs, training-pass shuffles) |
 | pipeline_window | int ≥ 0 or null | 2 × global/micro | reference micro-batches ahead (2) |
 | heartbeat_interval | float > 0 | 0.5 | seconds between actor heartbeats |
-| heartbeat_timeout | float > 0 | 5.0 | silence after which an idle actor is dead (> interval) |
+| heartbeat_timeout | float > 0 | 5.0 | silence after which an actor is dead (> interval) (5) |
 | startup_timeout | float > 0 | 60.0 | seconds for an actor to start and finish `setup()` |
 | call_timeout | float > 0 or null | null | limit on one remote call (null: none) |
 | save_keep_last | int ≥ 0 | 3 | checkpoints kept (0: all) |
@@ -71,6 +71,11 @@ place and its work replayed; a lost trainer rank restarts the trainer from the l
 (4) reference_store: every sample's reference output is kept on disk, keyed by the reference
 model's fingerprint and the sample's tokens, so later runs over the same data (a beta sweep,
 another loss, a restart) skip the reference for it (`chatlearn/engine/reference_store.py`).
+
+(5) heartbeat_timeout: an actor on the coordinator's host that is silent but running (a call
+holding Python's interpreter lock) or waiting for a CPU is kept, with one warning: only
+call_timeout (and startup_timeout in setup) bounds a call that computes for ever. An actor on
+another host is declared dead after this silence, whatever it does.
 
 (2) pipeline_window: reference micro-batches produced ahead of training (null: the default);
 0 is ChatLearn's schedule (the reference runs the whole episode, then training starts).

@@ -109,6 +109,17 @@ async def test_in_process_close_waits_for_the_running_call_and_drops_queued_ones
         await queued
 
 
+def test_a_compute_thread_fails_what_is_submitted_after_its_stop():
+    # queued behind the end of the thread, it would wait for ever
+    from chatlearn.actors.worker_core import ComputeThread
+
+    compute = ComputeThread("stopped")
+    reason = RuntimeError("closed")
+    compute.stop(reason)
+    assert compute.join(10)
+    assert compute.submit("late", print).exception(timeout=1) is reason
+
+
 async def test_in_process_setup_error_and_call_timeout():
     cfg = lib.make_config({"m": {"num_cpu": 1}})
     async with ActorSystem(cfg, in_process=True) as system:
