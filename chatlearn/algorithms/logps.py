@@ -266,10 +266,15 @@ class SequenceLogps(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded rows (`loss_mask` [N, L]: per-row sums) or a packed layout (`packed`, from
         `chatlearn.algorithms.packing`: per-sequence sums; its tensors are the other arguments,
-        passed separately so that DDP/FSDP2 see them as the forward's inputs)."""
+        passed separately so that DDP/FSDP2 see them as the forward's inputs). Padded rows
+        without `position_ids` count positions from each row's first token, not from the row's
+        start: a left-padded row otherwise shifted a learned position embedding (GPT-2's) by its
+        padding, and its log-probs were off by tenths of a nat without a word."""
         extra = {}
         if packed is not None and packed.segments is not None:  # to the attention
             extra["packed_segments"] = packed.segments
+        if position_ids is None and packed is None and attention_mask.dim() == 2:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
         causal_lm = self.__dict__["causal_lm"]
         model = self.body if causal_lm is None else causal_lm
         output = model(
