@@ -61,13 +61,12 @@ class _BenchGroup(_LazyGroup):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            raise SystemExit(128 + signal.SIGINT) from None
-        except Exception as exc:
+        except (KeyboardInterrupt, Exception) as exc:
             code = shell_exit_code(exc)
             if code is None:
                 raise
-            click.echo(f"chatlearn bench: {str(exc).partition(';')[0]}", err=True)
+            if not isinstance(exc, KeyboardInterrupt):  # the engine's TrainingStopped
+                click.echo(f"chatlearn bench: {str(exc).partition(';')[0]}", err=True)
             raise SystemExit(code) from None
 
 

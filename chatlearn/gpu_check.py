@@ -17,8 +17,11 @@ Checks (``chatlearn.gpu_probe`` is the module the actors run):
 - ``CUDA tensor ref → trainer``: a CUDA tensor returned by the reference actor is staged through
   pinned host memory by the codec, arrives intact, and the trainer actor moves it onto its GPU;
 - ``NCCL group`` (≥ 2 GPUs): the trainer's 2 processes all-reduce over NCCL;
-- ``DPO example``: ``examples/dpo/train_dpo.py`` on the GPU (reference and trainer on one GPU),
-  a few steps, loss falling, a checkpoint written at the end;
+- ``DPO example``: ``examples/dpo/train_dpo.py`` on the GPU (reference and trainer on one GPU;
+  with 2 GPUs the trainer in DDP over both, over NCCL, its gradients views of DDP's buckets),
+  ``mixed_precision: bf16`` and the reference loaded in bf16, a few steps, loss falling, a
+  checkpoint written at the end; every example's setup checks (the chunked log-probs against
+  the model's own, dropout off) must pass on the GPU, not fall back;
 - ``DPO example LoRA``: the same with ``dpo_lora.yaml``'s adapters on the policy; the final
   checkpoint holds the adapter and the merged weights;
 - ``DPO example FSDP2 bf16`` (≥ 2 GPUs): the same with the trainer sharded over 2 GPUs
@@ -412,6 +415,14 @@ def run_example(config: Path, workdir: Path, timeout: float, *, stored: bool = F
         raise CheckFailed(f"loss did not fall: {first:.4f} -> {last:.4f}")
     if "checkpoint" not in done.stdout:
         raise CheckFailed("no checkpoint was written at the end")
+    # the modules' setup checks, on the GPU's kernels (TF32, bf16): the example's Llama must
+    # pass both (chatlearn/algorithms/logps.py, chatlearn/hf/model.py)
+    from chatlearn.hf.modules import DROPOUT_WARNING, FULL_LOGITS_WARNING
+
+    for warned in (FULL_LOGITS_WARNING, DROPOUT_WARNING):
+        if warned in done.stderr:
+            line = next(line for line in done.stderr.splitlines() if warned in line)
+            raise CheckFailed(f"a setup check failed on the GPU: {line.strip()}")
     throughput = re.search(r"throughput\s+([\d.]+) samples/s", done.stdout)
     rate = f", {throughput.group(1)} samples/s" if throughput else ""
     store = ""
@@ -546,7 +557,11 @@ def run_checks() -> list[CheckResult]:
         workdir = Path(tmp)
 
         def example() -> str:
-            config = example_config(workdir / "one", {"num_gpu": 1}, {"num_gpu": 1}, True)
+            # with 2 GPUs the trainer runs DDP over them (the reference 2 replicas)
+            gpus = min(num_gpus, 2)
+            trainer = {"num_gpu": gpus, "model_args": {"mixed_precision": "bf16"}}
+            reference = {"num_gpu": gpus, "model_args": {"dtype": "bfloat16"}}
+            config = example_config(workdir / "one", trainer, reference, True)
             return run_example(config, workdir / "one", deadline.left(90))
 
         def example_fsdp() -> str:

@@ -77,7 +77,6 @@ class LocalActor:
         )
         self.info: dict[str, Any] = {}
         self._failure: BaseException | None = None
-        self._closed = False
         self.compute = ComputeThread(f"chatlearn-inproc-{template.name}-{replica_id}")
         spec = ActorSpec(
             identity=self.identity,
@@ -121,8 +120,6 @@ class LocalActor:
     ) -> Any:
         if self._failure is not None:
             raise self._failure
-        if self._closed:
-            raise ActorSystemClosedError(f"in-process actor {self.identity.model} is closed")
         if timeout is None:
             timeout = self.system.options.call_timeout
         args, kwargs = _wire_copy([args, kwargs])
@@ -181,7 +178,6 @@ class LocalActor:
         """Stop the compute thread and wait for it (up to `shutdown_timeout`, as an actor
         process gets to exit): a daemon thread still inside torch when the interpreter exits
         can abort it ("terminate called without an active exception", exit 134)."""
-        self._closed = True
         if self._failure is None:  # what calls still queued fail with
             self._failure = ActorSystemClosedError(
                 f"in-process actor {self.identity.model} is closed"

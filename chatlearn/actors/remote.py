@@ -95,7 +95,7 @@ class RemoteActor:
         # the processes it started, found as it exited or stopped (stopped with it: runtime.py)
         self.leftovers: list[Any] = []
         self.cpu_sample: tuple[float, CpuSample] | None = None  # see ActorSystem._alive
-        self.silences_logged: set[str] = set()  # why it was silent but alive, logged once each
+        self.silences_logged: set[str] = set()  # causes of silence while alive, logged once each
         self.stderr: StderrTail | None = None
 
     @property

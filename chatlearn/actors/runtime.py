@@ -522,8 +522,10 @@ class ActorSystem:
             return False
         actor.cpu_sample = (now, after)
         if starved(before, after, now - taken):
+            cause = "starved"
             why = "waiting for CPU time (other programs are using the cores): starved, not hung"
         elif running(before, after, now - taken):
+            cause = "running"
             why = (
                 f"running {actor.busy or 'a call'!r} on a CPU: a call that holds Python's "
                 "interpreter lock (a C extension, a regex, a huge json.loads) keeps the "
@@ -531,8 +533,8 @@ class ActorSystem:
             )
         else:
             return False
-        if why not in actor.silences_logged:
-            actor.silences_logged.add(why)
+        if cause not in actor.silences_logged:
+            actor.silences_logged.add(cause)
             logger.warning(
                 "actor %s replica %d rank %d (pid %s): no heartbeat for %.1f s, but it is %s; "
                 "waiting on",

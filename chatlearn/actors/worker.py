@@ -282,7 +282,6 @@ class Worker:
         """SIGTERM (the coordinator stops us, or someone else does): leave at once."""
         if self._orphaned():
             _exit_orphaned(128 + signal.SIGTERM)
-        kill_own_children(grace=0.5)
         _hard_exit(128 + signal.SIGTERM)
 
     async def _close_core(self) -> None:
@@ -361,6 +360,12 @@ def _terminate_contexts(contexts: list[Any], timeout: float) -> None:
 
 
 def _hard_exit(code: int) -> None:
+    """Exit now, however we leave (SHUTDOWN, SIGTERM, orphaned, a fatal error, a failed start):
+    the processes the module started go first (once we are gone they are init's, and nothing
+    can find them); os._exit, as the compute thread may still be inside user code, and
+    interpreter shutdown must not wait for it (or for atexit handlers of libraries whose peers
+    are gone)."""
+    kill_own_children(grace=0.5)
     with contextlib.suppress(Exception):
         sys.stdout.flush()
         sys.stderr.flush()
@@ -374,7 +379,6 @@ _cleanup_dirs: list[str] = []
 def _exit_orphaned(code: int = EXIT_ORPHANED) -> None:
     """The coordinator died without cleaning up: stop our children, remove the run's ipc
     directory (every actor tries; the first one wins), exit."""
-    kill_own_children(grace=0.5)
     for path in _cleanup_dirs:
         shutil.rmtree(path, ignore_errors=True)
     _hard_exit(code)
@@ -505,11 +509,6 @@ def main(argv: list[str] | None = None) -> None:
         traceback.print_exc()
     finally:
         logging.shutdown()
-        # However we leave (SHUTDOWN, a fatal error, a failed start), the processes the module
-        # started go first: once we are gone they are init's, and nothing can find them.
-        kill_own_children(grace=0.5)
-        # os._exit: the compute thread may still be inside user code, and interpreter shutdown
-        # must not wait for it (or for atexit handlers of libraries whose peers are gone).
         _hard_exit(code)
 
 

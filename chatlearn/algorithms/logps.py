@@ -159,12 +159,16 @@ def _token_logps(
     targets: torch.Tensor,
     post: LogitMap | None = None,
 ) -> torch.Tensor:
-    logits = states if head is None else head(states)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if post is not None:
-        logits = post(logits)
+    logits = _mapped(states if head is None else head(states), post)
     picked = torch.gather(logits, 1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _mapped(logits: torch.Tensor, post: LogitMap | None) -> torch.Tensor:
+    """``logits`` in float32 or wider, then mapped by ``post`` (the model's own post-processing
+    of its head's output, `logit_map`)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits if post is None else post(logits)
 
 
 def scored_logps(
@@ -296,7 +300,7 @@ class SequenceLogps(nn.Module):
         if head is None or chunk_size == 0:
             logits = hidden if head is None else head(hidden)
             if self.post is not None:
-                logits = self.post(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+                logits = _mapped(logits, self.post)
             return sequence_logps(logits, input_ids, loss_mask)
         return chunked_sequence_logps(
             hidden, head, input_ids, loss_mask, chunk_size=chunk_size, post=self.post

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,22 @@ def split_fix(message: str) -> tuple[str, str | None]:
     an actor, which arrives as text."""
     head, sep, fix = message.partition(_FIX)
     return head, (fix if sep else None)
+
+
+def sample_where(index: int, split: str = "") -> str:
+    """How an error names sample ``index`` of the ``split`` data set ("training", "eval"; ""
+    outside a run), in the words `sample_named` reads back: the coordinator points a module's
+    error about it at the record's file:line (chatlearn/engine/sample_errors.py)."""
+    return f"sample {index} of the {split + ' ' if split else ''}data set"
+
+
+_SAMPLE_WHERE = re.compile(r"sample (\d+) of the (\w+) data set")
+
+
+def sample_named(message: str) -> tuple[int, str] | None:
+    """(index, split) of the sample `sample_where` named in ``message``, or None."""
+    found = _SAMPLE_WHERE.search(message)
+    return (int(found.group(1)), found.group(2)) if found else None
 
 
 def one_line(message: str) -> str:

@@ -13,6 +13,7 @@ or by a module's `setup()` in an actor — ends the script that way. Scripts tha
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from types import TracebackType
 from typing import NoReturn
@@ -89,10 +90,16 @@ def install_excepthook() -> None:
 
 
 def shell_exit_code(exc: BaseException) -> int | None:
-    """The exit code of learn_async()'s TrainingStopped, also inside the exception group of a
-    TaskGroup that ran it (when it is all the group holds). A name of its own: the actors' errors
-    carry an exit_code too, their process's (a config error that ended an actor's start-up exited
-    3 without its line)."""
+    """The exit code a command ends with for an interrupt: a KeyboardInterrupt's 130 (the code
+    of learn()'s TrainingInterrupted, a SystemExit too, for its signal), learn_async()'s
+    TrainingStopped's, also inside the exception group of a TaskGroup that ran it (when it is
+    all the group holds); None for anything else (click would turn a KeyboardInterrupt into
+    "Aborted!" and exit code 1). A name of its own: the actors' errors carry an exit_code too,
+    their process's (a config error that ended an actor's start-up exited 3 without its
+    line)."""
+    if isinstance(exc, KeyboardInterrupt):
+        code = exc.code if isinstance(exc, SystemExit) else None
+        return code if isinstance(code, int) else 128 + signal.SIGINT
     code = getattr(exc, "shell_exit_code", None)
     if isinstance(code, int):
         return code

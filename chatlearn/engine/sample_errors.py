@@ -11,16 +11,13 @@ sample the transport cannot send (a ``datetime`` among extra fields) is found af
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from chatlearn.actors import ActorError
-from chatlearn.config.errors import ConfigError, split_fix
+from chatlearn.config.errors import ConfigError, sample_named, sample_where, split_fix
 from chatlearn.transport.codec import encode
 from chatlearn.transport.errors import EncodeError
-
-_SAMPLE = re.compile(r"sample (\d+) of the (\w+) data set")
 
 
 def located_sample_error(
@@ -29,12 +26,12 @@ def located_sample_error(
     """A module's config error about "sample i of the <split> data set" as the ConfigError at
     that record's file:line, when the data set came from a file (``origins``: split -> the
     records' ``origin``, chatlearn/hf/data.py's PreferenceRecords); else ``error`` itself."""
-    found = _SAMPLE.search(error.message) if error.is_config_error else None
-    origin = origins.get(found.group(2)) if found else None
+    found = sample_named(error.message) if error.is_config_error else None
+    origin = origins.get(found[1]) if found else None
     if found is None or origin is None:
         return error
     try:
-        where = origin(int(found.group(1)))
+        where = origin(found[0])
     except (IndexError, TypeError, ValueError):
         return error
     head, fix = split_fix(error.message)
@@ -55,7 +52,7 @@ def unsendable_sample_error(
                 continue
             path, value = found
             origin = origins.get(split)
-            where = f"sample {index} of the {split} data set"
+            where = sample_where(index, split)
             with contextlib.suppress(IndexError, TypeError, ValueError):
                 where = f"{origin(index)}: {where}" if origin else where
             key = path or "(the sample)"

@@ -57,7 +57,7 @@ from typing import IO, Any, SupportsIndex, cast, overload
 import torch
 from torch.utils.data import Dataset
 
-from chatlearn.config.errors import ConfigError
+from chatlearn.config.errors import ConfigError, sample_where
 from chatlearn.hf.tokenizer import has_chat_template
 
 PROMPT_PLACEHOLDER = "{prompt}"
@@ -588,7 +588,6 @@ class PairTokenizer:
         template = self.prompt_template
         refused: tuple[type[Exception], ...] = (ValueError, TypeError, KeyError)
         refused += _template_errors()
-        data_set = f"{split} data set" if split else "data set"
         eos = [self.tokenizer.eos_token_id]
         for first in range(0, len(records), _ENCODE_SLICE):
             part = records[first : first + _ENCODE_SLICE]
@@ -609,7 +608,7 @@ class PairTokenizer:
                         problem = " ".join(str(exc).split()) or type(exc).__name__
                         raise ConfigError(
                             problem,
-                            where=f"sample {i} of the {data_set} ({_short(record)})",
+                            where=f"{sample_where(i, split)} ({_short(record)})",
                             fix="correct that record, or use a tokenizer whose chat template "
                             "renders it (model_args.model_path)",
                         ) from None
@@ -673,12 +672,11 @@ def _beyond_embeddings(
     key, token_id = next((k, i) for k, ids in kept.items() for i in ids if i >= rows)
     convert = getattr(tokenizer, "convert_ids_to_tokens", None)
     token = convert(token_id) if callable(convert) else None
-    data_set = f"{split} data set" if split else "data set"
     return ConfigError(
         f"its {key} tokenizes to id {token_id} ({token!r}), beyond the {rows} rows of the "
         "model's input embeddings (a token added to the tokenizer, in the text or the chat "
         "template, that the model's embeddings were never resized for)",
-        where=f"sample {index} of the {data_set} ({_short(records[index])})",
+        where=f"{sample_where(index, split)} ({_short(records[index])})",
         fix="remove that token from the record, or resize the model's embeddings to its "
         "tokenizer and save it (model.resize_token_embeddings(len(tokenizer)); "
         "model.save_pretrained(path))",

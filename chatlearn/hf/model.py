@@ -282,6 +282,14 @@ def disable_dropout(model: Any) -> int:
     return changed
 
 
+def embedding_rows(model: Any) -> int | None:
+    """Rows of the model's input embeddings: the token ids it can take (its config's vocab_size
+    may be more or fewer; len(tokenizer) often fewer, which is fine); None when unknown."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
+
+
 def forwards_differ(model: Any, num_tokens: int = 8) -> bool:
     """Whether two train-mode forwards of the same few tokens differ: dropout `disable_dropout`
     did not find (a hard-coded rate, a name without "drop"). No gradients; every module's mode
@@ -294,8 +302,8 @@ def forwards_differ(model: Any, num_tokens: int = 8) -> bool:
     if parameter is None:
         return False
     device = parameter.device
-    vocab = getattr(model.get_input_embeddings(), "num_embeddings", num_tokens)
-    ids = torch.arange(min(num_tokens, vocab), device=device).unsqueeze(0)
+    ids = torch.arange(min(num_tokens, embedding_rows(model) or num_tokens), device=device)
+    ids = ids.unsqueeze(0)
     devices = [device] if device.type == "cuda" else []
     with modes_kept(model), torch.random.fork_rng(devices=devices), torch.no_grad():
         model.train()

@@ -109,6 +109,7 @@ from chatlearn.hf.memory import (
 from chatlearn.hf.model import (
     causal_lm_from_args,
     disable_dropout,
+    embedding_rows,
     forwards_differ,
     locate_model_args,
     located_errors,
@@ -127,6 +128,9 @@ from chatlearn.hf.parallel import (
 )
 from chatlearn.hf.tokenizer import load_tokenizer
 
+# The setup checks' warnings (`make gpu-check` fails an example run that logs one).
+FULL_LOGITS_WARNING = "the log-probs come from the model's own forward instead"
+DROPOUT_WARNING = "disable_dropout left randomness"
 _DATA_KEYS = ("max_length", "max_prompt_length", "min_prompt_length", "prompt_template")
 SHARDED_DIR = "sharded"  # beside the rank directories: one DCP checkpoint for all ranks
 
@@ -171,9 +175,9 @@ class _HFModule(TorchModule):
         if network.full_logits and self.data_parallel_rank == 0:
             vocab = int(self.model.get_output_embeddings().weight.shape[0])
             self._logger.warning(
-                "%s: %s; the log-probs come from the model's own forward instead, whose whole "
-                "[rows, length, %d] logits take %d bytes per token in fp32 (%.3g GiB for 16 "
-                "rows of 2,048 tokens), not logps_chunk_size tokens at a time",
+                "%s: %s; " + FULL_LOGITS_WARNING + ", whose whole [rows, length, %d] logits "
+                "take %d bytes per token in fp32 (%.3g GiB for 16 rows of 2,048 tokens), not "
+                "logps_chunk_size tokens at a time",
                 self.name,
                 network.full_logits,
                 vocab,
@@ -243,7 +247,7 @@ class _HFModule(TorchModule):
             # runs in eval mode: no dropout there.
             if self.trainable and forwards_differ(self.model) and self.rank == 0:
                 self._logger.warning(
-                    "%s: disable_dropout left randomness in %s (two train-mode forwards of the "
+                    "%s: " + DROPOUT_WARNING + " in %s (two train-mode forwards of the "
                     "same tokens differ): the policy will not compute what the reference does, "
                     "and the DPO loss will not start at ln 2 (0.6931) for equal weights",
                     self.name,
@@ -444,14 +448,6 @@ class HFReference(_HFModule):
         for key in (REF_CHOSEN_KEY, REF_REJECTED_KEY):
             out[key] = _gather_rows(local[key], share, rows, world)
         return out
-
-
-def embedding_rows(model: Any) -> int | None:
-    """Rows of the model's input embeddings: the token ids it can take (its config's vocab_size
-    may be more or fewer; len(tokenizer) often fewer, which is fine); None when unknown."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(embeddings, "num_embeddings", None)
-    return rows if isinstance(rows, int) else None
 
 
 def _lora_error(

@@ -121,9 +121,13 @@ def load_tokenizer(model_path: str | Path | None = None, **kwargs: Any) -> Any:
             "check that AutoTokenizer.from_pretrained(model_path) loads it",
         ) from failed
     if tokenizer.eos_token is None:  # every response ends with it; padding may hold it too
-        pad = "" if tokenizer.pad_token_id is not None else "neither a pad nor "
+        tokens = (
+            "no eos token"
+            if tokenizer.pad_token_id is not None
+            else "neither a pad nor an eos token"
+        )
         raise _model_path_error(
-            f"the tokenizer in {str(path)!r} has {pad}an eos token, which ends every response",
+            f"the tokenizer in {str(path)!r} has {tokens}: eos ends every response",
             "set eos_token in its tokenizer_config.json (pad_token may stay unset: padding "
             "then holds eos)",
         )

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import runpy
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -99,11 +98,9 @@ def run_script(script: str, args: list[str]) -> None:
         sys.path.insert(0, script_dir)
     try:
         runpy.run_path(script, run_name="__main__")
-    except KeyboardInterrupt as exc:  # click would print "Aborted!" and exit with 1
-        raise SystemExit(exc.code if isinstance(exc, SystemExit) else 128 + signal.SIGINT) from None
-    except Exception as exc:
+    except (KeyboardInterrupt, Exception) as exc:
         exit_code = shell_exit_code(exc)
-        if exit_code is not None:  # the engine has said why it stopped
+        if exit_code is not None:  # an interrupt, or the engine has said why it stopped
             raise SystemExit(exit_code) from None
         if config_error_line(exc) is None or debug_enabled():
             raise

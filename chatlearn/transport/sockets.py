@@ -191,7 +191,6 @@ class AsyncSocket:
         # see enlarge_ipc_send_buffers
         self._monitor: zmq.Socket[bytes] | None = None
         self._monitor_loop: asyncio.AbstractEventLoop | None = None
-        self._monitor_unwatched = False
 
     def bind_or_connect(self, endpoint: str, *, bind: bool, sends_data: bool = False) -> str:
         """Bind (returning the resolved endpoint, e.g. the ephemeral port) or connect; a socket
@@ -227,7 +226,6 @@ class AsyncSocket:
         if not endpoint.startswith("ipc://") or self._monitor is not None or self.closed:
             return
         self._monitor = monitor_connections(self.sock)
-        self._monitor_unwatched = True
         with contextlib.suppress(RuntimeError):  # no running loop: the first send watches
             self._watch_monitor(asyncio.get_running_loop())
 
@@ -235,7 +233,6 @@ class AsyncSocket:
         """Handle the monitor's events on ``loop`` from now on (a send may never wait, so the
         socket itself may never be attached to the loop)."""
         assert self._monitor is not None
-        self._monitor_unwatched = False
         self._monitor_loop = loop
         loop.add_reader(self._monitor.FD, self._on_monitor_events)
         loop.call_soon(self._on_monitor_events)  # events may be queued already
@@ -254,7 +251,7 @@ class AsyncSocket:
         """Send one multipart message (``copy=False``); waits while the peer's queue is full."""
         if self.closed:
             raise ChannelClosedError("socket is closed")
-        if self._monitor_unwatched:
+        if self._monitor is not None and self._monitor_loop is None:  # not yet watched
             self._watch_monitor(asyncio.get_running_loop())
         # Never overtake an earlier send that is still waiting. A non-blocking send that finds
         # the queue full does not look at libzmq's command mailbox (it does at most once a

@@ -52,3 +52,7 @@ def test_a_directory_without_a_usable_tokenizer_is_a_clear_error(tmp_path: Path)
     tok.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="has neither a pad nor an eos token"):
         load_tokenizer(tmp_path)
+    tok.pad_token = "<pad>"  # a pad alone: it said "has an eos token", the opposite
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has no eos token: eos ends every response"):
+        load_tokenizer(tmp_path)
