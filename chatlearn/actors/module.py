@@ -27,12 +27,15 @@ pinned to their devices. `TorchModule` imports torch inside its methods.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import random
 import resource
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -696,6 +699,46 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         )
 
 
+class CallClock:
+    """What an actor's compute thread runs and since when (`time.monotonic`), read by its
+    heartbeats from the event loop's thread: one tuple, so a reading never pairs one call's name
+    with another's start. `invoke` narrows it to the hook it calls (a service call may run
+    several, each its own clock); the enclosing call's clock restarts when the hook returns."""
+
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now: tuple[str, float] | None = None
+
+    def reading(self) -> tuple[str, float] | None:
+        """``(label, seconds it has run)`` or None when idle."""
+        now = self.now
+        return None if now is None else (now[0], time.monotonic() - now[1])
+
+
+# the CallClock of the compute thread this code runs on (none elsewhere)
+_compute_thread = threading.local()
+
+
+def set_call_clock(clock: CallClock) -> None:
+    """Make `clock` the one `invoke` narrows on this thread (the actor's compute thread)."""
+    _compute_thread.clock = clock
+
+
+@contextlib.contextmanager
+def _running(label: str) -> Iterator[None]:
+    clock: CallClock | None = getattr(_compute_thread, "clock", None)
+    if clock is None:
+        yield
+        return
+    outer = clock.now
+    clock.now = (label, time.monotonic())
+    try:
+        yield
+    finally:
+        clock.now = None if outer is None else (outer[0], time.monotonic())
+
+
 @functools.lru_cache(maxsize=256)
 def _iteration_position(func: Callable[..., Any]) -> int | None:
     """Index of the `iteration` parameter among a method's arguments after self, or None."""
@@ -728,8 +771,11 @@ def invoke(module: Any, method: str, args: Any = (), kwargs: Mapping[str, Any] |
         # Passed only if declared, and not when the caller already gave it positionally.
         if iteration is not None and position is not None and position >= len(args):
             kwargs["iteration"] = iteration
-        result = fn(*args, **kwargs)
+        label = method if iteration is None else f"{method} (iteration {iteration})"
+        with _running(label):
+            result = fn(*args, **kwargs)
         if counter is not None:
             setattr(module, counter, getattr(module, counter) + 1)
         return result
-    return fn(*args, **kwargs)
+    with _running(method):
+        return fn(*args, **kwargs)

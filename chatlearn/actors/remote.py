@@ -87,6 +87,9 @@ class RemoteActor:
         self.hello: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.last_seen = time.monotonic()
         self.busy: str | None = None  # what its compute thread runs (from heartbeats)
+        # the running call's length at which runtime.py next warns of it (doubles each time)
+        self.long_call_warn_at: float | None = None
+        self.busy_seconds = 0.0  # how long that call has run, at the last heartbeat
         self.exit_seen_at: float | None = None
         self.dead_payload: Any = None
         self.dead_at: float | None = None

@@ -106,6 +106,9 @@ class SupervisionOptions:
     dist_timeout: float = 600.0  # torch.distributed collectives
     fail_fast: bool = True  # an ActorError also stops the run
     in_process: bool = False
+    # with call_timeout null, a call running this long is logged (again at twice the length,
+    # and so on): nothing else would tell of a collective waiting for ever for a lost peer
+    long_call_warning: float = 300.0
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> SupervisionOptions:
@@ -189,7 +192,7 @@ class ActorSystem:
 
         `options` override `SupervisionOptions` fields (heartbeat_interval, heartbeat_timeout,
         startup_timeout, call_timeout, shutdown_timeout, kill_timeout, dist_timeout, fail_fast,
-        in_process).
+        in_process, long_call_warning).
         """
         self._config = config
         self._option_overrides = options
@@ -416,13 +419,47 @@ class ActorSystem:
                     actor.hello.set_result(msg.payload)
             elif msg.kind == MessageKind.HEARTBEAT:
                 if isinstance(msg.payload, dict):
-                    actor.busy = msg.payload.get("busy")
+                    self._heartbeat(actor, msg.payload)
             elif msg.kind == MessageKind.DEAD:
                 actor.dead_payload = msg.payload
                 actor.dead_at = time.monotonic()
                 self.record("dead", actor, "reported a fatal error")
             else:
                 logger.debug("ignoring %s from %r", msg.kind.name, routing_id)
+
+    def _heartbeat(self, actor: RemoteActor, payload: dict[str, Any]) -> None:
+        """Notes what the actor's compute thread runs; warns of a call that has run for
+        `long_call_warning` seconds (then twice that, ...) with no call_timeout to end it. Its
+        process is alive and heartbeats, so nothing else would be said of a call that waits for
+        ever (a collective whose peer is gone, a deadlock, a read that never returns)."""
+        busy, seconds = payload.get("busy"), payload.get("busy_s")
+        if not isinstance(busy, str) or not isinstance(seconds, int | float):
+            actor.busy, actor.long_call_warn_at = None, None
+            return
+        if busy != actor.busy or seconds < actor.busy_seconds:  # another call
+            actor.long_call_warn_at = self.options.long_call_warning
+        actor.busy, actor.busy_seconds = busy, seconds
+        if (
+            self.options.call_timeout is not None
+            or busy in ("setup", "close")  # bounded by startup_timeout, shutdown_timeout
+            or actor.long_call_warn_at is None
+            or seconds < actor.long_call_warn_at
+        ):
+            return
+        actor.long_call_warn_at = 2 * max(seconds, actor.long_call_warn_at)
+        logger.warning(
+            "actor %s replica %d rank %d (pid %s) has been running %r for %.0f s, and "
+            "runtime.call_timeout is null: nothing ends it if it waits for ever (a collective "
+            "whose peer is gone, a deadlock). `py-spy dump --pid %s` on its host shows where "
+            "it is; runtime.call_timeout bounds every call",
+            actor.identity.model,
+            actor.identity.replica_id,
+            actor.identity.rank,
+            actor.pid,
+            busy,
+            seconds,
+            actor.pid,
+        )
 
     def _malformed_from(self, routing_id: bytes, exc: Exception) -> None:
         """An actor of this run sent a message that cannot be decoded: it broke the protocol

@@ -253,12 +253,16 @@ class Worker:
         )
 
     async def _heartbeat_loop(self) -> None:
-        """Sends a HEARTBEAT every interval, saying what the compute thread is running."""
+        """Sends a HEARTBEAT every interval, saying what the compute thread is running and for
+        how long (runtime.py warns of a call that runs for long with nothing to bound it)."""
         from chatlearn.transport import Message, MessageKind
 
         while True:
             await asyncio.sleep(self.opts.heartbeat_interval)
-            payload = {"busy": self.compute.current}
+            reading = self.compute.clock.reading()
+            payload: dict[str, Any] = {"busy": None}
+            if reading is not None:
+                payload = {"busy": reading[0], "busy_s": round(reading[1], 3)}
             await self.client.send(Message(kind=MessageKind.HEARTBEAT, payload=payload))
 
     async def _parent_watch_loop(self) -> None:

@@ -24,6 +24,7 @@ import queue
 import random
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -32,7 +33,13 @@ from typing import Any
 
 from chatlearn.actors.identity import ActorIdentity
 from chatlearn.actors.loader import ClassRef, load_object
-from chatlearn.actors.module import BaseModule, construct_module, invoke
+from chatlearn.actors.module import (
+    BaseModule,
+    CallClock,
+    construct_module,
+    invoke,
+    set_call_clock,
+)
 from chatlearn.actors.placement import config_value
 
 __all__ = [
@@ -101,12 +108,19 @@ class ComputeThread:
 
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.current: str | None = None  # what runs now (reported in heartbeats)
+        self.clock = CallClock()  # what runs now, since when (reported in heartbeats)
         self._stopped: BaseException | None = None  # why `stop` ended it
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def current(self) -> str | None:
+        """What runs now: the call, or the hook of it that `invoke` runs (None: idle)."""
+        now = self.clock.now
+        return None if now is None else now[0]
+
     def _run(self) -> None:
+        set_call_clock(self.clock)
         while True:
             item = self._queue.get()
             if item is None:
@@ -114,7 +128,7 @@ class ComputeThread:
             future, label, fn, args, kwargs = item
             if not future.set_running_or_notify_cancel():
                 continue
-            self.current = label
+            self.clock.now = (label, time.monotonic())
             try:
                 result = fn(*args, **kwargs)
             except BaseException as exc:  # delivered to the caller, never kills the thread
@@ -122,7 +136,7 @@ class ComputeThread:
             else:
                 future.set_result(result)
             finally:
-                self.current = None
+                self.clock.now = None
                 del item, fn, args, kwargs
 
     def submit(

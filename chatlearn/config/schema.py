@@ -75,7 +75,9 @@ another loss, a restart) skip the reference for it (`chatlearn/engine/reference_
 (5) heartbeat_timeout: an actor on the coordinator's host that is silent but running (a call
 holding Python's interpreter lock) or waiting for a CPU is kept, with one warning: only
 call_timeout (and startup_timeout in setup) bounds a call that computes for ever. An actor on
-another host is declared dead after this silence, whatever it does.
+another host is declared dead after this silence, whatever it does. With call_timeout null, a
+call that has run 5 minutes is logged with its actor's pid (again at 10, 20, ... minutes): a
+collective waiting for a lost peer keeps heartbeating and would otherwise wait unseen.
 
 (2) pipeline_window: reference micro-batches produced ahead of training (null: the default);
 0 is ChatLearn's schedule (the reference runs the whole episode, then training starts).

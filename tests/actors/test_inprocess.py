@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 
 import actors_testlib as lib
 import pytest
@@ -118,6 +119,34 @@ def test_a_compute_thread_fails_what_is_submitted_after_its_stop():
     compute.stop(reason)
     assert compute.join(10)
     assert compute.submit("late", print).exception(timeout=1) is reason
+
+
+def test_a_compute_thread_reports_the_hook_it_runs_within_a_call():
+    # a service call runs several hooks; heartbeats name the one running and time it alone
+    from chatlearn.actors.module import BaseModule, invoke
+    from chatlearn.actors.worker_core import ComputeThread
+
+    seen: list[tuple[str, float] | None] = []
+    compute = ComputeThread("labels")
+
+    class Steps(BaseModule):
+        def train_step(self, data, iteration):
+            seen.append(compute.clock.reading())
+
+    def service_call(module):
+        time.sleep(0.2)
+        invoke(module, "train_step", ([],))
+        seen.append(compute.clock.reading())
+
+    try:
+        module = Steps("m", lib.make_config({"m": {"num_cpu": 1}}))
+        compute.submit("train", service_call, (module,)).result(timeout=10)
+    finally:
+        compute.stop(RuntimeError("done"))
+    inner, outer = seen
+    assert inner is not None and inner[0] == "train_step (iteration 0)" and inner[1] < 0.1
+    assert outer is not None and outer[0] == "train" and outer[1] < 0.1  # its clock restarted
+    assert compute.current is None
 
 
 async def test_in_process_setup_error_and_call_timeout():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -360,6 +361,33 @@ async def test_a_silent_actor_that_computes_holding_the_lock_is_not_hung(tmp_pat
         assert await group.call(0, "add", 1) == 1  # and it goes on
     assert "computing, not hung" in caplog.text
     assert "hung" not in system.event_kinds()
+
+
+async def test_a_call_that_runs_long_without_call_timeout_is_told_of(tmp_path, caplog):
+    # A call that waits with the interpreter lock released (a collective whose peer is gone)
+    # keeps its actor heartbeating: with call_timeout null nothing ends it, so the coordinator
+    # says which call has run how long, at the threshold and at twice the length (not at each
+    # heartbeat); with call_timeout set it says nothing (the timeout will speak).
+    cfg = _config(tmp_path)
+    caplog.set_level(logging.WARNING, logger="chatlearn.actors")
+    for call_timeout, expected in ((None, 2), (30.0, 0)):
+        caplog.clear()
+        system = ActorSystem(
+            cfg,
+            heartbeat_interval=0.1,
+            heartbeat_timeout=2.0,
+            long_call_warning=0.4,
+            call_timeout=call_timeout,
+        )
+        async with system:
+            (group,) = await system.launch(lib.Recorder("m", cfg))
+            assert await group.call(0, "sleep", 1.5) == "slept"
+            assert await group.call(0, "add", 1) == 1
+        warnings = [r.getMessage() for r in caplog.records if "has been running" in r.getMessage()]
+        assert len(warnings) == expected, warnings
+        if expected:
+            assert "'sleep'" in warnings[0] and "runtime.call_timeout" in warnings[0]
+            assert f"pid {group[0].pid}" in warnings[0]
 
 
 @pytest.mark.serial  # a wall-clock bound (death noticed, a timeout, starved told from hung)
