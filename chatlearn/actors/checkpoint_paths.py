@@ -14,7 +14,10 @@ from typing import Any
 
 
 def checkpoint_root(runtime: Any) -> Path:
-    """Where a run's checkpoints live: ``data_checkpoint_path`` or ``output_path/checkpoints``."""
+    """Where a run's checkpoints live: ``data_checkpoint_path`` or ``output_path/checkpoints``
+    (the config's `RuntimeConfig.checkpoint_path`; a plain mapping is read the same way)."""
+    if hasattr(runtime, "checkpoint_path"):
+        return Path(runtime.checkpoint_path)
     explicit = runtime.get("data_checkpoint_path", None)
     if explicit:
         return Path(explicit)

@@ -232,12 +232,10 @@ def check_output_paths(config: Config) -> None:
                 f"set {key} so that the path names a directory that can be created and "
                 "written, e.g. output/my_run",
             )
-    saves = rt.get("save_episode_interval", None) or rt.get("save_step_interval", None)
-    if saves and not rt.data_checkpoint_path:
+    if rt.saves_checkpoints and not rt.data_checkpoint_path:
         # the default place of the checkpoints: found at the first save it would cost the
         # run everything trained until then
-        default = os.path.join(rt.output_path, "checkpoints")
-        problem = _directory_problem(default)
+        problem = _directory_problem(rt.checkpoint_path)
         if problem:
             raise _error(
                 config,

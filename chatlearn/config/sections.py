@@ -269,6 +269,17 @@ class RuntimeConfig(Section):
             return output_dir
         return os.path.join(output_dir, exp_name)
 
+    @property
+    def checkpoint_path(self) -> str:
+        """Where the run's checkpoints live: data_checkpoint_path, or output_path/checkpoints."""
+        return self.data_checkpoint_path or os.path.join(self.output_path, "checkpoints")
+
+    @property
+    def saves_checkpoints(self) -> bool:
+        """Whether the run writes checkpoints by itself (so also at its end and on a graceful
+        stop)."""
+        return bool(self.save_episode_interval or self.save_step_interval)
+
     def resolve_data_ratio(self, num_datasets: int) -> list[int]:
         """Per-dataset mixing counts for `num_datasets` datasets (ChatLearn's sampler rules)."""
         ratio = self.data_ratio

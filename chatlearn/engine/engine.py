@@ -438,7 +438,7 @@ class DPOEngine(Engine):
             graceful=self._stop_gracefully,
             hard=lambda reason: self._stop_at_once(task, reason),
             stop_timeout=float(runtime.get("stop_timeout", None) or self.stop_timeout),
-            saves=_saves(runtime),
+            saves=runtime.saves_checkpoints,
             # under chatlearn launch (which sets the variable for every coordinator it starts)
             dedupe=COORDINATOR_RESTARTS_ENV_VAR in os.environ,
         )
@@ -926,7 +926,7 @@ class DPOEngine(Engine):
                     await self.pipeline.run()
                     # inside the loop: a trainer lost while writing the run's last checkpoint
                     # heals like one lost mid-run (the steps since the last one run again)
-                    if _saves(runtime) and self.state.iteration > 0:
+                    if runtime.saves_checkpoints and self.state.iteration > 0:
                         await save("signal" if self.pipeline.stopped else "end")
                     break
                 except ActorLostError as lost:
@@ -1026,11 +1026,6 @@ class DPOEngine(Engine):
             attempt=restart.attempt,
             reason=restart.reason,
         )
-
-
-def _saves(runtime: Any) -> bool:
-    """Whether the run writes checkpoints by itself (so at its end and on a graceful stop)."""
-    return bool(runtime.save_episode_interval or runtime.save_step_interval)
 
 
 def _restarts_recorded(metrics_path: Path) -> int:
