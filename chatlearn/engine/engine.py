@@ -447,6 +447,9 @@ class DPOEngine(Engine):
         self._stop_error = None
         self.pipeline = None
         self.checkpoints = None
+        # a run of its own, as a rerun of the script: it resumes from a checkpoint or starts
+        # over, never from the counters an earlier learn() of this engine left behind
+        self.state = RunState()
         failure: BaseException | None = None
         try:
             with SignalGuard(interrupts.handle):

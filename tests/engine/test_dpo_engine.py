@@ -459,3 +459,22 @@ def test_a_drop_last_in_model_args_that_is_not_a_bool_is_one_config_error(tmp_pa
     config = Config(_config(tmp_path, {}, reference))
     with pytest.raises(ConfigError, match="models.reference.model_args.drop_last: expected true"):
         _drop_last(config, "reference")
+
+
+def test_a_second_learn_on_one_engine_trains_its_own_run(tmp_path: Path) -> None:
+    # without checkpoints the second learn() started from the counters the first left behind:
+    # it trained nothing, said "training done: 4 iterations", returned the first run's figures
+    # and had moved the first run's metrics.jsonl aside, leaving it empty
+    chatlearn.init(_config(tmp_path, _runtime(2, 8, 4, 2, 4, in_process=True)))
+    try:
+        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        engine.set_dataset(list(range(20)))
+        first = engine.learn()
+        second = engine.learn()
+    finally:
+        reset_args()
+    assert (first.steps, first.samples_trained) == (second.steps, second.samples_trained) == (4, 16)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [t["iteration"] for t in _events(log, "train")] == [0, 1, 2, 3] * 2
+    records = (tmp_path / "CHATLEARN" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in records if '"train"' in r] == [1, 2, 3, 4]
