@@ -51,10 +51,11 @@ class ClassRef:
         if spec is not None and spec.name and spec.name != "__main__":
             return cls(module=spec.name, qualname=qualname)  # `python -m pkg.mod`
         path = getattr(main, "__file__", None)
-        if not path:
+        # `python - < script.py` names its __main__ "<stdin>": no file an actor could run
+        if not path or not Path(path).is_file():
             raise ValueError(
-                f"class {qualname} is defined in an interactive session, so an actor process "
-                "cannot find it; define it in a .py file"
+                f"class {qualname} is defined in an interactive session (or a script read from "
+                "standard input), so an actor process cannot find it; define it in a .py file"
             )
         return cls(module=MAIN_ALIAS, qualname=qualname, path=str(Path(path).resolve()))
 

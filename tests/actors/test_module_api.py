@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import textwrap
+import types
 
 import actors_testlib as lib
 import pytest
@@ -146,6 +147,19 @@ def test_class_refs():
         ClassRef("actors_testlib", "NoSuchClass").load()
     with pytest.raises(ValueError, match="package.module:Class"):
         ClassRef.parse("nodots")
+
+
+def test_a_main_without_a_file_is_refused_in_the_coordinator(monkeypatch):
+    # a script read from stdin (`python - < train.py`) has __file__ "<stdin>": its classes were
+    # sent to the actors, which failed after starting with "cannot load the script <cwd>/<stdin>"
+    for file in ("<stdin>", None):
+        main = types.ModuleType("__main__")
+        if file is not None:
+            main.__file__ = file
+        monkeypatch.setitem(sys.modules, "__main__", main)
+        klass = type("FromStdin", (BaseModule,), {"__module__": "__main__"})
+        with pytest.raises(ValueError, match="FromStdin is defined in an interactive session"):
+            ClassRef.of(klass)
 
 
 def test_main_script_runs_under_another_name_without_its_main_block(tmp_path):
