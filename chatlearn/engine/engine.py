@@ -101,6 +101,14 @@ class Engine:
         names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names}")
+        # one config per run: the first model's is the run's, and every actor gets it
+        stale = [m.name for m in models if m.global_args is not models[0].global_args]
+        if stale:
+            raise ValueError(
+                f"the models {names} were not all built under the same chatlearn.init() config "
+                f"({', '.join(stale)} under another one than {names[0]}): build every module "
+                "after the last chatlearn.init(), which the run then uses"
+            )
         self.models = list(models)
         self.global_args = models[0].global_args
         self.system: ActorSystem | None = None

@@ -478,3 +478,17 @@ def test_a_second_learn_on_one_engine_trains_its_own_run(tmp_path: Path) -> None
     assert [t["iteration"] for t in _events(log, "train")] == [0, 1, 2, 3] * 2
     records = (tmp_path / "CHATLEARN" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in records if '"train"' in r] == [1, 2, 3, 4]
+
+
+def test_models_built_under_different_inits_are_refused(tmp_path: Path) -> None:
+    # a notebook that ran chatlearn.init() again after building the reference: the run used the
+    # reference's (older) config for everything, the trainer's only for its placement
+    chatlearn.init(_config(tmp_path, _runtime(1, 8, 4, 2, 4)))
+    try:
+        reference = EchoReference("reference")
+        chatlearn.init(_config(tmp_path, _runtime(3, 8, 4, 2, 4)))
+        with pytest.raises(ValueError, match=r"policy_trainer under another one than reference"):
+            DPOEngine(reference, EchoTrainer("policy_trainer"))
+        DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))  # both after it
+    finally:
+        reset_args()
