@@ -43,7 +43,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
@@ -340,7 +340,7 @@ class DPOEngine(Engine):
     # -- data ------------------------------------------------------------------------------
     def set_dataset(self, dataset: Sequence[Any]) -> DPOEngine:
         """The training samples (raw; each reference replica turns them into a dataset)."""
-        samples = list(dataset)
+        samples = _samples(dataset, "set_dataset")
         if samples and isinstance(samples[0], list):  # ChatLearn asserts the same
             raise ValueError(
                 "engine.set_dataset() takes one dataset, a list of samples, and its first "
@@ -354,14 +354,14 @@ class DPOEngine(Engine):
         """Several datasets, mixed per ``runtime.data_ratio``."""
         if not datasets:
             raise ValueError("set_multiple_datasets needs at least one dataset")
-        self._datasets = [list(d) for d in datasets]
+        self._datasets = [_samples(d, "set_multiple_datasets") for d in datasets]
         single = len(datasets) == 1  # a module names sample i of one of them
         self._origins["training"] = getattr(datasets[0], "origin", None) if single else None
         return self
 
     def set_eval_dataset(self, dataset: Sequence[Any]) -> DPOEngine:
         """Held-out samples evaluated every ``eval_episode_interval`` episodes (``eval_step``)."""
-        self._eval_dataset = list(dataset)
+        self._eval_dataset = _samples(dataset, "set_eval_dataset")
         self._origins["eval"] = getattr(dataset, "origin", None)
         return self
 
@@ -1088,6 +1088,26 @@ _OWN_FLOW = (
     "DPOEngine(reference, policy_trainer) builds its environment and trainer from the two "
     "modules; pass them there"
 )
+
+
+def _samples(dataset: Any, method: str) -> list[Any]:
+    """``dataset``'s samples as a list; a value whose iteration does not give samples (a path's
+    characters, a dict's keys, a data frame's column names) is a ``TypeError`` saying what to
+    pass instead."""
+    kind = type(dataset).__name__
+    if isinstance(dataset, str | bytes | os.PathLike):
+        problem, fix = "its characters", "load the file's records first and pass them"
+    elif isinstance(dataset, Mapping):
+        problem, fix = "its keys", "pass a list of records, one per sample"
+    elif hasattr(dataset, "columns"):  # pandas and polars data frames
+        problem = "its column names"
+        fix = "pass its rows as records (pandas: df.to_dict('records'), polars: df.to_dicts())"
+    else:
+        return list(dataset)
+    raise TypeError(
+        f"engine.{method}() takes the samples (a list, or any iterable of them) and was given "
+        f"a {kind}, whose samples would be {problem}: {fix}"
+    )
 
 
 def _not_provided(method: str, instead: str) -> NotImplementedError:

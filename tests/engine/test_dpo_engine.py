@@ -492,3 +492,27 @@ def test_models_built_under_different_inits_are_refused(tmp_path: Path) -> None:
         DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))  # both after it
     finally:
         reset_args()
+
+
+@pytest.mark.parametrize(
+    ("dataset", "given"),
+    [
+        ("data/train.jsonl", "a str, whose samples would be its characters"),
+        (Path("data/train.jsonl"), "whose samples would be its characters"),
+        ({"prompt": ["p"], "chosen": ["c"]}, "a dict, whose samples would be its keys"),
+    ],
+)
+def test_a_value_that_does_not_iterate_over_samples_is_refused(tmp_path, dataset, given) -> None:
+    # the samples were the path's characters or the dict's keys: a run on them, without a word
+    chatlearn.init(_config(tmp_path, _runtime(1, 8, 4, 2, 4)))
+    try:
+        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        for method in (engine.set_dataset, engine.set_eval_dataset):
+            with pytest.raises(TypeError, match=given):
+                method(dataset)
+        with pytest.raises(TypeError, match=r"set_multiple_datasets\(\) takes the samples"):
+            engine.set_multiple_datasets([list(range(4)), dataset])
+        engine.set_dataset(iter(range(4)))  # any iterable of samples will do
+        assert engine._datasets == [[0, 1, 2, 3]]
+    finally:
+        reset_args()
