@@ -1071,6 +1071,36 @@ class ActorSystem:
         self._finalizer.detach()
         self.record("closed")
 
+    @property
+    def loop_closed(self) -> bool:
+        """Whether the event loop the run started on is closed (it ended without ``shutdown()``:
+        a second ``asyncio.run`` cannot await what the first one left)."""
+        return bool(self._tasks) and self._tasks[0].get_loop().is_closed()
+
+    def stop_abandoned(self) -> None:
+        """``shutdown()`` of a run whose event loop is closed (`loop_closed`): terminate and
+        kill every process tree from here, synchronously, and release the runtime directory."""
+        if self._closed:
+            return
+        self._closing = True
+        self.record("shutdown", detail="its event loop is closed")
+        terminate_processes(
+            [a.popen for a in self._actors if a.popen is not None],
+            grace=self.options.kill_timeout,
+            kill_wait=self.options.kill_timeout,
+            extra=[p for a in self._actors for p in a.leftovers],
+        )
+        self._tasks = []
+        if self.server is not None:
+            self.server.close(0)
+            security.remove(self.security)
+        if self.runtime_dir is not None:
+            self.runtime_dir.close()
+        close_stdin(a.popen for a in self._actors if a.popen is not None)
+        self._closed = True
+        self._finalizer.detach()
+        self.record("closed")
+
     def identities(self) -> dict[str, list[bytes]]:
         """Each model's actors' routing identities (secret to the run: for diagnostics)."""
         result: dict[str, list[bytes]] = {}

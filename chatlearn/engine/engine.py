@@ -196,7 +196,10 @@ class Engine:
         system, self.system = self.system, None
         self.groups = {}
         try:
-            if system is not None:
+            if system is not None and system.loop_closed:
+                # started on a loop that ended without stop() (an earlier asyncio.run)
+                await asyncio.to_thread(system.stop_abandoned)
+            elif system is not None:
                 await system.shutdown()
         finally:
             self._run_locks.close()

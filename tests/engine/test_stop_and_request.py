@@ -385,6 +385,8 @@ def test_stop_called_without_an_event_loop_stops_before_it_returns(tmp_path: Pat
     loops: list[asyncio.AbstractEventLoop] = []
 
     class System:  # what stop() shuts down: the run's processes
+        loop_closed = False  # started on a loop that still runs
+
         async def shutdown(self) -> None:
             loops.append(asyncio.get_running_loop())
 
@@ -402,3 +404,27 @@ def test_stop_called_without_an_event_loop_stops_before_it_returns(tmp_path: Pat
         assert len(loops) == 2 and engine.system is None
 
     asyncio.run(in_a_loop())
+
+
+def test_stop_after_the_loop_the_engine_started_on_has_closed(tmp_path: Path) -> None:
+    # asyncio.run(engine.start()) and later engine.stop(): the stop awaited the first loop's
+    # tasks on a new loop and raised "Event loop is closed"; the actor and the runtime
+    # directory stayed until the script ended
+    from chatlearn.actors import BaseModule
+    from chatlearn.engine.engine import Engine
+
+    chatlearn.init({"models": {"reference": {"num_cpu": 1}}})
+    engine = Engine(BaseModule("reference"))
+    try:
+        asyncio.run(engine.start())
+        assert engine.system is not None and engine.system.runtime_dir is not None
+        runtime_dir = engine.system.runtime_dir.path
+        actors = [psutil.Process(h.popen.pid) for h in engine.system._actors]
+        assert actors and runtime_dir.is_dir()
+        engine.stop()
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in actors)
+        assert not runtime_dir.exists() and engine.system is None
+    finally:
+        if engine.system is not None:
+            engine.system.stop_abandoned()
+        reset_args()
