@@ -1062,6 +1062,11 @@ class ActorSystem:
                 await asyncio.to_thread(actor.stderr.join, 1.0)
         if self.server is not None:
             await self.server.aclose(0)
+        self._release()
+
+    def _release(self) -> None:
+        """The end of every stop, once the server is closed: the runtime directory, the run's
+        keys and the actors' stdin pipes go, and the system is closed."""
         if self.runtime_dir is not None:
             self.runtime_dir.close()
         if self.server is not None:
@@ -1093,13 +1098,7 @@ class ActorSystem:
         self._tasks = []
         if self.server is not None:
             self.server.close(0)
-            security.remove(self.security)
-        if self.runtime_dir is not None:
-            self.runtime_dir.close()
-        close_stdin(a.popen for a in self._actors if a.popen is not None)
-        self._closed = True
-        self._finalizer.detach()
-        self.record("closed")
+        self._release()
 
     def identities(self) -> dict[str, list[bytes]]:
         """Each model's actors' routing identities (secret to the run: for diagnostics)."""
