@@ -14,6 +14,7 @@ the two gradients of that weight without a third copy of it.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,37 @@ def load_causal_lm(model_path: str | Path, *, dtype: str | torch.dtype | None = 
     resolved = resolve_dtype(dtype)
     if resolved is not None:
         kwargs["dtype"] = resolved
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as failed:
+        raise _unloadable(path, failed) from failed
+    except Exception as failed:  # safetensors' SafetensorError: a truncated or corrupt file
+        if type(failed).__name__ != "SafetensorError":
+            raise
+        raise _unloadable(path, failed) from failed
+
+
+def _unloadable(path: Path, failed: BaseException) -> ConfigError:
+    """The ConfigError of ``model_args.model_path`` for a directory `from_pretrained` failed on
+    (an architecture this transformers lacks, custom code, missing or broken weight files): its
+    own message was a traceback of 40-120 lines from the actor, naming no key."""
+    reason = " ".join(str(failed).split()) or type(failed).__name__
+    fix = "check that AutoModelForCausalLM.from_pretrained(model_path) loads it"
+    try:
+        auto_map = json.loads((path / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        auto_map = None
+    if auto_map and isinstance(failed, ValueError):  # transformers': pass trust_remote_code
+        reason = (
+            "its config.json maps the model to code of its own (auto_map), which is never run "
+            "here (no trust_remote_code)"
+        )
+        fix = "use a checkpoint of an architecture transformers has (save_pretrained of it)"
+    return ConfigError(
+        f"the model in {str(path)!r} does not load: {reason[:500]}",
+        key="model_args.model_path",
+        fix=fix,
+    )
 
 
 def causal_lm_from_args(model_args: Mapping[str, Any], tokenizer: Any) -> Any:

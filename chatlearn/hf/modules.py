@@ -152,7 +152,8 @@ class _HFModule(TorchModule):
             return load_tokenizer(self.model_args.get("model_path"))
 
     def build_model(self) -> Any:
-        model = causal_lm_from_args(self.model_args, self.tokenizer)
+        with located_errors(self.model_args):  # a checkpoint from_pretrained cannot load
+            model = causal_lm_from_args(self.model_args, self.tokenizer)
         if torch.cuda.is_available():
             model = model.to(torch.device("cuda", torch.cuda.current_device()))
         packing = getattr(self, "packing", None)  # set by setup() after the first model

@@ -159,6 +159,39 @@ def test_a_model_path_without_tokenizer_files(tmp_path: Path) -> None:
     assert "no tokenizer files" in error.problem and "save_pretrained" in (error.fix or "")
 
 
+def test_a_checkpoint_from_pretrained_cannot_load(tmp_path: Path) -> None:
+    # an architecture transformers lacks, custom code (auto_map), a weight file missing or
+    # truncated: each was a 40-120 line traceback from transformers in the actor
+    from transformers import LlamaConfig
+
+    llama = LlamaConfig(**TINY_LLAMA)
+    cases = {}
+    path = Path(save_checkpoint(tmp_path / "unknown", llama, tokenizer=byte_tokenizer()))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "frobnicator"}))
+    cases[path] = "model type `frobnicator` but Transformers does not recognize"
+    for name, auto_map in (
+        ("remote", {"AutoConfig": "modeling.MineConfig", "AutoModelForCausalLM": "modeling.Mine"}),
+        ("remote_model", {"AutoModelForCausalLM": "modeling.Mine"}),
+    ):
+        path = Path(save_checkpoint(tmp_path / name, llama, tokenizer=byte_tokenizer()))
+        remote = {"model_type": "mine", "auto_map": auto_map}
+        (path / "config.json").write_text(json.dumps({**config, **remote}))
+        cases[path] = "code of its own (auto_map), which is never run here (no trust_remote_code)"
+    path = Path(save_checkpoint(tmp_path / "truncated", llama, tokenizer=byte_tokenizer()))
+    (path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:100])
+    cases[path] = "does not load: Error while deserializing header"
+    path = Path(save_checkpoint(tmp_path / "no_weights", llama, tokenizer=byte_tokenizer()))
+    (path / "model.safetensors").unlink()
+    cases[path] = "no file named model.safetensors"
+    for path, problem in cases.items():
+        reset_args()
+        error = setup_error(tmp_path, f"seed: 0\nmodel_path: {path}\n")
+        assert_located(error, tmp_path, "model_path", 2, "reference")
+        assert error.problem.startswith(f"the model in {str(path)!r} does not load: ")
+        assert problem in error.problem, error.problem
+
+
 def test_a_mistyped_model_arg_is_said_where_it_was_written(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
