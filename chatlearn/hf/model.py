@@ -271,6 +271,14 @@ def validate_model_args(model_args: Mapping[str, Any]) -> None:
                 "give the local directory of a Hugging Face checkpoint, or remove model_path",
             )
         if not (Path(model_path) / "config.json").is_file():
+            if (Path(model_path) / "adapter_config.json").is_file():
+                raise error(
+                    f"{prefix}.model_path",
+                    f"{str(model_path)!r} holds a peft adapter (adapter_config.json), not a model",
+                    "give the merged model's directory (the hf_model beside a chatlearn "
+                    "checkpoint's adapter/) or the base model's with lora set, or merge it first "
+                    "(PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained)",
+                )
             raise error(
                 f"{prefix}.model_path",
                 f"{str(model_path)!r} holds no Hugging Face checkpoint (no config.json)",

@@ -147,6 +147,14 @@ def test_a_model_path_without_a_checkpoint(tmp_path: Path) -> None:
     error = setup_error(tmp_path, f"model_path: {tmp_path / 'empty'}\n")
     assert_located(error, tmp_path, "model_path", 1, "reference")
     assert "no Hugging Face checkpoint (no config.json)" in error.problem
+    # a LoRA adapter (the adapter/ of a chatlearn checkpoint) is what save_pretrained wrote too
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    reset_args()
+    error = setup_error(tmp_path, f"model_path: {tmp_path / 'adapter'}\n")
+    assert_located(error, tmp_path, "model_path", 1, "reference")
+    assert "holds a peft adapter (adapter_config.json), not a model" in error.problem
+    assert "merge_and_unload" in (error.fix or "")
 
 
 def test_a_model_path_without_tokenizer_files(tmp_path: Path) -> None:
