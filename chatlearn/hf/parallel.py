@@ -252,12 +252,19 @@ def reshard_root_after_last_layer(network: nn.Module, layers: list[nn.Module]) -
         return
 
     inside = {id(p) for layer in layers for p in layer.parameters()}
-    early = [
-        module
-        for module in network.modules()
-        if not isinstance(module, nn.Embedding)
-        and any(id(p) not in inside for p in module.parameters(recurse=False))
-    ]
+    modules = dict(network.named_modules())
+    early: dict[int, nn.Module] = {}
+    for name, module in modules.items():
+        if isinstance(module, nn.Embedding) or all(
+            id(p) in inside for p in module.parameters(recurse=False)
+        ):
+            continue
+        while isinstance(module, nn.ParameterDict | nn.ParameterList) and name:
+            # never called: its parameters are read by the module holding it (peft's LoRA
+            # embedding reads lora_embedding_A/B, whose backward needs B, before the layers)
+            name = name.rpartition(".")[0]
+            module = modules[name]
+        early[id(module)] = module
     last = layers[-1]
     state = {"last_layer_ran": False, "unsafe": False}
 
@@ -285,7 +292,7 @@ def reshard_root_after_last_layer(network: nn.Module, layers: list[nn.Module]) -
             hidden.register_hook(reshard)
 
     network.register_forward_pre_hook(start)
-    for module in early:
+    for module in early.values():
         module.register_forward_pre_hook(root_module_runs)
     # before FSDP2's own post-forward hook, so that this gradient hook runs before the one FSDP2
     # puts on the same output to gather the last layer (and prefetch the next) for its backward

@@ -188,3 +188,37 @@ def test_ddp_holds_no_gradients_beyond_the_report() -> None:
     assert report["grad_bytes"] == sum(b.nbytes for b in buckets)
     # nor gradients beside the buckets while a step accumulates its micro-batches
     assert accumulated_in == storages.keys()
+
+
+def test_fsdp2_keeps_the_root_for_a_lora_adapted_embedding() -> None:
+    # LoRA on embed_tokens under parallel: fsdp failed the first backward ("setStorage: ...
+    # out of bounds for storage of size 0"): the root was resharded when the backward passed the
+    # last layer, yet the adapter's backward needs its lora_embedding_B after that; peft reads
+    # the adapter's parameters without calling their ParameterDict, so no hook saw them run
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from chatlearn.hf.parallel import _fully_shard
+
+    lora = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["embed_tokens", "q_proj"]}
+    model = apply_lora(build_causal_lm({**TIED, "vocab_size": 256}, seed=0), lora)
+    batch = [t.remainder(256) for t in _batch()]
+    reference = SequenceLogps.from_causal_lm(copy.deepcopy(model), chunk_size=4)
+    reference(*batch)[0].sum().backward()
+    expected = {n: p.grad for n, p in reference.body.named_parameters() if p.grad is not None}
+    network = SequenceLogps.from_causal_lm(model, chunk_size=4)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        _fully_shard(network, init_device_mesh("cpu", (1,)), MixedPrecisionPolicy(), trainable=True)
+        network(*batch)[0].sum().backward()
+        grads = {
+            name: param.grad.full_tensor()
+            for name, param in network.body.named_parameters()
+            if param.grad is not None
+        }
+    finally:
+        dist.destroy_process_group()
+    assert grads.keys() == expected.keys() and any("lora_embedding_B" in k for k in grads)
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, msg=name)
