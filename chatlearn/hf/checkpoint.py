@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,8 @@ def save_sharded(directory: Path, network: nn.Module, optimizer: Any) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(network, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+    with _plain_failures():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
 
 
 def load_sharded(directory: Path, network: nn.Module, optimizer: Any) -> None:
@@ -41,10 +44,34 @@ def load_sharded(directory: Path, network: nn.Module, optimizer: Any) -> None:
         raise FileNotFoundError(f"no sharded checkpoint in {directory} (no .metadata)")
     model_state, optimizer_state = get_state_dict(network, optimizer)
     # dcp.load fills the tensors of these dicts in place
-    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+    with _plain_failures():
+        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
     set_state_dict(
         network, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state
     )
+
+
+@contextlib.contextmanager
+def _plain_failures() -> Iterator[None]:
+    """A failed ``dcp.save``/``dcp.load`` as the exception of the rank that failed (this one's,
+    else the lowest's: a key missing from the checkpoint, a full disk), not torch's
+    ``CheckpointException``: that one is a BaseException, which the actor took for a fatal error
+    of its own, so a sharded checkpoint of another layout (LoRA's target_modules or r changed)
+    restarted the trainer max_restarts times and ended in an 800-line log, not the one line
+    naming the change; and a full disk was not said as such."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as failed:
+        failures = failed.failures
+        if not failures:
+            raise
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        cause, _ = failures.get(rank) or failures[min(failures)]
+        if not isinstance(cause, Exception):
+            raise
+        raise cause.with_traceback(None) from failed
 
 
 def full_state_dict(model: nn.Module, *, sharded: bool) -> dict[str, torch.Tensor]:
