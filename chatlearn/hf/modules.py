@@ -538,6 +538,7 @@ class HFDPOTrainer(_HFModule):
                 self.model = apply_lora(self.model, lora, seed=int(self.arg("seed", 0)))
             except ValueError as failed:  # peft: target_modules matched no module of the model
                 raise _lora_error(self.model_args, self.model, lora, failed) from None
+        self._check_trainable_dtype()
         tied_gradient_in_place(self.model)
         self.model.train()
         self.network = self.build_network(trainable=True)
@@ -549,6 +550,24 @@ class HFDPOTrainer(_HFModule):
         if self.data_parallel_rank == 0:
             report = format_memory_report(self.memory_report(), self.layout.describe())
             self._logger.info("%s: %s; forward: %s", self.name, report, self.packing.describe())
+
+    def _check_trainable_dtype(self) -> None:
+        """No float16 parameter to train: AdamW's eps (1e-8) is 0 in float16, and its update of
+        a zero second moment is 0/0. A float16 checkpoint (how many models are published)
+        loaded with dtype unset (the checkpoint's) trained to a NaN loss from the second step,
+        without a word. bfloat16 has float32's range; LoRA's adapters train in float32."""
+        if not any(p.requires_grad and p.dtype == torch.float16 for p in self.model.parameters()):
+            return
+        where, error = locate_model_args(self.model_args)
+        dtype = self.model_args.get("dtype")
+        given = f"dtype: {dtype}" if dtype else "dtype unset: the checkpoint's"
+        raise error(
+            f"{where}.dtype",
+            f"the trainer's parameters are float16 ({given}), which AdamW cannot train: its "
+            "eps (1e-8) is 0 in float16, and the loss is NaN from the second step",
+            "set dtype: float32 (with mixed_precision: bf16, or fp16 on CUDA, for low-precision "
+            "compute) or bfloat16, or train LoRA adapters (they train in float32)",
+        )
 
     def _optimizer_settings(self) -> dict[str, Any]:
         return {

@@ -200,6 +200,28 @@ def test_a_checkpoint_from_pretrained_cannot_load(tmp_path: Path) -> None:
         assert problem in error.problem, error.problem
 
 
+def test_a_float16_trainer(tmp_path: Path) -> None:
+    # a float16 checkpoint (as many are published) with dtype unset trained in float16, where
+    # AdamW's eps is 0: the loss was NaN from the second step, without a word
+    from transformers import LlamaConfig
+
+    path = save_checkpoint(
+        tmp_path / "llama", LlamaConfig(**TINY_LLAMA, dtype="float16"), tokenizer=byte_tokenizer()
+    )
+    error = setup_error(tmp_path, f"seed: 0\nmodel_path: {path}\n", trainer=True)
+    assert error.key == "models.policy.model_args.dtype", str(error)
+    assert "float16 (dtype unset: the checkpoint's), which AdamW cannot train" in error.problem
+    assert "dtype: float32" in (error.fix or "")
+    reset_args()
+    error = setup_error(tmp_path, TINY + "dtype: float16\n", trainer=True)
+    assert_located(error, tmp_path, "dtype", 2, "policy")
+    # the reference runs forward only; LoRA's adapters train in float32
+    reset_args()
+    module_from_files(tmp_path, TINY + "dtype: float16\n").setup()
+    reset_args()
+    module_from_files(tmp_path, TINY + "dtype: float16\nlora: {r: 2}\n", trainer=True).setup()
+
+
 def test_a_mistyped_model_arg_is_said_where_it_was_written(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
