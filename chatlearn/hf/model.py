@@ -100,7 +100,7 @@ def load_causal_lm(model_path: str | Path, *, dtype: str | torch.dtype | None = 
     """`AutoModelForCausalLM.from_pretrained` on a local directory, offline."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(model_path)
+    path = Path(model_path).expanduser()  # ~ as in the config's other paths
     if not path.is_dir():
         raise ValueError(f"model_path {str(model_path)!r} is not a directory (no downloads here)")
     kwargs: dict[str, Any] = {"local_files_only": True}
@@ -264,14 +264,15 @@ def validate_model_args(model_args: Mapping[str, Any]) -> None:
         )
     model_path = model_args.get("model_path")
     if model_path:
-        if not Path(model_path).is_dir():
+        directory = Path(model_path).expanduser()
+        if not directory.is_dir():
             raise error(
                 f"{prefix}.model_path",
                 f"{str(model_path)!r} is not a directory (checkpoints are never downloaded)",
                 "give the local directory of a Hugging Face checkpoint, or remove model_path",
             )
-        if not (Path(model_path) / "config.json").is_file():
-            if (Path(model_path) / "adapter_config.json").is_file():
+        if not (directory / "config.json").is_file():
+            if (directory / "adapter_config.json").is_file():
                 raise error(
                     f"{prefix}.model_path",
                     f"{str(model_path)!r} holds a peft adapter (adapter_config.json), not a model",

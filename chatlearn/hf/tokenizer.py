@@ -101,7 +101,7 @@ def load_tokenizer(model_path: str | Path | None = None, **kwargs: Any) -> Any:
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
-    path = Path(model_path)
+    path = Path(model_path).expanduser()  # ~ as in the config's other paths
     if not path.is_dir():
         raise _model_path_error(
             f"{str(model_path)!r} is not a directory (no downloads here)",

@@ -64,6 +64,21 @@ def test_save_and_load_local_checkpoint(tmp_path: Path) -> None:
     assert next(half.parameters()).dtype == torch.float16
 
 
+def test_a_model_path_under_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `model_path: ~/models/x` was refused as "not a directory", though the config's other
+    # paths (data_path, includes) expand ~
+    from chatlearn.hf import load_tokenizer
+
+    build_causal_lm(TINY, seed=3).save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = {"model_path": "~/model"}
+    loaded = causal_lm_from_args(args, load_tokenizer(args["model_path"]))
+    assert loaded.config.hidden_size == TINY["hidden_size"]
+
+
 def test_dtype_names() -> None:
     assert resolve_dtype("bf16") is torch.bfloat16
     assert resolve_dtype("torch.float32") is torch.float32
