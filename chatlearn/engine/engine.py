@@ -872,7 +872,9 @@ class DPOEngine(Engine):
         same_run = resume is not None or coordinator_restarts > 0
         self._restarts_before = _restarts_recorded(sink.path) if same_run else 0
         if coordinator_restarts:
-            self._restarts_before += 1  # this coordinator's own start
+            # this coordinator's own start, after at least coordinator_restarts - 1 others: a
+            # coordinator killed before it wrote its record (while the models started) counts
+            self._restarts_before = max(self._restarts_before, coordinator_restarts - 1) + 1
             sink.write(
                 "restart",
                 self.state.iteration,

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR
+from chatlearn.engine.metrics import read_metrics
 from chatlearn.engine.run_checkpoints import architecture_changes, model_args_changes
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -389,8 +390,13 @@ def test_a_restart_of_a_run_started_from_an_iteration_continues_it(
     trial = Trial(tmp_path)
     shutil.copytree(baseline.output, trial.output)
     trial.run(env={"LOAD_ITER": "4", "NUM_EPISODE": "2"})
-    restarted = {"LOAD_ITER": "4", "NUM_EPISODE": "3", COORDINATOR_RESTARTS_ENV_VAR: "1"}
+    # the third restart: the two before it were killed before they wrote a record
+    restarted = {"LOAD_ITER": "4", "NUM_EPISODE": "3", COORDINATOR_RESTARTS_ENV_VAR: "3"}
     text = trial.run(env=restarted)
+    records = read_metrics(trial.run_dir / "metrics.jsonl")
+    (record,) = [r for r in records if r["kind"] == "restart"]
+    assert (record["model"], record["attempt"], record["restarts"]) == ("coordinator", 3, 3)
+    assert "3 before it (coordinator restarts included)" in text, text
     assert "load_data_checkpoint_iteration is 4, and the run started from it" in text, text
     assert trial.events("first_step")[-1]["iteration"] == 8
     (aside,) = trial.checkpoints.glob("superseded-*")  # the replaced run's 8 and 12 only
