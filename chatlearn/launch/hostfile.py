@@ -71,6 +71,11 @@ def parse_hostfile(text: str, source: str = "<hostfile>") -> list[HostSlots]:
         name, slots_text = parts
         if not _HOST_RE.match(name):
             raise HostfileError(f"{where}: {name!r} is not a valid host name or address")
+        if name.startswith("-"):  # ssh (or the --ssh-command) would take it for an option
+            raise HostfileError(
+                f"{where}: {name!r} is not a valid host name or address (a host name does not "
+                "begin with '-'; ssh would read it as an option)"
+            )
         if ":" in name:  # --include/--exclude write host:slots, and the sockets bind IPv4
             raise HostfileError(
                 f"{where}: {name!r} is an IPv6 address, which chatlearn launch does not support "

@@ -44,6 +44,8 @@ def test_parse_comments_blank_lines_and_order():
         # this machine under two names: its cores would be given out twice
         ("localhost slots=1\n127.0.0.1 slots=1\n", 2, "are both this machine"),
         ("a slots=1\nb;rm slots=1\n", 2, "not a valid host name"),
+        # given to ssh before the command, it was an option (the run failed after its restarts)
+        ("a slots=1\n-v slots=1\n", 2, "'-v' is not a valid host name or address (a host"),
         # --include/--exclude could not name it, and ZeroMQ binds IPv4 only here
         ("a slots=1\n::1 slots=1\n", 2, "'::1' is an IPv6 address, which chatlearn launch"),
     ],
