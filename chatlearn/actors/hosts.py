@@ -63,8 +63,9 @@ class Hosts(Protocol):
 
 
 def is_local_host(name: str) -> bool:
-    """Whether `name` is this machine."""
-    return name in _LOCAL_NAMES or name == socket.gethostname()
+    """Whether `name` is this machine (host names are case-insensitive)."""
+    name = name.lower()
+    return name in _LOCAL_NAMES or name == socket.gethostname().lower()
 
 
 _default: Hosts | None = None

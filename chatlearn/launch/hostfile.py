@@ -91,9 +91,10 @@ def parse_hostfile(text: str, source: str = "<hostfile>") -> list[HostSlots]:
             raise HostfileError(
                 f"{where}: slots must be an integer from 1 to {MAX_SLOTS}, got {value!r}"
             )
-        if name in seen:
+        key = name.lower()  # host names are case-insensitive: 'Node1' is 'node1'
+        if key in seen:
             raise HostfileError(
-                f"{where}: host {name!r} is listed twice (first on line {seen[name]}); "
+                f"{where}: host {name!r} is listed twice (first on line {seen[key]}); "
                 "list each host once with its total slots"
             )
         if is_local_host(name):
@@ -104,7 +105,7 @@ def parse_hostfile(text: str, source: str = "<hostfile>") -> list[HostSlots]:
                     "total slots"
                 )
             local = (name, lineno)
-        seen[name] = lineno
+        seen[key] = lineno
         hosts.append(HostSlots(name, tuple(range(int(value)))))
     if not hosts:
         raise HostfileError(f"{source}: no hosts (expected lines of 'hostname slots=N')")

@@ -43,6 +43,9 @@ def test_parse_comments_blank_lines_and_order():
         ("b slots=\u00b2\n", 1, "slots must be an integer from 1 to 65536, got '\u00b2'"),
         # this machine under two names: its cores would be given out twice
         ("localhost slots=1\n127.0.0.1 slots=1\n", 2, "are both this machine"),
+        # host names are case-insensitive: one host's slots were given out twice
+        ("node1 slots=1\nNode1 slots=2\n", 2, "host 'Node1' is listed twice (first on line 1)"),
+        ("LOCALHOST slots=1\n127.0.0.1 slots=1\n", 2, "are both this machine"),
         ("a slots=1\nb;rm slots=1\n", 2, "not a valid host name"),
         # given to ssh before the command, it was an option (the run failed after its restarts)
         ("a slots=1\n-v slots=1\n", 2, "'-v' is not a valid host name or address (a host"),
