@@ -862,6 +862,8 @@ class ActorSystem:
                     if self.on_restart_event is not None:
                         self.on_restart_event(restart)
                     return
+                if self._closing or self.failure is not None:
+                    return  # the run stopped while they started: no failure of theirs
                 error = errors[0]
                 cause = getattr(error, "cause", error)
                 if isinstance(cause, ActorError) and not healing.policy.on_error:

@@ -155,6 +155,28 @@ async def test_a_process_lost_while_restarting_is_restarted_again():
         assert restart.tries == 2 and system.num_restarts == 2
 
 
+async def test_a_restart_cut_short_by_the_runs_stop_is_not_counted_again(caplog):
+    # a stop (Ctrl-C) while the new process started made its start fail: that was logged as
+    # "the restarted process failed while starting (...); restart 2" and counted as one more
+    cfg = lib.make_config({"a": {"num_cpu": 1}})
+    async with ActorSystem(cfg) as system:
+        (group,) = await system.launch(lib.Recorder("a", cfg))
+        system.heal("a", policy=RestartPolicy(max_restarts=5))
+        os.kill(await _pid(group), signal.SIGKILL)
+        await _until_lost(group)
+        deadline = time.monotonic() + 10
+        while group[0].pid is None or group[0].incarnation < 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        system.fail(RuntimeError("training stopped: interrupted by SIGINT"))
+        with pytest.raises(RuntimeError, match="interrupted by SIGINT"):
+            await system.wait_ready("a")
+        await asyncio.gather(*system._restart_tasks)
+        (restart,) = system.restarts
+        assert restart.tries == 1 and system.num_restarts == 1
+        assert "failed while starting" not in caplog.text
+
+
 async def test_a_model_that_does_not_heal_fails_the_run_as_before():
     cfg = lib.make_config({"a": {"num_cpu": 1}})
     async with ActorSystem(cfg) as system:
