@@ -799,7 +799,10 @@ class ActorSystem:
         module, services, config_dict, env_vars = self._spawn_args[key[0]]
         host_failures = 0  # the unit's new processes that could not start on its host, in a row
         try:
-            for _ in range(max(1, healing.policy.max_restarts) + 1):
+            # Bounded by the policy: every failed start spends one restart of its budget (a
+            # count of tries ended restarts the policy allowed, when starting took longer than
+            # its window)
+            while True:
                 await asyncio.to_thread(
                     terminate_processes,
                     [m.popen for m in members if m.popen is not None],
@@ -887,7 +890,6 @@ class ActorSystem:
                 if host_failures >= 2 or (host_failures and self._ssh_failed(cause)):
                     self._move(members, str(getattr(cause, "host", "")))
                     host_failures = 0
-            self.fail(RuntimeError(f"model {key[0]!r} could not be restarted: too many tries"))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a bug here must not leave the run waiting forever

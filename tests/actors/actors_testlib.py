@@ -206,6 +206,15 @@ class SlowSetup(Recorder):
         time.sleep(60)
 
 
+class SlowOnceMarked(Recorder):
+    """`setup()` takes 60 s while the file `model_args["slow_marker"]` exists."""
+
+    def setup(self) -> None:
+        super().setup()
+        if os.path.exists(self.model_args["slow_marker"]):
+            time.sleep(60)
+
+
 def read_events(path: Any) -> list[str]:
     """The `Recorder` event lines of a file, without pids: "name rank event"."""
     try:

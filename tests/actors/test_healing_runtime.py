@@ -155,6 +155,36 @@ async def test_a_process_lost_while_restarting_is_restarted_again():
         assert restart.tries == 2 and system.num_restarts == 2
 
 
+async def test_new_processes_lost_while_starting_are_restarted_as_long_as_the_policy_allows(
+    tmp_path,
+):
+    # Each new process was lost while it started, every loss outside the window of the one
+    # before (as when starting takes longer than the window): the policy allowed every restart,
+    # but the run stopped after max_restarts + 1 of them with "could not be restarted: too many
+    # tries"
+    marker = tmp_path / "slow"
+    cfg = lib.make_config({"a": {"num_cpu": 1, "model_args": {"slow_marker": str(marker)}}})
+    async with ActorSystem(cfg) as system:
+        (group,) = await system.launch(lib.SlowOnceMarked("a", cfg))
+        system.heal("a", policy=RestartPolicy(max_restarts=1, window=0.3))
+        marker.touch()  # the new processes hang in setup() until killed
+        os.kill(await _pid(group), signal.SIGKILL)
+        await _until_lost(group)
+        for incarnation in range(1, 5):
+            deadline = time.monotonic() + 10
+            while group[0].pid is None or group[0].incarnation < incarnation:
+                assert time.monotonic() < deadline and system.failure is None, system.failure
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.4)  # the window of the restart before has passed
+            if incarnation == 4:
+                marker.unlink()  # this one's replacement starts
+            os.kill(group[0].pid, signal.SIGKILL)  # in setup(): lost while starting
+        await system.wait_ready("a")
+        assert await group.call(0, "add", 3) == 3
+        (restart,) = system.restarts
+        assert restart.tries == 5 and system.num_restarts == 5
+
+
 async def test_a_restart_cut_short_by_the_runs_stop_is_not_counted_again(caplog):
     # a stop (Ctrl-C) while the new process started made its start fail: that was logged as
     # "the restarted process failed while starting (...); restart 2" and counted as one more
