@@ -22,8 +22,9 @@ the terminal's foreground process group too, so it is not forwarded: the child w
 twice. A signal another process sends to the whole group (``kill -TERM -PGID``) cannot be told
 from one sent to the supervisor alone, so the child gets it twice, directly and forwarded: the
 coordinator takes its first signal repeated within a second as one request
-(`chatlearn.engine.interrupts`). The child is killed if the supervisor dies (PR_SET_PDEATHSIG),
-so a killed launch leaves no coordinator behind, and then no actor.
+(`chatlearn.engine.interrupts`; before the engine's handlers, `_interrupt_once_per_repeat`).
+The child is killed if the supervisor dies (PR_SET_PDEATHSIG), so a killed launch leaves no
+coordinator behind, and then no actor.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 # The pause before a restart, so that the dead coordinator's actors have exited.
 RESTART_PAUSE = 1.0
+
+# A SIGINT again within this many seconds is the same request (`_interrupt_once_per_repeat`), as
+# for the engine's handlers (chatlearn.engine.interrupts.REPEAT_WINDOW).
+REPEAT_WINDOW = 1.0
 
 # si_code of a signal the kernel sends itself, e.g. the terminal's SIGINT on Ctrl-C (Linux).
 _SI_KERNEL = 0x80
@@ -150,6 +155,7 @@ def _child(run: Callable[[], None], *, restarts: int, supervisor: int, mask: set
     try:
         set_parent_death_signal(signal.SIGKILL)
         if os.getppid() == supervisor:  # else the supervisor died before the line above
+            _interrupt_once_per_repeat()
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.environ[RESTARTS_ENV_VAR] = str(restarts)
             code = _run_as_main(run)
@@ -161,6 +167,26 @@ def _child(run: Callable[[], None], *, restarts: int, supervisor: int, mask: set
             with contextlib.suppress(BaseException):
                 stream.flush()
         os._exit(code)
+
+
+def _interrupt_once_per_repeat() -> None:
+    """Python's SIGINT handler (a `KeyboardInterrupt`), but a repeat within `REPEAT_WINDOW`
+    seconds is the same request and ignored: a SIGINT sent to the launch's process group reaches
+    the coordinator twice, directly and forwarded, and before the engine's handlers (which take
+    it as one request too) the second interrupted the first one's clean-up, with tracebacks and
+    exit code 1 instead of 130. An ignored SIGINT, or a handler of the user's, is left alone."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+    last: list[float] = []
+
+    def handler(signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if last and now - last[0] < REPEAT_WINDOW:
+            return
+        last[:] = [now]
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
 
 
 def _run_as_main(run: Callable[[], None]) -> int:

@@ -16,10 +16,12 @@ Every attempt appends ``{"attempt", "pid", "ppid"}`` (attempt: ``CHATLEARN_COORD
 - ``signals``: counts SIGINT/SIGTERM; writes DIR/ready, waits for a first signal (10 s at most),
   then 1 s for more, writes the names it got to DIR/signals.json and exits 128 + the first one.
 - ``sleep``: writes DIR/ready and sleeps 30 s.
+- ``slow_cleanup``: the same, with an atexit function of 0.5 s (as the runtime's clean-up).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -74,6 +76,10 @@ def main() -> None:
         (directory / "signals.json").write_text(json.dumps(names))
         sys.exit(128 + received[0] if received else 3)
     elif mode == "sleep":
+        (directory / "ready").touch()
+        time.sleep(30)
+    elif mode == "slow_cleanup":
+        atexit.register(time.sleep, 0.5)
         (directory / "ready").touch()
         time.sleep(30)
     elif mode != "exit0":

@@ -68,6 +68,32 @@ def test_the_budget_counts_only_restarts_within_the_window():
     assert should_restart(killed(signal.SIGKILL), history, 3700.0, 3, 3600.0)
 
 
+def test_a_sigint_repeated_within_a_second_interrupts_the_coordinator_once():
+    """A SIGINT sent to the launch's process group reaches the coordinator directly and then
+    forwarded: before the engine's handlers, the copy interrupted the first one's clean-up
+    (tracebacks, exit code 1 instead of 130). The child's handler takes it as one."""
+    from chatlearn.launch.supervise import _interrupt_once_per_repeat
+
+    def sigint(pause: float) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(pause)  # the handler runs within it
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        _interrupt_once_per_repeat()
+        with pytest.raises(KeyboardInterrupt):
+            sigint(0.5)
+        sigint(0.05)  # the forwarded copy, during the clean-up: nothing
+        time.sleep(1.0)
+        with pytest.raises(KeyboardInterrupt):  # a second request, later, interrupts again
+            sigint(0.5)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _interrupt_once_per_repeat()  # an ignored SIGINT (nohup, a background job) stays so
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_exit_codes_are_the_shells():
     assert [exit_code(exited(c)) for c in (0, 1, 2, 143)] == [0, 1, 2, 143]
     assert exit_code(killed(signal.SIGKILL)) == 137
@@ -222,6 +248,21 @@ def test_sigterm_to_the_supervisor_is_forwarded_each_time_and_not_restarted(tmp_
         assert proc.returncode == 128 + signal.SIGTERM, stderr
         assert json.loads((tmp_path / "signals.json").read_text()) == ["SIGTERM"] * times
         assert RESTART_LINE not in stderr and len(attempts(tmp_path)) == 1
+    finally:
+        stop(proc)
+        assert_all_exit([r["pid"] for r in attempts(tmp_path)])
+
+
+def test_sigint_to_the_launchs_process_group_exits_130_without_a_traceback(tmp_path):
+    # the coordinator gets it twice (directly and forwarded): the copy interrupted the
+    # clean-up of the first (exit code 1 and tracebacks)
+    proc = start_launch(str(SCRIPT), "slow_cleanup", str(tmp_path), process_group=0)
+    try:
+        wait_for(tmp_path / "ready", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+        assert proc.returncode == 128 + signal.SIGINT, stderr
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     finally:
         stop(proc)
         assert_all_exit([r["pid"] for r in attempts(tmp_path)])
