@@ -49,7 +49,7 @@ from chatlearn.launch.cluster import (
 from chatlearn.launch.curve import generate_keys
 from chatlearn.launch.env import exported_environment
 from chatlearn.launch.hostfile import HostfileError, read_hostfile, select_hosts
-from chatlearn.launch.options import FiniteFloat
+from chatlearn.launch.options import FiniteFloat, ScriptPath
 from chatlearn.launch.supervise import supervise
 
 __all__ = ["command", "prepare_launch"]
@@ -154,7 +154,7 @@ def run_script(script: str, args: list[str]) -> None:
     is_flag=True,
     help=f"show the traceback of config errors (also {DEBUG_ENV_VAR}=1)",
 )
-@click.argument("script", type=click.Path(exists=True, dir_okay=False))
+@click.argument("script", type=ScriptPath())
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 def command(
     hostfile: str | None,
@@ -178,6 +178,20 @@ def command(
     if hostfile is None:
         if include is not None or exclude is not None:  # also given as '' (an unset variable)
             raise click.UsageError("--include/--exclude need a --hostfile")
+        # options of the other hosts' actors: without a host file they were ignored without a
+        # word (an --env-file that does not exist included)
+        ctx = click.get_current_context()
+        remote_only = ("master_addr", "launcher", "ssh_command", "env_file", "export", "slots_are")
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in remote_only
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)} need{'s' if len(given) == 1 else ''} a --hostfile (without "
+                "one, actors run on this machine and inherit its environment)"
+            )
         _run(script, list(script_args), max_restarts, restart_window)
         return
     try:

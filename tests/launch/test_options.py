@@ -3,6 +3,8 @@ out-of-range values with click's usage error (exit 2), before anything starts.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -70,4 +72,24 @@ def test_bad_numbers_are_usage_errors(args: list[str], message: str) -> None:
     assert result.exit_code == 2, result.output
     assert message in result.output
     # the error is click's one line naming the option, after its usage lines: no traceback
+    assert result.output.strip().splitlines()[-1].startswith("Error: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # the script's place took the mistyped option: "File '--max-restart' does not exist"
+        (["--max-restart", "2", "x.py"], "No such option '--max-restart'"),
+        (["--hostfil", "hosts", "x.py"], "Did you mean '--hostfile'?"),
+        # options of other hosts' actors were ignored without a host file, a missing env file too
+        (["--env-file", "missing.env", "x.py"], "--env-file needs a --hostfile"),
+        (["--launcher", "local", "--export", "X_", "x.py"], "--launcher, --export need a"),
+    ],
+)
+def test_launch_option_mistakes_are_usage_errors(args: list[str], message: str, tmp_path) -> None:
+    with CliRunner().isolated_filesystem(temp_dir=tmp_path):
+        Path("x.py").write_text("raise SystemExit('the script ran')\n")
+        result = CliRunner().invoke(main, ["launch", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
     assert result.output.strip().splitlines()[-1].startswith("Error: ")
