@@ -319,7 +319,7 @@ _COUNT = click.IntRange(min=1)
     "--soak-window",
     default=512,
     show_default=True,
-    type=int,
+    type=click.IntRange(min=0),
     help="with --soak: runtime.pipeline_window in micro-batches (0: ChatLearn's schedule); the "
     "engine's default, 2 global batches, lets the reference run only 2 samples ahead here",
 )
@@ -333,6 +333,17 @@ def command(as_json: bool, soak: bool, **options: Any) -> None:
         else:
             _print_soak(result)
         return
+    # said in the options' names: the config check named runtime keys the user never wrote
+    micro, global_batch = options["micro_batch_size"], options["global_batch_size"]
+    if global_batch % micro:
+        raise click.UsageError(
+            f"--global-batch-size {global_batch} must be a multiple of --micro-batch-size {micro}"
+        )
+    if options["sample_per_episode"] < global_batch:
+        raise click.UsageError(
+            f"--sample-per-episode {options['sample_per_episode']} must be at least "
+            f"--global-batch-size {global_batch}"
+        )
     per_sample_ref = options["forward_cost"] / options["generation_batch_size"]
     per_sample_train = options["train_cost"] / options["global_batch_size"]
     slowest = max(per_sample_ref, per_sample_train)

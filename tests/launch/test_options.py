@@ -31,6 +31,16 @@ DPO_TINY = "--hidden-size 32 --intermediate-size 64 --num-layers 1 --seq-len 32"
         (["bench", "pipeline", "--train-cost", "-1"], "not in the range"),
         (["bench", "pipeline", "--soak", "--soak-episode", "0"], "not in the range"),
         (["bench", "pipeline", "--micro-batch-size", "0"], "not in the range"),
+        # these named runtime keys the user never wrote (runtime.pipeline_window: must be ≥ 0)
+        (["bench", "pipeline", "--soak", "--soak-window", "-1"], "'--soak-window': -1 is not in"),
+        (
+            ["bench", "pipeline", "--global-batch-size", "3"],
+            "--global-batch-size 3 must be a multiple of --micro-batch-size 2",
+        ),
+        (
+            ["bench", "pipeline", "--sample-per-episode", "4"],
+            "--sample-per-episode 4 must be at least --global-batch-size 8",
+        ),
         (["bench", "dpo", "--cores", "0"], "--cores must be between 1 and"),
         # each of these started actors and then failed in them, or named a config key the user
         # never wrote (runtime.sample_per_episode: must be ≥ 1, got -6); a tiny model otherwise,
