@@ -771,6 +771,13 @@ def command(as_json: bool, **options: Any) -> None:
     """Samples/s of DPO: single process (a), chatlearn pipelined (b), train-only (c)."""
     check_cores(options)
     check_model_shape(options, num_heads=BENCH_MODEL["num_attention_heads"])
+    if options["device"] == "cuda":
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            # the models fell back to CPU cores with a warning, and the figures of CPU runs
+            # were reported as --device cuda
+            raise click.UsageError("--device cuda: this machine has no usable CUDA GPU")
     with tempfile.TemporaryDirectory(prefix="chatlearn-bench-") as output_dir:
         realistic = options["data"] == "realistic"
         result = {

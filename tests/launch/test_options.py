@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from chatlearn.cli import main
@@ -103,3 +104,13 @@ def test_launch_option_mistakes_are_usage_errors(args: list[str], message: str, 
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert result.output.strip().splitlines()[-1].startswith("Error: ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is of machines without CUDA")
+def test_bench_dpo_on_cuda_without_a_gpu_is_a_usage_error() -> None:
+    # it ran the whole benchmark on CPU cores and reported the figures as --device cuda
+    result = CliRunner().invoke(main, ["bench", "dpo", *DPO_TINY, "--device", "cuda"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: --device cuda: this machine has no usable CUDA GPU"
+    )
