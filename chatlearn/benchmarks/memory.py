@@ -586,6 +586,13 @@ def command(as_json: bool, **options: Any) -> None:
     """Peak memory and throughput of DPO training: DDP, FSDP2 over 2 processes, LoRA."""
     check_cores(options)
     check_model_shape(options)
+    if options["mixed_precision"] == "fp16" and options["device"] == "cpu":
+        # the trainer refused it in setup(), after the actors had started, naming a model_args
+        # key the user never wrote
+        raise click.UsageError(
+            "--mixed-precision fp16 needs a loss scaler, which needs --device cuda; on CPU use "
+            "bf16 or no"
+        )
     with tempfile.TemporaryDirectory(prefix="chatlearn-bench-memory-") as output_dir:
         measured = run(_measure_all(options, output_dir))
     result = {"num_parameters": num_parameters(options), **measured, "options": options}

@@ -64,6 +64,10 @@ DPO_TINY = "--hidden-size 32 --intermediate-size 64 --num-layers 1 --seq-len 32"
         ),
         (["bench", "memory", *MEMORY_TINY, "--lora-rank", "0"], "'--lora-rank': 0 is not in"),
         (
+            ["bench", "memory", *MEMORY_TINY, "--mixed-precision", "fp16"],
+            "--mixed-precision fp16 needs a loss scaler, which needs --device cuda",
+        ),
+        (
             ["bench", "dpo", *DPO_TINY, "--hidden-size", "0"],
             "'--hidden-size': 0 is not in the range",
         ),
