@@ -186,6 +186,17 @@ def command(run_dir: Path, checkpoints: Path | None, verify: bool, as_json: bool
     """Checkpoints (complete or broken) and the last metrics of the run in RUN_DIR."""
     summary = summarize(run_dir, checkpoints, verify)
     if not summary["checkpoints"] and not summary["metrics"]["records"]:
-        click.echo(f"{run_dir}: no checkpoints and no metrics.jsonl here", err=True)
+        # the usual slip: the OUTPUT_DIR given, not output_dir/exp_name where the run writes
+        try:
+            runs = sorted(
+                str(sub)
+                for sub in run_dir.iterdir()
+                if sub.is_dir()
+                and ((sub / "metrics.jsonl").is_file() or (sub / "checkpoints").is_dir())
+            )
+        except OSError:  # an unreadable directory: no hint
+            runs = []
+        hint = f"; runs below it (output_dir/exp_name): {', '.join(runs)}" if runs else ""
+        click.echo(f"{run_dir}: no checkpoints and no metrics.jsonl here{hint}", err=True)
         sys.exit(1)
     click.echo(json.dumps(summary, indent=1, default=str) if as_json else render(summary))

@@ -269,6 +269,11 @@ def test_inspect_lists_checkpoints_problems_and_last_metrics(tmp_path: Path) -> 
 
     empty = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
     assert empty.exit_code == 1
+    # the output_dir given for output_dir/exp_name: the line names the run below it
+    assert empty.output.strip().splitlines() == [
+        f"{tmp_path}: no checkpoints and no metrics.jsonl here; runs below it "
+        f"(output_dir/exp_name): {run_dir}"
+    ]
 
     # a run in progress holds the directory: its checkpoints and records are moving, and no
     # "new run" starts there now
