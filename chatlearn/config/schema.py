@@ -27,7 +27,7 @@ Runtime section (`runtime:`; `rlhf:` is read as a deprecated alias) — ChatLear
 | load_data_checkpoint_iteration | int ≥ 0 or null | null | checkpoint to resume (null: last) |
 | consumed_samples | int ≥ 0 | 0 | samples already consumed (resume position) |
 | training_shuffle_mode | "batch" / "sample" | batch | shuffle of passes after the first |
-| drop_last | cycle / drop / retain | cycle | dataset end: wrap, drop, or short episode (1) |
+| drop_last | cycle / drop | cycle | dataset end: wrap into the next pass, or drop (1) |
 | exp_name | str | CHATLEARN | run name |
 | output_dir | str | ./ | reads as output_dir/exp_name (ChatLearn's rule; `output_path` too) |
 | log_interval | int ≥ 1 | 1 | log metrics every N steps |
@@ -374,7 +374,9 @@ RUNTIME_KEYS: dict[str, KeySpec] = {
     "load_data_checkpoint_iteration": _int(None, 0, optional=True, example=100),
     "consumed_samples": _int(0, 0),
     "training_shuffle_mode": KeySpec("str", "batch", choices=("batch", "sample")),
-    "drop_last": KeySpec("str", "cycle", choices=("cycle", "drop", "retain")),
+    # ChatLearn's "retain" is not offered (sampler.py): accepted here, it passed every check and
+    # the run failed at its start with a traceback from the sampler
+    "drop_last": KeySpec("str", "cycle", choices=("cycle", "drop")),
     "exp_name": KeySpec("str", "CHATLEARN"),
     "output_dir": KeySpec("str", "./"),
     "log_interval": _int(1, 1),
