@@ -9,10 +9,12 @@ services get a `WorkerContext` on the coordinator's loop, and user exceptions co
 of the wire codec, so a value that could not cross a process boundary fails here too, and the
 actor never shares mutable objects with the caller.
 
-Differences from real actors: the module shares the coordinator's config object (changes are
-visible both ways), a replica must have a single rank (no torch.distributed group), and a call
-that times out leaves its compute thread running (the run is still stopped; its stop waits for
-the thread up to `shutdown_timeout`, as long as an actor process gets to exit).
+Differences from real actors: the replicas' `setup()` calls run one after another (they share
+one interpreter, whose imports are not all thread-safe), the module shares the coordinator's
+config object (changes are visible both ways), a replica must have a single rank (no
+torch.distributed group), and a call that times out leaves its compute thread running (the run
+is still stopped; its stop waits for the thread up to `shutdown_timeout`, as long as an actor
+process gets to exit).
 """
 
 from __future__ import annotations
@@ -229,8 +231,16 @@ async def launch_in_process(
         system._local.extend(replicas)
         actors.extend(replicas)
         groups.append(ModelGroup(module.name, [ActorHandle(a) for a in replicas]))
-    results = await asyncio.gather(*(a.start() for a in actors), return_exceptions=True)
-    errors = [r for r in results if isinstance(r, BaseException)]
+    # One setup() at a time: here they share one interpreter, whose imports are not all
+    # thread-safe (two HF modules setting up at once failed with "cannot import name
+    # 'PreTrainedTokenizerFast' from 'transformers'", a lazy module half imported by the other
+    # thread); each actor process imports alone. Every replica is still started, as before.
+    errors: list[Exception] = []
+    for actor in actors:
+        try:
+            await actor.start()
+        except Exception as exc:
+            errors.append(exc)
     if errors:
         raise system.failure or errors[0]
     return groups

@@ -161,6 +161,33 @@ async def test_in_process_setup_error_and_call_timeout():
             await group[0].options(timeout=0.2).call("sleep", 1.0)
 
 
+class _SlowSetup(lib.Recorder):
+    """Counts the setups running at once (they share this interpreter and its imports)."""
+
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def setup(self) -> None:
+        with self.lock:
+            type(self).running += 1
+            type(self).most = max(type(self).most, type(self).running)
+        time.sleep(0.2)
+        with self.lock:
+            type(self).running -= 1
+        super().setup()
+
+
+async def test_in_process_setups_run_one_at_a_time():
+    # two HF modules set up at once raced on transformers' lazy imports ("cannot import name
+    # 'PreTrainedTokenizerFast'"): in-process mode failed for the DPO example
+    cfg = lib.make_config({"a": {"num_cpu": 1}, "b": {"num_cpu": 2, "cpu_per_process": 1}})
+    async with ActorSystem(cfg, in_process=True) as system:
+        groups = await system.launch(_SlowSetup("a", cfg), _SlowSetup("b", cfg))
+        assert [len(g) for g in groups] == [1, 2]
+    assert _SlowSetup.most == 1
+
+
 async def test_in_process_rejects_multi_rank_replicas():
     cfg = lib.make_config(
         {"d": {"num_cpu": 2, "cpu_per_process": 1, "trainable": True}},
