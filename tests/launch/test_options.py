@@ -101,10 +101,12 @@ def test_bad_numbers_are_usage_errors(args: list[str], message: str) -> None:
         (["--launcher", "local", "--export", "X_", "x.py"], "--launcher, --export need a"),
     ],
 )
-def test_launch_option_mistakes_are_usage_errors(args: list[str], message: str, tmp_path) -> None:
-    with CliRunner().isolated_filesystem(temp_dir=tmp_path):
-        Path("x.py").write_text("raise SystemExit('the script ran')\n")
-        result = CliRunner().invoke(main, ["launch", *args])
+def test_launch_option_mistakes_are_usage_errors(
+    args: list[str], message: str, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("x.py").write_text("raise SystemExit('the script ran')\n")
+    result = CliRunner().invoke(main, ["launch", *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert result.output.strip().splitlines()[-1].startswith("Error: ")
