@@ -40,11 +40,12 @@ def data_paths(args: chatlearn.Config) -> tuple[Path, Path | None]:
     )
 
 
-def load_data(args: chatlearn.Config, key: str, path: Path) -> list[dict]:
-    """The records of ``runtime.<key>``; a file that is not preference data is a config error
-    naming the key (one line, exit 2), not a traceback."""
+def load_data(args: chatlearn.Config, key: str, path: Path, limit: int | None = None) -> list[dict]:
+    """The records of ``runtime.<key>`` (the first ``limit``: the file is read no further); a
+    file that is not preference data is a config error naming the key (one line, exit 2), not a
+    traceback."""
     try:
-        return load_preference_data(path)
+        return load_preference_data(path, None if limit is None else int(limit))
     except ValueError as exc:
         raise args.error(
             f"runtime.{key}",
@@ -126,10 +127,12 @@ if __name__ == "__main__":
     reference = PolicyReference("reference")
     policy = PolicyTrainer("policy_trainer")
     engine = DPOEngine(reference, policy)
-    train = load_data(args, "data_path", train_path)
     # ChatLearn's entry scripts read these (-1 or unset: every record)
-    engine.set_dataset(limited(train, runtime.get("training_data_num_limit", None)))
+    train_limit = runtime.get("training_data_num_limit", None)
+    train = load_data(args, "data_path", train_path, train_limit)
+    engine.set_dataset(limited(train, train_limit))
     if eval_path is not None:
-        held_out = load_data(args, "eval_data_path", eval_path)
-        engine.set_eval_dataset(limited(held_out, runtime.get("eval_data_num_limit", None)))
+        eval_limit = runtime.get("eval_data_num_limit", None)
+        held_out = load_data(args, "eval_data_path", eval_path, eval_limit)
+        engine.set_eval_dataset(limited(held_out, eval_limit))
     print(summarize(engine.learn()))
