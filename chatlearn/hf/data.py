@@ -80,6 +80,7 @@ def load_preference_data(
     if isinstance(source, str | Path):
         path = Path(source)
         records = PreferenceRecords([], path, array("q"))
+        number = 0
         try:
             with _open_lines(path) as handle:
                 for number, raw in enumerate(handle, start=1):
@@ -107,6 +108,16 @@ def load_preference_data(
             raise ValueError(f"{path}: cannot read it (a gzip file cut short)") from None
         except zlib.error as exc:  # a gzip file with corrupted bytes
             raise ValueError(f"{path}: cannot read it (a damaged gzip file: {exc})") from None
+        except MemoryError:  # was a bare MemoryError traceback from inside json
+            count = len(records)
+            records.clear()  # room for the error itself
+            raise ValueError(
+                f"{path}: ran out of memory at line {number}, after {count:,} records: the "
+                "records are held in memory whole (1.5-5 times the file's size in this process, "
+                "more for short records, and again in each reference replica while it tokenizes "
+                "them); give the run more memory, or fewer records (training_data_num_limit, or "
+                "a smaller file)"
+            ) from None
         if not records and limit != 0:
             raise ValueError(f"{path}: no records (the file is empty)")
         return records

@@ -578,6 +578,30 @@ def test_a_record_limit_reads_the_file_no_further(tmp_path: Path) -> None:
     assert len(load_preference_data(iter([json.loads(good)] * 5), limit=3)) == 3
 
 
+def test_a_file_too_large_for_memory_is_said_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a 2 GB file under a 3 GB memory limit was a bare MemoryError traceback from inside json
+    good = json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n"
+    data = tmp_path / "data.jsonl"
+    data.write_text(good * 5)
+    loads, calls = json.loads, []
+
+    def short_of_memory(text: str) -> object:
+        calls.append(text)
+        if len(calls) > 3:
+            raise MemoryError
+        return loads(text)
+
+    monkeypatch.setattr(json, "loads", short_of_memory)
+    with pytest.raises(ValueError) as info:
+        load_preference_data(data)
+    assert str(info.value).startswith(
+        f"{data}: ran out of memory at line 4, after 3 records: the records are held in memory"
+    )
+    assert "training_data_num_limit" in str(info.value)
+
+
 @pytest.mark.timeout(20)  # before the fix the second open waited for a writer forever
 def test_data_from_a_pipe_keeps_its_first_bytes(tmp_path: Path) -> None:
     # the gzip check read two bytes and opened the path again: a pipe lost them
