@@ -587,6 +587,7 @@ class DPOPipeline:
             produced = plan.steps[skip - 1].max_required_position + 1
             await self._window.release_through(self._global(episode, produced))
         steps = plan.steps[skip:]
+        done_after = last_uses(plan)
         self._in_flight.clear()
         pending: deque[tuple[tuple[TrainStep, ...], asyncio.Future[list[list[StepDone]]]]] = deque()
         try:
@@ -620,7 +621,8 @@ class DPOPipeline:
                     ]
                     for dp_rank, _ in self.trainer_dp
                 ]
-                sent = self.trainer.train(episode, per_rank, release_before)
+                release = [p for step in group for p in done_after.get(step.step_in_episode, ())]
+                sent = self.trainer.train(episode, per_rank, release_before, release)
                 self._in_flight.append(group)
                 self.num_train_calls += 1
                 pending.append((group, asyncio.ensure_future(sent)))
@@ -870,6 +872,19 @@ def step_group(
 
 
 _MAX_REPLAYS = 1000  # bounds _send_forward; restarts are bounded far below by the policy
+
+
+def last_uses(plan: EpisodePlan) -> dict[int, list[int]]:
+    """Per step of ``plan`` (its ``step_in_episode``), the buffer positions no later step uses:
+    the trainer ranks drop them once it ran."""
+    last: dict[int, int] = {}
+    for step in plan.steps:
+        for position in step.required_positions:
+            last[position] = step.step_in_episode
+    done_after: dict[int, list[int]] = {}
+    for position, step_in_episode in last.items():
+        done_after.setdefault(step_in_episode, []).append(position)
+    return done_after
 
 
 def eval_batches(size: int, dp_size: int, micro: int) -> tuple[list[list[list[int]]], list[int]]:

@@ -322,13 +322,15 @@ class Step(Message):
 @dataclass(slots=True, kw_only=True)
 class Train(Message):
     """Trainer: consecutive steps of ``episode``; ``release_before``: drop the buffers of the
-    episodes before it (fully trained)."""
+    episodes before it (fully trained); ``release``: positions of ``episode`` that no later
+    step uses, dropped once these steps ran."""
 
     kind = "train"
     result = Trained
     episode: int
     steps: list[Step]
     release_before: int | None = None
+    release: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -711,15 +713,20 @@ class TrainerGroup(_Workers):
         await self._ranks(self.group, Fill(episode=episode, positions=positions, indices=indices))
 
     def train(
-        self, episode: int, per_rank: Sequence[list[Step]], release_before: int | None
+        self,
+        episode: int,
+        per_rank: Sequence[list[Step]],
+        release_before: int | None,
+        release: Sequence[int] = (),
     ) -> asyncio.Future[list[list[StepDone]]]:
         """Send the steps to every rank now (``per_rank[i]``: rank i's steps); the future gets,
         per rank, one result per step."""
+        orders = [
+            Train(episode=episode, steps=s, release_before=release_before, release=list(release))
+            for s in per_rank
+        ]
         sent = asyncio.gather(
-            *(
-                _ask(h, self.entry, Train(episode=episode, steps=s, release_before=release_before))
-                for h, s in zip(self.group, per_rank, strict=True)
-            )
+            *(_ask(h, self.entry, order) for h, order in zip(self.group, orders, strict=True))
         )
         sent.add_done_callback(_retrieve)  # seen even if the caller abandons the future
         return asyncio.ensure_future(_steps_of(sent))

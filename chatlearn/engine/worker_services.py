@@ -509,6 +509,11 @@ class TrainerService(_EpisodeHooks):
         finally:
             queued.set_result(None)
         results, free_since = await compute
+        # outputs no later step of the episode uses: kept, an episode's buffer held every
+        # sample of it until the next episode (sample_per_episode x the output's size)
+        buffer = self.buffers.get(episode, {})
+        for position in order.release:
+            buffer.pop(position, None)
         # Data wait that left the compute thread idle: the call arrives while the previous step
         # still runs (the coordinator keeps one queued), and waiting then costs nothing.
         waited = max(0.0, ready - max(arrived, free_since))

@@ -99,3 +99,40 @@ def test_a_failed_save_says_where_it_wrote_and_the_room_there(tmp_path) -> None:
     assert context["checkpoint"] == str(tmp_path / "policy" / "rank_0")
     assert context["disk_free"].endswith(" MiB") and " MiB free of " in context["disk_free"]
     assert context["file_size_limit"] == "64.0 MiB (ulimit -f)"
+
+
+async def test_outputs_no_later_step_uses_leave_the_buffer() -> None:
+    # an episode's buffer held every sample's reference output until the next episode: with
+    # sample_per_episode 100k (the whole data set, as ChatLearn configs often do) ~2.4 GB per
+    # trainer rank at max_length 512, whatever pipeline_window was; the pipeline now names the
+    # positions each step uses last (last_uses) and the rank drops them after that step
+    from chatlearn.engine.pipeline import last_uses
+    from chatlearn.engine.training_plan import plan_episode
+
+    plan = plan_episode(9, train_micro_batch_size=2, train_global_batch_size=4)
+    done = last_uses(plan)
+    # the wrap fill reuses position 0 in the last step: it goes only then
+    assert {s: sorted(p) for s, p in done.items()} == {0: [1, 2, 3], 1: [4, 5, 6, 7], 2: [0, 8]}
+    twice = plan_episode(
+        10, train_micro_batch_size=2, train_global_batch_size=4, num_training_epoch=2
+    )
+    assert all(step.epoch == 1 for step in twice.steps if step.step_in_episode in last_uses(twice))
+
+    compute = ComputeThread("compute")
+    ctx = WorkerContext(
+        ActorSpec(identity=ActorIdentity(model="policy"), class_ref=None),
+        routing_id=b"policy",
+        loop=asyncio.get_running_loop(),
+        compute=compute,
+        zmq_context=None,
+        in_process=True,
+    )
+    module = _Recorder()
+    service = TrainerService(module, ctx)
+    try:
+        await _arrive(service, 0, list(range(6)))
+        order = Train(episode=0, steps=[Step(micro_batches=[[0, 1]], iteration=1)], release=[0])
+        await asyncio.wait_for(service.handle(encode(order)), 10)
+    finally:
+        compute.stop(RuntimeError("the test is over"))
+    assert sorted(service.buffers[0]) == [1, 2, 3, 4, 5]
