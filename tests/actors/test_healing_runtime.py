@@ -137,17 +137,22 @@ async def test_user_errors_are_not_retried_unless_the_policy_says_so():
         assert isinstance(system.failure, ActorError)  # b does not retry user errors
 
 
+async def _kill_and_wait_for_the_new_process(group) -> None:
+    """SIGKILL the actor, then wait (10 s at most) until its replacement process exists."""
+    os.kill(await _pid(group), signal.SIGKILL)
+    await _until_lost(group)
+    deadline = time.monotonic() + 10
+    while group[0].pid is None or group[0].incarnation < 1:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+
+
 async def test_a_process_lost_while_restarting_is_restarted_again():
     cfg = lib.make_config({"a": {"num_cpu": 1}})
     async with ActorSystem(cfg) as system:
         (group,) = await system.launch(lib.Recorder("a", cfg))
         system.heal("a", policy=RestartPolicy(max_restarts=5))
-        os.kill(await _pid(group), signal.SIGKILL)
-        await _until_lost(group)
-        deadline = time.monotonic() + 10
-        while group[0].pid is None or group[0].incarnation < 1:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        await _kill_and_wait_for_the_new_process(group)
         os.kill(group[0].pid, signal.SIGKILL)  # the new process, while it starts
         await system.wait_ready("a")
         assert await group.call(0, "add", 3) == 3
@@ -192,12 +197,7 @@ async def test_a_restart_cut_short_by_the_runs_stop_is_not_counted_again(caplog)
     async with ActorSystem(cfg) as system:
         (group,) = await system.launch(lib.Recorder("a", cfg))
         system.heal("a", policy=RestartPolicy(max_restarts=5))
-        os.kill(await _pid(group), signal.SIGKILL)
-        await _until_lost(group)
-        deadline = time.monotonic() + 10
-        while group[0].pid is None or group[0].incarnation < 1:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        await _kill_and_wait_for_the_new_process(group)
         system.fail(RuntimeError("training stopped: interrupted by SIGINT"))
         with pytest.raises(RuntimeError, match="interrupted by SIGINT"):
             await system.wait_ready("a")

@@ -39,7 +39,8 @@ def _train(micro_batches: list[list[int]], iteration: int) -> dict:
     return encode(Train(episode=0, steps=[Step(micro_batches=micro_batches, iteration=iteration)]))
 
 
-async def test_a_step_whose_data_arrives_first_still_waits_for_the_step_before_it() -> None:
+def _service(module: _Recorder) -> tuple[TrainerService, ComputeThread]:
+    """A trainer service of `module` on this loop, with the compute thread it runs on."""
     compute = ComputeThread("compute")
     ctx = WorkerContext(
         ActorSpec(identity=ActorIdentity(model="policy"), class_ref=None),
@@ -49,8 +50,12 @@ async def test_a_step_whose_data_arrives_first_still_waits_for_the_step_before_i
         zmq_context=None,
         in_process=True,
     )
+    return TrainerService(module, ctx), compute
+
+
+async def test_a_step_whose_data_arrives_first_still_waits_for_the_step_before_it() -> None:
     module = _Recorder()
-    service = TrainerService(module, ctx)
+    service, compute = _service(module)
     try:
         first = asyncio.create_task(service.handle(_train([[0, 1]], 4)))
         second = asyncio.create_task(service.handle(_train([[2, 3]], 5)))
@@ -118,17 +123,8 @@ async def test_outputs_no_later_step_uses_leave_the_buffer() -> None:
     )
     assert all(step.epoch == 1 for step in twice.steps if step.step_in_episode in last_uses(twice))
 
-    compute = ComputeThread("compute")
-    ctx = WorkerContext(
-        ActorSpec(identity=ActorIdentity(model="policy"), class_ref=None),
-        routing_id=b"policy",
-        loop=asyncio.get_running_loop(),
-        compute=compute,
-        zmq_context=None,
-        in_process=True,
-    )
     module = _Recorder()
-    service = TrainerService(module, ctx)
+    service, compute = _service(module)
     try:
         await _arrive(service, 0, list(range(6)))
         order = Train(episode=0, steps=[Step(micro_batches=[[0, 1]], iteration=1)], release=[0])
