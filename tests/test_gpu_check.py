@@ -17,7 +17,9 @@ from chatlearn.gpu_check import (
     check_lora_export,
     check_placement,
     example_config,
+    lora_gpu_model_args,
     lora_model_args,
+    loss_fell,
     no_gpu_reason,
     probe_config,
 )
@@ -177,3 +179,42 @@ def test_the_lora_run_is_the_lora_example_and_its_exports_are_checked(tmp_path: 
         check_lora_export(tmp_path)
     (export / "config.json").write_text("{}")
     assert check_lora_export(tmp_path) == "adapter and merged weights exported"
+
+
+def test_the_gpu_lora_runs_scale_their_loss_and_adapt_the_embeddings_under_fsdp2(
+    tmp_path: Path,
+) -> None:
+    # fp16 (its loss scaler is CUDA only) on one GPU; under FSDP2 (the sharded scaler) the
+    # embeddings get adapters too, the case FSDP2 must keep its root gathered for
+    from chatlearn.config import load_config
+
+    single, sharded = lora_gpu_model_args(fsdp=False), lora_gpu_model_args(fsdp=True)
+    assert single["mixed_precision"] == sharded["mixed_precision"] == "fp16"
+    assert "parallel" not in single and sharded["parallel"] == "fsdp"
+    assert "embed_tokens" in sharded["lora"]["target_modules"]
+    trainer = {"num_gpu": 2, "model_args": sharded}
+    policy = load_config(example_config(tmp_path, trainer, {"num_gpu": 2}, True))
+    args = policy.model("policy_trainer").model_args
+    assert args["learning_rate"] == 3.0e-3  # the example's: dpo_lora.yaml's is for 40 episodes
+    assert args["lora"]["r"] == 16
+
+
+def test_the_loss_must_fall_on_average_not_at_one_step(tmp_path: Path) -> None:
+    import json
+
+    metrics = tmp_path / "output" / "run" / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True)
+
+    def write(losses: list[float]) -> None:
+        records = [{"kind": "train", "loss": x} for x in losses] + [{"kind": "eval", "loss": 0}]
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    # a last step above the first (noise) while the run learns: passes
+    write([0.69, 0.70, 0.68, 0.69] + [0.66] * 7 + [0.65] * 12 + [0.70])
+    assert loss_fell(tmp_path, by=0.02).startswith("loss 0.6900 -> 0.656")
+    write([0.69] * 24)
+    with pytest.raises(CheckFailed, match="did not fall"):
+        loss_fell(tmp_path, by=0.02)
+    write([0.69] * 5)
+    with pytest.raises(CheckFailed, match="only 5 training steps"):
+        loss_fell(tmp_path, by=0.02)
