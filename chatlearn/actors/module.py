@@ -27,7 +27,6 @@ pinned to their devices. `TorchModule` imports torch inside its methods.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import logging
@@ -701,19 +700,24 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 class CallClock:
     """What an actor's compute thread runs and since when (`time.monotonic`), read by its
-    heartbeats from the event loop's thread: one tuple, so a reading never pairs one call's name
-    with another's start. `invoke` narrows it to the hook it calls (a service call may run
-    several, each its own clock); the enclosing call's clock restarts when the hook returns."""
+    heartbeats from the event loop's thread: one tuple ``(name, iteration or None, start)``, so
+    a reading never pairs one call's name with another's start. `invoke` narrows it to the hook
+    it calls (a service call may run several, each its own clock); the enclosing call's clock
+    restarts when the hook returns. The label is formatted when read, not per call."""
 
     __slots__ = ("now",)
 
     def __init__(self) -> None:
-        self.now: tuple[str, float] | None = None
+        self.now: tuple[str, int | None, float] | None = None
 
     def reading(self) -> tuple[str, float] | None:
         """``(label, seconds it has run)`` or None when idle."""
         now = self.now
-        return None if now is None else (now[0], time.monotonic() - now[1])
+        if now is None:
+            return None
+        name, iteration, start = now
+        label = name if iteration is None else f"{name} (iteration {iteration})"
+        return label, time.monotonic() - start
 
 
 # the CallClock of the compute thread this code runs on (none elsewhere)
@@ -725,18 +729,20 @@ def set_call_clock(clock: CallClock) -> None:
     _compute_thread.clock = clock
 
 
-@contextlib.contextmanager
-def _running(label: str) -> Iterator[None]:
+def _timed_call(
+    fn: Callable[..., Any], name: str, iteration: int | None, args: Any, kwargs: Any
+) -> Any:
+    """``fn(*args, **kwargs)``, on the compute thread's `CallClock` as ``name`` (per micro-batch:
+    a tuple swap, no context manager)."""
     clock: CallClock | None = getattr(_compute_thread, "clock", None)
     if clock is None:
-        yield
-        return
+        return fn(*args, **kwargs)
     outer = clock.now
-    clock.now = (label, time.monotonic())
+    clock.now = (name, iteration, time.monotonic())
     try:
-        yield
+        return fn(*args, **kwargs)
     finally:
-        clock.now = None if outer is None else (outer[0], time.monotonic())
+        clock.now = None if outer is None else (outer[0], outer[1], time.monotonic())
 
 
 @functools.lru_cache(maxsize=256)
@@ -771,11 +777,8 @@ def invoke(module: Any, method: str, args: Any = (), kwargs: Mapping[str, Any] |
         # Passed only if declared, and not when the caller already gave it positionally.
         if iteration is not None and position is not None and position >= len(args):
             kwargs["iteration"] = iteration
-        label = method if iteration is None else f"{method} (iteration {iteration})"
-        with _running(label):
-            result = fn(*args, **kwargs)
+        result = _timed_call(fn, method, iteration, args, kwargs)
         if counter is not None:
             setattr(module, counter, getattr(module, counter) + 1)
         return result
-    with _running(method):
-        return fn(*args, **kwargs)
+    return _timed_call(fn, method, None, args, kwargs)

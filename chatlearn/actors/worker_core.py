@@ -128,7 +128,7 @@ class ComputeThread:
             future, label, fn, args, kwargs = item
             if not future.set_running_or_notify_cancel():
                 continue
-            self.clock.now = (label, time.monotonic())
+            self.clock.now = (label, None, time.monotonic())
             try:
                 result = fn(*args, **kwargs)
             except BaseException as exc:  # delivered to the caller, never kills the thread
