@@ -79,11 +79,6 @@ def ensure_data(args: chatlearn.Config, paths: dict[str, Path]) -> None:
         write_jsonl(generated[key], path)
 
 
-def limited(records: list[dict], limit: int | None) -> list[dict]:
-    """The first ``limit`` records (all of them for None or a negative limit)."""
-    return records if limit is None or int(limit) < 0 else records[: int(limit)]
-
-
 def summarize(result: LearnResult) -> str:
     lines = [f"trained {result.steps} steps on {result.samples} samples"]
     if result.train_first and result.train_last:
@@ -130,9 +125,9 @@ if __name__ == "__main__":
     # ChatLearn's entry scripts read these (-1 or unset: every record)
     train_limit = runtime.get("training_data_num_limit", None)
     train = load_data(args, "data_path", train_path, train_limit)
-    engine.set_dataset(limited(train, train_limit))
+    engine.set_dataset(train)
     if eval_path is not None:
         eval_limit = runtime.get("eval_data_num_limit", None)
         held_out = load_data(args, "eval_data_path", eval_path, eval_limit)
-        engine.set_eval_dataset(limited(held_out, eval_limit))
+        engine.set_eval_dataset(held_out)
     print(summarize(engine.learn()))

@@ -169,17 +169,25 @@ def test_the_example_never_writes_over_a_users_data(tmp_path: Path) -> None:
     assert mine.read_text().count("\n") == 1 and not (tmp_path / "typo.jsonl").exists()
 
 
-def test_the_example_applies_chatlearns_data_limits() -> None:
+def test_the_example_applies_chatlearns_data_limits(tmp_path: Path) -> None:
     # runtime.training_data_num_limit / eval_data_num_limit, which ChatLearn's entry scripts
-    # read (and so are not warned about as settings with no effect)
+    # read (and so are not warned about as settings with no effect): applied as the file is read,
+    # and the records kept still name their lines (a slice of them named none)
     sys.path.insert(0, str(ROOT))
     try:
-        from examples.dpo.train_dpo import limited
+        from examples.dpo.train_dpo import load_data
     finally:
         sys.path.remove(str(ROOT))
-    records = [{"prompt": str(i)} for i in range(5)]
-    assert limited(records, 2) == records[:2] and limited(records, 0) == []
-    assert limited(records, -1) == records == limited(records, None)
+    path = tmp_path / "data.jsonl"
+    records = [{"prompt": str(i), "chosen": "c", "rejected": "r"} for i in range(5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def limited(limit: int | None) -> list[dict]:
+        return load_data(None, "data_path", path, limit)  # args: only for a config error
+
+    assert limited(2) == records[:2] and limited(0) == []
+    assert limited(-1) == records == limited(None)
+    assert limited(2).origin(1) == f"{path}:2"
 
 
 @pytest.mark.parametrize("eval_line", ["eval_data_path: null", "eval_data_path: ''", ""])
