@@ -11,7 +11,9 @@ sets its rank and world size, forms the torch.distributed group, and then calls 
 Lifecycle methods a subclass overrides: `setup()`, `build_dataset(samples, is_eval=False)`,
 `forward_step(data, iteration)`, `train_step(data_list, iteration)`, `save_checkpoint(iteration)`,
 `load_checkpoint(iteration)`, `before_episode()`, `after_episode()`, `validate()`, and
-`onload()`/`offload()` for colocated models. The runtime calls them through `invoke`, which passes
+`onload()`/`offload()` for colocated models; and, in the coordinator on the template before any
+process starts, `check_args()` (checks of the model's settings: one line instead of an error from
+every process once started). The runtime calls them through `invoke`, which passes
 `iteration` only if the method declares it (so `forward_step(self, data)` works too) and keeps the
 `_iteration` / `_train_iteration` counters.
 
@@ -406,6 +408,14 @@ class BaseModule:
 
     def validate(self) -> None:
         """Optional checks after setup."""
+
+    def check_args(self) -> None:
+        """Checks of this model's settings that need neither its processes nor its files: run
+        in the coordinator on the object given to the engine, after the config is validated and
+        before any process starts, so a setting the module cannot run is one line in a second,
+        not an error from every process once they have started (a model that takes a while to
+        load: minutes). Raise ``self.global_args.error(key, problem, fix)``. What needs the
+        model's files (on its hosts) or its devices is checked in ``setup``."""
 
     def onload(self) -> None:
         """Bring state back to the device (colocated models)."""

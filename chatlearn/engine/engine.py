@@ -144,6 +144,10 @@ class Engine:
         validate = getattr(self.global_args, "validate", None)
         if callable(validate):
             validate()
+        for model in self.models:  # each module's own checks of its settings
+            check_args = getattr(model, "check_args", None)
+            if callable(check_args):
+                check_args()
         # one run at a time in the output directory, taken before any process starts
         runtime = getattr(self.global_args, "runtime_args", None)
         output = getattr(runtime, "output_path", None)

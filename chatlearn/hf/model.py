@@ -235,12 +235,13 @@ def tied_gradient_in_place(model: Any) -> bool:
 
 
 # -- validation of model args ----------------------------------------------------------------------
-def validate_model_args(model_args: Mapping[str, Any]) -> None:
+def validate_model_args(model_args: Mapping[str, Any], files: bool = True) -> None:
     """Raise a ConfigError naming the key (and its file:line) of model args the HF modules reject.
 
-    Run first by the modules' `setup()` (and by `causal_lm_from_args`): the types of the common
-    keys were checked by `Config.validate()` in the coordinator already (again here: model_args
-    can be set in code);
+    Run by the modules' `check_args()` in the coordinator before any process starts (with
+    ``files`` false: the model's files are on its hosts, which may be other machines), and first
+    by their `setup()` (and by `causal_lm_from_args`): the types of the common keys were checked
+    by `Config.validate()` already (again here: model_args can be set in code);
     what only these modules require is checked here — dtype names, the DPO loss type, a
     model_path that is a checkpoint directory (with its config.json), and the attention heads
     of `model_config` over `SMALL_LLAMA`.
@@ -263,6 +264,8 @@ def validate_model_args(model_args: Mapping[str, Any]) -> None:
             f"use {', '.join(LOSS_TYPES)}",
         )
     model_path = model_args.get("model_path")
+    if model_path and not files:
+        return  # its config.json holds the heads
     if model_path:
         directory = Path(model_path).expanduser()
         if not directory.is_dir():

@@ -202,6 +202,10 @@ class _HFModule(TorchModule):
         with located_errors(self.model_args):  # e.g. parallel: none on several trainer ranks
             return self.layout.wrap(network, trainable=trainable)
 
+    def check_args(self) -> None:
+        # in the coordinator, before any process starts: what needs none of the model's files
+        validate_model_args(self.model_args, files=False)
+
     def setup(self) -> None:
         # first: a model_path or setting these modules cannot use is a one-line ConfigError
         # naming its key, not a traceback from the tokenizer or the layout

@@ -36,7 +36,6 @@ class _GPTModule(MegatronModule):
 
     def build_model(self) -> torch.nn.Module:
         self.tokenizer = CharTokenizer()
-        self._check_parallel_sizes()
         if self.megatron_args.load:
             # start from a Hugging Face Llama/Qwen2 directory: its config.json is the model
             model = self.load_pretrained_model()
@@ -53,9 +52,9 @@ class _GPTModule(MegatronModule):
             )
         return model
 
-    def _check_parallel_sizes(self) -> None:
-        """What this example's DPO forward cannot run, as one config line each (they failed
-        deep inside megatron-core, mid-run, in some 200 lines)."""
+    def check_args(self) -> None:
+        """What this example's DPO forward cannot run, as one config line each before any
+        process starts (they failed deep inside megatron-core, mid-run, in some 200 lines)."""
         where = f"models.{self.name}"
         if int(self.pipeline_model_parallel_size()) > 1:
             raise self.global_args.error(
