@@ -38,8 +38,20 @@ class _LazyGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
+class _RootGroup(_LazyGroup):
+    """Every command: Ctrl-C before the command has its own handling (while it starts, or in
+    a command that has none) ends it with the shell's 130 and no output; click turned it into
+    "Aborted!" and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise SystemExit(128 + signal.SIGINT) from None
+
+
 @click.group(
-    cls=_LazyGroup,
+    cls=_RootGroup,
     lazy={
         "chaos": "chatlearn.chaos:command",
         "inspect": "chatlearn.engine.inspect_cli:command",

@@ -1,4 +1,5 @@
-"""Package-wide promises: a light `import chatlearn`, and no pickle anywhere in the package."""
+"""Package-wide promises: a light `import chatlearn`, no pickle anywhere in the package, and a
+Ctrl-C that ends any command with 130."""
 
 from __future__ import annotations
 
@@ -63,3 +64,31 @@ def test_cli_help() -> None:
         check=True,
     )
     assert "bench" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "where", ["chatlearn.launch.cli:prepare_launch", "chatlearn.cli:_LazyGroup.get_command"]
+)
+def test_ctrl_c_while_a_command_starts_is_exit_130_without_output(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before `chatlearn launch` runs the script (reading the host file, making the keys) or
+    while a command is imported: click said "Aborted!" and exited 1."""
+    from click.testing import CliRunner
+
+    from chatlearn.cli import main
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    module, attribute = where.split(":")
+    owner = importlib.import_module(module)
+    for name in attribute.split(".")[:-1]:
+        owner = getattr(owner, name)
+    monkeypatch.setattr(owner, attribute.split(".")[-1], interrupted)
+    hosts, script = tmp_path / "hosts", tmp_path / "train.py"
+    hosts.write_text("localhost slots=2\n")
+    script.write_text("raise SystemExit('the script ran')\n")
+    result = CliRunner().invoke(main, ["launch", "--hostfile", str(hosts), str(script)])
+    assert result.exit_code == 130, result.output
+    assert result.output == ""
