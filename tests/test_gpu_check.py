@@ -166,7 +166,7 @@ def test_the_lora_run_is_the_lora_example_and_its_exports_are_checked(tmp_path: 
     trainer = {"num_gpu": 1, "model_args": lora_model_args()}
     config = load_config(example_config(tmp_path, trainer, {"num_gpu": 1}, True))
     policy = config.model("policy_trainer").model_args
-    assert policy["lora"]["target_modules"] == "all-linear" and policy["learning_rate"] == 1e-2
+    assert policy["lora"]["target_modules"] == "all-linear" and policy["learning_rate"] == 1e-3
     assert "lora" not in config.model("reference").model_args  # the frozen base model
     with pytest.raises(CheckFailed, match="no hf_model"):
         check_lora_export(tmp_path)
@@ -195,7 +195,7 @@ def test_the_gpu_lora_runs_scale_their_loss_and_adapt_the_embeddings_under_fsdp2
     trainer = {"num_gpu": 2, "model_args": sharded}
     policy = load_config(example_config(tmp_path, trainer, {"num_gpu": 2}, True))
     args = policy.model("policy_trainer").model_args
-    assert args["learning_rate"] == 3.0e-3  # the example's: dpo_lora.yaml's is for 40 episodes
+    assert args["learning_rate"] == 1.0e-3  # dpo_lora.yaml's
     assert args["lora"]["r"] == 16
 
 
