@@ -24,8 +24,8 @@ run: $(STAMP)
 	OUTPUT_DIR=output/$(RUN_ID) PYTHONPATH=. $(PY) -m examples.dpo.train_dpo -c examples/dpo/dpo.yaml
 
 # Two workers (most tests wait on processes they start), then the tests that assert a
-# wall-clock bound alone, so that another test's load cannot make them miss it. The tests start
-# some 1,500 Python processes: with PYTHONDONTWRITEBYTECODE set (as on these machines) each one
+# wall-clock bound alone, so that another test's load cannot make them miss it. With
+# PYTHONDONTWRITEBYTECODE set (as on these machines) every Python process the tests start
 # compiled chatlearn's sources again (0.1 s of CPU an actor, 0.3 s a coordinator), so the tests
 # keep the bytecode cache (__pycache__, ignored by git).
 test: export PYTHONDONTWRITEBYTECODE :=
