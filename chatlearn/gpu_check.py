@@ -26,7 +26,8 @@ Checks (``chatlearn.gpu_probe`` is the module the actors run):
   ``mixed_precision: fp16`` (its loss scaler, CUDA only); the final checkpoint holds the
   adapter and the merged weights;
 - ``DPO example FSDP2 bf16`` (≥ 2 GPUs): the same with the trainer sharded over 2 GPUs
-  (``parallel: fsdp``, ``mixed_precision: bf16``, NCCL, a sharded checkpoint) and the reference
+  (``parallel: fsdp``, ``mixed_precision: bf16``, NCCL, a sharded checkpoint; both models built
+  in host memory and moved to the GPUs by ``fully_shard`` as they are sharded) and the reference
   sharded over them too, with ``runtime.reference_store`` (its fingerprint and lookups agreed
   over NCCL), evaluating 33 held-out pairs (an uneven split: as many forwards on both ranks);
 - ``DPO example LoRA FSDP2 fp16`` (≥ 2 GPUs): the LoRA run sharded over 2 GPUs with fp16 (the

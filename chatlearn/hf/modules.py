@@ -154,7 +154,11 @@ class _HFModule(TorchModule):
     def build_model(self) -> Any:
         with located_errors(self.model_args):  # a checkpoint from_pretrained cannot load
             model = causal_lm_from_args(self.model_args, self.tokenizer)
-        if torch.cuda.is_available():
+        layout = getattr(self, "layout", None)  # set by setup() before the first model
+        if torch.cuda.is_available() and not (layout is not None and layout.sharded):
+            # Sharded, the model stays in host memory: fully_shard moves each decoder layer and
+            # then the root to the GPU and keeps this rank's shard, one unit whole on the GPU at
+            # a time. Moved here whole, a model larger than one GPU could not be sharded at all.
             model = model.to(torch.device("cuda", torch.cuda.current_device()))
         packing = getattr(self, "packing", None)  # set by setup() after the first model
         if packing is not None and packing.segments:
