@@ -28,6 +28,11 @@ LAUNCH_ENV_VAR = "CHATLEARN_LAUNCH"
 #: set by ``chatlearn launch`` in a coordinator it restarted (launch/supervise.py): how many
 #: times it did; the engine reports it (not secret)
 COORDINATOR_RESTARTS_ENV_VAR = "CHATLEARN_COORDINATOR_RESTARTS"
+#: a repeat of the first stop signal within this many seconds is the same request, for the
+#: engine's handlers and for ``chatlearn launch``'s coordinator before they are in place: a
+#: signal to the launch's process group reaches the coordinator twice, directly and forwarded
+#: by the supervisor; a person pressing Ctrl-C again to stop at once takes longer than that
+SIGNAL_REPEAT_WINDOW = 1.0
 _LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 

@@ -13,11 +13,12 @@ main thread only; the previous handlers come back when it leaves) and routes the
    running steps and then again for the checkpoint.
 2. A second signal (or the watchdog) stops at once: every actor process is killed and the run
    ends without a new checkpoint (the last complete one stays as it was). Under
-   ``chatlearn launch`` (``dedupe``), the same signal again within ``REPEAT_WINDOW`` seconds of
-   the first is not a second one but the same request arriving twice: ``kill -TERM -PGID``
-   (what process managers and schedulers send) reaches its coordinator both directly and
-   forwarded by the supervisor, which cannot tell a signal sent to the group from one sent to
-   itself alone. Run directly, a quick second Ctrl-C stops at once, as it always did.
+   ``chatlearn launch`` (``dedupe``), the same signal again within ``SIGNAL_REPEAT_WINDOW``
+   seconds of the first (chatlearn/actors/hosts.py) is not a second one but the same request
+   arriving twice: ``kill -TERM -PGID`` (what process managers and schedulers send) reaches
+   its coordinator both directly and forwarded by the supervisor, which cannot tell a signal
+   sent to the group from one sent to itself alone. Run directly, a quick second Ctrl-C stops
+   at once, as it always did.
 
 Either way ``await learn_async()`` then raises :class:`TrainingStopped` (an ``Exception``:
 catchable in any task) and ``learn()`` :class:`TrainingInterrupted`, a ``SystemExit`` whose
@@ -41,15 +42,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from chatlearn.actors.hosts import SIGNAL_REPEAT_WINDOW
+
 logger = logging.getLogger("chatlearn.engine")
 
 # SIGHUP too: a closed terminal or ssh session, and what `chatlearn launch` forwards as a stop
 # (it met the default action: the coordinator died at once, the steps since the last
 # checkpoint lost). Not where it is ignored (nohup): that choice stands.
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-# A repeat of the first signal within this many seconds is the same stop request (docstring);
-# a person pressing Ctrl-C again to stop at once takes longer than that.
-REPEAT_WINDOW = 1.0
 
 
 class TrainingInterrupted(SystemExit):
@@ -146,14 +146,14 @@ class Interrupts:
             self.dedupe
             and self.count == 1
             and signum == self.signum
-            and time.monotonic() - self._first_at < REPEAT_WINDOW
+            and time.monotonic() - self._first_at < SIGNAL_REPEAT_WINDOW
         ):
             logger.info(
                 "%s received again within %g s: the same stop request (e.g. a signal to the "
                 "process group that `chatlearn launch` forwards too); send it again to stop "
                 "at once",
                 name,
-                REPEAT_WINDOW,
+                SIGNAL_REPEAT_WINDOW,
             )
             return
         self.count += 1

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR
+from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR, SIGNAL_REPEAT_WINDOW
 from chatlearn.actors.process import set_parent_death_signal
 from chatlearn.transport.endpoints import sweep_dead_runs
 
@@ -61,9 +61,6 @@ STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 # The pause before a restart, so that the dead coordinator's actors have exited.
 RESTART_PAUSE = 1.0
 
-# A SIGINT again within this many seconds is the same request (`_interrupt_once_per_repeat`), as
-# for the engine's handlers (chatlearn.engine.interrupts.REPEAT_WINDOW).
-REPEAT_WINDOW = 1.0
 
 # si_code of a signal the kernel sends itself, e.g. the terminal's SIGINT on Ctrl-C (Linux).
 _SI_KERNEL = 0x80
@@ -170,7 +167,7 @@ def _child(run: Callable[[], None], *, restarts: int, supervisor: int, mask: set
 
 
 def _interrupt_once_per_repeat() -> None:
-    """Python's SIGINT handler (a `KeyboardInterrupt`), but a repeat within `REPEAT_WINDOW`
+    """Python's SIGINT handler (a `KeyboardInterrupt`), but a repeat within `SIGNAL_REPEAT_WINDOW`
     seconds is the same request and ignored: a SIGINT sent to the launch's process group reaches
     the coordinator twice, directly and forwarded, and before the engine's handlers (which take
     it as one request too) the second interrupted the first one's clean-up, with tracebacks and
@@ -181,7 +178,7 @@ def _interrupt_once_per_repeat() -> None:
 
     def handler(signum: int, frame: object) -> None:
         now = time.monotonic()
-        if last and now - last[0] < REPEAT_WINDOW:
+        if last and now - last[0] < SIGNAL_REPEAT_WINDOW:
             return
         last[:] = [now]
         raise KeyboardInterrupt
