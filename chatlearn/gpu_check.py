@@ -28,8 +28,10 @@ Checks (``chatlearn.gpu_probe`` is the module the actors run):
 - ``DPO example FSDP2 bf16`` (≥ 2 GPUs): the same with the trainer sharded over 2 GPUs
   (``parallel: fsdp``, ``mixed_precision: bf16``, NCCL, a sharded checkpoint; both models built
   in host memory and moved to the GPUs by ``fully_shard`` as they are sharded) and the reference
-  sharded over them too, with ``runtime.reference_store`` (its fingerprint and lookups agreed
-  over NCCL), evaluating 33 held-out pairs (an uneven split: as many forwards on both ranks);
+  sharded over them too, loading the example's model from a local checkpoint in turns
+  (``load_in_turns``: its plan agreed and its turns passed over NCCL), with
+  ``runtime.reference_store`` (its fingerprint and lookups agreed over NCCL), evaluating 33
+  held-out pairs (an uneven split: as many forwards on both ranks);
 - ``DPO example LoRA FSDP2 fp16`` (≥ 2 GPUs): the LoRA run sharded over 2 GPUs with fp16 (the
   sharded loss scaler), adapters on every linear layer and the embeddings (FSDP2 keeps its root
   gathered for those), the adapter and merged weights consolidated from the shards;
@@ -54,7 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -373,6 +375,22 @@ def example_config(
     return path
 
 
+def example_checkpoint(directory: Path) -> Path:
+    """The example's model (``examples/dpo/model.yaml``'s config and seed: the weights the
+    policy starts from) saved as a local Hugging Face checkpoint with its tokenizer."""
+    import yaml
+
+    from chatlearn.hf.model import causal_lm_from_args
+    from chatlearn.hf.tokenizer import load_tokenizer
+
+    example = yaml.safe_load((REPO / "examples" / "dpo" / "model.yaml").read_text())
+    args = {"model_config": example["model_config"], "seed": example["seed"]}
+    tokenizer = load_tokenizer(None)
+    causal_lm_from_args(args, tokenizer).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def lora_model_args() -> dict[str, Any]:
     """The policy's model_args of ``examples/dpo/dpo_lora.yaml`` (the adapters and their
     learning rate)."""
@@ -420,11 +438,17 @@ def check_lora_export(workdir: Path) -> str:
 
 
 def run_example(
-    config: Path, workdir: Path, timeout: float, *, stored: bool = False, episodes: int = 2
+    config: Path,
+    workdir: Path,
+    timeout: float,
+    *,
+    stored: bool = False,
+    episodes: int = 2,
+    said: Sequence[str] = (),
 ) -> str:
     """The DPO example for ``episodes`` episodes (12 steps each): its loss must fall; a
     checkpoint at the end. ``stored``: the run has a reference store, which must have computed
-    and kept samples."""
+    and kept samples. ``said``: what its log must say."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -439,6 +463,9 @@ def run_example(
     if done.returncode != 0:
         raise CheckFailed(f"exit code {done.returncode}: {_last_line(done.stderr)}")
     fell = loss_fell(workdir, by=0.02)
+    for words in said:
+        if words not in done.stderr:
+            raise CheckFailed(f"the log does not say {words!r}")
     if "checkpoint" not in done.stdout:
         raise CheckFailed("no checkpoint was written at the end")
     # the modules' setup checks, on the GPU's kernels (TF32, bf16): the example's Llama must
@@ -602,13 +629,24 @@ def run_checks() -> list[CheckResult]:
             trainer = {"num_gpu": 2, "model_args": {"parallel": "fsdp", "mixed_precision": "bf16"}}
             # the reference sharded too (one replica of 2 GPUs), with the on-disk store: its
             # fingerprint and lookups are agreed over NCCL
-            reference = {"num_gpu": 2, "zero_size": 2, "model_args": {"parallel": "fsdp"}}
+            # from a local checkpoint of the policy's first weights, its 2 ranks in turns
+            checkpoint = example_checkpoint(workdir / "fsdp" / "model")
+            reference = {
+                "num_gpu": 2,
+                "zero_size": 2,
+                "model_args": {
+                    "parallel": "fsdp",
+                    "model_path": str(checkpoint),
+                    "load_in_turns": True,
+                },
+            }
             # an eval set the 2 ranks cannot split evenly: each must still run as many
             # forwards (FSDP2's are NCCL collectives; one more on one rank hung the run)
             store = str(workdir / "fsdp" / "store")
             runtime = {"reference_store": store, "eval_data_num_limit": 33}
             config = example_config(workdir / "fsdp", trainer, reference, True, runtime)
-            return run_example(config, workdir / "fsdp", deadline.left(90), stored=True)
+            said = ["one after another"]  # the reference's ranks loaded in turns
+            return run_example(config, workdir / "fsdp", deadline.left(90), stored=True, said=said)
 
         def example_lora() -> str:
             trainer = {"num_gpu": 1, "model_args": lora_gpu_model_args(fsdp=False)}

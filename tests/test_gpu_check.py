@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 
 from chatlearn.gpu_check import (
+    REPO,
     CheckFailed,
     check_lora_export,
     check_placement,
+    example_checkpoint,
     example_config,
     lora_gpu_model_args,
     lora_model_args,
@@ -218,3 +220,29 @@ def test_the_loss_must_fall_on_average_not_at_one_step(tmp_path: Path) -> None:
     write([0.69] * 5)
     with pytest.raises(CheckFailed, match="only 5 training steps"):
         loss_fell(tmp_path, by=0.02)
+
+
+def test_the_sharded_reference_loads_the_policys_first_weights_from_a_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # the FSDP2 run's reference loads its model in turns from a local checkpoint: the example's
+    # model, as the policy builds it from model.yaml (equal weights: the loss starts at ln 2)
+    import torch
+    import yaml
+
+    from chatlearn.config import load_config
+    from chatlearn.hf.model import causal_lm_from_args
+    from chatlearn.hf.tokenizer import load_tokenizer
+
+    checkpoint = example_checkpoint(tmp_path / "model")
+    example = yaml.safe_load((REPO / "examples" / "dpo" / "model.yaml").read_text())
+    tokenizer = load_tokenizer(None)
+    built = causal_lm_from_args(
+        {"model_config": example["model_config"], "seed": example["seed"]}, tokenizer
+    ).state_dict()
+    loaded = causal_lm_from_args({"model_path": str(checkpoint)}, load_tokenizer(checkpoint))
+    assert built.keys() == loaded.state_dict().keys()
+    assert all(torch.equal(built[k], v) for k, v in loaded.state_dict().items())
+    reference = {"num_gpu": 2, "zero_size": 2, "model_args": {"model_path": str(checkpoint)}}
+    config = load_config(example_config(tmp_path, {"num_gpu": 2}, reference, True))
+    assert config.model("reference").model_args["model_path"] == str(checkpoint)

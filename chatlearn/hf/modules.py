@@ -30,6 +30,7 @@
 | max_tokens_per_micro_batch | None | at most this many tokens per forward (below; None: off) |
 | save_hf_model, merge_lora | True, True | checkpoints hold an HF dir (LoRA: adapter + merged) |
 | malloc_mmap_threshold | 0 | glibc: freed blocks above this size leave the process (0: off) |
+| load_in_turns | None | a host's ranks load model_path in turns (None: where it would not fit) |
 
 LoRA's defaults (``chatlearn.hf.lora``): r 16, alpha 32, dropout 0, target_modules "all-linear".
 
@@ -80,8 +81,9 @@ share forwards.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -99,6 +101,7 @@ from chatlearn.algorithms.token_budget import max_over_ranks, regroup_step
 from chatlearn.config.errors import ConfigError
 from chatlearn.hf.checkpoint import export_hf, full_state_dict, load_sharded, save_sharded
 from chatlearn.hf.data import PreferenceCollator, PreferenceDataset
+from chatlearn.hf.load_turns import LoadTurns
 from chatlearn.hf.lora import apply_lora, module_lora_settings
 from chatlearn.hf.memory import (
     format_memory_report,
@@ -135,6 +138,21 @@ _DATA_KEYS = ("max_length", "max_prompt_length", "min_prompt_length", "prompt_te
 SHARDED_DIR = "sharded"  # beside the rank directories: one DCP checkpoint for all ranks
 
 
+def _ending_load_turn(setup: Callable[..., None]) -> Callable[..., None]:
+    """``setup`` that passes this rank's load turn on when it ends (also when it raised, or
+    never built a network: another rank must not wait for ever)."""
+
+    @functools.wraps(setup)
+    def wrapped(self: _HFModule, *args: Any, **kwargs: Any) -> None:
+        try:
+            setup(self, *args, **kwargs)
+        finally:
+            self._load_turns.done()
+
+    wrapped._ends_load_turn = True  # type: ignore[attr-defined]
+    return wrapped
+
+
 class _HFModule(TorchModule):
     """Tokenizer, model, layout and dataset shared by the reference and the trainer."""
 
@@ -142,6 +160,14 @@ class _HFModule(TorchModule):
     model: Any
     layout: Layout
     packing: PackingOptions
+
+    _load_turns: LoadTurns = LoadTurns(None)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        setup = cls.__dict__.get("setup")
+        if setup is not None and not getattr(setup, "_ends_load_turn", False):
+            cls.setup = _ending_load_turn(setup)  # type: ignore[method-assign]
 
     def arg(self, key: str, default: Any = None) -> Any:
         value = self.model_args.get(key, default)
@@ -204,7 +230,9 @@ class _HFModule(TorchModule):
                     "train a model whose logits are its head's output, or report its model_type",
                 )
         with located_errors(self.model_args):  # e.g. parallel: none on several trainer ranks
-            return self.layout.wrap(network, trainable=trainable)
+            wrapped = self.layout.wrap(network, trainable=trainable)
+        self._load_turns.done()  # this rank's copy is on its GPU, or its shard: the next one's turn
+        return wrapped
 
     def check_args(self) -> None:
         # in the coordinator, before any process starts: what needs none of the model's files
@@ -248,6 +276,14 @@ class _HFModule(TorchModule):
                 how,
                 fix,
             )
+        # a host's ranks load a checkpoint one after another where their copies would not fit
+        # in its memory together: the next rank loads once this one's layout took its copy
+        # over (`build_network`) (chatlearn/hf/load_turns.py)
+        hands_over = self.layout.sharded or torch.cuda.is_available()
+        self._load_turns = LoadTurns.agree(
+            self.model_args, self.name, self._logger, hands_over=hands_over
+        )
+        self._load_turns.wait()
         self.model = self.build_model()
         self._check_special_ids()
         if model_arg(self.model_args, "disable_dropout"):

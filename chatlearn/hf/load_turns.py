@@ -1,0 +1,173 @@
+"""A model's ranks on one host load its checkpoint one after another when together they would not
+fit in the host's memory (``model_args.load_in_turns``).
+
+Every rank of a model builds it from the checkpoint in host memory (``from_pretrained``) before
+its layout takes it over: moved to the GPU (whole, or unit by unit as FSDP2 shards it), or sharded
+in host memory, where each rank keeps 1/N of it. Loaded at once, a host's ranks hold it N times
+over for a while: 8 GPUs and a 70B checkpoint in bf16 are 8 × 140 GB of host memory. In turns,
+a rank loads only once the one before it has handed its copy over (to its GPU, or to its shard),
+so the host holds one whole copy at a time, at the price of N loads one after another instead of
+together.
+
+``load_in_turns`` is null by default (auto: in turns when the host's ranks' copies would take more
+than `SHARE` of the memory available on it), true or false. The ranks agree on the plan with one
+``all_gather`` of (host, memory available, the checkpoint's bytes), then a rank waits at
+``turn`` barriers before loading and passes ``turns - turn`` more after handing its copy over:
+every rank calls ``turns`` barriers, and barrier ``k`` completes when the host's ``k``-th rank
+(counted from 0) has loaded, on every host at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Above this share of the memory available on a host, its ranks load in turns (auto).
+SHARE = 0.8
+# Bytes per parameter of the dtypes checkpoints are stored in and loaded as.
+_ITEM_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def checkpoint_bytes(model_path: str | Path, dtype: Any = None) -> int:
+    """Host memory the model of ``model_path`` takes once loaded (as ``dtype``, if given): its
+    weight files' bytes scaled from the dtype they are stored in (config.json's
+    ``torch_dtype``) to the one loaded; 0 when the directory has no weight file."""
+    directory = Path(model_path).expanduser()
+    files = [f for pattern in _WEIGHT_FILES for f in directory.glob(pattern) if f.is_file()]
+    stored_bytes = sum(f.stat().st_size for f in files)
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    stored = _ITEM_BYTES.get(_dtype_name(config.get("torch_dtype") or config.get("dtype")), 4)
+    loaded = _ITEM_BYTES.get(_dtype_name(dtype), stored) if dtype not in (None, "auto") else stored
+    return stored_bytes * loaded // stored
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).lower().removeprefix("torch.") if dtype is not None else ""
+
+
+@dataclass(frozen=True)
+class TurnPlan:
+    """This rank's place among its host's ranks: it loads after ``turn`` of them, and the
+    busiest host has ``turns`` ranks (the barriers every rank passes)."""
+
+    turn: int
+    turns: int
+    ranks_here: int
+    model_bytes: int
+    available: int
+
+
+def plan_turns(
+    peers: Sequence[tuple[str, int, int]], rank: int, setting: bool | None
+) -> TurnPlan | None:
+    """The plan from every rank's (host, memory available, model bytes), or None: load
+    together. ``setting``: true, false, or None (auto: when a host's ranks' copies would take
+    more than `SHARE` of the memory available there). Every rank computes the same from the
+    same list."""
+    if setting is False or len(peers) < 2:
+        return None
+    hosts: dict[str, list[int]] = {}
+    for index, (host, _, _) in enumerate(peers):
+        hosts.setdefault(host, []).append(index)
+    if max(len(ranks) for ranks in hosts.values()) < 2:
+        return None  # one rank a host: nothing to take turns with
+    if setting is None:
+        crowded = any(
+            len(ranks) * max(peers[r][2] for r in ranks) > SHARE * min(peers[r][1] for r in ranks)
+            for ranks in hosts.values()
+            if len(ranks) > 1
+        )
+        if not crowded:
+            return None
+    host, _, _ = peers[rank]
+    here = hosts[host]
+    return TurnPlan(
+        turn=here.index(rank),
+        turns=max(len(ranks) for ranks in hosts.values()),
+        ranks_here=len(here),
+        model_bytes=max(peers[r][2] for r in here),
+        available=min(peers[r][1] for r in here),
+    )
+
+
+class LoadTurns:
+    """``wait()`` before loading, ``done()`` once this rank's copy has left host memory (or
+    become its shard); ``done()`` again, or without a plan, does nothing."""
+
+    def __init__(self, plan: TurnPlan | None) -> None:
+        self.plan = plan
+        self._passed = 0
+
+    @classmethod
+    def agree(
+        cls, model_args: Mapping[str, Any], name: str, log: logging.Logger, *, hands_over: bool
+    ) -> LoadTurns:
+        """The plan of this process's model (a collective over its process group), said on
+        ``log`` by each host's first rank. ``hands_over``: the layout takes the loaded copy out
+        of host memory (to the GPU, or into this rank's shard); without that turns would only
+        delay the start."""
+        import psutil
+        import torch
+        import torch.distributed as dist
+
+        setting = model_args.get("load_in_turns")
+        model_path = model_args.get("model_path")
+        if not (dist.is_available() and dist.is_initialized()) or not model_path:
+            return cls(None)  # one process, or a model built from its config by every rank
+        if not hands_over:
+            return cls(None)
+        if setting is False or dist.get_world_size() < 2:
+            return cls(None)
+        # numbers, not objects (all_gather_object would unpickle what the peers send): the
+        # host as the first 8 bytes of its name's digest
+        host = int.from_bytes(hashlib.sha256(socket.gethostname().encode()).digest()[:8], "big")
+        mine = [
+            host - 2**63,  # into int64
+            int(psutil.virtual_memory().available),
+            checkpoint_bytes(model_path, model_args.get("dtype")),
+        ]
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        local = torch.tensor(mine, dtype=torch.int64, device=device)
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        peers = [(str(h), a, b) for h, a, b in (t.tolist() for t in gathered)]
+        plan = plan_turns(peers, dist.get_rank(), setting)
+        if plan is not None and plan.turn == 0:
+            log.info(
+                "%s: its %d ranks on this host load %s one after another (%.3g GiB each, "
+                "%.3g GiB of memory available)%s",
+                name,
+                plan.ranks_here,
+                model_path,
+                plan.model_bytes / 2**30,
+                plan.available / 2**30,
+                "" if setting else "; load_in_turns: false loads them together",
+            )
+        return cls(plan)
+
+    def wait(self) -> None:
+        """Wait for this rank's turn."""
+        if self.plan is not None:
+            self._barriers(self.plan.turn)
+
+    def done(self) -> None:
+        """This rank's copy is handed over: the next rank's turn."""
+        if self.plan is not None:
+            self._barriers(self.plan.turns)
+
+    def _barriers(self, upto: int) -> None:
+        import torch.distributed as dist
+
+        while self._passed < upto:
+            dist.barrier()
+            self._passed += 1

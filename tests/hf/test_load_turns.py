@@ -1,0 +1,101 @@
+"""A host's ranks load a checkpoint one after another where their copies would not fit in its
+memory together (chatlearn/hf/load_turns.py): the plan, the checkpoint's size, and two gloo
+ranks of a sharded reference that load in turns and compute what they compute loading together."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatlearn.hf.load_turns import SHARE, checkpoint_bytes, plan_turns
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+GiB = 2**30
+
+
+def test_auto_takes_turns_only_where_a_hosts_copies_would_not_fit() -> None:
+    roomy = [("a", 64 * GiB, 10 * GiB)] * 4  # 40 GiB of 64
+    assert plan_turns(roomy, 2, None) is None
+    assert plan_turns(roomy, 2, True) is not None  # asked for
+    crowded = [("a", 64 * GiB, 14 * GiB)] * 4  # 56 GiB > SHARE of 64
+    assert 56 > SHARE * 64
+    plans = [plan_turns(crowded, rank, None) for rank in range(4)]
+    assert [p.turn for p in plans if p] == [0, 1, 2, 3] and {p.turns for p in plans if p} == {4}
+    assert plan_turns(crowded, 1, False) is None
+
+
+def test_ranks_of_other_hosts_load_at_once_and_every_rank_passes_as_many_barriers() -> None:
+    # two hosts of 3 and 2 ranks (interleaved): each host's ranks in turn, the hosts together;
+    # every rank passes the busiest host's 3 barriers
+    peers = [(h, 32 * GiB, 12 * GiB) for h in ("a", "b", "a", "b", "a")]
+    plans = [plan_turns(peers, rank, None) for rank in range(5)]
+    assert [(p.turn, p.turns, p.ranks_here) for p in plans if p] == [
+        (0, 3, 3),
+        (0, 3, 2),
+        (1, 3, 3),
+        (1, 3, 2),
+        (2, 3, 3),
+    ]
+    alone = [("a", GiB, 100 * GiB), ("b", GiB, 100 * GiB)]  # one rank a host: nothing to wait for
+    assert plan_turns(alone, 0, True) is None
+
+
+def test_a_checkpoints_bytes_are_its_weights_as_loaded(tmp_path: Path) -> None:
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 3000)
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"\0" * 1000)
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    assert checkpoint_bytes(tmp_path) == 4000
+    assert checkpoint_bytes(tmp_path, "float32") == 8000  # bf16 on disk, fp32 in memory
+    assert checkpoint_bytes(tmp_path, "torch.bfloat16") == 4000
+    assert checkpoint_bytes(tmp_path / "nothing") == 0
+
+
+@pytest.mark.timeout(180)
+def test_two_ranks_load_in_turns_and_compute_what_they_compute_loading_together(
+    tmp_path: Path,
+) -> None:
+    from layout_worker import TINY
+
+    from chatlearn.hf import byte_tokenizer
+    from chatlearn.hf.model import causal_lm_from_args
+
+    tokenizer = byte_tokenizer()
+    checkpoint = tmp_path / "model"
+    causal_lm_from_args({"model_config": TINY, "seed": 0}, tokenizer).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    try:
+        for rank in range(2):
+            command = [
+                sys.executable,
+                str(HERE / "load_turns_worker.py"),
+                str(rank),
+                str(port),
+                str(checkpoint),
+                str(tmp_path / f"rank{rank}.json"),
+            ]
+            procs.append(
+                subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            )
+        outputs = [proc.communicate(timeout=150)[0].decode(errors="replace") for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(outputs)[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    first, second = (r["turns"] for r in ranks)
+    assert second["load"] >= first["handed_over"]  # rank 1 loaded once rank 0 had sharded
+    together = ranks[0]["together"]
+    assert first["logps"] == second["logps"] == together["logps"]
