@@ -40,12 +40,26 @@ def data_paths(args: chatlearn.Config) -> tuple[Path, Path | None]:
     )
 
 
+def data_limit(args: chatlearn.Config, key: str) -> int | None:
+    """``runtime.<key>`` (ChatLearn's ``training_data_num_limit`` / ``eval_data_num_limit``): a
+    whole number, or None when unset. Anything else is a config error naming the key: ``int()``
+    of it turned 1.5 into 1 record silently, and "abc" into an error about ``data_path``; a
+    training limit of 0 stopped the run with "the dataset is empty", naming neither."""
+    value = args.runtime_args.get(key, None)
+    fix = "set it to how many records to read (-1 or unset: all of them)"
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise args.error(f"runtime.{key}", f"{value!r} is not a whole number", fix)
+    if value == 0 and key == "training_data_num_limit":
+        raise args.error(f"runtime.{key}", "0 keeps no training record", fix)
+    return value
+
+
 def load_data(args: chatlearn.Config, key: str, path: Path, limit: int | None = None) -> list[dict]:
     """The records of ``runtime.<key>`` (the first ``limit``: the file is read no further); a
     file that is not preference data is a config error naming the key (one line, exit 2), not a
     traceback."""
     try:
-        return load_preference_data(path, None if limit is None else int(limit))
+        return load_preference_data(path, limit)
     except ValueError as exc:
         raise args.error(
             f"runtime.{key}",
@@ -112,8 +126,10 @@ def summarize(result: LearnResult) -> str:
 if __name__ == "__main__":
     chatlearn.init()
     args = chatlearn.get_args()
-    runtime = args.runtime_args
     train_path, eval_path = data_paths(args)
+    # ChatLearn's entry scripts read these (-1 or unset: every record)
+    train_limit = data_limit(args, "training_data_num_limit")
+    eval_limit = data_limit(args, "eval_data_num_limit")
     paths = {"data_path": train_path}
     if eval_path is not None:
         paths["eval_data_path"] = eval_path
@@ -122,12 +138,7 @@ if __name__ == "__main__":
     reference = PolicyReference("reference")
     policy = PolicyTrainer("policy_trainer")
     engine = DPOEngine(reference, policy)
-    # ChatLearn's entry scripts read these (-1 or unset: every record)
-    train_limit = runtime.get("training_data_num_limit", None)
-    train = load_data(args, "data_path", train_path, train_limit)
-    engine.set_dataset(train)
+    engine.set_dataset(load_data(args, "data_path", train_path, train_limit))
     if eval_path is not None:
-        eval_limit = runtime.get("eval_data_num_limit", None)
-        held_out = load_data(args, "eval_data_path", eval_path, eval_limit)
-        engine.set_eval_dataset(held_out)
+        engine.set_eval_dataset(load_data(args, "eval_data_path", eval_path, eval_limit))
     print(summarize(engine.learn()))

@@ -210,3 +210,37 @@ def test_the_example_reads_no_eval_set_from_a_null_or_absent_path_and_expands_ho
         f"    trainable: true\nruntime:\n  data_path: ~/mine.jsonl\n  {eval_line}\n"
     )
     assert data_paths(load_config(config)) == (tmp_path / "mine.jsonl", None)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("1.5", "1.5 is not a whole number"),  # int() made it 1 record, silently
+        ("abc", "'abc' is not a whole number"),  # was an error about runtime.data_path
+        ("true", "True is not a whole number"),
+        ("0", "0 keeps no training record"),  # was "the dataset is empty", naming no key
+    ],
+)
+def test_the_examples_data_limits_must_be_whole_numbers(
+    value: str, problem: str, tmp_path: Path
+) -> None:
+    from chatlearn.config import ConfigError, load_config
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from examples.dpo.train_dpo import data_limit
+    finally:
+        sys.path.remove(str(ROOT))
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "models:\n  reference:\n    num_cpu: 1\n  policy_trainer:\n    num_cpu: 1\n"
+        f"    trainable: true\nruntime:\n  training_data_num_limit: {value}\n"
+        "  eval_data_num_limit: 0\n"
+    )
+    args = load_config(config)
+    with pytest.raises(ConfigError) as info:
+        data_limit(args, "training_data_num_limit")
+    line = str(info.value)
+    assert f"c.yaml:8: runtime.training_data_num_limit: {problem}" in line, line
+    assert "fix: set it to how many records to read (-1 or unset: all of them)" in line
+    assert data_limit(args, "eval_data_num_limit") == 0  # no eval records: no evaluation
