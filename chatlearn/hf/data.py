@@ -36,7 +36,9 @@ A pair whose responses are identical after truncation is kept (its DPO gradient 
 counted in `num_identical`; those identical in the data already, not by truncation, are also
 counted in `num_identical_in_data` (the summary tells the two apart). A pair with a response of
 no token (a chat template rendering nothing for it) is kept, counted in `num_empty_responses`
-and said in the summary (which the HF modules log as a warning).
+and said in the summary (which the HF modules log as a warning). So is a pair whose chosen or
+rejected text is empty or whitespace only in the data (`num_blank_responses`: a scrape or a
+generation that failed): it still scores as eos alone, which DPO then teaches as an answer.
 
 Batches (see chatlearn.algorithms.dpo for the convention): `chosen_input_ids`,
 `chosen_attention_mask`, `chosen_loss_mask` and the same `rejected_*`, right-padded.
@@ -426,6 +428,23 @@ def _same_responses(record: Mapping[str, Any]) -> bool:
     return str(chosen) == str(rejected)
 
 
+def _blank_response(record: Mapping[str, Any]) -> bool:
+    """Whether a record's chosen or rejected is empty or whitespace-only text (a message list:
+    every message's text content so)."""
+
+    def blank(value: Any) -> bool:
+        if isinstance(value, str):
+            return value == "" or value.isspace()
+        if isinstance(value, list):
+            return all(isinstance(m, Mapping) and blank(m.get("content")) for m in value)
+        return False
+
+    if _is_conversational(record):  # the responses without the prompt's messages
+        _, chosen, rejected = _split_conversation(record)
+        return blank(chosen) or blank(rejected)
+    return blank(record["chosen"]) or blank(record["rejected"])
+
+
 def _is_conversational(record: Mapping[str, Any]) -> bool:
     return any(isinstance(record.get(key), list) for key in ("prompt", "chosen", "rejected"))
 
@@ -811,6 +830,8 @@ class PreferenceDataset(Dataset):
         # pairs with a response of no token (a chat template that renders nothing for it): its
         # log-prob is 0 whatever the model, all its loss mask zeros
         self.num_empty_responses = 0
+        # pairs with an empty or whitespace-only chosen or rejected text (of tokens: eos alone)
+        self.num_blank_responses = 0
         pairs = self.pair_tokenizer
         loaded = load_preference_data(records)
         for index, (prompt, chosen, rejected) in enumerate(pairs.iter_encoded(loaded, split)):
@@ -821,7 +842,9 @@ class PreferenceDataset(Dataset):
                 self.num_identical_in_data += not cut or _same_responses(loaded[index])
             self.num_empty_prompts += not kept_prompt
             self.num_prompts_cut_away += bool(prompt) and not kept_prompt
-            self.num_empty_responses += not (kept_chosen and kept_rejected)
+            no_token = not (kept_chosen and kept_rejected)
+            self.num_empty_responses += no_token
+            self.num_blank_responses += not no_token and _blank_response(loaded[index])
             self.num_truncated_prompts += len(kept_prompt) < len(prompt)
             self.num_truncated_responses += len(kept_chosen) < len(chosen) or len(
                 kept_rejected
@@ -851,7 +874,8 @@ class PreferenceDataset(Dataset):
         token and which a response of no token; None when there is none of that."""
         cut = self.num_truncated_prompts or self.num_truncated_responses
         made_identical = self.num_identical - self.num_identical_in_data
-        if not (cut or self.num_identical or self.num_empty_prompts or self.num_empty_responses):
+        empty = self.num_empty_responses or self.num_blank_responses
+        if not (cut or self.num_identical or self.num_empty_prompts or empty):
             return None
         parts = []
         if cut or made_identical:
@@ -877,6 +901,12 @@ class PreferenceDataset(Dataset):
                 f"{self.num_empty_responses} have a response of no token (the chat template "
                 "renders nothing for it, e.g. empty content): its log-prob is 0 whatever the "
                 "model, so only the other response is trained; fix the data or the template"
+            )
+        if self.num_blank_responses:
+            parts.append(
+                f"{self.num_blank_responses} have an empty or whitespace-only chosen or rejected "
+                "text in the data: it is trained as an answer of nothing (eos alone); drop or "
+                "fix those records"
             )
         if made_identical:
             parts.append(

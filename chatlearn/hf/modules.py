@@ -409,7 +409,8 @@ class _HFModule(TorchModule):
         summary = dataset.truncation_summary()
         if summary and self.replica_id == 0 and self.rank == 0:  # every replica builds it
             share = dataset.num_identical / max(1, len(dataset))
-            worth_a_warning = share > 0.01 or dataset.num_empty_responses
+            empty = dataset.num_empty_responses + dataset.num_blank_responses
+            worth_a_warning = share > 0.01 or empty
             log = self._logger.warning if worth_a_warning else self._logger.info
             log("%s: %s data set: %s", self.name, "eval" if is_eval else "training", summary)
         return dataset

@@ -621,3 +621,31 @@ def test_data_from_a_pipe_keeps_its_first_bytes(tmp_path: Path) -> None:
         writer.join(5)
     assert not writer.is_alive()
     assert len(records) == 2
+
+
+def test_empty_or_whitespace_only_responses_in_the_data_are_counted_and_said() -> None:
+    # "" or "  \n" as chosen or rejected (a failed scrape or generation) scored as eos alone and
+    # was trained as an answer of nothing, without a word
+    tok = byte_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    user = {"role": "user", "content": "hi"}
+    records = [
+        {"prompt": "q", "chosen": "", "rejected": "no"},
+        {"prompt": "q", "chosen": "yes", "rejected": " \n\t"},
+        {"prompt": [user], "chosen": [{"role": "assistant", "content": " "}], "rejected": "no"},
+        {  # whole conversations: the prompt's message is not a response
+            "chosen": [user, {"role": "assistant", "content": ""}],
+            "rejected": [user, {"role": "assistant", "content": "no"}],
+        },
+        {"prompt": "", "chosen": "yes", "rejected": "no"},  # an empty prompt is no response
+        {"prompt": [user], "chosen": [{"role": "assistant", "content": "ok"}], "rejected": "no"},
+    ]
+    ds = PreferenceDataset(records, tok, max_length=32)
+    assert len(ds) == 6 and ds.num_blank_responses == 4 and ds.num_empty_responses == 0
+    assert ds.truncation_summary() == (
+        "of 6 pairs, 4 have an empty or whitespace-only chosen or rejected text in the data: it "
+        "is trained as an answer of nothing (eos alone); drop or fix those records"
+    )
