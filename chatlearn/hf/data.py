@@ -148,16 +148,17 @@ def _open_lines(path: Path) -> Iterator[IO[bytes]]:
 
 
 def _decoded(raw: bytes, number: int, path: Path) -> str:
-    """Line ``number`` as text: UTF-8 (the first line's byte-order mark skipped: Windows tools
-    write one); anything else is a ValueError naming the line and byte, with a hint for UTF-16
-    files."""
+    """Line ``number`` as text: UTF-8 (a byte-order mark at a line's start skipped: Windows tools
+    write one, and ``cat a.jsonl b.jsonl`` puts b's inside the file, where it was "not valid
+    JSON: Unexpected UTF-8 BOM"); anything else is a ValueError naming the line and byte, with a
+    hint for UTF-16 files."""
     if number == 1 and raw.startswith(UTF16_BOMS):
         raise ValueError(
             f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8, "
             f"e.g. iconv -f UTF-16 -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix}"
         )
     try:
-        return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         byte = raw[exc.start : exc.start + 1].hex()
         raise ValueError(

@@ -649,3 +649,16 @@ def test_empty_or_whitespace_only_responses_in_the_data_are_counted_and_said() -
         "of 6 pairs, 4 have an empty or whitespace-only chosen or rejected text in the data: it "
         "is trained as an answer of nothing (eos alone); drop or fix those records"
     )
+
+
+def test_byte_order_marks_of_concatenated_files_are_skipped(tmp_path: Path) -> None:
+    # `cat a.jsonl b.jsonl` of two files a Windows tool wrote (each with a BOM, CRLF line ends):
+    # line 3 was "not valid JSON: Unexpected UTF-8 BOM"
+    part = "\ufeff" + "".join(
+        json.dumps({"prompt": f"p{i}", "chosen": "c", "rejected": "r"}) + "\r\n" for i in range(2)
+    )
+    data = tmp_path / "all.jsonl"
+    data.write_bytes((part + part).encode("utf-8"))
+    records = load_preference_data(data)
+    assert [r["prompt"] for r in records] == ["p0", "p1", "p0", "p1"]
+    assert records.origin(2) == f"{data}:3"
