@@ -135,12 +135,41 @@ GZIP_MAGIC = b"\x1f\x8b"
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
+# columnar files a data set often comes as (the Hub's parquet; datasets' save_to_disk .arrow),
+# and a command that converts each to JSONL ({src}, {out}: file names)
+_DATASETS = "from datasets import Dataset; Dataset.{reader}('{{src}}').to_json('{{out}}')"
+BINARY_FORMATS = {
+    b"PAR1": ("a Parquet file", _DATASETS.format(reader="from_parquet")),
+    b"ARROW1": (
+        "an Arrow (Feather) file",
+        "import pandas; pandas.read_feather('{src}').to_json('{out}', orient='records', "
+        "lines=True, force_ascii=False)",
+    ),
+    b"\xff\xff\xff\xff": (
+        "an Arrow stream (the .arrow files of datasets' save_to_disk)",
+        _DATASETS.format(reader="from_file"),
+    ),
+}
+
+
 @contextlib.contextmanager
 def _open_lines(path: Path) -> Iterator[IO[bytes]]:
     """The file's lines as bytes; a gzip file (its magic bytes, whatever its name) is read
-    through gzip. Opened once and peeked at, so a pipe (``/dev/stdin``) keeps its first bytes."""
+    through gzip. Opened once and peeked at, so a pipe (``/dev/stdin``) keeps its first bytes.
+    A Parquet or Arrow file is a ValueError saying so, with a command converting it: it was
+    "not UTF-8 text", with advice to convert it from Latin-1."""
     with path.open("rb") as handle:
-        if handle.peek(2)[:2] == GZIP_MAGIC:
+        head = handle.peek(8)
+        for magic, (kind, command) in BINARY_FORMATS.items():
+            if head.startswith(magic):
+                out = path.with_suffix(".jsonl").name
+                if out == path.name:  # never the file itself
+                    out = f"{path.stem}.converted.jsonl"
+                convert = command.format(src=path.name, out=out)
+                raise ValueError(
+                    f'{path}: {kind}, not JSONL text; convert it: python -c "{convert}"'
+                )
+        if head[:2] == GZIP_MAGIC:
             with gzip.GzipFile(fileobj=handle, mode="rb") as unzipped:
                 yield cast(IO[bytes], unzipped)
         else:

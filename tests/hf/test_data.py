@@ -662,3 +662,25 @@ def test_byte_order_marks_of_concatenated_files_are_skipped(tmp_path: Path) -> N
     records = load_preference_data(data)
     assert [r["prompt"] for r in records] == ["p0", "p1", "p0", "p1"]
     assert records.origin(2) == f"{data}:3"
+
+
+@pytest.mark.parametrize(
+    ("head", "kind", "convert"),
+    [
+        (b"PAR1\x15\x00\x15\xc8\x01\x15", "a Parquet file", "Dataset.from_parquet('data.jsonl')"),
+        (b"\xff\xff\xff\xff\xb8\x00\x00\x00", "an Arrow stream", "Dataset.from_file('data.jsonl')"),
+        (b"ARROW1\x00\x00\xff\xff", "an Arrow (Feather) file", "pandas.read_feather('data.jsonl')"),
+    ],
+)
+def test_parquet_and_arrow_files_are_named_with_a_conversion(
+    head: bytes, kind: str, convert: str, tmp_path: Path
+) -> None:
+    # the Hub's parquet files and datasets' .arrow ones were "not UTF-8 text", with advice to
+    # convert them from Latin-1 with iconv
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(head + bytes(64) + b"\n" + bytes(64))
+    with pytest.raises(ValueError) as info:
+        load_preference_data(data)
+    said = str(info.value)
+    assert said.startswith(f"{data}: {kind}") and "not UTF-8" not in said, said
+    assert convert in said and "data.converted.jsonl" in said  # never the file itself
