@@ -96,7 +96,8 @@ def load_preference_data(
                     except json.JSONDecodeError as exc:
                         if number == 1 and line.lstrip().startswith("["):
                             raise ValueError(_ARRAY_FILE.format(path=path)) from None
-                        raise ValueError(f"{path}:{number}: not valid JSON: {exc}") from None
+                        hint = _not_json_hint(line, exc, last=not raw.endswith(b"\n"))
+                        raise ValueError(f"{path}:{number}: not valid JSON: {exc}{hint}") from None
                     if number == 1 and isinstance(record, list) and record:
                         if all(isinstance(item, Mapping) for item in record):
                             raise ValueError(_ARRAY_FILE.format(path=path))
@@ -129,6 +130,31 @@ def load_preference_data(
     for i, record in enumerate(checked):
         _check_text(record, f"sample {i} of {given}")
     return checked
+
+
+def _not_json_hint(line: str, exc: json.JSONDecodeError, *, last: bool) -> str:
+    """What a line that is not JSON most likely is, and its fix ("" when that is not clear):
+    json's message alone ("Expecting property name enclosed in double quotes", "Extra data")
+    said neither that the file's last line was cut short (a copy or a write that did not
+    finish), nor that its records were pretty-printed over several lines, nor that two records
+    shared a line."""
+    if exc.msg == "Extra data" and line[exc.pos :].lstrip().startswith("{"):
+        return " (two records on one line: a line end is missing between them)"
+    ended = exc.msg.startswith("Unterminated string") or exc.pos >= len(line.rstrip())
+    if not ended or not line.lstrip().startswith("{"):
+        return ""
+    if last:  # no line end after it: the file ends inside the record
+        return (
+            " (the file's last line ends inside its record: cut short, by a copy or a write "
+            "that did not finish?); complete that line or delete it"
+        )
+    if line.rstrip()[-1:] in ("{", "[", ",", ":"):
+        return (
+            " (the record goes on past the line's end: JSONL holds each record on one line, "
+            "not indented over several as pretty-printed JSON is); write each record on one "
+            "line (json.dumps(record), no indent), e.g. jq -c . in.json > out.jsonl"
+        )
+    return ""
 
 
 GZIP_MAGIC = b"\x1f\x8b"

@@ -684,3 +684,28 @@ def test_parquet_and_arrow_files_are_named_with_a_conversion(
     said = str(info.value)
     assert said.startswith(f"{data}: {kind}") and "not UTF-8" not in said, said
     assert convert in said and "data.converted.jsonl" in said  # never the file itself
+
+
+def test_a_line_that_is_not_json_says_what_it_most_likely_is(tmp_path: Path) -> None:
+    # json's messages alone ("Expecting property name enclosed in double quotes", "Extra data")
+    # left the user to find out that a write was cut short, or that records were pretty-printed
+    good = json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"})
+    data = tmp_path / "data.jsonl"
+
+    def said(text: str) -> str:
+        data.write_text(text)
+        with pytest.raises(ValueError) as info:
+            load_preference_data(data)
+        return str(info.value)
+
+    cut = said(f"{good}\n{good}\n{good[:30]}")  # no line end: the file ends inside the record
+    assert cut.startswith(f"{data}:3: not valid JSON: ") and "cut short" in cut, cut
+    assert "complete that line or delete it" in cut
+    pretty = said(json.dumps(json.loads(good), indent=2) + "\n")
+    assert pretty.startswith(f"{data}:1: not valid JSON: ") and "pretty-printed" in pretty
+    assert "jq -c . in.json > out.jsonl" in pretty
+    assert "two records on one line" in said(f"{good}{good}\n")
+    # a record that is not closed, followed by others: no guess
+    unclosed = said(f"{good}\n{good[:-1]}\n{good}\n")
+    assert unclosed.startswith(f"{data}:2: not valid JSON: Expecting ',' delimiter"), unclosed
+    assert unclosed.endswith("(char 47)"), unclosed
