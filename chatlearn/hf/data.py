@@ -961,8 +961,8 @@ class PreferenceDataset(Dataset):
         if self.num_blank_responses:
             parts.append(
                 f"{self.num_blank_responses} have an empty or whitespace-only chosen or rejected "
-                "text in the data: it is trained as an answer of nothing (eos alone); drop or "
-                "fix those records"
+                "text in the data: it scores as an answer of nothing (eos alone), which a "
+                "chosen one teaches; drop or fix those records"
             )
         if made_identical:
             parts.append(

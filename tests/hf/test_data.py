@@ -647,7 +647,8 @@ def test_empty_or_whitespace_only_responses_in_the_data_are_counted_and_said() -
     assert len(ds) == 6 and ds.num_blank_responses == 4 and ds.num_empty_responses == 0
     assert ds.truncation_summary() == (
         "of 6 pairs, 4 have an empty or whitespace-only chosen or rejected text in the data: it "
-        "is trained as an answer of nothing (eos alone); drop or fix those records"
+        "scores as an answer of nothing (eos alone), which a chosen one teaches; drop or fix "
+        "those records"
     )
 
 
