@@ -935,10 +935,13 @@ class PreferenceDataset(Dataset):
             return None
         parts = []
         if cut or made_identical:
+            # naming max_length alone blamed it for what max_prompt_length cut
+            bound = self.pair_tokenizer.max_prompt_length
+            limits = "" if bound is None else f" and max_prompt_length {bound}"
             parts.append(
                 f"{self.num_truncated_prompts} lost prompt tokens and "
                 f"{self.num_truncated_responses} lost response tokens to max_length "
-                f"{self.pair_tokenizer.max_length}"
+                f"{self.pair_tokenizer.max_length}{limits}"
             )
         empty_in_data = self.num_empty_prompts - self.num_prompts_cut_away
         if empty_in_data:

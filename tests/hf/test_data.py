@@ -710,3 +710,13 @@ def test_a_line_that_is_not_json_says_what_it_most_likely_is(tmp_path: Path) -> 
     unclosed = said(f"{good}\n{good[:-1]}\n{good}\n")
     assert unclosed.startswith(f"{data}:2: not valid JSON: Expecting ',' delimiter"), unclosed
     assert unclosed.endswith("(char 47)"), unclosed
+
+
+def test_the_summary_names_max_prompt_length_when_it_cut() -> None:
+    # "lost prompt tokens to max_length 512" blamed max_length for what max_prompt_length cut
+    record = {"prompt": "ABCDEFGHIJ", "chosen": "0123", "rejected": "ab"}
+    ds = PreferenceDataset([record], byte_tokenizer(), max_length=512, max_prompt_length=4)
+    assert ds.truncation_summary() == (
+        "of 1 pairs, 1 lost prompt tokens and 0 lost response tokens to max_length 512 and "
+        "max_prompt_length 4"
+    )
