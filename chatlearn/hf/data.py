@@ -104,7 +104,7 @@ def load_preference_data(
                     where = f"{path}:{number}"
                     if _MAYBE_SURROGATE.search(line):  # only an escape can put one in
                         _check_text(record, where)
-                    records.add(_check_record(record, where), number)
+                    records.add(_check_record(record, where, in_file=True), number)
         except OSError as exc:  # missing, a directory, unreadable, a broken gzip stream
             raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
         except EOFError:  # a gzip file cut short
@@ -349,7 +349,7 @@ _RECORD_FIX = (
 )
 
 
-def _check_record(record: Any, where: str) -> dict:
+def _check_record(record: Any, where: str, *, in_file: bool = False) -> dict:
     if not isinstance(record, Mapping):
         raise ValueError(
             f"{_RECORD_SHAPE}; {where} is {_short(record)} (a {type(record).__name__}); "
@@ -367,9 +367,15 @@ def _check_record(record: Any, where: str) -> dict:
     if "prompt" not in record and not conversational:
         missing.insert(0, "prompt")
     if missing:
+        # a file's record is fixed in the file: "pass engine.set_dataset() a list" told its
+        # reader to do what they did; a key under another name ("Prompt", "question") is named
+        renames = [f"{other!r} to {key!r}" for key in missing if (other := _near_key(record, key))]
+        fix = _RECORD_FIX if not in_file else "give every record these keys"
+        if renames:
+            fix = f"rename {', '.join(renames)}"
         raise ValueError(
             f"{_RECORD_SHAPE}; {where} is missing {missing} (it has {sorted(map(str, record))}: "
-            f"{_short(record)}); {_RECORD_FIX}"
+            f"{_short(record)}); {fix}"
         )
     for key in ("prompt", "chosen", "rejected"):
         value = record.get(key, "")
@@ -387,6 +393,24 @@ def _check_record(record: Any, where: str) -> dict:
         if isinstance(value, list):
             _check_messages(value, f"{where}: {key}")
     return record
+
+
+# other data sets' names of the keys (StackExchange-paired's response_j/k, instruction data's
+# question/instruction/query)
+_KEY_ALIASES = {
+    "prompt": ("question", "instruction", "query", "input"),
+    "chosen": ("response_j", "chosen_response", "preferred", "better"),
+    "rejected": ("response_k", "rejected_response", "dispreferred", "worse"),
+}
+
+
+def _near_key(record: Mapping[str, Any], key: str) -> str | None:
+    """A key of ``record`` that is most likely ``key`` under another name or spelling."""
+    for other in record:
+        name = str(other).strip().lower()
+        if name in (key, key[: max(4, len(name))]) or name in _KEY_ALIASES[key]:  # "reject"
+            return str(other)
+    return None
 
 
 def _check_messages(messages: list, where: str) -> None:

@@ -720,3 +720,28 @@ def test_the_summary_names_max_prompt_length_when_it_cut() -> None:
         "of 1 pairs, 1 lost prompt tokens and 0 lost response tokens to max_length 512 and "
         "max_prompt_length 4"
     )
+
+
+def test_a_missing_key_names_the_key_that_most_likely_is_it(tmp_path: Path) -> None:
+    # a file's record missing a key ended with "pass engine.set_dataset() a list of such dicts",
+    # advice for code, naming none of the keys the record had under another name
+    data = tmp_path / "data.jsonl"
+    lines = [
+        {"question": "q", "response_j": "a", "response_k": "b"},  # StackExchange-paired
+        {"Prompt": "q", "Chosen": "a", "rejected": "b"},
+        {"prompt": "q", "chosen": "a", "reject": "b"},
+        {"p": "q", "c": "a", "r": "b"},
+    ]
+    fixes = [
+        "rename 'question' to 'prompt', 'response_j' to 'chosen', 'response_k' to 'rejected'",
+        "rename 'Prompt' to 'prompt', 'Chosen' to 'chosen'",
+        "rename 'reject' to 'rejected'",
+        "give every record these keys",
+    ]
+    for line, fix in zip(lines, fixes, strict=True):
+        data.write_text(json.dumps(line) + "\n")
+        with pytest.raises(ValueError) as info:
+            load_preference_data(data)
+        assert str(info.value).endswith(f"); {fix}"), str(info.value)
+    with pytest.raises(ValueError, match=r"\); pass engine.set_dataset\(\) a list"):
+        load_preference_data([lines[3]])  # records given in code: fixed in code
