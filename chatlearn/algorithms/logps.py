@@ -147,9 +147,11 @@ def token_logps_chunked(
         )
         for start in range(0, targets.shape[0], chunk_size)
     ]
-    if not pieces:
-        dtype = torch.promote_types(states.dtype, torch.float32)
-        return states.new_zeros(0, dtype=dtype)
+    if not pieces:  # no token to score (every response of the forward has no token)
+        # through the head all the same (zero rows: no cost), so the sums stay in the graph:
+        # detached zeros failed the train step's backward with "element 0 of tensors does not
+        # require grad", and under DDP every parameter must take part in each backward
+        return _token_logps(head, states, targets, post)
     return torch.cat(pieces)
 
 

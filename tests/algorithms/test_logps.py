@@ -257,3 +257,24 @@ def test_a_trainer_whose_fallback_would_leave_parameters_untrained_is_refused() 
     )
     with pytest.raises(ConfigError, match="logit_gain.*untrained"):
         Trainer("policy", args=config).setup()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_forward_with_no_token_to_score_still_backpropagates(packed: bool) -> None:
+    # pairs whose responses have no token (a chat template rendering nothing for empty
+    # content), alone in a micro-batch or in a token budget's forward: the chunked head
+    # returned detached zeros and the train step's backward failed with "element 0 of tensors
+    # does not require grad"; now every parameter gets a (zero) gradient, as DDP needs
+    model = build_causal_lm(TINY, seed=0)
+    chunked = SequenceLogps.from_causal_lm(model, chunk_size=8)
+    pairs = _batch(3, 12, 50, seed=2)
+    pairs["loss_mask"] = torch.zeros_like(pairs["loss_mask"])
+    batch = {
+        f"{side}_{key}": value for side in ("chosen", "rejected") for key, value in pairs.items()
+    }
+    options = {"packing": packed, "prefix_sharing": packed}
+    got = concatenated_logps(chunked, batch, **options)
+    assert torch.equal(got.chosen, torch.zeros(3)) and got.chosen.requires_grad
+    (got.chosen - got.rejected).sum().backward()
+    for name, param in chunked.named_parameters():
+        assert param.grad is not None and not param.grad.any(), name
