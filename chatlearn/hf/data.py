@@ -139,6 +139,11 @@ def _not_json_hint(line: str, exc: json.JSONDecodeError, *, last: bool) -> str:
     finish), nor that its records were pretty-printed over several lines, nor that two records
     shared a line."""
     if exc.msg == "Extra data" and line[exc.pos :].lstrip().startswith("{"):
+        if line[: exc.pos].rstrip(" \t").endswith("\r"):  # no \n: lines end with \r alone
+            return (
+                " (the file's lines end with a carriage return alone, as classic Mac OS wrote "
+                "them); convert them to line feeds, e.g. tr '\\r' '\\n' < in.jsonl > out.jsonl"
+            )
         return " (two records on one line: a line end is missing between them)"
     ended = exc.msg.startswith("Unterminated string") or exc.pos >= len(line.rstrip())
     if not ended or not line.lstrip().startswith("{"):

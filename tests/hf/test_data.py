@@ -706,6 +706,9 @@ def test_a_line_that_is_not_json_says_what_it_most_likely_is(tmp_path: Path) -> 
     assert pretty.startswith(f"{data}:1: not valid JSON: ") and "pretty-printed" in pretty
     assert "jq -c . in.json > out.jsonl" in pretty
     assert "two records on one line" in said(f"{good}{good}\n")
+    # lines ended by a carriage return alone (classic Mac OS) were "two records on one line"
+    mac = said(f"{good}\r{good}\r")
+    assert "end with a carriage return alone" in mac and "tr '\\r' '\\n'" in mac, mac
     # a record that is not closed, followed by others: no guess
     unclosed = said(f"{good}\n{good[:-1]}\n{good}\n")
     assert unclosed.startswith(f"{data}:2: not valid JSON: Expecting ',' delimiter"), unclosed
