@@ -401,9 +401,9 @@ def _check_record(record: Any, where: str, *, in_file: bool = False) -> dict:
 
 
 # other data sets' names of the keys (StackExchange-paired's response_j/k, instruction data's
-# question/instruction/query)
+# question/instruction/query, ShareGPT's conversations)
 _KEY_ALIASES = {
-    "prompt": ("question", "instruction", "query", "input"),
+    "prompt": ("question", "instruction", "query", "input", "conversations"),
     "chosen": ("response_j", "chosen_response", "preferred", "better"),
     "rejected": ("response_k", "rejected_response", "dispreferred", "worse"),
 }
@@ -433,9 +433,11 @@ def _check_messages(messages: list, where: str) -> None:
         elif not isinstance(message.get("content"), str | list):  # a list: content parts
             problem = f"has no content ({_short(message)})"
         if problem:
+            sharegpt = isinstance(message, Mapping) and {"from", "value"} <= message.keys()
             raise ValueError(
                 f"{where}: message {i} {problem}; write each message as "
                 '{"role": "user" | "assistant" | ..., "content": "text"}'
+                + (" (ShareGPT's from/value: human is user, gpt assistant)" if sharegpt else "")
             )
 
 

@@ -748,3 +748,16 @@ def test_a_missing_key_names_the_key_that_most_likely_is_it(tmp_path: Path) -> N
         assert str(info.value).endswith(f"); {fix}"), str(info.value)
     with pytest.raises(ValueError, match=r"\); pass engine.set_dataset\(\) a list"):
         load_preference_data([lines[3]])  # records given in code: fixed in code
+
+
+def test_sharegpt_records_are_named_with_what_to_change(tmp_path: Path) -> None:
+    # LLaMA-Factory's ShareGPT preference records: "conversations" and {"from", "value"}
+    # messages were "missing ['prompt']" / "message 0 has no role", naming neither
+    data = tmp_path / "data.jsonl"
+    turn = {"from": "human", "value": "hi"}
+    data.write_text(json.dumps({"conversations": [turn], "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(ValueError, match="rename 'conversations' to 'prompt'$"):
+        load_preference_data(data)
+    data.write_text(json.dumps({"prompt": [turn], "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"message 0 has no role .*\(ShareGPT's from/value: human"):
+        load_preference_data(data)
