@@ -106,6 +106,8 @@ def load_preference_data(
                         _check_text(record, where)
                     records.add(_check_record(record, where, in_file=True), number)
         except OSError as exc:  # missing, a directory, unreadable, a broken gzip stream
+            if path.is_dir():  # a data set's folder (a Hub download, datasets' save_to_disk)
+                raise ValueError(_directory_error(path)) from None
             raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
         except EOFError:  # a gzip file cut short
             raise ValueError(f"{path}: cannot read it (a gzip file cut short)") from None
@@ -160,6 +162,25 @@ def _not_json_hint(line: str, exc: json.JSONDecodeError, *, last: bool) -> str:
             "line (json.dumps(record), no indent), e.g. jq -c . in.json > out.jsonl"
         )
     return ""
+
+
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".arrow")
+
+
+def _directory_error(path: Path) -> str:
+    """A directory given as a data file: the data files in it (up to three levels down, as a
+    Hub download's data/train-*.parquet), so the user can name one; "cannot read it (Is a
+    directory)" named none."""
+    entries = (file for depth in ("*", "*/*", "*/*/*") for file in path.glob(depth))
+    found = sorted(  # at most 10,000 entries looked at: the path could be / or a home
+        str(file.relative_to(path))
+        for file in itertools.islice(entries, 10_000)
+        if file.name.endswith(DATA_SUFFIXES) and file.is_file()
+    )
+    if not found:
+        return f"{path}: a directory, with no data file in it; give the path of a JSONL file"
+    shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    return f"{path}: a directory; give the path of one JSONL file in it (it holds {shown})"
 
 
 GZIP_MAGIC = b"\x1f\x8b"

@@ -207,7 +207,7 @@ def test_a_data_file_that_cannot_be_read_says_which_and_why(tmp_path) -> None:
     empty.write_text("\n\n")
     binary.write_bytes(b'{"prompt": "p", "chosen": "c", "rejected": "r"}\n\xff\xfe\n')
     cases = [
-        (tmp_path, "cannot read it (Is a directory)"),
+        (tmp_path, "a directory; give the path of one JSONL file in it (it holds binary.jsonl, "),
         (tmp_path / "missing.jsonl", "cannot read it (No such file or directory)"),
         (empty, "no records (the file is empty)"),
         (binary, "binary.jsonl:2: not UTF-8 text (byte 0xff at byte 0 of the line)"),
@@ -761,3 +761,21 @@ def test_sharegpt_records_are_named_with_what_to_change(tmp_path: Path) -> None:
     data.write_text(json.dumps({"prompt": [turn], "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(ValueError, match=r"message 0 has no role .*\(ShareGPT's from/value: human"):
         load_preference_data(data)
+
+
+def test_a_directory_given_as_data_names_the_data_files_in_it(tmp_path: Path) -> None:
+    # a data set's folder (a Hub download, datasets' save_to_disk) was "cannot read it (Is a
+    # directory)", naming none of the files to give instead
+    (tmp_path / "data").mkdir()
+    for name in ("data/train-00000-of-00001.parquet", "data/test.jsonl", "README.md"):
+        (tmp_path / name).write_text("")
+    with pytest.raises(ValueError) as info:
+        load_preference_data(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path}: a directory; give the path of one JSONL file in it (it holds "
+        "data/test.jsonl, data/train-00000-of-00001.parquet)"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="a directory, with no data file in it"):
+        load_preference_data(empty)
