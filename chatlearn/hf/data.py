@@ -101,6 +101,8 @@ def load_preference_data(
                     if number == 1 and isinstance(record, list) and record:
                         if all(isinstance(item, Mapping) for item in record):
                             raise ValueError(_ARRAY_FILE.format(path=path))
+                    if number == 1 and isinstance(record, Mapping) and "chosen" not in record:
+                        _check_wrapped(record, path)
                     where = f"{path}:{number}"
                     if _MAYBE_SURROGATE.search(line):  # only an escape can put one in
                         _check_text(record, where)
@@ -365,6 +367,23 @@ _ARRAY_FILE = (
     'python -c "import json,sys; [print(json.dumps(r)) for r in json.load(sys.stdin)]" '
     "< in.json > out.jsonl)"
 )
+
+
+def _check_wrapped(record: Mapping[str, Any], path: Path) -> None:
+    """A JSON file whose one object holds the records in a list under a key ({"data": [...]}):
+    a ValueError naming the key, with a command converting it; it was "missing ['prompt',
+    'chosen', 'rejected'] (it has ['data'])"."""
+    for key, value in record.items():
+        if isinstance(value, list) and value and isinstance(value[0], Mapping):
+            if "chosen" in value[0]:
+                raise ValueError(
+                    f"{path}: one JSON object holding the records in a list under {key!r}; "
+                    "preference data files are JSONL, one record a line (convert it with "
+                    'python -c "import json,sys; [print(json.dumps(r)) for r in '
+                    f'json.load(sys.stdin)[{key!r}]]" < {path.name} > out.jsonl)'
+                )
+
+
 _RECORD_SHAPE = (
     'DPO data must be preference records: {"prompt": ..., "chosen": ..., "rejected": ...} '
     "(strings, or message lists)"

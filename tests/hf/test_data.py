@@ -779,3 +779,16 @@ def test_a_directory_given_as_data_names_the_data_files_in_it(tmp_path: Path) ->
     empty.mkdir()
     with pytest.raises(ValueError, match="a directory, with no data file in it"):
         load_preference_data(empty)
+
+
+def test_a_json_object_holding_the_records_under_a_key_is_named(tmp_path: Path) -> None:
+    # {"data": [records]} on one line was "missing ['prompt', 'chosen', 'rejected'] (it has
+    # ['data'])", as if it were one bad record
+    record = {"prompt": "p", "chosen": "c", "rejected": "r"}
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps({"version": 1, "data": [record] * 3}))
+    with pytest.raises(ValueError) as info:
+        load_preference_data(data)
+    said = str(info.value)
+    assert said.startswith(f"{data}: one JSON object holding the records in a list under 'data'")
+    assert "json.load(sys.stdin)['data']" in said, said
