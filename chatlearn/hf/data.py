@@ -96,7 +96,8 @@ def load_preference_data(
                     except json.JSONDecodeError as exc:
                         if number == 1 and line.lstrip().startswith("["):
                             raise ValueError(_ARRAY_FILE.format(path=path)) from None
-                        hint = _not_json_hint(line, exc, last=not raw.endswith(b"\n"))
+                        last = not raw.endswith(b"\n")
+                        hint = _not_json_hint(line, exc, last=last, first=number == 1)
                         raise ValueError(f"{path}:{number}: not valid JSON: {exc}{hint}") from None
                     if number == 1 and isinstance(record, list) and record:
                         if all(isinstance(item, Mapping) for item in record):
@@ -136,12 +137,24 @@ def load_preference_data(
     return checked
 
 
-def _not_json_hint(line: str, exc: json.JSONDecodeError, *, last: bool) -> str:
+def _not_json_hint(line: str, exc: json.JSONDecodeError, *, last: bool, first: bool) -> str:
     """What a line that is not JSON most likely is, and its fix ("" when that is not clear):
     json's message alone ("Expecting property name enclosed in double quotes", "Extra data")
     said neither that the file's last line was cut short (a copy or a write that did not
     finish), nor that its records were pretty-printed over several lines, nor that two records
-    shared a line."""
+    shared a line, nor that the file was a CSV or TSV table."""
+    header = re.split(r"[,\t]", line.strip().lower())
+    if (
+        first
+        and not line.lstrip().startswith(("{", "["))
+        and {"chosen", "rejected"} <= {name.strip().strip('"') for name in header}
+    ):
+        sep = "\\t" if "\t" in line else ","
+        return (
+            "; it is a CSV/TSV table (its first line names the columns): convert it, e.g. "
+            "python -c \"import pandas; pandas.read_csv('in.csv', sep='" + sep + "')"
+            ".to_json('out.jsonl', orient='records', lines=True, force_ascii=False)\""
+        )
     if exc.msg == "Extra data" and line[exc.pos :].lstrip().startswith("{"):
         if line[: exc.pos].rstrip(" \t").endswith("\r"):  # no \n: lines end with \r alone
             return (

@@ -709,6 +709,13 @@ def test_a_line_that_is_not_json_says_what_it_most_likely_is(tmp_path: Path) -> 
     # lines ended by a carriage return alone (classic Mac OS) were "two records on one line"
     mac = said(f"{good}\r{good}\r")
     assert "end with a carriage return alone" in mac and "tr '\\r' '\\n'" in mac, mac
+    for table, sep in (
+        ('"prompt","chosen","rejected"\n"p","c","r"\n', ","),
+        ("prompt\tchosen\trejected\n", "\\t"),
+    ):
+        csv = said(table)  # was "Expecting value" or "Extra data" alone
+        assert csv.startswith(f"{data}:1: not valid JSON: ") and "it is a CSV/TSV table" in csv
+        assert f"pandas.read_csv('in.csv', sep='{sep}')" in csv, csv
     # a record that is not closed, followed by others: no guess
     unclosed = said(f"{good}\n{good[:-1]}\n{good}\n")
     assert unclosed.startswith(f"{data}:2: not valid JSON: Expecting ',' delimiter"), unclosed
