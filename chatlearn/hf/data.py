@@ -13,7 +13,8 @@ Tokenization:
 - string records: the prompt is `prompt_template` with `{prompt}` replaced, tokenized with the
   tokenizer's special tokens (a leading `<s>` where the tokenizer adds one, never a trailing eos
   of a tokenizer that appends one); each response is tokenized without special tokens and ends
-  with eos.
+  with eos. Text that holds them already (data exported with its template applied:
+  "<s>[INST] ...", "...</s>") gets no second bos or eos.
 - conversational records: the prompt is the chat template over the prompt messages with the
   generation prompt; a response is what the template adds for its messages (its end-of-turn
   tokens included, no extra eos). Prompt and responses are tokenized separately, so a merge across
@@ -635,6 +636,12 @@ class PairTokenizer:
         self._strip_eos = self._ids(probe, special=True)[-1:] == [tokenizer.eos_token_id] and plain[
             -1:
         ] != [tokenizer.eos_token_id]
+        # a tokenizer that puts bos before every text: a prompt whose text starts with it too
+        # (data exported with its template applied, "<s>[INST] ...") would start with two
+        bos = tokenizer.bos_token_id
+        self._adds_bos = (
+            bos is not None and self._ids(probe, special=True)[:1] == [bos] and plain[:1] != [bos]
+        )
 
     def encode(
         self, record: Mapping[str, Any], *, cut: bool = True
@@ -711,11 +718,10 @@ class PairTokenizer:
         self, prompt: str, chosen: str, rejected: str
     ) -> tuple[list[int], list[int], list[int]]:
         prompt_text = self.prompt_template.replace(PROMPT_PLACEHOLDER, prompt)
-        eos = [self.tokenizer.eos_token_id]
         return (
             self._prompt_ids(self._ids(prompt_text, special=True)),
-            self._ids(chosen) + eos,
-            self._ids(rejected) + eos,
+            self._response_ids(self._ids(chosen)),
+            self._response_ids(self._ids(rejected)),
         )
 
     def _ids(self, text: str, *, special: bool = False) -> list[int]:
@@ -723,11 +729,21 @@ class PairTokenizer:
 
     def _prompt_ids(self, ids: Sequence[int]) -> list[int]:
         """A string prompt's ids with special tokens, without the eos a tokenizer that appends
-        one put at its end."""
+        one put at its end, and with one bos where the text started with the bos the tokenizer
+        adds."""
         ids = list(ids)
         if self._strip_eos and ids[-1:] == [self.tokenizer.eos_token_id]:
             del ids[-1]
+        if self._adds_bos and ids[:2] == [self.tokenizer.bos_token_id] * 2:
+            del ids[0]
         return ids
+
+    def _response_ids(self, ids: Sequence[int]) -> list[int]:
+        """A string response's ids ending with one eos: appended, unless the text ended with
+        it already ("...</s>", data exported with its template applied), which scored and
+        taught a second eos after the first."""
+        eos = self.tokenizer.eos_token_id
+        return list(ids) if ids[-1:] == [eos] else [*ids, eos]
 
     def truncate(
         self, prompt: list[int], chosen: list[int], rejected: list[int]
@@ -769,7 +785,6 @@ class PairTokenizer:
         template = self.prompt_template
         refused: tuple[type[Exception], ...] = (ValueError, TypeError, KeyError)
         refused += _template_errors()
-        eos = [self.tokenizer.eos_token_id]
         for first in range(0, len(records), _ENCODE_SLICE):
             part = records[first : first + _ENCODE_SLICE]
             plain = [record for record in part if not _is_conversational(record)]
@@ -796,7 +811,11 @@ class PairTokenizer:
                     yield encoded
                     continue
                 chosen, rejected = response_ids[2 * k], response_ids[2 * k + 1]
-                encoded = self._prompt_ids(prompt_ids[k]), list(chosen) + eos, list(rejected) + eos
+                encoded = (
+                    self._prompt_ids(prompt_ids[k]),
+                    self._response_ids(chosen),
+                    self._response_ids(rejected),
+                )
                 k += 1
                 if self.max_chars is not None:
                     texts = [str(record[key]) for key in ("prompt", "chosen", "rejected")]

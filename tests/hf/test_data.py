@@ -799,3 +799,22 @@ def test_a_json_object_holding_the_records_under_a_key_is_named(tmp_path: Path) 
     said = str(info.value)
     assert said.startswith(f"{data}: one JSON object holding the records in a list under 'data'")
     assert "json.load(sys.stdin)['data']" in said, said
+
+
+def test_text_that_holds_the_bos_or_eos_already_gets_no_second_one() -> None:
+    # data exported with its template applied ("<s>[INST] ... [/INST]", "answer</s>"): the
+    # prompt started with two bos and the response ended with two eos, the second scored and
+    # taught as the answer's last token
+    tok = byte_tokenizer()
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    records = [
+        {"prompt": "<s>[INST] hi [/INST]", "chosen": "yes</s>", "rejected": "no"},
+        {"prompt": "[INST] hi [/INST]", "chosen": "yes", "rejected": "no</s>"},
+    ]
+    ds = PreferenceDataset(records, tok)
+    first, second = ds[0], ds[1]
+    for side in ("chosen", "rejected"):
+        assert torch.equal(first[f"{side}_input_ids"], second[f"{side}_input_ids"]), side
+    ids = first["chosen_input_ids"].tolist()
+    assert ids[:2] == [bos, ord("[")] and ids[-2:] == [ord("s"), eos], ids
+    assert len(PairTokenizer(tok).encode(records[0])[1]) == len("yes") + 1
