@@ -928,13 +928,25 @@ class DPOEngine(Engine):
             )
 
         self.pipeline = new_pipeline(resume is not None)
-        if self.pipeline.reference_cache.enabled:
-            logger.info(
-                "samples come back in later episodes: their reference outputs are computed once "
-                "and reused (runtime.reference_cache), what forward_step passed through from "
-                "the dataset included; set reference_cache: false if the dataset draws anew "
-                "at every visit"
+        draws = (settings.num_episode - self.state.episode) * settings.sample_per_episode
+        if draws > min(sampler.dataset_sizes, default=0):
+            # how often: a data set smaller than one episode (a wrong file, a limit of 3) went
+            # round many times an episode with no figure said
+            passes = draws / sum(sampler.dataset_sizes)
+            held = ", ".join(f"{size:,}" for size in sampler.dataset_sizes)
+            line = (
+                f"the run draws {draws:,} samples from {held} in the data "
+                f"set{'s' if len(sampler.dataset_sizes) > 1 else ''} ({passes:,.1f} passes): "
+                "samples come back"
             )
+            if self.pipeline.reference_cache.enabled:
+                line += (
+                    "; their reference outputs are computed once and reused "
+                    "(runtime.reference_cache), what forward_step passed through from the "
+                    "dataset included; set reference_cache: false if the dataset draws anew at "
+                    "every visit"
+                )
+            logger.info("%s", line)
         if resume is not None and resume.state is not None:
             self.pipeline.eval_history = list(resume.state.eval_history)
         try:

@@ -213,6 +213,8 @@ async def test_reference_reuse_across_data_epochs(
         with caplog.at_level(logging.INFO, logger="chatlearn.engine"):
             _, logs[cache] = await _learn(out, {**runtime, "reference_cache": cache}, range(12))
         assert (notice in caplog.text) == cache
+        # how often, said either way (a data set smaller than an episode went round unsaid)
+        assert "the run draws 36 samples from 12 in the data set (3.0 passes)" in caplog.text
     forwarded = sorted(row for f in _events(logs[True], "forward") for row in f["rows"])
     assert forwarded == list(range(12))  # once each: episodes 2 and 3 come from the cache
     assert len([row for f in _events(logs[False], "forward") for row in f["rows"]]) == 36
