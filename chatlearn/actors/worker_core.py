@@ -392,6 +392,10 @@ class ActorCore:
             _seed_process(args, identity.replica_id * identity.world_size + identity.rank)
         if spec.runtime_state:
             module._set_runtime_state(**spec.runtime_state)
+        if hasattr(module.global_args, "active_module_args"):
+            # ChatLearn's model_setup does this: get_args().active_module_args in the process
+            # is the section of the model being set up (a Config given as a dict has none)
+            module.global_args.active_module_args = module.module_args
         self.phase = "setup"
         invoke(module, "setup")
         if (spec.nice or spec.idle_priority) and not self.ctx.in_process:

@@ -179,6 +179,7 @@ def test_a_chatlearn_style_program_runs_unchanged(tmp_path: Path) -> None:
     assert setup["output_dir"] == str(output_dir)
     assert setup["lora"] == [False, False] and setup["lora_dim"] == 8  # ChatLearn's defaults
     assert setup["ranking"] is False
+    assert setup["active"] is True and setup["active_lora"] is False  # get_args()'s
     # what train_step appended to _metric_list: the mean of each key, prefixed, in the step's
     # metrics (ChatLearn logs them per episode)
     lines = (output_dir / "metrics.jsonl").read_text().splitlines()

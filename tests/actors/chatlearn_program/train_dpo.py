@@ -57,6 +57,9 @@ class PolicyTrainer(TorchModule):
             lora=[self.module_args.lora.enable_lora, self.enable_lora],
             lora_dim=self.module_args.lora.lora_dim,
             ranking=self.module_args.batch_generation.ranking,
+            # what ChatLearn's helpers read without the module (its LoRA layer factory)
+            active=chatlearn.get_args().active_module_args is self.module_args,
+            active_lora=chatlearn.get_args().active_module_args.lora.enable_lora,
         )
         self._metric_prefix = "train"
 
