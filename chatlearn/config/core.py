@@ -164,6 +164,7 @@ class Config:
         model = ModelConfig()
         model._attach(path, self._locator)
         object.__setattr__(model, "_runtime", self.runtime_args)
+        object.__setattr__(model, "_config_dir", self.config_dir)
         inline_args = values.pop("model_args", None)
         model._load(values)
         if inline_args is not None and not isinstance(inline_args, Mapping):
@@ -287,6 +288,7 @@ class Config:
                     )
                 model._attach(f"models.{name}", self._locator)
             object.__setattr__(model, "_runtime", self.runtime_args)
+            object.__setattr__(model, "_config_dir", self.config_dir)
 
     def add_model(self, name: str, /, **keys: Any) -> ModelConfig:
         """Add (or replace) model `name` in code, e.g. add_model("reference", num_cpu=1)."""

@@ -455,13 +455,38 @@ CHATLEARN_ONLY_KEYS: dict[str, tuple[str, ...]] = {
         "param_sync_max_workers", "validate_param_sync", "free_sync_collective_group",
         "bucket_size_mb_in_memory_manager", "max_relay_episode", "relay_episode_offset",
         "stream_data_loader_type", "cpu_schedule_strategy", "data_rerank",
-        "policy_to_regroup_queue",
+        "policy_to_regroup_queue", "max_iteration_per_sample",
+        "routed_expert_regrouping_comm_type",
     ),
     "models": (
         "num_replica", "batch_generation", "offload_optimizer_states", "offload_weights",
         "free_grad_buffers", "sync_frequency", "fsdp_size", "sp", "packing",
-        "max_token_in_packing", "model_type", "force_push_params",
+        "max_token_in_packing", "model_type", "force_push_params", "sp_size",
+        "force_free_memory",
     ),
+}  # fmt: skip
+# What ChatLearn's config classes give for those keys when a config leaves them out: there they
+# are class attributes, so `self.module_args.offload_weights` or `runtime_args.data_rerank` always
+# read a value; here they read the same (no effect, but a program that reads one keeps working).
+# ModelConfig derives offload_weights, free_grad_buffers and offload_optimizer_states from
+# free_memory as ChatLearn's validation does.
+CHATLEARN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "runtime": {
+        "max_iteration_per_sample": 1, "debug": False, "nsys": False, "profiler_dir": None,
+        "coalesced_buffer_mb": 100, "concurrent_comm": True, "param_sync_comm_type": "broadcast",
+        "param_sync_max_workers": None, "routed_expert_regrouping_comm_type": "alltoall",
+        "max_relay_episode": 0, "relay_episode_offset": 0, "concurrent_setup": False,
+        "bucket_size_mb_in_memory_manager": 1024, "free_sync_collective_group": False,
+        "cpu_schedule_strategy": "SPREAD", "validate_param_sync": False,
+        "policy_to_regroup_queue": "global_barrier", "log_config_file": "",
+        "log_args_dict": None, "data_rerank": True, "stream_data_loader_type": "fixed",
+        "max_data_ckpt_nums": None,
+    },
+    "models": {
+        "offload_optimizer_states": False, "offload_weights": False, "free_grad_buffers": False,
+        "force_free_memory": False, "sync_frequency": 1, "fsdp_size": 1, "sp_size": 1,
+        "model_type": "",
+    },
 }  # fmt: skip
 # ChatLearn keys with a counterpart here that acts instead: the warning names it
 CHATLEARN_REPLACED_KEYS: dict[str, dict[str, str]] = {

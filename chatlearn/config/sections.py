@@ -18,7 +18,15 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any, ClassVar
 
 from .errors import IN_CODE, ConfigError, ValueProblem, logger
-from .schema import ENV_KEYS, MODEL_KEYS, PARALLEL_KEYS, RUNTIME_KEYS, KeySpec, check_value
+from .schema import (
+    CHATLEARN_DEFAULTS,
+    ENV_KEYS,
+    MODEL_KEYS,
+    PARALLEL_KEYS,
+    RUNTIME_KEYS,
+    KeySpec,
+    check_value,
+)
 
 _MISSING: Any = object()
 
@@ -53,6 +61,8 @@ class Section:
     _KEYS: ClassVar[dict[str, KeySpec]] = {}
     _ALIASES: ClassVar[dict[str, str]] = {}
     _PATH: ClassVar[str] = ""
+    # ChatLearn's keys this runtime does not act on, with ChatLearn's defaults (read when absent)
+    _CHATLEARN_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, values: Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
         object.__setattr__(self, "_values", {})
@@ -110,6 +120,8 @@ class Section:
         key = self._ALIASES.get(name, name)
         if key in self.__dict__["_values"] or key in self._KEYS:
             return self._resolve(key)
+        if key in self._CHATLEARN_DEFAULTS:
+            return self._chatlearn_default(key)
         raise AttributeError(
             f"{self._path} has no key {name!r}; use .get({name!r}) for keys that may be absent"
         )
@@ -143,11 +155,16 @@ class Section:
             return self._values[key]
         return default
 
+    def _chatlearn_default(self, key: str) -> Any:
+        return copy.deepcopy(self._CHATLEARN_DEFAULTS[key])
+
     def get(self, key: str, default: Any = _MISSING) -> Any:
         """The value of `key`; an absent key gives `default`, or None with a warning."""
         canonical = self._ALIASES.get(key, key)
         if canonical in self._values or canonical in self._KEYS:
             return self._resolve(canonical)
+        if canonical in self._CHATLEARN_DEFAULTS:
+            return self._chatlearn_default(canonical)
         if default is _MISSING:
             logger.warning("%s not found in %s; using None", key, self._path)
             return None
@@ -229,6 +246,7 @@ class RuntimeConfig(Section):
 
     _KEYS = RUNTIME_KEYS
     _PATH = "runtime"
+    _CHATLEARN_DEFAULTS = CHATLEARN_DEFAULTS["runtime"]
 
     def _store(self, key: Any, value: Any) -> None:
         if key == "save_interval":
@@ -338,11 +356,24 @@ class ModelConfig(Section):
     _KEYS = MODEL_KEYS
     _ALIASES = {"num_device": "num_gpu"}
     _PATH = "models.?"
+    _CHATLEARN_DEFAULTS = {**CHATLEARN_DEFAULTS["models"], "config_dir": None}
 
     def __init__(self, values: Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
         object.__setattr__(self, "_model_args", {})
         object.__setattr__(self, "_runtime", None)
+        object.__setattr__(self, "_config_dir", None)  # the Config's, set when attached
         super().__init__(values, **kwargs)
+
+    def _chatlearn_default(self, key: str) -> Any:
+        # as ChatLearn's validation derives them: free_memory offloads the weights, and a
+        # trainer's gradients and optimizer states too
+        if key == "offload_weights":
+            return self.free_memory
+        if key in ("free_grad_buffers", "offload_optimizer_states"):
+            return self.free_memory and self.trainable
+        if key == "config_dir":
+            return self._config_dir
+        return super()._chatlearn_default(key)
 
     def _store(self, key: Any, value: Any) -> None:
         if key in ("model_args", "args_dict"):

@@ -191,6 +191,37 @@ def test_rlhf_args_alias() -> None:
     assert config.rlhf_args is config.runtime_args
 
 
+def test_chatlearn_keys_without_effect_read_chatlearns_defaults(dpo_yaml: Path) -> None:
+    """ChatLearn's config classes always have these attributes: a program that reads one
+    (`self.module_args.offload_weights`, `runtime_args.data_rerank`) gets ChatLearn's value."""
+    config = config_module.load_config(dpo_yaml)
+    runtime, policy = config.runtime_args, config.models["policy_trainer"]
+    assert (runtime.data_rerank, runtime.max_data_ckpt_nums, runtime.debug) == (True, None, False)
+    assert runtime.stream_data_loader_type == "fixed" and runtime.get("max_relay_episode") == 0
+    assert (policy.fsdp_size, policy.sp_size, policy.sync_frequency, policy.model_type) == (
+        1,
+        1,
+        1,
+        "",
+    )
+    assert policy.config_dir == config.config_dir == str(dpo_yaml.parent)
+    # derived from free_memory, as ChatLearn's validation does (gradients: trainers only)
+    assert (policy.offload_weights, policy.free_grad_buffers) == (False, False)
+    for name in ("policy_trainer", "reference"):
+        config.models[name].free_memory = True
+    reference = config.models["reference"]
+    assert (policy.offload_weights, policy.offload_optimizer_states) == (True, True)
+    assert (reference.offload_weights, reference.free_grad_buffers) == (True, False)
+    runtime.data_rerank = False  # a value given wins
+    assert runtime.data_rerank is False
+    with pytest.raises(AttributeError, match="runtime has no key 'data_reank'"):
+        runtime.data_reank  # noqa: B018
+    # and in the form shipped to the actors
+    shipped = Config.from_dict(config.to_dict())
+    assert shipped.models["policy_trainer"].free_grad_buffers is True
+    assert shipped.models["policy_trainer"].config_dir == config.config_dir
+
+
 def test_config_reaches_another_process(dpo_yaml: Path) -> None:
     """The actor side: a fresh interpreter installs the shipped config with set_args."""
     config = config_module.load_config(dpo_yaml)
