@@ -242,7 +242,12 @@ class ReferenceService(_EpisodeHooks):
                 chunks=[ChunkDone(start=c.start, end=c.end, sent=c.end) for c in computed]
             )
         parts = [part for c in computed for part in c.parts]
-        message = {"episode": chunks[0].episode, "parts": join_parts(parts)}
+        message: dict[str, Any] = {"episode": chunks[0].episode, "parts": join_parts(parts)}
+        padding = self.module.padding_config()
+        if padding:
+            # ChatLearn pads the trainer's micro-batches as the models that produce the data
+            # say (its environment's add_padding_config): the trainer gathers with these
+            message["padding"] = padding
         for sender in self.senders:
             await sender.send(message)
         sent = time.time()
@@ -389,6 +394,8 @@ class TrainerService(_EpisodeHooks):
         self._receive_task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._compute_free_since = 0.0  # end of the last train/eval compute
+        # the reference's add_padding_config, as its messages carry it (`_padding`)
+        self._reference_padding: dict[str, Any] = {}
         self._last_step_queued: asyncio.Future[None] | None = None  # done once it is queued
 
     async def open_inbox(self, order: OpenInbox) -> Inbox:
@@ -414,6 +421,7 @@ class TrainerService(_EpisodeHooks):
             try:
                 message = await self.receiver.recv()
                 buffer = self.buffers.setdefault(message["episode"], {})
+                self._reference_padding.update(message.get("padding") or {})
                 for part in message["parts"]:  # one per forward_step chunk
                     self._store(buffer, part)
             except Exception as exc:  # a broken message must fail the waiting step, not hang it
@@ -442,6 +450,12 @@ class TrainerService(_EpisodeHooks):
         if keep is not None:
             keys = [(int(d), int(r)) for d, r in keep]
             self.cache.update(zip(keys, samples, strict=True))
+
+    def _padding(self) -> dict[str, Any]:
+        """How micro-batches are padded: as ChatLearn, the reference's ``add_padding_config``
+        (the model that produces the data, registered in its ``setup``); keys the trainer
+        registers itself win."""
+        return {**self._reference_padding, **self.module.padding_config()}
 
     async def _wait_for(self, episode: Any, positions: Iterable[int]) -> float:
         """Wait until every position of ``episode`` has arrived; returns the seconds waited."""
@@ -530,7 +544,7 @@ class TrainerService(_EpisodeHooks):
         """The steps on the compute thread; also returns when that thread became free."""
         free_since = self._compute_free_since
         buffer = self.buffers[episode]
-        padding = self.module.padding_config()
+        padding = self._padding()
         results = [self._train(buffer, padding, s.micro_batches, s.iteration) for s in steps]
         return results, free_since
 
@@ -566,7 +580,7 @@ class TrainerService(_EpisodeHooks):
     def _evaluate(self, batches: Sequence[Sequence[int]], uncounted: int = 0) -> Evaluated:
         start = time.time()
         buffer = self.buffers[EVAL]
-        padding = self.module.padding_config()
+        padding = self._padding()
         sums: dict[str, float] = {}
         count = 0
         counted = len(batches) - uncounted

@@ -81,6 +81,14 @@ class EchoReference(_Logged):
         return {"row": data["row"], "tokens": data["tokens"], "double": data["row"] * 2}
 
 
+class EchoPaddingReference(EchoReference):
+    """Registers the padding of "tokens" where ChatLearn's programs do: on the model that
+    produces the data."""
+
+    def setup(self) -> None:
+        self.add_padding_config("tokens", -7)
+
+
 class EchoListReference(EchoReference):
     """Per-token values as Python lists: 4 rows of 200k ints are more values than a message
     may hold (transport/codec.py's Limits)."""
@@ -138,6 +146,18 @@ class EchoTrainer(_Logged):
 
     def eval_step(self, data):
         return {"mean_row": float(data["row"].float().mean())}
+
+
+class EchoTokensTrainer(EchoTrainer):
+    """Logs the "tokens" it is given; registers their padding only with `runtime.echo_pad`."""
+
+    def setup(self) -> None:
+        if self.runtime_args.get("echo_pad", None) is not None:
+            self.add_padding_config("tokens", self.runtime_args.echo_pad)
+
+    def train_step(self, data, iteration):
+        self.log(event="tokens", tokens=[mb["tokens"].tolist() for mb in data])
+        return {"loss": 0.0}
 
 
 class EchoIterationEvalTrainer(EchoTrainer):

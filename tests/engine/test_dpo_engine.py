@@ -25,7 +25,9 @@ from echo_modules import (  # noqa: E402
     EchoFailingReference,
     EchoIterationEvalTrainer,
     EchoListReference,
+    EchoPaddingReference,
     EchoReference,
+    EchoTokensTrainer,
     EchoTrainer,
 )
 
@@ -139,6 +141,26 @@ async def test_wrap_around_fill_padding_and_short_rank_list(tmp_path: Path) -> N
     assert trains[0]["widths"] == [[4, 3], [4, 3]]
     assert trains[1]["widths"] == [[4, 3], [4, 3]]
     assert engine.trainer.iteration == 2
+
+
+@pytest.mark.parametrize(("trainer_pad", "pad"), [(None, -7), (-1, -1)])
+async def test_the_references_padding_config_pads_the_micro_batches(
+    tmp_path: Path, trainer_pad: int | None, pad: int
+) -> None:
+    """ChatLearn pads the trainer's micro-batches with the add_padding_config of the model that
+    produced the data (the reference registers it in setup); one the trainer registers wins."""
+    _, log = await _learn(
+        tmp_path,
+        _runtime(1, 4, 1, 2, 2, echo_pad=trainer_pad),
+        samples=range(4),
+        reference_class=EchoPaddingReference,
+        trainer=EchoTokensTrainer,
+    )
+    # rows 0..3 have 1, 2, 3, 1 tokens (row % 3 + 1)
+    assert [t["tokens"] for t in _events(log, "tokens")] == [
+        [[[0, pad], [0, 1]]],
+        [[[0, 1, 2], [0, pad, pad]]],
+    ]
 
 
 async def test_several_training_epochs_reuse_the_episode(tmp_path: Path) -> None:
