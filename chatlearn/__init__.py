@@ -47,6 +47,10 @@ NOT_PROVIDED: dict[str, str] = {
     "VLLMModule": "ChatLearn's vLLM generation module: DPO generates nothing; the reference is "
     "a TorchModule or MegatronModule (or chatlearn.hf's HFReference) with forward_step",
     "FSDPModule": "use TorchModule with models.<name>.parallel: fsdp (README: choosing a layout)",
+    # the base of ChatLearn's Hugging Face DPO example (examples/huggingface/models/dpo)
+    "DeepSpeedModule": "ChatLearn's DeepSpeed module: use chatlearn.hf's HFReference and "
+    "HFDPOTrainer (Hugging Face models; ZeRO-3's sharding is models.<name>.parallel: fsdp), or "
+    "TorchModule for a model of your own (README: choosing a layout)",
     "get": "Ray's futures: there is no Ray here; engine and module calls return their values",
 }
 

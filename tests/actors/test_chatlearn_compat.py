@@ -204,6 +204,9 @@ def test_chatlearn_names_this_runtime_lacks_say_so_on_import() -> None:
         chatlearn.DPOEngine.set_evaluator(None, object())  # type: ignore[arg-type]
     with pytest.raises(ImportError, match="OnlineDPOEngine is not provided.*DPOEngine"):
         from chatlearn import OnlineDPOEngine  # noqa: F401
+    # the base class of ChatLearn's Hugging Face DPO example
+    with pytest.raises(ImportError, match="DeepSpeedModule is not provided.*HFDPOTrainer"):
+        from chatlearn import DeepSpeedModule  # noqa: F401
     with pytest.raises(AttributeError):  # a plain typo stays a plain error
         _ = chatlearn.DPOEngin  # type: ignore[attr-defined]
 
