@@ -267,6 +267,21 @@ def test_chatlearn_module_attributes_and_example_imports(config) -> None:
     assert listdict_to_dictlist(rows) == {"ids": [1, 2, 3], "n": [1, 2]}
     assert listdict_to_dictlist(rows, list_extend=False) == {"ids": [[1, 2], [3]], "n": [1, 2]}
     assert rows[0]["ids"] == [1, 2]  # the input is left as it was
+    # ChatLearn's Megatron example tokenizes its prompts with it (examples/megatron/data)
+    from chatlearn.utils.utils import multi_thread_data_processing
+
+    def encode(prompt, prefix, width):
+        return f"{prefix}{prompt:0{width}d}"
+
+    prompts = list(range(10))
+    expected = [f"p{i:03d}" for i in prompts]
+    assert multi_thread_data_processing(4, prompts, encode, ["p", 3]) == expected  # 3, 3, 3, 1
+    assert multi_thread_data_processing(32, prompts[:2], encode, ("p", 3)) == expected[:2]
+    assert multi_thread_data_processing(4, [], encode, ["p", 3]) == []
+    with pytest.raises(ValueError, match="num_threads must be a positive number"):
+        multi_thread_data_processing(0, prompts, encode, ["p", 3])
+    with pytest.raises(ValueError, match="Unknown format code"):
+        multi_thread_data_processing(2, ["a", "b", "c"], encode, ["p", 3])
     with pytest.raises(ImportError, match="megatron_utils is not provided.*load_pretrained_model"):
         from chatlearn.utils.megatron_utils import load_checkpoint  # noqa: F401
     with pytest.raises(ImportError, match="chatlearn.models is not provided.*MegatronModule"):
