@@ -406,8 +406,13 @@ class BaseModule:
     def after_episode(self) -> None:
         """Called at the end of every episode."""
 
+    def init(self) -> None:
+        """Called before ``setup()`` in each of the model's processes, as ChatLearn does (its
+        hook to initialise the process's environment)."""
+
     def validate(self) -> None:
-        """Optional checks after setup."""
+        """Optional checks after ``setup()``, in each of the model's processes; an exception
+        ends the run before training starts."""
 
     def check_args(self) -> None:
         """Checks of this model's settings that need neither its processes nor its files: run

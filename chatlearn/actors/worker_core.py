@@ -390,6 +390,8 @@ class ActorCore:
         self._init_torch()
         if not self.ctx.in_process:
             _seed_process(args, identity.replica_id * identity.world_size + identity.rank)
+        self.phase = "init"
+        invoke(module, "init")  # ChatLearn's hook before setup (its MegatronModule's env init)
         if spec.runtime_state:
             module._set_runtime_state(**spec.runtime_state)
         if hasattr(module.global_args, "active_module_args"):
@@ -398,6 +400,8 @@ class ActorCore:
             module.global_args.active_module_args = module.module_args
         self.phase = "setup"
         invoke(module, "setup")
+        self.phase = "validate"
+        invoke(module, "validate")  # ChatLearn's checks after setup, on every process
         if (spec.nice or spec.idle_priority) and not self.ctx.in_process:
             # After start-up, which runs at full priority (a starved start-up would hit the
             # startup timeout): this thread and the threads start-up created (torch's pools);

@@ -171,8 +171,12 @@ def test_a_chatlearn_style_program_runs_unchanged(tmp_path: Path) -> None:
     assert summary["summary"]["steps"] == 4 and summary["summary"]["learn"] > 0
     assert "summary at iteration 4: learn " in proc.stderr
     records = [json.loads(line) for line in (output_dir / "report.jsonl").read_text().splitlines()]
-    setup, got, *episodes = records
+    init, setup, validated, got, *episodes = records
     assert setup["event"] == "setup" and setup["pid"] != summary["coordinator_pid"]
+    # ChatLearn's hooks around setup(): init() before, validate() after, in the model's process
+    assert init == {"event": "init", "pid": setup["pid"]}
+    assert validated == {"event": "validate", "optimizer": True}
+    assert got["validated"] == {"model": True}  # the reference's, after its setup()
     assert (setup["tp"], setup["pp"], setup["dp"]) == (1, 1, [0, 1])
     assert setup["lr"] == pytest.approx(5e-3)  # the last of the duplicate learning_rate keys
     assert setup["gpus"] == [0, 1, 0] and setup["config_dir"] == str(PROGRAM)

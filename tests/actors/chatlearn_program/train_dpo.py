@@ -25,6 +25,9 @@ class PolicyReference(TorchModule):
         self.model = torch.nn.Linear(self.model_args["hidden_size"], 1)
         self.put("reference_rank", {"rank": self.get_data_parallel_rank(), "pid": os.getpid()})
 
+    def validate(self):  # ChatLearn calls it after setup(), on every model
+        self.put("reference_validated", {"model": hasattr(self, "model")})
+
     def build_dataset(self, train_prompts, is_eval=False):
         return [{"x": torch.tensor(p["x"], dtype=torch.float32)} for p in train_prompts]
 
@@ -37,6 +40,9 @@ class PolicyTrainer(TorchModule):
     def __init__(self, name):
         super().__init__(name)
         self.steps = 0
+
+    def init(self):  # ChatLearn calls it before setup()
+        self.report(event="init", pid=os.getpid())
 
     def setup(self):
         torch.manual_seed(self.model_args["seed"])
@@ -63,9 +69,16 @@ class PolicyTrainer(TorchModule):
         )
         self._metric_prefix = "train"
 
+    def validate(self):
+        self.report(event="validate", optimizer=hasattr(self, "optimizer"))
+
     def train_step(self, data, iteration):
         if self.steps == 0:  # the reference has run its setup() by now
-            self.report(event="get", reference=self.get("reference_rank"))
+            self.report(
+                event="get",
+                reference=self.get("reference_rank"),
+                validated=self.get("reference_validated"),
+            )
         self.timers("train_step").start()
         loss = sum(((self.model(mb["x"]).squeeze(-1) - mb["ref_logps"]) ** 2).mean() for mb in data)
         self.optimizer.zero_grad()
