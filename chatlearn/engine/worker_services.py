@@ -195,7 +195,8 @@ class ReferenceService(_EpisodeHooks):
     def _build_datasets(self, sample_lists: Sequence[Sequence[Any]], kind: str) -> list[int]:
         datasets = []
         for samples in sample_lists:
-            dataset = self.module.build_dataset(list(samples), is_eval=kind == EVAL)
+            # by position, as ChatLearn calls it: a module may name the flag as it likes
+            dataset = self.module.build_dataset(list(samples), kind == EVAL)
             if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
                 raise TypeError(
                     f"{type(self.module).__name__}.build_dataset returned "

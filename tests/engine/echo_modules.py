@@ -89,6 +89,14 @@ class EchoPaddingReference(EchoReference):
         self.add_padding_config("tokens", -7)
 
 
+class EchoPositionalReference(EchoReference):
+    """Names build_dataset's flag its own way: ChatLearn passes it by position."""
+
+    def build_dataset(self, samples, evaluation=False):
+        self.log(event="build", evaluation=evaluation, size=len(samples))
+        return super().build_dataset(samples, evaluation)
+
+
 class EchoListReference(EchoReference):
     """Per-token values as Python lists: 4 rows of 200k ints are more values than a message
     may hold (transport/codec.py's Limits)."""

@@ -26,6 +26,7 @@ from echo_modules import (  # noqa: E402
     EchoIterationEvalTrainer,
     EchoListReference,
     EchoPaddingReference,
+    EchoPositionalReference,
     EchoReference,
     EchoTokensTrainer,
     EchoTrainer,
@@ -161,6 +162,20 @@ async def test_the_references_padding_config_pads_the_micro_batches(
         [[[0, pad], [0, 1]]],
         [[[0, 1, 2], [0, pad, pad]]],
     ]
+
+
+async def test_build_dataset_gets_its_eval_flag_by_position(tmp_path: Path) -> None:
+    """ChatLearn calls build_dataset(prompts, is_eval) positionally, so a module may name the
+    flag as it likes."""
+    _, log = await _learn(
+        tmp_path,
+        _runtime(1, 4, 4, 2, 4, eval_episode_interval=1),
+        samples=range(4),
+        eval_set=[10, 20],
+        reference_class=EchoPositionalReference,
+    )
+    builds = sorted((b["evaluation"], b["size"]) for b in _events(log, "build"))
+    assert builds == [(False, 4), (True, 2)]
 
 
 async def test_several_training_epochs_reuse_the_episode(tmp_path: Path) -> None:
