@@ -760,6 +760,24 @@ def _timed_call(
         clock.now = None if outer is None else (outer[0], outer[1], time.monotonic())
 
 
+# lifecycle methods whose iteration ChatLearn passes by position, not as `iteration=`
+_POSITIONAL_ITERATION = ("save_checkpoint", "load_checkpoint")
+
+
+def _takes_positional(fn: Callable[..., Any]) -> bool:
+    """Whether the (bound) method accepts one positional argument."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL,
+    )
+    return any(p.kind in positional for p in parameters)
+
+
 @functools.lru_cache(maxsize=256)
 def _iteration_position(func: Callable[..., Any]) -> int | None:
     """Index of the `iteration` parameter among a method's arguments after self, or None."""
@@ -792,6 +810,15 @@ def invoke(module: Any, method: str, args: Any = (), kwargs: Mapping[str, Any] |
         # Passed only if declared, and not when the caller already gave it positionally.
         if iteration is not None and position is not None and position >= len(args):
             kwargs["iteration"] = iteration
+        elif (
+            iteration is not None
+            and position is None
+            and not args
+            and method in _POSITIONAL_ITERATION
+            and _takes_positional(fn)
+        ):
+            # ChatLearn's engine calls save_checkpoint(iteration) by position: any name works
+            args = (iteration,)
         result = _timed_call(fn, method, iteration, args, kwargs)
         if counter is not None:
             setattr(module, counter, getattr(module, counter) + 1)

@@ -105,6 +105,22 @@ def test_iteration_is_passed_only_if_declared(config):
         invoke(module, "__class__")
 
 
+class OwnNames(BaseModule):
+    def save_checkpoint(self, step):
+        return ("save", step)
+
+    def load_checkpoint(self, it, strict=True):
+        return ("load", it, strict)
+
+
+def test_checkpoint_iteration_is_passed_by_position(config):
+    """ChatLearn's engine calls save_checkpoint(iteration) by position, so the parameter may
+    have any name."""
+    module = OwnNames("reference", config)
+    assert invoke(module, "save_checkpoint", [], {"iteration": 12}) == ("save", 12)
+    assert invoke(module, "load_checkpoint", [], {"iteration": 7}) == ("load", 7, True)
+
+
 class SaveOnly(TorchModule):
     def save_checkpoint(self, iteration):
         (self.checkpoint_dir(iteration) / "state.json").write_text("{}")
