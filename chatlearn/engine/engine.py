@@ -722,6 +722,10 @@ class DPOEngine(Engine):
             iteration = runtime.load_data_checkpoint_iteration
             self._resume_info = await find_checkpoint(manager, iteration, self.global_args)
         saved = self._resume_info.state if self._resume_info is not None else None
+        if saved is not None:
+            # what ChatLearn's data checkpoint restores into every model's runtime_args before
+            # setup(): the samples of the episodes done (the config ships it to the processes)
+            runtime.consumed_samples = saved.consumed_samples
         for template in (self.reference, self.policy_trainer):
             template._set_runtime_state(
                 episode_id=saved.episode if saved else 0,

@@ -130,7 +130,7 @@ class _EpisodeHooks(_Dispatch):
         await self.ctx.run_compute(self._begin_episode, order.episode)
 
     async def end_episode(self, order: EndEpisode) -> None:
-        await self.ctx.run_compute(self.module.after_episode)
+        await self.ctx.run_compute(self._end_episode)
 
     async def data_parallel(self, order: QueryDataParallel) -> DataParallel:
         return await self.ctx.run_compute(self._data_parallel)
@@ -146,7 +146,20 @@ class _EpisodeHooks(_Dispatch):
 
     def _begin_episode(self, episode: int) -> None:
         self.module._episode_id = episode
+        self._count_samples(episode)
         self.module.before_episode()
+
+    def _end_episode(self) -> None:
+        # ChatLearn counts an episode's samples once its last batch is done, before
+        # after_episode()
+        self._count_samples(self.module._episode_id + 1)
+        self.module.after_episode()
+
+    def _count_samples(self, episodes: int) -> None:
+        """``runtime_args.consumed_samples`` after ``episodes`` episodes, as ChatLearn's
+        modules read it."""
+        runtime = self.module.runtime_args
+        runtime.consumed_samples = episodes * runtime.sample_per_episode
 
 
 class ReferenceService(_EpisodeHooks):

@@ -193,6 +193,8 @@ def test_a_chatlearn_style_program_runs_unchanged(tmp_path: Path) -> None:
     assert got["event"] == "get" and got["reference"]["rank"] == 0
     assert got["reference"]["pid"] not in (setup["pid"], summary["coordinator_pid"])
     assert [e["steps"] for e in episodes] == [2, 4]  # 8 samples / global batch 4, 2 episodes
+    # ChatLearn counts an episode's samples when it ends (runtime_args.consumed_samples)
+    assert [e["consumed_samples"] for e in episodes] == [8, 16]
     assert all(e["timed"] == ["train_step"] for e in episodes)
     # the config's oddities were reported, not fatal
     assert "policy_trainer.yaml:7: duplicate key learning_rate" in proc.stderr

@@ -57,7 +57,11 @@ class LoadsInSetupTrainer(_Trainer):
 
     def setup(self):
         super().setup()
-        state = {"resume_training": self.resume_training, "episode_id": self._episode_id}
+        state = {
+            "resume_training": self.resume_training,
+            "episode_id": self._episode_id,
+            "consumed_samples": self.runtime_args.consumed_samples,
+        }
         self.probe(event="setup_state", train_iteration=self._train_iteration, **state)
         if self.resume_training:
             weights = self.checkpoint_dir() / "weights.pt"  # the checkpoint it resumes from

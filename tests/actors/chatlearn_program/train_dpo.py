@@ -92,7 +92,12 @@ class PolicyTrainer(TorchModule):
 
     def after_episode(self):
         _, times = self.timers.log(["train_step"], return_dict=True)  # ChatLearn's (text, dict)
-        self.report(event="episode", steps=self.steps, timed=sorted(times))
+        self.report(
+            event="episode",
+            steps=self.steps,
+            timed=sorted(times),
+            consumed_samples=self.runtime_args.consumed_samples,
+        )
 
     def report(self, **record):
         os.makedirs(self.runtime_args.output_dir, exist_ok=True)
