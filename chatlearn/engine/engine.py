@@ -62,6 +62,7 @@ from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR
 from chatlearn.actors.timers import Timers as UserTimers
 from chatlearn.config.errors import located_error
 from chatlearn.engine.checkpoint import CheckpointInfo, CheckpointManager, rewind_metrics
+from chatlearn.engine.counters import reference_iteration
 from chatlearn.engine.interrupts import Interrupts, SignalGuard, TrainingStopped
 from chatlearn.engine.metrics import MetricsSink, Timers
 from chatlearn.engine.pipeline import DPOPipeline, PipelineSettings
@@ -722,14 +723,22 @@ class DPOEngine(Engine):
             iteration = runtime.load_data_checkpoint_iteration
             self._resume_info = await find_checkpoint(manager, iteration, self.global_args)
         saved = self._resume_info.state if self._resume_info is not None else None
+        forward_calls = 0
         if saved is not None:
             # what ChatLearn's data checkpoint restores into every model's runtime_args before
             # setup(): the samples of the episodes done (the config ships it to the processes)
             runtime.consumed_samples = saved.consumed_samples
+            # and a reference replica's forward calls so far (its `_iteration`)
+            forward_calls = reference_iteration(
+                saved.episode,
+                runtime.sample_per_episode,
+                self.reference.num_replica,
+                self.global_args.model(self.reference.name).forward_chunk_size,
+            )
         for template in (self.reference, self.policy_trainer):
             template._set_runtime_state(
                 episode_id=saved.episode if saved else 0,
-                iteration=0,
+                iteration=forward_calls if template is self.reference else 0,
                 train_iteration=saved.iteration if saved else 0,
                 resume_training=saved is not None,
             )

@@ -27,6 +27,13 @@ import chatlearn  # noqa: E402
 from chatlearn import DPOEngine  # noqa: E402
 
 
+class _Reference(TinyReference):
+    def setup(self):
+        super().setup()
+        # ChatLearn sets a resumed reference's forward-call counter before setup()
+        self.probe(event="reference_setup", iteration=self._iteration)
+
+
 class _Trainer(TinyTrainer):
     def train_step(self, data, iteration):
         if not self._stepped:
@@ -84,7 +91,7 @@ def main() -> None:
     settings = config(output_dir, probe_dir, None)
     settings["runtime"]["num_episode"] = int(num_episode)
     chatlearn.init(settings)
-    engine = DPOEngine(TinyReference("reference"), TRAINERS[kind]("policy_trainer"))
+    engine = DPOEngine(_Reference("reference"), TRAINERS[kind]("policy_trainer"))
     engine.set_dataset(list(range(NUM_SAMPLES)))
     engine.learn()
 

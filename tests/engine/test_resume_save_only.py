@@ -79,6 +79,8 @@ def test_a_module_that_loads_its_checkpoint_in_setup_resumes_with_its_weights(tm
     )
     # as ChatLearn's data checkpoint sets runtime_args.consumed_samples: one episode of 8
     assert (fresh["consumed_samples"], resumed["consumed_samples"]) == (0, 8)
+    # and the reference's forward calls: one episode of 8 samples in chunks of 4
+    assert [r["iteration"] for r in trial.events("reference_setup")] == [0, 2]
     first, after_resume = trial.events("weights")
     assert after_resume["iteration"] == 4
     assert after_resume["total"] == pytest.approx(total, abs=0, rel=0)  # the saved weights
