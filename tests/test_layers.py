@@ -27,6 +27,8 @@ LAYERS: dict[str, int] = {
     "algorithms": 1,
     "utils": 1,  # ChatLearn's chatlearn.utils helpers for user modules
     "models": 1,  # ChatLearn's chatlearn.models: an import that says it is not provided
+    "runtime": 1,  # ChatLearn's chatlearn.runtime: the same
+    "data": 1,  # ChatLearn's chatlearn.data: the same
     "actors": 2,
     "engine": 3,
     "launch": 3,

@@ -292,6 +292,13 @@ def test_chatlearn_module_attributes_and_example_imports(config) -> None:
         from chatlearn.utils.megatron_utils import load_checkpoint  # noqa: F401
     with pytest.raises(ImportError, match="chatlearn.models is not provided.*MegatronModule"):
         from chatlearn.models.megatron.lora import convert_layer_to_lora  # noqa: F401
+    # ChatLearn's runtime and data modules: each was a bare ModuleNotFoundError
+    with pytest.raises(ImportError, match="chatlearn.runtime is not provided.*DPOEngine from"):
+        from chatlearn.runtime.trainer import Trainer  # noqa: F401
+    with pytest.raises(ImportError, match="chatlearn.runtime is not provided"):
+        from chatlearn.runtime.engine import Engine  # noqa: F401
+    with pytest.raises(ImportError, match="chatlearn.data is not provided.*relay"):
+        from chatlearn.data.data import RelaySampleManager  # noqa: F401
     with pytest.raises(ImportError, match="future is not provided.*no Ray"):
         from chatlearn.utils import future  # noqa: F401
 
