@@ -85,6 +85,9 @@ class BaseModule:
         self._train_iteration = 0
         self._episode_id = 0
         self._resume_training = False
+        # ChatLearn's runtime_args.consumed_samples at the start of a model's processes (what its
+        # data checkpoint restores); None: the config's value
+        self._start_consumed_samples: int | None = None
         # Set by the runtime in the actor process (the template keeps the defaults).
         self._rank = 0
         self._world_size = 1
@@ -256,6 +259,7 @@ class BaseModule:
         iteration: int | None = None,
         train_iteration: int | None = None,
         resume_training: bool | None = None,
+        consumed_samples: int | None = None,
     ) -> None:
         """Set the counters from the coordinator (episode start, resume)."""
         if episode_id is not None:
@@ -266,6 +270,8 @@ class BaseModule:
             self._train_iteration = train_iteration
         if resume_training is not None:
             self._resume_training = resume_training
+        if consumed_samples is not None:
+            self._start_consumed_samples = consumed_samples
 
     def _start_state(self) -> dict[str, Any]:
         """The counters a process of this model starts with, set before its ``setup()``: a
@@ -276,6 +282,7 @@ class BaseModule:
             "train_iteration": self._train_iteration,
             "episode_id": self._episode_id,
             "resume_training": self._resume_training,
+            "consumed_samples": self._start_consumed_samples,
         }
 
     # -- ChatLearn's module helpers (issue 16; docs/chatlearn-compat.md) -------------------

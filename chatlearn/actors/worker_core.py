@@ -394,6 +394,11 @@ class ActorCore:
         invoke(module, "init")  # ChatLearn's hook before setup (its MegatronModule's env init)
         if spec.runtime_state:
             module._set_runtime_state(**spec.runtime_state)
+        consumed = module._start_consumed_samples
+        if consumed is not None and not self.ctx.in_process:
+            # ChatLearn's data checkpoint restores it before setup(); in-process modules share
+            # the coordinator's config, where it is the run's starting position
+            module.runtime_args.consumed_samples = consumed
         if hasattr(module.global_args, "active_module_args"):
             # ChatLearn's model_setup does this: get_args().active_module_args in the process
             # is the section of the model being set up (a Config given as a dict has none)

@@ -725,10 +725,7 @@ class DPOEngine(Engine):
         saved = self._resume_info.state if self._resume_info is not None else None
         forward_calls = 0
         if saved is not None:
-            # what ChatLearn's data checkpoint restores into every model's runtime_args before
-            # setup(): the samples of the episodes done (the config ships it to the processes)
-            runtime.consumed_samples = saved.consumed_samples
-            # and a reference replica's forward calls so far (its `_iteration`)
+            # a reference replica's forward calls so far (its `_iteration`)
             forward_calls = reference_iteration(
                 saved.episode,
                 runtime.sample_per_episode,
@@ -741,13 +738,19 @@ class DPOEngine(Engine):
                 iteration=forward_calls if template is self.reference else 0,
                 train_iteration=saved.iteration if saved else 0,
                 resume_training=saved is not None,
+                # ChatLearn's data checkpoint restores runtime_args.consumed_samples before
+                # setup(); a run that starts over starts at the config's
+                consumed_samples=saved.consumed_samples if saved else runtime.consumed_samples,
             )
 
     def _trainer_saved(self, state: RunState) -> None:
         """A checkpoint is written: a trainer restarted from now on starts with its counters
         (it loads that checkpoint after ``setup()``)."""
         self.policy_trainer._set_runtime_state(
-            episode_id=state.episode, train_iteration=state.iteration, resume_training=True
+            episode_id=state.episode,
+            train_iteration=state.iteration,
+            resume_training=True,
+            consumed_samples=state.consumed_samples,
         )
 
     async def _healing(self, call: Callable[[], Awaitable[T]], *groups: Any) -> T:

@@ -157,7 +157,10 @@ class _EpisodeHooks(_Dispatch):
 
     def _count_samples(self, episodes: int) -> None:
         """``runtime_args.consumed_samples`` after ``episodes`` episodes, as ChatLearn's
-        modules read it."""
+        modules read it. Not in-process: the module shares the coordinator's config there, whose
+        value is where a run starts."""
+        if self.ctx.in_process:
+            return
         runtime = self.module.runtime_args
         runtime.consumed_samples = episodes * runtime.sample_per_episode
 
