@@ -229,9 +229,14 @@ class _HFModule(TorchModule):
                     "untrained",
                     "train a model whose logits are its head's output, or report its model_type",
                 )
+        if not self.layout.sharded:
+            # this rank's copy is on its GPU (`build_model`): the next one's turn, before DDP's
+            # constructor, a collective of every rank (it checks and broadcasts the parameters),
+            # which a rank still waiting for its turn would never join
+            self._load_turns.done()
         with located_errors(self.model_args):  # e.g. parallel: none on several trainer ranks
             wrapped = self.layout.wrap(network, trainable=trainable)
-        self._load_turns.done()  # this rank's copy is on its GPU, or its shard: the next one's turn
+        self._load_turns.done()  # this rank's copy is its shard: the next one's turn
         return wrapped
 
     def check_args(self) -> None:

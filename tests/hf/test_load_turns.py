@@ -99,3 +99,54 @@ def test_two_ranks_load_in_turns_and_compute_what_they_compute_loading_together(
     assert second["load"] >= first["handed_over"]  # rank 1 loaded once rank 0 had sharded
     together = ranks[0]["together"]
     assert first["logps"] == second["logps"] == together["logps"]
+
+
+@pytest.mark.timeout(180)
+def test_a_ddp_trainer_loading_in_turns_reaches_ddps_collective_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    # On CUDA the DDP trainer's copy leaves host memory in build_model (to its GPU); DDP's
+    # constructor then checks and broadcasts the parameters over every rank. A rank whose turn
+    # ended only after the wrap waited in its turn's barrier while the one before it was in
+    # DDP's collective: a hang until the group's timeout (mismatched NCCL collectives on GPUs).
+    checkpoint = _checkpoint(tmp_path)
+    outputs, codes = _run_ranks(
+        [
+            [str(HERE / "load_turns_ddp_worker.py"), str(rank), "{port}", str(checkpoint)]
+            for rank in range(2)
+        ]
+    )
+    assert codes == [0, 0], "\n".join(outputs)[-4000:]
+
+
+def _checkpoint(tmp_path: Path) -> Path:
+    from layout_worker import TINY
+
+    from chatlearn.hf import byte_tokenizer
+    from chatlearn.hf.model import causal_lm_from_args
+
+    tokenizer = byte_tokenizer()
+    checkpoint = tmp_path / "model"
+    causal_lm_from_args({"model_config": TINY, "seed": 0}, tokenizer).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    return checkpoint
+
+
+def _run_ranks(commands: list[list[str]]) -> tuple[list[str], list[int | None]]:
+    """Each command (``{port}``: a free port of 127.0.0.1) as a process; their outputs and exit
+    codes, every process ended."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    try:
+        for command in commands:
+            argv = [sys.executable, *(a.replace("{port}", str(port)) for a in command)]
+            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        outputs = [proc.communicate(timeout=150)[0].decode(errors="replace") for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    return outputs, [proc.returncode for proc in procs]
