@@ -139,15 +139,15 @@ SHARDED_DIR = "sharded"  # beside the rank directories: one DCP checkpoint for a
 
 
 def _ending_load_turn(setup: Callable[..., None]) -> Callable[..., None]:
-    """``setup`` that passes this rank's load turn on when it ends (also when it raised, or
-    never built a network: another rank must not wait for ever)."""
+    """``setup`` that passes this rank's load turn on when it ends (also when it never built a
+    network: another rank must not wait for ever). Not when it raised: the error stops the run
+    (the coordinator stops every process on a start-up failure, the waiting ones too), where
+    passing the turn on reported it only once every later rank of the host had loaded in turn."""
 
     @functools.wraps(setup)
     def wrapped(self: _HFModule, *args: Any, **kwargs: Any) -> None:
-        try:
-            setup(self, *args, **kwargs)
-        finally:
-            self._load_turns.done()
+        setup(self, *args, **kwargs)
+        self._load_turns.done()
 
     wrapped._ends_load_turn = True  # type: ignore[attr-defined]
     return wrapped

@@ -150,3 +150,19 @@ def _run_ranks(commands: list[list[str]]) -> tuple[list[str], list[int | None]]:
                 proc.kill()
                 proc.wait(10)
     return outputs, [proc.returncode for proc in procs]
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_whose_setup_raises_reports_at_once_not_after_the_later_ranks_load(
+    tmp_path: Path,
+) -> None:
+    # The error stops the run (the coordinator stops every process on a start-up failure): a
+    # rank that passed its turn on before raising reported only once every later rank of its
+    # host had loaded in turn (7 loads of a 70B on 8 GPUs), each likely failing the same way.
+    checkpoint, mark = _checkpoint(tmp_path), tmp_path / "rank1_loaded"
+    worker = str(HERE / "load_turns_error_worker.py")
+    outputs, codes = _run_ranks(
+        [[worker, str(rank), "{port}", str(checkpoint), str(mark)] for rank in range(2)]
+    )
+    assert codes[0] == 3, outputs[0][-4000:]
+    assert "rank 0 failed; rank 1 loaded first: False" in outputs[0], outputs[0][-4000:]
