@@ -32,7 +32,11 @@ from typing import Any
 SHARE = 0.8
 # Bytes per parameter of the dtypes checkpoints are stored in and loaded as.
 _ITEM_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
-_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+_WEIGHT_NAMES = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+_WEIGHT_FILES = ("*.safetensors", "*.bin")
 
 
 def checkpoint_bytes(model_path: str | Path, dtype: Any = None) -> int:
@@ -40,8 +44,7 @@ def checkpoint_bytes(model_path: str | Path, dtype: Any = None) -> int:
     weight files' bytes scaled from the dtype they are stored in (config.json's
     ``torch_dtype``) to the one loaded; 0 when the directory has no weight file."""
     directory = Path(model_path).expanduser()
-    files = [f for pattern in _WEIGHT_FILES for f in directory.glob(pattern) if f.is_file()]
-    stored_bytes = sum(f.stat().st_size for f in files)
+    stored_bytes = sum(f.stat().st_size for f in _weight_files(directory))
     try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError):
@@ -49,6 +52,28 @@ def checkpoint_bytes(model_path: str | Path, dtype: Any = None) -> int:
     stored = _ITEM_BYTES.get(_dtype_name(config.get("torch_dtype") or config.get("dtype")), 4)
     loaded = _ITEM_BYTES.get(_dtype_name(dtype), stored) if dtype not in (None, "auto") else stored
     return stored_bytes * loaded // stored
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The files ``from_pretrained`` loads from ``directory``, as transformers picks them:
+    safetensors before pickles, one file or the shards its index names. A Hub download holds
+    both formats (and Mistral's consolidated.safetensors beside the shards), a Trainer's
+    checkpoint-N directory its optimizer's state (twice the model in fp32), none of it loaded;
+    without the usual names, the safetensors files, or else the .bin ones."""
+    for single, index in _WEIGHT_NAMES:
+        if (directory / single).is_file():
+            return [directory / single]
+        try:
+            weight_map = json.loads((directory / index).read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+            return [directory / n for n in names if (directory / n).is_file()]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    for pattern in _WEIGHT_FILES:
+        files = [f for f in directory.glob(pattern) if f.is_file()]
+        if files:
+            return files
+    return []
 
 
 def _dtype_name(dtype: Any) -> str:

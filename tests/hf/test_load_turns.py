@@ -166,3 +166,30 @@ def test_a_rank_whose_setup_raises_reports_at_once_not_after_the_later_ranks_loa
     )
     assert codes[0] == 3, outputs[0][-4000:]
     assert "rank 0 failed; rank 1 loaded first: False" in outputs[0], outputs[0][-4000:]
+
+
+def test_a_checkpoints_bytes_are_the_files_from_pretrained_loads(tmp_path: Path) -> None:
+    # a Hub download with both formats (and Mistral's consolidated copy) loads one of them; a
+    # Trainer's checkpoint-N directory also holds its optimizer's state (twice the model), its
+    # scheduler's, its RNG states and its arguments, none of which from_pretrained loads
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
+    for name, size in [
+        ("pytorch_model.bin", 1000),
+        ("consolidated.safetensors", 1000),
+        ("optimizer.pt", 4000),
+        ("scheduler.pt", 10),
+        ("rng_state.pth", 10),
+        ("training_args.bin", 10),
+    ]:
+        (tmp_path / name).write_bytes(b"\0" * size)
+    assert checkpoint_bytes(tmp_path) == 1000
+    (tmp_path / "model.safetensors").unlink()  # the .bin then
+    assert checkpoint_bytes(tmp_path) == 1000
+    shards = {"model-00001-of-00002.safetensors": 300, "model-00002-of-00002.safetensors": 200}
+    for name, size in shards.items():
+        (tmp_path / name).write_bytes(b"\0" * size)
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors"}}
+    index["weight_map"]["b"] = "model-00002-of-00002.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert checkpoint_bytes(tmp_path) == 500
