@@ -32,6 +32,13 @@ from typing import Any
 SHARE = 0.8
 # Bytes per parameter of the dtypes checkpoints are stored in and loaded as.
 _ITEM_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+# This process's cgroup (its namespace's root): a memory limit and use, v2 or v1, and the
+# inactive file cache among that use (memory.stat beside them).
+CGROUP = Path("/sys/fs/cgroup")
+_CGROUP_FILES = (
+    ("memory.max", "memory.current", "inactive_file"),
+    ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "total_inactive_file"),
+)
 _WEIGHT_NAMES = (
     ("model.safetensors", "model.safetensors.index.json"),
     ("pytorch_model.bin", "pytorch_model.bin.index.json"),
@@ -74,6 +81,32 @@ def _weight_files(directory: Path) -> list[Path]:
         if files:
             return files
     return []
+
+
+def available_memory() -> int:
+    """Bytes of memory this process's host has available to it: the host's, or less in a
+    container whose cgroup limits its memory (Kubernetes, Docker, Slurm: a limit of 256 GB on a
+    2 TB host), where psutil reports the host's and a model that "fits" is killed for going over
+    the limit. The cgroup's use counts without its inactive file cache, which the kernel
+    reclaims before it kills (as ``docker stats`` counts it)."""
+    import psutil
+
+    available = int(psutil.virtual_memory().available)
+    for limit_file, usage_file, inactive in _CGROUP_FILES:
+        try:
+            limit = (CGROUP / limit_file).read_text().strip()
+            if limit == "max" or int(limit) >= 2**60:  # no limit (v1's is a page-rounded 2**63)
+                return available
+            usage = int((CGROUP / usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        try:
+            stat = (CGROUP / limit_file).with_name("memory.stat").read_text().split()
+            usage -= int(stat[stat.index(inactive) + 1])
+        except (OSError, ValueError, IndexError):
+            pass
+        return max(0, min(available, int(limit) - usage))
+    return available
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -141,7 +174,6 @@ class LoadTurns:
         ``log`` by each host's first rank. ``hands_over``: the layout takes the loaded copy out
         of host memory (to the GPU, or into this rank's shard); without that turns would only
         delay the start."""
-        import psutil
         import torch
         import torch.distributed as dist
 
@@ -158,7 +190,7 @@ class LoadTurns:
         host = int.from_bytes(hashlib.sha256(socket.gethostname().encode()).digest()[:8], "big")
         mine = [
             host - 2**63,  # into int64
-            int(psutil.virtual_memory().available),
+            available_memory(),
             checkpoint_bytes(model_path, model_args.get("dtype")),
         ]
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from chatlearn.hf import load_turns
 from chatlearn.hf.load_turns import SHARE, checkpoint_bytes, plan_turns
 
 HERE = Path(__file__).resolve().parent
@@ -193,3 +194,34 @@ def test_a_checkpoints_bytes_are_the_files_from_pretrained_loads(tmp_path: Path)
     index["weight_map"]["b"] = "model-00002-of-00002.safetensors"
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     assert checkpoint_bytes(tmp_path) == 500
+
+
+def test_the_memory_available_is_the_containers_where_its_cgroup_limits_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # psutil reports the host's memory: a container limited to less (Kubernetes, Docker,
+    # Slurm) loaded together what its limit could not hold, and was killed for it
+    import types
+
+    import psutil
+
+    host = 64 * GiB
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=host))
+    monkeypatch.setattr(load_turns, "CGROUP", tmp_path)
+    (tmp_path / "memory.max").write_text("3000\n")
+    (tmp_path / "memory.current").write_text("1000\n")
+    (tmp_path / "memory.stat").write_text("anon 600\ninactive_file 400\nactive_file 0\n")
+    assert load_turns.available_memory() == 3000 - 600  # the file cache reclaimed
+    (tmp_path / "memory.max").write_text("max\n")
+    assert load_turns.available_memory() == host
+    for name in ("memory.max", "memory.current", "memory.stat"):
+        (tmp_path / name).unlink()
+    v1 = tmp_path / "memory"
+    v1.mkdir()
+    (v1 / "memory.limit_in_bytes").write_text("5000\n")
+    (v1 / "memory.usage_in_bytes").write_text("2000\n")
+    assert load_turns.available_memory() == 3000
+    (v1 / "memory.limit_in_bytes").write_text(f"{2**63 - 4096}\n")  # v1's "no limit"
+    assert load_turns.available_memory() == host
+    (v1 / "memory.limit_in_bytes").unlink()  # no cgroup files: the host's
+    assert load_turns.available_memory() == host
