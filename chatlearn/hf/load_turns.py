@@ -57,8 +57,28 @@ def checkpoint_bytes(model_path: str | Path, dtype: Any = None) -> int:
     except (OSError, ValueError):
         config = {}
     stored = _ITEM_BYTES.get(_dtype_name(config.get("torch_dtype") or config.get("dtype")), 4)
-    loaded = _ITEM_BYTES.get(_dtype_name(dtype), stored) if dtype not in (None, "auto") else stored
-    return stored_bytes * loaded // stored
+    return stored_bytes * _loaded_item_bytes(dtype, stored) // stored
+
+
+def _loaded_item_bytes(dtype: Any, stored: int) -> int:
+    """Bytes a parameter takes loaded as ``dtype`` (`load_causal_lm`'s): any name it accepts
+    ("fp32", "bf16", "half": their bytes were the stored dtype's, a 70B in bf16 loaded as fp32
+    counted as half its size); without one, from_pretrained's default, float32 before
+    transformers 5 and the stored dtype ("auto") since."""
+    from chatlearn.hf.model import resolve_dtype
+
+    try:
+        resolved = resolve_dtype(dtype)
+    except ValueError:  # not one (validate_model_args refuses it first)
+        return stored
+    if resolved is not None:
+        return int(resolved.itemsize)
+    if dtype is None:
+        import transformers
+
+        if int(str(transformers.__version__).split(".")[0]) < 5:
+            return 4
+    return stored
 
 
 def _weight_files(directory: Path) -> list[Path]:

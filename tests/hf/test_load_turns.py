@@ -225,3 +225,22 @@ def test_the_memory_available_is_the_containers_where_its_cgroup_limits_it(
     assert load_turns.available_memory() == host
     (v1 / "memory.limit_in_bytes").unlink()  # no cgroup files: the host's
     assert load_turns.available_memory() == host
+
+
+def test_a_checkpoints_bytes_as_loaded_in_any_dtype_name_the_modules_accept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # dtype: fp32 (or bf16, half) was not a name the count knew: a bf16 checkpoint loaded as
+    # fp32 counted as half its size, and its host's ranks loaded together what did not fit
+    import transformers
+
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    assert checkpoint_bytes(tmp_path, "fp32") == checkpoint_bytes(tmp_path, "float32") == 2000
+    assert checkpoint_bytes(tmp_path, "bf16") == checkpoint_bytes(tmp_path, "half") == 1000
+    assert checkpoint_bytes(tmp_path, "auto") == 1000
+    # without a dtype, from_pretrained's default: float32 before transformers 5, "auto" since
+    monkeypatch.setattr(transformers, "__version__", "4.46.3")
+    assert checkpoint_bytes(tmp_path) == 2000
+    monkeypatch.setattr(transformers, "__version__", "5.0.0")
+    assert checkpoint_bytes(tmp_path) == 1000
