@@ -11,16 +11,15 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layout_worker import make_args  # noqa: E402
+from load_turns_worker import join_group  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import chatlearn.hf.modules as modules  # noqa: E402
@@ -29,14 +28,7 @@ from chatlearn.hf.modules import HFReference  # noqa: E402
 
 def main() -> None:
     rank, port, checkpoint, mark = int(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=timedelta(seconds=20),
-    )
+    join_group(rank, port)  # a collective the other rank never joins: an error
     load = modules.causal_lm_from_args
 
     def failing_load(*args: Any, **kwargs: Any) -> Any:

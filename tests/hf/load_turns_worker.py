@@ -12,6 +12,7 @@ import json
 import sys
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,22 @@ def build(rank: int, checkpoint: str, turns: bool) -> dict[str, Any]:
     return {**times, "logps": output["ref_chosen_logps"].tolist()}
 
 
+def join_group(rank: int, port: str) -> None:
+    """This rank of the 2-rank gloo group over 127.0.0.1 (one thread: two ranks share two cores);
+    a collective the other rank never joins is an error after 20 s."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=timedelta(seconds=20),
+    )
+
+
 def main() -> None:
     rank, port, checkpoint, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    join_group(rank, port)
     results = {"turns": build(rank, checkpoint, True), "together": build(rank, checkpoint, False)}
     Path(out).write_text(json.dumps(results))
     dist.barrier()

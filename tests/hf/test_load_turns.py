@@ -62,39 +62,20 @@ def test_a_checkpoints_bytes_are_its_weights_as_loaded(tmp_path: Path) -> None:
 def test_two_ranks_load_in_turns_and_compute_what_they_compute_loading_together(
     tmp_path: Path,
 ) -> None:
-    from layout_worker import TINY
-
-    from chatlearn.hf import byte_tokenizer
-    from chatlearn.hf.model import causal_lm_from_args
-
-    tokenizer = byte_tokenizer()
-    checkpoint = tmp_path / "model"
-    causal_lm_from_args({"model_config": TINY, "seed": 0}, tokenizer).save_pretrained(checkpoint)
-    tokenizer.save_pretrained(checkpoint)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = []
-    try:
-        for rank in range(2):
-            command = [
-                sys.executable,
+    checkpoint = _checkpoint(tmp_path)
+    outputs, codes = _run_ranks(
+        [
+            [
                 str(HERE / "load_turns_worker.py"),
                 str(rank),
-                str(port),
+                "{port}",
                 str(checkpoint),
                 str(tmp_path / f"rank{rank}.json"),
             ]
-            procs.append(
-                subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            )
-        outputs = [proc.communicate(timeout=150)[0].decode(errors="replace") for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(outputs)[-4000:]
+            for rank in range(2)
+        ]
+    )
+    assert codes == [0, 0], "\n".join(outputs)[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     first, second = (r["turns"] for r in ranks)
     assert second["load"] >= first["handed_over"]  # rank 1 loaded once rank 0 had sharded
