@@ -22,10 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAIN_ALIAS", "ClassRef", "load_object"]
+__all__ = ["MAIN_ALIAS", "ClassRef", "load_object", "running_script"]
 
 # The module name under which the user's main script runs inside an actor.
 MAIN_ALIAS = "__chatlearn_main__"
+# The user's script while this (actor) process runs its top level to find its classes
+_running_script: str | None = None
+
+
+def running_script() -> str | None:
+    """The user's script while this actor process runs its top level (`_run_script`), else
+    None: what runs then is the script's top level, once in every actor."""
+    return _running_script
 
 
 @dataclass(frozen=True)
@@ -109,11 +117,15 @@ def _run_script(path: str) -> Any:
     script_dir = str(Path(path).parent)
     if script_dir not in sys.path:
         sys.path.insert(0, script_dir)  # as when the script itself was run
+    global _running_script
+    _running_script = path
     try:
         spec.loader.exec_module(module)
     except BaseException:
         sys.modules.pop(MAIN_ALIAS, None)
         raise
+    finally:
+        _running_script = None
     return module
 
 

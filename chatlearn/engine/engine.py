@@ -59,8 +59,9 @@ from chatlearn.actors import (
 )
 from chatlearn.actors.checkpoint_paths import checkpoint_root
 from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR
+from chatlearn.actors.loader import running_script
 from chatlearn.actors.timers import Timers as UserTimers
-from chatlearn.config.errors import located_error
+from chatlearn.config.errors import ConfigError, located_error
 from chatlearn.engine.checkpoint import CheckpointInfo, CheckpointManager, rewind_metrics
 from chatlearn.engine.counters import reference_iteration
 from chatlearn.engine.interrupts import Interrupts, SignalGuard, TrainingStopped
@@ -142,6 +143,16 @@ class Engine:
         """Launch every model's processes (validating the config first)."""
         if self.system is not None:
             return
+        script = running_script()
+        if script is not None:
+            # an actor loading the user's script for its classes ran the script's top level,
+            # a run included: it met the coordinator's run lock ("in use by another run")
+            raise ConfigError(
+                "the script starts a run at its top level, which every actor process runs when "
+                "it loads the script to find its module classes",
+                where=script,
+                fix='start the run under if __name__ == "__main__": (as ChatLearn\'s examples do)',
+            )
         validate = getattr(self.global_args, "validate", None)
         if callable(validate):
             validate()

@@ -90,3 +90,51 @@ def test_kill9_of_the_coordinator_leaves_no_orphans():
                 os.kill(pid, signal.SIGKILL)
         if runtime_dir:
             shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+UNGUARDED = """
+import chatlearn
+from chatlearn import DPOEngine
+from chatlearn.actors import BaseModule
+
+
+class Reference(BaseModule):
+    def build_dataset(self, samples, is_eval=False):
+        return samples
+
+    def forward_step(self, data):
+        return data
+
+
+class Policy(BaseModule):
+    def train_step(self, data, iteration):
+        return {}
+
+
+chatlearn.init({
+    "models": {"reference": {"num_cpu": 1}, "policy_trainer": {"num_cpu": 1, "trainable": True}},
+    "runtime": {"num_episode": 1, "sample_per_episode": 4, "output_dir": OUTPUT,
+                "generation_batch_size": 2, "train_micro_batch_size": 2,
+                "train_global_batch_size": 2},
+})
+engine = DPOEngine(Reference("reference"), Policy("policy_trainer"))
+engine.set_dataset(list(range(4)))
+engine.learn()
+"""
+
+
+def test_a_script_that_starts_its_run_unguarded_is_told_to_guard_it(tmp_path: Path) -> None:
+    # Every actor runs the script's top level to find its classes (as multiprocessing's spawn):
+    # there the run started again and met the coordinator's run lock, "runtime.output_dir: ...
+    # is in use by another run (pid N)", the coordinator's own pid, naming neither the script
+    # nor the fix
+    script = tmp_path / "train.py"
+    script.write_text(UNGUARDED.replace("OUTPUT", repr(str(tmp_path / "out"))))
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: the script starts a run at its top level"), last
+    assert 'if __name__ == "__main__":' in last and "Traceback" not in done.stderr
+    assert "in use by another run" not in done.stderr
