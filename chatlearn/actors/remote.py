@@ -144,7 +144,11 @@ class RemoteActor:
                 system.fail(exc)
             raise exc from None
         except (TimeoutError, RequestTimeoutError):
-            late = self.dead_error(f"did not become ready within startup_timeout={timeout:g} s")
+            late = self.dead_error(
+                f"did not become ready within startup_timeout={timeout:g} s (a setup() that "
+                "takes longer, such as loading a large model, needs a larger "
+                "runtime.startup_timeout)"
+            )
             if fatal:
                 system.fail(late)
             raise late from None

@@ -164,6 +164,7 @@ async def test_startup_timeout(tmp_path):
         with pytest.raises(ActorDeadError) as info:
             await system.launch(lib.SlowSetup("m", cfg))
     assert "startup_timeout=1.5" in str(info.value)
+    assert "needs a larger runtime.startup_timeout" in str(info.value)  # what to do
     _order(system.event_kinds(), "spawn", "hello", "failure", "exit", "stopped", "closed")
 
 
