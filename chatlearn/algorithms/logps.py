@@ -134,7 +134,11 @@ def token_logps_chunked(
     """log p(target) for each of the [K, H] `states` ([K] in float32 or wider): `chunk_size` of
     them at a time through `head` then `post`, each chunk checkpointed; chunk_size 0: all at
     once, no checkpoint. head None: `states` are logits already."""
-    if head is None or chunk_size == 0:
+    if head is None or chunk_size == 0 or targets.shape[0] == 0:
+        # no token to score (every response of the forward has none): through the head all the
+        # same (zero rows: no cost), so the sums stay in the graph: detached zeros failed the
+        # train step's backward with "element 0 of tensors does not require grad", and under
+        # DDP every parameter must take part in each backward
         return _token_logps(head, states, targets, post)
     pieces = [
         checkpoint(
@@ -147,11 +151,6 @@ def token_logps_chunked(
         )
         for start in range(0, targets.shape[0], chunk_size)
     ]
-    if not pieces:  # no token to score (every response of the forward has no token)
-        # through the head all the same (zero rows: no cost), so the sums stay in the graph:
-        # detached zeros failed the train step's backward with "element 0 of tensors does not
-        # require grad", and under DDP every parameter must take part in each backward
-        return _token_logps(head, states, targets, post)
     return torch.cat(pieces)
 
 

@@ -61,7 +61,11 @@ class Config:
         self.env_args = RuntimeEnvConfig()
         self.models: dict[str, ModelConfig] = {}
         self.extra: dict[str, Any] = {}
-        self._active_module_args: ModelConfig | None = None
+        # ChatLearn's `get_args().active_module_args`: in a model's process, that model's
+        # `models.<name>` section (set before its `setup()`, as ChatLearn's `model_setup` does),
+        # so code that does not hold the module (a helper, a layer factory) can read its
+        # settings, e.g. `.lora`; None in the coordinator, where no model is set up
+        self.active_module_args: ModelConfig | None = None
         self.runtime_args._attach("runtime", self._locator)
         self.env_args._attach("runtime_env", self._locator)
         if param_dict is not None:
@@ -259,18 +263,6 @@ class Config:
     def rlhf_args(self) -> RuntimeConfig:
         """ChatLearn's old name of `runtime_args`."""
         return self.runtime_args
-
-    @property
-    def active_module_args(self) -> ModelConfig | None:
-        """ChatLearn's `get_args().active_module_args`: in a model's process, that model's
-        `models.<name>` section (set before its `setup()`, as ChatLearn's `model_setup` does), so
-        code that does not hold the module (a helper, a layer factory) can read its settings,
-        e.g. `.lora`; None in the coordinator, where no model is set up."""
-        return self._active_module_args
-
-    @active_module_args.setter
-    def active_module_args(self, section: ModelConfig | None) -> None:
-        self._active_module_args = section
 
     def _attach_models(self) -> None:
         # models may have been added in code (config.models[name] = ModelConfig(...))

@@ -69,6 +69,7 @@ from chatlearn.engine.metrics import MetricsSink, Timers
 from chatlearn.engine.pipeline import DPOPipeline, PipelineSettings
 from chatlearn.engine.progress import Progress, setup_logging
 from chatlearn.engine.protocol import EVAL, ReferenceGroup, TrainerGroup
+from chatlearn.engine.reference_cache import repeats_samples
 from chatlearn.engine.run_checkpoints import RunCheckpoints, find_checkpoint
 from chatlearn.engine.run_lock import RunLock
 from chatlearn.engine.sample_errors import located_sample_error, unsendable_sample_error
@@ -955,16 +956,16 @@ class DPOEngine(Engine):
             )
 
         self.pipeline = new_pipeline(resume is not None)
-        draws = (settings.num_episode - self.state.episode) * settings.sample_per_episode
-        if draws > min(sampler.dataset_sizes, default=0):
+        draws, sizes = self.pipeline.samples_to_draw, sampler.dataset_sizes
+        if repeats_samples(sizes, draws):
             # how often: a data set smaller than one episode (a wrong file, a limit of 3) went
-            # round many times an episode with no figure said
-            passes = draws / sum(sampler.dataset_sizes)
-            held = ", ".join(f"{size:,}" for size in sampler.dataset_sizes)
+            # round many times an episode with no figure said; with several, some come back
+            # (the smallest), not all as often: no single figure of passes
+            held = ", ".join(f"{size:,}" for size in sizes)
+            passes = f" ({draws / sizes[0]:,.1f} passes)" if len(sizes) == 1 else ""
             line = (
                 f"the run draws {draws:,} samples from {held} in the data "
-                f"set{'s' if len(sampler.dataset_sizes) > 1 else ''} ({passes:,.1f} passes): "
-                "samples come back"
+                f"set{'s' if len(sizes) > 1 else ''}{passes}: samples come back"
             )
             if self.pipeline.reference_cache.enabled:
                 line += (

@@ -182,10 +182,11 @@ class DPOPipeline:
         self._train_sizes = GroupSizer()  # steps per training call
         self.num_forward_orders = 0  # per replica (its ranks get the same order)
         self.num_train_calls = 0  # per trainer rank
-        to_draw = (settings.num_episode - state.episode) * settings.sample_per_episode
+        # the samples this run draws from here on (its episodes left)
+        self.samples_to_draw = (settings.num_episode - state.episode) * settings.sample_per_episode
         self.reference_cache = ReferenceCache(
             int(settings.reference_cache_mb * MIB),
-            enabled=repeats_samples(sampler.dataset_sizes, to_draw),
+            enabled=repeats_samples(sampler.dataset_sizes, self.samples_to_draw),
         )
         self._eval_ready = False
         self.eval_history: list[dict[str, float]] = []

@@ -178,6 +178,8 @@ class ReferenceService(_EpisodeHooks):
         # parts of data sets sent in parts (StageSamples): split -> (list, start) -> samples
         self._staged: dict[str, dict[tuple[int, int], list[Any]]] = {}
         self.senders: list[DataSender] = []
+        # the add_padding_config the trainer ranks were last sent (None: not since `connect`)
+        self._padding_sent: dict[str, Any] | None = None
         self._store: ReferenceStore | ReplicaStore | None = None
         self._store_checked = False
         self.handlers = {
@@ -241,6 +243,7 @@ class ReferenceService(_EpisodeHooks):
         for sender in kept.values():
             sender.close()
         self.senders = senders
+        self._padding_sent = None  # a restarted trainer rank knows none
 
     async def forward(self, order: Forward) -> ForwardDone:
         """The order's chunks of one episode, one ``forward_step`` each, in one call; their
@@ -261,10 +264,12 @@ class ReferenceService(_EpisodeHooks):
         parts = [part for c in computed for part in c.parts]
         message: dict[str, Any] = {"episode": chunks[0].episode, "parts": join_parts(parts)}
         padding = self.module.padding_config()
-        if padding:
+        if padding and padding != self._padding_sent:
             # ChatLearn pads the trainer's micro-batches as the models that produce the data
-            # say (its environment's add_padding_config): the trainer gathers with these
+            # say (its environment's add_padding_config): the trainer gathers with these. Sent
+            # when new to the trainers (after `connect`, or changed), not with every output
             message["padding"] = padding
+            self._padding_sent = padding
         for sender in self.senders:
             await sender.send(message)
         sent = time.time()
