@@ -255,7 +255,7 @@ def _decoded(raw: bytes, number: int, path: Path) -> str:
             f"e.g. iconv -f UTF-16 -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix}"
         )
     try:
-        line = raw.decode("utf-8")  # plain utf-8 per line: "utf-8-sig" decodes 4x slower
+        line = raw.decode("utf-8")  # per line: "utf-8-sig" took twice as long (697 ns, 331)
     except UnicodeDecodeError as exc:
         byte = raw[exc.start : exc.start + 1].hex()
         raise ValueError(
