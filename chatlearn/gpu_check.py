@@ -27,9 +27,10 @@ Checks (``chatlearn.gpu_probe`` is the module the actors run):
   adapter and the merged weights;
 - ``DPO example FSDP2 bf16`` (≥ 2 GPUs): the same with the trainer sharded over 2 GPUs
   (``parallel: fsdp``, ``mixed_precision: bf16``, NCCL, a sharded checkpoint; both models built
-  in host memory and moved to the GPUs by ``fully_shard`` as they are sharded) and the reference
-  sharded over them too, loading the example's model from a local checkpoint in turns
-  (``load_in_turns``: its plan agreed and its turns passed over NCCL), with
+  in host memory and moved to the GPUs by ``fully_shard`` as they are sharded), both from a local
+  checkpoint of the example's model: the trainer's ranks loading it in turns (``load_in_turns``:
+  its plan agreed and its turns passed over NCCL), the reference sharded over the GPUs too, its
+  rank 0 loading it and broadcasting it into both ranks' shards over NCCL (``load_once``), with
   ``runtime.reference_store`` (its fingerprint and lookups agreed over NCCL), evaluating 33
   held-out pairs (an uneven split: as many forwards on both ranks);
 - ``DPO example LoRA FSDP2 fp16`` (≥ 2 GPUs): the LoRA run sharded over 2 GPUs with fp16 (the
@@ -626,26 +627,31 @@ def run_checks() -> list[CheckResult]:
             return run_example(config, workdir / "one", deadline.left(90))
 
         def example_fsdp() -> str:
-            trainer = {"num_gpu": 2, "model_args": {"parallel": "fsdp", "mixed_precision": "bf16"}}
+            # both from a local checkpoint of the policy's first weights: the trainer's 2 ranks
+            # each load it, in turns; the reference's rank 0 loads it and sends it to rank 1
+            # (load_once, the default: NCCL broadcasts into FSDP2's shards)
+            checkpoint = example_checkpoint(workdir / "fsdp" / "model")
+            trainer_args = {
+                "parallel": "fsdp",
+                "mixed_precision": "bf16",
+                "model_path": str(checkpoint),
+                "load_once": False,
+                "load_in_turns": True,
+            }
+            trainer = {"num_gpu": 2, "model_args": trainer_args}
             # the reference sharded too (one replica of 2 GPUs), with the on-disk store: its
             # fingerprint and lookups are agreed over NCCL
-            # from a local checkpoint of the policy's first weights, its 2 ranks in turns
-            checkpoint = example_checkpoint(workdir / "fsdp" / "model")
             reference = {
                 "num_gpu": 2,
                 "zero_size": 2,
-                "model_args": {
-                    "parallel": "fsdp",
-                    "model_path": str(checkpoint),
-                    "load_in_turns": True,
-                },
+                "model_args": {"parallel": "fsdp", "model_path": str(checkpoint)},
             }
             # an eval set the 2 ranks cannot split evenly: each must still run as many
             # forwards (FSDP2's are NCCL collectives; one more on one rank hung the run)
             store = str(workdir / "fsdp" / "store")
             runtime = {"reference_store": store, "eval_data_num_limit": 33}
             config = example_config(workdir / "fsdp", trainer, reference, True, runtime)
-            said = ["one after another"]  # the reference's ranks loaded in turns
+            said = ["one after another", "sent the model"]  # in turns; once, then broadcast
             return run_example(config, workdir / "fsdp", deadline.left(90), stored=True, said=said)
 
         def example_lora() -> str:

@@ -250,15 +250,21 @@ class SequenceLogps(nn.Module):
         if check:
             gap, dtype = logps_gap(network, base)
             if gap > CHECK_TOLERANCE.get(dtype, 0.01):
-                kind = getattr(getattr(base, "config", None), "model_type", type(base).__name__)
-                network.full_logits = (
-                    f"model_type {kind!r}: its forward changes the logits after the output head "
-                    f"in a way not known here (log-probs {gap:.3g} nats apart on {CHECK_TOKENS} "
-                    "tokens)"
+                network.use_model_forward(
+                    base, f"log-probs {gap:.3g} nats apart on {CHECK_TOKENS} tokens"
                 )
-                network.__dict__["causal_lm"] = base
-                network.post = None  # the forward does it
         return network
+
+    def use_model_forward(self, base: Any, evidence: str) -> None:
+        """Log-probs from `base`'s own forward (the whole logits), whose logits differ from the
+        head's output in a way not known here (`evidence`: how that was found)."""
+        kind = getattr(getattr(base, "config", None), "model_type", type(base).__name__)
+        self.full_logits = (
+            f"model_type {kind!r}: its forward changes the logits after the output head in a "
+            f"way not known here ({evidence})"
+        )
+        self.__dict__["causal_lm"] = base
+        self.post = None  # the forward does it
 
     def forward(
         self,

@@ -71,6 +71,7 @@ MODEL_ARG_KEYS: dict[str, KeySpec] = {
     "enable_lora": _kind("bool", False),
     "packing": _kind("bool", None, example=True),
     "prefix_sharing": _kind("bool", None, example=True),
+    "load_once": _kind("bool", True),
     "load_in_turns": _kind("bool", None, example=True),
     "max_tokens_per_row": _int(None, 1, example=4096),
     "packed_attention": _kind("str", None, choices=("segments", "mask")),

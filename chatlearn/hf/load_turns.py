@@ -1,7 +1,8 @@
 """A model's ranks on one host load its checkpoint one after another when together they would not
-fit in the host's memory (``model_args.load_in_turns``).
+fit in the host's memory (``model_args.load_in_turns``), where every rank loads it
+(``load_once: false``; by default rank 0 alone does: chatlearn/hf/load_once.py).
 
-Every rank of a model builds it from the checkpoint in host memory (``from_pretrained``) before
+Every rank of such a model builds it from the checkpoint in host memory (``from_pretrained``) before
 its layout takes it over: moved to the GPU (whole, or unit by unit as FSDP2 shards it), or sharded
 in host memory, where each rank keeps 1/N of it. Loaded at once, a host's ranks hold it N times
 over for a while: 8 GPUs and a 70B checkpoint in bf16 are 8 × 140 GB of host memory. In turns,

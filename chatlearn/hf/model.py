@@ -69,11 +69,13 @@ def build_causal_lm(
     eos_token_id: int | None = None,
     seed: int = 0,
     dtype: str | torch.dtype | None = None,
+    empty: bool = False,
 ) -> Any:
     """A randomly initialised `LlamaForCausalLM`; `config` overrides `SMALL_LLAMA` keys.
 
     Initialisation is seeded from `seed` without touching the global RNG state, so the reference
-    and the trainer build identical weights in different processes.
+    and the trainer build identical weights in different processes. `empty`: on the meta device
+    (shapes and dtypes, no memory; its weights come from elsewhere: chatlearn/hf/load_once.py).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -87,7 +89,7 @@ def build_causal_lm(
         if value is not None:
             values.setdefault(key, value)
     llama_config = LlamaConfig(**values)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _meta_device(empty):
         torch.manual_seed(seed)
         model: Any = LlamaForCausalLM(llama_config)
     resolved = resolve_dtype(dtype)
@@ -96,9 +98,13 @@ def build_causal_lm(
     return model
 
 
-def load_causal_lm(model_path: str | Path, *, dtype: str | torch.dtype | None = None) -> Any:
-    """`AutoModelForCausalLM.from_pretrained` on a local directory, offline."""
-    from transformers import AutoModelForCausalLM
+def load_causal_lm(
+    model_path: str | Path, *, dtype: str | torch.dtype | None = None, empty: bool = False
+) -> Any:
+    """`AutoModelForCausalLM.from_pretrained` on a local directory, offline. `empty`: the model
+    its config describes, on the meta device (no weights read; `dtype`, else float32: the
+    checkpoint's own dtype is known only once its weights are read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(model_path).expanduser()  # ~ as in the config's other paths
     if not path.is_dir():
@@ -108,6 +114,10 @@ def load_causal_lm(model_path: str | Path, *, dtype: str | torch.dtype | None = 
     if resolved is not None:
         kwargs["dtype"] = resolved
     try:
+        if empty:
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+            with _meta_device(True):
+                return AutoModelForCausalLM.from_config(config, dtype=resolved)
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as failed:
         raise _unloadable(path, failed) from failed
@@ -140,8 +150,8 @@ def _unloadable(path: Path, failed: BaseException) -> ConfigError:
     )
 
 
-def causal_lm_from_args(model_args: Mapping[str, Any], tokenizer: Any) -> Any:
-    """The model a module's config asks for.
+def causal_lm_from_args(model_args: Mapping[str, Any], tokenizer: Any, empty: bool = False) -> Any:
+    """The model a module's config asks for (`empty`: on the meta device).
 
     Keys read: `model_path` (a local checkpoint; when set the other keys but `dtype` are ignored),
     `model_config` (overrides of `SMALL_LLAMA`), `seed` (default 0), `dtype` (default float32).
@@ -150,7 +160,7 @@ def causal_lm_from_args(model_args: Mapping[str, Any], tokenizer: Any) -> Any:
     dtype = model_args.get("dtype")
     model_path = model_args.get("model_path")
     if model_path:
-        return load_causal_lm(model_path, dtype=dtype)
+        return load_causal_lm(model_path, dtype=dtype, empty=empty)
     return build_causal_lm(
         model_args.get("model_config") or {},
         vocab_size=len(tokenizer),
@@ -159,7 +169,12 @@ def causal_lm_from_args(model_args: Mapping[str, Any], tokenizer: Any) -> Any:
         eos_token_id=tokenizer.eos_token_id,
         seed=int(model_args.get("seed", 0) or 0),
         dtype=dtype,
+        empty=empty,
     )
+
+
+def _meta_device(empty: bool) -> contextlib.AbstractContextManager[Any]:
+    return torch.device("meta") if empty else contextlib.nullcontext()
 
 
 def num_parameters(model: torch.nn.Module) -> int:

@@ -30,7 +30,8 @@
 | max_tokens_per_micro_batch | None | at most this many tokens per forward (below; None: off) |
 | save_hf_model, merge_lora | True, True | checkpoints hold an HF dir (LoRA: adapter + merged) |
 | malloc_mmap_threshold | 0 | glibc: freed blocks above this size leave the process (0: off) |
-| load_in_turns | None | a host's ranks load model_path in turns (None: where it would not fit) |
+| load_once | True | rank 0 loads model_path (or builds the model), the other ranks receive it |
+| load_in_turns | None | with load_once false: a host's ranks load in turns (None: if needed) |
 
 LoRA's defaults (``chatlearn.hf.lora``): r 16, alpha 32, dropout 0, target_modules "all-linear".
 
@@ -101,6 +102,7 @@ from chatlearn.algorithms.token_budget import max_over_ranks, regroup_step
 from chatlearn.config.errors import ConfigError
 from chatlearn.hf.checkpoint import export_hf, full_state_dict, load_sharded, save_sharded
 from chatlearn.hf.data import PreferenceCollator, PreferenceDataset
+from chatlearn.hf.load_once import LoadOnce
 from chatlearn.hf.load_turns import LoadTurns
 from chatlearn.hf.lora import apply_lora, module_lora_settings
 from chatlearn.hf.memory import (
@@ -162,6 +164,7 @@ class _HFModule(TorchModule):
     packing: PackingOptions
 
     _load_turns: LoadTurns = LoadTurns(None)
+    _load_once: LoadOnce = LoadOnce()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -178,10 +181,14 @@ class _HFModule(TorchModule):
             return load_tokenizer(self.model_args.get("model_path"))
 
     def build_model(self) -> Any:
+        # setup's model on a rank other than the first of a group: on the meta device, its
+        # weights from rank 0 once laid out (`build_network`; chatlearn/hf/load_once.py)
+        empty = self._load_once.builds_empty
         with located_errors(self.model_args):  # a checkpoint from_pretrained cannot load
-            model = causal_lm_from_args(self.model_args, self.tokenizer)
+            model = causal_lm_from_args(self.model_args, self.tokenizer, empty=empty)
+            self._load_once.agree(model, locate_model_args(self.model_args)[0])
         layout = getattr(self, "layout", None)  # set by setup() before the first model
-        if torch.cuda.is_available() and not (layout is not None and layout.sharded):
+        if torch.cuda.is_available() and not empty and not (layout is not None and layout.sharded):
             # Sharded, the model stays in host memory: fully_shard moves each decoder layer and
             # then the root to the GPU and keeps this rank's shard, one unit whole on the GPU at
             # a time. Moved here whole, a model larger than one GPU could not be sharded at all.
@@ -202,7 +209,10 @@ class _HFModule(TorchModule):
     def build_network(self, *, trainable: bool) -> Any:
         """`self.model` as the module that returns summed log-probs, wrapped for the layout."""
         chunk_size = int(self.arg("logps_chunk_size", DEFAULT_CHUNK_SIZE))
-        network = SequenceLogps.from_causal_lm(self.model, chunk_size=chunk_size)
+        # an empty model (load_once) computes nothing yet: rank 0's check decides for every rank
+        empty = self._load_once.builds_empty
+        network = SequenceLogps.from_causal_lm(self.model, chunk_size=chunk_size, check=not empty)
+        self._load_once.share_check(network, self.model)
         if network.full_logits and self.data_parallel_rank == 0:
             vocab = int(self.model.get_output_embeddings().weight.shape[0])
             self._logger.warning(
@@ -229,13 +239,26 @@ class _HFModule(TorchModule):
                     "untrained",
                     "train a model whose logits are its head's output, or report its model_type",
                 )
+        # rank 0's weights (load_once), taken before the layout shards them
+        sources = self._load_once.sources(network)
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
         if not self.layout.sharded:
+            # every rank's whole copy, before DDP's constructor checks them alike
+            self._load_once.receive(
+                network, sources, device=device, name=self.name, log=self._logger
+            )
             # this rank's copy is on its GPU (`build_model`): the next one's turn, before DDP's
             # constructor, a collective of every rank (it checks and broadcasts the parameters),
             # which a rank still waiting for its turn would never join
             self._load_turns.done()
         with located_errors(self.model_args):  # e.g. parallel: none on several trainer ranks
             wrapped = self.layout.wrap(network, trainable=trainable)
+        # sharded: each rank's shards, allocated by now (done above otherwise)
+        self._load_once.receive(network, sources, device=device, name=self.name, log=self._logger)
         self._load_turns.done()  # this rank's copy is its shard: the next one's turn
         return wrapped
 
@@ -260,6 +283,8 @@ class _HFModule(TorchModule):
                 "set eos_token in the tokenizer's tokenizer_config.json",
             )
         self.layout = self.build_layout()
+        with located_errors(self.model_args):  # before a model is loaded for nothing
+            self.layout.check(trainable=self.trainable)
         if self.layout.parallel == "fsdp" and self.world_size == 1 and self.replica_id == 0:
             # An inference model's processes are replicas of zero_size processes each
             # (ChatLearn's rule): several replicas of one process shard nothing, as one does.
@@ -281,21 +306,33 @@ class _HFModule(TorchModule):
                 how,
                 fix,
             )
-        # a host's ranks load a checkpoint one after another where their copies would not fit
-        # in its memory together: the next rank loads once this one's layout took its copy
-        # over (`build_network`) (chatlearn/hf/load_turns.py)
-        hands_over = self.layout.sharded or torch.cuda.is_available()
-        self._load_turns = LoadTurns.agree(
-            self.model_args, self.name, self._logger, hands_over=hands_over
-        )
+        # rank 0 alone loads the model and sends it to the other ranks once they are laid out
+        # (`build_network`; chatlearn/hf/load_once.py); or, with load_once: false, a host's
+        # ranks load it one after another where their copies would not fit in its memory
+        # together: the next rank once this one's layout took its copy over (load_turns.py)
+        self._load_once = LoadOnce.for_model(self.model_args)
+        if self._load_once.active:  # one rank loads: nothing to take turns at
+            self._load_turns = LoadTurns(None)
+            if self.model_args.get("load_in_turns") and self.rank == 0:
+                self._logger.warning(
+                    "%s: load_in_turns: true does nothing here: rank 0 alone loads the model "
+                    "and sends it to the other ranks (load_once); set load_once: false for "
+                    "every rank to load it, in turns",
+                    self.name,
+                )
+        else:
+            hands_over = self.layout.sharded or torch.cuda.is_available()
+            self._load_turns = LoadTurns.agree(
+                self.model_args, self.name, self._logger, hands_over=hands_over
+            )
         self._load_turns.wait()
         self.model = self.build_model()
         self._check_special_ids()
         if model_arg(self.model_args, "disable_dropout"):
             disable_dropout(self.model)
-            # the trainer's every rank checks (no collectives); one warns. The reference
-            # runs in eval mode: no dropout there.
-            if self.trainable and forwards_differ(self.model) and self.rank == 0:
+            # the trainer's rank 0 checks and warns (another rank's model may have no weights
+            # yet: load_once). The reference runs in eval mode: no dropout there.
+            if self.trainable and self.rank == 0 and forwards_differ(self.model):
                 self._logger.warning(
                     "%s: " + DROPOUT_WARNING + " in %s (two train-mode forwards of the "
                     "same tokens differ): the policy will not compute what the reference does, "

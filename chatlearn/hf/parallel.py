@@ -100,13 +100,7 @@ class Layout:
         if self.sharded:
             _fully_shard(network, self._mesh(), self._mp_policy(), trainable=trainable)
             return network
-        if trainable and self.parallel == "none" and self.world_size > 1:
-            # the layout has no model args: the modules locate the key (`located_errors`)
-            raise ConfigError(
-                f"none cannot train on {self.world_size} ranks (their gradients would never meet)",
-                key="model_args.parallel",
-                fix="use parallel: ddp or fsdp, or one process",
-            )
+        self.check(trainable=trainable)
         if trainable and self.parallel != "none" and self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -118,6 +112,16 @@ class Layout:
                 network, device_ids=device_ids, gradient_as_bucket_view=True
             )
         return network
+
+    def check(self, *, trainable: bool) -> None:
+        """The ConfigError of a layout that cannot run this model (before it is built)."""
+        if trainable and self.parallel == "none" and self.world_size > 1:
+            # the layout has no model args: the modules locate the key (`located_errors`)
+            raise ConfigError(
+                f"none cannot train on {self.world_size} ranks (their gradients would never meet)",
+                key="model_args.parallel",
+                fix="use parallel: ddp or fsdp, or one process",
+            )
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Low-precision compute outside FSDP2 (whose policy casts the parameters itself)."""

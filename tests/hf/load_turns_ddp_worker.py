@@ -1,10 +1,10 @@
 """One rank of the load-turns DDP test: `python load_turns_ddp_worker.py RANK PORT CHECKPOINT`.
 
-Two ranks on a gloo group over 127.0.0.1 build the DDP trainer from the local checkpoint
-CHECKPOINT with ``load_in_turns: true``, its copy taken as handed over as on CUDA (where
-`build_model` moves it to the GPU): DDP's constructor is a collective (it checks the parameters'
-shapes across ranks and broadcasts rank 0's), which the ranks must all reach. Exits 0 once both
-are built.
+Two ranks on a gloo group over 127.0.0.1 build the DDP trainer from the local checkpoint CHECKPOINT
+with ``load_in_turns: true`` (and ``load_once: false``: every rank loads), its copy taken as handed
+over as on CUDA (where `build_model` moves it to the GPU): DDP's constructor is a collective (it
+checks the parameters' shapes across ranks and broadcasts rank 0's), which the ranks must all reach.
+Exits 0 once both are built.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main() -> None:
         return agree(cls, *args, **{**kwargs, "hands_over": True})  # as on CUDA
 
     LoadTurns.agree = classmethod(handed_over)  # type: ignore[method-assign,assignment]
-    args = make_args(2, model_path=checkpoint, parallel="ddp", load_in_turns=True)
+    args = make_args(2, model_path=checkpoint, parallel="ddp", load_in_turns=True, load_once=False)
     policy = HFDPOTrainer("policy", args=args)
     policy._rank, policy._world_size = rank, 2
     policy.setup()

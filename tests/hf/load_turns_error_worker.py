@@ -2,8 +2,9 @@
 MARK`.
 
 Two ranks on a gloo group over 127.0.0.1 build the sharded reference from CHECKPOINT with
-``load_in_turns: true``; rank 0's load fails. Rank 1 creates the file MARK when it starts
-loading; rank 0 prints whether MARK existed when its error came out of ``setup`` and exits 3.
+``load_in_turns: true`` (and ``load_once: false``: every rank loads); rank 0's load fails. Rank 1
+creates the file MARK when it starts loading; rank 0 prints whether MARK existed when its error came
+out of ``setup`` and exits 3.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main() -> None:
         return load(*args, **kwargs)
 
     modules.causal_lm_from_args = failing_load
-    args = make_args(2, model_path=checkpoint, parallel="fsdp", load_in_turns=True)
+    args = make_args(2, model_path=checkpoint, parallel="fsdp", load_in_turns=True, load_once=False)
     reference = HFReference("reference", args=args)
     reference._rank, reference._world_size = rank, 2
     try:

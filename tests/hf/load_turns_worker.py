@@ -1,9 +1,9 @@
 """One rank of the load-turns test: `python load_turns_worker.py RANK PORT CHECKPOINT OUT`.
 
 Two ranks on a gloo group over 127.0.0.1 build the sharded reference (FSDP2) from the local
-checkpoint CHECKPOINT twice: with ``load_in_turns: true``, then false. For each, OUT gets when
-this rank's load started and when its copy was handed over (sharded), and its log-probs of the
-first micro-batch.
+checkpoint CHECKPOINT twice: with ``load_in_turns: true`` (and ``load_once: false``: every rank
+loads), then false. For each, OUT gets when this rank's load started and when its copy was handed
+over (sharded), and its log-probs of the first micro-batch.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def build(rank: int, checkpoint: str, turns: bool) -> dict[str, Any]:
     modules.causal_lm_from_args = timed_load
     modules.LoadTurns.done = timed_done  # type: ignore[method-assign]
     try:
-        args = make_args(2, model_path=checkpoint, parallel="fsdp", load_in_turns=turns)
+        args = make_args(
+            2, model_path=checkpoint, parallel="fsdp", load_in_turns=turns, load_once=False
+        )
         reference = HFReference("reference", args=args)
         reference._rank, reference._world_size = rank, 2
         reference.setup()

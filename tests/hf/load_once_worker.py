@@ -1,0 +1,131 @@
+"""One rank of the load-once tests: `python load_once_worker.py RANK PORT CHECKPOINT OUT [CASE]`.
+
+Two ranks on a gloo group over 127.0.0.1 build models from the local checkpoint CHECKPOINT (tied
+embeddings, stored in bfloat16, `dtype` unset: loaded as stored), each with ``load_once`` on (the
+default) and off, and OUT gets, for each: how many times this rank read the checkpoint's weights,
+the reference's log-probs of the first micro-batch, the trainer's losses of two steps and its
+parameters' sums, whether its tied weights are still one tensor, and how many tensors its
+optimizer steps. CASE ``mismatch``: rank 1 builds a model with one more layer than the
+checkpoint's; OUT gets each rank's error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from layout_worker import (  # noqa: E402
+    GLOBAL_BATCH,
+    MICRO_BATCHES,
+    make_args,
+    reference_batches,
+    start,
+    step_data,
+    weights_digest,
+)
+from load_turns_worker import join_group  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+import torch.distributed as dist  # noqa: E402
+
+import chatlearn.hf.model as hf_model  # noqa: E402
+from chatlearn.config.errors import ConfigError  # noqa: E402
+from chatlearn.hf.modules import HFDPOTrainer  # noqa: E402
+from chatlearn.hf.parallel import unwrap  # noqa: E402
+
+READS = {"count": 0}
+_load = hf_model.load_causal_lm
+
+
+def counted_load(*args: Any, **kwargs: Any) -> Any:
+    if not kwargs.get("empty"):
+        READS["count"] += 1
+    return _load(*args, **kwargs)
+
+
+hf_model.load_causal_lm = counted_load
+
+
+def build(rank: int, checkpoint: str, parallel: str, load_once: bool) -> dict[str, Any]:
+    READS["count"] = 0
+    # load_in_turns set where it does nothing: rank 0 says so
+    args = make_args(
+        2, model_path=checkpoint, parallel=parallel, load_once=load_once, load_in_turns=load_once
+    )
+    batches = reference_batches(args, rank, 2, steps=2)
+    reference_reads = READS["count"]
+    trainer = start(HFDPOTrainer("policy", args=args), rank, 2)
+    model = trainer.model
+    losses = [
+        trainer.train_step(step_data(batches, step, rank, 2), iteration=step)["loss"]
+        for step in range(2)
+    ]
+    return {
+        "reference_reads": reference_reads,
+        "trainer_reads": READS["count"] - reference_reads,
+        "ref_logps": batches[0]["ref_chosen_logps"].tolist(),
+        "losses": losses,
+        "weights": weights_digest(trainer),
+        "tied": model.get_output_embeddings().weight is model.get_input_embeddings().weight,
+        "optimized": sum(len(g["params"]) for g in trainer.optimizer.param_groups),
+        "layout": trainer.layout.describe(),
+        "network": type(unwrap(trainer.network)).__name__,
+    }
+
+
+def mismatch(rank: int, checkpoint: str) -> dict[str, Any]:
+    if rank == 1:  # this rank's config says one more layer than the checkpoint's
+        config_of = hf_model.load_causal_lm
+
+        def deeper(*args: Any, **kwargs: Any) -> Any:
+            from transformers import AutoConfig
+
+            original = AutoConfig.from_pretrained
+
+            def more_layers(*a: Any, **k: Any) -> Any:
+                config = original(*a, **k)
+                config.num_hidden_layers += 1
+                return config
+
+            AutoConfig.from_pretrained = more_layers  # type: ignore[method-assign]
+            try:
+                return config_of(*args, **kwargs)
+            finally:
+                AutoConfig.from_pretrained = original  # type: ignore[method-assign]
+
+        hf_model.load_causal_lm = deeper
+    args = make_args(2, model_path=checkpoint, parallel="fsdp")
+    try:
+        start(HFDPOTrainer("policy", args=args), rank, 2)
+    except ConfigError as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
+def main() -> None:
+    rank, port, checkpoint, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    case = sys.argv[5] if len(sys.argv) > 5 else "layouts"
+    join_group(rank, port)
+    logging.basicConfig(level=logging.INFO)  # what rank 0 says, in the output
+    assert GLOBAL_BATCH // MICRO_BATCHES >= 2  # each rank has rows of every micro-batch
+    if case == "mismatch":
+        results: dict[str, Any] = mismatch(rank, checkpoint)
+    else:
+        results = {
+            f"{parallel}_{'once' if once else 'every'}": build(rank, checkpoint, parallel, once)
+            for parallel in ("fsdp", "ddp")
+            for once in (True, False)
+        }
+    Path(out).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
