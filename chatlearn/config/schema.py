@@ -445,9 +445,7 @@ ENV_KEYS: dict[str, KeySpec] = {
 # and logged once as a warning naming file:line. Keys of ChatLearn's config classes that this
 # runtime does not act on get a warning saying so; ChatLearn keys that only programs read (data
 # paths) get none.
-PROGRAM_KEYS = {
-    "runtime": ("eval_data_path", "query_key", "training_data_num_limit", "eval_data_num_limit")
-}
+PROGRAM_KEYS = {"runtime": ("eval_data_path", "training_data_num_limit", "eval_data_num_limit")}
 CHATLEARN_ONLY_KEYS: dict[str, tuple[str, ...]] = {
     "runtime": (
         "debug", "nsys", "profiler_dir", "log_config_file", "log_args_dict", "concurrent_setup",
@@ -493,6 +491,11 @@ CHATLEARN_REPLACED_KEYS: dict[str, dict[str, str]] = {
     "runtime": {
         "max_data_ckpt_nums": "set runtime.save_keep_last instead, the number of checkpoints "
         "kept here (default 3; 0 keeps all, as ChatLearn does without max_data_ckpt_nums)",
+        # ChatLearn's configs carry it (`query_key: ${query_key:query}`) but none of its code
+        # reads it; written here to name the data's prompt field, it changed nothing, silently
+        "query_key": "the ready-made modules (chatlearn.hf) read each record's prompt from its "
+        "'prompt' key whatever query_key says (ChatLearn's entry scripts do not read it either); "
+        "rename the field in the data to prompt, and remove query_key",
     },
 }
 # ChatLearn's per-model LoRA switch; ours is in model_args (see chatlearn.hf.lora).

@@ -176,6 +176,18 @@ def test_max_data_ckpt_nums_names_the_key_that_keeps_checkpoints_here(
     assert "set runtime.save_keep_last instead" in line and "0 keeps all" in line
 
 
+def test_query_key_is_warned_as_not_read(write_yaml, caplog: pytest.LogCaptureFixture) -> None:
+    # ChatLearn's configs carry query_key but no code of ChatLearn's or ours reads it: set to
+    # name the data's prompt field, it was passed over without a word
+    path = write_yaml("main.yaml", "runtime:\n  query_key: question\n")
+    with caplog.at_level(logging.WARNING, logger="chatlearn.config"):
+        config = load_config(path)
+    assert config.runtime_args.get("query_key") == "question"  # kept, as every unknown key
+    (line,) = [r.getMessage() for r in caplog.records if "query_key" in r.getMessage()]
+    assert "main.yaml:2: runtime.query_key: a ChatLearn setting not read here" in line
+    assert "'prompt' key whatever query_key says" in line and "\n" not in line
+
+
 def test_chatlearn_sub_configs_read_by_attribute_with_its_defaults(write_yaml) -> None:
     # ChatLearn's trainers read self.module_args.lora.enable_lora (and batch_generation) of
     # every model; a models.<name>.lora section given in the file fills in over the defaults
