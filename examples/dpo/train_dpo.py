@@ -15,6 +15,7 @@ import chatlearn
 from chatlearn import DPOEngine
 from chatlearn.engine.engine import LearnResult
 from chatlearn.hf import load_preference_data
+from chatlearn.utils.logger import logger
 from examples.dpo.make_data import make_pairs, write_jsonl
 from examples.dpo.models import PolicyReference, PolicyTrainer
 
@@ -44,13 +45,24 @@ def data_limit(args: chatlearn.Config, key: str) -> int | None:
     """``runtime.<key>`` (ChatLearn's ``training_data_num_limit`` / ``eval_data_num_limit``): a
     whole number, or None when unset. Anything else is a config error naming the key: ``int()``
     of it turned 1.5 into 1 record silently, and "abc" into an error about ``data_path``; a
-    training limit of 0 stopped the run with "the dataset is empty", naming neither."""
+    training limit of 0 stopped the run with "the dataset is empty", naming neither. An eval
+    limit of 0 is no limit (None), with a warning: ChatLearn's entry scripts apply the limit
+    only when it is truthy, where 0 here read no eval record and skipped every evaluation
+    without a word."""
     value = args.runtime_args.get(key, None)
     fix = "set it to how many records to read (-1 or unset: all of them)"
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise args.error(f"runtime.{key}", f"{value!r} is not a whole number", fix)
     if value == 0 and key == "training_data_num_limit":
         raise args.error(f"runtime.{key}", "0 keeps no training record", fix)
+    if value == 0:
+        logger.warning(
+            "%s: runtime.%s: 0 is no limit, as in ChatLearn's entry scripts: every eval record "
+            "is read (to evaluate on none, remove eval_data_path)",
+            args.where(f"runtime.{key}"),
+            key,
+        )
+        return None
     return value
 
 

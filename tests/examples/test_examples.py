@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -243,4 +244,27 @@ def test_the_examples_data_limits_must_be_whole_numbers(
     line = str(info.value)
     assert f"c.yaml:8: runtime.training_data_num_limit: {problem}" in line, line
     assert "fix: set it to how many records to read (-1 or unset: all of them)" in line
-    assert data_limit(args, "eval_data_num_limit") == 0  # no eval records: no evaluation
+
+
+def test_the_examples_eval_limit_of_0_reads_every_eval_record_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ChatLearn's entry scripts limit the eval set only when eval_data_num_limit is truthy; 0
+    # here read no eval record, and every evaluation was skipped without a word
+    from chatlearn.config import load_config
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from examples.dpo.train_dpo import data_limit
+    finally:
+        sys.path.remove(str(ROOT))
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "models:\n  reference:\n    num_cpu: 1\n  policy_trainer:\n    num_cpu: 1\n"
+        "    trainable: true\nruntime:\n  eval_data_num_limit: 0\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="ChatLearn"):
+        assert data_limit(load_config(config), "eval_data_num_limit") is None
+    (line,) = [r.getMessage() for r in caplog.records if "eval_data_num_limit" in r.getMessage()]
+    assert "c.yaml:8: runtime.eval_data_num_limit: 0 is no limit" in line, line
+    assert "every eval record is read" in line and "remove eval_data_path" in line
