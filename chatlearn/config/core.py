@@ -18,12 +18,14 @@ from typing import Any
 
 from . import loader
 from .errors import ConfigError, logger
+from .model_args import MODEL_ARG_KEYS
 from .schema import (
     CHATLEARN_ONLY_KEYS,
     CHATLEARN_REPLACED_KEYS,
     LORA_MODEL_KEYS,
     PROGRAM_KEYS,
     SECTIONS,
+    read_quoted_number,
 )
 from .sections import Locator, ModelConfig, RuntimeConfig, RuntimeEnvConfig, Section
 
@@ -184,7 +186,11 @@ class Config:
                 # configs/model.yaml), so a program can open the file itself
                 model._store("model_config_file", _as_opened(found))
             # `model_args:` written inline extends (and overrides) the model config file
-            model.model_args = loader.deep_merge(model_args, inline_args or {})
+            model_args = loader.deep_merge(model_args, inline_args or {})
+            for key, spec in MODEL_ARG_KEYS.items():
+                if key in model_args:  # `learning_rate: "1e-5"` read as ChatLearn reads it
+                    model_args[key] = read_quoted_number(spec, model_args[key])
+            model.model_args = model_args
         self.models[name] = model
 
     def _model_file(self, path: str, file_name: str) -> Path:

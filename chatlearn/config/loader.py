@@ -15,7 +15,9 @@ Rules (ChatLearn's, with its rough edges made into errors):
 - Numbers as ChatLearn reads them: YAML 1.1 (PyYAML) leaves `5e-3`, `1e5`, `-1E-4` and `1.0e5`
   strings (its floats need a dot and a signed exponent); here they are floats, so an optimizer gets
   `learning_rate: 5e-3` as a number. Only this module's Loader subclass has the rule, never
-  PyYAML's global loaders. (`.5`, `1_000` and `0x10` are numbers in YAML 1.1 already.)
+  PyYAML's global loaders. (`.5`, `1_000` and `0x10` are numbers in YAML 1.1 already.) A number
+  in quotes stays a string here; the keys that take a number read it as one
+  (`schema.read_quoted_number`), as ChatLearn, which reads every such string as a number, does.
 - Duplicate keys in one mapping keep the last value, as ChatLearn (PyYAML) does, with a warning
   naming both places; with `CHATLEARN_STRICT_CONFIG=1` in the environment they are an error.
 """

@@ -114,6 +114,7 @@ Models section (`models.<name>:`):
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -183,6 +184,25 @@ def _check_float(name: str, value: Any, spec: KeySpec) -> float:
         f"expected a number, got {describe(value)}",
         f"write a number without quotes, e.g. {_example(name, spec)}",
     )
+
+
+# A string that ChatLearn's config reader (its parse_value) turns into a number: it reads every
+# such string of a config file as one, quoted or not (`learning_rate: "1e-5"`, `num_episode:
+# "2"`); here only on keys whose value is a number, so a string key keeps its text
+_NUMBER_TEXT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+NUMBER_KINDS = ("int", "float", "number")
+
+
+def read_quoted_number(spec: KeySpec | None, value: Any) -> Any:
+    """``value`` as a config file gives it for a key of ``spec``: the number a string written
+    as one holds (``"2"`` → 2, ``"1e-5"`` → 1e-05) where the key takes a number, as ChatLearn
+    reads it; anything else as it is (a non-number is then the key's one-line error)."""
+    if spec is None or spec.kind not in NUMBER_KINDS or not isinstance(value, str):
+        return value
+    text = value.strip()
+    if not _NUMBER_TEXT.fullmatch(text):
+        return value
+    return int(text) if text.lstrip("+-").isdigit() else float(text)
 
 
 def _check_number(name: str, value: Any, spec: KeySpec) -> float:

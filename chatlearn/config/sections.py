@@ -26,6 +26,7 @@ from .schema import (
     RUNTIME_KEYS,
     KeySpec,
     check_value,
+    read_quoted_number,
 )
 
 _MISSING: Any = object()
@@ -77,8 +78,12 @@ class Section:
         object.__setattr__(self, "_locator", locator)
 
     def _load(self, values: Mapping[str, Any]) -> None:
+        """Store a mapping's values (a config file's or dict's): numbers written as strings are
+        read as numbers where the key takes one, as ChatLearn reads its files (an assignment in
+        code stays strict)."""
         for key, value in values.items():
-            self._store(key, value)
+            spec = self._KEYS.get(self._ALIASES.get(key, key)) if isinstance(key, str) else None
+            self._store(key, read_quoted_number(spec, value))
 
     def _key_path(self, key: str) -> str:
         return f"{self._path}.{key}"

@@ -90,7 +90,7 @@ def test_strict_mode_keeps_the_duplicate_key_error(
         ("1e", "1e"),
         ("e5", "e5"),
         ("5e-3x", "5e-3x"),
-        ("'5e-3'", "5e-3"),  # quoted: the user asked for a string
+        ("'5e-3'", "5e-3"),  # quoted: a string here; a key that takes a number reads it (below)
     ],
 )
 def test_numbers_as_chatlearn_reads_them(text: str, value: object) -> None:
@@ -100,6 +100,50 @@ def test_numbers_as_chatlearn_reads_them(text: str, value: object) -> None:
 
 def test_the_number_rule_is_not_global() -> None:
     assert yaml.safe_load("key: 5e-3") == {"key": "5e-3"}  # PyYAML's own loaders are unchanged
+
+
+def test_quoted_numbers_are_read_as_numbers_where_the_key_takes_one(write_yaml) -> None:
+    # ChatLearn reads every string of its files that looks like a number as one; here
+    # `learning_rate: "1e-5"` stayed the string "1e-5" in model_args (a module's optimizer then
+    # failed on it) and `num_episode: "2"` was an error
+    write_yaml("model.yaml", 'learning_rate: "1e-5"\nmax_length: "64"\nmy_key: "7"\n')
+    path = write_yaml(
+        "main.yaml",
+        """
+        models:
+          policy: {num_cpu: "1", trainable: true, model_config_file: model.yaml}
+        runtime:
+          num_episode: "2"
+          heartbeat_timeout: "30"
+          exp_name: "2024"
+        """,
+    )
+    config = load_config(path)
+    runtime, policy = config.runtime_args, config.model("policy")
+    assert runtime.num_episode == 2 and type(runtime.num_episode) is int
+    assert runtime.heartbeat_timeout == 30.0 and runtime.exp_name == "2024"
+    assert policy.num_cpu == 1 and type(policy.num_cpu) is int
+    assert policy.model_args["learning_rate"] == 1e-5 and policy.model_args["max_length"] == 64
+    assert policy.model_args["my_key"] == "7"  # a module's own key: its business
+
+
+@pytest.mark.parametrize(
+    ("where", "line", "problem"),
+    [
+        ("main.yaml:2", 'runtime:\n  num_episode: "many"\n', "got the string 'many'"),
+        ("main.yaml:2", 'runtime:\n  num_episode: "2.5"\n', "expected a whole number, got 2.5"),
+        ("model.yaml:1", "models:\n  p: {num_cpu: 1, model_config_file: model.yaml}\n", "'fast'"),
+    ],
+)
+def test_a_quoted_non_number_is_the_keys_one_line_error(
+    write_yaml, where: str, line: str, problem: str
+) -> None:
+    write_yaml("model.yaml", 'learning_rate: "fast"\n')
+    path = write_yaml("main.yaml", line)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.where is not None and info.value.where.endswith(where), info.value
+    assert problem in info.value.problem
 
 
 def test_args_dict_is_a_live_view(write_yaml) -> None:

@@ -114,7 +114,7 @@ def test_section_not_a_mapping(write_yaml) -> None:
 @pytest.mark.parametrize(
     ("line", "key", "words"),
     [
-        ("train_micro_batch_size: '4'", "train_micro_batch_size", "remove the quotes"),
+        ("train_micro_batch_size: '4x'", "train_micro_batch_size", "whole number"),
         ("num_episode: many", "num_episode", "whole number"),
         ("num_episode: 2.5", "num_episode", "whole number"),
         ("num_episode: true", "num_episode", "whole number"),
