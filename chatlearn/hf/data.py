@@ -40,6 +40,9 @@ no token (a chat template rendering nothing for it) is kept, counted in `num_emp
 and said in the summary (which the HF modules log as a warning). So is a pair whose chosen or
 rejected text is empty or whitespace only in the data (`num_blank_responses`: a scrape or a
 generation that failed): it still scores as eos alone, which DPO then teaches as an answer.
+Records that repeat an earlier one (the same prompt, chosen and rejected as written) are kept,
+each trained as often as it occurs, and counted in `num_duplicates` and the summary (a data set
+concatenated twice, or a merge of overlapping sources, doubles some pairs' weight unseen).
 
 Batches (see chatlearn.algorithms.dpo for the convention): `chosen_input_ids`,
 `chosen_attention_mask`, `chosen_loss_mask` and the same `rejected_*`, right-padded.
@@ -570,6 +573,25 @@ def _same_responses(record: Mapping[str, Any]) -> bool:
     return str(chosen) == str(rejected)
 
 
+def _record_hash(record: Mapping[str, Any]) -> int:
+    """A hash of a record's prompt, chosen and rejected as written (message lists by their
+    JSON), to count the records that repeat an earlier one."""
+    values = (record.get("prompt"), record.get("chosen"), record.get("rejected"))
+    return hash(
+        tuple(
+            value if isinstance(value, str) else ("json", json.dumps(value, default=str))
+            for value in values
+        )
+    )
+
+
+def _repeats(hashes: array) -> int:
+    """How many of ``hashes`` (`_record_hash`) repeat an earlier one."""
+    if not hashes:
+        return 0
+    return len(hashes) - torch.unique(torch.frombuffer(hashes, dtype=torch.int64)).numel()
+
+
 def _blank_response(record: Mapping[str, Any]) -> bool:
     """Whether a record's chosen or rejected is empty or whitespace-only text (a message list:
     every message's text content so)."""
@@ -989,6 +1011,9 @@ class PreferenceDataset(Dataset):
         self.num_empty_responses = 0
         # pairs with an empty or whitespace-only chosen or rejected text (of tokens: eos alone)
         self.num_blank_responses = 0
+        # each record's hash (8 bytes a pair; a set of them took 10 times that), to count the
+        # records that repeat an earlier one: kept, they weigh their pair once more each
+        hashes = array("q")
         pairs = self.pair_tokenizer
         loaded = load_preference_data(records)
         for index, (prompt, chosen, rejected) in enumerate(pairs.iter_encoded(loaded, split)):
@@ -1007,6 +1032,7 @@ class PreferenceDataset(Dataset):
                 kept_rejected
             ) < len(rejected)
             self.num_identical += kept_chosen == kept_rejected
+            hashes.append(_record_hash(loaded[index]))
             spans.extend((len(tokens), len(kept_prompt), len(kept_chosen), len(kept_rejected)))
             ids = kept_prompt + kept_chosen + kept_rejected
             if embedding_rows is not None and ids and max(ids) >= embedding_rows:
@@ -1019,6 +1045,8 @@ class PreferenceDataset(Dataset):
                     f"pair {len(spans) // 4 - 1} has a token id beyond 2**31 (the tokenizer's "
                     "vocabulary is not that large: check it)"
                 ) from None
+        # records that repeat an earlier one (the same prompt, chosen and rejected)
+        self.num_duplicates = _repeats(hashes)
         if not tokens:
             tokens.append(0)  # frombuffer refuses an empty buffer; no span refers to it
         self._tokens = torch.frombuffer(tokens, dtype=torch.int32)  # a view: no copy
@@ -1028,11 +1056,13 @@ class PreferenceDataset(Dataset):
     def truncation_summary(self) -> str | None:
         """One line on what ``max_length`` cut, which pairs it made identical (their DPO
         gradient is zero), which were identical in the data already, which have no prompt
-        token and which a response of no token; None when there is none of that."""
+        token, which a response of no token and which repeat an earlier record; None when
+        there is none of that."""
         cut = self.num_truncated_prompts or self.num_truncated_responses
         made_identical = self.num_identical - self.num_identical_in_data
         empty = self.num_empty_responses or self.num_blank_responses
-        if not (cut or self.num_identical or self.num_empty_prompts or empty):
+        repeated = self.num_duplicates
+        if not (cut or self.num_identical or self.num_empty_prompts or empty or repeated):
             return None
         parts = []
         if cut or made_identical:
@@ -1078,6 +1108,12 @@ class PreferenceDataset(Dataset):
                 f"{self.num_identical_in_data} have identical chosen and rejected responses in "
                 "the data itself (no DPO gradient: they only dilute the batch; drop them from "
                 "the data)"
+            )
+        if repeated:
+            parts.append(
+                f"{repeated} repeat an earlier record (the same prompt, chosen and rejected): "
+                "kept, so such a pair is trained as often as it occurs; deduplicate the data if "
+                "that is not meant"
             )
         return f"of {len(self)} pairs, " + "; ".join(parts)
 

@@ -450,7 +450,7 @@ class _HFModule(TorchModule):
         dataset.collate_fn = PreferenceCollator(self.pad_token_id)  # an id the model has
         summary = dataset.truncation_summary()
         if summary and self.replica_id == 0 and self.rank == 0:  # every replica builds it
-            share = dataset.num_identical / max(1, len(dataset))
+            share = max(dataset.num_identical, dataset.num_duplicates) / max(1, len(dataset))
             empty = dataset.num_empty_responses + dataset.num_blank_responses
             worth_a_warning = share > 0.01 or empty
             log = self._logger.warning if worth_a_warning else self._logger.info

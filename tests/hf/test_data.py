@@ -517,6 +517,27 @@ def test_pairs_identical_in_the_data_are_not_blamed_on_max_length() -> None:
     assert "; 1 have identical chosen and rejected responses in the data itself" in summary
 
 
+def test_records_that_repeat_an_earlier_one_are_counted_and_said(tmp_path: Path) -> None:
+    # a data set concatenated twice, or merged from overlapping sources, trained some pairs
+    # twice as often without a word
+    user = [{"role": "user", "content": "hi"}]
+    chat = {"prompt": user, "chosen": "hello", "rejected": "go away"}
+    same = {"prompt": "max(3,7)=", "chosen": "7", "rejected": "3"}
+    other = {"prompt": "max(3,7)=", "chosen": "7", "rejected": "4"}  # not a repeat
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [same, other, same, chat, same, chat]))
+    tok = byte_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    ds = PreferenceDataset(path, tok, max_length=32)
+    assert len(ds) == 6 and ds.num_duplicates == 3  # kept: each trained as often as it occurs
+    assert ds.truncation_summary() == (
+        "of 6 pairs, 3 repeat an earlier record (the same prompt, chosen and rejected): kept, "
+        "so such a pair is trained as often as it occurs; deduplicate the data if that is not "
+        "meant"
+    )
+    assert PreferenceDataset([same, other], tok).num_duplicates == 0
+
+
 def test_responses_of_no_token_are_counted_and_said() -> None:
     # a template rendering empty content gave a response of no token, its loss mask all zeros,
     # accepted without a word
