@@ -16,9 +16,10 @@ Tokenization:
   with eos. Text that holds them already (data exported with its template applied:
   "<s>[INST] ...", "...</s>") gets no second bos or eos.
 - conversational records: the prompt is the chat template over the prompt messages with the
-  generation prompt; a response is what the template adds for its messages (its end-of-turn
-  tokens included, no extra eos). Prompt and responses are tokenized separately, so a merge across
-  their boundary never hides where the response starts.
+  generation prompt (`prompt_template` is not applied: the HF modules say so once, naming the
+  key and the data file); a response is what the template adds for its messages (its
+  end-of-turn tokens included, no extra eos). Prompt and responses are tokenized separately, so
+  a merge across their boundary never hides where the response starts.
 
 Truncation, applied in this order (cf. TRL's `max_prompt_length` / `max_length`):
 1. a prompt longer than `max_prompt_length` keeps its last `max_prompt_length` tokens (the end of
@@ -1014,6 +1015,9 @@ class PreferenceDataset(Dataset):
         # each record's hash (8 bytes a pair; a set of them took 10 times that), to count the
         # records that repeat an earlier one: kept, they weigh their pair once more each
         hashes = array("q")
+        # chat-format records (message lists): their prompt is the chat template's rendering,
+        # `prompt_template` is not applied to them; how many, and the first one's index
+        self.num_chat_records, self.first_chat_record = 0, None
         pairs = self.pair_tokenizer
         loaded = load_preference_data(records)
         for index, (prompt, chosen, rejected) in enumerate(pairs.iter_encoded(loaded, split)):
@@ -1033,6 +1037,10 @@ class PreferenceDataset(Dataset):
             ) < len(rejected)
             self.num_identical += kept_chosen == kept_rejected
             hashes.append(_record_hash(loaded[index]))
+            if _is_conversational(loaded[index]):
+                self.num_chat_records += 1
+                if self.first_chat_record is None:
+                    self.first_chat_record = index
             spans.extend((len(tokens), len(kept_prompt), len(kept_chosen), len(kept_rejected)))
             ids = kept_prompt + kept_chosen + kept_rejected
             if embedding_rows is not None and ids and max(ids) >= embedding_rows:

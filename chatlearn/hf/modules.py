@@ -101,7 +101,7 @@ from chatlearn.algorithms.logps import DEFAULT_CHUNK_SIZE, SequenceLogps
 from chatlearn.algorithms.token_budget import max_over_ranks, regroup_step
 from chatlearn.config.errors import ConfigError
 from chatlearn.hf.checkpoint import export_hf, full_state_dict, load_sharded, save_sharded
-from chatlearn.hf.data import PreferenceCollator, PreferenceDataset
+from chatlearn.hf.data import PROMPT_PLACEHOLDER, PreferenceCollator, PreferenceDataset
 from chatlearn.hf.load_once import LoadOnce
 from chatlearn.hf.load_turns import LoadTurns
 from chatlearn.hf.lora import apply_lora, module_lora_settings
@@ -455,7 +455,41 @@ class _HFModule(TorchModule):
             worth_a_warning = share > 0.01 or empty
             log = self._logger.warning if worth_a_warning else self._logger.info
             log("%s: %s data set: %s", self.name, "eval" if is_eval else "training", summary)
+        template = options.get("prompt_template", PROMPT_PLACEHOLDER)
+        if dataset.num_chat_records and template != PROMPT_PLACEHOLDER:
+            self._warn_template_unused(dataset, samples, split)
         return dataset
+
+    def _warn_template_unused(
+        self, dataset: PreferenceDataset, samples: list[Any], split: str
+    ) -> None:
+        """Once (replica 0, rank 0): ``prompt_template`` is not applied to the data set's
+        chat-format records, whose prompt is the tokenizer's chat template over the messages;
+        it was passed over without a word, the template's instructions missing from training."""
+        if self.replica_id != 0 or self.rank != 0:
+            return
+        where, _ = locate_model_args(self.model_args)
+        key = f"{where}.prompt_template"
+        # the data file: the records' own when they came here as loaded (in this process),
+        # else the one ChatLearn's entry scripts read for this split
+        path = getattr(samples, "path", None)
+        path_key = "eval_data_path" if split == "eval" else "data_path"
+        runtime = self.runtime_args
+        if path is None and path_key in runtime and getattr(runtime, path_key, None):
+            path = f"runtime.{path_key}: {getattr(runtime, path_key)}"
+        source = f"{split} data set" + (f" ({path})" if path is not None else "")
+        self._logger.warning(
+            "%s: %s: %s: not applied to the %d chat-format records (message lists; "
+            "the first: sample %d) of the %s: their prompt is the tokenizer's chat template over "
+            "the messages; put the template's text into the messages (e.g. a system message), "
+            "or give those records as strings",
+            self.name,
+            self.global_args.where(key),
+            key,
+            dataset.num_chat_records,
+            dataset.first_chat_record,
+            source,
+        )
 
     @property
     def pad_token_id(self) -> int:

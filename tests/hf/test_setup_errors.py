@@ -5,6 +5,7 @@ packing options, peft or transformers (each failed in an actor with exit 1)."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -298,3 +299,42 @@ def test_a_record_with_a_token_beyond_the_models_embeddings(tmp_path: Path) -> N
     located = located_sample_error(remote, {"training": records.origin})
     assert isinstance(located, ConfigError) and located.where == f"{data}:2", str(located)
     assert "resize_token_embeddings" in (located.fix or "")
+
+
+def test_a_prompt_template_is_said_not_to_apply_to_chat_records(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a chat-format record's prompt is the chat template's rendering: prompt_template was
+    # passed over without a word, its instructions missing from every prompt trained on
+    from transformers import LlamaConfig
+
+    from chatlearn.hf import load_preference_data
+
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    path = save_checkpoint(tmp_path / "llama", LlamaConfig(**TINY_LLAMA), tokenizer=tokenizer)
+    data = tmp_path / "chat.jsonl"
+    chat = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}
+    plain = {"prompt": "hi", "chosen": "a", "rejected": "b"}
+    data.write_text("".join(json.dumps(r) + "\n" for r in (plain, chat, chat)))
+    reference = module_from_files(
+        tmp_path, f"model_path: {path}\nprompt_template: 'Q: {{prompt}} A:'\n"
+    )
+    reference.setup()
+    with caplog.at_level(logging.WARNING):
+        reference.build_dataset(load_preference_data(data))
+        # as sent to a replica: a plain list, named by the file ChatLearn's scripts read
+        reference.runtime_args.eval_data_path = "held_out.jsonl"
+        reference.build_dataset([plain, chat], True)
+        reference.build_dataset([plain])  # no chat record: nothing to say
+    lines = [r.getMessage() for r in caplog.records if "prompt_template" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(
+        f"reference: {tmp_path / 'model.yaml'}:2: models.reference.model_args.prompt_template: "
+        "not applied to the 2 chat-format records (message lists; the first: sample 1) of the "
+        f"training data set ({data}): their prompt is the tokenizer's chat template"
+    ), lines[0]
+    assert (
+        "the first: sample 1) of the eval data set (runtime.eval_data_path: held_out.jsonl)"
+        in (lines[1])
+    )
