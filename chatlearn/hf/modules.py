@@ -73,10 +73,10 @@ normalisation and counters stay ChatLearn's) and runs each step's pairs (trainer
 micro-batch of the step pooled; reference: each order; evaluation: each batch) in forwards of
 at most N tokens (``chatlearn.algorithms.token_budget``): with packing, a pair costs its real
 tokens; padded, its group's rows times the longest (groups hold pairs of similar length); a
-pair above N runs alone. The gradient is the same whatever the grouping (to float rounding),
-so with the budget set, a large ``train_micro_batch_size`` (up to the global batch) lets the
-budget alone decide how much each forward holds: memory is bounded by N, and short pairs
-share forwards.
+pair above N runs alone (setup warns when N is below 2 × max_length, where the longest do).
+The gradient is the same whatever the grouping (to float rounding), so with the budget set, a
+large ``train_micro_batch_size`` (up to the global batch) lets the budget alone decide how much
+each forward holds: memory is bounded by N, and short pairs share forwards.
 """
 
 from __future__ import annotations
@@ -273,6 +273,7 @@ class _HFModule(TorchModule):
         if self.replica_id == 0 and self.rank == 0:  # every process reads the same args
             for line in near_miss_warnings(self.model_args):
                 self._logger.warning("%s: %s", self.name, line)
+            self._check_token_budget()
         return_freed_memory(model_arg(self.model_args, "malloc_mmap_threshold"))
         self.tokenizer = self.build_tokenizer()
         if self.tokenizer.eos_token_id is None:  # every response ends with it
@@ -386,6 +387,30 @@ class _HFModule(TorchModule):
                 f"remove vocab_size (the tokenizer's {len(self.tokenizer)} tokens are the default)"
                 " or set it to at least that",
             )
+
+    def _check_token_budget(self) -> None:
+        """A ``max_tokens_per_micro_batch`` below a pair of the longest sequences (chosen and
+        rejected of ``max_length`` tokens each): such a pair cannot be split, so it runs in a
+        forward of its own over the budget, and the memory the budget was set to bound is
+        exceeded at the first long pair, which was said nowhere."""
+        budget = model_arg(self.model_args, "max_tokens_per_micro_batch")
+        longest = 2 * int(model_arg(self.model_args, "max_length"))
+        if budget is None or budget >= longest:
+            return
+        where, _ = locate_model_args(self.model_args)
+        key = f"{where}.max_tokens_per_micro_batch"
+        self._logger.warning(
+            "%s: %s: %s: %d is below 2 × max_length (%d tokens: a pair of the longest chosen "
+            "and rejected); a pair above %d tokens cannot be split and runs in a forward of its "
+            "own, over the budget; set it to %d or more, or lower max_length",
+            self.name,
+            self.global_args.where(key),
+            key,
+            budget,
+            longest,
+            budget,
+            longest,
+        )
 
     def _check_positions(self) -> None:
         """``max_length`` within the positions the model has: beyond them a model with learned

@@ -338,3 +338,25 @@ def test_a_prompt_template_is_said_not_to_apply_to_chat_records(
         "the first: sample 1) of the eval data set (runtime.eval_data_path: held_out.jsonl)"
         in (lines[1])
     )
+
+
+@pytest.mark.parametrize(("budget", "warned"), [(40, True), (64, False)])
+def test_a_token_budget_below_a_pair_of_the_longest_sequences_is_said_at_setup(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, budget: int, warned: bool
+) -> None:
+    # a pair above max_tokens_per_micro_batch runs in a forward of its own: a budget below
+    # 2 × max_length let the longest pairs run over it, the memory bound broken without a word
+    trainer = module_from_files(
+        tmp_path, f"{TINY}max_length: 32\nmax_tokens_per_micro_batch: {budget}\n", trainer=True
+    )
+    with caplog.at_level(logging.WARNING):
+        trainer.setup()
+    lines = [r.getMessage() for r in caplog.records if "max_tokens_per" in r.getMessage()]
+    assert len(lines) == warned, lines
+    if warned:
+        assert lines[0] == (
+            f"policy: {tmp_path / 'model.yaml'}:3: models.policy.model_args."
+            "max_tokens_per_micro_batch: 40 is below 2 × max_length (64 tokens: a pair of the "
+            "longest chosen and rejected); a pair above 40 tokens cannot be split and runs in a "
+            "forward of its own, over the budget; set it to 64 or more, or lower max_length"
+        )
