@@ -728,6 +728,7 @@ class DPOEngine(Engine):
         ``setup()``, as ChatLearn does: a module may load its own checkpoint there."""
         runtime = self.global_args.runtime_args
         self._drop_last = _drop_last(self.global_args, self.reference.name)
+        _warn_small_shares(self.global_args, self.reference.name)
         self._resume_looked = bool(runtime.enable_resume_training)
         self._resume_info = None
         if self._resume_looked:
@@ -1162,6 +1163,34 @@ def _samples(dataset: Any, method: str) -> list[Any]:
 def _not_provided(method: str, instead: str) -> NotImplementedError:
     return NotImplementedError(
         f"engine.{method}() is not provided by this runtime: {instead} (docs/chatlearn-compat.md)"
+    )
+
+
+def _warn_small_shares(config: Any, reference: str) -> None:
+    """Say when the reference's replicas times its ``generation_batch_size`` exceed
+    ``sample_per_episode``: each replica's share of an episode (``sample_per_episode`` /
+    replicas) then goes through ``forward_step`` in one call of fewer rows than the batch size
+    says, every episode (no replica idles, nothing hangs). ChatLearn refuses such a config (its
+    replicas take whole batches, so some would idle); here it runs, and was accepted silently."""
+    model = config.model(reference)
+    size, replicas = model.forward_chunk_size, model.num_replica
+    samples = config.runtime_args.sample_per_episode
+    if size is None or replicas * size <= samples:
+        return
+    logger.warning(
+        "%s: runtime.sample_per_episode: %d samples an episode over the %d replicas of model "
+        "%r give each %d, so its forward_step runs %d rows, not its generation_batch_size %d "
+        "(ChatLearn refuses num_replica × generation_batch_size > sample_per_episode); set "
+        "sample_per_episode to %d or more, or generation_batch_size to %d",
+        config.where("runtime.sample_per_episode"),
+        samples,
+        replicas,
+        reference,
+        samples // replicas,
+        samples // replicas,
+        size,
+        replicas * size,
+        samples // replicas,
     )
 
 

@@ -305,6 +305,27 @@ async def test_two_reference_replicas_take_contiguous_shares(tmp_path: Path) -> 
     assert first_step == [[0, 1, 2, 3], [8, 9, 10, 11]]
 
 
+async def test_replicas_times_the_batch_size_beyond_the_episode_are_said_up_front(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 2 replicas × generation_batch_size 4 > 4 samples an episode (ChatLearn refuses it): each
+    # replica ran its share of 2 rows in one forward_step, every episode, without a word
+    with caplog.at_level(logging.WARNING, logger="chatlearn.engine"):
+        _, log = await _learn(
+            tmp_path,
+            _runtime(2, 4, 4, 2, 4, colocation=["reference,policy_trainer"]),
+            reference={"num_cpu": 2, "cpu_per_process": 1},
+        )
+    assert [len(f["rows"]) for f in _events(log, "forward")] == [2] * 4  # as said, nothing idle
+    (line,) = [r.getMessage() for r in caplog.records if "generation_batch_size" in r.getMessage()]
+    assert line == (
+        "config built in code: runtime.sample_per_episode: 4 samples an episode over the 2 "
+        "replicas of model 'reference' give each 2, so its forward_step runs 2 rows, not its "
+        "generation_batch_size 4 (ChatLearn refuses num_replica × generation_batch_size > "
+        "sample_per_episode); set sample_per_episode to 8 or more, or generation_batch_size to 2"
+    )
+
+
 async def test_evaluation_runs_eval_step_on_held_out_samples(tmp_path: Path) -> None:
     engine, _ = await _learn(
         tmp_path,
