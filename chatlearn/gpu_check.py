@@ -18,8 +18,9 @@ Checks (``chatlearn.gpu_probe`` is the module the actors run):
   pinned host memory by the codec, arrives intact, and the trainer actor moves it onto its GPU;
 - ``NCCL group`` (≥ 2 GPUs): the trainer's 2 processes all-reduce over NCCL;
 - ``DPO example``: ``examples/dpo/train_dpo.py`` on the GPU (reference and trainer on one GPU;
-  with 2 GPUs the trainer in DDP over both, over NCCL, its gradients views of DDP's buckets),
-  ``mixed_precision: bf16`` and the reference loaded in bf16, a few steps, loss falling, a
+  with 2 GPUs the trainer in DDP over both, over NCCL, its gradients views of DDP's buckets, its
+  rank 0's weights broadcast to rank 1), ``mixed_precision: bf16`` and the reference read in
+  bf16 from a local checkpoint straight onto its GPU (``device_map``), a few steps, loss falling, a
   checkpoint written at the end; every example's setup checks (the chunked log-probs against
   the model's own, dropout off) must pass on the GPU, not fall back;
 - ``DPO example LoRA fp16``: the same with ``dpo_lora.yaml``'s adapters on the policy and
@@ -619,10 +620,14 @@ def run_checks() -> list[CheckResult]:
         workdir = Path(tmp)
 
         def example() -> str:
-            # with 2 GPUs the trainer runs DDP over them (the reference 2 replicas)
+            # with 2 GPUs the trainer runs DDP over them, its rank 0 building the model and
+            # broadcasting it over NCCL (load_once); the reference 2 replicas, each reading a
+            # local checkpoint of the policy's first weights straight onto its GPU (device_map)
             gpus = min(num_gpus, 2)
             trainer = {"num_gpu": gpus, "model_args": {"mixed_precision": "bf16"}}
-            reference = {"num_gpu": gpus, "model_args": {"dtype": "bfloat16"}}
+            checkpoint = example_checkpoint(workdir / "one" / "model")
+            reference_args = {"dtype": "bfloat16", "model_path": str(checkpoint)}
+            reference = {"num_gpu": gpus, "model_args": reference_args}
             config = example_config(workdir / "one", trainer, reference, True)
             return run_example(config, workdir / "one", deadline.left(90))
 

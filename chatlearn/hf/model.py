@@ -99,11 +99,17 @@ def build_causal_lm(
 
 
 def load_causal_lm(
-    model_path: str | Path, *, dtype: str | torch.dtype | None = None, empty: bool = False
+    model_path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    empty: bool = False,
+    device: torch.device | None = None,
 ) -> Any:
     """`AutoModelForCausalLM.from_pretrained` on a local directory, offline. `empty`: the model
     its config describes, on the meta device (no weights read; `dtype`, else float32: the
-    checkpoint's own dtype is known only once its weights are read)."""
+    checkpoint's own dtype is known only once its weights are read). `device`: each weight read
+    straight onto it (`device_map`), where this transformers can (`loads_onto_device`); else
+    the model is in host memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(model_path).expanduser()  # ~ as in the config's other paths
@@ -113,6 +119,8 @@ def load_causal_lm(
     resolved = resolve_dtype(dtype)
     if resolved is not None:
         kwargs["dtype"] = resolved
+    if device is not None and loads_onto_device():
+        kwargs["device_map"] = device
     try:
         if empty:
             config = AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -125,6 +133,20 @@ def load_causal_lm(
         if type(failed).__name__ != "SafetensorError":
             raise
         raise _unloadable(path, failed) from failed
+
+
+def loads_onto_device() -> bool:
+    """Whether `from_pretrained` takes a `device_map` here: transformers 5 on its own, 4.x with
+    accelerate. The weights then go from the files (memory-mapped safetensors) to the device one
+    by one: the host holds no copy of its own, only the page cache, which every process of the
+    host reading the same checkpoint shares (8 replicas of a 7B reference on one host held 8
+    copies of it in host memory, 112 GB in fp32, while they loaded)."""
+    import importlib.util
+
+    import transformers
+
+    major = int(str(transformers.__version__).split(".")[0])
+    return major >= 5 or importlib.util.find_spec("accelerate") is not None
 
 
 def _unloadable(path: Path, failed: BaseException) -> ConfigError:
@@ -150,8 +172,14 @@ def _unloadable(path: Path, failed: BaseException) -> ConfigError:
     )
 
 
-def causal_lm_from_args(model_args: Mapping[str, Any], tokenizer: Any, empty: bool = False) -> Any:
-    """The model a module's config asks for (`empty`: on the meta device).
+def causal_lm_from_args(
+    model_args: Mapping[str, Any],
+    tokenizer: Any,
+    empty: bool = False,
+    device: torch.device | None = None,
+) -> Any:
+    """The model a module's config asks for (`empty`: on the meta device; `device`: a checkpoint's
+    weights read onto it where `load_causal_lm` can).
 
     Keys read: `model_path` (a local checkpoint; when set the other keys but `dtype` are ignored),
     `model_config` (overrides of `SMALL_LLAMA`), `seed` (default 0), `dtype` (default float32).
@@ -160,7 +188,7 @@ def causal_lm_from_args(model_args: Mapping[str, Any], tokenizer: Any, empty: bo
     dtype = model_args.get("dtype")
     model_path = model_args.get("model_path")
     if model_path:
-        return load_causal_lm(model_path, dtype=dtype, empty=empty)
+        return load_causal_lm(model_path, dtype=dtype, empty=empty, device=device)
     return build_causal_lm(
         model_args.get("model_config") or {},
         vocab_size=len(tokenizer),

@@ -116,6 +116,7 @@ from chatlearn.hf.model import (
     disable_dropout,
     embedding_rows,
     forwards_differ,
+    loads_onto_device,
     locate_model_args,
     located_errors,
     model_arg,
@@ -184,15 +185,19 @@ class _HFModule(TorchModule):
         # setup's model on a rank other than the first of a group: on the meta device, its
         # weights from rank 0 once laid out (`build_network`; chatlearn/hf/load_once.py)
         empty = self._load_once.builds_empty
-        with located_errors(self.model_args):  # a checkpoint from_pretrained cannot load
-            model = causal_lm_from_args(self.model_args, self.tokenizer, empty=empty)
-            self._load_once.agree(model, locate_model_args(self.model_args)[0])
         layout = getattr(self, "layout", None)  # set by setup() before the first model
+        # Sharded, the model stays in host memory: fully_shard moves each decoder layer and
+        # then the root to the GPU and keeps this rank's shard, one unit whole on the GPU at
+        # a time. Moved to the GPU whole, a model larger than one GPU could not be sharded.
+        gpu = None
         if torch.cuda.is_available() and not empty and not (layout is not None and layout.sharded):
-            # Sharded, the model stays in host memory: fully_shard moves each decoder layer and
-            # then the root to the GPU and keeps this rank's shard, one unit whole on the GPU at
-            # a time. Moved here whole, a model larger than one GPU could not be sharded at all.
-            model = model.to(torch.device("cuda", torch.cuda.current_device()))
+            gpu = torch.device("cuda", torch.cuda.current_device())
+        with located_errors(self.model_args):  # a checkpoint from_pretrained cannot load
+            # a checkpoint's weights read straight onto the GPU (no copy in host memory)
+            model = causal_lm_from_args(self.model_args, self.tokenizer, empty=empty, device=gpu)
+            self._load_once.agree(model, locate_model_args(self.model_args)[0])
+        if gpu is not None:
+            model = model.to(gpu)  # built from its config, or where it could not be read there
         packing = getattr(self, "packing", None)  # set by setup() after the first model
         if packing is not None and packing.segments:
             use_segment_attention(model)  # a further model attends like the first
@@ -322,7 +327,9 @@ class _HFModule(TorchModule):
                     self.name,
                 )
         else:
-            hands_over = self.layout.sharded or torch.cuda.is_available()
+            # turns bound the host's copies: none on CUDA where the weights are read onto the GPU
+            on_gpu = torch.cuda.is_available()
+            hands_over = self.layout.sharded or (on_gpu and not loads_onto_device())
             self._load_turns = LoadTurns.agree(
                 self.model_args, self.name, self._logger, hands_over=hands_over
             )

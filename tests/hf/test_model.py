@@ -64,6 +64,37 @@ def test_save_and_load_local_checkpoint(tmp_path: Path) -> None:
     assert next(half.parameters()).dtype == torch.float16
 
 
+def test_a_checkpoint_read_onto_a_device_goes_through_device_map_and_loads_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On CUDA a module reads its (unsharded) checkpoint straight onto its GPU: no copy in host
+    # memory. Here the device is the CPU; the weights must be those of a plain load.
+    from transformers import AutoModelForCausalLM
+
+    from chatlearn.hf.model import loads_onto_device
+
+    build_causal_lm(TINY, seed=3).save_pretrained(tmp_path)
+    seen: list[object] = []
+    load = AutoModelForCausalLM.from_pretrained.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type, *args: object, **kwargs: object) -> object:
+        seen.append(kwargs.get("device_map"))
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    plain = load_causal_lm(tmp_path)
+    onto = causal_lm_from_args(
+        {"model_path": str(tmp_path)}, byte_tokenizer(), device=torch.device("cpu")
+    )
+    assert loads_onto_device()  # transformers 5 here
+    assert seen == [None, torch.device("cpu")]
+    for (name, a), (_, b) in zip(
+        plain.state_dict().items(), onto.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert {p.device for p in onto.parameters()} == {torch.device("cpu")}
+
+
 def test_a_model_path_under_the_home_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
