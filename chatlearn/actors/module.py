@@ -13,9 +13,10 @@ Lifecycle methods a subclass overrides: `setup()`, `build_dataset(samples, is_ev
 `load_checkpoint(iteration)`, `before_episode()`, `after_episode()`, `validate()`, and
 `onload()`/`offload()` for colocated models; and, in the coordinator on the template before any
 process starts, `check_args()` (checks of the model's settings: one line instead of an error from
-every process once started). The runtime calls them through `invoke`, which passes
-`iteration` only if the method declares it (so `forward_step(self, data)` works too) and keeps the
-`_iteration` / `_train_iteration` counters.
+every process once started) and `setup_allowance()` (the time its setup() may take beyond
+`runtime.startup_timeout`, e.g. to read a large checkpoint). The runtime calls them through
+`invoke`, which passes `iteration` only if the method declares it (so `forward_step(self, data)`
+works too) and keeps the `_iteration` / `_train_iteration` counters.
 
 Checkpoints: the engine calls `save_checkpoint(iteration)` / `load_checkpoint(iteration)` on every
 trainer rank with `checkpoint_dir()` set to this rank's own directory of the checkpoint being
@@ -428,6 +429,13 @@ class BaseModule:
         not an error from every process once they have started (a model that takes a while to
         load: minutes). Raise ``self.global_args.error(key, problem, fix)``. What needs the
         model's files (on its hosts) or its devices is checked in ``setup``."""
+
+    def setup_allowance(self) -> tuple[float, str]:
+        """Seconds this model's ``setup()`` may take beyond ``runtime.startup_timeout``, and why
+        (said if it runs out): asked in the coordinator before its processes start, and for each
+        restart. 0 by default; the ready-made Hugging Face modules allow for reading their
+        checkpoint (chatlearn/hf/modules.py)."""
+        return 0.0, ""
 
     def onload(self) -> None:
         """Bring state back to the device (colocated models)."""

@@ -70,6 +70,8 @@ class RemoteActor:
         self.identity = assignment.identity  # follows the assignment when it moves (runtime.py)
         self.spec = spec
         self.incarnation = -1  # how many times the process was restarted (runtime.py)
+        # time its module's setup() may take beyond startup_timeout, and why (runtime.py)
+        self.setup_allowance: tuple[float, str] = (0.0, "")
         self.renew(spec)
 
     def renew(self, spec: ActorSpec) -> None:
@@ -126,7 +128,8 @@ class RemoteActor:
         """HELLO → CONFIG → READY within `startup_timeout`; a failure stops the whole run
         (with ``fatal=False`` it only raises: a restart decides for itself)."""
         system = self.system
-        timeout = system.options.startup_timeout
+        extra, why = self.setup_allowance
+        timeout = system.options.startup_timeout + extra
         deadline = time.monotonic() + timeout
         try:
             async with asyncio.timeout(timeout):
@@ -144,10 +147,12 @@ class RemoteActor:
                 system.fail(exc)
             raise exc from None
         except (TimeoutError, RequestTimeoutError):
+            allowed = f"startup_timeout={system.options.startup_timeout:g} s"
+            if extra:
+                allowed += f" + {extra:.0f} s {why}"
             late = self.dead_error(
-                f"did not become ready within startup_timeout={timeout:g} s (a setup() that "
-                "takes longer, such as loading a large model, needs a larger "
-                "runtime.startup_timeout)"
+                f"did not become ready within {allowed} (a setup() that takes longer, such as "
+                "loading a large model, needs a larger runtime.startup_timeout)"
             )
             if fatal:
                 system.fail(late)

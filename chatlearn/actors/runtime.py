@@ -329,6 +329,7 @@ class ActorSystem:
         config_dict = config.to_dict()
         new: dict[str, list[RemoteActor]] = {}
         for module in modules:
+            allowance = setup_allowance(module)
             self._spawn_args[module.name] = (
                 module,
                 dict(services.get(module.name, {})),
@@ -344,6 +345,7 @@ class ActorSystem:
                 env_vars=env_vars,
             )
             for actor in actors:
+                actor.setup_allowance = allowance
                 self._popens.append(actor.popen)
                 self._actors.append(actor)
                 self._by_routing_id[actor.routing_id] = actor
@@ -1128,6 +1130,17 @@ class ActorSystem:
         start = time.perf_counter()
         await self.server.request(backend.routing_id, MessageKind.PING, timeout=timeout)
         return time.perf_counter() - start
+
+
+def setup_allowance(module: BaseModule) -> tuple[float, str]:
+    """`module.setup_allowance()`: seconds (a number ≥ 0, or with its reason as a pair)."""
+    found = module.setup_allowance()
+    seconds, why = found if isinstance(found, tuple) else (found, "")
+    if not isinstance(seconds, int | float) or not seconds >= 0:
+        raise TypeError(
+            f"{type(module).__name__}.setup_allowance() must give seconds ≥ 0, not {seconds!r}"
+        )
+    return float(seconds), str(why)
 
 
 def _host_failure(cluster: Hosts | None, cause: BaseException) -> bool:

@@ -46,7 +46,7 @@ Runtime extensions of this project:
 | pipeline_window | int ≥ 0 or null | 2 × global/micro | reference micro-batches ahead (2) |
 | heartbeat_interval | float > 0 | 0.5 | seconds between actor heartbeats |
 | heartbeat_timeout | float > 0 | 5.0 | silence after which an actor is dead (> interval) (5) |
-| startup_timeout | float > 0 | 60.0 | seconds for an actor to start and finish `setup()` |
+| startup_timeout | float > 0 | 60.0 | seconds to start and run `setup()` (+ `setup_allowance()`) |
 | call_timeout | float > 0 or null | null | limit on one remote call (null: none) |
 | save_keep_last | int ≥ 0 | 3 | checkpoints kept (0: all) |
 | tensorboard | bool | false | write TensorBoard event files |

@@ -61,6 +61,15 @@ def checkpoint_bytes(model_path: str | Path, dtype: Any = None) -> int:
     return stored_bytes * _loaded_item_bytes(dtype, stored) // stored
 
 
+def stored_bytes(model_path: str | Path) -> int:
+    """The bytes of the weight files ``from_pretrained`` reads from ``model_path`` (0 where there
+    are none, or no such directory)."""
+    try:
+        return sum(f.stat().st_size for f in _weight_files(Path(model_path).expanduser()))
+    except OSError:
+        return 0
+
+
 def _loaded_item_bytes(dtype: Any, stored: int) -> int:
     """Bytes a parameter takes loaded as ``dtype`` (`load_causal_lm`'s): any name it accepts
     ("fp32", "bf16", "half": their bytes were the stored dtype's, a 70B in bf16 loaded as fp32

@@ -90,6 +90,7 @@ from typing import Any
 import torch
 
 from chatlearn.actors.module import TorchModule
+from chatlearn.actors.placement import ModelResources
 from chatlearn.algorithms import DPOMetrics, accumulation_loss, compute_dpo, concatenated_logps
 from chatlearn.algorithms.dpo import (
     PAIR_KEYS,
@@ -103,7 +104,7 @@ from chatlearn.config.errors import ConfigError
 from chatlearn.hf.checkpoint import export_hf, full_state_dict, load_sharded, save_sharded
 from chatlearn.hf.data import PROMPT_PLACEHOLDER, PreferenceCollator, PreferenceDataset
 from chatlearn.hf.load_once import LoadOnce
-from chatlearn.hf.load_turns import LoadTurns
+from chatlearn.hf.load_turns import LoadTurns, stored_bytes
 from chatlearn.hf.lora import apply_lora, module_lora_settings
 from chatlearn.hf.memory import (
     format_memory_report,
@@ -139,6 +140,10 @@ FULL_LOGITS_WARNING = "the log-probs come from the model's own forward instead"
 DROPOUT_WARNING = "disable_dropout left randomness"
 _DATA_KEYS = ("max_length", "max_prompt_length", "min_prompt_length", "prompt_template")
 SHARDED_DIR = "sharded"  # beside the rank directories: one DCP checkpoint for all ranks
+# Bytes a second a checkpoint is read at, for the time setup() may take beyond startup_timeout: a
+# slow network file system's (a local NVMe disk reads GB/s), so that reading a 70B in bf16 (140
+# GB, 23 min at this rate) is never taken for a hang, while a hang is still found.
+CHECKPOINT_READ_RATE = 100 * 2**20
 
 
 def _ending_load_turn(setup: Callable[..., None]) -> Callable[..., None]:
@@ -270,6 +275,26 @@ class _HFModule(TorchModule):
     def check_args(self) -> None:
         # in the coordinator, before any process starts: what needs none of the model's files
         validate_model_args(self.model_args, files=False)
+
+    def setup_allowance(self) -> tuple[float, str]:
+        """Time to read ``model_path`` at `CHECKPOINT_READ_RATE`, beyond runtime.startup_timeout
+        (60 s by default, which a checkpoint of more than ~6 GB took longer than to read from a
+        slow disk: the run stopped with "did not become ready"), its ranks one after another
+        when they load in turns. Sized on the coordinator's host: nothing where the checkpoint
+        is on the model's hosts only."""
+        path = self.model_args.get("model_path")
+        size = stored_bytes(path) if path else 0
+        if not size:
+            return 0.0, ""
+        reads = 1
+        turns = self.model_args.get("load_in_turns") is not False  # true, or auto
+        if self.model_args.get("load_once") is False and turns:
+            resources = ModelResources.from_config(self.name, self.module_args)
+            reads = resources.layout()[0]  # its processes, at most all on one host
+        seconds = reads * size / CHECKPOINT_READ_RATE
+        rate = CHECKPOINT_READ_RATE / 2**20
+        times = f"{reads} times " if reads > 1 else ""
+        return seconds, f"to read {path} {times}({size / 2**30:.3g} GiB at {rate:g} MiB/s)"
 
     def setup(self) -> None:
         # first: a model_path or setting these modules cannot use is a one-line ConfigError

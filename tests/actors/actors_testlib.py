@@ -206,6 +206,18 @@ class SlowSetup(Recorder):
         time.sleep(60)
 
 
+class AllowedSlowSetup(Recorder):
+    """`setup()` takes `model_args["setup_s"]` seconds, and says it may take
+    `model_args["allowance_s"]` beyond startup_timeout (to read a checkpoint, say)."""
+
+    def setup(self) -> None:
+        self._record("setup")
+        time.sleep(float(self.model_args["setup_s"]))
+
+    def setup_allowance(self) -> tuple[float, str]:
+        return float(self.model_args["allowance_s"]), "to read its checkpoint"
+
+
 class SlowOnceMarked(Recorder):
     """`setup()` takes 60 s while the file `model_args["slow_marker"]` exists."""
 

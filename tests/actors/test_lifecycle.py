@@ -169,6 +169,26 @@ async def test_startup_timeout(tmp_path):
 
 
 @pytest.mark.serial  # a wall-clock bound (death noticed, a timeout, starved told from hung)
+async def test_a_setup_within_its_modules_allowance_beyond_startup_timeout(tmp_path):
+    # A large checkpoint took longer to read than startup_timeout (60 s by default): the run
+    # stopped with "did not become ready". A module says how long beyond it its setup may take.
+    models = {"m": {"num_cpu": 1, "model_args": {"setup_s": 2.5, "allowance_s": 3.0}}}
+    cfg = _config(tmp_path, models)
+    system = ActorSystem(cfg, startup_timeout=1.5)
+    async with system:
+        await system.launch(lib.AllowedSlowSetup("m", cfg))  # ready after 2.5 s: allowed
+    models["m"]["model_args"] = {"setup_s": 60, "allowance_s": 1.0}
+    cfg = _config(tmp_path, models)
+    system = ActorSystem(cfg, startup_timeout=1.5)
+    started = time.monotonic()
+    async with system:
+        with pytest.raises(ActorDeadError) as info:
+            await system.launch(lib.AllowedSlowSetup("m", cfg))
+    assert time.monotonic() - started < 10  # 2.5 s allowed, then stopped
+    assert "startup_timeout=1.5 s + 1 s to read its checkpoint" in str(info.value)
+
+
+@pytest.mark.serial  # a wall-clock bound (death noticed, a timeout, starved told from hung)
 async def test_os_exit_mid_call(tmp_path):
     cfg = _config(tmp_path)
     system = ActorSystem(cfg)

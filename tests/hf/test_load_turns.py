@@ -225,3 +225,31 @@ def test_a_checkpoints_bytes_as_loaded_in_any_dtype_name_the_modules_accept(
     assert checkpoint_bytes(tmp_path) == 2000
     monkeypatch.setattr(transformers, "__version__", "5.0.0")
     assert checkpoint_bytes(tmp_path) == 1000
+
+
+def test_setup_is_allowed_the_time_to_read_the_checkpoint_beyond_startup_timeout(
+    tmp_path: Path,
+) -> None:
+    # A checkpoint of more than a few GB took longer to read than startup_timeout (60 s by
+    # default): every run of a large model stopped with "did not become ready" until raised.
+    from layout_worker import make_args
+
+    from chatlearn.hf.modules import CHECKPOINT_READ_RATE, HFDPOTrainer, HFReference
+
+    checkpoint = _checkpoint(tmp_path)
+    size = (checkpoint / "model.safetensors").stat().st_size
+    once = HFReference("reference", args=make_args(2, model_path=str(checkpoint)))
+    seconds, why = once.setup_allowance()
+    assert seconds == pytest.approx(size / CHECKPOINT_READ_RATE)
+    assert str(checkpoint) in why and "at 100 MiB/s" in why
+    # every rank reads it, maybe in turns: each read allowed for
+    args = make_args(2, model_path=str(checkpoint), load_once=False)
+    args.models["policy"].cpu_per_process = 1  # 2 processes (else one of 2 cores)
+    every = HFDPOTrainer("policy", args=args).setup_allowance()
+    assert every[0] == pytest.approx(2 * seconds) and "2 times" in every[1]
+    args = make_args(2, model_path=str(checkpoint), load_once=False, load_in_turns=False)
+    assert HFDPOTrainer("policy", args=args).setup_allowance()[0] == pytest.approx(seconds)
+    # built from its config, or a path only the model's hosts have: nothing to allow for
+    assert HFReference("reference", args=make_args(2)).setup_allowance() == (0.0, "")
+    missing = make_args(2, model_path=str(tmp_path / "elsewhere"))
+    assert HFReference("reference", args=missing).setup_allowance() == (0.0, "")
