@@ -43,6 +43,7 @@ class LoadOnce:
         self.rank = rank
         self.world_size = world_size
         self._pending = world_size > 1
+        self._agreed = False  # a model was built for rank 0's weights
 
     @classmethod
     def for_model(cls, model_args: Mapping[str, Any]) -> LoadOnce:
@@ -64,6 +65,11 @@ class LoadOnce:
         """This rank builds the model on the meta device (its weights come from rank 0)."""
         return self.active and self._pending and self.rank != 0
 
+    def unreceived(self) -> bool:
+        """Whether a model was built for a load by rank 0 (``agree``) that never took place: a
+        setup that built no network left it without weights on the other ranks."""
+        return self.active and self._pending and self._agreed
+
     def agree(self, model: nn.Module, where: str) -> None:
         """Rank 0's names, shapes and dtypes: adopted where only dtypes differ, one ConfigError
         (``where``: the model args' key path) on every rank where more does. A collective."""
@@ -71,6 +77,7 @@ class LoadOnce:
 
         if not (self.active and self._pending):
             return
+        self._agreed = True
         device = _comm_device()
         mine = [[name, list(t.shape), str(t.dtype)] for name, t in _tensors(model)]
         size = torch.tensor([0], dtype=torch.int64, device=device)

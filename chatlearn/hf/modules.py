@@ -150,12 +150,23 @@ def _ending_load_turn(setup: Callable[..., None]) -> Callable[..., None]:
     """``setup`` that passes this rank's load turn on when it ends (also when it never built a
     network: another rank must not wait for ever). Not when it raised: the error stops the run
     (the coordinator stops every process on a start-up failure, the waiting ones too), where
-    passing the turn on reported it only once every later rank of the host had loaded in turn."""
+    passing the turn on reported it only once every later rank of the host had loaded in turn.
+    A setup that built the model but never its network (`build_network`) left the model of
+    every rank but the first without weights (load_once): an error on every rank."""
 
     @functools.wraps(setup)
     def wrapped(self: _HFModule, *args: Any, **kwargs: Any) -> None:
         setup(self, *args, **kwargs)
         self._load_turns.done()
+        if self._load_once.unreceived():
+            where, error = locate_model_args(self.model_args)
+            raise error(
+                f"{where}.load_once",
+                f"{type(self).__name__}.setup() built the model without its network "
+                "(self.build_network), which gives ranks other than the first the weights "
+                "their rank 0 read: theirs would have none",
+                "call self.build_network(trainable=...) in setup(), or set load_once: false",
+            )
 
     wrapped._ends_load_turn = True  # type: ignore[attr-defined]
     return wrapped

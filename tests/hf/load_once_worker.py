@@ -6,7 +6,8 @@ default) and off, and OUT gets, for each: how many times this rank read the chec
 the reference's log-probs of the first micro-batch, the trainer's losses of two steps and its
 parameters' sums, whether its tied weights are still one tensor, and how many tensors its
 optimizer steps. CASE ``mismatch``: rank 1 builds a model with one more layer than the
-checkpoint's; OUT gets each rank's error.
+checkpoint's; ``no_network``: a reference whose setup() builds the model but not its network;
+OUT gets each rank's error.
 """
 
 from __future__ import annotations
@@ -108,6 +109,21 @@ def mismatch(rank: int, checkpoint: str) -> dict[str, Any]:
     return {"error": None}
 
 
+def no_network(rank: int, checkpoint: str) -> dict[str, Any]:
+    from chatlearn.hf.modules import HFReference, _HFModule
+
+    class ModelOnly(HFReference):
+        def setup(self) -> None:  # its own forward on self.model, no build_network
+            _HFModule.setup(self)
+            self.model.eval()
+
+    try:
+        start(ModelOnly("reference", args=make_args(2, model_path=checkpoint)), rank, 2)
+    except ConfigError as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
 def main() -> None:
     rank, port, checkpoint, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     case = sys.argv[5] if len(sys.argv) > 5 else "layouts"
@@ -116,6 +132,8 @@ def main() -> None:
     assert GLOBAL_BATCH // MICRO_BATCHES >= 2  # each rank has rows of every micro-batch
     if case == "mismatch":
         results: dict[str, Any] = mismatch(rank, checkpoint)
+    elif case == "no_network":
+        results = no_network(rank, checkpoint)
     else:
         results = {
             f"{parallel}_{'once' if once else 'every'}": build(rank, checkpoint, parallel, once)

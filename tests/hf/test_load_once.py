@@ -82,3 +82,13 @@ def test_a_rank_whose_model_differs_from_rank_0s_stops_with_the_same_error_on_ev
     assert all(errors), errors
     assert "load_once" in errors[0] and "load_once: false" in errors[0], errors[0]
     assert "layers.2" in errors[1], errors[1]  # the rank that differs says where
+
+
+@pytest.mark.timeout(180)
+def test_a_setup_that_builds_no_network_is_told_its_other_ranks_would_have_no_weights(
+    tmp_path: Path,
+) -> None:
+    ranks, _ = _run(tmp_path, "no_network")
+    errors = [r["error"] for r in ranks]
+    assert all(errors), errors
+    assert all("build_network" in e and "load_once: false" in e for e in errors), errors
