@@ -149,7 +149,8 @@ class LoadOnce:
             for key, local in _tensors(network):
                 if self.rank == 0:
                     assert sources is not None
-                    full = sources[key].detach().to(comm).contiguous()
+                    # its last reference (sharded): freed once sent
+                    full = sources.pop(key).detach().to(comm).contiguous()
                 else:
                     full = torch.empty(local.shape, dtype=local.dtype, device=comm)
                 dist.broadcast(full, 0)
@@ -176,9 +177,11 @@ def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _difference(theirs: list[Any], mine: list[Any]) -> str:
     """Where rank 0's tensors and this rank's first differ ("" where they do not)."""
-    for (name, shape, _), (my_name, my_shape, _) in zip(theirs, mine, strict=False):
+    for (name, shape, dtype), (my_name, my_shape, _) in zip(theirs, mine, strict=False):
         if name != my_name or shape != my_shape:
             return f"rank 0 has {name} {shape} where this rank has {my_name} {my_shape}"
+        if not isinstance(getattr(torch, str(dtype).removeprefix("torch."), None), torch.dtype):
+            return f"rank 0 has {name} in {dtype!r}, not a torch dtype"
     if len(theirs) != len(mine):
         longer, who = (theirs, "rank 0") if len(theirs) > len(mine) else (mine, "this rank")
         first = longer[min(len(theirs), len(mine))][0]
@@ -189,7 +192,7 @@ def _difference(theirs: list[Any], mine: list[Any]) -> str:
 def _adopt_dtypes(model: nn.Module, dtypes: Mapping[str, str]) -> None:
     """Rank 0's dtypes on this rank's meta tensors (free: nothing is allocated)."""
     for name, tensor in list(_tensors(model)):
-        dtype = getattr(torch, dtypes[name].removeprefix("torch."))
+        dtype = getattr(torch, dtypes[name].removeprefix("torch."))  # `_difference` checked
         if tensor.dtype == dtype:
             continue
         if isinstance(tensor, nn.Parameter):
