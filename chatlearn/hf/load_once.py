@@ -14,9 +14,14 @@ broadcast runs at the interconnect's speed (NVLink or InfiniBand with NCCL).
 The ranks first agree that they built the same model: rank 0 broadcasts each tensor's name,
 shape and dtype (JSON bytes: nothing is unpickled), the others adopt its dtypes (a checkpoint's
 dtype is known only once loaded) and every rank stops with the same ConfigError where names or
-shapes differ. ``load_once: false`` has every rank load (in turns where their copies would not
-fit in a host's memory: ``chatlearn.hf.load_turns``), e.g. where each host reads a local copy
-faster than the network carries it.
+shapes differ. Where rank 0 works alone (reading the checkpoint, its logits check, its sharding),
+the others wait for it on the process group's store, not in a collective, which gives up after
+``runtime.dist_timeout`` (600 s; NCCL's watchdog then aborts the process): reading a 70B can take
+longer, and ``runtime.startup_timeout`` bounds the whole setup.
+
+``load_once: false`` has every rank load (in turns where their copies would not fit in a host's
+memory: ``chatlearn.hf.load_turns``), e.g. where each host reads a local copy faster than the
+network carries it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Mapping
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -39,11 +45,17 @@ class LoadOnce:
     ``agree(model)`` once built, ``sources(network)`` on rank 0 before the layout wraps it, then
     ``receive(network, sources)`` (after wrapping under FSDP2, before otherwise)."""
 
+    _loads = 0  # this process's loads so far: each one's store keys are its own
+
     def __init__(self, rank: int = 0, world_size: int = 1) -> None:
         self.rank = rank
         self.world_size = world_size
         self._pending = world_size > 1
         self._agreed = False  # a model was built for rank 0's weights
+        self._waits = 0
+        if self.active:
+            LoadOnce._loads += 1
+        self._load = LoadOnce._loads
 
     @classmethod
     def for_model(cls, model_args: Mapping[str, Any]) -> LoadOnce:
@@ -78,6 +90,7 @@ class LoadOnce:
         if not (self.active and self._pending):
             return
         self._agreed = True
+        self._wait_for_rank_0()  # its checkpoint read
         device = _comm_device()
         mine = [[name, list(t.shape), str(t.dtype)] for name, t in _tensors(model)]
         size = torch.tensor([0], dtype=torch.int64, device=device)
@@ -112,6 +125,7 @@ class LoadOnce:
 
         if not (self.active and self._pending):
             return
+        self._wait_for_rank_0()  # its logits check, a forward of the whole model
         verdict = torch.tensor([1 if network.full_logits else 0], device=_comm_device())
         dist.broadcast(verdict, 0)
         if self.rank != 0 and int(verdict[0]):
@@ -139,6 +153,7 @@ class LoadOnce:
 
         if not (self.active and self._pending):
             return
+        self._wait_for_rank_0()  # its layout (FSDP2 moves its shards to the GPU)
         self._pending = False
         if self.rank != 0:
             with _swapping_params():  # to_empty keeps each Parameter object: tied stay tied
@@ -166,6 +181,28 @@ class LoadOnce:
                 self.world_size - 1,
                 time.perf_counter() - started,
             )
+
+    def _wait_for_rank_0(self) -> None:
+        """The other ranks wait until rank 0 is here, on the store (no timeout: a lost rank 0
+        is the store's network error at once, and the runtime stops a setup past its
+        startup_timeout), so that the collective that follows does not wait for it."""
+        import torch.distributed as dist
+
+        try:  # private; without it the collective waits, within runtime.dist_timeout
+            store = dist.distributed_c10d._get_default_store()
+        except (AttributeError, ValueError):
+            return
+        self._waits += 1
+        key = f"chatlearn/load_once/{self._load}/{self._waits}"
+        if self.rank == 0:
+            store.set(key, "1")
+            return
+        while True:
+            try:
+                store.wait([key], timedelta(seconds=60))
+                return
+            except dist.DistStoreError:  # not yet (a lost rank 0 is a DistNetworkError)
+                continue
 
 
 def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

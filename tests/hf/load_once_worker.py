@@ -7,7 +7,9 @@ the reference's log-probs of the first micro-batch, the trainer's losses of two 
 parameters' sums, whether its tied weights are still one tensor, and how many tensors its
 optimizer steps. CASE ``mismatch``: rank 1 builds a model with one more layer than the
 checkpoint's; ``no_network``: a reference whose setup() builds the model but not its network;
-OUT gets each rank's error.
+OUT gets each rank's error. CASE ``slow``: rank 0 reads the checkpoint for longer than the group's
+collective timeout (as a 70B may take longer than runtime.dist_timeout); OUT gets the sharded
+reference's log-probs, or the error.
 """
 
 from __future__ import annotations
@@ -122,18 +124,45 @@ def no_network(rank: int, checkpoint: str) -> dict[str, Any]:
     except ConfigError as error:
         return {"error": str(error)}
     return {"error": None}
+SLOW_GROUP_TIMEOUT = 4.0  # seconds; rank 0 reads for twice as long
+
+
+def slow(rank: int, checkpoint: str) -> dict[str, Any]:
+    import time
+
+    from layout_worker import first_batch
+
+    from chatlearn.hf.modules import HFReference
+
+    def slow_read(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(2 * SLOW_GROUP_TIMEOUT)
+        return _load(*args, **kwargs)
+
+    if rank == 0:
+        hf_model.load_causal_lm = slow_read
+    args = make_args(2, model_path=checkpoint, parallel="fsdp")
+    try:
+        reference = start(HFReference("reference", args=args), rank, 2)
+    except RuntimeError as error:
+        return {"error": str(error)[:300]}
+    return {
+        "error": None,
+        "logps": reference.forward_step(first_batch())["ref_chosen_logps"].tolist(),
+    }
 
 
 def main() -> None:
     rank, port, checkpoint, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     case = sys.argv[5] if len(sys.argv) > 5 else "layouts"
-    join_group(rank, port)
+    join_group(rank, port, SLOW_GROUP_TIMEOUT if case == "slow" else 20)
     logging.basicConfig(level=logging.INFO)  # what rank 0 says, in the output
     assert GLOBAL_BATCH // MICRO_BATCHES >= 2  # each rank has rows of every micro-batch
     if case == "mismatch":
         results: dict[str, Any] = mismatch(rank, checkpoint)
     elif case == "no_network":
         results = no_network(rank, checkpoint)
+    elif case == "slow":
+        results = slow(rank, checkpoint)
     else:
         results = {
             f"{parallel}_{'once' if once else 'every'}": build(rank, checkpoint, parallel, once)

@@ -55,16 +55,16 @@ def build(rank: int, checkpoint: str, turns: bool) -> dict[str, Any]:
     return {**times, "logps": output["ref_chosen_logps"].tolist()}
 
 
-def join_group(rank: int, port: str) -> None:
+def join_group(rank: int, port: str, timeout: float = 20) -> None:
     """This rank of the 2-rank gloo group over 127.0.0.1 (one thread: two ranks share two cores);
-    a collective the other rank never joins is an error after 20 s."""
+    a collective the other rank never joins is an error after `timeout` seconds."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=2,
-        timeout=timedelta(seconds=20),
+        timeout=timedelta(seconds=timeout),
     )
 
 

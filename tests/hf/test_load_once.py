@@ -92,3 +92,16 @@ def test_a_setup_that_builds_no_network_is_told_its_other_ranks_would_have_no_we
     errors = [r["error"] for r in ranks]
     assert all(errors), errors
     assert all("build_network" in e and "load_once: false" in e for e in errors), errors
+
+
+@pytest.mark.timeout(180)
+def test_the_other_ranks_wait_for_rank_0s_read_however_long_beyond_the_collective_timeout(
+    tmp_path: Path,
+) -> None:
+    # rank 0 reads the checkpoint for twice the group's collective timeout (a 70B can take longer
+    # than runtime.dist_timeout, 600 s): rank 1 failed with gloo's "Timed out waiting 4000ms for
+    # recv" (on NCCL its watchdog aborted the process), naming no key; the setup has
+    # runtime.startup_timeout for that
+    ranks, _ = _run(tmp_path, "slow")
+    assert [r["error"] for r in ranks] == [None, None], ranks
+    assert ranks[0]["logps"] == ranks[1]["logps"]
