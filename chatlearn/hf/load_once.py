@@ -83,8 +83,9 @@ class LoadOnce:
         return self.active and self._pending and self._agreed
 
     def agree(self, model: nn.Module, where: str) -> None:
-        """Rank 0's names, shapes and dtypes: adopted where only dtypes differ, one ConfigError
-        (``where``: the model args' key path) on every rank where more does. A collective."""
+        """Rank 0's names, shapes and dtypes: adopted where only dtypes differ (and its config's
+        ``dtype``, which from_pretrained sets to the checkpoint's), one ConfigError (``where``:
+        the model args' key path) on every rank where more does. A collective."""
         import torch.distributed as dist
 
         if not (self.active and self._pending):
@@ -95,7 +96,7 @@ class LoadOnce:
         mine = [[name, list(t.shape), str(t.dtype)] for name, t in _tensors(model)]
         size = torch.tensor([0], dtype=torch.int64, device=device)
         if self.rank == 0:
-            data = json.dumps(mine).encode()
+            data = json.dumps({"tensors": mine, "config_dtype": _config_dtype(model)}).encode()
             size[0] = len(data)
         dist.broadcast(size, 0)
         payload = torch.empty(int(size[0]), dtype=torch.uint8, device=device)
@@ -104,10 +105,12 @@ class LoadOnce:
         dist.broadcast(payload, 0)
         problem = ""
         if self.rank != 0:
-            theirs = json.loads(bytes(payload.cpu().numpy()).decode())
+            received = json.loads(bytes(payload.cpu().numpy()).decode())
+            theirs = received["tensors"]
             problem = _difference(theirs, mine)
             if not problem:
                 _adopt_dtypes(model, {name: dtype for name, _, dtype in theirs})
+                _adopt_config_dtype(model, received["config_dtype"])
         failed = torch.tensor([1 if problem else 0], dtype=torch.int64, device=device)
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if int(failed[0]):
@@ -238,6 +241,20 @@ def _adopt_dtypes(model: nn.Module, dtypes: Mapping[str, str]) -> None:
             owner, _, attr = name.rpartition(".")
             module = model.get_submodule(owner)
             module._buffers[attr] = tensor.to(dtype)
+
+
+def _config_dtype(model: nn.Module) -> str | None:
+    dtype = getattr(getattr(model, "config", None), "dtype", None)
+    return str(dtype) if isinstance(dtype, torch.dtype) else None
+
+
+def _adopt_config_dtype(model: nn.Module, dtype: str | None) -> None:
+    """Rank 0's ``config.dtype``: with ``dtype`` unset, from_pretrained sets it to the
+    checkpoint's, from_config leaves None, and the reference store's fingerprint (which hashes
+    the config) differed from every rank loading: each of its entries missed."""
+    config = getattr(model, "config", None)
+    if config is not None and _config_dtype(model) != dtype:
+        config.dtype = None if dtype is None else getattr(torch, dtype.removeprefix("torch."))
 
 
 def _keep_part(local: torch.Tensor, full: torch.Tensor) -> None:

@@ -3,9 +3,9 @@
 Two ranks on a gloo group over 127.0.0.1 build models from the local checkpoint CHECKPOINT (tied
 embeddings, stored in bfloat16, `dtype` unset: loaded as stored), each with ``load_once`` on (the
 default) and off, and OUT gets, for each: how many times this rank read the checkpoint's weights,
-the reference's log-probs of the first micro-batch, the trainer's losses of two steps and its
-parameters' sums, whether its tied weights are still one tensor, and how many tensors its
-optimizer steps. CASE ``mismatch``: rank 1 builds a model with one more layer than the
+the reference's store fingerprint and log-probs of the first micro-batch, the trainer's losses of
+two steps and its parameters' sums, whether its tied weights are still one tensor, and how many
+tensors its optimizer steps. CASE ``mismatch``: rank 1 builds a model with one more layer than the
 checkpoint's; ``no_network``: a reference whose setup() builds the model but not its network;
 OUT gets each rank's error. CASE ``slow``: rank 0 reads the checkpoint for longer than the group's
 collective timeout (as a 70B may take longer than runtime.dist_timeout); OUT gets the sharded
@@ -61,7 +61,8 @@ def build(rank: int, checkpoint: str, parallel: str, load_once: bool) -> dict[st
     args = make_args(
         2, model_path=checkpoint, parallel=parallel, load_once=load_once, load_in_turns=load_once
     )
-    batches = reference_batches(args, rank, 2, steps=2)
+    found: dict[str, Any] = {}
+    batches = reference_batches(args, rank, 2, steps=2, found=found)
     reference_reads = READS["count"]
     trainer = start(HFDPOTrainer("policy", args=args), rank, 2)
     model = trainer.model
@@ -73,6 +74,7 @@ def build(rank: int, checkpoint: str, parallel: str, load_once: bool) -> dict[st
         "reference_reads": reference_reads,
         "trainer_reads": READS["count"] - reference_reads,
         "ref_logps": batches[0]["ref_chosen_logps"].tolist(),
+        "fingerprint": found["fingerprint"],
         "losses": losses,
         "weights": weights_digest(trainer),
         "tied": model.get_output_embeddings().weight is model.get_input_embeddings().weight,

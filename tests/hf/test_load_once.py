@@ -61,6 +61,9 @@ def test_only_rank_0_reads_the_checkpoint_and_every_rank_computes_what_it_comput
         for rank in range(2):
             # the same log-probs, losses and weights, bit for bit, as when each rank loads
             assert once[rank]["ref_logps"] == every[rank]["ref_logps"], parallel
+            # the reference store finds what the same model wrote loaded by every rank (dtype
+            # unset: rank 1's config said dtype None, rank 0's bfloat16, and every entry missed)
+            assert once[rank]["fingerprint"] == every[rank]["fingerprint"], parallel
             assert once[rank]["losses"] == every[rank]["losses"], parallel
             assert once[rank]["weights"] == every[rank]["weights"], parallel
             # tied embeddings stay one tensor, stepped once: as many tensors on every rank
