@@ -51,7 +51,6 @@ class LoadOnce:
         self.rank = rank
         self.world_size = world_size
         self._pending = world_size > 1
-        self._agreed = False  # a model was built for rank 0's weights
         self._waits = 0
         if self.active:
             LoadOnce._loads += 1
@@ -73,14 +72,14 @@ class LoadOnce:
         return self.world_size > 1
 
     @property
+    def pending(self) -> bool:
+        """Built, not yet received (`receive` not called)."""
+        return self.active and self._pending
+
+    @property
     def builds_empty(self) -> bool:
         """This rank builds the model on the meta device (its weights come from rank 0)."""
         return self.active and self._pending and self.rank != 0
-
-    def unreceived(self) -> bool:
-        """Whether a model was built for a load by rank 0 (``agree``) that never took place: a
-        setup that built no network left it without weights on the other ranks."""
-        return self.active and self._pending and self._agreed
 
     def agree(self, model: nn.Module, where: str) -> None:
         """Rank 0's names, shapes and dtypes: adopted where only dtypes differ (and its config's
@@ -90,7 +89,6 @@ class LoadOnce:
 
         if not (self.active and self._pending):
             return
-        self._agreed = True
         self._wait_for_rank_0()  # its checkpoint read
         device = _comm_device()
         mine = [[name, list(t.shape), str(t.dtype)] for name, t in _tensors(model)]

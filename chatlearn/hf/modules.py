@@ -35,6 +35,13 @@
 
 LoRA's defaults (``chatlearn.hf.lora``): r 16, alpha 32, dropout 0, target_modules "all-linear".
 
+A subclass's ``setup`` with ``load_once`` (several ranks): from ``build_model`` until
+``build_network`` the model of ranks 1 and up is on the meta device, without weights; what setup
+does to the weights meanwhile (``resize_token_embeddings``, new tokens' rows) is done on rank 0
+and sent with the rest, and reading a weight's value there (``.item()``, ``.tolist()``) fails on
+those ranks. A setup that ends without ``build_network`` (or with a second model from
+``build_model``) stops with the error of ``load_once``; ``load_once: false`` has every rank load.
+
 The reference returns what the trainer needs — the pair tensors and its summed log-probs
 (``chatlearn.algorithms.dpo.reference_outputs``) — since ChatLearn does not merge a module's
 output with its input. The trainer accumulates gradients over the micro-batches of a step (the
@@ -156,17 +163,15 @@ def _ending_load_turn(setup: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(setup)
     def wrapped(self: _HFModule, *args: Any, **kwargs: Any) -> None:
-        setup(self, *args, **kwargs)
+        depth = self.__dict__.get("_setup_depth", 0)  # a subclass's setup around its base's
+        self.__dict__["_setup_depth"] = depth + 1
+        try:
+            setup(self, *args, **kwargs)
+        finally:
+            self.__dict__["_setup_depth"] = depth
         self._load_turns.done()
-        if self._load_once.unreceived():
-            where, error = locate_model_args(self.model_args)
-            raise error(
-                f"{where}.load_once",
-                f"{type(self).__name__}.setup() built the model without its network "
-                "(self.build_network), which gives ranks other than the first the weights "
-                "their rank 0 read: theirs would have none",
-                "call self.build_network(trainable=...) in setup(), or set load_once: false",
-            )
+        if depth == 0:
+            self._check_loaded()
 
     wrapped._ends_load_turn = True  # type: ignore[attr-defined]
     return wrapped
@@ -282,6 +287,38 @@ class _HFModule(TorchModule):
         self._load_once.receive(network, sources, device=device, name=self.name, log=self._logger)
         self._load_turns.done()  # this rank's copy is its shard: the next one's turn
         return wrapped
+
+    def _check_loaded(self) -> None:
+        """After the whole setup (a subclass's too): no model left without its weights. With
+        load_once the ranks but 0 build the model on the meta device and receive rank 0's
+        weights in `build_network`; a setup that built its network otherwise (or a second model
+        with `build_model`) left them there, and rank 1 failed at its first forward on a meta
+        tensor, naming nothing it could change."""
+        empty = ""
+        if self._load_once.active and self.rank != 0:
+            for attr, value in sorted(vars(self).items()):
+                if isinstance(value, torch.nn.Module):
+                    empty = next(
+                        (
+                            f"self.{attr}: {name}"
+                            for name, tensor in (*value.named_parameters(), *value.named_buffers())
+                            if tensor.is_meta
+                        ),
+                        "",
+                    )
+                    if empty:
+                        break
+        if not (self._load_once.pending or empty):
+            return
+        where, error = locate_model_args(self.model_args)
+        raise error(
+            f"{where}.load_once",
+            f"setup() ended with {empty or 'self.model'} without weights on rank "
+            f"{self.rank if empty else '1 and up'} (load_once: rank 0 alone loads the model and "
+            "sends the weights of build_network()'s network to the other ranks)",
+            "build the network with self.build_network(trainable=...) in setup(), or set "
+            "load_once: false (every rank loads the checkpoint)",
+        )
 
     def check_args(self) -> None:
         # in the coordinator, before any process starts: what needs none of the model's files

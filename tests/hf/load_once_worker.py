@@ -6,10 +6,10 @@ default) and off, and OUT gets, for each: how many times this rank read the chec
 the reference's store fingerprint and log-probs of the first micro-batch, the trainer's losses of
 two steps and its parameters' sums, whether its tied weights are still one tensor, and how many
 tensors its optimizer steps. CASE ``mismatch``: rank 1 builds a model with one more layer than the
-checkpoint's; ``no_network``: a reference whose setup() builds the model but not its network;
-OUT gets each rank's error. CASE ``slow``: rank 0 reads the checkpoint for longer than the group's
-collective timeout (as a 70B may take longer than runtime.dist_timeout); OUT gets the sharded
-reference's log-probs, or the error.
+checkpoint's; OUT gets each rank's error. CASE ``slow``: rank 0 reads the checkpoint for longer
+than the group's collective timeout (as a 70B may take longer than runtime.dist_timeout); OUT
+gets the sharded reference's log-probs, or the error. CASE ``own_network``: a subclass's setup
+builds its network without `build_network`; OUT gets each rank's error.
 """
 
 from __future__ import annotations
@@ -113,19 +113,6 @@ def mismatch(rank: int, checkpoint: str) -> dict[str, Any]:
     return {"error": None}
 
 
-def no_network(rank: int, checkpoint: str) -> dict[str, Any]:
-    from chatlearn.hf.modules import HFReference, _HFModule
-
-    class ModelOnly(HFReference):
-        def setup(self) -> None:  # its own forward on self.model, no build_network
-            _HFModule.setup(self)
-            self.model.eval()
-
-    try:
-        start(ModelOnly("reference", args=make_args(2, model_path=checkpoint)), rank, 2)
-    except ConfigError as error:
-        return {"error": str(error)}
-    return {"error": None}
 SLOW_GROUP_TIMEOUT = 4.0  # seconds; rank 0 reads for twice as long
 
 
@@ -153,6 +140,23 @@ def slow(rank: int, checkpoint: str) -> dict[str, Any]:
     }
 
 
+def own_network(rank: int, checkpoint: str) -> dict[str, Any]:
+    from chatlearn.algorithms.logps import SequenceLogps
+    from chatlearn.hf.modules import HFReference, _HFModule
+
+    class OwnNetwork(HFReference):
+        def setup(self) -> None:
+            _HFModule.setup(self)
+            self.network = SequenceLogps.from_causal_lm(self.model, check=False)
+
+    args = make_args(2, model_path=checkpoint)
+    try:
+        start(OwnNetwork("reference", args=args), rank, 2)
+    except ConfigError as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
 def main() -> None:
     rank, port, checkpoint, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     case = sys.argv[5] if len(sys.argv) > 5 else "layouts"
@@ -161,8 +165,8 @@ def main() -> None:
     assert GLOBAL_BATCH // MICRO_BATCHES >= 2  # each rank has rows of every micro-batch
     if case == "mismatch":
         results: dict[str, Any] = mismatch(rank, checkpoint)
-    elif case == "no_network":
-        results = no_network(rank, checkpoint)
+    elif case == "own_network":
+        results = own_network(rank, checkpoint)
     elif case == "slow":
         results = slow(rank, checkpoint)
     else:
