@@ -37,10 +37,11 @@ LoRA's defaults (``chatlearn.hf.lora``): r 16, alpha 32, dropout 0, target_modul
 
 A subclass's ``setup`` with ``load_once`` (several ranks): from ``build_model`` until
 ``build_network`` the model of ranks 1 and up is on the meta device, without weights; what setup
-does to the weights meanwhile (``resize_token_embeddings``, new tokens' rows) is done on rank 0
-and sent with the rest, and reading a weight's value there (``.item()``, ``.tolist()``) fails on
-those ranks. A setup that ends without ``build_network`` (or with a second model from
-``build_model``) stops with the error of ``load_once``; ``load_once: false`` has every rank load.
+does to the weights meanwhile (new tokens' rows) is done on rank 0 and sent with the rest, and
+what reads a weight's value there fails on those ranks with the error of ``load_once``
+(``resize_token_embeddings`` does with its default mean resizing: pass ``mean_resizing=False``).
+A setup that ends without ``build_network`` (or with a second model from ``build_model``) stops
+with that error too; ``load_once: false`` has every rank load.
 
 The reference returns what the trainer needs — the pair tensors and its summed log-probs
 (``chatlearn.algorithms.dpo.reference_outputs``) — since ChatLearn does not merge a module's
@@ -91,6 +92,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -167,6 +169,11 @@ def _ending_load_turn(setup: Callable[..., None]) -> Callable[..., None]:
         self.__dict__["_setup_depth"] = depth + 1
         try:
             setup(self, *args, **kwargs)
+        except (RuntimeError, NotImplementedError) as failed:
+            # torch's words for a meta tensor ("meta tensors", "device meta", "'Meta' backend")
+            if self._load_once.builds_empty and re.search(r"\bmeta\b", str(failed), re.I):
+                raise self._empty_model_error(failed) from failed
+            raise
         finally:
             self.__dict__["_setup_depth"] = depth
         self._load_turns.done()
@@ -318,6 +325,21 @@ class _HFModule(TorchModule):
             "sends the weights of build_network()'s network to the other ranks)",
             "build the network with self.build_network(trainable=...) in setup(), or set "
             "load_once: false (every rank loads the checkpoint)",
+        )
+
+    def _empty_model_error(self, failed: BaseException) -> ConfigError:
+        """A setup that read the weights of this rank's model before `build_network` (with
+        load_once they are on the meta device until then): its error said only "Tensor.item()
+        cannot be called on meta tensors" (``resize_token_embeddings``' mean resizing), while
+        rank 0 waited in the broadcast for ever."""
+        where, error = locate_model_args(self.model_args)
+        return error(
+            f"{where}.load_once",
+            f"setup() read the model's weights on rank {self.rank}, which has none until "
+            "build_network() receives rank 0's (load_once: on the meta device until then): "
+            + " ".join(str(failed).split())[:200],
+            "pass mean_resizing=False to resize_token_embeddings, read other weights after "
+            "build_network(), or set load_once: false (every rank loads the checkpoint)",
         )
 
     def check_args(self) -> None:

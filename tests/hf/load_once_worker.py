@@ -9,7 +9,9 @@ tensors its optimizer steps. CASE ``mismatch``: rank 1 builds a model with one m
 checkpoint's; OUT gets each rank's error. CASE ``slow``: rank 0 reads the checkpoint for longer
 than the group's collective timeout (as a 70B may take longer than runtime.dist_timeout); OUT
 gets the sharded reference's log-probs, or the error. CASE ``own_network``: a subclass's setup
-builds its network without `build_network`; OUT gets each rank's error.
+builds its network without `build_network`; OUT gets each rank's error. CASE ``resize``: a
+subclass's setup resizes the token embeddings (mean resizing reads the weights) before
+`build_network`; OUT gets each rank's error (rank 0's: its peer left).
 """
 
 from __future__ import annotations
@@ -157,6 +159,23 @@ def own_network(rank: int, checkpoint: str) -> dict[str, Any]:
     return {"error": None}
 
 
+def resize(rank: int, checkpoint: str) -> dict[str, Any]:
+    from chatlearn.hf.modules import HFReference, _HFModule
+
+    class NewTokens(HFReference):
+        def setup(self) -> None:
+            _HFModule.setup(self)
+            self.model.resize_token_embeddings(len(self.tokenizer) + 2)
+            self.model.requires_grad_(False)
+            self.network = self.build_network(trainable=False)
+
+    try:
+        start(NewTokens("reference", args=make_args(2, model_path=checkpoint)), rank, 2)
+    except (ConfigError, RuntimeError) as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
 def main() -> None:
     rank, port, checkpoint, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     case = sys.argv[5] if len(sys.argv) > 5 else "layouts"
@@ -167,6 +186,9 @@ def main() -> None:
         results: dict[str, Any] = mismatch(rank, checkpoint)
     elif case == "own_network":
         results = own_network(rank, checkpoint)
+    elif case == "resize":
+        Path(out).write_text(json.dumps(resize(rank, checkpoint)))
+        return  # rank 1 stopped in setup, rank 0 in a broadcast: no barrier to meet at
     elif case == "slow":
         results = slow(rank, checkpoint)
     else:

@@ -112,3 +112,16 @@ def test_a_setup_that_builds_its_network_without_build_network_stops_naming_load
     for error in errors:
         assert "load_once" in error and "build_network" in error, error
     assert "self.model: model.embed_tokens.weight" in errors[1], errors[1]
+
+
+@pytest.mark.timeout(180)
+def test_a_setup_that_reads_the_weights_before_build_network_says_load_once_on_rank_1(
+    tmp_path: Path,
+) -> None:
+    # resize_token_embeddings' mean resizing reads the old rows: on rank 1's model (the meta
+    # device until build_network) it failed with "Tensor.item() cannot be called on meta
+    # tensors", naming neither load_once nor what to do
+    ranks, _ = _run(tmp_path, "resize")
+    error = ranks[1]["error"]
+    assert error and "load_once" in error and "mean_resizing=False" in error, error
+    assert "meta tensors" in error, error  # what failed, in its words
