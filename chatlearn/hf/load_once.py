@@ -47,9 +47,10 @@ class LoadOnce:
 
     _loads = 0  # this process's loads so far: each one's store keys are its own
 
-    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, wait_limit: float = 0.0) -> None:
         self.rank = rank
         self.world_size = world_size
+        self.wait_limit = wait_limit  # seconds the other ranks wait for rank 0 at most, each time
         self._pending = world_size > 1
         self._waits = 0
         if self.active:
@@ -57,15 +58,16 @@ class LoadOnce:
         self._load = LoadOnce._loads
 
     @classmethod
-    def for_model(cls, model_args: Mapping[str, Any]) -> LoadOnce:
-        """This process's part in loading its model (inactive without a process group)."""
+    def for_model(cls, model_args: Mapping[str, Any], wait_limit: float) -> LoadOnce:
+        """This process's part in loading its model (inactive without a process group);
+        ``wait_limit``: how long the setup may take (the runtime stops it then)."""
         import torch.distributed as dist
 
         if model_args.get("load_once") is False:
             return cls()
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return cls()
-        return cls(dist.get_rank(), dist.get_world_size())
+        return cls(dist.get_rank(), dist.get_world_size(), wait_limit)
 
     @property
     def active(self) -> bool:
@@ -184,9 +186,9 @@ class LoadOnce:
             )
 
     def _wait_for_rank_0(self) -> None:
-        """The other ranks wait until rank 0 is here, on the store (no timeout: a lost rank 0
-        is the store's network error at once, and the runtime stops a setup past its
-        startup_timeout), so that the collective that follows does not wait for it."""
+        """The other ranks wait until rank 0 is here, on the store, for as long as the setup
+        may take (`wait_limit`; a lost rank 0 is the store's network error at once), so that
+        the collective that follows does not wait for it."""
         import torch.distributed as dist
 
         try:  # private; without it the collective waits, within runtime.dist_timeout
@@ -198,12 +200,18 @@ class LoadOnce:
         if self.rank == 0:
             store.set(key, "1")
             return
-        while True:
+        deadline = time.monotonic() + self.wait_limit
+        while time.monotonic() < deadline:
             try:
-                store.wait([key], timedelta(seconds=60))
+                store.wait([key], timedelta(seconds=min(60.0, self.wait_limit)))
                 return
             except dist.DistStoreError:  # not yet (a lost rank 0 is a DistNetworkError)
                 continue
+        raise RuntimeError(
+            f"rank {self.rank} waited {self.wait_limit:.0f} s for rank 0 to load the model "
+            "(load_once), as long as its setup may take (runtime.startup_timeout and the time "
+            "to read the checkpoint)"
+        )
 
 
 def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -8,7 +8,8 @@ two steps and its parameters' sums, whether its tied weights are still one tenso
 tensors its optimizer steps. CASE ``mismatch``: rank 1 builds a model with one more layer than the
 checkpoint's; OUT gets each rank's error. CASE ``slow``: rank 0 reads the checkpoint for longer
 than the group's collective timeout (as a 70B may take longer than runtime.dist_timeout); OUT
-gets the sharded reference's log-probs, or the error. CASE ``own_network``: a subclass's setup
+gets the sharded reference's log-probs, or the error; ``too_slow``: the same, beyond the time its
+setup may take. CASE ``own_network``: a subclass's setup
 builds its network without `build_network`; OUT gets each rank's error. CASE ``resize``: a
 subclass's setup resizes the token embeddings (mean resizing reads the weights) before
 `build_network`; OUT gets each rank's error (rank 0's: its peer left).
@@ -118,7 +119,7 @@ def mismatch(rank: int, checkpoint: str) -> dict[str, Any]:
 SLOW_GROUP_TIMEOUT = 4.0  # seconds; rank 0 reads for twice as long
 
 
-def slow(rank: int, checkpoint: str) -> dict[str, Any]:
+def slow(rank: int, checkpoint: str, startup_timeout: float = 60.0) -> dict[str, Any]:
     import time
 
     from layout_worker import first_batch
@@ -132,10 +133,12 @@ def slow(rank: int, checkpoint: str) -> dict[str, Any]:
     if rank == 0:
         hf_model.load_causal_lm = slow_read
     args = make_args(2, model_path=checkpoint, parallel="fsdp")
+    args.runtime_args.startup_timeout = startup_timeout
+    started = time.monotonic()
     try:
         reference = start(HFReference("reference", args=args), rank, 2)
     except RuntimeError as error:
-        return {"error": str(error)[:300]}
+        return {"error": str(error)[:300], "after_s": time.monotonic() - started}
     return {
         "error": None,
         "logps": reference.forward_step(first_batch())["ref_chosen_logps"].tolist(),
@@ -191,6 +194,9 @@ def main() -> None:
         return  # rank 1 stopped in setup, rank 0 in a broadcast: no barrier to meet at
     elif case == "slow":
         results = slow(rank, checkpoint)
+    elif case == "too_slow":  # beyond the setup's time (startup_timeout 3 s, no checkpoint time)
+        Path(out).write_text(json.dumps(slow(rank, checkpoint, startup_timeout=3.0)))
+        return  # rank 1 stopped waiting, rank 0 in a broadcast: no barrier to meet at
     else:
         results = {
             f"{parallel}_{'once' if once else 'every'}": build(rank, checkpoint, parallel, once)

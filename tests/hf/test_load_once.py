@@ -101,6 +101,16 @@ def test_the_other_ranks_wait_for_rank_0s_read_however_long_beyond_the_collectiv
 
 
 @pytest.mark.timeout(180)
+def test_the_other_ranks_stop_waiting_for_rank_0_when_the_setups_time_is_up(
+    tmp_path: Path,
+) -> None:
+    # startup_timeout 3 s, and a tiny checkpoint's time to read (ms): rank 0 reads for 8 s
+    ranks, _ = _run(tmp_path, "too_slow")
+    assert "waited 3 s for rank 0" in (ranks[1]["error"] or ""), ranks
+    assert ranks[1]["after_s"] < 7, ranks
+
+
+@pytest.mark.timeout(180)
 def test_a_setup_that_builds_its_network_without_build_network_stops_naming_load_once(
     tmp_path: Path,
 ) -> None:
