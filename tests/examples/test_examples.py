@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -10,10 +11,22 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def example_function(name: str) -> Any:
+    """A function of the DPO example's main file, imported from the repository root."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        module = importlib.import_module("examples.dpo.train_dpo")
+    finally:
+        sys.path.remove(str(ROOT))
+    return getattr(module, name)
+
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -174,11 +187,7 @@ def test_the_example_applies_chatlearns_data_limits(tmp_path: Path) -> None:
     # runtime.training_data_num_limit / eval_data_num_limit, which ChatLearn's entry scripts
     # read (and so are not warned about as settings with no effect): applied as the file is read,
     # and the records kept still name their lines (a slice of them named none)
-    sys.path.insert(0, str(ROOT))
-    try:
-        from examples.dpo.train_dpo import load_data
-    finally:
-        sys.path.remove(str(ROOT))
+    load_data = example_function("load_data")
     path = tmp_path / "data.jsonl"
     records = [{"prompt": str(i), "chosen": "c", "rejected": "r"} for i in range(5)]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -199,11 +208,7 @@ def test_the_example_reads_no_eval_set_from_a_null_or_absent_path_and_expands_ho
     # the user never wrote; a data path under ~ was read relative to the config's directory
     from chatlearn.config import load_config
 
-    sys.path.insert(0, str(ROOT))
-    try:
-        from examples.dpo.train_dpo import data_paths
-    finally:
-        sys.path.remove(str(ROOT))
+    data_paths = example_function("data_paths")
     monkeypatch.setenv("HOME", str(tmp_path))
     config = tmp_path / "c.yaml"
     config.write_text(
@@ -227,11 +232,7 @@ def test_the_examples_data_limits_must_be_whole_numbers(
 ) -> None:
     from chatlearn.config import ConfigError, load_config
 
-    sys.path.insert(0, str(ROOT))
-    try:
-        from examples.dpo.train_dpo import data_limit
-    finally:
-        sys.path.remove(str(ROOT))
+    data_limit = example_function("data_limit")
     config = tmp_path / "c.yaml"
     config.write_text(
         "models:\n  reference:\n    num_cpu: 1\n  policy_trainer:\n    num_cpu: 1\n"
@@ -253,11 +254,7 @@ def test_the_examples_eval_limit_of_0_reads_every_eval_record_with_a_warning(
     # here read no eval record, and every evaluation was skipped without a word
     from chatlearn.config import load_config
 
-    sys.path.insert(0, str(ROOT))
-    try:
-        from examples.dpo.train_dpo import data_limit
-    finally:
-        sys.path.remove(str(ROOT))
+    data_limit = example_function("data_limit")
     config = tmp_path / "c.yaml"
     config.write_text(
         "models:\n  reference:\n    num_cpu: 1\n  policy_trainer:\n    num_cpu: 1\n"
