@@ -136,17 +136,16 @@ def load_causal_lm(
 
 
 def loads_onto_device() -> bool:
-    """Whether `from_pretrained` takes a `device_map` here: transformers 5 on its own, 4.x with
-    accelerate. The weights then go from the files (memory-mapped safetensors) to the device one
-    by one: the host holds no copy of its own, only the page cache, which every process of the
-    host reading the same checkpoint shares (8 replicas of a 7B reference on one host held 8
-    copies of it in host memory, 112 GB in fp32, while they loaded)."""
-    import importlib.util
+    """Whether `from_pretrained` takes a `device_map` here: with accelerate, at the version this
+    transformers asks for (4.x and 5 alike: without it a `device_map` is from_pretrained's error
+    "requires `accelerate`", and every checkpoint failed to load on CUDA). The weights then go
+    from the files (memory-mapped safetensors) to the device one by one: the host holds no copy
+    of its own, only the page cache, which every process of the host reading the same checkpoint
+    shares (8 replicas of a 7B reference on one host held 8 copies of it in host memory, 112 GB
+    in fp32, while they loaded)."""
+    from transformers.utils import is_accelerate_available
 
-    import transformers
-
-    major = int(str(transformers.__version__).split(".")[0])
-    return major >= 5 or importlib.util.find_spec("accelerate") is not None
+    return bool(is_accelerate_available())
 
 
 def _unloadable(path: Path, failed: BaseException) -> ConfigError:

@@ -3,6 +3,7 @@ checkpoint directory (from_pretrained, offline)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,13 +87,35 @@ def test_a_checkpoint_read_onto_a_device_goes_through_device_map_and_loads_the_s
     onto = causal_lm_from_args(
         {"model_path": str(tmp_path)}, byte_tokenizer(), device=torch.device("cpu")
     )
-    assert loads_onto_device()  # transformers 5 here
+    assert loads_onto_device()  # accelerate here
     assert seen == [None, torch.device("cpu")]
     for (name, a), (_, b) in zip(
         plain.state_dict().items(), onto.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
     assert {p.device for p in onto.parameters()} == {torch.device("cpu")}
+
+
+def test_without_accelerate_a_checkpoint_read_for_a_device_loads_in_host_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # from_pretrained takes a device_map only with accelerate (transformers 5 too): without it
+    # every checkpoint on CUDA was model_path's "does not load ... requires `accelerate`"
+    from transformers.utils import import_utils
+
+    from chatlearn.hf.model import loads_onto_device
+
+    build_causal_lm(TINY, seed=3).save_pretrained(tmp_path)
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # find_spec: not installed
+    import_utils.is_accelerate_available.cache_clear()
+    try:
+        assert not loads_onto_device()
+        model = load_causal_lm(tmp_path, device=torch.device("cpu"))
+    finally:
+        monkeypatch.undo()
+        import_utils.is_accelerate_available.cache_clear()
+    assert {p.device for p in model.parameters()} == {torch.device("cpu")}
+    assert loads_onto_device()
 
 
 def test_a_model_path_under_the_home_directory(
