@@ -411,8 +411,11 @@ class _HFModule(TorchModule):
         # (`build_network`; chatlearn/hf/load_once.py); or, with load_once: false, a host's
         # ranks load it one after another where their copies would not fit in its memory
         # together: the next rank once this one's layout took its copy over (load_turns.py)
-        # the other ranks wait for rank 0's read as long as their setup may take
-        limit = float(self.runtime_args.startup_timeout) + self.setup_allowance()[0]
+        # the other ranks wait for rank 0's read as long as their setup may take (a subclass's
+        # setup_allowance() read as the coordinator reads it: a number, or a pair with why)
+        from chatlearn.actors.runtime import setup_allowance
+
+        limit = float(self.runtime_args.startup_timeout) + setup_allowance(self)[0]
         self._load_once = LoadOnce.for_model(self.model_args, wait_limit=limit)
         if self._load_once.active:  # one rank loads: nothing to take turns at
             self._load_turns = LoadTurns(None)

@@ -253,3 +253,20 @@ def test_setup_is_allowed_the_time_to_read_the_checkpoint_beyond_startup_timeout
     assert HFReference("reference", args=make_args(2)).setup_allowance() == (0.0, "")
     missing = make_args(2, model_path=str(tmp_path / "elsewhere"))
     assert HFReference("reference", args=missing).setup_allowance() == (0.0, "")
+
+
+def test_a_subclass_allowing_a_bare_number_of_seconds_sets_up(tmp_path: Path) -> None:
+    # The coordinator takes setup_allowance()'s seconds alone or with why; the HF modules' setup
+    # indexed it, and such a subclass passed the start only to fail in every process with
+    # "'int' object is not subscriptable"
+    from layout_worker import make_args
+
+    from chatlearn.hf.modules import HFReference
+
+    class Reference(HFReference):
+        def setup_allowance(self) -> float:  # type: ignore[override]
+            return 600
+
+    module = Reference("reference", args=make_args(1))
+    module.setup()
+    assert module.network is not None
