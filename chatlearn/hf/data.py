@@ -576,14 +576,19 @@ def _same_responses(record: Mapping[str, Any]) -> bool:
 
 def _record_hash(record: Mapping[str, Any]) -> int:
     """A hash of a record's prompt, chosen and rejected as written (message lists by their
-    JSON), to count the records that repeat an earlier one."""
+    JSON, each message's keys sorted: merged sources write {"content", "role"} in their own
+    order, the same message), to count the records that repeat an earlier one."""
     values = (record.get("prompt"), record.get("chosen"), record.get("rejected"))
     return hash(
-        tuple(
-            value if isinstance(value, str) else ("json", json.dumps(value, default=str))
-            for value in values
-        )
+        tuple(value if isinstance(value, str) else ("json", _json(value)) for value in values)
     )
+
+
+def _json(value: Any) -> str:
+    try:
+        return json.dumps(value, default=str, sort_keys=True)
+    except TypeError:  # keys that cannot be ordered together (1 and "role", in code): as written
+        return json.dumps(value, default=str)
 
 
 def _repeats(hashes: array) -> int:

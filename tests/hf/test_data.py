@@ -538,6 +538,21 @@ def test_records_that_repeat_an_earlier_one_are_counted_and_said(tmp_path: Path)
     assert PreferenceDataset([same, other], tok).num_duplicates == 0
 
 
+def test_a_repeat_whose_messages_list_their_keys_in_another_order_is_counted() -> None:
+    # merged sources write a message's keys in their own order ({"content", "role"}): the same
+    # record, rendered the same, was not counted as a repeat
+    from chatlearn.hf.data import _record_hash
+
+    tok = byte_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    first = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}
+    again = {"prompt": [{"content": "hi", "role": "user"}], "chosen": "a", "rejected": "b"}
+    assert PreferenceDataset([first, again], tok, max_length=32).num_duplicates == 1
+    # keys that cannot be ordered together (a record built in code) are hashed as written
+    odd = {"prompt": [{"role": "user", "content": "hi", 1: "x"}], "chosen": "a", "rejected": "b"}
+    assert _record_hash(odd) == _record_hash(dict(odd))
+
+
 def test_responses_of_no_token_are_counted_and_said() -> None:
     # a template rendering empty content gave a response of no token, its loss mask all zeros,
     # accepted without a word
