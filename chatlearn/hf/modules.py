@@ -561,7 +561,9 @@ class _HFModule(TorchModule):
             self._logger.info("%s: %s", self.name, message)
 
     def build_dataset(self, samples: list[Any], is_eval: bool = False) -> PreferenceDataset:
-        options = {key: self.model_args[key] for key in _DATA_KEYS if key in self.model_args}
+        # a null key is absent, its default (as validate_model_args reads it): None reached the
+        # tokenizer and failed with a bare TypeError ("'<' not supported", "not iterable")
+        options = {key: v for key in _DATA_KEYS if (v := self.model_args.get(key)) is not None}
         split = "eval" if is_eval else "training"
         try:
             dataset = PreferenceDataset(

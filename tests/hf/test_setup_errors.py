@@ -340,6 +340,17 @@ def test_a_prompt_template_is_said_not_to_apply_to_chat_records(
     )
 
 
+def test_null_data_keys_are_their_defaults_in_the_data_set(tmp_path: Path) -> None:
+    # `prompt_template:` or `max_length:` left empty (null, which every model arg reads as
+    # absent) reached the tokenizer: build_dataset failed with a bare TypeError
+    reference = module_from_files(
+        tmp_path, f"{TINY}prompt_template:\nmax_length:\nmin_prompt_length:\n"
+    )
+    reference.setup()
+    dataset = reference.build_dataset([{"prompt": "hi", "chosen": "a", "rejected": "b"}])
+    assert len(dataset) == 1 and dataset.pair_tokenizer.prompt_template == "{prompt}"
+
+
 @pytest.mark.parametrize(("budget", "warned"), [(40, True), (64, False)])
 def test_a_token_budget_below_a_pair_of_the_longest_sequences_is_said_at_setup(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, budget: int, warned: bool
