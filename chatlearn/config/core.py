@@ -189,7 +189,12 @@ class Config:
             model_args = loader.deep_merge(model_args, inline_args or {})
             for key, spec in MODEL_ARG_KEYS.items():
                 if key in model_args:  # `learning_rate: "1e-5"` read as ChatLearn reads it
-                    model_args[key] = read_quoted_number(spec, model_args[key])
+                    value = read_quoted_number(spec, model_args[key])
+                    if spec.kind == "int" and isinstance(value, float) and value.is_integer():
+                        # `max_length: 1e3` (a float in YAML) is a whole number, and kept as
+                        # one: the tokenizer slices by it ("slice indices must be integers")
+                        value = int(value)
+                    model_args[key] = value
             model.model_args = model_args
         self.models[name] = model
 

@@ -351,6 +351,23 @@ def test_null_data_keys_are_their_defaults_in_the_data_set(tmp_path: Path) -> No
     assert len(dataset) == 1 and dataset.pair_tokenizer.prompt_template == "{prompt}"
 
 
+def test_a_whole_number_written_as_a_float_is_a_whole_number_in_the_data_set(
+    tmp_path: Path,
+) -> None:
+    # `max_prompt_length: 1.6e1` (a float in YAML, as ChatLearn reads it) or "3.2e1" in quotes
+    # passed as whole numbers and reached the tokenizer as floats: build_dataset failed with
+    # "slice indices must be integers", naming no key
+    reference = module_from_files(
+        tmp_path, f"{TINY}max_length: '3.2e1'\nmax_prompt_length: 1.6e1\nmin_prompt_length: 4.0\n"
+    )
+    args = reference.model_args
+    assert (args["max_length"], args["max_prompt_length"], args["min_prompt_length"]) == (32, 16, 4)
+    assert all(type(args[key]) is int for key in ("max_length", "max_prompt_length"))
+    reference.setup()
+    dataset = reference.build_dataset([{"prompt": "p" * 40, "chosen": "c" * 40, "rejected": "r"}])
+    assert len(dataset) == 1 and dataset.num_truncated_prompts == 1
+
+
 @pytest.mark.parametrize(("budget", "warned"), [(40, True), (64, False)])
 def test_a_token_budget_below_a_pair_of_the_longest_sequences_is_said_at_setup(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, budget: int, warned: bool
