@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import numbers
 import time
 import weakref
 from collections import deque
@@ -1133,12 +1134,15 @@ class ActorSystem:
 
 
 def setup_allowance(module: BaseModule) -> tuple[float, str]:
-    """`module.setup_allowance()`: seconds (a number ≥ 0, or with its reason as a pair)."""
+    """`module.setup_allowance()`: seconds (a number ≥ 0, numpy's too, or with its reason as a
+    pair); anything else one line naming the method (a pair of another size was "not enough
+    values to unpack" from the launch)."""
     found = module.setup_allowance()
-    seconds, why = found if isinstance(found, tuple) else (found, "")
-    if not isinstance(seconds, int | float) or not seconds >= 0:
+    seconds, why = found if isinstance(found, tuple) and len(found) == 2 else (found, "")
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not seconds >= 0:
         raise TypeError(
-            f"{type(module).__name__}.setup_allowance() must give seconds ≥ 0, not {seconds!r}"
+            f"{type(module).__name__}.setup_allowance() must give seconds ≥ 0, or (seconds, "
+            f"why), not {found!r}"
         )
     return float(seconds), str(why)
 

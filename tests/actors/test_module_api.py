@@ -231,3 +231,25 @@ def test_offload_and_onload_on_cpu_change_nothing(config):
     assert [p.data.data_ptr() for p in module.model.parameters()] == before
     module.model(torch.ones(1, 3)).sum().backward()
     module.optimizer.step()
+
+
+def test_setup_allowance_in_its_forms_and_junk_named_in_one_line(config):
+    # seconds alone or with why; a pair of the wrong size was "not enough values to unpack" from
+    # the runtime's launch, and numpy's seconds (np.float32, a size computed with numpy) were
+    # refused as "not ... seconds"
+    import numpy as np
+
+    from chatlearn.actors.runtime import setup_allowance
+
+    def allowing(value):
+        module = BaseModule("reference", config)
+        module.setup_allowance = lambda: value
+        return module
+
+    assert setup_allowance(BaseModule("reference", config)) == (0.0, "")
+    assert setup_allowance(allowing(600)) == (600.0, "")
+    assert setup_allowance(allowing((np.int64(60), "to read it"))) == (60.0, "to read it")
+    assert setup_allowance(allowing(np.float32(1.5))) == (1.5, "")
+    for junk in ((600,), (1, "a", "b"), None, -1, float("nan"), "600", [600, "why"]):
+        with pytest.raises(TypeError, match=r"^BaseModule.setup_allowance\(\) must give"):
+            setup_allowance(allowing(junk))
