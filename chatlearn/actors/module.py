@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import numbers
 import random
 import resource
 import sys
@@ -839,3 +840,17 @@ def invoke(module: Any, method: str, args: Any = (), kwargs: Mapping[str, Any] |
             setattr(module, counter, getattr(module, counter) + 1)
         return result
     return _timed_call(fn, method, None, args, kwargs)
+
+
+def setup_allowance(module: BaseModule) -> tuple[float, str]:
+    """`module.setup_allowance()`: seconds (a number ≥ 0, numpy's too, or with its reason as a
+    pair); anything else one line naming the method (a pair of another size was "not enough
+    values to unpack" from the launch)."""
+    found = module.setup_allowance()
+    seconds, why = found if isinstance(found, tuple) and len(found) == 2 else (found, "")
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not seconds >= 0:
+        raise TypeError(
+            f"{type(module).__name__}.setup_allowance() must give seconds ≥ 0, or (seconds, "
+            f"why), not {found!r}"
+        )
+    return float(seconds), str(why)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import numbers
 import time
 import weakref
 from collections import deque
@@ -58,7 +57,7 @@ from chatlearn.actors.errors import (
 )
 from chatlearn.actors.handles import ActorHandle, ModelGroup
 from chatlearn.actors.hosts import Hosts, default_hosts
-from chatlearn.actors.module import BaseModule
+from chatlearn.actors.module import BaseModule, setup_allowance
 from chatlearn.actors.placement import (
     HostResources,
     ModelResources,
@@ -1131,20 +1130,6 @@ class ActorSystem:
         start = time.perf_counter()
         await self.server.request(backend.routing_id, MessageKind.PING, timeout=timeout)
         return time.perf_counter() - start
-
-
-def setup_allowance(module: BaseModule) -> tuple[float, str]:
-    """`module.setup_allowance()`: seconds (a number ≥ 0, numpy's too, or with its reason as a
-    pair); anything else one line naming the method (a pair of another size was "not enough
-    values to unpack" from the launch)."""
-    found = module.setup_allowance()
-    seconds, why = found if isinstance(found, tuple) and len(found) == 2 else (found, "")
-    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not seconds >= 0:
-        raise TypeError(
-            f"{type(module).__name__}.setup_allowance() must give seconds ≥ 0, or (seconds, "
-            f"why), not {found!r}"
-        )
-    return float(seconds), str(why)
 
 
 def _host_failure(cluster: Hosts | None, cause: BaseException) -> bool:

@@ -98,7 +98,7 @@ from typing import Any
 
 import torch
 
-from chatlearn.actors.module import TorchModule
+from chatlearn.actors.module import TorchModule, setup_allowance
 from chatlearn.actors.placement import ModelResources
 from chatlearn.algorithms import DPOMetrics, accumulation_loss, compute_dpo, concatenated_logps
 from chatlearn.algorithms.dpo import (
@@ -413,8 +413,6 @@ class _HFModule(TorchModule):
         # together: the next rank once this one's layout took its copy over (load_turns.py)
         # the other ranks wait for rank 0's read as long as their setup may take (a subclass's
         # setup_allowance() read as the coordinator reads it: a number, or a pair with why)
-        from chatlearn.actors.runtime import setup_allowance
-
         limit = float(self.runtime_args.startup_timeout) + setup_allowance(self)[0]
         self._load_once = LoadOnce.for_model(self.model_args, wait_limit=limit)
         if self._load_once.active:  # one rank loads: nothing to take turns at

@@ -239,7 +239,7 @@ def test_setup_allowance_in_its_forms_and_junk_named_in_one_line(config):
     # refused as "not ... seconds"
     import numpy as np
 
-    from chatlearn.actors.runtime import setup_allowance
+    from chatlearn.actors.module import setup_allowance
 
     def allowing(value):
         module = BaseModule("reference", config)
