@@ -126,19 +126,21 @@ def slow(rank: int, checkpoint: str, startup_timeout: float = 60.0) -> dict[str,
 
     from chatlearn.hf.modules import HFReference
 
+    read: dict[str, float] = {}
+
     def slow_read(*args: Any, **kwargs: Any) -> Any:
         time.sleep(2 * SLOW_GROUP_TIMEOUT)
+        read["read_done"] = time.time()  # the two processes' clocks are one host's
         return _load(*args, **kwargs)
 
     if rank == 0:
         hf_model.load_causal_lm = slow_read
     args = make_args(2, model_path=checkpoint, parallel="fsdp")
     args.runtime_args.startup_timeout = startup_timeout
-    started = time.monotonic()
     try:
         reference = start(HFReference("reference", args=args), rank, 2)
     except RuntimeError as error:
-        return {"error": str(error)[:300], "after_s": time.monotonic() - started}
+        return {"error": str(error)[:300], "error_at": time.time(), **read}
     return {
         "error": None,
         "logps": reference.forward_step(first_batch())["ref_chosen_logps"].tolist(),
