@@ -229,6 +229,10 @@ class Config:
         kind = section._path.partition(".")[0]
         if key in PROGRAM_KEYS.get(kind, ()):
             return
+        if kind == "runtime" and key == "query_key" and section._values[key] == "query":
+            # ChatLearn's default, in every config of its (`${query_key:query}`): nothing to say
+            # of it being unread (data with a "query" field is its own one-line error)
+            return
         path = section._key_path(key)
         where = self._locator.where(path)
         if (where, path) in _warned_keys:

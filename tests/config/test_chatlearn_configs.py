@@ -230,6 +230,11 @@ def test_query_key_is_warned_as_not_read(write_yaml, caplog: pytest.LogCaptureFi
     (line,) = [r.getMessage() for r in caplog.records if "query_key" in r.getMessage()]
     assert "main.yaml:2: runtime.query_key: a ChatLearn setting not read here" in line
     assert "'prompt' key whatever query_key says" in line and "\n" not in line
+    # ChatLearn's default, which every config of its carries: no line for it
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="chatlearn.config"):
+        load_config(write_yaml("default.yaml", "runtime:\n  query_key: query\n"))
+    assert not [r for r in caplog.records if "query_key" in r.getMessage()]
 
 
 def test_chatlearn_sub_configs_read_by_attribute_with_its_defaults(write_yaml) -> None:
