@@ -118,14 +118,14 @@ def load_causal_lm(
     kwargs: dict[str, Any] = {"local_files_only": True}
     resolved = resolve_dtype(dtype)
     if resolved is not None:
-        kwargs["dtype"] = resolved
+        kwargs[dtype_keyword()] = resolved
     if device is not None and loads_onto_device():
         kwargs["device_map"] = device
     try:
         if empty:
             config = AutoConfig.from_pretrained(str(path), local_files_only=True)
             with _meta_device(True):
-                return AutoModelForCausalLM.from_config(config, dtype=resolved)
+                return AutoModelForCausalLM.from_config(config, **{dtype_keyword(): resolved})
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as failed:
         raise _unloadable(path, failed) from failed
@@ -133,6 +133,19 @@ def load_causal_lm(
         if type(failed).__name__ != "SafetensorError":
             raise
         raise _unloadable(path, failed) from failed
+
+
+def dtype_keyword() -> str:
+    """The name `from_pretrained`/`from_config` take a dtype by: `dtype` since transformers 4.56,
+    `torch_dtype` before (the `hf` extra allows 4.40 on, where `dtype=` reached the model's
+    constructor and failed there, naming no key)."""
+    import re
+
+    import transformers
+
+    found = re.match(r"(\d+)\.(\d+)", str(transformers.__version__))
+    version = (int(found[1]), int(found[2])) if found else (5, 0)
+    return "dtype" if version >= (4, 56) else "torch_dtype"
 
 
 def loads_onto_device() -> bool:

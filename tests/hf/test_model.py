@@ -141,3 +141,28 @@ def test_dtype_names() -> None:
         resolve_dtype("int3")
     with pytest.raises(ValueError, match="not a directory"):
         load_causal_lm("/nonexistent/checkpoint")
+
+
+def test_the_dtype_goes_by_the_name_this_transformers_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # transformers before 4.56 takes torch_dtype (the hf extra allows 4.40 on): `dtype=` reached
+    # the model's constructor there and failed, naming no key
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    build_causal_lm(TINY, seed=3).save_pretrained(tmp_path)
+    seen: list[set[str]] = []
+    load = AutoModelForCausalLM.from_pretrained.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type, *args: object, **kwargs: object) -> object:
+        seen.append(set(kwargs) & {"dtype", "torch_dtype"})
+        kwargs["dtype"] = kwargs.pop("torch_dtype", kwargs.get("dtype"))  # as this one takes it
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    load_causal_lm(tmp_path, dtype="bfloat16")
+    monkeypatch.setattr(transformers, "__version__", "4.45.2")
+    half = load_causal_lm(tmp_path, dtype="bfloat16")
+    assert seen == [{"dtype"}, {"torch_dtype"}]
+    assert next(half.parameters()).dtype == torch.bfloat16
