@@ -19,10 +19,10 @@ Checks (``chatlearn.gpu_probe`` is the module the actors run):
 - ``NCCL group`` (≥ 2 GPUs): the trainer's 2 processes all-reduce over NCCL;
 - ``DPO example``: ``examples/dpo/train_dpo.py`` on the GPU (reference and trainer on one GPU;
   with 2 GPUs the trainer in DDP over both, over NCCL, its gradients views of DDP's buckets, its
-  rank 0's weights broadcast to rank 1), ``mixed_precision: bf16`` and the reference read in
-  bf16 from a local checkpoint straight onto its GPU (``device_map``), a few steps, loss falling, a
-  checkpoint written at the end; every example's setup checks (the chunked log-probs against
-  the model's own, dropout off) must pass on the GPU, not fall back;
+  rank 0's weights broadcast to rank 1), ``mixed_precision: bf16``, both models read from a
+  local checkpoint straight onto their GPU (``device_map``; the reference in bf16), a few
+  steps, loss falling, a checkpoint written at the end; every example's setup checks (the
+  chunked log-probs against the model's own, dropout off) must pass on the GPU, not fall back;
 - ``DPO example LoRA fp16``: the same with ``dpo_lora.yaml``'s adapters on the policy and
   ``mixed_precision: fp16`` (its loss scaler, CUDA only); the final checkpoint holds the
   adapter and the merged weights;
@@ -620,12 +620,13 @@ def run_checks() -> list[CheckResult]:
         workdir = Path(tmp)
 
         def example() -> str:
-            # with 2 GPUs the trainer runs DDP over them, its rank 0 building the model and
-            # broadcasting it over NCCL (load_once); the reference 2 replicas, each reading a
-            # local checkpoint of the policy's first weights straight onto its GPU (device_map)
+            # both models read a local checkpoint of the policy's first weights straight onto
+            # their GPU (device_map): with 2 GPUs the trainer runs DDP over them, its rank 0
+            # reading and broadcasting over NCCL (load_once), the reference 2 replicas
             gpus = min(num_gpus, 2)
-            trainer = {"num_gpu": gpus, "model_args": {"mixed_precision": "bf16"}}
             checkpoint = example_checkpoint(workdir / "one" / "model")
+            trainer_args = {"mixed_precision": "bf16", "model_path": str(checkpoint)}
+            trainer = {"num_gpu": gpus, "model_args": trainer_args}
             reference_args = {"dtype": "bfloat16", "model_path": str(checkpoint)}
             reference = {"num_gpu": gpus, "model_args": reference_args}
             config = example_config(workdir / "one", trainer, reference, True)

@@ -433,9 +433,9 @@ class BaseModule:
 
     def setup_allowance(self) -> tuple[float, str]:
         """Seconds this model's ``setup()`` may take beyond ``runtime.startup_timeout``, and why
-        (said if it runs out): asked in the coordinator before its processes start, and for each
-        restart. 0 by default; the ready-made Hugging Face modules allow for reading their
-        checkpoint (chatlearn/hf/modules.py)."""
+        (said if it runs out): asked in the coordinator before its processes start (a restarted
+        process has the same). 0 by default; the ready-made Hugging Face modules allow for
+        reading their checkpoint (chatlearn/hf/modules.py)."""
         return 0.0, ""
 
     def onload(self) -> None:
