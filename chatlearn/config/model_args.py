@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import ConfigError, ValueProblem
-from .schema import KeySpec, check_value
+from .schema import KeySpec, check_value, read_quoted_number
 
 Locate = Callable[[str, str, str], ConfigError]  # (key path, problem, fix) -> error
 
@@ -195,8 +195,12 @@ def lora_request(
             raise error(f"{path}.{key}", "not a LoRA setting here", f"use {known}")
         settings[name] = value
     for name, spec in _LORA_CHECKS.items():
+        # `r: "16"` read as the number it is, as every numeric key of a config file
+        value = read_quoted_number(spec, settings[name])
+        if spec.kind == "int" and isinstance(value, float) and value.is_integer():
+            value = int(value)  # `r: 1.6e1`: a float in YAML, a whole number
         try:
-            settings[name] = check_value(name, spec, settings[name])
+            settings[name] = check_value(name, spec, value)
         except ValueProblem as problem:
             raise error(f"{path}.{name}", problem.problem, problem.fix) from None
     targets = settings["target_modules"]

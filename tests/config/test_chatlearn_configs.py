@@ -127,6 +127,25 @@ def test_quoted_numbers_are_read_as_numbers_where_the_key_takes_one(write_yaml) 
     assert policy.model_args["my_key"] == "7"  # a module's own key: its business
 
 
+def test_quoted_and_float_written_lora_numbers_are_its_numbers() -> None:
+    # the nested lora section's numbers too: `r: "16"` was "expected a whole number" and
+    # `r: 1.6e1` (a float in YAML as ChatLearn reads it) the same
+    from chatlearn.config.model_args import lora_request
+
+    def error(key: str, problem: str, fix: str) -> Exception:
+        return ValueError(f"{key}: {problem}")
+
+    lora = {"r": "16", "alpha": "32", "dropout": "0.05"}
+    settings = lora_request({"lora": lora}, "model_args", error)
+    assert settings is not None
+    assert (settings["r"], settings["alpha"], settings["dropout"]) == (16, 32.0, 0.05)
+    assert type(settings["r"]) is int
+    settings = lora_request({"lora": {"r": 1.6e1}}, "model_args", error)
+    assert settings is not None and settings["r"] == 16 and type(settings["r"]) is int
+    with pytest.raises(ValueError, match="model_args.lora.r"):
+        lora_request({"lora": {"r": "sixteen"}}, "model_args", error)
+
+
 @pytest.mark.parametrize(
     ("where", "line", "problem"),
     [
