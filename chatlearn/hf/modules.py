@@ -279,6 +279,8 @@ class _HFModule(TorchModule):
             if torch.cuda.is_available()
             else torch.device("cpu")
         )
+        # every rank holds rank 0's tensors before DDP's constructor, which need not send them
+        in_sync = self._load_once.pending
         if not self.layout.sharded:
             # every rank's whole copy, before DDP's constructor checks them alike
             self._load_once.receive(
@@ -289,7 +291,7 @@ class _HFModule(TorchModule):
             # which a rank still waiting for its turn would never join
             self._load_turns.done()
         with located_errors(self.model_args):  # e.g. parallel: none on several trainer ranks
-            wrapped = self.layout.wrap(network, trainable=trainable)
+            wrapped = self.layout.wrap(network, trainable=trainable, in_sync=in_sync)
         # sharded: each rank's shards, allocated by now (done above otherwise)
         self._load_once.receive(network, sources, device=device, name=self.name, log=self._logger)
         self._load_turns.done()  # this rank's copy is its shard: the next one's turn

@@ -95,8 +95,10 @@ class Layout:
         return f"{how}, mixed precision {self.mixed_precision}, {self.device_type}"
 
     # -- wrapping --------------------------------------------------------------------------
-    def wrap(self, network: nn.Module, *, trainable: bool) -> nn.Module:
-        """`network` sharded (FSDP2, in place) or DDP-wrapped as the layout says."""
+    def wrap(self, network: nn.Module, *, trainable: bool, in_sync: bool = False) -> nn.Module:
+        """`network` sharded (FSDP2, in place) or DDP-wrapped as the layout says. ``in_sync``:
+        every rank holds rank 0's parameters and buffers already, of shapes agreed (load_once),
+        so DDP need not check and broadcast them all again."""
         if self.sharded:
             _fully_shard(network, self._mesh(), self._mp_policy(), trainable=trainable)
             return network
@@ -108,9 +110,10 @@ class Layout:
             device_ids = [torch.cuda.current_device()] if cuda else None
             # The gradients are views of DDP's all-reduce buckets, not a second gradient-sized
             # copy beside them (20 B/param, not 16; `zero_grad` keeps them views).
-            return DistributedDataParallel(
-                network, device_ids=device_ids, gradient_as_bucket_view=True
-            )
+            options: dict[str, Any] = {"device_ids": device_ids, "gradient_as_bucket_view": True}
+            if in_sync and _ddp_takes("init_sync"):
+                options["init_sync"] = False
+            return DistributedDataParallel(network, **options)
         return network
 
     def check(self, *, trainable: bool) -> None:
@@ -159,6 +162,15 @@ class Layout:
 def _error(model_args: Mapping[str, Any], key: str, problem: str, fix: str) -> ConfigError:
     prefix, error = locate_model_args(model_args)
     return error(f"{prefix}.{key}", problem, fix)
+
+
+def _ddp_takes(argument: str) -> bool:
+    """Whether this torch's DDP constructor takes `argument` (``init_sync``: torch 2.4 on)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    return argument in inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 def _num_hosts(world_size: int) -> int:

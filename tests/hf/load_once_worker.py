@@ -39,6 +39,7 @@ from load_turns_worker import join_group  # noqa: E402
 warnings.filterwarnings("ignore")
 
 import torch.distributed as dist  # noqa: E402
+import torch.nn.parallel.distributed as ddp_module  # noqa: E402
 
 import chatlearn.hf.model as hf_model  # noqa: E402
 from chatlearn.config.errors import ConfigError  # noqa: E402
@@ -67,7 +68,18 @@ def build(rank: int, checkpoint: str, parallel: str, load_once: bool) -> dict[st
     found: dict[str, Any] = {}
     batches = reference_batches(args, rank, 2, steps=2, found=found)
     reference_reads = READS["count"]
-    trainer = start(HFDPOTrainer("policy", args=args), rank, 2)
+    syncs = {"count": 0}  # DDP's broadcasts of the whole model at its construction
+    sync = ddp_module._sync_module_states
+
+    def counted_sync(*args: Any, **kwargs: Any) -> Any:
+        syncs["count"] += 1
+        return sync(*args, **kwargs)
+
+    ddp_module._sync_module_states = counted_sync
+    try:
+        trainer = start(HFDPOTrainer("policy", args=args), rank, 2)
+    finally:
+        ddp_module._sync_module_states = sync
     model = trainer.model
     losses = [
         trainer.train_step(step_data(batches, step, rank, 2), iteration=step)["loss"]
@@ -84,6 +96,7 @@ def build(rank: int, checkpoint: str, parallel: str, load_once: bool) -> dict[st
         "optimized": sum(len(g["params"]) for g in trainer.optimizer.param_groups),
         "layout": trainer.layout.describe(),
         "network": type(unwrap(trainer.network)).__name__,
+        "ddp_syncs": syncs["count"],
     }
 
 

@@ -71,6 +71,9 @@ def test_only_rank_0_reads_the_checkpoint_and_every_rank_computes_what_it_comput
             assert once[rank]["optimized"] == every[rank]["optimized"] == once[0]["optimized"]
     assert "FSDP2 over 2 ranks" in ranks[1]["fsdp_once"]["layout"]
     assert "DDP over 2 ranks" in ranks[1]["ddp_once"]["layout"]
+    # DDP's constructor does not broadcast the whole model again where load_once did
+    assert [r["ddp_once"]["ddp_syncs"] for r in ranks] == [0, 0]
+    assert [r["ddp_every"]["ddp_syncs"] for r in ranks] == [1, 1]
     # rank 0 says what it sent, and that load_in_turns does nothing with load_once (4 models)
     assert outputs[0].count("sent the model") == outputs[0].count("does nothing here") == 4
     assert "does nothing here" not in outputs[1]
