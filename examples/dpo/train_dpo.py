@@ -9,6 +9,7 @@ engine logs progress and evaluations; at the end this prints a summary of the ru
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import chatlearn
@@ -50,6 +51,8 @@ def data_limit(args: chatlearn.Config, key: str) -> int | None:
     only when it is truthy, where 0 here read no eval record and skipped every evaluation
     without a word."""
     value = args.runtime_args.get(key, None)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        value = int(value)  # `"100"`, as the config reads every number written in quotes
     fix = "set it to how many records to read (-1 or unset: all of them)"
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise args.error(f"runtime.{key}", f"{value!r} is not a whole number", fix)

@@ -247,6 +247,20 @@ def test_the_examples_data_limits_must_be_whole_numbers(
     assert "fix: set it to how many records to read (-1 or unset: all of them)" in line
 
 
+def test_the_examples_data_limit_written_in_quotes_is_its_number(tmp_path: Path) -> None:
+    # `training_data_num_limit: "100"` (after ${ENV:default}, say) was "not a whole number",
+    # where every numeric key of the config now reads a number written in quotes
+    from chatlearn.config import load_config
+
+    data_limit = example_function("data_limit")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "models:\n  reference:\n    num_cpu: 1\n  policy_trainer:\n    num_cpu: 1\n"
+        '    trainable: true\nruntime:\n  training_data_num_limit: "100"\n'
+    )
+    assert data_limit(load_config(config), "training_data_num_limit") == 100
+
+
 def test_the_examples_eval_limit_of_0_reads_every_eval_record_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
