@@ -312,7 +312,9 @@ def test_a_full_disk_at_a_save_is_one_line_and_the_rerun_resumes(
     assert "Traceback" not in text, text
     # what the script ended with (the log's "stopping all actors" line may come after it)
     head = f"{trial.checkpoints}: writing the checkpoint of iteration 8 failed: "
-    (line,) = [line for line in text.splitlines() if line.startswith(head)]
+    lines = [line for line in text.splitlines() if line.startswith(head)]
+    assert len(lines) == 1, text  # the run's output when it is not so (seen once under load)
+    (line,) = lines
     assert "No space left on device (" in line and "MiB free of" in line, line
     assert "it resumes from iter_0000004" in line, line
     assert trial.complete() == [4] and not list(trial.checkpoints.glob(".staging-*"))
