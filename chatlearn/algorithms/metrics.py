@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from chatlearn.algorithms.collectives import collective_device
 from chatlearn.algorithms.dpo import METRIC_NAMES, NLL_METRIC
 
 if TYPE_CHECKING:
@@ -90,9 +91,7 @@ class DPOMetrics:
 
         if not (dist.is_available() and dist.is_initialized()):
             return self
-        device = torch.device("cpu")
-        if dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = collective_device(group)
         packed = torch.cat(
             [self.sums, torch.tensor([float(self.num_samples)], dtype=torch.float64)]
         )

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from chatlearn.algorithms.collectives import collective_device
 from chatlearn.algorithms.dpo import PAIR_KEYS
 from chatlearn.algorithms.packing import shared_prompt_length
 
@@ -203,8 +204,7 @@ def max_over_ranks(count: int) -> int:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return count
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([count], dtype=torch.long, device=device)
+    value = torch.tensor([count], dtype=torch.long, device=collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return int(value.item())
 

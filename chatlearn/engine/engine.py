@@ -1177,6 +1177,7 @@ def _warn_small_shares(config: Any, reference: str) -> None:
     samples = config.runtime_args.sample_per_episode
     if size is None or replicas * size <= samples:
         return
+    share = samples // replicas
     logger.warning(
         "%s: runtime.sample_per_episode: %d samples an episode over the %d replicas of model "
         "%r give each %d, so its forward_step runs %d rows, not its generation_batch_size %d "
@@ -1186,11 +1187,11 @@ def _warn_small_shares(config: Any, reference: str) -> None:
         samples,
         replicas,
         reference,
-        samples // replicas,
-        samples // replicas,
+        share,
+        share,
         size,
         replicas * size,
-        samples // replicas,
+        share,
     )
 
 

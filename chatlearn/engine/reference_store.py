@@ -70,6 +70,8 @@ def fingerprint(module: Any) -> str:
     the fingerprint hashes their names, dtypes, shapes and digests in order."""
     import torch
 
+    from chatlearn.algorithms.collectives import collective_device
+
     digest = hashlib.blake2b(digest_size=_DIGEST)
     digest.update(f"{type(module).__module__}.{type(module).__qualname__}".encode())
     extras = getattr(module, "reference_store_key", None)
@@ -100,7 +102,7 @@ def fingerprint(module: Any) -> str:
     if dist is None:
         return digest.hexdigest()
     world_size = dist.get_world_size()
-    local = torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8).to(_device(dist))
+    local = torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8).to(collective_device())
     gathered = [torch.empty_like(local) for _ in range(world_size)]
     dist.all_gather(gathered, local)
     combined = hashlib.blake2b(f"{world_size} ranks".encode(), digest_size=_DIGEST)
@@ -259,15 +261,6 @@ def _replica_group() -> Any:
     return dist
 
 
-def _device(dist: Any) -> Any:
-    """Where the replica's collectives take their tensors: the GPU for NCCL, else the CPU."""
-    import torch
-
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def sample_key(sample: Any) -> bytes:
     """The key of one dataset row: a digest of its bytes as the codec encodes them."""
     digest = hashlib.blake2b(digest_size=_DIGEST)
@@ -401,6 +394,8 @@ class ReplicaStore:
     def __init__(self, store: ReferenceStore | None) -> None:
         import torch
 
+        from chatlearn.algorithms.collectives import collective_device
+
         dist = _replica_group()
         assert dist is not None, "ReplicaStore is for a replica of several processes"
         self.store = store
@@ -408,7 +403,7 @@ class ReplicaStore:
         # which rank owns the store, and so decides: agreed by the ranks rather than assumed
         # (one sum: how many own one, and the owner's rank when exactly one does)
         owns = int(store is not None)
-        counts = torch.tensor([owns, owns * dist.get_rank()], device=_device(dist))
+        counts = torch.tensor([owns, owns * dist.get_rank()], device=collective_device())
         dist.all_reduce(counts)
         owners, self._owner = (int(count) for count in counts.tolist())
         if owners != 1:
@@ -422,9 +417,11 @@ class ReplicaStore:
         their outputs (the others map them to None: they send nothing)."""
         import torch
 
+        from chatlearn.algorithms.collectives import collective_device
+
         found = self.store.get(keys) if self.store is not None else {}
         hits = [key in found for key in keys]
-        mask = torch.tensor(hits, dtype=torch.uint8).to(_device(self._dist))
+        mask = torch.tensor(hits, dtype=torch.uint8).to(collective_device())
         self._dist.broadcast(mask, src=self._owner)
         if self.store is not None:
             return found

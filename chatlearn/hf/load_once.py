@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from chatlearn.algorithms.collectives import collective_device
 from chatlearn.config.errors import ConfigError
 
 
@@ -92,7 +93,7 @@ class LoadOnce:
         if not (self.active and self._pending):
             return
         self._wait_for_rank_0()  # its checkpoint read
-        device = _comm_device()
+        device = collective_device()
         mine = [[name, list(t.shape), str(t.dtype)] for name, t in _tensors(model)]
         size = torch.tensor([0], dtype=torch.int64, device=device)
         if self.rank == 0:
@@ -129,7 +130,7 @@ class LoadOnce:
         if not (self.active and self._pending):
             return
         self._wait_for_rank_0()  # its logits check, a forward of the whole model
-        verdict = torch.tensor([1 if network.full_logits else 0], device=_comm_device())
+        verdict = torch.tensor([1 if network.full_logits else 0], device=collective_device())
         dist.broadcast(verdict, 0)
         if self.rank != 0 and int(verdict[0]):
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -162,7 +163,7 @@ class LoadOnce:
             with _swapping_params():  # to_empty keeps each Parameter object: tied stay tied
                 network.to_empty(device=device)
         started, sent = time.perf_counter(), 0
-        comm = _comm_device()
+        comm = collective_device()
         with torch.no_grad():
             for key, local in _tensors(network):
                 if self.rank == 0:
@@ -273,14 +274,6 @@ def _keep_part(local: torch.Tensor, full: torch.Tensor) -> None:
         local.to_local().copy_(whole.redistribute(mesh, local.placements).to_local())
     else:
         local.copy_(full)
-
-
-def _comm_device() -> torch.device:
-    import torch.distributed as dist
-
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 @contextlib.contextmanager

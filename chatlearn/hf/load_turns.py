@@ -207,6 +207,8 @@ class LoadTurns:
         import torch
         import torch.distributed as dist
 
+        from chatlearn.algorithms.collectives import collective_device
+
         setting = model_args.get("load_in_turns")
         model_path = model_args.get("model_path")
         if not (dist.is_available() and dist.is_initialized()) or not model_path:
@@ -223,8 +225,7 @@ class LoadTurns:
             available_memory(),
             checkpoint_bytes(model_path, model_args.get("dtype")),
         ]
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        local = torch.tensor(mine, dtype=torch.int64, device=device)
+        local = torch.tensor(mine, dtype=torch.int64, device=collective_device())
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, local)
         peers = [(str(h), a, b) for h, a, b in (t.tolist() for t in gathered)]

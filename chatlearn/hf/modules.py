@@ -101,6 +101,7 @@ import torch
 from chatlearn.actors.module import TorchModule, setup_allowance
 from chatlearn.actors.placement import ModelResources
 from chatlearn.algorithms import DPOMetrics, accumulation_loss, compute_dpo, concatenated_logps
+from chatlearn.algorithms.collectives import collective_device
 from chatlearn.algorithms.dpo import (
     PAIR_KEYS,
     REF_CHOSEN_KEY,
@@ -219,7 +220,7 @@ class _HFModule(TorchModule):
         # a time. Moved to the GPU whole, a model larger than one GPU could not be sharded.
         gpu = None
         if torch.cuda.is_available() and not empty and not (layout is not None and layout.sharded):
-            gpu = torch.device("cuda", torch.cuda.current_device())
+            gpu = _this_device()
         with located_errors(self.model_args):  # a checkpoint from_pretrained cannot load
             # a checkpoint's weights read straight onto the GPU (no copy in host memory)
             model = causal_lm_from_args(self.model_args, self.tokenizer, empty=empty, device=gpu)
@@ -274,11 +275,7 @@ class _HFModule(TorchModule):
                 )
         # rank 0's weights (load_once), taken before the layout shards them
         sources = self._load_once.sources(network)
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if torch.cuda.is_available()
-            else torch.device("cpu")
-        )
+        device = _this_device()
         # every rank holds rank 0's tensors before DDP's constructor, which need not send them
         in_sync = self._load_once.pending
         if not self.layout.sharded:
@@ -755,12 +752,18 @@ def _pair_tensors(data: dict[str, Any]) -> dict[str, torch.Tensor]:
     }
 
 
+def _this_device() -> torch.device:
+    """This process's GPU, else the CPU: where its model computes."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _token_metrics(tokens: torch.Tensor) -> dict[str, float]:
     """The step's real and computed tokens summed over the data-parallel ranks."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        tokens = tokens.to(device)
+        tokens = tokens.to(collective_device())
         dist.all_reduce(tokens)
     real, computed = tokens.tolist()
     return {"tokens/real": real, "tokens/computed": computed}
@@ -768,10 +771,9 @@ def _token_metrics(tokens: torch.Tensor) -> dict[str, float]:
 
 def _gather_rows(local: torch.Tensor, share: int, rows: int, world: int) -> torch.Tensor:
     """Rank r's rows [r·share, (r+1)·share) of a [rows] tensor, all-gathered (padded to share)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    padded = torch.zeros(share, dtype=local.dtype, device=device)
+    padded = torch.zeros(share, dtype=local.dtype, device=collective_device())
     mine = min(share, max(0, rows - torch.distributed.get_rank() * share))
-    padded[:mine] = local[:mine].to(device)
+    padded[:mine] = local[:mine].to(padded.device)
     parts = [torch.empty_like(padded) for _ in range(world)]
     torch.distributed.all_gather(parts, padded)
     return torch.cat(parts)[:rows].cpu()

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from chatlearn.algorithms.collectives import collective_device
 from chatlearn.algorithms.dpo import (
     PairLogps,
     accumulation_loss,
@@ -143,7 +144,7 @@ def dpo_train_step(
     dp_group = mpu.get_data_parallel_group()
     dp_size = mpu.get_data_parallel_world_size()
     num_local = sum(int(mb["chosen_input_ids"].shape[0]) for mb in micro_batches)
-    num_global = torch.tensor([num_local], dtype=torch.int64, device=_reduce_device())
+    num_global = torch.tensor([num_local], dtype=torch.int64, device=collective_device())
     if dp_size > 1:
         torch.distributed.all_reduce(num_global, group=dp_group)
 
@@ -172,9 +173,3 @@ def dpo_train_step(
         metrics.update(out)
     optimizer.step()
     return metrics.all_reduce(group=dp_group).compute()
-
-
-def _reduce_device() -> torch.device:
-    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
