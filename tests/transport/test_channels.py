@@ -343,7 +343,16 @@ async def test_ipc_data_senders_get_large_send_buffers_on_every_connection(
     with DataSender(endpoint, hwm=2) as sender:
         for _ in range(2):  # the second receiver: the sender reconnects, to a new connection
             with DataReceiver(endpoint, hwm=2) as receiver:
-                for _ in range(3):
+                # until the sender has seen the first receiver go, what it sends may go down
+                # the connection just closed, and be lost (libzmq): sent again until one arrives
+                for _ in range(20):
+                    await sender.send({"x": torch.ones(300_000)})
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(receiver.recv(), 1.5)
+                        break
+                else:
+                    pytest.fail("20 messages sent, none reached the new receiver")
+                for _ in range(2):
                     await sender.send({"x": torch.ones(300_000)})
                     await asyncio.wait_for(receiver.recv(), 30)
                 await wait_until(lambda: _send_buffers_to(path) == [expected])
