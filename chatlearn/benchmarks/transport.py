@@ -29,7 +29,10 @@ move between the cores, and one round's rates differ from the next by tens of pe
 Each figure is the median of ``--repeat`` rounds; a round measures every mode back to back (in
 alternating order), and ours/raw is the median of the rounds' own ratios, so that the machine's
 drift (tens of percent on a shared VM) hits both sides of a ratio alike. GB/s are 10^9 bytes of
-payload per second measured at the receiver, after a warm-up.
+payload per second measured at the receiver, after a warm-up. Before the rounds of a size, one
+untimed pass runs every mode once (`Row.warmup_gbps`): the first mode measured at a new size ran
+at 0.6-0.8x its later rounds' rate (both processes' allocators and page tables meeting the new
+size), and the first mode of the first round was always ours.
 
 The control round trip is a 100-byte PING request through `ControlServer.request` to the peer's
 `ControlClient` and back; beside it, the same round trip over blocking pyzmq DEALER sockets (no
@@ -171,6 +174,8 @@ class Row:
     ratio_runs: list[float] = field(default_factory=list)
     codec_ratio_runs: list[float] = field(default_factory=list)
     runs_gbps: dict[str, list[float]] = field(default_factory=dict)
+    # the untimed pass of every mode before the rounds (see the module doc), GB/s per mode
+    warmup_gbps: dict[str, float] = field(default_factory=dict)
 
 
 def message_counts(size: int, quick: bool) -> tuple[int, int]:
@@ -608,13 +613,17 @@ async def bench_size(bench: Bench, kind: str, size: int, quick: bool, repeat: in
     """
     warmup, count = message_counts(size, quick)
     modes = MODES if PICKLE_BASELINE.is_file() else tuple(m for m in MODES if m != "pickle")
+    # pickle is slow on big payloads; fewer messages give the same figure
+    counts = {mode: count if mode != "pickle" else max(4, count // 4) for mode in modes}
+    warmup_rates = {
+        mode: counts[mode] / await bench.throughput(mode, size, warmup, counts[mode])
+        for mode in modes
+    }
     runs: dict[str, list[float]] = {mode: [] for mode in modes}
     for round_ in range(repeat):
         for mode in modes if round_ % 2 == 0 else modes[::-1]:
-            # pickle is slow on big payloads; fewer messages give the same figure
-            n = count if mode != "pickle" else max(4, count // 4)
-            elapsed = await bench.throughput(mode, size, warmup, n)
-            runs[mode].append(n / elapsed)
+            elapsed = await bench.throughput(mode, size, warmup, counts[mode])
+            runs[mode].append(counts[mode] / elapsed)
     rates = {mode: statistics.median(values) for mode, values in runs.items()}
     row = Row(size_bytes=size, endpoint=kind)
     for mode in modes:
@@ -628,6 +637,7 @@ async def bench_size(bench: Bench, kind: str, size: int, quick: bool, repeat: in
     row.runs_gbps = {
         mode: [round(r * size / 1e9, 3) for r in values] for mode, values in runs.items()
     }
+    row.warmup_gbps = {mode: round(rate * size / 1e9, 3) for mode, rate in warmup_rates.items()}
     return row
 
 

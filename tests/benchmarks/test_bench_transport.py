@@ -41,6 +41,9 @@ def test_bench_transport_json_has_every_figure():
     for row in rows:
         for key in ("ours_gbps", "raw_gbps", "codec_gbps", "pickle_gbps", "memcpy_gbps"):
             assert row[key] > 0, (key, row)
+        # every mode's untimed pass before the rounds, kept apart from them
+        assert set(row["warmup_gbps"]) == {"ours", "raw", "codec", "pickle"}, row
+        assert all(gbps > 0 for gbps in row["warmup_gbps"].values()), row
         # one round (--quick): the ratio is that round's; msg/s are rounded to 0.1, so at
         # 128 MiB (about 8 msg/s, fewer on a busy machine) the ratio of the two is off by
         # up to 0.05 / msg/s of each (`_rounding`)
