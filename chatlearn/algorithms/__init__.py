@@ -21,7 +21,6 @@ from chatlearn.algorithms.dpo import (
     dpo_loss,
     nll_loss,
     reference_outputs,
-    sequence_logps,
     split_pairs,
 )
 from chatlearn.algorithms.logps import (
@@ -29,6 +28,7 @@ from chatlearn.algorithms.logps import (
     SequenceLogps,
     chunked_sequence_logps,
     scored_logps,
+    sequence_logps,
 )
 from chatlearn.algorithms.metrics import DPOMetrics
 from chatlearn.algorithms.packing import Packed, pack_pairs, pack_sequences, real_tokens

@@ -38,7 +38,15 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from chatlearn.algorithms.packing import SEGMENT_ATTENTION, Packed, pack_pairs, real_tokens
+from chatlearn.algorithms.logps import scored_logps, sequence_logps
+from chatlearn.algorithms.packing import (
+    PAIR_KEYS,
+    SEGMENT_ATTENTION,
+    Packed,
+    pack_pairs,
+    real_tokens,
+)
+from chatlearn.algorithms.token_budget import split_batch
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -54,7 +62,6 @@ METRIC_NAMES = (
 )
 NLL_METRIC = "nll_loss"
 
-PAIR_KEYS = ("input_ids", "attention_mask", "loss_mask")
 REF_CHOSEN_KEY = "ref_chosen_logps"
 REF_REJECTED_KEY = "ref_rejected_logps"
 
@@ -118,29 +125,6 @@ def _right_pad(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
     if x.shape[1] == length:
         return x
     return F.pad(x, (0, length - x.shape[1]), value=value)
-
-
-def sequence_logps(
-    logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of log p(token t | tokens < t) over positions where loss_mask is 1, and their count.
-
-    logits: [N, L, V] from a causal LM over input_ids [N, L]. Computed in float32 whatever the
-    model dtype (float64 stays float64), as gather minus logsumexp, so no [N, L, V] log-softmax
-    tensor is kept.
-    """
-    if logits.shape[:2] != input_ids.shape or loss_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"shape mismatch: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, "
-            f"loss_mask {tuple(loss_mask.shape)}"
-        )
-    # the logit at position t - 1 predicts token t: the first token is never scored
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    targets = input_ids[:, 1:]
-    mask = loss_mask[:, 1:].to(logits.dtype)
-    token_logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1)
-    token_logps = token_logps - torch.logsumexp(logits, dim=-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
 def concatenated_logps(
@@ -232,8 +216,6 @@ def _packed_logps(
             inputs["packed_segments"] = packed.segments
         output = model(**inputs)
         logits = output if isinstance(output, torch.Tensor) else output.logits
-        from chatlearn.algorithms.logps import scored_logps  # logps imports this module
-
         logps, num_tokens = scored_logps(None, logits, packed)
     chosen, rejected = split_pairs(logps)
     chosen_num, rejected_num = split_pairs(num_tokens)
@@ -309,8 +291,6 @@ def reference_outputs(
     if max_tokens_per_micro_batch is None:
         parts = [(list(range(rows)), batch)]
     else:
-        from chatlearn.algorithms.token_budget import split_batch  # it imports this module
-
         parts = split_batch(
             batch,
             max_tokens_per_micro_batch,

@@ -37,7 +37,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from chatlearn.algorithms.dpo import sequence_logps
 from chatlearn.algorithms.packing import Packed
 
 # Response tokens per chunk: 512 × 152k (Qwen2.5's vocabulary) × 4 bytes ≈ 0.3 GB of logits.
@@ -88,6 +87,29 @@ def logit_map(model: Any) -> LogitMap | None:
         scale /= float(divisor)
     softcap = float(softcap) if isinstance(softcap, numbers.Real) else None
     return None if scale == 1.0 and softcap is None else LogitMap(scale, softcap)
+
+
+def sequence_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log p(token t | tokens < t) over positions where loss_mask is 1, and their count.
+
+    logits: [N, L, V] from a causal LM over input_ids [N, L]. Computed in float32 whatever the
+    model dtype (float64 stays float64), as gather minus logsumexp, so no [N, L, V] log-softmax
+    tensor is kept.
+    """
+    if logits.shape[:2] != input_ids.shape or loss_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"shape mismatch: logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)}, "
+            f"loss_mask {tuple(loss_mask.shape)}"
+        )
+    # the logit at position t - 1 predicts token t: the first token is never scored
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    targets = input_ids[:, 1:]
+    mask = loss_mask[:, 1:].to(logits.dtype)
+    token_logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1)
+    token_logps = token_logps - torch.logsumexp(logits, dim=-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
 def chunked_sequence_logps(

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# The tensors of each side of a preference pair in a batch: chosen_<key> and rejected_<key>
+PAIR_KEYS = ("input_ids", "attention_mask", "loss_mask")
 MASK_FORMATS = ("bool", "additive", "segments")
 # The attention implementation name under which a model attends by segments (the Hugging Face
 # adapter is chatlearn/hf/packing.py; models report it as `config._attn_implementation`)

@@ -32,8 +32,7 @@ from typing import Any
 import torch
 
 from chatlearn.algorithms.collectives import collective_device
-from chatlearn.algorithms.dpo import PAIR_KEYS
-from chatlearn.algorithms.packing import shared_prompt_length
+from chatlearn.algorithms.packing import PAIR_KEYS, shared_prompt_length
 
 SIDES = ("chosen", "rejected")
 

@@ -102,13 +102,9 @@ from chatlearn.actors.module import TorchModule, setup_allowance
 from chatlearn.actors.placement import ModelResources
 from chatlearn.algorithms import DPOMetrics, accumulation_loss, compute_dpo, concatenated_logps
 from chatlearn.algorithms.collectives import collective_device
-from chatlearn.algorithms.dpo import (
-    PAIR_KEYS,
-    REF_CHOSEN_KEY,
-    REF_REJECTED_KEY,
-    reference_outputs,
-)
+from chatlearn.algorithms.dpo import REF_CHOSEN_KEY, REF_REJECTED_KEY, reference_outputs
 from chatlearn.algorithms.logps import DEFAULT_CHUNK_SIZE, SequenceLogps
+from chatlearn.algorithms.packing import PAIR_KEYS
 from chatlearn.algorithms.token_budget import max_over_ranks, regroup_step
 from chatlearn.config.errors import ConfigError
 from chatlearn.hf.checkpoint import export_hf, full_state_dict, load_sharded, save_sharded

@@ -50,7 +50,7 @@ __all__ = [
 def vocab_parallel_sequence_logps(
     logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`chatlearn.algorithms.dpo.sequence_logps` for vocab-parallel logits [N, L, V / tp].
+    """`chatlearn.algorithms.logps.sequence_logps` for vocab-parallel logits [N, L, V / tp].
 
     Returns (sum of log p(token t | tokens < t) where loss_mask[t] == 1, number of such tokens),
     each [N], identical on every tensor-parallel rank. Computed in float32 at least.

@@ -6,7 +6,7 @@ the example's modules (examples/megatron/models.py) the way the engine will: ref
 the tests check as JSON to `--out`:
 
 - world size 1: TP=1 training, plus single-process checks (compat idempotence, explicit vs
-  default attention mask, vocab-parallel log-probs vs chatlearn.algorithms.dpo.sequence_logps).
+  default attention mask, vocab-parallel log-probs vs chatlearn.algorithms.logps.sequence_logps).
 - world size 2: rank layouts for (tp, pp) in (1, 2), (2, 1), (1, 1); TP=2 training with the
   same log-prob check on gathered logits; then DP=2 training (each rank half the micro-batches).
 
@@ -109,7 +109,8 @@ def logps_check(model: Any, batch: dict[str, Any]) -> float:
     """Max |vocab-parallel log-probs - sequence_logps(all-gathered logits)| on one batch."""
     from megatron.core import parallel_state as mpu
 
-    from chatlearn.algorithms.dpo import concatenate_pairs, sequence_logps
+    from chatlearn.algorithms.dpo import concatenate_pairs
+    from chatlearn.algorithms.logps import sequence_logps
     from chatlearn.megatron.dpo import vocab_parallel_sequence_logps
     from chatlearn.megatron.gpt import gpt_logits
 
