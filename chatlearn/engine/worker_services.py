@@ -237,7 +237,7 @@ class ReferenceService(_EpisodeHooks):
         for endpoint in order.endpoints:
             sender = kept.pop(endpoint, None)
             if sender is None:
-                # on the process's sending context (transport/sockets.py), not the actor's
+                # on the process's sending context (transport/contexts.py), not the actor's
                 sender = DataSender(endpoint, bind=False, hwm=order.hwm)
             senders.append(sender)
         for sender in kept.values():

@@ -4,7 +4,7 @@
 payloads in typed control envelopes; `channels` carries them (ROUTER/DEALER for control,
 PUSH/PULL for data); `endpoints` says where sockets live; `loop` gives the uvloop event loop;
 `allocator` keeps received messages out of fresh pages (glibc's malloc thresholds);
-`sockets.process_context` is the process's ZeroMQ context, `sockets.sending_context` the data
+`contexts.process_context` is the process's ZeroMQ context, `contexts.sending_context` the data
 senders' (its I/O thread batched).
 Importing this package does not import torch (see codec.py).
 
@@ -29,6 +29,11 @@ from chatlearn.transport.codec import (
     Limits,
     decode,
     encode,
+)
+from chatlearn.transport.contexts import (
+    existing_sending_context,
+    process_context,
+    sending_context,
 )
 from chatlearn.transport.endpoints import RuntimeDir, tcp_endpoint
 from chatlearn.transport.errors import (
@@ -58,11 +63,6 @@ from chatlearn.transport.messages import (
     decode_message,
     encode_message,
     error_message,
-)
-from chatlearn.transport.sockets import (
-    existing_sending_context,
-    process_context,
-    sending_context,
 )
 
 __all__ = [

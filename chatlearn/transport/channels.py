@@ -30,8 +30,8 @@ even within the linger (libzmq #4660 / pyzmq #1934, reproduced here): close a se
 the receiver has confirmed what it needs (the engine's credits do exactly that).
 
 Sockets come from a `zmq.asyncio.Context` unless one is given: a connecting `DataSender`'s from
-`sockets.sending_context` (its I/O thread batched), every other's from the process-wide instance
-(`sockets.process_context`); they are driven by `sockets.AsyncSocket`. All channels of a
+`contexts.sending_context` (its I/O thread batched), every other's from the process-wide instance
+(`contexts.process_context`); they are driven by `sockets.AsyncSocket`. All channels of a
 process must be used from one event loop; `close()` is synchronous so it can run in ``finally``
 blocks.
 """
@@ -58,6 +58,7 @@ from chatlearn.transport.codec import (
     decode_steps,
     encode,
 )
+from chatlearn.transport.contexts import sending_context
 from chatlearn.transport.errors import (
     ChannelClosedError,
     DecodeError,
@@ -73,7 +74,7 @@ from chatlearn.transport.messages import (
     encode_message,
 )
 from chatlearn.transport.security import peer_name
-from chatlearn.transport.sockets import AsyncSocket, sending_context
+from chatlearn.transport.sockets import AsyncSocket
 
 log = logging.getLogger(__name__)
 

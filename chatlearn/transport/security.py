@@ -36,6 +36,8 @@ from typing import Any
 import zmq
 from zmq.utils import z85
 
+from chatlearn.transport.contexts import async_context
+
 __all__ = [
     "RunSecurity",
     "TcpSecurity",
@@ -248,8 +250,6 @@ def configure_tcp_security(
 def _sync_zap(context: zmq.Context | None) -> None:
     global _zap
     if _state.runs and _zap is None:
-        from chatlearn.transport.sockets import async_context
-
         _zap = _ZapHandler(async_context(context))
     elif not _state.runs and _zap is not None:
         _zap.stop()

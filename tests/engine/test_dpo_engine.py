@@ -403,7 +403,7 @@ async def test_chunks_larger_than_the_window_still_feed_every_step(tmp_path: Pat
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="a Linux scheduling policy")
 async def test_only_the_data_senders_io_thread_runs_batched(tmp_path: Path) -> None:
-    # transport/sockets.py: the reference's outputs leave through a context whose I/O thread
+    # transport/contexts.py: the reference's outputs leave through a context whose I/O thread
     # waits for the sender to block; receiving and the control plane keep the default policy
     # (the last records: a new I/O thread shows up named, with its policy, a moment after the
     # socket that starts it)

@@ -91,7 +91,7 @@ def test_a_policy_chosen_for_the_context_is_kept():
         """
         import zmq
         from chatlearn.transport import DataSender
-        from chatlearn.transport.sockets import batch_io_threads
+        from chatlearn.transport.contexts import batch_io_threads
         context = zmq.Context()
         context.set(zmq.THREAD_SCHED_POLICY, os.SCHED_OTHER)
         batch_io_threads(context)
