@@ -51,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib.util
 import json
 import os
 import socket
@@ -61,12 +60,20 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import click
 
-from chatlearn.benchmarks.transport_peer import pin_threads, raw_socket
+from chatlearn.benchmarks.transport_peer import (
+    PICKLE_BASELINE,
+    RECV_TIMEOUT,
+    STOP_SLICE,
+    pickle_baseline,
+    pin_threads,
+    raw_socket,
+    recv_exactly,
+    waited_slice,
+)
 from chatlearn.transport import (
     ControlServer,
     DataReceiver,
@@ -87,28 +94,6 @@ MODES = ("ours", "raw", "codec", "pickle")
 BENCH_HWM = 4
 RTT_PAYLOAD = b"x" * 100
 PEER_START_TIMEOUT = 120.0
-# No single measurement may take longer than this: a stall is an error, not a hang.
-RECV_TIMEOUT = 300.0
-# The blocking receivers (run in worker threads) wait in slices this long and look at their stop
-# flag in between: waiting out RECV_TIMEOUT at once kept a Ctrl-C'd benchmark alive for up to
-# 5 minutes (the event loop's shutdown waits for its worker threads). A slice ends a blocking
-# call only when nothing arrives: messages flowing pay nothing for it.
-STOP_SLICE = 0.1
-
-
-class BenchStopped(Exception):
-    """A blocking receiver saw its stop flag: the benchmark is being interrupted."""
-
-
-def _waited(waited: float, stop: threading.Event) -> float:
-    """One more slice waited for a message: raises once ``stop`` is set or the wait reaches
-    RECV_TIMEOUT (a stall is an error, not a hang)."""
-    if stop.is_set():
-        raise BenchStopped
-    waited += STOP_SLICE
-    if waited >= RECV_TIMEOUT:
-        raise TimeoutError(f"no message from the benchmark peer for {RECV_TIMEOUT:.0f} s")
-    return waited
 
 
 def _end_thread(task: asyncio.Future[Any], stop: threading.Event) -> None:
@@ -150,7 +135,7 @@ class _Sliced:
             try:
                 return call(*args, **kwargs)
             except zmq.Again:
-                waited = _waited(waited, self.stop)
+                waited = waited_slice(waited, self.stop)
 
 
 @dataclass
@@ -200,23 +185,6 @@ def memcpy_gbps(size: int, min_seconds: float = 0.2) -> float:
             return num_copies * size / elapsed / 1e9
 
 
-# The naive pickle baseline lives outside the package (which never imports pickle): in a source
-# checkout, benchmarks/pickle_baseline.py at the repository root.
-PICKLE_BASELINE = Path(__file__).resolve().parents[2] / "benchmarks" / "pickle_baseline.py"
-
-
-@functools.lru_cache(maxsize=1)
-def pickle_baseline() -> Any:
-    """The pickle baseline module (loaded once), or None when this is not a source checkout."""
-    if not PICKLE_BASELINE.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("chatlearn_pickle_baseline", PICKLE_BASELINE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _receive_n(sock: Any, count: int, stop: threading.Event, decoding: bool) -> None:
     """Receive `count` messages (and decode them if `decoding`), calling the socket itself in
     the loop: raw pyzmq is the baseline, and a wrapper's call per message (`_Sliced`) would be
@@ -237,7 +205,7 @@ def _receive_n(sock: Any, count: int, stop: threading.Event, decoding: bool) -> 
             remaining = 0
         except zmq.Again:  # message i never came within the slice
             remaining -= i
-            waited = _waited(0.0 if i else waited, stop)  # the limit is per message
+            waited = waited_slice(0.0 if i else waited, stop)  # the limit is per message
 
 
 def _receive_blocking(
@@ -312,26 +280,6 @@ def _stream_round_trips_blocking(
         if i >= warmup:
             samples.append((time.perf_counter_ns() - started) / 1000)
     return samples
-
-
-def recv_exactly(conn: socket.socket, size: int, stop: threading.Event | None = None) -> bytes:
-    """``size`` bytes from ``conn``; with ``stop``, ``conn`` has a timeout of STOP_SLICE and the
-    wait ends when ``stop`` is set (`BenchStopped`) or after RECV_TIMEOUT."""
-    data = b""
-    waited = 0.0
-    while len(data) < size:
-        if stop is None:
-            chunk = conn.recv(size - len(data))
-        else:
-            try:
-                chunk = conn.recv(size - len(data))
-            except TimeoutError:
-                waited = _waited(waited, stop)
-                continue
-        if not chunk:
-            raise ConnectionError("the echoing peer closed the stream")
-        data += chunk
-    return data
 
 
 async def _stream_round_trips_async(conn: socket.socket, warmup: int, count: int) -> list[float]:

@@ -15,16 +15,24 @@ Run as ``python -m chatlearn.benchmarks.transport_peer CONTROL_ENDPOINT [CORE]``
 - CALL ``{"mode": "stream-echo", "endpoint", "count", "size", "blocking"}``: connects to the unix
   stream socket at path ``endpoint`` and echoes ``count`` messages of ``size`` bytes, with
   blocking calls or on the event loop (the machine's round-trip floors).
+
+It also holds what both processes use (the benchmark imports it from here): the plain sockets
+of the baselines, the pinning, the blocking receives that wait in stop-aware slices, and the
+pickle baseline's loader.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import importlib.util
 import os
 import signal
 import socket
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -44,6 +52,66 @@ from chatlearn.transport import (
 from chatlearn.transport.sockets import enlarge_send_buffer, monitor_connections, new_connections
 
 PEER_IDENTITY = b"bench-peer"
+
+# No single measurement may take longer than this: a stall is an error, not a hang.
+RECV_TIMEOUT = 300.0
+# The blocking receivers (run in worker threads) wait in slices this long and look at their stop
+# flag in between: waiting out RECV_TIMEOUT at once kept a Ctrl-C'd benchmark alive for up to
+# 5 minutes (the event loop's shutdown waits for its worker threads). A slice ends a blocking
+# call only when nothing arrives: messages flowing pay nothing for it.
+STOP_SLICE = 0.1
+
+
+class BenchStopped(Exception):
+    """A blocking receiver saw its stop flag: the benchmark is being interrupted."""
+
+
+def waited_slice(waited: float, stop: threading.Event) -> float:
+    """One more slice waited for a message: raises once ``stop`` is set or the wait reaches
+    RECV_TIMEOUT (a stall is an error, not a hang)."""
+    if stop.is_set():
+        raise BenchStopped
+    waited += STOP_SLICE
+    if waited >= RECV_TIMEOUT:
+        raise TimeoutError(f"no message from the benchmark peer for {RECV_TIMEOUT:.0f} s")
+    return waited
+
+
+# The naive pickle baseline lives outside the package (which never imports pickle): in a source
+# checkout, benchmarks/pickle_baseline.py at the repository root.
+PICKLE_BASELINE = Path(__file__).resolve().parents[2] / "benchmarks" / "pickle_baseline.py"
+
+
+@functools.lru_cache(maxsize=1)
+def pickle_baseline() -> Any:
+    """The pickle baseline module (loaded once), or None when this is not a source checkout."""
+    if not PICKLE_BASELINE.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("chatlearn_pickle_baseline", PICKLE_BASELINE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def recv_exactly(conn: socket.socket, size: int, stop: threading.Event | None = None) -> bytes:
+    """``size`` bytes from ``conn``; with ``stop``, ``conn`` has a timeout of STOP_SLICE and the
+    wait ends when ``stop`` is set (`BenchStopped`) or after RECV_TIMEOUT."""
+    data = b""
+    waited = 0.0
+    while len(data) < size:
+        if stop is None:
+            chunk = conn.recv(size - len(data))
+        else:
+            try:
+                chunk = conn.recv(size - len(data))
+            except TimeoutError:
+                waited = waited_slice(waited, stop)
+                continue
+        if not chunk:
+            raise ConnectionError("the echoing peer closed the stream")
+        data += chunk
+    return data
 
 
 class Sender:
@@ -98,8 +166,6 @@ class Sender:
             for _ in range(count):
                 sock.send_multipart(encode(payload), copy=False)
         elif mode == "pickle":
-            from chatlearn.benchmarks.transport import pickle_baseline
-
             pickle_baseline().send_pickled(sock, {"x": tensor}, count)
         else:
             raise ValueError(f"unknown mode {mode!r}")
@@ -122,8 +188,6 @@ def _echo(endpoint: str, count: int) -> int:
 async def _stream_echo(order: dict[str, Any]) -> int:
     count, size = order["count"], order["size"]
     if order["blocking"]:
-        from chatlearn.benchmarks.transport import recv_exactly
-
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(60)  # the benchmark side failed: give up, don't hang
             sock.connect(order["endpoint"])
