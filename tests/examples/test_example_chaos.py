@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from chatlearn.chaos import ChaosPlan, compare_runs, run_command
+from chatlearn.chaos import ChaosPlan, compare_runs, find_actors, run_command
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).resolve().parent / "chaos.yaml"  # two reference replicas, hang in 2 s
@@ -38,6 +38,12 @@ PLAN = ChaosPlan(
     warmup=2.0,
     min_age=1.0,
 )
+
+# The sharded example as users run it: both models FSDP2 over two processes, each model's rank 0
+# reading or building it and sending it to the other (load_once), its policy's default of 3
+# restarts per model, a checkpoint every episode.
+FSDP_ARGV = [sys.executable, str(SCRIPT), "-c", str(ROOT / "examples" / "dpo" / "dpo_fsdp.yaml")]
+FSDP_SETTINGS = {**SETTINGS, "SAVE_EPISODE_INTERVAL": "1"}
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -128,6 +134,72 @@ def test_the_example_heals_from_kills_and_hangs_and_ends_bit_identical(tmp_path:
         assert _leftovers(runtime_base) == []
         assert list(runtime_base.iterdir()) == [], "ipc files left behind"
     finally:
+        for line in _leftovers(runtime_base):
+            os.kill(int(line.split(":")[0]), 9)
+        shutil.rmtree(runtime_base, ignore_errors=True)
+
+
+def _kill_a_rank_of_each_model(output: Path, done: threading.Event) -> list[str]:
+    """Once the run's first checkpoint exists (training under way), SIGKILL the trainer's rank 1
+    and the reference's rank 0 at once (as a lost host would); returns their labels."""
+    killed: list[str] = []
+
+    def run() -> None:
+        deadline = time.monotonic() + 300
+        while not done.is_set() and time.monotonic() < deadline:
+            if any(output.glob("*/checkpoints/iter_*")):
+                break
+            time.sleep(0.05)
+        else:
+            return
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if str(SCRIPT) in (proc.info["cmdline"] or []):
+                    if proc.environ().get("OUTPUT_DIR") == str(output):
+                        break
+            except psutil.Error:
+                continue
+        else:
+            return
+        for actor in find_actors(proc.pid):
+            if (actor.model, actor.rank) in (("policy_trainer", 1), ("reference", 0)):
+                os.kill(actor.pid, signal.SIGKILL)
+                killed.append(actor.label)
+
+    threading.Thread(target=run, daemon=True).start()
+    return killed
+
+
+def test_the_sharded_example_heals_from_a_killed_rank_of_each_model(tmp_path: Path) -> None:
+    # A lost rank restarts its whole unit: each model's rank 0 sends its weights to the other
+    # again, and the trainer's ranks load the sharded checkpoint (torch.distributed.checkpoint)
+    runtime_base = Path(tempfile.mkdtemp(prefix="clc-", dir="/tmp"))  # short: ipc path limit
+    env = {**os.environ, **FSDP_SETTINGS, "XDG_RUNTIME_DIR": str(runtime_base)}
+    done = threading.Event()
+    try:
+        for name in ("baseline", "chaos"):
+            killed = _kill_a_rank_of_each_model(tmp_path / name, done) if name == "chaos" else []
+            run = run_command(
+                FSDP_ARGV,
+                env={**env, "OUTPUT_DIR": str(tmp_path / name)},
+                timeout=240,
+                log=tmp_path / f"{name}.log",
+                name=name,
+            )
+            text = (tmp_path / f"{name}.log").read_text()
+            assert run.exit_code == 0, text[-4000:]
+        assert sorted(killed) == ["policy_trainer.0.1", "reference.0.0"], text[-4000:]
+        assert "restarting model 'reference' replica 0" in text, text[-4000:]
+        assert "restarting model 'policy_trainer' all its processes" in text, text[-4000:]
+        assert "restarts from checkpoint iter_" in text, text[-4000:]
+        # each model's rank 0 sent its weights at the start, and again after its restart
+        assert text.count("sent the model") == 4, text[-4000:]
+        comparison = compare_runs(tmp_path / "baseline", tmp_path / "chaos")
+        assert comparison.ok, "\n".join(comparison.lines())
+        assert run.killed == 0, "the run left processes in its process group"
+        assert _leftovers(runtime_base) == []
+    finally:
+        done.set()
         for line in _leftovers(runtime_base):
             os.kill(int(line.split(":")[0]), 9)
         shutil.rmtree(runtime_base, ignore_errors=True)
