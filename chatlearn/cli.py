@@ -53,7 +53,7 @@ class _RootGroup(_LazyGroup):
 @click.group(
     cls=_RootGroup,
     lazy={
-        "chaos": "chatlearn.chaos:command",
+        "chaos": "chatlearn.chaos.cli:command",
         "inspect": "chatlearn.engine.inspect_cli:command",
         "gpu-check": "chatlearn.gpu_check:command",
         "launch": "chatlearn.launch.cli:command",

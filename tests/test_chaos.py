@@ -1,4 +1,4 @@
-"""The chaos harness (chatlearn/chaos.py): finding a run's actors, the monkey's plan on real
+"""The chaos harness (chatlearn/chaos/): finding a run's actors, the monkey's plan on real
 processes (fake actors: tests/chaos_fake_run.py and chaos_fake_worker.py), the comparison of two
 runs, and the `chatlearn chaos` command."""
 
