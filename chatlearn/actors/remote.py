@@ -248,22 +248,22 @@ def spawn_model(
     rendezvous: dict[int, tuple[str, int]] = {}
     spawned = []
     for number, a in enumerate(assignments):
-        dist_env: dict[str, str] = {}
-        if a.world_size > 1:
-            if a.replica_id not in rendezvous:
-                rendezvous[a.replica_id] = _rendezvous(cluster, assignments, a.replica_id)
-            addr, port = rendezvous[a.replica_id]
-            peers_here = [
-                p for p in assignments if p.replica_id == a.replica_id and p.host == a.host
-            ]
-            dist_env = {
-                "MASTER_ADDR": addr,
-                "MASTER_PORT": str(port),
-                "RANK": str(a.rank),
-                "WORLD_SIZE": str(a.world_size),
-                "LOCAL_RANK": str(a.local_rank),
-                "LOCAL_WORLD_SIZE": str(len(peers_here)),
-            }
+        # Also for a replica of one process (the group is formed only for more): ChatLearn sets
+        # these for every process of a model, and its modules' setup() calls
+        # init_process_group() (env://) or Megatron's/DeepSpeed's init at any world size,
+        # which without them failed with "environment variable RANK expected, but not set".
+        if a.replica_id not in rendezvous:
+            rendezvous[a.replica_id] = _rendezvous(cluster, assignments, a.replica_id)
+        addr, port = rendezvous[a.replica_id]
+        peers_here = [p for p in assignments if p.replica_id == a.replica_id and p.host == a.host]
+        dist_env = {
+            "MASTER_ADDR": addr,
+            "MASTER_PORT": str(port),
+            "RANK": str(a.rank),
+            "WORLD_SIZE": str(a.world_size),
+            "LOCAL_RANK": str(a.local_rank),
+            "LOCAL_WORLD_SIZE": str(len(peers_here)),
+        }
         local = cluster is None or is_local_host(a.host)
         spec = ActorSpec(
             identity=a.identity,

@@ -149,6 +149,22 @@ class DistModule(TorchModule):
         }
 
 
+class SelfInitDistModule(TorchModule):
+    """Forms its torch.distributed group itself in setup() (env://), as ChatLearn's FSDP and
+    DeepSpeed modules do, at whatever world size it has."""
+
+    def setup(self) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+        self.group = [dist.get_rank(), dist.get_world_size()]
+
+    def report(self) -> dict[str, Any]:
+        keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+        return {"group": self.group, "env": {k: os.environ.get(k) for k in keys}}
+
+
 class EchoService:
     """A worker service: `async` methods run on the actor's loop, plain ones on compute."""
 

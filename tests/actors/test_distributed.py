@@ -45,6 +45,27 @@ async def test_two_rank_cpu_model_forms_a_gloo_group_on_disjoint_cores():
     assert system.failure is None
 
 
+async def test_a_single_process_model_can_form_its_own_group_from_the_environment():
+    """ChatLearn gives every process of a model RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, also
+    a model of one process, whose setup() may call init_process_group() (env://) itself: that
+    failed here with "environment variable RANK expected, but not set"."""
+    cfg = lib.make_config(
+        {"solo": {"num_cpu": 1, "trainable": True}},
+        {"train_micro_batch_size": 1, "train_global_batch_size": 1},
+    )
+    async with ActorSystem(cfg) as system:
+        (group,) = await system.launch(lib.SelfInitDistModule("solo", cfg))
+        (report,) = await group.call_all("report")
+    assert report["group"] == [0, 1]
+    assert report["env"] == {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+    }
+    assert system.failure is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 async def test_gpu_model_ranks_get_their_devices_and_nccl():
