@@ -30,7 +30,9 @@ pinned to their devices. `TorchModule` imports torch inside its methods.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import inspect
 import logging
 import numbers
@@ -444,6 +446,51 @@ class BaseModule:
     def offload(self) -> None:
         """Free device memory while a colocated model runs."""
 
+    # ChatLearn's memory hooks: `TorchModule`'s offload()/onload() call the ones a module
+    # defines, in ChatLearn's order (`_chatlearn_offload`); by default they do nothing.
+    def offload_weights(self) -> None:
+        """Move or free the weights (when ``module_args.offload_weights``)."""
+
+    def onload_weights(self) -> None:
+        """Bring back what ``offload_weights`` moved."""
+
+    def free_grad_buffers(self) -> None:
+        """Free the gradient buffers (a trainer, when ``module_args.free_grad_buffers``)."""
+
+    def build_grad_buffers(self) -> None:
+        """Rebuild what ``free_grad_buffers`` freed."""
+
+    def offload_main_weights(self) -> None:
+        """Move the trainer's main (master) weights (when ``module_args.offload_weights``)."""
+
+    def onload_main_weights(self) -> None:
+        """Bring back what ``offload_main_weights`` moved."""
+
+    def offload_optimizer_states(self) -> None:
+        """Move the optimizer's states (when ``module_args.offload_optimizer_states``)."""
+
+    def onload_optimizer_states(self) -> None:
+        """Bring back what ``offload_optimizer_states`` moved."""
+
+
+_MEMORY_HOOKS = (
+    "offload_weights",
+    "onload_weights",
+    "free_grad_buffers",
+    "build_grad_buffers",
+    "offload_main_weights",
+    "onload_main_weights",
+    "offload_optimizer_states",
+    "onload_optimizer_states",
+)
+
+
+def defines_memory_hooks(module: BaseModule) -> bool:
+    """Whether the module's class defines any of ChatLearn's memory hooks itself."""
+    return any(
+        getattr(type(module), hook) is not getattr(BaseModule, hook) for hook in _MEMORY_HOOKS
+    )
+
 
 def _model_section(args: Any, name: str) -> Any:
     """`models.<name>` of the config; a `ConfigError` naming the known models if absent."""
@@ -541,7 +588,14 @@ class TorchModule(BaseModule):
         """Move the device tensors of `self.model` (parameters, gradients, buffers) and
         `self.optimizer`'s state to CPU and release the cached device memory: the engine calls
         it after this model's turn when colocated models take turns (`free_memory: true`).
-        On CPU there is nothing to move: the call happens and changes nothing."""
+        On CPU there is nothing to move: the call happens and changes nothing.
+
+        A module that defines ChatLearn's memory hooks (`offload_weights`, ...) gets those
+        called instead, as ChatLearn's TorchModule calls them: it keeps its memory its own way,
+        which a move of `self.model` would not know of, or would undo."""
+        if defines_memory_hooks(self):
+            self._chatlearn_offload()
+            return
         moved = list(getattr(self, "_offloaded", []))
         for holder, name, tensor in _device_tensors(self):
             if tensor.device.type != "cpu":
@@ -551,11 +605,49 @@ class TorchModule(BaseModule):
         self.empty_cache()
 
     def onload(self) -> None:
-        """Move back what `offload()` moved, each tensor to the device it came from."""
+        """Move back what `offload()` moved, each tensor to the device it came from (a module
+        with ChatLearn's memory hooks: those, as `offload()`)."""
+        if defines_memory_hooks(self):
+            self._chatlearn_onload()
+            return
         # in offload's order: a parameter's data before its gradient (they must share a device)
         for holder, name, device in getattr(self, "_offloaded", []):
             _put(holder, name, _get(holder, name).to(device))
         self._offloaded = []
+
+    def _chatlearn_offload(self, optimizer_states: bool = True) -> None:
+        """ChatLearn's TorchModule.offload(): each hook where its ``module_args`` flag is set
+        (``free_memory: true`` sets them all, a trainer's gradients and optimizer included),
+        the gradient buffers first to make room, the weights last."""
+        args = self.module_args
+        if self.trainable:
+            if args.free_grad_buffers:
+                self.free_grad_buffers()
+            if args.offload_weights:
+                self.offload_main_weights()
+            if optimizer_states and args.offload_optimizer_states:
+                self.offload_optimizer_states()
+        if args.offload_weights:
+            self.offload_weights()
+        self._hooks_offloaded = True
+        gc.collect()
+        self.empty_cache()
+
+    def _chatlearn_onload(self, optimizer_states: bool = True) -> None:
+        """ChatLearn's TorchModule.onload(): the weights first, then a trainer's buffers, main
+        weights and optimizer states, each where its flag is set."""
+        args = self.module_args
+        if args.offload_weights:
+            self.onload_weights()
+        if self.trainable:
+            if args.free_grad_buffers:
+                self.build_grad_buffers()
+            if args.offload_weights:
+                self.onload_main_weights()
+            if optimizer_states and args.offload_optimizer_states:
+                self.onload_optimizer_states()
+        self._hooks_offloaded = False
+        self.empty_cache()
 
     # -- checkpoints -----------------------------------------------------------------------
     _CHECKPOINTED = ("model", "optimizer", "scheduler")
@@ -596,6 +688,22 @@ class TorchModule(BaseModule):
         if "model" in objects and not (directory / "model.pt").is_file():
             raise FileNotFoundError(f"{self.name}: the checkpoint has no {directory / 'model.pt'}")
         load_rank_state(directory, objects, logger=self._logger)
+
+
+@contextlib.contextmanager
+def onloaded_to_save(module: Any) -> Iterator[None]:
+    """Around a module's ``save_checkpoint``: a module that ChatLearn's memory hooks offloaded
+    (a colocated trainer between turns, `TorchModule.offload`) is onloaded for the save and
+    offloaded again, its optimizer states left where they are, as ChatLearn saves it; its
+    hooks may have freed the weights the save reads. Others are saved as they are."""
+    if not getattr(module, "_hooks_offloaded", False):
+        yield
+        return
+    module._chatlearn_onload(optimizer_states=False)
+    try:
+        yield
+    finally:
+        module._chatlearn_offload(optimizer_states=False)
 
 
 def _device_tensors(module: BaseModule) -> Iterator[tuple[Any, str, Any]]:

@@ -26,6 +26,7 @@ its type.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -34,7 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from chatlearn.actors.checkpoint_paths import module_checkpoint_dir
-from chatlearn.actors.module import as_number, invoke, resume_loads_checkpoint
+from chatlearn.actors.module import (
+    as_number,
+    invoke,
+    onloaded_to_save,
+    resume_loads_checkpoint,
+)
 from chatlearn.actors.worker_core import add_error_context
 from chatlearn.config.errors import free_space, storage_error
 from chatlearn.engine.batching import (
@@ -664,7 +670,8 @@ class TrainerService(_EpisodeHooks):
             return Interval(start=start, end=time.time())
         self.module._checkpoint_dir = directory
         try:
-            invoke(self.module, f"{kind}_checkpoint", (), {"iteration": iteration})
+            with onloaded_to_save(self.module) if kind == "save" else contextlib.nullcontext():
+                invoke(self.module, f"{kind}_checkpoint", (), {"iteration": iteration})
         except Exception as exc:
             if kind == "save":  # a full disk often says only "unexpected pos" (torch.save)
                 what = f"writing the checkpoint of iteration {iteration}"

@@ -233,6 +233,65 @@ def test_offload_and_onload_on_cpu_change_nothing(config):
     module.optimizer.step()
 
 
+class WithMemoryHooks(TorchModule):
+    """Keeps its memory with ChatLearn's hooks (as its FSDP and Megatron modules do)."""
+
+    def setup(self):
+        self.calls = []
+
+    def offload_weights(self):
+        self.calls.append("offload_weights")
+
+    def onload_weights(self):
+        self.calls.append("onload_weights")
+
+    def free_grad_buffers(self):
+        self.calls.append("free_grad_buffers")
+
+    def build_grad_buffers(self):
+        self.calls.append("build_grad_buffers")
+
+    def offload_optimizer_states(self):
+        super().offload_optimizer_states()  # BaseModule has them all, as ChatLearn's
+        self.calls.append("offload_optimizer_states")
+
+    def onload_optimizer_states(self):
+        self.calls.append("onload_optimizer_states")
+
+
+def test_offload_and_onload_call_chatlearns_memory_hooks_a_module_defines():
+    """ChatLearn's TorchModule.offload()/onload() call these hooks; a module that defines them
+    had them never called here (only `self.model` was moved), so with free_memory its memory
+    stayed where it was. They run in ChatLearn's order, each where its flag is set."""
+    cfg = lib.make_config(
+        {
+            "reference": {"num_cpu": 1, "free_memory": True},
+            "policy": {"num_cpu": 1, "trainable": True, "free_memory": True},
+        },
+        {"train_micro_batch_size": 1, "train_global_batch_size": 1},
+    )
+    try:
+        policy = WithMemoryHooks("policy", cfg)
+        policy.setup()
+        policy.offload()
+        policy.onload()
+        assert policy.calls == [
+            "free_grad_buffers",
+            "offload_optimizer_states",
+            "offload_weights",
+            "onload_weights",
+            "build_grad_buffers",
+            "onload_optimizer_states",
+        ]
+        reference = WithMemoryHooks("reference", cfg)  # not trainable: its weights only
+        reference.setup()
+        reference.offload()
+        reference.onload()
+        assert reference.calls == ["offload_weights", "onload_weights"]
+    finally:
+        reset_args()
+
+
 def test_setup_allowance_in_its_forms_and_junk_named_in_one_line(config):
     # seconds alone or with why; a pair of the wrong size was "not enough values to unpack" from
     # the runtime's launch, and numpy's seconds (np.float32, a size computed with numpy) were

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from chatlearn.actors import BaseModule
+from chatlearn.actors import BaseModule, TorchModule
 
 
 def io_thread_policies() -> list[int]:
@@ -174,3 +174,26 @@ class EchoIterationEvalTrainer(EchoTrainer):
     def eval_step(self, data, iteration):
         self.log(event="eval", rows=data["row"].tolist())
         return {"mean_row": float(data["row"].float().mean()), "at": float(iteration)}
+
+
+class HookedTrainer(TorchModule):
+    """Keeps its weights with ChatLearn's memory hooks, which take them away while offloaded
+    (as a module that frees its device memory does); its steps and saves need them."""
+
+    def setup(self) -> None:
+        self.weights: torch.Tensor | None = torch.ones(2)
+
+    def offload_weights(self) -> None:
+        self._stash, self.weights = self.weights, None
+
+    def onload_weights(self) -> None:
+        self.weights = self._stash
+
+    def train_step(self, data, iteration):
+        if self.weights is None:
+            raise RuntimeError("a step while the weights were offloaded")
+        return {"loss": 0.0}
+
+    def save_checkpoint(self, iteration):
+        if self.weights is None:
+            raise RuntimeError("a save while the weights were offloaded")

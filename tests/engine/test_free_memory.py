@@ -14,7 +14,7 @@ from chatlearn import DPOEngine
 from chatlearn.config import reset_args
 
 sys.path.insert(0, str(Path(__file__).parent))
-from echo_modules import EchoReference, EchoTrainer  # noqa: E402
+from echo_modules import EchoReference, EchoTrainer, HookedTrainer  # noqa: E402
 
 # wall-clock bounds (death noticed in time, starved told from hung, turns and overlap):
 # run alone, in make test's second part
@@ -97,3 +97,21 @@ async def test_colocated_models_without_free_memory_overlap(tmp_path: Path) -> N
     # into the next episode while the trainer finishes this one
     assert trains[0]["start"] < forwards[3]["end"]
     assert forwards[4]["start"] < trains[3]["end"]
+
+
+async def test_a_trainer_offloaded_by_its_memory_hooks_is_saved_onloaded(tmp_path: Path) -> None:
+    """ChatLearn onloads a colocated trainer to save it, and offloads it again: a module whose
+    offload_weights() took its weights away saved without them (here: failed saving)."""
+    models = {
+        "reference": {"num_cpu": 1, "free_memory": True},
+        "policy_trainer": {"num_cpu": 1, "trainable": True, "free_memory": True},
+    }
+    runtime = {**RUNTIME, "output_dir": str(tmp_path), "save_episode_interval": 1}
+    chatlearn.init({"models": models, "runtime": runtime})
+    try:
+        engine = DPOEngine(EchoReference("reference"), HookedTrainer("policy_trainer"))
+        engine.set_dataset(list(range(20)))
+        result = await engine.learn_async()
+    finally:
+        reset_args()
+    assert result.steps == 8 and result.checkpoint is not None
