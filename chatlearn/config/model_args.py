@@ -85,6 +85,22 @@ HF_MODULE_KEYS = frozenset(
 )
 
 
+# The model_args keys of ChatLearn's DeepSpeed DPO example (its examples/huggingface configs),
+# to which `chatlearn.DeepSpeedModule`'s error sends users of these modules: each with what these
+# modules read instead. A config brought over unchanged trained as if they were not there: its
+# prompts without their template, and (`pretrain_or_model`) a small model built from scratch in
+# place of the checkpoint, which is an error (`chatlearn.hf.model.validate_model_args`).
+CHATLEARN_DEEPSPEED_KEYS: dict[str, str] = {
+    "pretrain_or_model": "model_path",
+    "max_len": "max_length",
+    "prompt_max_len": "max_prompt_length",
+    "input_template": "prompt_template (its {} written {prompt})",
+    "bf16": "mixed_precision: bf16 (or dtype: bfloat16)",
+    "l2": "weight_decay",
+    "zero_stage": "parallel: fsdp (ZeRO-3's sharding)",
+}
+
+
 def near_misses(model_args: Mapping[str, Any]) -> dict[str, str]:
     """Keys of `model_args` that the HF modules do not read but that are one typo away from one
     they do (`learnig_rate`: `learning_rate`), each with that key. A module's own keys are its
@@ -92,7 +108,7 @@ def near_misses(model_args: Mapping[str, Any]) -> dict[str, str]:
     left the default in place (lr 1e-6 instead of the 5e-4 written) without a word."""
     found = {}
     for key in model_args:
-        if isinstance(key, str) and key not in HF_MODULE_KEYS:
+        if isinstance(key, str) and key not in HF_MODULE_KEYS | CHATLEARN_DEEPSPEED_KEYS.keys():
             near = difflib.get_close_matches(key, HF_MODULE_KEYS, n=1, cutoff=0.8)
             if near:
                 found[key] = near[0]

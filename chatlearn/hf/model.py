@@ -197,6 +197,7 @@ def causal_lm_from_args(
     `model_config` (overrides of `SMALL_LLAMA`), `seed` (default 0), `dtype` (default float32).
     """
     validate_model_args(model_args)
+    check_checkpoint_key(model_args)
     dtype = model_args.get("dtype")
     model_path = model_args.get("model_path")
     if model_path:
@@ -290,6 +291,22 @@ def tied_gradient_in_place(model: Any) -> bool:
 
 
 # -- validation of model args ----------------------------------------------------------------------
+def check_checkpoint_key(model_args: Mapping[str, Any]) -> None:
+    """A ConfigError for ``pretrain_or_model`` without ``model_path``: the key of the checkpoint
+    in ChatLearn's DeepSpeed DPO example (`CHATLEARN_DEEPSPEED_KEYS`), where a model built from
+    the args would be a small one from scratch, with nothing said. Checked where such a model
+    is built (`causal_lm_from_args`), and by the modules' `check_args()` unless a subclass
+    builds its model itself (and may read the key)."""
+    if model_args.get("pretrain_or_model") and not model_args.get("model_path"):
+        prefix, error = locate_model_args(model_args)
+        raise error(
+            f"{prefix}.pretrain_or_model",
+            "ChatLearn's DeepSpeed key of the checkpoint, which the ready-made modules do not "
+            "read: they would train a small model built from scratch instead",
+            "rename it to model_path",
+        )
+
+
 def validate_model_args(model_args: Mapping[str, Any], files: bool = True) -> None:
     """Raise a ConfigError naming the key (and its file:line) of model args the HF modules reject.
 
@@ -429,17 +446,27 @@ def model_arg(model_args: Mapping[str, Any], key: str) -> Any:
 
 def near_miss_warnings(model_args: Mapping[str, Any]) -> list[str]:
     """One line per key of `model_args` that looks like a mistyped key of these modules
-    (`chatlearn.config.model_args.near_misses`), with the file:line it was written at."""
+    (`chatlearn.config.model_args.near_misses`), or is a key of ChatLearn's DeepSpeed DPO
+    example that these modules read under another name (`CHATLEARN_DEEPSPEED_KEYS`), with the
+    file:line it was written at."""
     from chatlearn.config import get_args
-    from chatlearn.config.model_args import near_misses
+    from chatlearn.config.model_args import CHATLEARN_DEEPSPEED_KEYS, near_misses
 
     misses = near_misses(model_args)
-    if not misses:
+    theirs = [key for key in model_args if key in CHATLEARN_DEEPSPEED_KEYS]
+    if not misses and not theirs:
         return []
     prefix, _ = locate_model_args(model_args)
     # located: get_args() answered there (model args given in code are not)
     config = get_args() if prefix != "model_args" else None
     lines = []
+    for key in theirs:
+        path = f"{prefix}.{key}"
+        where = f"{config.where(path)}: " if config is not None else ""
+        lines.append(
+            f"{where}{path}: a key of ChatLearn's DeepSpeed DPO example, not read by the "
+            f"ready-made modules; write {CHATLEARN_DEEPSPEED_KEYS[key]} instead"
+        )
     for key, near in misses.items():
         path = f"{prefix}.{key}"
         where = f"{config.where(path)}: " if config is not None else ""

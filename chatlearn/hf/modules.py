@@ -120,6 +120,7 @@ from chatlearn.hf.memory import (
 )
 from chatlearn.hf.model import (
     causal_lm_from_args,
+    check_checkpoint_key,
     disable_dropout,
     embedding_rows,
     forwards_differ,
@@ -340,6 +341,8 @@ class _HFModule(TorchModule):
     def check_args(self) -> None:
         # in the coordinator, before any process starts: what needs none of the model's files
         validate_model_args(self.model_args, files=False)
+        if type(self).build_model is _HFModule.build_model:
+            check_checkpoint_key(self.model_args)
 
     def setup_allowance(self) -> tuple[float, str]:
         """Time to read ``model_path`` at `CHECKPOINT_READ_RATE`, beyond runtime.startup_timeout

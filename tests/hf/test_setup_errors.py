@@ -244,6 +244,47 @@ def test_a_mistyped_model_arg_is_said_where_it_was_written(
     ]
 
 
+def test_chatlearns_deepspeed_example_keys_are_named_with_ours(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # chatlearn.DeepSpeedModule's error sends ChatLearn's HF DPO example to these modules; its
+    # model config, kept as it was, trained a small model built from scratch in place of its
+    # checkpoint (pretrain_or_model) and its prompts without their template, without a word
+    ours = "pretrain_or_model: /data/qwen2-7b\nbf16: true\n"
+    error = setup_error(tmp_path, TINY + ours)
+    assert_located(error, tmp_path, "pretrain_or_model", 2, "reference")
+    assert "a small model built from scratch" in error.problem
+    assert error.fix == "rename it to model_path"
+    reset_args()
+    with pytest.raises(ConfigError, match="pretrain_or_model"):  # before any process starts
+        module_from_files(tmp_path, TINY + ours).check_args()
+    reset_args()
+    # a subclass that builds its model itself may read the key: not the modules' business
+    from chatlearn.hf.modules import HFReference
+
+    class OwnModel(HFReference):
+        def build_model(self) -> Any:
+            raise NotImplementedError
+
+    OwnModel("reference", args=module_from_files(tmp_path, TINY + ours).global_args).check_args()
+    reset_args()
+    kept = 'seed: 0\nmax_len: 64\ninput_template: "Q: {}\\nA:"\n'
+    module = module_from_files(tmp_path, TINY + kept)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        module.setup()
+    path = tmp_path / "model.yaml"
+    warned = [m for m in caplog.messages if "ChatLearn's DeepSpeed" in m]
+    assert warned == [
+        f"reference: {path}:3: models.reference.model_args.max_len: a key of ChatLearn's "
+        "DeepSpeed DPO example, not read by the ready-made modules; write max_length instead",
+        f"reference: {path}:4: models.reference.model_args.input_template: a key of "
+        "ChatLearn's DeepSpeed DPO example, not read by the ready-made modules; write "
+        "prompt_template (its {} written {prompt}) instead",
+    ]
+    assert not [m for m in caplog.messages if "did you mean" in m]  # max_len: said once
+
+
 def test_an_eos_beyond_the_models_embeddings(tmp_path: Path) -> None:
     # an added <|im_end|> on a model never resized: the reference's first forward failed with
     # a 140-line IndexError (a device-side assert on CUDA) naming neither
