@@ -9,6 +9,7 @@ Layer 3 (docs/architecture.md, "Layers"): may import `transport`, `config`, `alg
 
 from __future__ import annotations
 
+from chatlearn._lazy import lazy_exports
 from chatlearn.hf.data import (
     PairTokenizer,
     PreferenceCollator,
@@ -30,7 +31,14 @@ from chatlearn.hf.tokenizer import (
     load_tokenizer,
 )
 
+# The ready-made modules, on first use: `from chatlearn.hf import HFReference` is what the errors
+# that send users to them ("chatlearn.hf's HFReference") lead to, and it was an ImportError.
+_modules, __getattr__, __dir__ = lazy_exports(
+    __name__, {"chatlearn.hf.modules": ("HFDPOTrainer", "HFReference")}, globals()
+)
+
 __all__ = [
+    *_modules,
     "BYTE_VOCAB_SIZE",
     "SMALL_LLAMA",
     "PairTokenizer",

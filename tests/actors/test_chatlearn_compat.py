@@ -213,6 +213,12 @@ def test_chatlearn_names_this_runtime_lacks_say_so_on_import() -> None:
     # the base class of ChatLearn's Hugging Face DPO example
     with pytest.raises(ImportError, match="DeepSpeedModule is not provided.*HFDPOTrainer"):
         from chatlearn import DeepSpeedModule  # noqa: F401
+    # where that error sends ("chatlearn.hf's HFReference and HFDPOTrainer") imports as it reads
+    from chatlearn.hf import HFDPOTrainer, HFReference
+    from chatlearn.hf.modules import HFDPOTrainer as Trainer
+    from chatlearn.hf.modules import HFReference as Reference
+
+    assert (HFDPOTrainer, HFReference) == (Trainer, Reference)
     with pytest.raises(AttributeError):  # a plain typo stays a plain error
         _ = chatlearn.DPOEngin  # type: ignore[attr-defined]
 
