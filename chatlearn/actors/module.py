@@ -115,6 +115,10 @@ class BaseModule:
         """The `runtime:` section of the config."""
         return config_value(self.global_args, "runtime_args")
 
+    def get_runtime_args(self) -> Any:
+        """`runtime_args` as a method, as ChatLearn's BaseModule has it."""
+        return self.runtime_args
+
     @property
     def module_args(self) -> Any:
         """This model's `models.<name>` section (num_gpu, trainable, ...)."""

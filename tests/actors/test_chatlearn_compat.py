@@ -268,6 +268,7 @@ def test_chatlearn_module_attributes_and_example_imports(config) -> None:
     reference = BaseModule("reference", config)
     assert reference._num_gpu_per_replica == reference.num_gpu_per_replica == 2
     assert reference._runtime_args is reference.runtime_args is config.runtime_args
+    assert reference.get_runtime_args() is config.runtime_args
     with pytest.raises(NotImplementedError, match="num_layers.*not provided.*parameter sync"):
         reference.num_layers()
     with pytest.raises(ImportError, match="VLLMModule is not provided.*forward_step"):
