@@ -117,7 +117,61 @@ def init(args: Config | Mapping[str, Any] | str | os.PathLike[str] | None = None
         config.config_file or "built in code",
         ", ".join(config.models) or "none",
     )
+    _leave_other_nodes()
     return config
+
+
+# `chatlearn launch` sets it (chatlearn.actors.hosts.LAUNCH_ENV_VAR, a layer above this one)
+_LAUNCH_ENV_VAR = "CHATLEARN_LAUNCH"
+_SPAN_HOSTS = (
+    "to train on several hosts, run `chatlearn launch --hostfile HOSTS script.py -c "
+    "config.yaml` once, on one of them (HOSTS: a `hostname slots=N` line per host)"
+)
+
+
+def node_of_a_job() -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) when the environment makes this process one node of a job of several,
+    as ChatLearn's multi-node jobs start the script on every node (PAI-DLC does, and its
+    instructions for other clusters: RANK and WORLD_SIZE exported on each); None otherwise, in
+    `chatlearn launch` (which spans hosts itself) and in actor processes (where RANK is the
+    process's rank in its model)."""
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if getattr(main_spec, "name", None) == "chatlearn.actors.worker":
+        return None
+    if os.environ.get(_LAUNCH_ENV_VAR):
+        return None
+    try:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return None
+    return (rank, world_size) if world_size > 1 else None
+
+
+def _leave_other_nodes() -> None:
+    """In a multi-node job started ChatLearn's way, node 0 runs the training (on its own host:
+    this runtime does not take the other nodes so) and the others exit with 0, as ChatLearn's
+    init() ends them (once they served node 0's Ray cluster; here there is nothing to serve).
+    Each ran the whole training besides, on its host, into the same output directory (there,
+    after the first, "in use by another run")."""
+    node = node_of_a_job()
+    if node is None:
+        return
+    rank, world_size = node
+    if rank > 0:
+        logger.warning(
+            "RANK=%d of WORLD_SIZE=%d in the environment: a node of a multi-node job, which "
+            "this runtime does not join (node 0 runs the training): exiting with 0; %s",
+            rank,
+            world_size,
+            _SPAN_HOSTS,
+        )
+        sys.exit(0)
+    logger.warning(
+        "RANK=0 of WORLD_SIZE=%d in the environment: this run trains on this host alone (the "
+        "job's other nodes exit); %s",
+        world_size,
+        _SPAN_HOSTS,
+    )
 
 
 def get_args() -> Config:

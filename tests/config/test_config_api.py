@@ -116,6 +116,45 @@ def test_init_with_a_dict_or_config_or_path(dpo_yaml: Path) -> None:
         init(42)  # type: ignore[arg-type]
 
 
+def test_a_node_of_a_multi_node_job_leaves_the_training_to_node_0(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ChatLearn's multi-node jobs start the script on every node with RANK and WORLD_SIZE set;
+    its init() lets node 0 drive and the others exit. Here each node ran the whole training
+    on its own host, into the same output directory."""
+    sections = {"models": {"reference": {"num_cpu": 1}}}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with caplog.at_level("WARNING"), pytest.raises(SystemExit) as info:
+        init(sections)
+    assert info.value.code == 0
+    assert "RANK=1 of WORLD_SIZE=2 in the environment" in caplog.text
+    assert "chatlearn launch --hostfile" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("RANK", "0")
+    with caplog.at_level("WARNING"):
+        assert init(sections) is get_args()
+    assert "this run trains on this host alone" in caplog.text
+    caplog.clear()
+    # not a job of several nodes, or chatlearn launch's own coordinator: nothing said
+    for env in ({"WORLD_SIZE": "1", "RANK": "0"}, {"WORLD_SIZE": "2", "CHATLEARN_LAUNCH": "1"}):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        with caplog.at_level("WARNING"):
+            init(sections)
+        assert "WORLD_SIZE" not in caplog.text
+        monkeypatch.delenv("CHATLEARN_LAUNCH", raising=False)
+    # nor in an actor process, where RANK is its rank in its model (a script that calls
+    # init() at its top level runs it there too)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    worker = type(sys)("worker")
+    worker.__spec__ = type("Spec", (), {"name": "chatlearn.actors.worker"})()
+    monkeypatch.setitem(sys.modules, "__main__", worker)
+    with caplog.at_level("WARNING"):
+        init(sections)
+    assert "WORLD_SIZE" not in caplog.text
+
+
 def test_get_args_before_init() -> None:
     with pytest.raises(ConfigError) as info:
         get_args()
