@@ -5,7 +5,8 @@ the coordinator uses :func:`chunk_sizes` only (``schedule.py``).
 
 Reference side (inside a reference replica, for one work order):
 
-1. the replica collates its share (the dataset's ``collate_fn``) into one batch dict;
+1. the replica collates its share (the dataset's ``collate_fn``, else :func:`collate_inputs`,
+   ChatLearn's ``default_collate`` as far as a program can tell) into one batch dict;
 2. :func:`split_into_chunks` cuts it into ``generation_batch_size`` rows per ``forward_step`` call
    (:func:`chunk_sizes` gives the sizes alone);
 3. :func:`concat_outputs` joins the chunk outputs (tensors on dim 0, moved to CPU; lists extended);
@@ -355,6 +356,51 @@ def collate_samples(
         else:
             batch[key] = values
     return batch
+
+
+def collate_inputs(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A reference's ``forward_step`` input from samples of a dataset without a ``collate_fn``.
+
+    ChatLearn's data loader then collates with torch's ``default_collate``, and programs written
+    for it rely on what that gives: numbers as tensors (``int`` int64, ``float`` float64,
+    ``bool`` bool, numpy's scalars of their own dtype) and numpy arrays as tensors. Here too;
+    tensors are padded to the longest (`collate_samples`), where ``default_collate`` stops at
+    tensors of different lengths, and the rest stays a list.
+    """
+    batch = collate_samples([_arrays_as_tensors(sample) for sample in samples])
+    for key, values in batch.items():
+        if isinstance(values, list) and values:
+            batch[key] = _numbers_as_tensor(values)
+    return batch
+
+
+def _arrays_as_tensors(sample: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The sample with its numpy arrays as tensors (the sample itself if it has none)."""
+    if not isinstance(sample, Mapping) or not any(map(_numeric_array, sample.values())):
+        return sample
+    return {k: torch.from_numpy(v) if _numeric_array(v) else v for k, v in sample.items()}
+
+
+def _numeric_array(value: Any) -> bool:
+    """A numpy array torch can take (strings and objects stay as they are)."""
+    return isinstance(value, np.ndarray) and value.dtype.kind in "biufc"
+
+
+def _numbers_as_tensor(values: list[Any]) -> Any:
+    """``values`` as one tensor if they are all numbers of one kind (as ``default_collate``
+    makes them), else unchanged."""
+    if all(isinstance(v, np.generic) and v.dtype.kind in "biuf" for v in values):
+        return torch.from_numpy(np.stack(values))
+    if all(isinstance(v, bool) for v in values):
+        return torch.tensor(values, dtype=torch.bool)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        try:
+            return torch.tensor(values, dtype=torch.int64)
+        except (RuntimeError, OverflowError, ValueError):  # beyond int64: left as Python ints
+            return values
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return torch.tensor(values, dtype=torch.float64)
+    return values
 
 
 def gather_micro_batch(

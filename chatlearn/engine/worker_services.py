@@ -45,7 +45,7 @@ from chatlearn.actors.worker_core import add_error_context
 from chatlearn.config.errors import free_space, storage_error
 from chatlearn.engine.batching import (
     batch_size_of,
-    collate_samples,
+    collate_inputs,
     concat_outputs,
     gather_micro_batch,
     split_per_sample,
@@ -322,7 +322,7 @@ class ReferenceService(_EpisodeHooks):
     def _forward_samples(self, datasets: Sequence[Any], samples: list[Any]) -> dict[str, Any]:
         """``forward_step`` on these samples (collated), checked to be one row per sample."""
         collate = getattr(datasets[0], "collate_fn", None)
-        batch = collate(samples) if callable(collate) else collate_samples(samples)
+        batch = collate(samples) if callable(collate) else collate_inputs(samples)
         output = invoke(self.module, "forward_step", (batch,))
         _appended_metrics(self.module)  # a reference's _metric_list is not recorded here
         what = f"{type(self.module).__name__}.forward_step output"

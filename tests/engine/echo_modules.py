@@ -106,6 +106,14 @@ class EchoListReference(EchoReference):
         return {**output, "per_token": [[0] * 200_000 for _ in data["row"].tolist()]}
 
 
+class EchoNumberReference(EchoReference):
+    """Samples of plain numbers, its dataset without a collate_fn: ChatLearn's default_collate
+    makes tensors of them, which a ChatLearn program's forward_step uses as such."""
+
+    def build_dataset(self, samples, is_eval=False):
+        return [{"row": int(s), "tokens": torch.arange(int(s) % 3 + 1)} for s in samples]
+
+
 class EchoSpawningReference(EchoReference):
     """Starts a `sleep` child in setup (a module's own helper process) and logs its pid."""
 

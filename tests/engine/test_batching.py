@@ -10,6 +10,7 @@ from chatlearn.engine.batching import (
     PaddingSpec,
     batch_size_of,
     chunk_sizes,
+    collate_inputs,
     collate_samples,
     concat_outputs,
     gather_micro_batch,
@@ -36,6 +37,7 @@ from chatlearn.engine.batching import (
         (1, 2, [1]),
         (0, 2, [0]),
         (7, 1, [1] * 7),
+        (5, 2, [2, 2, 1]),
     ],
 )
 def test_chunk_sizes(batch, gbs, sizes):
@@ -257,3 +259,45 @@ def test_gather_micro_batch_from_a_buffer():
     assert batch["ids"].tolist() == [[0, 1, 2, 3], [0, 0, 0, 0]]
     with pytest.raises(KeyError, match=r"\[7\]"):
         gather_micro_batch(buffer, [0, 7])
+
+
+# -- a reference's input without a collate_fn: as ChatLearn's default_collate -----------------
+def test_inputs_without_a_collate_fn_are_what_default_collate_makes_of_them():
+    # ChatLearn's DataLoader collates with default_collate when the dataset has no collate_fn
+    # (as its guide suggests for some): programs call .tolist() or .cuda() on the numbers
+    samples = [
+        {
+            "id": i,
+            "score": 0.5 * i,
+            "keep": i % 2 == 0,
+            "weight": np.float32(i),
+            "count": np.int64(i),
+            "features": np.arange(3, dtype=np.float32) + i,
+            "ids": torch.tensor([i, i + 1]),
+            "text": f"prompt {i}",
+        }
+        for i in range(3)
+    ]
+    ours = collate_inputs(samples)
+    theirs = torch.utils.data.default_collate(samples)
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        if isinstance(value, torch.Tensor):
+            assert isinstance(ours[key], torch.Tensor), key
+            assert ours[key].dtype == value.dtype, key
+            assert torch.equal(ours[key], value), key
+        else:
+            assert ours[key] == value, key
+
+
+def test_inputs_without_a_collate_fn_pad_what_default_collate_cannot_stack():
+    samples = [
+        {"ids": np.array([1, 2, 3]), "n": 3, "mixed": 1, "big": 2**70, "s": np.array(["a"])},
+        {"ids": np.array([4]), "n": 1, "mixed": "one", "big": 1, "s": np.array(["b"])},
+    ]
+    batch = collate_inputs(samples)
+    assert torch.equal(batch["ids"], torch.tensor([[1, 2, 3], [4, 0, 0]]))
+    assert torch.equal(batch["n"], torch.tensor([3, 1]))
+    assert batch["mixed"] == [1, "one"]  # not all numbers: a list, as the trainer's rule
+    assert batch["big"] == [2**70, 1]  # beyond int64: left as Python ints
+    assert [a.tolist() for a in batch["s"]] == [["a"], ["b"]]  # arrays of strings stay arrays

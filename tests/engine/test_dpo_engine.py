@@ -25,6 +25,7 @@ from echo_modules import (  # noqa: E402
     EchoFailingReference,
     EchoIterationEvalTrainer,
     EchoListReference,
+    EchoNumberReference,
     EchoPaddingReference,
     EchoPositionalReference,
     EchoReference,
@@ -410,6 +411,17 @@ async def test_only_the_data_senders_io_thread_runs_batched(tmp_path: Path) -> N
     _, log = await _learn(tmp_path, _runtime(1, 8, 4, 2, 4), samples=range(8))
     assert _events(log, "forward")[-1]["io_threads"] == [os.SCHED_OTHER, os.SCHED_BATCH]
     assert _events(log, "train")[-1]["io_threads"] == [os.SCHED_OTHER]
+
+
+async def test_numbers_of_a_dataset_without_collate_fn_reach_forward_step_as_tensors(
+    tmp_path: Path,
+) -> None:
+    # ChatLearn's data loader collates such a dataset with default_collate; its forward_step
+    # calls data["row"].tolist(), which on the list collated here before was an AttributeError
+    _, log = await _learn(
+        tmp_path, _runtime(1, 8, 4, 2, 4), range(8), reference_class=EchoNumberReference
+    )
+    assert sorted(row for e in _events(log, "forward") for row in e["rows"]) == list(range(8))
 
 
 async def test_a_forward_output_too_large_for_a_message_names_forward_step(tmp_path: Path) -> None:
