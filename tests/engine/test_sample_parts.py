@@ -14,6 +14,7 @@ from chatlearn.transport.codec import decode
 from chatlearn.transport.codec import encode as encode_frames
 
 sys.path.insert(0, str(Path(__file__).parent))
+from echo_modules import EchoLazyReference  # noqa: E402
 from test_dpo_engine import _learn, _runtime  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -47,8 +48,16 @@ def test_a_sample_too_large_for_any_message_is_named() -> None:
 
 
 async def test_a_run_over_600k_samples_builds_its_datasets(tmp_path: Path) -> None:
-    # 600k samples: more items than one message may hold (524,288)
-    engine, log = await _learn(tmp_path, _runtime(1, 4, 2, 2, 2), samples=range(600_000))
+    # 600k samples: more items than one message may hold (524,288); the reference's dataset
+    # makes its rows when read (EchoReference's list of 1.2M tensors took 4 s to make)
+    engine, log = await _learn(
+        tmp_path,
+        _runtime(1, 4, 2, 2, 2),
+        samples=range(600_000),
+        reference_class=EchoLazyReference,
+    )
+    builds = [(r["size"], r["last"]) for r in log if r["event"] == "build"]
+    assert builds == [(600_000, 599_999)]  # every part, in order, to build_dataset
     assert engine.state.iteration == 2
     rows = [row for r in log if r["event"] == "forward" for row in r["rows"]]
     assert len(rows) == 4 and all(0 <= row < 600_000 for row in rows)
