@@ -6,6 +6,7 @@ computed again, never used."""
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import sys
 from contextlib import closing
@@ -29,17 +30,27 @@ def _episodes(trial: Trial) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == "episode"]
 
 
+@pytest.fixture(scope="module")
+def first_store_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trial, Path, str]:
+    """A first run of the one-process reference with an empty store: the run, the store
+    directory it filled, its log. Tests copy the store before they add to it."""
+    base = tmp_path_factory.mktemp("first_store_run")
+    first, store = Trial(base / "first"), base / "store"
+    return first, store, _run(first, store)
+
+
 def test_a_second_run_is_served_from_the_store_and_trains_the_same(
-    baseline: Trial, tmp_path: Path
+    baseline: Trial, first_store_run: tuple[Trial, Path, str], tmp_path: Path
 ) -> None:
-    store = tmp_path / "store"
-    first, second = Trial(tmp_path / "first"), Trial(tmp_path / "second")
-    text = _run(first, store)
+    first, filled, text = first_store_run
     assert "reference store" in text
     assert _episodes(first)[-1]["reference_stored"] == 0  # 20 samples, computed once each
-    (path,) = store.glob("reference-*.sqlite")
+    (path,) = filled.glob("reference-*.sqlite")
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT COUNT(*) FROM outputs").fetchone() == (20,)
+    store = tmp_path / "store"
+    shutil.copytree(filled, store)
+    second = Trial(tmp_path / "second")
     text = _run(second, store)
     # 3 episodes of 8 over 20 samples: the 20 first draws come from the store, the 4 repeats
     # from the in-run cache; the reference computes nothing
@@ -49,17 +60,24 @@ def test_a_second_run_is_served_from_the_store_and_trains_the_same(
     assert second.train_records() == baseline.train_records()
 
 
-def test_a_sharded_reference_uses_the_store_too(tmp_path: Path) -> None:
+def test_a_sharded_reference_uses_the_store_too(
+    first_store_run: tuple[Trial, Path, str], tmp_path: Path
+) -> None:
     # One reference replica of two processes, each holding a shard of the layer and gathering
     # the logits in forward_step (a collective): the last rank looks samples up and stores
-    # them, and the other rank computes exactly the samples it did not find.
+    # them, and the other rank computes exactly the samples it did not find. The store already
+    # holds the single-process reference's file (the same layer): the whole model's
+    # fingerprint, not one rank's shard, and not the single-process model's either, so the
+    # sharded reference finds nothing of it and writes a file of its own.
     store = tmp_path / "store"
+    shutil.copytree(first_store_run[1], store)
+    (single,) = store.glob("reference-*.sqlite")
     sharded = {"REFERENCE_SHARDED": "1"}
     first, second = Trial(tmp_path / "first"), Trial(tmp_path / "second")
     text = _run(first, store, sharded)
     assert "computing every sample" not in text
     assert _episodes(first)[-1]["reference_stored"] == 0
-    (path,) = store.glob("reference-*.sqlite")  # one store: the last rank's
+    (path,) = set(store.glob("reference-*.sqlite")) - {single}  # one store: the last rank's
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT COUNT(*) FROM outputs").fetchone() == (20,)
     text = _run(second, store, sharded)
@@ -67,9 +85,6 @@ def test_a_sharded_reference_uses_the_store_too(tmp_path: Path) -> None:
     assert "20 samples served, 0 computed" in text, text
     assert_identical(second.final_state(), first.final_state())
     assert second.train_records() == first.train_records()
-    # the whole model's fingerprint, not one rank's shard: not the single-process model's file
-    single = Trial(tmp_path / "single")
-    _run(single, store)
     assert len(list(store.glob("reference-*.sqlite"))) == 2
 
 
