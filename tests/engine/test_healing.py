@@ -126,12 +126,16 @@ def test_a_lost_reference_replica_comes_back_in_place(baseline: Trial, tmp_path:
     assert restart["restarts"] == 1 and restart["restart_seconds"] < 15
 
 
-def _killed_in_a_collective(tmp_path: Path, env: dict[str, str], at: int) -> str:
-    """Run the script with ``env`` uninterrupted and with the last rank of a model killing
-    itself at ``at`` inside a collective; the second run heals and ends like the first. Its
-    log."""
-    baseline, trial = Trial(tmp_path / "baseline"), Trial(tmp_path / "killed")
-    baseline.run(env=env)
+def _killed_in_a_collective(
+    tmp_path: Path, env: dict[str, str], at: int, baseline: Trial | None = None
+) -> str:
+    """Run the script with the last rank of a model killing itself at ``at`` inside a
+    collective; it heals and ends like ``baseline``, or like an uninterrupted run with ``env``
+    when none is given. Its log."""
+    trial = Trial(tmp_path / "killed")
+    if baseline is None:
+        baseline = Trial(tmp_path / "baseline")
+        baseline.run(env=env)
     text = trial.run(90, env={**env, "KILL_RANK_AT": str(at)})  # asserts exit 0
     assert (trial.probe / "killed").exists() and "killed by SIGKILL" in text, text
     assert "stopping all actors" not in text, text
@@ -139,12 +143,17 @@ def _killed_in_a_collective(tmp_path: Path, env: dict[str, str], at: int) -> str
     return text
 
 
-def test_a_rank_that_dies_inside_a_collective_restarts_its_replica(tmp_path: Path) -> None:
+def test_a_rank_that_dies_inside_a_collective_restarts_its_replica(
+    baseline: Trial, tmp_path: Path
+) -> None:
     # A reference replica of two processes; its last rank dies in a forward call while the
     # other is in the all-gather, which fails for it ("Connection reset by peer") before the
     # death is noticed. That error is the death's consequence, not a bug of user code: the
-    # replica restarts and the run ends as one without the death.
-    text = _killed_in_a_collective(tmp_path, {"REFERENCE_SHARDED": "1"}, at=2)
+    # replica restarts and the run ends as one without the death. The sharded reference
+    # computes what the one-process reference computes, bit for bit (each rank computes some of
+    # the layer's outputs, gathered back in place), so the session's uninterrupted one-process
+    # run is the one to end like (an uninterrupted sharded run of its own cost 3 processes).
+    text = _killed_in_a_collective(tmp_path, {"REFERENCE_SHARDED": "1"}, at=2, baseline=baseline)
     assert "restarting model 'reference' replica 0" in text, text
 
 
