@@ -139,25 +139,25 @@ def test_a_run_directory_copied_elsewhere_resumes_with_every_step_once(
     _assert_resumed_like(copy, baseline, resumed_at=4)
 
 
-def test_a_resume_with_changed_settings_says_which(tmp_path: Path):
+def test_a_resume_with_changed_settings_says_which(baseline: Trial, tmp_path: Path):
     """num_episode sets the length of a learning-rate schedule over the whole run; model
     arguments may be held by the checkpoint (optimizer state) or not (beta): both warned."""
     trial = Trial(tmp_path)
-    trial.kill_at_gate()
+    shutil.copytree(baseline.output, trial.output)  # its checkpoints, written with 3 episodes
     text = trial.run(env={"NUM_EPISODE": "4"})
     assert "with changed training settings" in text and "num_episode: saved 3, now 4" in text
     assert trial.complete()[-1] == 16
     assert "with other data" not in text
 
 
-def test_a_resume_on_other_rows_of_the_same_number_is_said(tmp_path: Path) -> None:
+def test_a_resume_on_other_rows_of_the_same_number_is_said(baseline: Trial, tmp_path: Path) -> None:
     # another data file with as many rows: the sampler only compared the number of rows
     trial = Trial(tmp_path)
-    trial.run(env={"NUM_EPISODE": "1"})
-    text = trial.run(env={"NUM_EPISODE": "2", "DATA_OFFSET": "100"})
+    shutil.copytree(baseline.output, trial.output)
+    text = trial.run(env={"NUM_EPISODE": "4", "DATA_OFFSET": "100"})
     (line,) = [line for line in text.splitlines() if "with other data" in line]
     assert "(runtime.data_path: the rows of the dataset differ, their number is the same)" in line
-    assert trial.complete() == [4, 8]
+    assert trial.complete() == [8, 12, 16]  # save_keep_last 3
 
 
 @pytest.mark.parametrize(
@@ -458,14 +458,16 @@ def test_metrics_shorter_than_the_checkpoint_recorded_is_said_and_stays_valid_js
     assert data.decode().endswith(torn[-1])
 
 
-def test_a_checkpoint_of_another_trainer_layout_is_one_line_naming_both(tmp_path: Path) -> None:
+def test_a_checkpoint_of_another_trainer_layout_is_one_line_naming_both(
+    baseline: Trial, tmp_path: Path
+) -> None:
     # written by one trainer process, resumed with two: the second rank finds no directory of
     # its own, which surfaced as a 70-line traceback from the trainer after the actors started
     trial = Trial(tmp_path)
-    trial.run(env={"NUM_EPISODE": "1"})
-    code, text = trial.run_to_end(env={"NUM_EPISODE": "2", "TRAINER_RANKS": "2"})
+    shutil.copytree(baseline.output, trial.output)
+    code, text = trial.run_to_end(env={"NUM_EPISODE": "4", "TRAINER_RANKS": "2"})
     assert code == 2, text
     last = text.splitlines()[-1]
-    assert "models.policy_trainer: the checkpoint iter_0000004 was written by another" in last
+    assert "models.policy_trainer: the checkpoint iter_0000012 was written by another" in last
     assert "(1 process(es) then, 2 now)" in last and "fix: resume with the layout" in last, last
     assert "Traceback" not in text, text
