@@ -61,12 +61,27 @@ def test_uninterrupted_run_checkpoints_every_episode(baseline: Trial) -> None:
     assert not list(baseline.checkpoints.glob(".staging-*"))
 
 
-def test_coordinator_sigkill_then_resume_is_bit_identical(baseline: Trial, tmp_path: Path):
-    trial = Trial(tmp_path)
-    tensorboard = {"TENSORBOARD": "1"}  # and its steps after the checkpoint shown once
-    trial.kill_at_gate(env=tensorboard)
+TENSORBOARD = {"TENSORBOARD": "1"}  # and its steps after the checkpoint shown once
+
+
+@pytest.fixture(scope="module")
+def killed_at_gate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trial, Path]:
+    """A run whose coordinator was SIGKILLed while the trainer waited at the gate (iteration
+    5, after the checkpoint of iteration 4), and an untouched copy of its output directory.
+    One test resumes the run in place, another resumes the copy from elsewhere."""
+    trial = Trial(tmp_path_factory.mktemp("killed_at_gate"))
+    trial.kill_at_gate(env=TENSORBOARD)
+    untouched = trial.base / "untouched"
+    shutil.copytree(trial.output, untouched)
+    return trial, untouched
+
+
+def test_coordinator_sigkill_then_resume_is_bit_identical(
+    baseline: Trial, killed_at_gate: tuple[Trial, Path]
+):
+    trial, _ = killed_at_gate
     assert trial.complete() == [4]
-    trial.run(env=tensorboard)
+    trial.run(env=TENSORBOARD)
     _assert_resumed_like(trial, baseline, resumed_at=4)
     trial.assert_tensorboard_like_metrics()
 
@@ -119,14 +134,12 @@ def test_a_new_run_in_a_used_directory_sets_the_earlier_runs_checkpoints_aside(
 
 
 def test_a_run_directory_copied_elsewhere_resumes_with_every_step_once(
-    baseline: Trial, tmp_path: Path
+    baseline: Trial, killed_at_gate: tuple[Trial, Path], tmp_path: Path
 ):
     """metrics.jsonl is cut back to the checkpoint even when the output directory is reached
     by another path than the one the checkpoint recorded."""
-    trial = Trial(tmp_path / "first")
-    trial.kill_at_gate()
     copy = Trial(tmp_path / "copy")
-    shutil.copytree(trial.output, copy.output)
+    shutil.copytree(killed_at_gate[1], copy.output)  # as the killed run left it
     metrics = copy.run_dir / "metrics.jsonl"
     # a record written after the checkpoint of iteration 4 (when one was: it depends on how
     # the trainer's calls grouped the steps before the gate)
@@ -134,7 +147,7 @@ def test_a_run_directory_copied_elsewhere_resumes_with_every_step_once(
     with metrics.open("a") as f:
         f.write(json.dumps({**record[-1], "step": 5}) + "\n")
     assert [step for step, _, _ in copy.train_records()][-1] == 5
-    text = copy.run()
+    text = copy.run(env=TENSORBOARD)
     assert "metrics.jsonl rewound to the checkpoint" in text, text
     _assert_resumed_like(copy, baseline, resumed_at=4)
 
@@ -347,20 +360,34 @@ def test_step_checkpoints_alone_still_save_the_end_of_the_run(tmp_path: Path) ->
     assert "checkpoint of iteration 12 (end of episode 3, end)" in text, text
 
 
+@pytest.fixture(scope="module")
+def started_from_4(baseline: Trial, tmp_path_factory: pytest.TempPathFactory) -> tuple[Trial, str]:
+    """A copy of the finished baseline run, run again from its iteration 4 for 2 episodes
+    (load_data_checkpoint_iteration); and its output. Tests run on copies of it."""
+    trial = Trial(tmp_path_factory.mktemp("started_from_4"))
+    shutil.copytree(baseline.output, trial.output)
+    return trial, trial.run(env={"LOAD_ITER": "4", "NUM_EPISODE": "2"})
+
+
+def _copy_of(trial: Trial, tmp_path: Path) -> Trial:
+    copy = Trial(tmp_path)
+    shutil.copytree(trial.output, copy.output)
+    return copy
+
+
 def test_a_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(
-    baseline: Trial, tmp_path: Path
+    baseline: Trial, started_from_4: tuple[Trial, str], tmp_path: Path
 ) -> None:
     # Resuming from iteration 4 of a finished run replaces its steps 5-12. Its checkpoints 8
     # and 12 used to stay: pruning counted them as the newest (removing the new run's own),
     # and the next resume jumped back to iteration 12 of the replaced run, "every episode
     # trained".
-    trial = Trial(tmp_path)
-    shutil.copytree(baseline.output, trial.output)
-    text = trial.run(env={"LOAD_ITER": "4", "NUM_EPISODE": "2"})
+    started, text = started_from_4
     assert "older than the run's newest checkpoints" in text, text
-    (aside,) = trial.checkpoints.glob("superseded-*")
+    (aside,) = started.checkpoints.glob("superseded-*")
     assert sorted(p.name for p in aside.iterdir()) == ["iter_0000008", "iter_0000012"]
-    assert trial.complete() == [4, 8]  # the new run's 8, not the replaced one's
+    assert started.complete() == [4, 8]  # the new run's 8, not the replaced one's
+    trial = _copy_of(started, tmp_path)
     trial.run(env={"NUM_EPISODE": "3"})  # resumes the new run, from its 8
     assert trial.events("first_step")[-1]["iteration"] == 8
     assert trial.complete() == [4, 8, 12]
@@ -384,14 +411,12 @@ def test_a_resume_that_fails_to_load_leaves_the_newer_checkpoints_and_metrics_al
 
 
 def test_a_restart_of_a_run_started_from_an_iteration_continues_it(
-    baseline: Trial, tmp_path: Path
+    baseline: Trial, started_from_4: tuple[Trial, str], tmp_path: Path
 ) -> None:
     # load_data_checkpoint_iteration was applied again when chatlearn launch restarted the
     # coordinator: back to iteration 4, the run's own checkpoint 8 moved into a second
     # superseded-* directory
-    trial = Trial(tmp_path)
-    shutil.copytree(baseline.output, trial.output)
-    trial.run(env={"LOAD_ITER": "4", "NUM_EPISODE": "2"})
+    trial = _copy_of(started_from_4[0], tmp_path)
     # the third restart: the two before it were killed before they wrote a record
     restarted = {"LOAD_ITER": "4", "NUM_EPISODE": "3", COORDINATOR_RESTARTS_ENV_VAR: "3"}
     text = trial.run(env=restarted)
