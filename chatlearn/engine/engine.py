@@ -70,7 +70,11 @@ from chatlearn.engine.pipeline import DPOPipeline, PipelineSettings
 from chatlearn.engine.progress import Progress, setup_logging
 from chatlearn.engine.protocol import EVAL, ReferenceGroup, TrainerGroup
 from chatlearn.engine.reference_cache import repeats_samples
-from chatlearn.engine.run_checkpoints import RunCheckpoints, find_checkpoint
+from chatlearn.engine.run_checkpoints import (
+    RunCheckpoints,
+    find_checkpoint,
+    refuse_before_start,
+)
 from chatlearn.engine.run_lock import RunLock
 from chatlearn.engine.sample_errors import located_sample_error, unsendable_sample_error
 from chatlearn.engine.sampler import (
@@ -735,6 +739,14 @@ class DPOEngine(Engine):
             manager = CheckpointManager(checkpoint_root(runtime), keep_last=runtime.save_keep_last)
             iteration = runtime.load_data_checkpoint_iteration
             self._resume_info = await find_checkpoint(manager, iteration, self.global_args)
+        if self._resume_info is not None:  # what the config alone refuses: before any start
+            refuse_before_start(
+                self._resume_info,
+                self.global_args,
+                reference=self.reference.name,
+                replicas=self.reference.num_replica,
+                trainer=self.policy_trainer.name,
+            )
         saved = self._resume_info.state if self._resume_info is not None else None
         forward_calls = 0
         if saved is not None:

@@ -282,34 +282,18 @@ class RunCheckpoints:
         saved = info.state
         assert saved is not None, "only complete checkpoints are restored"
         replicas = len(self.reference.replicas)
-        saved_replicas = saved.training.get("reference_replicas", replicas)
-        if saved.step_in_episode and saved_replicas != replicas:
-            raise self._error(
-                f"models.{self.reference.name}",
-                f"the checkpoint {info.path.name} is in the middle of episode "
-                f"{saved.episode + 1} (after its step {saved.step_in_episode}), written with "
-                f"{saved_replicas} reference replica(s); this run has {replicas}, and the "
-                "order of an episode's samples depends on their number: its remaining steps "
-                "would train other samples than the interrupted run's",
-                f"resume with {saved_replicas} replica(s) (change it at an episode's end), or "
-                "from a checkpoint at an episode's end (runtime.load_data_checkpoint_iteration)",
-            )
+        refuse_before_start(
+            info,
+            self.config,
+            reference=self.reference.name,
+            replicas=replicas,
+            trainer=self.trainer.name,
+        )
         changed = describe_changes(
             saved.training, training_settings(self.settings, self.trainer_dp, replicas)
         )
         # as the checkpoint wrote it (coordinator.json): lists for tuples, str for the rest
         current = json.loads(json.dumps(_plain_config(self.config), default=str))
-        architecture = architecture_changes(saved.config, current, self.trainer.name)
-        if architecture:  # checked before loading: the load would fail, or load nonsense
-            values = "; ".join(f"{key}: saved {a!r}, now {b!r}" for key, a, b in architecture)
-            saved_values = ", ".join(f"{key.split('.', 3)[3]}: {a!r}" for key, a, _ in architecture)
-            raise self._error(
-                architecture[0][0],
-                f"the checkpoint {info.path.name} was written for another model architecture "
-                f"({values}): its weights do not fit this model",
-                f"resume with {saved_values}, or start a new run (another output_dir, or "
-                "enable_resume_training: false)",
-            )
         try:
             self.sampler.load_state_dict(saved.sampler)  # raises if the data settings changed
         except DataSettingsChanged as exc:
@@ -419,6 +403,46 @@ class RunCheckpoints:
             else "with nothing: every episode is trained",
         )
         return saved.copy()
+
+
+def refuse_before_start(
+    info: CheckpointInfo, config: Any, *, reference: str, replicas: int, trainer: str
+) -> None:
+    """The refusals of a resume from ``info`` that the config and the checkpoint decide alone,
+    as a `ConfigError`: a checkpoint in the middle of an episode written with another number of
+    reference replicas, and a trainer of another model architecture. `DPOEngine` checks them
+    before the models start (a resume that cannot be stops at once, not once every model has
+    started and loaded its weights), and `RunCheckpoints.restore` again."""
+    saved = info.state
+    if saved is None:
+        return
+    saved_replicas = saved.training.get("reference_replicas", replicas)
+    if saved.step_in_episode and saved_replicas != replicas:
+        raise located_error(
+            config,
+            f"models.{reference}",
+            f"the checkpoint {info.path.name} is in the middle of episode "
+            f"{saved.episode + 1} (after its step {saved.step_in_episode}), written with "
+            f"{saved_replicas} reference replica(s); this run has {replicas}, and the "
+            "order of an episode's samples depends on their number: its remaining steps "
+            "would train other samples than the interrupted run's",
+            f"resume with {saved_replicas} replica(s) (change it at an episode's end), or "
+            "from a checkpoint at an episode's end (runtime.load_data_checkpoint_iteration)",
+        )
+    # as the checkpoint wrote it (coordinator.json): lists for tuples, str for the rest
+    current = json.loads(json.dumps(_plain_config(config), default=str))
+    architecture = architecture_changes(saved.config, current, trainer)
+    if architecture:  # checked before loading: the load would fail, or load nonsense
+        values = "; ".join(f"{key}: saved {a!r}, now {b!r}" for key, a, b in architecture)
+        saved_values = ", ".join(f"{key.split('.', 3)[3]}: {a!r}" for key, a, _ in architecture)
+        raise located_error(
+            config,
+            architecture[0][0],
+            f"the checkpoint {info.path.name} was written for another model architecture "
+            f"({values}): its weights do not fit this model",
+            f"resume with {saved_values}, or start a new run (another output_dir, or "
+            "enable_resume_training: false)",
+        )
 
 
 async def find_checkpoint(

@@ -233,6 +233,7 @@ def test_a_resume_under_another_architecture_is_one_config_line(tmp_path: Path) 
         ({"TRAINER_HIDDEN_SIZE": "4", "TRAINER_WIDTH": "3"}, "model_config.hidden_size"),
         ({"TRAINER_HIDDEN_SIZE": "3", "TRAINER_WIDTH": "4"}, "width"),
     ):
+        setups = len(trial.events("setup"))
         code, text = trial.run_to_end(env={"NUM_EPISODE": "2", **env})
         assert code == 2, text
         assert "Traceback" not in text, text
@@ -240,6 +241,8 @@ def test_a_resume_under_another_architecture_is_one_config_line(tmp_path: Path) 
         assert f"models.policy_trainer.model_args.{key}: the checkpoint iter_0000004" in last
         assert f"{key}: saved 3, now 4" in last and "fix: resume with " in last, last
         assert "enable_resume_training: false" in last, last
+        if key != "width":  # an architecture setting: refused before any model started
+            assert len(trial.events("setup")) == setups
 
 
 def test_trainer_sigkill_is_a_clear_error_and_resume_is_bit_identical(
@@ -448,11 +451,13 @@ def test_a_mid_episode_resume_with_another_plan_of_its_steps_is_refused(tmp_path
     assert "fix: resume with train_global_batch_size: 4" in last and "Traceback" not in text
     assert "with changed training settings" not in text  # a refusal is not preceded by a warning
     assert (trial.checkpoints / "iter_0000008").is_dir()  # the refused run moved nothing aside
+    setups = len(trial.events("setup"))
     code, text = trial.run_to_end(env={"LOAD_ITER": "5", "REFERENCE_REPLICAS": "2"})
     assert code == 2, text
     last = text.splitlines()[-1]
     assert "models.reference: the checkpoint iter_0000005 is in the middle" in last, last
     assert "written with 1 reference replica(s); this run has 2" in last, last
+    assert len(trial.events("setup")) == setups  # refused before any model started
     # at an episode's end the number of replicas may change, and the change is said
     text = trial.run(env={"LOAD_ITER": "8", "NUM_EPISODE": "3", "REFERENCE_REPLICAS": "2"})
     assert "reference_replicas: saved 1, now 2" in text, text
