@@ -441,7 +441,7 @@ class BaseModule:
         """Seconds this model's ``setup()`` may take beyond ``runtime.startup_timeout``, and why
         (said if it runs out): asked in the coordinator before its processes start (a restarted
         process has the same). 0 by default; the ready-made Hugging Face modules allow for
-        reading their checkpoint (chatlearn/hf/modules.py)."""
+        reading their checkpoint (chatlearn/hf/base.py)."""
         return 0.0, ""
 
     def onload(self) -> None:

@@ -162,11 +162,11 @@ def slow(rank: int, checkpoint: str, startup_timeout: float = 60.0) -> dict[str,
 
 def own_network(rank: int, checkpoint: str) -> dict[str, Any]:
     from chatlearn.algorithms.logps import SequenceLogps
-    from chatlearn.hf.modules import HFReference, _HFModule
+    from chatlearn.hf.modules import HFModule, HFReference
 
     class OwnNetwork(HFReference):
         def setup(self) -> None:
-            _HFModule.setup(self)
+            HFModule.setup(self)
             self.network = SequenceLogps.from_causal_lm(self.model, check=False)
 
     args = make_args(2, model_path=checkpoint)
@@ -178,11 +178,11 @@ def own_network(rank: int, checkpoint: str) -> dict[str, Any]:
 
 
 def resize(rank: int, checkpoint: str) -> dict[str, Any]:
-    from chatlearn.hf.modules import HFReference, _HFModule
+    from chatlearn.hf.modules import HFModule, HFReference
 
     class NewTokens(HFReference):
         def setup(self) -> None:
-            _HFModule.setup(self)
+            HFModule.setup(self)
             self.model.resize_token_embeddings(len(self.tokenizer) + 2)
             self.model.requires_grad_(False)
             self.network = self.build_network(trainable=False)

@@ -23,7 +23,7 @@ warnings.filterwarnings("ignore")
 
 import torch.distributed as dist  # noqa: E402
 
-import chatlearn.hf.modules as modules  # noqa: E402
+import chatlearn.hf.base as modules  # noqa: E402
 from chatlearn.hf.modules import HFReference  # noqa: E402
 
 

@@ -24,7 +24,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import chatlearn.hf.modules as modules  # noqa: E402
+import chatlearn.hf.base as modules  # noqa: E402
 from chatlearn.hf.modules import HFReference  # noqa: E402
 
 

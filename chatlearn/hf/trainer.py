@@ -1,0 +1,346 @@
+"""`HFDPOTrainer`: the DPO objective, AdamW with warm-up and cosine decay, checkpoints and the
+Hugging Face export (chatlearn/hf/modules.py describes the modules and their model_args)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from chatlearn.algorithms import DPOMetrics, accumulation_loss, compute_dpo, concatenated_logps
+from chatlearn.algorithms.collectives import collective_device
+from chatlearn.algorithms.dpo import REF_CHOSEN_KEY, REF_REJECTED_KEY
+from chatlearn.algorithms.token_budget import regroup_step
+from chatlearn.hf.base import HFModule
+from chatlearn.hf.checkpoint import export_hf, full_state_dict, load_sharded, save_sharded
+from chatlearn.hf.lora import apply_lora, module_lora_settings
+from chatlearn.hf.memory import format_memory_report, memory_report, out_of_memory_message
+from chatlearn.hf.model import locate_model_args, tied_gradient_in_place
+from chatlearn.hf.parallel import set_gradient_sync, trainable_parameters, unwrap, zero_grad
+
+SHARDED_DIR = "sharded"  # beside the rank directories: one DCP checkpoint for all ranks
+
+
+def _lora_error(
+    model_args: Mapping[str, Any], model: Any, lora: Mapping[str, Any], failed: ValueError
+) -> Exception:
+    """peft's refusal of the LoRA settings (NoMatchingPeftModuleError: no module of the model
+    has a name of ``target_modules``) as the ConfigError of that key."""
+    prefix, error = locate_model_args(model_args)
+    section = model_args.get("lora")
+    key = "enable_lora" if not isinstance(section, Mapping) else "lora"
+    if isinstance(section, Mapping) and "target_modules" in section:
+        key = "lora.target_modules"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear = sorted(
+        {
+            name.rpartition(".")[2]
+            for name, module in model.named_modules()
+            if name and module is not head and type(module).__name__ in ("Linear", "Conv1D")
+        }
+    )
+    shown = ", ".join(linear[:8]) + (", ..." if len(linear) > 8 else "")
+    targets, name = lora["target_modules"], type(model).__name__
+    if type(failed).__name__ == "NoMatchingPeftModuleError" or "not found" in str(failed):
+        problem = f"no module of {name} matches {targets!r}"
+    else:
+        problem = f"peft cannot adapt {targets!r} in {name}: {' '.join(str(failed).split())}"
+    return error(
+        f"{prefix}.{key}",
+        problem,
+        f"name modules it has (its linear layers: {shown or 'none'}), or all-linear",
+    )
+
+
+def _token_metrics(tokens: torch.Tensor) -> dict[str, float]:
+    """The step's real and computed tokens summed over the data-parallel ranks."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        tokens = tokens.to(collective_device())
+        dist.all_reduce(tokens)
+    real, computed = tokens.tolist()
+    return {"tokens/real": real, "tokens/computed": computed}
+
+
+class HFDPOTrainer(HFModule):
+    """The policy: one AdamW step per ``train_step`` on the DPO objective."""
+
+    last_tokens: tuple[int, int] = (0, 0)
+
+    def setup(self) -> None:
+        super().setup()
+        if self.arg("gradient_checkpointing", False):
+            self.model.gradient_checkpointing_enable()
+            self.model.config.use_cache = False
+        lora = module_lora_settings(self)
+        if lora is not None:
+            try:
+                self.model = apply_lora(self.model, lora, seed=int(self.arg("seed", 0)))
+            except ValueError as failed:  # peft: target_modules matched no module of the model
+                raise _lora_error(self.model_args, self.model, lora, failed) from None
+        self._check_trainable_dtype()
+        tied_gradient_in_place(self.model)
+        self.model.train()
+        self.network = self.build_network(trainable=True)
+        self.optimizer = torch.optim.AdamW(
+            list(trainable_parameters(self.network)), **self._optimizer_settings()
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.grad_scaler = self.layout.grad_scaler()
+        if self.data_parallel_rank == 0:
+            report = format_memory_report(self.memory_report(), self.layout.describe())
+            self._logger.info("%s: %s; forward: %s", self.name, report, self.packing.describe())
+
+    def _check_trainable_dtype(self) -> None:
+        """No float16 parameter to train: AdamW's eps (1e-8) is 0 in float16, and its update of
+        a zero second moment is 0/0. A float16 checkpoint (how many models are published)
+        loaded with dtype unset (the checkpoint's) trained to a NaN loss from the second step,
+        without a word. bfloat16 has float32's range; LoRA's adapters train in float32."""
+        if not any(p.requires_grad and p.dtype == torch.float16 for p in self.model.parameters()):
+            return
+        where, error = locate_model_args(self.model_args)
+        dtype = self.model_args.get("dtype")
+        given = f"dtype: {dtype}" if dtype else "dtype unset: the checkpoint's"
+        raise error(
+            f"{where}.dtype",
+            f"the trainer's parameters are float16 ({given}), which AdamW cannot train: its "
+            "eps (1e-8) is 0 in float16, and the loss is NaN from the second step",
+            "set dtype: float32 (with mixed_precision: bf16, or fp16 on CUDA, for low-precision "
+            "compute) or bfloat16, or train LoRA adapters (they train in float32)",
+        )
+
+    def _optimizer_settings(self) -> dict[str, Any]:
+        return {
+            "lr": float(self.arg("learning_rate", 1e-6)),
+            "weight_decay": float(self.arg("weight_decay", 0.0)),
+            "betas": tuple(float(b) for b in self.arg("adam_betas", (0.9, 0.999))),
+            "eps": float(self.arg("adam_eps", 1e-8)),
+        }
+
+    def _apply_optimizer_settings(self, built: list[dict[str, Any]]) -> None:
+        """After a checkpoint load: each param group's learning rate, weight decay, betas and
+        eps as this run built them (``built``: from the configuration, a subclass's groups
+        included), not the checkpoint's (its groups and the scheduler's base rates held the
+        values of the run that wrote it; lowering the rate after a loss spike is the usual
+        reason to change it on resume), and the rate of the schedule's current step under this
+        run's schedule. The moments and the step count stay the checkpoint's; nothing differs,
+        nothing is touched (an exact resume stays exact)."""
+        step = self.scheduler.last_epoch
+        lambdas = getattr(self.scheduler, "lr_lambdas", None)  # LambdaLR's (ours: _lr_factor)
+        groups = self.optimizer.param_groups
+        changed: list[str] = []
+        for index, (group, wanted) in enumerate(zip(groups, built, strict=False)):
+            for key, value in wanted.items():
+                if key in group and tuple(_flat(group[key])) != tuple(_flat(value)):
+                    name = {"initial_lr": "learning_rate", "betas": "adam_betas"}.get(key, key)
+                    changed.append(f"{name} {group[key]} -> {value}")
+                    group[key] = value
+            if lambdas is not None and "initial_lr" in group:
+                rate = group["initial_lr"] * lambdas[index](step)
+                if group["lr"] != rate:
+                    changed.append(f"rate of step {step + 1} {group['lr']:.6g} -> {rate:.6g}")
+                    group["lr"] = rate
+        if not changed:
+            return
+        if hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [group.get("initial_lr", group["lr"]) for group in groups]
+            self.scheduler._last_lr = [group["lr"] for group in groups]
+        if self.data_parallel_rank == 0:
+            self._logger.warning(
+                "%s: the checkpoint's optimizer settings differ from this run's; this run's "
+                "apply from here on (the moments and schedule position are the checkpoint's): "
+                "%s",
+                self.name,
+                "; ".join(dict.fromkeys(changed)),
+            )
+
+    def memory_report(self) -> dict[str, Any]:
+        """This rank's parameter, gradient and optimizer-state bytes (``chatlearn.hf.memory``)."""
+        return memory_report(self.network, self.optimizer)
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (ChatLearn's trainer iteration formula)."""
+        runtime = self.runtime_args
+        per_pass = math.ceil(runtime.sample_per_episode / runtime.train_global_batch_size)
+        return max(1, runtime.num_episode * runtime.num_training_epoch * per_pass)
+
+    def _lr_factor(self, step: int) -> float:
+        total = self.total_steps()
+        warmup = int(self.arg("warmup_steps", 0))
+        warmup = warmup or int(float(self.arg("warmup_ratio", 0.0)) * total)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        floor = float(self.arg("min_lr_ratio", 0.0))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def _objective(self, micro_batch: dict[str, Any], network: Any = None) -> Any:
+        """The micro-batch's DPOOutput; its (real, computed) token counts in `self.last_tokens`."""
+        with self.layout.autocast():
+            policy = concatenated_logps(
+                self.network if network is None else network,
+                micro_batch,
+                pad_token_id=self.pad_token_id,
+                **self.packing.kwargs(),
+            )
+        self.last_tokens = (policy.num_real_tokens, policy.num_computed_tokens)
+        rpo_alpha = self.model_args.get("rpo_alpha")
+        return compute_dpo(
+            policy,
+            micro_batch[REF_CHOSEN_KEY],
+            micro_batch[REF_REJECTED_KEY],
+            beta=float(self.arg("beta", 0.1)),
+            loss_type=str(self.arg("loss_type", "sigmoid")),
+            label_smoothing=float(self.arg("label_smoothing", 0.0)),
+            rpo_alpha=None if rpo_alpha is None else float(rpo_alpha),
+        )
+
+    def train_step(self, data: list[dict[str, Any]], iteration: int = 0) -> dict[str, float]:
+        try:
+            return self._train_step(data)
+        except torch.OutOfMemoryError as error:
+            report = self.memory_report()
+            raise torch.OutOfMemoryError(
+                out_of_memory_message(error, report, self.layout.describe())
+            ) from error
+
+    def _train_step(self, data: list[dict[str, Any]]) -> dict[str, float]:
+        dp = self.data_parallel_size
+        num_local = sum(int(mb[REF_CHOSEN_KEY].shape[0]) for mb in data)
+        metrics = DPOMetrics(with_nll=self.model_args.get("rpo_alpha") is not None)
+        tokens = torch.zeros(2, dtype=torch.float64)  # (real, computed) of the step
+        scaler = self.grad_scaler
+        zero_grad(self.optimizer, self.network)
+        if self.token_budget is not None:
+            data = self._within_budget(data)
+        for index, micro_batch in enumerate(data):
+            # DDP all-reduces gradients once per step, on the last micro-batch's backward
+            with set_gradient_sync(self.network, index == len(data) - 1 or dp == 1):
+                out = self._objective(micro_batch)
+                tokens += torch.tensor(self.last_tokens, dtype=torch.float64)
+                loss = accumulation_loss(
+                    out.losses, num_samples_global=num_local * dp, world_size=dp
+                )
+                (loss if scaler is None else scaler.scale(loss)).backward()
+            metrics.update(out)
+        result = metrics.all_reduce().compute()
+        result.update(_token_metrics(tokens))
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        max_norm = self.arg("max_grad_norm", 1.0)
+        if max_norm:
+            params = list(trainable_parameters(self.network))
+            norm = torch.nn.utils.clip_grad_norm_(params, float(max_norm))
+            full = getattr(norm, "full_tensor", None)  # FSDP2: the norm of the whole gradient
+            result["grad_norm"] = float(full() if callable(full) else norm)
+        result["learning_rate"] = float(self.scheduler.get_last_lr()[0])
+        if scaler is None:
+            self.optimizer.step()
+        else:
+            scaler.step(self.optimizer)
+            scaler.update()
+        self.scheduler.step()
+        return result
+
+    def _within_budget(self, data: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The step's pairs regrouped into forwards of at most ``max_tokens_per_micro_batch``
+        tokens (the same number on every rank of a sharded model)."""
+        assert self.token_budget is not None
+        return regroup_step(
+            data,
+            self.token_budget,
+            packing=self.packing.packing,
+            prefix_sharing=self.packing.prefix_sharing,
+            agree=self.budget_options()["agree"],
+        )
+
+    def eval_step(self, data: dict[str, Any]) -> dict[str, float]:
+        """DPO metrics of the current policy on one held-out batch (no collectives but FSDP2's
+        parameter gathering, so every rank must evaluate the same number of batches)."""
+        parts = [data] if self.token_budget is None else self._within_budget([data])
+        metrics = DPOMetrics(with_nll=self.model_args.get("rpo_alpha") is not None)
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                # no DDP hooks outside a train step; FSDP2's are needed (sharded parameters)
+                network = self.network if self.layout.sharded else unwrap(self.network)
+                for part in parts:
+                    metrics.update(self._objective(part, network))
+        finally:
+            self.model.train()
+        return metrics.compute()
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, iteration: int) -> None:
+        """TorchModule's exact-resume state (or, under FSDP2, a sharded
+        ``torch.distributed.checkpoint`` of model and optimizer beside the rank directories,
+        plus scheduler and RNG per rank), and an HF-loadable ``hf_model`` directory with the
+        tokenizer written by rank 0: ``AutoModelForCausalLM.from_pretrained(<dir>/hf_model)``;
+        with LoRA also ``hf_model/adapter`` (``PeftModel.from_pretrained``)."""
+        if not self.layout.sharded:
+            super().save_checkpoint(iteration)
+        else:
+            directory = self.checkpoint_dir(iteration)
+            directory.mkdir(parents=True, exist_ok=True)
+            save_sharded(directory.parent / SHARDED_DIR, self.network, self.optimizer)
+            self._save_rank_state(directory)
+        if self.arg("save_hf_model", True):
+            self.export_hf_model(self.checkpoint_dir(iteration) / "hf_model")
+
+    def _save_rank_state(self, directory: Any) -> None:
+        from chatlearn.actors.module import save_rank_state
+
+        save_rank_state(directory, {"scheduler": self.scheduler})
+
+    def load_checkpoint(self, iteration: int) -> None:
+        keys = ("initial_lr", "weight_decay", "betas", "eps")
+        built = [{k: g[k] for k in keys if k in g} for g in self.optimizer.param_groups]
+        if not self.layout.sharded:
+            super().load_checkpoint(iteration)
+        else:
+            from chatlearn.actors.module import load_rank_state
+
+            directory = self.checkpoint_dir(iteration)
+            load_sharded(directory.parent / SHARDED_DIR, self.network, self.optimizer)
+            load_rank_state(directory, {"scheduler": self.scheduler})
+        self._apply_optimizer_settings(built)
+
+    def export_hf_model(self, target: Any) -> None:
+        """The policy as a Hugging Face directory (collective under FSDP2: call it on every
+        rank; only rank 0 writes, from a state dict gathered parameter by parameter)."""
+        state = full_state_dict(self.model, sharded=self.layout.sharded)
+        if self.data_parallel_rank != 0:
+            return
+        with _quiet_progress_bars():  # a bar per save would clutter the run's log
+            export_hf(
+                self.model,
+                state,
+                target,
+                tokenizer=self.tokenizer,
+                merge_lora=bool(self.arg("merge_lora", True)),
+            )
+
+
+def _flat(value: Any) -> Iterator[float]:
+    """A number, or the numbers of a tuple or list, as floats (betas are saved as lists)."""
+    if isinstance(value, list | tuple):
+        for item in value:
+            yield float(item)
+    else:
+        yield float(value)
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
