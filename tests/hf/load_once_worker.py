@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layout_worker import (  # noqa: E402
     GLOBAL_BATCH,
     MICRO_BATCHES,
+    end_worker,
     make_args,
     reference_batches,
     start,
@@ -227,3 +228,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_worker()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layout_worker import make_args  # noqa: E402
+from layout_worker import end_worker, make_args  # noqa: E402
 from load_turns_worker import join_group  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -46,3 +46,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_worker()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layout_worker import first_batch, make_args  # noqa: E402
+from layout_worker import end_worker, first_batch, make_args  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -79,3 +79,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_worker()

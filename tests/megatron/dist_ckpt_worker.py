@@ -31,7 +31,12 @@ warnings.filterwarnings("ignore")  # megatron warns at import that Apex/TE are m
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from convert_worker import _identical, gathered_logits, next_token_logps  # noqa: E402
+from convert_worker import (  # noqa: E402
+    _identical,
+    end_worker,
+    gathered_logits,
+    next_token_logps,
+)
 
 SEED = 3
 
@@ -252,3 +257,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_worker()

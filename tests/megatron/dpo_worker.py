@@ -30,6 +30,7 @@ warnings.filterwarnings("ignore")  # megatron warns at import that Apex/TE are m
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from convert_worker import end_worker  # noqa: E402
 
 SEED = 7
 NUM_STEPS = 4
@@ -213,3 +214,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_worker()
