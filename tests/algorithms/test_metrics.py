@@ -100,7 +100,7 @@ def test_prefix_reset_empty_and_mismatch() -> None:
 
 WORKER = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     import torch.distributed as dist
     sys.path.insert(0, sys.argv[4])
     import test_metrics as t
@@ -111,6 +111,10 @@ WORKER = textwrap.dedent(
         print(json.dumps({"n": metrics.num_samples, "metrics": metrics.compute()}))
     finally:
         dist.destroy_process_group()
+    # as actor processes end: the interpreter's shutdown with gloo's threads aborted now and
+    # then (tests/hf/layout_worker.py, end_worker)
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 
