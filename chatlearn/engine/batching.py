@@ -32,6 +32,7 @@ outputs must still be batch-first (the spec), so :func:`concat_outputs` rejects 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -363,27 +364,45 @@ def collate_inputs(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
     ChatLearn's data loader then collates with torch's ``default_collate``, and programs written
     for it rely on what that gives: numbers as tensors (``int`` int64, ``float`` float64,
-    ``bool`` bool, numpy's scalars of their own dtype) and numpy arrays as tensors. Here too;
-    tensors are padded to the longest (`collate_samples`), where ``default_collate`` stops at
-    tensors of different lengths, and the rest stays a list.
+    ``bool`` bool, numpy's scalars of their own dtype) and numpy arrays as tensors (of the dtype
+    their dtypes promote to, as ``torch.stack`` there). Here too; tensors are padded to the
+    longest (`collate_samples`), where ``default_collate`` stops at tensors of different lengths,
+    and the rest stays a list: a key whose arrays are not all numeric arrays of one number of
+    dims (None in some samples, another rank) is the list of them it was before.
     """
-    batch = collate_samples([_arrays_as_tensors(sample) for sample in samples])
+    batch = collate_samples(samples)  # numpy arrays are still lists here
     for key, values in batch.items():
         if isinstance(values, list) and values:
-            batch[key] = _numbers_as_tensor(values)
+            if any(_numeric_array(v) for v in values):
+                batch[key] = _arrays_as_tensor(values)
+            else:
+                batch[key] = _numbers_as_tensor(values)
     return batch
-
-
-def _arrays_as_tensors(sample: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The sample with its numpy arrays as tensors (the sample itself if it has none)."""
-    if not isinstance(sample, Mapping) or not any(map(_numeric_array, sample.values())):
-        return sample
-    return {k: torch.from_numpy(v) if _numeric_array(v) else v for k, v in sample.items()}
 
 
 def _numeric_array(value: Any) -> bool:
     """A numpy array torch can take (strings and objects stay as they are)."""
     return isinstance(value, np.ndarray) and value.dtype.kind in "biufc"
+
+
+def _arrays_as_tensor(values: list[Any]) -> Any:
+    """Numeric arrays (tensors among them too) as one padded tensor of their promoted dtype, as
+    ``default_collate`` stacks them (the first one's dtype would truncate a float array after an
+    integer one); ``values`` unchanged when they are not all such arrays of one number of dims,
+    or of dtypes torch does not promote (uint32 with int64), where ``default_collate`` stops."""
+    if not all(_numeric_array(v) or isinstance(v, torch.Tensor) for v in values):
+        return values
+    if len({(v.shape, v.dtype) for v in values}) == 1 and _numeric_array(values[0]):
+        stacked = np.stack(values)  # all arrays of one shape and dtype: default_collate's stack
+        return torch.from_numpy(stacked)
+    tensors = [v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for v in values]
+    if any(t.dim() != tensors[0].dim() for t in tensors):
+        return values
+    try:
+        dtype = functools.reduce(torch.promote_types, {t.dtype for t in tensors})
+    except RuntimeError:
+        return values
+    return pad_stack([t.to(dtype) for t in tensors])
 
 
 def _numbers_as_tensor(values: list[Any]) -> Any:

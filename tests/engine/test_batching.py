@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import default_collate
 
 from chatlearn.engine.batching import (
     PaddingSpec,
@@ -301,3 +302,30 @@ def test_inputs_without_a_collate_fn_pad_what_default_collate_cannot_stack():
     assert batch["mixed"] == [1, "one"]  # not all numbers: a list, as the trainer's rule
     assert batch["big"] == [2**70, 1]  # beyond int64: left as Python ints
     assert [a.tolist() for a in batch["s"]] == [["a"], ["b"]]  # arrays of strings stay arrays
+
+
+def test_inputs_without_a_collate_fn_keep_arrays_they_cannot_stack_as_a_list():
+    # as before numpy arrays became tensors: an optional feature (None in some samples), arrays
+    # of another rank or a list in another sample stay the list of them, not a ValueError
+    samples = [
+        {"opt": np.arange(3), "rank": np.arange(3), "kind": np.arange(2)},
+        {"opt": None, "rank": np.zeros((2, 2)), "kind": [1, 2]},
+    ]
+    batch = collate_inputs(samples)
+    for key, values in batch.items():
+        assert isinstance(values, list), key
+        assert [v is s[key] for v, s in zip(values, samples, strict=True)] == [True, True], key
+
+
+def test_inputs_without_a_collate_fn_stack_arrays_in_their_promoted_dtype():
+    # np.array([1, 2]) is int64, np.array([0.5, 1.5]) float64: default_collate gives float64;
+    # padded into the first array's dtype, 0.5 became 0
+    samples = [{"x": np.array([1, 2])}, {"x": np.array([0.5, 1.5])}, {"x": np.array([3.25])}]
+    batch = collate_inputs(samples)
+    assert batch["x"].dtype == torch.float64
+    assert batch["x"].tolist() == [[1.0, 2.0], [0.5, 1.5], [3.25, 0.0]]
+    same_shape = samples[:2]
+    assert torch.equal(collate_inputs(same_shape)["x"], default_collate(same_shape)["x"])
+    # dtypes torch does not promote together: the list, as before
+    unsigned = [{"x": np.array([1], dtype=np.uint32)}, {"x": np.array([2])}]
+    assert isinstance(collate_inputs(unsigned)["x"], list)
