@@ -394,8 +394,8 @@ def _arrays_as_tensor(values: list[Any]) -> Any:
         return values
     if len({(v.shape, v.dtype) for v in values}) == 1 and _numeric_array(values[0]):
         stacked = np.stack(values)  # all arrays of one shape and dtype: default_collate's stack
-        return torch.from_numpy(stacked)
-    tensors = [v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for v in values]
+        return torch.from_numpy(stacked.astype(stacked.dtype.newbyteorder("="), copy=False))
+    tensors = [v if isinstance(v, torch.Tensor) else _from_numpy(v) for v in values]
     if any(t.dim() != tensors[0].dim() for t in tensors):
         return values
     try:
@@ -403,6 +403,14 @@ def _arrays_as_tensor(values: list[Any]) -> Any:
     except RuntimeError:
         return values
     return pad_stack([t.to(dtype) for t in tensors])
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    """``array`` as a tensor, copied first where ``torch.from_numpy`` would refuse it (negative
+    strides: ``x[::-1]``; another byte order: ``>i4`` read from a file) or warn (read-only: a
+    memory map). pad_stack copies it anyway, so it is never written through."""
+    native = array.dtype.newbyteorder("=")
+    return torch.from_numpy(np.require(array, dtype=native, requirements=["C", "W"]))
 
 
 def _numbers_as_tensor(values: list[Any]) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -329,3 +331,17 @@ def test_inputs_without_a_collate_fn_stack_arrays_in_their_promoted_dtype():
     # dtypes torch does not promote together: the list, as before
     unsigned = [{"x": np.array([1], dtype=np.uint32)}, {"x": np.array([2])}]
     assert isinstance(collate_inputs(unsigned)["x"], list)
+
+
+def test_inputs_without_a_collate_fn_take_arrays_torch_cannot_view():
+    # a reversed array, one of another byte order (read from a file) and a read-only one (a
+    # memory map): torch.from_numpy refuses the first two (ValueError) and warns at the third
+    ours = [np.arange(3)[::-1], np.arange(2, dtype=">i4"), np.frombuffer(b"\x01\0\0\0", "<i4")]
+    samples = [{"x": array} for array in ours]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = collate_inputs(samples)
+        same_shape = collate_inputs([{"x": ours[1]}, {"x": ours[1][::-1]}])  # stacked at once
+    assert batch["x"].tolist() == [[2, 1, 0], [0, 1, 0], [1, 0, 0]]
+    assert same_shape["x"].tolist() == [[0, 1], [1, 0]]
+    assert same_shape["x"].dtype == torch.int32
