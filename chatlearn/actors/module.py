@@ -598,7 +598,10 @@ class TorchModule(BaseModule):
         called instead, as ChatLearn's TorchModule calls them: it keeps its memory its own way,
         which a move of `self.model` would not know of, or would undo."""
         if defines_memory_hooks(self):
-            self._chatlearn_offload()
+            # once until the next onload(), as a second move finds nothing left to move: a
+            # hook that stashes what it frees would lose it to a second call
+            if not getattr(self, "_hooks_offloaded", False):
+                self._chatlearn_offload()
             return
         moved = list(getattr(self, "_offloaded", []))
         for holder, name, tensor in _device_tensors(self):
@@ -610,9 +613,13 @@ class TorchModule(BaseModule):
 
     def onload(self) -> None:
         """Move back what `offload()` moved, each tensor to the device it came from (a module
-        with ChatLearn's memory hooks: those, as `offload()`)."""
+        with ChatLearn's memory hooks: those, as `offload()`, if it offloaded)."""
         if defines_memory_hooks(self):
-            self._chatlearn_onload()
+            # only after an offload(), as the move below brings back only what it moved: the
+            # engine onloads a reference at its first turn and a restarted process, both never
+            # offloaded, whose onload hooks had nothing to bring back (or failed looking)
+            if getattr(self, "_hooks_offloaded", False):
+                self._chatlearn_onload()
             return
         # in offload's order: a parameter's data before its gradient (they must share a device)
         for holder, name, device in getattr(self, "_offloaded", []):

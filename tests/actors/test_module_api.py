@@ -292,6 +292,25 @@ def test_offload_and_onload_call_chatlearns_memory_hooks_a_module_defines():
         reset_args()
 
 
+def test_memory_hooks_bring_back_only_what_they_took_away():
+    """The engine onloads a reference at its first turn (and a restarted process), never
+    offloaded: its onload hooks ran with nothing to bring back, where the move of `self.model`
+    brings back nothing; an offload() twice called the hooks twice."""
+    cfg = lib.make_config({"reference": {"num_cpu": 1, "free_memory": True}})
+    try:
+        reference = WithMemoryHooks("reference", cfg)
+        reference.setup()
+        reference.onload()
+        assert reference.calls == []
+        reference.offload()
+        reference.offload()
+        reference.onload()
+        reference.onload()
+        assert reference.calls == ["offload_weights", "onload_weights"]
+    finally:
+        reset_args()
+
+
 def test_setup_allowance_in_its_forms_and_junk_named_in_one_line(config):
     # seconds alone or with why; a pair of the wrong size was "not enough values to unpack" from
     # the runtime's launch, and numpy's seconds (np.float32, a size computed with numpy) were

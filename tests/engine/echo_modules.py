@@ -229,3 +229,24 @@ class HookedTrainer(TorchModule):
     def save_checkpoint(self, iteration):
         if self.weights is None:
             raise RuntimeError("a save while the weights were offloaded")
+
+
+class HookedReference(TorchModule):
+    """EchoReference's rows, its weights kept with ChatLearn's memory hooks as HookedTrainer's:
+    its forwards need them."""
+
+    build_dataset = EchoReference.build_dataset
+
+    def setup(self) -> None:
+        self.weights: torch.Tensor | None = torch.ones(2)
+
+    def offload_weights(self) -> None:
+        self._stash, self.weights = self.weights, None
+
+    def onload_weights(self) -> None:
+        self.weights = self._stash
+
+    def forward_step(self, data, iteration):
+        if self.weights is None:
+            raise RuntimeError("a forward while the weights were offloaded")
+        return {"row": data["row"], "tokens": data["tokens"]}

@@ -14,7 +14,7 @@ from chatlearn import DPOEngine
 from chatlearn.config import reset_args
 
 sys.path.insert(0, str(Path(__file__).parent))
-from echo_modules import EchoReference, EchoTrainer, HookedTrainer  # noqa: E402
+from echo_modules import EchoReference, EchoTrainer, HookedReference, HookedTrainer  # noqa: E402
 
 # wall-clock bounds (death noticed in time, starved told from hung, turns and overlap):
 # run alone, in make test's second part
@@ -115,3 +115,22 @@ async def test_a_trainer_offloaded_by_its_memory_hooks_is_saved_onloaded(tmp_pat
     finally:
         reset_args()
     assert result.steps == 8 and result.checkpoint is not None
+
+
+async def test_a_reference_with_memory_hooks_is_onloaded_only_after_an_offload(
+    tmp_path: Path,
+) -> None:
+    """A reference's first turn begins with onload(), never offloaded before: its
+    onload_weights() ran with nothing stashed (here: AttributeError '_stash')."""
+    models = {
+        "reference": {"num_cpu": 1, "free_memory": True},
+        "policy_trainer": {"num_cpu": 1, "trainable": True, "free_memory": True},
+    }
+    chatlearn.init({"models": models, "runtime": {**RUNTIME, "output_dir": str(tmp_path)}})
+    try:
+        engine = DPOEngine(HookedReference("reference"), HookedTrainer("policy_trainer"))
+        engine.set_dataset(list(range(20)))
+        result = await engine.learn_async()
+    finally:
+        reset_args()
+    assert result.steps == 8
