@@ -295,6 +295,35 @@ def test_a_timed_out_run_leaves_nothing_behind(tmp_path: Path) -> None:
     assert ours() == []
 
 
+def test_a_ctrl_c_during_the_cleanup_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (again) while the run's tree is being killed (seconds: the monkey's join,
+    the SIGSTOP passes, the grace) stopped the cleanup there, the actors left alive or frozen;
+    the interrupt now comes once the tree is gone."""
+    import chatlearn.chaos.runs as runs
+
+    tag = uuid.uuid4().hex
+    real_kill_tree = runs.kill_tree
+
+    def interrupted_kill_tree(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C as the cleanup begins
+        return real_kill_tree(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "kill_tree", interrupted_kill_tree)
+    argv = [sys.executable, FAKE_RUN, "--seconds", "40", "--tag", tag, "reference.0.0"]
+    with pytest.raises(KeyboardInterrupt):
+        run_command(argv, timeout=3.0, log=tmp_path / "run.log")
+    found = [
+        proc
+        for proc in psutil.process_iter(["cmdline", "status"])
+        if tag in (proc.info["cmdline"] or []) and proc.info["status"] != "zombie"
+    ]
+    for proc in found:  # not to leave them to the next tests
+        proc.kill()
+    assert found == []
+
+
 # -- comparing runs ----------------------------------------------------------------------------
 def _write_run(
     directory: Path,

@@ -7,8 +7,9 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,19 +96,45 @@ def run_command(
         result.interrupted = True
         raise
     finally:
-        if monkey is not None:
-            monkey.stop()
-            monkey.join(5.0)
-            result.events = list(monkey.events)
-            result.monkey_outcome = monkey.outcome
-            result.actors_seen = monkey.actors_seen
-        # Also after a clean exit: what the run left in its process group goes too.
-        result.killed = kill_tree(popen, pgid=popen.pid)
-        result.exit_code = popen.returncode
-        result.seconds = time.monotonic() - started
-        if out is not None:
-            out.close()
+        # a second Ctrl-C (or SIGTERM) in the seconds this takes stopped it halfway, the tree
+        # frozen by kill_tree's SIGSTOP and left so: it is raised once the tree is gone
+        with signals_deferred():
+            if monkey is not None:
+                monkey.stop()
+                monkey.join(5.0)
+                result.events = list(monkey.events)
+                result.monkey_outcome = monkey.outcome
+                result.actors_seen = monkey.actors_seen
+            # Also after a clean exit: what the run left in its process group goes too.
+            result.killed = kill_tree(popen, pgid=popen.pid)
+            result.exit_code = popen.returncode
+            result.seconds = time.monotonic() - started
+            if out is not None:
+                out.close()
     return result
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM received in the block are held until it ends, then raised to the
+    handlers of before (the first of them: one is enough to stop). Main thread only, where
+    Python runs its signal handlers; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    # a handler not set from Python (None) could not be put back: that signal is not held
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: handler for sig, handler in previous.items() if handler is not None}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            signal.raise_signal(received[0])
 
 
 def kill_tree(
