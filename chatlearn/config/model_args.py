@@ -99,6 +99,12 @@ CHATLEARN_DEEPSPEED_KEYS: dict[str, str] = {
     "l2": "weight_decay",
     "zero_stage": "parallel: fsdp (ZeRO-3's sharding)",
 }
+# Those keys set off (false, 0): what the modules do unless told otherwise, so the key to write
+# instead would turn on what the example had off (bf16: false -> mixed_precision: bf16)
+CHATLEARN_DEEPSPEED_OFF: dict[str, str] = {
+    "bf16": "float32 compute is the default here (mixed_precision: no)",
+    "zero_stage": "ZeRO stage 0 is plain data parallelism, the default here (parallel: ddp)",
+}
 
 
 def near_misses(model_args: Mapping[str, Any]) -> dict[str, str]:

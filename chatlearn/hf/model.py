@@ -450,7 +450,11 @@ def near_miss_warnings(model_args: Mapping[str, Any]) -> list[str]:
     example that these modules read under another name (`CHATLEARN_DEEPSPEED_KEYS`), with the
     file:line it was written at."""
     from chatlearn.config import get_args
-    from chatlearn.config.model_args import CHATLEARN_DEEPSPEED_KEYS, near_misses
+    from chatlearn.config.model_args import (
+        CHATLEARN_DEEPSPEED_KEYS,
+        CHATLEARN_DEEPSPEED_OFF,
+        near_misses,
+    )
 
     misses = near_misses(model_args)
     theirs = [key for key in model_args if key in CHATLEARN_DEEPSPEED_KEYS]
@@ -463,9 +467,13 @@ def near_miss_warnings(model_args: Mapping[str, Any]) -> list[str]:
     for key in theirs:
         path = f"{prefix}.{key}"
         where = f"{config.where(path)}: " if config is not None else ""
+        if key in CHATLEARN_DEEPSPEED_OFF and not model_args[key]:
+            instead = f"{CHATLEARN_DEEPSPEED_OFF[key]}: remove it"
+        else:
+            instead = f"write {CHATLEARN_DEEPSPEED_KEYS[key]} instead"
         lines.append(
             f"{where}{path}: a key of ChatLearn's DeepSpeed DPO example, not read by the "
-            f"ready-made modules; write {CHATLEARN_DEEPSPEED_KEYS[key]} instead"
+            f"ready-made modules; {instead}"
         )
     for key, near in misses.items():
         path = f"{prefix}.{key}"

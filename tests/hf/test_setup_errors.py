@@ -283,6 +283,19 @@ def test_chatlearns_deepspeed_example_keys_are_named_with_ours(
         "prompt_template (its {} written {prompt}) instead",
     ]
     assert not [m for m in caplog.messages if "did you mean" in m]  # max_len: said once
+    reset_args()
+    # set off, they ask for these modules' defaults: "write mixed_precision: bf16 instead"
+    # turned on what the example had off
+    off = "seed: 0\nbf16: false\nzero_stage: 0\n"
+    module = module_from_files(tmp_path, TINY + off)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        module.setup()
+    warned = [m for m in caplog.messages if "ChatLearn's DeepSpeed" in m]
+    assert [m.split("; ", 1)[1] for m in warned] == [
+        "float32 compute is the default here (mixed_precision: no): remove it",
+        "ZeRO stage 0 is plain data parallelism, the default here (parallel: ddp): remove it",
+    ]
 
 
 def test_an_eos_beyond_the_models_embeddings(tmp_path: Path) -> None:
