@@ -359,7 +359,7 @@ def collate_samples(
     return batch
 
 
-def collate_inputs(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def collate_inputs(samples: Sequence[Any]) -> Any:
     """A reference's ``forward_step`` input from samples of a dataset without a ``collate_fn``.
 
     ChatLearn's data loader then collates with torch's ``default_collate``, and programs written
@@ -370,6 +370,13 @@ def collate_inputs(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     and the rest stays a list: a key whose arrays are not all numeric arrays of one number of
     dims (None in some samples, another rank) is the list of them it was before.
     """
+    if samples and not any(isinstance(sample, Mapping) for sample in samples):
+        # rows that are not dicts (a prompt string, a tuple): default_collate itself, whatever
+        # it gives (a list of the strings), as ChatLearn's forward_step gets them; collated key
+        # by key, they stopped with "'str' object has no attribute 'keys'"
+        from torch.utils.data import default_collate
+
+        return default_collate(list(samples))
     batch = collate_samples(samples)  # numpy arrays are still lists here
     for key, values in batch.items():
         if isinstance(values, list) and values:

@@ -138,6 +138,18 @@ class EchoNumberReference(EchoReference):
         return [{"row": int(s), "tokens": torch.arange(int(s) % 3 + 1)} for s in samples]
 
 
+class EchoStringReference(EchoReference):
+    """A dataset of plain strings without a collate_fn: ChatLearn's default_collate gives its
+    forward_step the list of them."""
+
+    def build_dataset(self, samples, is_eval=False):
+        return [str(s) for s in samples]
+
+    def forward_step(self, data, iteration):
+        rows = torch.tensor([int(s) for s in data])
+        return super().forward_step({"row": rows, "tokens": rows[:, None]}, iteration)
+
+
 class EchoSpawningReference(EchoReference):
     """Starts a `sleep` child in setup (a module's own helper process) and logs its pid."""
 

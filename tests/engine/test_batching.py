@@ -345,3 +345,13 @@ def test_inputs_without_a_collate_fn_take_arrays_torch_cannot_view():
     assert batch["x"].tolist() == [[2, 1, 0], [0, 1, 0], [1, 0, 0]]
     assert same_shape["x"].tolist() == [[0, 1], [1, 0]]
     assert same_shape["x"].dtype == torch.int32
+
+
+def test_inputs_without_a_collate_fn_that_are_not_dicts_are_default_collates():
+    # a dataset of prompt strings or of tuples: ChatLearn's forward_step gets default_collate's
+    # list (its strings) or tuple of columns; collated key by key it was an AttributeError
+    assert collate_inputs(["a", "b"]) == ["a", "b"]
+    rows = [(1, "x", np.float32(0.5)), (2, "y", np.float32(1.5))]
+    ours, theirs = collate_inputs(rows), default_collate(rows)
+    assert torch.equal(ours[0], theirs[0]) and ours[1] == theirs[1] == ("x", "y")
+    assert ours[2].dtype == torch.float32

@@ -29,6 +29,7 @@ from echo_modules import (  # noqa: E402
     EchoPaddingReference,
     EchoPositionalReference,
     EchoReference,
+    EchoStringReference,
     EchoTokensTrainer,
     EchoTrainer,
 )
@@ -420,6 +421,17 @@ async def test_numbers_of_a_dataset_without_collate_fn_reach_forward_step_as_ten
     # calls data["row"].tolist(), which on the list collated here before was an AttributeError
     _, log = await _learn(
         tmp_path, _runtime(1, 8, 4, 2, 4), range(8), reference_class=EchoNumberReference
+    )
+    assert sorted(row for e in _events(log, "forward") for row in e["rows"]) == list(range(8))
+
+
+async def test_a_dataset_of_strings_without_collate_fn_reaches_forward_step_as_a_list(
+    tmp_path: Path,
+) -> None:
+    # as default_collate gives them; collated key by key, the first forward stopped with
+    # "'str' object has no attribute 'keys'"
+    _, log = await _learn(
+        tmp_path, _runtime(1, 8, 4, 2, 4), range(8), reference_class=EchoStringReference
     )
     assert sorted(row for e in _events(log, "forward") for row in e["rows"]) == list(range(8))
 
