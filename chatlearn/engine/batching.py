@@ -326,7 +326,8 @@ def collate_samples(
     """A micro-batch dict from per-sample dicts (ChatLearn's ``batching``).
 
     Tensors with >=1 dim are padded to the longest sample in every dim (right with 0 unless
-    ``padding`` says otherwise for the key), 0-dim tensors are stacked, other values become lists.
+    ``padding`` says otherwise for the key), 0-dim tensors are stacked, other values become lists
+    (0-dim tensors among them as their numbers).
     """
     if not samples:
         raise ValueError("cannot collate an empty micro-batch")
@@ -341,7 +342,12 @@ def collate_samples(
     batch: dict[str, Any] = {}
     for key in keys:
         values = [sample[key] for sample in samples]
-        if isinstance(values[0], torch.Tensor):
+        if _numbers_in_some(values):
+            # a number a reference passed through from its input, which collate_inputs made a
+            # tensor in one chunk (all numbers) and left in another (a None, a string there):
+            # the list of the numbers it was before, not an error that depends on the draw
+            batch[key] = [v.item() if isinstance(v, torch.Tensor) else v for v in values]
+        elif isinstance(values[0], torch.Tensor):
             if not all(isinstance(v, torch.Tensor) for v in values):
                 raise ValueError(f"key {key!r} is a tensor in some samples and not in others")
             spec = specs.get(key, PaddingSpec())
@@ -357,6 +363,12 @@ def collate_samples(
         else:
             batch[key] = values
     return batch
+
+
+def _numbers_in_some(values: list[Any]) -> bool:
+    """0-dim tensors among values that are not all tensors."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    return 0 < len(tensors) < len(values) and all(t.dim() == 0 for t in tensors)
 
 
 def collate_inputs(samples: Sequence[Any]) -> Any:

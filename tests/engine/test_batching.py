@@ -355,3 +355,18 @@ def test_inputs_without_a_collate_fn_that_are_not_dicts_are_default_collates():
     ours, theirs = collate_inputs(rows), default_collate(rows)
     assert torch.equal(ours[0], theirs[0]) and ours[1] == theirs[1] == ("x", "y")
     assert ours[2].dtype == torch.float32
+
+
+def test_a_number_passed_through_is_a_list_when_its_chunks_collated_it_differently():
+    # a reference's forward_step passes "score" through: a chunk of numbers made it a tensor,
+    # a chunk with a None left the list; a micro-batch of samples from both stopped training
+    # with "key 'score' is a tensor in some samples and not in others" (or held tensor(1)),
+    # as the draw fell. The numbers come as they were in the dataset, as before
+    chunks = [[{"row": 0, "score": 1}, {"row": 1, "score": 2}], [{"row": 2, "score": None}]]
+    outputs = [split_per_sample(collate_inputs(chunk)) for chunk in chunks]
+    for samples in ([outputs[0][0], outputs[1][0]], [outputs[1][0], outputs[0][1]]):
+        batch = collate_samples(samples)
+        assert batch["score"] in ([1, None], [None, 2])
+        assert [type(v) for v in batch["score"] if v is not None] == [int]
+    # all tensors, all 0-dim: stacked, as ever
+    assert torch.equal(collate_samples(outputs[0])["score"], torch.tensor([1, 2]))
