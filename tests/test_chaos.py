@@ -324,6 +324,41 @@ def test_a_ctrl_c_during_the_cleanup_leaves_nothing_behind(
     assert found == []
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_the_harness_stopped_by_a_signal_kills_the_run(tmp_path: Path, sig: int) -> None:
+    """SIGHUP (the terminal closed, the ssh session lost) ended the harness by its default
+    action and left the run, in a process group of its own, going on without its timeout."""
+    tag = uuid.uuid4().hex
+    run = [sys.executable, FAKE_RUN, "--seconds", "40", "--tag", tag, "reference.0.0"]
+    args = ["--no-baseline", "--reference-kills", "0", "--trainer-kills", "0"]
+    harness = subprocess.Popen(
+        [sys.executable, "-c", "from chatlearn.cli import main; main()", "chaos", *args]
+        + ["--work-dir", str(tmp_path), "--", *run],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+    def ours() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["cmdline", "status"]):
+            if tag in (proc.info["cmdline"] or []) and proc.info["status"] != "zombie":
+                found.append(proc)
+        return found
+
+    try:
+        _wait_until(lambda: len(ours()) == 2, what="the run and its fake actor")
+        harness.send_signal(sig)
+        _, stderr = harness.communicate(timeout=30)
+        left = ours()
+    finally:
+        harness.kill()
+        for proc in ours():
+            proc.kill()
+    assert harness.returncode == 128 + sig, stderr.decode()
+    assert f"chaos: terminated ({signal.Signals(sig).name}); the run was killed" in stderr.decode()
+    assert left == []
+
+
 # -- comparing runs ----------------------------------------------------------------------------
 def _write_run(
     directory: Path,

@@ -23,7 +23,7 @@ command and killing its whole tree), `compare` (the verdict on two runs), `cli` 
 
 Every wait is bounded: the monkey stops at its deadline, a run is killed at ``--timeout``, and a
 killed run's whole process tree goes (SIGSTOP to freeze it, then SIGKILL and SIGCONT), stopped
-actors included, so nothing is left behind, also on Ctrl-C or SIGTERM.
+actors included, so nothing is left behind, also on Ctrl-C, SIGTERM or SIGHUP.
 """
 
 from chatlearn.chaos.cli import command

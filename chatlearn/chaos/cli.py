@@ -130,7 +130,7 @@ def command(
     Each run gets <work-dir>/baseline or <work-dir>/chaos in the variable --output-env, and logs
     to <work-dir>/<run>.log. Exits 0 only if both runs exited 0, the monkey did not fail and
     the chaos run's metrics and final trainer weights equal the baseline's; 1 otherwise, 2 for
-    bad input, 130 on Ctrl-C (the run is killed).
+    bad input, 130 on Ctrl-C, 143 on SIGTERM, 129 on SIGHUP (the run is killed).
     """
     if not argv:
         raise _usage("no command to run: chatlearn chaos [OPTIONS] -- COMMAND...")
@@ -165,25 +165,32 @@ def command(
         )
     work.mkdir(parents=True, exist_ok=True)
 
-    previous = signal.getsignal(signal.SIGTERM)
+    # SIGHUP too (the terminal closed, an ssh session lost): its default action ended the
+    # harness alone, and the run, in a process group of its own, went on without its timeout
+    stops = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in stops}
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        for sig in stops:
+            signal.signal(sig, _raise_terminated)
     try:
         code = _run_both(argv, plan, timeout, output_env, work, no_baseline)
     except KeyboardInterrupt:
         click.echo("chaos: interrupted (Ctrl-C); the run was killed", err=True)
         code = 130
-    except Terminated:
-        click.echo("chaos: terminated (SIGTERM); the run was killed", err=True)
-        code = 143
+    except Terminated as stop:
+        name = signal.Signals(stop.signum).name
+        click.echo(f"chaos: terminated ({name}); the run was killed", err=True)
+        code = 128 + stop.signum
     finally:
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                if handler is not None:  # None: not set from Python, nothing to put back
+                    signal.signal(sig, handler)
     sys.exit(code)
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def _run_both(

@@ -57,7 +57,11 @@ class RunResult:
 
 
 class Terminated(Exception):
-    """SIGTERM reached the harness: stop the run as for Ctrl-C."""
+    """SIGTERM or SIGHUP (``signum``) reached the harness: stop the run as for Ctrl-C."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
 
 
 def run_command(
@@ -96,8 +100,8 @@ def run_command(
         result.interrupted = True
         raise
     finally:
-        # a second Ctrl-C (or SIGTERM) in the seconds this takes stopped it halfway, the tree
-        # frozen by kill_tree's SIGSTOP and left so: it is raised once the tree is gone
+        # a second Ctrl-C (or SIGTERM, SIGHUP) in the seconds this takes stopped it halfway, the
+        # tree frozen by kill_tree's SIGSTOP and left so: it is raised once the tree is gone
         with signals_deferred():
             if monkey is not None:
                 monkey.stop()
@@ -116,7 +120,7 @@ def run_command(
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM received in the block are held until it ends, then raised to the
+    """SIGINT, SIGTERM and SIGHUP received in the block are held until it ends, then raised to the
     handlers of before (the first of them: one is enough to stop). Main thread only, where
     Python runs its signal handlers; elsewhere the block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
@@ -124,7 +128,8 @@ def signals_deferred() -> Iterator[None]:
         return
     received: list[int] = []
     # a handler not set from Python (None) could not be put back: that signal is not held
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in stops}
     previous = {sig: handler for sig, handler in previous.items() if handler is not None}
     for sig in previous:
         signal.signal(sig, lambda signum, frame: received.append(signum))
