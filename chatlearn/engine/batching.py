@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 PaddingType = Literal["right", "left"]
 
@@ -386,8 +387,6 @@ def collate_inputs(samples: Sequence[Any]) -> Any:
         # rows that are not dicts (a prompt string, a tuple): default_collate itself, whatever
         # it gives (a list of the strings), as ChatLearn's forward_step gets them; collated key
         # by key, they stopped with "'str' object has no attribute 'keys'"
-        from torch.utils.data import default_collate
-
         return default_collate(list(samples))
     batch = collate_samples(samples)  # numpy arrays are still lists here
     for key, values in batch.items():
@@ -433,20 +432,22 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
 
 
 def _numbers_as_tensor(values: list[Any]) -> Any:
-    """``values`` as one tensor if they are all numbers of one kind (as ``default_collate``
-    makes them), else unchanged."""
+    """``values`` as the tensor ``default_collate`` makes of them when all are numbers, Python's
+    or numpy's, mixed too (its dtype follows the first one's type: ``int`` int64, and float32
+    with floats after it; ``float`` float64; numpy's its dtype), else unchanged; so are numbers
+    beyond int64, where it stops."""
     if all(isinstance(v, np.generic) and v.dtype.kind in "biuf" for v in values):
-        return torch.from_numpy(np.stack(values))
-    if all(isinstance(v, bool) for v in values):
-        return torch.tensor(values, dtype=torch.bool)
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        try:
-            return torch.tensor(values, dtype=torch.int64)
-        except (RuntimeError, OverflowError, ValueError):  # beyond int64: left as Python ints
-            return values
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return torch.tensor(values, dtype=torch.float64)
-    return values
+        return torch.from_numpy(np.stack(values))  # uint64 too, where default_collate stops
+    if not all(isinstance(v, (int, float)) or _numpy_number(v) for v in values):
+        return values
+    try:
+        return default_collate(values)
+    except (RuntimeError, OverflowError, TypeError, ValueError):
+        return values
+
+
+def _numpy_number(value: Any) -> bool:
+    return isinstance(value, np.generic) and value.dtype.kind in "biufc"
 
 
 def gather_micro_batch(

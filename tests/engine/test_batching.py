@@ -370,3 +370,23 @@ def test_a_number_passed_through_is_a_list_when_its_chunks_collated_it_different
         assert [type(v) for v in batch["score"] if v is not None] == [int]
     # all tensors, all 0-dim: stacked, as ever
     assert torch.equal(collate_samples(outputs[0])["score"], torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [np.int64(1), 2],  # a pandas column's numbers beside Python's
+        [1, np.int64(2)],
+        [1, 2.5],  # an int first: float32, as default_collate
+        [True, 1],
+        [np.complex64(1j), np.complex64(2)],
+        [np.float16(0.5), 3],
+    ],
+)
+def test_inputs_without_a_collate_fn_mixing_numbers_are_default_collates_tensor(values):
+    # numpy's and Python's numbers together were left a list: forward_step's .tolist() on it
+    # was an AttributeError where ChatLearn's default_collate gives a tensor
+    samples = [{"x": value} for value in values]
+    ours, theirs = collate_inputs(samples)["x"], default_collate(samples)["x"]
+    assert isinstance(ours, torch.Tensor)
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
