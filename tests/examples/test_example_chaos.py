@@ -43,7 +43,7 @@ PLAN = ChaosPlan(
 # reading or building it and sending it to the other (load_once), its policy's default of 3
 # restarts per model, a checkpoint every episode.
 FSDP_ARGV = [sys.executable, str(SCRIPT), "-c", str(ROOT / "examples" / "dpo" / "dpo_fsdp.yaml")]
-FSDP_SETTINGS = {**SETTINGS, "SAVE_EPISODE_INTERVAL": "1"}
+FSDP_SETTINGS = {**SETTINGS, "NUM_EPISODE": "6", "SAVE_EPISODE_INTERVAL": "1"}
 
 pytestmark = pytest.mark.timeout(600)
 
