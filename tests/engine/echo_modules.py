@@ -220,9 +220,9 @@ class EchoIterationEvalTrainer(EchoTrainer):
         return {"mean_row": float(data["row"].float().mean()), "at": float(iteration)}
 
 
-class HookedTrainer(TorchModule):
-    """Keeps its weights with ChatLearn's memory hooks, which take them away while offloaded
-    (as a module that frees its device memory does); its steps and saves need them."""
+class _HookedWeights(TorchModule):
+    """Keeps its weights with ChatLearn's memory hooks, which take them away while offloaded (as
+    a module that frees its device memory does)."""
 
     def setup(self) -> None:
         self.weights: torch.Tensor | None = torch.ones(2)
@@ -232,6 +232,10 @@ class HookedTrainer(TorchModule):
 
     def onload_weights(self) -> None:
         self.weights = self._stash
+
+
+class HookedTrainer(_HookedWeights):
+    """Its steps and saves need the weights its memory hooks take away."""
 
     def train_step(self, data, iteration):
         if self.weights is None:
@@ -243,20 +247,10 @@ class HookedTrainer(TorchModule):
             raise RuntimeError("a save while the weights were offloaded")
 
 
-class HookedReference(TorchModule):
-    """EchoReference's rows, its weights kept with ChatLearn's memory hooks as HookedTrainer's:
-    its forwards need them."""
+class HookedReference(_HookedWeights):
+    """EchoReference's rows; its forwards need the weights its memory hooks take away."""
 
     build_dataset = EchoReference.build_dataset
-
-    def setup(self) -> None:
-        self.weights: torch.Tensor | None = torch.ones(2)
-
-    def offload_weights(self) -> None:
-        self._stash, self.weights = self.weights, None
-
-    def onload_weights(self) -> None:
-        self.weights = self._stash
 
     def forward_step(self, data, iteration):
         if self.weights is None:
