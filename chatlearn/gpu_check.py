@@ -33,7 +33,8 @@ Checks (``chatlearn.gpu_probe`` is the module the actors run):
   its plan agreed and its turns passed over NCCL), the reference sharded over the GPUs too, its
   rank 0 loading it and broadcasting it into both ranks' shards over NCCL (``load_once``), with
   ``runtime.reference_store`` (its fingerprint and lookups agreed over NCCL), evaluating 33
-  held-out pairs (an uneven split: as many forwards on both ranks);
+  held-out pairs (an uneven split: as many forwards on both ranks), both models in forwards of
+  at most 64 tokens (``max_tokens_per_micro_batch``: the ranks agree on their number over NCCL);
 - ``DPO example LoRA FSDP2 fp16`` (≥ 2 GPUs): the LoRA run sharded over 2 GPUs with fp16 (the
   sharded loss scaler), adapters on every linear layer and the embeddings (FSDP2 keeps its root
   gathered for those), the adapter and merged weights consolidated from the shards;
@@ -643,6 +644,9 @@ def run_checks() -> list[CheckResult]:
                 "model_path": str(checkpoint),
                 "load_once": False,
                 "load_in_turns": True,
+                # forwards of at most 2 × max_length tokens: the ranks agree on how many each
+                # step takes over NCCL (token_budget.max_over_ranks), or FSDP2's collectives hang
+                "max_tokens_per_micro_batch": 64,
             }
             trainer = {"num_gpu": 2, "model_args": trainer_args}
             # the reference sharded too (one replica of 2 GPUs), with the on-disk store: its
@@ -650,7 +654,11 @@ def run_checks() -> list[CheckResult]:
             reference = {
                 "num_gpu": 2,
                 "zero_size": 2,
-                "model_args": {"parallel": "fsdp", "model_path": str(checkpoint)},
+                "model_args": {
+                    "parallel": "fsdp",
+                    "model_path": str(checkpoint),
+                    "max_tokens_per_micro_batch": 64,
+                },
             }
             # an eval set the 2 ranks cannot split evenly: each must still run as many
             # forwards (FSDP2's are NCCL collectives; one more on one rank hung the run)
