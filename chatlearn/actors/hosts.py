@@ -16,6 +16,8 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from chatlearn.config.entry import LAUNCH_ENV_VAR
+
 if TYPE_CHECKING:
     from chatlearn.actors.bootstrap import Bootstrap
     from chatlearn.actors.placement import HostResources
@@ -23,8 +25,6 @@ if TYPE_CHECKING:
 
 __all__ = ["LAUNCH_ENV_VAR", "Hosts", "default_hosts", "is_local_host", "set_default_hosts"]
 
-# Set while `chatlearn launch` runs a script: a multi-host run is in progress in this process.
-LAUNCH_ENV_VAR = "CHATLEARN_LAUNCH"
 #: set by ``chatlearn launch`` in a coordinator it restarted (launch/supervise.py): how many
 #: times it did; the engine reports it (not secret)
 COORDINATOR_RESTARTS_ENV_VAR = "CHATLEARN_COORDINATOR_RESTARTS"

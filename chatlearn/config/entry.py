@@ -121,8 +121,9 @@ def init(args: Config | Mapping[str, Any] | str | os.PathLike[str] | None = None
     return config
 
 
-# `chatlearn launch` sets it (chatlearn.actors.hosts.LAUNCH_ENV_VAR, a layer above this one)
-_LAUNCH_ENV_VAR = "CHATLEARN_LAUNCH"
+# Set while `chatlearn launch` runs a script: a multi-host run is in progress in this process
+# (defined here, below the runtime that reads it too: chatlearn.actors.hosts)
+LAUNCH_ENV_VAR = "CHATLEARN_LAUNCH"
 _SPAN_HOSTS = (
     "to train on several hosts, run `chatlearn launch --hostfile HOSTS script.py -c "
     "config.yaml` once, on one of them (HOSTS: a `hostname slots=N` line per host)"
@@ -138,7 +139,7 @@ def node_of_a_job() -> tuple[int, int] | None:
     main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if getattr(main_spec, "name", None) == "chatlearn.actors.worker":
         return None
-    if os.environ.get(_LAUNCH_ENV_VAR):
+    if os.environ.get(LAUNCH_ENV_VAR):
         return None
     try:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
