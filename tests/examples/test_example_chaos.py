@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -188,6 +189,11 @@ def test_the_sharded_example_heals_from_a_killed_rank_of_each_model(tmp_path: Pa
             )
             text = (tmp_path / f"{name}.log").read_text()
             assert run.exit_code == 0, text[-4000:]
+            if name == "baseline":  # the example does as its file says
+                sizes = re.search(r"policy_trainer: ([\d,]+) parameters \(([\d,]+) trainable", text)
+                assert sizes and sizes[1] == sizes[2], text[-4000:]  # every parameter trains
+                assert "layout: FSDP2 over 2 ranks" in text, text[-4000:]
+                assert "shards nothing" not in text, text[-4000:]
         assert sorted(killed) == ["policy_trainer.0.1", "reference.0.0"], text[-4000:]
         assert "restarting model 'reference' replica 0" in text, text[-4000:]
         assert "restarting model 'policy_trainer' all its processes" in text, text[-4000:]

@@ -72,21 +72,17 @@ def test_dpo_example_learns(tmp_path: Path) -> None:
     assert evals[-1]["rewards/accuracies"] > evals[0]["rewards/accuracies"]
 
 
-@pytest.mark.parametrize("config", ["dpo_fsdp.yaml", "dpo_lora.yaml"])
-def test_layout_examples_run_as_they_say(config: str, tmp_path: Path) -> None:
-    # One short episode of each layout example: it runs, the trainer has the layout the file
-    # describes, and no model is left unsharded by a config that asks for FSDP2.
+def test_the_lora_example_runs_as_it_says(tmp_path: Path) -> None:
+    # One short episode of the LoRA example: it runs and trains the adapters only. (The FSDP2
+    # example runs as it says in tests/examples/test_example_chaos.py, uninterrupted and not.)
     env = {"NUM_EPISODE": "1", "SAMPLE_PER_EPISODE": "64", "OUTPUT_DIR": str(tmp_path)}
-    proc = _run(["-m", "examples.dpo.train_dpo", "-c", f"examples/dpo/{config}"], env=env)
+    proc = _run(["-m", "examples.dpo.train_dpo", "-c", "examples/dpo/dpo_lora.yaml"], env=env)
     log = proc.stdout + proc.stderr
-    assert "training done" in log and "shards nothing" not in log, log[-4000:]
+    assert "training done" in log, log[-4000:]
     sizes = re.search(r"policy_trainer: ([\d,]+) parameters \(([\d,]+) trainable\)", log)
     assert sizes, log[-4000:]
     total, trainable = (int(size.replace(",", "")) for size in sizes.groups())
-    if config == "dpo_fsdp.yaml":
-        assert "layout: FSDP2 over 2 ranks" in log and trainable == total, log[-4000:]
-    else:  # adapters only
-        assert 0 < trainable < total / 5, (trainable, total)
+    assert 0 < trainable < total / 5, (trainable, total)  # adapters only
 
 
 MAIN_SCRIPT = """
