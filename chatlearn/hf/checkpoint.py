@@ -7,12 +7,18 @@
   (other ranks get an empty dict), so no process ever holds more than one full copy.
 - ``export_hf``: rank 0 writes a ``from_pretrained``-loadable directory from that state dict; with
   LoRA, the peft adapter (``PeftModel.from_pretrained``) and, on request, merged weights.
+- ``export_holds_state`` / ``load_exported_state``: whether such a directory holds a model's
+  whole state dict, bit for bit, and reading it back into the model tensor by tensor. A
+  replicated (one-process or DDP) trainer's checkpoint then keeps its weights once, in the
+  export, rather than a second time in ``model.pt`` (HFDPOTrainer.save_checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -117,3 +123,116 @@ def export_hf(
     save_tokenizer = getattr(tokenizer, "save_pretrained", None)
     if callable(save_tokenizer):
         save_tokenizer(str(target))
+
+
+# safetensors' names of the dtypes a state dict holds (its header says "F32", "BF16", ...)
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
+
+
+def safetensors_files(target: Path) -> list[Path]:
+    """The weight files of an HF directory: ``model.safetensors``, or the shards its index
+    names; [] if it has neither."""
+    single = target / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = target / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    weight_map = json.loads(index.read_text("utf-8")).get("weight_map", {})
+    return [target / name for name in sorted(set(weight_map.values()))]
+
+
+def _header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header (name → dtype, shape, offsets), read without its data."""
+    with path.open("rb") as file:
+        (size,) = struct.unpack("<Q", file.read(8))
+        if size > _MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: a header of {size} bytes is not safetensors'")
+        header: dict[str, Any] = json.loads(file.read(size))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _tensor_groups(model: nn.Module) -> list[list[str]]:
+    """The model's state-dict names grouped by the tensor they name: a tied weight's names are
+    one group (an export writes one of them, and loading it sets them all)."""
+    groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape)) if tensor.numel() else (id(name), ())
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def export_holds_state(target: Path, model: nn.Module) -> bool:
+    """Whether the HF directory at `target` holds `model`'s whole state dict under its own
+    names, dtypes and shapes (a tied weight under one of its names), and nothing else: loaded
+    back (`load_exported_state`) it restores the model bit for bit. Reads the files' headers
+    only. False where ``save_pretrained`` wrote another layout (renamed, converted or cast
+    tensors)."""
+    files = safetensors_files(target)
+    if not files:
+        return False
+    written: dict[str, Any] = {}
+    for path in files:
+        written.update(_header(path))
+    state = model.state_dict()
+    for group in _tensor_groups(model):
+        names = [name for name in group if name in written]
+        if not names:
+            return False
+        for name in names:
+            entry, tensor = written.pop(name), state[name]
+            if entry.get("dtype") != _SAFETENSORS_DTYPES.get(tensor.dtype):
+                return False
+            if list(entry.get("shape", ())) != list(tensor.shape):
+                return False
+    return not written
+
+
+def load_exported_state(target: Path, model: nn.Module) -> None:
+    """Copy the tensors of the HF directory at `target` into `model`'s, one tensor in memory at
+    a time (never a second copy of the model). Raises ``ValueError`` naming a tensor the
+    directory lacks or one of another shape or dtype: it was not written for this model."""
+    from safetensors import safe_open
+
+    files = safetensors_files(target)
+    if not files:
+        raise FileNotFoundError(f"no model.safetensors (or index) in {target}")
+    state = model.state_dict()
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for path in files:
+            with safe_open(str(path), framework="pt") as file:
+                for name in file.keys():
+                    into = state.get(name)
+                    tensor = file.get_tensor(name)
+                    if into is None or into.shape != tensor.shape or into.dtype != tensor.dtype:
+                        raise ValueError(
+                            f"{path}: {name} is not a tensor of this model's state "
+                            f"({_described(tensor)}, the model's: {_described(into)})"
+                        )
+                    into.copy_(tensor)
+                    loaded.add(name)
+    missing = [group[0] for group in _tensor_groups(model) if loaded.isdisjoint(group)]
+    if missing:
+        raise ValueError(f"{target}: no {', '.join(missing[:3])} in its safetensors files")
+
+
+def _described(tensor: torch.Tensor | None) -> str:
+    return (
+        "none"
+        if tensor is None
+        else f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}"
+    )
