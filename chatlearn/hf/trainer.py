@@ -15,8 +15,16 @@ from chatlearn.algorithms.collectives import collective_device
 from chatlearn.algorithms.dpo import REF_CHOSEN_KEY, REF_REJECTED_KEY
 from chatlearn.algorithms.token_budget import regroup_step
 from chatlearn.hf.base import HFModule
-from chatlearn.hf.checkpoint import export_hf, full_state_dict, load_sharded, save_sharded
-from chatlearn.hf.lora import apply_lora, module_lora_settings
+from chatlearn.hf.checkpoint import (
+    export_hf,
+    export_holds_state,
+    full_state_dict,
+    load_exported_state,
+    load_sharded,
+    safetensors_files,
+    save_sharded,
+)
+from chatlearn.hf.lora import apply_lora, is_peft_model, module_lora_settings
 from chatlearn.hf.memory import format_memory_report, memory_report, out_of_memory_message
 from chatlearn.hf.model import locate_model_args, tied_gradient_in_place
 from chatlearn.hf.parallel import set_gradient_sync, trainable_parameters, unwrap, zero_grad
@@ -275,20 +283,29 @@ class HFDPOTrainer(HFModule):
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, iteration: int) -> None:
-        """TorchModule's exact-resume state (or, under FSDP2, a sharded
-        ``torch.distributed.checkpoint`` of model and optimizer beside the rank directories,
-        plus scheduler and RNG per rank), and an HF-loadable ``hf_model`` directory with the
-        tokenizer written by rank 0: ``AutoModelForCausalLM.from_pretrained(<dir>/hf_model)``;
-        with LoRA also ``hf_model/adapter`` (``PeftModel.from_pretrained``)."""
-        if not self.layout.sharded:
-            super().save_checkpoint(iteration)
-        else:
-            directory = self.checkpoint_dir(iteration)
-            directory.mkdir(parents=True, exist_ok=True)
+        """The exact-resume state, and an HF-loadable ``hf_model`` directory with the tokenizer
+        written by rank 0: ``AutoModelForCausalLM.from_pretrained(<dir>/hf_model)``; with LoRA
+        also ``hf_model/adapter`` (``PeftModel.from_pretrained``).
+
+        Every rank writes its RNG and scheduler states. The model and the optimizer state are
+        written once: under FSDP2 as one sharded ``torch.distributed.checkpoint`` beside the rank
+        directories (every rank its shards); otherwise (one process, or DDP, whose ranks hold
+        the same weights and moments) by rank 0, the weights in ``hf_model`` where that holds
+        them exactly (``model.pt`` only where it does not: LoRA, ``save_hf_model: false``), and
+        the other ranks read rank 0's files back. For a 7B model over 8 DDP ranks that is 84 GB
+        written and hashed at a save, not 700."""
+        directory = self.checkpoint_dir(iteration)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.layout.sharded:
             save_sharded(directory.parent / SHARDED_DIR, self.network, self.optimizer)
-            self._save_rank_state(directory)
+        exported = directory / "hf_model"
         if self.arg("save_hf_model", True):
-            self.export_hf_model(self.checkpoint_dir(iteration) / "hf_model")
+            self.export_hf_model(exported)  # collective under FSDP2; rank 0 writes
+        if not self.layout.sharded and self.data_parallel_rank == 0:
+            if is_peft_model(self.model) or not export_holds_state(exported, self.model):
+                torch.save(self.model.state_dict(), directory / "model.pt")
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        self._save_rank_state(directory)
 
     def _save_rank_state(self, directory: Any) -> None:
         from chatlearn.actors.module import save_rank_state
@@ -296,21 +313,48 @@ class HFDPOTrainer(HFModule):
         save_rank_state(directory, {"scheduler": self.scheduler})
 
     def load_checkpoint(self, iteration: int) -> None:
+        from chatlearn.actors.module import load_rank_state
+
         keys = ("initial_lr", "weight_decay", "betas", "eps")
         built = [{k: g[k] for k in keys if k in g} for g in self.optimizer.param_groups]
-        if not self.layout.sharded:
-            super().load_checkpoint(iteration)
-        else:
-            from chatlearn.actors.module import load_rank_state
-
-            directory = self.checkpoint_dir(iteration)
+        directory = self.checkpoint_dir(iteration)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{self.name}: no checkpoint directory {directory}")
+        if self.layout.sharded:
             load_sharded(directory.parent / SHARDED_DIR, self.network, self.optimizer)
-            load_rank_state(directory, {"scheduler": self.scheduler})
+        else:
+            self._load_replicated(directory)
+        load_rank_state(directory, {"scheduler": self.scheduler}, logger=self._logger)
         self._apply_optimizer_settings(built)
+
+    def _load_replicated(self, directory: Any) -> None:
+        """Weights and optimizer state of a one-process or DDP trainer: this rank's own files
+        where a checkpoint has them (as every rank wrote them before), else rank 0's."""
+        first = directory.parent / "rank_0"
+        for source in (directory, first):
+            if (source / "model.pt").is_file():
+                state = torch.load(source / "model.pt", map_location="cpu", weights_only=True)
+                self.model.load_state_dict(state)
+                break
+            if not is_peft_model(self.model) and safetensors_files(source / "hf_model"):
+                load_exported_state(source / "hf_model", self.model)
+                break
+        else:
+            raise FileNotFoundError(
+                f"{self.name}: the checkpoint has no weights: no model.pt or hf_model in {first}"
+            )
+        optimizer = directory / "optimizer.pt"
+        if not optimizer.is_file():
+            optimizer = first / "optimizer.pt"
+        if not optimizer.is_file():
+            raise FileNotFoundError(f"{self.name}: the checkpoint has no {optimizer}")
+        self.optimizer.load_state_dict(torch.load(optimizer, map_location="cpu", weights_only=True))
 
     def export_hf_model(self, target: Any) -> None:
         """The policy as a Hugging Face directory (collective under FSDP2: call it on every
         rank; only rank 0 writes, from a state dict gathered parameter by parameter)."""
+        if self.data_parallel_rank != 0 and not self.layout.sharded:
+            return  # a replica: rank 0 has the same weights (no copy of them to host memory)
         state = full_state_dict(self.model, sharded=self.layout.sharded)
         if self.data_parallel_rank != 0:
             return

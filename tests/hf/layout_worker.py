@@ -10,7 +10,8 @@ writes what the tests check as JSON to `--out`:
   it and repeats steps 6-10 (losses and final weights must be bit-identical); the policy's
   log-probs at the checkpoint (the exported HF directory must reproduce them); the reference's
   store fingerprint (`chatlearn.engine.reference_store`).
-- `ddp` (W = 2): one DDP step and its memory report, to compare with FSDP2's.
+- `ddp` (W = 2): DDP steps and their memory report, to compare with FSDP2's; a checkpoint
+  after step 2 and a second trainer that loads it and repeats the steps after it.
 - `lora`: LoRA steps (FSDP2 with W = 2): losses, which parameters changed, the adapter and the
   trainer's log-probs (the saved adapter on the base model must reproduce them).
 - `bf16`: a few steps with mixed_precision bf16.
@@ -54,6 +55,7 @@ TINY = {
 }
 STEPS, GLOBAL_BATCH, MICRO_BATCHES = 10, 8, 2
 CHECKPOINT_AFTER = 5
+DDP_STEPS, DDP_CHECKPOINT_AFTER = 4, 2
 BUDGET = 40  # tokens per forward: a pair of the task is about 20-50 (prompt shared)
 LORA_STEPS = {1: 30, 2: 5}  # enough to see the loss fall in one process; to compare with two
 
@@ -189,12 +191,34 @@ def run_train(rank: int, world: int, tmp: Path, **model_args: Any) -> dict[str, 
     }
 
 
-def run_ddp(rank: int, world: int) -> dict[str, Any]:
+def run_ddp(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     args = make_args(world, parallel="ddp")
-    batches = reference_batches(args, rank, world)
+    batches = reference_batches(args, rank, world, steps=DDP_STEPS)
     trainer = start(HFDPOTrainer("policy", args=args), rank, world)
-    trainer.train_step(step_data(batches, 0, rank, world), iteration=0)
-    return {"memory": trainer.memory_report(), "layout": trainer.layout.describe()}
+    checkpoint = tmp / "ddp_checkpoint" / "policy" / f"rank_{rank}"
+    losses = []
+    for step in range(DDP_STEPS):
+        losses.append(trainer.train_step(step_data(batches, step, rank, world), step)["loss"])
+        if step + 1 == DDP_CHECKPOINT_AFTER:
+            trainer._checkpoint_dir = checkpoint  # as the engine sets it around a save
+            trainer.save_checkpoint(step + 1)
+            trainer._checkpoint_dir = None
+    resumed = start(HFDPOTrainer("policy", args=args), rank, world)
+    resumed._checkpoint_dir = checkpoint
+    resumed.load_checkpoint(DDP_CHECKPOINT_AFTER)
+    resumed_losses = [
+        resumed.train_step(step_data(batches, step, rank, world), step)["loss"]
+        for step in range(DDP_CHECKPOINT_AFTER, DDP_STEPS)
+    ]
+    return {
+        "memory": trainer.memory_report(),
+        "layout": trainer.layout.describe(),
+        "losses": losses,
+        "final_weights": weights_digest(trainer),
+        "resumed_losses": resumed_losses,
+        "resumed_weights": weights_digest(resumed),
+        "checkpoint": str(checkpoint),
+    }
 
 
 def run_lora(rank: int, world: int, tmp: Path) -> dict[str, Any]:
@@ -333,7 +357,7 @@ def main() -> None:
         )
     runs = {
         "train": lambda: run_train(rank, world, tmp),
-        "ddp": lambda: run_ddp(rank, world),
+        "ddp": lambda: run_ddp(rank, world, tmp),
         "lora": lambda: run_lora(rank, world, tmp),
         "bf16": lambda: run_bf16(rank, world),
         "tied": lambda: run_tied(rank, world),

@@ -162,6 +162,27 @@ def test_checkpoints_resume_bit_identically(runs: dict[str, Any]) -> None:
     sharded_dir = Path(runs["rank0"]["train"]["checkpoint"]).parent / "sharded"
     assert (sharded_dir / ".metadata").is_file()
     assert not (Path(runs["rank0"]["train"]["checkpoint"]) / "model.pt").exists()
+    # one process: the weights once, in the HF export, which the resume read back
+    single = Path(runs["single"]["train"]["checkpoint"])
+    assert sorted(p.name for p in single.iterdir()) == [
+        "hf_model", "optimizer.pt", "rng.pt", "scheduler.pt"
+    ]  # fmt: skip
+
+
+def test_a_ddp_checkpoint_holds_the_replicas_state_once_and_resumes_bit_identically(
+    runs: dict[str, Any],
+) -> None:
+    for name in ("rank0", "rank1"):
+        result = runs[name]["ddp"]
+        assert result["resumed_losses"] == result["losses"][2:]
+        assert result["resumed_weights"] == result["final_weights"]
+    assert runs["rank0"]["ddp"]["final_weights"] == runs["rank1"]["ddp"]["final_weights"]
+    rank0, rank1 = (Path(runs[name]["ddp"]["checkpoint"]) for name in ("rank0", "rank1"))
+    # rank 0 writes the weights (in hf_model) and the moments; rank 1 only what is its own
+    assert sorted(p.name for p in rank0.iterdir()) == [
+        "hf_model", "optimizer.pt", "rng.pt", "scheduler.pt"
+    ]  # fmt: skip
+    assert sorted(p.name for p in rank1.iterdir()) == ["rng.pt", "scheduler.pt"]
 
 
 def test_exported_hf_directory_loads_to_the_same_logps(runs: dict[str, Any]) -> None:
