@@ -310,7 +310,16 @@ class HFDPOTrainer(HFModule):
     def _save_rank_state(self, directory: Any) -> None:
         from chatlearn.actors.module import save_rank_state
 
-        save_rank_state(directory, {"scheduler": self.scheduler})
+        save_rank_state(directory, self._rank_state())
+
+    def _rank_state(self) -> dict[str, Any]:
+        """What every rank saves of its own beside its RNG states: the learning-rate schedule,
+        and with fp16 the loss scaler (its scale and the steps since it last grew: a resume
+        that started it at 65536 again skipped steps until it had backed off once more)."""
+        state: dict[str, Any] = {"scheduler": self.scheduler}
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler
+        return state
 
     def load_checkpoint(self, iteration: int) -> None:
         from chatlearn.actors.module import load_rank_state
@@ -324,7 +333,7 @@ class HFDPOTrainer(HFModule):
             load_sharded(directory.parent / SHARDED_DIR, self.network, self.optimizer)
         else:
             self._load_replicated(directory)
-        load_rank_state(directory, {"scheduler": self.scheduler}, logger=self._logger)
+        load_rank_state(directory, self._rank_state(), logger=self._logger)
         self._apply_optimizer_settings(built)
 
     def _load_replicated(self, directory: Any) -> None:

@@ -1,7 +1,7 @@
 """The ready-made trainer resumed with changed optimizer settings: the configured learning rate,
 weight decay and betas apply from the resumed step on (the checkpoint's param groups and the
 scheduler's base rates held the old ones), said in one warning; unchanged settings give back
-the checkpoint's values exactly."""
+the checkpoint's values exactly. And fp16's loss scaler resumes where it was."""
 
 from __future__ import annotations
 
@@ -101,3 +101,23 @@ def test_a_subclass_s_own_param_groups_resume_as_they_were(tmp_path: Path, caplo
         resumed.load_checkpoint(2)
     assert [dict(g, params=None) for g in resumed.optimizer.param_groups] == saved
     assert not [r for r in caplog.records if "optimizer settings" in r.message]
+
+
+def test_an_fp16_loss_scalers_state_resumes_as_it_was(tmp_path: Path) -> None:
+    # fp16 runs on CUDA only; its scaler's state is the same on CPU
+    import torch
+
+    args = make_args(1, parallel="none", save_hf_model=False)
+    trainer = start(HFDPOTrainer("policy", args=args), 0, 1)
+    trainer.grad_scaler = torch.amp.GradScaler("cpu")
+    trainer.grad_scaler.scale(torch.ones(1))  # its state exists from its first use
+    trainer.grad_scaler._scale.fill_(256.0)  # backed off 8 times
+    trainer.grad_scaler._growth_tracker.fill_(7)  # 7 steps without an inf since
+    trainer._checkpoint_dir = tmp_path
+    trainer.save_checkpoint(SAVED_AT)
+    resumed = start(HFDPOTrainer("policy", args=args), 0, 1)
+    resumed.grad_scaler = torch.amp.GradScaler("cpu")
+    resumed._checkpoint_dir = tmp_path
+    resumed.load_checkpoint(SAVED_AT)
+    assert resumed.grad_scaler.state_dict() == trainer.grad_scaler.state_dict()
+    assert resumed.grad_scaler.get_scale() == 256.0
