@@ -33,6 +33,7 @@ from chatlearn.chaos import (
     parse_label,
     run_command,
 )
+from chatlearn.chaos.runs import Terminated
 from chatlearn.cli import main as cli
 from chatlearn.engine.checkpoint import CheckpointManager, CoordinatorState
 
@@ -44,6 +45,18 @@ FAKE_TRAIN = str(TESTS / "chaos_fake_train.py")
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def _tagged(tag: str) -> list[psutil.Process]:
+    """The live processes of a fake run (the run, its actors) with ``tag`` in their command line;
+    not the chaos harness's, whose command line holds the run's (nor a child it forked that is
+    not yet running its program, whose command line is the harness's still)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if tag in cmdline and "chaos" not in cmdline and proc.info["status"] != "zombie":
+            found.append(proc)
+    return found
+
+
 def _wait_until(condition, seconds: float = 20.0, what: str = "condition"):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -284,15 +297,7 @@ def test_a_timed_out_run_leaves_nothing_behind(tmp_path: Path) -> None:
     assert sorted(e.signal for e in result.events) == ["SIGKILL", "SIGSTOP"]
     assert result.killed >= 2  # the actors (one of them stopped), beside the root
     assert "timed out" in result.describe()
-
-    def ours() -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter(["cmdline", "status"]):
-            if tag in (proc.info["cmdline"] or []) and proc.info["status"] != "zombie":
-                found.append(proc)
-        return found
-
-    assert ours() == []
+    assert _tagged(tag) == []
 
 
 def test_a_ctrl_c_during_the_cleanup_leaves_nothing_behind(
@@ -324,6 +329,37 @@ def test_a_ctrl_c_during_the_cleanup_leaves_nothing_behind(
     assert found == []
 
 
+def test_a_stop_signal_while_the_run_starts_kills_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The signal came inside Popen, its child already running: raised there, before anything
+    # owned the run, it left the run going on (the SIGHUP test below failed 1 time in ~20)
+    import chatlearn.chaos.runs as runs
+
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def popen_then_signal(*args, **kwargs) -> subprocess.Popen:
+        started.append(real_popen(*args, **kwargs))
+        signal.raise_signal(signal.SIGTERM)  # as if it had come before Popen returned
+        return started[-1]
+
+    def stop(signum, frame) -> None:
+        raise Terminated(signum)
+
+    monkeypatch.setattr(runs.subprocess, "Popen", popen_then_signal)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Terminated):
+            run_command([sys.executable, "-c", "import time; time.sleep(30)"], timeout=60)
+        codes = [proc.poll() for proc in started]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert codes == [-signal.SIGKILL]  # killed (and reaped) by run_command
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_the_harness_stopped_by_a_signal_kills_the_run(tmp_path: Path, sig: int) -> None:
     """SIGHUP (the terminal closed, the ssh session lost) ended the harness by its default
@@ -339,11 +375,7 @@ def test_the_harness_stopped_by_a_signal_kills_the_run(tmp_path: Path, sig: int)
     )
 
     def ours() -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter(["cmdline", "status"]):
-            if tag in (proc.info["cmdline"] or []) and proc.info["status"] != "zombie":
-                found.append(proc)
-        return found
+        return _tagged(tag)
 
     try:
         _wait_until(lambda: len(ours()) == 2, what="the run and its fake actor")

@@ -79,25 +79,31 @@ def run_command(
     (KeyboardInterrupt is re-raised after the cleanup). Output goes to ``log`` if given."""
     out = log.open("ab") if log is not None else None
     started = time.monotonic()
-    popen = subprocess.Popen(
-        list(argv),
-        env=dict(env) if env is not None else None,
-        stdin=subprocess.DEVNULL,
-        stdout=out,
-        stderr=subprocess.STDOUT if out is not None else None,
-        process_group=0,
-    )
-    result = RunResult(name, popen.pid, None, 0.0, log=log, planned=plan.total if plan else 0)
+    popen: subprocess.Popen[bytes] | None = None
     monkey = None
-    if plan is not None and plan.total > 0:
-        monkey = ChaosMonkey(popen.pid, plan, timeout=timeout, poll=poll).start()
     try:
+        # A stop signal while the run starts (inside Popen, whose child already runs) raised
+        # before anything owned the run, and left it going on: it is raised once it is owned.
+        with signals_deferred():
+            popen = subprocess.Popen(
+                list(argv),
+                env=dict(env) if env is not None else None,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT if out is not None else None,
+                process_group=0,
+            )
+            planned = plan.total if plan else 0
+            result = RunResult(name, popen.pid, None, 0.0, log=log, planned=planned)
+        if plan is not None and plan.total > 0:
+            monkey = ChaosMonkey(popen.pid, plan, timeout=timeout, poll=poll).start()
         try:
             popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             result.timed_out = True
     except (KeyboardInterrupt, Terminated):
-        result.interrupted = True
+        if popen is not None:
+            result.interrupted = True
         raise
     finally:
         # a second Ctrl-C (or SIGTERM, SIGHUP) in the seconds this takes stopped it halfway, the
@@ -109,10 +115,11 @@ def run_command(
                 result.events = list(monkey.events)
                 result.monkey_outcome = monkey.outcome
                 result.actors_seen = monkey.actors_seen
-            # Also after a clean exit: what the run left in its process group goes too.
-            result.killed = kill_tree(popen, pgid=popen.pid)
-            result.exit_code = popen.returncode
-            result.seconds = time.monotonic() - started
+            if popen is not None:
+                # Also after a clean exit: what the run left in its process group goes too.
+                result.killed = kill_tree(popen, pgid=popen.pid)
+                result.exit_code = popen.returncode
+                result.seconds = time.monotonic() - started
             if out is not None:
                 out.close()
     return result
