@@ -848,6 +848,7 @@ class DPOEngine(Engine):
         )
         self.checkpoints = checkpoints
         checkpoints.on_saved = self._trainer_saved
+        checkpoints.on_commit_failed = system.fail  # a checkpoint that could not be committed
         resume = None
         if self._resume_looked:  # found before the models started (`_before_launch`)
             resume = self._resume_info
@@ -947,10 +948,14 @@ class DPOEngine(Engine):
             # a graceful stop's checkpoint has its own time (a state saved already is not
             # written again)
             interrupts = self._interrupts
-            fresh = checkpoints.last_iteration != self.state.iteration
+            fresh = checkpoints.newest_iteration != self.state.iteration
             timed = interrupts.timing_save() if interrupts and fresh else contextlib.nullcontext()
+            # the periodic ones are committed (fsynced, hashed) while the next steps train
+            periodic = reason in ("interval", "step")
             with timed:
-                return await checkpoints.save(self.state, reason, self.pipeline.eval_history)
+                return await checkpoints.save(
+                    self.state, reason, self.pipeline.eval_history, wait=not periodic
+                )
 
         def new_pipeline(resumed: bool, timers: Timers | None = None) -> DPOPipeline:
             return DPOPipeline(
@@ -1062,6 +1067,7 @@ class DPOEngine(Engine):
         loses the records of the steps that will run again (kept in metrics.superseded.jsonl).
         Returns whether it went back to a checkpoint."""
         sink.flush()
+        await checkpoints.committed()  # the newest checkpoint, if it was still being committed
         info = None
         if checkpoints.last_iteration is not None:
             info = await checkpoints.find(checkpoints.last_iteration)

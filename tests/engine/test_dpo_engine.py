@@ -7,10 +7,12 @@ reproduce"), not computed with the engine's own planning code.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -600,3 +602,57 @@ def test_a_value_that_does_not_iterate_over_samples_is_refused(tmp_path, dataset
         assert engine._datasets == [[0, 1, 2, 3]]
     finally:
         reset_args()
+
+
+def _timed_commits(monkeypatch: pytest.MonkeyPatch, seconds: float, fail_at: int | None = None):
+    """Every checkpoint commit (fsync, hash, rename: ``CheckpointManager.commit``) takes
+    ``seconds`` more, as a big checkpoint's does; the one of iteration ``fail_at`` fails as on
+    a full disk. Returns the commits' (iteration, start, end)."""
+    from chatlearn.engine.checkpoint import CheckpointManager
+
+    commits: list[tuple[int, float, float]] = []
+    real = CheckpointManager.commit
+
+    def commit(self: CheckpointManager, staging: Path, state) -> Path:
+        start = time.time()
+        time.sleep(seconds)
+        if state.iteration == fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device", str(staging))
+        path = real(self, staging, state)
+        commits.append((state.iteration, start, time.time()))
+        return path
+
+    monkeypatch.setattr(CheckpointManager, "commit", commit)
+    return commits
+
+
+async def test_periodic_checkpoints_are_committed_while_the_next_steps_train(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fsyncing and hashing a 7B DDP checkpoint (84 GB) takes a minute or two; training waited
+    commits = _timed_commits(monkeypatch, 0.6)
+    _, log = await _learn(tmp_path, _runtime(2, 16, 4, 2, 4, save_step_interval=2))
+    trains = _events(log, "train")
+    assert [c[0] for c in commits] == [2, 4, 6, 8]  # in order; the last one's end save waited
+    started = {t["iteration"]: t["start"] for t in trains}
+    # the step after each save started before that save's commit ended (the last one's end
+    # save waited for it); waiting for the commit, it started after
+    assert all(started[k] < end for k, _, end in commits[:-1]), (commits, started)
+    checkpoints = sorted((tmp_path / "CHATLEARN" / "checkpoints").iterdir())
+    assert checkpoints[-1].name == "iter_0000008"  # the older ones as save_keep_last says
+    assert all((path / "MANIFEST.json").is_file() for path in checkpoints)  # all complete
+
+
+async def test_a_checkpoint_that_cannot_be_committed_stops_the_run_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chatlearn.config.errors import StorageError
+
+    _timed_commits(monkeypatch, 0.0, fail_at=4)
+    with pytest.raises(StorageError) as raised:
+        await _learn(tmp_path, _runtime(4, 16, 4, 2, 4, save_step_interval=2, echo_cost=0.2))
+    assert "No space left on device" in str(raised.value) and "iter_0000002" in str(raised.value)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert max(t["iteration"] for t in _events(log, "train")) < 8  # of 32: it stopped then
+    checkpoints = sorted(p.name for p in (tmp_path / "CHATLEARN" / "checkpoints").iterdir())
+    assert checkpoints == ["iter_0000002"]  # the one a rerun resumes from; no staging left
