@@ -643,6 +643,23 @@ async def test_periodic_checkpoints_are_committed_while_the_next_steps_train(
     assert all((path / "MANIFEST.json").is_file() for path in checkpoints)  # all complete
 
 
+async def test_a_trainer_lost_while_its_checkpoint_is_committed_restarts_from_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # iteration 3 kills the trainer while the checkpoint of iteration 2 is still being
+    # committed: the run goes back to that checkpoint once it is (not to the run's start)
+    _timed_commits(monkeypatch, 4.0)
+    runtime = _runtime(1, 16, 4, 2, 4, save_step_interval=2, echo_die_at=3)
+    _, log = await _learn(tmp_path, runtime, range(16))
+    assert list(tmp_path.rglob("echo_died"))  # the trainer died once
+    assert [t["iteration"] for t in _events(log, "train")] == [0, 1, 2, 2, 3]
+    records = [
+        json.loads(x) for x in (tmp_path / "CHATLEARN" / "metrics.jsonl").read_text().splitlines()
+    ]
+    (restart,) = [r for r in records if r["kind"] == "restart"]
+    assert restart["model"] == "policy_trainer" and restart["step"] == 2, restart
+
+
 async def test_a_checkpoint_that_cannot_be_committed_stops_the_run_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
