@@ -11,15 +11,21 @@
   whole state dict, bit for bit, and reading it back into the model tensor by tensor. A
   replicated (one-process or DDP) trainer's checkpoint then keeps its weights once, in the
   export, rather than a second time in ``model.pt`` (HFDPOTrainer.save_checkpoint).
+- ``trainable_state`` / ``frozen_digest``: what of a LoRA model a checkpoint needs (its trainable
+  tensors: the adapters), and a digest of the rest (the frozen base, which ``setup`` builds
+  again) that tells at a resume whether the base is the one the adapters were trained on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import os
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -236,3 +242,32 @@ def _described(tensor: torch.Tensor | None) -> str:
         if tensor is None
         else f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}"
     )
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state-dict entries of `model`'s trainable parameters (with LoRA: the adapters)."""
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    return {name: tensor for name, tensor in model.state_dict().items() if name in trainable}
+
+
+def frozen_digest(model: nn.Module) -> str:
+    """A digest of every state-dict tensor of `model` that does not train (names, dtypes,
+    shapes and bytes), hashed tensor by tensor on the process's cores (BLAKE2b releases the
+    GIL), one tensor in host memory at a time."""
+    trainable = trainable_state(model)
+    frozen = [(n, t) for n, t in model.state_dict().items() if n not in trainable]
+    digest = hashlib.blake2b(digest_size=16)
+    with ThreadPoolExecutor(max(1, len(os.sched_getaffinity(0)))) as pool:
+        for (name, tensor), part in zip(
+            frozen, pool.map(_tensor_bytes_digest, frozen), strict=True
+        ):
+            digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}:".encode() + part)
+    return digest.hexdigest()
+
+
+def _tensor_bytes_digest(item: tuple[str, torch.Tensor]) -> bytes:
+    tensor = item[1].detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+    return hashlib.blake2b(data, digest_size=16).digest()

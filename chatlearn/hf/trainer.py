@@ -18,11 +18,13 @@ from chatlearn.hf.base import HFModule
 from chatlearn.hf.checkpoint import (
     export_hf,
     export_holds_state,
+    frozen_digest,
     full_state_dict,
     load_exported_state,
     load_sharded,
     safetensors_files,
     save_sharded,
+    trainable_state,
 )
 from chatlearn.hf.lora import apply_lora, is_peft_model, module_lora_settings
 from chatlearn.hf.memory import format_memory_report, memory_report, out_of_memory_message
@@ -30,6 +32,7 @@ from chatlearn.hf.model import locate_model_args, tied_gradient_in_place
 from chatlearn.hf.parallel import set_gradient_sync, trainable_parameters, unwrap, zero_grad
 
 SHARDED_DIR = "sharded"  # beside the rank directories: one DCP checkpoint for all ranks
+ADAPTERS_FILE = "adapters.pt"  # a LoRA trainer's: its adapters and its base's digest
 
 
 def _lora_error(
@@ -77,6 +80,7 @@ class HFDPOTrainer(HFModule):
     """The policy: one AdamW step per ``train_step`` on the DPO objective."""
 
     last_tokens: tuple[int, int] = (0, 0)
+    _frozen_digest: str | None = None
 
     def setup(self) -> None:
         super().setup()
@@ -302,10 +306,20 @@ class HFDPOTrainer(HFModule):
         if self.arg("save_hf_model", True):
             self.export_hf_model(exported)  # collective under FSDP2; rank 0 writes
         if not self.layout.sharded and self.data_parallel_rank == 0:
-            if is_peft_model(self.model) or not export_holds_state(exported, self.model):
+            if is_peft_model(self.model):
+                # the adapters; the frozen base is what setup builds again, checked at a resume
+                adapters = {"state": trainable_state(self.model), "base": self._base_digest()}
+                torch.save(adapters, directory / ADAPTERS_FILE)
+            elif not export_holds_state(exported, self.model):
                 torch.save(self.model.state_dict(), directory / "model.pt")
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
         self._save_rank_state(directory)
+
+    def _base_digest(self) -> str:
+        """`frozen_digest` of the LoRA model's base, hashed once a process: it never changes."""
+        if self._frozen_digest is None:
+            self._frozen_digest = frozen_digest(self.model)
+        return self._frozen_digest
 
     def _save_rank_state(self, directory: Any) -> None:
         from chatlearn.actors.module import save_rank_state
@@ -345,12 +359,16 @@ class HFDPOTrainer(HFModule):
                 state = torch.load(source / "model.pt", map_location="cpu", weights_only=True)
                 self.model.load_state_dict(state)
                 break
+            if is_peft_model(self.model) and (source / ADAPTERS_FILE).is_file():
+                self._load_adapters(source / ADAPTERS_FILE)
+                break
             if not is_peft_model(self.model) and safetensors_files(source / "hf_model"):
                 load_exported_state(source / "hf_model", self.model)
                 break
         else:
             raise FileNotFoundError(
-                f"{self.name}: the checkpoint has no weights: no model.pt or hf_model in {first}"
+                f"{self.name}: the checkpoint has no weights: no model.pt, {ADAPTERS_FILE} or "
+                f"hf_model in {first}"
             )
         optimizer = directory / "optimizer.pt"
         if not optimizer.is_file():
@@ -358,6 +376,31 @@ class HFDPOTrainer(HFModule):
         if not optimizer.is_file():
             raise FileNotFoundError(f"{self.name}: the checkpoint has no {optimizer}")
         self.optimizer.load_state_dict(torch.load(optimizer, map_location="cpu", weights_only=True))
+
+    def _load_adapters(self, path: Any) -> None:
+        """A LoRA checkpoint's adapters onto the base this run's setup built, which must be
+        the one they were trained on (another model_path, or another seed for a base built
+        from model_config, would have resumed without a word on weights never trained)."""
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["base"] != self._base_digest():
+            given = self.model_args.get("model_path")
+            key = "model_path" if given else "seed"
+            base = f"model_path {given}" if given else "the seed's random initialisation"
+            where, error = locate_model_args(self.model_args)
+            raise error(
+                f"{where}.{key}",
+                f"the checkpoint's LoRA adapters ({path}) were trained on other base weights "
+                f"than this run's ({base}): resumed, they would train on a base they never saw",
+                "resume with the base model the run was started with, or start a new run "
+                "(another output_dir, or enable_resume_training: false)",
+            )
+        missing, unexpected = self.model.load_state_dict(saved["state"], strict=False)
+        untrained = sorted(set(missing) & set(trainable_state(self.model)))
+        if unexpected or untrained:
+            raise ValueError(
+                f"{path} holds other adapters than this model's (unexpected: "
+                f"{sorted(unexpected)[:3]}, missing: {untrained[:3]})"
+            )
 
     def export_hf_model(self, target: Any) -> None:
         """The policy as a Hugging Face directory (collective under FSDP2: call it on every

@@ -14,6 +14,7 @@ writes what the tests check as JSON to `--out`:
   after step 2 and a second trainer that loads it and repeats the steps after it.
 - `lora`: LoRA steps (FSDP2 with W = 2): losses, which parameters changed, the adapter and the
   trainer's log-probs (the saved adapter on the base model must reproduce them).
+  With W = 1 a checkpoint after step 15 and a second trainer that loads it and repeats 3 steps.
 - `bf16`: a few steps with mixed_precision bf16.
 - `tied`: a few steps of the model with tied embeddings; with W = 2, whether the FSDP2 root's
   parameters were sharded again by the time the backward reached the embedding.
@@ -58,6 +59,7 @@ CHECKPOINT_AFTER = 5
 DDP_STEPS, DDP_CHECKPOINT_AFTER = 4, 2
 BUDGET = 40  # tokens per forward: a pair of the task is about 20-50 (prompt shared)
 LORA_STEPS = {1: 30, 2: 5}  # enough to see the loss fall in one process; to compare with two
+LORA_CHECKPOINT_AFTER = 15  # one process: a checkpoint, and a trainer resuming it
 
 
 def make_args(world_size: int, **model_args: Any) -> Config:
@@ -229,10 +231,23 @@ def run_lora(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     batches = reference_batches(args, rank, world, steps)
     trainer = start(HFDPOTrainer("policy", args=args), rank, world)
     before = {name: _local(p).detach().clone() for name, p in trainer.model.named_parameters()}
-    losses = [
-        trainer.train_step(step_data(batches, step, rank, world), iteration=step)["loss"]
-        for step in range(steps)
-    ]
+    checkpoint = tmp / "lora_checkpoint" / "policy" / f"rank_{rank}"
+    losses = []
+    for step in range(steps):
+        losses.append(trainer.train_step(step_data(batches, step, rank, world), step)["loss"])
+        if step + 1 == LORA_CHECKPOINT_AFTER and world == 1:
+            trainer._checkpoint_dir = checkpoint  # as the engine sets it around a save
+            trainer.save_checkpoint(step + 1)
+            trainer._checkpoint_dir = None
+    resumed_losses = []
+    if world == 1:  # the unsharded checkpoint: the adapters and the base's digest
+        resumed = start(HFDPOTrainer("policy", args=args), rank, world)
+        resumed._checkpoint_dir = checkpoint
+        resumed.load_checkpoint(LORA_CHECKPOINT_AFTER)
+        resumed_losses = [
+            resumed.train_step(step_data(batches, step, rank, world), step)["loss"]
+            for step in range(LORA_CHECKPOINT_AFTER, LORA_CHECKPOINT_AFTER + 3)
+        ]
     changed = sorted(
         name
         for name, p in trainer.model.named_parameters()
@@ -249,6 +264,8 @@ def run_lora(rank: int, world: int, tmp: Path) -> dict[str, Any]:
         "logps": policy_logps(trainer, batches[0]),
         "export": str(target),
         "memory": trainer.memory_report(),
+        "checkpoint": str(checkpoint),
+        "resumed_losses": resumed_losses,
     }
 
 

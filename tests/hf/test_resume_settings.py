@@ -121,3 +121,21 @@ def test_an_fp16_loss_scalers_state_resumes_as_it_was(tmp_path: Path) -> None:
     resumed.load_checkpoint(SAVED_AT)
     assert resumed.grad_scaler.state_dict() == trainer.grad_scaler.state_dict()
     assert resumed.grad_scaler.get_scale() == 256.0
+
+
+def test_lora_adapters_resumed_on_another_base_are_one_config_error(tmp_path: Path) -> None:
+    # the base is not in a LoRA checkpoint (setup builds it again): another one, here the
+    # random initialisation of another seed, would have trained the adapters on weights they
+    # never saw, without a word
+    from chatlearn.config import ConfigError
+
+    lora = {"r": 2, "target_modules": ["q_proj", "v_proj"]}
+    trainer = start(HFDPOTrainer("policy", args=make_args(1, parallel="none", lora=lora)), 0, 1)
+    trainer._checkpoint_dir = tmp_path
+    trainer.save_checkpoint(SAVED_AT)
+    other = make_args(1, parallel="none", lora=lora, seed=1)
+    resumed = start(HFDPOTrainer("policy", args=other), 0, 1)
+    resumed._checkpoint_dir = tmp_path
+    with pytest.raises(ConfigError, match="trained on other base weights") as raised:
+        resumed.load_checkpoint(SAVED_AT)
+    assert raised.value.key.endswith("model_args.seed"), raised.value
