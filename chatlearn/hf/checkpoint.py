@@ -11,6 +11,9 @@
   whole state dict, bit for bit, and reading it back into the model tensor by tensor. A
   replicated (one-process or DDP) trainer's checkpoint then keeps its weights once, in the
   export, rather than a second time in ``model.pt`` (HFDPOTrainer.save_checkpoint).
+- ``optimizer_share`` / ``load_optimizer_shares``: a replicated (DDP) optimizer's state written
+  in shares, one a rank, balanced by bytes, and merged again at a load: every rank writes an
+  N-th of the moments in parallel rather than one rank all of them.
 - ``trainable_state`` / ``frozen_digest``: what of a LoRA model a checkpoint needs (its trainable
   tensors: the adapters), and a digest of the rest (the frozen base, which ``setup`` builds
   again) that tells at a resume whether the base is the one the adapters were trained on.
@@ -271,3 +274,57 @@ def _tensor_bytes_digest(item: tuple[str, torch.Tensor]) -> bytes:
         tensor = tensor.cpu()
     data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     return hashlib.blake2b(data, digest_size=16).digest()
+
+
+SHARE_KEY = "chatlearn_share"  # in an optimizer state dict that is one rank's share: [rank, ranks]
+
+
+def share_owners(sizes: list[int], ranks: int, first_rank_bytes: int = 0) -> list[int]:
+    """The rank that writes each parameter's optimizer state: the largest first, each to the
+    rank with the fewest bytes so far (the lowest of equals), rank 0 starting with
+    ``first_rank_bytes`` (the weights it writes besides); the same on every rank."""
+    owners = [0] * len(sizes)
+    loads = [first_rank_bytes] + [0] * (ranks - 1)
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(range(ranks), key=lambda r: (loads[r], r))
+        owners[index] = rank
+        loads[rank] += sizes[index]
+    return owners
+
+
+def optimizer_share(
+    optimizer: Any, rank: int, ranks: int, first_rank_bytes: int = 0
+) -> dict[str, Any]:
+    """Rank ``rank``'s share of ``optimizer``'s state dict (of ``ranks`` shares): the states
+    of its parameters (`share_owners`, by the bytes of each one's state), every param group."""
+    state = optimizer.state_dict()
+    count = sum(len(group["params"]) for group in state["param_groups"])
+    sizes = [_state_bytes(state["state"].get(index, {})) for index in range(count)]
+    owners = share_owners(sizes, ranks, first_rank_bytes)
+    mine = {index: value for index, value in state["state"].items() if owners[index] == rank}
+    return {"state": mine, "param_groups": state["param_groups"], SHARE_KEY: [rank, ranks]}
+
+
+def _state_bytes(state: dict[str, Any]) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def load_optimizer_state(path: Path) -> dict[str, Any]:
+    """The optimizer state dict saved at ``path``; a share (`optimizer_share`) is merged with
+    the other ranks' (``rank_<r>/optimizer.pt`` beside its directory)."""
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    share = state.pop(SHARE_KEY, None)
+    if share is None:
+        return state
+    merged: dict[Any, Any] = {}
+    for rank in range(int(share[1])):
+        other = path.parent.parent / f"rank_{rank}" / path.name
+        if rank == int(share[0]):
+            part = state
+        elif not other.is_file():
+            raise FileNotFoundError(f"no {other}: the optimizer state is in shares, one a rank")
+        else:
+            part = torch.load(other, map_location="cpu", weights_only=True)
+        merged.update(part["state"])
+    state["state"] = dict(sorted(merged.items()))
+    return state

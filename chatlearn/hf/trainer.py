@@ -21,7 +21,9 @@ from chatlearn.hf.checkpoint import (
     frozen_digest,
     full_state_dict,
     load_exported_state,
+    load_optimizer_state,
     load_sharded,
+    optimizer_share,
     safetensors_files,
     save_sharded,
     trainable_state,
@@ -294,10 +296,12 @@ class HFDPOTrainer(HFModule):
         Every rank writes its RNG and scheduler states. The model and the optimizer state are
         written once: under FSDP2 as one sharded ``torch.distributed.checkpoint`` beside the rank
         directories (every rank its shards); otherwise (one process, or DDP, whose ranks hold
-        the same weights and moments) by rank 0, the weights in ``hf_model`` where that holds
-        them exactly (``model.pt`` only where it does not: LoRA, ``save_hf_model: false``), and
-        the other ranks read rank 0's files back. For a 7B model over 8 DDP ranks that is 84 GB
-        written and hashed at a save, not 700."""
+        the same weights and moments) the weights by rank 0, in ``hf_model`` where that holds
+        them exactly (``model.pt`` where it does not, ``save_hf_model: false``; with LoRA the
+        adapters, ``adapters.pt``), and the optimizer's moments in shares, one a rank, balanced
+        by bytes with rank 0's weights (``optimizer_share``); every rank reads them all back.
+        For a 7B model over 8 DDP ranks that is 84 GB written and hashed at a save, not 700,
+        and at most 28 GB by any one rank."""
         directory = self.checkpoint_dir(iteration)
         directory.mkdir(parents=True, exist_ok=True)
         if self.layout.sharded:
@@ -312,7 +316,16 @@ class HFDPOTrainer(HFModule):
                 torch.save(adapters, directory / ADAPTERS_FILE)
             elif not export_holds_state(exported, self.model):
                 torch.save(self.model.state_dict(), directory / "model.pt")
-            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        if not self.layout.sharded:
+            # the moments in shares written in parallel, balanced by bytes with the weights
+            # rank 0 writes besides
+            ranks = self.layout.world_size
+            if ranks == 1:
+                torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            else:
+                weights = 0 if is_peft_model(self.model) else _bytes(self.model.parameters())
+                share = optimizer_share(self.optimizer, self.data_parallel_rank, ranks, weights)
+                torch.save(share, directory / "optimizer.pt")
         self._save_rank_state(directory)
 
     def _base_digest(self) -> str:
@@ -375,7 +388,7 @@ class HFDPOTrainer(HFModule):
             optimizer = first / "optimizer.pt"
         if not optimizer.is_file():
             raise FileNotFoundError(f"{self.name}: the checkpoint has no {optimizer}")
-        self.optimizer.load_state_dict(torch.load(optimizer, map_location="cpu", weights_only=True))
+        self.optimizer.load_state_dict(load_optimizer_state(optimizer))
 
     def _load_adapters(self, path: Any) -> None:
         """A LoRA checkpoint's adapters onto the base this run's setup built, which must be
@@ -418,6 +431,10 @@ class HFDPOTrainer(HFModule):
                 tokenizer=self.tokenizer,
                 merge_lora=bool(self.arg("merge_lora", True)),
             )
+
+
+def _bytes(tensors: Iterator[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _flat(value: Any) -> Iterator[float]:

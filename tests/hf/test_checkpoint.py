@@ -114,3 +114,27 @@ def test_an_export_of_another_state_is_not_taken_for_the_model(tmp_path: Path) -
     save_file(written, weights)
     with pytest.raises(ValueError, match="no lm_head.weight"):
         load_exported_state(tmp_path, _trained(2))
+
+
+def test_optimizer_shares_balance_bytes_and_merge_back(tmp_path: Path) -> None:
+    from chatlearn.hf.checkpoint import load_optimizer_state, optimizer_share, share_owners
+
+    # the largest first, each to the rank with the fewest bytes; rank 0 counted with its weights
+    assert share_owners([10, 40, 30, 20], 2) == [0, 0, 1, 1]  # 40 + 10 | 30 + 20
+    assert share_owners([10, 40, 30, 20], 2, first_rank_bytes=100) == [1, 1, 1, 1]
+    assert share_owners([5, 5, 5], 3) == [0, 1, 2]
+    model, optimizer = _model_and_optimizer("a", "b", "c")
+    whole = optimizer.state_dict()
+    for rank in range(2):
+        (tmp_path / f"rank_{rank}").mkdir()
+        torch.save(optimizer_share(optimizer, rank, 2), tmp_path / f"rank_{rank}" / "optimizer.pt")
+    for rank in range(2):  # every rank reads every share
+        merged = load_optimizer_state(tmp_path / f"rank_{rank}" / "optimizer.pt")
+        assert merged["param_groups"] == whole["param_groups"]
+        assert list(merged["state"]) == list(whole["state"])
+        for index, state in whole["state"].items():
+            for key, value in state.items():
+                assert torch.equal(merged["state"][index][key], value), (index, key)
+    (tmp_path / "rank_1" / "optimizer.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="rank_1/optimizer.pt"):
+        load_optimizer_state(tmp_path / "rank_0" / "optimizer.pt")

@@ -178,11 +178,17 @@ def test_a_ddp_checkpoint_holds_the_replicas_state_once_and_resumes_bit_identica
         assert result["resumed_weights"] == result["final_weights"]
     assert runs["rank0"]["ddp"]["final_weights"] == runs["rank1"]["ddp"]["final_weights"]
     rank0, rank1 = (Path(runs[name]["ddp"]["checkpoint"]) for name in ("rank0", "rank1"))
-    # rank 0 writes the weights (in hf_model) and the moments; rank 1 only what is its own
+    # rank 0 writes the weights (in hf_model); the moments are in two shares, one a rank
     assert sorted(p.name for p in rank0.iterdir()) == [
         "hf_model", "optimizer.pt", "rng.pt", "scheduler.pt"
     ]  # fmt: skip
-    assert sorted(p.name for p in rank1.iterdir()) == ["rng.pt", "scheduler.pt"]
+    assert sorted(p.name for p in rank1.iterdir()) == ["optimizer.pt", "rng.pt", "scheduler.pt"]
+    shares = [torch.load(d / "optimizer.pt", weights_only=True)["state"] for d in (rank0, rank1)]
+    assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
+    weights = (rank0 / "hf_model" / "model.safetensors").stat().st_size
+    moments = [(d / "optimizer.pt").stat().st_size for d in (rank0, rank1)]
+    # balanced with the weights rank 0 writes besides: 1 + 2 weights' bytes, 1.5 a rank
+    assert abs(weights + moments[0] - moments[1]) < 0.35 * weights, (weights, moments)
 
 
 def test_exported_hf_directory_loads_to_the_same_logps(runs: dict[str, Any]) -> None:
