@@ -158,6 +158,8 @@ class _Healing:
     policy: RestartPolicy
     on_restart: Callable[[int | None], Awaitable[None]] | None
     describe: Callable[[int | None], str] | None
+    # awaited before new processes start (their start state must be final by then)
+    before_start: Callable[[int | None], Awaitable[None]] | None = None
     times: deque[float] = field(default_factory=deque)  # monotonic times of recent restarts
     count: int = 0
 
@@ -620,13 +622,16 @@ class ActorSystem:
         policy: RestartPolicy | None = None,
         on_restart: Callable[[int | None], Awaitable[None]] | None = None,
         describe: Callable[[int | None], str] | None = None,
+        before_start: Callable[[int | None], Awaitable[None]] | None = None,
     ) -> None:
         """Restart ``model``'s actors when they are lost (module docstring) instead of failing
         the run. ``unit``: ``"replica"`` restarts the lost actor's replica (all its ranks),
         ``"model"`` every process of the model (a trainer whose ranks share one optimizer step).
         ``on_restart(replica_id)`` primes the new processes before anyone may call them (None
         for a whole model); ``describe(replica_id)`` says, for the log line, what the caller
-        will replay. Processes only: in-process actors cannot be restarted.
+        will replay; ``before_start(replica_id)`` is awaited once the lost processes are gone,
+        before new ones start with the model's start state (`BaseModule._start_state`).
+        Processes only: in-process actors cannot be restarted.
         """
         if unit not in ("replica", "model"):
             raise ValueError(f"unit must be 'replica' or 'model', got {unit!r}")
@@ -634,7 +639,7 @@ class ActorSystem:
         if self.options.in_process or policy.max_restarts <= 0:
             self._healing.pop(model, None)
             return
-        self._healing[model] = _Healing(unit, policy, on_restart, describe)
+        self._healing[model] = _Healing(unit, policy, on_restart, describe, before_start)
 
     def _unit_key(self, actor: Any) -> tuple[str, int | None]:
         healing = self._healing.get(actor.identity.model)
@@ -819,6 +824,10 @@ class ActorSystem:
                         self.record("exit", member, f"exit code {member.popen.returncode}")
                 if self._closing or self.failure is not None:
                     return
+                if healing.before_start is not None:
+                    await healing.before_start(key[1])
+                    if self._closing or self.failure is not None:
+                        return
                 spawn_model(
                     self,
                     module,

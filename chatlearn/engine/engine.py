@@ -57,7 +57,7 @@ from chatlearn.actors import (
     ModelGroup,
     RestartPolicy,
 )
-from chatlearn.actors.checkpoint_paths import checkpoint_root
+from chatlearn.actors.checkpoint_paths import checkpoint_name, checkpoint_root
 from chatlearn.actors.hosts import COORDINATOR_RESTARTS_ENV_VAR
 from chatlearn.actors.loader import running_script
 from chatlearn.actors.timers import Timers as UserTimers
@@ -707,9 +707,22 @@ class DPOEngine(Engine):
             return "its orders in flight go to the other replicas or wait for it"
 
         def replay_trainer(_: int | None) -> str:
-            last = self.checkpoints.last if self.checkpoints is not None else None
-            since = f"checkpoint {last.name}" if last is not None else "the start of this run"
+            checkpoints = self.checkpoints
+            newest = checkpoints.newest_iteration if checkpoints is not None else None
+            if checkpoints is None or newest is None:
+                since = "the start of this run"
+            elif newest == checkpoints.last_iteration:
+                since = f"checkpoint {checkpoint_name(newest)}"
+            else:
+                since = f"checkpoint {checkpoint_name(newest)} once it is committed"
             return f"the trainer restarts from {since} (iteration {self.state.iteration} now)"
+
+        async def trainer_start(_: int | None) -> None:
+            # a checkpoint still being committed: the new processes start with its counters
+            # (`_trainer_saved`), as their setup() may load it; its failure stops the run
+            if self.checkpoints is not None:
+                with contextlib.suppress(Exception):
+                    await self.checkpoints.committed()
 
         system.heal(
             reference_name,
@@ -724,6 +737,7 @@ class DPOEngine(Engine):
             policy=self._restart_policy(runtime, trainer_name),
             on_restart=prime_trainer,
             describe=replay_trainer,
+            before_start=trainer_start,
         )
 
     async def _before_launch(self) -> None:

@@ -200,6 +200,19 @@ class EchoTrainer(_Logged):
         return {"mean_row": float(data["row"].float().mean())}
 
 
+class EchoSetupTrainer(EchoTrainer):
+    """Logs the counters its ``setup()`` sees (a restarted process's, from the coordinator)."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.log(
+            event="setup",
+            resume=self.resume_training,
+            train_iteration=self._train_iteration,
+            consumed_samples=self._start_consumed_samples,
+        )
+
+
 class EchoTokensTrainer(EchoTrainer):
     """Logs the "tokens" it is given; registers their padding only with `runtime.echo_pad`."""
 

@@ -31,6 +31,7 @@ from echo_modules import (  # noqa: E402
     EchoPaddingReference,
     EchoPositionalReference,
     EchoReference,
+    EchoSetupTrainer,
     EchoStringReference,
     EchoTokensTrainer,
     EchoTrainer,
@@ -650,9 +651,13 @@ async def test_a_trainer_lost_while_its_checkpoint_is_committed_restarts_from_it
     # committed: the run goes back to that checkpoint once it is (not to the run's start)
     _timed_commits(monkeypatch, 4.0)
     runtime = _runtime(1, 16, 4, 2, 4, save_step_interval=2, echo_die_at=3)
-    _, log = await _learn(tmp_path, runtime, range(16))
+    _, log = await _learn(tmp_path, runtime, range(16), trainer=EchoSetupTrainer)
     assert list(tmp_path.rglob("echo_died"))  # the trainer died once
     assert [t["iteration"] for t in _events(log, "train")] == [0, 1, 2, 2, 3]
+    # the new process's setup() already knew the checkpoint it resumes from (a module that
+    # loads its own checkpoint there, as ChatLearn's do): its restart waited for the commit
+    setups = [(s["resume"], s["train_iteration"]) for s in _events(log, "setup")]
+    assert setups == [(False, 0), (True, 2)], setups
     records = [
         json.loads(x) for x in (tmp_path / "CHATLEARN" / "metrics.jsonl").read_text().splitlines()
     ]
