@@ -360,6 +360,42 @@ def test_a_stop_signal_while_the_run_starts_kills_it(monkeypatch: pytest.MonkeyP
     assert codes == [-signal.SIGKILL]  # killed (and reaped) by run_command
 
 
+def test_a_stop_signal_while_the_deferral_is_set_up_leaves_no_handler_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # signals_deferred replaces SIGINT's, SIGTERM's and SIGHUP's handlers one by one: a SIGTERM
+    # after SIGINT's was replaced raised out of it with SIGINT's still the one that holds it,
+    # and a Ctrl-C after that was held for ever (the harness could no longer be interrupted)
+    import chatlearn.chaos.runs as runs
+
+    def stop(signum, frame) -> None:
+        raise Terminated(signum)
+
+    real_signal = signal.signal
+    calls: list[int] = []
+
+    def signal_then_term(signum, handler):
+        calls.append(signum)
+        if len(calls) == 2:  # SIGINT's replaced; SIGTERM's is the harness's still
+            signal.raise_signal(signal.SIGTERM)
+        return real_signal(signum, handler)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    real_signal(signal.SIGTERM, stop)
+    try:
+        monkeypatch.setattr(runs.signal, "signal", signal_then_term)
+        with pytest.raises(Terminated):
+            with runs.signals_deferred():
+                pass
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGINT) is previous[signal.SIGINT]
+        assert signal.getsignal(signal.SIGTERM) is stop
+    finally:
+        monkeypatch.undo()
+        for sig, handler in previous.items():
+            real_signal(sig, handler)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_the_harness_stopped_by_a_signal_kills_the_run(tmp_path: Path, sig: int) -> None:
     """SIGHUP (the terminal closed, the ssh session lost) ended the harness by its default

@@ -138,9 +138,11 @@ def signals_deferred() -> Iterator[None]:
     stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.getsignal(sig) for sig in stops}
     previous = {sig: handler for sig, handler in previous.items() if handler is not None}
-    for sig in previous:
-        signal.signal(sig, lambda signum, frame: received.append(signum))
     try:
+        # inside the try: a signal between two of these, raised by a handler not yet replaced,
+        # leaves none of them replaced
+        for sig in previous:
+            signal.signal(sig, lambda signum, frame: received.append(signum))
         yield
     finally:
         for sig, handler in previous.items():
