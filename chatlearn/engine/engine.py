@@ -512,6 +512,8 @@ class DPOEngine(Engine):
             elif failure is not None and not isinstance(failure, asyncio.CancelledError):
                 if failure is not self._stop_error:  # not the stop's own doing: say so
                     logger.error("the run failed while stopping", exc_info=failure)
+            if self.checkpoints is not None:
+                await self._last_commit(self.checkpoints)
             last = self.checkpoints.last if self.checkpoints is not None else None
             stop = TrainingStopped(interrupts.signum, last)
             logger.warning(
@@ -523,6 +525,25 @@ class DPOEngine(Engine):
             )
             raise stop from failure
         return self.result()
+
+    @staticmethod
+    async def _last_commit(checkpoints: RunCheckpoints) -> None:
+        """After an immediate stop: the checkpoint still being committed in the background
+        (it cannot be abandoned halfway: its thread goes on, and its pruning removed the
+        checkpoint the stop named as the newest). Its failure is said in one line (the run's
+        actors are gone: nothing else says it)."""
+        pending = checkpoints.newest_iteration
+        if pending is None or pending == checkpoints.last_iteration:
+            return
+        logger.info("waiting for the checkpoint of iteration %d being committed", pending)
+        try:
+            await checkpoints.committed()
+        except Exception as exc:
+            logger.error(
+                "the checkpoint of iteration %d was not committed: %s",
+                pending,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
 
     def result(self) -> LearnResult:
         """The figures of the last ``learn()`` (also what it returns)."""

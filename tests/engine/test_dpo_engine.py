@@ -678,3 +678,42 @@ async def test_a_checkpoint_that_cannot_be_committed_stops_the_run_at_once(
     assert max(t["iteration"] for t in _events(log, "train")) < 8  # of 32: it stopped then
     checkpoints = sorted(p.name for p in (tmp_path / "CHATLEARN" / "checkpoints").iterdir())
     assert checkpoints == ["iter_0000002"]  # the one a rerun resumes from; no staging left
+
+
+async def test_a_stop_at_once_names_the_checkpoint_still_being_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # two signals right after the checkpoint of iteration 4 was handed to the background
+    # commit: the stop named iteration 2's as the newest, which that commit (its thread goes
+    # on) then pruned (save_keep_last 1)
+    import signal
+
+    from chatlearn.engine.interrupts import TrainingStopped
+    from chatlearn.engine.run_checkpoints import RunCheckpoints
+
+    _timed_commits(monkeypatch, 2.0)
+    real = RunCheckpoints.save
+    engines: list[DPOEngine] = []
+
+    async def save(self, state, reason, eval_history=None, *, wait=True):
+        path = await real(self, state, reason, eval_history, wait=wait)
+        if state.iteration == 4 and reason == "step":
+            engines[0]._interrupts.handle(signal.SIGINT)  # graceful
+            engines[0]._interrupts.handle(signal.SIGINT)  # at once
+        return path
+
+    monkeypatch.setattr(RunCheckpoints, "save", save)
+    runtime = _runtime(4, 16, 4, 2, 4, save_step_interval=2, save_keep_last=1, echo_cost=0.05)
+    chatlearn.init(_config(tmp_path, runtime))
+    try:
+        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        engines.append(engine)
+        engine.set_dataset(list(range(35)))
+        with pytest.raises(TrainingStopped) as stopped:
+            await engine.learn_async()
+    finally:
+        reset_args()
+    checkpoint = stopped.value.checkpoint
+    assert checkpoint is not None and checkpoint.name == "iter_0000004", checkpoint
+    root = tmp_path / "CHATLEARN" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000004"]
