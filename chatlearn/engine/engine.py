@@ -510,7 +510,9 @@ class DPOEngine(Engine):
                     str(failure).splitlines()[0],
                 )
             elif failure is not None and not isinstance(failure, asyncio.CancelledError):
-                if failure is not self._stop_error:  # not the stop's own doing: say so
+                if isinstance(failure, ConfigError):  # a full disk, say: one line, as alone
+                    logger.error("the run failed while stopping: %s", failure.one_line())
+                elif failure is not self._stop_error:  # not the stop's own doing: say so
                     logger.error("the run failed while stopping", exc_info=failure)
             if self.checkpoints is not None:
                 await self._last_commit(self.checkpoints)

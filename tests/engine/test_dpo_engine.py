@@ -717,3 +717,43 @@ async def test_a_stop_at_once_names_the_checkpoint_still_being_committed(
     assert checkpoint is not None and checkpoint.name == "iter_0000004", checkpoint
     root = tmp_path / "CHATLEARN" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["iter_0000004"]
+
+
+async def test_a_commit_that_fails_during_a_graceful_stop_is_said_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the signal right after the checkpoint of iteration 4 was handed to the background commit,
+    # which then fails on a full disk: the stop's save waits for it and meets its StorageError,
+    # a one-line error (exit 2 on its own), which the stop logged with a whole traceback
+    import signal
+
+    from chatlearn.engine.interrupts import TrainingStopped
+    from chatlearn.engine.run_checkpoints import RunCheckpoints
+
+    _timed_commits(monkeypatch, 0.5, fail_at=4)
+    real = RunCheckpoints.save
+    engines: list[DPOEngine] = []
+
+    async def save(self, state, reason, eval_history=None, *, wait=True):
+        path = await real(self, state, reason, eval_history, wait=wait)
+        if state.iteration == 4 and reason == "step":
+            engines[0]._interrupts.handle(signal.SIGINT)
+        return path
+
+    monkeypatch.setattr(RunCheckpoints, "save", save)
+    runtime = _runtime(4, 16, 4, 2, 4, save_step_interval=2, echo_cost=0.05)
+    chatlearn.init(_config(tmp_path, runtime))
+    try:
+        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        engines.append(engine)
+        engine.set_dataset(list(range(35)))
+        with caplog.at_level(logging.ERROR, logger="chatlearn"):
+            with pytest.raises(TrainingStopped) as stopped:
+                await engine.learn_async()
+    finally:
+        reset_args()
+    assert stopped.value.checkpoint is not None
+    assert stopped.value.checkpoint.name == "iter_0000002"
+    said = [r for r in caplog.records if "failed while stopping" in r.getMessage()]
+    assert len(said) == 1 and "No space left on device" in said[0].getMessage(), said
+    assert said[0].exc_info is None  # one line, not a traceback
