@@ -534,8 +534,8 @@ class DPOEngine(Engine):
         (it cannot be abandoned halfway: its thread goes on, and its pruning removed the
         checkpoint the stop named as the newest). Its failure is said in one line (the run's
         actors are gone: nothing else says it)."""
-        pending = checkpoints.newest_iteration
-        if pending is None or pending == checkpoints.last_iteration:
+        pending = checkpoints.committing  # one that failed already was said
+        if pending is None:
             return
         logger.info("waiting for the checkpoint of iteration %d being committed", pending)
         try:

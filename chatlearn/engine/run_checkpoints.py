@@ -176,6 +176,12 @@ class RunCheckpoints:
         """The iteration of the newest checkpoint written: committed, or being committed."""
         return self._pending[0] if self._pending is not None else self.last_iteration
 
+    @property
+    def committing(self) -> int | None:
+        """The iteration of the checkpoint being committed now (not one whose commit ended)."""
+        pending = self._pending
+        return pending[0] if pending is not None and not pending[1].done() else None
+
     async def committed(self) -> Path | None:
         """Wait for the checkpoint being committed in the background, if any (its error
         raises); its directory, or None when none was."""

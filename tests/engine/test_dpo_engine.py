@@ -757,3 +757,4 @@ async def test_a_commit_that_fails_during_a_graceful_stop_is_said_in_one_line(
     said = [r for r in caplog.records if "failed while stopping" in r.getMessage()]
     assert len(said) == 1 and "No space left on device" in said[0].getMessage(), said
     assert said[0].exc_info is None  # one line, not a traceback
+    assert not [r for r in caplog.records if "not committed" in r.getMessage()]  # said once
