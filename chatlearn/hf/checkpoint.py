@@ -253,14 +253,20 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor for name, tensor in model.state_dict().items() if name in trainable}
 
 
+_DIGEST_THREADS = 4
+
+
 def frozen_digest(model: nn.Module) -> str:
     """A digest of every state-dict tensor of `model` that does not train (names, dtypes,
-    shapes and bytes), hashed tensor by tensor on the process's cores (BLAKE2b releases the
-    GIL), one tensor in host memory at a time."""
+    shapes and bytes), hashed tensor by tensor on up to `_DIGEST_THREADS` of the process's cores
+    (BLAKE2b releases the GIL), so at most that many tensors in host memory at a time (a GPU
+    model's are copied one by one: with 8 ranks of a node hashing at once, one thread a core
+    each would have held hundreds of tensors' copies)."""
     trainable = trainable_state(model)
     frozen = [(n, t) for n, t in model.state_dict().items() if n not in trainable]
     digest = hashlib.blake2b(digest_size=16)
-    with ThreadPoolExecutor(max(1, len(os.sched_getaffinity(0)))) as pool:
+    threads = max(1, min(_DIGEST_THREADS, len(os.sched_getaffinity(0))))
+    with ThreadPoolExecutor(threads) as pool:
         for (name, tensor), part in zip(
             frozen, pool.map(_tensor_bytes_digest, frozen), strict=True
         ):
