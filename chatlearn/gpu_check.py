@@ -23,9 +23,12 @@ Checks (``chatlearn.gpu_probe`` is the module the actors run):
   local checkpoint straight onto their GPU (``device_map``; the reference in bf16), a few
   steps, loss falling, a checkpoint written at the end; every example's setup checks (the
   chunked log-probs against the model's own, dropout off) must pass on the GPU, not fall back;
+  The run then goes on for one more episode from that checkpoint: the weights read back from
+  its ``hf_model`` onto the GPU (with 2 GPUs the AdamW moments merged from both ranks' shares);
 - ``DPO example LoRA fp16``: the same with ``dpo_lora.yaml``'s adapters on the policy and
   ``mixed_precision: fp16`` (its loss scaler, CUDA only); the final checkpoint holds the
-  adapter and the merged weights;
+  adapter and the merged weights; resumed the same way (the adapters onto the base on the GPU,
+  its digest hashed from the GPU's tensors, the loss scaler's state);
 - ``DPO example FSDP2 bf16`` (≥ 2 GPUs): the same with the trainer sharded over 2 GPUs
   (``parallel: fsdp``, ``mixed_precision: bf16``, NCCL, a sharded checkpoint; both models built
   in host memory and moved to the GPUs by ``fully_shard`` as they are sharded), both from a local
@@ -452,19 +455,7 @@ def run_example(
     """The DPO example for ``episodes`` episodes (12 steps each): its loss must fall; a
     checkpoint at the end. ``stored``: the run has a reference store, which must have computed
     and kept samples. ``said``: what its log must say."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "NUM_EPISODE": str(episodes),
-        "SAVE_EPISODE_INTERVAL": str(episodes),
-        "OUTPUT_DIR": str(workdir / "output"),
-    }
-    command = [sys.executable, "-m", "examples.dpo.train_dpo", "-c", str(config)]
-    done = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if done.returncode != 0:
-        raise CheckFailed(f"exit code {done.returncode}: {_last_line(done.stderr)}")
+    done = _example_process(config, workdir, timeout, episodes)
     fell = loss_fell(workdir, by=0.02)
     for words in said:
         if words not in done.stderr:
@@ -488,6 +479,43 @@ def run_example(
             raise CheckFailed("the reference store computed and kept no sample")
         store = f", reference store kept {counts.group(2)} samples"
     return f"{fell}{rate}, checkpoint written{store}"
+
+
+def _example_process(
+    config: Path, workdir: Path, timeout: float, episodes: int
+) -> subprocess.CompletedProcess[str]:
+    """The DPO example run for ``episodes`` episodes, a checkpoint at the end; it must exit 0."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "NUM_EPISODE": str(episodes),
+        "SAVE_EPISODE_INTERVAL": str(episodes),
+        "OUTPUT_DIR": str(workdir / "output"),
+    }
+    command = [sys.executable, "-m", "examples.dpo.train_dpo", "-c", str(config)]
+    done = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if done.returncode != 0:
+        raise CheckFailed(f"exit code {done.returncode}: {_last_line(done.stderr)}")
+    return done
+
+
+def resume_example(config: Path, workdir: Path, timeout: float, *, episodes: int = 2) -> str:
+    """The run of `run_example` (``episodes`` episodes) continued for one more: it must resume
+    from its final checkpoint and train that episode."""
+    done = _example_process(config, workdir, timeout, episodes + 1)
+    return resumed(done.stdout + done.stderr, episodes + 1)
+
+
+def resumed(log: str, episodes: int) -> str:
+    """What a run's log says of its resume from a checkpoint and of its last episode."""
+    found = re.search(r"resuming from \S*(iter_\d+): iteration (\d+)", log)
+    if found is None:
+        raise CheckFailed("the run did not resume from its checkpoint")
+    if f"episode {episodes}/{episodes} done" not in log:
+        raise CheckFailed(f"episode {episodes} was not trained after the resume")
+    return f"resumed from {found.group(1)} (iteration {found.group(2)})"
 
 
 def megatron_config(
@@ -631,7 +659,8 @@ def run_checks() -> list[CheckResult]:
             reference_args = {"dtype": "bfloat16", "model_path": str(checkpoint)}
             reference = {"num_gpu": gpus, "model_args": reference_args}
             config = example_config(workdir / "one", trainer, reference, True)
-            return run_example(config, workdir / "one", deadline.left(90))
+            figures = run_example(config, workdir / "one", deadline.left(90))
+            return f"{figures}, {resume_example(config, workdir / 'one', deadline.left(60))}"
 
         def example_fsdp() -> str:
             # both from a local checkpoint of the policy's first weights: the trainer's 2 ranks
@@ -672,7 +701,8 @@ def run_checks() -> list[CheckResult]:
             trainer = {"num_gpu": 1, "model_args": lora_gpu_model_args(fsdp=False)}
             config = example_config(workdir / "lora", trainer, {"num_gpu": 1}, True)
             figures = run_example(config, workdir / "lora", deadline.left(60))
-            return f"{figures}, {check_lora_export(workdir / 'lora')}"
+            again = resume_example(config, workdir / "lora", deadline.left(60))
+            return f"{figures}, {check_lora_export(workdir / 'lora')}, {again}"
 
         def example_lora_fsdp() -> str:
             trainer = {"num_gpu": 2, "model_args": lora_gpu_model_args(fsdp=True)}

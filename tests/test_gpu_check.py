@@ -246,3 +246,21 @@ def test_the_sharded_reference_loads_the_policys_first_weights_from_a_checkpoint
     reference = {"num_gpu": 2, "zero_size": 2, "model_args": {"model_path": str(checkpoint)}}
     config = load_config(example_config(tmp_path, {"num_gpu": 2}, reference, True))
     assert config.model("reference").model_args["model_path"] == str(checkpoint)
+
+
+def test_a_resumed_example_is_told_by_its_log() -> None:
+    from chatlearn.gpu_check import CheckFailed, resumed
+
+    log = (
+        "[chatlearn 04:23:06] resuming from /w/out/dpo_example/checkpoints/iter_0000024 with "
+        "changed training settings, so the run will not repeat an uninterrupted one exactly: "
+        "num_episode: saved 2, now 3\n"
+        "[chatlearn 04:23:06] resuming from /w/out/dpo_example/checkpoints/iter_0000024: "
+        "iteration 24, consumed_samples 768; continuing with episode 3\n"
+        "[chatlearn 04:23:07] episode 3/3 done in 0.3s: iteration 36, loss 0.6857\n"
+    )
+    assert resumed(log, 3) == "resumed from iter_0000024 (iteration 24)"
+    with pytest.raises(CheckFailed, match="episode 4 was not trained"):
+        resumed(log, 4)
+    with pytest.raises(CheckFailed, match="did not resume"):
+        resumed(log.replace("resuming", "starting"), 3)
