@@ -11,7 +11,7 @@
   whole state dict, bit for bit, and reading it back into the model tensor by tensor. A
   replicated (one-process or DDP) trainer's checkpoint then keeps its weights once, in the
   export, rather than a second time in ``model.pt`` (HFDPOTrainer.save_checkpoint).
-- ``optimizer_share`` / ``load_optimizer_shares``: a replicated (DDP) optimizer's state written
+- ``optimizer_share`` / ``load_optimizer_state``: a replicated (DDP) optimizer's state written
   in shares, one a rank, balanced by bytes, and merged again at a load: every rank writes an
   N-th of the moments in parallel rather than one rank all of them.
 - ``trainable_state`` / ``frozen_digest``: what of a LoRA model a checkpoint needs (its trainable
