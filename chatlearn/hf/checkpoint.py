@@ -177,9 +177,10 @@ def _header(path: Path) -> dict[str, Any]:
 def _tensor_groups(model: nn.Module) -> list[list[str]]:
     """The model's state-dict names grouped by the tensor they name: a tied weight's names are
     one group (an export writes one of them, and loading it sets them all)."""
-    groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    groups: dict[Any, list[str]] = {}
     for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tuple(tensor.shape)) if tensor.numel() else (id(name), ())
+        # an empty tensor has no storage to share: a group of its own
+        key = (tensor.data_ptr(), tuple(tensor.shape)) if tensor.numel() else name
         groups.setdefault(key, []).append(name)
     return list(groups.values())
 

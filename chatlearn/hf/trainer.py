@@ -367,7 +367,7 @@ class HFDPOTrainer(HFModule):
         """Weights and optimizer state of a one-process or DDP trainer: this rank's own files
         where a checkpoint has them (as every rank wrote them before), else rank 0's."""
         first = directory.parent / "rank_0"
-        for source in (directory, first):
+        for source in dict.fromkeys((directory, first)):  # rank 0's own directory once
             if (source / "model.pt").is_file():
                 state = torch.load(source / "model.pt", map_location="cpu", weights_only=True)
                 self.model.load_state_dict(state)

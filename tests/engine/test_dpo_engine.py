@@ -417,24 +417,16 @@ async def test_only_the_data_senders_io_thread_runs_batched(tmp_path: Path) -> N
     assert _events(log, "train")[-1]["io_threads"] == [os.SCHED_OTHER]
 
 
-async def test_numbers_of_a_dataset_without_collate_fn_reach_forward_step_as_tensors(
-    tmp_path: Path,
+# A dataset without collate_fn, collated as ChatLearn's data loader does (default_collate):
+# numbers reach forward_step as tensors (its data["row"].tolist() on the list collated here
+# before was an AttributeError), strings as a list (collated key by key, the first forward
+# stopped with "'str' object has no attribute 'keys'")
+@pytest.mark.parametrize("reference_class", [EchoNumberReference, EchoStringReference])
+async def test_a_dataset_without_collate_fn_reaches_forward_step_as_default_collate_gives_it(
+    tmp_path: Path, reference_class: type
 ) -> None:
-    # ChatLearn's data loader collates such a dataset with default_collate; its forward_step
-    # calls data["row"].tolist(), which on the list collated here before was an AttributeError
     _, log = await _learn(
-        tmp_path, _runtime(1, 8, 4, 2, 4), range(8), reference_class=EchoNumberReference
-    )
-    assert sorted(row for e in _events(log, "forward") for row in e["rows"]) == list(range(8))
-
-
-async def test_a_dataset_of_strings_without_collate_fn_reaches_forward_step_as_a_list(
-    tmp_path: Path,
-) -> None:
-    # as default_collate gives them; collated key by key, the first forward stopped with
-    # "'str' object has no attribute 'keys'"
-    _, log = await _learn(
-        tmp_path, _runtime(1, 8, 4, 2, 4), range(8), reference_class=EchoStringReference
+        tmp_path, _runtime(1, 8, 4, 2, 4), range(8), reference_class=reference_class
     )
     assert sorted(row for e in _events(log, "forward") for row in e["rows"]) == list(range(8))
 

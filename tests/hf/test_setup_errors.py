@@ -269,12 +269,8 @@ def test_chatlearns_deepspeed_example_keys_are_named_with_ours(
     OwnModel("reference", args=module_from_files(tmp_path, TINY + ours).global_args).check_args()
     reset_args()
     kept = 'seed: 0\nmax_len: 64\ninput_template: "Q: {}\\nA:"\n'
-    module = module_from_files(tmp_path, TINY + kept)
-    caplog.clear()
-    with caplog.at_level("WARNING"):
-        module.setup()
+    warned = _deepspeed_warnings(tmp_path, TINY + kept, caplog)
     path = tmp_path / "model.yaml"
-    warned = [m for m in caplog.messages if "ChatLearn's DeepSpeed" in m]
     assert warned == [
         f"reference: {path}:3: models.reference.model_args.max_len: a key of ChatLearn's "
         "DeepSpeed DPO example, not read by the ready-made modules; write max_length instead",
@@ -287,15 +283,22 @@ def test_chatlearns_deepspeed_example_keys_are_named_with_ours(
     # set off, they ask for these modules' defaults: "write mixed_precision: bf16 instead"
     # turned on what the example had off
     off = "seed: 0\nbf16: false\nzero_stage: 0\n"
-    module = module_from_files(tmp_path, TINY + off)
-    caplog.clear()
-    with caplog.at_level("WARNING"):
-        module.setup()
-    warned = [m for m in caplog.messages if "ChatLearn's DeepSpeed" in m]
+    warned = _deepspeed_warnings(tmp_path, TINY + off, caplog)
     assert [m.split("; ", 1)[1] for m in warned] == [
         "float32 compute is the default here (mixed_precision: no): remove it",
         "ZeRO stage 0 is plain data parallelism, the default here (parallel: ddp): remove it",
     ]
+
+
+def _deepspeed_warnings(
+    tmp_path: Path, model_file: str, caplog: pytest.LogCaptureFixture
+) -> list[str]:
+    """The warnings about ChatLearn's DeepSpeed-example keys of a setup with ``model_file``."""
+    module = module_from_files(tmp_path, model_file)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        module.setup()
+    return [m for m in caplog.messages if "ChatLearn's DeepSpeed" in m]
 
 
 def test_an_eos_beyond_the_models_embeddings(tmp_path: Path) -> None:
