@@ -98,6 +98,10 @@ class BaseModule:
         self._num_replica: int | None = None
         self._peak_memory = 0.0
         self._checkpoint_dir: Path | None = None  # set by the engine around save/load calls
+        # inside a `save_checkpoint` the engine runs, why it saves: "interval" or "step" (the
+        # periodic ones), "signal" (a graceful stop), "end" (the run's last) or "request"
+        # (`engine.save_checkpoint()`); None when the module's own code calls it
+        self.checkpoint_reason: str | None = None
         self._is_colocate: bool | None = None  # set_colocate's; else from runtime.colocation
         # ChatLearn's metric hooks: dicts appended by the module's steps, reduced (mean) into
         # the trainer's step metrics as `<prefix>/<key>` (`get_and_clear_metrics`)

@@ -572,10 +572,13 @@ class DPOPipeline:
             if self.eval_size and interval and (episode + 1) % interval == 0:
                 evaluated = await self.evaluate()
             self._episode_summary(episode, started, evaluated)
+            # a request is served first: the periodic save at the same iteration is then the
+            # requested checkpoint (a sharded trainer's export is written only on request and
+            # at the end); the run's last episode's checkpoint is its end's
+            await self._serve_checkpoint_requests()
             interval = settings.save_episode_interval
             if interval and (episode + 1) % interval == 0:
-                await self._save("interval")
-            await self._serve_checkpoint_requests()
+                await self._save("end" if episode + 1 == settings.num_episode else "interval")
             if settings.take_turns:
                 self._event(self._trained, episode).set()
 
@@ -601,9 +604,9 @@ class DPOPipeline:
                         await self._finish_steps(*pending.popleft())
                     if self._stop.is_set():
                         return False
+                    await self._serve_checkpoint_requests()  # first: as at an episode's end
                     if save_now:
                         await self._save_steps()
-                    await self._serve_checkpoint_requests()
                     queued = self.state.iteration
                 group = self._step_group(steps, next_step, produced)
                 if self._next_step_save is not None:  # no group runs past the next save

@@ -353,6 +353,9 @@ class SaveCheckpoint(Message):
     result = Interval
     path: str
     iteration: int
+    # why the engine saves: "interval"/"step" (periodic), "signal" (a graceful stop), "end",
+    # "request" (`engine.save_checkpoint()`); the module reads it as `checkpoint_reason`
+    reason: str = ""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -745,8 +748,8 @@ class TrainerGroup(_Workers):
             *(_ask(h, self.entry, o) for h, o in zip(self.group, orders, strict=True))
         )
 
-    async def save_checkpoint(self, path: str, iteration: int) -> None:
-        await self._all(SaveCheckpoint(path=path, iteration=iteration))
+    async def save_checkpoint(self, path: str, iteration: int, reason: str = "") -> None:
+        await self._all(SaveCheckpoint(path=path, iteration=iteration, reason=reason))
 
     async def load_checkpoint(self, path: str, iteration: int, episode: int) -> None:
         await self._all(LoadCheckpoint(path=path, iteration=iteration, episode=episode))

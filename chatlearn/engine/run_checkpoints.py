@@ -149,7 +149,7 @@ class RunCheckpoints:
             except OSError as exc:
                 self._raise_storage_error(exc, self.manager.root, state.iteration)
             try:
-                await self.trainer.save_checkpoint(str(staging), state.iteration)
+                await self.trainer.save_checkpoint(str(staging), state.iteration, reason)
             except BaseException as exc:  # a trainer lost while saving (self-healing goes on)
                 await asyncio.to_thread(shutil.rmtree, staging, True)
                 if isinstance(exc, ActorError) and exc.type_name.endswith("StorageError"):

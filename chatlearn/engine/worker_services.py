@@ -630,7 +630,7 @@ class TrainerService(_EpisodeHooks):
     async def save_checkpoint(self, order: SaveCheckpoint) -> Interval:
         """The module's ``save_checkpoint(iteration)`` into its directory of the checkpoint."""
         return await self.ctx.run_compute(
-            self._checkpoint_call, "save", order.path, order.iteration
+            self._checkpoint_call, "save", order.path, order.iteration, order.reason
         )
 
     async def load_checkpoint(self, order: LoadCheckpoint) -> None:
@@ -643,7 +643,9 @@ class TrainerService(_EpisodeHooks):
         )
         await self.ctx.run_compute(self._checkpoint_call, "load", order.path, order.iteration)
 
-    def _checkpoint_call(self, kind: str, checkpoint: str, iteration: int) -> Interval:
+    def _checkpoint_call(
+        self, kind: str, checkpoint: str, iteration: int, reason: str = ""
+    ) -> Interval:
         start = time.time()
         directory = module_checkpoint_dir(
             Path(checkpoint), self.module.name, self.ctx.identity.rank
@@ -669,6 +671,7 @@ class TrainerService(_EpisodeHooks):
             )
             return Interval(start=start, end=time.time())
         self.module._checkpoint_dir = directory
+        self.module.checkpoint_reason = reason or None
         try:
             with onloaded_to_save(self.module) if kind == "save" else contextlib.nullcontext():
                 invoke(self.module, f"{kind}_checkpoint", (), {"iteration": iteration})
@@ -682,6 +685,7 @@ class TrainerService(_EpisodeHooks):
             raise
         finally:
             self.module._checkpoint_dir = None
+            self.module.checkpoint_reason = None
         return Interval(start=start, end=time.time())
 
     async def close(self) -> None:

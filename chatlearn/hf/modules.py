@@ -31,10 +31,13 @@
 | prefix_sharing | on where exact | each pair as ``[prompt, chosen, rejected]``: the prompt once |
 | max_tokens_per_row | None | with packing: start a new row past this many tokens (None: one) |
 | max_tokens_per_micro_batch | None | at most this many tokens per forward (below; None: off) |
-| save_hf_model, merge_lora | True, True | checkpoints hold an HF dir (LoRA: adapter + merged) |
+| save_hf_model, merge_lora | True, True | checkpoints hold an HF dir (LoRA: adapter + merged) [1] |
 | malloc_mmap_threshold | 0 | glibc: freed blocks above this size leave the process (0: off) |
 | load_once | True | rank 0 loads model_path (or builds the model), the other ranks receive it |
 | load_in_turns | None | with load_once false: a host's ranks load in turns (None: if needed) |
+
+[1] Under FSDP2 only the run's last checkpoint and those asked for (``engine.save_checkpoint()``):
+the periodic ones hold the sharded state (the trainer's ``save_checkpoint``).
 
 LoRA's defaults (``chatlearn.hf.lora``): r 16, alpha 32, dropout 0, target_modules "all-linear".
 

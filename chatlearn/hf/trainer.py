@@ -291,7 +291,8 @@ class HFDPOTrainer(HFModule):
     def save_checkpoint(self, iteration: int) -> None:
         """The exact-resume state, and an HF-loadable ``hf_model`` directory with the tokenizer
         written by rank 0: ``AutoModelForCausalLM.from_pretrained(<dir>/hf_model)``; with LoRA
-        also ``hf_model/adapter`` (``PeftModel.from_pretrained``).
+        also ``hf_model/adapter`` (``PeftModel.from_pretrained``); under FSDP2 only at the
+        run's end and on request (`_exports_now`).
 
         Every rank writes its RNG and scheduler states. The model and the optimizer state are
         written once: under FSDP2 as one sharded ``torch.distributed.checkpoint`` beside the rank
@@ -307,7 +308,7 @@ class HFDPOTrainer(HFModule):
         if self.layout.sharded:
             save_sharded(directory.parent / SHARDED_DIR, self.network, self.optimizer)
         exported = directory / "hf_model"
-        if self.arg("save_hf_model", True):
+        if self.arg("save_hf_model", True) and self._exports_now():
             self.export_hf_model(exported)  # collective under FSDP2; rank 0 writes
         if not self.layout.sharded and self.data_parallel_rank == 0:
             if is_peft_model(self.model):
@@ -327,6 +328,16 @@ class HFDPOTrainer(HFModule):
                 share = optimizer_share(self.optimizer, self.data_parallel_rank, ranks, weights)
                 torch.save(share, directory / "optimizer.pt")
         self._save_rank_state(directory)
+
+    def _exports_now(self) -> bool:
+        """Whether this save writes ``hf_model``: always where it holds the weights (one
+        process, DDP). Under FSDP2, whose sharded checkpoint holds them, only at the run's end
+        and on request (``engine.save_checkpoint()``, or the module's own call): the export
+        gathers the whole model on rank 0 and writes it from that one process (a 7B model's
+        14-28 GB: a minute or more, every GPU idle), where the sharded save is written by every
+        rank at once; periodic checkpoints and a graceful stop's (whose time is bounded by
+        ``stop_timeout``) hold the sharded state only."""
+        return not self.layout.sharded or self.checkpoint_reason in (None, "end", "request")
 
     def _base_digest(self) -> str:
         """`frozen_digest` of the LoRA model's base, hashed once a process: it never changes."""

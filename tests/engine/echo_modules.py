@@ -180,6 +180,13 @@ class EchoTrainer(_Logged):
             if not marker.exists():
                 marker.write_text(str(os.getpid()))
                 os.kill(os.getpid(), signal.SIGKILL)
+        gate = self.runtime_args.get("echo_gate", None)
+        if gate is not None and iteration == 0:  # held until the test opens it (30 s at most)
+            Path(f"{gate}.entered").touch()
+            for _ in range(3000):
+                if Path(gate).exists():
+                    break
+                time.sleep(0.01)
         _spin(self.runtime_args.get("echo_cost", 0.0))
         batches = [mb["row"].tolist() for mb in data]
         for mb in data:
@@ -198,6 +205,9 @@ class EchoTrainer(_Logged):
 
     def eval_step(self, data):
         return {"mean_row": float(data["row"].float().mean())}
+
+    def save_checkpoint(self, iteration):
+        self.log(event="save", iteration=iteration, reason=self.checkpoint_reason)
 
 
 class EchoSetupTrainer(EchoTrainer):

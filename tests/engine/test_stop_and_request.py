@@ -258,6 +258,54 @@ async def test_checkpoint_on_request_from_a_custom_flow_resumes_mid_episode(tmp_
     assert engine.trainer.iteration == 8
 
 
+async def test_a_request_at_an_episodes_end_is_served_before_its_periodic_save(tmp_path: Path):
+    # One step an episode, a checkpoint every episode, a request made during the first step:
+    # it is served at the episode's end, before the periodic save of the same iteration, so
+    # the checkpoint there is the requested one (a sharded trainer writes its hf_model only on
+    # request and at the end); the trainer is told why it saves (`checkpoint_reason`)
+    gate = tmp_path / "gate"
+    chatlearn.init(
+        _config(
+            tmp_path, num_episode=3, sample_per_episode=2, generation_batch_size=2,
+            save_episode_interval=1, echo_gate=str(gate),
+        )
+    )  # fmt: skip
+    try:
+        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
+        engine.set_dataset(range(6))
+        training = asyncio.create_task(engine.learn_async())
+        try:
+            for _ in range(3000):  # bounded (60 s): start-up included
+                if Path(f"{gate}.entered").exists() or training.done():
+                    break
+                await asyncio.sleep(0.02)
+            assert engine.state.iteration == 0, "the first step was not held"
+            request = asyncio.ensure_future(engine.save_checkpoint())
+            await asyncio.sleep(0.2)  # the request reaches the pipeline while the step is held
+            gate.touch()
+            path = await request
+            await training
+        finally:
+            gate.touch()
+            training.cancel()
+            await asyncio.gather(training, return_exceptions=True)
+    finally:
+        reset_args()
+    saved = CoordinatorState.from_json((path / COORDINATOR).read_text())
+    assert (saved.iteration, saved.reason) == (1, "request")
+    checkpoints = CheckpointManager(tmp_path / "CHATLEARN" / "checkpoints").scan(verify=True)
+    reasons = [
+        CoordinatorState.from_json((c.path / COORDINATOR).read_text()).reason for c in checkpoints
+    ]
+    assert [c.iteration for c in checkpoints] == [1, 2, 3]
+    assert reasons == ["request", "interval", "end"]  # the last episode's is the end's
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    saves = [r for r in map(json.loads, lines) if r["event"] == "save"]
+    assert [(r["iteration"], r["reason"]) for r in saves] == [
+        (1, "request"), (2, "interval"), (3, "end")
+    ]  # fmt: skip
+
+
 async def test_a_graceful_stop_of_a_run_that_never_saves_does_not_promise_a_checkpoint(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

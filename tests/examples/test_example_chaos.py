@@ -45,6 +45,7 @@ PLAN = ChaosPlan(
 # restarts per model, a checkpoint every episode.
 FSDP_ARGV = [sys.executable, str(SCRIPT), "-c", str(ROOT / "examples" / "dpo" / "dpo_fsdp.yaml")]
 FSDP_SETTINGS = {**SETTINGS, "NUM_EPISODE": "6", "SAVE_EPISODE_INTERVAL": "1"}
+EXPORT = Path("policy_trainer", "rank_0", "hf_model")
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -194,6 +195,12 @@ def test_the_sharded_example_heals_from_a_killed_rank_of_each_model(tmp_path: Pa
                 assert sizes and sizes[1] == sizes[2], text[-4000:]  # every parameter trains
                 assert "layout: FSDP2 over 2 ranks" in text, text[-4000:]
                 assert "shards nothing" not in text, text[-4000:]
+                # one checkpoint an episode (the last three kept), the sharded state; the HF
+                # export at the end only
+                saved = sorted((tmp_path / name).glob("*/checkpoints/iter_*"))
+                exports = [c.name for c in saved if (c / EXPORT / "config.json").is_file()]
+                assert len(saved) == 3 and exports == [saved[-1].name], saved
+                assert "policy (HF)" in text, text[-4000:]
         assert sorted(killed) == ["policy_trainer.0.1", "reference.0.0"], text[-4000:]
         assert "restarting model 'reference' replica 0" in text, text[-4000:]
         assert "restarting model 'policy_trainer' all its processes" in text, text[-4000:]

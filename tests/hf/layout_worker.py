@@ -6,9 +6,10 @@ trainer `train_step` over micro-batches — on the example's min/max task with a
 writes what the tests check as JSON to `--out`:
 
 - `train`: 10 steps (the plain layout with W = 1, FSDP2 with W = 2); losses, grad norms,
-  reference log-probs, memory report; a checkpoint after step 5, and a second trainer that loads
-  it and repeats steps 6-10 (losses and final weights must be bit-identical); the policy's
-  log-probs at the checkpoint (the exported HF directory must reproduce them); the reference's
+  reference log-probs, memory report; a periodic checkpoint after step 5, and a second trainer
+  that loads it and repeats steps 6-10 (losses and final weights must be bit-identical); the
+  policy's log-probs at the checkpoint and its HF export (the checkpoint's `hf_model` with one
+  process, written apart with FSDP2, as at a run's end: it must reproduce them); the reference's
   store fingerprint (`chatlearn.engine.reference_store`).
 - `ddp` (W = 2): DDP steps and their memory report, to compare with FSDP2's; a checkpoint
   after step 2 and a second trainer that loads it and repeats the steps after it.
@@ -164,9 +165,12 @@ def run_train(rank: int, world: int, tmp: Path, **model_args: Any) -> dict[str, 
         losses.append(metrics["loss"])
         norms.append(metrics["grad_norm"])
         if step + 1 == CHECKPOINT_AFTER:
-            trainer._checkpoint_dir = checkpoint  # as the engine sets it around a save
+            # as the engine sets them around a periodic save (FSDP2: no hf_model then)
+            trainer._checkpoint_dir, trainer.checkpoint_reason = checkpoint, "interval"
             trainer.save_checkpoint(step + 1)
-            trainer._checkpoint_dir = None
+            trainer._checkpoint_dir = trainer.checkpoint_reason = None
+            if trainer.layout.sharded:  # what the run's end (or a request) writes
+                trainer.export_hf_model(tmp / "export")
             logps_at_checkpoint = policy_logps(trainer, batches[0])
     memory = trainer.memory_report()
     final = weights_digest(trainer)
@@ -188,6 +192,7 @@ def run_train(rank: int, world: int, tmp: Path, **model_args: Any) -> dict[str, 
         "resumed_weights": weights_digest(resumed),
         "logps_at_checkpoint": logps_at_checkpoint,
         "checkpoint": str(checkpoint),
+        "export": str(tmp / "export" if trainer.layout.sharded else checkpoint / "hf_model"),
         "layout": trainer.layout.describe(),
         "reference_fingerprint": found["fingerprint"],
     }
