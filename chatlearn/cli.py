@@ -54,6 +54,7 @@ class _RootGroup(_LazyGroup):
     cls=_RootGroup,
     lazy={
         "chaos": "chatlearn.chaos.cli:command",
+        "export": "chatlearn.hf.export:command",
         "inspect": "chatlearn.engine.inspect_cli:command",
         "gpu-check": "chatlearn.gpu_check:command",
         "launch": "chatlearn.launch.cli:command",

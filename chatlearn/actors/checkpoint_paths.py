@@ -12,6 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+# in every complete checkpoint: its files' hashes (written last), and the coordinator's state
+# (counters, the run's config)
+MANIFEST = "MANIFEST.json"
+COORDINATOR = "coordinator.json"
+
 
 def checkpoint_root(runtime: Any) -> Path:
     """Where a run's checkpoints live: ``data_checkpoint_path`` or ``output_path/checkpoints``

@@ -39,15 +39,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from chatlearn.actors.checkpoint_paths import checkpoint_name
+from chatlearn.actors.checkpoint_paths import COORDINATOR, MANIFEST, checkpoint_name
 from chatlearn.engine.state import RunState
 
 logger = logging.getLogger("chatlearn.engine")
 
 FORMAT = "chatlearn-checkpoint"
 VERSION = 1
-MANIFEST = "MANIFEST.json"
-COORDINATOR = "coordinator.json"
 _NAME = re.compile(r"^iter_(\d{7,})$")
 _STAGING_PREFIX = ".staging-"
 _HASH_CHUNK = 1 << 20

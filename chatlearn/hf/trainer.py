@@ -336,7 +336,8 @@ class HFDPOTrainer(HFModule):
         gathers the whole model on rank 0 and writes it from that one process (a 7B model's
         14-28 GB: a minute or more, every GPU idle), where the sharded save is written by every
         rank at once; periodic checkpoints and a graceful stop's (whose time is bounded by
-        ``stop_timeout``) hold the sharded state only."""
+        ``stop_timeout``) hold the sharded state only, which ``chatlearn export`` turns into the
+        same directory afterwards (chatlearn/hf/export.py)."""
         return not self.layout.sharded or self.checkpoint_reason in (None, "end", "request")
 
     def _base_digest(self) -> str:

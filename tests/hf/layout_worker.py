@@ -15,7 +15,8 @@ writes what the tests check as JSON to `--out`:
   after step 2 and a second trainer that loads it and repeats the steps after it.
 - `lora`: LoRA steps (FSDP2 with W = 2): losses, which parameters changed, the adapter and the
   trainer's log-probs (the saved adapter on the base model must reproduce them).
-  With W = 1 a checkpoint after step 15 and a second trainer that loads it and repeats 3 steps.
+  With W = 1 a checkpoint after step 15 and a second trainer that loads it and repeats 3 steps;
+  with W = 2 a periodic (sharded) checkpoint at the end, where the adapter is exported.
 - `bf16`: a few steps with mixed_precision bf16.
 - `tied`: a few steps of the model with tied embeddings; with W = 2, whether the FSDP2 root's
   parameters were sharded again by the time the backward reached the embedding.
@@ -258,6 +259,10 @@ def run_lora(rank: int, world: int, tmp: Path) -> dict[str, Any]:
         for name, p in trainer.model.named_parameters()
         if not torch.equal(_local(p).detach(), before[name])
     )
+    if world > 1:  # a periodic sharded checkpoint, where the export below is taken
+        trainer._checkpoint_dir, trainer.checkpoint_reason = checkpoint, "interval"
+        trainer.save_checkpoint(steps)
+        trainer._checkpoint_dir = trainer.checkpoint_reason = None
     target = tmp / "lora_export"
     trainer.export_hf_model(target)
     optimizer_params = sum(len(g["params"]) for g in trainer.optimizer.param_groups)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -290,3 +291,82 @@ def test_a_token_budget_per_forward_trains_like_the_micro_batches(runs: dict[str
     single_ref = [x for batch in plain["ref_logps"] for x in batch]
     sharded_ref = [x for batch in runs["rank1"]["budget"]["ref_logps"] for x in batch]
     assert _max_diff(single_ref, sharded_ref) < TOLERANCE
+
+
+def _as_checkpoint(model_dir: Path, model_args: dict[str, Any], where: Path) -> Path:
+    """`model_dir` (a trainer's directory: rank_*/, sharded/) as the model `policy` of a
+    complete checkpoint of a run with these model_args."""
+    from layout_worker import make_args
+
+    checkpoint = where / "checkpoints" / "iter_0000005"
+    shutil.copytree(model_dir, checkpoint / "policy")
+    state = {"config": make_args(2, **model_args).to_dict(), "trainer": {"model": "policy"}}
+    (checkpoint / "coordinator.json").write_text(json.dumps(state))
+    (checkpoint / "MANIFEST.json").write_text("{}")
+    return checkpoint
+
+
+def _same_tensors(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    first, second = load_file(a), load_file(b)
+    assert sorted(first) == sorted(second)
+    for key, tensor in first.items():
+        assert tensor.dtype == second[key].dtype and torch.equal(tensor, second[key]), key
+
+
+def test_chatlearn_export_writes_a_sharded_checkpoint_as_the_trainer_exports_it(
+    runs: dict[str, Any], tmp_path: Path
+) -> None:
+    # FSDP2's periodic checkpoints hold no hf_model: `chatlearn export` reads the shards in
+    # one process (no process group) and writes what the trainer's own export wrote there
+    from chatlearn.hf.export import export_checkpoint
+
+    lora = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
+    for run, model_args in (("train", {}), ("lora", {"lora": lora})):
+        result = runs["rank0"][run]
+        model_args = {"parallel": "fsdp", **model_args}
+        checkpoint = _as_checkpoint(Path(result["checkpoint"]).parent, model_args, tmp_path / run)
+        assert not (checkpoint / "policy" / "rank_0" / "hf_model").exists()
+        written = export_checkpoint(checkpoint.parent)  # the newest checkpoint there
+        assert written == tmp_path / run / "hf" / "iter_0000005"
+        exported = Path(result["export"])
+        _same_tensors(written / "model.safetensors", exported / "model.safetensors")
+        if run == "lora":
+            adapter = "adapter/adapter_model.safetensors"
+            _same_tensors(written / adapter, exported / adapter)
+        assert not list(written.parent.glob(".*partial*"))
+
+
+def test_chatlearn_export_of_unsharded_checkpoints_without_hf_model(
+    runs: dict[str, Any], tmp_path: Path
+) -> None:
+    # save_hf_model: false: the weights in model.pt, or with LoRA the adapters on the base the
+    # run's config builds (checked by its digest)
+    from layout_worker import make_args
+    from safetensors.torch import load_file
+
+    from chatlearn.hf.export import ExportError, export_checkpoint
+
+    lora = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
+    for run, model_args in (("train", {}), ("lora", {"lora": lora})):
+        rank_dir = Path(runs["single"][run]["checkpoint"])
+        model_args = {"parallel": "none", **model_args}
+        checkpoint = _as_checkpoint(rank_dir.parent, model_args, tmp_path / run)
+        held = checkpoint / "policy" / "rank_0" / "hf_model"
+        assert export_checkpoint(checkpoint) == held  # it holds one already
+        original = tmp_path / run / "original"
+        shutil.move(held, original)
+        if run == "train":
+            weights = load_file(original / "model.safetensors")
+            torch.save(weights, checkpoint / "policy" / "rank_0" / "model.pt")
+        written = export_checkpoint(checkpoint, tmp_path / run / "out")
+        _same_tensors(written / "model.safetensors", original / "model.safetensors")
+        if run == "lora":
+            adapter = "adapter/adapter_model.safetensors"
+            _same_tensors(written / adapter, original / adapter)
+            # adapters trained on another base: refused
+            other = make_args(1, **model_args, seed=1).to_dict()
+            (checkpoint / "coordinator.json").write_text(json.dumps({"config": other}))
+            with pytest.raises(ExportError, match="other base weights"):
+                export_checkpoint(checkpoint, tmp_path / run / "other", model="policy")

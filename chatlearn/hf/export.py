@@ -1,0 +1,265 @@
+"""`chatlearn export`: the Hugging Face directory of a trainer's weights in any checkpoint.
+
+    chatlearn export output/dpo_fsdp/checkpoints/iter_0000024   # to output/dpo_fsdp/hf/iter_0000024
+    chatlearn export output/dpo_fsdp/checkpoints -o best        # the newest complete checkpoint
+
+What the directory holds is what the trainer's own export writes at a run's end
+(``HFDPOTrainer.export_hf_model``, ``chatlearn.hf.checkpoint.export_hf``): the weights loadable
+with ``AutoModelForCausalLM.from_pretrained`` and the tokenizer; with LoRA the adapter
+(``adapter/``, ``PeftModel.from_pretrained``) and, unless ``--no-merge-lora``, the merged weights.
+
+Where it comes from, by what the checkpoint's trainer wrote (``<checkpoint>/<trainer>/``):
+
+- ``sharded/`` (FSDP2, whose periodic checkpoints hold no ``hf_model``): the sharded state read
+  in this one process, without a process group (``torch.distributed.checkpoint`` lays the shards
+  of any number of ranks out again), into the full state dict: one copy of the weights in host
+  memory. The model is built on the meta device, from the run's config in the checkpoint, only
+  for its names, its tied weights and its LoRA layers; no weights are read from ``model_path``.
+- ``rank_0/hf_model``: already there, copied to ``-o`` when given.
+- ``rank_0/model.pt`` (``save_hf_model: false``): read as it is.
+- ``rank_0/adapters.pt`` (LoRA without FSDP2, ``save_hf_model: false``): the adapters on the
+  base model the run's config builds (``model_path``, or ``model_config`` and ``seed``), checked
+  against the base's digest the checkpoint holds.
+
+The directory is written beside its final name and renamed into place, so a failed export
+leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from chatlearn.actors.checkpoint_paths import COORDINATOR, MANIFEST, module_checkpoint_dir
+from chatlearn.hf.trainer import ADAPTERS_FILE, SHARDED_DIR, HFDPOTrainer
+
+
+class ExportError(Exception):
+    """What stops an export: one line saying what and what to do."""
+
+
+def find_checkpoint(path: Path) -> Path:
+    """`path` if it is a complete checkpoint, else the newest complete one under it."""
+    if not path.exists():
+        raise ExportError(f"{path}: no such checkpoint or directory")
+    if (path / COORDINATOR).is_file():
+        if not (path / MANIFEST).is_file():
+            raise ExportError(f"{path}: an incomplete checkpoint (no {MANIFEST})")
+        return path
+    done = [p for p in path.glob("iter_*") if (p / MANIFEST).is_file()]
+    complete = sorted(
+        (p for p in done if (p / COORDINATOR).is_file() and p.name[5:].isdigit()),
+        key=lambda p: int(p.name[5:]),  # iter_<iteration>
+    )
+    if not complete:
+        raise ExportError(
+            f"{path}: neither a checkpoint nor a directory of checkpoints (no iter_*/{COORDINATOR}"
+            " with its manifest)"
+        )
+    return complete[-1]
+
+
+def trainer_module(checkpoint: Path, model: str | None) -> Any:
+    """The trainer's module as the run's config in `checkpoint` builds it (`setup` not run)."""
+    from chatlearn.config import Config
+
+    state = json.loads((checkpoint / COORDINATOR).read_text())
+    config = state.get("config") or {}
+    name = model or (state.get("trainer") or {}).get("model")
+    models = config.get("models") or {}
+    if not name or name not in models:
+        known = ", ".join(sorted(models)) or "none"
+        raise ExportError(
+            f"{checkpoint}: no model {name!r} in the run's config (its models: {known}); "
+            "name the trainer with --model"
+        )
+    with warnings.catch_warnings():  # the run's config was checked when it ran
+        warnings.simplefilter("ignore")
+        args = Config.from_dict(config, validate=False)
+    return HFDPOTrainer(name, args=args)
+
+
+def export_checkpoint(
+    checkpoint: Path, output: Path | None = None, *, model: str | None = None,
+    merge_lora: bool | None = None,
+) -> Path:  # fmt: skip
+    """Write the HF directory of `checkpoint`'s trainer to `output` (default: ``hf/<iter>``
+    beside the checkpoints' directory); returns where it is."""
+    checkpoint = find_checkpoint(checkpoint)
+    module = trainer_module(checkpoint, model)
+    rank0 = module_checkpoint_dir(checkpoint, module.name, 0)
+    exported = rank0 / "hf_model"
+    if output is None:
+        if (exported / "config.json").is_file():
+            return exported  # the checkpoint holds it
+        output = checkpoint.parent.parent / "hf" / checkpoint.name
+    if output.exists():
+        raise ExportError(f"{output} exists: name another directory with -o, or remove it")
+    merge = bool(module.arg("merge_lora", True)) if merge_lora is None else merge_lora
+    partial = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if (exported / "config.json").is_file():  # as the trainer wrote it
+            shutil.copytree(exported, partial)
+        else:
+            _write(module, checkpoint, rank0, partial, merge=merge)
+        os.replace(partial, output)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return output
+
+
+def _write(module: Any, checkpoint: Path, rank0: Path, target: Path, *, merge: bool) -> None:
+    from chatlearn.hf.checkpoint import export_hf
+
+    sharded = checkpoint / module.name / SHARDED_DIR
+    tokenizer = module.build_tokenizer()
+    if (sharded / ".metadata").is_file():
+        model = _meta_model(module, tokenizer)
+        state = _sharded_state(model, sharded, chunk_size=int(module.arg("logps_chunk_size", 0)))
+    elif (rank0 / "model.pt").is_file():
+        model = _meta_model(module, tokenizer)
+        state = torch.load(rank0 / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+    elif (rank0 / ADAPTERS_FILE).is_file():
+        model = _adapted_base(module, tokenizer, rank0 / ADAPTERS_FILE)
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+    else:
+        raise ExportError(
+            f"{checkpoint / module.name}: no weights of {module.name} (no {SHARDED_DIR}/, "
+            f"rank_0/hf_model, model.pt or {ADAPTERS_FILE}): not a checkpoint of chatlearn.hf's "
+            "trainer"
+        )
+    with _quiet():
+        export_hf(model, state, target, tokenizer=tokenizer, merge_lora=merge)
+
+
+def _meta_model(module: Any, tokenizer: Any) -> Any:
+    """The trainer's model (with its LoRA layers) on the meta device: names, no weights."""
+    from chatlearn.hf.lora import apply_lora, module_lora_settings
+    from chatlearn.hf.model import causal_lm_from_args
+
+    with torch.device("meta"), _quiet():
+        model = causal_lm_from_args(module.model_args, tokenizer, empty=True)
+        lora = module_lora_settings(module)
+        if lora is not None:
+            model = apply_lora(model, lora, seed=int(module.arg("seed", 0) or 0))
+    return model
+
+
+def _sharded_state(model: Any, sharded: Path, *, chunk_size: int) -> dict[str, torch.Tensor]:
+    """`model`'s full state dict read from the trainer's sharded checkpoint, whose keys are
+    those of its network (``SequenceLogps``: ``body.*``, ``head.*``) under ``model.``. Tied
+    weights are one tensor under both names, as in the model itself."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from chatlearn.algorithms.logps import SequenceLogps
+
+    network = SequenceLogps.from_causal_lm(model, chunk_size=max(chunk_size, 1), check=False)
+    stored_names: dict[int, list[str]] = {}
+    for key, tensor in network.state_dict(keep_vars=True).items():
+        stored_names.setdefault(id(tensor), []).append(f"model.{key}")
+    metadata = dcp.FileSystemReader(str(sharded)).read_metadata().state_dict_metadata
+    read: dict[str, torch.Tensor] = {}  # stored name -> the tensor it is read into
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        stored = next((n for n in stored_names.get(id(tensor), ()) if n in metadata), None)
+        if stored is None:
+            raise ExportError(
+                f"{sharded}: no tensor for {key} (the run's model_args build another model "
+                "than the checkpoint's)"
+            )
+        if stored not in read:
+            entry = metadata[stored]
+            assert isinstance(entry, TensorStorageMetadata), stored
+            if tuple(entry.size) != tuple(tensor.shape):
+                raise ExportError(
+                    f"{sharded}: {key} is {tuple(entry.size)} there, {tuple(tensor.shape)} in "
+                    "the model the run's model_args build"
+                )
+            read[stored] = torch.empty(entry.size, dtype=entry.properties.dtype)
+        state[key] = read[stored]
+    flat = {name.removeprefix("model."): t for name, t in read.items()}
+    with _quiet():  # "loading in a single process": that is the point
+        dcp.load({"model": flat}, checkpoint_id=str(sharded))
+    return state
+
+
+def _adapted_base(module: Any, tokenizer: Any, path: Path) -> Any:
+    """The base the run's config builds, with the checkpoint's LoRA adapters on it."""
+    from chatlearn.hf.checkpoint import frozen_digest
+    from chatlearn.hf.lora import apply_lora, module_lora_settings
+    from chatlearn.hf.model import causal_lm_from_args
+
+    lora = module_lora_settings(module)
+    if lora is None:
+        raise ExportError(f"{path}: LoRA adapters, and the run's config sets no LoRA")
+    with _quiet():
+        model = causal_lm_from_args(module.model_args, tokenizer)
+        model = apply_lora(model, lora, seed=int(module.arg("seed", 0) or 0))
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved["base"] != frozen_digest(model):
+        raise ExportError(
+            f"{path}: the adapters were trained on other base weights than the run's config "
+            "builds now (its model_path changed since)"
+        )
+    missing, unexpected = model.load_state_dict(saved["state"], strict=False)
+    if unexpected:
+        raise ExportError(f"{path}: adapters of another model ({sorted(unexpected)[:3]})")
+    return model
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No progress bars or advice from transformers, peft and torch's checkpoint reader."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), default=None,
+    help="Directory to write (default: hf/<iter_...> beside the checkpoints' directory).",
+)  # fmt: skip
+@click.option("--model", default=None, help="The trainer's name (default: the checkpoint's).")
+@click.option(
+    "--merge-lora/--no-merge-lora", default=None,
+    help="With LoRA: also write the merged weights (default: the run's merge_lora, true).",
+)  # fmt: skip
+def command(checkpoint: Path, output: Path | None, model: str | None, merge_lora: bool | None):
+    """Write CHECKPOINT's trainer weights as a Hugging Face directory (from_pretrained).
+
+    CHECKPOINT is a checkpoint (iter_...) or a directory of them (the newest complete one).
+    An FSDP2 run's periodic checkpoints hold sharded state only: this consolidates it in one
+    process (one copy of the weights in memory)."""
+    from chatlearn.config.errors import ConfigError
+
+    try:
+        where = export_checkpoint(checkpoint, output, model=model, merge_lora=merge_lora)
+    except (ExportError, ConfigError, OSError) as exc:
+        click.echo(f"chatlearn export: {exc}", err=True)
+        raise SystemExit(1) from None
+    click.echo(str(where))

@@ -1,0 +1,64 @@
+"""`chatlearn export` as a careless user meets it: every mistake one line and exit code 1, no
+traceback, nothing half-written left behind (the exports themselves: test_layouts.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from chatlearn.cli import main
+
+CONFIG = {
+    "models": {"policy": {"num_cpu": 1, "trainable": True, "model_args": {"seed": 0}}},
+    "runtime": {"num_episode": 1, "sample_per_episode": 8},
+}
+
+
+def _export(*args: str) -> tuple[int, list[str]]:
+    result = CliRunner().invoke(main, ["export", *args])
+    return result.exit_code, result.output.splitlines()
+
+
+def _checkpoint(root: Path, iteration: int, *, complete: bool = True) -> Path:
+    checkpoint = root / f"iter_{iteration:07d}"
+    (checkpoint / "policy" / "rank_0").mkdir(parents=True)
+    (checkpoint / "policy" / "rank_0" / "rng.pt").write_bytes(b"")
+    state = {"config": CONFIG, "trainer": {"model": "policy"}}
+    (checkpoint / "coordinator.json").write_text(json.dumps(state))
+    if complete:
+        (checkpoint / "MANIFEST.json").write_text("{}")
+    return checkpoint
+
+
+def test_each_mistake_is_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    assert _export(str(missing)) == (
+        1, [f"chatlearn export: {missing}: no such checkpoint or directory"]
+    )  # fmt: skip
+    code, lines = _export(str(tmp_path))
+    assert code == 1 and len(lines) == 1 and "neither a checkpoint nor" in lines[0]
+    broken = _checkpoint(tmp_path / "ckpt", 4, complete=False)
+    code, lines = _export(str(broken))
+    assert code == 1 and lines == [f"chatlearn export: {broken}: an incomplete checkpoint (no "
+                                   "MANIFEST.json)"]  # fmt: skip
+    code, lines = _export(str(broken.parent))  # the newest complete one: none
+    assert code == 1 and len(lines) == 1 and "neither a checkpoint nor" in lines[0]
+    done = _checkpoint(tmp_path / "ckpt", 2)
+    code, lines = _export(str(done), "--model", "critic")
+    assert code == 1 and lines == [
+        f"chatlearn export: {done}: no model 'critic' in the run's config (its models: "
+        "policy); name the trainer with --model"
+    ]
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    code, lines = _export(str(done), "-o", str(taken))
+    assert code == 1 and lines == [
+        f"chatlearn export: {taken} exists: name another directory with -o, or remove it"
+    ]
+    # a trainer of its own (no weights chatlearn.hf's trainer wrote): said, nothing left
+    code, lines = _export(str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"))
+    assert code == 1 and len(lines) == 1, lines
+    assert "no weights of policy" in lines[0] and "chatlearn.hf's trainer" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "taken"]
