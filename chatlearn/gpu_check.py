@@ -38,6 +38,8 @@ Checks (``chatlearn.gpu_probe`` is the module the actors run):
   ``runtime.reference_store`` (its fingerprint and lookups agreed over NCCL), evaluating 33
   held-out pairs (an uneven split: as many forwards on both ranks), both models in forwards of
   at most 64 tokens (``max_tokens_per_micro_batch``: the ranks agree on their number over NCCL);
+  ``chatlearn export`` of its final checkpoint from the shards alone (written from the GPUs'
+  DTensors, read on the CPU without a process group) equals the export the trainer gathered;
 - ``DPO example LoRA FSDP2 fp16`` (≥ 2 GPUs): the LoRA run sharded over 2 GPUs with fp16 (the
   sharded loss scaler), adapters on every linear layer and the embeddings (FSDP2 keeps its root
   gathered for those), the adapter and merged weights consolidated from the shards;
@@ -443,6 +445,39 @@ def check_lora_export(workdir: Path) -> str:
     return "adapter and merged weights exported"
 
 
+def check_sharded_export(workdir: Path, model: str = "policy_trainer") -> str:
+    """`chatlearn export` of the run's final checkpoint from its shards alone (a copy without
+    the ``hf_model`` the run's end wrote) equals that ``hf_model``, tensor for tensor."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from chatlearn.hf.export import export_checkpoint
+
+    saved = sorted(workdir.glob("output/*/checkpoints/iter_*"), key=lambda p: p.name)
+    if not saved:
+        raise CheckFailed("no checkpoint was written")
+    gathered = saved[-1] / model / "rank_0" / "hf_model"
+    if not (gathered / "config.json").is_file():
+        raise CheckFailed(f"the final checkpoint {saved[-1].name} has no hf_model")
+    shards = workdir / "shards" / "checkpoints" / saved[-1].name
+    shutil.copytree(saved[-1], shards, ignore=lambda d, names: {"hf_model"} & set(names))
+    written = export_checkpoint(shards, workdir / "shards" / "export")
+    files = sorted(p.name for p in gathered.glob("*.safetensors"))
+    if sorted(p.name for p in written.glob("*.safetensors")) != files or not files:
+        raise CheckFailed(f"the export from the shards holds other files than {gathered}")
+    count = 0
+    for name in files:
+        ours, theirs = load_file(written / name), load_file(gathered / name)
+        if sorted(ours) != sorted(theirs):
+            raise CheckFailed(f"{name}: the export from the shards holds other tensors")
+        for key, tensor in ours.items():
+            if tensor.dtype != theirs[key].dtype or not tensor.equal(theirs[key]):
+                raise CheckFailed(f"{key}: the export from the shards differs from the trainer's")
+        count += len(ours)
+    return f"chatlearn export from the shards = the trainer's export ({count} tensors)"
+
+
 def run_example(
     config: Path,
     workdir: Path,
@@ -695,7 +730,10 @@ def run_checks() -> list[CheckResult]:
             runtime = {"reference_store": store, "eval_data_num_limit": 33}
             config = example_config(workdir / "fsdp", trainer, reference, True, runtime)
             said = ["one after another", "sent the model"]  # in turns; once, then broadcast
-            return run_example(config, workdir / "fsdp", deadline.left(90), stored=True, said=said)
+            figures = run_example(
+                config, workdir / "fsdp", deadline.left(90), stored=True, said=said
+            )
+            return f"{figures}, {check_sharded_export(workdir / 'fsdp')}"
 
         def example_lora() -> str:
             trainer = {"num_gpu": 1, "model_args": lora_gpu_model_args(fsdp=False)}

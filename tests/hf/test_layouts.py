@@ -320,6 +320,8 @@ def test_chatlearn_export_writes_a_sharded_checkpoint_as_the_trainer_exports_it(
 ) -> None:
     # FSDP2's periodic checkpoints hold no hf_model: `chatlearn export` reads the shards in
     # one process (no process group) and writes what the trainer's own export wrote there
+    from safetensors.torch import load_file, save_file
+
     from chatlearn.hf.export import export_checkpoint
 
     lora = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
@@ -336,6 +338,22 @@ def test_chatlearn_export_writes_a_sharded_checkpoint_as_the_trainer_exports_it(
             adapter = "adapter/adapter_model.safetensors"
             _same_tensors(written / adapter, exported / adapter)
         assert not list(written.parent.glob(".*partial*"))
+    # make gpu-check's check of the same, on the GPUs' checkpoint: here on this one, whose
+    # final hf_model is the trainer's export
+    from chatlearn.gpu_check import CheckFailed, check_sharded_export
+
+    run = tmp_path / "gpu" / "output" / "run"
+    checkpoint = _as_checkpoint(Path(runs["rank0"]["train"]["checkpoint"]).parent, {}, run)
+    gathered = checkpoint / "policy" / "rank_0" / "hf_model"
+    shutil.copytree(runs["rank0"]["train"]["export"], gathered)
+    figure = check_sharded_export(tmp_path / "gpu", model="policy")
+    assert figure.endswith("(21 tensors)"), figure  # the tiny model's, its head tied
+    other = load_file(gathered / "model.safetensors")  # a trainer's export that differs
+    other["model.norm.weight"] = other["model.norm.weight"] + 1
+    save_file(other, gathered / "model.safetensors", metadata={"format": "pt"})
+    shutil.rmtree(tmp_path / "gpu" / "shards")
+    with pytest.raises(CheckFailed, match="model.norm.weight: the export from the shards differs"):
+        check_sharded_export(tmp_path / "gpu", model="policy")
 
 
 def test_chatlearn_export_of_unsharded_checkpoints_without_hf_model(
