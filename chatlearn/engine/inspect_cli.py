@@ -10,8 +10,10 @@ Runs in the ``chatlearn inspect`` command, apart from any run: it only reads fil
 ``RUN_DIR/checkpoints`` (``--checkpoints DIR`` when ``data_checkpoint_path`` put them elsewhere;
 a checkpoint root given as ``RUN_DIR`` works too). Each is listed with its iteration, how far
 training had got (episodes done, steps into the next), why it was written, and whether it is
-complete or broken (and why); unfinished saves are listed apart. The checkpoint a new run would
-resume from is named, and so are the last train, eval and episode records of ``metrics.jsonl``.
+complete or broken (and why), and where its trainer is as a Hugging Face directory (its
+``hf_model``, or the one ``chatlearn export`` wrote in ``hf/``); unfinished saves are listed
+apart. The checkpoint a new run would resume from is named, and so are the last train, eval and
+episode records of ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,17 @@ def _coordinator_fields(info: CheckpointInfo) -> dict[str, Any]:
     return {key: get(key) for key in keys}
 
 
+def _hf_directory(checkpoint: Path, root: Path) -> str | None:
+    """Where the checkpoint's trainer is a Hugging Face directory: its ``hf_model`` (every
+    checkpoint of a one-process or DDP trainer of chatlearn.hf, an FSDP2 one's last and
+    requested ones), else the one ``chatlearn export`` wrote beside the checkpoints
+    (``hf/iter_...``); None: neither."""
+    for config in sorted(checkpoint.glob("*/rank_0/hf_model/config.json")):
+        return str(config.parent)
+    beside = root.parent / "hf" / checkpoint.name
+    return str(beside) if (beside / "config.json").is_file() else None
+
+
 def summarize(run_dir: Path, checkpoints: Path | None = None, verify: bool = False) -> dict:
     """Everything ``inspect`` shows, as plain data."""
     root, metrics_path = locate(run_dir, checkpoints)
@@ -69,6 +82,7 @@ def summarize(run_dir: Path, checkpoints: Path | None = None, verify: bool = Fal
             "status": info.status,
             "problem": info.problem,
             **_coordinator_fields(info),
+            "hf": _hf_directory(info.path, root),
         }
         for info in found
     ]
@@ -126,15 +140,23 @@ def render(summary: dict[str, Any]) -> str:
     rows = summary["checkpoints"]
     if rows:
         header = f"  {'ITERATION':>9}  {'EPISODES':>8}  {'+STEPS':>6}  {'CONSUMED':>8}  "
-        lines.append(header + f"{'REASON':<8}  {'SAVED':<19}  STATUS")
+        lines.append(header + f"{'REASON':<8}  {'SAVED':<19}  {'HF':<8}  STATUS")
         for row in rows:
             created = row.get("created")
             saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if created else "?"
             status = "complete" if row["status"] == "complete" else f"BROKEN: {row['problem']}"
+            hf = row.get("hf")
+            where = "-" if hf is None else "hf_model" if hf.endswith("hf_model") else "hf/"
             lines.append(
                 f"  {row['iteration']:>9}  {_cell(row.get('episode')):>8}  "
                 f"{_cell(row.get('step_in_episode')):>6}  {_cell(row.get('consumed_samples')):>8}  "
-                f"{_cell(row.get('reason')):<8}  {saved:<19}  {status}"
+                f"{_cell(row.get('reason')):<8}  {saved:<19}  {where:<8}  {status}"
+            )
+        if any(row["hf"] is None and row["status"] == "complete" for row in rows):
+            lines.append(
+                "  HF: the trainer as a Hugging Face directory, in the checkpoint (hf_model) or "
+                "beside it (hf/); for a - (an FSDP2 run's periodic checkpoints) `chatlearn "
+                "export <checkpoint>` writes one"
             )
     else:
         lines.append("  none")

@@ -249,7 +249,8 @@ def test_inspect_lists_checkpoints_problems_and_last_metrics(tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     (row4,) = [line for line in lines if line.split()[:1] == ["4"]]
-    assert row4.split()[1:4] == ["1", "0", "8"] and row4.endswith("complete")
+    assert row4.split()[1:4] == ["1", "0", "8"] and row4.endswith("-         complete")
+    assert any("`chatlearn export <checkpoint>` writes one" in line for line in lines)
     (row7,) = [line for line in lines if line.split()[:1] == ["7"]]
     assert "BROKEN: coordinator.json has 2 bytes" in row7
     assert any("unfinished save" in line and "iter_0000008" in line for line in lines)
@@ -259,8 +260,20 @@ def test_inspect_lists_checkpoints_problems_and_last_metrics(tmp_path: Path) -> 
     )
     assert any(line.strip().startswith("last train") and "loss 0.25" in line for line in lines)
 
+    # where the trainer is a Hugging Face directory: in the checkpoint, or exported beside it
+    exported = run_dir / "hf" / "iter_0000004"
+    exported.mkdir(parents=True)
+    (exported / "config.json").write_text("{}")
+    rows = CliRunner().invoke(cli, ["inspect", str(run_dir)]).output.splitlines()
+    assert [r for r in rows if r.split()[:1] == ["4"]][0].endswith("hf/       complete")
+    assert not any("chatlearn export" in line for line in rows)  # every complete one has it
+    held = run_dir / "checkpoints" / "iter_0000004" / "policy_trainer" / "rank_0" / "hf_model"
+    held.mkdir(parents=True)
+    (held / "config.json").write_text("{}")
+
     as_json = CliRunner().invoke(cli, ["inspect", str(run_dir), "--json", "--verify"])
     summary = json.loads(as_json.output)
+    assert [c["hf"] for c in summary["checkpoints"]] == [str(held), None]
     assert [c["status"] for c in summary["checkpoints"]] == ["complete", "broken"]
     assert summary["resume_from"] == 4 and summary["metrics"]["records"] == 2
     assert summary["verified"] is True
