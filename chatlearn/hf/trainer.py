@@ -291,8 +291,10 @@ class HFDPOTrainer(HFModule):
     def save_checkpoint(self, iteration: int) -> None:
         """The exact-resume state, and an HF-loadable ``hf_model`` directory with the tokenizer
         written by rank 0: ``AutoModelForCausalLM.from_pretrained(<dir>/hf_model)``; with LoRA
-        also ``hf_model/adapter`` (``PeftModel.from_pretrained``); under FSDP2 only at the
-        run's end and on request (`_exports_now`).
+        also ``hf_model/adapter`` (``PeftModel.from_pretrained``). Where that export is heavy
+        and not the resume state, only at the run's end and on request (`_final_save`): under
+        FSDP2 ``hf_model`` itself, with LoRA its merged weights (periodic checkpoints hold the
+        adapter alone).
 
         Every rank writes its RNG and scheduler states. The model and the optimizer state are
         written once: under FSDP2 as one sharded ``torch.distributed.checkpoint`` beside the rank
@@ -308,8 +310,10 @@ class HFDPOTrainer(HFModule):
         if self.layout.sharded:
             save_sharded(directory.parent / SHARDED_DIR, self.network, self.optimizer)
         exported = directory / "hf_model"
-        if self.arg("save_hf_model", True) and self._exports_now():
-            self.export_hf_model(exported)  # collective under FSDP2; rank 0 writes
+        final = self._final_save()
+        if self.arg("save_hf_model", True) and (final or not self.layout.sharded):
+            # collective under FSDP2; rank 0 writes
+            self.export_hf_model(exported, merged=final)
         if not self.layout.sharded and self.data_parallel_rank == 0:
             if is_peft_model(self.model):
                 # the adapters; the frozen base is what setup builds again, checked at a resume
@@ -329,16 +333,17 @@ class HFDPOTrainer(HFModule):
                 torch.save(share, directory / "optimizer.pt")
         self._save_rank_state(directory)
 
-    def _exports_now(self) -> bool:
-        """Whether this save writes ``hf_model``: always where it holds the weights (one
-        process, DDP). Under FSDP2, whose sharded checkpoint holds them, only at the run's end
-        and on request (``engine.save_checkpoint()``, or the module's own call): the export
-        gathers the whole model on rank 0 and writes it from that one process (a 7B model's
-        14-28 GB: a minute or more, every GPU idle), where the sharded save is written by every
-        rank at once; periodic checkpoints and a graceful stop's (whose time is bounded by
-        ``stop_timeout``) hold the sharded state only, which ``chatlearn export`` turns into the
-        same directory afterwards (chatlearn/hf/export.py)."""
-        return not self.layout.sharded or self.checkpoint_reason in (None, "end", "request")
+    def _final_save(self) -> bool:
+        """Whether this save is the run's end's or one asked for (``engine.save_checkpoint()``,
+        or the module's own call), which write the whole HF export. The others (periodic, and a
+        graceful stop's, whose time ``stop_timeout`` bounds) write only what the resume needs
+        besides: where ``hf_model`` holds the weights (one process, DDP) it is written at every
+        save, but under FSDP2, whose sharded checkpoint holds them, it would gather the whole
+        model on rank 0 and write it from that one process (a 7B model's 14-28 GB: a minute or
+        more, every GPU idle), and a LoRA model's merged weights are the whole model too, for
+        adapters of a few MB. ``chatlearn export`` writes the whole export of any checkpoint
+        afterwards (chatlearn/hf/export.py)."""
+        return self.checkpoint_reason in (None, "end", "request")
 
     def _base_digest(self) -> str:
         """`frozen_digest` of the LoRA model's base, hashed once a process: it never changes."""
@@ -427,12 +432,18 @@ class HFDPOTrainer(HFModule):
                 f"{sorted(unexpected)[:3]}, missing: {untrained[:3]})"
             )
 
-    def export_hf_model(self, target: Any) -> None:
+    def export_hf_model(self, target: Any, *, merged: bool = True) -> None:
         """The policy as a Hugging Face directory (collective under FSDP2: call it on every
-        rank; only rank 0 writes, from a state dict gathered parameter by parameter)."""
+        rank; only rank 0 writes, from a state dict gathered parameter by parameter).
+        ``merged``: with LoRA, the merged weights too (as ``merge_lora`` says); without them
+        an unsharded model's adapter is written from the adapters' tensors alone."""
         if self.data_parallel_rank != 0 and not self.layout.sharded:
             return  # a replica: rank 0 has the same weights (no copy of them to host memory)
-        state = full_state_dict(self.model, sharded=self.layout.sharded)
+        lora = is_peft_model(self.model)
+        if lora and not merged and not self.layout.sharded:  # not the base, onto the host
+            state = {k: v.detach().cpu() for k, v in trainable_state(self.model).items()}
+        else:
+            state = full_state_dict(self.model, sharded=self.layout.sharded)
         if self.data_parallel_rank != 0:
             return
         with _quiet_progress_bars():  # a bar per save would clutter the run's log
@@ -441,7 +452,7 @@ class HFDPOTrainer(HFModule):
                 state,
                 target,
                 tokenizer=self.tokenizer,
-                merge_lora=bool(self.arg("merge_lora", True)),
+                merge_lora=merged and bool(self.arg("merge_lora", True)),
             )
 
 

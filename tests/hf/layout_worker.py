@@ -15,7 +15,8 @@ writes what the tests check as JSON to `--out`:
   after step 2 and a second trainer that loads it and repeats the steps after it.
 - `lora`: LoRA steps (FSDP2 with W = 2): losses, which parameters changed, the adapter and the
   trainer's log-probs (the saved adapter on the base model must reproduce them).
-  With W = 1 a checkpoint after step 15 and a second trainer that loads it and repeats 3 steps;
+  With W = 1 a periodic checkpoint after step 15 and a second trainer that loads it and repeats
+  3 steps;
   with W = 2 a periodic (sharded) checkpoint at the end, where the adapter is exported.
 - `bf16`: a few steps with mixed_precision bf16.
 - `tied`: a few steps of the model with tied embeddings; with W = 2, whether the FSDP2 root's
@@ -242,9 +243,10 @@ def run_lora(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     for step in range(steps):
         losses.append(trainer.train_step(step_data(batches, step, rank, world), step)["loss"])
         if step + 1 == LORA_CHECKPOINT_AFTER and world == 1:
-            trainer._checkpoint_dir = checkpoint  # as the engine sets it around a save
+            # as the engine sets them around a periodic save (the adapter, not merged weights)
+            trainer._checkpoint_dir, trainer.checkpoint_reason = checkpoint, "interval"
             trainer.save_checkpoint(step + 1)
-            trainer._checkpoint_dir = None
+            trainer._checkpoint_dir = trainer.checkpoint_reason = None
     resumed_losses = []
     if world == 1:  # the unsharded checkpoint: the adapters and the base's digest
         resumed = start(HFDPOTrainer("policy", args=args), rank, world)

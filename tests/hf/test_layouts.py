@@ -236,9 +236,13 @@ def test_a_lora_checkpoint_holds_the_adapters_not_the_base_and_resumes_bit_ident
     adapters = torch.load(checkpoint / "adapters.pt", weights_only=True)
     assert adapters["state"] and all("lora_" in name for name in adapters["state"])
     # the base is what setup builds again: not in the checkpoint (a digest of it is)
-    assert (checkpoint / "adapters.pt").stat().st_size < 0.2 * sum(
-        p.stat().st_size for p in (checkpoint / "hf_model").glob("*.safetensors")
-    )
+    merged = sum(p.stat().st_size for p in Path(result["export"]).glob("*.safetensors"))
+    assert (checkpoint / "adapters.pt").stat().st_size < 0.2 * merged
+    # a periodic checkpoint: the adapter (peft) and the tokenizer; merged weights at the end
+    exported = checkpoint / "hf_model"
+    assert (exported / "adapter" / "adapter_model.safetensors").is_file()
+    assert (exported / "tokenizer_config.json").is_file()
+    assert not list(exported.glob("*.safetensors")) and not (exported / "config.json").exists()
 
 
 def test_lora_with_fsdp2_matches_one_process(runs: dict[str, Any]) -> None:
@@ -372,19 +376,29 @@ def test_chatlearn_export_of_unsharded_checkpoints_without_hf_model(
         model_args = {"parallel": "none", **model_args}
         checkpoint = _as_checkpoint(rank_dir.parent, model_args, tmp_path / run)
         held = checkpoint / "policy" / "rank_0" / "hf_model"
-        assert export_checkpoint(checkpoint) == held  # it holds one already
-        original = tmp_path / run / "original"
-        shutil.move(held, original)
         if run == "train":
+            assert export_checkpoint(checkpoint) == held  # it holds one already
+            original = tmp_path / run / "original"
+            shutil.move(held, original)
             weights = load_file(original / "model.safetensors")
             torch.save(weights, checkpoint / "policy" / "rank_0" / "model.pt")
-        written = export_checkpoint(checkpoint, tmp_path / run / "out")
-        _same_tensors(written / "model.safetensors", original / "model.safetensors")
-        if run == "lora":
-            adapter = "adapter/adapter_model.safetensors"
-            _same_tensors(written / adapter, original / adapter)
-            # adapters trained on another base: refused
-            other = make_args(1, **model_args, seed=1).to_dict()
-            (checkpoint / "coordinator.json").write_text(json.dumps({"config": other}))
-            with pytest.raises(ExportError, match="other base weights"):
-                export_checkpoint(checkpoint, tmp_path / run / "other", model="policy")
+            written = export_checkpoint(checkpoint, tmp_path / run / "out")
+            _same_tensors(written / "model.safetensors", original / "model.safetensors")
+            continue
+        # a periodic LoRA checkpoint holds the adapter alone: the merged weights written from
+        # adapters.pt on the base, equal to the adapter on the base
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        written = export_checkpoint(checkpoint)
+        assert written == tmp_path / run / "hf" / "iter_0000005"
+        adapter = "adapter/adapter_model.safetensors"
+        _same_tensors(written / adapter, held / adapter)
+        merged = AutoModelForCausalLM.from_pretrained(written)
+        on_base = PeftModel.from_pretrained(_base_model(), held / "adapter")
+        assert _max_diff(_logps(merged), _logps(on_base)) < TOLERANCE
+        # adapters trained on another base: refused
+        other = make_args(1, **model_args, seed=1).to_dict()
+        (checkpoint / "coordinator.json").write_text(json.dumps({"config": other}))
+        with pytest.raises(ExportError, match="other base weights"):
+            export_checkpoint(checkpoint, tmp_path / run / "other", model="policy")
