@@ -85,7 +85,14 @@ def trainer_module(checkpoint: Path, model: str | None) -> Any:
     with warnings.catch_warnings():  # the run's config was checked when it ran
         warnings.simplefilter("ignore")
         args = Config.from_dict(config, validate=False)
-    return HFDPOTrainer(name, args=args)
+    module = HFDPOTrainer(name, args=args)
+    path = module.model_args.get("model_path")
+    if path and not Path(path).is_absolute() and not Path(path).exists():
+        raise ExportError(
+            f"{checkpoint}: the run's model_path {path!r} is relative and not found from "
+            f"{Path.cwd()}: run chatlearn export in the directory the run ran in"
+        )
+    return module
 
 
 def export_checkpoint(
@@ -259,7 +266,10 @@ def command(checkpoint: Path, output: Path | None, model: str | None, merge_lora
 
     try:
         where = export_checkpoint(checkpoint, output, model=model, merge_lora=merge_lora)
-    except (ExportError, ConfigError, OSError) as exc:
+    except ConfigError as exc:  # of the run's config, as the checkpoint holds it
+        click.echo(f"chatlearn export: {checkpoint}: the run's config: {exc.one_line()}", err=True)
+        raise SystemExit(1) from None
+    except (ExportError, OSError) as exc:
         click.echo(f"chatlearn export: {exc}", err=True)
         raise SystemExit(1) from None
     click.echo(str(where))

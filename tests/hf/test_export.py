@@ -3,6 +3,7 @@ traceback, nothing half-written left behind (the exports themselves: test_layout
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -21,11 +22,13 @@ def _export(*args: str) -> tuple[int, list[str]]:
     return result.exit_code, result.output.splitlines()
 
 
-def _checkpoint(root: Path, iteration: int, *, complete: bool = True) -> Path:
+def _checkpoint(root: Path, iteration: int, *, complete: bool = True, **model_args: str) -> Path:
     checkpoint = root / f"iter_{iteration:07d}"
     (checkpoint / "policy" / "rank_0").mkdir(parents=True)
     (checkpoint / "policy" / "rank_0" / "rng.pt").write_bytes(b"")
-    state = {"config": CONFIG, "trainer": {"model": "policy"}}
+    config = copy.deepcopy(CONFIG)
+    config["models"]["policy"]["model_args"].update(model_args)
+    state = {"config": config, "trainer": {"model": "policy"}}
     (checkpoint / "coordinator.json").write_text(json.dumps(state))
     if complete:
         (checkpoint / "MANIFEST.json").write_text("{}")
@@ -62,3 +65,9 @@ def test_each_mistake_is_one_line(tmp_path: Path) -> None:
     assert code == 1 and len(lines) == 1, lines
     assert "no weights of policy" in lines[0] and "chatlearn.hf's trainer" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "taken"]
+    # the run's config as the checkpoint holds it: a relative model_path not found from here,
+    # a model_path that is no checkpoint
+    for path, said in (("model", "is relative and not found from"), (str(taken), "taken")):
+        checkpoint = _checkpoint(tmp_path / f"ckpt_{len(path)}", 3, model_path=path)
+        code, lines = _export(str(checkpoint), "-o", str(tmp_path / "out"))
+        assert code == 1 and len(lines) == 1 and said in lines[0], lines
