@@ -97,16 +97,19 @@ def trainer_module(checkpoint: Path, model: str | None) -> Any:
 
 def export_checkpoint(
     checkpoint: Path, output: Path | None = None, *, model: str | None = None,
-    merge_lora: bool | None = None,
+    merge_lora: bool | None = None, dtype: torch.dtype | None = None,
 ) -> Path:  # fmt: skip
     """Write the HF directory of `checkpoint`'s trainer to `output` (default: ``hf/<iter>``
-    beside the checkpoints' directory); returns where it is."""
+    beside the checkpoints' directory); returns where it is. ``merge_lora`` (default: the
+    run's) and ``dtype`` (default: the weights' own, e.g. the fp32 masters of mixed precision)
+    change what is written, so an ``hf_model`` the checkpoint holds is then written again."""
     checkpoint = find_checkpoint(checkpoint)
     module = trainer_module(checkpoint, model)
     rank0 = module_checkpoint_dir(checkpoint, module.name, 0)
     exported = rank0 / "hf_model"
+    as_held = (exported / "config.json").is_file() and merge_lora is None and dtype is None
     if output is None:
-        if (exported / "config.json").is_file():
+        if as_held:
             return exported  # the checkpoint holds it
         output = checkpoint.parent.parent / "hf" / checkpoint.name
     if output.exists():
@@ -116,24 +119,35 @@ def export_checkpoint(
     shutil.rmtree(partial, ignore_errors=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        if (exported / "config.json").is_file():  # as the trainer wrote it
+        if as_held:  # as the trainer wrote it
             shutil.copytree(exported, partial)
         else:
-            _write(module, checkpoint, rank0, partial, merge=merge)
+            _write(module, checkpoint, rank0, partial, merge=merge, dtype=dtype)
         os.replace(partial, output)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return output
 
 
-def _write(module: Any, checkpoint: Path, rank0: Path, target: Path, *, merge: bool) -> None:
-    from chatlearn.hf.checkpoint import export_hf
+def _write(
+    module: Any, checkpoint: Path, rank0: Path, target: Path, *, merge: bool,
+    dtype: torch.dtype | None,
+) -> None:  # fmt: skip
+    from chatlearn.hf.checkpoint import export_hf, safetensors_files
+    from chatlearn.hf.lora import module_lora_settings
 
     sharded = checkpoint / module.name / SHARDED_DIR
     tokenizer = module.build_tokenizer()
+    held = safetensors_files(rank0 / "hf_model")
+    state: dict[str, torch.Tensor]
     if (sharded / ".metadata").is_file():
         model = _meta_model(module, tokenizer)
         state = _sharded_state(model, sharded, chunk_size=int(module.arg("logps_chunk_size", 0)))
+    elif held and module_lora_settings(module) is None:  # a one-process or DDP trainer's
+        from safetensors.torch import load_file
+
+        model = _meta_model(module, tokenizer)
+        state = {k: v for path in held for k, v in load_file(path).items()}
     elif (rank0 / "model.pt").is_file():
         model = _meta_model(module, tokenizer)
         state = torch.load(rank0 / "model.pt", map_location="cpu", weights_only=True, mmap=True)
@@ -146,6 +160,13 @@ def _write(module: Any, checkpoint: Path, rank0: Path, target: Path, *, merge: b
             f"rank_0/hf_model, model.pt or {ADAPTERS_FILE}): not a checkpoint of chatlearn.hf's "
             "trainer"
         )
+    if dtype is not None:  # tied weights stay one tensor
+        cast: dict[int, torch.Tensor] = {}
+        state = {
+            k: cast.setdefault(id(v), v.to(dtype)) if v.is_floating_point() else v
+            for k, v in state.items()
+        }
+        model = model.to(dtype)  # the config's dtype follows the model's
     with _quiet():
         export_hf(model, state, target, tokenizer=tokenizer, merge_lora=merge)
 
@@ -245,6 +266,9 @@ def _quiet() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option(
@@ -256,7 +280,14 @@ def _quiet() -> Iterator[None]:
     "--merge-lora/--no-merge-lora", default=None,
     help="With LoRA: also write the merged weights (default: the run's merge_lora, true).",
 )  # fmt: skip
-def command(checkpoint: Path, output: Path | None, model: str | None, merge_lora: bool | None):
+@click.option(
+    "--dtype", type=click.Choice(sorted(_DTYPES)), default=None,
+    help="Write the weights in this dtype (default: as trained, e.g. fp32 master weights).",
+)  # fmt: skip
+def command(
+    checkpoint: Path, output: Path | None, model: str | None, merge_lora: bool | None,
+    dtype: str | None,
+) -> None:  # fmt: skip
     """Write CHECKPOINT's trainer weights as a Hugging Face directory (from_pretrained).
 
     CHECKPOINT is a checkpoint (iter_...) or a directory of them (the newest complete one).
@@ -265,7 +296,10 @@ def command(checkpoint: Path, output: Path | None, model: str | None, merge_lora
     from chatlearn.config.errors import ConfigError
 
     try:
-        where = export_checkpoint(checkpoint, output, model=model, merge_lora=merge_lora)
+        where = export_checkpoint(
+            checkpoint, output, model=model, merge_lora=merge_lora,
+            dtype=_DTYPES[dtype] if dtype else None,
+        )  # fmt: skip
     except ConfigError as exc:  # of the run's config, as the checkpoint holds it
         click.echo(f"chatlearn export: {checkpoint}: the run's config: {exc.one_line()}", err=True)
         raise SystemExit(1) from None

@@ -342,6 +342,15 @@ def test_chatlearn_export_writes_a_sharded_checkpoint_as_the_trainer_exports_it(
             adapter = "adapter/adapter_model.safetensors"
             _same_tensors(written / adapter, exported / adapter)
         assert not list(written.parent.glob(".*partial*"))
+        if run == "train":
+            # in another dtype (bf16 for inference, not the fp32 masters): the same tensors
+            # cast, the tied head still one tensor, the config saying so
+            cast = export_checkpoint(checkpoint, tmp_path / "bf16", dtype=torch.bfloat16)
+            ours = load_file(cast / "model.safetensors")
+            theirs = load_file(exported / "model.safetensors")
+            assert sorted(ours) == sorted(theirs)
+            assert all(torch.equal(ours[k], v.to(torch.bfloat16)) for k, v in theirs.items())
+            assert json.loads((cast / "config.json").read_text())["dtype"] == "bfloat16"
     # make gpu-check's check of the same, on the GPUs' checkpoint: here on this one, whose
     # final hf_model is the trainer's export
     from chatlearn.gpu_check import CheckFailed, check_sharded_export
@@ -378,6 +387,12 @@ def test_chatlearn_export_of_unsharded_checkpoints_without_hf_model(
         held = checkpoint / "policy" / "rank_0" / "hf_model"
         if run == "train":
             assert export_checkpoint(checkpoint) == held  # it holds one already
+            # in another dtype: written again from the weights it holds
+            cast = export_checkpoint(checkpoint, tmp_path / "f16", dtype=torch.float16)
+            ours = load_file(cast / "model.safetensors")
+            theirs = load_file(held / "model.safetensors")
+            assert sorted(ours) == sorted(theirs)
+            assert all(torch.equal(ours[k], v.to(torch.float16)) for k, v in theirs.items())
             original = tmp_path / run / "original"
             shutil.move(held, original)
             weights = load_file(original / "model.safetensors")
