@@ -15,11 +15,12 @@ Where it comes from, by what the checkpoint's trainer wrote (``<checkpoint>/<tra
   of any number of ranks out again), into the full state dict: one copy of the weights in host
   memory. The model is built on the meta device, from the run's config in the checkpoint, only
   for its names, its tied weights and its LoRA layers; no weights are read from ``model_path``.
-- ``rank_0/hf_model``: already there, copied to ``-o`` when given.
+- ``rank_0/hf_model`` with the weights (a one-process or DDP trainer's): already there, copied
+  to ``-o`` when given; written again from its weights with ``--dtype`` or ``--merge-lora``.
 - ``rank_0/model.pt`` (``save_hf_model: false``): read as it is.
-- ``rank_0/adapters.pt`` (LoRA without FSDP2, ``save_hf_model: false``): the adapters on the
-  base model the run's config builds (``model_path``, or ``model_config`` and ``seed``), checked
-  against the base's digest the checkpoint holds.
+- ``rank_0/adapters.pt`` (LoRA without FSDP2, whose periodic checkpoints' ``hf_model`` holds
+  the adapter alone): the adapters on the base model the run's config builds (``model_path``,
+  or ``model_config`` and ``seed``), checked against the base's digest the checkpoint holds.
 
 The directory is written beside its final name and renamed into place, so a failed export
 leaves nothing that looks complete.
@@ -72,8 +73,14 @@ def trainer_module(checkpoint: Path, model: str | None) -> Any:
     """The trainer's module as the run's config in `checkpoint` builds it (`setup` not run)."""
     from chatlearn.config import Config
 
-    state = json.loads((checkpoint / COORDINATOR).read_text())
-    config = state.get("config") or {}
+    try:
+        state = json.loads((checkpoint / COORDINATOR).read_text())
+        config = state.get("config") or {}
+    except (ValueError, AttributeError):  # a damaged file: `chatlearn inspect --verify` says
+        raise ExportError(
+            f"{checkpoint / COORDINATOR}: not the coordinator's state (damaged?); "
+            "`chatlearn inspect --verify` checks the checkpoint"
+        ) from None
     name = model or (state.get("trainer") or {}).get("model")
     models = config.get("models") or {}
     if not name or name not in models:

@@ -48,6 +48,10 @@ def test_each_mistake_is_one_line(tmp_path: Path) -> None:
                                    "MANIFEST.json)"]  # fmt: skip
     code, lines = _export(str(broken.parent))  # the newest complete one: none
     assert code == 1 and len(lines) == 1 and "neither a checkpoint nor" in lines[0]
+    damaged = _checkpoint(tmp_path / "damaged", 2)
+    (damaged / "coordinator.json").write_text('{"config": ')
+    code, lines = _export(str(damaged))
+    assert code == 1 and len(lines) == 1 and "not the coordinator's state" in lines[0], lines
     done = _checkpoint(tmp_path / "ckpt", 2)
     code, lines = _export(str(done), "--model", "critic")
     assert code == 1 and lines == [
@@ -64,7 +68,7 @@ def test_each_mistake_is_one_line(tmp_path: Path) -> None:
     code, lines = _export(str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"))
     assert code == 1 and len(lines) == 1, lines
     assert "no weights of policy" in lines[0] and "chatlearn.hf's trainer" in lines[0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "taken"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "damaged", "taken"]
     # the run's config as the checkpoint holds it: a relative model_path not found from here,
     # a model_path that is no checkpoint
     for path, said in (("model", "is relative and not found from"), (str(taken), "taken")):
