@@ -167,12 +167,12 @@ def _write(
             f"rank_0/hf_model, model.pt or {ADAPTERS_FILE}): not a checkpoint of chatlearn.hf's "
             "trainer"
         )
-    if dtype is not None:  # tied weights stay one tensor
+    if dtype is not None:  # tied weights stay one tensor, cast once
         cast: dict[int, torch.Tensor] = {}
-        state = {
-            k: cast.setdefault(id(v), v.to(dtype)) if v.is_floating_point() else v
-            for k, v in state.items()
-        }
+        for value in state.values():
+            if value.is_floating_point() and id(value) not in cast:
+                cast[id(value)] = value.to(dtype)
+        state = {k: cast.get(id(v), v) for k, v in state.items()}
         model = model.to(dtype)  # the config's dtype follows the model's
     with _quiet():
         export_hf(model, state, target, tokenizer=tokenizer, merge_lora=merge)
