@@ -22,7 +22,11 @@ Checkpoints: the engine calls `save_checkpoint(iteration)` / `load_checkpoint(it
 trainer rank with `checkpoint_dir()` set to this rank's own directory of the checkpoint being
 written or read (`chatlearn/engine/checkpoint.py` has the layout and the atomic commit). A module
 saves whatever it likes there; `TorchModule` saves `self.model`, `self.optimizer`,
-`self.scheduler` (those it has) and the torch, numpy and Python RNG states by default.
+`self.scheduler` (those it has) and the torch, numpy and Python RNG states by default. During a
+save, `checkpoint_reason` says why the engine saves: "interval" or "step" (periodic), "signal"
+(a graceful stop, its time bounded by `stop_timeout`), "end" (the run's last checkpoint) or
+"request" (`engine.save_checkpoint()`); None outside the engine's saves. A module may write
+costly extras (an export for inference) only at "end" and "request", as `chatlearn.hf` does.
 
 This module must not import torch at import time: actor processes import it before they are
 pinned to their devices. `TorchModule` imports torch inside its methods.
