@@ -11,6 +11,7 @@ One checkpoint is one directory under the *checkpoint root* (``runtime.data_chec
         policy_trainer/rank_0/...      what each trainer rank's save_checkpoint wrote
         MANIFEST.json                  written last: every file with its size and sha256
     <root>/.staging-iter_0000012-PID/  a checkpoint being written (never resumed from)
+    <root>/../hf/iter_0000008/         not a checkpoint: `chatlearn export`'s HF directory
 
 A checkpoint is written in a staging directory, every file is fsynced, the manifest goes in last,
 and only then is the directory renamed to its final name (and the root fsynced). A directory named
