@@ -328,6 +328,27 @@ class CheckpointManager:
         return None
 
 
+def checkpoint_bytes(path: Path) -> int:
+    """The bytes of a committed checkpoint's files, from its manifest (0 if unreadable)."""
+    try:
+        files = json.loads((path / MANIFEST).read_text("utf-8"))["files"]
+        return sum(int(entry.get("size", 0)) for entry in files.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
+
+
+def room_for_checkpoints(size: int, free: int, *, held: int, keep_last: int, saves: int) -> int:
+    """How many of the ``saves`` checkpoints a run will still write, each ``size`` bytes, the
+    file system's ``free`` bytes hold before one would not fit; ``saves`` when all do. ``held``
+    are kept now; with ``keep_last`` (0: all kept) the oldest is pruned once a new one is
+    committed, so at most ``keep_last`` + 1 are ever on disk (the new one staged)."""
+    if saves <= 0 or size <= 0:
+        return saves
+    on_disk = held + saves if keep_last <= 0 else min(keep_last + 1, held + saves)
+    extra = max(0, on_disk - held)  # checkpoints' worth of space taken beyond today's
+    return saves if free >= extra * size else free // size
+
+
 def check_manifest(path: Path, *, hashes: bool = True) -> str:
     """What is wrong with the checkpoint directory ``path`` ("" if nothing)."""
     try:

@@ -903,7 +903,7 @@ class DPOEngine(Engine):
             position = {**sampler.state_dict(), "consumed_samples": self.state.consumed_samples}
             sampler.load_state_dict(position)
             self.state.episode = self.state.consumed_samples // settings.sample_per_episode
-            self.state.iteration = self.state.episode * _steps_per_episode(settings)
+            self.state.iteration = self.state.episode * settings.steps_per_episode
             self.state.step_in_episode = 0
             # a run that starts over (a coordinator restarted before the first checkpoint, or
             # a new run in a used output directory): the records there are not this run's, nor
@@ -976,7 +976,7 @@ class DPOEngine(Engine):
                 {"episode": self.state.episode, "step_in_episode": self.state.step_in_episode},
                 checkpoint=str(resume.path),
             )
-        steps_per_episode = _steps_per_episode(settings)
+        steps_per_episode = settings.steps_per_episode
         total = (settings.num_episode - self.state.episode) * steps_per_episode
         progress = Progress(max(0, total - self.state.step_in_episode) * settings.global_batch_size)
 
@@ -1178,11 +1178,6 @@ def _restarts_summary(restarts: Sequence[Any]) -> str:
 
 def _metrics(record: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in record.items() if k != "iteration"}
-
-
-def _steps_per_episode(settings: PipelineSettings) -> int:
-    per_pass = -(-settings.sample_per_episode // settings.global_batch_size)
-    return per_pass * settings.num_training_epoch
 
 
 _RELAY = (

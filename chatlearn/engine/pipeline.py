@@ -70,6 +70,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -77,6 +78,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatlearn.actors import ActorLostError
+from chatlearn.engine.counters import num_steps_per_episode
 from chatlearn.engine.metrics import MetricsSink, Timers
 from chatlearn.engine.protocol import (
     EVAL,
@@ -119,6 +121,37 @@ class PipelineSettings:
     @property
     def take_turns(self) -> bool:
         return self.reference_free_memory or self.trainer_free_memory
+
+    @property
+    def steps_per_episode(self) -> int:
+        return num_steps_per_episode(
+            self.sample_per_episode, self.global_batch_size, self.num_training_epoch
+        )
+
+    def saves_after(self, iteration: int) -> int:
+        """How many checkpoints a run at trainer ``iteration`` writes still: at the iterations
+        after it that end an episode of the episode interval or reach a step interval's, and
+        at its end (each iteration once)."""
+        total = self.num_episode * self.steps_per_episode
+        if iteration >= total:
+            return 0
+        periods = [
+            period
+            for period in (
+                self.save_episode_interval * self.steps_per_episode,
+                self.save_step_interval,
+            )
+            if period > 0
+        ]
+
+        def multiples(period: int) -> int:  # of `period` in (iteration, total]
+            return total // period - iteration // period
+
+        saves = sum(multiples(period) for period in periods)
+        if len(periods) == 2:  # counted twice where both fall
+            saves -= multiples(math.lcm(*periods))
+        at_end = any(total % period == 0 for period in periods)
+        return saves + (0 if at_end else 1)
 
     @property
     def window_samples(self) -> int | None:

@@ -5,7 +5,8 @@ Runs in the coordinator; the trainer ranks' side is ``TrainerService`` (``worker
 ``DPOEngine`` builds one :class:`RunCheckpoints` per run, once the models are up and the datasets
 are built. To save, it asks every trainer rank to run its module's ``save_checkpoint`` into a
 staging directory (``protocol.SaveCheckpoint``), then writes the coordinator's state beside it and
-commits the directory atomically (``checkpoint.CheckpointManager.commit``). To resume, it picks
+commits the directory atomically (``checkpoint.CheckpointManager.commit``), then checks that the
+disk has room for the checkpoints still to come (``_check_room``). To resume, it picks
 the checkpoint (the newest complete one, or ``load_data_checkpoint_iteration``), checks that the
 data settings did not change (the sampler refuses otherwise; other rows of the same number are
 warned about, by the datasets' fingerprints) and warns about changed training settings (refused
@@ -38,6 +39,7 @@ from chatlearn.actors.errors import ActorError
 from chatlearn.config.errors import (
     ConfigError,
     StorageError,
+    disk_usage,
     located_error,
     one_line,
     split_fix,
@@ -47,8 +49,10 @@ from chatlearn.engine.checkpoint import (
     CheckpointInfo,
     CheckpointManager,
     CoordinatorState,
+    checkpoint_bytes,
     describe_changes,
     rewind_metrics,
+    room_for_checkpoints,
 )
 from chatlearn.engine.counters import reference_iteration
 from chatlearn.engine.pipeline import PipelineSettings
@@ -113,6 +117,7 @@ class RunCheckpoints:
         # the checkpoint being committed in the background (`save(wait=False)`): its iteration
         self._pending: tuple[int, asyncio.Future[Path]] | None = None
         self.on_commit_failed: Callable[[BaseException], None] | None = None  # stops the run
+        self._room_said = False  # `_check_room`'s warning, once a run
 
     # -- saving ---------------------------------------------------------------------------
     async def save(
@@ -201,6 +206,8 @@ class RunCheckpoints:
             where = getattr(exc, "filename", None) or staging
             self._raise_storage_error(exc, where, state.iteration)
         self.last, self.last_iteration = path, state.iteration
+        if not self._room_said:
+            await asyncio.to_thread(self._check_room, path, state)
         if self.on_saved is not None:
             self.on_saved(state)
         where = (
@@ -217,6 +224,38 @@ class RunCheckpoints:
             path,
         )
         return path
+
+    def _check_room(self, path: Path, state: RunState) -> None:
+        """After a commit: whether the checkpoint root's file system has room for the
+        checkpoints the run will still write, said once as a warning where it has not (a run
+        of days learns at its first checkpoint, not when the disk fills at its tenth and the
+        run stops)."""
+        size = checkpoint_bytes(path)
+        usage = disk_usage(path)
+        if usage is None or size <= 0:
+            return
+        held = sum(1 for info in self.manager.scan() if info.complete)
+        keep = self.manager.keep_last
+        saves = self.settings.saves_after(state.iteration)
+        room = room_for_checkpoints(size, usage.free, held=held, keep_last=keep, saves=saves)
+        if room >= saves:
+            return
+        self._room_said = True
+        kept = f"the newest {keep}" if keep > 0 else "every one"
+        logger.warning(
+            "checkpoints of this run take %.3g GiB each and %s has %.3g GiB free: room for %d "
+            "more, where the run writes %d more and keeps %s (runtime.save_keep_last): "
+            "checkpoint %d from now would stop the run with a full disk. Free space there, "
+            "keep fewer (runtime.save_keep_last) or save less often (runtime."
+            "save_episode_interval, save_step_interval)",
+            size / 2**30,
+            self.manager.root,
+            usage.free / 2**30,
+            room,
+            saves,
+            kept,
+            room + 1,
+        )
 
     def _commit_done(self, commit: asyncio.Future[Path]) -> None:
         """A commit ended: no longer pending, unless it failed (then `committed` raises its

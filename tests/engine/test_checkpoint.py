@@ -315,3 +315,38 @@ def test_inspect_reads_a_damaged_metrics_file_and_refuses_a_missing_checkpoint_r
     assert "last eval     iteration 2, after 1 episodes: loss 0.5" in result.output
     missing = CliRunner().invoke(cli, ["inspect", str(run_dir), "--checkpoints", "/nonexistent"])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_room_for_the_checkpoints_to_come() -> None:
+    from chatlearn.engine.checkpoint import room_for_checkpoints
+
+    # all kept: every checkpoint to come takes its size
+    assert room_for_checkpoints(10, 35, held=1, keep_last=0, saves=5) == 3
+    assert room_for_checkpoints(10, 50, held=1, keep_last=0, saves=5) == 5
+    # the newest 3 kept: at most 4 on disk (the new one staged before the oldest goes)
+    assert room_for_checkpoints(10, 30, held=1, keep_last=3, saves=5) == 5
+    assert room_for_checkpoints(10, 29, held=1, keep_last=3, saves=5) == 2
+    assert room_for_checkpoints(10, 10, held=3, keep_last=3, saves=9) == 9
+    assert room_for_checkpoints(10, 9, held=3, keep_last=3, saves=9) == 0
+    assert room_for_checkpoints(10, 0, held=1, keep_last=3, saves=0) == 0  # nothing to come
+
+
+def test_saves_still_to_come_count_each_iteration_once() -> None:
+    from chatlearn.engine.pipeline import PipelineSettings
+
+    def settings(episodes: int, every: int, steps: int) -> PipelineSettings:
+        return PipelineSettings(
+            num_episode=episodes, sample_per_episode=16, micro_batch_size=2,
+            global_batch_size=4, num_training_epoch=1, training_shuffle_mode="batch",
+            seed=0, window_micro_batches=0, generation_batch_size=None,
+            save_episode_interval=every, save_step_interval=steps,
+        )  # fmt: skip
+
+    # 4 steps an episode, 6 episodes: 24 iterations
+    assert settings(6, 1, 0).saves_after(4) == 5  # episodes 2..6, the last being the end's
+    assert settings(6, 4, 0).saves_after(4) == 2  # episode 4's, and the end's
+    assert settings(6, 0, 0).saves_after(4) == 1  # the end's
+    assert settings(6, 0, 5).saves_after(4) == 5  # 5, 10, 15, 20, and the end's
+    assert settings(6, 1, 8).saves_after(4) == 5  # 8, 16, 24 are episodes' too
+    assert settings(6, 0, 6).saves_after(3) == 4  # 6, 12, 18, 24 (the end's)
+    assert settings(6, 1, 0).saves_after(24) == 0

@@ -750,3 +750,47 @@ async def test_a_commit_that_fails_during_a_graceful_stop_is_said_in_one_line(
     assert len(said) == 1 and "No space left on device" in said[0].getMessage(), said
     assert said[0].exc_info is None  # one line, not a traceback
     assert not [r for r in caplog.records if "not committed" in r.getMessage()]  # said once
+
+
+async def test_a_disk_without_room_for_the_checkpoints_to_come_is_said_at_the_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run of days learns at its first checkpoint that the disk holds two more, not when the
+    # fourth fills it and stops the run: four episodes, a checkpoint each, all kept
+    import shutil
+
+    from chatlearn.engine import run_checkpoints
+    from chatlearn.engine.checkpoint import checkpoint_bytes
+
+    sizes: list[int] = []
+
+    def usage(path):
+        real = shutil.disk_usage(path)
+        size = checkpoint_bytes(Path(path))  # called with the checkpoint just committed
+        sizes.append(size)
+        return real._replace(free=int(2.5 * size))
+
+    monkeypatch.setattr(run_checkpoints, "disk_usage", usage)
+    runtime = _runtime(4, 8, 8, 2, 4, save_episode_interval=1, save_keep_last=0)
+    with caplog.at_level(logging.WARNING, logger="chatlearn.engine"):
+        await _learn(tmp_path, runtime)
+    said = [r.getMessage() for r in caplog.records if "full disk" in r.getMessage()]
+    assert len(said) == 1 and len(sizes) == 1 and sizes[0] > 0, said  # once, at the first
+    assert "room for 2 more, where the run writes 3 more and keeps every one" in said[0]
+    assert "checkpoint 3 from now would stop the run" in said[0]
+    # the newest 3 kept: at most 4 on disk, 3 more than now, 2 fit: said too
+    caplog.clear()
+    sizes.clear()
+    runtime["save_keep_last"] = 3
+    with caplog.at_level(logging.WARNING, logger="chatlearn.engine"):
+        await _learn(tmp_path / "kept", runtime)
+    said = [r.getMessage() for r in caplog.records if "full disk" in r.getMessage()]
+    assert len(said) == 1 and "keeps the newest 3" in said[0], said
+    # the newest 2: at most 3 on disk, 2 more than now: room enough, nothing said
+    caplog.clear()
+    sizes.clear()
+    runtime["save_keep_last"] = 2
+    with caplog.at_level(logging.WARNING, logger="chatlearn.engine"):
+        await _learn(tmp_path / "two", runtime)
+    assert not [r for r in caplog.records if "full disk" in r.getMessage()]
+    assert len(sizes) == 4  # checked after every commit while there was room
