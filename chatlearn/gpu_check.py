@@ -26,8 +26,9 @@ Checks (``chatlearn.gpu_probe`` is the module the actors run):
   The run then goes on for one more episode from that checkpoint: the weights read back from
   its ``hf_model`` onto the GPU (with 2 GPUs the AdamW moments merged from both ranks' shares);
 - ``DPO example LoRA fp16``: the same with ``dpo_lora.yaml``'s adapters on the policy and
-  ``mixed_precision: fp16`` (its loss scaler, CUDA only); the final checkpoint holds the
-  adapter and the merged weights; resumed the same way (the adapters onto the base on the GPU,
+  ``mixed_precision: fp16`` (its loss scaler, CUDA only), a checkpoint each episode: the
+  periodic one holds the adapter alone, the final one the adapter and the merged weights;
+  resumed the same way (the adapters onto the base on the GPU,
   its digest hashed from the GPU's tensors, the loss scaler's state);
 - ``DPO example FSDP2 bf16`` (≥ 2 GPUs): the same with the trainer sharded over 2 GPUs
   (``parallel: fsdp``, ``mixed_precision: bf16``, NCCL, a sharded checkpoint; both models built
@@ -433,15 +434,22 @@ def lora_gpu_model_args(*, fsdp: bool) -> dict[str, Any]:
 
 def check_lora_export(workdir: Path) -> str:
     """The final checkpoint of a LoRA run holds the adapter (peft) and the merged weights (HF),
-    the latter folded from the GPU's tensors."""
+    the latter folded from the GPU's tensors; a periodic one before it (if any) the adapter
+    alone, copied from the GPU's adapter tensors."""
     exports = sorted(workdir.glob("output/**/hf_model"))
     if not exports:
         raise CheckFailed("no hf_model directory in the checkpoints")
+    for export in exports:
+        if not (export / "adapter" / "adapter_model.safetensors").is_file():
+            raise CheckFailed(f"no adapter in {export}")
     last = exports[-1]
-    if not (last / "adapter" / "adapter_config.json").is_file():
-        raise CheckFailed(f"no adapter in {last}")
     if not (last / "config.json").is_file():
         raise CheckFailed(f"no merged model in {last}")
+    periodic = [e for e in exports[:-1] if (e / "config.json").exists()]
+    if periodic:
+        raise CheckFailed(f"merged weights in a periodic checkpoint: {periodic[0]}")
+    if len(exports) > 1:
+        return f"adapter in {len(exports)} checkpoints, merged weights in the last"
     return "adapter and merged weights exported"
 
 
@@ -486,11 +494,13 @@ def run_example(
     stored: bool = False,
     episodes: int = 2,
     said: Sequence[str] = (),
+    save_every: int | None = None,
 ) -> str:
     """The DPO example for ``episodes`` episodes (12 steps each): its loss must fall; a
-    checkpoint at the end. ``stored``: the run has a reference store, which must have computed
-    and kept samples. ``said``: what its log must say."""
-    done = _example_process(config, workdir, timeout, episodes)
+    checkpoint at the end (and every ``save_every`` episodes). ``stored``: the run has a
+    reference store, which must have computed and kept samples. ``said``: what its log must
+    say."""
+    done = _example_process(config, workdir, timeout, episodes, save_every)
     fell = loss_fell(workdir, by=0.02)
     for words in said:
         if words not in done.stderr:
@@ -517,14 +527,15 @@ def run_example(
 
 
 def _example_process(
-    config: Path, workdir: Path, timeout: float, episodes: int
+    config: Path, workdir: Path, timeout: float, episodes: int, save_every: int | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """The DPO example run for ``episodes`` episodes, a checkpoint at the end; it must exit 0."""
+    """The DPO example run for ``episodes`` episodes, a checkpoint at the end (and every
+    ``save_every`` episodes); it must exit 0."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "NUM_EPISODE": str(episodes),
-        "SAVE_EPISODE_INTERVAL": str(episodes),
+        "SAVE_EPISODE_INTERVAL": str(save_every or episodes),
         "OUTPUT_DIR": str(workdir / "output"),
     }
     command = [sys.executable, "-m", "examples.dpo.train_dpo", "-c", str(config)]
@@ -738,7 +749,8 @@ def run_checks() -> list[CheckResult]:
         def example_lora() -> str:
             trainer = {"num_gpu": 1, "model_args": lora_gpu_model_args(fsdp=False)}
             config = example_config(workdir / "lora", trainer, {"num_gpu": 1}, True)
-            figures = run_example(config, workdir / "lora", deadline.left(60))
+            # a checkpoint each episode: the first holds the adapter alone (copied from the GPU)
+            figures = run_example(config, workdir / "lora", deadline.left(60), save_every=1)
             again = resume_example(config, workdir / "lora", deadline.left(60))
             return f"{figures}, {check_lora_export(workdir / 'lora')}, {again}"
 

@@ -176,11 +176,19 @@ def test_the_lora_run_is_the_lora_example_and_its_exports_are_checked(tmp_path: 
     (export / "adapter").mkdir(parents=True)
     with pytest.raises(CheckFailed, match="no adapter"):
         check_lora_export(tmp_path)
-    (export / "adapter" / "adapter_config.json").write_text("{}")
+    (export / "adapter" / "adapter_model.safetensors").write_text("{}")
     with pytest.raises(CheckFailed, match="no merged model"):
         check_lora_export(tmp_path)
     (export / "config.json").write_text("{}")
     assert check_lora_export(tmp_path) == "adapter and merged weights exported"
+    # a periodic checkpoint before it: the adapter alone
+    periodic = Path(str(export).replace("iter_0000024", "iter_0000012"))
+    (periodic / "adapter").mkdir(parents=True)
+    (periodic / "adapter" / "adapter_model.safetensors").write_text("{}")
+    assert check_lora_export(tmp_path) == "adapter in 2 checkpoints, merged weights in the last"
+    (periodic / "config.json").write_text("{}")
+    with pytest.raises(CheckFailed, match="merged weights in a periodic checkpoint"):
+        check_lora_export(tmp_path)
 
 
 def test_the_gpu_lora_runs_scale_their_loss_and_adapt_the_embeddings_under_fsdp2(

@@ -70,6 +70,13 @@ def _hf_directory(checkpoint: Path, root: Path) -> str | None:
     return str(beside) if (beside / "config.json").is_file() else None
 
 
+def _adapter_directory(checkpoint: Path) -> str | None:
+    """A LoRA trainer's adapter (``PeftModel.from_pretrained``) in the checkpoint, if any."""
+    for config in sorted(checkpoint.glob("*/rank_0/hf_model/adapter/adapter_config.json")):
+        return str(config.parent)
+    return None
+
+
 def summarize(run_dir: Path, checkpoints: Path | None = None, verify: bool = False) -> dict:
     """Everything ``inspect`` shows, as plain data."""
     root, metrics_path = locate(run_dir, checkpoints)
@@ -83,6 +90,7 @@ def summarize(run_dir: Path, checkpoints: Path | None = None, verify: bool = Fal
             "problem": info.problem,
             **_coordinator_fields(info),
             "hf": _hf_directory(info.path, root),
+            "adapter": _adapter_directory(info.path),
         }
         for info in found
     ]
@@ -146,7 +154,9 @@ def render(summary: dict[str, Any]) -> str:
             saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if created else "?"
             status = "complete" if row["status"] == "complete" else f"BROKEN: {row['problem']}"
             hf = row.get("hf")
-            where = "-" if hf is None else "hf_model" if hf.endswith("hf_model") else "hf/"
+            where = "hf_model" if hf and hf.endswith("hf_model") else "hf/" if hf else "-"
+            if hf is None and row.get("adapter"):
+                where = "adapter"  # a LoRA run's periodic checkpoint
             lines.append(
                 f"  {row['iteration']:>9}  {_cell(row.get('episode')):>8}  "
                 f"{_cell(row.get('step_in_episode')):>6}  {_cell(row.get('consumed_samples')):>8}  "
@@ -155,8 +165,8 @@ def render(summary: dict[str, Any]) -> str:
         if any(row["hf"] is None and row["status"] == "complete" for row in rows):
             lines.append(
                 "  HF: the trainer as a Hugging Face directory, in the checkpoint (hf_model) or "
-                "beside it (hf/); for a - (an FSDP2 run's periodic checkpoints) `chatlearn "
-                "export <checkpoint>` writes one"
+                "beside it (hf/); for the others (periodic checkpoints of FSDP2 runs, and of "
+                "LoRA runs, which hold the adapter) `chatlearn export <checkpoint>` writes one"
             )
     else:
         lines.append("  none")

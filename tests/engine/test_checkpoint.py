@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -268,12 +269,17 @@ def test_inspect_lists_checkpoints_problems_and_last_metrics(tmp_path: Path) -> 
     assert [r for r in rows if r.split()[:1] == ["4"]][0].endswith("hf/       complete")
     assert not any("chatlearn export" in line for line in rows)  # every complete one has it
     held = run_dir / "checkpoints" / "iter_0000004" / "policy_trainer" / "rank_0" / "hf_model"
-    held.mkdir(parents=True)
-    (held / "config.json").write_text("{}")
+    (held / "adapter").mkdir(parents=True)
+    (held / "adapter" / "adapter_config.json").write_text("{}")  # a LoRA run's periodic one
+    shutil.rmtree(exported)
+    rows = CliRunner().invoke(cli, ["inspect", str(run_dir)]).output.splitlines()
+    assert [r for r in rows if r.split()[:1] == ["4"]][0].endswith("adapter   complete")
+    (held / "config.json").write_text("{}")  # and the merged weights
 
     as_json = CliRunner().invoke(cli, ["inspect", str(run_dir), "--json", "--verify"])
     summary = json.loads(as_json.output)
     assert [c["hf"] for c in summary["checkpoints"]] == [str(held), None]
+    assert [c["adapter"] for c in summary["checkpoints"]] == [str(held / "adapter"), None]
     assert [c["status"] for c in summary["checkpoints"]] == ["complete", "broken"]
     assert summary["resume_from"] == 4 and summary["metrics"]["records"] == 2
     assert summary["verified"] is True
