@@ -10,8 +10,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -264,21 +265,12 @@ async def test_a_request_at_an_episodes_end_is_served_before_its_periodic_save(t
     # the checkpoint there is the requested one (a sharded trainer writes its hf_model only on
     # request and at the end); the trainer is told why it saves (`checkpoint_reason`)
     gate = tmp_path / "gate"
-    chatlearn.init(
-        _config(
-            tmp_path, num_episode=3, sample_per_episode=2, generation_batch_size=2,
-            save_episode_interval=1, echo_gate=str(gate),
-        )
-    )  # fmt: skip
-    try:
-        engine = DPOEngine(EchoReference("reference"), EchoTrainer("policy_trainer"))
-        engine.set_dataset(range(6))
-        training = asyncio.create_task(engine.learn_async())
+    runtime = {"num_episode": 3, "sample_per_episode": 2, "generation_batch_size": 2}
+    async with _training(
+        tmp_path, samples=6, started=lambda _: Path(f"{gate}.entered").exists(),
+        save_episode_interval=1, echo_gate=str(gate), **runtime,
+    ) as (engine, training):  # fmt: skip
         try:
-            for _ in range(3000):  # bounded (60 s): start-up included
-                if Path(f"{gate}.entered").exists() or training.done():
-                    break
-                await asyncio.sleep(0.02)
             assert engine.state.iteration == 0, "the first step was not held"
             request = asyncio.ensure_future(engine.save_checkpoint())
             await asyncio.sleep(0.2)  # the request reaches the pipeline while the step is held
@@ -287,10 +279,6 @@ async def test_a_request_at_an_episodes_end_is_served_before_its_periodic_save(t
             await training
         finally:
             gate.touch()
-            training.cancel()
-            await asyncio.gather(training, return_exceptions=True)
-    finally:
-        reset_args()
     saved = CoordinatorState.from_json((path / COORDINATOR).read_text())
     assert (saved.iteration, saved.reason) == (1, "request")
     checkpoints = CheckpointManager(tmp_path / "CHATLEARN" / "checkpoints").scan(verify=True)
@@ -321,21 +309,31 @@ async def test_a_graceful_stop_of_a_run_that_never_saves_does_not_promise_a_chec
 
 @contextlib.asynccontextmanager
 async def _training(
-    tmp_path: Path, reference: type = EchoReference, **runtime
+    tmp_path: Path,
+    reference: type = EchoReference,
+    samples: int = 16,
+    started: Callable[[DPOEngine], bool] | None = None,
+    **runtime: Any,
 ) -> AsyncIterator[tuple[DPOEngine, asyncio.Task]]:
-    """learn_async() of the echo models over 16 samples, in a task, once its first step is done;
-    the task is cancelled and awaited, and the config reset, however the test ends."""
+    """learn_async() of the echo models over `samples` samples, in a task, once `started` says
+    so (by default: once its first step is done); the task is cancelled and awaited, and the
+    config reset, however the test ends."""
     chatlearn.init(_config(tmp_path, **runtime))
+
+    def first_step_done(engine: DPOEngine) -> bool:
+        return engine.pipeline is not None and engine.state.iteration >= 1
+
+    ready = started or first_step_done
     try:
         engine = DPOEngine(reference("reference"), EchoTrainer("policy_trainer"))
-        engine.set_dataset(range(16))
+        engine.set_dataset(range(samples))
         training = asyncio.create_task(engine.learn_async())
         try:
             for _ in range(3000):  # bounded (60 s): start-up included
-                if engine.pipeline is not None and engine.state.iteration >= 1 or training.done():
+                if ready(engine) or training.done():
                     break
                 await asyncio.sleep(0.02)
-            assert not training.done() and engine.state.iteration >= 1
+            assert not training.done() and ready(engine)
             yield engine, training
         finally:
             training.cancel()
