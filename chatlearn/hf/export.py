@@ -89,6 +89,11 @@ def trainer_module(checkpoint: Path, model: str | None) -> Any:
             f"{checkpoint}: no model {name!r} in the run's config (its models: {known}); "
             "name the trainer with --model"
         )
+    if not (models[name] or {}).get("trainable"):
+        raise ExportError(
+            f"{checkpoint}: {name} does not train (checkpoints hold the trainer's weights): "
+            "its weights are the ones its config reads or builds"
+        )
     with warnings.catch_warnings():  # the run's config was checked when it ran
         warnings.simplefilter("ignore")
         args = Config.from_dict(config, validate=False)

@@ -12,7 +12,10 @@ from click.testing import CliRunner
 from chatlearn.cli import main
 
 CONFIG = {
-    "models": {"policy": {"num_cpu": 1, "trainable": True, "model_args": {"seed": 0}}},
+    "models": {
+        "policy": {"num_cpu": 1, "trainable": True, "model_args": {"seed": 0}},
+        "reference": {"num_cpu": 1, "model_args": {"seed": 0}},
+    },
     "runtime": {"num_episode": 1, "sample_per_episode": 8},
 }
 
@@ -56,8 +59,10 @@ def test_each_mistake_is_one_line(tmp_path: Path) -> None:
     code, lines = _export(str(done), "--model", "critic")
     assert code == 1 and lines == [
         f"chatlearn export: {done}: no model 'critic' in the run's config (its models: "
-        "policy); name the trainer with --model"
+        "policy, reference); name the trainer with --model"
     ]
+    code, lines = _export(str(done), "--model", "reference")
+    assert code == 1 and len(lines) == 1 and "reference does not train" in lines[0], lines
     taken = tmp_path / "taken"
     taken.mkdir()
     code, lines = _export(str(done), "-o", str(taken))
