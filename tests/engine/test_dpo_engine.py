@@ -597,10 +597,16 @@ def test_a_value_that_does_not_iterate_over_samples_is_refused(tmp_path, dataset
         reset_args()
 
 
-def _timed_commits(monkeypatch: pytest.MonkeyPatch, seconds: float, fail_at: int | None = None):
+def _timed_commits(
+    monkeypatch: pytest.MonkeyPatch,
+    seconds: float,
+    fail_at: int | None = None,
+    slow_at: int | None = None,
+):
     """Every checkpoint commit (fsync, hash, rename: ``CheckpointManager.commit``) takes
-    ``seconds`` more, as a big checkpoint's does; the one of iteration ``fail_at`` fails as on
-    a full disk. Returns the commits' (iteration, start, end)."""
+    ``seconds`` more, as a big checkpoint's does (only the one of iteration ``slow_at``, when
+    given); the one of iteration ``fail_at`` fails as on a full disk. Returns the commits'
+    (iteration, start, end)."""
     from chatlearn.engine.checkpoint import CheckpointManager
 
     commits: list[tuple[int, float, float]] = []
@@ -608,7 +614,8 @@ def _timed_commits(monkeypatch: pytest.MonkeyPatch, seconds: float, fail_at: int
 
     def commit(self: CheckpointManager, staging: Path, state) -> Path:
         start = time.time()
-        time.sleep(seconds)
+        if slow_at is None or state.iteration == slow_at:
+            time.sleep(seconds)
         if state.iteration == fail_at:
             raise OSError(errno.ENOSPC, "No space left on device", str(staging))
         path = real(self, staging, state)
@@ -640,8 +647,9 @@ async def test_a_trainer_lost_while_its_checkpoint_is_committed_restarts_from_it
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # iteration 3 kills the trainer while the checkpoint of iteration 2 is still being
-    # committed: the run goes back to that checkpoint once it is (not to the run's start)
-    _timed_commits(monkeypatch, 4.0)
+    # committed: the run goes back to that checkpoint once it is (not to the run's start);
+    # the run's end's commit (iteration 4) need not be slow
+    _timed_commits(monkeypatch, 4.0, slow_at=2)
     runtime = _runtime(1, 16, 4, 2, 4, save_step_interval=2, echo_die_at=3)
     _, log = await _learn(tmp_path, runtime, range(16), trainer=EchoSetupTrainer)
     assert list(tmp_path.rglob("echo_died"))  # the trainer died once
@@ -683,7 +691,7 @@ async def test_a_stop_at_once_names_the_checkpoint_still_being_committed(
     from chatlearn.engine.interrupts import TrainingStopped
     from chatlearn.engine.run_checkpoints import RunCheckpoints
 
-    _timed_commits(monkeypatch, 2.0)
+    _timed_commits(monkeypatch, 2.0, slow_at=4)  # iteration 2's is committed before the stop
     real = RunCheckpoints.save
     engines: list[DPOEngine] = []
 
