@@ -24,6 +24,7 @@ boundary this draws is against processes that merely reach the run's sockets.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import ipaddress
 import logging
@@ -53,6 +54,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+_REBIND_WAIT = 5.0  # seconds a new handler waits for the last one's endpoint (_bind_when_free)
 _ZAP_DOMAIN = b"chatlearn"
 # Refusals logged one by one before the log switches to one summary line per interval.
 _NUM_REFUSALS_LOGGED = 5
@@ -122,7 +124,11 @@ class _ZapHandler:
         # A plain (non-asyncio) socket on the same libzmq context: inproc endpoints are shared.
         self._sock: zmq.Socket[Any] = zmq.Context.shadow(context.underlying).socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(_ZAP_ENDPOINT)
+        try:
+            _bind_when_free(self._sock, _ZAP_ENDPOINT)
+        except BaseException:
+            self._sock.close(linger=0)
+            raise
         self._stop = threading.Event()
         self.num_refused = 0
         self._logged_at = 0.0
@@ -172,6 +178,24 @@ class _ZapHandler:
         self._thread.join(2.0)
 
 
+def _bind_when_free(sock: zmq.Socket[Any], endpoint: str) -> None:
+    """Bind `sock` to the inproc `endpoint`, waiting up to `wait` seconds for it to be free.
+    The previous run's handler is stopped (its thread joined, its socket closed) before the next
+    run's binds, but libzmq lets go of an inproc name only once its reaper thread has destroyed
+    the closed socket, and a handler thread that missed its join's 2 s on a loaded machine
+    closes it later still: the next run's start failed with EADDRINUSE, and its actors, left
+    without a ZAP handler, could not connect."""
+    deadline = time.monotonic() + _REBIND_WAIT
+    while True:
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.005)
+
+
 def _accepted(mechanism: bytes, credentials: list[bytes]) -> bytes | None:
     """The authenticated peer's user name, or None to refuse."""
     state = _state
@@ -218,12 +242,17 @@ def configure(
     """
     global _state
     with _lock:
+        before = _state
         if run is None:
             _state = _State()
         else:
             runs = (*(_state.runs if add else ()), run)
             _state = _State(runs=runs, identity=identity or _state.identity)
-        _sync_zap(context)
+        try:
+            _sync_zap(context)
+        except BaseException:
+            _state = before  # not half configured: the next run starts from what was
+            raise
 
 
 def remove(run: RunSecurity) -> None:
