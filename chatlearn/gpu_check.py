@@ -470,6 +470,10 @@ def check_sharded_export(workdir: Path, model: str = "policy_trainer") -> str:
         raise CheckFailed(f"the final checkpoint {saved[-1].name} has no hf_model")
     shards = workdir / "shards" / "checkpoints" / saved[-1].name
     shutil.copytree(saved[-1], shards, ignore=lambda d, names: {"hf_model"} & set(names))
+    manifest = json.loads((shards / "MANIFEST.json").read_text())  # as a periodic one's
+    held = f"{model}/rank_0/hf_model/"
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith(held)}
+    (shards / "MANIFEST.json").write_text(json.dumps(manifest))
     written = export_checkpoint(shards, workdir / "shards" / "export")
     files = sorted(p.name for p in gathered.glob("*.safetensors"))
     if sorted(p.name for p in written.glob("*.safetensors")) != files or not files:

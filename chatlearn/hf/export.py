@@ -55,18 +55,42 @@ def find_checkpoint(path: Path) -> Path:
     if (path / COORDINATOR).is_file():
         if not (path / MANIFEST).is_file():
             raise ExportError(f"{path}: an incomplete checkpoint (no {MANIFEST})")
+        problem = _damage(path)
+        if problem:
+            raise ExportError(
+                f"{path}: a broken checkpoint ({problem}); `chatlearn inspect` lists the "
+                "complete ones"
+            )
         return path
     done = [p for p in path.glob("iter_*") if (p / MANIFEST).is_file()]
     complete = sorted(
         (p for p in done if (p / COORDINATOR).is_file() and p.name[5:].isdigit()),
         key=lambda p: int(p.name[5:]),  # iter_<iteration>
     )
+    complete = [p for p in complete if not _damage(p)]  # a broken newest one: the one before
     if not complete:
         raise ExportError(
             f"{path}: neither a checkpoint nor a directory of checkpoints (no iter_*/{COORDINATOR}"
             " with its manifest)"
         )
     return complete[-1]
+
+
+def _damage(checkpoint: Path) -> str:
+    """What is wrong with a committed checkpoint's files by its manifest ("" if nothing): one
+    missing or of another size than written (their hashes: `chatlearn inspect --verify`)."""
+    try:
+        files = json.loads((checkpoint / MANIFEST).read_text("utf-8"))["files"]
+        for name, entry in files.items():
+            try:
+                size = (checkpoint / name).stat().st_size
+            except OSError:
+                return f"{name} is missing"
+            if size != entry.get("size"):
+                return f"{name} has {size} bytes, the manifest says {entry.get('size')}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"{MANIFEST} is unreadable: {exc!r}"
+    return ""
 
 
 def trainer_module(checkpoint: Path, model: str | None) -> Any:

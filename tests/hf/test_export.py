@@ -34,7 +34,12 @@ def _checkpoint(root: Path, iteration: int, *, complete: bool = True, **model_ar
     state = {"config": config, "trainer": {"model": "policy"}}
     (checkpoint / "coordinator.json").write_text(json.dumps(state))
     if complete:
-        (checkpoint / "MANIFEST.json").write_text("{}")
+        files = {
+            path.relative_to(checkpoint).as_posix(): {"size": path.stat().st_size}
+            for path in checkpoint.rglob("*")
+            if path.is_file()
+        }
+        (checkpoint / "MANIFEST.json").write_text(json.dumps({"files": files}))
     return checkpoint
 
 
@@ -52,7 +57,8 @@ def test_each_mistake_is_one_line(tmp_path: Path) -> None:
     code, lines = _export(str(broken.parent))  # the newest complete one: none
     assert code == 1 and len(lines) == 1 and "neither a checkpoint nor" in lines[0]
     damaged = _checkpoint(tmp_path / "damaged", 2)
-    (damaged / "coordinator.json").write_text('{"config": ')
+    size = (damaged / "coordinator.json").stat().st_size  # as written: its hash differs
+    (damaged / "coordinator.json").write_text('{"config": '.ljust(size))
     code, lines = _export(str(damaged))
     assert code == 1 and len(lines) == 1 and "not the coordinator's state" in lines[0], lines
     done = _checkpoint(tmp_path / "ckpt", 2)
@@ -80,3 +86,20 @@ def test_each_mistake_is_one_line(tmp_path: Path) -> None:
         checkpoint = _checkpoint(tmp_path / f"ckpt_{len(path)}", 3, model_path=path)
         code, lines = _export(str(checkpoint), "-o", str(tmp_path / "out"))
         assert code == 1 and len(lines) == 1 and said in lines[0], lines
+
+
+def test_a_broken_newest_checkpoint_is_passed_over(tmp_path: Path) -> None:
+    """A directory of checkpoints: the newest whose files are as its manifest says (a newest
+    one with a file gone or cut short, as `chatlearn inspect` shows it broken, is not read);
+    that one named itself is refused."""
+    older = _checkpoint(tmp_path, 2)
+    newest = _checkpoint(tmp_path, 4)
+    (newest / "policy" / "rank_0" / "rng.pt").unlink()
+    code, lines = _export(str(tmp_path), "-o", str(tmp_path / "out"))
+    assert code == 1 and len(lines) == 1, lines
+    assert f"{older / 'policy'}: no weights of policy" in lines[0], lines
+    code, lines = _export(str(newest), "-o", str(tmp_path / "out"))
+    assert code == 1 and lines == [
+        f"chatlearn export: {newest}: a broken checkpoint (policy/rank_0/rng.pt is missing); "
+        "`chatlearn inspect` lists the complete ones"
+    ]

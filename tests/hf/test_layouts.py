@@ -306,8 +306,18 @@ def _as_checkpoint(model_dir: Path, model_args: dict[str, Any], where: Path) -> 
     shutil.copytree(model_dir, checkpoint / "policy")
     state = {"config": make_args(2, **model_args).to_dict(), "trainer": {"model": "policy"}}
     (checkpoint / "coordinator.json").write_text(json.dumps(state))
-    (checkpoint / "MANIFEST.json").write_text("{}")
+    _manifest(checkpoint)
     return checkpoint
+
+
+def _manifest(checkpoint: Path) -> None:
+    """The checkpoint's manifest of its files as they are now (sizes: what export checks)."""
+    files = {
+        path.relative_to(checkpoint).as_posix(): {"size": path.stat().st_size}
+        for path in checkpoint.rglob("*")
+        if path.is_file() and path.name != "MANIFEST.json"
+    }
+    (checkpoint / "MANIFEST.json").write_text(json.dumps({"files": files}))
 
 
 def _same_tensors(a: Path, b: Path) -> None:
@@ -397,6 +407,7 @@ def test_chatlearn_export_of_unsharded_checkpoints_without_hf_model(
             shutil.move(held, original)
             weights = load_file(original / "model.safetensors")
             torch.save(weights, checkpoint / "policy" / "rank_0" / "model.pt")
+            _manifest(checkpoint)
             written = export_checkpoint(checkpoint, tmp_path / run / "out")
             _same_tensors(written / "model.safetensors", original / "model.safetensors")
             continue
@@ -415,5 +426,6 @@ def test_chatlearn_export_of_unsharded_checkpoints_without_hf_model(
         # adapters trained on another base: refused
         other = make_args(1, **model_args, seed=1).to_dict()
         (checkpoint / "coordinator.json").write_text(json.dumps({"config": other}))
+        _manifest(checkpoint)
         with pytest.raises(ExportError, match="other base weights"):
             export_checkpoint(checkpoint, tmp_path / run / "other", model="policy")
