@@ -352,8 +352,17 @@ def validate_model_args(model_args: Mapping[str, Any], files: bool = True) -> No
                     f"{prefix}.model_path",
                     f"{str(model_path)!r} holds a peft adapter (adapter_config.json), not a model",
                     "give the merged model's directory (the hf_model beside a chatlearn "
-                    "checkpoint's adapter/) or the base model's with lora set, or merge it first "
+                    "checkpoint's adapter/ in a run's last checkpoint, or `chatlearn export "
+                    "<checkpoint>`'s) or the base model's with lora set, or merge it first "
                     "(PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained)",
+                )
+            if (directory / "adapter" / "adapter_config.json").is_file():
+                raise error(
+                    f"{prefix}.model_path",
+                    f"{str(model_path)!r} holds a LoRA adapter alone (adapter/), not the merged "
+                    "model: a LoRA run's periodic checkpoint's hf_model",
+                    "`chatlearn export <that checkpoint>` writes the merged model (to hf/ beside "
+                    "the checkpoints), or give the base model's directory with lora set",
                 )
             raise error(
                 f"{prefix}.model_path",

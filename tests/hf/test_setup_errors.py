@@ -156,6 +156,13 @@ def test_a_model_path_without_a_checkpoint(tmp_path: Path) -> None:
     assert_located(error, tmp_path, "model_path", 1, "reference")
     assert "holds a peft adapter (adapter_config.json), not a model" in error.problem
     assert "merge_and_unload" in (error.fix or "")
+    # a LoRA run's periodic checkpoint's hf_model: the adapter and the tokenizer, no merged
+    # weights (the run's last checkpoint has them; chatlearn export writes them from any)
+    reset_args()
+    error = setup_error(tmp_path, f"model_path: {tmp_path}\n")
+    assert_located(error, tmp_path, "model_path", 1, "reference")
+    assert "holds a LoRA adapter alone (adapter/)" in error.problem
+    assert "chatlearn export" in (error.fix or "")
 
 
 def test_a_model_path_without_tokenizer_files(tmp_path: Path) -> None:
