@@ -107,14 +107,19 @@ def export_hf(
     *,
     tokenizer: Any = None,
     merge_lora: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Write `model` (its weights taken from `state`) as a Hugging Face directory at `target`.
 
     A peft model writes its adapter to `target/adapter` and, if `merge_lora`, the merged weights
-    to `target` itself; any other model writes its weights to `target`.
+    to `target` itself; any other model writes its weights to `target`. `dtype`: the floating
+    weights written in it (tied ones still one tensor); merged weights are merged from `state`
+    as it is and cast after (cast first, base and adapters would each be rounded, then the sum).
     """
     if is_peft_model(model):
-        model.save_pretrained(str(target / "adapter"), state_dict=state, safe_serialization=True)
+        model.save_pretrained(
+            str(target / "adapter"), state_dict=cast_state(state, dtype), safe_serialization=True
+        )
         refused = unmergeable(model) if merge_lora else []
         if refused:
             logger.warning(
@@ -124,14 +129,29 @@ def export_hf(
             )
         elif merge_lora:
             base = model.get_base_model()
-            base.save_pretrained(
-                str(target), state_dict=merged_state_dict(model, state), safe_serialization=True
-            )
+            merged = cast_state(merged_state_dict(model, state), dtype)
+            base.save_pretrained(str(target), state_dict=merged, safe_serialization=True)
     else:
-        model.save_pretrained(str(target), state_dict=state, safe_serialization=True)
+        model.save_pretrained(
+            str(target), state_dict=cast_state(state, dtype), safe_serialization=True
+        )
     save_tokenizer = getattr(tokenizer, "save_pretrained", None)
     if callable(save_tokenizer):
         save_tokenizer(str(target))
+
+
+def cast_state(
+    state: dict[str, torch.Tensor], dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """`state` with its floating tensors in `dtype` (None: `state` itself); a tensor under
+    several names (tied weights) is cast once, still one tensor."""
+    if dtype is None:
+        return state
+    cast: dict[int, torch.Tensor] = {}
+    for value in state.values():
+        if value.is_floating_point() and id(value) not in cast:
+            cast[id(value)] = value.to(dtype)
+    return {k: cast.get(id(v), v) for k, v in state.items()}
 
 
 # safetensors' names of the dtypes a state dict holds (its header says "F32", "BF16", ...)

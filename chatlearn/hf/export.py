@@ -196,15 +196,10 @@ def _write(
             f"rank_0/hf_model, model.pt or {ADAPTERS_FILE}): not a checkpoint of chatlearn.hf's "
             "trainer"
         )
-    if dtype is not None:  # tied weights stay one tensor, cast once
-        cast: dict[int, torch.Tensor] = {}
-        for value in state.values():
-            if value.is_floating_point() and id(value) not in cast:
-                cast[id(value)] = value.to(dtype)
-        state = {k: cast.get(id(v), v) for k, v in state.items()}
+    if dtype is not None:
         model = model.to(dtype)  # the config's dtype follows the model's
-    with _quiet():
-        export_hf(model, state, target, tokenizer=tokenizer, merge_lora=merge)
+    with _quiet():  # the weights cast as written (LoRA's merged ones once merged)
+        export_hf(model, state, target, tokenizer=tokenizer, merge_lora=merge, dtype=dtype)
 
 
 def _meta_model(module: Any, tokenizer: Any) -> Any:

@@ -351,6 +351,17 @@ def test_chatlearn_export_writes_a_sharded_checkpoint_as_the_trainer_exports_it(
         if run == "lora":
             adapter = "adapter/adapter_model.safetensors"
             _same_tensors(written / adapter, exported / adapter)
+            # in another dtype: the merged weights are merged as trained, then cast (cast
+            # first, base and adapters each rounded, then the sum: off by one in places)
+            cast = export_checkpoint(checkpoint, tmp_path / "lora_bf16", dtype=torch.bfloat16)
+            ours = load_file(cast / "model.safetensors")
+            theirs = load_file(exported / "model.safetensors")
+            assert sorted(ours) == sorted(theirs)
+            for key, value in theirs.items():
+                assert torch.equal(ours[key], value.to(torch.bfloat16)), key
+            ours = load_file(cast / adapter)
+            theirs = load_file(exported / adapter)
+            assert all(torch.equal(ours[k], v.to(torch.bfloat16)) for k, v in theirs.items())
         assert not list(written.parent.glob(".*partial*"))
         if run == "train":
             # in another dtype (bf16 for inference, not the fp32 masters): the same tensors
