@@ -248,7 +248,10 @@ class CheckpointManager:
         A run that resumes from an older checkpoint than the newest replaces the steps after
         it: left in place, the newer checkpoints would count as the newest ones, so pruning
         would remove the new run's own, and a later resume would jump back to the run it
-        replaced. Moved, not deleted: they are a person's work."""
+        replaced. Moved, not deleted: they are a person's work. So are their exports in
+        ``hf/`` beside the root (``chatlearn export``'s, under the same names), into
+        ``hf/superseded-<time>/`` (the same file system): left there, the new run's checkpoint
+        of that iteration would be shown with the old one's weights."""
         newer = [info.path for info in self.scan(verify=False) if info.iteration > iteration]
         if not newer:
             return None
@@ -257,6 +260,10 @@ class CheckpointManager:
         aside.mkdir()
         for path in newer:
             path.rename(aside / path.name)
+            exported = self.root.parent / "hf" / path.name
+            if exported.is_dir():
+                (exported.parent / aside.name).mkdir(exist_ok=True)
+                exported.rename(exported.parent / aside.name / path.name)
         fsync_path(self.root)
         return aside
 

@@ -121,6 +121,23 @@ def test_keep_last_prunes_old_checkpoints_and_a_resave_replaces(tmp_path: Path) 
     assert (latest.path / "policy_trainer/rank_0/model.pt").read_bytes() == b"other" * 100
 
 
+def test_checkpoints_set_aside_take_their_exports_along(tmp_path: Path) -> None:
+    # chatlearn export writes hf/iter_* beside the checkpoint root: a checkpoint set aside
+    # (a start from an older one, or from the beginning) left its export there, which then
+    # stood for the new run's checkpoint of that iteration (chatlearn inspect's HF column)
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    for iteration in (4, 8):
+        _save(manager, iteration)
+    for name in ("iter_0000004", "iter_0000008"):
+        (tmp_path / "hf" / name).mkdir(parents=True)
+        (tmp_path / "hf" / name / "config.json").write_text("{}")
+    aside = manager.set_aside_newer(4)
+    assert aside is not None
+    assert [p.name for p in aside.iterdir()] == ["iter_0000008"]
+    assert (tmp_path / "hf" / aside.name / "iter_0000008" / "config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["iter_0000004", aside.name]
+
+
 def test_a_start_from_an_iteration_continues_the_run_that_began_there(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
