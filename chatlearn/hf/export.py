@@ -184,9 +184,11 @@ def _write(
 
         model = _meta_model(module, tokenizer)
         state = {k: v for path in held for k, v in load_file(path).items()}
+        _check_names(model, state, rank0 / "hf_model")
     elif (rank0 / "model.pt").is_file():
         model = _meta_model(module, tokenizer)
         state = torch.load(rank0 / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+        _check_names(model, state, rank0 / "model.pt")
     elif (rank0 / ADAPTERS_FILE).is_file():
         model = _adapted_base(module, tokenizer, rank0 / ADAPTERS_FILE)
         state = {k: v.detach() for k, v in model.state_dict().items()}
@@ -213,6 +215,34 @@ def _meta_model(module: Any, tokenizer: Any) -> Any:
         if lora is not None:
             model = apply_lora(model, lora, seed=int(module.arg("seed", 0) or 0))
     return model
+
+
+def _check_names(model: Any, state: Any, where: Path) -> None:
+    """`state` holds `model`'s weights: every name (a tied one once), each of its shape. A
+    trainer of another kind (a TorchModule's model.pt) was written out under the config of the
+    model the run's config builds, exit 0."""
+    expected = model.state_dict(keep_vars=True)
+    problem = ""
+    if not isinstance(state, dict):
+        problem = f"a {type(state).__name__}, not a state dict"
+    else:
+        held = {id(expected[k]) for k in state if k in expected}
+        unknown = sorted(k for k in state if k not in expected)
+        missing = [k for k, v in expected.items() if k not in state and id(v) not in held]
+        shapes = [
+            k
+            for k, v in state.items()
+            if k in expected and tuple(getattr(v, "shape", ())) != tuple(expected[k].shape)
+        ]
+        if unknown or missing or shapes:
+            first = (unknown or missing or shapes)[0]
+            kind = "not in" if unknown else "missing from" if missing else "of another shape in"
+            problem = f"{first} is {kind} the model the run's model_args build"
+    if problem:
+        raise ExportError(
+            f"{where}: not the weights of the model the run's config builds ({problem}): not a "
+            "checkpoint of chatlearn.hf's trainer, or of a subclass building another model"
+        )
 
 
 def _sharded_state(model: Any, sharded: Path, *, chunk_size: int) -> dict[str, torch.Tensor]:

@@ -103,3 +103,18 @@ def test_a_broken_newest_checkpoint_is_passed_over(tmp_path: Path) -> None:
         f"chatlearn export: {newest}: a broken checkpoint (policy/rank_0/rng.pt is missing); "
         "`chatlearn inspect` lists the complete ones"
     ]
+
+
+def test_weights_of_another_model_are_refused(tmp_path: Path) -> None:
+    """A trainer of its own (a TorchModule's model.pt, its names not the model's the run's
+    config builds): refused in one line, not written out under a Llama's config with exit 0."""
+    import torch
+
+    checkpoint = _checkpoint(tmp_path / "checkpoints", 4)
+    weights = {"linear.weight": torch.randn(3, 6), "linear.bias": torch.randn(3)}
+    torch.save(weights, checkpoint / "policy" / "rank_0" / "model.pt")
+    code, lines = _export(str(checkpoint))
+    assert code == 1 and len(lines) == 1, lines
+    assert "model.pt: not the weights of the model the run's config builds" in lines[0]
+    assert "linear.bias is not in" in lines[0], lines
+    assert not (tmp_path / "hf" / "iter_0000004").exists()
