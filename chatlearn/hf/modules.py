@@ -36,9 +36,10 @@
 | load_once | True | rank 0 loads model_path (or builds the model), the other ranks receive it |
 | load_in_turns | None | with load_once false: a host's ranks load in turns (None: if needed) |
 
-[1] Under FSDP2 only the run's last checkpoint and those asked for (``engine.save_checkpoint()``):
-the periodic ones hold the sharded state; with LoRA the merged weights likewise, the others the
-adapter alone (the trainer's ``save_checkpoint``; ``chatlearn export`` writes them afterwards).
+[1] Under FSDP2 only the checkpoint of the run's end (not of a graceful stop) and those asked for
+(``engine.save_checkpoint()``): the periodic ones hold the sharded state; with LoRA the merged
+weights likewise, the others the adapter alone (the trainer's ``save_checkpoint``;
+``chatlearn export`` writes them afterwards).
 
 LoRA's defaults (``chatlearn.hf.lora``): r 16, alpha 32, dropout 0, target_modules "all-linear".
 
