@@ -148,6 +148,13 @@ def export_checkpoint(
         if as_held:
             return exported  # the checkpoint holds it
         output = checkpoint.parent.parent / "hf" / checkpoint.name
+    if output.resolve().is_relative_to(checkpoint.parent.resolve()):
+        # a run's retention removes it with its checkpoint; named iter_*, a broken checkpoint
+        # that a save of that iteration replaces
+        raise ExportError(
+            f"{output} is inside {checkpoint.parent}, among the run's checkpoints (pruned and "
+            "replaced as runs go on): name a directory outside it with -o"
+        )
     if output.exists():
         raise ExportError(f"{output} exists: name another directory with -o, or remove it")
     merge = bool(module.arg("merge_lora", True)) if merge_lora is None else merge_lora

@@ -92,10 +92,10 @@ def test_a_broken_newest_checkpoint_is_passed_over(tmp_path: Path) -> None:
     """A directory of checkpoints: the newest whose files are as its manifest says (a newest
     one with a file gone or cut short, as `chatlearn inspect` shows it broken, is not read);
     that one named itself is refused."""
-    older = _checkpoint(tmp_path, 2)
-    newest = _checkpoint(tmp_path, 4)
+    older = _checkpoint(tmp_path / "checkpoints", 2)
+    newest = _checkpoint(tmp_path / "checkpoints", 4)
     (newest / "policy" / "rank_0" / "rng.pt").unlink()
-    code, lines = _export(str(tmp_path), "-o", str(tmp_path / "out"))
+    code, lines = _export(str(older.parent), "-o", str(tmp_path / "out"))
     assert code == 1 and len(lines) == 1, lines
     assert f"{older / 'policy'}: no weights of policy" in lines[0], lines
     code, lines = _export(str(newest), "-o", str(tmp_path / "out"))
@@ -118,3 +118,18 @@ def test_weights_of_another_model_are_refused(tmp_path: Path) -> None:
     assert "model.pt: not the weights of the model the run's config builds" in lines[0]
     assert "linear.bias is not in" in lines[0], lines
     assert not (tmp_path / "hf" / "iter_0000004").exists()
+
+
+def test_an_output_among_the_checkpoints_is_refused(tmp_path: Path) -> None:
+    """-o inside the checkpoint, or beside it in the checkpoints' directory: the run's
+    retention would remove it with the checkpoint, and an iter_* name is a broken checkpoint
+    that a save of that iteration replaces."""
+    checkpoint = _checkpoint(tmp_path / "checkpoints", 4)
+    for output in (checkpoint / "export", tmp_path / "checkpoints" / "iter_0000099"):
+        code, lines = _export(str(checkpoint), "-o", str(output))
+        assert code == 1 and lines == [
+            f"chatlearn export: {output} is inside {checkpoint.parent}, among the run's "
+            "checkpoints (pruned and replaced as runs go on): name a directory outside it with -o"
+        ], lines
+        assert not output.exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_0000004"]
