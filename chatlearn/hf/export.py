@@ -159,6 +159,7 @@ def export_checkpoint(
         raise ExportError(f"{output} exists: name another directory with -o, or remove it")
     merge = bool(module.arg("merge_lora", True)) if merge_lora is None else merge_lora
     partial = output.parent / f".{output.name}.partial-{os.getpid()}"
+    _remove_dead_partials(output)
     shutil.rmtree(partial, ignore_errors=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -170,6 +171,21 @@ def export_checkpoint(
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return output
+
+
+def _remove_dead_partials(output: Path) -> None:
+    """Remove what exports to `output` killed before their rename left (a SIGKILL skips the
+    clean-up): ``.<name>.partial-<pid>`` of a process that is gone. A live one's is its own."""
+    for stale in output.parent.glob(f".{output.name}.partial-*"):
+        pid = stale.name.rpartition("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except OSError:  # another user's process: alive
+            pass
 
 
 def _write(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -133,3 +134,22 @@ def test_an_output_among_the_checkpoints_is_refused(tmp_path: Path) -> None:
         ], lines
         assert not output.exists()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_0000004"]
+
+
+def test_a_killed_exports_leftover_is_removed_by_the_next(tmp_path: Path) -> None:
+    # a SIGKILLed export leaves its partial directory (no clean-up runs); the next export to the
+    # same name removes it when its process is gone, and leaves a live process's alone
+    import subprocess
+    import sys
+
+    done = _checkpoint(tmp_path / "ckpt", 2)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(10)
+    output = tmp_path / "out"
+    dead = tmp_path / f".out.partial-{gone.pid}"
+    live = tmp_path / f".out.partial-{os.getppid()}"
+    for leftover in (dead, live):
+        (leftover / "adapter").mkdir(parents=True)
+    code, lines = _export(str(done), "-o", str(output))
+    assert code == 1 and "no weights of policy" in lines[0], lines  # it got that far
+    assert not dead.exists() and live.is_dir()
