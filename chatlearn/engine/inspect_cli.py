@@ -91,6 +91,10 @@ def summarize(run_dir: Path, checkpoints: Path | None = None, verify: bool = Fal
             **_coordinator_fields(info),
             "hf": _hf_directory(info.path, root),
             "adapter": _adapter_directory(info.path),
+            # what `chatlearn export` writes an HF directory from: chatlearn.hf's trainer's
+            # sharded state (FSDP2) or adapters (LoRA)
+            "exportable": any(info.path.glob("*/sharded/.metadata"))
+            or any(info.path.glob("*/rank_0/adapters.pt")),
         }
         for info in found
     ]
@@ -162,7 +166,10 @@ def render(summary: dict[str, Any]) -> str:
                 f"{_cell(row.get('step_in_episode')):>6}  {_cell(row.get('consumed_samples')):>8}  "
                 f"{_cell(row.get('reason')):<8}  {saved:<19}  {where:<8}  {status}"
             )
-        if any(row["hf"] is None and row["status"] == "complete" for row in rows):
+        if any(
+            row["hf"] is None and row["status"] == "complete" and row.get("exportable")
+            for row in rows
+        ):
             lines.append(
                 "  HF: the trainer as a Hugging Face directory, in the checkpoint (hf_model) or "
                 "beside it (hf/); for the others (periodic checkpoints of FSDP2 runs, and of "

@@ -268,6 +268,12 @@ def test_inspect_lists_checkpoints_problems_and_last_metrics(tmp_path: Path) -> 
     lines = result.output.splitlines()
     (row4,) = [line for line in lines if line.split()[:1] == ["4"]]
     assert row4.split()[1:4] == ["1", "0", "8"] and row4.endswith("-         complete")
+    # a trainer of its own (not chatlearn.hf's): nothing chatlearn export could read
+    assert not any("chatlearn export" in line for line in lines)
+    sharded = run_dir / "checkpoints" / "iter_0000004" / "policy_trainer" / "sharded"
+    sharded.mkdir(parents=True)
+    (sharded / ".metadata").write_bytes(b"")  # an FSDP2 trainer's periodic checkpoint
+    lines = CliRunner().invoke(cli, ["inspect", str(run_dir)]).output.splitlines()
     assert any("`chatlearn export <checkpoint>` writes one" in line for line in lines)
     (row7,) = [line for line in lines if line.split()[:1] == ["7"]]
     assert "BROKEN: coordinator.json has 2 bytes" in row7
