@@ -28,11 +28,9 @@ holds its fields as top-level keys.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterable
@@ -40,16 +38,23 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from chatlearn.actors.checkpoint_paths import COORDINATOR, MANIFEST, checkpoint_name
+from chatlearn.actors.checkpoint_paths import (
+    COORDINATOR,
+    FORMAT,
+    MANIFEST,
+    check_manifest,
+    checkpoint_iteration,
+    checkpoint_name,
+    export_dir,
+    file_sha256,
+    pid_alive,
+)
 from chatlearn.engine.state import RunState
 
 logger = logging.getLogger("chatlearn.engine")
 
-FORMAT = "chatlearn-checkpoint"
 VERSION = 1
-_NAME = re.compile(r"^iter_(\d{7,})$")
 _STAGING_PREFIX = ".staging-"
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass(slots=True, kw_only=True)
@@ -145,14 +150,6 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # -- the manager -----------------------------------------------------------------------------
 class CheckpointManager:
     """Writes, finds, verifies and prunes the checkpoints under one root (module docstring)."""
@@ -188,7 +185,10 @@ class CheckpointManager:
             "iteration": state.iteration,
             "created": time.time(),
             "files": {
-                p.relative_to(staging).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                p.relative_to(staging).as_posix(): {
+                    "size": p.stat().st_size,
+                    "sha256": file_sha256(p),
+                }
                 for p in files
             },
         }
@@ -210,7 +210,7 @@ class CheckpointManager:
             return
         for path in self.staging():
             pid = path.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
                 continue  # another live run writes here; not ours to touch
             shutil.rmtree(path, ignore_errors=True)
 
@@ -260,7 +260,7 @@ class CheckpointManager:
         aside.mkdir()
         for path in newer:
             path.rename(aside / path.name)
-            exported = self.root.parent / "hf" / path.name
+            exported = export_dir(path)
             if exported.is_dir():
                 (exported.parent / aside.name).mkdir(exist_ok=True)
                 exported.rename(exported.parent / aside.name / path.name)
@@ -274,9 +274,9 @@ class CheckpointManager:
             return []
         found = []
         for path in self.root.iterdir():
-            match = _NAME.match(path.name)
-            if match and path.is_dir():
-                found.append(self.inspect(path, int(match.group(1)), verify=verify))
+            number = checkpoint_iteration(path.name)
+            if number is not None and path.is_dir():
+                found.append(self.inspect(path, number, verify=verify))
         return sorted(found, key=lambda c: c.iteration)
 
     def inspect(self, path: Path, iteration: int, *, verify: bool = False) -> CheckpointInfo:
@@ -356,32 +356,6 @@ def room_for_checkpoints(size: int, free: int, *, held: int, keep_last: int, sav
     return saves if free >= extra * size else free // size
 
 
-def check_manifest(path: Path, *, hashes: bool = True) -> str:
-    """What is wrong with the checkpoint directory ``path`` ("" if nothing)."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text("utf-8"))
-        files = manifest["files"]
-        if manifest.get("format") != FORMAT or not isinstance(files, dict):
-            return f"{MANIFEST} is not a chatlearn manifest"
-    except FileNotFoundError:
-        return f"no {MANIFEST} (the save did not finish)"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"{MANIFEST} is unreadable: {exc}"
-    if COORDINATOR not in files:
-        return f"{COORDINATOR} is not in the manifest"
-    for name, entry in files.items():
-        file = path / name
-        try:
-            size = file.stat().st_size
-        except OSError:
-            return f"{name} is missing"
-        if size != entry.get("size"):
-            return f"{name} has {size} bytes, the manifest says {entry.get('size')}"
-        if hashes and _sha256(file) != entry.get("sha256"):
-            return f"{name} does not match its sha256 in the manifest"
-    return ""
-
-
 def rewind_metrics(path: Path, offset: int) -> int:
     """Cut ``metrics.jsonl`` back to ``offset`` bytes (its size when the checkpoint was taken).
 
@@ -433,13 +407,3 @@ def describe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str
         for key in sorted(saved)
         if key in current and saved[key] != current[key]
     ]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True

@@ -26,6 +26,7 @@ from typing import Any
 
 import click
 
+from chatlearn.actors.checkpoint_paths import export_dir
 from chatlearn.engine.checkpoint import COORDINATOR, CheckpointInfo, CheckpointManager
 from chatlearn.engine.metrics import iter_lines
 from chatlearn.engine.run_lock import RunLock
@@ -59,14 +60,14 @@ def _coordinator_fields(info: CheckpointInfo) -> dict[str, Any]:
     return {key: get(key) for key in keys}
 
 
-def _hf_directory(checkpoint: Path, root: Path) -> str | None:
+def _hf_directory(checkpoint: Path) -> str | None:
     """Where the checkpoint's trainer is a Hugging Face directory: its ``hf_model`` (every
     checkpoint of a one-process or DDP trainer of chatlearn.hf, an FSDP2 one's last and
     requested ones), else the one ``chatlearn export`` wrote beside the checkpoints
     (``hf/iter_...``); None: neither."""
     for config in sorted(checkpoint.glob("*/rank_0/hf_model/config.json")):
         return str(config.parent)
-    beside = root.parent / "hf" / checkpoint.name
+    beside = export_dir(checkpoint)
     return str(beside) if (beside / "config.json").is_file() else None
 
 
@@ -89,7 +90,7 @@ def summarize(run_dir: Path, checkpoints: Path | None = None, verify: bool = Fal
             "status": info.status,
             "problem": info.problem,
             **_coordinator_fields(info),
-            "hf": _hf_directory(info.path, root),
+            "hf": _hf_directory(info.path),
             "adapter": _adapter_directory(info.path),
             # what `chatlearn export` writes an HF directory from: chatlearn.hf's trainer's
             # sharded state (FSDP2) or adapters (LoRA)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from chatlearn.hf.lora import is_peft_model, merged_state_dict, unmergeable
+from chatlearn.hf.memory import storage_bytes
 
 logger = logging.getLogger("chatlearn.hf")
 
@@ -46,7 +47,7 @@ def save_sharded(directory: Path, network: nn.Module, optimizer: Any) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(network, optimizer)
-    with _plain_failures():
+    with plain_failures():
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
 
 
@@ -59,7 +60,7 @@ def load_sharded(directory: Path, network: nn.Module, optimizer: Any) -> None:
         raise FileNotFoundError(f"no sharded checkpoint in {directory} (no .metadata)")
     model_state, optimizer_state = get_state_dict(network, optimizer)
     # dcp.load fills the tensors of these dicts in place
-    with _plain_failures():
+    with plain_failures():
         dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
     set_state_dict(
         network, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state
@@ -67,7 +68,7 @@ def load_sharded(directory: Path, network: nn.Module, optimizer: Any) -> None:
 
 
 @contextlib.contextmanager
-def _plain_failures() -> Iterator[None]:
+def plain_failures() -> Iterator[None]:
     """A failed ``dcp.save``/``dcp.load`` as the exception of the rank that failed (this one's,
     else the lowest's: a key missing from the checkpoint, a full disk), not torch's
     ``CheckpointException``: that one is a BaseException, which the actor took for a fatal error
@@ -138,6 +139,20 @@ def export_hf(
     save_tokenizer = getattr(tokenizer, "save_pretrained", None)
     if callable(save_tokenizer):
         save_tokenizer(str(target))
+
+
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """No transformers progress bars meanwhile (a bar per save would clutter a run's log)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def cast_state(
@@ -333,7 +348,7 @@ def optimizer_share(
 
 
 def _state_bytes(state: dict[str, Any]) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    return storage_bytes(v for v in state.values() if isinstance(v, torch.Tensor))
 
 
 def load_optimizer_state(path: Path) -> dict[str, Any]:

@@ -40,7 +40,15 @@ from typing import Any
 import click
 import torch
 
-from chatlearn.actors.checkpoint_paths import COORDINATOR, MANIFEST, module_checkpoint_dir
+from chatlearn.actors.checkpoint_paths import (
+    COORDINATOR,
+    MANIFEST,
+    check_manifest,
+    checkpoint_iteration,
+    export_dir,
+    module_checkpoint_dir,
+    pid_alive,
+)
 from chatlearn.hf.trainer import ADAPTERS_FILE, SHARDED_DIR, HFDPOTrainer
 
 
@@ -55,42 +63,25 @@ def find_checkpoint(path: Path) -> Path:
     if (path / COORDINATOR).is_file():
         if not (path / MANIFEST).is_file():
             raise ExportError(f"{path}: an incomplete checkpoint (no {MANIFEST})")
-        problem = _damage(path)
+        problem = check_manifest(path, hashes=False)  # hashes: `chatlearn inspect --verify`
         if problem:
             raise ExportError(
                 f"{path}: a broken checkpoint ({problem}); `chatlearn inspect` lists the "
                 "complete ones"
             )
         return path
-    done = [p for p in path.glob("iter_*") if (p / MANIFEST).is_file()]
-    complete = sorted(
-        (p for p in done if (p / COORDINATOR).is_file() and p.name[5:].isdigit()),
-        key=lambda p: int(p.name[5:]),  # iter_<iteration>
-    )
-    complete = [p for p in complete if not _damage(p)]  # a broken newest one: the one before
+    numbered = [(checkpoint_iteration(p.name), p) for p in path.iterdir() if p.is_dir()]
+    # a broken newest one (a file missing or cut short): the one before, as a resume does
+    complete = [
+        p for n, p in sorted((n, p) for n, p in numbered if n is not None)
+        if not check_manifest(p, hashes=False)
+    ]  # fmt: skip
     if not complete:
         raise ExportError(
             f"{path}: neither a checkpoint nor a directory of checkpoints (no iter_*/{COORDINATOR}"
             " with its manifest)"
         )
     return complete[-1]
-
-
-def _damage(checkpoint: Path) -> str:
-    """What is wrong with a committed checkpoint's files by its manifest ("" if nothing): one
-    missing or of another size than written (their hashes: `chatlearn inspect --verify`)."""
-    try:
-        files = json.loads((checkpoint / MANIFEST).read_text("utf-8"))["files"]
-        for name, entry in files.items():
-            try:
-                size = (checkpoint / name).stat().st_size
-            except OSError:
-                return f"{name} is missing"
-            if size != entry.get("size"):
-                return f"{name} has {size} bytes, the manifest says {entry.get('size')}"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        return f"{MANIFEST} is unreadable: {exc!r}"
-    return ""
 
 
 def trainer_module(checkpoint: Path, model: str | None) -> Any:
@@ -147,7 +138,7 @@ def export_checkpoint(
     if output is None:
         if as_held:
             return exported  # the checkpoint holds it
-        output = checkpoint.parent.parent / "hf" / checkpoint.name
+        output = export_dir(checkpoint)
     if output.resolve().is_relative_to(checkpoint.parent.resolve()):
         # a run's retention removes it with its checkpoint; named iter_*, a broken checkpoint
         # that a save of that iteration replaces
@@ -178,14 +169,8 @@ def _remove_dead_partials(output: Path) -> None:
     clean-up): ``.<name>.partial-<pid>`` of a process that is gone. A live one's is its own."""
     for stale in output.parent.glob(f".{output.name}.partial-*"):
         pid = stale.name.rpartition("-")[2]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-        except OSError:  # another user's process: alive
-            pass
 
 
 def _write(
@@ -336,18 +321,16 @@ def _quiet() -> Iterator[None]:
     """No progress bars or advice from transformers, peft and torch's checkpoint reader."""
     from transformers.utils import logging as hf_logging
 
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    from chatlearn.hf.checkpoint import quiet_progress_bars
+
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        with warnings.catch_warnings():
+        with quiet_progress_bars(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

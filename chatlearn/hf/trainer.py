@@ -3,7 +3,6 @@ Hugging Face export (chatlearn/hf/modules.py describes the modules and their mod
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -24,12 +23,18 @@ from chatlearn.hf.checkpoint import (
     load_optimizer_state,
     load_sharded,
     optimizer_share,
+    quiet_progress_bars,
     safetensors_files,
     save_sharded,
     trainable_state,
 )
 from chatlearn.hf.lora import apply_lora, is_peft_model, module_lora_settings
-from chatlearn.hf.memory import format_memory_report, memory_report, out_of_memory_message
+from chatlearn.hf.memory import (
+    format_memory_report,
+    memory_report,
+    out_of_memory_message,
+    storage_bytes,
+)
 from chatlearn.hf.model import locate_model_args, tied_gradient_in_place
 from chatlearn.hf.parallel import set_gradient_sync, trainable_parameters, unwrap, zero_grad
 
@@ -328,7 +333,7 @@ class HFDPOTrainer(HFModule):
             if ranks == 1:
                 torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
             else:
-                weights = 0 if is_peft_model(self.model) else _bytes(self.model.parameters())
+                weights = 0 if is_peft_model(self.model) else storage_bytes(self.model.parameters())
                 share = optimizer_share(self.optimizer, self.data_parallel_rank, ranks, weights)
                 torch.save(share, directory / "optimizer.pt")
         self._save_rank_state(directory)
@@ -446,7 +451,7 @@ class HFDPOTrainer(HFModule):
             state = full_state_dict(self.model, sharded=self.layout.sharded)
         if self.data_parallel_rank != 0:
             return
-        with _quiet_progress_bars():  # a bar per save would clutter the run's log
+        with quiet_progress_bars():  # a bar per save would clutter the run's log
             export_hf(
                 self.model,
                 state,
@@ -456,10 +461,6 @@ class HFDPOTrainer(HFModule):
             )
 
 
-def _bytes(tensors: Iterator[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def _flat(value: Any) -> Iterator[float]:
     """A number, or the numbers of a tuple or list, as floats (betas are saved as lists)."""
     if isinstance(value, list | tuple):
@@ -467,16 +468,3 @@ def _flat(value: Any) -> Iterator[float]:
             yield float(item)
     else:
         yield float(value)
-
-
-@contextlib.contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()

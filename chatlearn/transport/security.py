@@ -179,7 +179,8 @@ class _ZapHandler:
 
 
 def _bind_when_free(sock: zmq.Socket[Any], endpoint: str) -> None:
-    """Bind `sock` to the inproc `endpoint`, waiting up to `wait` seconds for it to be free.
+    """Bind `sock` to the inproc `endpoint`, waiting up to `_REBIND_WAIT` seconds for it to be
+    free.
     The previous run's handler is stopped (its thread joined, its socket closed) before the next
     run's binds, but libzmq lets go of an inproc name only once its reaper thread has destroyed
     the closed socket, and a handler thread that missed its join's 2 s on a loaded machine

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from chatlearn.actors.checkpoint_paths import FORMAT
 from chatlearn.cli import main
 
 CONFIG = {
@@ -40,7 +41,7 @@ def _checkpoint(root: Path, iteration: int, *, complete: bool = True, **model_ar
             for path in checkpoint.rglob("*")
             if path.is_file()
         }
-        (checkpoint / "MANIFEST.json").write_text(json.dumps({"files": files}))
+        (checkpoint / "MANIFEST.json").write_text(json.dumps({"format": FORMAT, "files": files}))
     return checkpoint
 
 

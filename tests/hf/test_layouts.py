@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import torch
 
+from chatlearn.actors.checkpoint_paths import FORMAT
+
 pytestmark = pytest.mark.timeout(400)
 
 HERE = Path(__file__).resolve().parent
@@ -317,7 +319,7 @@ def _manifest(checkpoint: Path) -> None:
         for path in checkpoint.rglob("*")
         if path.is_file() and path.name != "MANIFEST.json"
     }
-    (checkpoint / "MANIFEST.json").write_text(json.dumps({"files": files}))
+    (checkpoint / "MANIFEST.json").write_text(json.dumps({"format": FORMAT, "files": files}))
 
 
 def _same_tensors(a: Path, b: Path) -> None:
