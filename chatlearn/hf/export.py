@@ -287,7 +287,11 @@ def _sharded_state(model: Any, sharded: Path, *, chunk_size: int) -> dict[str, t
             read[stored] = torch.empty(entry.size, dtype=entry.properties.dtype)
         state[key] = read[stored]
     flat = {name.removeprefix("model."): t for name, t in read.items()}
-    with _quiet():  # "loading in a single process": that is the point
+    from chatlearn.hf.checkpoint import plain_failures
+
+    # "loading in a single process": that is the point; a shard that cannot be read is its
+    # own error, not torch's CheckpointException (a BaseException: a traceback)
+    with _quiet(), plain_failures():
         dcp.load({"model": flat}, checkpoint_id=str(sharded))
     return state
 
@@ -361,6 +365,7 @@ def command(
     An FSDP2 run's periodic checkpoints hold sharded state only: this consolidates it in one
     process (one copy of the weights in memory)."""
     from chatlearn.config.errors import ConfigError
+    from chatlearn.config.report import DEBUG_ENV_VAR, debug_enabled
 
     try:
         where = export_checkpoint(
@@ -372,5 +377,15 @@ def command(
         raise SystemExit(1) from None
     except (ExportError, OSError) as exc:
         click.echo(f"chatlearn export: {exc}", err=True)
+        raise SystemExit(1) from None
+    except Exception as exc:  # a file whose bytes cannot be read as what it should hold
+        if debug_enabled():
+            raise
+        said = (str(exc).strip().splitlines() or [""])[0][:300]
+        click.echo(
+            f"chatlearn export: {checkpoint}: could not be read ({type(exc).__name__}: {said}); "
+            f"`chatlearn inspect --verify` checks its files ({DEBUG_ENV_VAR}=1 shows where)",
+            err=True,
+        )
         raise SystemExit(1) from None
     click.echo(str(where))

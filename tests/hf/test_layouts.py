@@ -442,3 +442,24 @@ def test_chatlearn_export_of_unsharded_checkpoints_without_hf_model(
         _manifest(checkpoint)
         with pytest.raises(ExportError, match="other base weights"):
             export_checkpoint(checkpoint, tmp_path / run / "other", model="policy")
+
+
+def test_chatlearn_export_of_unreadable_shards_is_one_line(
+    runs: dict[str, Any], tmp_path: Path
+) -> None:
+    # a shard whose bytes are not what it held (same size: the manifest's sizes pass) was a
+    # traceback of torch's CheckpointException; one line now, nothing written
+    from click.testing import CliRunner
+
+    from chatlearn.cli import main
+
+    result = runs["rank0"]["train"]
+    model_dir = Path(result["checkpoint"]).parent
+    checkpoint = _as_checkpoint(model_dir, {"parallel": "fsdp"}, tmp_path)
+    (shard,) = list((checkpoint / "policy" / "sharded").glob("__0_*.distcp"))
+    shard.write_bytes(b"\0" * shard.stat().st_size)
+    done = CliRunner().invoke(main, ["export", str(checkpoint), "-o", str(tmp_path / "out")])
+    lines = done.output.splitlines()
+    assert done.exit_code == 1 and len(lines) == 1, done.output[-3000:]
+    assert lines[0].startswith(f"chatlearn export: {checkpoint}: could not be read ("), lines
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
