@@ -26,7 +26,8 @@ saves whatever it likes there; `TorchModule` saves `self.model`, `self.optimizer
 save, `checkpoint_reason` says why the engine saves: "interval" or "step" (periodic), "signal"
 (a graceful stop, its time bounded by `stop_timeout`), "end" (the run's last checkpoint) or
 "request" (`engine.save_checkpoint()`); None outside the engine's saves. A module may write
-costly extras (an export for inference) only at "end" and "request", as `chatlearn.hf` does.
+costly extras (an export for inference) only at "end" and "request", as `chatlearn.hf` does, and
+say their size with `final_checkpoint_extra_bytes()` (counted in the engine's disk-room check).
 
 This module must not import torch at import time: actor processes import it before they are
 pinned to their devices. `TorchModule` imports torch inside its methods.
@@ -422,6 +423,14 @@ class BaseModule:
 
     def load_checkpoint(self, iteration: int) -> None:
         """Load the state saved for `iteration`."""
+
+    def final_checkpoint_extra_bytes(self) -> int:
+        """Right after a save: the bytes a save at the run's end ("end", also "request") would
+        write on this process beyond this one (an export for inference written only then), or
+        0 (the default: as many). The engine asks at every save and counts them when it checks,
+        at the first checkpoint, that the disk has room for the checkpoints the run will still
+        write: a run whose end's export does not fit is told hours before it ends."""
+        return 0
 
     def before_episode(self) -> None:
         """Called at the start of every episode."""

@@ -344,16 +344,22 @@ def checkpoint_bytes(path: Path) -> int:
         return 0
 
 
-def room_for_checkpoints(size: int, free: int, *, held: int, keep_last: int, saves: int) -> int:
-    """How many of the ``saves`` checkpoints a run will still write, each ``size`` bytes, the
-    file system's ``free`` bytes hold before one would not fit; ``saves`` when all do. ``held``
-    are kept now; with ``keep_last`` (0: all kept) the oldest is pruned once a new one is
-    committed, so at most ``keep_last`` + 1 are ever on disk (the new one staged)."""
+def room_for_checkpoints(
+    size: int, free: int, *, held: int, keep_last: int, saves: int, final_extra: int = 0
+) -> int:
+    """How many of the ``saves`` checkpoints a run will still write, each ``size`` bytes (the
+    last ``final_extra`` more), the file system's ``free`` bytes hold before one would not
+    fit; ``saves`` when all do. ``held`` are kept now; with ``keep_last`` (0: all kept) the
+    oldest is pruned once a new one is committed, so at most ``keep_last`` + 1 are ever on
+    disk (the new one staged)."""
     if saves <= 0 or size <= 0:
         return saves
     on_disk = held + saves if keep_last <= 0 else min(keep_last + 1, held + saves)
     extra = max(0, on_disk - held)  # checkpoints' worth of space taken beyond today's
-    return saves if free >= extra * size else free // size
+    if free >= extra * size + final_extra:
+        return saves
+    # all but the last fit where the disk holds as many at their own size
+    return min(saves - 1, free // size)
 
 
 def rewind_metrics(path: Path, offset: int) -> int:

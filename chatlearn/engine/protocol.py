@@ -202,6 +202,18 @@ class Interval(Message):
     end: float
 
 
+@dataclass(slots=True, kw_only=True)
+class Saved(Message):
+    """A trainer rank's part of a checkpoint written: when, and ``final_extra_bytes``, what a
+    save at the run's end or on request would write on it beyond this save (the module's
+    ``final_checkpoint_extra_bytes()``: an export for inference written only then)."""
+
+    kind = "saved"
+    start: float
+    end: float
+    final_extra_bytes: int = 0
+
+
 # -- orders ---------------------------------------------------------------------------------
 @dataclass(slots=True, kw_only=True)
 class Connect(Message):
@@ -350,7 +362,7 @@ class SaveCheckpoint(Message):
     """Trainer: the module's ``save_checkpoint`` into its directory of checkpoint ``path``."""
 
     kind = "save_checkpoint"
-    result = Interval
+    result = Saved
     path: str
     iteration: int
     # why the engine saves: "interval"/"step" (periodic), "signal" (a graceful stop), "end",
@@ -748,8 +760,11 @@ class TrainerGroup(_Workers):
             *(_ask(h, self.entry, o) for h, o in zip(self.group, orders, strict=True))
         )
 
-    async def save_checkpoint(self, path: str, iteration: int, reason: str = "") -> None:
-        await self._all(SaveCheckpoint(path=path, iteration=iteration, reason=reason))
+    async def save_checkpoint(self, path: str, iteration: int, reason: str = "") -> int:
+        """Every rank's part of checkpoint ``path``; returns the bytes a save at the run's end
+        would write beyond this one, over every rank (`Saved.final_extra_bytes`)."""
+        saved = await self._all(SaveCheckpoint(path=path, iteration=iteration, reason=reason))
+        return sum(part.final_extra_bytes for part in saved)
 
     async def load_checkpoint(self, path: str, iteration: int, episode: int) -> None:
         await self._all(LoadCheckpoint(path=path, iteration=iteration, episode=episode))

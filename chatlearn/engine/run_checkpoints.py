@@ -154,7 +154,7 @@ class RunCheckpoints:
             except OSError as exc:
                 self._raise_storage_error(exc, self.manager.root, state.iteration)
             try:
-                await self.trainer.save_checkpoint(str(staging), state.iteration, reason)
+                extra = await self.trainer.save_checkpoint(str(staging), state.iteration, reason)
             except BaseException as exc:  # a trainer lost while saving (self-healing goes on)
                 await asyncio.to_thread(shutil.rmtree, staging, True)
                 if isinstance(exc, ActorError) and exc.type_name.endswith("StorageError"):
@@ -168,7 +168,7 @@ class RunCheckpoints:
                 self._raise_storage_error(exc, self.metrics_path or staging, state.iteration)
             # the run's state goes on changing while the commit runs: what it saved, as it was
             commit = asyncio.ensure_future(
-                self._commit(staging, coordinator, state.copy(), reason, started)
+                self._commit(staging, coordinator, state.copy(), reason, started, extra)
             )
             self._pending = (state.iteration, commit)
             commit.add_done_callback(self._commit_done)
@@ -197,7 +197,7 @@ class RunCheckpoints:
 
     async def _commit(
         self, staging: Path, coordinator: CoordinatorState, state: RunState, reason: str,
-        started: float,
+        started: float, final_extra: int = 0,
     ) -> Path:  # fmt: skip
         try:
             path = await asyncio.to_thread(self.manager.commit, staging, coordinator)
@@ -207,7 +207,7 @@ class RunCheckpoints:
             self._raise_storage_error(exc, where, state.iteration)
         self.last, self.last_iteration = path, state.iteration
         if not self._room_said:
-            await asyncio.to_thread(self._check_room, path, state)
+            await asyncio.to_thread(self._check_room, path, state, final_extra)
         if self.on_saved is not None:
             self.on_saved(state)
         where = (
@@ -225,11 +225,12 @@ class RunCheckpoints:
         )
         return path
 
-    def _check_room(self, path: Path, state: RunState) -> None:
+    def _check_room(self, path: Path, state: RunState, final_extra: int = 0) -> None:
         """After a commit: whether the checkpoint root's file system has room for the
         checkpoints the run will still write, said once as a warning where it has not (a run
         of days learns at its first checkpoint, not when the disk fills at its tenth and the
-        run stops)."""
+        run stops). ``final_extra``: what the run's last checkpoint writes beyond this one
+        (the trainer's export for inference, e.g. a LoRA model's merged weights)."""
         size = checkpoint_bytes(path)
         usage = disk_usage(path)
         if usage is None or size <= 0:
@@ -237,24 +238,36 @@ class RunCheckpoints:
         held = sum(1 for info in self.manager.scan() if info.complete)
         keep = self.manager.keep_last
         saves = self.settings.saves_after(state.iteration)
-        room = room_for_checkpoints(size, usage.free, held=held, keep_last=keep, saves=saves)
+        room = room_for_checkpoints(
+            size, usage.free, held=held, keep_last=keep, saves=saves, final_extra=final_extra
+        )
         if room >= saves:
             return
         self._room_said = True
         kept = f"the newest {keep}" if keep > 0 else "every one"
+        end = (
+            f" (the last one {(size + final_extra) / 2**30:.3g} GiB, with the trainer's export "
+            "for inference)"
+            if final_extra > 0
+            else ""
+        )
+        last = f"checkpoint {room + 1} from now" + (
+            " (the run's last)" if room + 1 == saves else ""
+        )
         logger.warning(
-            "checkpoints of this run take %.3g GiB each and %s has %.3g GiB free: room for %d "
+            "checkpoints of this run take %.3g GiB each%s and %s has %.3g GiB free: room for %d "
             "more, where the run writes %d more and keeps %s (runtime.save_keep_last): "
-            "checkpoint %d from now would stop the run with a full disk. Free space there, "
-            "keep fewer (runtime.save_keep_last) or save less often (runtime."
-            "save_episode_interval, save_step_interval)",
+            "%s would stop the run with a full disk. Free space there, keep fewer "
+            "(runtime.save_keep_last) or save less often (runtime.save_episode_interval, "
+            "save_step_interval)",
             size / 2**30,
+            end,
             self.manager.root,
             usage.free / 2**30,
             room,
             saves,
             kept,
-            room + 1,
+            last,
         )
 
     def _commit_done(self, commit: asyncio.Future[Path]) -> None:

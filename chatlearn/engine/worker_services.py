@@ -76,6 +76,7 @@ from chatlearn.engine.protocol import (
     QueryDataParallel,
     Resume,
     SaveCheckpoint,
+    Saved,
     StageSamples,
     Step,
     StepDone,
@@ -627,11 +628,19 @@ class TrainerService(_EpisodeHooks):
         return Evaluated(sums=sums, count=count, start=start, end=end)
 
     # -- checkpoints -----------------------------------------------------------------------
-    async def save_checkpoint(self, order: SaveCheckpoint) -> Interval:
-        """The module's ``save_checkpoint(iteration)`` into its directory of the checkpoint."""
-        return await self.ctx.run_compute(
-            self._checkpoint_call, "save", order.path, order.iteration, order.reason
-        )
+    async def save_checkpoint(self, order: SaveCheckpoint) -> Saved:
+        """The module's ``save_checkpoint(iteration)`` into its directory of the checkpoint,
+        and what its save at the run's end would add (``final_checkpoint_extra_bytes``)."""
+        return await self.ctx.run_compute(self._save, order)
+
+    def _save(self, order: SaveCheckpoint) -> Saved:
+        done = self._checkpoint_call("save", order.path, order.iteration, order.reason)
+        self.module.checkpoint_reason = order.reason or None
+        try:
+            extra = int(self.module.final_checkpoint_extra_bytes())
+        finally:
+            self.module.checkpoint_reason = None
+        return Saved(start=done.start, end=done.end, final_extra_bytes=max(0, extra))
 
     async def load_checkpoint(self, order: LoadCheckpoint) -> None:
         """Continue from the checkpoint: counters, ``resume_training``, ``load_checkpoint``."""

@@ -350,6 +350,26 @@ class HFDPOTrainer(HFModule):
         afterwards (chatlearn/hf/export.py)."""
         return self.checkpoint_reason in (None, "end", "request")
 
+    def final_checkpoint_extra_bytes(self) -> int:
+        """What the run's last save writes on this rank beyond a periodic one: the export its
+        periodic saves leave out (`_final_save`), written by rank 0: under FSDP2 the whole
+        model, with LoRA the merged weights (the base's size; a 70B base's 140 GB in bf16, for
+        periodic checkpoints of a few MB), in the weights' dtype."""
+        if self._final_save() or self.data_parallel_rank != 0:
+            return 0
+        if not self.arg("save_hf_model", True):
+            return 0
+        lora = is_peft_model(self.model)
+        if lora and not self.arg("merge_lora", True):
+            return 0
+        if not lora and not self.layout.sharded:
+            return 0  # its periodic saves write the export as well
+        return sum(
+            p.numel() * p.element_size()  # global sizes (a DTensor's numel is the whole's)
+            for name, p in self.model.named_parameters()
+            if not (lora and "lora_" in name)
+        )
+
     def _base_digest(self) -> str:
         """`frozen_digest` of the LoRA model's base, hashed once a process: it never changes."""
         if self._frozen_digest is None:

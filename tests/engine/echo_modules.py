@@ -223,6 +223,16 @@ class EchoSetupTrainer(EchoTrainer):
         )
 
 
+class ExportingEchoTrainer(EchoTrainer):
+    """An EchoTrainer whose run's last save would write ``echo_export_bytes`` more than its
+    periodic ones (an export for inference, as chatlearn.hf's FSDP2 and LoRA trainers)."""
+
+    def final_checkpoint_extra_bytes(self):
+        if self.checkpoint_reason in ("end", "request"):
+            return 0
+        return int(self.runtime_args.get("echo_export_bytes", 0))
+
+
 class EchoTokensTrainer(EchoTrainer):
     """Logs the "tokens" it is given; registers their padding only with `runtime.echo_pad`."""
 

@@ -358,6 +358,14 @@ def test_room_for_the_checkpoints_to_come() -> None:
     assert room_for_checkpoints(10, 10, held=3, keep_last=3, saves=9) == 9
     assert room_for_checkpoints(10, 9, held=3, keep_last=3, saves=9) == 0
     assert room_for_checkpoints(10, 0, held=1, keep_last=3, saves=0) == 0  # nothing to come
+    # the last one writes 25 more (an export): 5 x 10 + 25 = 75 needed
+    assert room_for_checkpoints(10, 75, held=1, keep_last=0, saves=5, final_extra=25) == 5
+    assert room_for_checkpoints(10, 74, held=1, keep_last=0, saves=5, final_extra=25) == 4
+    assert room_for_checkpoints(10, 35, held=1, keep_last=0, saves=5, final_extra=25) == 3
+    # the newest 3 kept: 4 on disk at the end (3 and the one staged), 3 more than now, the
+    # last with its export
+    assert room_for_checkpoints(10, 55, held=1, keep_last=3, saves=5, final_extra=25) == 5
+    assert room_for_checkpoints(10, 54, held=1, keep_last=3, saves=5, final_extra=25) == 4
 
 
 def test_saves_still_to_come_count_each_iteration_once() -> None:

@@ -785,7 +785,7 @@ async def test_a_disk_without_room_for_the_checkpoints_to_come_is_said_at_the_fi
     said = [r.getMessage() for r in caplog.records if "full disk" in r.getMessage()]
     assert len(said) == 1 and len(sizes) == 1 and sizes[0] > 0, said  # once, at the first
     assert "room for 2 more, where the run writes 3 more and keeps every one" in said[0]
-    assert "checkpoint 3 from now would stop the run" in said[0]
+    assert "checkpoint 3 from now (the run's last) would stop the run" in said[0]
     # the newest 3 kept: at most 4 on disk, 3 more than now, 2 fit: said too
     caplog.clear()
     sizes.clear()
@@ -802,3 +802,45 @@ async def test_a_disk_without_room_for_the_checkpoints_to_come_is_said_at_the_fi
         await _learn(tmp_path / "two", runtime)
     assert not [r for r in caplog.records if "full disk" in r.getMessage()]
     assert len(sizes) == 4  # checked after every commit while there was room
+
+
+async def test_a_disk_without_room_for_the_runs_last_checkpoint_and_its_export_is_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A LoRA trainer's periodic checkpoints hold its adapter (MBs), its last one the merged
+    # weights too (the base's size: 140 GB for a 70B model in bf16): the room was judged by
+    # the periodic ones' size alone, and the run's last save filled the disk at its end. The
+    # trainer says what its last save adds (final_checkpoint_extra_bytes), counted at the first
+    import shutil
+
+    from echo_modules import ExportingEchoTrainer
+
+    from chatlearn.engine import run_checkpoints
+    from chatlearn.engine.checkpoint import checkpoint_bytes
+
+    sizes: list[int] = []
+
+    def usage(path):
+        real = shutil.disk_usage(path)
+        sizes.append(checkpoint_bytes(Path(path)))
+        return real._replace(free=int(3.5 * sizes[-1]))  # room for 3 more periodic ones
+
+    monkeypatch.setattr(run_checkpoints, "disk_usage", usage)
+    runtime = _runtime(4, 8, 8, 2, 4, save_episode_interval=1, save_keep_last=0)
+    runtime["echo_export_bytes"] = 2**30
+    with caplog.at_level(logging.WARNING, logger="chatlearn.engine"):
+        _, log = await _learn(tmp_path, runtime, trainer=ExportingEchoTrainer)
+    said = [r.getMessage() for r in caplog.records if "full disk" in r.getMessage()]
+    assert len(said) == 1 and len(sizes) == 1, said  # at the first checkpoint
+    assert "room for 2 more, where the run writes 3 more" in said[0], said
+    assert "the last one 1 GiB, with the trainer's export for inference" in said[0], said
+    assert "checkpoint 3 from now (the run's last) would stop the run" in said[0], said
+    assert [e["reason"] for e in _events(log, "save")] == ["interval"] * 3 + ["end"]
+    # without the export the same disk holds them all: nothing said
+    caplog.clear()
+    sizes.clear()
+    runtime["echo_export_bytes"] = 0
+    with caplog.at_level(logging.WARNING, logger="chatlearn.engine"):
+        await _learn(tmp_path / "none", runtime, trainer=ExportingEchoTrainer)
+    assert not [r for r in caplog.records if "full disk" in r.getMessage()]
+    assert len(sizes) == 4

@@ -170,6 +170,7 @@ def run_train(rank: int, world: int, tmp: Path, **model_args: Any) -> dict[str, 
             # as the engine sets them around a periodic save (FSDP2: no hf_model then)
             trainer._checkpoint_dir, trainer.checkpoint_reason = checkpoint, "interval"
             trainer.save_checkpoint(step + 1)
+            final_extra = trainer.final_checkpoint_extra_bytes()  # the engine asks then
             trainer._checkpoint_dir = trainer.checkpoint_reason = None
             if trainer.layout.sharded:  # what the run's end (or a request) writes
                 trainer.export_hf_model(tmp / "export")
@@ -195,6 +196,7 @@ def run_train(rank: int, world: int, tmp: Path, **model_args: Any) -> dict[str, 
         "logps_at_checkpoint": logps_at_checkpoint,
         "checkpoint": str(checkpoint),
         "export": str(tmp / "export" if trainer.layout.sharded else checkpoint / "hf_model"),
+        "final_extra_bytes": final_extra,
         "layout": trainer.layout.describe(),
         "reference_fingerprint": found["fingerprint"],
     }
@@ -240,12 +242,14 @@ def run_lora(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     before = {name: _local(p).detach().clone() for name, p in trainer.model.named_parameters()}
     checkpoint = tmp / "lora_checkpoint" / "policy" / f"rank_{rank}"
     losses = []
+    final_extra = None
     for step in range(steps):
         losses.append(trainer.train_step(step_data(batches, step, rank, world), step)["loss"])
         if step + 1 == LORA_CHECKPOINT_AFTER and world == 1:
             # as the engine sets them around a periodic save (the adapter, not merged weights)
             trainer._checkpoint_dir, trainer.checkpoint_reason = checkpoint, "interval"
             trainer.save_checkpoint(step + 1)
+            final_extra = trainer.final_checkpoint_extra_bytes()
             trainer._checkpoint_dir = trainer.checkpoint_reason = None
     resumed_losses = []
     if world == 1:  # the unsharded checkpoint: the adapters and the base's digest
@@ -264,6 +268,7 @@ def run_lora(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     if world > 1:  # a periodic sharded checkpoint, where the export below is taken
         trainer._checkpoint_dir, trainer.checkpoint_reason = checkpoint, "interval"
         trainer.save_checkpoint(steps)
+        final_extra = trainer.final_checkpoint_extra_bytes()
         trainer._checkpoint_dir = trainer.checkpoint_reason = None
     target = tmp / "lora_export"
     trainer.export_hf_model(target)
@@ -278,6 +283,7 @@ def run_lora(rank: int, world: int, tmp: Path) -> dict[str, Any]:
         "memory": trainer.memory_report(),
         "checkpoint": str(checkpoint),
         "resumed_losses": resumed_losses,
+        "final_extra_bytes": final_extra,
     }
 
 

@@ -173,6 +173,23 @@ def test_checkpoints_resume_bit_identically(runs: dict[str, Any]) -> None:
     assert sorted(p.name for p in single.iterdir()) == [
         "hf_model", "optimizer.pt", "rng.pt", "scheduler.pt"
     ]  # fmt: skip
+    assert runs["single"]["train"]["final_extra_bytes"] == 0  # written at every save
+    # what the run's end writes beyond a periodic FSDP2 save, rank 0's (the engine's disk-room
+    # check counts it): the export's weights, to the byte
+    export = Path(runs["rank0"]["train"]["export"])
+    assert runs["rank0"]["train"]["final_extra_bytes"] == _safetensors_data_bytes(export)
+    assert runs["rank1"]["train"]["final_extra_bytes"] == 0
+
+
+def _safetensors_data_bytes(directory: Path) -> int:
+    """The tensors' bytes in ``directory``'s safetensors files (each less its header)."""
+    total = 0
+    for path in directory.glob("*.safetensors"):
+        with path.open("rb") as f:
+            header = int.from_bytes(f.read(8), "little")
+        total += path.stat().st_size - 8 - header
+    assert total > 0, directory
+    return total
 
 
 def test_a_ddp_checkpoint_holds_the_replicas_state_once_and_resumes_bit_identically(
@@ -245,6 +262,8 @@ def test_a_lora_checkpoint_holds_the_adapters_not_the_base_and_resumes_bit_ident
     assert (exported / "adapter" / "adapter_model.safetensors").is_file()
     assert (exported / "tokenizer_config.json").is_file()
     assert not list(exported.glob("*.safetensors")) and not (exported / "config.json").exists()
+    # the merged weights it leaves to the run's end, counted by the engine's disk-room check
+    assert result["final_extra_bytes"] == _safetensors_data_bytes(Path(result["export"]))
 
 
 def test_lora_with_fsdp2_matches_one_process(runs: dict[str, Any]) -> None:
@@ -253,6 +272,9 @@ def test_lora_with_fsdp2_matches_one_process(runs: dict[str, Any]) -> None:
         sharded = runs[rank]["lora"]
         assert _max_diff(single[: len(sharded["losses"])], sharded["losses"]) < TOLERANCE
         assert sharded["changed"] == runs["single"]["lora"]["changed"]
+    merged = _safetensors_data_bytes(Path(runs["rank0"]["lora"]["export"]))
+    assert runs["rank0"]["lora"]["final_extra_bytes"] == merged
+    assert runs["rank1"]["lora"]["final_extra_bytes"] == 0
     adapter_dir = Path(runs["rank0"]["lora"]["export"]) / "adapter"
     adapter = __import__("peft").PeftModel.from_pretrained(_base_model(), adapter_dir)
     assert _max_diff(_logps(adapter), runs["rank0"]["lora"]["logps"]) < TOLERANCE
