@@ -10,8 +10,9 @@ Rules (ChatLearn's, with its rough edges made into errors):
   without a default → None with a warning. Mappings and lists are processed recursively. A value
   that starts with `${` but is not a whole placeholder (`${A}/x`) is an error, not a silent mess.
 - `includes:` (a list, in the main file or a model file): paths are resolved against the main
-  config's directory, recursively; later includes override earlier ones, the file's own keys
-  override its includes, nested mappings merge key by key. A cycle is an error.
+  config's directory, recursively (as ChatLearn does; a path not found there, against the
+  directory of the file that includes it); later includes override earlier ones, the file's own
+  keys override its includes, nested mappings merge key by key. A cycle is an error.
 - Numbers as ChatLearn reads them: YAML 1.1 (PyYAML) leaves `5e-3`, `1e5`, `-1E-4` and `1.0e5`
   strings (its floats need a dot and a signed exponent); here they are floats, so an optimizer gets
   `learning_rate: 5e-3` as a number. Only this module's Loader subclass has the rule, never
@@ -260,8 +261,11 @@ def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any
     return base
 
 
-def resolve_path(name: Any, config_dir: Path, *, where: str, key: str, what: str) -> Path:
-    """Resolve a path written in a config file against the main config's directory."""
+def resolve_path(
+    name: Any, config_dir: Path, *, where: str, key: str, what: str, beside: Path | None = None
+) -> Path:
+    """Resolve a path written in a config file against the main config's directory (then, if
+    not found there, against ``beside``: the directory of the file that names it)."""
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(
             f"expected a file path, got {name!r}",
@@ -276,6 +280,8 @@ def resolve_path(name: Any, config_dir: Path, *, where: str, key: str, what: str
     relative_dir = Path(os.path.relpath(config_dir)).parts
     if not path.is_absolute() and relative_dir and path.parts[: len(relative_dir)] == relative_dir:
         candidates.append(path)
+    if not path.is_absolute() and beside is not None and beside.resolve() != config_dir.resolve():
+        candidates.append(beside / path)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
@@ -320,7 +326,12 @@ def load_file(
     merged_origins: Origins = {}
     chain = (*stack, path.resolve())
     for name in includes:
-        include = resolve_path(name, config_dir, where=where, key="includes", what="included file")
+        # ChatLearn resolves every include against the main config's directory, nested ones
+        # too; one it does not find there is looked for beside the file that includes it, so
+        # a config elsewhere can include a file that has includes of its own (the examples')
+        include = resolve_path(
+            name, config_dir, where=where, key="includes", what="included file", beside=path.parent
+        )
         if include.resolve() in chain:
             names = " → ".join(str(display_name(p)) for p in (*chain, include.resolve()))
             raise ConfigError(

@@ -232,6 +232,27 @@ def test_includes_are_recursive_and_relative_to_the_main_config(write_yaml, tmp_
     assert (rt.num_episode, rt.seed) == (9, 2)
 
 
+def test_a_nested_include_not_beside_the_main_config_is_found_beside_its_includer(
+    write_yaml,
+) -> None:
+    # A config of one's own that includes an example's file (which includes dpo.yaml beside
+    # it) failed: "included file 'dpo.yaml' not found (looked for <own dir>/dpo.yaml)"
+    write_yaml("examples/dpo.yaml", "runtime:\n  num_episode: 9\n  seed: 1\n")
+    write_yaml("examples/dpo_fsdp.yaml", "includes: [dpo.yaml]\nruntime:\n  seed: 2\n")
+    path = write_yaml("mine/lora.yaml", "includes: [../examples/dpo_fsdp.yaml]\n")
+    rt = load_config(path).runtime_args
+    assert (rt.num_episode, rt.seed) == (9, 2)
+    # the main config's directory first, as ChatLearn: a file of that name there wins
+    write_yaml("mine/dpo.yaml", "runtime:\n  num_episode: 3\n")
+    assert load_config(path).runtime_args.num_episode == 3
+    # found in neither: both places named
+    write_yaml("examples/mid.yaml", "includes: [nowhere.yaml]\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(write_yaml("mine/bad.yaml", "includes: [../examples/mid.yaml]\n"))
+    assert "mine/nowhere.yaml, " in error.value.problem, error.value
+    assert "examples/nowhere.yaml)" in error.value.problem, error.value
+
+
 def test_include_path_from_environment(write_yaml, monkeypatch: pytest.MonkeyPatch) -> None:
     write_yaml("a.yaml", "runtime:\n  seed: 5\n")
     monkeypatch.setenv("BASE_CONFIG", "a.yaml")
