@@ -200,12 +200,18 @@ class Config:
 
     def _model_file(self, path: str, file_name: str) -> Path:
         key = f"{path}.model_config_file"
+        where = self._locator.where(key)
+        # ChatLearn resolves it against the main config's directory; where it is not there, it
+        # is looked for beside the file that names it (an example's config, included by one's
+        # own elsewhere). `where` is that file's name as messages give it, with its line.
+        written_in = Path(where.rpartition(":")[0] or where)
         return loader.resolve_path(
             file_name,
             Path(self.config_dir or os.getcwd()),
-            where=self._locator.where(key),
+            where=where,
             key=key,
             what="model config file",
+            beside=written_in.parent if written_in.is_file() else None,
         )
 
     def _load_model_file(self, path: str, found: Path) -> dict[str, Any]:

@@ -245,6 +245,14 @@ def test_a_nested_include_not_beside_the_main_config_is_found_beside_its_include
     # the main config's directory first, as ChatLearn: a file of that name there wins
     write_yaml("mine/dpo.yaml", "runtime:\n  num_episode: 3\n")
     assert load_config(path).runtime_args.num_episode == 3
+    # a model config file named in an included file, likewise
+    write_yaml("examples/model.yaml", "hidden: 7\n")
+    write_yaml(
+        "examples/models.yaml",
+        "models:\n  policy:\n    num_cpu: 1\n    model_config_file: model.yaml\n",
+    )
+    own = write_yaml("mine/models.yaml", "includes: [../examples/models.yaml]\n")
+    assert load_config(own).models["policy"].model_args["hidden"] == 7
     # found in neither: both places named
     write_yaml("examples/mid.yaml", "includes: [nowhere.yaml]\n")
     with pytest.raises(ConfigError) as error:
