@@ -415,9 +415,11 @@ _RECORD_FIX = (
 
 def _check_record(record: Any, where: str, *, in_file: bool = False) -> dict:
     if not isinstance(record, Mapping):
+        # a file's line: "pass engine.set_dataset() a list (or read them from a JSONL file with
+        # load_preference_data)" told its reader to do what they had done
+        fix = _RECORD_FIX if not in_file else "write each line as one such JSON object"
         raise ValueError(
-            f"{_RECORD_SHAPE}; {where} is {_short(record)} (a {type(record).__name__}); "
-            f"{_RECORD_FIX}"
+            f"{_RECORD_SHAPE}; {where} is {_short(record)} (a {type(record).__name__}); {fix}"
         )
     record = dict(record)
     chosen, rejected = record.get("chosen"), record.get("rejected")

@@ -53,6 +53,26 @@ def test_load_errors_name_the_line(tmp_path: Path) -> None:
         load_preference_data(path)
 
 
+def test_a_line_that_is_not_a_record_says_to_fix_the_line_not_to_call_set_dataset(
+    tmp_path: Path,
+) -> None:
+    """A file's line that is JSON but no object (a string, null, a number) told its reader to
+    "pass engine.set_dataset() a list of such dicts (or read them from a JSONL file with
+    load_preference_data)": what they had done."""
+    path = tmp_path / "d.jsonl"
+    ok = json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"})
+    for line, shown in (('"hello"', "'hello' (a str)"), ("null", "None (a NoneType)")):
+        path.write_text(f"{ok}\n{line}\n")
+        with pytest.raises(ValueError) as info:
+            load_preference_data(path)
+        message = str(info.value)
+        assert f"d.jsonl:2 is {shown}; write each line as one such JSON object" in message
+        assert "set_dataset" not in message and "\n" not in message
+    # records given in code keep the advice about set_dataset
+    with pytest.raises(ValueError, match=r"sample 1 of .*; pass engine.set_dataset\(\) a list"):
+        load_preference_data([json.loads(ok), "hello"])
+
+
 def test_the_guides_string_prompts_are_a_clear_error() -> None:
     """ChatLearn's DPO guide passes `["test"] * 4096`: say what DPO data is, show the first bad
     sample and what build_dataset was given."""
