@@ -90,7 +90,7 @@ def load_preference_data(
         number = 0
         try:
             with _open_lines(path) as handle:
-                for number, raw in enumerate(handle, start=1):
+                for number, raw in enumerate(_lines(handle, path), start=1):
                     if limit is not None and len(records) >= limit:
                         break
                     line = _decoded(raw, number, path)
@@ -140,6 +140,26 @@ def load_preference_data(
     for i, record in enumerate(checked):
         _check_text(record, f"sample {i} of {given}")
     return checked
+
+
+# how much of a first line is read before one that opens a JSON array is refused as one
+ARRAY_HEAD_BYTES = 1 << 20
+
+
+def _lines(handle: IO[bytes], path: Path) -> Iterator[bytes]:
+    """The file's lines; a first line that opens a JSON array and runs past
+    `ARRAY_HEAD_BYTES` is the JSON array error at once. ``json.dump(records, f)`` writes a
+    whole data set on one line, which was read, decoded and parsed whole only to be told it is
+    an array: 0.9 GB of memory and 3.6 s for a 194 MB file, a machine's memory for one of
+    tens of GB (killed by the OOM killer, without a word)."""
+    first = handle.readline(ARRAY_HEAD_BYTES)
+    if len(first) == ARRAY_HEAD_BYTES and not first.endswith(b"\n"):
+        if first.removeprefix(UTF8_BOM).lstrip().startswith(b"["):
+            raise ValueError(_ARRAY_FILE.format(path=path))
+        first += handle.readline()  # a long record: the rest of its line
+    if first:
+        yield first
+    yield from handle
 
 
 def _not_json_hint(line: str, exc: json.JSONDecodeError, *, last: bool, first: bool) -> str:
@@ -205,6 +225,7 @@ def _directory_error(path: Path) -> str:
 
 GZIP_MAGIC = b"\x1f\x8b"
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 # columnar files a data set often comes as (the Hub's parquet; datasets' save_to_disk .arrow),

@@ -73,6 +73,32 @@ def test_a_line_that_is_not_a_record_says_to_fix_the_line_not_to_call_set_datase
         load_preference_data([json.loads(ok), "hello"])
 
 
+def test_a_json_array_on_one_huge_line_is_refused_without_reading_it_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """json.dump(records, f) writes the data set on one line: it was read, decoded and parsed
+    whole (0.9 GB for a 194 MB file) only to be told it is a JSON array."""
+    import chatlearn.hf.data as data
+
+    parsed: list[int] = []
+    loads = json.loads
+    monkeypatch.setattr(
+        data.json, "loads", lambda text, **kw: parsed.append(len(text)) or loads(text, **kw)
+    )
+    record = {"prompt": "p" * 100, "chosen": "c" * 100, "rejected": "r" * 100}
+    path = tmp_path / "data.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([record] * 12_000).encode())  # 4 MB
+    with pytest.raises(
+        ValueError, match=r"data.json: a JSON array; preference data files are JSONL"
+    ):
+        load_preference_data(path)
+    assert parsed == []  # never parsed: refused from its first MiB
+    # a first record longer than that is read whole, as any other line
+    long = {**record, "chosen": "c" * (2 * data.ARRAY_HEAD_BYTES)}
+    path.write_text(json.dumps(long) + "\n" + json.dumps(record) + "\n")
+    assert load_preference_data(path) == [long, record]
+
+
 def test_the_guides_string_prompts_are_a_clear_error() -> None:
     """ChatLearn's DPO guide passes `["test"] * 4096`: say what DPO data is, show the first bad
     sample and what build_dataset was given."""
