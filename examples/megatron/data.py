@@ -5,10 +5,18 @@ Records are the DPO example's format, one preference pair each:
     {"prompt": "max(37,512)=", "chosen": "512", "rejected": "37"}
 
 `load_preference_data(path)` reads them from a JSONL file (e.g. the one `examples/dpo/make_data.py`
-writes); `toy_preference_pairs(n, seed)` makes the same kind of pairs in memory, so the example
+writes) with chatlearn.hf's loader: a byte-order mark, CRLF line ends, gzip and Anthropic HH
+records without a prompt are read, and a record that is none is one line naming its file:line.
+`toy_preference_pairs(n, seed)` makes the same kind of pairs in memory, so the example
 and its tests run without any file or download. A megatron model here has no Hugging Face
 tokenizer, so text is encoded one character per token (printable ASCII), which keeps the
-vocabulary at 128 — small enough for a GPTModel that trains on a CPU in seconds.
+vocabulary at 128 — small enough for a GPTModel that trains on a CPU in seconds. A record it
+cannot encode (another character, a message list) is a config error naming the sample (the
+run names its file:line).
+
+Truncation to `max_length` follows chatlearn.hf's rules: a prompt too long for the longer
+response loses tokens from its left (keeping its bos and at least half of `max_length`), then
+each response is cut from the right; every response keeps at least one token.
 
 The dataset's `collate_fn` produces the batch convention of `chatlearn.algorithms.dpo`:
 `chosen_input_ids`, `chosen_attention_mask`, `chosen_loss_mask` and the same `rejected_*`,
@@ -17,13 +25,15 @@ right-padded with 0; the loss mask marks the response and its end-of-text token.
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+
+from chatlearn.config.errors import ConfigError, sample_where
+from chatlearn.hf.data import load_preference_data as load_records
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 _FIRST_CHAR, _LAST_CHAR = 32, 126  # printable ASCII
@@ -42,10 +52,10 @@ class CharTokenizer:
 
     def encode(self, text: str) -> list[int]:
         ids = []
-        for char in text:
+        for position, char in enumerate(text):
             code = ord(char)
             if not _FIRST_CHAR <= code <= _LAST_CHAR:
-                raise ValueError(f"character {char!r} is outside printable ASCII")
+                raise ValueError(f"character {char!r} (at {position}) is outside printable ASCII")
             ids.append(code - _FIRST_CHAR + 3)
         return ids
 
@@ -69,41 +79,74 @@ def toy_preference_pairs(num: int, seed: int = 0, max_value: int = 99) -> list[R
 
 
 def load_preference_data(path: str | Path) -> list[Record]:
-    """Records from a JSONL file with `prompt`, `chosen` and `rejected` on every line."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            missing = {"prompt", "chosen", "rejected"} - set(record)
-            if missing:
-                raise ValueError(f"{path}:{number}: missing keys {sorted(missing)}")
-            records.append({key: str(record[key]) for key in ("prompt", "chosen", "rejected")})
-    return records
+    """Records from a JSONL file with `prompt`, `chosen` and `rejected` on every line.
+
+    Read by chatlearn.hf's loader, whose list of records knows each one's file:line (the run
+    names it when `build_dataset` refuses a record). It was ``json.loads`` per line, where a
+    byte-order mark or a cut last line was a traceback, and ``str()`` of each value, where a
+    null trained as the text "None". A file that is no preference data is a ValueError."""
+    return cast(list[Record], load_records(path))
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Tokenized pairs; `collate_fn` pads them into the DPO batch convention."""
+    """Tokenized pairs; `collate_fn` pads them into the DPO batch convention.
 
-    def __init__(self, records: Sequence[Record], tokenizer: CharTokenizer, max_length: int):
+    A record the character tokenizer cannot encode is a ConfigError naming "sample i of the
+    <split> data set" and its key: it was a bare ValueError from a reference replica, naming
+    no record. A prompt too long was cut from the right with the responses, and the pair's
+    response gone entirely was a traceback; it keeps its end now (see the module doc)."""
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        tokenizer: CharTokenizer,
+        max_length: int,
+        split: str = "",
+    ):
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (a bos and a response token): {max_length}")
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.items = [self._encode(record) for record in records]
+        self.items = [self._encode(record, i, split) for i, record in enumerate(records)]
 
-    def _encode(self, record: Record) -> dict[str, list[int]]:
-        prompt = [BOS_ID, *self.tokenizer.encode(record["prompt"])]
+    def _encode(self, record: Record, index: int, split: str) -> dict[str, list[int]]:
+        ids = {
+            key: self._ids(record, key, index, split) for key in ("prompt", "chosen", "rejected")
+        }
+        prompt = [BOS_ID, *ids["prompt"]]
+        responses = {side: [*ids[side], EOS_ID] for side in ("chosen", "rejected")}
+        longest = max(len(response) for response in responses.values())
+        if len(prompt) + longest > self.max_length:
+            keep = max(self.max_length - longest, min(len(prompt), self.max_length // 2))
+            prompt = [BOS_ID, *prompt[len(prompt) - keep + 1 :]]  # its end, after its bos
+        room = self.max_length - len(prompt)
         item = {}
-        for side in ("chosen", "rejected"):
-            response = [*self.tokenizer.encode(record[side]), EOS_ID]
-            ids = (prompt + response)[: self.max_length]
-            # the first token is never predicted, so a response needs at least one prompt token
-            loss_mask = ([0] * len(prompt) + [1] * len(response))[: self.max_length]
-            if sum(loss_mask) == 0:
-                raise ValueError(f"max_length {self.max_length} leaves no response token: {record}")
-            item[f"{side}_input_ids"] = ids
-            item[f"{side}_loss_mask"] = loss_mask
+        for side, response in responses.items():
+            # the first token is never predicted: the bos comes before every response token
+            item[f"{side}_input_ids"] = prompt + response[:room]
+            item[f"{side}_loss_mask"] = [0] * len(prompt) + [1] * len(response[:room])
         return item
+
+    def _ids(self, record: Record, key: str, index: int, split: str) -> list[int]:
+        value = record.get(key) if isinstance(record, Mapping) else None
+        where = sample_where(index, split)
+        if not isinstance(value, str):
+            shown = "missing" if value is None else f"{value!r:.80} (a {type(value).__name__})"
+            raise ConfigError(
+                f"{key} is {shown}: this example's character tokenizer encodes text only",
+                where=where,
+                fix=f"give {key} as a string (message lists train with chatlearn.hf's modules, "
+                "examples/dpo)",
+            )
+        try:
+            return self.tokenizer.encode(value)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{key}: {exc}",
+                where=where,
+                fix="replace the character, or train with chatlearn.hf's modules (examples/dpo), "
+                "whose tokenizers encode any text",
+            ) from None
 
     def __len__(self) -> int:
         return len(self.items)

@@ -77,7 +77,8 @@ class _GPTModule(MegatronModule):
 
     def build_dataset(self, train_prompts: list[Any], is_eval: bool = False) -> PreferenceDataset:
         max_length = int(self.model_args.get("max_length", 64))
-        return PreferenceDataset(train_prompts, self.tokenizer, max_length=max_length)
+        split = "eval" if is_eval else "training"  # the run names a refused record's file:line
+        return PreferenceDataset(train_prompts, self.tokenizer, max_length=max_length, split=split)
 
 
 class PolicyReference(_GPTModule):

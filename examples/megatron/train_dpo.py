@@ -32,7 +32,14 @@ def main() -> None:
     chatlearn.init()
     args = chatlearn.get_args()
     if opts.data:
-        train_prompts = load_preference_data(opts.data)
+        try:
+            train_prompts = load_preference_data(opts.data)
+        except ValueError as exc:  # one line (exit 2), as a config error: it was a traceback
+            raise chatlearn.ConfigError(
+                " ".join(str(exc).split()),
+                key="--data",
+                fix="give a JSONL file of {prompt, chosen, rejected} records",
+            ) from None
     else:
         train_prompts = toy_preference_pairs(opts.num_samples, seed=args.runtime_args.seed)
 
