@@ -44,6 +44,8 @@ generation that failed): it still scores as eos alone, which DPO then teaches as
 Records that repeat an earlier one (the same prompt, chosen and rejected as written) are kept,
 each trained as often as it occurs, and counted in `num_duplicates` and the summary (a data set
 concatenated twice, or a merge of overlapping sources, doubles some pairs' weight unseen).
+The summary names the first pair of each kind it counts ("the first: sample i", the records
+counted from 0, as errors name "sample i of the <split> data set").
 
 Batches (see chatlearn.algorithms.dpo for the convention): `chosen_input_ids`,
 `chosen_attention_mask`, `chosen_loss_mask` and the same `rejected_*`, right-padded.
@@ -614,11 +616,16 @@ def _json(value: Any) -> str:
         return json.dumps(value, default=str)
 
 
-def _repeats(hashes: array) -> int:
-    """How many of ``hashes`` (`_record_hash`) repeat an earlier one."""
+def _repeats(hashes: array) -> tuple[int, int | None]:
+    """How many of ``hashes`` (`_record_hash`) repeat an earlier one, and the first repeat's
+    index (None when none does)."""
     if not hashes:
-        return 0
-    return len(hashes) - torch.unique(torch.frombuffer(hashes, dtype=torch.int64)).numel()
+        return 0, None
+    values, order = torch.sort(torch.frombuffer(hashes, dtype=torch.int64), stable=True)
+    # in a stable sort each run of equal hashes keeps its records' order: all but the first
+    # of a run repeat it
+    repeats = order[1:][values[1:] == values[:-1]]
+    return repeats.numel(), (int(repeats.min()) if repeats.numel() else None)
 
 
 def _blank_response(record: Mapping[str, Any]) -> bool:
@@ -1046,19 +1053,32 @@ class PreferenceDataset(Dataset):
         # chat-format records (message lists): their prompt is the chat template's rendering,
         # `prompt_template` is not applied to them; how many, and the first one's index
         self.num_chat_records, self.first_chat_record = 0, None
+        # of each kind of pair the summary counts, the first one's index, which it names: "4
+        # have an empty ... text" left the user to search the data for them
+        self.first_samples: dict[str, int] = {}
+        first = self.first_samples
         pairs = self.pair_tokenizer
         loaded = load_preference_data(records)
         for index, (prompt, chosen, rejected) in enumerate(pairs.iter_encoded(loaded, split)):
             kept_prompt, kept_chosen, kept_rejected = pairs.truncate(prompt, chosen, rejected)
+            in_data = False  # identical in the data itself, not by max_length's cut
             if kept_chosen == kept_rejected and chosen == rejected:
                 # ids of texts cut before tokenizing (PairTokenizer.max_chars) may differ later
                 cut = len(chosen) > pairs.max_length + 1
-                self.num_identical_in_data += not cut or _same_responses(loaded[index])
+                in_data = not cut or _same_responses(loaded[index])
+                self.num_identical_in_data += in_data
+            if kept_chosen == kept_rejected:
+                first.setdefault("identical_in_data" if in_data else "made_identical", index)
             self.num_empty_prompts += not kept_prompt
             self.num_prompts_cut_away += bool(prompt) and not kept_prompt
+            if not kept_prompt:
+                first.setdefault("prompt_cut_away" if prompt else "empty_prompt", index)
             no_token = not (kept_chosen and kept_rejected)
+            blank = not no_token and _blank_response(loaded[index])
             self.num_empty_responses += no_token
-            self.num_blank_responses += not no_token and _blank_response(loaded[index])
+            self.num_blank_responses += blank
+            if no_token or blank:
+                first.setdefault("no_token" if no_token else "blank", index)
             self.num_truncated_prompts += len(kept_prompt) < len(prompt)
             self.num_truncated_responses += len(kept_chosen) < len(chosen) or len(
                 kept_rejected
@@ -1082,7 +1102,9 @@ class PreferenceDataset(Dataset):
                     "vocabulary is not that large: check it)"
                 ) from None
         # records that repeat an earlier one (the same prompt, chosen and rejected)
-        self.num_duplicates = _repeats(hashes)
+        self.num_duplicates, first_repeat = _repeats(hashes)
+        if first_repeat is not None:
+            first["repeat"] = first_repeat
         if not tokens:
             tokens.append(0)  # frombuffer refuses an empty buffer; no span refers to it
         self._tokens = torch.frombuffer(tokens, dtype=torch.int32)  # a view: no copy
@@ -1115,43 +1137,52 @@ class PreferenceDataset(Dataset):
             parts.append(
                 f"{empty_in_data} have no prompt token (an empty prompt and a tokenizer that adds "
                 "no bos): the first token of their responses is not scored"
+                + self._first("empty_prompt")
             )
         if self.num_prompts_cut_away:
             parts.append(
                 f"{self.num_prompts_cut_away} lost every prompt token to max_length "
                 "(min_prompt_length 0, and no leading bos to keep): the first token of their "
                 "responses is not scored; set min_prompt_length above 0"
+                + self._first("prompt_cut_away")
             )
         if self.num_empty_responses:
             parts.append(
                 f"{self.num_empty_responses} have a response of no token (the chat template "
                 "renders nothing for it, e.g. empty content): its log-prob is 0 whatever the "
                 "model, so only the other response is trained; fix the data or the template"
+                + self._first("no_token")
             )
         if self.num_blank_responses:
             parts.append(
                 f"{self.num_blank_responses} have an empty or whitespace-only chosen or rejected "
                 "text in the data: it scores as an answer of nothing (eos alone), which a "
-                "chosen one teaches; drop or fix those records"
+                "chosen one teaches; drop or fix those records" + self._first("blank")
             )
         if made_identical:
             parts.append(
                 f"{made_identical} have identical responses after it (no DPO gradient: they "
                 "only dilute the batch); raise max_length or max_prompt_length's share"
+                + self._first("made_identical")
             )
         if self.num_identical_in_data:
             parts.append(
                 f"{self.num_identical_in_data} have identical chosen and rejected responses in "
                 "the data itself (no DPO gradient: they only dilute the batch; drop them from "
-                "the data)"
+                "the data)" + self._first("identical_in_data")
             )
         if repeated:
             parts.append(
                 f"{repeated} repeat an earlier record (the same prompt, chosen and rejected): "
                 "kept, so such a pair is trained as often as it occurs; deduplicate the data if "
-                "that is not meant"
+                "that is not meant" + self._first("repeat")
             )
         return f"of {len(self)} pairs, " + "; ".join(parts)
+
+    def _first(self, kind: str) -> str:
+        """The summary's note of the first pair of ``kind`` (`first_samples`), or ""."""
+        index = self.first_samples.get(kind)
+        return "" if index is None else f" (the first: sample {index})"
 
     def __len__(self) -> int:
         return len(self._spans) // 4

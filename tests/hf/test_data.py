@@ -550,7 +550,7 @@ def test_pairs_identical_in_the_data_are_not_blamed_on_max_length() -> None:
     assert (ds.num_identical, ds.num_identical_in_data) == (1, 1)
     assert ds.truncation_summary() == (
         "of 2 pairs, 1 have identical chosen and rejected responses in the data itself (no DPO "
-        "gradient: they only dilute the batch; drop them from the data)"
+        "gradient: they only dilute the batch; drop them from the data) (the first: sample 0)"
     )
     # one of each: each said as what it is
     preamble = "Let me think step by step about it. "
@@ -579,9 +579,46 @@ def test_records_that_repeat_an_earlier_one_are_counted_and_said(tmp_path: Path)
     assert ds.truncation_summary() == (
         "of 6 pairs, 3 repeat an earlier record (the same prompt, chosen and rejected): kept, "
         "so such a pair is trained as often as it occurs; deduplicate the data if that is not "
-        "meant"
+        "meant (the first: sample 2)"
     )
     assert PreferenceDataset([same, other], tok).num_duplicates == 0
+
+
+def test_the_summary_names_the_first_pair_of_each_kind_it_counts() -> None:
+    """ "4 have an empty or whitespace-only ... text" left the user to search a data set of
+    thousands for them: each count names its first pair, as errors name theirs."""
+    tok = byte_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    ok = {"prompt": "q", "chosen": "yes", "rejected": "no"}
+    long = "Let me think step by step about it, slowly. "
+    records = [
+        ok,
+        {"prompt": "q", "chosen": long + "A", "rejected": long + "B"},  # 1: cut to identical
+        {"prompt": "q", "chosen": "", "rejected": "no"},  # 2: blank
+        {"prompt": "q", "chosen": "same", "rejected": "same"},  # 3: identical in the data
+        {"prompt": [{"role": "user", "content": "hi"}], "chosen": "", "rejected": "x"},  # 4
+        {"prompt": "q", "chosen": "", "rejected": "no"},  # 5: blank again, a repeat of 2
+        {"prompt": "q", "chosen": "a", "rejected": ""},  # 6: blank
+    ]
+    ds = PreferenceDataset(records, tok, max_length=24)
+    assert ds.first_samples == {
+        "made_identical": 1,
+        "blank": 2,
+        "identical_in_data": 3,
+        "no_token": 4,
+        "repeat": 5,
+    }
+    summary = ds.truncation_summary()
+    assert summary is not None
+    for said in (
+        "fix the data or the template (the first: sample 4)",
+        "drop or fix those records (the first: sample 2)",
+        "raise max_length or max_prompt_length's share (the first: sample 1)",
+        "drop them from the data) (the first: sample 3)",
+        "deduplicate the data if that is not meant (the first: sample 5)",
+    ):
+        assert said in summary, (said, summary)
+    assert PreferenceDataset([ok, ok, ok], tok).first_samples == {"repeat": 1}
 
 
 def test_a_repeat_whose_messages_list_their_keys_in_another_order_is_counted() -> None:
@@ -615,7 +652,7 @@ def test_responses_of_no_token_are_counted_and_said() -> None:
     assert summary == (
         "of 2 pairs, 1 have a response of no token (the chat template renders nothing for it, "
         "e.g. empty content): its log-prob is 0 whatever the model, so only the other response "
-        "is trained; fix the data or the template"
+        "is trained; fix the data or the template (the first: sample 0)"
     )
 
 
@@ -730,7 +767,7 @@ def test_empty_or_whitespace_only_responses_in_the_data_are_counted_and_said() -
     assert ds.truncation_summary() == (
         "of 6 pairs, 4 have an empty or whitespace-only chosen or rejected text in the data: it "
         "scores as an answer of nothing (eos alone), which a chosen one teaches; drop or fix "
-        "those records"
+        "those records (the first: sample 0)"
     )
 
 
