@@ -41,6 +41,10 @@ no token (a chat template rendering nothing for it) is kept, counted in `num_emp
 and said in the summary (which the HF modules log as a warning). So is a pair whose chosen or
 rejected text is empty or whitespace only in the data (`num_blank_responses`: a scrape or a
 generation that failed): it still scores as eos alone, which DPO then teaches as an answer.
+A string pair whose chosen and rejected both start with its whole prompt (8 characters or more:
+HH dialogues or implicit-prompt pairs given a prompt key without removing it from them) is kept
+as written and counted in `num_prompt_in_responses` (the prompt is trained as a part of each
+answer; message lists have such leading messages removed instead).
 Records that repeat an earlier one (the same prompt, chosen and rejected as written) are kept,
 each trained as often as it occurs, and counted in `num_duplicates` and the summary (a data set
 concatenated twice, or a merge of overlapping sources, doubles some pairs' weight unseen).
@@ -645,6 +649,26 @@ def _blank_response(record: Mapping[str, Any]) -> bool:
     return blank(record["chosen"]) or blank(record["rejected"])
 
 
+# a prompt at least this long, found at the start of both responses, is taken to be repeated in
+# them (a shorter one may begin both answers by chance: "a" in "apple" and "avocado")
+MIN_REPEATED_PROMPT_CHARS = 8
+
+
+def _prompt_in_responses(record: Mapping[str, Any]) -> bool:
+    """Whether a string record's chosen and rejected both start with its whole prompt (at least
+    `MIN_REPEATED_PROMPT_CHARS` characters of it): HH dialogues or implicit-prompt pairs given
+    a prompt key without removing it from the responses, which trained the prompt's text as a
+    part of each answer without a word (message lists have such leading messages removed)."""
+    if _is_conversational(record):
+        return False
+    prompt, chosen, rejected = (str(record[key]) for key in ("prompt", "chosen", "rejected"))
+    return (
+        len(prompt.strip()) >= MIN_REPEATED_PROMPT_CHARS
+        and chosen.startswith(prompt)
+        and rejected.startswith(prompt)
+    )
+
+
 def _is_conversational(record: Mapping[str, Any]) -> bool:
     return any(isinstance(record.get(key), list) for key in ("prompt", "chosen", "rejected"))
 
@@ -1047,6 +1071,9 @@ class PreferenceDataset(Dataset):
         self.num_empty_responses = 0
         # pairs with an empty or whitespace-only chosen or rejected text (of tokens: eos alone)
         self.num_blank_responses = 0
+        # string pairs whose chosen and rejected both start with the prompt's whole text (a
+        # data set that kept the prompt in its responses): the prompt is trained as a response
+        self.num_prompt_in_responses = 0
         # each record's hash (8 bytes a pair; a set of them took 10 times that), to count the
         # records that repeat an earlier one: kept, they weigh their pair once more each
         hashes = array("q")
@@ -1079,6 +1106,9 @@ class PreferenceDataset(Dataset):
             self.num_blank_responses += blank
             if no_token or blank:
                 first.setdefault("no_token" if no_token else "blank", index)
+            if _prompt_in_responses(loaded[index]):
+                self.num_prompt_in_responses += 1
+                first.setdefault("prompt_in_responses", index)
             self.num_truncated_prompts += len(kept_prompt) < len(prompt)
             self.num_truncated_responses += len(kept_chosen) < len(chosen) or len(
                 kept_rejected
@@ -1119,7 +1149,7 @@ class PreferenceDataset(Dataset):
         cut = self.num_truncated_prompts or self.num_truncated_responses
         made_identical = self.num_identical - self.num_identical_in_data
         empty = self.num_empty_responses or self.num_blank_responses
-        repeated = self.num_duplicates
+        repeated = self.num_duplicates or self.num_prompt_in_responses
         if not (cut or self.num_identical or self.num_empty_prompts or empty or repeated):
             return None
         parts = []
@@ -1159,6 +1189,14 @@ class PreferenceDataset(Dataset):
                 "text in the data: it scores as an answer of nothing (eos alone), which a "
                 "chosen one teaches; drop or fix those records" + self._first("blank")
             )
+        if self.num_prompt_in_responses:
+            parts.append(
+                f"{self.num_prompt_in_responses} have chosen and rejected texts that both start "
+                "with the whole prompt (the prompt kept in the responses?): it is trained as a "
+                "part of each answer; remove it from chosen and rejected, or leave out the "
+                "prompt key of Anthropic HH dialogues (it is then extracted)"
+                + self._first("prompt_in_responses")
+            )
         if made_identical:
             parts.append(
                 f"{made_identical} have identical responses after it (no DPO gradient: they "
@@ -1171,11 +1209,11 @@ class PreferenceDataset(Dataset):
                 "the data itself (no DPO gradient: they only dilute the batch; drop them from "
                 "the data)" + self._first("identical_in_data")
             )
-        if repeated:
+        if self.num_duplicates:
             parts.append(
-                f"{repeated} repeat an earlier record (the same prompt, chosen and rejected): "
-                "kept, so such a pair is trained as often as it occurs; deduplicate the data if "
-                "that is not meant" + self._first("repeat")
+                f"{self.num_duplicates} repeat an earlier record (the same prompt, chosen and "
+                "rejected): kept, so such a pair is trained as often as it occurs; deduplicate "
+                "the data if that is not meant" + self._first("repeat")
             )
         return f"of {len(self)} pairs, " + "; ".join(parts)
 

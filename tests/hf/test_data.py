@@ -621,6 +621,45 @@ def test_the_summary_names_the_first_pair_of_each_kind_it_counts() -> None:
     assert PreferenceDataset([ok, ok, ok], tok).first_samples == {"repeat": 1}
 
 
+def test_responses_that_start_with_their_whole_prompt_are_counted_and_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Anthropic HH dialogues given a prompt key without removing it from chosen and rejected
+    trained the whole dialogue as a part of each answer, without a word."""
+    from chatlearn.config import Config
+    from chatlearn.hf.modules import HFReference
+
+    dialogue = "\n\nHuman: What is 2+2?\n\nAssistant:"
+    records = [
+        {"prompt": "q", "chosen": "yes", "rejected": "no"},
+        {"prompt": dialogue, "chosen": dialogue + " 4", "rejected": dialogue + " 5"},
+        {"prompt": "a", "chosen": "apple", "rejected": "avocado"},  # too short to tell
+        {"chosen": dialogue + " 4", "rejected": dialogue + " 5"},  # HH: extracted, not counted
+        {"prompt": "max(1,2)=", "chosen": "max(1,2)=2", "rejected": "max(1,2)=1"},
+    ]
+    ds = PreferenceDataset(records, byte_tokenizer(), max_length=128)
+    assert ds.num_prompt_in_responses == 2 and ds.first_samples["prompt_in_responses"] == 1
+    summary = ds.truncation_summary()
+    assert summary == (
+        "of 5 pairs, 2 have chosen and rejected texts that both start with the whole prompt (the "
+        "prompt kept in the responses?): it is trained as a part of each answer; remove it from "
+        "chosen and rejected, or leave out the prompt key of Anthropic HH dialogues (it is then "
+        "extracted) (the first: sample 1)"
+    )
+    # the HF modules warn of it, however few such pairs there are
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    model = {"num_cpu": 1, "model_args": {"model_config": tiny, "max_length": 128}}
+    args = {"num_episode": 1, "sample_per_episode": 2, "train_global_batch_size": 2}
+    config = Config({"models": {"reference": model}, "runtime": args})
+    reference = HFReference("reference", args=config)
+    reference._rank, reference._world_size = 0, 1
+    reference.setup()
+    with caplog.at_level("WARNING"):
+        others = [{"prompt": f"q{i}", "chosen": "yes", "rejected": "no"} for i in range(200)]
+        reference.build_dataset(records[1:2] + others)
+    assert any("start with the whole prompt" in r.getMessage() for r in caplog.records)
+
+
 def test_a_repeat_whose_messages_list_their_keys_in_another_order_is_counted() -> None:
     # merged sources write a message's keys in their own order ({"content", "role"}): the same
     # record, rendered the same, was not counted as a repeat
