@@ -110,6 +110,12 @@ def load_preference_data(
                         last = not raw.endswith(b"\n")
                         hint = _not_json_hint(line, exc, last=last, first=number == 1)
                         raise ValueError(f"{path}:{number}: not valid JSON: {exc}{hint}") from None
+                    except RecursionError:  # was a traceback out of json's decoder
+                        raise ValueError(
+                            f"{path}:{number}: nested too deeply to be read (lists or objects "
+                            "inside one another past Python's recursion limit, where a record "
+                            "nests 3 levels); correct or delete that line"
+                        ) from None
                     if number == 1 and isinstance(record, list) and record:
                         if all(isinstance(item, Mapping) for item in record):
                             raise ValueError(_ARRAY_FILE.format(path=path))

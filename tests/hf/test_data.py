@@ -99,6 +99,16 @@ def test_a_json_array_on_one_huge_line_is_refused_without_reading_it_whole(
     assert load_preference_data(path) == [long, record]
 
 
+def test_a_line_nested_past_the_recursion_limit_is_one_line_naming_it(tmp_path: Path) -> None:
+    # json's decoder raised RecursionError: a traceback naming no line
+    path = tmp_path / "deep.jsonl"
+    ok = json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"})
+    deep = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "chosen": "c", "rejected": "r"}'
+    path.write_text(f"{ok}\n{deep}\n")
+    with pytest.raises(ValueError, match=r"deep.jsonl:2: nested too deeply to be read"):
+        load_preference_data(path)
+
+
 def test_the_guides_string_prompts_are_a_clear_error() -> None:
     """ChatLearn's DPO guide passes `["test"] * 4096`: say what DPO data is, show the first bad
     sample and what build_dataset was given."""
