@@ -180,6 +180,16 @@ def _not_json_hint(line: str, exc: json.JSONDecodeError, *, last: bool, first: b
     said neither that the file's last line was cut short (a copy or a write that did not
     finish), nor that its records were pretty-printed over several lines, nor that two records
     shared a line, nor that the file was a CSV or TSV table."""
+    if "\x00" in line:
+        # a file whose write stopped (a crash, a full disk) often ends in zero bytes: "Expecting
+        # value: line 1 column 1" did not say so
+        where = "the file's end" if last else "the line"
+        what = "only zero bytes" if not line.replace("\x00", "").strip() else "zero bytes"
+        return (
+            f" ({where} holds {what}: left by a write that did not finish, a crash or a full "
+            "disk?); delete them, e.g. tr -d '\\000' < in.jsonl > out.jsonl, and check that "
+            "the records before them are whole"
+        )
     header = re.split(r"[,\t]", line.strip().lower())
     if (
         first

@@ -109,6 +109,24 @@ def test_a_line_nested_past_the_recursion_limit_is_one_line_naming_it(tmp_path: 
         load_preference_data(path)
 
 
+def test_a_file_ending_in_zero_bytes_is_said_to_be_one(tmp_path: Path) -> None:
+    # a write stopped by a crash or a full disk leaves zero bytes: "Expecting value: line 1
+    # column 1 (char 0)" said nothing of them
+    path = tmp_path / "d.jsonl"
+    ok = json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"})
+    path.write_bytes(f"{ok}\n".encode() + b"\x00" * 4096)
+    with pytest.raises(ValueError) as info:
+        load_preference_data(path)
+    assert str(info.value).startswith(f"{path}:2: not valid JSON: Expecting value")
+    assert "(the file's end holds only zero bytes: left by a write that did not finish" in str(
+        info.value
+    )
+    assert "tr -d '\\000' < in.jsonl > out.jsonl" in str(info.value)
+    path.write_bytes(f"{ok}\n{ok[:20]}".encode() + b"\x00" * 4096)  # a record cut by them
+    with pytest.raises(ValueError, match=r"d.jsonl:2: .*\(the file's end holds zero bytes: "):
+        load_preference_data(path)
+
+
 def test_the_guides_string_prompts_are_a_clear_error() -> None:
     """ChatLearn's DPO guide passes `["test"] * 4096`: say what DPO data is, show the first bad
     sample and what build_dataset was given."""
