@@ -144,7 +144,9 @@ def load_preference_data(
                 "a smaller file)"
             ) from None
         if not records and limit != 0:
-            raise ValueError(f"{path}: no records (the file is empty)")
+            # "the file is empty" of a file of blank lines sent its reader to look at its size
+            what = "the file is empty" if number == 0 else f"its {number:,} lines are all blank"
+            raise ValueError(f"{path}: no records ({what})")
         return records
     samples = list(source if limit is None else itertools.islice(source, limit))
     given = f"the {_describe_samples(samples)} given to build_dataset"

@@ -278,12 +278,15 @@ def test_the_data_set_keeps_each_pair_once_in_32_bits_and_reads_it_back_exactly(
 def test_a_data_file_that_cannot_be_read_says_which_and_why(tmp_path) -> None:
     """Not an IsADirectoryError or UnicodeDecodeError traceback, and not an empty run."""
     empty, binary = tmp_path / "empty.jsonl", tmp_path / "binary.jsonl"
-    empty.write_text("\n\n")
+    empty.write_text("")
+    blank = tmp_path / "blank.jsonl"  # "the file is empty" sent its reader to look at its size
+    blank.write_bytes(b"\n \r\n\xef\xbb\xbf\n")
     binary.write_bytes(b'{"prompt": "p", "chosen": "c", "rejected": "r"}\n\xff\xfe\n')
     cases = [
         (tmp_path, "a directory; give the path of one JSONL file in it (it holds binary.jsonl, "),
         (tmp_path / "missing.jsonl", "cannot read it (No such file or directory)"),
         (empty, "no records (the file is empty)"),
+        (blank, "no records (its 3 lines are all blank)"),
         (binary, "binary.jsonl:2: not UTF-8 text (byte 0xff at byte 0 of the line)"),
     ]
     for path, message in cases:
