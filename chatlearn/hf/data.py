@@ -484,6 +484,15 @@ def _check_record(record: Any, where: str, *, in_file: bool = False) -> dict:
         fix = _RECORD_FIX if not in_file else "give every record these keys"
         if renames:
             fix = f"rename {', '.join(renames)}"
+        # the record one level down (the Hub's datasets-server rows: {"row_idx", "row": {...}})
+        nested = next((k for k, v in record.items() if _holds_a_pair(v)), None)
+        if nested is not None:
+            fix = f"the record is under {str(nested)!r}: " + (
+                f"write that object alone on each line, e.g. jq -c '.[\"{nested}\"]' in.jsonl "
+                "> out.jsonl"
+                if in_file
+                else f"pass each sample's {str(nested)!r} value"
+            )
         raise ValueError(
             f"{_RECORD_SHAPE}; {where} is missing {missing} (it has {sorted(map(str, record))}: "
             f"{_short(record)}); {fix}"
@@ -504,6 +513,11 @@ def _check_record(record: Any, where: str, *, in_file: bool = False) -> dict:
         if isinstance(value, list):
             _check_messages(value, f"{where}: {key}")
     return record
+
+
+def _holds_a_pair(value: Any) -> bool:
+    """Whether ``value`` is a mapping with chosen and rejected keys (a record nested in one)."""
+    return isinstance(value, Mapping) and "chosen" in value and "rejected" in value
 
 
 # other data sets' names of the keys (StackExchange-paired's response_j/k, instruction data's

@@ -127,6 +127,23 @@ def test_a_file_ending_in_zero_bytes_is_said_to_be_one(tmp_path: Path) -> None:
         load_preference_data(path)
 
 
+def test_a_record_nested_under_a_key_names_the_key(tmp_path: Path) -> None:
+    # the Hub's datasets-server rows ({"row_idx", "row": {...}, "truncated_cells"}) were
+    # "missing ['prompt', 'chosen', 'rejected'] ...; give every record these keys"
+    pair = {"prompt": "p", "chosen": "c", "rejected": "r"}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"row_idx": 0, "row": pair, "truncated_cells": []}) + "\n")
+    with pytest.raises(ValueError) as info:
+        load_preference_data(path)
+    assert str(info.value).endswith(
+        "the record is under 'row': write that object alone on each line, e.g. "
+        "jq -c '.[\"row\"]' in.jsonl > out.jsonl"
+    ), str(info.value)
+    assert "rows.jsonl:1 is missing ['prompt', 'chosen', 'rejected']" in str(info.value)
+    with pytest.raises(ValueError, match="the record is under 'row': pass each sample's 'row'"):
+        load_preference_data([{"row": pair}])
+
+
 def test_the_guides_string_prompts_are_a_clear_error() -> None:
     """ChatLearn's DPO guide passes `["test"] * 4096`: say what DPO data is, show the first bad
     sample and what build_dataset was given."""
