@@ -44,7 +44,10 @@ generation that failed): it still scores as eos alone, which DPO then teaches as
 A string pair whose chosen and rejected both start with its whole prompt (8 characters or more:
 HH dialogues or implicit-prompt pairs given a prompt key without removing it from them) is kept
 as written and counted in `num_prompt_in_responses` (the prompt is trained as a part of each
-answer; message lists have such leading messages removed instead).
+answer; message lists have such leading messages removed instead). So is one with a
+"\n\nHuman:" turn inside chosen or rejected (`num_turns_in_responses`: HH dialogues that differ
+before their last turn; the model would learn to write the human's turns, where a message list
+with a user turn in a response is refused).
 Records that repeat an earlier one (the same prompt, chosen and rejected as written) are kept,
 each trained as often as it occurs, and counted in `num_duplicates` and the summary (a data set
 concatenated twice, or a merge of overlapping sources, doubles some pairs' weight unseen).
@@ -701,6 +704,20 @@ def _prompt_in_responses(record: Mapping[str, Any]) -> bool:
     )
 
 
+HH_HUMAN = "\n\nHuman:"
+
+
+def _turn_in_responses(record: Mapping[str, Any]) -> bool:
+    """Whether a string record's chosen or rejected holds a further "\n\nHuman:" turn: HH
+    dialogues that differ before their last turn have the prompt extracted up to where they
+    part, and the turns after it were trained as the assistant's answer without a word (a
+    message list with a user turn in a response is refused)."""
+    if _is_conversational(record):
+        return False
+    skip = len(str(record["prompt"])) if _prompt_in_responses(record) else 0  # said already
+    return any(HH_HUMAN in str(record[key])[skip:] for key in ("chosen", "rejected"))
+
+
 def _is_conversational(record: Mapping[str, Any]) -> bool:
     return any(isinstance(record.get(key), list) for key in ("prompt", "chosen", "rejected"))
 
@@ -1106,6 +1123,9 @@ class PreferenceDataset(Dataset):
         # string pairs whose chosen and rejected both start with the prompt's whole text (a
         # data set that kept the prompt in its responses): the prompt is trained as a response
         self.num_prompt_in_responses = 0
+        # string pairs with a "\n\nHuman:" turn inside a response (Anthropic HH dialogues that
+        # differ before their last turn): the model is taught to write the human's turns
+        self.num_turns_in_responses = 0
         # each record's hash (8 bytes a pair; a set of them took 10 times that), to count the
         # records that repeat an earlier one: kept, they weigh their pair once more each
         hashes = array("q")
@@ -1141,6 +1161,9 @@ class PreferenceDataset(Dataset):
             if _prompt_in_responses(loaded[index]):
                 self.num_prompt_in_responses += 1
                 first.setdefault("prompt_in_responses", index)
+            if _turn_in_responses(loaded[index]):
+                self.num_turns_in_responses += 1
+                first.setdefault("turn_in_responses", index)
             self.num_truncated_prompts += len(kept_prompt) < len(prompt)
             self.num_truncated_responses += len(kept_chosen) < len(chosen) or len(
                 kept_rejected
@@ -1181,7 +1204,9 @@ class PreferenceDataset(Dataset):
         cut = self.num_truncated_prompts or self.num_truncated_responses
         made_identical = self.num_identical - self.num_identical_in_data
         empty = self.num_empty_responses or self.num_blank_responses
-        repeated = self.num_duplicates or self.num_prompt_in_responses
+        repeated = (
+            self.num_duplicates or self.num_prompt_in_responses or self.num_turns_in_responses
+        )
         if not (cut or self.num_identical or self.num_empty_prompts or empty or repeated):
             return None
         parts = []
@@ -1228,6 +1253,13 @@ class PreferenceDataset(Dataset):
                 "part of each answer; remove it from chosen and rejected, or leave out the "
                 "prompt key of Anthropic HH dialogues (it is then extracted)"
                 + self._first("prompt_in_responses")
+            )
+        if self.num_turns_in_responses:
+            parts.append(
+                f"{self.num_turns_in_responses} have a '\\n\\nHuman:' turn inside chosen or "
+                "rejected (Anthropic HH dialogues that differ before their last turn): the "
+                "model is taught to write the human's turns; drop those records, or cut their "
+                "responses before it" + self._first("turn_in_responses")
             )
         if made_identical:
             parts.append(

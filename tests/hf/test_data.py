@@ -708,6 +708,34 @@ def test_responses_that_start_with_their_whole_prompt_are_counted_and_warned_of(
     assert any("start with the whole prompt" in r.getMessage() for r in caplog.records)
 
 
+def test_hh_dialogues_that_differ_before_their_last_turn_are_counted_and_said() -> None:
+    """Their prompt is extracted up to where they part, and the human's later turns were
+    trained as the assistant's answer without a word (a message list is refused for it)."""
+    parted = {
+        "chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant: bye!",
+        "rejected": "\n\nHuman: hi\n\nAssistant: go away\n\nHuman: bye\n\nAssistant: no",
+    }
+    last = {
+        "chosen": "\n\nHuman: hi\n\nAssistant: hello",
+        "rejected": "\n\nHuman: hi\n\nAssistant: no",
+    }
+    dialogue = "\n\nHuman: What is 2+2?\n\nAssistant:"
+    kept = {"prompt": dialogue, "chosen": dialogue + " 4", "rejected": dialogue + " 5"}
+    ds = PreferenceDataset([last, kept, parted], byte_tokenizer(), max_length=128)
+    assert ds.num_turns_in_responses == 1 and ds.first_samples["turn_in_responses"] == 2
+    assert ds.num_prompt_in_responses == 1  # its prompt's turn is said as that, not twice
+    summary = ds.truncation_summary()
+    assert (
+        summary is not None
+        and (
+            "1 have a '\\n\\nHuman:' turn inside chosen or rejected (Anthropic HH dialogues that "
+            "differ before their last turn): the model is taught to write the human's turns; drop "
+            "those records, or cut their responses before it (the first: sample 2)"
+        )
+        in summary
+    ), summary
+
+
 def test_a_repeat_whose_messages_list_their_keys_in_another_order_is_counted() -> None:
     # merged sources write a message's keys in their own order ({"content", "role"}): the same
     # record, rendered the same, was not counted as a repeat
