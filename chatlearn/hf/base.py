@@ -475,13 +475,14 @@ class HFModule(TorchModule):
         summary = dataset.truncation_summary()
         if summary and self.replica_id == 0 and self.rank == 0:  # every replica builds it
             share = max(dataset.num_identical, dataset.num_duplicates) / max(1, len(dataset))
-            # pairs that train an answer of nothing, or the prompt or a human turn as an answer:
-            # warned of always
+            # pairs that train an answer of nothing, the prompt or a human turn as an answer, or
+            # without their system prompt: warned of always
             empty = (
                 dataset.num_empty_responses
                 + dataset.num_blank_responses
                 + dataset.num_prompt_in_responses
                 + dataset.num_turns_in_responses
+                + dataset.num_unused_system
             )
             worth_a_warning = share > 0.01 or empty
             log = self._logger.warning if worth_a_warning else self._logger.info

@@ -47,7 +47,9 @@ as written and counted in `num_prompt_in_responses` (the prompt is trained as a 
 answer; message lists have such leading messages removed instead). So is one with a
 "\n\nHuman:" turn inside chosen or rejected (`num_turns_in_responses`: HH dialogues that differ
 before their last turn; the model would learn to write the human's turns, where a message list
-with a user turn in a response is refused).
+with a user turn in a response is refused). So is a record with a system prompt under a key of
+its own (`num_unused_system`: "system" or "system_prompt", as Intel/orca_dpo_pairs has): no rule
+reads it, so it trains without it.
 Records that repeat an earlier one (the same prompt, chosen and rejected as written) are kept,
 each trained as often as it occurs, and counted in `num_duplicates` and the summary (a data set
 concatenated twice, or a merge of overlapping sources, doubles some pairs' weight unseen).
@@ -718,6 +720,16 @@ def _turn_in_responses(record: Mapping[str, Any]) -> bool:
     return any(HH_HUMAN in str(record[key])[skip:] for key in ("chosen", "rejected"))
 
 
+SYSTEM_KEYS = ("system", "system_prompt")
+
+
+def _unused_system(record: Mapping[str, Any]) -> bool:
+    """Whether a record holds a system prompt under a key of its own (Intel/orca_dpo_pairs:
+    system, question, chosen, rejected), which no rule here reads: renamed question to prompt
+    as the missing-key error says, it trained without its system prompt, without a word."""
+    return any(isinstance(record.get(key), str) and record[key].strip() for key in SYSTEM_KEYS)
+
+
 def _is_conversational(record: Mapping[str, Any]) -> bool:
     return any(isinstance(record.get(key), list) for key in ("prompt", "chosen", "rejected"))
 
@@ -1126,6 +1138,9 @@ class PreferenceDataset(Dataset):
         # string pairs with a "\n\nHuman:" turn inside a response (Anthropic HH dialogues that
         # differ before their last turn): the model is taught to write the human's turns
         self.num_turns_in_responses = 0
+        # records with a system prompt under a key of its own (Intel/orca_dpo_pairs' "system"),
+        # which nothing reads: trained without it
+        self.num_unused_system = 0
         # each record's hash (8 bytes a pair; a set of them took 10 times that), to count the
         # records that repeat an earlier one: kept, they weigh their pair once more each
         hashes = array("q")
@@ -1164,6 +1179,9 @@ class PreferenceDataset(Dataset):
             if _turn_in_responses(loaded[index]):
                 self.num_turns_in_responses += 1
                 first.setdefault("turn_in_responses", index)
+            if _unused_system(loaded[index]):
+                self.num_unused_system += 1
+                first.setdefault("unused_system", index)
             self.num_truncated_prompts += len(kept_prompt) < len(prompt)
             self.num_truncated_responses += len(kept_chosen) < len(chosen) or len(
                 kept_rejected
@@ -1205,7 +1223,10 @@ class PreferenceDataset(Dataset):
         made_identical = self.num_identical - self.num_identical_in_data
         empty = self.num_empty_responses or self.num_blank_responses
         repeated = (
-            self.num_duplicates or self.num_prompt_in_responses or self.num_turns_in_responses
+            self.num_duplicates
+            or self.num_prompt_in_responses
+            or self.num_turns_in_responses
+            or self.num_unused_system
         )
         if not (cut or self.num_identical or self.num_empty_prompts or empty or repeated):
             return None
@@ -1260,6 +1281,13 @@ class PreferenceDataset(Dataset):
                 "rejected (Anthropic HH dialogues that differ before their last turn): the "
                 "model is taught to write the human's turns; drop those records, or cut their "
                 "responses before it" + self._first("turn_in_responses")
+            )
+        if self.num_unused_system:
+            parts.append(
+                f"{self.num_unused_system} have a system prompt under a key of its own "
+                f"({' or '.join(SYSTEM_KEYS)}), which is not read: they train without it; put "
+                "it into the prompt (a system message first in a message list, or the prompt's "
+                "text)" + self._first("unused_system")
             )
         if made_identical:
             parts.append(

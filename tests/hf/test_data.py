@@ -736,6 +736,27 @@ def test_hh_dialogues_that_differ_before_their_last_turn_are_counted_and_said() 
     ), summary
 
 
+def test_a_system_prompt_under_a_key_of_its_own_is_said_to_be_unused(tmp_path: Path) -> None:
+    """Intel/orca_dpo_pairs (system, question, chosen, rejected), renamed question to prompt
+    as the missing-key error says, trained without its system prompts, without a word."""
+    orca = {"system": "You are a careful assistant.", "question": "2+2?", "chosen": "4"}
+    path = tmp_path / "orca.jsonl"
+    path.write_text(json.dumps({**orca, "rejected": "5"}) + "\n")
+    with pytest.raises(ValueError, match="rename 'question' to 'prompt'"):
+        load_preference_data(path)
+    records = [
+        {"prompt": "q", "chosen": "yes", "rejected": "no", "system": ""},  # empty: nothing lost
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5", "system": orca["system"]},
+    ]
+    ds = PreferenceDataset(records, byte_tokenizer(), max_length=64)
+    assert ds.num_unused_system == 1
+    assert ds.truncation_summary() == (
+        "of 2 pairs, 1 have a system prompt under a key of its own (system or system_prompt), "
+        "which is not read: they train without it; put it into the prompt (a system message "
+        "first in a message list, or the prompt's text) (the first: sample 1)"
+    )
+
+
 def test_a_repeat_whose_messages_list_their_keys_in_another_order_is_counted() -> None:
     # merged sources write a message's keys in their own order ({"content", "role"}): the same
     # record, rendered the same, was not counted as a repeat
