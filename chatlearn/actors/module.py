@@ -72,6 +72,11 @@ _ITERATION_COUNTERS: dict[str, str | None] = {
     "save_checkpoint": None,
     "load_checkpoint": None,
 }
+# ChatLearn advances these counters before the call, the others after it: inside `train_step`
+# `self._train_iteration` is already the step's iteration + 1 (its decorator increments it before
+# calling), while inside `forward_step` `self._iteration` is the call's own iteration. A module
+# that reads the counter instead of declaring `iteration` sees the number it saw there.
+_COUNTED_BEFORE_THE_CALL = frozenset({"train_step"})
 
 
 class BaseModule:
@@ -971,8 +976,11 @@ def invoke(module: Any, method: str, args: Any = (), kwargs: Mapping[str, Any] |
         ):
             # ChatLearn's engine calls save_checkpoint(iteration) by position: any name works
             args = (iteration,)
+        before = method in _COUNTED_BEFORE_THE_CALL
+        if counter is not None and before:
+            setattr(module, counter, getattr(module, counter) + 1)
         result = _timed_call(fn, method, iteration, args, kwargs)
-        if counter is not None:
+        if counter is not None and not before:
             setattr(module, counter, getattr(module, counter) + 1)
         return result
     return _timed_call(fn, method, None, args, kwargs)

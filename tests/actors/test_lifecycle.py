@@ -57,8 +57,9 @@ async def test_success_lifecycle(tmp_path):
         assert await group.call(0, "forward_step", {"x": [1, 2]}) == {"x": [2, 4], "iteration": 0}
         assert (await handle.call("forward_step", {"x": [3]}))["iteration"] == 1
         metrics = await handle.call("train_step", [{"a": 1}, {"a": 2}])
-        assert metrics == {"num_micro_batches": 2.0, "train_iteration": 0}
-        assert (await handle.call("train_step", []))["train_iteration"] == 1
+        # inside train_step ChatLearn's counter is already advanced: the step's iteration + 1
+        assert metrics == {"num_micro_batches": 2.0, "train_iteration": 1}
+        assert (await handle.call("train_step", []))["train_iteration"] == 2
     kinds = system.event_kinds()
     assert kinds == ["spawn", "hello", "ready", "shutdown", "exit", "stopped", "closed"]
     assert [e.detail for e in system.events if e.kind == "exit"] == ["exit code 0"]

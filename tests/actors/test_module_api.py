@@ -105,6 +105,27 @@ def test_iteration_is_passed_only_if_declared(config):
         invoke(module, "__class__")
 
 
+class Counters(BaseModule):
+    """Reads the counters inside its steps instead of declaring ``iteration``."""
+
+    def forward_step(self, data):
+        return self._iteration
+
+    def train_step(self, data):
+        return self._train_iteration
+
+
+def test_counters_inside_the_steps_are_chatlearns(config):
+    # ChatLearn's decorator advances _train_iteration before calling train_step (inside the
+    # first step it is 1) and _iteration after forward_step (inside the first call it is 0)
+    module = Counters("reference", config)
+    assert [invoke(module, "forward_step", [{}]) for _ in range(2)] == [0, 1]
+    assert [invoke(module, "train_step", [[]]) for _ in range(2)] == [1, 2]
+    assert (module._iteration, module._train_iteration) == (2, 2)
+    invoke(module, "_set_runtime_state", [], {"train_iteration": 8})  # a resumed trainer
+    assert invoke(module, "train_step", [[]], {"iteration": 8}) == 9
+
+
 class OwnNames(BaseModule):
     def save_checkpoint(self, step):
         return ("save", step)
