@@ -64,6 +64,9 @@ class Section:
     _PATH: ClassVar[str] = ""
     # ChatLearn's keys this runtime does not act on, with ChatLearn's defaults (read when absent)
     _CHATLEARN_DEFAULTS: ClassVar[dict[str, Any]] = {}
+    # derived (read-only) attributes that ChatLearn's config classes store like any other, so
+    # programs assign them: (what each is derived from, what to set), for an assignment's error
+    _DERIVED_FROM: ClassVar[dict[str, tuple[str, str]]] = {}
 
     def __init__(self, values: Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
         object.__setattr__(self, "_values", {})
@@ -135,11 +138,31 @@ class Section:
         attr = getattr(type(self), name, None)
         if name.startswith("_") or isinstance(attr, property):
             if isinstance(attr, property) and attr.fset is None:
-                raise AttributeError(f"{self._path}.{name} is derived from other keys; set those")
+                self._assign_derived(name, value)
+                return
             object.__setattr__(self, name, value)
             return
         self._store(name, value)
         self._locator.mark_code(self._key_path(self._ALIASES.get(name, name)))
+
+    def _assign_derived(self, name: str, value: Any) -> None:
+        """An assignment to a derived attribute. ChatLearn's config classes store whatever is
+        assigned, and its programs and tests set such values in code (``models["policy"].
+        num_replica = 1``): the value the attribute already has is accepted (nothing to do); any
+        other would change nothing here, so it is one line saying what to set instead."""
+        current = getattr(self, name)
+        if value == current:
+            return
+        derived = self._DERIVED_FROM.get(name)
+        if derived is None:
+            raise AttributeError(f"{self._path}.{name} is derived from other keys; set those")
+        source, fix = derived
+        raise ConfigError(
+            f"is derived from {source} ({current!r} here), so {value!r} cannot be assigned",
+            where=IN_CODE,
+            key=self._key_path(name),
+            fix=fix,
+        )
 
     def __delattr__(self, name: str) -> None:
         key = self._ALIASES.get(name, name)
@@ -362,6 +385,13 @@ class ModelConfig(Section):
     _ALIASES = {"num_device": "num_gpu"}
     _PATH = "models.?"
     _CHATLEARN_DEFAULTS = {**CHATLEARN_DEFAULTS["models"], "config_dir": None}
+    _DERIVED_FROM = {
+        "num_replica": (
+            "the model's devices and parallel sizes",
+            "set num_gpu (a multiple of tp x pp x ep, or of zero_size), or num_cpu with "
+            "cpu_per_process, for the replicas wanted",
+        ),
+    }
 
     def __init__(self, values: Mapping[str, Any] | None = None, /, **kwargs: Any) -> None:
         object.__setattr__(self, "_model_args", {})
@@ -413,8 +443,12 @@ class ModelConfig(Section):
 
     @property
     def args_dict(self) -> dict[str, Any]:
-        """ChatLearn's name of `model_args`."""
+        """ChatLearn's name of `model_args` (assignable, as ChatLearn's attribute)."""
         return self._model_args
+
+    @args_dict.setter
+    def args_dict(self, value: Mapping[str, Any]) -> None:
+        self.model_args = value
 
     def _runtime_args(self) -> RuntimeConfig:
         return self._runtime if self._runtime is not None else RuntimeConfig()

@@ -245,8 +245,29 @@ def test_model_cpu_per_process_default_and_alias() -> None:
     model.num_device = 2
     assert model.num_gpu == 2 and model.uses_gpu
     assert model.to_dict() == {"num_cpu": 3, "num_gpu": 2}
-    with pytest.raises(AttributeError, match="derived"):
+    with pytest.raises(ConfigError, match=r"num_replica: is derived from the model's devices"):
         model.num_replica = 3
+
+
+def test_assigning_a_derived_value_it_has_is_accepted() -> None:
+    # ChatLearn's config classes store any assignment, and its programs set models[name].
+    # num_replica in code (its tests: `= 1`): the value the model already has changes nothing
+    config = Config({"models": {"reference": {"num_cpu": 1}}})
+    model = config.models["reference"]
+    model.num_replica = 1
+    assert model.num_replica == 1 and "num_replica" not in model.to_dict()
+    with pytest.raises(ConfigError) as error:
+        model.num_replica = 2
+    assert error.value.one_line() == (
+        "config built in code: models.reference.num_replica: is derived from the model's "
+        "devices and parallel sizes (1 here), so 2 cannot be assigned (fix: set num_gpu (a "
+        "multiple of tp x pp x ep, or of zero_size), or num_cpu with cpu_per_process, for the "
+        "replicas wanted)"
+    )
+    model.args_dict = {"lr": 0.5}  # ChatLearn's name of model_args, assignable as there
+    assert model.model_args == {"lr": 0.5}
+    with pytest.raises(AttributeError, match="derived"):
+        config.runtime_args.output_path = "/elsewhere"  # ours alone: no ChatLearn program sets it
 
 
 def test_derived_keys_in_a_file_are_ignored_with_a_warning(caplog) -> None:
