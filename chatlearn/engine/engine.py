@@ -389,6 +389,13 @@ class DPOEngine(Engine):
         self._origins["eval"] = getattr(dataset, "origin", None)
         return self
 
+    @property
+    def evaluator(self) -> None:
+        """ChatLearn's ``engine.evaluator``: None, as on its DPOEngine, which builds none (only
+        ``set_evaluator``, refused below, gives it one), so a program's ``if engine.evaluator:``
+        reads the same; the held-out samples of this runtime go to ``set_eval_dataset``."""
+        return None
+
     def set_evaluator(self, evaluator: Any) -> DPOEngine:
         """ChatLearn's evaluator flow is not provided: say what to use instead."""
         raise NotImplementedError(

@@ -231,6 +231,7 @@ def test_chatlearn_engine_attributes_and_methods(config) -> None:
     assert engine.get_model("policy") is policy and engine.get_model("reference") is reference
     with pytest.raises(KeyError, match="'trainer'.*'reference', 'policy'"):
         engine.get_model("trainer")
+    assert engine.evaluator is None  # as on ChatLearn's DPOEngine without set_evaluator
     refusals = {
         "set_relay_sample_manager": (lambda buffers: [],),
         "set_relay_sample_fn": (lambda buffers: [],),
