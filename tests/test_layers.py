@@ -26,7 +26,9 @@ LAYERS: dict[str, int] = {
     "config": 1,
     "algorithms": 1,
     "utils": 1,  # ChatLearn's chatlearn.utils helpers for user modules
-    "models": 1,  # ChatLearn's chatlearn.models: an import that says it is not provided
+    # ChatLearn's chatlearn.models: its module classes' paths (re-exports of actors and
+    # megatron), the rest an import that says it is not provided
+    "models": 4,
     "runtime": 1,  # ChatLearn's chatlearn.runtime: the same
     "data": 1,  # ChatLearn's chatlearn.data: the same
     "actors": 2,

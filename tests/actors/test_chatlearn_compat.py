@@ -6,6 +6,7 @@ across models, `output_dir/exp_name`)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -298,8 +299,17 @@ def test_chatlearn_module_attributes_and_example_imports(config) -> None:
         multi_thread_data_processing(2, ["a", "b", "c"], encode, ["p", 3])
     with pytest.raises(ImportError, match="megatron_utils is not provided.*load_pretrained_model"):
         from chatlearn.utils.megatron_utils import load_checkpoint  # noqa: F401
-    with pytest.raises(ImportError, match="chatlearn.models is not provided.*MegatronModule"):
+    with pytest.raises(ImportError, match="chatlearn.models.megatron is not provided.*Megatron"):
         from chatlearn.models.megatron.lora import convert_layer_to_lora  # noqa: F401
+    with pytest.raises(ImportError, match=r"^chatlearn.models.vllm_module is not provided"):
+        importlib.import_module("chatlearn.models.vllm_module")
+    # the module classes under the paths of ChatLearn's API reference: the same classes (each
+    # was the ImportError above)
+    from chatlearn.models.base_module import BaseModule as Base
+    from chatlearn.models.megatron_module import MegatronModule
+    from chatlearn.models.torch_module import TorchModule as Torch
+
+    assert (Base, Torch, MegatronModule) == (BaseModule, TorchModule, chatlearn.MegatronModule)
     # ChatLearn's runtime and data modules: each was a bare ModuleNotFoundError
     with pytest.raises(ImportError, match="chatlearn.runtime is not provided.*DPOEngine from"):
         from chatlearn.runtime.trainer import Trainer  # noqa: F401
