@@ -387,9 +387,9 @@ class ModelConfig(Section):
     _CHATLEARN_DEFAULTS = {**CHATLEARN_DEFAULTS["models"], "config_dir": None}
     _DERIVED_FROM = {
         "num_replica": (
-            "the model's devices and parallel sizes",
-            "set num_gpu (a multiple of tp x pp x ep, or of zero_size), or num_cpu with "
-            "cpu_per_process, for the replicas wanted",
+            "num_cpu and cpu_per_process",
+            "set cpu_per_process to num_cpu / the replicas wanted (each replica is one process "
+            "of that many cores; a trainer is one replica, its processes data-parallel ranks)",
         ),
     }
 
@@ -420,6 +420,24 @@ class ModelConfig(Section):
         if name in CHATLEARN_SUB_CONFIGS:
             return self._sub_config(name)
         return super().__getattr__(name)
+
+    def _assign_derived(self, name: str, value: Any) -> None:
+        """As ChatLearn takes ``num_replica`` assigned in code: a GPU model's replicas follow
+        its GPUs and parallel sizes there too, so another value is ignored (with a warning
+        here, silently there: ChatLearn's own tests assign it so); a CPU model's replicas come
+        from the assignment there, so here another value is the error saying which keys to
+        set."""
+        if name == "num_replica" and self.num_gpu > 0 and value != self.num_replica:
+            logger.warning(
+                "%s: %s = %r ignored: a GPU model's replicas follow num_gpu and the parallel "
+                "sizes (%r here), as in ChatLearn, which ignores this assignment too",
+                IN_CODE,
+                self._key_path(name),
+                value,
+                self.num_replica,
+            )
+            return
+        super()._assign_derived(name, value)
 
     def _sub_config(self, name: str) -> SubConfig:
         given = self._values.get(name)

@@ -245,25 +245,31 @@ def test_model_cpu_per_process_default_and_alias() -> None:
     model.num_device = 2
     assert model.num_gpu == 2 and model.uses_gpu
     assert model.to_dict() == {"num_cpu": 3, "num_gpu": 2}
-    with pytest.raises(ConfigError, match=r"num_replica: is derived from the model's devices"):
-        model.num_replica = 3
+    with pytest.raises(ConfigError, match=r"num_replica: is derived from num_cpu and cpu_per"):
+        ModelConfig(num_cpu=3).num_replica = 3
 
 
-def test_assigning_a_derived_value_it_has_is_accepted() -> None:
+def test_assigning_num_replica_as_chatlearn_takes_it(caplog) -> None:
     # ChatLearn's config classes store any assignment, and its programs set models[name].
     # num_replica in code (its tests: `= 1`): the value the model already has changes nothing
-    config = Config({"models": {"reference": {"num_cpu": 1}}})
+    config = Config({"models": {"reference": {"num_cpu": 1}, "policy": {"num_gpu": 1}}})
     model = config.models["reference"]
     model.num_replica = 1
     assert model.num_replica == 1 and "num_replica" not in model.to_dict()
+    # a CPU model's replicas come from the assignment in ChatLearn: here one line on what to set
     with pytest.raises(ConfigError) as error:
         model.num_replica = 2
     assert error.value.one_line() == (
-        "config built in code: models.reference.num_replica: is derived from the model's "
-        "devices and parallel sizes (1 here), so 2 cannot be assigned (fix: set num_gpu (a "
-        "multiple of tp x pp x ep, or of zero_size), or num_cpu with cpu_per_process, for the "
-        "replicas wanted)"
+        "config built in code: models.reference.num_replica: is derived from num_cpu and "
+        "cpu_per_process (1 here), so 2 cannot be assigned (fix: set cpu_per_process to num_cpu "
+        "/ the replicas wanted (each replica is one process of that many cores; a trainer is "
+        "one replica, its processes data-parallel ranks))"
     )
+    # a GPU model's follow its GPUs in ChatLearn too (its test sets 2 on one GPU and runs on)
+    with caplog.at_level(logging.WARNING, logger="chatlearn.config"):
+        config.models["policy"].num_replica = 2
+    assert config.models["policy"].num_replica == 1
+    assert "models.policy.num_replica = 2 ignored: a GPU model's replicas" in caplog.text
     model.args_dict = {"lr": 0.5}  # ChatLearn's name of model_args, assignable as there
     assert model.model_args == {"lr": 0.5}
     with pytest.raises(AttributeError, match="derived"):
