@@ -36,6 +36,7 @@ __all__ = [
     "spawn_worker",
     "starved",
     "terminate_processes",
+    "TERMINATE_SIGNAL",
 ]
 
 # The directory that holds the `chatlearn` package, so a worker imports the same code even when
@@ -237,7 +238,7 @@ def terminate_processes(
     extra: Iterable[psutil.Process] = (),
 ) -> None:
     """Stop every process and all its `descendants` (and `extra`, found earlier):
-    SIGTERM → wait `grace` → SIGKILL.
+    SIGTERM (`TERMINATE_SIGNAL` to the workers themselves) → wait `grace` → SIGKILL.
 
     Descendants are collected before anything is signalled: once a parent dies its children are
     re-parented and can no longer be found from it. The direct children are reaped through their
@@ -250,8 +251,8 @@ def terminate_processes(
     for popen in popens:
         if popen.poll() is None:
             with contextlib.suppress(OSError):
-                popen.send_signal(signal.SIGTERM)
-                popen.send_signal(signal.SIGCONT)  # a stopped process acts on SIGTERM only then
+                popen.send_signal(TERMINATE_SIGNAL)
+                popen.send_signal(signal.SIGCONT)  # a stopped process acts on it only then
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
@@ -305,6 +306,16 @@ _PR_SET_PDEATHSIG = 1
 # look just like the SIGTERM of an orderly stop. A real-time signal of our own is unambiguous.
 PARENT_DEATH_SIGNAL: int = (
     int(signal.SIGRTMIN) + 1 if hasattr(signal, "SIGRTMIN") else int(signal.SIGTERM)
+)
+
+
+# The signal the coordinator stops a worker with (`terminate_processes`): a worker leaves at once
+# on it. SIGTERM from anyone else is a stop of the whole run asked from outside (a scheduler or
+# service manager signals every process of a job: SLURM, systemd), which a worker hands to the
+# coordinator (worker.py, `Worker._on_sigterm`). Its default action, before a worker's handler
+# is in place or in any other process (an ssh client of a remote actor), terminates, as SIGTERM's.
+TERMINATE_SIGNAL: int = (
+    int(signal.SIGRTMIN) + 2 if hasattr(signal, "SIGRTMIN") else int(signal.SIGTERM)
 )
 
 

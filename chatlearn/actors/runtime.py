@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 import weakref
 from collections import deque
@@ -68,6 +69,7 @@ from chatlearn.actors.placement import (
     relocate,
 )
 from chatlearn.actors.process import (
+    TERMINATE_SIGNAL,
     close_stdin,
     cpu_sample,
     descendants,
@@ -227,6 +229,9 @@ class ActorSystem:
         self._spawn_args: dict[str, tuple[BaseModule, dict[str, str], dict, dict]] = {}
         self.restarts: list[Restart] = []
         self.on_restart_event: Callable[[Restart], None] | None = None
+        # An actor was sent a signal from outside the run (STOP): whoever trains asks for the
+        # run's graceful stop, ``(signal, who) -> True``; False, or no one: the actor is stopped
+        self.on_stop_request: Callable[[int, str], bool] | None = None
         self._closing = False
         self._closed = False
         self._shutdown_task: asyncio.Future[None] | None = None
@@ -428,8 +433,36 @@ class ActorSystem:
                 actor.dead_payload = msg.payload
                 actor.dead_at = time.monotonic()
                 self.record("dead", actor, "reported a fatal error")
+            elif msg.kind == MessageKind.STOP:
+                self._stop_requested(actor, msg.payload)
             else:
                 logger.debug("ignoring %s from %r", msg.kind.name, routing_id)
+
+    def _stop_requested(self, actor: RemoteActor, payload: Any) -> None:
+        """An actor received SIGTERM from outside the run (worker.py, `Worker._on_sigterm`): a
+        scheduler or service manager stopping the job signals every process of it. The run
+        stops gracefully, as on the coordinator's own SIGTERM (the engine's
+        ``on_stop_request``); where nothing runs that could, the actor is stopped, as the
+        signal asked."""
+        signum = payload.get("signal") if isinstance(payload, dict) else None
+        if signum not in (signal.SIGTERM,):
+            signum = signal.SIGTERM
+        name = signal.Signals(signum).name
+        who = (
+            f"actor {actor.identity.model} replica {actor.identity.replica_id} rank "
+            f"{actor.identity.rank} (pid {actor.pid})"
+        )
+        self.record("stop", actor, f"received {name}")
+        handler = self.on_stop_request
+        if handler is not None and not self._closing and handler(signum, who):
+            return
+        logger.warning(
+            "%s received %s and nothing stops the run gracefully: stopping it", who, name
+        )
+        popen = actor.popen
+        if popen is not None and popen.poll() is None:
+            with contextlib.suppress(OSError):
+                popen.send_signal(TERMINATE_SIGNAL)
 
     def _heartbeat(self, actor: RemoteActor, payload: dict[str, Any]) -> None:
         """Notes what the actor's compute thread runs; warns of a call that has run for

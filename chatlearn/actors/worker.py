@@ -14,9 +14,11 @@ One process per model rank, started by the coordinator from a clean interpreter.
    group, `setup()`, services) → READY. A startup failure is answered with ERROR (traceback and
    the failing step) and the process exits with `EXIT_STARTUP_FAILED`.
 3. Serve CALLs by method name until SHUTDOWN, which closes the services' sockets and exits 0 at
-   once. The socket loop keeps receiving and replying while
-   the compute thread works, and sends a HEARTBEAT every interval; a parent-watch loop exits if
-   the coordinator is gone (re-parented, or silent for `--orphan-timeout` when set).
+   once. The coordinator stops us with `TERMINATE_SIGNAL` (we leave at once); SIGTERM from
+   anyone else asks the coordinator to stop the whole run gracefully (STOP, `_on_sigterm`).
+   The socket loop keeps receiving and replying while the compute thread works, and sends a
+   HEARTBEAT every interval; a parent-watch loop exits if the coordinator is gone
+   (re-parented, or silent for `--orphan-timeout` when set).
 
 `serve` is the one entry function that owns the process's try/except/finally: any fatal error is
 reported to the coordinator as DEAD with its traceback before the process exits.
@@ -41,6 +43,7 @@ from typing import Any
 
 from chatlearn.actors.process import (
     PARENT_DEATH_SIGNAL,
+    TERMINATE_SIGNAL,
     CpuAffinityError,
     apply_cpu_affinity_from_env,
     kill_own_children,
@@ -103,6 +106,8 @@ class Worker:
         self._main_task: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_heard = time.monotonic()
+        self._connected = False  # HELLO sent: a SIGTERM can be handed to the coordinator
+        self._stop_asked = False  # a SIGTERM was (`_on_sigterm`)
 
     def where(self, method: str | None = None) -> dict[str, Any]:
         """Location keys of every error this actor reports."""
@@ -118,11 +123,14 @@ class Worker:
         from chatlearn.transport import Message, MessageKind
 
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self._exit_on_sigterm)
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
+        if TERMINATE_SIGNAL != signal.SIGTERM:
+            loop.add_signal_handler(TERMINATE_SIGNAL, self._exit_on_terminate)
         if PARENT_DEATH_SIGNAL != signal.SIGTERM:
             loop.add_signal_handler(PARENT_DEATH_SIGNAL, _exit_orphaned, EXIT_ORPHANED)
         hello = {"pid": os.getpid(), "host": self.host, "ppid": os.getppid()}
         await self.client.send(Message(kind=MessageKind.HELLO, payload=hello))
+        self._connected = True
         self._spawn(self._heartbeat_loop())
         self._spawn(self._parent_watch_loop())
         if not await self._startup():
@@ -282,11 +290,36 @@ class Worker:
     def _orphaned(self) -> bool:
         return bool(self.opts.coordinator_pid) and os.getppid() != self.opts.coordinator_pid
 
-    def _exit_on_sigterm(self) -> None:
-        """SIGTERM (the coordinator stops us, or someone else does): leave at once."""
+    def _exit_on_terminate(self) -> None:
+        """`TERMINATE_SIGNAL`: the coordinator stops us; leave at once."""
         if self._orphaned():
             _exit_orphaned(128 + signal.SIGTERM)
         _hard_exit(128 + signal.SIGTERM)
+
+    def _on_sigterm(self) -> None:
+        """SIGTERM from outside the run (the coordinator stops us with `TERMINATE_SIGNAL`). A
+        scheduler or service manager stopping a job signals every process of it: SLURM at a
+        scancel, a preemption or the time limit, systemd at a stop. An actor that left at once
+        took the run's graceful stop with it: the run ended without the checkpoint of its last
+        steps. Once connected we ask the coordinator to stop the run (STOP), as a SIGTERM of
+        its own would, and go on serving until it stops us; a second SIGTERM, one before we are
+        connected, or an orphan's leaves at once."""
+        if self._orphaned():
+            _exit_orphaned(128 + signal.SIGTERM)
+        if self._stop_asked or not self._connected:
+            _hard_exit(128 + signal.SIGTERM)
+        self._stop_asked = True
+        self._spawn(self._ask_to_stop(signal.SIGTERM))
+
+    async def _ask_to_stop(self, signum: int) -> None:
+        from chatlearn.transport import Message, MessageKind
+
+        try:
+            await asyncio.wait_for(
+                self.client.send(Message(kind=MessageKind.STOP, payload={"signal": signum})), 2.0
+            )
+        except Exception:  # the coordinator cannot be told: leave, as before
+            _hard_exit(128 + signum)
 
     async def _close_core(self) -> None:
         if self.core is None:

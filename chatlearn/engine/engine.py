@@ -512,8 +512,8 @@ class DPOEngine(Engine):
         if interrupts.signum is not None:
             if isinstance(failure, ActorDeadError):
                 logger.warning(
-                    "an actor exited during the stop, so no final checkpoint was written (a "
-                    "signal sent to the whole process group reaches the actors too): %s",
+                    "an actor exited during the stop, so no final checkpoint was written "
+                    "(killed, or signalled twice): %s",
                     str(failure).splitlines()[0],
                 )
             elif failure is not None and not isinstance(failure, asyncio.CancelledError):
@@ -701,6 +701,14 @@ class DPOEngine(Engine):
             on_error=bool(runtime.restart_on_error),
         )
 
+    def _actor_signalled(self, signum: int, who: str) -> bool:
+        """An actor received a stop signal from outside the run (``ActorSystem.on_stop_request``):
+        the run's graceful stop, as on a signal to the coordinator, while it starts or trains."""
+        interrupts = self._interrupts
+        if interrupts is None or self._phase not in ("starting", "training"):
+            return False
+        return interrupts.forwarded(signum, who)
+
     def _prepare(self, system: ActorSystem) -> None:
         """Ask the runtime to restart lost actors (module docstring): a reference replica in
         place, primed here; the trainer as a whole, rewound by ``_run``. From the start: a
@@ -709,6 +717,7 @@ class DPOEngine(Engine):
         reference_name, trainer_name = self.reference.name, self.policy_trainer.name
         self._clients = None
         self._datasets_built = False
+        system.on_stop_request = self._actor_signalled
 
         async def prime_reference(replica: int | None) -> None:
             if self._clients is None or replica is None or self._datasets is None:

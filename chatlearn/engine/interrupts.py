@@ -135,6 +135,7 @@ class Interrupts:
         self._first_at = 0.0  # time.monotonic() of the first signal
         self._watchdog: asyncio.TimerHandle | None = None
         self._saving = False  # the watchdog times the checkpoint's writing (`saving`)
+        self._forwarded = False  # the first stop request came from an actor (`forwarded`)
 
     @property
     def requested(self) -> bool:
@@ -143,7 +144,7 @@ class Interrupts:
     def handle(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if (
-            self.dedupe
+            (self.dedupe or self._forwarded)
             and self.count == 1
             and signum == self.signum
             and time.monotonic() - self._first_at < SIGNAL_REPEAT_WINDOW
@@ -181,6 +182,20 @@ class Interrupts:
                 "%s received (a second signal): stopping at once, without a checkpoint", name
             )
         self.hard(f"interrupted by {name}")
+
+    def forwarded(self, signum: int, who: str) -> bool:
+        """An actor of the run received ``signum`` from outside it (worker.py): a scheduler or
+        service manager stopping a job signals every process of it (SLURM, systemd). A stop as
+        if the coordinator had received it (the coordinator's own arriving within
+        ``SIGNAL_REPEAT_WINDOW`` is the same request); once a stop is under way, nothing more.
+        Returns True: the stop is the run's to make (the actor waits for it)."""
+        if self.count:
+            logger.info("%s received by %s as well", signal.Signals(signum).name, who)
+            return True
+        logger.warning("%s received by %s: the run stops", signal.Signals(signum).name, who)
+        self._forwarded = True
+        self.handle(signum)
+        return True
 
     def saving(self) -> None:
         """A checkpoint is being written. During a graceful stop it gets ``stop_timeout``

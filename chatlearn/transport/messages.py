@@ -9,6 +9,7 @@ the side that answers copies the id into its REPLY / READY / ERROR.
 The conversation (docs/architecture.md, "The wire"): an actor says HELLO; the coordinator requests
 CONFIG and the actor answers READY; then CALLs are answered by REPLY or ERROR; the actor sends
 HEARTBEATs, and DEAD with a traceback before it exits on a fatal error; SHUTDOWN asks it to stop;
+an actor sends STOP when a SIGTERM from outside the run asks the run to stop (a scheduler's);
 PING is a cheap request for latency checks. DATA is the kind of data-plane messages
 (`codec.encode`).
 """
@@ -46,6 +47,8 @@ class MessageKind(enum.IntEnum):
     DEAD = 9
     DATA = DATA_KIND
     PING = 11
+    # an actor received SIGTERM from outside the run: the coordinator stops the run gracefully
+    STOP = 12
 
 
 # Kinds that answer a request (carry the request's id back).

@@ -317,6 +317,43 @@ def test_sigint_finishes_running_steps_saves_and_exits_130(
     _assert_resumed_like(trial, baseline, resumed_at=last)
 
 
+@pytest.mark.parametrize("who", ["every process", "the trainer"])
+def test_sigterm_from_outside_the_run_to_its_actors_stops_it_gracefully(
+    tmp_path: Path, who: str
+) -> None:
+    """A scheduler or service manager stopping a job signals every process of it (SLURM at a
+    scancel, a preemption or the time limit; systemd at a stop). The actors left at once on
+    SIGTERM, and the run's graceful stop with them: "an actor exited during the stop, so no
+    final checkpoint was written". An actor now hands a SIGTERM from outside the run to the
+    coordinator, which stops the run as on its own: the running steps finish, it saves, exit
+    143. One actor alone signalled stops the run the same way."""
+    trial = Trial(tmp_path)
+    proc, log = trial.start(gate=GATE)
+    try:
+        trainer = trial.wait_at_gate(proc)
+        workers = trial.worker_pids()
+        assert trainer in workers and len(workers) == 2
+        for pid in [proc.pid, *workers] if who == "every process" else [trainer]:
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while "SIGTERM received" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)  # seen while the step at the gate still runs
+        (trial.probe / "go").touch()
+        proc.wait(40)
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert proc.returncode == 143, text
+    assert "second signal" not in text and "no final checkpoint" not in text, text
+    if who == "the trainer":
+        assert "SIGTERM received by actor policy_trainer replica 0 rank 0" in text, text
+    assert_all_exit(trial.worker_pids())
+    complete = trial.complete()
+    assert complete[0] == 4 and len(complete) == 2 and complete[1] in (7, 8), text
+    saved = trial.state(f"iter_{complete[1]:07d}")
+    assert saved.reason in ("signal", "interval"), saved.reason  # interval: an episode's end
+
+
 def test_a_full_disk_at_a_save_is_one_line_and_the_rerun_resumes(
     baseline: Trial, tmp_path: Path
 ) -> None:
