@@ -675,7 +675,9 @@ class TrainerService(_EpisodeHooks):
         if kind == "load" and not resume_loads_checkpoint(self.module, directory):
             logger.info(
                 "%s: no load_checkpoint of its own and a checkpoint not written by "
-                "TorchModule.save_checkpoint: resuming with the data position only",
+                "TorchModule.save_checkpoint: the resume restores the data position and the "
+                "counters; its weights are those its setup() built or loaded (a module that "
+                "reads its own checkpoint there, as ChatLearn's can, has them)",
                 self.module.name,
             )
             return Interval(start=start, end=time.time())
