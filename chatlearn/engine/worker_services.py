@@ -637,10 +637,18 @@ class TrainerService(_EpisodeHooks):
         done = self._checkpoint_call("save", order.path, order.iteration, order.reason)
         self.module.checkpoint_reason = order.reason or None
         try:
-            extra = int(self.module.final_checkpoint_extra_bytes())
+            extra = self.module.final_checkpoint_extra_bytes()
         finally:
             self.module.checkpoint_reason = None
-        return Saved(start=done.start, end=done.end, final_extra_bytes=max(0, extra))
+        if isinstance(extra, bool) or not isinstance(extra, int | float) or extra != extra:
+            # an estimate for a warning: not worth the run (the checkpoint is written)
+            logger.warning(
+                "%s.final_checkpoint_extra_bytes() returned %r, not a number of bytes: taken as 0",
+                type(self.module).__name__,
+                extra,
+            )
+            extra = 0
+        return Saved(start=done.start, end=done.end, final_extra_bytes=max(0, int(extra)))
 
     async def load_checkpoint(self, order: LoadCheckpoint) -> None:
         """Continue from the checkpoint: counters, ``resume_training``, ``load_checkpoint``."""

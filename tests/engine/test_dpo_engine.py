@@ -844,3 +844,7 @@ async def test_a_disk_without_room_for_the_runs_last_checkpoint_and_its_export_i
         await _learn(tmp_path / "none", runtime, trainer=ExportingEchoTrainer)
     assert not [r for r in caplog.records if "full disk" in r.getMessage()]
     assert len(sizes) == 4
+    # an estimate that is not a number is taken as 0, said, and the run goes on (it stopped)
+    runtime["echo_export_bytes"] = None
+    _, log = await _learn(tmp_path / "null", runtime, trainer=ExportingEchoTrainer)
+    assert len(_events(log, "save")) == 4
