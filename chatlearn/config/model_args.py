@@ -63,6 +63,7 @@ MODEL_ARG_KEYS: dict[str, KeySpec] = {
     "gradient_checkpointing": _kind("bool", False),
     "disable_dropout": _kind("bool", True),
     "save_hf_model": _kind("bool", True),
+    "export_dtype": _kind("str", None, example="bfloat16"),
     "logps_chunk_size": _int(512, 0),
     # layouts (chatlearn/hf/parallel.py, lora.py, packing.py); mixed_precision and lora have
     # checks of their own below (YAML reads mixed_precision's `no` as false)

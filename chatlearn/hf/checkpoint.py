@@ -136,9 +136,25 @@ def export_hf(
         model.save_pretrained(
             str(target), state_dict=cast_state(state, dtype), safe_serialization=True
         )
+    if dtype is not None:
+        _config_says_dtype(target, dtype)
     save_tokenizer = getattr(tokenizer, "save_pretrained", None)
     if callable(save_tokenizer):
         save_tokenizer(str(target))
+
+
+def _config_says_dtype(target: Path, dtype: torch.dtype) -> None:
+    """``target/config.json`` names the dtype the weights were written in: ``save_pretrained``
+    writes the model's own (the trainer's fp32 masters, say), with which ``from_pretrained``
+    (``dtype="auto"``) and inference servers would load bf16 weights as fp32 again."""
+    path = target / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text("utf-8"))
+    keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["dtype"]
+    for key in keys:
+        config[key] = str(dtype).removeprefix("torch.")
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", "utf-8")
 
 
 @contextlib.contextmanager

@@ -128,13 +128,19 @@ def export_checkpoint(
 ) -> Path:  # fmt: skip
     """Write the HF directory of `checkpoint`'s trainer to `output` (default: ``hf/<iter>``
     beside the checkpoints' directory); returns where it is. ``merge_lora`` (default: the
-    run's) and ``dtype`` (default: the weights' own, e.g. the fp32 masters of mixed precision)
-    change what is written, so an ``hf_model`` the checkpoint holds is then written again."""
+    run's) and ``dtype`` (default: the run's ``export_dtype``, else the weights' own, e.g. the
+    fp32 masters of mixed precision) change what is written, so an ``hf_model`` the checkpoint
+    holds is then written again."""
+    from chatlearn.hf.model import resolve_dtype
+
     checkpoint = find_checkpoint(checkpoint)
     module = trainer_module(checkpoint, model)
     rank0 = module_checkpoint_dir(checkpoint, module.name, 0)
     exported = rank0 / "hf_model"
+    # the trainer's own export (hf_model) is in the run's export_dtype already
     as_held = (exported / "config.json").is_file() and merge_lora is None and dtype is None
+    if dtype is None:
+        dtype = resolve_dtype(module.arg("export_dtype"))
     if output is None:
         if as_held:
             return exported  # the checkpoint holds it
@@ -353,7 +359,8 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 )  # fmt: skip
 @click.option(
     "--dtype", type=click.Choice(sorted(_DTYPES)), default=None,
-    help="Write the weights in this dtype (default: as trained, e.g. fp32 master weights).",
+    help="Write the weights in this dtype (default: the run's export_dtype, else as trained, "
+    "e.g. fp32 master weights).",
 )  # fmt: skip
 def command(
     checkpoint: Path, output: Path | None, model: str | None, merge_lora: bool | None,

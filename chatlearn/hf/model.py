@@ -328,6 +328,13 @@ def validate_model_args(model_args: Mapping[str, Any], files: bool = True) -> No
         raise error(
             f"{prefix}.dtype", f"unknown dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}, auto"
         )
+    export_dtype = model_args.get("export_dtype")
+    if export_dtype is not None and str(export_dtype).lower() not in _DTYPES:
+        raise error(
+            f"{prefix}.export_dtype",
+            f"unknown dtype {export_dtype!r}",
+            f"use one of {', '.join(_DTYPES)}, or null for the weights' own",
+        )
     loss_type = model_args.get("loss_type")
     if loss_type is not None and loss_type not in LOSS_TYPES:
         raise error(

@@ -32,6 +32,7 @@
 | max_tokens_per_row | None | with packing: start a new row past this many tokens (None: one) |
 | max_tokens_per_micro_batch | None | at most this many tokens per forward (below; None: off) |
 | save_hf_model, merge_lora | True, True | checkpoints hold an HF dir (LoRA: adapter + merged) [1] |
+| export_dtype | None | the HF export's dtype, e.g. "bfloat16" (None: the weights' own) [2] |
 | malloc_mmap_threshold | 0 | glibc: freed blocks above this size leave the process (0: off) |
 | load_once | True | rank 0 loads model_path (or builds the model), the other ranks receive it |
 | load_in_turns | None | with load_once false: a host's ranks load in turns (None: if needed) |
@@ -40,6 +41,11 @@
 (``engine.save_checkpoint()``): the periodic ones hold the sharded state; with LoRA the merged
 weights likewise, the others the adapter alone (the trainer's ``save_checkpoint``;
 ``chatlearn export`` writes them afterwards).
+
+[2] Mixed precision trains fp32 master weights, which the export holds by default (twice the
+bytes of a bf16 checkpoint, and a config that loads as fp32). In another dtype the export is not
+the resume's state: as under FSDP2 it is written at the run's end and on request, the weights in
+``model.pt``; ``chatlearn export`` writes in it too unless given ``--dtype``.
 
 LoRA's defaults (``chatlearn.hf.lora``): r 16, alpha 32, dropout 0, target_modules "all-linear".
 

@@ -316,7 +316,7 @@ class HFDPOTrainer(HFModule):
             save_sharded(directory.parent / SHARDED_DIR, self.network, self.optimizer)
         exported = directory / "hf_model"
         final = self._final_save()
-        if self.arg("save_hf_model", True) and (final or not self.layout.sharded):
+        if self.arg("save_hf_model", True) and (final or self._export_is_state()):
             # collective under FSDP2; rank 0 writes
             self.export_hf_model(exported, merged=final)
         if not self.layout.sharded and self.data_parallel_rank == 0:
@@ -352,9 +352,9 @@ class HFDPOTrainer(HFModule):
 
     def final_checkpoint_extra_bytes(self) -> int:
         """What the run's last save writes on this rank beyond a periodic one: the export its
-        periodic saves leave out (`_final_save`), written by rank 0: under FSDP2 the whole
-        model, with LoRA the merged weights (the base's size; a 70B base's 140 GB in bf16, for
-        periodic checkpoints of a few MB), in the weights' dtype."""
+        periodic saves leave out (`_final_save`), written by rank 0: under FSDP2 or in
+        ``export_dtype`` the whole model, with LoRA the merged weights (the base's size; a 70B
+        base's 140 GB in bf16, for periodic checkpoints of a few MB), in the export's dtype."""
         if self._final_save() or self.data_parallel_rank != 0:
             return 0
         if not self.arg("save_hf_model", True):
@@ -362,13 +362,35 @@ class HFDPOTrainer(HFModule):
         lora = is_peft_model(self.model)
         if lora and not self.arg("merge_lora", True):
             return 0
-        if not lora and not self.layout.sharded:
+        if not lora and self._export_is_state():
             return 0  # its periodic saves write the export as well
+        dtype = self.export_dtype
         return sum(
-            p.numel() * p.element_size()  # global sizes (a DTensor's numel is the whole's)
+            # global sizes (a DTensor's numel is the whole's)
+            p.numel()
+            * (
+                p.element_size() if dtype is None or not p.is_floating_point() else dtype.itemsize
+            )  # fmt: skip
             for name, p in self.model.named_parameters()
             if not (lora and "lora_" in name)
         )
+
+    @property
+    def export_dtype(self) -> Any:
+        """The dtype of the HF export's floating weights (``export_dtype``; None: the weights'
+        own, e.g. the fp32 master weights of mixed precision)."""
+        from chatlearn.hf.model import resolve_dtype
+
+        dtype = resolve_dtype(self.arg("export_dtype"))
+        own = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
+        return None if dtype is None or own == {dtype} else dtype
+
+    def _export_is_state(self) -> bool:
+        """Whether ``hf_model`` holds the resume's weights (written at every save): one process
+        or DDP, in the weights' own dtype. Under FSDP2 the sharded checkpoint holds them; in
+        another ``export_dtype`` ``model.pt`` does, and the export, as under FSDP2, is written
+        at the run's end and on request."""
+        return not self.layout.sharded and self.export_dtype is None
 
     def _base_digest(self) -> str:
         """`frozen_digest` of the LoRA model's base, hashed once a process: it never changes."""
@@ -478,6 +500,7 @@ class HFDPOTrainer(HFModule):
                 target,
                 tokenizer=self.tokenizer,
                 merge_lora=merged and bool(self.arg("merge_lora", True)),
+                dtype=self.export_dtype,
             )
 
 

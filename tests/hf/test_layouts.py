@@ -445,6 +445,15 @@ def test_chatlearn_export_of_unsharded_checkpoints_without_hf_model(
             _manifest(checkpoint)
             written = export_checkpoint(checkpoint, tmp_path / run / "out")
             _same_tensors(written / "model.safetensors", original / "model.safetensors")
+            # a run with export_dtype: its exports are in that dtype, by default here too
+            state = json.loads((checkpoint / "coordinator.json").read_text())
+            state["config"]["models"]["policy"]["model_args"]["export_dtype"] = "bfloat16"
+            (checkpoint / "coordinator.json").write_text(json.dumps(state))
+            _manifest(checkpoint)
+            bf16 = export_checkpoint(checkpoint, tmp_path / run / "bf16")
+            ours = load_file(bf16 / "model.safetensors")
+            assert all(torch.equal(ours[k], v.to(torch.bfloat16)) for k, v in weights.items())
+            assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
             continue
         # a periodic LoRA checkpoint holds the adapter alone: the merged weights written from
         # adapters.pt on the base, equal to the adapter on the base
