@@ -493,6 +493,14 @@ class HFDPOTrainer(HFModule):
             state = full_state_dict(self.model, sharded=self.layout.sharded)
         if self.data_parallel_rank != 0:
             return
+        dtype = self.export_dtype
+        if dtype is not None and not (lora and merged):  # merged weights: merged, then cast
+            # in place, tensor by tensor: the weights as trained go as their cast comes (one
+            # full copy at most, not the gathered state and its cast both)
+            cast: dict[int, Any] = {}
+            for name, value in state.items():
+                if value.is_floating_point():
+                    state[name] = cast.setdefault(id(value), value.to(dtype))
         with quiet_progress_bars():  # a bar per save would clutter the run's log
             export_hf(
                 self.model,
@@ -500,7 +508,7 @@ class HFDPOTrainer(HFModule):
                 target,
                 tokenizer=self.tokenizer,
                 merge_lora=merged and bool(self.arg("merge_lora", True)),
-                dtype=self.export_dtype,
+                dtype=dtype,
             )
 
 
