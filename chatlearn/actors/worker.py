@@ -520,6 +520,10 @@ def main(argv: list[str] | None = None) -> None:
     """Process entry: pin, arm the parent-death signal, run `serve`, exit with its code."""
     opts = _parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A remote actor's shell ignores SIGTERM (launch/cluster.py, `_IGNORE_SIGTERM`), and we
+    # inherit that: until our handler is in place, a SIGTERM ends us, as the one before we are
+    # connected does (`Worker._on_sigterm`).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # The start-up line is in the pipe even if the coordinator died since writing it: read it
     # first, so that an orphan knows which directories to remove. It also sets variables the
     # pinning reads (a remote actor gets its CHATLEARN_CPU_AFFINITY there).

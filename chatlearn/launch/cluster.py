@@ -51,6 +51,16 @@ DEFAULT_SSH_COMMAND = ("ssh", "-T", "-o", "BatchMode=yes", "-o", "ConnectTimeout
 LAUNCHERS = ("ssh", "local")
 SSH_FAILED = 255  # ssh's exit code for its own failures (unreachable host, auth, ...)
 
+# What the processes between the coordinator and a remote actor (the ssh client, the shells of
+# `remote_command` and of the "local" launcher) run with. A scheduler or service manager
+# stopping a job sends SIGTERM to every process of it (SLURM, systemd): they died of it, the
+# actor was lost with them ("exited unexpectedly", or ssh's 255), and the run's graceful stop
+# that the SIGTERM asked for was lost too (a restart, or a failure). Ignoring it, they stay
+# while the actor hands the SIGTERM to the coordinator (worker.py); the coordinator stops them
+# with `TERMINATE_SIGNAL`, whose default action ends them. ssh keeps a SIGTERM ignored at its
+# start ignored; the worker sets it back to the default first thing.
+_IGNORE_SIGTERM = "trap '' TERM"
+
 
 @dataclass(kw_only=True)
 class LaunchSpec:
@@ -195,12 +205,14 @@ class Cluster:
             command_env, boot_env = split_environment(remote_env, remote=True)
             command = self.remote_command(worker_args, command_env)
             if self.spec.launcher == "local":
-                argv = ["/bin/sh", "-c", command]
+                argv = ["/bin/sh", "-c", f"{_IGNORE_SIGTERM}; {command}"]
                 env = {
                     k: os.environ[k] for k in ("PATH", "HOME", "USER", "LANG") if k in os.environ
                 }
             else:
-                argv = self.ssh_argv(host, command)
+                # exec'd with SIGTERM ignored, which ssh keeps ignored (`_IGNORE_SIGTERM`)
+                ssh = self.ssh_argv(host, command)
+                argv = ["/bin/sh", "-c", f'{_IGNORE_SIGTERM}; exec "$@"', "sh", *ssh]
                 env = dict(os.environ)
         popen = subprocess.Popen(
             argv,
@@ -220,10 +232,10 @@ class Cluster:
         killed it) rather than being replaced by it: ssh exits 255 both for its own failures and
         for a remote command killed by a signal, so a ``kill -9`` of a remote actor (or the
         OOM killer) read as a lost host, and a restart that met one moved the model's processes
-        off a healthy host."""
+        off a healthy host. The shell ignores SIGTERM (`_IGNORE_SIGTERM`)."""
         assignments = [f"{k}={v}" for k, v in sorted(env.items())]
         argv = ["env", *assignments, self.spec.python, "-m", "chatlearn.actors.worker"]
-        script = f"{shlex.join([*argv, *worker_args])}; exit $?"
+        script = f"{_IGNORE_SIGTERM}; {shlex.join([*argv, *worker_args])}; exit $?"
         return f"cd {shlex.quote(self.spec.cwd)} && exec sh -c {shlex.quote(script)}"
 
     def ssh_argv(self, host: str, command: str) -> list[str]:

@@ -298,3 +298,47 @@ def test_a_remote_actor_killed_by_a_signal_does_not_blame_its_host(tmp_path) -> 
     assert not _host_failure(cluster, dead(-9))  # a local one
     assert _host_failure(cluster, dead(255))  # ssh's own failure
     assert _host_failure(cluster, dead(127))  # no such interpreter there
+
+
+async def _sigterm_every_process_of_the_remote_actor(cluster) -> None:
+    """SIGTERM to the remote actor's launcher (ssh client or shell), its shell and the actor, as
+    a scheduler or service manager stopping a job sends it to every process of the job: the
+    actor hands it to the coordinator (STOP) and goes on serving; nothing of it exits."""
+    cfg = lib.make_config({"b": {"num_cpu": 1}}, {"heartbeat_timeout": 3})
+    async with ActorSystem(cfg, cluster=cluster) as system:
+        (b,) = await system.launch(lib.Recorder("b", cfg))
+        asked: list[str] = []
+        system.on_stop_request = lambda signum, who: asked.append(who) or True
+        worker = psutil.Process((await b.call(0, "where"))["pid"])
+        launcher = psutil.Process(system._actors[0].popen.pid)
+        shell = worker.parent()
+        for proc in {launcher, *launcher.children(recursive=True), shell, worker}:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while not asked and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the supervisor's tick and exit grace: a death would be seen
+        assert len(asked) == 1, asked
+        assert await b.call(0, "add", 1) == 1
+        assert launcher.is_running() and shell.is_running()
+        assert system.event_kinds("b").count("exit") == 0
+    deadline = time.monotonic() + 5
+    while worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the remote actor outlived the run"
+        await asyncio.sleep(0.05)
+
+
+async def test_sigterm_to_every_process_of_a_run_keeps_its_remote_actors(tmp_path):
+    """The shell that runs a remote actor (`Cluster.remote_command`) died of a SIGTERM sent to
+    every process of the job: the actor was lost ("exited unexpectedly; killed by SIGTERM"),
+    and with it the graceful stop the SIGTERM asked for (restarted, or the run failed)."""
+    await _sigterm_every_process_of_the_remote_actor(make_cluster(tmp_path / "run", [(HOST_B, 1)]))
+
+
+async def test_sigterm_to_every_process_of_a_run_keeps_its_actors_over_ssh(tmp_path, sshd):
+    """The ssh client of a remote actor left on SIGTERM (exit 255: "ssh to host ... failed or
+    the connection was lost"), and the run's graceful stop with it."""
+    cluster = make_cluster(
+        tmp_path / "run", [(HOST_B, 1)], launcher="ssh", ssh_command=sshd.ssh_command()
+    )
+    await _sigterm_every_process_of_the_remote_actor(cluster)
