@@ -238,7 +238,7 @@ def terminate_processes(
     extra: Iterable[psutil.Process] = (),
 ) -> None:
     """Stop every process and all its `descendants` (and `extra`, found earlier):
-    SIGTERM (`TERMINATE_SIGNAL` to the workers themselves) → wait `grace` → SIGKILL.
+    SIGTERM (`TERMINATE_SIGNAL` to workers, also one a shell runs) → wait `grace` → SIGKILL.
 
     Descendants are collected before anything is signalled: once a parent dies its children are
     re-parented and can no longer be found from it. The direct children are reaped through their
@@ -255,7 +255,10 @@ def terminate_processes(
                 popen.send_signal(signal.SIGCONT)  # a stopped process acts on it only then
     for proc in procs:
         with contextlib.suppress(psutil.Error):
-            proc.terminate()
+            if _is_worker(proc):  # run by a shell (a remote actor's, launch/cluster.py)
+                proc.send_signal(TERMINATE_SIGNAL)
+            else:
+                proc.terminate()
             proc.resume()
     _wait(popens, procs, grace)
     for popen in popens:
@@ -266,6 +269,21 @@ def terminate_processes(
         with contextlib.suppress(psutil.Error):
             proc.kill()
     _wait(popens, procs, kill_wait)
+
+
+def _is_worker(proc: psutil.Process) -> bool:
+    """Whether `proc` is a worker (``-m chatlearn.actors.worker``). One that a shell runs (a
+    remote actor's, launch/cluster.py) is a descendant of the process we spawned: SIGTERM, what
+    the processes a module started get, is to a worker a stop of the whole run asked from
+    outside it (worker.py, `Worker._on_sigterm`), which it handed to the coordinator (STOP)
+    instead of leaving."""
+    with contextlib.suppress(psutil.Error):
+        args = proc.cmdline()
+        return any(
+            flag == "-m" and module == "chatlearn.actors.worker"
+            for flag, module in zip(args, args[1:], strict=False)
+        )
+    return False
 
 
 def _wait(popens: list[subprocess.Popen[bytes]], procs: list[psutil.Process], timeout: float):

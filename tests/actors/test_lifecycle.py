@@ -10,7 +10,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import shlex
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -449,3 +452,46 @@ def test_cpu_samples_tell_starved_from_sleeping_and_running() -> None:
     verdict = {name: running(before[name], after[name], 1.0) for name in procs}
     assert verdict == {"running": True, "idle": False, "sleeper": False}, (before, after)
     assert cpu_sample(sleeper.pid) is None  # gone
+
+
+_SIGNAL_RECORDER = """
+import os, signal, sys, time
+out = sys.argv[-1]
+def note(name, leave):
+    with open(out, "a") as f:
+        f.write(name + "\\n")
+    if leave:
+        os._exit(143)
+signal.signal(signal.SIGTERM, lambda *_: note("SIGTERM", False))
+signal.signal(int(sys.argv[-2]), lambda *_: note("TERMINATE_SIGNAL", True))
+open(out + ".ready", "w").close()
+time.sleep(30)
+"""
+
+
+def test_a_worker_under_a_shell_is_stopped_with_the_coordinators_signal(tmp_path):
+    """A worker run by a shell (a remote actor's `Cluster.remote_command`, here with
+    `--launcher local`) is a descendant of the process the coordinator spawned, and got the
+    SIGTERM meant for the processes a module starts: it took it for a stop asked from outside
+    the run and handed it to the coordinator (STOP), which could stop a failed run as if
+    signalled (exit 143), and stayed until the SIGKILL after the grace. It now gets
+    `TERMINATE_SIGNAL` and leaves at once."""
+    from chatlearn.actors.process import TERMINATE_SIGNAL, terminate_processes
+
+    out = tmp_path / "signals"
+    worker = [sys.executable, "-c", _SIGNAL_RECORDER, "-m", "chatlearn.actors.worker"]
+    command = f"trap '' TERM; {shlex.join([*worker, str(TERMINATE_SIGNAL), str(out)])}; exit $?"
+    shell = subprocess.Popen(["/bin/sh", "-c", command], process_group=0)
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "signals.ready").exists():
+            assert time.monotonic() < deadline and shell.poll() is None
+            time.sleep(0.02)
+        start = time.monotonic()
+        terminate_processes([shell], grace=5.0, kill_wait=1.0)
+        assert time.monotonic() - start < 4.0  # not the grace (an orphan's reaping: ~1 s)
+        assert out.read_text().split() == ["TERMINATE_SIGNAL"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait(5)
