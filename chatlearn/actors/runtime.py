@@ -444,13 +444,17 @@ class ActorSystem:
         stops gracefully, as on the coordinator's own SIGTERM (the engine's
         ``on_stop_request``); where nothing runs that could, the actor is stopped, as the
         signal asked."""
-        signum = payload.get("signal") if isinstance(payload, dict) else None
+        said = payload if isinstance(payload, dict) else {}
+        signum = said.get("signal")
         if signum not in (signal.SIGTERM,):
             signum = signal.SIGTERM
         name = signal.Signals(signum).name
+        # the worker's own pid and host (a remote actor's process here is its launcher's)
+        pid = said.get("pid") if isinstance(said.get("pid"), int) else actor.pid
+        host = said.get("host") if isinstance(said.get("host"), str) else actor.identity.host
         who = (
             f"actor {actor.identity.model} replica {actor.identity.replica_id} rank "
-            f"{actor.identity.rank} (pid {actor.pid})"
+            f"{actor.identity.rank} (pid {pid} on {host})"
         )
         self.record("stop", actor, f"received {name}")
         handler = self.on_stop_request

@@ -314,9 +314,11 @@ class Worker:
     async def _ask_to_stop(self, signum: int) -> None:
         from chatlearn.transport import Message, MessageKind
 
+        # our own pid and host: a remote actor's process the coordinator knows is its launcher
+        payload = {"signal": signum, "pid": os.getpid(), "host": self.host}
         try:
             await asyncio.wait_for(
-                self.client.send(Message(kind=MessageKind.STOP, payload={"signal": signum})), 2.0
+                self.client.send(Message(kind=MessageKind.STOP, payload=payload)), 2.0
             )
         except Exception:  # the coordinator cannot be told: leave, as before
             _hard_exit(128 + signum)

@@ -42,6 +42,7 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -705,8 +706,11 @@ class DPOEngine(Engine):
         """An actor received a stop signal from outside the run (``ActorSystem.on_stop_request``):
         the run's graceful stop, as on a signal to the coordinator, while it starts or trains."""
         interrupts = self._interrupts
-        if interrupts is None or self._phase not in ("starting", "training"):
+        if interrupts is None or self._phase == "idle":
             return False
+        if self._phase == "stopping":  # every process is being stopped already
+            logger.info("%s received by %s while the run stops", signal.Signals(signum).name, who)
+            return True
         return interrupts.forwarded(signum, who)
 
     def _prepare(self, system: ActorSystem) -> None:

@@ -346,7 +346,8 @@ def test_sigterm_from_outside_the_run_to_its_actors_stops_it_gracefully(
     assert proc.returncode == 143, text
     assert "second signal" not in text and "no final checkpoint" not in text, text
     if who == "the trainer":
-        assert "SIGTERM received by actor policy_trainer replica 0 rank 0" in text, text
+        said = f"SIGTERM received by actor policy_trainer replica 0 rank 0 (pid {trainer} on "
+        assert said in text, text
     assert_all_exit(trial.worker_pids())
     complete = trial.complete()
     assert complete[0] == 4 and len(complete) == 2 and complete[1] in (7, 8), text
