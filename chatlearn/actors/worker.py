@@ -32,7 +32,6 @@ import contextlib
 import inspect
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -51,6 +50,7 @@ from chatlearn.actors.process import (
 )
 from chatlearn.actors.worker_core import USER_CODE_ERRORS
 from chatlearn.transport.allocator import keep_receive_buffers
+from chatlearn.transport.endpoints import remove_if_abandoned
 
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -413,13 +413,16 @@ def _hard_exit(code: int) -> None:
 
 # Directories to remove if the coordinator dies without removing them (from the bootstrap).
 _cleanup_dirs: list[str] = []
+# How long an orphan waits for its coordinator to be seen dead (`remove_if_abandoned`).
+_OWNER_EXIT_WAIT = 5.0
 
 
 def _exit_orphaned(code: int = EXIT_ORPHANED) -> None:
-    """The coordinator died without cleaning up: stop our children, remove the run's ipc
-    directory (every actor tries; the first one wins), exit."""
+    """The coordinator seems gone (our parent died): stop our children, remove the run's ipc
+    directory if its coordinator is indeed dead (every actor tries; the first one wins; a
+    parent that is a shell of a live coordinator's, stopped by it, leaves it be), exit."""
     for path in _cleanup_dirs:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_if_abandoned(path, wait=_OWNER_EXIT_WAIT)
     _hard_exit(code)
 
 

@@ -23,6 +23,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 import weakref
 from pathlib import Path
 
@@ -112,7 +113,10 @@ def _process_start(pid: int) -> str | None:
     """The kernel's start time of `pid` (clock ticks since boot), or None if it does not exist."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[19]
+            fields = f.read().rpartition(")")[2].split()
+        if fields[0] in ("Z", "X"):  # dead, not yet reaped by its parent (a killed coordinator)
+            return None
+        return fields[19]
     except (OSError, IndexError):
         if not os.path.isdir("/proc"):  # not Linux: existence is all we can tell
             try:
@@ -150,23 +154,40 @@ def sweep_stale(base: str | os.PathLike[str], prefix: str = "chatlearn-") -> lis
     except OSError:
         return removed
     for entry in entries:
-        if not entry.name.startswith(prefix):
-            continue
-        try:
-            info = entry.stat(follow_symlinks=False)
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-                continue
-            if stat.S_IMODE(info.st_mode) != 0o700:
-                continue
-            pid_text, _, started = (Path(entry.path) / _OWNER_FILE).read_text().partition(" ")
-            pid = int(pid_text)
-        except (OSError, ValueError):
-            continue
-        current = _process_start(pid)
-        if current is None or (started not in ("?", "None") and current not in ("?", started)):
-            shutil.rmtree(entry.path, ignore_errors=True)
+        if entry.name.startswith(prefix) and remove_if_abandoned(entry.path):
             removed.append(Path(entry.path))
     return removed
+
+
+def remove_if_abandoned(path: str | os.PathLike[str], wait: float = 0.0) -> bool:
+    """Remove runtime directory `path` if it proves it is ours (this user's, mode 0700, an
+    owner file) and the process that created it no longer runs (a pid that was reused shows
+    another start time; a zombie is dead), waiting up to `wait` seconds for that process to
+    end; True if it was removed. An actor whose coordinator seems gone (its parent died:
+    under ``chatlearn launch --launcher local`` and on remote hosts that parent is a shell the
+    coordinator stops while it restarts the actor) removes the run's directory only so: the
+    live coordinator's sockets were removed with it. The wait: the signal of a parent's death
+    comes while it exits, before /proc shows it dead (its other threads are torn down first;
+    a GPU context's teardown takes seconds)."""
+    try:
+        info = os.stat(path, follow_symlinks=False)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            return False
+        if stat.S_IMODE(info.st_mode) != 0o700:
+            return False
+        pid_text, _, started = (Path(path) / _OWNER_FILE).read_text().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return False
+    deadline = time.monotonic() + wait
+    while True:
+        current = _process_start(pid)
+        if current is None or (started not in ("?", "None") and current not in ("?", started)):
+            shutil.rmtree(path, ignore_errors=True)
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
 
 
 def tcp_endpoint(host: str = "127.0.0.1") -> str:

@@ -22,7 +22,7 @@ from chatlearn.config import reset_args
 from chatlearn.engine import engine as engine_module
 from chatlearn.engine.engine import DPOEngine
 from chatlearn.transport import RuntimeDir
-from chatlearn.transport.endpoints import sweep_stale
+from chatlearn.transport.endpoints import remove_if_abandoned, sweep_stale
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "engine"))
@@ -285,6 +285,48 @@ def test_a_new_coordinator_sweeps_directories_of_dead_ones(tmp_path):
         assert live.path.is_dir()
     finally:
         live.close()
+
+
+def test_an_orphan_removes_the_runs_directory_only_once_its_coordinator_is_dead(
+    tmp_path: Path,
+) -> None:
+    """An actor whose parent dies takes its coordinator for dead and removes the run's
+    directory. Under ``chatlearn launch --launcher local`` (and on a remote host) that parent
+    is a shell, which the coordinator stops while it restarts the actor: the live coordinator's
+    directory, its sockets with it, went. Now it goes only when its creator is dead; a zombie
+    (a killed coordinator not yet reaped) is dead."""
+    live = RuntimeDir(base=tmp_path)  # this process's: alive
+    script = (
+        "import sys\n"
+        "from chatlearn.actors import worker\n"
+        "worker._cleanup_dirs[:] = [sys.argv[1]]\n"
+        "worker._OWNER_EXIT_WAIT = 0.3\n"
+        "worker._exit_orphaned()\n"
+    )
+    try:
+        orphan = subprocess.run([sys.executable, "-c", script, str(live.path)], timeout=60)
+        assert orphan.returncode == 4  # EXIT_ORPHANED
+        assert live.path.is_dir()  # its coordinator lives: left alone
+    finally:
+        live.close()
+    # a creator that exited but is not reaped yet (a zombie), then one that is gone
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        for _ in range(500):  # bounded: 10 s
+            with open(f"/proc/{child.pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            if fields[0] == "Z":
+                break
+            time.sleep(0.02)
+        assert fields[0] == "Z"
+        started = fields[19]  # its own start time, as its owner file would say
+        zombie = tmp_path / "chatlearn-zombie"
+        zombie.mkdir(mode=0o700)
+        (zombie / ".owner").write_text(f"{child.pid} {started}")
+        assert remove_if_abandoned(zombie)
+        assert not zombie.exists()
+    finally:
+        child.wait()
 
 
 async def test_a_stop_cancelled_from_outside_does_not_cancel_its_other_callers() -> None:
