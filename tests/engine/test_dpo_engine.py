@@ -760,11 +760,9 @@ async def test_a_commit_that_fails_during_a_graceful_stop_is_said_in_one_line(
     assert not [r for r in caplog.records if "not committed" in r.getMessage()]  # said once
 
 
-async def test_a_disk_without_room_for_the_checkpoints_to_come_is_said_at_the_first(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A run of days learns at its first checkpoint that the disk holds two more, not when the
-    # fourth fills it and stops the run: four episodes, a checkpoint each, all kept
+def _disk_holding(monkeypatch: pytest.MonkeyPatch, checkpoints: float) -> list[int]:
+    """The checkpoints' file system, as the run sees it, with room for this many checkpoints
+    of the size of the one just committed; the sizes it was asked with, in order."""
     import shutil
 
     from chatlearn.engine import run_checkpoints
@@ -774,11 +772,19 @@ async def test_a_disk_without_room_for_the_checkpoints_to_come_is_said_at_the_fi
 
     def usage(path):
         real = shutil.disk_usage(path)
-        size = checkpoint_bytes(Path(path))  # called with the checkpoint just committed
-        sizes.append(size)
-        return real._replace(free=int(2.5 * size))
+        sizes.append(checkpoint_bytes(Path(path)))  # called with the checkpoint just committed
+        return real._replace(free=int(checkpoints * sizes[-1]))
 
     monkeypatch.setattr(run_checkpoints, "disk_usage", usage)
+    return sizes
+
+
+async def test_a_disk_without_room_for_the_checkpoints_to_come_is_said_at_the_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run of days learns at its first checkpoint that the disk holds two more, not when the
+    # fourth fills it and stops the run: four episodes, a checkpoint each, all kept
+    sizes = _disk_holding(monkeypatch, 2.5)
     runtime = _runtime(4, 8, 8, 2, 4, save_episode_interval=1, save_keep_last=0)
     with caplog.at_level(logging.WARNING, logger="chatlearn.engine"):
         await _learn(tmp_path, runtime)
@@ -811,21 +817,9 @@ async def test_a_disk_without_room_for_the_runs_last_checkpoint_and_its_export_i
     # weights too (the base's size: 140 GB for a 70B model in bf16): the room was judged by
     # the periodic ones' size alone, and the run's last save filled the disk at its end. The
     # trainer says what its last save adds (final_checkpoint_extra_bytes), counted at the first
-    import shutil
-
     from echo_modules import ExportingEchoTrainer
 
-    from chatlearn.engine import run_checkpoints
-    from chatlearn.engine.checkpoint import checkpoint_bytes
-
-    sizes: list[int] = []
-
-    def usage(path):
-        real = shutil.disk_usage(path)
-        sizes.append(checkpoint_bytes(Path(path)))
-        return real._replace(free=int(3.5 * sizes[-1]))  # room for 3 more periodic ones
-
-    monkeypatch.setattr(run_checkpoints, "disk_usage", usage)
+    sizes = _disk_holding(monkeypatch, 3.5)  # room for 3 more periodic ones
     runtime = _runtime(4, 8, 8, 2, 4, save_episode_interval=1, save_keep_last=0)
     runtime["echo_export_bytes"] = 2**30
     with caplog.at_level(logging.WARNING, logger="chatlearn.engine"):

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -270,6 +271,18 @@ def test_trainer_sigkill_is_a_clear_error_and_resume_is_bit_identical(
     _assert_resumed_like(trial, baseline, resumed_at=4)
 
 
+def _open_the_gate_once_said(
+    trial: Trial, proc: subprocess.Popen[bytes], log: Path, said: str
+) -> None:
+    """Let the step held at the gate go once the run's log says `said` (the signal must be
+    seen while that step still runs: 20 s at most), then wait for the run's end."""
+    deadline = time.monotonic() + 20
+    while said not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (trial.probe / "go").touch()
+    proc.wait(40)
+
+
 @pytest.mark.parametrize("times", [1, 2])
 def test_sigint_finishes_running_steps_saves_and_exits_130(
     baseline: Trial, tmp_path: Path, times: int
@@ -285,11 +298,7 @@ def test_sigint_finishes_running_steps_saves_and_exits_130(
         for _ in range(times):
             os.kill(proc.pid, signal.SIGINT)
             time.sleep(0.01)
-        deadline = time.monotonic() + 20
-        while "SIGINT received" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)  # the signal must be seen while the step at the gate still runs
-        (trial.probe / "go").touch()
-        proc.wait(40)
+        _open_the_gate_once_said(trial, proc, log, "SIGINT received")
     finally:
         stop(proc)
     text = log.read_text()
@@ -335,11 +344,7 @@ def test_sigterm_from_outside_the_run_to_its_actors_stops_it_gracefully(
         assert trainer in workers and len(workers) == 2
         for pid in [proc.pid, *workers] if who == "every process" else [trainer]:
             os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while "SIGTERM received" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)  # seen while the step at the gate still runs
-        (trial.probe / "go").touch()
-        proc.wait(40)
+        _open_the_gate_once_said(trial, proc, log, "SIGTERM received")
     finally:
         stop(proc)
     text = log.read_text()
