@@ -365,12 +365,13 @@ class HFDPOTrainer(HFModule):
         if not lora and self._export_is_state():
             return 0  # its periodic saves write the export as well
         dtype = self.export_dtype
+
+        def written(param: Any) -> int:  # global sizes (a DTensor's numel is the whole's)
+            cast = dtype is not None and param.is_floating_point()
+            return param.numel() * (dtype.itemsize if cast else param.element_size())
+
         return sum(
-            # global sizes (a DTensor's numel is the whole's)
-            p.numel()
-            * (
-                p.element_size() if dtype is None or not p.is_floating_point() else dtype.itemsize
-            )  # fmt: skip
+            written(p)
             for name, p in self.model.named_parameters()
             if not (lora and "lora_" in name)
         )
