@@ -223,6 +223,7 @@ class ActorSystem:
         # Self-healing (module docstring): per model, its policy; per unit being restarted,
         # what waits for it; every restart so far; what spawns a model's processes again.
         self._healing: dict[str, _Healing] = {}
+        self._healing_stopped: set[str] = set()  # models whose losses fail the run (stop_healing)
         self._restarting: dict[tuple[str, int | None], asyncio.Future[None]] = {}
         self._lost_because: dict[tuple[str, int | None], BaseException] = {}  # what it was
         self._restart_tasks: set[asyncio.Task[None]] = set()
@@ -678,6 +679,13 @@ class ActorSystem:
             return
         self._healing[model] = _Healing(unit, policy, on_restart, describe, before_start)
 
+    def stop_healing(self, model: str) -> None:
+        """From now on a lost process of ``model`` fails the run instead of being restarted:
+        a graceful stop is under way, and a trainer restarted now would rewind to its last
+        checkpoint, load it and stop there, which is the checkpoint the run already has (the
+        minutes of a large model's setup spent for nothing, past a scheduler's grace, say)."""
+        self._healing_stopped.add(model)
+
     def _unit_key(self, actor: Any) -> tuple[str, int | None]:
         healing = self._healing.get(actor.identity.model)
         unit = healing.unit if healing is not None else "replica"
@@ -753,7 +761,11 @@ class ActorSystem:
         if self.failure is not None or self._closing or self._closed:
             return None
         healing = self._healing.get(actor.identity.model)
-        if healing is None or (user_error and not healing.policy.on_error):
+        if (
+            healing is None
+            or actor.identity.model in self._healing_stopped
+            or (user_error and not healing.policy.on_error)
+        ):
             self.fail(exc)
             return None
         key = self._unit_key(actor)

@@ -664,6 +664,10 @@ class DPOEngine(Engine):
             return False  # processes still starting: nothing trained, nothing to save
         if self.pipeline is not None:
             self.pipeline.request_stop()
+        if self.system is not None:
+            # a trainer lost now would restart only to rewind to the checkpoint the run has;
+            # a reference replica still heals (the steps that finish may wait for its outputs)
+            self.system.stop_healing(self.policy_trainer.name)
         return True
 
     def _stop_at_once(self, task: asyncio.Task[Any] | None, reason: str) -> None:

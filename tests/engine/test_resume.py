@@ -360,6 +360,31 @@ def test_sigterm_from_outside_the_run_to_its_actors_stops_it_gracefully(
     assert saved.reason in ("signal", "interval"), saved.reason  # interval: an episode's end
 
 
+def test_a_trainer_lost_during_a_graceful_stop_is_not_restarted(tmp_path: Path) -> None:
+    """A trainer lost once a graceful stop is under way (killed, or a second SIGTERM to it) was
+    restarted by self-healing: a whole setup and a checkpoint load, only to rewind to the
+    checkpoint the run already had and stop there (past a scheduler's grace for a large model).
+    The stop now ends at once, exit 143, the newest checkpoint the one it had."""
+    trial = Trial(tmp_path)
+    proc, log = trial.start(gate=GATE)  # self-healing on (the script's default)
+    try:
+        trainer = trial.wait_at_gate(proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while "SIGTERM received" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(trainer, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert proc.returncode == 143, text
+    assert "restarting model 'policy_trainer'" not in text, text
+    assert "an actor exited during the stop, so no final checkpoint was written" in text, text
+    assert_all_exit(trial.worker_pids())
+    assert trial.complete() == [4]
+
+
 def test_a_full_disk_at_a_save_is_one_line_and_the_rerun_resumes(
     baseline: Trial, tmp_path: Path
 ) -> None:
