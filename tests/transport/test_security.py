@@ -31,7 +31,9 @@ def test_a_new_zap_handler_waits_for_the_last_ones_endpoint(
         finally:
             handler.stop()
         held = context.socket(zmq.REP)
-        held.bind(security._ZAP_ENDPOINT)
+        # the stopped handler's socket lets go of the name once the reaper has destroyed it:
+        # waited for as a new handler does (a bare bind here failed on a loaded machine)
+        security._bind_when_free(held, security._ZAP_ENDPOINT)
         monkeypatch.setattr(security, "_REBIND_WAIT", 0.2)
         second = context.socket(zmq.REP)
         try:
