@@ -634,9 +634,10 @@ class TrainerService(_EpisodeHooks):
         return await self.ctx.run_compute(self._save, order)
 
     def _save(self, order: SaveCheckpoint) -> Saved:
-        done = self._checkpoint_call("save", order.path, order.iteration, order.reason)
+        # why the engine saves, for the module's save and for its estimate of the last one
         self.module.checkpoint_reason = order.reason or None
         try:
+            done = self._checkpoint_call("save", order.path, order.iteration)
             extra = self.module.final_checkpoint_extra_bytes()
         finally:
             self.module.checkpoint_reason = None
@@ -660,9 +661,7 @@ class TrainerService(_EpisodeHooks):
         )
         await self.ctx.run_compute(self._checkpoint_call, "load", order.path, order.iteration)
 
-    def _checkpoint_call(
-        self, kind: str, checkpoint: str, iteration: int, reason: str = ""
-    ) -> Interval:
+    def _checkpoint_call(self, kind: str, checkpoint: str, iteration: int) -> Interval:
         start = time.time()
         directory = module_checkpoint_dir(
             Path(checkpoint), self.module.name, self.ctx.identity.rank
@@ -690,7 +689,6 @@ class TrainerService(_EpisodeHooks):
             )
             return Interval(start=start, end=time.time())
         self.module._checkpoint_dir = directory
-        self.module.checkpoint_reason = reason or None
         try:
             with onloaded_to_save(self.module) if kind == "save" else contextlib.nullcontext():
                 invoke(self.module, f"{kind}_checkpoint", (), {"iteration": iteration})
@@ -704,7 +702,6 @@ class TrainerService(_EpisodeHooks):
             raise
         finally:
             self.module._checkpoint_dir = None
-            self.module.checkpoint_reason = None
         return Interval(start=start, end=time.time())
 
     async def close(self) -> None:

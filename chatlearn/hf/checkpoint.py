@@ -172,17 +172,21 @@ def quiet_progress_bars() -> Iterator[None]:
 
 
 def cast_state(
-    state: dict[str, torch.Tensor], dtype: torch.dtype | None
+    state: dict[str, torch.Tensor], dtype: torch.dtype | None, *, in_place: bool = False
 ) -> dict[str, torch.Tensor]:
     """`state` with its floating tensors in `dtype` (None: `state` itself); a tensor under
-    several names (tied weights) is cast once, still one tensor."""
+    several names (tied weights) is cast once, still one tensor. ``in_place``: `state` itself,
+    its entries replaced one by one, so that each tensor as it was goes as its cast comes (one
+    full copy at most, where a new dict holds both)."""
     if dtype is None:
         return state
     cast: dict[int, torch.Tensor] = {}
-    for value in state.values():
-        if value.is_floating_point() and id(value) not in cast:
-            cast[id(value)] = value.to(dtype)
-    return {k: cast.get(id(v), v) for k, v in state.items()}
+    out = state if in_place else {}
+    for name, value in state.items():
+        if value.is_floating_point():
+            value = cast.setdefault(id(value), value.to(dtype))
+        out[name] = value
+    return out
 
 
 # safetensors' names of the dtypes a state dict holds (its header says "F32", "BF16", ...)

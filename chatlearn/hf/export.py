@@ -212,8 +212,6 @@ def _write(
             f"rank_0/hf_model, model.pt or {ADAPTERS_FILE}): not a checkpoint of chatlearn.hf's "
             "trainer"
         )
-    if dtype is not None:
-        model = model.to(dtype)  # the config's dtype follows the model's
     with _quiet():  # the weights cast as written (LoRA's merged ones once merged)
         export_hf(model, state, target, tokenizer=tokenizer, merge_lora=merge, dtype=dtype)
 

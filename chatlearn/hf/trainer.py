@@ -15,6 +15,7 @@ from chatlearn.algorithms.dpo import REF_CHOSEN_KEY, REF_REJECTED_KEY
 from chatlearn.algorithms.token_budget import regroup_step
 from chatlearn.hf.base import HFModule
 from chatlearn.hf.checkpoint import (
+    cast_state,
     export_hf,
     export_holds_state,
     frozen_digest,
@@ -495,13 +496,8 @@ class HFDPOTrainer(HFModule):
         if self.data_parallel_rank != 0:
             return
         dtype = self.export_dtype
-        if dtype is not None and not (lora and merged):  # merged weights: merged, then cast
-            # in place, tensor by tensor: the weights as trained go as their cast comes (one
-            # full copy at most, not the gathered state and its cast both)
-            cast: dict[int, Any] = {}
-            for name, value in state.items():
-                if value.is_floating_point():
-                    state[name] = cast.setdefault(id(value), value.to(dtype))
+        if not (lora and merged):  # merged weights: merged, then cast (by export_hf)
+            state = cast_state(state, dtype, in_place=True)  # one full copy at most
         with quiet_progress_bars():  # a bar per save would clutter the run's log
             export_hf(
                 self.model,
